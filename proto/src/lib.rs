@@ -1,0 +1,39 @@
+//! Every wattbus topic and payload, defined once.
+//!
+//! Services never build a topic string or a payload struct of their own: they call the
+//! constructors here, so a topic is always tied to the type it carries ([`Topic<T>`]) and a
+//! service cannot publish the wrong payload on it.
+//!
+//! The tree is versioned: `wattbus/v1/<site>/<kind>/...`. A breaking change to a payload means a
+//! new version prefix, so old and new services can share one broker during an upgrade.
+//!
+//! | topic | payload | retained | journaled |
+//! |---|---|---|---|
+//! | `wattbus/v1/<site>/raw/<device>` | [`RawFrame`] | no | in memory (loss acceptable) |
+//! | `wattbus/v1/<site>/meas/<device>/<channel>` | [`Measurement`] | no | on disk |
+//! | `wattbus/v1/<site>/cmd/<device>` | [`Command`] | no | no (commands expire) |
+//! | `wattbus/v1/<site>/cmd-result/<device>` | [`CommandResult`] | no | no |
+//! | `wattbus/v1/<site>/status/<instance>` | [`Status`] | yes (last will: offline) | no |
+//! | `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>` | [`Ack`] | no | no |
+//! | `wattbus/v1/<site>/dead/<service>` | [`DeadLetter`] | no | no |
+//!
+//! Everything is JSON, so `mosquitto_sub`, Node-RED and Home Assistant can read it. Units are in
+//! field names (`power_w`, `current_a`, `ts_ms`), and every reading carries the time it was
+//! *read*, never the time it was written.
+//!
+//! Layout:
+//! - `topic`: [`Segment`], typed [`Topic`] and [`Filter`], and [`parse`] for incoming topics.
+//! - `payload`: the [`Payload`] trait (encode, decode, validate) and every payload type.
+//! - `schema`: JSON Schemas generated from the types (checked in under `proto/schemas/`).
+
+mod payload;
+mod schema;
+mod topic;
+
+pub use payload::{
+    Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, Measurement,
+    MAX_PAYLOAD_BYTES, Origin, Payload, Quality, RawChannel, RawFrame, Sequenced, ServiceState,
+    Status, now_ms,
+};
+pub use schema::{all_schemas, schema_json};
+pub use topic::{Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, everything, parse};

@@ -1,0 +1,620 @@
+//! Payloads: what travels on each topic.
+//!
+//! Rules every payload follows:
+//! - Units are in field names (`ts_ms`, `power_w`, `sample_rate_hz`).
+//! - Timestamps are the moment a value was read at the device, in Unix time.
+//! - Decoding validates: a payload that parses but makes no sense (NaN, a timestamp in 1970, a
+//!   site with a `/`) is rejected with a message a person can act on, so a sink never stores it.
+//! - Unknown fields are ignored, so a newer producer can add a field without breaking an older
+//!   consumer within `v1`.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::topic::Segment;
+
+/// Largest payload any wattbus consumer decodes. Raw sample frames are the big ones: 3 channels
+/// × 4096 samples of JSON floats fit comfortably.
+pub const MAX_PAYLOAD_BYTES: usize = 1 << 20;
+
+/// Readings stamped before 2000-01-01 come from a device whose clock was never set (a Pi
+/// without an RTC before NTP). Storing them would put them fifty years in the past.
+const MIN_TS_MS: i64 = 946_684_800_000;
+/// 2100-01-01: anything later is a unit mistake (µs or ns given as ms).
+const MAX_TS_MS: i64 = 4_102_444_800_000;
+
+/// Why a payload could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is {0} bytes; at most {MAX_PAYLOAD_BYTES} are accepted")]
+    TooLarge(usize),
+    #[error("payload is not valid {kind} JSON: {source}")]
+    Json {
+        kind: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid {kind}: {reason}")]
+    Invalid { kind: &'static str, reason: String },
+}
+
+/// Why a payload could not be encoded (it failed validation: we never publish what we would
+/// refuse to decode).
+#[derive(Debug, thiserror::Error)]
+#[error("refusing to encode invalid {kind}: {reason}")]
+pub struct EncodeError {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+/// A payload type: JSON on the wire, validated both ways.
+pub trait Payload: Serialize + DeserializeOwned + JsonSchema + Sized {
+    /// Name of the type in schemas, logs and `wattbus tail`.
+    const NAME: &'static str;
+
+    /// Semantic checks that serde cannot express.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        self.validate()
+            .map_err(|reason| EncodeError { kind: Self::NAME, reason })?;
+        serde_json::to_vec(self).map_err(|e| EncodeError { kind: Self::NAME, reason: e.to_string() })
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_PAYLOAD_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        let value: Self = serde_json::from_slice(bytes)
+            .map_err(|source| DecodeError::Json { kind: Self::NAME, source })?;
+        value
+            .validate()
+            .map_err(|reason| DecodeError::Invalid { kind: Self::NAME, reason })?;
+        Ok(value)
+    }
+}
+
+/// Where a journaled message came from: the producer instance, its stream and the message's
+/// sequence number in that stream. Sinks acknowledge by these numbers (see
+/// docs/ARCHITECTURE.md, "Delivery contract").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Origin {
+    /// The producing instance, e.g. `modbus-ingest` (its MQTT client id).
+    pub producer: Segment,
+    /// The producer's stream, e.g. `meas` or `raw`.
+    pub stream: Segment,
+    /// Strictly increasing within the stream, across restarts. Gaps are allowed.
+    pub seq: u64,
+}
+
+/// A payload that goes through a producer's journal and is acknowledged by sinks.
+pub trait Sequenced: Payload {
+    fn origin(&self) -> Option<&Origin>;
+    fn set_origin(&mut self, origin: Origin);
+}
+
+/// Quality of a reading. A value is always published with its quality rather than replaced or
+/// dropped: a saturated sensor shows up as `out_of_range`, not as a silent zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Quality {
+    Good,
+    /// Outside what the sensor or meter can plausibly report.
+    OutOfRange,
+    /// Repeated from an earlier read because the device did not answer in time.
+    Stale,
+    /// The device answered with an error; fields hold what could still be read.
+    Error,
+}
+
+/// One reading of one channel of one device: becomes one InfluxDB point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Measurement {
+    /// Set by the producer's journal; absent only on a message that bypassed the runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    pub site: Segment,
+    pub device: Segment,
+    pub channel: Segment,
+    /// What is measured, e.g. `power` or `temperature`: the InfluxDB measurement name.
+    pub measurement: Segment,
+    /// When the value was read at the device (Unix ms).
+    pub ts_ms: i64,
+    pub quality: Quality,
+    /// Values with the unit in the name: `power_w`, `current_a`, `energy_wh`, `temperature_c`.
+    pub fields: BTreeMap<String, f64>,
+    /// Extra identity for InfluxDB tags (e.g. `phase = "l1"`, `tariff = "t1"`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<Segment, Segment>,
+}
+
+/// Most fields a measurement may carry; a meter profile with more splits them over channels.
+const MAX_FIELDS: usize = 64;
+
+fn check_ts_ms(name: &str, ts: i64) -> Result<(), String> {
+    if (MIN_TS_MS..MAX_TS_MS).contains(&ts) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name} = {ts} is not a plausible Unix time in milliseconds (2000..2100); \
+             is the clock set, and is the unit ms?"
+        ))
+    }
+}
+
+/// Field names are lower snake case and end in a unit, so they read the same in JSON, in
+/// InfluxDB and in Grafana.
+fn check_field_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("field name {name:?} must be lower snake case ([a-z][a-z0-9_]*, ≤64)"))
+    }
+}
+
+impl Payload for Measurement {
+    const NAME: &'static str = "measurement";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("ts_ms", self.ts_ms)?;
+        if self.fields.is_empty() {
+            return Err("fields must not be empty".into());
+        }
+        if self.fields.len() > MAX_FIELDS {
+            return Err(format!("{} fields; at most {MAX_FIELDS}", self.fields.len()));
+        }
+        for (name, value) in &self.fields {
+            check_field_name(name)?;
+            if !value.is_finite() {
+                return Err(format!("field {name} is {value}; only finite numbers are stored"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sequenced for Measurement {
+    fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
+    }
+    fn set_origin(&mut self, origin: Origin) {
+        self.origin = Some(origin);
+    }
+}
+
+/// A block of consecutive raw samples from a streaming device (e.g. a current transformer
+/// sampled at 2 kHz), for `rms-processor`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RawFrame {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    pub site: Segment,
+    pub device: Segment,
+    /// When the first sample of the frame was taken (Unix µs).
+    pub start_ts_us: i64,
+    pub sample_rate_hz: f64,
+    /// All channels hold the same number of samples, taken at the same instants.
+    pub channels: Vec<RawChannel>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RawChannel {
+    pub channel: Segment,
+    /// Unit of the samples: `a`, `v`, or `adc` (uncalibrated counts).
+    pub unit: Segment,
+    pub samples: Vec<f32>,
+}
+
+/// Most samples per channel in one frame (a 1 MiB payload bound holds several channels).
+const MAX_SAMPLES: usize = 16_384;
+
+impl Payload for RawFrame {
+    const NAME: &'static str = "raw_frame";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("start_ts_us / 1000", self.start_ts_us.div_euclid(1000))?;
+        if !(self.sample_rate_hz.is_finite() && self.sample_rate_hz > 0.0) {
+            return Err(format!("sample_rate_hz = {} must be a positive number", self.sample_rate_hz));
+        }
+        let Some(first) = self.channels.first() else {
+            return Err("channels must not be empty".into());
+        };
+        let n = first.samples.len();
+        if n == 0 || n > MAX_SAMPLES {
+            return Err(format!("{n} samples per channel; 1..={MAX_SAMPLES} allowed"));
+        }
+        for c in &self.channels {
+            if c.samples.len() != n {
+                return Err(format!(
+                    "channel {} has {} samples, channel {} has {n}; all must match",
+                    c.channel,
+                    c.samples.len(),
+                    first.channel
+                ));
+            }
+            if let Some(i) = c.samples.iter().position(|s| !s.is_finite()) {
+                return Err(format!("channel {} sample {i} is not a finite number", c.channel));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sequenced for RawFrame {
+    fn origin(&self) -> Option<&Origin> {
+        self.origin.as_ref()
+    }
+    fn set_origin(&mut self, origin: Origin) {
+        self.origin = Some(origin);
+    }
+}
+
+/// What a command asks a device to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    On,
+    Off,
+    Toggle,
+}
+
+/// A request to a device, e.g. "switch plug `kettle` off" from a Grafana button.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Command {
+    /// Chosen by the requester; the result carries it back.
+    pub id: Segment,
+    pub device: Segment,
+    pub action: Action,
+    pub issued_ts_ms: i64,
+    /// A command not carried out by then is dropped: a plug must not switch minutes late
+    /// because the bus was down.
+    pub expires_ts_ms: i64,
+}
+
+impl Payload for Command {
+    const NAME: &'static str = "command";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("issued_ts_ms", self.issued_ts_ms)?;
+        check_ts_ms("expires_ts_ms", self.expires_ts_ms)?;
+        if self.expires_ts_ms < self.issued_ts_ms {
+            return Err("expires_ts_ms is before issued_ts_ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of a [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct CommandResult {
+    pub id: Segment,
+    pub device: Segment,
+    pub ok: bool,
+    /// The relay state the device reported afterwards, if it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_on: Option<bool>,
+    /// Why it failed, for a person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub ts_ms: i64,
+}
+
+impl Payload for CommandResult {
+    const NAME: &'static str = "command_result";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("ts_ms", self.ts_ms)?;
+        check_len("message", self.message.as_deref().unwrap_or(""), 4096)
+    }
+}
+
+fn check_len(name: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        Err(format!("{name} is {} bytes; at most {max}", s.len()))
+    } else {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    Online,
+    /// Published by the broker as the service's last will when its connection drops, or by
+    /// the service itself on a clean shutdown.
+    Offline,
+}
+
+/// A service's liveness, retained so a newcomer sees who is up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Status {
+    pub service: Segment,
+    pub instance: Segment,
+    pub state: ServiceState,
+    pub version: String,
+    pub ts_ms: i64,
+}
+
+impl Payload for Status {
+    const NAME: &'static str = "status";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("ts_ms", self.ts_ms)?;
+        check_len("version", &self.version, 64)
+    }
+}
+
+/// Most ranges in one acknowledgement; a sink with more sends several.
+pub const MAX_ACK_RANGES: usize = 512;
+
+/// A sink's acknowledgement: these sequence numbers of one producer stream are durably stored
+/// (or, from a processor, their outputs are journaled).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Ack {
+    /// The acknowledging sink group, e.g. `influx-writer`.
+    pub sink: Segment,
+    /// Inclusive `[first, last]` ranges, ascending, not overlapping.
+    pub ranges: Vec<[u64; 2]>,
+    pub ts_ms: i64,
+}
+
+impl Payload for Ack {
+    const NAME: &'static str = "ack";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("ts_ms", self.ts_ms)?;
+        if self.ranges.is_empty() || self.ranges.len() > MAX_ACK_RANGES {
+            return Err(format!("{} ranges; 1..={MAX_ACK_RANGES} allowed", self.ranges.len()));
+        }
+        let mut prev_last: Option<u64> = None;
+        for [first, last] in &self.ranges {
+            if first > last {
+                return Err(format!("range [{first}, {last}] is reversed"));
+            }
+            if prev_last.is_some_and(|p| *first <= p) {
+                return Err(format!("range [{first}, {last}] overlaps or is out of order"));
+            }
+            prev_last = Some(*last);
+        }
+        Ok(())
+    }
+}
+
+/// A message a service could not use, kept for a person to inspect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DeadLetter {
+    pub service: Segment,
+    /// What was wrong, as the service saw it (e.g. InfluxDB's error message).
+    pub reason: String,
+    /// Topic the message arrived on.
+    pub topic: String,
+    /// The message itself as text (lossy UTF-8, cut at 64 KiB).
+    pub payload: String,
+    pub ts_ms: i64,
+}
+
+/// Longest dead-letter payload kept.
+const MAX_DEAD_PAYLOAD: usize = 64 * 1024;
+
+impl DeadLetter {
+    /// Build a dead letter, cutting the payload to a size a person can still read.
+    pub fn new(service: Segment, reason: impl Into<String>, topic: &str, payload: &[u8]) -> Self {
+        let cut = &payload[..payload.len().min(MAX_DEAD_PAYLOAD)];
+        let mut text = String::from_utf8_lossy(cut).into_owned();
+        if text.len() > MAX_DEAD_PAYLOAD {
+            // Lossy replacement characters can grow the text; cut on a char boundary.
+            let mut end = MAX_DEAD_PAYLOAD;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        let mut reason = reason.into();
+        if reason.len() > 4096 {
+            let mut end = 4096;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            reason.truncate(end);
+        }
+        Self { service, reason, topic: topic.chars().take(1024).collect(), payload: text, ts_ms: now_ms() }
+    }
+}
+
+impl Payload for DeadLetter {
+    const NAME: &'static str = "dead_letter";
+
+    fn validate(&self) -> Result<(), String> {
+        check_ts_ms("ts_ms", self.ts_ms)?;
+        check_len("payload", &self.payload, MAX_DEAD_PAYLOAD)?;
+        check_len("reason", &self.reason, 4096)?;
+        check_len("topic", &self.topic, 4096)
+    }
+}
+
+/// Now, in Unix milliseconds. A clock before 1970 reads as 0 (and then fails validation).
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(s: &str) -> Segment {
+        Segment::new(s).unwrap()
+    }
+
+    const TS: i64 = 1_764_000_000_000;
+
+    fn measurement() -> Measurement {
+        Measurement {
+            origin: Some(Origin { producer: seg("modbus-ingest"), stream: seg("meas"), seq: 42 }),
+            site: seg("home"),
+            device: seg("we515-1"),
+            channel: seg("main"),
+            measurement: seg("power"),
+            ts_ms: TS,
+            quality: Quality::Good,
+            fields: [("power_w".to_string(), -1234.5), ("voltage_v".to_string(), 231.2)].into(),
+            tags: [(seg("tariff"), seg("t1"))].into(),
+        }
+    }
+
+    fn round_trip<T: Payload + PartialEq + std::fmt::Debug>(v: &T) {
+        let bytes = v.encode().unwrap();
+        assert_eq!(&T::decode(&bytes).unwrap(), v);
+    }
+
+    #[test]
+    fn every_payload_round_trips() {
+        round_trip(&measurement());
+        round_trip(&RawFrame {
+            origin: None,
+            site: seg("home"),
+            device: seg("prime-1"),
+            start_ts_us: TS * 1000 + 17,
+            sample_rate_hz: 2000.0,
+            channels: vec![RawChannel { channel: seg("ct1"), unit: seg("a"), samples: vec![0.5, -0.25, 1e-3] }],
+        });
+        round_trip(&Command {
+            id: seg("c1"),
+            device: seg("kettle"),
+            action: Action::Toggle,
+            issued_ts_ms: TS,
+            expires_ts_ms: TS + 5000,
+        });
+        round_trip(&CommandResult {
+            id: seg("c1"),
+            device: seg("kettle"),
+            ok: false,
+            relay_on: Some(true),
+            message: Some("plug answered 500".into()),
+            ts_ms: TS,
+        });
+        round_trip(&Status {
+            service: seg("broker"),
+            instance: seg("broker"),
+            state: ServiceState::Offline,
+            version: "0.1.0".into(),
+            ts_ms: TS,
+        });
+        round_trip(&Ack { sink: seg("influx-writer"), ranges: vec![[1, 10], [12, 12]], ts_ms: TS });
+        let mut dl = DeadLetter::new(seg("influx-writer"), "400: bad", "t", b"\xff\xfeabc");
+        dl.ts_ms = TS;
+        round_trip(&dl);
+    }
+
+    #[test]
+    fn measurement_json_reads_like_the_docs() {
+        let json: serde_json::Value = serde_json::from_slice(&measurement().encode().unwrap()).unwrap();
+        assert_eq!(json["fields"]["power_w"], -1234.5);
+        assert_eq!(json["quality"], "good");
+        assert_eq!(json["origin"]["seq"], 42);
+        assert_eq!(json["ts_ms"], TS);
+    }
+
+    fn decode_err<T: Payload>(json: &str) -> String {
+        match T::decode(json.as_bytes()) {
+            Ok(_) => panic!("accepted {json}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn malformed_and_hostile_measurements_are_rejected_with_a_reason() {
+        let good = serde_json::to_value(measurement()).unwrap();
+        let with = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = good.clone();
+            f(&mut v);
+            v.to_string()
+        };
+        let e = decode_err::<Measurement>(&with(&|v| v["ts_ms"] = 5.into()));
+        assert!(e.contains("ts_ms = 5"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["ts_ms"] = (TS * 1000).into()));
+        assert!(e.contains("is the unit ms"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["site"] = "a/b".into()));
+        assert!(e.contains("'/'"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["device"] = "+".into()));
+        assert!(e.contains("'+'"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["fields"] = serde_json::json!({})));
+        assert!(e.contains("fields must not be empty"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["fields"] = serde_json::json!({"Power W": 1})));
+        assert!(e.contains("lower snake case"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["fields"]["power_w"] = serde_json::Value::Null));
+        assert!(e.contains("not valid measurement JSON"), "{e}");
+        let e = decode_err::<Measurement>(&with(&|v| v["quality"] = "excellent".into()));
+        assert!(e.contains("unknown variant"), "{e}");
+        // Not JSON at all, truncated, wrong type, deeply nested, huge.
+        decode_err::<Measurement>("\u{0}\u{1}garbage");
+        decode_err::<Measurement>(&good.to_string()[..40]);
+        decode_err::<Measurement>("[1,2,3]");
+        decode_err::<Measurement>(&format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)));
+        let huge = format!("\"{}\"", "x".repeat(MAX_PAYLOAD_BYTES + 1));
+        assert!(decode_err::<Measurement>(&huge).contains("at most"));
+    }
+
+    #[test]
+    fn non_finite_values_are_refused_on_both_sides() {
+        let mut m = measurement();
+        m.fields.insert("power_w".into(), f64::NAN);
+        assert!(m.encode().unwrap_err().to_string().contains("only finite numbers"));
+        m.fields.insert("power_w".into(), f64::INFINITY);
+        assert!(m.encode().is_err());
+        // JSON has no NaN; text that tries is a syntax error.
+        let text = serde_json::to_string(&measurement()).unwrap().replace("-1234.5", "NaN");
+        assert!(Measurement::decode(text.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn raw_frames_with_ragged_or_empty_channels_are_rejected() {
+        let frame = RawFrame {
+            origin: None,
+            site: seg("home"),
+            device: seg("prime-1"),
+            start_ts_us: TS * 1000,
+            sample_rate_hz: 2000.0,
+            channels: vec![
+                RawChannel { channel: seg("a"), unit: seg("a"), samples: vec![1.0, 2.0] },
+                RawChannel { channel: seg("b"), unit: seg("a"), samples: vec![1.0] },
+            ],
+        };
+        assert!(frame.encode().unwrap_err().to_string().contains("all must match"));
+        let mut f2 = frame.clone();
+        f2.channels.clear();
+        assert!(f2.encode().is_err());
+        let mut f3 = frame;
+        f3.sample_rate_hz = 0.0;
+        assert!(f3.encode().is_err());
+    }
+
+    #[test]
+    fn acks_must_be_ordered_disjoint_ranges() {
+        for ranges in [vec![], vec![[5, 4]], vec![[1, 5], [5, 6]], vec![[7, 8], [1, 2]]] {
+            let a = Ack { sink: seg("s"), ranges: ranges.clone(), ts_ms: TS };
+            assert!(a.encode().is_err(), "{ranges:?}");
+        }
+    }
+
+    #[test]
+    fn dead_letters_keep_hostile_payloads_readable_and_bounded() {
+        let big = vec![0xffu8; 200_000];
+        let dl = DeadLetter::new(seg("w"), "r".repeat(10_000), "t", &big);
+        assert!(dl.payload.len() <= MAX_DEAD_PAYLOAD);
+        assert!(dl.reason.len() <= 4096);
+        assert!(dl.encode().is_ok());
+    }
+}
