@@ -1,1 +1,30 @@
+//! The narrow runtime every wattbus service shares.
+//!
+//! What is here and nothing else: configuration loading, the MQTT connection, the delivery
+//! contract (journal, acknowledgements, replay), shutdown, health and metrics, logging.
+//! Topics and payloads live in `proto`; service logic lives in the services.
+//!
+//! Layout:
+//! - `config`: figment loading, errors that name file and key, secrets, shared sections.
+//! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
+//! - `telemetry`: logging setup and the Prometheus registry.
+//! - `health`: `/healthz` and `/metrics`.
 
+pub mod config;
+pub mod health;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use config::{Common, ConfigError, ConfigSource, Secret, Validate};
+pub use health::Health;
+pub use shutdown::Shutdown;
+
+/// What every service's `run` receives besides its own section: the shared settings, the
+/// process's readiness checks and the shutdown signal. (STYLE.md's `run(config, shutdown)`,
+/// with the two other things every service turned out to need.)
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub common: Common,
+    pub health: Health,
+    pub shutdown: Shutdown,
+}

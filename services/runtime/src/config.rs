@@ -1,0 +1,630 @@
+//! Configuration: built-in defaults → one TOML file → `WATTBUS_<SECTION>__<KEY>` environment.
+//!
+//! One file serves every service. Top-level keys are shared by all (`site`, `data_dir`, `[log]`,
+//! `[bus]`); each service reads its own `[section]`. Every struct denies unknown fields, and the
+//! `wattbus` binary also refuses unknown sections, so a typo is an error at start-up rather than a
+//! setting silently ignored on a Pi nobody looks at.
+//!
+//! Errors name the file (or environment variable), the key and what is wrong; `main` prints
+//! that one line and exits with [`EXIT_CONFIG`] (64, `EX_USAGE`).
+//!
+//! Secrets (`password`, `token`, …) may instead be given as `<key>_file`, a path whose content
+//! is the secret (Docker secrets). They are held in [`Secret`], whose `Debug` shows `***`, so
+//! they cannot end up in a log line.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Metadata, Source};
+use proto::Segment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Exit code for a configuration error (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Where the file is looked for when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/wattbus/wattbus.toml";
+
+/// Prefix of environment overrides: `WATTBUS_BUS__PORT=1884` sets `bus.port`.
+pub const ENV_PREFIX: &str = "WATTBUS_";
+
+/// Top-level keys every service shares.
+pub const COMMON_KEYS: &[&str] = &["site", "data_dir", "log", "bus"];
+
+/// A configuration problem a person has to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file or environment variable the bad value came from, if known.
+    pub origin: Option<String>,
+    /// Dotted key, e.g. `bus.port`.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.origin {
+            Some(origin) => write!(f, "config error in {origin}: key `{}`: {}", self.key, self.reason),
+            None => write!(f, "config error: key `{}`: {}", self.key, self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { origin: None, key: key.into(), reason: reason.into() }
+    }
+}
+
+/// A secret value. Never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself; call only where it is handed to a protocol.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    /// Serialised (e.g. by `wattbus config check --print`) as `***`, never the value.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+/// Resolve a secret given either inline (`key`) or as a file (`key_file`). Both set is an error:
+/// which one wins would be a guess.
+pub fn resolve_secret(
+    key: &str,
+    inline: Option<&Secret>,
+    file: Option<&Path>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            key,
+            format!("both `{}` and `{}_file` are set; use one", leaf(key), leaf(key)),
+        )),
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::new(format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+            })?;
+            // Secret files written by `echo` end in a newline that is not part of the secret.
+            let value = text.trim_end_matches(['\n', '\r']).to_string();
+            if value.is_empty() {
+                return Err(ConfigError::new(format!("{key}_file"), format!("{} is empty", path.display())));
+            }
+            Ok(Some(Secret(value)))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn leaf(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
+}
+
+/// Log output settings (`[log]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter directives: a level, optionally per module, e.g.
+    /// `"info,runtime::delivery=debug"`. `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For a person at a terminal or `journalctl`.
+    Text,
+    /// One JSON object per line, for Loki and friends.
+    Json,
+}
+
+/// How services reach the broker (`[bus]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// MQTT keep-alive; a dead broker is noticed after about 1.5 times this.
+    pub keep_alive_s: u16,
+    /// Largest MQTT packet sent or accepted. rumqttc's default (10 KiB) is too small for raw
+    /// sample frames.
+    pub max_packet_bytes: usize,
+    /// Reconnect backoff: starts here, doubles per failure, with jitter so that seven services
+    /// do not hammer a restarting broker in lockstep.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Messages queued per subscription before the bus waits for the consumer (and, after
+    /// `route_block_ms`, drops; the delivery contract replays what was dropped).
+    pub route_capacity: usize,
+    pub route_block_ms: u64,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            username: None,
+            password: None,
+            password_file: None,
+            keep_alive_s: 30,
+            max_packet_bytes: 1 << 20,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+            route_capacity: 4096,
+            route_block_ms: 1000,
+        }
+    }
+}
+
+impl BusConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.trim().is_empty() {
+            return Err(ConfigError::new("bus.host", "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(ConfigError::new("bus.port", "must not be 0"));
+        }
+        if self.keep_alive_s < 5 {
+            return Err(ConfigError::new("bus.keep_alive_s", "must be at least 5 (the broker refuses 0)"));
+        }
+        if !(1024..=(256 << 20)).contains(&self.max_packet_bytes) {
+            return Err(ConfigError::new("bus.max_packet_bytes", "must be between 1024 and 268435456"));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            return Err(ConfigError::new(
+                "bus.reconnect_min_ms",
+                "must be > 0 and not above bus.reconnect_max_ms",
+            ));
+        }
+        if self.route_capacity == 0 {
+            return Err(ConfigError::new("bus.route_capacity", "must be > 0"));
+        }
+        if self.password.is_some() && self.username.is_none()
+            || self.password_file.is_some() && self.username.is_none()
+        {
+            return Err(ConfigError::new("bus.username", "a password is set but no username"));
+        }
+        resolve_secret("bus.password", self.password.as_ref(), self.password_file.as_deref())?;
+        Ok(())
+    }
+
+    /// The password, read from `password_file` if that is how it is given.
+    pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
+        resolve_secret("bus.password", self.password.as_ref(), self.password_file.as_deref())
+    }
+}
+
+/// Settings every service shares (top level of the file).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Common {
+    /// First level under the version in every topic; one per installation.
+    pub site: Segment,
+    /// Journals, spools and other state live under here.
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub bus: BusConfig,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Self {
+            site: Segment::new("home").unwrap_or_else(|_| unreachable!("valid literal")),
+            data_dir: PathBuf::from("/var/lib/wattbus"),
+            log: LogConfig::default(),
+            bus: BusConfig::default(),
+        }
+    }
+}
+
+impl Common {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::new("data_dir", "must not be empty"));
+        }
+        self.bus.validate()
+    }
+}
+
+/// A service section that can check itself after parsing.
+pub trait Validate {
+    /// `section` is the section's name, for error keys (`broker.users`).
+    fn validate(&self, section: &str) -> Result<(), ConfigError>;
+}
+
+/// The merged configuration sources, before extraction.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    figment: Figment,
+    /// The file actually read, for messages.
+    file: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Load `path`, or the default path if it exists. A path given explicitly must exist.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                if !p.is_file() {
+                    return Err(ConfigError {
+                        origin: Some(p.display().to_string()),
+                        key: "(file)".into(),
+                        reason: "file not found or not a regular file".into(),
+                    });
+                }
+                Some(p.to_path_buf())
+            }
+            None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
+        };
+        Self::from_parts(file, None)
+    }
+
+    /// Build from a file (optional) and an inline TOML string layered on top of it (used by
+    /// the demo and tests); environment overrides always apply last.
+    pub fn from_parts(file: Option<PathBuf>, inline: Option<&str>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(f) = &file {
+            // Read and parse it ourselves first (with the `toml` crate figment itself uses), so
+            // that a missing permission is reported plainly and a syntax error names the file
+            // and the line; figment would only report it at extraction, without either.
+            let text = std::fs::read_to_string(f).map_err(|e| ConfigError {
+                origin: Some(f.display().to_string()),
+                key: "(file)".into(),
+                reason: format!("cannot read: {e}"),
+            })?;
+            if let Err(e) = text.parse::<toml::Table>() {
+                return Err(ConfigError {
+                    origin: Some(f.display().to_string()),
+                    key: "(syntax)".into(),
+                    reason: one_line(&e.to_string()),
+                });
+            }
+            figment = figment.merge(Toml::file_exact(f));
+        }
+        if let Some(text) = inline {
+            figment = figment.merge(Toml::string(text));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
+        Ok(Self { figment, file })
+    }
+
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// The shared settings, validated.
+    pub fn common(&self) -> Result<Common, ConfigError> {
+        let common: Common = self.figment.extract().map_err(|e| self.convert(e, None))?;
+        common.validate().map_err(|e| self.locate(e))?;
+        Ok(common)
+    }
+
+    /// One service's section, validated. A missing section means all defaults.
+    pub fn section<T>(&self, name: &str) -> Result<T, ConfigError>
+    where
+        T: DeserializeOwned + Default + Validate,
+    {
+        let value: T = if self.has_key(name) {
+            self.figment.focus(name).extract().map_err(|e| self.convert(e, Some(name)))?
+        } else {
+            T::default()
+        };
+        value.validate(name).map_err(|e| self.locate(e))?;
+        Ok(value)
+    }
+
+    fn has_key(&self, name: &str) -> bool {
+        self.figment.find_value(name).is_ok()
+    }
+
+    /// Refuse top-level keys that are neither shared nor a known section.
+    pub fn check_sections(&self, sections: &[&str]) -> Result<(), ConfigError> {
+        let dict: Dict = self.figment.extract().map_err(|e| self.convert(e, None))?;
+        for (key, value) in &dict {
+            if COMMON_KEYS.contains(&key.as_str()) || sections.contains(&key.as_str()) {
+                continue;
+            }
+            let origin = self.value_origin(value);
+            let mut known: Vec<&str> = COMMON_KEYS.to_vec();
+            known.extend_from_slice(sections);
+            return Err(ConfigError {
+                origin,
+                key: key.clone(),
+                reason: format!("unknown key; known top-level keys are: {}", known.join(", ")),
+            });
+        }
+        Ok(())
+    }
+
+    fn value_origin(&self, value: &Value) -> Option<String> {
+        self.figment
+            .get_metadata(value.tag())
+            .map(|md| describe_metadata(md, &[]))
+            .or_else(|| self.file.as_ref().map(|f| f.display().to_string()))
+    }
+
+    /// A validation error carries only a key; point it at the file, or at the environment
+    /// variable when that is where the value came from.
+    fn locate(&self, mut e: ConfigError) -> ConfigError {
+        if e.origin.is_none() {
+            let key = e.key.trim_end_matches("_file").to_string();
+            e.origin = self
+                .figment
+                .find_value(&e.key)
+                .or_else(|_| self.figment.find_value(&key))
+                .ok()
+                .and_then(|v| self.figment.get_metadata(v.tag()).map(|md| (md, v)))
+                .map(|(md, _)| describe_metadata(md, &e.key.split('.').collect::<Vec<_>>()))
+                .or_else(|| self.file.as_ref().map(|f| f.display().to_string()));
+        }
+        e
+    }
+
+    fn convert(&self, e: figment::Error, section: Option<&str>) -> ConfigError {
+        // figment reports one error at a time with a path relative to what was extracted.
+        // A section is extracted from a focused figment, so its paths are relative to it.
+        let mut path: Vec<String> = section.map(|s| vec![s.to_string()]).unwrap_or_default();
+        path.extend(e.path.iter().cloned());
+        let origin = e
+            .metadata
+            .as_ref()
+            .map(|md| describe_metadata(md, &path.iter().map(String::as_str).collect::<Vec<_>>()))
+            .or_else(|| self.file.as_ref().map(|f| f.display().to_string()));
+        let mut key = path.join(".");
+        // For an unknown field, the path points at its parent; name the field itself.
+        if let figment::error::Kind::UnknownField(field, _) = &e.kind
+            && path.last() != Some(field)
+        {
+            key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+        }
+        if key.is_empty() {
+            key = "(top level)".into();
+        }
+        ConfigError { origin, key, reason: one_line(&e.kind.to_string()) }
+    }
+}
+
+fn describe_metadata(md: &Metadata, path: &[&str]) -> String {
+    match &md.source {
+        Some(Source::File(p)) => p.display().to_string(),
+        _ if md.name.contains("environment") => {
+            let var = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
+            format!("environment variable {var}")
+        }
+        _ => md.name.to_string(),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+
+/// The two delivery-journal kinds (see `journal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalKind {
+    /// Segment files under `data_dir`: survives restarts. For readings.
+    Disk,
+    /// A bounded ring in memory: lost on restart. For streams where loss is acceptable (raw
+    /// sample frames at kHz rates would wear an SD card out).
+    Memory,
+}
+
+/// Delivery settings of one producer stream (`[<service>.streams.<name>]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub journal: JournalKind,
+    /// Bound on the journal. When full, the oldest records are dropped (ERROR log, counter).
+    pub max_bytes: u64,
+    /// Disk journals are split into segment files of about this size; whole segments are
+    /// deleted once acknowledged, which costs no rewrite on the SD card.
+    pub segment_bytes: u64,
+    /// How often appended records are fsynced. 0 = after every record (safest, wears the card);
+    /// the default bounds what a power cut can take to one second. A killed process loses
+    /// nothing either way: records are written to the kernel before they are published.
+    pub fsync_interval_ms: u64,
+    /// Sink groups whose acknowledgement the journal waits for before trimming. Empty: a
+    /// record is trimmed once handed to the broker (best effort: the broker keeps nothing).
+    pub wait_for: Vec<Segment>,
+    /// A record not acknowledged by a sink group this long after it was published is
+    /// published again; the wait doubles while nothing is acknowledged, up to
+    /// `ack_timeout_max_ms`.
+    pub ack_timeout_ms: u64,
+    pub ack_timeout_max_ms: u64,
+    /// Most records re-published in one replay round, so a long outage drains in steps.
+    pub replay_batch: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            journal: JournalKind::Disk,
+            max_bytes: 64 << 20,
+            segment_bytes: 4 << 20,
+            fsync_interval_ms: 1000,
+            wait_for: Vec::new(),
+            ack_timeout_ms: 10_000,
+            ack_timeout_max_ms: 300_000,
+            replay_batch: 10_000,
+        }
+    }
+}
+
+impl StreamConfig {
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.max_bytes < 64 * 1024 {
+            return Err(ConfigError::new(format!("{key}.max_bytes"), "must be at least 65536"));
+        }
+        if self.segment_bytes < 4096 || self.segment_bytes > self.max_bytes / 2 {
+            return Err(ConfigError::new(
+                format!("{key}.segment_bytes"),
+                "must be between 4096 and half of max_bytes",
+            ));
+        }
+        if self.ack_timeout_ms < 100 || self.ack_timeout_ms > self.ack_timeout_max_ms {
+            return Err(ConfigError::new(
+                format!("{key}.ack_timeout_ms"),
+                "must be at least 100 and not above ack_timeout_max_ms",
+            ));
+        }
+        if self.replay_batch == 0 {
+            return Err(ConfigError::new(format!("{key}.replay_batch"), "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of a consumer (`[<service>.inbox]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InboxConfig {
+    /// Subscribe as `$share/<group>/...` so that several instances split the messages.
+    pub shared: bool,
+    /// Acknowledgements are collected and published at this interval.
+    pub ack_interval_ms: u64,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        Self { shared: false, ack_interval_ms: 200 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    struct Demo {
+        rate_hz: u32,
+        token: Option<Secret>,
+        token_file: Option<PathBuf>,
+    }
+
+    impl Validate for Demo {
+        fn validate(&self, section: &str) -> Result<(), ConfigError> {
+            if self.rate_hz > 100 {
+                return Err(ConfigError::new(format!("{section}.rate_hz"), "must be at most 100"));
+            }
+            resolve_secret(&format!("{section}.token"), self.token.as_ref(), self.token_file.as_deref())?;
+            Ok(())
+        }
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wattbus.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn wrong_type_names_file_key_and_reason() {
+        let (_d, path) = file("[bus]\nport = \"eighteen\"\n");
+        let e = ConfigSource::load(Some(&path)).unwrap().common().unwrap_err();
+        assert_eq!(e.key, "bus.port");
+        assert_eq!(e.origin.as_deref(), Some(path.display().to_string().as_str()));
+        assert!(e.reason.contains("string"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_and_unknown_section_are_refused() {
+        let (_d, path) = file("[demo]\nrate_hx = 5\n");
+        let src = ConfigSource::load(Some(&path)).unwrap();
+        let e = src.section::<Demo>("demo").unwrap_err();
+        assert_eq!(e.key, "demo.rate_hx");
+        assert!(e.reason.contains("unknown field"), "{e}");
+        let (_d, path) = file("[dmeo]\nrate_hz = 5\n");
+        let e = ConfigSource::load(Some(&path)).unwrap().check_sections(&["demo"]).unwrap_err();
+        assert_eq!(e.key, "dmeo");
+        assert!(e.to_string().contains("known top-level keys are: site, data_dir, log, bus, demo"));
+    }
+
+    #[test]
+    fn syntax_error_names_the_file_and_line() {
+        let (_d, path) = file("site = \"home\"\n[bus\nport = 1\n");
+        let e = ConfigSource::load(Some(&path)).unwrap_err();
+        assert!(e.origin.as_deref().unwrap().ends_with("wattbus.toml"));
+        assert!(e.reason.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn validation_errors_point_at_the_file() {
+        let (_d, path) = file("[demo]\nrate_hz = 500\n");
+        let e = ConfigSource::load(Some(&path)).unwrap().section::<Demo>("demo").unwrap_err();
+        assert_eq!(e.to_string(), format!("config error in {}: key `demo.rate_hz`: must be at most 100", path.display()));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error_not_defaults() {
+        let e = ConfigSource::load(Some(Path::new("/nonexistent/w.toml"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/w.toml"));
+    }
+
+    #[test]
+    fn bad_site_is_refused() {
+        let (_d, path) = file("site = \"my/home\"\n");
+        let e = ConfigSource::load(Some(&path)).unwrap().common().unwrap_err();
+        assert_eq!(e.key, "site");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("token");
+        std::fs::write(&secret, "s3cr3t\n").unwrap();
+        let got = resolve_secret("demo.token", None, Some(&secret)).unwrap().unwrap();
+        assert_eq!(got.expose(), "s3cr3t");
+        assert_eq!(format!("{got:?}"), "Secret(***)");
+        let both = resolve_secret("demo.token", Some(&got), Some(&secret)).unwrap_err();
+        assert!(both.reason.contains("both `token` and `token_file`"));
+        let missing = resolve_secret("demo.token", None, Some(&dir.path().join("nope"))).unwrap_err();
+        assert_eq!(missing.key, "demo.token_file");
+    }
+
+    #[test]
+    fn inline_layer_and_defaults_apply() {
+        let src = ConfigSource::from_parts(None, Some("site = \"lab\"\n[bus]\nport = 2883\n")).unwrap();
+        let c = src.common().unwrap();
+        assert_eq!(c.site.as_str(), "lab");
+        assert_eq!(c.bus.port, 2883);
+        assert_eq!(c.bus.keep_alive_s, 30);
+        assert_eq!(src.section::<Demo>("demo").unwrap().rate_hz, 0);
+    }
+}

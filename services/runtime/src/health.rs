@@ -1,0 +1,156 @@
+//! `/healthz` and `/metrics` over a minimal HTTP/1.1 server.
+//!
+//! Three GET routes, one request per connection: a full HTTP stack would cost more build time
+//! and binary size than the whole runtime. Readiness is the conjunction of named checks that
+//! components flip (e.g. "bus connected"); liveness is "the process answers".
+//!
+//! - `GET /healthz` — 200 when ready, else 503; JSON body lists each check.
+//! - `GET /healthz/live` — always 200 while the process runs.
+//! - `GET /healthz/ready` — same status as `/healthz`.
+//! - `GET /metrics` — Prometheus text.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::shutdown::Shutdown;
+
+/// Readiness checks of one process.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    checks: Arc<Mutex<BTreeMap<String, Arc<AtomicBool>>>>,
+}
+
+/// One readiness check; set it when the component is ready.
+#[derive(Clone, Debug)]
+pub struct ReadyFlag(Arc<AtomicBool>);
+
+impl ReadyFlag {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+}
+
+impl Health {
+    pub fn check(&self, name: &str) -> ReadyFlag {
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        ReadyFlag(checks.entry(name.to_string()).or_default().clone())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        checks.values().all(|c| c.load(Ordering::Relaxed))
+    }
+
+    fn report(&self) -> String {
+        let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let map: serde_json::Map<String, serde_json::Value> = checks
+            .iter()
+            .map(|(k, v)| (k.clone(), v.load(Ordering::Relaxed).into()))
+            .collect();
+        let ready = map.values().all(|v| v.as_bool() == Some(true));
+        serde_json::json!({ "live": true, "ready": ready, "checks": map }).to_string()
+    }
+}
+
+/// Bind `addr` and serve until shutdown. Binding happens before this returns, so a port in use
+/// is a start-up error rather than a log line nobody reads.
+pub async fn serve(addr: SocketAddr, health: Health, shutdown: Shutdown) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let health = health.clone();
+                        // Each request is answered or times out within 5 s; nothing to join.
+                        tokio::spawn(async move {
+                            if let Err(e) = answer(stream, &health).await {
+                                tracing::debug!(error = %e, "Health request failed.");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Health endpoint cannot accept connections.");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+    });
+    Ok((local, task))
+}
+
+async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf[len..]).await?;
+            len += n;
+            if n == 0 || buf[..len].windows(4).any(|w| w == b"\r\n\r\n") || len == buf.len() {
+                return Ok::<_, std::io::Error>(());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request not received in 5 s"))??;
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/healthz" | "/healthz/ready") => {
+            let status = if health.is_ready() { "200 OK" } else { "503 Service Unavailable" };
+            (status, "application/json", health.report())
+        }
+        ("GET", "/healthz/live") => ("200 OK", "application/json", "{\"live\":true}".to_string()),
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", crate::telemetry::render()),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_checks_and_metrics_render() {
+        let health = Health::default();
+        let bus = health.check("bus");
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), health, Shutdown::never()).await.unwrap();
+        let r = get(addr, "/healthz").await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("\"bus\":false"), "{r}");
+        bus.set(true);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/healthz/live").await.starts_with("HTTP/1.1 200"));
+        crate::telemetry::Counter::new("test_health_total", "x", &[]).inc();
+        assert!(get(addr, "/metrics").await.contains("test_health_total 1"));
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+}
