@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod health;
+pub mod journal;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -1,0 +1,663 @@
+//! The producer journal: where a message waits until every sink it matters to has stored it.
+//!
+//! # Invariants
+//!
+//! 1. **Written before published.** A record is appended (handed to the kernel with `write`)
+//!    before it is published, so a killed process loses nothing it published. `fsync` follows
+//!    within `fsync_interval_ms` (0 = at once), which bounds what a power cut can take.
+//! 2. **Sequence numbers only grow, across restarts.** Numbers are reserved in blocks in a
+//!    small `seq` file (fsynced, replaced atomically) before they are used; a reopened journal
+//!    continues above the reservation. A torn tail or a lost unsynced write can leave a gap,
+//!    never a reuse — a reused number could be taken by a sink for one it already stored.
+//! 3. **Seqs are contiguous within a segment.** Each run of the process starts a new segment,
+//!    and within a run numbers go up by one, so a segment's seqs are one range. The journal's
+//!    contents are described exactly by the list of segment ranges ([`Journal::ranges`]).
+//! 4. **Every record is checked.** `len | crc32(body) | body`; on open, the first record that
+//!    does not check out (torn write, bit rot, a crash mid-append) ends its segment: the file is
+//!    truncated there and the loss is reported, never a crash and never garbage replayed.
+//! 5. **Bounded.** When the journal exceeds `max_bytes`, whole oldest segments are deleted and
+//!    the dropped records reported (the caller logs an ERROR and counts them). Acknowledged
+//!    segments are deleted the same way — a delete, never a rewrite, to spare SD cards.
+//!
+//! # Files
+//!
+//! `<dir>/seq` holds the reserved sequence ceiling. `<dir>/<first_seq:020>.seg` are segments.
+//! Record body: `seq u64 LE | topic_len u16 LE | topic | payload`.
+//!
+//! The memory journal keeps the same contract except durability: it is a bounded ring, for
+//! streams where losing a few seconds on a restart is acceptable (raw sample frames). It still
+//! uses the `seq` file, written once per 65 536 records, so numbers never repeat.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::{JournalKind, StreamConfig};
+
+/// Numbers reserved per write of the `seq` file.
+const SEQ_BLOCK: u64 = 65_536;
+/// Header: body length + CRC.
+const HEADER: usize = 8;
+/// A record larger than this is taken for corruption (the bus refuses far smaller packets).
+const MAX_RECORD: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("topic of {0} bytes is too long for the journal")]
+    TopicTooLong(usize),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.to_path_buf(), source }
+}
+
+/// One journaled message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    fn size(&self) -> u64 {
+        (HEADER + 10 + self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// Records that left the journal unacknowledged because it was full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub records: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// What opening a disk journal found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    pub records: u64,
+    pub segments: usize,
+    /// Bytes cut off damaged segment tails.
+    pub truncated_bytes: u64,
+    /// Segments whose tail was damaged.
+    pub damaged_segments: usize,
+}
+
+/// Hands out sequence numbers that never repeat, reserving them in blocks in `<dir>/seq`.
+#[derive(Debug)]
+struct SeqAllocator {
+    path: PathBuf,
+    next: u64,
+    reserved: u64,
+}
+
+impl SeqAllocator {
+    fn open(dir: &Path, at_least: u64) -> Result<Self, JournalError> {
+        let path = dir.join("seq");
+        let reserved = match fs::read(&path) {
+            Ok(bytes) if bytes.len() == 8 => u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8])),
+            // Missing (first start) or damaged: the segments still tell where we were; a
+            // damaged file is only possible for a torn first write, before any seq was used.
+            Ok(_) => 0,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let mut alloc = Self { path, next: (reserved + 1).max(at_least).max(1), reserved };
+        alloc.reserve()?;
+        Ok(alloc)
+    }
+
+    fn reserve(&mut self) -> Result<(), JournalError> {
+        if self.next <= self.reserved {
+            return Ok(());
+        }
+        let ceiling = self.next + SEQ_BLOCK;
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&ceiling.to_le_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(io_err(&self.path))?;
+        self.reserved = ceiling;
+        Ok(())
+    }
+
+    fn take(&mut self) -> Result<u64, JournalError> {
+        self.reserve()?;
+        let seq = self.next;
+        self.next += 1;
+        Ok(seq)
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Contiguous runs of seqs in this segment (one, except in files from a damaged history).
+    ranges: Vec<[u64; 2]>,
+    bytes: u64,
+    records: u64,
+}
+
+impl Segment {
+    fn first(&self) -> u64 {
+        self.ranges.first().map_or(0, |r| r[0])
+    }
+    fn last(&self) -> u64 {
+        self.ranges.last().map_or(0, |r| r[1])
+    }
+    fn push(&mut self, seq: u64, size: u64) {
+        match self.ranges.last_mut() {
+            Some(r) if r[1] + 1 == seq => r[1] = seq,
+            _ => self.ranges.push([seq, seq]),
+        }
+        self.bytes += size;
+        self.records += 1;
+    }
+}
+
+#[derive(Debug)]
+struct DiskJournal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    /// Closed segments first, the active one (if any) last.
+    segments: VecDeque<Segment>,
+    /// Open for appending; `None` until the first append of this run or after a roll.
+    active: Option<File>,
+    total_bytes: u64,
+}
+
+#[derive(Debug)]
+struct MemoryJournal {
+    records: VecDeque<Record>,
+    total_bytes: u64,
+}
+
+#[derive(Debug)]
+enum Store {
+    Disk(DiskJournal),
+    Memory(MemoryJournal),
+}
+
+/// A journal of one producer stream, on disk or in memory.
+#[derive(Debug)]
+pub struct Journal {
+    store: Store,
+    seq: SeqAllocator,
+    max_bytes: u64,
+}
+
+impl Journal {
+    /// Open (or create) the journal in `dir`.
+    pub fn open(dir: &Path, cfg: &StreamConfig) -> Result<(Self, OpenReport), JournalError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let (store, report, last) = match cfg.journal {
+            JournalKind::Disk => {
+                let (disk, report) = DiskJournal::open(dir, cfg.segment_bytes)?;
+                let last = disk.segments.back().map_or(0, Segment::last);
+                (Store::Disk(disk), report, last)
+            }
+            JournalKind::Memory => {
+                // Segments left by an earlier disk configuration of this stream are not ours to
+                // replay any more; they stay on disk for a person to look at.
+                (Store::Memory(MemoryJournal { records: VecDeque::new(), total_bytes: 0 }), OpenReport::default(), 0)
+            }
+        };
+        let seq = SeqAllocator::open(dir, last + 1)?;
+        Ok((Self { store, seq, max_bytes: cfg.max_bytes }, report))
+    }
+
+    /// Append a record; returns its seq and what had to be dropped to stay within bounds.
+    pub fn append(&mut self, topic: &str, payload: &[u8]) -> Result<(u64, Option<Dropped>), JournalError> {
+        if topic.len() > usize::from(u16::MAX) {
+            return Err(JournalError::TopicTooLong(topic.len()));
+        }
+        let seq = self.seq.take()?;
+        match &mut self.store {
+            Store::Disk(d) => d.append(seq, topic, payload)?,
+            Store::Memory(m) => {
+                let r = Record { seq, topic: topic.to_string(), payload: payload.to_vec() };
+                m.total_bytes += r.size();
+                m.records.push_back(r);
+            }
+        }
+        let dropped = self.enforce_bound()?;
+        Ok((seq, dropped))
+    }
+
+    fn enforce_bound(&mut self) -> Result<Option<Dropped>, JournalError> {
+        let mut dropped: Option<Dropped> = None;
+        let mut note = |records: u64, first: u64, last: u64| {
+            let d = dropped.get_or_insert(Dropped { records: 0, first_seq: first, last_seq: last });
+            d.records += records;
+            d.last_seq = last;
+        };
+        match &mut self.store {
+            Store::Disk(d) => {
+                while d.total_bytes > self.max_bytes && d.segments.len() > 1 {
+                    if let Some(s) = d.remove_oldest()? {
+                        note(s.records, s.first(), s.last());
+                    }
+                }
+            }
+            Store::Memory(m) => {
+                while m.total_bytes > self.max_bytes && m.records.len() > 1 {
+                    if let Some(r) = m.records.pop_front() {
+                        m.total_bytes -= r.size();
+                        note(1, r.seq, r.seq);
+                    }
+                }
+            }
+        }
+        Ok(dropped)
+    }
+
+    /// Forget every record with `seq <= through`. Disk journals delete whole segments only;
+    /// a partly acknowledged segment stays until the rest of it is acknowledged.
+    pub fn trim_through(&mut self, through: u64) -> Result<u64, JournalError> {
+        let mut removed = 0;
+        match &mut self.store {
+            Store::Disk(d) => {
+                while d.segments.front().is_some_and(|s| s.last() <= through) {
+                    if d.segments.len() == 1 {
+                        // The active segment is fully acknowledged: close it so the next append
+                        // starts a fresh file, then delete it.
+                        d.active = None;
+                    }
+                    if let Some(s) = d.remove_oldest()? {
+                        removed += s.records;
+                    }
+                }
+            }
+            Store::Memory(m) => {
+                while m.records.front().is_some_and(|r| r.seq <= through) {
+                    if let Some(r) = m.records.pop_front() {
+                        m.total_bytes -= r.size();
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The seqs held, as ascending inclusive ranges.
+    pub fn ranges(&self) -> Vec<[u64; 2]> {
+        match &self.store {
+            Store::Disk(d) => d.segments.iter().flat_map(|s| s.ranges.iter().copied()).collect(),
+            Store::Memory(m) => {
+                let mut out: Vec<[u64; 2]> = Vec::new();
+                for r in &m.records {
+                    match out.last_mut() {
+                        Some(last) if last[1] + 1 == r.seq => last[1] = r.seq,
+                        _ => out.push([r.seq, r.seq]),
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    pub fn last_seq(&self) -> Option<u64> {
+        match &self.store {
+            Store::Disk(d) => d.segments.back().map(Segment::last),
+            Store::Memory(m) => m.records.back().map(|r| r.seq),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        match &self.store {
+            Store::Disk(d) => d.total_bytes,
+            Store::Memory(m) => m.total_bytes,
+        }
+    }
+
+    pub fn records(&self) -> u64 {
+        match &self.store {
+            Store::Disk(d) => d.segments.iter().map(|s| s.records).sum(),
+            Store::Memory(m) => m.records.len() as u64,
+        }
+    }
+
+    /// A handle to fsync the active segment outside the caller's lock (`None`: nothing to sync).
+    pub fn sync_handle(&self) -> Option<(PathBuf, File)> {
+        match &self.store {
+            Store::Disk(d) => {
+                let file = d.active.as_ref()?.try_clone().ok()?;
+                Some((d.segments.back().map(|s| s.path.clone()).unwrap_or_default(), file))
+            }
+            Store::Memory(_) => None,
+        }
+    }
+
+    /// Up to `limit` records with `seq > after` for which `skip(seq)` is false, in seq order.
+    pub fn read_after(&self, after: u64, limit: usize, skip: impl Fn(u64) -> bool) -> Result<Vec<Record>, JournalError> {
+        let mut out = Vec::new();
+        match &self.store {
+            Store::Memory(m) => {
+                for r in m.records.iter().filter(|r| r.seq > after && !skip(r.seq)).take(limit) {
+                    out.push(r.clone());
+                }
+            }
+            Store::Disk(d) => {
+                for s in d.segments.iter().filter(|s| s.last() > after) {
+                    if s.ranges.iter().all(|r| (r[0]..=r[1]).all(&skip)) {
+                        continue;
+                    }
+                    let (records, _) = read_segment(&s.path)?;
+                    for r in records.into_iter().filter(|r| r.seq > after && !skip(r.seq)) {
+                        out.push(r);
+                        if out.len() >= limit {
+                            return Ok(out);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl DiskJournal {
+    fn open(dir: &Path, segment_bytes: u64) -> Result<(Self, OpenReport), JournalError> {
+        let mut paths: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let path = entry.map_err(io_err(dir))?.path();
+            let Some(stem) = path.extension().filter(|e| *e == "seg").and(path.file_stem()) else {
+                continue;
+            };
+            if let Some(first) = stem.to_str().and_then(|s| s.parse::<u64>().ok()) {
+                paths.push((first, path));
+            }
+        }
+        paths.sort();
+        let mut report = OpenReport::default();
+        let mut segments = VecDeque::new();
+        let mut total_bytes = 0;
+        let mut last_seq = 0;
+        for (_, path) in paths {
+            let (records, good_len) = read_segment(&path)?;
+            let file_len = fs::metadata(&path).map_err(io_err(&path))?.len();
+            if good_len < file_len {
+                report.truncated_bytes += file_len - good_len;
+                report.damaged_segments += 1;
+                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                f.set_len(good_len).map_err(io_err(&path))?;
+                f.sync_all().map_err(io_err(&path))?;
+            }
+            let mut seg = Segment { path: path.clone(), ranges: Vec::new(), bytes: 0, records: 0 };
+            for r in &records {
+                // A segment that overlaps an earlier one (possible only after manual tampering)
+                // contributes just its newer records.
+                if r.seq > last_seq {
+                    seg.push(r.seq, r.size());
+                    last_seq = r.seq;
+                }
+            }
+            if seg.records == 0 {
+                fs::remove_file(&path).map_err(io_err(&path))?;
+                continue;
+            }
+            report.records += seg.records;
+            total_bytes += seg.bytes;
+            segments.push_back(seg);
+        }
+        report.segments = segments.len();
+        Ok((Self { dir: dir.to_path_buf(), segment_bytes, segments, active: None, total_bytes }, report))
+    }
+
+    fn append(&mut self, seq: u64, topic: &str, payload: &[u8]) -> Result<(), JournalError> {
+        let body_len = 10 + topic.len() + payload.len();
+        let size = (HEADER + body_len) as u64;
+        let needs_new = match (&self.active, self.segments.back()) {
+            (Some(_), Some(s)) => s.bytes + size > self.segment_bytes && s.bytes > 0,
+            _ => true,
+        };
+        if needs_new {
+            let path = self.dir.join(format!("{seq:020}.seg"));
+            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+            // Make the new file's name durable together with its first records.
+            if let Ok(d) = File::open(&self.dir) {
+                let _best_effort = d.sync_all();
+            }
+            self.active = Some(file);
+            self.segments.push_back(Segment { path, ranges: Vec::new(), bytes: 0, records: 0 });
+        }
+        let mut buf = Vec::with_capacity(HEADER + body_len);
+        buf.extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_le_bytes());
+        buf.extend_from_slice(topic.as_bytes());
+        buf.extend_from_slice(payload);
+        let crc = crc32fast::hash(&buf[HEADER..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let (Some(file), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
+            unreachable!("an active segment was just ensured");
+        };
+        // One write per record: either the kernel has all of it or, after a crash, the tail is
+        // torn and the CRC catches it on the next open.
+        file.write_all(&buf).map_err(io_err(&seg.path))?;
+        seg.push(seq, size);
+        self.total_bytes += size;
+        Ok(())
+    }
+
+    fn remove_oldest(&mut self) -> Result<Option<Segment>, JournalError> {
+        let Some(seg) = self.segments.pop_front() else { return Ok(None) };
+        if self.segments.is_empty() {
+            self.active = None;
+        }
+        match fs::remove_file(&seg.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&seg.path)(e)),
+        }
+        self.total_bytes -= seg.bytes;
+        Ok(Some(seg))
+    }
+}
+
+/// Read every valid record of a segment; also returns the length of the valid prefix.
+fn read_segment(path: &Path) -> Result<(Vec<Record>, u64), JournalError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut data = Vec::new();
+    file.seek(SeekFrom::Start(0)).map_err(io_err(path))?;
+    file.read_to_end(&mut data).map_err(io_err(path))?;
+    let mut records = Vec::new();
+    let mut pos = 0usize;
+    let mut prev_seq = 0u64;
+    while let Some(r) = parse_record(&data[pos..]) {
+        let (record, used) = r;
+        if record.seq <= prev_seq {
+            break;
+        }
+        prev_seq = record.seq;
+        records.push(record);
+        pos += used;
+    }
+    Ok((records, pos as u64))
+}
+
+fn parse_record(data: &[u8]) -> Option<(Record, usize)> {
+    let len = u32::from_le_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
+    if !(10..=MAX_RECORD).contains(&len) {
+        return None;
+    }
+    let body = data.get(HEADER..HEADER + len)?;
+    if crc32fast::hash(body) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(body[0..8].try_into().ok()?);
+    let topic_len = u16::from_le_bytes(body[8..10].try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(body.get(10..10 + topic_len)?).ok()?.to_string();
+    let payload = body[10 + topic_len..].to_vec();
+    Some((Record { seq, topic, payload }, HEADER + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kind: JournalKind, max_bytes: u64, segment_bytes: u64) -> StreamConfig {
+        StreamConfig { journal: kind, max_bytes, segment_bytes, ..StreamConfig::default() }
+    }
+
+    fn payload(i: u64) -> Vec<u8> {
+        format!("{{\"reading\":{i}}}").into_bytes()
+    }
+
+    #[test]
+    fn records_survive_reopen_and_seqs_keep_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 4096);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        let seqs: Vec<u64> = (0..100).map(|i| j.append("t/a", &payload(i)).unwrap().0).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+        drop(j);
+        let (mut j, report) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(report.records, 100);
+        assert_eq!(report.truncated_bytes, 0);
+        let all = j.read_after(0, usize::MAX, |_| false).unwrap();
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[7].payload, payload(7));
+        assert_eq!(all[7].topic, "t/a");
+        let (next, _) = j.append("t/a", b"x").unwrap();
+        assert!(next > seqs[99], "seq {next} reused after reopen");
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 1 << 16);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        for i in 0..10 {
+            j.append("t", &payload(i)).unwrap();
+        }
+        drop(j);
+        let seg = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap();
+        // A crash in the middle of the 11th write: header and half a body.
+        let len = fs::metadata(&seg).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9, 9]).unwrap();
+        drop(f);
+        let (mut j, report) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(report.records, 10);
+        assert_eq!(report.truncated_bytes, 11);
+        assert_eq!(report.damaged_segments, 1);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), len);
+        // And it keeps working.
+        j.append("t", b"after").unwrap();
+        assert_eq!(j.records(), 11);
+    }
+
+    #[test]
+    fn flipped_bit_ends_the_segment_at_the_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 1 << 16);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        for i in 0..10 {
+            j.append("t", &payload(i)).unwrap();
+        }
+        drop(j);
+        let seg = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap();
+        let mut bytes = fs::read(&seg).unwrap();
+        let rec = bytes.len() / 10;
+        bytes[rec * 5 + 12] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        let (j, report) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(report.records, 5);
+        assert_eq!(j.read_after(0, 100, |_| false).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn full_journal_drops_oldest_segments_and_says_how_many() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 64 * 1024, 8 * 1024);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        let mut dropped = 0;
+        let mut first_dropped = None;
+        for i in 0..2000 {
+            if let (_, Some(d)) = j.append("wattbus/v1/home/meas/d/c", &payload(i)).unwrap() {
+                first_dropped.get_or_insert(d.first_seq);
+                dropped += d.records;
+            }
+        }
+        assert!(j.bytes() <= 64 * 1024, "{} bytes", j.bytes());
+        assert!(dropped > 0);
+        assert_eq!(dropped + j.records(), 2000, "every record is either kept or counted as dropped");
+        assert_eq!(first_dropped, Some(1), "the oldest go first");
+        let kept = j.read_after(0, usize::MAX, |_| false).unwrap();
+        assert_eq!(kept.last().unwrap().payload, payload(1999), "the newest are kept");
+    }
+
+    #[test]
+    fn trim_deletes_only_fully_acknowledged_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 4096);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        for i in 0..300 {
+            j.append("t", &payload(i)).unwrap();
+        }
+        let ranges = j.ranges();
+        assert!(ranges.len() > 2);
+        let first_seg_last = ranges[0][1];
+        assert_eq!(j.trim_through(first_seg_last - 1).unwrap(), 0);
+        assert!(j.trim_through(first_seg_last).unwrap() > 0);
+        assert_eq!(j.ranges()[0][0], first_seg_last + 1);
+        j.trim_through(u64::MAX - 1).unwrap();
+        assert_eq!(j.records(), 0);
+        let (seq, _) = j.append("t", b"again").unwrap();
+        assert_eq!(j.ranges(), vec![[seq, seq]]);
+        drop(j);
+        let (j, report) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(report.records, 1);
+        assert_eq!(j.last_seq(), Some(seq));
+    }
+
+    #[test]
+    fn read_after_skips_acknowledged_and_respects_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path(), &cfg(JournalKind::Disk, 1 << 20, 4096)).unwrap();
+        for i in 0..50 {
+            j.append("t", &payload(i)).unwrap();
+        }
+        let got = j.read_after(10, 5, |s| s % 2 == 0).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![11, 13, 15, 17, 19]);
+    }
+
+    #[test]
+    fn memory_journal_is_bounded_and_never_reuses_seqs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Memory, 64 * 1024, 4096);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        let mut dropped = 0;
+        let mut last = 0;
+        for i in 0..5000 {
+            let (seq, d) = j.append("t", &payload(i)).unwrap();
+            dropped += d.map_or(0, |d| d.records);
+            last = seq;
+        }
+        assert!(j.bytes() <= 64 * 1024);
+        assert_eq!(dropped + j.records(), 5000);
+        drop(j);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(j.records(), 0, "memory journals start empty");
+        assert!(j.append("t", b"x").unwrap().0 > last);
+    }
+}
