@@ -31,9 +31,12 @@ mod schema;
 mod topic;
 
 pub use payload::{
-    Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, Measurement,
-    MAX_PAYLOAD_BYTES, Origin, Payload, Quality, RawChannel, RawFrame, Sequenced, ServiceState,
-    Status, now_ms,
+    Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
+    MAX_PAYLOAD_BYTES, Measurement, Origin, Payload, Quality, RawChannel, RawFrame, Sequenced,
+    ServiceState, Status, now_ms,
 };
 pub use schema::{all_schemas, schema_json};
-pub use topic::{Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, everything, parse};
+pub use topic::{
+    Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, everything,
+    matches_filter as topic_matches, parse,
+};

@@ -62,20 +62,28 @@ pub trait Payload: Serialize + DeserializeOwned + JsonSchema + Sized {
     }
 
     fn encode(&self) -> Result<Vec<u8>, EncodeError> {
-        self.validate()
-            .map_err(|reason| EncodeError { kind: Self::NAME, reason })?;
-        serde_json::to_vec(self).map_err(|e| EncodeError { kind: Self::NAME, reason: e.to_string() })
+        self.validate().map_err(|reason| EncodeError {
+            kind: Self::NAME,
+            reason,
+        })?;
+        serde_json::to_vec(self).map_err(|e| EncodeError {
+            kind: Self::NAME,
+            reason: e.to_string(),
+        })
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_PAYLOAD_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
-        let value: Self = serde_json::from_slice(bytes)
-            .map_err(|source| DecodeError::Json { kind: Self::NAME, source })?;
-        value
-            .validate()
-            .map_err(|reason| DecodeError::Invalid { kind: Self::NAME, reason })?;
+        let value: Self = serde_json::from_slice(bytes).map_err(|source| DecodeError::Json {
+            kind: Self::NAME,
+            source,
+        })?;
+        value.validate().map_err(|reason| DecodeError::Invalid {
+            kind: Self::NAME,
+            reason,
+        })?;
         Ok(value)
     }
 }
@@ -154,11 +162,15 @@ fn check_field_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!("field name {name:?} must be lower snake case ([a-z][a-z0-9_]*, ≤64)"))
+        Err(format!(
+            "field name {name:?} must be lower snake case ([a-z][a-z0-9_]*, ≤64)"
+        ))
     }
 }
 
@@ -171,12 +183,17 @@ impl Payload for Measurement {
             return Err("fields must not be empty".into());
         }
         if self.fields.len() > MAX_FIELDS {
-            return Err(format!("{} fields; at most {MAX_FIELDS}", self.fields.len()));
+            return Err(format!(
+                "{} fields; at most {MAX_FIELDS}",
+                self.fields.len()
+            ));
         }
         for (name, value) in &self.fields {
             check_field_name(name)?;
             if !value.is_finite() {
-                return Err(format!("field {name} is {value}; only finite numbers are stored"));
+                return Err(format!(
+                    "field {name} is {value}; only finite numbers are stored"
+                ));
             }
         }
         Ok(())
@@ -224,14 +241,19 @@ impl Payload for RawFrame {
     fn validate(&self) -> Result<(), String> {
         check_ts_ms("start_ts_us / 1000", self.start_ts_us.div_euclid(1000))?;
         if !(self.sample_rate_hz.is_finite() && self.sample_rate_hz > 0.0) {
-            return Err(format!("sample_rate_hz = {} must be a positive number", self.sample_rate_hz));
+            return Err(format!(
+                "sample_rate_hz = {} must be a positive number",
+                self.sample_rate_hz
+            ));
         }
         let Some(first) = self.channels.first() else {
             return Err("channels must not be empty".into());
         };
         let n = first.samples.len();
         if n == 0 || n > MAX_SAMPLES {
-            return Err(format!("{n} samples per channel; 1..={MAX_SAMPLES} allowed"));
+            return Err(format!(
+                "{n} samples per channel; 1..={MAX_SAMPLES} allowed"
+            ));
         }
         for c in &self.channels {
             if c.samples.len() != n {
@@ -243,7 +265,10 @@ impl Payload for RawFrame {
                 ));
             }
             if let Some(i) = c.samples.iter().position(|s| !s.is_finite()) {
-                return Err(format!("channel {} sample {i} is not a finite number", c.channel));
+                return Err(format!(
+                    "channel {} sample {i} is not a finite number",
+                    c.channel
+                ));
             }
         }
         Ok(())
@@ -374,7 +399,10 @@ impl Payload for Ack {
     fn validate(&self) -> Result<(), String> {
         check_ts_ms("ts_ms", self.ts_ms)?;
         if self.ranges.is_empty() || self.ranges.len() > MAX_ACK_RANGES {
-            return Err(format!("{} ranges; 1..={MAX_ACK_RANGES} allowed", self.ranges.len()));
+            return Err(format!(
+                "{} ranges; 1..={MAX_ACK_RANGES} allowed",
+                self.ranges.len()
+            ));
         }
         let mut prev_last: Option<u64> = None;
         for [first, last] in &self.ranges {
@@ -382,7 +410,9 @@ impl Payload for Ack {
                 return Err(format!("range [{first}, {last}] is reversed"));
             }
             if prev_last.is_some_and(|p| *first <= p) {
-                return Err(format!("range [{first}, {last}] overlaps or is out of order"));
+                return Err(format!(
+                    "range [{first}, {last}] overlaps or is out of order"
+                ));
             }
             prev_last = Some(*last);
         }
@@ -427,7 +457,13 @@ impl DeadLetter {
             }
             reason.truncate(end);
         }
-        Self { service, reason, topic: topic.chars().take(1024).collect(), payload: text, ts_ms: now_ms() }
+        Self {
+            service,
+            reason,
+            topic: topic.chars().take(1024).collect(),
+            payload: text,
+            ts_ms: now_ms(),
+        }
     }
 }
 
@@ -462,14 +498,22 @@ mod tests {
 
     fn measurement() -> Measurement {
         Measurement {
-            origin: Some(Origin { producer: seg("modbus-ingest"), stream: seg("meas"), seq: 42 }),
+            origin: Some(Origin {
+                producer: seg("modbus-ingest"),
+                stream: seg("meas"),
+                seq: 42,
+            }),
             site: seg("home"),
             device: seg("we515-1"),
             channel: seg("main"),
             measurement: seg("power"),
             ts_ms: TS,
             quality: Quality::Good,
-            fields: [("power_w".to_string(), -1234.5), ("voltage_v".to_string(), 231.2)].into(),
+            fields: [
+                ("power_w".to_string(), -1234.5),
+                ("voltage_v".to_string(), 231.2),
+            ]
+            .into(),
             tags: [(seg("tariff"), seg("t1"))].into(),
         }
     }
@@ -488,7 +532,11 @@ mod tests {
             device: seg("prime-1"),
             start_ts_us: TS * 1000 + 17,
             sample_rate_hz: 2000.0,
-            channels: vec![RawChannel { channel: seg("ct1"), unit: seg("a"), samples: vec![0.5, -0.25, 1e-3] }],
+            channels: vec![RawChannel {
+                channel: seg("ct1"),
+                unit: seg("a"),
+                samples: vec![0.5, -0.25, 1e-3],
+            }],
         });
         round_trip(&Command {
             id: seg("c1"),
@@ -512,7 +560,11 @@ mod tests {
             version: "0.1.0".into(),
             ts_ms: TS,
         });
-        round_trip(&Ack { sink: seg("influx-writer"), ranges: vec![[1, 10], [12, 12]], ts_ms: TS });
+        round_trip(&Ack {
+            sink: seg("influx-writer"),
+            ranges: vec![[1, 10], [12, 12]],
+            ts_ms: TS,
+        });
         let mut dl = DeadLetter::new(seg("influx-writer"), "400: bad", "t", b"\xff\xfeabc");
         dl.ts_ms = TS;
         round_trip(&dl);
@@ -520,7 +572,8 @@ mod tests {
 
     #[test]
     fn measurement_json_reads_like_the_docs() {
-        let json: serde_json::Value = serde_json::from_slice(&measurement().encode().unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&measurement().encode().unwrap()).unwrap();
         assert_eq!(json["fields"]["power_w"], -1234.5);
         assert_eq!(json["quality"], "good");
         assert_eq!(json["origin"]["seq"], 42);
@@ -552,9 +605,11 @@ mod tests {
         assert!(e.contains("'+'"), "{e}");
         let e = decode_err::<Measurement>(&with(&|v| v["fields"] = serde_json::json!({})));
         assert!(e.contains("fields must not be empty"), "{e}");
-        let e = decode_err::<Measurement>(&with(&|v| v["fields"] = serde_json::json!({"Power W": 1})));
+        let e =
+            decode_err::<Measurement>(&with(&|v| v["fields"] = serde_json::json!({"Power W": 1})));
         assert!(e.contains("lower snake case"), "{e}");
-        let e = decode_err::<Measurement>(&with(&|v| v["fields"]["power_w"] = serde_json::Value::Null));
+        let e =
+            decode_err::<Measurement>(&with(&|v| v["fields"]["power_w"] = serde_json::Value::Null));
         assert!(e.contains("not valid measurement JSON"), "{e}");
         let e = decode_err::<Measurement>(&with(&|v| v["quality"] = "excellent".into()));
         assert!(e.contains("unknown variant"), "{e}");
@@ -571,11 +626,18 @@ mod tests {
     fn non_finite_values_are_refused_on_both_sides() {
         let mut m = measurement();
         m.fields.insert("power_w".into(), f64::NAN);
-        assert!(m.encode().unwrap_err().to_string().contains("only finite numbers"));
+        assert!(
+            m.encode()
+                .unwrap_err()
+                .to_string()
+                .contains("only finite numbers")
+        );
         m.fields.insert("power_w".into(), f64::INFINITY);
         assert!(m.encode().is_err());
         // JSON has no NaN; text that tries is a syntax error.
-        let text = serde_json::to_string(&measurement()).unwrap().replace("-1234.5", "NaN");
+        let text = serde_json::to_string(&measurement())
+            .unwrap()
+            .replace("-1234.5", "NaN");
         assert!(Measurement::decode(text.as_bytes()).is_err());
     }
 
@@ -588,11 +650,25 @@ mod tests {
             start_ts_us: TS * 1000,
             sample_rate_hz: 2000.0,
             channels: vec![
-                RawChannel { channel: seg("a"), unit: seg("a"), samples: vec![1.0, 2.0] },
-                RawChannel { channel: seg("b"), unit: seg("a"), samples: vec![1.0] },
+                RawChannel {
+                    channel: seg("a"),
+                    unit: seg("a"),
+                    samples: vec![1.0, 2.0],
+                },
+                RawChannel {
+                    channel: seg("b"),
+                    unit: seg("a"),
+                    samples: vec![1.0],
+                },
             ],
         };
-        assert!(frame.encode().unwrap_err().to_string().contains("all must match"));
+        assert!(
+            frame
+                .encode()
+                .unwrap_err()
+                .to_string()
+                .contains("all must match")
+        );
         let mut f2 = frame.clone();
         f2.channels.clear();
         assert!(f2.encode().is_err());
@@ -603,8 +679,17 @@ mod tests {
 
     #[test]
     fn acks_must_be_ordered_disjoint_ranges() {
-        for ranges in [vec![], vec![[5, 4]], vec![[1, 5], [5, 6]], vec![[7, 8], [1, 2]]] {
-            let a = Ack { sink: seg("s"), ranges: ranges.clone(), ts_ms: TS };
+        for ranges in [
+            vec![],
+            vec![[5, 4]],
+            vec![[1, 5], [5, 6]],
+            vec![[7, 8], [1, 2]],
+        ] {
+            let a = Ack {
+                sink: seg("s"),
+                ranges: ranges.clone(),
+                ts_ms: TS,
+            };
             assert!(a.encode().is_err(), "{ranges:?}");
         }
     }

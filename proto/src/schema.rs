@@ -6,7 +6,9 @@
 
 use schemars::JsonSchema;
 
-use crate::payload::{Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, Status};
+use crate::payload::{
+    Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, Status,
+};
 
 /// The schema of one payload type, pretty-printed with a trailing newline.
 pub fn schema_json<T: Payload + JsonSchema>() -> String {

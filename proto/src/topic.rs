@@ -116,7 +116,10 @@ pub struct Topic<T> {
 
 impl<T> Clone for Topic<T> {
     fn clone(&self) -> Self {
-        Self { path: self.path.clone(), _payload: PhantomData }
+        Self {
+            path: self.path.clone(),
+            _payload: PhantomData,
+        }
     }
 }
 
@@ -133,7 +136,10 @@ impl<T> Topic<T> {
             path.push('/');
             path.push_str(s.as_str());
         }
-        Self { path, _payload: PhantomData }
+        Self {
+            path,
+            _payload: PhantomData,
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -191,7 +197,10 @@ pub struct Filter<T> {
 
 impl<T> Clone for Filter<T> {
     fn clone(&self) -> Self {
-        Self { filter: self.filter.clone(), _payload: PhantomData }
+        Self {
+            filter: self.filter.clone(),
+            _payload: PhantomData,
+        }
     }
 }
 
@@ -204,7 +213,11 @@ impl<T> fmt::Debug for Filter<T> {
 impl<T> Filter<T> {
     /// `site = None` matches every site.
     fn build(site: Option<&Segment>, kind: Kind, rest: &[Option<&Segment>], tail: bool) -> Self {
-        let mut filter = format!("{PREFIX}/{}/{}", site.map_or("+", Segment::as_str), kind.as_str());
+        let mut filter = format!(
+            "{PREFIX}/{}/{}",
+            site.map_or("+", Segment::as_str),
+            kind.as_str()
+        );
         for s in rest {
             filter.push('/');
             filter.push_str(s.map_or("+", Segment::as_str));
@@ -212,7 +225,10 @@ impl<T> Filter<T> {
         if tail {
             filter.push_str("/#");
         }
-        Self { filter, _payload: PhantomData }
+        Self {
+            filter,
+            _payload: PhantomData,
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -264,7 +280,12 @@ impl Filter<Status> {
 impl Filter<Ack> {
     /// Acknowledgements from every sink for one producer stream.
     pub fn acks_for(site: &Segment, producer: &Segment, stream: &Segment) -> Self {
-        Self::build(Some(site), Kind::Ack, &[Some(producer), Some(stream), None], false)
+        Self::build(
+            Some(site),
+            Kind::Ack,
+            &[Some(producer), Some(stream), None],
+            false,
+        )
     }
 }
 
@@ -281,7 +302,7 @@ pub fn everything() -> String {
 
 /// MQTT topic matching: `+` matches one level, `#` (last) matches the rest, including the
 /// parent level itself.
-pub(crate) fn matches_filter(filter: &str, topic: &str) -> bool {
+pub fn matches_filter(filter: &str, topic: &str) -> bool {
     let filter = match filter.strip_prefix("$share/") {
         Some(rest) => match rest.split_once('/') {
             Some((_group, f)) => f,
@@ -393,11 +414,23 @@ mod tests {
             "wattbus/v1/home/meas/we515-1/l1"
         );
         assert_eq!(
-            Topic::ack(&site, &seg("modbus-ingest"), &seg("meas"), &seg("influx-writer")).as_str(),
+            Topic::ack(
+                &site,
+                &seg("modbus-ingest"),
+                &seg("meas"),
+                &seg("influx-writer")
+            )
+            .as_str(),
             "wattbus/v1/home/ack/modbus-ingest/meas/influx-writer"
         );
-        assert_eq!(Topic::raw(&site, &seg("prime-1")).as_str(), "wattbus/v1/home/raw/prime-1");
-        assert_eq!(Topic::status(&site, &seg("broker")).as_str(), "wattbus/v1/home/status/broker");
+        assert_eq!(
+            Topic::raw(&site, &seg("prime-1")).as_str(),
+            "wattbus/v1/home/raw/prime-1"
+        );
+        assert_eq!(
+            Topic::status(&site, &seg("broker")).as_str(),
+            "wattbus/v1/home/status/broker"
+        );
     }
 
     #[test]
@@ -415,8 +448,14 @@ mod tests {
         assert!(f.matches("wattbus/v1/home/meas/d/c"));
         assert!(!f.matches("wattbus/v1/home/meas/d"));
         assert!(!f.matches("wattbus/v1/home/raw/d"));
-        assert_eq!(f.shared(&seg("influx-writer")), "$share/influx-writer/wattbus/v1/+/meas/+/+");
-        assert!(matches_filter("$share/g/wattbus/v1/#", "wattbus/v1/home/meas/d/c"));
+        assert_eq!(
+            f.shared(&seg("influx-writer")),
+            "$share/influx-writer/wattbus/v1/+/meas/+/+"
+        );
+        assert!(matches_filter(
+            "$share/g/wattbus/v1/#",
+            "wattbus/v1/home/meas/d/c"
+        ));
         assert!(matches_filter("wattbus/#", "wattbus"));
         assert!(!matches_filter("wattbus/+", "wattbus"));
     }

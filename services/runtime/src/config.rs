@@ -32,7 +32,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/wattbus/wattbus.toml";
 pub const ENV_PREFIX: &str = "WATTBUS_";
 
 /// Top-level keys every service shares.
-pub const COMMON_KEYS: &[&str] = &["site", "data_dir", "log", "bus"];
+pub const COMMON_KEYS: &[&str] = &["site", "data_dir", "shutdown_grace_ms", "log", "bus"];
 
 /// A configuration problem a person has to fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.origin {
-            Some(origin) => write!(f, "config error in {origin}: key `{}`: {}", self.key, self.reason),
+            Some(origin) => write!(
+                f,
+                "config error in {origin}: key `{}`: {}",
+                self.key, self.reason
+            ),
             None => write!(f, "config error: key `{}`: {}", self.key, self.reason),
         }
     }
@@ -57,7 +61,11 @@ impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { origin: None, key: key.into(), reason: reason.into() }
+        Self {
+            origin: None,
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -100,17 +108,27 @@ pub fn resolve_secret(
     match (inline, file) {
         (Some(_), Some(_)) => Err(ConfigError::new(
             key,
-            format!("both `{}` and `{}_file` are set; use one", leaf(key), leaf(key)),
+            format!(
+                "both `{}` and `{}_file` are set; use one",
+                leaf(key),
+                leaf(key)
+            ),
         )),
         (Some(s), None) => Ok(Some(s.clone())),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::new(format!("{key}_file"), format!("cannot read {}: {e}", path.display()))
+                ConfigError::new(
+                    format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             // Secret files written by `echo` end in a newline that is not part of the secret.
             let value = text.trim_end_matches(['\n', '\r']).to_string();
             if value.is_empty() {
-                return Err(ConfigError::new(format!("{key}_file"), format!("{} is empty", path.display())));
+                return Err(ConfigError::new(
+                    format!("{key}_file"),
+                    format!("{} is empty", path.display()),
+                ));
             }
             Ok(Some(Secret(value)))
         }
@@ -134,7 +152,10 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
     }
 }
 
@@ -198,10 +219,16 @@ impl BusConfig {
             return Err(ConfigError::new("bus.port", "must not be 0"));
         }
         if self.keep_alive_s < 5 {
-            return Err(ConfigError::new("bus.keep_alive_s", "must be at least 5 (the broker refuses 0)"));
+            return Err(ConfigError::new(
+                "bus.keep_alive_s",
+                "must be at least 5 (the broker refuses 0)",
+            ));
         }
         if !(1024..=(256 << 20)).contains(&self.max_packet_bytes) {
-            return Err(ConfigError::new("bus.max_packet_bytes", "must be between 1024 and 268435456"));
+            return Err(ConfigError::new(
+                "bus.max_packet_bytes",
+                "must be between 1024 and 268435456",
+            ));
         }
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
             return Err(ConfigError::new(
@@ -215,15 +242,26 @@ impl BusConfig {
         if self.password.is_some() && self.username.is_none()
             || self.password_file.is_some() && self.username.is_none()
         {
-            return Err(ConfigError::new("bus.username", "a password is set but no username"));
+            return Err(ConfigError::new(
+                "bus.username",
+                "a password is set but no username",
+            ));
         }
-        resolve_secret("bus.password", self.password.as_ref(), self.password_file.as_deref())?;
+        resolve_secret(
+            "bus.password",
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )?;
         Ok(())
     }
 
     /// The password, read from `password_file` if that is how it is given.
     pub fn resolved_password(&self) -> Result<Option<Secret>, ConfigError> {
-        resolve_secret("bus.password", self.password.as_ref(), self.password_file.as_deref())
+        resolve_secret(
+            "bus.password",
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )
     }
 }
 
@@ -235,6 +273,9 @@ pub struct Common {
     pub site: Segment,
     /// Journals, spools and other state live under here.
     pub data_dir: PathBuf,
+    /// After SIGTERM, how long services get to flush before the process exits anyway. Docker
+    /// waits 10 s before SIGKILL; stay under it.
+    pub shutdown_grace_ms: u64,
     pub log: LogConfig,
     pub bus: BusConfig,
 }
@@ -244,6 +285,7 @@ impl Default for Common {
         Self {
             site: Segment::new("home").unwrap_or_else(|_| unreachable!("valid literal")),
             data_dir: PathBuf::from("/var/lib/wattbus"),
+            shutdown_grace_ms: 8000,
             log: LogConfig::default(),
             bus: BusConfig::default(),
         }
@@ -338,7 +380,10 @@ impl ConfigSource {
         T: DeserializeOwned + Default + Validate,
     {
         let value: T = if self.has_key(name) {
-            self.figment.focus(name).extract().map_err(|e| self.convert(e, Some(name)))?
+            self.figment
+                .focus(name)
+                .extract()
+                .map_err(|e| self.convert(e, Some(name)))?
         } else {
             T::default()
         };
@@ -363,7 +408,10 @@ impl ConfigSource {
             return Err(ConfigError {
                 origin,
                 key: key.clone(),
-                reason: format!("unknown key; known top-level keys are: {}", known.join(", ")),
+                reason: format!(
+                    "unknown key; known top-level keys are: {}",
+                    known.join(", ")
+                ),
             });
         }
         Ok(())
@@ -408,12 +456,20 @@ impl ConfigSource {
         if let figment::error::Kind::UnknownField(field, _) = &e.kind
             && path.last() != Some(field)
         {
-            key = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            key = if key.is_empty() {
+                field.clone()
+            } else {
+                format!("{key}.{field}")
+            };
         }
         if key.is_empty() {
             key = "(top level)".into();
         }
-        ConfigError { origin, key, reason: one_line(&e.kind.to_string()) }
+        ConfigError {
+            origin,
+            key,
+            reason: one_line(&e.kind.to_string()),
+        }
     }
 }
 
@@ -431,7 +487,6 @@ fn describe_metadata(md: &Metadata, path: &[&str]) -> String {
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
-
 
 /// The two delivery-journal kinds (see `journal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -488,7 +543,10 @@ impl Default for StreamConfig {
 impl StreamConfig {
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.max_bytes < 64 * 1024 {
-            return Err(ConfigError::new(format!("{key}.max_bytes"), "must be at least 65536"));
+            return Err(ConfigError::new(
+                format!("{key}.max_bytes"),
+                "must be at least 65536",
+            ));
         }
         if self.segment_bytes < 4096 || self.segment_bytes > self.max_bytes / 2 {
             return Err(ConfigError::new(
@@ -503,7 +561,10 @@ impl StreamConfig {
             ));
         }
         if self.replay_batch == 0 {
-            return Err(ConfigError::new(format!("{key}.replay_batch"), "must be > 0"));
+            return Err(ConfigError::new(
+                format!("{key}.replay_batch"),
+                "must be > 0",
+            ));
         }
         Ok(())
     }
@@ -521,7 +582,10 @@ pub struct InboxConfig {
 
 impl Default for InboxConfig {
     fn default() -> Self {
-        Self { shared: false, ack_interval_ms: 200 }
+        Self {
+            shared: false,
+            ack_interval_ms: 200,
+        }
     }
 }
 
@@ -540,9 +604,16 @@ mod tests {
     impl Validate for Demo {
         fn validate(&self, section: &str) -> Result<(), ConfigError> {
             if self.rate_hz > 100 {
-                return Err(ConfigError::new(format!("{section}.rate_hz"), "must be at most 100"));
+                return Err(ConfigError::new(
+                    format!("{section}.rate_hz"),
+                    "must be at most 100",
+                ));
             }
-            resolve_secret(&format!("{section}.token"), self.token.as_ref(), self.token_file.as_deref())?;
+            resolve_secret(
+                &format!("{section}.token"),
+                self.token.as_ref(),
+                self.token_file.as_deref(),
+            )?;
             Ok(())
         }
     }
@@ -557,9 +628,15 @@ mod tests {
     #[test]
     fn wrong_type_names_file_key_and_reason() {
         let (_d, path) = file("[bus]\nport = \"eighteen\"\n");
-        let e = ConfigSource::load(Some(&path)).unwrap().common().unwrap_err();
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .common()
+            .unwrap_err();
         assert_eq!(e.key, "bus.port");
-        assert_eq!(e.origin.as_deref(), Some(path.display().to_string().as_str()));
+        assert_eq!(
+            e.origin.as_deref(),
+            Some(path.display().to_string().as_str())
+        );
         assert!(e.reason.contains("string"), "{e}");
     }
 
@@ -571,9 +648,14 @@ mod tests {
         assert_eq!(e.key, "demo.rate_hx");
         assert!(e.reason.contains("unknown field"), "{e}");
         let (_d, path) = file("[dmeo]\nrate_hz = 5\n");
-        let e = ConfigSource::load(Some(&path)).unwrap().check_sections(&["demo"]).unwrap_err();
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .check_sections(&["demo"])
+            .unwrap_err();
         assert_eq!(e.key, "dmeo");
-        assert!(e.to_string().contains("known top-level keys are: site, data_dir, log, bus, demo"));
+        assert!(e.to_string().contains(
+            "known top-level keys are: site, data_dir, shutdown_grace_ms, log, bus, demo"
+        ));
     }
 
     #[test]
@@ -587,8 +669,17 @@ mod tests {
     #[test]
     fn validation_errors_point_at_the_file() {
         let (_d, path) = file("[demo]\nrate_hz = 500\n");
-        let e = ConfigSource::load(Some(&path)).unwrap().section::<Demo>("demo").unwrap_err();
-        assert_eq!(e.to_string(), format!("config error in {}: key `demo.rate_hz`: must be at most 100", path.display()));
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .section::<Demo>("demo")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "config error in {}: key `demo.rate_hz`: must be at most 100",
+                path.display()
+            )
+        );
     }
 
     #[test]
@@ -600,7 +691,10 @@ mod tests {
     #[test]
     fn bad_site_is_refused() {
         let (_d, path) = file("site = \"my/home\"\n");
-        let e = ConfigSource::load(Some(&path)).unwrap().common().unwrap_err();
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .common()
+            .unwrap_err();
         assert_eq!(e.key, "site");
     }
 
@@ -609,18 +703,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("token");
         std::fs::write(&secret, "s3cr3t\n").unwrap();
-        let got = resolve_secret("demo.token", None, Some(&secret)).unwrap().unwrap();
+        let got = resolve_secret("demo.token", None, Some(&secret))
+            .unwrap()
+            .unwrap();
         assert_eq!(got.expose(), "s3cr3t");
         assert_eq!(format!("{got:?}"), "Secret(***)");
         let both = resolve_secret("demo.token", Some(&got), Some(&secret)).unwrap_err();
         assert!(both.reason.contains("both `token` and `token_file`"));
-        let missing = resolve_secret("demo.token", None, Some(&dir.path().join("nope"))).unwrap_err();
+        let missing =
+            resolve_secret("demo.token", None, Some(&dir.path().join("nope"))).unwrap_err();
         assert_eq!(missing.key, "demo.token_file");
     }
 
     #[test]
     fn inline_layer_and_defaults_apply() {
-        let src = ConfigSource::from_parts(None, Some("site = \"lab\"\n[bus]\nport = 2883\n")).unwrap();
+        let src =
+            ConfigSource::from_parts(None, Some("site = \"lab\"\n[bus]\nport = 2883\n")).unwrap();
         let c = src.common().unwrap();
         assert_eq!(c.site.as_str(), "lab");
         assert_eq!(c.bus.port, 2883);

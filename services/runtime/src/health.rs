@@ -61,7 +61,11 @@ impl Health {
 
 /// Bind `addr` and serve until shutdown. Binding happens before this returns, so a port in use
 /// is a start-up error rather than a log line nobody reads.
-pub async fn serve(addr: SocketAddr, health: Health, shutdown: Shutdown) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    health: Health,
+    shutdown: Shutdown,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
@@ -103,19 +107,33 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     };
     tokio::time::timeout(Duration::from_secs(5), read)
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "request not received in 5 s"))??;
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "request not received in 5 s")
+        })??;
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut parts = head.lines().next().unwrap_or("").split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
         ("GET", "/healthz" | "/healthz/ready") => {
-            let status = if health.is_ready() { "200 OK" } else { "503 Service Unavailable" };
+            let status = if health.is_ready() {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
             (status, "application/json", health.report())
         }
         ("GET", "/healthz/live") => ("200 OK", "application/json", "{\"live\":true}".to_string()),
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", crate::telemetry::render()),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            crate::telemetry::render(),
+        ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".to_string()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_string(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -131,7 +149,9 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -141,7 +161,9 @@ mod tests {
     async fn readiness_follows_the_checks_and_metrics_render() {
         let health = Health::default();
         let bus = health.check("bus");
-        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), health, Shutdown::never()).await.unwrap();
+        let (addr, task) = serve("127.0.0.1:0".parse().unwrap(), health, Shutdown::never())
+            .await
+            .unwrap();
         let r = get(addr, "/healthz").await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");
         assert!(r.contains("\"bus\":false"), "{r}");

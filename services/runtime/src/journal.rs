@@ -55,7 +55,10 @@ pub enum JournalError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
-    move |source| JournalError::Io { path: path.to_path_buf(), source }
+    move |source| JournalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// One journaled message.
@@ -110,7 +113,11 @@ impl SeqAllocator {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(io_err(&path)(e)),
         };
-        let mut alloc = Self { path, next: (reserved + 1).max(at_least).max(1), reserved };
+        let mut alloc = Self {
+            path,
+            next: (reserved + 1).max(at_least).max(1),
+            reserved,
+        };
         alloc.reserve()?;
         Ok(alloc)
     }
@@ -214,35 +221,78 @@ impl Journal {
             JournalKind::Memory => {
                 // Segments left by an earlier disk configuration of this stream are not ours to
                 // replay any more; they stay on disk for a person to look at.
-                (Store::Memory(MemoryJournal { records: VecDeque::new(), total_bytes: 0 }), OpenReport::default(), 0)
+                (
+                    Store::Memory(MemoryJournal {
+                        records: VecDeque::new(),
+                        total_bytes: 0,
+                    }),
+                    OpenReport::default(),
+                    0,
+                )
             }
         };
         let seq = SeqAllocator::open(dir, last + 1)?;
-        Ok((Self { store, seq, max_bytes: cfg.max_bytes }, report))
+        Ok((
+            Self {
+                store,
+                seq,
+                max_bytes: cfg.max_bytes,
+            },
+            report,
+        ))
     }
 
     /// Append a record; returns its seq and what had to be dropped to stay within bounds.
-    pub fn append(&mut self, topic: &str, payload: &[u8]) -> Result<(u64, Option<Dropped>), JournalError> {
+    pub fn append(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(u64, Option<Dropped>), JournalError> {
+        let seq = self.next_seq()?;
+        let dropped = self.append_at(seq, topic, payload)?;
+        Ok((seq, dropped))
+    }
+
+    /// Take the next sequence number, for a payload that must carry its own seq before it is
+    /// encoded. A number taken and never appended is a harmless gap.
+    pub fn next_seq(&mut self) -> Result<u64, JournalError> {
+        self.seq.take()
+    }
+
+    /// Append a record under a seq from [`Journal::next_seq`] (seqs must be appended in the
+    /// order they were taken).
+    pub fn append_at(
+        &mut self,
+        seq: u64,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<Option<Dropped>, JournalError> {
         if topic.len() > usize::from(u16::MAX) {
             return Err(JournalError::TopicTooLong(topic.len()));
         }
-        let seq = self.seq.take()?;
         match &mut self.store {
             Store::Disk(d) => d.append(seq, topic, payload)?,
             Store::Memory(m) => {
-                let r = Record { seq, topic: topic.to_string(), payload: payload.to_vec() };
+                let r = Record {
+                    seq,
+                    topic: topic.to_string(),
+                    payload: payload.to_vec(),
+                };
                 m.total_bytes += r.size();
                 m.records.push_back(r);
             }
         }
-        let dropped = self.enforce_bound()?;
-        Ok((seq, dropped))
+        self.enforce_bound()
     }
 
     fn enforce_bound(&mut self) -> Result<Option<Dropped>, JournalError> {
         let mut dropped: Option<Dropped> = None;
         let mut note = |records: u64, first: u64, last: u64| {
-            let d = dropped.get_or_insert(Dropped { records: 0, first_seq: first, last_seq: last });
+            let d = dropped.get_or_insert(Dropped {
+                records: 0,
+                first_seq: first,
+                last_seq: last,
+            });
             d.records += records;
             d.last_seq = last;
         };
@@ -298,7 +348,11 @@ impl Journal {
     /// The seqs held, as ascending inclusive ranges.
     pub fn ranges(&self) -> Vec<[u64; 2]> {
         match &self.store {
-            Store::Disk(d) => d.segments.iter().flat_map(|s| s.ranges.iter().copied()).collect(),
+            Store::Disk(d) => d
+                .segments
+                .iter()
+                .flat_map(|s| s.ranges.iter().copied())
+                .collect(),
             Store::Memory(m) => {
                 let mut out: Vec<[u64; 2]> = Vec::new();
                 for r in &m.records {
@@ -338,18 +392,34 @@ impl Journal {
         match &self.store {
             Store::Disk(d) => {
                 let file = d.active.as_ref()?.try_clone().ok()?;
-                Some((d.segments.back().map(|s| s.path.clone()).unwrap_or_default(), file))
+                Some((
+                    d.segments
+                        .back()
+                        .map(|s| s.path.clone())
+                        .unwrap_or_default(),
+                    file,
+                ))
             }
             Store::Memory(_) => None,
         }
     }
 
     /// Up to `limit` records with `seq > after` for which `skip(seq)` is false, in seq order.
-    pub fn read_after(&self, after: u64, limit: usize, skip: impl Fn(u64) -> bool) -> Result<Vec<Record>, JournalError> {
+    pub fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, JournalError> {
         let mut out = Vec::new();
         match &self.store {
             Store::Memory(m) => {
-                for r in m.records.iter().filter(|r| r.seq > after && !skip(r.seq)).take(limit) {
+                for r in m
+                    .records
+                    .iter()
+                    .filter(|r| r.seq > after && !skip(r.seq))
+                    .take(limit)
+                {
                     out.push(r.clone());
                 }
             }
@@ -359,7 +429,10 @@ impl Journal {
                         continue;
                     }
                     let (records, _) = read_segment(&s.path)?;
-                    for r in records.into_iter().filter(|r| r.seq > after && !skip(r.seq)) {
+                    for r in records
+                        .into_iter()
+                        .filter(|r| r.seq > after && !skip(r.seq))
+                    {
                         out.push(r);
                         if out.len() >= limit {
                             return Ok(out);
@@ -377,7 +450,11 @@ impl DiskJournal {
         let mut paths: Vec<(u64, PathBuf)> = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err(dir))? {
             let path = entry.map_err(io_err(dir))?.path();
-            let Some(stem) = path.extension().filter(|e| *e == "seg").and(path.file_stem()) else {
+            let Some(stem) = path
+                .extension()
+                .filter(|e| *e == "seg")
+                .and(path.file_stem())
+            else {
                 continue;
             };
             if let Some(first) = stem.to_str().and_then(|s| s.parse::<u64>().ok()) {
@@ -395,11 +472,19 @@ impl DiskJournal {
             if good_len < file_len {
                 report.truncated_bytes += file_len - good_len;
                 report.damaged_segments += 1;
-                let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
                 f.set_len(good_len).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))?;
             }
-            let mut seg = Segment { path: path.clone(), ranges: Vec::new(), bytes: 0, records: 0 };
+            let mut seg = Segment {
+                path: path.clone(),
+                ranges: Vec::new(),
+                bytes: 0,
+                records: 0,
+            };
             for r in &records {
                 // A segment that overlaps an earlier one (possible only after manual tampering)
                 // contributes just its newer records.
@@ -417,7 +502,16 @@ impl DiskJournal {
             segments.push_back(seg);
         }
         report.segments = segments.len();
-        Ok((Self { dir: dir.to_path_buf(), segment_bytes, segments, active: None, total_bytes }, report))
+        Ok((
+            Self {
+                dir: dir.to_path_buf(),
+                segment_bytes,
+                segments,
+                active: None,
+                total_bytes,
+            },
+            report,
+        ))
     }
 
     fn append(&mut self, seq: u64, topic: &str, payload: &[u8]) -> Result<(), JournalError> {
@@ -428,14 +522,28 @@ impl DiskJournal {
             _ => true,
         };
         if needs_new {
+            // The segment being closed may hold records the periodic fsync has not reached;
+            // it only syncs the active file. Once per segment, so cheap.
+            if let (Some(old), Some(seg)) = (self.active.take(), self.segments.back()) {
+                old.sync_data().map_err(io_err(&seg.path))?;
+            }
             let path = self.dir.join(format!("{seq:020}.seg"));
-            let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
             // Make the new file's name durable together with its first records.
             if let Ok(d) = File::open(&self.dir) {
                 let _best_effort = d.sync_all();
             }
             self.active = Some(file);
-            self.segments.push_back(Segment { path, ranges: Vec::new(), bytes: 0, records: 0 });
+            self.segments.push_back(Segment {
+                path,
+                ranges: Vec::new(),
+                bytes: 0,
+                records: 0,
+            });
         }
         let mut buf = Vec::with_capacity(HEADER + body_len);
         buf.extend_from_slice(&u32::try_from(body_len).unwrap_or(u32::MAX).to_le_bytes());
@@ -458,7 +566,9 @@ impl DiskJournal {
     }
 
     fn remove_oldest(&mut self) -> Result<Option<Segment>, JournalError> {
-        let Some(seg) = self.segments.pop_front() else { return Ok(None) };
+        let Some(seg) = self.segments.pop_front() else {
+            return Ok(None);
+        };
         if self.segments.is_empty() {
             self.active = None;
         }
@@ -505,9 +615,18 @@ fn parse_record(data: &[u8]) -> Option<(Record, usize)> {
     }
     let seq = u64::from_le_bytes(body[0..8].try_into().ok()?);
     let topic_len = u16::from_le_bytes(body[8..10].try_into().ok()?) as usize;
-    let topic = std::str::from_utf8(body.get(10..10 + topic_len)?).ok()?.to_string();
+    let topic = std::str::from_utf8(body.get(10..10 + topic_len)?)
+        .ok()?
+        .to_string();
     let payload = body[10 + topic_len..].to_vec();
-    Some((Record { seq, topic, payload }, HEADER + len))
+    Some((
+        Record {
+            seq,
+            topic,
+            payload,
+        },
+        HEADER + len,
+    ))
 }
 
 #[cfg(test)]
@@ -515,7 +634,12 @@ mod tests {
     use super::*;
 
     fn cfg(kind: JournalKind, max_bytes: u64, segment_bytes: u64) -> StreamConfig {
-        StreamConfig { journal: kind, max_bytes, segment_bytes, ..StreamConfig::default() }
+        StreamConfig {
+            journal: kind,
+            max_bytes,
+            segment_bytes,
+            ..StreamConfig::default()
+        }
     }
 
     fn payload(i: u64) -> Vec<u8> {
@@ -527,7 +651,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(JournalKind::Disk, 1 << 20, 4096);
         let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
-        let seqs: Vec<u64> = (0..100).map(|i| j.append("t/a", &payload(i)).unwrap().0).collect();
+        let seqs: Vec<u64> = (0..100)
+            .map(|i| j.append("t/a", &payload(i)).unwrap().0)
+            .collect();
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
         drop(j);
         let (mut j, report) = Journal::open(dir.path(), &c).unwrap();
@@ -550,7 +676,11 @@ mod tests {
             j.append("t", &payload(i)).unwrap();
         }
         drop(j);
-        let seg = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap();
+        let seg = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap();
         // A crash in the middle of the 11th write: header and half a body.
         let len = fs::metadata(&seg).unwrap().len();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
@@ -575,7 +705,11 @@ mod tests {
             j.append("t", &payload(i)).unwrap();
         }
         drop(j);
-        let seg = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "seg")).unwrap();
+        let seg = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "seg"))
+            .unwrap();
         let mut bytes = fs::read(&seg).unwrap();
         let rec = bytes.len() / 10;
         bytes[rec * 5 + 12] ^= 0x40;
@@ -600,10 +734,18 @@ mod tests {
         }
         assert!(j.bytes() <= 64 * 1024, "{} bytes", j.bytes());
         assert!(dropped > 0);
-        assert_eq!(dropped + j.records(), 2000, "every record is either kept or counted as dropped");
+        assert_eq!(
+            dropped + j.records(),
+            2000,
+            "every record is either kept or counted as dropped"
+        );
         assert_eq!(first_dropped, Some(1), "the oldest go first");
         let kept = j.read_after(0, usize::MAX, |_| false).unwrap();
-        assert_eq!(kept.last().unwrap().payload, payload(1999), "the newest are kept");
+        assert_eq!(
+            kept.last().unwrap().payload,
+            payload(1999),
+            "the newest are kept"
+        );
     }
 
     #[test]
@@ -638,7 +780,10 @@ mod tests {
             j.append("t", &payload(i)).unwrap();
         }
         let got = j.read_after(10, 5, |s| s % 2 == 0).unwrap();
-        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![11, 13, 15, 17, 19]);
+        assert_eq!(
+            got.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![11, 13, 15, 17, 19]
+        );
     }
 
     #[test]

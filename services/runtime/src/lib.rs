@@ -10,7 +10,11 @@
 //! - `telemetry`: logging setup and the Prometheus registry.
 //! - `health`: `/healthz` and `/metrics`.
 
+pub mod acks;
+pub mod bus;
 pub mod config;
+pub mod delivery;
+pub mod events;
 pub mod health;
 pub mod journal;
 pub mod shutdown;

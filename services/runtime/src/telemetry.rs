@@ -16,10 +16,15 @@ use crate::config::{ConfigError, LogConfig, LogFormat};
 pub fn init_logging(cfg: &LogConfig) -> Result<(), ConfigError> {
     use tracing_subscriber::EnvFilter;
     let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.level.clone());
-    let filter = EnvFilter::builder()
-        .parse(&directives)
-        .map_err(|e| ConfigError::new("log.level", format!("{directives:?} is not a valid filter: {e}")))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::builder().parse(&directives).map_err(|e| {
+        ConfigError::new(
+            "log.level",
+            format!("{directives:?} is not a valid filter: {e}"),
+        )
+    })?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // Ignoring the result is deliberate: it fails only when a subscriber is already set.
     let _already_set = match cfg.format {
         LogFormat::Text => builder.try_init(),
@@ -52,13 +57,19 @@ fn registry() -> &'static Mutex<Registry> {
     REGISTRY.get_or_init(Mutex::default)
 }
 
-fn cell(name: &'static str, help: &'static str, kind: MetricType, labels: &[(&'static str, &str)]) -> Arc<AtomicU64> {
+fn cell(
+    name: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    labels: &[(&'static str, &str)],
+) -> Arc<AtomicU64> {
     let labels: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_string())).collect();
     let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-    let family = reg
-        .families
-        .entry(name)
-        .or_insert_with(|| Family { help, kind, series: BTreeMap::new() });
+    let family = reg.families.entry(name).or_insert_with(|| Family {
+        help,
+        kind,
+        series: BTreeMap::new(),
+    });
     family.series.entry(labels).or_default().clone()
 }
 
@@ -116,7 +127,10 @@ pub fn render() -> String {
                     if i > 0 {
                         out.push(',');
                     }
-                    let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                    let v = v
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n");
                     let _ = write!(out, "{k}=\"{v}\"");
                 }
                 out.push('}');
@@ -144,7 +158,12 @@ mod tests {
         assert_eq!(a.get(), 3);
         Gauge::new("test_level", "Level.", &[]).set(1.5);
         let text = render();
-        assert!(text.contains("# TYPE test_things_total counter\ntest_things_total{svc=\"a\\\"b\"} 3\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE test_things_total counter\ntest_things_total{svc=\"a\\\"b\"} 3\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("test_level 1.5\n"), "{text}");
     }
 }

@@ -1,0 +1,442 @@
+//! The MQTT connection every service uses.
+//!
+//! One task owns rumqttc's event loop and only polls it: it never awaits a publish (which can
+//! deadlock the loop, rumqtt issues #263 and #1025). It
+//! - reconnects with exponential backoff and jitter (rumqttc alone retries in a tight loop);
+//! - re-subscribes every route on every ConnAck (rumqttc does not restore subscriptions);
+//! - publishes the service's retained `online` status on every ConnAck, with a retained
+//!   `offline` last will for when the connection dies;
+//! - routes each incoming publish to the consumers whose filter matches.
+//!
+//! Sessions are clean: the broker keeps nothing across its own restart anyway, and rumqttc
+//! drops its pending queue on a reconnect without a session. Nothing relies on MQTT to keep a
+//! message: the delivery contract (journal, acknowledgements, replay) does.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::{Payload, Segment, ServiceState, Status, Topic};
+pub use rumqttc::QoS;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{BusConfig, ConfigError};
+use crate::health::{Health, ReadyFlag};
+use crate::{events, telemetry::Gauge};
+
+/// An incoming message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("the bus connection is closed")]
+    Closed,
+    #[error("cannot encode: {0}")]
+    Encode(#[from] proto::EncodeError),
+}
+
+/// What to do when a consumer's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Wait up to `route_block_ms` for room, then drop (and count).
+    Wait,
+    /// Drop at once: for acknowledgements, which are repeated anyway.
+    Drop,
+}
+
+struct Route {
+    /// As subscribed (may be `$share/...`).
+    filter: String,
+    qos: QoS,
+    tx: mpsc::Sender<Message>,
+    overflow: Overflow,
+}
+
+struct Inner {
+    client: AsyncClient,
+    routes: Mutex<Vec<Route>>,
+    connected: watch::Receiver<u64>,
+    close: Notify,
+    client_id: Segment,
+    site: Segment,
+    service: Segment,
+}
+
+/// A cheap-to-clone handle on the connection.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+/// Identity on the bus: the service's kind and the instance (the MQTT client id). Two
+/// instances of one service need different instance names.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub service: Segment,
+    pub instance: Segment,
+}
+
+impl Bus {
+    /// Start connecting. Returns at once; `connected()` tells when the link is up.
+    pub fn connect(
+        cfg: &BusConfig,
+        site: &Segment,
+        id: &Identity,
+        health: &Health,
+    ) -> Result<(Bus, JoinHandle<()>), ConfigError> {
+        let password = cfg.resolved_password()?;
+        let mut opts = MqttOptions::new(id.instance.as_str(), cfg.host.clone(), cfg.port);
+        opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+        opts.set_inflight(100);
+        if let Some(user) = &cfg.username {
+            opts.set_credentials(
+                user.clone(),
+                password
+                    .as_ref()
+                    .map(|p| p.expose().to_string())
+                    .unwrap_or_default(),
+            );
+        }
+        let status_topic = Topic::status(site, &id.instance);
+        let offline = status(id, ServiceState::Offline)
+            .encode()
+            .unwrap_or_default();
+        opts.set_last_will(LastWill::new(
+            status_topic.as_str(),
+            offline,
+            QoS::AtLeastOnce,
+            true,
+        ));
+        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        let (conn_tx, conn_rx) = watch::channel(0u64);
+        let inner = Arc::new(Inner {
+            client,
+            routes: Mutex::new(Vec::new()),
+            connected: conn_rx,
+            close: Notify::new(),
+            client_id: id.instance.clone(),
+            site: site.clone(),
+            service: id.service.clone(),
+        });
+        let ready = health.check(&format!("bus:{}", id.instance));
+        let task = tokio::spawn(poll_loop(
+            inner.clone(),
+            eventloop,
+            conn_tx,
+            cfg.clone(),
+            id.clone(),
+            ready,
+        ));
+        Ok((
+            Bus {
+                inner,
+                capacity: cfg.route_capacity,
+            },
+            task,
+        ))
+    }
+
+    pub fn site(&self) -> &Segment {
+        &self.inner.site
+    }
+
+    pub fn client_id(&self) -> &Segment {
+        &self.inner.client_id
+    }
+
+    pub fn service(&self) -> &Segment {
+        &self.inner.service
+    }
+
+    /// Increments on every ConnAck; wait on `changed()` to learn of (re)connections.
+    pub fn connection(&self) -> watch::Receiver<u64> {
+        self.inner.connected.clone()
+    }
+
+    /// Wait until connected, at most `timeout`. Returns whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connection();
+        tokio::time::timeout(timeout, rx.wait_for(|epoch| *epoch > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Subscribe `filter` (which may be a `$share/...` filter) and get its messages. The
+    /// subscription is renewed on every reconnect.
+    pub fn subscribe(
+        &self,
+        filter: impl Into<String>,
+        qos: QoS,
+        overflow: Overflow,
+    ) -> mpsc::Receiver<Message> {
+        let filter = filter.into();
+        let (tx, rx) = mpsc::channel(self.capacity);
+        {
+            let mut routes = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+            routes.push(Route {
+                filter: filter.clone(),
+                qos,
+                tx,
+                overflow,
+            });
+        }
+        if *self.inner.connected.borrow() > 0
+            && self
+                .inner
+                .client
+                .try_subscribe(filter.clone(), qos)
+                .is_err()
+        {
+            // The request queue is full; the next ConnAck subscribes again. Rare enough to log.
+            tracing::warn!(
+                filter,
+                "Could not queue a subscription; it will be made on the next reconnect."
+            );
+        }
+        rx
+    }
+
+    /// Publish at QoS 1. Returns once rumqttc has queued it, which means nothing about
+    /// delivery: that is what acknowledgements are for.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Vec<u8>>,
+        retain: bool,
+    ) -> Result<(), BusError> {
+        self.inner
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.into())
+            .await
+            .map_err(|_| BusError::Closed)
+    }
+
+    /// Publish a typed payload.
+    pub async fn send<T: Payload>(
+        &self,
+        topic: &Topic<T>,
+        msg: &T,
+        retain: bool,
+    ) -> Result<(), BusError> {
+        let bytes = msg.encode()?;
+        self.publish(topic.as_str(), bytes, retain).await
+    }
+
+    /// Publish the retained `offline` status, disconnect, and let the poll task end.
+    pub async fn close(&self, task: JoinHandle<()>) {
+        self.inner.close.notify_one();
+        if tokio::time::timeout(Duration::from_secs(3), task)
+            .await
+            .is_err()
+        {
+            tracing::debug!("Bus task did not end within 3 s of close.");
+        }
+    }
+}
+
+fn status(id: &Identity, state: ServiceState) -> Status {
+    Status {
+        service: id.service.clone(),
+        instance: id.instance.clone(),
+        state,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ts_ms: proto::now_ms(),
+    }
+}
+
+async fn poll_loop(
+    inner: Arc<Inner>,
+    mut eventloop: EventLoop,
+    conn_tx: watch::Sender<u64>,
+    cfg: BusConfig,
+    id: Identity,
+    ready: ReadyFlag,
+) {
+    let status_topic = Topic::status(&inner.site, &id.instance);
+    let connected_gauge = Gauge::new(
+        "wattbus_bus_connected",
+        "1 while connected to the broker.",
+        &[("client", id.instance.as_str())],
+    );
+    let mut failures: u32 = 0;
+    let mut epoch = 0u64;
+    loop {
+        let event = tokio::select! {
+            ev = eventloop.poll() => ev,
+            () = inner.close.notified() => {
+                shut_down(&inner, &mut eventloop, &status_topic, &id).await;
+                break;
+            }
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                failures = 0;
+                epoch += 1;
+                events::bus_connected(id.instance.as_str(), epoch > 1);
+                let filters: Vec<(String, QoS)> = {
+                    let routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+                    routes.iter().map(|r| (r.filter.clone(), r.qos)).collect()
+                };
+                for (filter, qos) in filters {
+                    if let Err(e) = inner.client.try_subscribe(filter.clone(), qos) {
+                        tracing::warn!(filter, error = %e, "Could not queue a subscription.");
+                    }
+                }
+                if let Ok(online) = status(&id, ServiceState::Online).encode()
+                    && inner
+                        .client
+                        .try_publish(status_topic.as_str(), QoS::AtLeastOnce, true, online)
+                        .is_err()
+                {
+                    tracing::debug!("Could not queue the online status.");
+                }
+                ready.set(true);
+                connected_gauge.set(1.0);
+                conn_tx.send_replace(epoch);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                route(
+                    &inner,
+                    &cfg,
+                    Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                    },
+                )
+                .await
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                {
+                    tracing::error!(
+                        pkid = ack.pkid,
+                        "The broker refused a subscription; this service will not receive its input."
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                ready.set(false);
+                connected_gauge.set(0.0);
+                let delay = backoff(&cfg, failures);
+                events::bus_error(id.instance.as_str(), &e, delay, failures == 0);
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = inner.close.notified() => break,
+                }
+            }
+        }
+    }
+    ready.set(false);
+    connected_gauge.set(0.0);
+}
+
+async fn shut_down(
+    inner: &Inner,
+    eventloop: &mut EventLoop,
+    status_topic: &Topic<Status>,
+    id: &Identity,
+) {
+    if let Ok(offline) = status(id, ServiceState::Offline).encode() {
+        let _queued =
+            inner
+                .client
+                .try_publish(status_topic.as_str(), QoS::AtLeastOnce, true, offline);
+    }
+    let _queued = inner.client.try_disconnect();
+    // Poll until the disconnect has gone out (or the link is gone), for at most 2 s.
+    let drain = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _timed_out = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// `min · 2^failures`, capped, times a random factor in [0.5, 1): seven services restarted
+/// together do not reconnect in lockstep.
+fn backoff(cfg: &BusConfig, failures: u32) -> Duration {
+    let exp = cfg
+        .reconnect_min_ms
+        .saturating_mul(1u64 << failures.min(20));
+    let capped = exp.min(cfg.reconnect_max_ms);
+    let jittered = capped as f64 * (0.5 + fastrand::f64() * 0.5);
+    Duration::from_millis(jittered as u64)
+}
+
+async fn route(inner: &Inner, cfg: &BusConfig, msg: Message) {
+    let targets: Vec<(mpsc::Sender<Message>, Overflow, String)> = {
+        let mut routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.retain(|r| !r.tx.is_closed());
+        routes
+            .iter()
+            .filter(|r| proto_matches(&r.filter, &msg.topic))
+            .map(|r| (r.tx.clone(), r.overflow, r.filter.clone()))
+            .collect()
+    };
+    for (tx, overflow, filter) in targets {
+        match tx.try_send(msg.clone()) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(m)) => {
+                let delivered = overflow == Overflow::Wait
+                    && tokio::time::timeout(Duration::from_millis(cfg.route_block_ms), tx.send(m))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                if !delivered {
+                    events::route_overflow(&filter);
+                }
+            }
+        }
+    }
+}
+
+fn proto_matches(filter: &str, topic: &str) -> bool {
+    proto::topic_matches(filter, topic)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let cfg = BusConfig {
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            ..BusConfig::default()
+        };
+        for f in 0..30 {
+            let d = backoff(&cfg, f).as_millis() as u64;
+            let nominal = (100u64 << f.min(20)).min(5000);
+            assert!(
+                d >= nominal / 2 && d <= nominal,
+                "failure {f}: {d} ms vs {nominal}"
+            );
+        }
+    }
+}

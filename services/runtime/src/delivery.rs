@@ -1,0 +1,562 @@
+//! The delivery contract: how a reading gets from the service that reads it to every sink that
+//! stores it, through a broker that keeps nothing, without being lost.
+//!
+//! See docs/ARCHITECTURE.md for the whole contract and its invariants. In short:
+//!
+//! - A [`Producer`] numbers each message of a stream, appends it to its [`Journal`] and only
+//!   then publishes it.
+//! - Sinks read through an [`Inbox`] and acknowledge with [`Acker::ack`] once a message is
+//!   durably stored; acknowledgements are batched into ranges and published to
+//!   `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>`.
+//! - The producer turns acknowledgements into a watermark per sink group (`acks`), trims the
+//!   journal below the lowest one, and publishes again whatever a group has not acknowledged in
+//!   time — after a reconnect, after its own restart, or when an acknowledgement is overdue.
+//! - A processor (consumer and producer at once) acknowledges its input with
+//!   [`Acker::ack_after_sync`] only once its output is journaled and fsynced, so the chain
+//!   holds end to end.
+//! - Sinks are idempotent, so everything here is *at least once*: a replayed message keeps its
+//!   identity and timestamp, and storing it twice changes nothing.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::{Ack, DeadLetter, Filter, Origin, Payload, Segment, Sequenced, Topic};
+use rumqttc::QoS;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::acks::{AckTracker, RangeSet};
+use crate::bus::{Bus, BusError, Message, Overflow};
+use crate::config::{InboxConfig, StreamConfig};
+use crate::events;
+use crate::journal::{Journal, JournalError, Record};
+use crate::shutdown::Shutdown;
+use crate::telemetry::{Counter, Gauge};
+
+/// After a reconnect, wait this long before replaying, so that sinks have reconnected and
+/// subscribed too.
+const RECONNECT_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("cannot encode: {0}")]
+    Encode(#[from] proto::EncodeError),
+    #[error("the producer has stopped")]
+    Stopped,
+}
+
+/// What [`Producer::send`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub seq: u64,
+}
+
+struct State {
+    journal: Journal,
+    tracker: AckTracker,
+    /// Highest seq appended (for fsync bookkeeping).
+    appended: u64,
+    /// When the journal was last fsynced.
+    last_sync: Instant,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    bus: Bus,
+    producer: Segment,
+    stream: Segment,
+    cfg: StreamConfig,
+    synced_tx: watch::Sender<u64>,
+    sent: Counter,
+    journal_bytes: Gauge,
+    journal_records: Gauge,
+}
+
+/// The sending side of one stream. Cheap to clone.
+#[derive(Clone)]
+pub struct Producer {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("producer", &self.shared.producer)
+            .field("stream", &self.shared.stream)
+            .finish()
+    }
+}
+
+/// Where a stream's journal lives: `<data_dir>/journal/<producer>/<stream>`.
+pub fn journal_dir(data_dir: &Path, producer: &Segment, stream: &Segment) -> PathBuf {
+    data_dir
+        .join("journal")
+        .join(producer.as_str())
+        .join(stream.as_str())
+}
+
+impl Producer {
+    /// Open the stream's journal and start the task that handles acknowledgements, fsync and
+    /// replay. The task ends on shutdown, after a final fsync.
+    pub fn open(
+        bus: &Bus,
+        stream: &Segment,
+        cfg: &StreamConfig,
+        data_dir: &Path,
+        shutdown: Shutdown,
+    ) -> Result<(Producer, JoinHandle<()>), DeliveryError> {
+        let producer = bus.client_id().clone();
+        let dir = journal_dir(data_dir, &producer, stream);
+        let (journal, report) = Journal::open(&dir, cfg)?;
+        events::journal_opened(stream.as_str(), &dir, &report);
+        let first = journal.ranges().first().map(|r| r[0]);
+        let tracker = AckTracker::new(
+            cfg.wait_for.iter().map(Segment::as_str),
+            first,
+            Duration::from_millis(cfg.ack_timeout_ms),
+            Duration::from_millis(cfg.ack_timeout_max_ms),
+        );
+        let (p, st) = (producer.as_str().to_string(), stream.as_str().to_string());
+        let labels: [(&'static str, &str); 2] = [("producer", &p), ("stream", &st)];
+        let appended = journal.last_seq().unwrap_or(0);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                journal,
+                tracker,
+                appended,
+                last_sync: Instant::now(),
+            }),
+            bus: bus.clone(),
+            producer,
+            stream: stream.clone(),
+            cfg: cfg.clone(),
+            synced_tx: watch::channel(appended).0,
+            sent: Counter::new(
+                "wattbus_produced_messages_total",
+                "Messages journaled and published.",
+                &labels,
+            ),
+            journal_bytes: Gauge::new(
+                "wattbus_journal_bytes",
+                "Bytes held by the journal.",
+                &labels,
+            ),
+            journal_records: Gauge::new(
+                "wattbus_journal_records",
+                "Records held by the journal (not yet acknowledged by every sink group).",
+                &labels,
+            ),
+        });
+        let acks = bus.subscribe(
+            Filter::<Ack>::acks_for(bus.site(), &shared.producer, stream)
+                .as_str()
+                .to_string(),
+            QoS::AtLeastOnce,
+            Overflow::Drop,
+        );
+        let task = tokio::spawn(drive(shared.clone(), acks, shutdown));
+        Ok((Producer { shared }, task))
+    }
+
+    /// Number, journal and publish one message. Returns once it is journaled (and, with
+    /// `fsync_interval_ms = 0`, fsynced) and queued for publishing.
+    pub async fn send<T: Sequenced>(
+        &self,
+        topic: &Topic<T>,
+        mut msg: T,
+    ) -> Result<Sent, DeliveryError> {
+        let s = &self.shared;
+        let (seq, bytes) = {
+            let mut st = s.state.lock().await;
+            let seq = st.journal.next_seq()?;
+            msg.set_origin(Origin {
+                producer: s.producer.clone(),
+                stream: s.stream.clone(),
+                seq,
+            });
+            let bytes = msg.encode()?;
+            if let Some(dropped) = st.journal.append_at(seq, topic.as_str(), &bytes)? {
+                events::journal_dropped(s.stream.as_str(), &dropped);
+                let ranges = st.journal.ranges();
+                st.tracker.journal_changed(&ranges);
+            }
+            st.appended = seq;
+            st.tracker.published(Instant::now());
+            (seq, bytes)
+        };
+        if s.cfg.fsync_interval_ms == 0 {
+            self.sync().await?;
+        }
+        s.bus.publish(topic.as_str(), bytes, false).await?;
+        s.sent.inc();
+        if s.tracker_is_empty() {
+            // Nobody to wait for: the record has been handed to the broker, which is all the
+            // delivery there will be.
+            let mut st = s.state.lock().await;
+            st.journal.trim_through(seq)?;
+        }
+        Ok(Sent { seq })
+    }
+
+    /// Fsync the journal now.
+    pub async fn sync(&self) -> Result<(), DeliveryError> {
+        sync(&self.shared).await
+    }
+
+    /// The highest seq known to be fsynced; a processor waits on it before acknowledging its
+    /// input (see [`Acker::ack_after_sync`]).
+    pub fn synced(&self) -> watch::Receiver<u64> {
+        self.shared.synced_tx.subscribe()
+    }
+
+    /// Records held (not yet acknowledged by every group it waits for).
+    pub async fn pending(&self) -> u64 {
+        self.shared.state.lock().await.journal.records()
+    }
+}
+
+impl Shared {
+    fn tracker_is_empty(&self) -> bool {
+        self.cfg.wait_for.is_empty()
+    }
+
+    fn update_gauges(&self, st: &State) {
+        self.journal_bytes.set(st.journal.bytes() as f64);
+        self.journal_records.set(st.journal.records() as f64);
+    }
+}
+
+async fn sync(s: &Shared) -> Result<(), DeliveryError> {
+    let (handle, upto) = {
+        let mut st = s.state.lock().await;
+        st.last_sync = Instant::now();
+        (st.journal.sync_handle(), st.appended)
+    };
+    if let Some((path, file)) = handle {
+        // fsync on an SD card can take tens of milliseconds: keep it off the async workers.
+        let result = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(JournalError::Io { path, source }.into()),
+            Err(_) => return Err(DeliveryError::Stopped),
+        }
+    }
+    s.synced_tx.send_if_modified(|v| {
+        let grew = upto > *v;
+        *v = (*v).max(upto);
+        grew
+    });
+    Ok(())
+}
+
+async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shutdown) {
+    let mut conn = s.bus.connection();
+    let tick_ms = s.cfg.fsync_interval_ms.clamp(50, 500);
+    let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let malformed = Counter::new(
+        "wattbus_malformed_acks_total",
+        "Acknowledgements that could not be decoded.",
+        &[("stream", s.stream.as_str())],
+    );
+    {
+        // Whatever the journal holds from before a restart is due once sinks are likely up.
+        let mut st = s.state.lock().await;
+        if st.journal.records() > 0 {
+            st.tracker.published(Instant::now());
+            st.tracker.reconnected(Instant::now(), RECONNECT_GRACE);
+        }
+        s.update_gauges(&st);
+    }
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => break,
+            Some(msg) = acks.recv() => {
+                let Some(parsed) = proto::parse(&msg.topic) else { continue };
+                let ack = match Ack::decode(&msg.payload) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        malformed.inc();
+                        tracing::debug!(topic = msg.topic, error = %e, "Malformed acknowledgement ignored.");
+                        continue;
+                    }
+                };
+                // The topic names the sink; the payload repeats it. Trust the topic.
+                let group = parsed.rest.get(2).map_or(ack.sink.as_str(), Segment::as_str).to_string();
+                let mut st = s.state.lock().await;
+                let ranges = st.journal.ranges();
+                if st.tracker.ack(&group, &ack.ranges, &ranges, Instant::now())
+                    && let Some(point) = st.tracker.trim_point()
+                {
+                    if let Err(e) = st.journal.trim_through(point) {
+                        tracing::error!(error = %e, "Cannot trim the journal.");
+                    }
+                    s.update_gauges(&st);
+                }
+            }
+            Ok(()) = conn.changed() => {
+                let mut st = s.state.lock().await;
+                st.tracker.reconnected(Instant::now(), RECONNECT_GRACE);
+            }
+            _ = tick.tick() => {
+                let due_sync = {
+                    let st = s.state.lock().await;
+                    st.appended > *s.synced_tx.borrow()
+                        && st.last_sync.elapsed() >= Duration::from_millis(s.cfg.fsync_interval_ms)
+                };
+                if due_sync && let Err(e) = sync(&s).await {
+                    tracing::error!(error = %e, "Cannot fsync the journal; readings are at risk on a power cut.");
+                }
+                if let Err(e) = replay_overdue(&s).await {
+                    tracing::warn!(error = %e, "Replay failed; will try again.");
+                }
+            }
+        }
+    }
+    if let Err(e) = sync(&s).await {
+        tracing::error!(error = %e, "Final fsync of the journal failed.");
+    }
+}
+
+async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {
+    let batches: Vec<(String, u64, Duration, Vec<Record>)> = {
+        let mut st = s.state.lock().await;
+        let last = st.journal.last_seq();
+        let now = Instant::now();
+        let due = st.tracker.overdue(last, now);
+        let mut out = Vec::new();
+        for (group, after, acked) in due {
+            let acked: RangeSet = acked;
+            let records = st
+                .journal
+                .read_after(after, s.cfg.replay_batch, |seq| acked.contains(seq))?;
+            out.push((
+                group,
+                after,
+                Duration::from_millis(s.cfg.ack_timeout_ms),
+                records,
+            ));
+        }
+        out
+    };
+    for (group, after, waited, records) in batches {
+        if records.is_empty() {
+            continue;
+        }
+        events::replaying(s.stream.as_str(), &group, records.len(), after, waited);
+        for r in records {
+            s.bus.publish(&r.topic, r.payload, false).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Identifies a received message for acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckToken {
+    site: Segment,
+    producer: Segment,
+    stream: Segment,
+    seq: u64,
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Delivery<T> {
+    pub topic: String,
+    pub message: T,
+    /// `None` for a message that did not come through a journal (no origin): store it, there
+    /// is nobody to acknowledge.
+    pub token: Option<AckToken>,
+}
+
+enum AckMsg {
+    Now(AckToken),
+    AfterSync(AckToken, watch::Receiver<u64>, u64),
+}
+
+/// Acknowledges received messages. Cheap to clone; a processor can hold it across tasks.
+#[derive(Clone, Debug)]
+pub struct Acker {
+    tx: mpsc::UnboundedSender<AckMsg>,
+}
+
+impl std::fmt::Debug for AckMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AckMsg::Now(t) => write!(f, "Now({t:?})"),
+            AckMsg::AfterSync(t, _, seq) => write!(f, "AfterSync({t:?}, {seq})"),
+        }
+    }
+}
+
+impl Acker {
+    /// The message is durably stored: acknowledge it (batched, published within
+    /// `ack_interval_ms`).
+    pub fn ack(&self, token: &AckToken) {
+        // A closed channel means the flusher is gone at shutdown: the producer will replay.
+        let _ = self.tx.send(AckMsg::Now(token.clone()));
+    }
+
+    /// For processors: acknowledge once `producer` has fsynced its own output `seq`.
+    pub fn ack_after_sync(&self, token: &AckToken, producer: &Producer, seq: u64) {
+        let _ = self
+            .tx
+            .send(AckMsg::AfterSync(token.clone(), producer.synced(), seq));
+    }
+}
+
+/// The receiving side of a subscription, for sinks and processors.
+pub struct Inbox<T> {
+    rx: mpsc::Receiver<Message>,
+    acker: Acker,
+    bus: Bus,
+    site: Segment,
+    _payload: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for Inbox<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").field("bus", &self.bus).finish()
+    }
+}
+
+impl<T: Sequenced> Inbox<T> {
+    /// Subscribe `filter` as sink group `sink` (the name producers list in `wait_for`). The
+    /// returned task publishes acknowledgements and ends once the inbox and every [`Acker`]
+    /// are dropped, after a last flush; await it before closing the bus.
+    pub fn subscribe(
+        bus: &Bus,
+        filter: &Filter<T>,
+        sink: &Segment,
+        cfg: &InboxConfig,
+    ) -> (Self, JoinHandle<()>) {
+        let f = if cfg.shared {
+            filter.shared(sink)
+        } else {
+            filter.as_str().to_string()
+        };
+        let rx = bus.subscribe(f, QoS::AtLeastOnce, Overflow::Wait);
+        let (tx, ack_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(flush_acks(
+            bus.clone(),
+            sink.clone(),
+            ack_rx,
+            Duration::from_millis(cfg.ack_interval_ms.max(10)),
+        ));
+        let inbox = Inbox {
+            rx,
+            acker: Acker { tx },
+            bus: bus.clone(),
+            site: bus.site().clone(),
+            _payload: PhantomData,
+        };
+        (inbox, task)
+    }
+
+    pub fn acker(&self) -> Acker {
+        self.acker.clone()
+    }
+
+    /// The next valid message. Malformed ones go to the dead-letter topic and are skipped.
+    /// `None` once the bus is closed.
+    pub async fn recv(&mut self) -> Option<Delivery<T>> {
+        loop {
+            let msg = self.rx.recv().await?;
+            match T::decode(&msg.payload) {
+                Ok(message) => {
+                    let site =
+                        proto::parse(&msg.topic).map_or_else(|| self.site.clone(), |p| p.site);
+                    let token = message.origin().map(|o| AckToken {
+                        site,
+                        producer: o.producer.clone(),
+                        stream: o.stream.clone(),
+                        seq: o.seq,
+                    });
+                    return Some(Delivery {
+                        topic: msg.topic,
+                        message,
+                        token,
+                    });
+                }
+                Err(e) => {
+                    events::malformed(self.bus.service().as_str(), &msg.topic, &e);
+                    let dl = DeadLetter::new(
+                        self.bus.service().clone(),
+                        e.to_string(),
+                        &msg.topic,
+                        &msg.payload,
+                    );
+                    let topic = Topic::dead_letter(&self.site, self.bus.service());
+                    if let Err(e) = self.bus.send(&topic, &dl, false).await {
+                        tracing::warn!(error = %e, "Could not publish a dead letter.");
+                    }
+                }
+            }
+        }
+    }
+}
+
+type StreamKey = (Segment, Segment, Segment);
+
+async fn flush_acks(
+    bus: Bus,
+    sink: Segment,
+    mut rx: mpsc::UnboundedReceiver<AckMsg>,
+    interval: Duration,
+) {
+    let mut ready: BTreeMap<StreamKey, RangeSet> = BTreeMap::new();
+    let mut waiting: Vec<(AckToken, watch::Receiver<u64>, u64)> = Vec::new();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let closed = tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(AckMsg::Now(t)) => { add(&mut ready, t); continue; }
+                Some(AckMsg::AfterSync(t, synced, seq)) => { waiting.push((t, synced, seq)); continue; }
+                None => true,
+            },
+            _ = tick.tick() => false,
+        };
+        // Release processor acks whose output is on disk.
+        waiting.retain(|(t, synced, seq)| {
+            let on_disk = *synced.borrow() >= *seq;
+            if on_disk {
+                add(&mut ready, t.clone());
+            }
+            !on_disk
+        });
+        for ((site, producer, stream), set) in std::mem::take(&mut ready) {
+            let topic = Topic::ack(&site, &producer, &stream, &sink);
+            let ranges: Vec<[u64; 2]> = set.iter().collect();
+            for chunk in ranges.chunks(proto::MAX_ACK_RANGES) {
+                let ack = Ack {
+                    sink: sink.clone(),
+                    ranges: chunk.to_vec(),
+                    ts_ms: proto::now_ms(),
+                };
+                if let Err(e) = bus.send(&topic, &ack, false).await {
+                    // A lost acknowledgement costs a replay, never a reading.
+                    tracing::debug!(error = %e, "Could not publish an acknowledgement.");
+                }
+            }
+        }
+        if closed {
+            break;
+        }
+    }
+}
+
+fn add(ready: &mut BTreeMap<StreamKey, RangeSet>, t: AckToken) {
+    ready
+        .entry((t.site, t.producer, t.stream))
+        .or_default()
+        .insert(t.seq, t.seq);
+}

@@ -1,0 +1,213 @@
+//! `wattbus demo`: the broker, every service and simulated devices in one process.
+//!
+//! Nothing to install and nothing to configure: the broker listens on a free loopback port
+//! with a generated password (authentication stays on, as everywhere), state goes to a
+//! temporary directory, and a console sink shows each reading as it is stored and
+//! acknowledged — the same delivery contract the real sinks use, so what you see is the
+//! journal being trimmed by acknowledgements.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use proto::{Filter, Measurement, Segment};
+use runtime::bus::{Bus, Identity};
+use runtime::config::{BusConfig, InboxConfig, StreamConfig};
+use runtime::delivery::Inbox;
+use runtime::{Common, Context, Health, Secret};
+
+#[derive(clap::Args, Debug)]
+pub struct Options {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration_s: Option<u64>,
+    /// Broker port on 127.0.0.1 (default: a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Where journals go (default: a fresh temporary directory, removed at the end).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Simulated meters.
+    #[arg(long, default_value_t = 2)]
+    meters: u32,
+}
+
+/// The demo's sink group: the simulator's journal waits for it.
+const CONSOLE: &str = "demo-console";
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    runtime::telemetry::init_logging(&runtime::config::LogConfig {
+        level: "warn,rumqttd=off".into(),
+        ..Default::default()
+    })?;
+    let port = match opts.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let (data_dir, temporary) = match opts.data_dir {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("wattbus-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let password: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(20)
+        .collect();
+
+    let site = Segment::new("demo")?;
+    let common = Common {
+        site: site.clone(),
+        data_dir: data_dir.clone(),
+        bus: BusConfig {
+            host: "127.0.0.1".into(),
+            port,
+            username: Some("demo".into()),
+            password: Some(Secret::new(password.clone())),
+            ..BusConfig::default()
+        },
+        ..Common::default()
+    };
+    let (trigger, shutdown) = runtime::shutdown::channel();
+    let health = Health::default();
+    let ctx = Context {
+        common: common.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    };
+
+    let broker_cfg = broker::Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        listen_v5: None,
+        users: vec![broker::User {
+            username: "demo".into(),
+            password: Some(Secret::new(password.clone())),
+            password_file: None,
+        }],
+        health_listen: None,
+        ..broker::Config::default()
+    };
+    let broker_task = tokio::spawn(broker::run(broker_cfg, ctx.clone()));
+    wait_for_port(port).await?;
+
+    println!(
+        "wattbus demo — broker on 127.0.0.1:{port}, site \"demo\", journals in {}",
+        data_dir.display()
+    );
+    println!("Watch the raw bus from another terminal:");
+    println!("  mosquitto_sub -h 127.0.0.1 -p {port} -u demo -P {password} -t 'wattbus/v1/#' -v");
+    println!("Stop with Ctrl-C.\n");
+
+    let sim_cfg = simulators::Config {
+        devices: opts.meters.clamp(1, 50),
+        stream: StreamConfig {
+            wait_for: vec![Segment::new(CONSOLE)?],
+            ack_timeout_ms: 3000,
+            ..StreamConfig::default()
+        },
+        health_listen: None,
+        ..simulators::Config::default()
+    };
+    let sim_task = tokio::spawn(simulators::run(sim_cfg, ctx.clone()));
+    let console_task = tokio::spawn(console(common.clone(), health.clone(), shutdown.clone()));
+
+    if let Some(s) = opts.duration_s {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(s)) => trigger.fire(),
+            _ = runtime::shutdown::fire_on_signal(&trigger) => {}
+        }
+    } else {
+        runtime::shutdown::fire_on_signal(&trigger).await;
+    }
+    let stored = console_task.await.context("console task failed")??;
+    sim_task.await.context("simulator task failed")??;
+    broker_task.abort();
+    println!("\nDemo stopped: {stored} readings stored and acknowledged by the console sink.");
+    if temporary {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    Ok(())
+}
+
+/// The demo's sink: prints each reading and acknowledges it.
+async fn console(
+    common: Common,
+    health: Health,
+    shutdown: runtime::Shutdown,
+) -> anyhow::Result<u64> {
+    let id = Identity {
+        service: Segment::new(CONSOLE)?,
+        instance: Segment::new(CONSOLE)?,
+    };
+    let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &health)?;
+    let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
+        &bus,
+        &Filter::measurements(Some(&common.site), None),
+        &id.instance,
+        &InboxConfig::default(),
+    );
+    let acker = inbox.acker();
+    let mut stored: BTreeMap<(String, u64), ()> = BTreeMap::new();
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.wait() => break,
+            d = inbox.recv() => match d { Some(d) => d, None => break },
+        };
+        let m = &delivery.message;
+        let fields: Vec<String> = m.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let key = m
+            .origin
+            .as_ref()
+            .map_or((String::new(), 0), |o| (o.producer.to_string(), o.seq));
+        let replay = stored.insert(key, ()).is_some();
+        println!(
+            "{}  {}/{}  {}  [{}]{}",
+            clock(m.ts_ms),
+            m.device,
+            m.channel,
+            fields.join("  "),
+            serde_json::to_value(m.quality)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            if replay {
+                "  (replayed, already stored)"
+            } else {
+                ""
+            }
+        );
+        if let Some(token) = &delivery.token {
+            acker.ack(token);
+        }
+    }
+    drop(inbox);
+    drop(acker);
+    let _ = ack_task.await;
+    bus.close(bus_task).await;
+    Ok(stored.len() as u64)
+}
+
+/// `HH:MM:SS` (UTC) of a Unix ms timestamp.
+fn clock(ts_ms: i64) -> String {
+    let s = ts_ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("the embedded broker did not start listening on 127.0.0.1:{port} within 5 s")
+}

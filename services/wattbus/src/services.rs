@@ -1,0 +1,112 @@
+//! The services this binary can run, and how `wattbus run <service>` starts one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use runtime::{ConfigError, ConfigSource, Context, Health, config::Validate};
+use serde::de::DeserializeOwned;
+
+/// Every service section the config file may hold.
+pub const SERVICES: &[&str] = &["broker", "simulator"];
+
+/// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
+pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| std::env::var_os("WATTBUS_CONFIG").map(PathBuf::from))
+}
+
+/// Validate the whole configuration: shared keys, every known section, nothing unknown.
+pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
+    src.check_sections(SERVICES)?;
+    src.common()?;
+    src.section::<broker::Config>("broker")?;
+    src.section::<simulators::Config>("simulator")?;
+    Ok(())
+}
+
+pub async fn run(service: &str, config: Option<PathBuf>) -> anyhow::Result<()> {
+    if !SERVICES.contains(&service) {
+        return Err(ConfigError::new(
+            "(service)",
+            format!(
+                "unknown service {service:?}; known: {}",
+                SERVICES.join(", ")
+            ),
+        )
+        .into());
+    }
+    let src = ConfigSource::load(config_path(config).as_deref())?;
+    check_all(&src)?;
+    let common = src.common()?;
+    runtime::telemetry::init_logging(&common.log)?;
+    let (trigger, shutdown) = runtime::shutdown::channel();
+    let ctx = Context {
+        common: common.clone(),
+        health: Health::default(),
+        shutdown,
+    };
+    let grace = Duration::from_millis(common.shutdown_grace_ms);
+    let service_future = start(service, &src, ctx)?;
+    let mut task = tokio::spawn(service_future);
+    tokio::select! {
+        res = &mut task => return flatten(res),
+        _signal = runtime::shutdown::fire_on_signal(&trigger) => {}
+    }
+    match tokio::time::timeout(grace, task).await {
+        Ok(res) => flatten(res),
+        Err(_) => {
+            tracing::warn!(
+                grace_ms = grace.as_millis() as u64,
+                "Service did not stop within the grace period; exiting anyway."
+            );
+            Ok(())
+        }
+    }
+}
+
+fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    res.context("service task failed")?
+}
+
+type ServiceFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Load the service's section, serve its health endpoint, and return its `run` future.
+fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<ServiceFuture> {
+    Ok(match service {
+        "broker" => {
+            let cfg: broker::Config = section(src, "broker")?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                broker::run(cfg, ctx).await.map_err(anyhow::Error::from)
+            })
+        }
+        "simulator" => {
+            let cfg: simulators::Config = section(src, "simulator")?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                simulators::run(cfg, ctx).await.map_err(anyhow::Error::from)
+            })
+        }
+        other => unreachable!("checked against SERVICES: {other}"),
+    })
+}
+
+fn section<T: DeserializeOwned + Default + Validate>(
+    src: &ConfigSource,
+    name: &str,
+) -> Result<T, ConfigError> {
+    src.section(name)
+}
+
+async fn serve_health(addr: Option<std::net::SocketAddr>, ctx: &Context) -> anyhow::Result<()> {
+    if let Some(addr) = addr {
+        let (bound, _task) = runtime::health::serve(addr, ctx.health.clone(), ctx.shutdown.clone())
+            .await
+            .with_context(|| format!("cannot serve /healthz on {addr}"))?;
+        tracing::info!(addr = %bound, "Serving /healthz and /metrics.");
+    }
+    Ok(())
+}
