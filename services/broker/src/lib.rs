@@ -1,1 +1,257 @@
+//! The wattbus MQTT broker: rumqttd embedded as a library.
+//!
+//! Every wattbus service talks to the others only through this broker. It listens for
+//! MQTT 3.1.1 on `listen` (1883), MQTT 5 on `listen_v5` (1884; a rumqttd listener speaks one
+//! version) and, optionally, MQTT 3.1.1 over TLS (8883). It reads and writes no topics itself.
+//!
+//! **Nothing is persisted on disk.** rumqttd keeps retained messages and sessions in memory
+//! only, and that is deliberate: delivery is the runtime's job, not the broker's. Producers
+//! journal what they publish and replay it until the sinks acknowledge it, so a broker restart
+//! costs a replay, not data, and the SD card is not written twice for every reading.
+//!
+//! **Memory bound.** The router keeps an in-memory log per subscription filter of at most
+//! `segment_count` segments of `segment_bytes` each (a segment may overrun by its last
+//! message). With the defaults (4 × 1 MiB) that is about 4 MiB per filter, 8 MiB at worst with
+//! maximum-size messages. Filters are kept until the process ends, even after their
+//! subscribers leave, so the bound is per distinct filter ever subscribed: a dozen filters cost
+//! 50–100 MiB at most, fine on a Raspberry Pi. Add one retained message per retained topic and
+//! a read buffer of up to `max_payload_bytes` per connection (`max_connections` of them).
+//!
+//! **Authentication** is on by default: every client must log in as one of `[[broker.users]]`.
+//! A failed login just closes the TCP connection (rumqttd sends no CONNACK code).
+//!
+//! **Lifetime.** rumqttd has no stop API. [`start`] runs it on plain threads (the router, one
+//! per listener, one recording its meters) that live until the process exits; [`run`] returns
+//! when shutdown is requested, and the listeners keep serving until then, which lets services
+//! in the same process flush through the broker during the shutdown grace period.
+//!
+//! Layout:
+//! - `config`: the `[broker]` section, its validation, and [`Config::to_rumqttd`].
+//! - `auth`: the password check rumqttd calls for each login.
+//! - `events`: what is logged and counted (auth failures, subscriber skips, router meters).
+//! - here: [`start`], the readiness probe, and [`run`].
 
+mod auth;
+mod config;
+mod events;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use runtime::{ConfigError, Context};
+use tokio::sync::watch;
+
+pub use config::{Config, SECTION, TLS_LISTENER, TlsConfig, User, V4_LISTENER, V5_LISTENER};
+
+/// How long [`run`] waits for every listener to accept a TCP connection.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pause between readiness probes of a listener that is not accepting yet.
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr} (broker listener {listener})")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start a broker thread")]
+    Thread(#[source] std::io::Error),
+    /// Boxed: rumqttd's link errors carry a whole router event (800 bytes).
+    #[error("cannot attach to the broker's meters")]
+    Meters(#[source] Box<rumqttd::meters::LinkError>),
+    #[error("cannot attach to the broker's alerts")]
+    Alerts(#[source] Box<rumqttd::alerts::LinkError>),
+    #[error("broker listener {listener} on {addr} accepted no connection within {waited:?}")]
+    NotListening {
+        listener: &'static str,
+        addr: SocketAddr,
+        waited: Duration,
+    },
+    #[error("the broker stopped: {0}")]
+    Stopped(String),
+}
+
+/// A broker running on its own threads (see the crate doc: it cannot be stopped).
+#[derive(Debug)]
+pub struct Started {
+    listeners: Vec<(&'static str, SocketAddr)>,
+    /// Set once, by the broker thread, when rumqttd's `start` returns.
+    exit: watch::Receiver<Option<String>>,
+}
+
+/// Start the broker on its own threads and return at once; the listeners may not accept
+/// connections yet ([`Started::wait_ready`]).
+///
+/// Validates `config` and checks that every listener's address can be bound, so the usual
+/// mistakes (a port in use, an unreadable password file) are errors here rather than lines
+/// in rumqttd's log from a thread that then quietly ends.
+pub fn start(config: &Config) -> Result<Started, Error> {
+    let rumqttd_config = config.to_rumqttd()?;
+    let listeners = config.listeners();
+    for &(listener, addr) in &listeners {
+        // Bound and released at once: rumqttd binds it again on its own thread, and only
+        // logs if that fails. (std sets SO_REUSEADDR, so this leaves nothing behind.)
+        std::net::TcpListener::bind(addr).map_err(|source| Error::Bind {
+            listener,
+            addr,
+            source,
+        })?;
+    }
+    if config.allow_anonymous && !config.users.is_empty() {
+        tracing::warn!(
+            users = config.users.len(),
+            "Broker allows anonymous clients, so broker.users are not checked: any username and \
+             password is accepted."
+        );
+    } else if config.allow_anonymous {
+        tracing::info!("Broker allows anonymous clients.");
+    }
+
+    let mut broker = rumqttd::Broker::new(rumqttd_config);
+    let meters = broker.meters().map_err(|e| Error::Meters(Box::new(e)))?;
+    let alerts = broker.alerts().map_err(|e| Error::Alerts(Box::new(e)))?;
+    std::thread::Builder::new()
+        .name("broker-meters".into())
+        .spawn(
+            move || match tokio::runtime::Builder::new_current_thread().build() {
+                Ok(rt) => rt.block_on(events::record(meters, alerts)),
+                Err(e) => tracing::error!(error = %e, "Cannot record broker metrics: no runtime."),
+            },
+        )
+        .map_err(Error::Thread)?;
+
+    let (exit_tx, exit) = watch::channel(None);
+    std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || {
+            // Blocks for as long as any listener runs, which is normally the whole process.
+            let reason = match broker.start() {
+                Ok(()) => "every listener stopped (rumqttd logged why)".to_string(),
+                Err(e) => e.to_string(),
+            };
+            exit_tx.send_replace(Some(reason));
+        })
+        .map_err(Error::Thread)?;
+    Ok(Started { listeners, exit })
+}
+
+impl Started {
+    /// Every listener's name and configured address.
+    pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// Wait until every listener accepts a TCP connection. The probe connects and closes
+    /// without sending CONNECT (rumqttd logs that as a failed connection, as it logs most
+    /// disconnects). Fails as soon as the broker thread ends, or after `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), Error> {
+        let probe = probe_all(&self.listeners, timeout);
+        tokio::select! {
+            ready = probe => ready,
+            stopped = stopped(&mut self.exit) => Err(stopped),
+        }
+    }
+
+    /// Resolves if the broker stops: never, unless every listener failed.
+    pub async fn stopped(&mut self) -> Error {
+        stopped(&mut self.exit).await
+    }
+}
+
+async fn stopped(exit: &mut watch::Receiver<Option<String>>) -> Error {
+    match exit.wait_for(Option::is_some).await {
+        Ok(reason) => Error::Stopped(reason.clone().unwrap_or_default()),
+        // The sender is dropped without a value only if the thread panicked.
+        Err(_) => Error::Stopped("the broker thread panicked".into()),
+    }
+}
+
+async fn probe_all(
+    listeners: &[(&'static str, SocketAddr)],
+    timeout: Duration,
+) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for &(listener, addr) in listeners {
+        let target = probe_target(addr);
+        loop {
+            let attempt =
+                tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(target)).await;
+            match attempt {
+                // Dropping the stream closes it.
+                Ok(Ok(_stream)) => break,
+                Ok(Err(_not_yet)) if tokio::time::Instant::now() + PROBE_INTERVAL < deadline => {
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                }
+                _ => {
+                    return Err(Error::NotListening {
+                        listener,
+                        addr,
+                        waited: timeout,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A wildcard listen address is probed on loopback.
+fn probe_target(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Run the broker until shutdown is requested.
+///
+/// Readiness check `broker` turns true once every listener accepts connections, and false
+/// again when this returns. Returns an error if the broker cannot start, is not listening
+/// within [`READY_TIMEOUT`], or stops on its own. On shutdown it returns `Ok` while the
+/// listeners go on serving until the process exits (rumqttd has no stop API).
+pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+    let ready = ctx.health.check("broker");
+    let up = events::up();
+    let mut started = start(&config)?;
+    started.wait_ready(READY_TIMEOUT).await?;
+    ready.set(true);
+    up.set(1.0);
+    let addrs: Vec<String> = started
+        .listeners()
+        .iter()
+        .map(|(name, addr)| format!("{name}={addr}"))
+        .collect();
+    tracing::info!(listeners = %addrs.join(" "), "Broker is accepting connections.");
+
+    let result = tokio::select! {
+        () = ctx.shutdown.wait() => Ok(()),
+        stopped = started.stopped() => Err(stopped),
+    };
+    ready.set(false);
+    up.set(0.0);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_are_probed_on_loopback() {
+        let p = |s: &str| probe_target(s.parse().unwrap()).to_string();
+        assert_eq!(p("0.0.0.0:1883"), "127.0.0.1:1883");
+        assert_eq!(p("[::]:1883"), "[::1]:1883");
+        assert_eq!(p("192.0.2.1:1883"), "192.0.2.1:1883");
+    }
+}

@@ -432,8 +432,8 @@ impl ConfigSource {
             e.origin = self
                 .figment
                 .find_value(&e.key)
-                .or_else(|_| self.figment.find_value(&key))
                 .ok()
+                .or_else(|| self.figment.find_value(&key).ok())
                 .and_then(|v| self.figment.get_metadata(v.tag()).map(|md| (md, v)))
                 .map(|(md, _)| describe_metadata(md, &e.key.split('.').collect::<Vec<_>>()))
                 .or_else(|| self.file.as_ref().map(|f| f.display().to_string()));
