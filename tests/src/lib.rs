@@ -1,1 +1,172 @@
+//! Harness for end-to-end tests: real processes, real ports, real kills.
+//!
+//! Tests start the `wattbus` binary and the `probe` binary as child processes, so that a
+//! `kill -9` is a real crash, and talk to real brokers (ours, and mosquitto for interop).
 
+// Test harness: a failure to set up a test should panic with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `wattbus` binary of this workspace (built by `cargo build`, which the test command runs
+/// first; `cargo test` alone does not build other packages' binaries).
+pub fn wattbus_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test> → target/<profile>/wattbus
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("wattbus");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p wattbus` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Poll `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A child process, killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    /// A crash: SIGKILL, no chance to flush.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A polite stop: SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill9();
+        }
+    }
+}
+
+/// A broker config for tests: one user, v4 (and optionally v5) on loopback, no health port.
+pub struct BrokerSetup {
+    pub port: u16,
+    pub port_v5: u16,
+    pub user: String,
+    pub password: String,
+    pub config: PathBuf,
+}
+
+impl BrokerSetup {
+    pub fn new(dir: &Path) -> BrokerSetup {
+        let (port, port_v5) = (free_port(), free_port());
+        let password = "correct-horse-battery".to_string();
+        let secret = dir.join("broker-password");
+        std::fs::write(&secret, format!("{password}\n")).expect("write secret");
+        let config = dir.join("broker.toml");
+        let mut f = std::fs::File::create(&config).expect("config");
+        writeln!(
+            f,
+            "data_dir = \"{data}\"\n[log]\nlevel = \"info,rumqttd=warn\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{port_v5}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"probe\"\npassword_file = \"{secret}\"\n",
+            data = dir.display(),
+            health = free_port(),
+            secret = secret.display()
+        )
+        .expect("config");
+        BrokerSetup {
+            port,
+            port_v5,
+            user: "probe".into(),
+            password,
+            config,
+        }
+    }
+
+    pub fn start(&self, log: &Path) -> Proc {
+        let p = Proc::spawn(
+            "broker",
+            Command::new(wattbus_bin())
+                .args(["run", "broker", "--config"])
+                .arg(&self.config),
+            log,
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), || port_open(self.port)),
+            "broker did not listen on {}; see {}",
+            self.port,
+            log.display()
+        );
+        p
+    }
+}

@@ -61,6 +61,10 @@ struct Route {
 struct Inner {
     client: AsyncClient,
     routes: Mutex<Vec<Route>>,
+    /// Subscriptions not yet handed to rumqttc. Its request queue is shared with publishes
+    /// and may be full (a replay after a reconnect fills it): a subscription that cannot be
+    /// queued now is kept here and retried after every event, never given up.
+    pending_subs: Mutex<Vec<(String, QoS)>>,
     connected: watch::Receiver<u64>,
     close: Notify,
     client_id: Segment,
@@ -129,6 +133,7 @@ impl Bus {
         let inner = Arc::new(Inner {
             client,
             routes: Mutex::new(Vec::new()),
+            pending_subs: Mutex::new(Vec::new()),
             connected: conn_rx,
             close: Notify::new(),
             client_id: id.instance.clone(),
@@ -188,27 +193,15 @@ impl Bus {
     ) -> mpsc::Receiver<Message> {
         let filter = filter.into();
         let (tx, rx) = mpsc::channel(self.capacity);
-        {
-            let mut routes = self.inner.routes.lock().unwrap_or_else(|p| p.into_inner());
-            routes.push(Route {
-                filter: filter.clone(),
-                qos,
-                tx,
-                overflow,
-            });
-        }
-        if *self.inner.connected.borrow() > 0
-            && self
-                .inner
-                .client
-                .try_subscribe(filter.clone(), qos)
-                .is_err()
-        {
-            // The request queue is full; the next ConnAck subscribes again. Rare enough to log.
-            tracing::warn!(
-                filter,
-                "Could not queue a subscription; it will be made on the next reconnect."
-            );
+        lock(&self.inner.routes).push(Route {
+            filter: filter.clone(),
+            qos,
+            tx,
+            overflow,
+        });
+        if *self.inner.connected.borrow() > 0 {
+            lock(&self.inner.pending_subs).push((filter, qos));
+            queue_subscriptions(&self.inner);
         }
         rx
     }
@@ -251,6 +244,16 @@ impl Bus {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Hand pending subscriptions to rumqttc, keeping those its full queue cannot take yet.
+fn queue_subscriptions(inner: &Inner) {
+    let mut pending = lock(&inner.pending_subs);
+    pending.retain(|(filter, qos)| inner.client.try_subscribe(filter.clone(), *qos).is_err());
+}
+
 fn status(id: &Identity, state: ServiceState) -> Status {
     Status {
         service: id.service.clone(),
@@ -285,20 +288,20 @@ async fn poll_loop(
                 break;
             }
         };
+        if event.is_ok() {
+            queue_subscriptions(&inner);
+        }
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 failures = 0;
                 epoch += 1;
                 events::bus_connected(id.instance.as_str(), epoch > 1);
-                let filters: Vec<(String, QoS)> = {
-                    let routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
-                    routes.iter().map(|r| (r.filter.clone(), r.qos)).collect()
-                };
-                for (filter, qos) in filters {
-                    if let Err(e) = inner.client.try_subscribe(filter.clone(), qos) {
-                        tracing::warn!(filter, error = %e, "Could not queue a subscription.");
-                    }
-                }
+                let filters: Vec<(String, QoS)> = lock(&inner.routes)
+                    .iter()
+                    .map(|r| (r.filter.clone(), r.qos))
+                    .collect();
+                *lock(&inner.pending_subs) = filters;
+                queue_subscriptions(&inner);
                 if let Ok(online) = status(&id, ServiceState::Online).encode()
                     && inner
                         .client

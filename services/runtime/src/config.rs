@@ -391,7 +391,8 @@ impl ConfigSource {
         Ok(value)
     }
 
-    fn has_key(&self, name: &str) -> bool {
+    /// Whether the file or environment sets anything in section `name`.
+    pub fn has_key(&self, name: &str) -> bool {
         self.figment.find_value(name).is_ok()
     }
 
@@ -402,7 +403,7 @@ impl ConfigSource {
             if COMMON_KEYS.contains(&key.as_str()) || sections.contains(&key.as_str()) {
                 continue;
             }
-            let origin = self.value_origin(value);
+            let origin = self.value_origin(value, key);
             let mut known: Vec<&str> = COMMON_KEYS.to_vec();
             known.extend_from_slice(sections);
             return Err(ConfigError {
@@ -417,10 +418,10 @@ impl ConfigSource {
         Ok(())
     }
 
-    fn value_origin(&self, value: &Value) -> Option<String> {
+    fn value_origin(&self, value: &Value, key: &str) -> Option<String> {
         self.figment
             .get_metadata(value.tag())
-            .map(|md| describe_metadata(md, &[]))
+            .map(|md| describe_metadata(md, &[key]))
             .or_else(|| self.file.as_ref().map(|f| f.display().to_string()))
     }
 

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The wattbus test command: the one README.md gives and .ci/run calls.
+#
+# On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
+# interop, socat for virtual serial ports), starts the shared servers on free loopback ports,
+# builds the workspace, runs every test, and stops the servers again. Repeated runs skip
+# installs that are already done.
+#
+# Environment passed to the tests:
+#   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+root=$(pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/wattbus-tests.XXXXXX")
+pids=()
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+cleanup() {
+  local status=$?
+  for pid in "${pids[@]:-}"; do
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  done
+  rm -rf "$work"
+  exit "$status"
+}
+trap cleanup EXIT INT TERM
+
+# --- 1. Packages ------------------------------------------------------------------------
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "Installing ${need_apt[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() {
+  local port=$1 name=$2
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  log "$name did not start listening on $port"; return 1
+}
+
+# --- 2. Shared servers --------------------------------------------------------------------
+log "Starting mosquitto (independent broker for interop tests)"
+mq_port=$(free_port)
+mq_pass="mq-$RANDOM$RANDOM"
+mosquitto_passwd -b -c "$work/mosquitto.passwd" wattbus "$mq_pass"
+chmod 0644 "$work/mosquitto.passwd"
+cat > "$work/mosquitto.conf" <<CONF
+listener $mq_port 127.0.0.1
+allow_anonymous false
+password_file $work/mosquitto.passwd
+persistence false
+log_dest file $work/mosquitto.log
+user $(id -un)
+CONF
+"$mosquitto_bin" -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+pids+=($!)
+wait_port "$mq_port" mosquitto
+export MOSQUITTO_TEST_BROKER="127.0.0.1:$mq_port:wattbus:$mq_pass"
+
+# --- 3. Build and test --------------------------------------------------------------------
+# End-to-end tests run the `wattbus` and `probe` binaries as real processes (to kill -9 them),
+# so the binaries are built first.
+log "Building"
+cargo build --workspace --bins --locked
+log "Testing"
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2

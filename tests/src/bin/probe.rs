@@ -1,0 +1,281 @@
+//! Test and benchmark probe: a journaled producer and an idempotent, durable consumer, built
+//! on the runtime exactly as services are.
+//!
+//! `probe produce`: send `--count` measurements (reading `i` has `ts_ms = base + i` and field
+//! `reading_n = i`, so each has a unique identity), then wait until every one is acknowledged
+//! by the sink group, and print `{"sent":…,"secs":…,"rate":…}`.
+//!
+//! `probe consume`: store each reading once in an append-only file (`<ts_ms> <producer> <seq>`
+//! lines, fsynced before acknowledging), acknowledge, run until SIGTERM. On start it reloads
+//! the file, so a replayed reading is recognised and not stored twice — the idempotence real
+//! sinks (InfluxDB) get from point identity.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use proto::{Filter, Measurement, Quality, Segment, Topic};
+use runtime::bus::{Bus, Identity};
+use runtime::config::{BusConfig, InboxConfig, JournalKind, StreamConfig};
+use runtime::delivery::{Inbox, Producer};
+use runtime::{Common, Health, Secret};
+
+#[derive(Parser, Debug)]
+struct Cli {
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value = "probe")]
+    user: String,
+    #[arg(long, default_value = "")]
+    password: String,
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    Produce {
+        #[arg(long)]
+        count: u64,
+        /// Messages per second; 0 = as fast as possible.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value = "probe-producer")]
+        instance: String,
+        #[arg(long, default_value = "probe-sink")]
+        wait_for: String,
+        #[arg(long, default_value_t = 1000)]
+        ack_timeout_ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        fsync_interval_ms: u64,
+        /// Keep the journal in memory instead of on disk.
+        #[arg(long)]
+        memory: bool,
+        /// Give up waiting for acknowledgements after this long.
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
+    Consume {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long, default_value = "probe-consumer")]
+        instance: String,
+        #[arg(long, default_value = "probe-sink")]
+        sink: String,
+    },
+}
+
+/// All readings share one base time so a consumer can tell them apart by `ts_ms`.
+const BASE_TS_MS: i64 = 1_764_000_000_000;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    runtime::telemetry::init_logging(&runtime::config::LogConfig {
+        level: "info".into(),
+        ..Default::default()
+    })?;
+    let common = Common {
+        site: Segment::new("probe")?,
+        data_dir: cli.data_dir.clone(),
+        bus: BusConfig {
+            port: cli.port,
+            username: Some(cli.user.clone()),
+            password: Some(Secret::new(cli.password.clone())),
+            reconnect_max_ms: 1000,
+            ..BusConfig::default()
+        },
+        ..Common::default()
+    };
+    let (trigger, shutdown) = runtime::shutdown::channel();
+    match cli.mode {
+        Mode::Produce {
+            count,
+            rate,
+            instance,
+            wait_for,
+            ack_timeout_ms,
+            fsync_interval_ms,
+            memory,
+            timeout_s,
+        } => {
+            let id = Identity {
+                service: Segment::new("probe")?,
+                instance: Segment::new(instance)?,
+            };
+            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let stream = StreamConfig {
+                journal: if memory {
+                    JournalKind::Memory
+                } else {
+                    JournalKind::Disk
+                },
+                wait_for: vec![Segment::new(wait_for)?],
+                ack_timeout_ms,
+                ack_timeout_max_ms: ack_timeout_ms * 4,
+                fsync_interval_ms,
+                max_bytes: 256 << 20,
+                segment_bytes: 4 << 20,
+                ..StreamConfig::default()
+            };
+            let (producer, task) = Producer::open(
+                &bus,
+                &Segment::new("meas")?,
+                &stream,
+                &common.data_dir,
+                shutdown.clone(),
+            )?;
+            let device = Segment::new("probe-dev")?;
+            let channel = Segment::new("ch")?;
+            let topic = Topic::measurement(&common.site, &device, &channel);
+            let start = Instant::now();
+            for i in 0..count {
+                if rate > 0 {
+                    let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let m = Measurement {
+                    origin: None,
+                    site: common.site.clone(),
+                    device: device.clone(),
+                    channel: channel.clone(),
+                    measurement: Segment::new("probe")?,
+                    ts_ms: BASE_TS_MS + i as i64,
+                    quality: Quality::Good,
+                    fields: [("reading_n".to_string(), i as f64)].into(),
+                    tags: Default::default(),
+                };
+                producer.send(&topic, m).await?;
+            }
+            let sent_secs = start.elapsed().as_secs_f64();
+            let deadline = Instant::now() + Duration::from_secs(timeout_s);
+            while producer.pending().await > 0 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{} readings still unacknowledged after {timeout_s} s",
+                    producer.pending().await
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{{\"sent\":{count},\"publish_secs\":{sent_secs:.3},\"secs\":{secs:.3},\"rate\":{:.0}}}",
+                count as f64 / secs
+            );
+            trigger.fire();
+            let _ = task.await;
+            bus.close(bus_task).await;
+        }
+        Mode::Consume {
+            store,
+            instance,
+            sink,
+        } => {
+            let id = Identity {
+                service: Segment::new("probe")?,
+                instance: Segment::new(instance)?,
+            };
+            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let mut seen = load_store(&store)?;
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&store)
+                .with_context(|| format!("open {}", store.display()))?;
+            let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
+                &bus,
+                &Filter::measurements(None, None),
+                &Segment::new(sink)?,
+                &InboxConfig {
+                    ack_interval_ms: 100,
+                    ..Default::default()
+                },
+            );
+            let acker = inbox.acker();
+            let mut batch = Vec::new();
+            let sig =
+                tokio::spawn(async move { runtime::shutdown::fire_on_signal(&trigger).await });
+            loop {
+                // Take what is there, store it durably, then acknowledge the lot.
+                let first = tokio::select! {
+                    () = shutdown.wait() => break,
+                    d = inbox.recv() => match d { Some(d) => d, None => break },
+                };
+                batch.push(first);
+                while batch.len() < 1000 {
+                    match tokio::time::timeout(Duration::from_millis(5), inbox.recv()).await {
+                        Ok(Some(d)) => batch.push(d),
+                        _ => break,
+                    }
+                }
+                let mut text = String::new();
+                for d in &batch {
+                    if seen.insert(d.message.ts_ms) {
+                        let o = d.message.origin.as_ref();
+                        text.push_str(&format!(
+                            "{} {} {}\n",
+                            d.message.ts_ms,
+                            o.map_or("-", |o| o.producer.as_str()),
+                            o.map_or(0, |o| o.seq)
+                        ));
+                    }
+                }
+                file.write_all(text.as_bytes())?;
+                file.sync_data()?;
+                for d in batch.drain(..) {
+                    if let Some(t) = &d.token {
+                        acker.ack(t);
+                    }
+                }
+            }
+            drop(inbox);
+            drop(acker);
+            let _ = ack_task.await;
+            bus.close(bus_task).await;
+            sig.abort();
+        }
+    }
+    Ok(())
+}
+
+/// Readings already stored. A torn last line (killed mid-write) is cut off: it was never
+/// acknowledged, so it will be delivered again.
+fn load_store(path: &PathBuf) -> anyhow::Result<HashSet<i64>> {
+    let mut seen = HashSet::new();
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(seen),
+        Err(e) => return Err(e.into()),
+    };
+    let mut good = 0usize;
+    for line in data.split_inclusive(|b| *b == b'\n') {
+        // Only whole lines count: a line without its newline was cut by a kill.
+        let Some(body) = line.strip_suffix(b"\n") else {
+            break;
+        };
+        let text = String::from_utf8_lossy(body);
+        let parts: Vec<&str> = text.split(' ').collect();
+        let Some(ts) = parts
+            .first()
+            .and_then(|t| t.parse::<i64>().ok())
+            .filter(|_| parts.len() == 3)
+        else {
+            break;
+        };
+        seen.insert(ts);
+        good += line.len();
+    }
+    if good < data.len() {
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(good as u64)?;
+    }
+    Ok(seen)
+}

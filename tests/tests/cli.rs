@@ -1,0 +1,211 @@
+// Test code: a failed setup step should panic with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The `wattbus` binary as a person meets it: config errors, exit codes, the demo, health.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use wattbus_e2e::{Proc, free_port, port_open, wait_until, wattbus_bin};
+
+fn wattbus(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(wattbus_bin());
+    c.args(args).env_remove("WATTBUS_CONFIG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run wattbus")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn config_check_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "ok.toml",
+        "site = \"home\"\n[bus]\nport = 1883\n[simulator]\ndevices = 2\n",
+    );
+    let o = wattbus(&["config", "check", &f], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OK"));
+}
+
+#[test]
+fn bad_values_exit_64_naming_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "type.toml",
+            "[bus]\nport = \"eighteen\"\n",
+            "key `bus.port`",
+        ),
+        (
+            "unknown-key.toml",
+            "[simulator]\ndevics = 2\n",
+            "key `simulator.devics`: unknown field",
+        ),
+        (
+            "unknown-section.toml",
+            "[brokr]\nlisten = \"0.0.0.0:1\"\n",
+            "key `brokr`: unknown key",
+        ),
+        (
+            "range.toml",
+            "[simulator]\ndevices = 0\n",
+            "key `simulator.devices`: must be between 1 and 1000",
+        ),
+        ("syntax.toml", "[bus\nport = 1\n", "line 1"),
+        ("site.toml", "site = \"my home\"\n", "key `site`"),
+    ];
+    for (name, text, expected) in cases {
+        let f = write(dir.path(), name, text);
+        let o = wattbus(&["config", "check", &f], &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(64), "{name}: {err}");
+        assert!(err.contains(&f), "{name}: the file is not named: {err}");
+        assert!(
+            err.contains(expected),
+            "{name}: expected {expected:?} in: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{name}: one line, please: {err}");
+    }
+}
+
+#[test]
+fn bad_environment_overrides_name_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "ok.toml", "site = \"home\"\n");
+    let o = wattbus(&["config", "check", &f], &[("WATTBUS_BUS__PORT", "lots")]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("WATTBUS_BUS__PORT"), "{}", stderr(&o));
+    let o = wattbus(&["config", "check", &f], &[("WATTBUS_BUS__PROT", "1")]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("bus.prot"), "{}", stderr(&o));
+    let o = wattbus(
+        &["config", "check", &f],
+        &[("WATTBUS_SIMULATOR__DEVICES", "3")],
+    );
+    assert!(
+        o.status.success(),
+        "a valid override was refused: {}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn missing_file_unknown_service_and_no_broker_users_exit_64() {
+    let o = wattbus(&["config", "check", "/nonexistent/wattbus.toml"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("/nonexistent/wattbus.toml"));
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "empty.toml", "");
+    let o = wattbus(&["run", "toaster", "--config", &f], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("unknown service \"toaster\""),
+        "{}",
+        stderr(&o)
+    );
+    // Authentication is on by default: a broker with no users is a config error, not an open door.
+    let o = wattbus(&["run", "broker", "--config", &f], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("broker.users"), "{}", stderr(&o));
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "s.toml",
+        "[bus]\nusername = \"u\"\npassword = \"hunter2-secret\"\nport = \"x\"\n",
+    );
+    let o = wattbus(&["config", "check", &f], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(!stderr(&o).contains("hunter2"), "{}", stderr(&o));
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, health) = (free_port(), free_port());
+    let f = write(
+        dir.path(),
+        "b.toml",
+        &format!(
+            "[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n",
+            free_port()
+        ),
+    );
+    let mut broker = Proc::spawn(
+        "broker",
+        Command::new(wattbus_bin()).args(["run", "broker", "--config", &f]),
+        &dir.path().join("b.log"),
+    );
+    assert!(wait_until(Duration::from_secs(10), || port_open(health)
+        && http_get(health, "/healthz").starts_with("HTTP/1.1 200")));
+    assert!(port_open(port));
+    let metrics = http_get(health, "/metrics");
+    assert!(metrics.contains("wattbus_broker_up 1"), "{metrics}");
+    let status = broker.terminate(Duration::from_secs(10));
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+}
+
+#[test]
+fn demo_runs_with_no_hardware_and_shows_acknowledged_readings() {
+    let o = wattbus(&["demo", "--duration-s", "4", "--meters", "2"], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed: {}\n{out}", stderr(&o));
+    assert!(
+        out.contains("sim-meter-1/main") && out.contains("sim-meter-2/main"),
+        "{out}"
+    );
+    assert!(out.contains("power_w="), "{out}");
+    let stored: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Demo stopped: ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no summary line: {out}"));
+    assert!(
+        stored >= 4,
+        "only {stored} readings in 4 s from 2 meters: {out}"
+    );
+}
+
+#[test]
+fn unknown_environment_variables_with_our_prefix_are_refused_by_name() {
+    let o = wattbus(&["config", "check"], &[("WATTBUS_SIMULATR__DEVICES", "2")]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("environment variable WATTBUS_SIMULATR"),
+        "{}",
+        stderr(&o)
+    );
+}

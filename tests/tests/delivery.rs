@@ -1,0 +1,145 @@
+// Test code: a failed setup step should panic with its reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The delivery contract under faults, with real processes: the broker killed and restarted
+//! twice and the consumer killed -9 and restarted once while a producer publishes a long
+//! stream. Afterwards the consumer's durable store must hold every reading exactly once.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use wattbus_e2e::{BrokerSetup, Proc, wait_until};
+
+const COUNT: u64 = 3000;
+
+fn consumer(b: &BrokerSetup, dir: &Path, log: &Path) -> Proc {
+    Proc::spawn(
+        "consumer",
+        Command::new(env!("CARGO_BIN_EXE_probe"))
+            .args([
+                "--port",
+                &b.port.to_string(),
+                "--password",
+                &b.password,
+                "--data-dir",
+            ])
+            .arg(dir.join("consumer"))
+            .args(["consume", "--store"])
+            .arg(dir.join("store.txt")),
+        log,
+    )
+}
+
+fn stored(dir: &Path) -> Vec<i64> {
+    let text = std::fs::read_to_string(dir.join("store.txt")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = |name: &str| d.join(format!("{name}.log"));
+    let b = BrokerSetup::new(d);
+    let mut broker = b.start(&log("broker"));
+    let mut cons = consumer(&b, d, &log("consumer"));
+    let mut producer = Proc::spawn(
+        "producer",
+        Command::new(env!("CARGO_BIN_EXE_probe"))
+            .args([
+                "--port",
+                &b.port.to_string(),
+                "--password",
+                &b.password,
+                "--data-dir",
+            ])
+            .arg(d.join("producer"))
+            .args([
+                "produce",
+                "--count",
+                &COUNT.to_string(),
+                "--rate",
+                "250",
+                "--ack-timeout-ms",
+                "1000",
+                "--timeout-s",
+                "120",
+            ]),
+        &log("producer"),
+    );
+    let progress = |n: usize| wait_until(Duration::from_secs(60), || stored(d).len() >= n);
+    let dump = || {
+        for name in ["broker", "consumer", "producer"] {
+            eprintln!(
+                "--- {name}.log ---\n{}",
+                std::fs::read_to_string(log(name)).unwrap_or_default()
+            );
+        }
+    };
+
+    // Fault 1: the broker dies (everything in flight and every subscription with it).
+    assert!(progress(400), "no progress before fault 1");
+    broker.kill9();
+    std::thread::sleep(Duration::from_millis(700));
+    broker = b.start(&log("broker"));
+
+    // Fault 2: the consumer crashes between storing and acknowledging.
+    let before = stored(d).len();
+    assert!(progress(before + 300), "no progress after broker restart 1");
+    cons.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    cons = consumer(&b, d, &log("consumer"));
+
+    // Fault 3: the broker dies again.
+    let before = stored(d).len();
+    assert!(progress(before + 300), "no progress after consumer restart");
+    broker.kill9();
+    std::thread::sleep(Duration::from_millis(700));
+    let _broker = b.start(&log("broker"));
+
+    // The producer exits 0 only once every reading is acknowledged (journal empty).
+    let status = producer.wait(Duration::from_secs(150));
+    if status.is_none_or(|s| !s.success()) {
+        dump();
+        panic!("producer did not finish cleanly: {status:?}");
+    }
+    let out = std::fs::read_to_string(log("producer")).unwrap();
+    assert!(out.contains(&format!("\"sent\":{COUNT}")), "{out}");
+    assert_eq!(
+        cons.terminate(Duration::from_secs(10)).map(|s| s.success()),
+        Some(true),
+        "consumer did not stop on SIGTERM"
+    );
+
+    let readings = stored(d);
+    let mut counts: HashMap<i64, u32> = HashMap::new();
+    for ts in &readings {
+        *counts.entry(*ts).or_default() += 1;
+    }
+    let base = 1_764_000_000_000i64;
+    let missing: Vec<i64> = (0..COUNT as i64)
+        .filter(|i| !counts.contains_key(&(base + i)))
+        .collect();
+    let doubled: Vec<(&i64, &u32)> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    if !missing.is_empty() || !doubled.is_empty() {
+        dump();
+    }
+    assert!(
+        missing.is_empty(),
+        "{} readings lost, first: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(doubled.is_empty(), "readings stored twice: {doubled:?}");
+    assert_eq!(readings.len() as u64, COUNT);
+    // The faults really cost deliveries: some readings had to be published again.
+    let plog = std::fs::read_to_string(log("producer")).unwrap();
+    assert!(
+        plog.contains("publishing unacknowledged records again"),
+        "no replay happened; the test did not exercise the contract"
+    );
+}
