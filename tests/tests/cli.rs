@@ -209,3 +209,16 @@ fn unknown_environment_variables_with_our_prefix_are_refused_by_name() {
         stderr(&o)
     );
 }
+
+#[test]
+fn the_reference_config_in_compose_is_valid() {
+    // It points at Docker secrets; stand them in with temporary files.
+    let dir = tempfile::tempdir().unwrap();
+    let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/wattbus.toml");
+    let text = std::fs::read_to_string(&reference).unwrap();
+    std::fs::write(dir.path().join("bus_password"), "pw\n").unwrap();
+    let text = text.replace("/run/secrets/", &format!("{}/", dir.path().display()));
+    let f = write(dir.path(), "wattbus.toml", &text);
+    let o = wattbus(&["config", "check", &f], &[]);
+    assert!(o.status.success(), "compose/wattbus.toml is not valid: {}", stderr(&o));
+}
