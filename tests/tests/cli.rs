@@ -220,5 +220,9 @@ fn the_reference_config_in_compose_is_valid() {
     let text = text.replace("/run/secrets/", &format!("{}/", dir.path().display()));
     let f = write(dir.path(), "wattbus.toml", &text);
     let o = wattbus(&["config", "check", &f], &[]);
-    assert!(o.status.success(), "compose/wattbus.toml is not valid: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "compose/wattbus.toml is not valid: {}",
+        stderr(&o)
+    );
 }

@@ -143,3 +143,163 @@ fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
         "no replay happened; the test did not exercise the contract"
     );
 }
+
+fn probe(b: &BrokerSetup, data: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_probe"));
+    c.args([
+        "--port",
+        &b.port.to_string(),
+        "--password",
+        &b.password,
+        "--data-dir",
+    ])
+    .arg(data);
+    c
+}
+
+fn assert_exactly_once(readings: &[i64], count: u64, logs: &Path) {
+    let mut sorted = readings.to_vec();
+    sorted.sort_unstable();
+    let base = 1_764_000_000_000i64;
+    let expected: Vec<i64> = (0..count as i64).map(|i| base + i).collect();
+    if sorted != expected {
+        for entry in std::fs::read_dir(logs).unwrap().flatten() {
+            if entry.path().extension().is_some_and(|e| e == "log") {
+                eprintln!(
+                    "--- {} ---\n{}",
+                    entry.path().display(),
+                    std::fs::read_to_string(entry.path()).unwrap_or_default()
+                );
+            }
+        }
+    }
+    let missing = expected
+        .iter()
+        .filter(|t| sorted.binary_search(t).is_err())
+        .count();
+    assert_eq!(missing, 0, "{missing} readings lost");
+    assert_eq!(sorted.len() as u64, count, "readings stored more than once");
+}
+
+#[test]
+fn a_crashed_producer_replays_its_journal_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = BrokerSetup::new(d);
+    let _broker = b.start(&d.join("broker.log"));
+    // No sink is running: every reading stays in the producer's journal, unacknowledged.
+    let mut producer = Proc::spawn(
+        "producer",
+        probe(&b, &d.join("producer")).args([
+            "produce",
+            "--count",
+            "800",
+            "--ack-timeout-ms",
+            "1000",
+        ]),
+        &d.join("producer.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || std::fs::read_to_string(
+            d.join("producer.log")
+        )
+        .unwrap_or_default()
+        .contains("{\"published\":800}")),
+        "producer did not publish 800 readings"
+    );
+    producer.kill9();
+    let _consumer = Proc::spawn(
+        "consumer",
+        probe(&b, &d.join("consumer"))
+            .args(["consume", "--store"])
+            .arg(d.join("store.txt")),
+        &d.join("consumer.log"),
+    );
+    // The restarted producer publishes nothing new: whatever reaches the store comes from the
+    // journal the crashed one left behind.
+    let mut again = Proc::spawn(
+        "producer-again",
+        probe(&b, &d.join("producer")).args([
+            "produce",
+            "--count",
+            "0",
+            "--ack-timeout-ms",
+            "1000",
+            "--timeout-s",
+            "60",
+        ]),
+        &d.join("producer-again.log"),
+    );
+    let status = again.wait(Duration::from_secs(90));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "restarted producer did not drain its journal: {}",
+        std::fs::read_to_string(d.join("producer-again.log")).unwrap_or_default()
+    );
+    assert!(wait_until(Duration::from_secs(5), || stored(d).len() >= 800));
+    assert_exactly_once(&stored(d), 800, d);
+}
+
+#[test]
+fn a_processor_chain_loses_nothing_when_the_processor_and_the_sink_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = BrokerSetup::new(d);
+    let _broker = b.start(&d.join("broker.log"));
+    let consumer = |log: &str| {
+        Proc::spawn(
+            "consumer",
+            probe(&b, &d.join("consumer"))
+                .args(["consume", "--device", "probe-relayed", "--store"])
+                .arg(d.join("store.txt")),
+            &d.join(log),
+        )
+    };
+    let relay = |log: &str| {
+        Proc::spawn(
+            "relay",
+            probe(&b, &d.join("relay")).args(["relay"]),
+            &d.join(log),
+        )
+    };
+    let mut cons = consumer("consumer.log");
+    let mut rel = relay("relay.log");
+    let count = 2000u64;
+    let mut producer = Proc::spawn(
+        "producer",
+        probe(&b, &d.join("producer")).args([
+            "produce",
+            "--count",
+            &count.to_string(),
+            "--rate",
+            "250",
+            "--wait-for",
+            "probe-relay",
+            "--timeout-s",
+            "120",
+        ]),
+        &d.join("producer.log"),
+    );
+    let progress = |n: usize| wait_until(Duration::from_secs(60), || stored(d).len() >= n);
+    assert!(progress(300), "no progress through the chain");
+    rel.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let _rel = relay("relay-2.log");
+    let before = stored(d).len();
+    assert!(
+        progress(before + 300),
+        "no progress after the processor restart"
+    );
+    cons.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let _cons = consumer("consumer-2.log");
+    // The source is done when the processor has journaled (and acknowledged) everything; the
+    // processor's own journal then drains to the sink.
+    let status = producer.wait(Duration::from_secs(150));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "source producer did not finish: {status:?}"
+    );
+    wait_until(Duration::from_secs(60), || stored(d).len() as u64 >= count);
+    assert_exactly_once(&stored(d), count, d);
+}

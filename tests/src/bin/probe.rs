@@ -61,9 +61,22 @@ enum Mode {
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
     },
+    /// A processor: re-publishes each reading of `probe-dev` as device `probe-relayed` through
+    /// its own journal, acknowledging the input only once the output is fsynced.
+    Relay {
+        #[arg(long, default_value = "probe-relay")]
+        instance: String,
+        #[arg(long, default_value = "probe-relay")]
+        sink: String,
+        #[arg(long, default_value = "probe-sink")]
+        wait_for: String,
+    },
     Consume {
         #[arg(long)]
         store: PathBuf,
+        /// Only this device's readings (default: all).
+        #[arg(long)]
+        device: Option<String>,
         #[arg(long, default_value = "probe-consumer")]
         instance: String,
         #[arg(long, default_value = "probe-sink")]
@@ -154,6 +167,9 @@ async fn main() -> anyhow::Result<()> {
                 producer.send(&topic, m).await?;
             }
             let sent_secs = start.elapsed().as_secs_f64();
+            // Tests wait for this line to crash the producer with everything journaled.
+            println!("{{\"published\":{count}}}");
+            std::io::Write::flush(&mut std::io::stdout())?;
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
             while producer.pending().await > 0 {
                 anyhow::ensure!(
@@ -172,11 +188,71 @@ async fn main() -> anyhow::Result<()> {
             let _ = task.await;
             bus.close(bus_task).await;
         }
+        Mode::Relay {
+            instance,
+            sink,
+            wait_for,
+        } => {
+            let id = Identity {
+                service: Segment::new("probe")?,
+                instance: Segment::new(instance)?,
+            };
+            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let stream = StreamConfig {
+                wait_for: vec![Segment::new(wait_for)?],
+                ack_timeout_ms: 1000,
+                ack_timeout_max_ms: 4000,
+                ..StreamConfig::default()
+            };
+            let (producer, ptask) = Producer::open(
+                &bus,
+                &Segment::new("meas")?,
+                &stream,
+                &common.data_dir,
+                shutdown.clone(),
+            )?;
+            let input = Segment::new("probe-dev")?;
+            let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
+                &bus,
+                &Filter::measurements(None, Some(&input)),
+                &Segment::new(sink)?,
+                &InboxConfig {
+                    ack_interval_ms: 100,
+                    ..Default::default()
+                },
+            );
+            let acker = inbox.acker();
+            let relayed = Segment::new("probe-relayed")?;
+            let sig =
+                tokio::spawn(async move { runtime::shutdown::fire_on_signal(&trigger).await });
+            loop {
+                let d = tokio::select! {
+                    () = shutdown.wait() => break,
+                    d = inbox.recv() => match d { Some(d) => d, None => break },
+                };
+                let mut m = d.message;
+                m.origin = None;
+                m.device = relayed.clone();
+                let topic = Topic::measurement(&m.site, &relayed, &m.channel);
+                let sent = producer.send(&topic, m).await?;
+                if let Some(t) = &d.token {
+                    acker.ack_after_sync(t, &producer, sent.seq);
+                }
+            }
+            drop(inbox);
+            drop(acker);
+            let _ = ack_task.await;
+            let _ = ptask.await;
+            bus.close(bus_task).await;
+            sig.abort();
+        }
         Mode::Consume {
             store,
+            device,
             instance,
             sink,
         } => {
+            let device = device.map(Segment::new).transpose()?;
             let id = Identity {
                 service: Segment::new("probe")?,
                 instance: Segment::new(instance)?,
@@ -190,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("open {}", store.display()))?;
             let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
                 &bus,
-                &Filter::measurements(None, None),
+                &Filter::measurements(None, device.as_ref()),
                 &Segment::new(sink)?,
                 &InboxConfig {
                     ack_interval_ms: 100,
