@@ -80,3 +80,5 @@ log "Building"
 cargo build --workspace --bins --locked
 log "Testing"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+log "Testing the broker's optional TLS listener (cargo feature tls)"
+cargo test -p broker --features tls --locked -- --test-threads=2

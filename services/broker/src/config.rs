@@ -150,6 +150,14 @@ impl Validate for Config {
         self.resolve_users(section)?;
         self.check_limits(section)?;
         if let Some(tls) = &self.tls {
+            if !cfg!(feature = "tls") {
+                return Err(ConfigError::new(
+                    section_key(section, "tls"),
+                    "this build of wattbus has no TLS listener: it is a cargo feature (`--features tls`) \
+                     because rumqttd's rustls stack has open advisories (see docs/broker.md); \
+                     rebuild with it, or terminate TLS in front of the broker",
+                ));
+            }
             tls.check(section)?;
         }
         Ok(())
@@ -444,7 +452,8 @@ mod tests {
         std::fs::write(&key, "x").unwrap();
         let config = Config {
             users: vec![alice()],
-            tls: Some(TlsConfig {
+            // Without the `tls` feature a TLS section is refused (tested in tests/broker.rs).
+            tls: cfg!(feature = "tls").then(|| TlsConfig {
                 listen: default_tls_listen(),
                 cert_file: cert,
                 key_file: key,
@@ -460,11 +469,15 @@ mod tests {
             v4[V4_LISTENER].connections.auth.is_none(),
             "no plaintext table"
         );
-        assert_eq!(v4[TLS_LISTENER].listen.port(), 8883);
-        assert!(matches!(
-            v4[TLS_LISTENER].tls,
-            Some(rumqttd::TlsConfig::Rustls { .. })
-        ));
+        if cfg!(feature = "tls") {
+            assert_eq!(v4[TLS_LISTENER].listen.port(), 8883);
+            assert!(matches!(
+                v4[TLS_LISTENER].tls,
+                Some(rumqttd::TlsConfig::Rustls { .. })
+            ));
+        } else {
+            assert!(!v4.contains_key(TLS_LISTENER));
+        }
         assert_eq!(r.v5.as_ref().unwrap()[V5_LISTENER].listen.port(), 1884);
         assert_eq!(r.router.max_segment_size, 1 << 20);
         assert_eq!(r.router.max_segment_count, 4);
@@ -498,6 +511,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "tls")]
     fn a_ca_file_is_refused_rather_than_ignored() {
         let config = Config {
             allow_anonymous: true,

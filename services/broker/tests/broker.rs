@@ -336,6 +336,24 @@ fn a_missing_password_file_is_an_error_naming_the_key() {
 }
 
 #[test]
+#[cfg(not(feature = "tls"))]
+fn a_tls_section_without_the_tls_feature_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert, "x").unwrap();
+    std::fs::write(&key, "x").unwrap();
+    let e = parse(&format!(
+        "[broker]\nallow_anonymous = true\n[broker.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "broker.tls");
+    assert!(e.reason.contains("--features tls"), "{e}");
+}
+
+#[test]
+#[cfg(feature = "tls")]
 fn tls_files_must_exist() {
     let e = parse(
         "[broker]\nallow_anonymous = true\n[broker.tls]\ncert_file = \"/nonexistent/c.pem\"\nkey_file = \"/nonexistent/k.pem\"\n",
