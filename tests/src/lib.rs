@@ -49,6 +49,13 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Wait until a probe consumer's log says its subscriptions are confirmed.
+pub fn wait_subscribed(log: &Path) -> bool {
+    wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(log).is_ok_and(|t| t.contains("{\"subscribed\":true}"))
+    })
+}
+
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use wattbus_e2e::{BrokerSetup, Proc, wait_until};
+use wattbus_e2e::{BrokerSetup, Proc, wait_subscribed, wait_until};
 
 const COUNT: u64 = 3000;
 
@@ -84,6 +84,7 @@ fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
     // Fault 1: the broker dies (everything in flight and every subscription with it).
     assert!(progress(400), "no progress before fault 1");
     broker.kill9();
+    // Down for a while: publishes and acknowledgements meanwhile are lost and must be replayed.
     std::thread::sleep(Duration::from_millis(700));
     broker = b.start(&log("broker"));
 
@@ -91,6 +92,7 @@ fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
     let before = stored(d).len();
     assert!(progress(before + 300), "no progress after broker restart 1");
     cons.kill9();
+    // Down for a while (an outage, not a synchronisation).
     std::thread::sleep(Duration::from_millis(500));
     cons = consumer(&b, d, &log("consumer"));
 
@@ -98,6 +100,7 @@ fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
     let before = stored(d).len();
     assert!(progress(before + 300), "no progress after consumer restart");
     broker.kill9();
+    // Down for a while, again.
     std::thread::sleep(Duration::from_millis(700));
     let _broker = b.start(&log("broker"));
 
@@ -283,6 +286,7 @@ fn a_processor_chain_loses_nothing_when_the_processor_and_the_sink_crash() {
     let progress = |n: usize| wait_until(Duration::from_secs(60), || stored(d).len() >= n);
     assert!(progress(300), "no progress through the chain");
     rel.kill9();
+    // The processor stays down for a while (an outage, not a synchronisation).
     std::thread::sleep(Duration::from_millis(500));
     let _rel = relay("relay-2.log");
     let before = stored(d).len();
@@ -291,6 +295,7 @@ fn a_processor_chain_loses_nothing_when_the_processor_and_the_sink_crash() {
         "no progress after the processor restart"
     );
     cons.kill9();
+    // Down for a while.
     std::thread::sleep(Duration::from_millis(500));
     let _cons = consumer("consumer-2.log");
     // The source is done when the processor has journaled (and acknowledged) everything; the
@@ -302,4 +307,65 @@ fn a_processor_chain_loses_nothing_when_the_processor_and_the_sink_crash() {
     );
     wait_until(Duration::from_secs(60), || stored(d).len() as u64 >= count);
     assert_exactly_once(&stored(d), count, d);
+}
+
+#[test]
+fn two_sink_instances_sharing_a_group_split_the_stream_and_together_acknowledge_all_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = BrokerSetup::new(d);
+    let _broker = b.start(&d.join("broker.log"));
+    let member = |n: u32| {
+        Proc::spawn(
+            "member",
+            probe(&b, &d.join(format!("m{n}")))
+                .args([
+                    "consume",
+                    "--shared",
+                    "--instance",
+                    &format!("member-{n}"),
+                    "--store",
+                ])
+                .arg(d.join(format!("store-{n}.txt"))),
+            &d.join(format!("member-{n}.log")),
+        )
+    };
+    let (_m1, _m2) = (member(1), member(2));
+    assert!(wait_subscribed(&d.join("member-1.log")) && wait_subscribed(&d.join("member-2.log")));
+    let count = 2000u64;
+    let mut producer = Proc::spawn(
+        "producer",
+        probe(&b, &d.join("p")).args([
+            "produce",
+            "--count",
+            &count.to_string(),
+            "--timeout-s",
+            "60",
+        ]),
+        &d.join("producer.log"),
+    );
+    let status = producer.wait(Duration::from_secs(90));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "producer did not get every reading acknowledged by the group"
+    );
+    let read = |n: u32| -> Vec<i64> {
+        std::fs::read_to_string(d.join(format!("store-{n}.txt")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    let (a, b2) = (read(1), read(2));
+    // Both members did real work: the broker split the stream between them.
+    assert!(
+        a.len() > 100 && b2.len() > 100,
+        "uneven split: {} and {}",
+        a.len(),
+        b2.len()
+    );
+    let mut all: Vec<i64> = a.into_iter().chain(b2).collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_exactly_once(&all, count, d);
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use proto::{Measurement, Payload, ServiceState, Status};
-use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_subscribed, wait_until, wattbus_bin};
 
 fn mosquitto(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
@@ -302,7 +302,10 @@ fn our_runtime_delivers_everything_through_a_mosquitto_broker() {
             .arg(&store),
         &d.join("consumer.log"),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_subscribed(&d.join("consumer.log")),
+        "consumer did not subscribe"
+    );
     let mut prod = Proc::spawn(
         "producer",
         base("p").args([

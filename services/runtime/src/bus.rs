@@ -65,6 +65,8 @@ struct Inner {
     /// and may be full (a replay after a reconnect fills it): a subscription that cannot be
     /// queued now is kept here and retried after every event, never given up.
     pending_subs: Mutex<Vec<(String, QoS)>>,
+    /// (subscriptions queued, SUBACKs received): equal once the broker confirmed them all.
+    subs: watch::Sender<(u64, u64)>,
     connected: watch::Receiver<u64>,
     close: Notify,
     client_id: Segment,
@@ -134,6 +136,7 @@ impl Bus {
             client,
             routes: Mutex::new(Vec::new()),
             pending_subs: Mutex::new(Vec::new()),
+            subs: watch::channel((0, 0)).0,
             connected: conn_rx,
             close: Notify::new(),
             client_id: id.instance.clone(),
@@ -179,6 +182,19 @@ impl Bus {
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.connection();
         tokio::time::timeout(timeout, rx.wait_for(|epoch| *epoch > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Wait until every subscription made so far is confirmed by the broker (or `timeout`).
+    /// Returns whether they are.
+    pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.subs.subscribe();
+        let inner = &self.inner;
+        let done = rx.wait_for(|(requested, acked)| {
+            acked >= requested && lock(&inner.pending_subs).is_empty()
+        });
+        tokio::time::timeout(timeout, done)
             .await
             .is_ok_and(|r| r.is_ok())
     }
@@ -251,7 +267,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Hand pending subscriptions to rumqttc, keeping those its full queue cannot take yet.
 fn queue_subscriptions(inner: &Inner) {
     let mut pending = lock(&inner.pending_subs);
-    pending.retain(|(filter, qos)| inner.client.try_subscribe(filter.clone(), *qos).is_err());
+    pending.retain(|(filter, qos)| {
+        let queued = inner.client.try_subscribe(filter.clone(), *qos).is_ok();
+        if queued {
+            inner.subs.send_modify(|(requested, _)| *requested += 1);
+        }
+        !queued
+    });
 }
 
 fn status(id: &Identity, state: ServiceState) -> Status {
@@ -326,6 +348,7 @@ async fn poll_loop(
                 .await
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                inner.subs.send_modify(|(_, acked)| *acked += 1);
                 if ack
                     .return_codes
                     .iter()

@@ -77,6 +77,9 @@ enum Mode {
         /// Only this device's readings (default: all).
         #[arg(long)]
         device: Option<String>,
+        /// Join the sink group as a shared subscription (`$share/<sink>/...`).
+        #[arg(long)]
+        shared: bool,
         #[arg(long, default_value = "probe-consumer")]
         instance: String,
         #[arg(long, default_value = "probe-sink")]
@@ -222,6 +225,7 @@ async fn main() -> anyhow::Result<()> {
                 },
             );
             let acker = inbox.acker();
+            announce_subscribed(&bus).await?;
             let relayed = Segment::new("probe-relayed")?;
             let sig =
                 tokio::spawn(async move { runtime::shutdown::fire_on_signal(&trigger).await });
@@ -249,6 +253,7 @@ async fn main() -> anyhow::Result<()> {
         Mode::Consume {
             store,
             device,
+            shared,
             instance,
             sink,
         } => {
@@ -270,10 +275,11 @@ async fn main() -> anyhow::Result<()> {
                 &Segment::new(sink)?,
                 &InboxConfig {
                     ack_interval_ms: 100,
-                    ..Default::default()
+                    shared,
                 },
             );
             let acker = inbox.acker();
+            announce_subscribed(&bus).await?;
             let mut batch = Vec::new();
             let sig =
                 tokio::spawn(async move { runtime::shutdown::fire_on_signal(&trigger).await });
@@ -317,6 +323,18 @@ async fn main() -> anyhow::Result<()> {
             sig.abort();
         }
     }
+    Ok(())
+}
+
+/// Tell the test (on stdout) that the broker has confirmed our subscriptions, so it can start
+/// producing without guessing with a sleep.
+async fn announce_subscribed(bus: &Bus) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        bus.wait_subscribed(Duration::from_secs(30)).await,
+        "subscriptions not confirmed within 30 s"
+    );
+    println!("{{\"subscribed\":true}}");
+    std::io::Write::flush(&mut std::io::stdout())?;
     Ok(())
 }
 
