@@ -39,28 +39,33 @@ CONF
 pids+=($!)
 wait_port "$wb_port"
 
-# mosquitto, same credentials, no persistence (like rumqttd)
-mq_port=$(free_port)
+# mosquitto, same credentials, no persistence (like rumqttd): once with its defaults, once with
+# the per-client queue limit lifted (its default, max_queued_messages 1000, drops QoS 1 messages
+# for a subscriber that falls behind; our producers then replay them after the ack timeout).
 mosquitto_passwd -b -c "$work/mq.passwd" probe "$pass"
 chmod 0644 "$work/mq.passwd"
-printf 'listener %s 127.0.0.1\nallow_anonymous false\npassword_file %s\npersistence false\nlog_dest none\nuser %s\n' \
-  "$mq_port" "$work/mq.passwd" "$(id -un)" > "$work/mq.conf"
-"$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$work/mq.conf" &
-pids+=($!)
-wait_port "$mq_port"
+start_mosquitto() { # port extra-config-line
+  printf 'listener %s 127.0.0.1\nallow_anonymous false\npassword_file %s\npersistence false\nlog_dest none\nuser %s\n%s\n' \
+    "$1" "$work/mq.passwd" "$(id -un)" "$2" > "$work/mq-$1.conf"
+  "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -c "$work/mq-$1.conf" &
+  pids+=($!)
+  wait_port "$1"
+}
+mq_port=$(free_port); start_mosquitto "$mq_port" ""
+mq_unl_port=$(free_port); start_mosquitto "$mq_unl_port" "max_queued_messages 0"
 
 run_one() { # broker_port count journal_flags
   local port=$1 count=$2 dir="$work/run-$RANDOM"
   mkdir -p "$dir"
-  RUST_LOG=warn "$bin/probe" --port "$port" --password "$pass" --data-dir "$dir/c" consume --store "$dir/store.txt" 2>"$dir/c.log" &
+  RUST_LOG=warn "$bin/probe" --port "$port" --password "$pass" --data-dir "$dir/c" consume --store "$dir/store.txt" >"$dir/c.out" 2>"$dir/c.log" &
   local cpid=$!
-  sleep 0.5
+  for _ in $(seq 1 300); do grep -q subscribed "$dir/c.out" 2>/dev/null && break; sleep 0.1; done
   local out
   out=$(RUST_LOG=warn "$bin/probe" --port "$port" --password "$pass" --data-dir "$dir/p" produce --count "$count" --ack-timeout-ms 30000 "${@:3}" 2>"$dir/p.log")
   kill "$cpid" 2>/dev/null; wait "$cpid" 2>/dev/null || true
   local stored; stored=$(wc -l < "$dir/store.txt")
   [ "$stored" -eq "$count" ] || { echo "stored $stored of $count" >&2; exit 1; }
-  python3 -c 'import json,sys; print(json.loads(sys.argv[1])["rate"])' "$out"
+  python3 -c 'import json,sys; print(json.loads(sys.argv[1].splitlines()[-1])["rate"])' "$out"
   rm -rf "$dir"
 }
 
@@ -68,8 +73,12 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "| broker | producer journal | msgs/s, median of $runs | each run |"
 echo "|---|---|---|---|"
-for broker in wattbus mosquitto; do
-  port=$wb_port; [ "$broker" = mosquitto ] && port=$mq_port
+for broker in wattbus "mosquitto (max_queued_messages 0)" "mosquitto (defaults)"; do
+  case $broker in
+    wattbus) port=$wb_port ;;
+    "mosquitto (defaults)") port=$mq_port ;;
+    *) port=$mq_unl_port ;;
+  esac
   for mode in "disk, fsync 1 s" "disk, fsync every record" "memory"; do
     case $mode in
       "disk, fsync 1 s") flags=(--fsync-interval-ms 1000) ;;

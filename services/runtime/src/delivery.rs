@@ -323,6 +323,10 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
     if let Err(e) = sync(&s).await {
         tracing::error!(error = %e, "Final fsync of the journal failed.");
     }
+    // A clean stop: remember what is acknowledged, so the next start replays only the rest.
+    if let Err(e) = s.state.lock().await.journal.save_acked() {
+        tracing::warn!(error = %e, "Cannot save the acknowledged point; the next start replays more than needed.");
+    }
 }
 
 async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {

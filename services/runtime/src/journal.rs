@@ -206,6 +206,13 @@ pub struct Journal {
     store: Store,
     seq: SeqAllocator,
     max_bytes: u64,
+    /// Every record `<=` this is acknowledged. Closed segments below it are deleted; the
+    /// active segment is only trimmed logically (deleting and re-creating the file each time
+    /// everything is acknowledged would churn the SD card's metadata once a second).
+    acked_through: u64,
+    /// Where `acked_through` is saved on a clean shutdown, so a restart does not replay the
+    /// acknowledged part of the last segment. A lost or stale file only costs a replay.
+    acked_path: PathBuf,
 }
 
 impl Journal {
@@ -232,14 +239,20 @@ impl Journal {
             }
         };
         let seq = SeqAllocator::open(dir, last + 1)?;
-        Ok((
-            Self {
-                store,
-                seq,
-                max_bytes: cfg.max_bytes,
-            },
-            report,
-        ))
+        let acked_path = dir.join("acked");
+        let saved = match fs::read(&acked_path) {
+            Ok(b) if b.len() == 8 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
+            _ => 0,
+        };
+        let mut journal = Self {
+            store,
+            seq,
+            max_bytes: cfg.max_bytes,
+            acked_through: 0,
+            acked_path,
+        };
+        journal.trim_through(saved)?;
+        Ok((journal, report))
     }
 
     /// Append a record; returns its seq and what had to be dropped to stay within bounds.
@@ -286,6 +299,7 @@ impl Journal {
     }
 
     fn enforce_bound(&mut self) -> Result<Option<Dropped>, JournalError> {
+        let acked = self.acked_through;
         let mut dropped: Option<Dropped> = None;
         let mut note = |records: u64, first: u64, last: u64| {
             let d = dropped.get_or_insert(Dropped {
@@ -300,7 +314,16 @@ impl Journal {
             Store::Disk(d) => {
                 while d.total_bytes > self.max_bytes && d.segments.len() > 1 {
                     if let Some(s) = d.remove_oldest()? {
-                        note(s.records, s.first(), s.last());
+                        // Only what was not acknowledged yet is a loss.
+                        let lost: u64 = s
+                            .ranges
+                            .iter()
+                            .filter(|r| r[1] > acked)
+                            .map(|r| r[1] - r[0].max(acked + 1) + 1)
+                            .sum();
+                        if lost > 0 {
+                            note(lost, s.first().max(acked + 1), s.last());
+                        }
                     }
                 }
             }
@@ -308,7 +331,9 @@ impl Journal {
                 while m.total_bytes > self.max_bytes && m.records.len() > 1 {
                     if let Some(r) = m.records.pop_front() {
                         m.total_bytes -= r.size();
-                        note(1, r.seq, r.seq);
+                        if r.seq > acked {
+                            note(1, r.seq, r.seq);
+                        }
                     }
                 }
             }
@@ -316,28 +341,28 @@ impl Journal {
         Ok(dropped)
     }
 
-    /// Forget every record with `seq <= through`. Disk journals delete whole segments only;
-    /// a partly acknowledged segment stays until the rest of it is acknowledged.
+    /// Forget every record with `seq <= through` (they are acknowledged). Disk journals
+    /// delete closed segments that hold nothing newer; the active segment stays until it is
+    /// full and closed. Returns how many segment files were deleted.
     pub fn trim_through(&mut self, through: u64) -> Result<u64, JournalError> {
+        if through <= self.acked_through {
+            return Ok(0);
+        }
+        self.acked_through = through;
         let mut removed = 0;
         match &mut self.store {
             Store::Disk(d) => {
-                while d.segments.front().is_some_and(|s| s.last() <= through) {
-                    if d.segments.len() == 1 {
-                        // The active segment is fully acknowledged: close it so the next append
-                        // starts a fresh file, then delete it.
-                        d.active = None;
-                    }
-                    if let Some(s) = d.remove_oldest()? {
-                        removed += s.records;
-                    }
+                while d.segments.front().is_some_and(|s| s.last() <= through)
+                    && !(d.segments.len() == 1 && d.active.is_some())
+                {
+                    d.remove_oldest()?;
+                    removed += 1;
                 }
             }
             Store::Memory(m) => {
                 while m.records.front().is_some_and(|r| r.seq <= through) {
                     if let Some(r) = m.records.pop_front() {
                         m.total_bytes -= r.size();
-                        removed += 1;
                     }
                 }
             }
@@ -345,8 +370,30 @@ impl Journal {
         Ok(removed)
     }
 
+    /// Save the acknowledged point (on a clean shutdown).
+    pub fn save_acked(&self) -> Result<(), JournalError> {
+        let tmp = self.acked_path.with_extension("tmp");
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&self.acked_through.to_le_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.acked_path)
+        };
+        write().map_err(io_err(&self.acked_path))
+    }
+
     /// The seqs held, as ascending inclusive ranges.
     pub fn ranges(&self) -> Vec<[u64; 2]> {
+        let acked = self.acked_through;
+        self.physical_ranges()
+            .into_iter()
+            .filter(|r| r[1] > acked)
+            .map(|[first, last]| [first.max(acked + 1), last])
+            .collect()
+    }
+
+    /// Seq ranges present in the store, acknowledged or not.
+    fn physical_ranges(&self) -> Vec<[u64; 2]> {
         match &self.store {
             Store::Disk(d) => d
                 .segments
@@ -380,11 +427,9 @@ impl Journal {
         }
     }
 
+    /// Records not yet acknowledged.
     pub fn records(&self) -> u64 {
-        match &self.store {
-            Store::Disk(d) => d.segments.iter().map(|s| s.records).sum(),
-            Store::Memory(m) => m.records.len() as u64,
-        }
+        self.ranges().iter().map(|[f, l]| l - f + 1).sum()
     }
 
     /// A handle to fsync the active segment outside the caller's lock (`None`: nothing to sync).
@@ -411,6 +456,7 @@ impl Journal {
         limit: usize,
         skip: impl Fn(u64) -> bool,
     ) -> Result<Vec<Record>, JournalError> {
+        let after = after.max(self.acked_through);
         let mut out = Vec::new();
         match &self.store {
             Store::Memory(m) => {
@@ -748,28 +794,71 @@ mod tests {
         );
     }
 
+    fn segment_files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    }
+
     #[test]
-    fn trim_deletes_only_fully_acknowledged_segments() {
+    fn trim_deletes_closed_segments_and_never_churns_the_active_one() {
         let dir = tempfile::tempdir().unwrap();
         let c = cfg(JournalKind::Disk, 1 << 20, 4096);
         let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        let mut last = 0;
         for i in 0..300 {
-            j.append("t", &payload(i)).unwrap();
+            last = j.append("t", &payload(i)).unwrap().0;
         }
         let ranges = j.ranges();
         assert!(ranges.len() > 2);
         let first_seg_last = ranges[0][1];
-        assert_eq!(j.trim_through(first_seg_last - 1).unwrap(), 0);
-        assert!(j.trim_through(first_seg_last).unwrap() > 0);
+        assert_eq!(
+            j.trim_through(first_seg_last - 1).unwrap(),
+            0,
+            "a partly acknowledged segment stays"
+        );
+        assert_eq!(
+            j.ranges()[0],
+            [first_seg_last, first_seg_last],
+            "but its acknowledged part is gone"
+        );
+        assert_eq!(j.trim_through(first_seg_last).unwrap(), 1);
         assert_eq!(j.ranges()[0][0], first_seg_last + 1);
-        j.trim_through(u64::MAX - 1).unwrap();
+        j.trim_through(last).unwrap();
         assert_eq!(j.records(), 0);
-        let (seq, _) = j.append("t", b"again").unwrap();
-        assert_eq!(j.ranges(), vec![[seq, seq]]);
+        assert_eq!(segment_files(dir.path()), 1, "the active segment is kept");
+        // Acknowledged-and-append cycles (1 Hz readings acknowledged at once) write into the
+        // same file: no file is created or deleted per reading.
+        for i in 0..20 {
+            let (seq, _) = j.append("t", &payload(i)).unwrap();
+            assert_eq!(j.ranges(), vec![[seq, seq]]);
+            j.trim_through(seq).unwrap();
+            assert_eq!(segment_files(dir.path()), 1);
+        }
+        assert!(
+            j.read_after(0, 100, |_| false).unwrap().is_empty(),
+            "acknowledged records are never replayed"
+        );
+        let (seq, _) = j.append("t", b"unacknowledged").unwrap();
         drop(j);
-        let (j, report) = Journal::open(dir.path(), &c).unwrap();
-        assert_eq!(report.records, 1);
+        // Reopened after a crash (nothing saved): the acknowledged point is lost, so the last
+        // segment is replayed from its start — duplicates, never a loss.
+        let (j, _) = Journal::open(dir.path(), &c).unwrap();
+        assert!(j.records() > 1);
         assert_eq!(j.last_seq(), Some(seq));
+        // After a clean shutdown it is not.
+        let mut j = j;
+        j.trim_through(seq - 1).unwrap();
+        j.save_acked().unwrap();
+        drop(j);
+        let (j, _) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(j.ranges(), vec![[seq, seq]]);
+        assert_eq!(
+            j.read_after(0, 10, |_| false).unwrap()[0].payload,
+            b"unacknowledged"
+        );
     }
 
     #[test]
