@@ -344,3 +344,62 @@ fn our_runtime_delivers_everything_through_a_mosquitto_broker() {
     ts.dedup();
     assert_eq!(ts.len(), 500);
 }
+
+#[test]
+fn wattbus_tail_prints_readable_lines_for_what_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = BrokerSetup::new(d);
+    let _broker = b.start(&d.join("broker.log"));
+    let config = d.join("w.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "site = \"lab\"\ndata_dir = \"{}\"\n[log]\nformat = \"json\"\n[bus]\nport = {}\nusername = \"probe\"\npassword_file = \"{}\"\n[simulator]\ninterval_ms = 100\nhealth_listen = \"127.0.0.1:{}\"\n",
+            d.display(),
+            b.port,
+            d.join("broker-password").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let _sim = Proc::spawn(
+        "simulator",
+        Command::new(wattbus_bin())
+            .args(["run", "simulator", "--config"])
+            .arg(&config),
+        &d.join("sim.log"),
+    );
+    let out = Command::new(wattbus_bin())
+        .args(["tail", "wattbus/v1/lab/meas/#", "-n", "3", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for l in lines {
+        assert!(
+            l.starts_with("meas   lab/sim-meter-1/main  power ") && l.contains(" power_w="),
+            "{l}"
+        );
+        assert!(l.contains("[good]") && l.contains("(simulator#"), "{l}");
+    }
+    // `[log] format = "json"`: every log line the simulator wrote is one JSON object.
+    let log = std::fs::read_to_string(d.join("sim.log")).unwrap();
+    let first = log
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("the simulator logged nothing"));
+    let v: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert!(
+        v.get("level").is_some() && v.get("message").is_some(),
+        "{first}"
+    );
+}
