@@ -367,6 +367,8 @@ pub struct Status {
     pub instance: Segment,
     pub state: ServiceState,
     pub version: String,
+    /// When the status was set. An `offline` published as the last will carries the time the
+    /// connection was made (a will is fixed at CONNECT), not the time it dropped.
     pub ts_ms: i64,
 }
 

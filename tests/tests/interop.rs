@@ -403,3 +403,73 @@ fn wattbus_tail_prints_readable_lines_for_what_flows() {
         "{first}"
     );
 }
+
+#[test]
+fn a_crashed_service_is_marked_offline_by_its_last_will() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = BrokerSetup::new(d);
+    let _broker = b.start(&d.join("broker.log"));
+    let config = d.join("sim.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "site = \"lab\"\ndata_dir = \"{}\"\n[bus]\nport = {}\nusername = \"probe\"\npassword_file = \"{}\"\nkeep_alive_s = 5\n[simulator]\nhealth_listen = \"127.0.0.1:{}\"\n",
+            d.display(),
+            b.port,
+            d.join("broker-password").display(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let port = b.port.to_string();
+    let creds = [
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-u",
+        &b.user,
+        "-P",
+        &b.password,
+    ];
+    let status_now = || {
+        let o = mosquitto(
+            "mosquitto_sub",
+            &[
+                &creds[..],
+                &[
+                    "-t",
+                    "wattbus/v1/lab/status/simulator",
+                    "-C",
+                    "1",
+                    "-W",
+                    "3",
+                ],
+            ]
+            .concat(),
+        );
+        Status::decode(String::from_utf8_lossy(&o.stdout).trim().as_bytes())
+            .ok()
+            .map(|s| s.state)
+    };
+    let mut sim = Proc::spawn(
+        "simulator",
+        Command::new(wattbus_bin())
+            .args(["run", "simulator", "--config"])
+            .arg(&config),
+        &d.join("sim.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || status_now()
+            == Some(ServiceState::Online)),
+        "never online"
+    );
+    sim.kill9();
+    // No clean disconnect: the broker notices the dropped connection and publishes the will.
+    assert!(
+        wait_until(Duration::from_secs(20), || status_now()
+            == Some(ServiceState::Offline)),
+        "the last will did not mark the simulator offline"
+    );
+}
