@@ -211,6 +211,21 @@ fn a_crashed_producer_replays_its_journal_after_restart() {
         "producer did not publish 800 readings"
     );
     producer.kill9();
+    // And the crash tore the last write: half a record at the end of the newest segment.
+    let journal = d.join("producer/journal/probe-producer/meas");
+    let newest = std::fs::read_dir(&journal)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .expect("a journal segment");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&newest)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[0x30, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
+    drop(f);
     let _consumer = Proc::spawn(
         "consumer",
         probe(&b, &d.join("consumer"))
@@ -241,6 +256,11 @@ fn a_crashed_producer_replays_its_journal_after_restart() {
     );
     assert!(wait_until(Duration::from_secs(5), || stored(d).len() >= 800));
     assert_exactly_once(&stored(d), 800, d);
+    let log = std::fs::read_to_string(d.join("producer-again.log")).unwrap();
+    assert!(
+        log.contains("torn or damaged tail"),
+        "the damaged tail was not reported: {log}"
+    );
 }
 
 #[test]
