@@ -399,7 +399,8 @@ impl Payload for Ack {
     const NAME: &'static str = "ack";
 
     fn validate(&self) -> Result<(), String> {
-        check_ts_ms("ts_ms", self.ts_ms)?;
+        // `ts_ms` is informational: a sink whose clock is not set yet must still be able to
+        // acknowledge, so it is not checked.
         if self.ranges.is_empty() || self.ranges.len() > MAX_ACK_RANGES {
             return Err(format!(
                 "{} ranges; 1..={MAX_ACK_RANGES} allowed",

@@ -154,9 +154,16 @@ impl AckTracker {
         let Some(g) = self.groups.get_mut(group) else {
             return false;
         };
+        // Only seqs the journal holds can be acknowledged. Anything above its end does not
+        // exist (yet): accepting it would acknowledge future records in advance (a buggy or
+        // hostile client), and keeping it would let such ranges pile up without bound.
+        let Some(end) = journal.last().map(|r| r[1]) else {
+            return false;
+        };
         for &[first, last] in ranges {
-            if last > g.watermark {
-                g.acked.insert(first.max(g.watermark + 1), last);
+            let (lo, hi) = (first.max(g.watermark + 1), last.min(end));
+            if lo <= hi {
+                g.acked.insert(lo, hi);
             }
         }
         let before = g.watermark;
@@ -227,11 +234,10 @@ impl AckTracker {
     pub fn reconnected(&mut self, now: Instant, grace: Duration) {
         for g in self.groups.values_mut() {
             if g.waiting_since.is_some() {
-                g.timeout = self.base_timeout;
-                g.waiting_since = Some(
-                    now.checked_sub(self.base_timeout.saturating_sub(grace))
-                        .unwrap_or(now),
-                );
+                // Due exactly `grace` from now, whatever the base timeout (shorter or longer);
+                // the usual doubling continues from there and resets on progress.
+                g.waiting_since = Some(now);
+                g.timeout = grace.min(self.max_timeout).max(Duration::from_millis(1));
             }
         }
     }
@@ -254,8 +260,6 @@ fn advance(g: &mut Group, journal: &[[u64; 2]]) {
             break;
         }
     }
-    // Past the journal's end nothing exists yet; acks for it (from a previous run's numbers
-    // that were lost with a torn tail) are kept until the journal catches up.
     g.acked.remove_through(g.watermark);
 }
 
@@ -342,6 +346,38 @@ mod tests {
         assert!(
             t.overdue(Some(10), t0 + T * 100).is_empty(),
             "nothing pending, nothing due"
+        );
+    }
+
+    #[test]
+    fn acks_beyond_the_journal_acknowledge_nothing_in_advance() {
+        let now = Instant::now();
+        let mut t = AckTracker::new(["influx"], Some(1), T, T * 30);
+        t.ack("influx", &[[1, 1_000_000]], &[[1, 10]], now);
+        assert_eq!(t.watermark("influx"), Some(10));
+        // 11..=20 are appended later and never acknowledged.
+        t.ack("influx", &[[3, 3]], &[[1, 20]], now);
+        assert_eq!(t.watermark("influx"), Some(10));
+        // And a flood of disjoint ranges above the journal keeps no state.
+        for m in 0..200u64 {
+            let r: Vec<[u64; 2]> = (0..512u64)
+                .map(|i| [1_000_000 + (m * 512 + i) * 2; 2])
+                .collect();
+            t.ack("influx", &r, &[[1, 20]], now);
+        }
+        assert!(t.groups["influx"].acked.is_empty());
+    }
+
+    #[test]
+    fn the_reconnect_grace_holds_even_when_the_timeout_is_shorter() {
+        let t0 = Instant::now();
+        let mut t = AckTracker::new(["s"], Some(1), Duration::from_millis(500), T);
+        t.published(t0);
+        t.reconnected(t0, Duration::from_secs(2));
+        assert!(t.overdue(Some(10), t0 + Duration::from_secs(1)).is_empty());
+        assert_eq!(
+            t.overdue(Some(10), t0 + Duration::from_millis(2001)).len(),
+            1
         );
     }
 

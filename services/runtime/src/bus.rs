@@ -12,6 +12,7 @@
 //! drops its pending queue on a reconnect without a session. Nothing relies on MQTT to keep a
 //! message: the delivery contract (journal, acknowledgements, replay) does.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,10 @@ use tokio::task::JoinHandle;
 use crate::config::{BusConfig, ConfigError};
 use crate::health::{Health, ReadyFlag};
 use crate::{events, telemetry::Gauge};
+
+/// How long [`Bus::publish_or_defer`] waits for room in rumqttc's request queue. Long enough
+/// to ride out a burst, short enough that a stalled event loop cannot stall a producer.
+const PUBLISH_WAIT: Duration = Duration::from_millis(500);
 
 /// An incoming message.
 #[derive(Debug, Clone)]
@@ -67,6 +72,10 @@ struct Inner {
     pending_subs: Mutex<Vec<(String, QoS)>>,
     /// (subscriptions queued, SUBACKs received): equal once the broker confirmed them all.
     subs: watch::Sender<(u64, u64)>,
+    /// Whether the link is up (between a ConnAck and the next error). While it is down,
+    /// producers journal without publishing: rumqttc's request queue is not drained then, and
+    /// waiting on it would stop a service from reading its devices.
+    up: AtomicBool,
     connected: watch::Receiver<u64>,
     close: Notify,
     client_id: Segment,
@@ -137,6 +146,7 @@ impl Bus {
             routes: Mutex::new(Vec::new()),
             pending_subs: Mutex::new(Vec::new()),
             subs: watch::channel((0, 0)).0,
+            up: AtomicBool::new(false),
             connected: conn_rx,
             close: Notify::new(),
             client_id: id.instance.clone(),
@@ -209,16 +219,19 @@ impl Bus {
     ) -> mpsc::Receiver<Message> {
         let filter = filter.into();
         let (tx, rx) = mpsc::channel(self.capacity);
-        lock(&self.inner.routes).push(Route {
-            filter: filter.clone(),
-            qos,
-            tx,
-            overflow,
-        });
-        if *self.inner.connected.borrow() > 0 {
+        {
+            let mut routes = lock(&self.inner.routes);
+            routes.push(Route {
+                filter: filter.clone(),
+                qos,
+                tx,
+                overflow,
+            });
+            // Always pending, connected or not: deciding by the connection state here would
+            // race with the ConnAck handler's snapshot. A duplicate subscription is harmless.
             lock(&self.inner.pending_subs).push((filter, qos));
-            queue_subscriptions(&self.inner);
         }
+        queue_subscriptions(&self.inner);
         rx
     }
 
@@ -235,6 +248,20 @@ impl Bus {
             .publish(topic, QoS::AtLeastOnce, retain, payload.into())
             .await
             .map_err(|_| BusError::Closed)
+    }
+
+    /// Publish if the link is up and rumqttc takes the message within `PUBLISH_WAIT`;
+    /// otherwise leave it (returns false). For journaled messages, which the delivery contract
+    /// publishes again later: a producer must keep reading its devices during a broker outage.
+    pub async fn publish_or_defer(&self, topic: &str, payload: Vec<u8>) -> bool {
+        if !self.inner.up.load(Ordering::Relaxed) {
+            return false;
+        }
+        let queued = self
+            .inner
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload);
+        matches!(tokio::time::timeout(PUBLISH_WAIT, queued).await, Ok(Ok(())))
     }
 
     /// Publish a typed payload.
@@ -318,11 +345,14 @@ async fn poll_loop(
                 failures = 0;
                 epoch += 1;
                 events::bus_connected(id.instance.as_str(), epoch > 1);
-                let filters: Vec<(String, QoS)> = lock(&inner.routes)
-                    .iter()
-                    .map(|r| (r.filter.clone(), r.qos))
-                    .collect();
-                *lock(&inner.pending_subs) = filters;
+                {
+                    // Under the routes lock, so a route added meanwhile is either in this
+                    // snapshot or adds itself to `pending_subs` after it (lock order: routes,
+                    // then pending_subs).
+                    let routes = lock(&inner.routes);
+                    *lock(&inner.pending_subs) =
+                        routes.iter().map(|r| (r.filter.clone(), r.qos)).collect();
+                }
                 queue_subscriptions(&inner);
                 if let Ok(online) = status(&id, ServiceState::Online).encode()
                     && inner
@@ -333,6 +363,7 @@ async fn poll_loop(
                     tracing::debug!("Could not queue the online status.");
                 }
                 ready.set(true);
+                inner.up.store(true, Ordering::Relaxed);
                 connected_gauge.set(1.0);
                 conn_tx.send_replace(epoch);
             }
@@ -363,6 +394,7 @@ async fn poll_loop(
             Ok(_) => {}
             Err(e) => {
                 ready.set(false);
+                inner.up.store(false, Ordering::Relaxed);
                 connected_gauge.set(0.0);
                 let delay = backoff(&cfg, failures);
                 events::bus_error(id.instance.as_str(), &e, delay, failures == 0);
@@ -375,7 +407,10 @@ async fn poll_loop(
         }
     }
     ready.set(false);
+    inner.up.store(false, Ordering::Relaxed);
     connected_gauge.set(0.0);
+    // Nothing will arrive any more: let every consumer's `recv` end.
+    lock(&inner.routes).clear();
 }
 
 async fn shut_down(

@@ -36,6 +36,9 @@ use crate::journal::{Journal, JournalError, Record};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{Counter, Gauge};
 
+/// Processor acknowledgements waiting for their output's fsync, at most.
+const MAX_WAITING_FOR_SYNC: usize = 100_000;
+
 /// After a reconnect, wait this long before replaying, so that sinks have reconnected and
 /// subscribed too.
 const RECONNECT_GRACE: Duration = Duration::from_secs(2);
@@ -75,6 +78,7 @@ struct Shared {
     cfg: StreamConfig,
     synced_tx: watch::Sender<u64>,
     sent: Counter,
+    deferred: Counter,
     journal_bytes: Gauge,
     journal_records: Gauge,
 }
@@ -138,6 +142,11 @@ impl Producer {
             stream: stream.clone(),
             cfg: cfg.clone(),
             synced_tx: watch::channel(appended).0,
+            deferred: Counter::new(
+                "wattbus_deferred_messages_total",
+                "Messages journaled but not published at once because the broker was unreachable (replayed later).",
+                &labels,
+            ),
             sent: Counter::new(
                 "wattbus_produced_messages_total",
                 "Messages journaled and published.",
@@ -194,11 +203,18 @@ impl Producer {
         if s.cfg.fsync_interval_ms == 0 {
             self.sync().await?;
         }
-        s.bus.publish(topic.as_str(), bytes, false).await?;
-        s.sent.inc();
+        // Journaled is what counts from here on. If the broker is down (or rumqttc's queue is
+        // stuck), the record waits in the journal and is published by replay once sinks are
+        // overdue or the link is back; the caller goes back to reading its devices.
+        let published = s.bus.publish_or_defer(topic.as_str(), bytes).await;
+        if published {
+            s.sent.inc();
+        } else {
+            s.deferred.inc();
+        }
         if s.tracker_is_empty() {
-            // Nobody to wait for: the record has been handed to the broker, which is all the
-            // delivery there will be.
+            // Nobody to wait for: handing the record to the broker is all the delivery there
+            // will be, and a record the broker never got is gone (counted as deferred).
             let mut st = s.state.lock().await;
             st.journal.trim_through(seq)?;
         }
@@ -237,7 +253,7 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
     let (handle, upto) = {
         let mut st = s.state.lock().await;
         st.last_sync = Instant::now();
-        (st.journal.sync_handle(), st.appended)
+        (st.journal.sync_handle()?, st.appended)
     };
     if let Some((path, file)) = handle {
         // fsync on an SD card can take tens of milliseconds: keep it off the async workers.
@@ -356,7 +372,10 @@ async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {
         }
         events::replaying(s.stream.as_str(), &group, records.len(), after, waited);
         for r in records {
-            s.bus.publish(&r.topic, r.payload, false).await?;
+            if !s.bus.publish_or_defer(&r.topic, r.payload).await {
+                // The link is down or stuck: the rest waits for the next round.
+                break;
+            }
         }
     }
     Ok(())
@@ -491,7 +510,18 @@ impl<T: Sequenced> Inbox<T> {
                     });
                 }
                 Err(e) => {
-                    events::malformed(self.bus.service().as_str(), &msg.topic, &e);
+                    // A journaled message (it has an origin) that we cannot read is answered
+                    // with an acknowledgement once it is dead-lettered: unacknowledged, it would
+                    // pin its producer's journal forever, be replayed every few minutes, and
+                    // end with the journal full and good readings dropped.
+                    let token = lenient_origin(&msg.payload).map(|o| AckToken {
+                        site: proto::parse(&msg.topic)
+                            .map_or_else(|| self.site.clone(), |p| p.site),
+                        producer: o.producer,
+                        stream: o.stream,
+                        seq: o.seq,
+                    });
+                    events::malformed(self.bus.service().as_str(), &msg.topic, &e, token.is_some());
                     let dl = DeadLetter::new(
                         self.bus.service().clone(),
                         e.to_string(),
@@ -499,13 +529,29 @@ impl<T: Sequenced> Inbox<T> {
                         &msg.payload,
                     );
                     let topic = Topic::dead_letter(&self.site, self.bus.service());
-                    if let Err(e) = self.bus.send(&topic, &dl, false).await {
-                        tracing::warn!(error = %e, "Could not publish a dead letter.");
+                    match self.bus.send(&topic, &dl, false).await {
+                        Ok(()) => {
+                            if let Some(t) = &token {
+                                self.acker.ack(t);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "Could not publish a dead letter."),
                     }
                 }
             }
         }
     }
+}
+
+/// The origin of a payload that failed to decode as a whole, if it has a readable one.
+fn lenient_origin(payload: &[u8]) -> Option<Origin> {
+    #[derive(serde::Deserialize)]
+    struct OnlyOrigin {
+        origin: Origin,
+    }
+    serde_json::from_slice::<OnlyOrigin>(payload)
+        .ok()
+        .map(|o| o.origin)
 }
 
 type StreamKey = (Segment, Segment, Segment);
@@ -524,7 +570,15 @@ async fn flush_acks(
         let closed = tokio::select! {
             msg = rx.recv() => match msg {
                 Some(AckMsg::Now(t)) => { add(&mut ready, t); continue; }
-                Some(AckMsg::AfterSync(t, synced, seq)) => { waiting.push((t, synced, seq)); continue; }
+                Some(AckMsg::AfterSync(t, synced, seq)) => {
+                    if waiting.len() >= MAX_WAITING_FOR_SYNC {
+                        // The output journal has not synced for a long while (failing disk?).
+                        // Forgetting the oldest costs a replay of their input, not a reading.
+                        waiting.remove(0);
+                    }
+                    waiting.push((t, synced, seq));
+                    continue;
+                }
                 None => true,
             },
             _ = tick.tick() => false,
@@ -563,4 +617,103 @@ fn add(ready: &mut BTreeMap<StreamKey, RangeSet>, t: AckToken) {
         .entry((t.site, t.producer, t.stream))
         .or_default()
         .insert(t.seq, t.seq);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::Identity;
+    use crate::config::BusConfig;
+    use crate::health::Health;
+    use proto::{Measurement, Quality};
+
+    fn seg(s: &str) -> Segment {
+        Segment::new(s).unwrap()
+    }
+
+    /// A bus whose broker is down: connecting to a port nobody listens on.
+    fn unreachable_bus(name: &str) -> (Bus, JoinHandle<()>) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = BusConfig {
+            port,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 200,
+            ..BusConfig::default()
+        };
+        Bus::connect(
+            &cfg,
+            &seg("home"),
+            &Identity {
+                service: seg("t"),
+                instance: seg(name),
+            },
+            &Health::default(),
+        )
+        .unwrap()
+    }
+
+    fn reading(i: i64) -> Measurement {
+        Measurement {
+            origin: None,
+            site: seg("home"),
+            device: seg("d"),
+            channel: seg("c"),
+            measurement: seg("power"),
+            ts_ms: 1_764_000_000_000 + i,
+            quality: Quality::Good,
+            fields: [("power_w".to_string(), i as f64)].into(),
+            tags: Default::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_outage_does_not_stop_a_producer_from_journaling() {
+        let (bus, _task) = unreachable_bus("p");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StreamConfig {
+            wait_for: vec![seg("influx")],
+            ..StreamConfig::default()
+        };
+        let (producer, _t) =
+            Producer::open(&bus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+        let topic = Topic::measurement(&seg("home"), &seg("d"), &seg("c"));
+        // Far more than rumqttc's request queue (1024) holds.
+        for i in 0..3000 {
+            let sent =
+                tokio::time::timeout(Duration::from_secs(2), producer.send(&topic, reading(i)))
+                    .await;
+            assert!(
+                matches!(sent, Ok(Ok(_))),
+                "send #{i} blocked or failed during the outage"
+            );
+        }
+        assert_eq!(
+            producer.pending().await,
+            3000,
+            "every reading is kept for when the broker returns"
+        );
+    }
+
+    #[tokio::test]
+    async fn inbox_recv_ends_once_the_bus_is_closed() {
+        let (bus, task) = unreachable_bus("s");
+        let (mut inbox, acks) = Inbox::<Measurement>::subscribe(
+            &bus,
+            &Filter::measurements(None, None),
+            &seg("sink"),
+            &InboxConfig::default(),
+        );
+        bus.close(task).await;
+        let got = tokio::time::timeout(Duration::from_secs(3), inbox.recv()).await;
+        assert!(matches!(got, Ok(None)), "recv did not end after close");
+        drop(inbox);
+        tokio::time::timeout(Duration::from_secs(3), acks)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

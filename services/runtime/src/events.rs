@@ -99,12 +99,17 @@ pub fn route_overflow(filter: &str) {
     );
 }
 
-pub fn malformed(service: &str, topic: &str, error: &dyn std::error::Error) {
+pub fn malformed(service: &str, topic: &str, error: &dyn std::error::Error, journaled: bool) {
     Counter::new(
         "wattbus_malformed_messages_total",
         "Incoming messages that could not be decoded (sent to the dead-letter topic).",
         &[("service", service)],
     )
     .inc();
-    tracing::warn!(service, topic, error = %error, "Malformed message; sent to the dead-letter topic.");
+    if journaled {
+        // It came through a producer's journal: a reading that this sink will not store.
+        tracing::error!(service, topic, error = %error, "A journaled message cannot be read (a newer producer?); sent to the dead-letter topic and acknowledged, not stored.");
+    } else {
+        tracing::warn!(service, topic, error = %error, "Malformed message; sent to the dead-letter topic.");
+    }
 }

@@ -50,6 +50,11 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "journal {0} is in use by another process: are two instances running with the same \
+         name (the MQTT client id)? Give each its own `instance`"
+    )]
+    Locked(PathBuf),
     #[error("topic of {0} bytes is too long for the journal")]
     TopicTooLong(usize),
 }
@@ -213,12 +218,32 @@ pub struct Journal {
     /// Where `acked_through` is saved on a clean shutdown, so a restart does not replay the
     /// acknowledged part of the last segment. A lost or stale file only costs a replay.
     acked_path: PathBuf,
+    /// Held while the journal is open: two processes appending to one journal would reuse
+    /// sequence numbers and interleave records.
+    _lock: File,
+}
+
+/// Take the journal directory's lock, or say who is in the way.
+fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path)(e)),
+    }
 }
 
 impl Journal {
     /// Open (or create) the journal in `dir`.
     pub fn open(dir: &Path, cfg: &StreamConfig) -> Result<(Self, OpenReport), JournalError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock = lock_dir(dir)?;
         let (store, report, last) = match cfg.journal {
             JournalKind::Disk => {
                 let (disk, report) = DiskJournal::open(dir, cfg.segment_bytes)?;
@@ -238,20 +263,24 @@ impl Journal {
                 )
             }
         };
-        let seq = SeqAllocator::open(dir, last + 1)?;
         let acked_path = dir.join("acked");
         let saved = match fs::read(&acked_path) {
             Ok(b) if b.len() == 8 => u64::from_le_bytes(b.try_into().unwrap_or([0; 8])),
             _ => 0,
         };
+        // The `seq` file's reservation already covers every number ever handed out; a valid
+        // acknowledged point never exceeds the journal's last seq, so it adds nothing here.
+        let seq = SeqAllocator::open(dir, last + 1)?;
         let mut journal = Self {
             store,
             seq,
             max_bytes: cfg.max_bytes,
             acked_through: 0,
             acked_path,
+            _lock: lock,
         };
-        journal.trim_through(saved)?;
+        // A damaged or stale value can only be trusted up to what the journal holds.
+        journal.trim_through(saved.min(last))?;
         Ok((journal, report))
     }
 
@@ -433,19 +462,17 @@ impl Journal {
     }
 
     /// A handle to fsync the active segment outside the caller's lock (`None`: nothing to sync).
-    pub fn sync_handle(&self) -> Option<(PathBuf, File)> {
+    pub fn sync_handle(&self) -> Result<Option<(PathBuf, File)>, JournalError> {
         match &self.store {
             Store::Disk(d) => {
-                let file = d.active.as_ref()?.try_clone().ok()?;
-                Some((
-                    d.segments
-                        .back()
-                        .map(|s| s.path.clone())
-                        .unwrap_or_default(),
-                    file,
-                ))
+                let (Some(active), Some(seg)) = (d.active.as_ref(), d.segments.back()) else {
+                    return Ok(None);
+                };
+                // A handle we cannot get is a sync we cannot do: say so, never pretend.
+                let file = active.try_clone().map_err(io_err(&seg.path))?;
+                Ok(Some((seg.path.clone(), file)))
             }
-            Store::Memory(_) => None,
+            Store::Memory(_) => Ok(None),
         }
     }
 
@@ -605,7 +632,22 @@ impl DiskJournal {
         };
         // One write per record: either the kernel has all of it or, after a crash, the tail is
         // torn and the CRC catches it on the next open.
-        file.write_all(&buf).map_err(io_err(&seg.path))?;
+        if let Err(e) = file.write_all(&buf) {
+            // A write that failed half-way (disk full, I/O error) must not leave garbage in the
+            // middle of the segment: everything appended after it would be unreadable.
+            let undone = file.set_len(seg.bytes).is_ok();
+            let err = io_err(&seg.path)(e);
+            if seg.records == 0 {
+                if let Some(empty) = self.segments.pop_back() {
+                    let _best_effort = fs::remove_file(&empty.path);
+                }
+                self.active = None;
+            } else if !undone {
+                // Could not cut it off: start a fresh segment for the next record.
+                self.active = None;
+            }
+            return Err(err);
+        }
         seg.push(seq, size);
         self.total_bytes += size;
         Ok(())
@@ -690,6 +732,40 @@ mod tests {
 
     fn payload(i: u64) -> Vec<u8> {
         format!("{{\"reading\":{i}}}").into_bytes()
+    }
+
+    #[test]
+    fn a_journal_cannot_be_opened_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 4096);
+        let (_j, _) = Journal::open(dir.path(), &c).unwrap();
+        let e = Journal::open(dir.path(), &c).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+    }
+
+    #[test]
+    fn a_saved_acknowledgement_beyond_the_journal_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cfg(JournalKind::Disk, 1 << 20, 4096);
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        for i in 0..10 {
+            j.append("t", &payload(i)).unwrap();
+        }
+        drop(j);
+        // A corrupt `acked` file claiming far more than was ever written.
+        fs::write(dir.path().join("acked"), u64::MAX.to_le_bytes()).unwrap();
+        let (mut j, _) = Journal::open(dir.path(), &c).unwrap();
+        assert_eq!(
+            j.records(),
+            0,
+            "everything the journal held is below the claim"
+        );
+        let (seq, _) = j.append("t", b"new").unwrap();
+        assert_eq!(
+            j.ranges(),
+            vec![[seq, seq]],
+            "a new record is not hidden by the bad claim"
+        );
     }
 
     #[test]

@@ -136,6 +136,47 @@ async fn malformed_messages_go_to_the_dead_letter_topic_and_valid_ones_still_arr
         "{}",
         dl.reason
     );
+
+    // A journaled message (it has an origin) that cannot be read is dead-lettered *and*
+    // acknowledged, so it cannot pin its producer's journal.
+    let ack_filter =
+        proto::Filter::<proto::Ack>::acks_for(&site, &seg("old-producer"), &seg("meas"));
+    let mut acks = bus.subscribe(
+        ack_filter.as_str().to_string(),
+        QoS::AtLeastOnce,
+        Overflow::Wait,
+    );
+    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+    let poison = format!(
+        "{{\"origin\":{{\"producer\":\"old-producer\",\"stream\":\"meas\",\"seq\":77}},\"site\":\"{site}\",\"quality\":\"superb\"}}"
+    );
+    bus.publish(topic.as_str(), poison.into_bytes(), false)
+        .await
+        .unwrap();
+    bus.send(&topic, &reading(&site, 2), false).await.unwrap();
+    // The sink reads on; the poison is handled on the way.
+    let next = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.message.fields["power_w"], 2.0);
+    let msg = tokio::time::timeout(Duration::from_secs(10), dead.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        DeadLetter::decode(&msg.payload)
+            .unwrap()
+            .payload
+            .contains("superb")
+    );
+    let ack = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+        .await
+        .expect("the poison record was never acknowledged")
+        .unwrap();
+    let ack = proto::Ack::decode(&ack.payload).unwrap();
+    assert_eq!(ack.ranges, vec![[77, 77]]);
+    assert_eq!(ack.sink.as_str(), "sink");
 }
 
 #[tokio::test]
