@@ -37,6 +37,6 @@ pub use payload::{
 };
 pub use schema::{all_schemas, schema_json};
 pub use topic::{
-    Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, everything,
+    Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, deserialize_text, everything,
     matches_filter as topic_matches, parse,
 };

@@ -89,9 +89,48 @@ impl serde::Serialize for Segment {
 
 impl<'de> serde::Deserialize<'de> for Segment {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = deserialize_text(d)?;
         Segment::new(s).map_err(serde::de::Error::custom)
     }
+}
+
+/// Deserialize a string, and only a string. A number or boolean where text belongs usually
+/// comes from an environment variable (`WATTBUS_SITE=42` arrives as the number 42, and `007`
+/// as 7): turning it back into text could silently change it, so the error says how to quote.
+pub fn deserialize_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<String, E> {
+            Err(not_text("a number"))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<String, E> {
+            Err(not_text("a number"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<String, E> {
+            Err(not_text("a number"))
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<String, E> {
+            Err(not_text("true or false"))
+        }
+    }
+    // The value itself is not repeated: this may be a password.
+    fn not_text<E: serde::de::Error>(found: &str) -> E {
+        E::custom(format!(
+            "expected text, found {found}; from an environment variable, quote it so it stays \
+             text (VAR='\"...\"'), or for a secret use the `_file` key"
+        ))
+    }
+    d.deserialize_any(Text)
 }
 
 impl schemars::JsonSchema for Segment {

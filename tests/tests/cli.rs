@@ -226,3 +226,29 @@ fn the_reference_config_in_compose_is_valid() {
         stderr(&o)
     );
 }
+
+#[test]
+fn numbers_where_text_belongs_say_how_to_quote_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "ok.toml", "[bus]\nusername = \"u\"\n");
+    let o = wattbus(
+        &["config", "check", &f],
+        &[("WATTBUS_BUS__PASSWORD", "123456")],
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(
+        err.contains("WATTBUS_BUS__PASSWORD") && err.contains("quote it"),
+        "{err}"
+    );
+    assert!(!err.contains("123456"), "the secret was printed: {err}");
+    // Quoted, it is text, and fine.
+    let o = wattbus(
+        &["config", "check", &f],
+        &[("WATTBUS_BUS__PASSWORD", "\"123456\"")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = wattbus(&["config", "check", &f], &[("WATTBUS_SITE", "42")]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("key `site`"), "{}", stderr(&o));
+}

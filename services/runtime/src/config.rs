@@ -70,9 +70,14 @@ impl ConfigError {
 }
 
 /// A secret value. Never printed.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        proto::deserialize_text(d).map(Secret)
+    }
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
@@ -136,6 +141,10 @@ pub fn resolve_secret(
     }
 }
 
+fn optional_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    proto::deserialize_text(d).map(Some)
+}
+
 fn leaf(key: &str) -> &str {
     key.rsplit('.').next().unwrap_or(key)
 }
@@ -172,8 +181,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
+    #[serde(deserialize_with = "proto::deserialize_text")]
     pub host: String,
     pub port: u16,
+    #[serde(deserialize_with = "optional_text")]
     pub username: Option<String>,
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
