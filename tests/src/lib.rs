@@ -160,6 +160,26 @@ impl BrokerSetup {
         }
     }
 
+    /// A config for services on this broker: site `lab`, data under `dir`, the bus user, the
+    /// simulator's health port free. `extra` is added to the `[log]`, `[bus]` and `[simulator]`
+    /// sections, in that order.
+    pub fn service_config(&self, dir: &Path, extra: [&str; 3]) -> PathBuf {
+        let path = dir.join("service.toml");
+        let text = format!(
+            "site = \"lab\"\ndata_dir = \"{data}\"\n[log]\n{log}\n[bus]\nport = {port}\nusername = \"{user}\"\npassword_file = \"{secret}\"\n{bus}\n[simulator]\nhealth_listen = \"127.0.0.1:{health}\"\n{sim}\n",
+            data = dir.display(),
+            log = extra[0],
+            port = self.port,
+            user = self.user,
+            secret = dir.join("broker-password").display(),
+            bus = extra[1],
+            health = free_port(),
+            sim = extra[2],
+        );
+        std::fs::write(&path, text).expect("write service config");
+        path
+    }
+
     pub fn start(&self, log: &Path) -> Proc {
         let p = Proc::spawn(
             "broker",

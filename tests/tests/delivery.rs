@@ -17,15 +17,7 @@ const COUNT: u64 = 3000;
 fn consumer(b: &BrokerSetup, dir: &Path, log: &Path) -> Proc {
     Proc::spawn(
         "consumer",
-        Command::new(env!("CARGO_BIN_EXE_probe"))
-            .args([
-                "--port",
-                &b.port.to_string(),
-                "--password",
-                &b.password,
-                "--data-dir",
-            ])
-            .arg(dir.join("consumer"))
+        probe(b, &dir.join("consumer"))
             .args(["consume", "--store"])
             .arg(dir.join("store.txt")),
         log,
@@ -49,26 +41,17 @@ fn every_reading_is_stored_exactly_once_through_broker_and_consumer_crashes() {
     let mut cons = consumer(&b, d, &log("consumer"));
     let mut producer = Proc::spawn(
         "producer",
-        Command::new(env!("CARGO_BIN_EXE_probe"))
-            .args([
-                "--port",
-                &b.port.to_string(),
-                "--password",
-                &b.password,
-                "--data-dir",
-            ])
-            .arg(d.join("producer"))
-            .args([
-                "produce",
-                "--count",
-                &COUNT.to_string(),
-                "--rate",
-                "250",
-                "--ack-timeout-ms",
-                "1000",
-                "--timeout-s",
-                "120",
-            ]),
+        probe(&b, &d.join("producer")).args([
+            "produce",
+            "--count",
+            &COUNT.to_string(),
+            "--rate",
+            "250",
+            "--ack-timeout-ms",
+            "1000",
+            "--timeout-s",
+            "120",
+        ]),
         &log("producer"),
     );
     let progress = |n: usize| wait_until(Duration::from_secs(60), || stored(d).len() >= n);

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use proto::{Measurement, Payload, ServiceState, Status};
-use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_subscribed, wait_until, wattbus_bin};
+use wattbus_e2e::{BrokerSetup, Proc, wait_subscribed, wait_until, wattbus_bin};
 
 fn mosquitto(tool: &str, args: &[&str]) -> Output {
     Command::new(tool)
@@ -181,18 +181,7 @@ fn a_service_publishes_readings_mosquitto_sub_can_decode_and_says_offline_on_sig
     let d = dir.path();
     let b = BrokerSetup::new(d);
     let _broker = b.start(&d.join("broker.log"));
-    let config = d.join("sim.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"lab\"\ndata_dir = \"{}\"\n[bus]\nport = {}\nusername = \"probe\"\npassword_file = \"{}\"\n[simulator]\ninterval_ms = 100\nhealth_listen = \"127.0.0.1:{}\"\n",
-            d.display(),
-            b.port,
-            d.join("broker-password").display(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = b.service_config(d, ["", "", "interval_ms = 100"]);
     let mut sim = Proc::spawn(
         "simulator",
         Command::new(wattbus_bin())
@@ -351,18 +340,7 @@ fn wattbus_tail_prints_readable_lines_for_what_flows() {
     let d = dir.path();
     let b = BrokerSetup::new(d);
     let _broker = b.start(&d.join("broker.log"));
-    let config = d.join("w.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"lab\"\ndata_dir = \"{}\"\n[log]\nformat = \"json\"\n[bus]\nport = {}\nusername = \"probe\"\npassword_file = \"{}\"\n[simulator]\ninterval_ms = 100\nhealth_listen = \"127.0.0.1:{}\"\n",
-            d.display(),
-            b.port,
-            d.join("broker-password").display(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = b.service_config(d, ["format = \"json\"", "", "interval_ms = 100"]);
     let _sim = Proc::spawn(
         "simulator",
         Command::new(wattbus_bin())
@@ -410,18 +388,7 @@ fn a_crashed_service_is_marked_offline_by_its_last_will() {
     let d = dir.path();
     let b = BrokerSetup::new(d);
     let _broker = b.start(&d.join("broker.log"));
-    let config = d.join("sim.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "site = \"lab\"\ndata_dir = \"{}\"\n[bus]\nport = {}\nusername = \"probe\"\npassword_file = \"{}\"\nkeep_alive_s = 5\n[simulator]\nhealth_listen = \"127.0.0.1:{}\"\n",
-            d.display(),
-            b.port,
-            d.join("broker-password").display(),
-            free_port()
-        ),
-    )
-    .unwrap();
+    let config = b.service_config(d, ["", "keep_alive_s = 5", ""]);
     let port = b.port.to_string();
     let creds = [
         "-h",

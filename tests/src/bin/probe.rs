@@ -121,11 +121,7 @@ async fn main() -> anyhow::Result<()> {
             memory,
             timeout_s,
         } => {
-            let id = Identity {
-                service: Segment::new("probe")?,
-                instance: Segment::new(instance)?,
-            };
-            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let (bus, bus_task) = connect(&common, instance)?;
             let stream = StreamConfig {
                 journal: if memory {
                     JournalKind::Memory
@@ -196,11 +192,7 @@ async fn main() -> anyhow::Result<()> {
             sink,
             wait_for,
         } => {
-            let id = Identity {
-                service: Segment::new("probe")?,
-                instance: Segment::new(instance)?,
-            };
-            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let (bus, bus_task) = connect(&common, instance)?;
             let stream = StreamConfig {
                 wait_for: vec![Segment::new(wait_for)?],
                 ack_timeout_ms: 1000,
@@ -258,11 +250,7 @@ async fn main() -> anyhow::Result<()> {
             sink,
         } => {
             let device = device.map(Segment::new).transpose()?;
-            let id = Identity {
-                service: Segment::new("probe")?,
-                instance: Segment::new(instance)?,
-            };
-            let (bus, bus_task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+            let (bus, bus_task) = connect(&common, instance)?;
             let mut seen = load_store(&store)?;
             let mut file = OpenOptions::new()
                 .create(true)
@@ -324,6 +312,22 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn connect(
+    common: &Common,
+    instance: String,
+) -> anyhow::Result<(Bus, tokio::task::JoinHandle<()>)> {
+    let id = Identity {
+        service: Segment::new("probe")?,
+        instance: Segment::new(instance)?,
+    };
+    Ok(Bus::connect(
+        &common.bus,
+        &common.site,
+        &id,
+        &Health::default(),
+    )?)
 }
 
 /// Tell the test (on stdout) that the broker has confirmed our subscriptions, so it can start
