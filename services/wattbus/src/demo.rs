@@ -16,6 +16,7 @@ use proto::{Filter, Measurement, Segment};
 use runtime::bus::{Bus, Identity};
 use runtime::config::{BusConfig, InboxConfig, StreamConfig};
 use runtime::delivery::Inbox;
+use runtime::telemetry::{Counter, Gauge};
 use runtime::{Common, Context, Health, Secret};
 
 #[derive(clap::Args, Debug)]
@@ -112,8 +113,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         health_listen: None,
         ..simulators::Config::default()
     };
+    // The console subscribes first, so the first readings are not missed (they would be
+    // replayed, which is the contract working, but looks like a fault to a newcomer).
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let console_task = tokio::spawn(console(
+        common.clone(),
+        health.clone(),
+        shutdown.clone(),
+        subscribed_tx,
+    ));
+    let _ = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
     let sim_task = tokio::spawn(simulators::run(sim_cfg, ctx.clone()));
-    let console_task = tokio::spawn(console(common.clone(), health.clone(), shutdown.clone()));
 
     if let Some(s) = opts.duration_s {
         tokio::select! {
@@ -138,6 +148,7 @@ async fn console(
     common: Common,
     health: Health,
     shutdown: runtime::Shutdown,
+    subscribed: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<u64> {
     let id = Identity {
         service: Segment::new(CONSOLE)?,
@@ -151,10 +162,36 @@ async fn console(
         &InboxConfig::default(),
     );
     let acker = inbox.acker();
+    if bus.wait_subscribed(Duration::from_secs(10)).await {
+        let _ = subscribed.send(());
+    }
     let mut stored: BTreeMap<(String, u64), ()> = BTreeMap::new();
+    // The simulator's journal and replay figures, read from the process's metrics registry.
+    let labels = [("producer", "simulator"), ("stream", "meas")];
+    let waiting = Gauge::new(
+        "wattbus_journal_records",
+        "Records held by the journal (not yet acknowledged by every sink group).",
+        &labels,
+    );
+    let replayed = Counter::new(
+        "wattbus_replayed_records_total",
+        "Records published again because a sink group did not acknowledge them in time.",
+        &[("stream", "meas"), ("sink", CONSOLE)],
+    );
+    let mut report = tokio::time::interval(Duration::from_secs(10));
+    report.tick().await;
     loop {
         let delivery = tokio::select! {
             () = shutdown.wait() => break,
+            _ = report.tick() => {
+                println!(
+                    "  delivery: {} readings stored and acknowledged; {} waiting in the simulator's journal; {} replayed",
+                    stored.len(),
+                    waiting.get(),
+                    replayed.get()
+                );
+                continue;
+            }
             d = inbox.recv() => match d { Some(d) => d, None => break },
         };
         let m = &delivery.message;
