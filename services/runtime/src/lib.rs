@@ -6,6 +6,12 @@
 //!
 //! Layout:
 //! - `config`: figment loading, errors that name file and key, secrets, shared sections.
+//! - `bus`: the MQTT connection (one polling task, backoff, re-subscription, status, routing).
+//! - `journal`: a producer stream's journal on disk or in memory (pure: std only, no tokio).
+//! - `acks`: acknowledgement ranges to per-group watermarks (pure).
+//! - `delivery`: [`delivery::Producer`], [`delivery::Inbox`], [`delivery::Acker`]: the
+//!   delivery contract of docs/ARCHITECTURE.md on top of the three above.
+//! - `events`: every notable event, logged and counted in one place.
 //! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
 //! - `telemetry`: logging setup and the Prometheus registry.
 //! - `health`: `/healthz` and `/metrics`.
