@@ -2,7 +2,7 @@
 # The wattbus test command: the one README.md gives and .ci/run calls.
 #
 # On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
-# interop, socat for virtual serial ports), starts the shared servers on free loopback ports,
+# interop, socat for virtual serial ports, openssl for the TLS test's certificates), starts the shared servers on free loopback ports,
 # builds the workspace, runs every test, and stops the servers again. Repeated runs skip
 # installs that are already done.
 #
@@ -32,6 +32,7 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "Installing ${need_apt[*]}"
   sudo_cmd=""
