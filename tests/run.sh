@@ -4,7 +4,7 @@
 # On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
 # interop, socat for virtual serial ports, openssl for the TLS test's certificates), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
-# servers again. Repeated runs skip # installs that are already done.
+# servers again. Repeated runs skip installs that are already done.
 #
 # Environment passed to the tests:
 #   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here.
