@@ -121,6 +121,18 @@ pub enum Quality {
     Error,
 }
 
+impl Quality {
+    /// The name used on the wire (and as an InfluxDB tag value).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Quality::Good => "good",
+            Quality::OutOfRange => "out_of_range",
+            Quality::Stale => "stale",
+            Quality::Error => "error",
+        }
+    }
+}
+
 /// One reading of one channel of one device: becomes one InfluxDB point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Measurement {
@@ -571,6 +583,18 @@ mod tests {
         let mut dl = DeadLetter::new(seg("influx-writer"), "400: bad", "t", b"\xff\xfeabc");
         dl.ts_ms = TS;
         round_trip(&dl);
+    }
+
+    #[test]
+    fn quality_names_match_the_wire() {
+        for q in [
+            Quality::Good,
+            Quality::OutOfRange,
+            Quality::Stale,
+            Quality::Error,
+        ] {
+            assert_eq!(serde_json::to_value(q).unwrap(), q.as_str());
+        }
     }
 
     #[test]
