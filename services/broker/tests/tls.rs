@@ -17,10 +17,8 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mosquitto_pub_publishes_over_tls_with_a_password() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+/// A self-signed certificate for `cn` (valid for localhost and 127.0.0.1), made by openssl.
+fn self_signed(cert: &std::path::Path, key: &std::path::Path, cn: &str) {
     let made = Command::new("openssl")
         .args([
             "req",
@@ -31,16 +29,16 @@ async fn mosquitto_pub_publishes_over_tls_with_a_password() {
             "-days",
             "1",
             "-subj",
-            "/CN=localhost",
+            &format!("/CN={cn}"),
         ])
         .args([
             "-addext",
             "subjectAltName=DNS:localhost,IP:127.0.0.1",
             "-keyout",
         ])
-        .arg(&key)
+        .arg(key)
         .arg("-out")
-        .arg(&cert)
+        .arg(cert)
         .output()
         .expect("openssl (tests/run.sh installs it)");
     assert!(
@@ -48,6 +46,13 @@ async fn mosquitto_pub_publishes_over_tls_with_a_password() {
         "{}",
         String::from_utf8_lossy(&made.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_publishes_over_tls_with_a_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    self_signed(&cert, &key, "localhost");
     let tls = free_addr();
     let config = Config {
         listen: free_addr(),
@@ -105,25 +110,7 @@ async fn mosquitto_pub_publishes_over_tls_with_a_password() {
     );
     // A client that does not trust the certificate cannot connect.
     let other = dir.path().join("other.pem");
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=other",
-            "-keyout",
-        ])
-        .arg(dir.path().join("other.key"))
-        .arg("-out")
-        .arg(&other)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    self_signed(&other, &dir.path().join("other.key"), "other");
     assert!(
         !publish("s3cret", &other).status.success(),
         "an untrusted certificate was accepted"
