@@ -2,7 +2,8 @@
 # The wattbus test command: the one README.md gives and .ci/run calls.
 #
 # On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
-# interop, socat for virtual serial ports, openssl for the TLS test's certificates), starts the
+# interop, socat for virtual serial ports, openssl for the TLS test's certificates, InfluxDB
+# 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -33,6 +34,12 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# influx-writer's servers: InfluxDB 1.6.7 (v1 API, InfluxQL) and VictoriaMetrics 1.79 (v2 API).
+[ -x /usr/bin/influxd ] || need_apt+=(influxdb)
+command -v influx >/dev/null 2>&1 || need_apt+=(influxdb-client)
+[ -x /usr/bin/victoria-metrics ] || need_apt+=(victoria-metrics)
+# The file-output test reads the CSV files with Python's csv module.
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "Installing ${need_apt[*]}"
   sudo_cmd=""

@@ -6,6 +6,8 @@
 // Test harness: a failure to set up a test should panic with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod servers;
+
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

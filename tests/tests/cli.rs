@@ -217,6 +217,7 @@ fn the_reference_config_in_compose_is_valid() {
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/wattbus.toml");
     let text = std::fs::read_to_string(&reference).unwrap();
     std::fs::write(dir.path().join("bus_password"), "pw\n").unwrap();
+    std::fs::write(dir.path().join("influx_token"), "token\n").unwrap();
     let text = text.replace("/run/secrets/", &format!("{}/", dir.path().display()));
     let f = write(dir.path(), "wattbus.toml", &text);
     let o = wattbus(&["config", "check", &f], &[]);
@@ -225,6 +226,40 @@ fn the_reference_config_in_compose_is_valid() {
         "compose/wattbus.toml is not valid: {}",
         stderr(&o)
     );
+}
+
+#[test]
+fn a_broken_influx_writer_section_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key, reason) in [
+        (
+            "[influx_writer.influx]\nurl = \"http://influxdb:8086\"\norg = \"home\"\n",
+            "influx_writer.influx.bucket",
+            "is required with api = \"v2\"",
+        ),
+        (
+            "[influx_writer.influx]\nurl = \"http://influxdb:8086\"\napi = \"v1\"\ndatabase = \"w\"\ntoken = \"x\"\n",
+            "influx_writer.influx.token",
+            "belongs to api = \"v2\"",
+        ),
+        (
+            "[influx_writer.influx]\nurl = \"http://influxdb:8086\"\napi = \"v3\"\n",
+            "influx_writer.influx.api",
+            "v3",
+        ),
+        (
+            "[influx_writer.files]\nenabled = false\n",
+            "influx_writer.files.enabled",
+            "readings would go nowhere",
+        ),
+    ] {
+        let f = write(dir.path(), "w.toml", text);
+        let o = wattbus(&["config", "check", &f], &[]);
+        assert_eq!(o.status.code(), Some(64), "{text}");
+        let err = stderr(&o);
+        assert!(err.contains(key) && err.contains(reason), "{text}: {err}");
+        assert!(err.contains("w.toml"), "names the file: {err}");
+    }
 }
 
 #[test]

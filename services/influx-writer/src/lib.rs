@@ -1,20 +1,262 @@
-//! influx-writer: measurements from the bus into InfluxDB (v2 `/api/v2/write` and v1 `/write`)
-//! and into rotating local files.
+//! influx-writer: readings from the bus into InfluxDB (v2 `/api/v2/write` or v1 `/write`) and
+//! into rotating local files.
 //!
-//! **In progress (issue 5).** What exists so far is the pure core every output shares: the
-//! line-protocol encoder. The HTTP writer, batching, durable spool, dead letters, file sink and
-//! `run()` are not written yet, and the service is not in `wattbus run` until they are.
+//! One subscription to `wattbus/v1/<site>/meas/+/+` as sink group `group` (shared when
+//! `inbox.shared`, so two writers split the load). Readings are batched by count and age and
+//! each batch goes to every enabled output. A reading is acknowledged to its producer only
+//! when every output has stored it: InfluxDB accepted it, or it is fsynced in the spool, or
+//! it was dead-lettered; and the file output has fsynced it.
 //!
-//! Why our own encoder rather than the `influxdb2` crate: it writes only to `/api/v2/write` (no
-//! InfluxDB 1.x, which is what 32-bit Pis run), escapes `"` but not `\` in string fields, lets
-//! NaN and infinity through, and brings reqwest 0.11 with an advisory-affected rustls-webpki.
+//! Why our own encoder and client rather than the `influxdb2` crate: it writes only to
+//! `/api/v2/write` (no InfluxDB 1.x, which is what 32-bit Pis run), escapes `"` but not `\` in
+//! string fields, lets NaN and infinity through, cannot turn gzip off, and brings reqwest 0.11
+//! with an advisory-affected rustls-webpki, next to the reqwest 0.13 object_store needs.
 //!
 //! Layout:
 //! - `line_protocol`: points, escaping, validation per point, [`Measurement`] mapping (pure).
+//! - `config`: the `[influx_writer]` section.
+//! - `http`: one write request and what its answer means.
+//! - `influx`: the InfluxDB output (splitting, dead letters, spool, backoff).
+//! - `files`: the rotating-file output (pure std).
+//! - `batch`: a batch and its shared acknowledgement.
 
+pub mod batch;
+pub mod config;
+pub mod files;
+pub mod http;
+pub mod influx;
 pub mod line_protocol;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::Config;
 pub use line_protocol::{FieldValue, LineError, Point, Precision, encode_batch, measurement_point};
 
 #[doc(no_inline)]
 pub use proto::Measurement;
+use proto::{Filter, Segment};
+use runtime::Context;
+use runtime::bus::{Bus, Identity};
+use runtime::delivery::Inbox;
+use runtime::telemetry::Counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::batch::{Batch, Item};
+use crate::files::RotatingFiles;
+use crate::influx::{DeadLetters, InfluxSink, SinkError};
+
+/// The section name in the config file.
+pub const SECTION: &str = "influx_writer";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] runtime::ConfigError),
+    #[error(transparent)]
+    Influx(#[from] SinkError),
+    #[error("cannot open the readings directory {dir}: {source}")]
+    Files {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Identity of the writer on the bus.
+pub fn identity(config: &Config) -> Identity {
+    Identity {
+        service: seg("influx-writer"),
+        instance: config.instance.clone(),
+    }
+}
+
+/// Run the writer until shutdown.
+pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+    let (bus, bus_task) = Bus::connect(
+        &ctx.common.bus,
+        &ctx.common.site,
+        &identity(&config),
+        &ctx.health,
+    )?;
+    let result = run_on(&bus, &config, &ctx).await;
+    bus.close(bus_task).await;
+    result
+}
+
+/// Run on an existing bus connection (the demo shares one).
+pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
+    let data_dir = &ctx.common.data_dir;
+    let mut outputs: Vec<(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)> = Vec::new();
+    if let Some(target) = config.target(SECTION)? {
+        let dead = Arc::new(DeadLetters::new(
+            bus,
+            &ctx.common.site,
+            bus.service(),
+            config.dead_letter_path(data_dir),
+            config.dead_letter_max_bytes,
+        ));
+        let sink = InfluxSink::open(
+            &target,
+            &config.state_dir(data_dir).join("spool"),
+            &config.spool,
+            dead,
+            ctx.shutdown.clone(),
+        )?;
+        let (tx, rx) = mpsc::channel(2);
+        outputs.push((tx, tokio::spawn(sink.run(rx))));
+    }
+    if config.files_enabled() {
+        let dir = config.files_dir(data_dir);
+        let files = RotatingFiles::open(&dir, &config.files).map_err(|source| Error::Files {
+            dir: dir.clone(),
+            source,
+        })?;
+        tracing::info!(dir = %dir.display(), format = ?config.files.format, "Writing readings to files.");
+        let (tx, rx) = mpsc::channel(2);
+        outputs.push((tx, tokio::spawn(run_files(files, rx))));
+    }
+
+    let filter = Filter::measurements(Some(&ctx.common.site), None);
+    let (mut inbox, ack_task) = Inbox::subscribe(bus, &filter, &config.group, &config.inbox);
+    let acker = inbox.acker();
+    let ready = ctx.health.check("influx-writer");
+    ready.set(true);
+
+    let flush = Duration::from_millis(config.flush_interval_ms);
+    let mut items: Vec<Item> = Vec::with_capacity(config.batch_points);
+    let mut tokens = Vec::with_capacity(config.batch_points);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let received = Counter::new(
+        "wattbus_influx_writer_readings_total",
+        "Readings received from the bus.",
+        &[],
+    );
+    loop {
+        let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + flush);
+        let full = tokio::select! {
+            d = inbox.recv() => match d {
+                Some(d) => {
+                    received.inc();
+                    if let Some(t) = d.token {
+                        tokens.push(t);
+                    }
+                    items.push(Item { topic: d.topic, measurement: d.message });
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + flush);
+                    items.len() >= config.batch_points
+                }
+                None => break,
+            },
+            () = tokio::time::sleep_until(wake), if deadline.is_some() => true,
+            () = ctx.shutdown.wait() => break,
+        };
+        if full {
+            deadline = None;
+            dispatch(
+                &mut items,
+                &mut tokens,
+                &acker,
+                &outputs,
+                config.batch_points,
+            )
+            .await;
+        }
+    }
+    dispatch(
+        &mut items,
+        &mut tokens,
+        &acker,
+        &outputs,
+        config.batch_points,
+    )
+    .await;
+    // Outputs finish what they hold (the InfluxDB output spools instead of posting once
+    // shutdown is requested), then acknowledgements are flushed.
+    for (tx, task) in outputs {
+        drop(tx);
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "An output task ended abnormally.");
+        }
+    }
+    drop(acker);
+    drop(inbox);
+    if let Err(e) = ack_task.await {
+        tracing::warn!(error = %e, "The acknowledgement task ended abnormally.");
+    }
+    ready.set(false);
+    Ok(())
+}
+
+async fn dispatch(
+    items: &mut Vec<Item>,
+    tokens: &mut Vec<runtime::delivery::AckToken>,
+    acker: &runtime::delivery::Acker,
+    outputs: &[(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)],
+    capacity: usize,
+) {
+    if items.is_empty() {
+        return;
+    }
+    let batch = Arc::new(Batch::new(
+        std::mem::replace(items, Vec::with_capacity(capacity)),
+        std::mem::replace(tokens, Vec::with_capacity(capacity)),
+        Some(acker.clone()),
+        outputs.len(),
+    ));
+    for (tx, _) in outputs {
+        // A full channel is backpressure: the bus holds further readings meanwhile. A closed
+        // one means its output ended; the batch then stays unacknowledged and is replayed.
+        if tx.send(batch.clone()).await.is_err() {
+            tracing::error!("An output has stopped; readings stay with their producers.");
+        }
+    }
+}
+
+async fn run_files(files: RotatingFiles, mut rx: mpsc::Receiver<Arc<Batch>>) {
+    let written = Counter::new(
+        "wattbus_files_bytes_written_total",
+        "Bytes appended to the readings files.",
+        &[],
+    );
+    let failed = Counter::new(
+        "wattbus_files_write_errors_total",
+        "Batches the file output could not write (they are replayed).",
+        &[],
+    );
+    let mut files = Some(files);
+    while let Some(batch) = rx.recv().await {
+        let Some(mut f) = files.take() else { break };
+        let b = batch.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Measurement> = b.items.iter().map(|i| &i.measurement).collect();
+            let r = f.write(&refs, std::time::SystemTime::now());
+            (f, r)
+        })
+        .await;
+        let (f, r) = match res {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        files = Some(f);
+        match r {
+            Ok(w) => {
+                written.add(w.bytes);
+                for (i, why) in &w.skipped {
+                    tracing::error!(topic = %batch.items[*i].topic, reason = %why, "A reading cannot be written to a file; skipped.");
+                }
+                if let Some(p) = &w.rotated {
+                    tracing::info!(file = %p.display(), "Readings file rotated.");
+                }
+                batch.done();
+            }
+            Err(e) => {
+                failed.inc();
+                tracing::error!(error = %e, "Cannot write the readings file; the batch will be replayed.");
+            }
+        }
+    }
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
+}

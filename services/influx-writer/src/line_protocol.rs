@@ -20,11 +20,15 @@ use std::fmt::Write as _;
 use proto::Measurement;
 
 /// Timestamp unit of a write. Chosen to match the data: readings carry `ts_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 pub enum Precision {
+    #[serde(rename = "ns")]
     Ns,
+    #[serde(rename = "us")]
     Us,
+    #[serde(rename = "ms")]
     Ms,
+    #[serde(rename = "s")]
     S,
 }
 

@@ -1,10 +1,11 @@
 //! `wattbus demo`: the broker, every service and simulated devices in one process.
 //!
 //! Nothing to install and nothing to configure: the broker listens on a free loopback port
-//! with a generated password (authentication stays on, as everywhere), state goes to a
-//! temporary directory, and a console sink shows each reading as it is stored and
-//! acknowledged — the same delivery contract the real sinks use, so what you see is the
-//! journal being trimmed by acknowledgements.
+//! with a generated password (authentication stays on, as everywhere), journals go to a
+//! temporary directory, the influx-writer stores every reading in CSV files under
+//! `./wattbus-demo-readings` (or in InfluxDB with `--influx-url`), and a console sink shows
+//! each reading as it is stored and acknowledged — the same delivery contract the real sinks
+//! use, so what you see is the journal being trimmed by acknowledgements.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -33,6 +34,65 @@ pub struct Options {
     /// Simulated meters.
     #[arg(long, default_value_t = 2)]
     meters: u32,
+    /// Where the readings files go (when no InfluxDB is given).
+    #[arg(long, default_value = "wattbus-demo-readings")]
+    readings_dir: PathBuf,
+    /// Also write to this InfluxDB, e.g. http://127.0.0.1:8086 (then no files unless
+    /// --files is given).
+    #[arg(long)]
+    influx_url: Option<String>,
+    /// InfluxDB 1.x database (selects the v1 API).
+    #[arg(long)]
+    influx_database: Option<String>,
+    /// InfluxDB 2.x/3.x organisation and bucket (v2 API); the token is read from
+    /// $INFLUX_TOKEN.
+    #[arg(long)]
+    influx_org: Option<String>,
+    #[arg(long)]
+    influx_bucket: Option<String>,
+    /// Write files even when InfluxDB is given.
+    #[arg(long)]
+    files: bool,
+}
+
+/// The writer's configuration from the demo's flags.
+fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Config> {
+    use influx_writer::config::{Api, FilesConfig, InfluxConfig};
+    let influx = match &opts.influx_url {
+        None => None,
+        Some(url) => Some(match (&opts.influx_database, &opts.influx_bucket) {
+            (Some(db), None) => InfluxConfig {
+                url: url.clone(),
+                api: Api::V1,
+                database: Some(db.clone()),
+                ..InfluxConfig::default()
+            },
+            (None, Some(bucket)) => InfluxConfig {
+                url: url.clone(),
+                api: Api::V2,
+                org: Some(opts.influx_org.clone().unwrap_or_else(|| "wattbus".into())),
+                bucket: Some(bucket.clone()),
+                token: std::env::var("INFLUX_TOKEN").ok().map(Secret::new),
+                ..InfluxConfig::default()
+            },
+            _ => anyhow::bail!(
+                "with --influx-url give either --influx-database (InfluxDB 1.x) or --influx-bucket (2.x/3.x)"
+            ),
+        }),
+    };
+    let cfg = influx_writer::Config {
+        influx,
+        files: FilesConfig {
+            enabled: opts.files.then_some(true),
+            dir: Some(opts.readings_dir.clone()),
+            ..FilesConfig::default()
+        },
+        flush_interval_ms: 1000,
+        health_listen: None,
+        ..influx_writer::Config::default()
+    };
+    runtime::config::Validate::validate(&cfg, "demo")?;
+    Ok(cfg)
 }
 
 /// The demo's sink group: the simulator's journal waits for it.
@@ -47,7 +107,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(p) => p,
         None => free_port()?,
     };
-    let (data_dir, temporary) = match opts.data_dir {
+    let (data_dir, temporary) = match opts.data_dir.clone() {
         Some(d) => (d, false),
         None => (
             std::env::temp_dir().join(format!("wattbus-demo-{}", std::process::id())),
@@ -103,10 +163,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     println!("  mosquitto_sub -h 127.0.0.1 -p {port} -u demo -P {password} -t 'wattbus/v1/#' -v");
     println!("Stop with Ctrl-C.\n");
 
+    let writer_cfg = writer_config(&opts)?;
+    if let Some(i) = &writer_cfg.influx {
+        println!("Readings are written to InfluxDB at {}.", i.url);
+    }
+    if writer_cfg.files_enabled() {
+        println!(
+            "Readings are written to CSV files in {}/ (a new file every 16 MiB or 24 h).",
+            opts.readings_dir.display()
+        );
+    }
     let sim_cfg = simulators::Config {
         devices: opts.meters.clamp(1, 50),
         stream: StreamConfig {
-            wait_for: vec![Segment::new(CONSOLE)?],
+            wait_for: vec![Segment::new(CONSOLE)?, writer_cfg.group.clone()],
             ack_timeout_ms: 3000,
             ..StreamConfig::default()
         },
@@ -123,6 +193,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         subscribed_tx,
     ));
     let _ = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
+    let writer_task = tokio::spawn(influx_writer::run(writer_cfg, ctx.clone()));
     let sim_task = tokio::spawn(simulators::run(sim_cfg, ctx.clone()));
 
     if let Some(s) = opts.duration_s {
@@ -135,8 +206,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let stored = console_task.await.context("console task failed")??;
     sim_task.await.context("simulator task failed")??;
+    writer_task.await.context("influx-writer task failed")??;
     broker_task.abort();
     println!("\nDemo stopped: {stored} readings stored and acknowledged by the console sink.");
+    if opts.influx_url.is_none() || opts.files {
+        println!("Readings files: {}/", opts.readings_dir.display());
+    }
     if temporary {
         let _ = std::fs::remove_dir_all(&data_dir);
     }

@@ -7,8 +7,12 @@ use anyhow::Context as _;
 use runtime::{ConfigError, ConfigSource, Context, Health, config::Validate};
 use serde::de::DeserializeOwned;
 
-/// Every service section the config file may hold.
-pub const SERVICES: &[&str] = &["broker", "simulator"];
+/// Every service `wattbus run` knows.
+pub const SERVICES: &[&str] = &["broker", "simulator", "influx-writer"];
+
+/// The config section of each service (TOML keys and environment variables cannot both use
+/// a `-`, so `influx-writer` is configured in `[influx_writer]`).
+pub const SECTIONS: &[&str] = &["broker", "simulator", influx_writer::SECTION];
 
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
 pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
@@ -19,13 +23,16 @@ pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
 /// A section that is absent is validated (with its defaults) only by `wattbus run` of that
 /// service: a Pi that runs only a simulator needs no `[broker]` users.
 pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
-    src.check_sections(SERVICES)?;
+    src.check_sections(SECTIONS)?;
     src.common()?;
     if src.has_key("broker") {
         src.section::<broker::Config>("broker")?;
     }
     if src.has_key("simulator") {
         src.section::<simulators::Config>("simulator")?;
+    }
+    if src.has_key(influx_writer::SECTION) {
+        src.section::<influx_writer::Config>(influx_writer::SECTION)?;
     }
     Ok(())
 }
@@ -94,6 +101,16 @@ fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<Serv
             Box::pin(async move {
                 serve_health(health, &ctx).await?;
                 simulators::run(cfg, ctx).await.map_err(anyhow::Error::from)
+            })
+        }
+        "influx-writer" => {
+            let cfg: influx_writer::Config = section(src, influx_writer::SECTION)?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                influx_writer::run(cfg, ctx)
+                    .await
+                    .map_err(anyhow::Error::from)
             })
         }
         other => unreachable!("checked against SERVICES: {other}"),

@@ -34,6 +34,9 @@ struct Cli {
     password: String,
     #[arg(long)]
     data_dir: PathBuf,
+    /// The site readings are published under.
+    #[arg(long, default_value = "probe")]
+    site: String,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -60,6 +63,10 @@ enum Mode {
         /// Give up waiting for acknowledgements after this long.
         #[arg(long, default_value_t = 300)]
         timeout_s: u64,
+        /// Reading number K goes to measurement `odd` instead of `probe` (for a reading a
+        /// database refuses).
+        #[arg(long)]
+        odd_at: Option<u64>,
     },
     /// A processor: re-publishes each reading of `probe-dev` as device `probe-relayed` through
     /// its own journal, acknowledging the input only once the output is fsynced.
@@ -98,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let common = Common {
-        site: Segment::new("probe")?,
+        site: Segment::new(cli.site.clone())?,
         data_dir: cli.data_dir.clone(),
         bus: BusConfig {
             port: cli.port,
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             fsync_interval_ms,
             memory,
             timeout_s,
+            odd_at,
         } => {
             let (bus, bus_task) = connect(&common, instance)?;
             let stream = StreamConfig {
@@ -157,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
                     site: common.site.clone(),
                     device: device.clone(),
                     channel: channel.clone(),
-                    measurement: Segment::new("probe")?,
+                    measurement: Segment::new(if odd_at == Some(i) { "odd" } else { "probe" })?,
                     ts_ms: BASE_TS_MS + i as i64,
                     quality: Quality::Good,
                     fields: [("reading_n".to_string(), i as f64)].into(),

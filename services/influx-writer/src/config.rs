@@ -1,0 +1,486 @@
+//! The `[influx_writer]` section.
+
+use std::path::{Path, PathBuf};
+
+use proto::Segment;
+use runtime::config::{ConfigError, InboxConfig, Secret, Validate, resolve_secret};
+use serde::Deserialize;
+
+use crate::line_protocol::Precision;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// MQTT client id and state directory name; two writers on one broker need different ones.
+    pub instance: Segment,
+    /// The sink group this writer acknowledges as: producers list it in `wait_for`. Two
+    /// writers with the same group and `inbox.shared = true` split the readings between them.
+    pub group: Segment,
+    pub inbox: InboxConfig,
+    /// A batch is written when it holds this many points …
+    pub batch_points: usize,
+    /// … or when its oldest point has waited this long.
+    pub flush_interval_ms: u64,
+    /// Where InfluxDB is. Absent: no InfluxDB output (and the file output is on by default).
+    pub influx: Option<InfluxConfig>,
+    /// Local rotating files.
+    pub files: FilesConfig,
+    /// The spool that holds batches while InfluxDB cannot take them.
+    pub spool: SpoolConfig,
+    /// Points InfluxDB refused (400) are appended here, one JSON object per line, besides
+    /// being published on the dead-letter topic. Default: `<data_dir>/<instance>/dead-letters.jsonl`.
+    pub dead_letter_file: Option<PathBuf>,
+    /// Rotated to `<file>.1` at this size (one old file kept).
+    pub dead_letter_max_bytes: u64,
+    /// `/healthz` and `/metrics` when run on its own.
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instance: seg("influx-writer"),
+            group: seg("influx-writer"),
+            inbox: InboxConfig::default(),
+            batch_points: 5000,
+            flush_interval_ms: 1000,
+            influx: None,
+            files: FilesConfig::default(),
+            spool: SpoolConfig::default(),
+            dead_letter_file: None,
+            dead_letter_max_bytes: 16 << 20,
+            health_listen: Some(([127, 0, 0, 1], 9105).into()),
+        }
+    }
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|_| unreachable!("valid literal"))
+}
+
+/// Which InfluxDB write API to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// `POST /api/v2/write?org=&bucket=` with `Authorization: Token …`: InfluxDB 2.x, 1.8+,
+    /// 3.x, VictoriaMetrics.
+    V2,
+    /// `POST /write?db=&rp=` with user and password: InfluxDB 1.x (1.6/1.7 have nothing else).
+    V1,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InfluxConfig {
+    /// Base URL, e.g. `http://influxdb:8086` (a path prefix behind a proxy is kept).
+    pub url: String,
+    pub api: Api,
+    /// v2: organisation and bucket. InfluxDB 1.8 takes `bucket = "db/rp"` and any org.
+    pub org: Option<String>,
+    pub bucket: Option<String>,
+    /// v2: the API token (or `token_file`). InfluxDB 1.8's v2 endpoint takes `user:password`.
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// v1: database and (optional) retention policy.
+    pub database: Option<String>,
+    pub retention_policy: Option<String>,
+    /// v1: credentials, if the server has authentication on.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// Timestamp precision sent to the server. Readings carry milliseconds, so `ms` loses
+    /// nothing and keeps lines short.
+    pub precision: Precision,
+    /// Compress request bodies (a batch of readings shrinks ~10×).
+    pub gzip: bool,
+    /// One request, connect to last byte.
+    pub timeout_ms: u64,
+    /// Backoff after a failed write: doubles from `retry_min_ms` up to `retry_max_ms`, with
+    /// jitter.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for InfluxConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            api: Api::V2,
+            org: None,
+            bucket: None,
+            token: None,
+            token_file: None,
+            database: None,
+            retention_policy: None,
+            username: None,
+            password: None,
+            password_file: None,
+            precision: Precision::Ms,
+            gzip: true,
+            timeout_ms: 10_000,
+            retry_min_ms: 500,
+            retry_max_ms: 60_000,
+        }
+    }
+}
+
+/// The file output's row format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FileFormat {
+    /// CSV, one row per field value:
+    /// `time,site,device,channel,measurement,field,value,quality`.
+    Csv,
+    /// CSV with one row per reading in PowMon's column order: `time,device,amps,watts`.
+    CsvPowmon,
+    /// InfluxDB line protocol (ms timestamps): `influx -import` or a `curl` to `/write`
+    /// loads it later.
+    LineProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// `None`: on exactly when no `[influx_writer.influx]` is configured, so a fresh
+    /// machine stores its readings somewhere.
+    pub enabled: Option<bool>,
+    /// Default: `<data_dir>/readings`.
+    pub dir: Option<PathBuf>,
+    pub format: FileFormat,
+    /// Start a new file at this size …
+    pub max_bytes: u64,
+    /// … or when the current one is this old (0: never by age).
+    pub max_age_s: u64,
+    /// Compress a file when it is rotated (`.gz`).
+    pub gzip: bool,
+    /// Delete the oldest rotated files beyond this many (0: keep all).
+    pub keep_files: usize,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            dir: None,
+            format: FileFormat::Csv,
+            max_bytes: 16 << 20,
+            max_age_s: 86_400,
+            gzip: false,
+            keep_files: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Bound on the spool. When full, the oldest batches are dropped (ERROR log, counter).
+    /// 256 MiB is about 2.5 million readings: a month of 10 meters at 1 Hz is 26 million.
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 << 20,
+            segment_bytes: 4 << 20,
+        }
+    }
+}
+
+/// The InfluxDB target with its secrets resolved.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cfg: InfluxConfig,
+    /// `Authorization` header value (`Token …` or `Basic …`), if any.
+    pub auth: Option<Secret>,
+}
+
+impl Config {
+    pub fn files_enabled(&self) -> bool {
+        self.files.enabled.unwrap_or(self.influx.is_none())
+    }
+
+    pub fn state_dir(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(self.instance.as_str())
+    }
+
+    pub fn files_dir(&self, data_dir: &Path) -> PathBuf {
+        self.files
+            .dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("readings"))
+    }
+
+    pub fn dead_letter_path(&self, data_dir: &Path) -> PathBuf {
+        self.dead_letter_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir(data_dir).join("dead-letters.jsonl"))
+    }
+
+    /// Resolve secrets and check what the chosen API needs.
+    pub fn target(&self, section: &str) -> Result<Option<Target>, ConfigError> {
+        let Some(c) = &self.influx else {
+            return Ok(None);
+        };
+        let key = |k: &str| format!("{section}.influx.{k}");
+        let url = c.url.trim();
+        if url.is_empty() {
+            return Err(ConfigError::new(
+                key("url"),
+                "is required, e.g. \"http://influxdb:8086\"",
+            ));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::new(
+                key("url"),
+                "must start with http:// or https://",
+            ));
+        }
+        let auth = match c.api {
+            Api::V2 => {
+                for (k, v) in [("org", &c.org), ("bucket", &c.bucket)] {
+                    if v.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                        return Err(ConfigError::new(key(k), "is required with api = \"v2\""));
+                    }
+                }
+                for k in ["database", "retention_policy", "username", "password"] {
+                    let set = match k {
+                        "database" => c.database.is_some(),
+                        "retention_policy" => c.retention_policy.is_some(),
+                        "username" => c.username.is_some(),
+                        _ => c.password.is_some() || c.password_file.is_some(),
+                    };
+                    if set {
+                        return Err(ConfigError::new(
+                            key(k),
+                            "belongs to api = \"v1\"; with v2 use org, bucket and token",
+                        ));
+                    }
+                }
+                let token =
+                    resolve_secret(&key("token"), c.token.as_ref(), c.token_file.as_deref())?;
+                token.map(|t| Secret::new(format!("Token {}", t.expose())))
+            }
+            Api::V1 => {
+                if c.database.as_deref().is_none_or(|s| s.trim().is_empty()) {
+                    return Err(ConfigError::new(
+                        key("database"),
+                        "is required with api = \"v1\"",
+                    ));
+                }
+                for (k, set) in [
+                    ("org", c.org.is_some()),
+                    ("bucket", c.bucket.is_some()),
+                    ("token", c.token.is_some() || c.token_file.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::new(
+                            key(k),
+                            "belongs to api = \"v2\"; with v1 use database, username and password",
+                        ));
+                    }
+                }
+                let password = resolve_secret(
+                    &key("password"),
+                    c.password.as_ref(),
+                    c.password_file.as_deref(),
+                )?;
+                match (&c.username, password) {
+                    (None, None) => None,
+                    (Some(u), Some(p)) => Some(Secret::new(format!(
+                        "Basic {}",
+                        base64(format!("{u}:{}", p.expose()).as_bytes())
+                    ))),
+                    (None, Some(_)) => {
+                        return Err(ConfigError::new(
+                            key("username"),
+                            "is required with a password",
+                        ));
+                    }
+                    (Some(_), None) => {
+                        return Err(ConfigError::new(
+                            key("password"),
+                            "is required with a username (or password_file)",
+                        ));
+                    }
+                }
+            }
+        };
+        Ok(Some(Target {
+            cfg: c.clone(),
+            auth,
+        }))
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        if !(1..=100_000).contains(&self.batch_points) {
+            return Err(ConfigError::new(
+                format!("{section}.batch_points"),
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(10..=60_000).contains(&self.flush_interval_ms) {
+            return Err(ConfigError::new(
+                format!("{section}.flush_interval_ms"),
+                "must be between 10 and 60000",
+            ));
+        }
+        if let Some(c) = &self.influx {
+            let key = |k: &str| format!("{section}.influx.{k}");
+            if !(100..=600_000).contains(&c.timeout_ms) {
+                return Err(ConfigError::new(
+                    key("timeout_ms"),
+                    "must be between 100 and 600000",
+                ));
+            }
+            if c.retry_min_ms < 10 || c.retry_min_ms > c.retry_max_ms {
+                return Err(ConfigError::new(
+                    key("retry_min_ms"),
+                    "must be at least 10 and not above retry_max_ms",
+                ));
+            }
+        }
+        self.target(section)?;
+        if self.files.max_bytes < 4096 {
+            return Err(ConfigError::new(
+                format!("{section}.files.max_bytes"),
+                "must be at least 4096",
+            ));
+        }
+        if self.spool.max_bytes < 64 * 1024 {
+            return Err(ConfigError::new(
+                format!("{section}.spool.max_bytes"),
+                "must be at least 65536",
+            ));
+        }
+        if self.spool.segment_bytes < 4096 || self.spool.segment_bytes > self.spool.max_bytes / 2 {
+            return Err(ConfigError::new(
+                format!("{section}.spool.segment_bytes"),
+                "must be between 4096 and half of max_bytes",
+            ));
+        }
+        if self.dead_letter_max_bytes < 4096 {
+            return Err(ConfigError::new(
+                format!("{section}.dead_letter_max_bytes"),
+                "must be at least 4096",
+            ));
+        }
+        if self.files.enabled == Some(false) && self.influx.is_none() {
+            return Err(ConfigError::new(
+                format!("{section}.files.enabled"),
+                "is false and no [influx_writer.influx] is configured: readings would go nowhere",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Standard base64 with padding (for a Basic header; not worth a crate).
+fn base64(input: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+    }
+
+    #[test]
+    fn files_default_on_only_without_influx() {
+        let mut c = Config::default();
+        assert!(c.files_enabled());
+        c.influx = Some(InfluxConfig {
+            url: "http://x:8086".into(),
+            org: Some("o".into()),
+            bucket: Some("b".into()),
+            ..InfluxConfig::default()
+        });
+        assert!(!c.files_enabled());
+        c.files.enabled = Some(true);
+        assert!(c.files_enabled());
+    }
+
+    #[test]
+    fn v2_needs_org_and_bucket_and_refuses_v1_keys() {
+        let mut c = Config {
+            influx: Some(InfluxConfig {
+                url: "http://x:8086".into(),
+                org: Some("o".into()),
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        };
+        let e = c.validate("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.influx.bucket");
+        if let Some(i) = c.influx.as_mut() {
+            i.bucket = Some("b".into());
+            i.database = Some("db".into());
+        }
+        let e = c.validate("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.influx.database");
+        assert!(e.reason.contains("v1"), "{e}");
+    }
+
+    #[test]
+    fn v1_basic_auth_header() {
+        let c = Config {
+            influx: Some(InfluxConfig {
+                url: "http://x:8086".into(),
+                api: Api::V1,
+                database: Some("wattbus".into()),
+                username: Some("writer".into()),
+                password: Some(Secret::new("s3cret")),
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        };
+        let t = c.target("influx_writer").unwrap().unwrap();
+        assert_eq!(t.auth.unwrap().expose(), "Basic d3JpdGVyOnMzY3JldA==");
+        let c = Config {
+            influx: Some(InfluxConfig {
+                url: "influxdb:8086".into(),
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        };
+        assert_eq!(
+            c.validate("influx_writer").unwrap_err().key,
+            "influx_writer.influx.url"
+        );
+    }
+}

@@ -1,0 +1,649 @@
+//! The InfluxDB output: batches to line protocol to HTTP, with a spool on disk for when the
+//! server cannot take them.
+//!
+//! The path of a batch:
+//! 1. Every reading is encoded on its own; one that cannot be (it never happens with readings
+//!    that passed proto's validation, but the encoder checks anyway) is dead-lettered.
+//! 2. While InfluxDB answers, the batch is POSTed. 204: done. 400 or 413: the batch is split in
+//!    halves until the line the server refuses is alone; that line is dead-lettered with the
+//!    server's message and everything else is written (resending a line that was already
+//!    written overwrites it with itself: writes are idempotent).
+//! 3. When the server is away (connection refused, timeout, 429, 5xx) or refuses our settings
+//!    (401, 403, 404), the rest of the batch is appended to the spool and fsynced, and only
+//!    then acknowledged upstream: from that moment the spool owns it. Later batches go
+//!    straight to the spool until a retry succeeds.
+//! 4. The spool is retried with exponential backoff and jitter, oldest batch first; once the
+//!    server is back it drains in order, interleaved with the new batches, which are written
+//!    directly again. A spooled batch leaves the spool only when InfluxDB has accepted it.
+//!
+//! The spool is the runtime's disk journal (CRC per record, torn-tail recovery, bounded with
+//! the oldest dropped loudly), one record per batch. Nothing touches the disk while InfluxDB
+//! is healthy.
+
+use std::io::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::{DeadLetter, Segment, Topic};
+use runtime::Shutdown;
+use runtime::bus::Bus;
+use runtime::config::{JournalKind, StreamConfig};
+use runtime::journal::{Journal, JournalError};
+use runtime::telemetry::{Counter, Gauge};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::batch::Batch;
+use crate::config::{SpoolConfig, Target};
+use crate::http::{Client, ClientError, Outcome};
+use crate::line_protocol::{Precision, encode_point, measurement_point};
+
+/// Lines to write: one body, and where each line starts.
+#[derive(Debug, Default)]
+pub struct Lines {
+    body: String,
+    /// `starts[i]..starts[i + 1]` is line `i` (with its newline); one more entry than lines.
+    starts: Vec<usize>,
+    /// The topic each line came from (empty for lines read back from the spool).
+    topics: Vec<String>,
+}
+
+impl Lines {
+    fn new() -> Self {
+        Self {
+            body: String::new(),
+            starts: vec![0],
+            topics: Vec::new(),
+        }
+    }
+
+    /// Lines of a spooled body.
+    fn parse(body: String) -> Self {
+        let mut starts = vec![0];
+        for (i, b) in body.bytes().enumerate() {
+            if b == b'\n' {
+                starts.push(i + 1);
+            }
+        }
+        if starts.last() != Some(&body.len()) {
+            starts.push(body.len());
+        }
+        let n = starts.len() - 1;
+        Self {
+            body,
+            starts,
+            topics: vec![String::new(); n],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.starts.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn slice(&self, r: &Range<usize>) -> &str {
+        &self.body[self.starts[r.start]..self.starts[r.end]]
+    }
+}
+
+/// Why a batch could not be written now.
+#[derive(Debug, Clone)]
+enum Failure {
+    Unavailable(String),
+    Refused(String),
+}
+
+/// Points the server refused, published and kept in a file.
+#[derive(Debug)]
+pub struct DeadLetters {
+    bus: Bus,
+    topic: Topic<DeadLetter>,
+    service: Segment,
+    path: PathBuf,
+    max_bytes: u64,
+    count: Counter,
+}
+
+impl DeadLetters {
+    pub fn new(
+        bus: &Bus,
+        site: &Segment,
+        service: &Segment,
+        path: PathBuf,
+        max_bytes: u64,
+    ) -> Self {
+        Self {
+            bus: bus.clone(),
+            topic: Topic::dead_letter(site, service),
+            service: service.clone(),
+            path,
+            max_bytes,
+            count: Counter::new(
+                "wattbus_influx_dead_letters_total",
+                "Points InfluxDB refused (or that could not be encoded), sent to the dead-letter topic and file.",
+                &[],
+            ),
+        }
+    }
+
+    pub async fn send(&self, reason: &str, topic: &str, line: &str) {
+        self.count.inc();
+        let topic = if topic.is_empty() { "(spool)" } else { topic };
+        let dl = DeadLetter::new(self.service.clone(), reason, topic, line.as_bytes());
+        tracing::error!(
+            reason,
+            topic,
+            line = line.trim_end(),
+            file = %self.path.display(),
+            "A point was refused and dead-lettered; the rest of its batch is stored."
+        );
+        if let Err(e) = append_jsonl(&self.path, self.max_bytes, &dl) {
+            tracing::error!(file = %self.path.display(), error = %e, "Cannot write the dead-letter file.");
+        }
+        if let Err(e) = self.bus.send(&self.topic, &dl, false).await {
+            tracing::warn!(error = %e, "Could not publish a dead letter (it is in the file).");
+        }
+    }
+}
+
+fn append_jsonl(path: &Path, max_bytes: u64, dl: &DeadLetter) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() >= max_bytes) {
+        let mut old = path.as_os_str().to_owned();
+        old.push(".1");
+        std::fs::rename(path, old)?;
+    }
+    let mut line = serde_json::to_vec(dl).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+    until: Option<Instant>,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max,
+            next: min,
+            until: None,
+        }
+    }
+
+    fn fail(&mut self) -> Duration {
+        // Full jitter in the upper half: writers restarted together do not retry together.
+        let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        self.until = Some(Instant::now() + wait);
+        self.next = (self.next * 2).min(self.max);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+        self.until = None;
+    }
+
+    fn active(&self) -> bool {
+        self.until.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct Metrics {
+    points: Counter,
+    requests_ok: Counter,
+    requests_failed: Counter,
+    spooled_points: Counter,
+    spool_dropped: Counter,
+    spool_batches: Gauge,
+    spool_bytes: Gauge,
+    up: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            points: Counter::new(
+                "wattbus_influx_points_written_total",
+                "Points InfluxDB accepted (replays of a point count again).",
+                &[],
+            ),
+            requests_ok: Counter::new(
+                "wattbus_influx_requests_total",
+                "Write requests by result.",
+                &[("result", "written")],
+            ),
+            requests_failed: Counter::new(
+                "wattbus_influx_requests_total",
+                "Write requests by result.",
+                &[("result", "failed")],
+            ),
+            spooled_points: Counter::new(
+                "wattbus_influx_spooled_points_total",
+                "Points put in the spool because InfluxDB could not take them.",
+                &[],
+            ),
+            spool_dropped: Counter::new(
+                "wattbus_influx_spool_dropped_batches_total",
+                "Spooled batches dropped unwritten because the spool was full.",
+                &[],
+            ),
+            spool_batches: Gauge::new(
+                "wattbus_influx_spool_batches",
+                "Batches waiting in the spool.",
+                &[],
+            ),
+            spool_bytes: Gauge::new(
+                "wattbus_influx_spool_bytes",
+                "Size of the spool on disk.",
+                &[],
+            ),
+            up: Gauge::new(
+                "wattbus_influx_up",
+                "1 while InfluxDB accepts writes, 0 while the writer is spooling.",
+                &[],
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("cannot open the spool: {0}")]
+    Spool(#[from] JournalError),
+}
+
+/// The InfluxDB output task.
+#[derive(Debug)]
+pub struct InfluxSink {
+    client: Client,
+    /// `None` only while a blocking spool operation has it.
+    spool: Option<Journal>,
+    backoff: Backoff,
+    precision: Precision,
+    dead: Arc<DeadLetters>,
+    shutdown: Shutdown,
+    m: Metrics,
+    down: Option<Failure>,
+}
+
+impl InfluxSink {
+    pub fn open(
+        target: &Target,
+        spool_dir: &Path,
+        spool: &SpoolConfig,
+        dead: Arc<DeadLetters>,
+        shutdown: Shutdown,
+    ) -> Result<Self, SinkError> {
+        let client = Client::new(target)?;
+        let cfg = StreamConfig {
+            journal: JournalKind::Disk,
+            max_bytes: spool.max_bytes,
+            segment_bytes: spool.segment_bytes,
+            // Each append is fsynced by hand before the batch is acknowledged.
+            fsync_interval_ms: 0,
+            ..StreamConfig::default()
+        };
+        let (journal, report) = Journal::open(spool_dir, &cfg)?;
+        runtime::events::journal_opened("influx-spool", spool_dir, &report);
+        let m = Metrics::new();
+        m.up.set(1.0);
+        let sink = Self {
+            client,
+            spool: Some(journal),
+            backoff: Backoff::new(
+                Duration::from_millis(target.cfg.retry_min_ms),
+                Duration::from_millis(target.cfg.retry_max_ms),
+            ),
+            precision: target.cfg.precision,
+            dead,
+            shutdown,
+            m,
+            down: None,
+        };
+        sink.update_gauges();
+        let spooled = sink.spooled();
+        if spooled > 0 {
+            tracing::info!(
+                batches = spooled,
+                "The InfluxDB spool holds batches from before; draining them."
+            );
+        }
+        tracing::info!(endpoint = %sink.client.endpoint(), "Writing to InfluxDB.");
+        Ok(sink)
+    }
+
+    fn spooled(&self) -> u64 {
+        self.spool.as_ref().map_or(0, Journal::records)
+    }
+
+    fn update_gauges(&self) {
+        if let Some(j) = &self.spool {
+            self.m.spool_batches.set(j.records() as f64);
+            self.m.spool_bytes.set(j.bytes() as f64);
+        }
+    }
+
+    /// Take batches until the channel closes; then flush what is spooled-acked state to disk.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<Batch>>) {
+        loop {
+            let retry_at = self.backoff.until.unwrap_or_else(Instant::now);
+            let drain = self.spooled() > 0 && !self.shutdown.is_requested();
+            tokio::select! {
+                b = rx.recv() => match b {
+                    Some(b) => self.handle(b).await,
+                    None => break,
+                },
+                () = tokio::time::sleep_until(retry_at), if drain => self.drain_one().await,
+                () = self.shutdown.wait(), if drain => {}
+            }
+        }
+        if let Some(j) = &self.spool
+            && let Err(e) = j.save_acked()
+        {
+            tracing::warn!(error = %e, "Cannot save the spool's position; some batches will be written twice (harmless).");
+        }
+    }
+
+    async fn handle(&mut self, batch: Arc<Batch>) {
+        let mut lines = Lines::new();
+        for item in &batch.items {
+            let encoded = measurement_point(&item.measurement, self.precision)
+                .and_then(|p| encode_point(&mut lines.body, &p));
+            match encoded {
+                Ok(()) => {
+                    lines.starts.push(lines.body.len());
+                    lines.topics.push(item.topic.clone());
+                }
+                Err(e) => {
+                    let json = serde_json::to_string(&item.measurement).unwrap_or_default();
+                    self.dead.send(&e.to_string(), &item.topic, &json).await;
+                }
+            }
+        }
+        if lines.is_empty() {
+            batch.done();
+            return;
+        }
+        // Known to be down, or stopping (a POST could outlast the grace period): spool.
+        if self.backoff.active() || self.shutdown.is_requested() {
+            if self.spool_append(&lines.body, lines.len()).await {
+                batch.done();
+            }
+            return;
+        }
+        match self.deliver(&lines).await {
+            Ok(()) => {
+                self.came_back();
+                batch.done();
+            }
+            Err((rest, failure)) => {
+                self.went_down(failure);
+                let mut body = String::new();
+                let mut n = 0;
+                // `rest` is a stack: the last entry is the next range in order.
+                for r in rest.iter().rev() {
+                    body.push_str(lines.slice(r));
+                    n += r.len();
+                }
+                if self.spool_append(&body, n).await {
+                    batch.done();
+                }
+            }
+        }
+    }
+
+    /// Write `lines`, splitting on 400/413 and dead-lettering the lines refused on their own.
+    /// On a failure that is not about particular lines, returns the ranges not yet written.
+    async fn deliver(&mut self, lines: &Lines) -> Result<(), (Vec<Range<usize>>, Failure)> {
+        let mut stack: Vec<Range<usize>> = Vec::with_capacity(16);
+        stack.push(0..lines.len());
+        while let Some(r) = stack.pop() {
+            let outcome = self.client.write(lines.slice(&r).as_bytes()).await;
+            let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
+                let mid = r.start + r.len() / 2;
+                stack.push(mid..r.end);
+                stack.push(r.start..mid);
+            };
+            match outcome {
+                Outcome::Written => {
+                    self.m.requests_ok.inc();
+                    self.m.points.add(r.len() as u64);
+                }
+                Outcome::Rejected(msg) if r.len() == 1 => {
+                    self.m.requests_failed.inc();
+                    self.dead
+                        .send(&msg, &lines.topics[r.start], lines.slice(&r))
+                        .await;
+                }
+                Outcome::TooLarge if r.len() == 1 => {
+                    self.m.requests_failed.inc();
+                    let msg = "InfluxDB answered 413: this single point is larger than it accepts";
+                    self.dead
+                        .send(msg, &lines.topics[r.start], lines.slice(&r))
+                        .await;
+                }
+                Outcome::Rejected(msg) => {
+                    self.m.requests_failed.inc();
+                    tracing::debug!(lines = r.len(), message = %msg, "InfluxDB refused a batch (400); splitting it to find the bad line.");
+                    split(&mut stack, &r);
+                }
+                Outcome::TooLarge => {
+                    self.m.requests_failed.inc();
+                    tracing::info!(
+                        lines = r.len(),
+                        "InfluxDB found a batch too large (413); splitting it. Lower batch_points to avoid this."
+                    );
+                    split(&mut stack, &r);
+                }
+                Outcome::Unavailable(why) => {
+                    self.m.requests_failed.inc();
+                    stack.push(r);
+                    return Err((stack, Failure::Unavailable(why)));
+                }
+                Outcome::Refused { what, .. } => {
+                    self.m.requests_failed.inc();
+                    stack.push(r);
+                    return Err((stack, Failure::Refused(what)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn drain_one(&mut self) {
+        let Some(spool) = self.spool.take() else {
+            return;
+        };
+        let (spool, read) = blocking(spool, |j| j.read_after(0, 1, |_| false)).await;
+        self.spool = Some(spool);
+        let record = match read {
+            Ok(mut v) if !v.is_empty() => v.remove(0),
+            Ok(_) => return,
+            Err(e) => {
+                // An unreadable segment: retrying cannot help, and holding it would stop
+                // the whole spool. The journal's CRC check has already cut damaged tails.
+                tracing::error!(error = %e, "Cannot read the InfluxDB spool; backing off.");
+                self.backoff.fail();
+                return;
+            }
+        };
+        let body = String::from_utf8_lossy(&record.payload).into_owned();
+        let lines = Lines::parse(body);
+        match self.deliver(&lines).await {
+            Ok(()) => {
+                let seq = record.seq;
+                if let Some(spool) = self.spool.take() {
+                    let (spool, r) = blocking(spool, move |j| {
+                        j.trim_through(seq)?;
+                        // Saving the position only when the spool is empty keeps the disk
+                        // quiet during a drain; a crash mid-drain resends some batches.
+                        if j.records() == 0 {
+                            j.save_acked()?;
+                        }
+                        Ok::<_, JournalError>(())
+                    })
+                    .await;
+                    self.spool = Some(spool);
+                    if let Err(e) = r {
+                        tracing::warn!(error = %e, "Cannot trim the InfluxDB spool.");
+                    }
+                }
+                self.came_back();
+                self.update_gauges();
+                if self.spooled() == 0 {
+                    tracing::info!("The InfluxDB spool is drained.");
+                }
+            }
+            Err((_, failure)) => self.went_down(failure),
+        }
+    }
+
+    /// Append to the spool and fsync. `false`: not stored (the batch stays unacknowledged
+    /// and its producers will replay it).
+    async fn spool_append(&mut self, body: &str, points: usize) -> bool {
+        let Some(spool) = self.spool.take() else {
+            return false;
+        };
+        let payload = body.as_bytes().to_vec();
+        let (spool, r) = blocking(spool, move |j| {
+            let (_, dropped) = j.append("", &payload)?;
+            if let Some((path, file)) = j.sync_handle()? {
+                file.sync_data()
+                    .map_err(|source| JournalError::Io { path, source })?;
+            }
+            Ok::<_, JournalError>(dropped)
+        })
+        .await;
+        self.spool = Some(spool);
+        match r {
+            Ok(dropped) => {
+                self.m.spooled_points.add(points as u64);
+                if let Some(d) = dropped {
+                    self.m.spool_dropped.add(d.records);
+                    tracing::error!(
+                        batches = d.records,
+                        "The InfluxDB spool is full: its oldest batches were dropped unwritten. \
+                         Raise influx_writer.spool.max_bytes or bring InfluxDB back."
+                    );
+                }
+                self.update_gauges();
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot write the InfluxDB spool; the batch stays with its producers.");
+                false
+            }
+        }
+    }
+
+    fn went_down(&mut self, failure: Failure) {
+        let wait = self.backoff.fail();
+        self.m.up.set(0.0);
+        let first = self.down.is_none();
+        match &failure {
+            Failure::Refused(what) => {
+                // A person has to act: say it at ERROR on every retry (at most once per
+                // retry_max_ms once the backoff has grown).
+                tracing::error!(
+                    retry_in_ms = wait.as_millis() as u64,
+                    "{what}. Readings are kept in the spool until this is fixed."
+                );
+            }
+            Failure::Unavailable(why) if first => {
+                tracing::warn!(
+                    reason = %why,
+                    endpoint = %self.client.endpoint(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "InfluxDB cannot take writes; spooling readings to disk until it can."
+                );
+            }
+            Failure::Unavailable(why) => {
+                tracing::debug!(reason = %why, retry_in_ms = wait.as_millis() as u64, "InfluxDB still unavailable.");
+            }
+        }
+        self.down = Some(failure);
+    }
+
+    fn came_back(&mut self) {
+        self.backoff.reset();
+        if self.down.take().is_some() {
+            self.m.up.set(1.0);
+            tracing::info!(
+                spooled_batches = self.spooled(),
+                "InfluxDB accepts writes again; draining the spool."
+            );
+        }
+    }
+}
+
+/// Run a spool operation off the async threads and hand the spool back.
+async fn blocking<R: Send + 'static>(
+    mut j: Journal,
+    f: impl FnOnce(&mut Journal) -> R + Send + 'static,
+) -> (Journal, R) {
+    match tokio::task::spawn_blocking(move || {
+        let r = f(&mut j);
+        (j, r)
+    })
+    .await
+    {
+        Ok(v) => v,
+        // A panic in a spool operation is a bug; panic=abort in release ends the process anyway.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_and_slice() {
+        let l = Lines::parse("a v=1 1\nb v=2 2\nc v=3 3\n".into());
+        assert_eq!(l.len(), 3);
+        assert_eq!(l.slice(&(1..3)), "b v=2 2\nc v=3 3\n");
+        // A body without its last newline still yields every line.
+        let l = Lines::parse("a v=1 1\nb v=2 2".into());
+        assert_eq!(l.len(), 2);
+        assert_eq!(l.slice(&(1..2)), "b v=2 2");
+    }
+
+    #[tokio::test]
+    async fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let waits: Vec<Duration> = (0..5).map(|_| b.fail()).collect();
+        assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
+        assert!(waits[1] >= Duration::from_millis(100) && waits[1] <= Duration::from_millis(200));
+        for w in &waits[2..] {
+            assert!(
+                *w >= Duration::from_millis(200) && *w <= Duration::from_millis(400),
+                "{w:?}"
+            );
+        }
+        assert!(b.active());
+        b.reset();
+        assert!(!b.active());
+    }
+}

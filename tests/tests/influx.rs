@@ -1,0 +1,448 @@
+//! influx-writer end to end against real servers: InfluxDB 1.6.7 (v1 API, InfluxQL read-back,
+//! a refused line, an outage with the writer killed -9) and VictoriaMetrics 1.79 (v2 API with
+//! token and gzip, read back through its export API); the file output with rotation and a
+//! restart, read by Python's csv module.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use wattbus_e2e::servers::{Influxd, Victoria, http};
+use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+
+const BASE_TS_MS: i64 = 1_764_000_000_000;
+
+struct Lab {
+    dir: tempfile::TempDir,
+    broker: BrokerSetup,
+    _broker: Proc,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = BrokerSetup::new(dir.path());
+        let proc = broker.start(&dir.path().join("broker.log"));
+        Lab {
+            dir,
+            broker,
+            _broker: proc,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A writer config: `[influx_writer]` keys plus `extra` (more keys and sections).
+    fn writer_config(&self, extra: &str) -> PathBuf {
+        let path = self.broker.service_config(
+            self.path(),
+            [
+                "level = \"info,rumqttd=warn\"",
+                "reconnect_max_ms = 1000",
+                "",
+            ],
+        );
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "[influx_writer]\nhealth_listen = \"127.0.0.1:{}\"\n{extra}\n",
+            free_port()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start_writer(&self, config: &Path) -> Proc {
+        Proc::spawn(
+            "influx-writer",
+            Command::new(wattbus_bin())
+                .args(["run", "influx-writer", "--config"])
+                .arg(config),
+            &self.path().join("writer.log"),
+        )
+    }
+
+    /// Publish `count` readings (`reading_n` = i at `BASE_TS_MS + i`) as site `lab`, waiting
+    /// for influx-writer's acknowledgement of each. `rate` 0 = as fast as possible.
+    fn produce(&self, count: u64, rate: u64, extra: &[&str]) -> Proc {
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(["--port", &self.broker.port.to_string()])
+            .args(["--password", &self.broker.password])
+            .args(["--site", "lab"])
+            .arg("--data-dir")
+            .arg(self.path().join("probe"))
+            .args(["produce", "--count", &count.to_string()])
+            .args(["--rate", &rate.to_string()])
+            .args(["--wait-for", "influx-writer"])
+            .args(["--ack-timeout-ms", "2000"])
+            .args(["--timeout-s", "120"])
+            .args(extra);
+        Proc::spawn("probe", &mut cmd, &self.path().join("probe.log"))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
+    }
+}
+
+fn probe_bin() -> PathBuf {
+    wattbus_bin().with_file_name("probe")
+}
+
+fn finish(p: &mut Proc, lab: &Lab, what: &str) {
+    let status = p.wait(Duration::from_secs(150));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{what}: the producer did not get every reading acknowledged ({status:?}).\n\
+         probe log:\n{}\nwriter log:\n{}",
+        lab.log("probe.log"),
+        lab.log("writer.log")
+    );
+}
+
+/// Check that measurement `probe` holds readings 0..count exactly once, every column right.
+fn assert_all_stored(influx: &Influxd, db: &str, count: i64) {
+    let rows = influx.rows(db, "probe");
+    assert_eq!(rows.len() as i64, count, "rows stored");
+    let mut seen = vec![false; count as usize];
+    for r in &rows {
+        let n = r["reading_n"].as_f64().expect("reading_n is a float") as i64;
+        assert!((0..count).contains(&n), "{r:?}");
+        assert!(!seen[n as usize], "reading {n} twice");
+        seen[n as usize] = true;
+        assert_eq!(r["time"].as_i64(), Some(BASE_TS_MS + n), "{r:?}");
+        assert_eq!(r["site"], "lab");
+        assert_eq!(r["device"], "probe-dev");
+        assert_eq!(r["channel"], "ch");
+        assert_eq!(r["quality"], "good");
+    }
+}
+
+#[test]
+fn v1_api_stores_every_reading_in_influxdb_1_6() {
+    let lab = Lab::new();
+    let influx = Influxd::start(lab.path());
+    influx.create_database("wattbus");
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
+        influx.port
+    ));
+    let _writer = lab.start_writer(&config);
+    let mut p = lab.produce(2000, 0, &[]);
+    finish(&mut p, &lab, "v1 end to end");
+    assert_all_stored(&influx, "wattbus", 2000);
+    // Nothing was spooled or refused on the way.
+    assert!(
+        !lab.log("writer.log").contains("spooling"),
+        "{}",
+        lab.log("writer.log")
+    );
+    assert!(!lab.path().join("influx-writer/dead-letters.jsonl").exists());
+}
+
+#[test]
+fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
+    let lab = Lab::new();
+    let influx = Influxd::start(lab.path());
+    influx.create_database("wattbus");
+    // `odd.reading_n` exists as an integer (in the same shard: types are per shard, and a
+    // shard spans a week): the writer's float for it is a field type conflict, answered 400.
+    let (status, body) = http(
+        "POST",
+        influx.port,
+        "/write?db=wattbus&precision=ms",
+        format!(
+            "odd,channel=ch,device=probe-dev,quality=good,site=lab reading_n=1i {}\n",
+            BASE_TS_MS - 1
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 204, "{body}");
+    // One batch: every reading arrives within the 3 s flush interval.
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 3000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
+        influx.port
+    ));
+    let _writer = lab.start_writer(&config);
+    let mut p = lab.produce(300, 0, &["--odd-at", "150"]);
+    finish(&mut p, &lab, "refused line");
+
+    let rows = influx.rows("wattbus", "probe");
+    assert_eq!(rows.len(), 299, "every other reading is stored");
+    assert!(rows.iter().all(|r| r["reading_n"].as_f64() != Some(150.0)));
+    let odd = influx.rows("wattbus", "odd");
+    assert_eq!(odd.len(), 1, "only the pre-existing point: {odd:?}");
+
+    let dead = std::fs::read_to_string(lab.path().join("influx-writer/dead-letters.jsonl"))
+        .expect("dead-letter file");
+    let lines: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{dead}");
+    let dl = &lines[0];
+    assert!(
+        dl["reason"]
+            .as_str()
+            .unwrap()
+            .contains("field type conflict"),
+        "the server's message is kept: {dl}"
+    );
+    assert!(dl["payload"].as_str().unwrap().starts_with("odd,"), "{dl}");
+    assert_eq!(dl["topic"], "wattbus/v1/lab/meas/probe-dev/ch");
+    assert!(lab.log("writer.log").contains("dead-lettered"));
+}
+
+#[test]
+fn v2_api_with_token_and_gzip_into_victoriametrics() {
+    let lab = Lab::new();
+    let vm = Victoria::start(lab.path());
+    std::fs::write(lab.path().join("token"), "t0ken-from-a-file\n").unwrap();
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}/\"\napi = \"v2\"\norg = \"home\"\nbucket = \"wattbus\"\ntoken_file = \"{}\"\ngzip = true\n",
+        vm.port,
+        lab.path().join("token").display()
+    ));
+    let _writer = lab.start_writer(&config);
+    let mut p = lab.produce(1000, 0, &[]);
+    finish(&mut p, &lab, "v2 end to end");
+
+    let series = vm.export("{__name__=\"probe_reading_n\"}");
+    assert_eq!(series.len(), 1, "{series:?}");
+    let s = &series[0];
+    assert_eq!(s["metric"]["device"], "probe-dev");
+    assert_eq!(s["metric"]["channel"], "ch");
+    assert_eq!(s["metric"]["site"], "lab");
+    assert_eq!(s["metric"]["quality"], "good");
+    let values: Vec<f64> = s["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let stamps: Vec<i64> = s["timestamps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(values.len(), 1000);
+    for (i, (v, t)) in values.iter().zip(&stamps).enumerate() {
+        assert_eq!(*v, i as f64);
+        assert_eq!(*t, BASE_TS_MS + i as i64);
+    }
+    // The token never reaches the log.
+    assert!(!lab.log("writer.log").contains("t0ken-from-a-file"));
+}
+
+#[test]
+fn influxdb_outage_with_the_writer_killed_loses_nothing() {
+    let lab = Lab::new();
+    let mut influx = Influxd::start(lab.path());
+    influx.create_database("wattbus");
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\nretry_min_ms = 200\nretry_max_ms = 1000\ntimeout_ms = 2000\n",
+        influx.port
+    ));
+    let mut writer = lab.start_writer(&config);
+    // 100 readings/s for 20 s.
+    let mut p = lab.produce(2000, 100, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    influx.stop();
+    assert!(
+        wait_until(Duration::from_secs(15), || lab
+            .log("writer.log")
+            .contains("spooling readings to disk")),
+        "the writer did not start spooling:\n{}",
+        lab.log("writer.log")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // A crash with the spool holding readings that were already acknowledged upstream.
+    writer.kill9();
+    let spool = lab.path().join("influx-writer/spool");
+    assert!(spool.is_dir(), "no spool at {}", spool.display());
+    std::thread::sleep(Duration::from_secs(1));
+    let _writer = lab.start_writer(&config);
+    std::thread::sleep(Duration::from_secs(3));
+    influx.resume();
+    finish(&mut p, &lab, "outage");
+    // The spool drains after the producer is done: wait for every reading.
+    assert!(
+        wait_until(Duration::from_secs(60), || influx
+            .rows("wattbus", "probe")
+            .len()
+            == 2000),
+        "{} of 2000 stored after the outage; writer log:\n{}",
+        influx.rows("wattbus", "probe").len(),
+        lab.log("writer.log")
+    );
+    assert_all_stored(&influx, "wattbus", 2000);
+    assert!(lab.log("writer.log").contains("draining"));
+}
+
+#[test]
+fn escaping_survives_a_round_trip_through_influxdb_1_6() {
+    use influx_writer::config::{Api, InfluxConfig, Target};
+    use influx_writer::http::{Client, Outcome};
+    use influx_writer::{FieldValue, Point, encode_batch};
+
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx.create_database("esc");
+    let nasty = [
+        "with space",
+        "comma,here",
+        "equals=sign",
+        "quote\"d",
+        "back\\slash",
+        "ünïcødé ⚡",
+        "all of it: a, b=c \"d\" \\e",
+    ];
+    let points: Vec<Point<'_>> = nasty
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Point {
+            measurement: "esc m,1",
+            tags: vec![("tag key,=", s)],
+            fields: vec![
+                ("text", FieldValue::Str(s)),
+                ("n", FieldValue::Int(i as i64)),
+            ],
+            timestamp: BASE_TS_MS + i as i64,
+        })
+        .chain(std::iter::once(Point {
+            measurement: "esc m,1",
+            tags: vec![],
+            fields: vec![("bad", FieldValue::Float(f64::NAN))],
+            timestamp: BASE_TS_MS + 99,
+        }))
+        .collect();
+    let (body, bad) = encode_batch(&points);
+    assert_eq!(bad.len(), 1, "the NaN point alone is refused");
+    assert_eq!(bad[0].0, nasty.len());
+
+    let target = Target {
+        cfg: InfluxConfig {
+            url: format!("http://127.0.0.1:{}", influx.port),
+            api: Api::V1,
+            database: Some("esc".into()),
+            ..InfluxConfig::default()
+        },
+        auth: None,
+    };
+    let client = Client::new(&target).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(client.write(body.as_bytes())), Outcome::Written);
+
+    let rows = influx.rows("esc", "esc m,1");
+    assert_eq!(rows.len(), nasty.len(), "{rows:?}");
+    for r in rows {
+        let i = r["n"].as_i64().unwrap() as usize;
+        assert_eq!(r["text"], nasty[i], "string field {i}");
+        assert_eq!(r["tag key,="], nasty[i], "tag value {i}");
+        assert_eq!(r["time"].as_i64(), Some(BASE_TS_MS + i as i64));
+    }
+}
+
+#[test]
+fn wrong_database_is_a_clear_error_and_data_waits_for_the_fix() {
+    let lab = Lab::new();
+    let influx = Influxd::start(lab.path());
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"not_created_yet\"\nretry_min_ms = 200\nretry_max_ms = 1000\n",
+        influx.port
+    ));
+    let _writer = lab.start_writer(&config);
+    let mut p = lab.produce(200, 0, &[]);
+    assert!(
+        wait_until(Duration::from_secs(20), || lab
+            .log("writer.log")
+            .contains("check influx.url and that the database exists")),
+        "{}",
+        lab.log("writer.log")
+    );
+    let log = lab.log("writer.log");
+    assert!(log.contains("ERROR"), "{log}");
+    assert!(
+        log.contains("check influx.url and that the database exists"),
+        "{log}"
+    );
+    // The person fixes it; everything arrives.
+    influx.create_database("not_created_yet");
+    finish(&mut p, &lab, "after the fix");
+    assert!(
+        wait_until(Duration::from_secs(30), || influx
+            .rows("not_created_yet", "probe")
+            .len()
+            == 200),
+        "{}",
+        lab.log("writer.log")
+    );
+    assert_all_stored(&influx, "not_created_yet", 200);
+}
+
+#[test]
+fn files_rotate_restart_cleanly_and_parse_as_csv() {
+    let lab = Lab::new();
+    let readings = lab.path().join("readings");
+    let config = lab.writer_config(&format!(
+        "flush_interval_ms = 100\n[influx_writer.files]\ndir = \"{}\"\nmax_bytes = 8192\n",
+        readings.display()
+    ));
+    let mut writer = lab.start_writer(&config);
+    let mut p = lab.produce(300, 0, &[]);
+    finish(&mut p, &lab, "files, first run");
+    assert!(
+        writer
+            .terminate(Duration::from_secs(10))
+            .is_some_and(|s| s.success())
+    );
+    // A second run appends to the same directory (the last file continues).
+    let _writer = lab.start_writer(&config);
+    let mut p = lab.produce(300, 0, &["--instance", "probe-producer-2"]);
+    finish(&mut p, &lab, "files, second run");
+
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            r#"
+import csv, glob, sys, collections
+rows = []
+files = sorted(glob.glob(sys.argv[1] + "/readings-*.csv"))
+for f in files:
+    with open(f, newline="") as fh:
+        r = list(csv.reader(fh))
+        assert r[0] == ["time","site","device","channel","measurement","field","value","quality"], (f, r[0])
+        for row in r[1:]:
+            assert len(row) == 8, (f, row)
+            rows.append(row)
+n = collections.Counter(float(row[6]) for row in rows)
+print(len(files), len(rows), len(n), max(n.values()))
+"#,
+        )
+        .arg(&readings)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<usize> = text
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let (files, rows, distinct, max_repeat) = (nums[0], nums[1], nums[2], nums[3]);
+    assert!(files >= 3, "rotated by size: {files} files");
+    // Both runs wrote readings 0..300: 600 rows, 300 distinct values, each exactly twice.
+    assert_eq!(rows, 600, "{text}");
+    assert_eq!(distinct, 300);
+    assert_eq!(max_repeat, 2);
+}
