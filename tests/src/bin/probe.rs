@@ -136,7 +136,13 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     JournalKind::Disk
                 },
-                wait_for: vec![Segment::new(wait_for)?],
+                // "" = no sink group: trimmed once handed to the broker (benchmarks of
+                // consumers that do not acknowledge).
+                wait_for: if wait_for.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Segment::new(wait_for)?]
+                },
                 ack_timeout_ms,
                 ack_timeout_max_ms: ack_timeout_ms * 4,
                 fsync_interval_ms,
@@ -155,6 +161,10 @@ async fn main() -> anyhow::Result<()> {
             let channel = Segment::new("ch")?;
             let topic = Topic::measurement(&common.site, &device, &channel);
             let start = Instant::now();
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            println!("{{\"start\":{unix:.3}}}");
             for i in 0..count {
                 if rate > 0 {
                     let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
