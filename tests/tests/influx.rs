@@ -161,9 +161,9 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
         .as_bytes(),
     );
     assert_eq!(status, 204, "{body}");
-    // One batch: every reading arrives within the 3 s flush interval.
+    // One batch: the 300 readings arrive well within the 1 s flush interval.
     let config = lab.writer_config(&format!(
-        "flush_interval_ms = 3000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
+        "flush_interval_ms = 1000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
         influx.port
     ));
     let _writer = lab.start_writer(&config);

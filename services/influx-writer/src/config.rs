@@ -238,6 +238,16 @@ impl Config {
                 "must start with http:// or https://",
             ));
         }
+        // `http://user:secret@host` would put a secret in every log line naming the endpoint.
+        let authority = url.split_once("://").map_or("", |(_, rest)| {
+            rest.split(['/', '?', '#']).next().unwrap_or("")
+        });
+        if authority.contains('@') {
+            return Err(ConfigError::new(
+                key("url"),
+                "must not hold credentials; use token / token_file (v2) or username and password / password_file (v1)",
+            ));
+        }
         let auth = match c.api {
             Api::V2 => {
                 for (k, v) in [("org", &c.org), ("bucket", &c.bucket)] {

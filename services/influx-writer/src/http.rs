@@ -3,15 +3,16 @@
 //!
 //! Status codes (InfluxDB 1.x, 2.x and 3.x agree on these; VictoriaMetrics answers 204 and
 //! skips bad lines itself):
-//! - 204 (or any 2xx): written.
-//! - 400: malformed or refused points (bad syntax, a field type conflict, a point outside the
-//!   retention policy). 1.x and 2.x write the good points of the batch and report the first
-//!   bad one; the writer finds the bad line(s) by splitting, which is safe because writes are
-//!   idempotent.
+//! - 204 (200 from some proxies): written. Redirects are not followed: a POST redirected
+//!   becomes a GET without its body, and a login page answering 200 would pass for a write.
+//! - 400, 422: malformed or refused points (bad syntax, a field type conflict, a point outside
+//!   the retention policy — 2.x says 422 for that). 1.x and 2.x write the good points of the
+//!   batch and report the first bad one; the writer finds the bad line(s) by splitting, which
+//!   is safe because writes are idempotent.
 //! - 413: the body is too large: split and resend.
-//! - 401/403/404: a setting is wrong (token, credentials, bucket, database). Nothing will
-//!   change until a person fixes it; the data is kept.
-//! - 429/5xx, timeouts, refused connections: the server is busy or away; back off and retry.
+//! - 401/403/404, a 3xx, any other 4xx: a setting is wrong (token, credentials, bucket,
+//!   database, URL). Nothing will change until a person fixes it; the data is kept.
+//! - 408/429/5xx, timeouts, refused connections: the server is busy or away; back off, retry.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -27,11 +28,11 @@ use crate::config::{Api, Target};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Written,
-    /// 400 with the server's message.
+    /// 400 or 422 with the server's message.
     Rejected(String),
     /// 413.
     TooLarge,
-    /// 401, 403 or 404: a person has to fix a setting. `what` says which one.
+    /// 401, 403, 404, 3xx or another 4xx: a person has to fix a setting. `what` says which.
     Refused {
         status: u16,
         what: String,
@@ -121,6 +122,7 @@ impl Client {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("wattbus-influx-writer/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| ClientError::Build(e.to_string()))?;
         Ok(Self {
@@ -160,13 +162,26 @@ impl Client {
             Err(e) => return Outcome::Unavailable(describe_transport(&e)),
         };
         let status = resp.status().as_u16();
-        if resp.status().is_success() {
+        if status == 204 || status == 200 {
             return Outcome::Written;
         }
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(|l| strip_query(l).to_string());
         let text = resp.text().await.unwrap_or_default();
         let message = server_message(&text);
         match status {
-            400 => Outcome::Rejected(message),
+            400 | 422 => Outcome::Rejected(message),
+            300..=399 => Outcome::Refused {
+                status,
+                what: format!(
+                    "InfluxDB's URL answers with a redirect ({status}) to {}; set influx.url to \
+                     the address that accepts writes (e.g. https:// instead of http://)",
+                    location.as_deref().unwrap_or("(no Location)")
+                ),
+            },
             413 => Outcome::TooLarge,
             401 | 403 => Outcome::Refused {
                 status,
@@ -199,9 +214,21 @@ impl Client {
                     }
                 ),
             },
-            _ => Outcome::Unavailable(format!("HTTP {status}: {message}")),
+            408 | 429 | 500..=599 => Outcome::Unavailable(format!("HTTP {status}: {message}")),
+            _ => Outcome::Refused {
+                status,
+                what: format!(
+                    "InfluxDB answered {status} for {} ({message}); check influx.url and the \
+                     server's logs",
+                    self.target
+                ),
+            },
         }
     }
+}
+
+fn strip_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or(url)
 }
 
 fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -275,6 +302,176 @@ mod tests {
         assert_eq!(server_message("  plain text\n"), "plain text");
         assert_eq!(server_message(""), "(no message)");
         assert!(server_message(&"é".repeat(2000)).len() <= 1024 + '…'.len_utf8());
+    }
+
+    use std::io::{BufRead as _, BufReader, Read as _};
+    use std::sync::mpsc;
+
+    use crate::config::InfluxConfig;
+
+    #[derive(Debug)]
+    struct Seen {
+        request_line: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Seen {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A one-request HTTP server answering `response`; reports what it received.
+    fn stub(response: &'static str) -> (u16, mpsc::Receiver<Seen>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut request_line = String::new();
+            r.read_line(&mut request_line).unwrap();
+            let mut headers = Vec::new();
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let line = line.trim_end();
+                if line.is_empty() {
+                    break;
+                }
+                let (k, v) = line.split_once(':').unwrap();
+                headers.push((k.to_string(), v.trim().to_string()));
+            }
+            let len: usize = headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                .map_or(0, |(_, v)| v.parse().unwrap());
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).unwrap();
+            std::io::Write::write_all(&mut s, response.as_bytes()).unwrap();
+            tx.send(Seen {
+                request_line,
+                headers,
+                body,
+            })
+            .unwrap();
+        });
+        (port, rx)
+    }
+
+    fn v2_target(port: u16) -> Target {
+        Target {
+            cfg: InfluxConfig {
+                url: format!("http://127.0.0.1:{port}/prefix/"),
+                org: Some("my org".into()),
+                bucket: Some("wattbus".into()),
+                ..InfluxConfig::default()
+            },
+            auth: Some(Secret::new("Token t0ken")),
+        }
+    }
+
+    const NO_CONTENT: &str = "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n";
+
+    #[tokio::test]
+    async fn v2_sends_token_gzip_and_the_target_in_the_query() {
+        let (port, seen) = stub(NO_CONTENT);
+        let c = Client::new(&v2_target(port)).unwrap();
+        let body = b"power,device=a w=1 1764000000000\n";
+        assert_eq!(c.write(body).await, Outcome::Written);
+        let s = seen.recv().unwrap();
+        assert_eq!(
+            s.request_line.trim_end(),
+            "POST /prefix/api/v2/write?org=my+org&bucket=wattbus&precision=ms HTTP/1.1"
+        );
+        assert_eq!(s.header("authorization"), Some("Token t0ken"));
+        assert_eq!(s.header("content-encoding"), Some("gzip"));
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&s.body[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        assert_eq!(plain, body);
+        assert!(!c.endpoint().contains("t0ken"));
+    }
+
+    #[tokio::test]
+    async fn v1_sends_basic_auth_database_and_retention_policy() {
+        let (port, seen) = stub(NO_CONTENT);
+        let t = Target {
+            cfg: InfluxConfig {
+                url: format!("http://127.0.0.1:{port}"),
+                api: Api::V1,
+                database: Some("wattbus".into()),
+                retention_policy: Some("a year".into()),
+                gzip: false,
+                ..InfluxConfig::default()
+            },
+            auth: Some(Secret::new("Basic dTpw")),
+        };
+        let c = Client::new(&t).unwrap();
+        assert_eq!(c.write(b"m v=1 1\n").await, Outcome::Written);
+        let s = seen.recv().unwrap();
+        assert_eq!(
+            s.request_line.trim_end(),
+            "POST /write?db=wattbus&rp=a+year&precision=ms HTTP/1.1"
+        );
+        assert_eq!(s.header("authorization"), Some("Basic dTpw"));
+        assert_eq!(s.header("content-encoding"), None);
+        assert_eq!(s.body, b"m v=1 1\n");
+    }
+
+    #[tokio::test]
+    async fn answers_are_sorted_into_what_to_do() {
+        let cases: [(&'static str, fn(&Outcome) -> bool); 7] = [
+            (
+                "HTTP/1.1 301 Moved\r\nLocation: https://influx.example/api/v2/write?org=x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| matches!(o, Outcome::Refused { status: 301, what } if what.contains("https://influx.example/api/v2/write;") || what.contains("https://influx.example/api/v2/write ")),
+            ),
+            (
+                "HTTP/1.1 422 Unprocessable\r\nContent-Length: 44\r\nConnection: close\r\n\r\n{\"message\":\"points beyond retention policy\"}",
+                |o| *o == Outcome::Rejected("points beyond retention policy".into()),
+            ),
+            (
+                "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| matches!(o, Outcome::Refused { status: 401, what } if what.contains("token")),
+            ),
+            (
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| matches!(o, Outcome::Refused { status: 404, what } if what.contains("bucket \"wattbus\"") && what.contains("api = \"v1\"")),
+            ),
+            (
+                "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| matches!(o, Outcome::Refused { status: 405, .. }),
+            ),
+            (
+                "HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| *o == Outcome::TooLarge,
+            ),
+            (
+                "HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                |o| matches!(o, Outcome::Unavailable(m) if m.starts_with("HTTP 503")),
+            ),
+        ];
+        for (response, ok) in cases {
+            let (port, _seen) = stub(response);
+            let c = Client::new(&v2_target(port)).unwrap();
+            let o = c.write(b"m v=1 1\n").await;
+            assert!(ok(&o), "{response:?} → {o:?}");
+        }
+        // Nobody listening.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = Client::new(&v2_target(port)).unwrap();
+        assert!(
+            matches!(c.write(b"m v=1 1\n").await, Outcome::Unavailable(m) if m.starts_with("cannot connect"))
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! the oldest dropped loudly), one record per batch. Nothing touches the disk while InfluxDB
 //! is healthy.
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ use proto::{DeadLetter, Segment, Topic};
 use runtime::Shutdown;
 use runtime::bus::Bus;
 use runtime::config::{JournalKind, StreamConfig};
-use runtime::journal::{Journal, JournalError};
+use runtime::journal::{Journal, JournalError, Record};
 use runtime::telemetry::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -92,10 +93,20 @@ impl Lines {
 }
 
 /// Why a batch could not be written now.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Failure {
     Unavailable(String),
     Refused(String),
+    /// Shutdown was requested between the requests of a split batch.
+    Stopping,
+}
+
+/// A point that will not be written, and why.
+#[derive(Debug)]
+struct Refusal {
+    reason: String,
+    topic: String,
+    line: String,
 }
 
 /// Points the server refused, published and kept in a file.
@@ -108,6 +119,9 @@ pub struct DeadLetters {
     max_bytes: u64,
     count: Counter,
 }
+
+/// Dead letters logged one by one per batch; the rest are summarised.
+const LOGGED_PER_BATCH: usize = 3;
 
 impl DeadLetters {
     pub fn new(
@@ -131,27 +145,63 @@ impl DeadLetters {
         }
     }
 
-    pub async fn send(&self, reason: &str, topic: &str, line: &str) {
-        self.count.inc();
-        let topic = if topic.is_empty() { "(spool)" } else { topic };
-        let dl = DeadLetter::new(self.service.clone(), reason, topic, line.as_bytes());
-        tracing::error!(
-            reason,
-            topic,
-            line = line.trim_end(),
-            file = %self.path.display(),
-            "A point was refused and dead-lettered; the rest of its batch is stored."
-        );
-        if let Err(e) = append_jsonl(&self.path, self.max_bytes, &dl) {
+    /// Record a batch's refused points: one fsynced append to the file, one message each on
+    /// the dead-letter topic, a few ERROR lines.
+    async fn send_all(&self, refused: Vec<Refusal>) {
+        if refused.is_empty() {
+            return;
+        }
+        self.count.add(refused.len() as u64);
+        for r in refused.iter().take(LOGGED_PER_BATCH) {
+            tracing::error!(
+                reason = %r.reason,
+                topic = %r.topic,
+                line = r.line.trim_end(),
+                file = %self.path.display(),
+                "A point was refused and dead-lettered; the rest of its batch is stored."
+            );
+        }
+        if refused.len() > LOGGED_PER_BATCH {
+            tracing::error!(
+                more = refused.len() - LOGGED_PER_BATCH,
+                file = %self.path.display(),
+                "More points of this batch were dead-lettered."
+            );
+        }
+        let letters: Vec<DeadLetter> = refused
+            .iter()
+            .map(|r| {
+                let topic = if r.topic.is_empty() {
+                    "(spool)"
+                } else {
+                    &r.topic
+                };
+                DeadLetter::new(self.service.clone(), &r.reason, topic, r.line.as_bytes())
+            })
+            .collect();
+        let (path, max) = (self.path.clone(), self.max_bytes);
+        let (letters, written) = match tokio::task::spawn_blocking(move || {
+            let r = append_jsonl(&path, max, &letters);
+            (letters, r)
+        })
+        .await
+        {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        if let Err(e) = written {
             tracing::error!(file = %self.path.display(), error = %e, "Cannot write the dead-letter file.");
         }
-        if let Err(e) = self.bus.send(&self.topic, &dl, false).await {
-            tracing::warn!(error = %e, "Could not publish a dead letter (it is in the file).");
+        for dl in &letters {
+            if let Err(e) = self.bus.send(&self.topic, dl, false).await {
+                tracing::warn!(error = %e, "Could not publish a dead letter (it is in the file).");
+                break;
+            }
         }
     }
 }
 
-fn append_jsonl(path: &Path, max_bytes: u64, dl: &DeadLetter) -> std::io::Result<()> {
+fn append_jsonl(path: &Path, max_bytes: u64, letters: &[DeadLetter]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -160,13 +210,16 @@ fn append_jsonl(path: &Path, max_bytes: u64, dl: &DeadLetter) -> std::io::Result
         old.push(".1");
         std::fs::rename(path, old)?;
     }
-    let mut line = serde_json::to_vec(dl).map_err(std::io::Error::other)?;
-    line.push(b'\n');
+    let mut buf = Vec::new();
+    for dl in letters {
+        serde_json::to_writer(&mut buf, dl).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
-    f.write_all(&line)?;
+    f.write_all(&buf)?;
     f.sync_data()
 }
 
@@ -202,8 +255,9 @@ impl Backoff {
         self.until = None;
     }
 
-    fn active(&self) -> bool {
-        self.until.is_some()
+    /// Still inside the wait after a failure.
+    fn waiting(&self) -> bool {
+        self.until.is_some_and(|u| Instant::now() < u)
     }
 }
 
@@ -274,12 +328,22 @@ pub enum SinkError {
     Spool(#[from] JournalError),
 }
 
+/// Most bytes read from the spool at once (about one segment).
+const SPOOL_READ_BYTES: u64 = 4 << 20;
+
 /// The InfluxDB output task.
 #[derive(Debug)]
 pub struct InfluxSink {
     client: Client,
     /// `None` only while a blocking spool operation has it.
     spool: Option<Journal>,
+    /// Spooled records read but not yet written, oldest first.
+    queue: VecDeque<Record>,
+    /// Largest spool record: a batch's remainder is cut at line boundaries to fit, so a
+    /// record never outgrows a segment (or the journal's record limit).
+    max_record: usize,
+    /// Spooled records are merged into requests of up to this many lines.
+    merge_lines: usize,
     backoff: Backoff,
     precision: Precision,
     dead: Arc<DeadLetters>,
@@ -293,6 +357,7 @@ impl InfluxSink {
         target: &Target,
         spool_dir: &Path,
         spool: &SpoolConfig,
+        batch_points: usize,
         dead: Arc<DeadLetters>,
         shutdown: Shutdown,
     ) -> Result<Self, SinkError> {
@@ -312,6 +377,9 @@ impl InfluxSink {
         let sink = Self {
             client,
             spool: Some(journal),
+            queue: VecDeque::new(),
+            max_record: usize::try_from(spool.segment_bytes / 2).unwrap_or(usize::MAX),
+            merge_lines: batch_points,
             backoff: Backoff::new(
                 Duration::from_millis(target.cfg.retry_min_ms),
                 Duration::from_millis(target.cfg.retry_max_ms),
@@ -345,7 +413,7 @@ impl InfluxSink {
         }
     }
 
-    /// Take batches until the channel closes; then flush what is spooled-acked state to disk.
+    /// Take batches until the channel closes; then save the spool's position.
     pub async fn run(mut self, mut rx: mpsc::Receiver<Arc<Batch>>) {
         loop {
             let retry_at = self.backoff.until.unwrap_or_else(Instant::now);
@@ -355,7 +423,7 @@ impl InfluxSink {
                     Some(b) => self.handle(b).await,
                     None => break,
                 },
-                () = tokio::time::sleep_until(retry_at), if drain => self.drain_one().await,
+                () = tokio::time::sleep_until(retry_at), if drain => self.drain_some().await,
                 () = self.shutdown.wait(), if drain => {}
             }
         }
@@ -368,6 +436,7 @@ impl InfluxSink {
 
     async fn handle(&mut self, batch: Arc<Batch>) {
         let mut lines = Lines::new();
+        let mut refused = Vec::new();
         for item in &batch.items {
             let encoded = measurement_point(&item.measurement, self.precision)
                 .and_then(|p| encode_point(&mut lines.body, &p));
@@ -376,30 +445,36 @@ impl InfluxSink {
                     lines.starts.push(lines.body.len());
                     lines.topics.push(item.topic.clone());
                 }
-                Err(e) => {
-                    let json = serde_json::to_string(&item.measurement).unwrap_or_default();
-                    self.dead.send(&e.to_string(), &item.topic, &json).await;
+                Err(e) => refused.push(Refusal {
+                    reason: e.to_string(),
+                    topic: item.topic.clone(),
+                    line: serde_json::to_string(&item.measurement).unwrap_or_default(),
+                }),
+            }
+        }
+        let result = if lines.is_empty() {
+            Ok(())
+        } else if self.backoff.waiting() || self.shutdown.is_requested() {
+            // Known to be away, or stopping (a POST could outlast the grace period): spool.
+            // Once the wait is over, the next batch is the probe — also when the spool is
+            // empty because writing it failed.
+            Err(vec![0..lines.len()])
+        } else {
+            match self.deliver(&lines, &mut refused).await {
+                Ok(()) => {
+                    self.came_back();
+                    Ok(())
+                }
+                Err((rest, failure)) => {
+                    self.went_down(failure);
+                    Err(rest)
                 }
             }
-        }
-        if lines.is_empty() {
-            batch.done();
-            return;
-        }
-        // Known to be down, or stopping (a POST could outlast the grace period): spool.
-        if self.backoff.active() || self.shutdown.is_requested() {
-            if self.spool_append(&lines.body, lines.len()).await {
-                batch.done();
-            }
-            return;
-        }
-        match self.deliver(&lines).await {
-            Ok(()) => {
-                self.came_back();
-                batch.done();
-            }
-            Err((rest, failure)) => {
-                self.went_down(failure);
+        };
+        self.dead.send_all(refused).await;
+        match result {
+            Ok(()) => batch.done(),
+            Err(rest) => {
                 let mut body = String::new();
                 let mut n = 0;
                 // `rest` is a stack: the last entry is the next range in order.
@@ -414,17 +489,35 @@ impl InfluxSink {
         }
     }
 
-    /// Write `lines`, splitting on 400/413 and dead-lettering the lines refused on their own.
-    /// On a failure that is not about particular lines, returns the ranges not yet written.
-    async fn deliver(&mut self, lines: &Lines) -> Result<(), (Vec<Range<usize>>, Failure)> {
+    /// Write `lines`, splitting on 400/413 and collecting the lines refused on their own in
+    /// `refused`. On a failure that is not about particular lines, returns the ranges not
+    /// yet written.
+    async fn deliver(
+        &mut self,
+        lines: &Lines,
+        refused: &mut Vec<Refusal>,
+    ) -> Result<(), (Vec<Range<usize>>, Failure)> {
         let mut stack: Vec<Range<usize>> = Vec::with_capacity(16);
         stack.push(0..lines.len());
+        let mut first = true;
         while let Some(r) = stack.pop() {
+            if !first && self.shutdown.is_requested() {
+                stack.push(r);
+                return Err((stack, Failure::Stopping));
+            }
+            first = false;
             let outcome = self.client.write(lines.slice(&r).as_bytes()).await;
             let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
                 let mid = r.start + r.len() / 2;
                 stack.push(mid..r.end);
                 stack.push(r.start..mid);
+            };
+            let refuse = |refused: &mut Vec<Refusal>, reason: String| {
+                refused.push(Refusal {
+                    reason,
+                    topic: lines.topics[r.start].clone(),
+                    line: lines.slice(&r).to_string(),
+                });
             };
             match outcome {
                 Outcome::Written => {
@@ -433,20 +526,18 @@ impl InfluxSink {
                 }
                 Outcome::Rejected(msg) if r.len() == 1 => {
                     self.m.requests_failed.inc();
-                    self.dead
-                        .send(&msg, &lines.topics[r.start], lines.slice(&r))
-                        .await;
+                    refuse(refused, msg);
                 }
                 Outcome::TooLarge if r.len() == 1 => {
                     self.m.requests_failed.inc();
-                    let msg = "InfluxDB answered 413: this single point is larger than it accepts";
-                    self.dead
-                        .send(msg, &lines.topics[r.start], lines.slice(&r))
-                        .await;
+                    refuse(
+                        refused,
+                        "InfluxDB answered 413: this single point is larger than it accepts".into(),
+                    );
                 }
                 Outcome::Rejected(msg) => {
                     self.m.requests_failed.inc();
-                    tracing::debug!(lines = r.len(), message = %msg, "InfluxDB refused a batch (400); splitting it to find the bad line.");
+                    tracing::debug!(lines = r.len(), message = %msg, "InfluxDB refused a batch; splitting it to find the bad line.");
                     split(&mut stack, &r);
                 }
                 Outcome::TooLarge => {
@@ -472,63 +563,121 @@ impl InfluxSink {
         Ok(())
     }
 
-    async fn drain_one(&mut self) {
-        let Some(spool) = self.spool.take() else {
+    /// Write the oldest spooled records (merged up to `merge_lines` lines) and trim them.
+    async fn drain_some(&mut self) {
+        if self.queue.is_empty() && !self.refill().await {
+            return;
+        }
+        let mut body = String::new();
+        let mut taken: usize = 0;
+        let mut line_count = 0;
+        for r in &self.queue {
+            let n = r.payload.iter().filter(|b| **b == b'\n').count();
+            if taken > 0 && line_count + n > self.merge_lines {
+                break;
+            }
+            body.push_str(&String::from_utf8_lossy(&r.payload));
+            if !body.ends_with('\n') {
+                body.push('\n');
+            }
+            taken += 1;
+            line_count += n;
+        }
+        let Some(last_seq) = self.queue.get(taken.saturating_sub(1)).map(|r| r.seq) else {
             return;
         };
-        let (spool, read) = blocking(spool, |j| j.read_after(0, 1, |_| false)).await;
-        self.spool = Some(spool);
-        let record = match read {
-            Ok(mut v) if !v.is_empty() => v.remove(0),
-            Ok(_) => return,
-            Err(e) => {
-                // An unreadable segment: retrying cannot help, and holding it would stop
-                // the whole spool. The journal's CRC check has already cut damaged tails.
-                tracing::error!(error = %e, "Cannot read the InfluxDB spool; backing off.");
-                self.backoff.fail();
-                return;
-            }
-        };
-        let body = String::from_utf8_lossy(&record.payload).into_owned();
         let lines = Lines::parse(body);
-        match self.deliver(&lines).await {
+        let mut refused = Vec::new();
+        let result = self.deliver(&lines, &mut refused).await;
+        self.dead.send_all(refused).await;
+        match result {
             Ok(()) => {
-                let seq = record.seq;
-                if let Some(spool) = self.spool.take() {
-                    let (spool, r) = blocking(spool, move |j| {
-                        j.trim_through(seq)?;
-                        // Saving the position only when the spool is empty keeps the disk
-                        // quiet during a drain; a crash mid-drain resends some batches.
-                        if j.records() == 0 {
-                            j.save_acked()?;
-                        }
-                        Ok::<_, JournalError>(())
-                    })
-                    .await;
-                    self.spool = Some(spool);
-                    if let Err(e) = r {
-                        tracing::warn!(error = %e, "Cannot trim the InfluxDB spool.");
-                    }
-                }
+                self.queue.drain(..taken);
+                self.trim_spool(last_seq).await;
                 self.came_back();
-                self.update_gauges();
                 if self.spooled() == 0 {
                     tracing::info!("The InfluxDB spool is drained.");
                 }
             }
+            Err((_, Failure::Stopping)) => {}
             Err((_, failure)) => self.went_down(failure),
         }
     }
 
-    /// Append to the spool and fsync. `false`: not stored (the batch stays unacknowledged
-    /// and its producers will replay it).
+    /// Read the next part of the spool into the queue. `false`: nothing to drain now.
+    async fn refill(&mut self) -> bool {
+        let Some(spool) = self.spool.take() else {
+            return false;
+        };
+        let (spool, read) = blocking(spool, |j| {
+            j.read_after_within(0, usize::MAX, SPOOL_READ_BYTES, |_| false)
+        })
+        .await;
+        self.spool = Some(spool);
+        match read {
+            Ok(records) if !records.is_empty() => {
+                self.queue.extend(records);
+                true
+            }
+            Ok(_) => {
+                // The journal counts records it cannot return (their segment lost its file
+                // under us). Waiting cannot bring them back, and spinning on them would
+                // stop the spool: give them up, loudly.
+                let lost = self.spooled();
+                if let Some(last) = self.spool.as_ref().and_then(Journal::last_seq) {
+                    tracing::error!(
+                        batches = lost,
+                        "Spooled batches cannot be read back (their segment file is gone); they are dropped."
+                    );
+                    self.m.spool_dropped.add(lost);
+                    self.trim_spool(last).await;
+                }
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot read the InfluxDB spool; retrying with backoff.");
+                self.m.up.set(0.0);
+                self.backoff.fail();
+                false
+            }
+        }
+    }
+
+    async fn trim_spool(&mut self, through: u64) {
+        let Some(spool) = self.spool.take() else {
+            return;
+        };
+        let (spool, r) = blocking(spool, move |j| {
+            j.trim_through(through)?;
+            // Saving the position only when the spool is empty keeps the disk quiet during
+            // a drain; a crash mid-drain resends some batches (harmless).
+            if j.records() == 0 {
+                j.save_acked()?;
+            }
+            Ok::<_, JournalError>(())
+        })
+        .await;
+        self.spool = Some(spool);
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "Cannot trim the InfluxDB spool.");
+        }
+        self.update_gauges();
+    }
+
+    /// Append to the spool (in records of at most `max_record` bytes, cut at line
+    /// boundaries) and fsync. `false`: not stored (the batch stays unacknowledged and its
+    /// producers will replay it).
     async fn spool_append(&mut self, body: &str, points: usize) -> bool {
         let Some(spool) = self.spool.take() else {
             return false;
         };
-        let payload = body.as_bytes().to_vec();
+        let chunks = split_at_lines(body, self.max_record);
         let (spool, r) = blocking(spool, move |j| {
-            let (_, dropped) = j.append("", &payload)?;
+            let mut dropped = 0;
+            for c in chunks {
+                let (_, d) = j.append("", c.as_bytes())?;
+                dropped += d.map_or(0, |d| d.records);
+            }
             if let Some((path, file)) = j.sync_handle()? {
                 file.sync_data()
                     .map_err(|source| JournalError::Io { path, source })?;
@@ -540,10 +689,10 @@ impl InfluxSink {
         match r {
             Ok(dropped) => {
                 self.m.spooled_points.add(points as u64);
-                if let Some(d) = dropped {
-                    self.m.spool_dropped.add(d.records);
+                if dropped > 0 {
+                    self.m.spool_dropped.add(dropped);
                     tracing::error!(
-                        batches = d.records,
+                        batches = dropped,
                         "The InfluxDB spool is full: its oldest batches were dropped unwritten. \
                          Raise influx_writer.spool.max_bytes or bring InfluxDB back."
                     );
@@ -559,29 +708,34 @@ impl InfluxSink {
     }
 
     fn went_down(&mut self, failure: Failure) {
+        if failure == Failure::Stopping {
+            return;
+        }
         let wait = self.backoff.fail();
         self.m.up.set(0.0);
-        let first = self.down.is_none();
+        let changed = self.down.as_ref() != Some(&failure);
+        let retry_in_ms = wait.as_millis() as u64;
         match &failure {
             Failure::Refused(what) => {
                 // A person has to act: say it at ERROR on every retry (at most once per
                 // retry_max_ms once the backoff has grown).
                 tracing::error!(
-                    retry_in_ms = wait.as_millis() as u64,
+                    retry_in_ms,
                     "{what}. Readings are kept in the spool until this is fixed."
                 );
             }
-            Failure::Unavailable(why) if first => {
+            Failure::Unavailable(why) if changed => {
                 tracing::warn!(
                     reason = %why,
                     endpoint = %self.client.endpoint(),
-                    retry_in_ms = wait.as_millis() as u64,
+                    retry_in_ms,
                     "InfluxDB cannot take writes; spooling readings to disk until it can."
                 );
             }
             Failure::Unavailable(why) => {
-                tracing::debug!(reason = %why, retry_in_ms = wait.as_millis() as u64, "InfluxDB still unavailable.");
+                tracing::debug!(reason = %why, retry_in_ms, "InfluxDB still unavailable.");
             }
+            Failure::Stopping => {}
         }
         self.down = Some(failure);
     }
@@ -596,6 +750,23 @@ impl InfluxSink {
             );
         }
     }
+}
+
+/// Cut `body` into pieces of at most `max` bytes at line ends (a single longer line stays
+/// whole: the journal's own record limit is far above any line).
+fn split_at_lines(body: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in body.split_inclusive('\n') {
+        if !current.is_empty() && current.len() + line.len() > max {
+            out.push(std::mem::take(&mut current));
+        }
+        current.push_str(line);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// Run a spool operation off the async threads and hand the spool back.
@@ -630,6 +801,15 @@ mod tests {
         assert_eq!(l.slice(&(1..2)), "b v=2 2");
     }
 
+    #[test]
+    fn spool_records_are_cut_at_line_ends() {
+        let body = "aaaa\nbbbb\ncccc\n";
+        assert_eq!(split_at_lines(body, 10), vec!["aaaa\nbbbb\n", "cccc\n"]);
+        assert_eq!(split_at_lines(body, 3), vec!["aaaa\n", "bbbb\n", "cccc\n"]);
+        assert_eq!(split_at_lines(body, 100), vec![body]);
+        assert!(split_at_lines("", 10).is_empty());
+    }
+
     #[tokio::test]
     async fn backoff_doubles_with_jitter_up_to_the_cap() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
@@ -642,8 +822,8 @@ mod tests {
                 "{w:?}"
             );
         }
-        assert!(b.active());
+        assert!(b.waiting());
         b.reset();
-        assert!(!b.active());
+        assert!(!b.waiting());
     }
 }

@@ -100,6 +100,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             &target,
             &config.state_dir(data_dir).join("spool"),
             &config.spool,
+            config.batch_points,
             dead,
             ctx.shutdown.clone(),
         )?;

@@ -483,8 +483,22 @@ impl Journal {
         limit: usize,
         skip: impl Fn(u64) -> bool,
     ) -> Result<Vec<Record>, JournalError> {
+        self.read_after_within(after, limit, u64::MAX, skip)
+    }
+
+    /// As [`Journal::read_after`], stopping once the records read hold `max_bytes` (at least
+    /// one record is returned if there is one): a consumer draining the journal can take a
+    /// whole segment per read without holding the whole journal in memory.
+    pub fn read_after_within(
+        &self,
+        after: u64,
+        limit: usize,
+        max_bytes: u64,
+        skip: impl Fn(u64) -> bool,
+    ) -> Result<Vec<Record>, JournalError> {
         let after = after.max(self.acked_through);
         let mut out = Vec::new();
+        let mut bytes = 0u64;
         match &self.store {
             Store::Memory(m) => {
                 for r in m
@@ -493,6 +507,10 @@ impl Journal {
                     .filter(|r| r.seq > after && !skip(r.seq))
                     .take(limit)
                 {
+                    if !out.is_empty() && bytes >= max_bytes {
+                        break;
+                    }
+                    bytes += r.size();
                     out.push(r.clone());
                 }
             }
@@ -506,8 +524,9 @@ impl Journal {
                         .into_iter()
                         .filter(|r| r.seq > after && !skip(r.seq))
                     {
+                        bytes += r.size();
                         out.push(r);
-                        if out.len() >= limit {
+                        if out.len() >= limit || bytes >= max_bytes {
                             return Ok(out);
                         }
                     }
@@ -732,6 +751,31 @@ mod tests {
 
     fn payload(i: u64) -> Vec<u8> {
         format!("{{\"reading\":{i}}}").into_bytes()
+    }
+
+    #[test]
+    fn reads_can_be_bounded_by_bytes() {
+        for kind in [JournalKind::Disk, JournalKind::Memory] {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut j, _) = Journal::open(dir.path(), &cfg(kind, 1 << 20, 64 << 10)).unwrap();
+            for i in 0..100 {
+                j.append("t", &payload(i)).unwrap();
+            }
+            let one = j.read_after_within(0, usize::MAX, 1, |_| false).unwrap();
+            assert_eq!(one.len(), 1, "at least one record, even over the budget");
+            let some = j.read_after_within(0, usize::MAX, 300, |_| false).unwrap();
+            assert!(
+                some.len() > 1 && some.len() < 100,
+                "{kind:?}: {}",
+                some.len()
+            );
+            let after = some.last().unwrap().seq;
+            let rest = j
+                .read_after_within(after, usize::MAX, u64::MAX, |_| false)
+                .unwrap();
+            assert_eq!(some.len() + rest.len(), 100);
+            assert_eq!(rest[0].seq, after + 1);
+        }
     }
 
     #[test]
