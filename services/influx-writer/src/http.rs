@@ -426,7 +426,8 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_sorted_into_what_to_do() {
-        let cases: [(&'static str, fn(&Outcome) -> bool); 7] = [
+        type Check = fn(&Outcome) -> bool;
+        let cases: [(&'static str, Check); 7] = [
             (
                 "HTTP/1.1 301 Moved\r\nLocation: https://influx.example/api/v2/write?org=x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 |o| matches!(o, Outcome::Refused { status: 301, what } if what.contains("https://influx.example/api/v2/write;") || what.contains("https://influx.example/api/v2/write ")),

@@ -458,7 +458,7 @@ impl InfluxSink {
             // Known to be away, or stopping (a POST could outlast the grace period): spool.
             // Once the wait is over, the next batch is the probe — also when the spool is
             // empty because writing it failed.
-            Err(vec![0..lines.len()])
+            Err(std::iter::once(0..lines.len()).collect())
         } else {
             match self.deliver(&lines, &mut refused).await {
                 Ok(()) => {
