@@ -26,6 +26,8 @@ cargo build --release --locked -p wattbus -p wattbus-e2e >&2
 bin=target/release
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+ticks_s() { python3 -c "print(f'{$1/$(getconf CLK_TCK):.2f}')"; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 pass="bench-pass"
 python3 -m pip install -q --disable-pip-version-check --target "$work/pylib" paho-mqtt >&2
@@ -49,7 +51,8 @@ bind-address = "127.0.0.1:$(free_port)"
   level = "warn"
 CONF
 influxd -config "$work/influx/influxdb.conf" 2>"$work/influx.log" &
-pids+=($!)
+influx_pid=$!
+pids+=($influx_pid)
 wait_port "$ix_port"
 sleep 1
 influxql() { curl_py "POST" "/query?q=$(python3 -c 'import urllib.parse,sys; print(urllib.parse.quote(sys.argv[1]))' "$1")"; }
@@ -75,7 +78,8 @@ username = "probe"
 password_file = "$work/pw"
 CONF
 "$bin/wattbus" run broker --config "$work/broker.toml" 2>"$work/broker.log" &
-pids+=($!)
+broker_pid=$!
+pids+=($broker_pid)
 wait_port "$mq_port"
 
 service_config() { # dir, extra toml
@@ -128,9 +132,11 @@ gzip = $2"
   "$bin/wattbus" run influx-writer --config "$dir/wattbus.toml" 2>"$dir/writer.log" &
   local wpid=$!
   sleep 1
-  local out
+  local out w0 b0 i0
+  w0=$(cpu_ticks "$wpid"); b0=$(cpu_ticks "$broker_pid"); i0=$(cpu_ticks "$influx_pid")
   out=$(RUST_LOG=warn "$bin/probe" --port "$mq_port" --password "$pass" --site lab --data-dir "$dir/p" \
     produce --count "$count" --wait-for influx-writer --ack-timeout-ms 10000 2>"$dir/p.log")
+  echo "  $1: CPU-s writer $(ticks_s $(( $(cpu_ticks "$wpid") - w0 ))), broker $(ticks_s $(( $(cpu_ticks "$broker_pid") - b0 ))), influxd $(ticks_s $(( $(cpu_ticks "$influx_pid") - i0 ))); $(echo "$out" | tail -1)" >&2
   kill "$wpid"; wait "$wpid" 2>/dev/null || true
   python3 -c 'import json,sys; print(json.loads(sys.argv[1].splitlines()[-1])["rate"])' "$out"
 }
@@ -148,8 +154,10 @@ paho_run() { # db
   python3 - "$out" "$dir/py.out" "$py_count" <<'PY'
 import json, sys
 start = json.loads(sys.argv[1].splitlines()[0])["start"]
-done = [json.loads(l) for l in open(sys.argv[2]) if "t_done" in l][0]["t_done"]
-print(f"{int(sys.argv[3]) / (done - start):.0f}")
+res = [json.loads(l) for l in open(sys.argv[2]) if "t_done" in l][0]
+if res["written"] != int(sys.argv[3]):
+    print(f"paho: only {res['written']} of {sys.argv[3]} readings arrived", file=sys.stderr)
+print(f"{res['written'] / (res['t_done'] - start):.0f}")
 PY
 }
 

@@ -3,7 +3,8 @@
 a paho-mqtt subscriber that POSTs every reading to InfluxDB's /write as it arrives.
 
 Usage: paho_to_influx.py MQTT_PORT USER PASSWORD INFLUX_PORT DB COUNT
-Prints one JSON line once COUNT readings have been written: {"written": N, "t_done": <unix s>}.
+Prints one JSON line once COUNT readings have been written, or once nothing has arrived for
+5 s: {"written": N, "t_done": <unix s of the last write>}.
 """
 import http.client
 import json
@@ -16,6 +17,7 @@ mqtt_port, user, password, influx_port, db, count = sys.argv[1:7]
 mqtt_port, influx_port, count = int(mqtt_port), int(influx_port), int(count)
 conn = http.client.HTTPConnection("127.0.0.1", influx_port)
 written = 0
+t_last = None
 
 
 def on_connect(client, userdata, flags, reason_code, properties):
@@ -27,7 +29,7 @@ def on_subscribe(client, userdata, mid, reason_codes, properties):
 
 
 def on_message(client, userdata, msg):
-    global written
+    global written, t_last
     m = json.loads(msg.payload)
     tags = f"channel={m['channel']},device={m['device']},quality={m['quality']},site={m['site']}"
     fields = ",".join(f"{k}={v}" for k, v in m["fields"].items())
@@ -38,9 +40,14 @@ def on_message(client, userdata, msg):
     if resp.status != 204:
         print(json.dumps({"error": resp.status}), flush=True)
     written += 1
+    t_last = time.time()
     if written == count:
-        print(json.dumps({"written": written, "t_done": time.time()}), flush=True)
-        client.disconnect()
+        finish()
+
+
+def finish():
+    print(json.dumps({"written": written, "t_done": t_last}), flush=True)
+    client.disconnect()
 
 
 client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-bench")
@@ -49,4 +56,15 @@ client.on_connect = on_connect
 client.on_subscribe = on_subscribe
 client.on_message = on_message
 client.connect("127.0.0.1", mqtt_port)
-client.loop_forever()
+client.loop_start()
+started = time.time()
+while client.is_connected() or written == 0:
+    time.sleep(0.5)
+    if written == 0 and time.time() - started > 60:
+        sys.exit("paho: nothing arrived within 60 s")
+    if t_last is not None and written < count and time.time() - t_last > 5:
+        finish()
+        break
+    if written >= count:
+        break
+client.loop_stop()

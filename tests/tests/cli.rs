@@ -175,9 +175,34 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
 
 #[test]
 fn demo_runs_with_no_hardware_and_shows_acknowledged_readings() {
-    let o = wattbus(&["demo", "--duration-s", "4", "--meters", "2"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let readings = dir.path().join("readings");
+    let o = wattbus(
+        &[
+            "demo",
+            "--duration-s",
+            "4",
+            "--meters",
+            "2",
+            "--readings-dir",
+            readings.to_str().unwrap(),
+        ],
+        &[],
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "demo failed: {}\n{out}", stderr(&o));
+    // With no InfluxDB, the influx-writer stored every reading in a CSV file.
+    let files: Vec<_> = std::fs::read_dir(&readings).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let csv = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
+    assert!(csv.starts_with("time,site,device,channel,measurement,field,value,quality\n"));
+    for meter in ["sim-meter-1", "sim-meter-2"] {
+        let rows = csv
+            .lines()
+            .filter(|l| l.contains(&format!(",demo,{meter},main,power,power_w,")))
+            .count();
+        assert!(rows >= 2, "{meter}: {rows} power rows\n{csv}");
+    }
     assert!(
         out.contains("sim-meter-1/main") && out.contains("sim-meter-2/main"),
         "{out}"

@@ -446,3 +446,89 @@ print(len(files), len(rows), len(n), max(n.values()))
     assert_eq!(distinct, 300);
     assert_eq!(max_repeat, 2);
 }
+
+#[test]
+fn two_writers_in_one_group_split_the_readings_and_store_them_all() {
+    let lab = Lab::new();
+    let influx = Influxd::start(lab.path());
+    influx.create_database("wattbus");
+    let mut procs = Vec::new();
+    for n in 1..=2 {
+        let config = lab.writer_config(&format!(
+            "instance = \"writer-{n}\"\nflush_interval_ms = 200\n[influx_writer.inbox]\nshared = true\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
+            influx.port
+        ));
+        let renamed = lab.path().join(format!("writer-{n}.toml"));
+        std::fs::rename(&config, &renamed).unwrap();
+        procs.push(Proc::spawn(
+            "influx-writer",
+            Command::new(wattbus_bin())
+                .args(["run", "influx-writer", "--config"])
+                .arg(&renamed),
+            &lab.path().join(format!("writer-{n}.log")),
+        ));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let mut p = lab.produce(3000, 1000, &[]);
+    finish(&mut p, &lab, "two writers");
+    assert_all_stored(&influx, "wattbus", 3000);
+    // Both did real work: the broker split the stream between them.
+    let mut total = 0;
+    for n in 1..=2 {
+        let config = std::fs::read_to_string(lab.path().join(format!("writer-{n}.toml"))).unwrap();
+        // The writer's own health port (the file also holds the simulator's).
+        let section = config.split("[influx_writer]").nth(1).unwrap_or_default();
+        let port: u16 = section
+            .lines()
+            .find_map(|l| l.strip_prefix("health_listen = \"127.0.0.1:"))
+            .and_then(|p| p.trim_end_matches('"').parse().ok())
+            .expect("health port");
+        let (_, metrics) = http("GET", port, "/metrics", b"");
+        let written: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wattbus_influx_points_written_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(written > 300, "writer {n} wrote only {written} points");
+        total += written;
+    }
+    assert!(total >= 3000);
+}
+
+#[test]
+fn the_demo_writes_to_influxdb_when_one_is_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx.create_database("demo");
+    let out = Command::new(wattbus_bin())
+        .args([
+            "demo",
+            "--duration-s",
+            "4",
+            "--meters",
+            "2",
+            "--influx-database",
+            "demo",
+        ])
+        .args(["--influx-url", &format!("http://127.0.0.1:{}", influx.port)])
+        .arg("--readings-dir")
+        .arg(dir.path().join("readings"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = influx.rows("demo", "power");
+    for meter in ["sim-meter-1", "sim-meter-2"] {
+        let n = rows.iter().filter(|r| r["device"] == meter).count();
+        assert!(n >= 2, "{meter}: {n} readings in InfluxDB");
+    }
+    assert!(
+        rows.iter()
+            .all(|r| r["power_w"].as_f64().is_some_and(|w| w > 0.0))
+    );
+    // InfluxDB given, no --files: no files.
+    assert!(!dir.path().join("readings").exists());
+}

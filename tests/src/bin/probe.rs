@@ -130,6 +130,14 @@ async fn main() -> anyhow::Result<()> {
             odd_at,
         } => {
             let (bus, bus_task) = connect(&common, instance)?;
+            // Without a sink group nothing is replayed: readings published before the
+            // connection is up would be dropped (and counted), so wait for it.
+            if wait_for.is_empty() {
+                anyhow::ensure!(
+                    bus.wait_connected(Duration::from_secs(30)).await,
+                    "no connection to the broker within 30 s"
+                );
+            }
             let stream = StreamConfig {
                 journal: if memory {
                     JournalKind::Memory
