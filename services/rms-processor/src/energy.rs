@@ -1,0 +1,253 @@
+//! Energy counters per channel, integrated from power and kept on disk across restarts
+//! (std only: no tokio).
+//!
+//! Each channel has two counters that only ever grow, like a meter's registers: imported Wh
+//! (power > 0) and exported Wh (power < 0, e.g. a solar inverter feeding back). A counter
+//! that went down would look like a huge negative consumption to every dashboard that takes a
+//! difference, so the only way down is [`Energy::reset`]: explicit, logged by the caller,
+//! counted in `resets`, and dated in `since_ms` so a dashboard can tell.
+//!
+//! The file is written whole to `<file>.tmp`, fsynced and renamed over the old one, so a
+//! power cut leaves either the old or the new state, never half of one. How often to save is
+//! the caller's choice (SD-card wear against what a power cut can take).
+//!
+//! A file that exists but cannot be read is an error naming the file: starting again from
+//! zero would silently break the counters' monotonicity.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One channel's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub import_wh: f64,
+    pub export_wh: f64,
+    /// How many times the counters were reset.
+    pub resets: u32,
+    /// When counting started (Unix ms): the first reading, or the last reset.
+    pub since_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnergyError {
+    #[error("cannot read the energy counters in {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the energy counters in {path} are damaged ({reason}); move the file away to start \
+         from zero, knowingly"
+    )]
+    Damaged { path: PathBuf, reason: String },
+    #[error("cannot save the energy counters to {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    version: u32,
+    channels: BTreeMap<String, Counters>,
+}
+
+/// Energy counters of every channel of one processor, and their file.
+#[derive(Debug)]
+pub struct Energy {
+    path: PathBuf,
+    channels: BTreeMap<String, Counters>,
+    dirty: bool,
+}
+
+impl Energy {
+    /// Load the counters (none yet if the file does not exist).
+    pub fn load(path: &Path) -> Result<Self, EnergyError> {
+        let channels = match fs::read(path) {
+            Ok(bytes) => {
+                let f: File = serde_json::from_slice(&bytes).map_err(|e| EnergyError::Damaged {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?;
+                if let Some((k, _)) = f.channels.iter().find(|(_, c)| {
+                    !(c.import_wh.is_finite()
+                        && c.export_wh.is_finite()
+                        && c.import_wh >= 0.0
+                        && c.export_wh >= 0.0)
+                }) {
+                    return Err(EnergyError::Damaged {
+                        path: path.to_path_buf(),
+                        reason: format!("channel {k:?} holds a negative or non-finite counter"),
+                    });
+                }
+                f.channels
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(EnergyError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            channels,
+            dirty: false,
+        })
+    }
+
+    /// Integrate `power_w` over `dt_s` seconds into `channel`; returns its counters.
+    /// Non-finite or negative durations add nothing.
+    pub fn add(&mut self, channel: &str, power_w: f64, dt_s: f64, now_ms: i64) -> Counters {
+        let c = self
+            .channels
+            .entry(channel.to_string())
+            .or_insert(Counters {
+                import_wh: 0.0,
+                export_wh: 0.0,
+                resets: 0,
+                since_ms: now_ms,
+            });
+        if power_w.is_finite() && dt_s.is_finite() && dt_s > 0.0 {
+            let wh = power_w * dt_s / 3600.0;
+            if wh >= 0.0 {
+                c.import_wh += wh;
+            } else {
+                c.export_wh -= wh;
+            }
+            self.dirty = true;
+        }
+        *c
+    }
+
+    pub fn get(&self, channel: &str) -> Option<Counters> {
+        self.channels.get(channel).copied()
+    }
+
+    /// Start `channel` again from zero, visibly: `resets` goes up and `since_ms` moves.
+    pub fn reset(&mut self, channel: &str, now_ms: i64) -> Counters {
+        let c = self
+            .channels
+            .entry(channel.to_string())
+            .or_insert(Counters {
+                import_wh: 0.0,
+                export_wh: 0.0,
+                resets: 0,
+                since_ms: now_ms,
+            });
+        c.import_wh = 0.0;
+        c.export_wh = 0.0;
+        c.resets += 1;
+        c.since_ms = now_ms;
+        self.dirty = true;
+        *c
+    }
+
+    /// Write the file if anything changed since the last save.
+    pub fn save(&mut self) -> Result<(), EnergyError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let err = |source| EnergyError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(&File {
+            version: 1,
+            channels: self.channels.clone(),
+        })
+        .map_err(|e| err(io::Error::other(e)))?;
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let write = || -> io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent()
+                && let Ok(d) = fs::File::open(dir)
+            {
+                d.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(err)?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_and_export_only_grow_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        let mut e = Energy::load(&path).unwrap();
+        // 1 kW for an hour in 1 s steps, then 500 W exported for 30 minutes.
+        for _ in 0..3600 {
+            e.add("meter/main", 1000.0, 1.0, 1_764_000_000_000);
+        }
+        for _ in 0..1800 {
+            e.add("meter/main", -500.0, 1.0, 1_764_000_000_000);
+        }
+        let c = e.get("meter/main").unwrap();
+        assert!((c.import_wh - 1000.0).abs() < 1e-6, "{c:?}");
+        assert!((c.export_wh - 250.0).abs() < 1e-6, "{c:?}");
+        e.save().unwrap();
+        let mut again = Energy::load(&path).unwrap();
+        assert_eq!(again.get("meter/main"), Some(c));
+        let next = again.add("meter/main", 3600.0, 1.0, 1_764_000_001_000);
+        assert!((next.import_wh - 1001.0).abs() < 1e-6);
+        // Garbage durations and powers add nothing.
+        let same = again.add("meter/main", f64::NAN, 1.0, 0);
+        let same2 = again.add("meter/main", 100.0, -5.0, 0);
+        assert_eq!(same, next);
+        assert_eq!(same2, next);
+    }
+
+    #[test]
+    fn a_reset_is_explicit_and_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Energy::load(&dir.path().join("energy.json")).unwrap();
+        e.add("a", 100.0, 36.0, 1);
+        let c = e.reset("a", 2_000);
+        assert_eq!(
+            (c.import_wh, c.export_wh, c.resets, c.since_ms),
+            (0.0, 0.0, 1, 2_000)
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_is_an_error_not_a_silent_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        fs::write(&path, b"{\"version\":1,\"chann").unwrap();
+        let e = Energy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("energy.json") && e.contains("damaged"), "{e}");
+        fs::write(
+            &path,
+            br#"{"version":1,"channels":{"a":{"import_wh":-5,"export_wh":0,"resets":0,"since_ms":0}}}"#,
+        )
+        .unwrap();
+        let e = Energy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn saving_leaves_no_temporary_file_and_skips_when_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/energy.json");
+        let mut e = Energy::load(&path).unwrap();
+        e.save().unwrap();
+        assert!(!path.exists(), "nothing to save yet");
+        e.add("a", 1.0, 1.0, 0);
+        e.save().unwrap();
+        assert!(path.exists());
+        assert!(!path.with_extension("tmp").exists());
+    }
+}
