@@ -38,7 +38,7 @@ pub use proto::Measurement;
 use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
-use runtime::delivery::Inbox;
+use runtime::delivery::{AckToken, Acker, Delivery, Inbox};
 use runtime::telemetry::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -125,8 +125,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     ready.set(true);
 
     let flush = Duration::from_millis(config.flush_interval_ms);
-    let mut items: Vec<Item> = Vec::with_capacity(config.batch_points);
-    let mut tokens = Vec::with_capacity(config.batch_points);
+    let mut pending = Collecting::new(config.batch_points);
     let mut deadline: Option<tokio::time::Instant> = None;
     let received = Counter::new(
         "wattbus_influx_writer_readings_total",
@@ -139,12 +138,8 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             d = inbox.recv() => match d {
                 Some(d) => {
                     received.inc();
-                    if let Some(t) = d.token {
-                        tokens.push(t);
-                    }
-                    items.push(Item { topic: d.topic, measurement: d.message });
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + flush);
-                    items.len() >= config.batch_points
+                    pending.push(d)
                 }
                 None => break,
             },
@@ -153,24 +148,10 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         };
         if full {
             deadline = None;
-            dispatch(
-                &mut items,
-                &mut tokens,
-                &acker,
-                &outputs,
-                config.batch_points,
-            )
-            .await;
+            dispatch(pending.take(&acker, outputs.len()), &outputs).await;
         }
     }
-    dispatch(
-        &mut items,
-        &mut tokens,
-        &acker,
-        &outputs,
-        config.batch_points,
-    )
-    .await;
+    dispatch(pending.take(&acker, outputs.len()), &outputs).await;
     // Outputs finish what they hold (the InfluxDB output spools instead of posting once
     // shutdown is requested), then acknowledgements are flushed.
     for (tx, task) in outputs {
@@ -188,22 +169,53 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     Ok(())
 }
 
-async fn dispatch(
-    items: &mut Vec<Item>,
-    tokens: &mut Vec<runtime::delivery::AckToken>,
-    acker: &runtime::delivery::Acker,
-    outputs: &[(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)],
+/// Readings gathered for the next batch.
+struct Collecting {
+    items: Vec<Item>,
+    tokens: Vec<AckToken>,
     capacity: usize,
-) {
-    if items.is_empty() {
-        return;
+}
+
+impl Collecting {
+    fn new(capacity: usize) -> Self {
+        Self {
+            items: Vec::with_capacity(capacity),
+            tokens: Vec::with_capacity(capacity),
+            capacity,
+        }
     }
-    let batch = Arc::new(Batch::new(
-        std::mem::replace(items, Vec::with_capacity(capacity)),
-        std::mem::replace(tokens, Vec::with_capacity(capacity)),
-        Some(acker.clone()),
-        outputs.len(),
-    ));
+
+    /// Add a reading; `true` once the batch is full.
+    fn push(&mut self, d: Delivery<Measurement>) -> bool {
+        if let Some(t) = d.token {
+            self.tokens.push(t);
+        }
+        self.items.push(Item {
+            topic: d.topic,
+            measurement: d.message,
+        });
+        self.items.len() >= self.capacity
+    }
+
+    /// The gathered readings as a batch for `outputs` outputs, if there are any.
+    fn take(&mut self, acker: &Acker, outputs: usize) -> Option<Batch> {
+        if self.items.is_empty() {
+            return None;
+        }
+        Some(Batch::new(
+            std::mem::replace(&mut self.items, Vec::with_capacity(self.capacity)),
+            std::mem::replace(&mut self.tokens, Vec::with_capacity(self.capacity)),
+            Some(acker.clone()),
+            outputs,
+        ))
+    }
+}
+
+async fn dispatch(batch: Option<Batch>, outputs: &[(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)]) {
+    let Some(batch) = batch else {
+        return;
+    };
+    let batch = Arc::new(batch);
     for (tx, _) in outputs {
         // A full channel is backpressure: the bus holds further readings meanwhile. A closed
         // one means its output ended; the batch then stays unacknowledged and is replayed.

@@ -99,15 +99,7 @@ impl Energy {
     /// Integrate `power_w` over `dt_s` seconds into `channel`; returns its counters.
     /// Non-finite or negative durations add nothing.
     pub fn add(&mut self, channel: &str, power_w: f64, dt_s: f64, now_ms: i64) -> Counters {
-        let c = self
-            .channels
-            .entry(channel.to_string())
-            .or_insert(Counters {
-                import_wh: 0.0,
-                export_wh: 0.0,
-                resets: 0,
-                since_ms: now_ms,
-            });
+        let c = counters(&mut self.channels, channel, now_ms);
         if power_w.is_finite() && dt_s.is_finite() && dt_s > 0.0 {
             let wh = power_w * dt_s / 3600.0;
             if wh >= 0.0 {
@@ -126,15 +118,7 @@ impl Energy {
 
     /// Start `channel` again from zero, visibly: `resets` goes up and `since_ms` moves.
     pub fn reset(&mut self, channel: &str, now_ms: i64) -> Counters {
-        let c = self
-            .channels
-            .entry(channel.to_string())
-            .or_insert(Counters {
-                import_wh: 0.0,
-                export_wh: 0.0,
-                resets: 0,
-                since_ms: now_ms,
-            });
+        let c = counters(&mut self.channels, channel, now_ms);
         c.import_wh = 0.0;
         c.export_wh = 0.0;
         c.resets += 1;
@@ -177,6 +161,20 @@ impl Energy {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// A channel's counters, started at `now_ms` if it has none yet.
+fn counters<'a>(
+    channels: &'a mut BTreeMap<String, Counters>,
+    channel: &str,
+    now_ms: i64,
+) -> &'a mut Counters {
+    channels.entry(channel.to_string()).or_insert(Counters {
+        import_wh: 0.0,
+        export_wh: 0.0,
+        resets: 0,
+        since_ms: now_ms,
+    })
 }
 
 #[cfg(test)]
