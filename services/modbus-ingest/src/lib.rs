@@ -1,0 +1,1 @@
+//! modbus-ingest (in progress).

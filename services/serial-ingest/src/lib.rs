@@ -1,0 +1,1 @@
+//! serial-ingest: Arduino current sensors and sensor lines over USB serial (in progress).
