@@ -13,6 +13,12 @@
 //!
 //! A file that exists but cannot be read is an error naming the file: starting again from
 //! zero would silently break the counters' monotonicity.
+//!
+//! The file also holds, per device, the time up to which samples have been counted (the
+//! *mark*). Counters and marks are saved together, in one atomic write, so after a crash the
+//! processor knows exactly which replayed samples the counters already hold: those before the
+//! mark are skipped, those after it are counted again from the saved counters. That is what
+//! makes a replay neither double-count nor lose energy.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -49,6 +55,9 @@ pub enum EnergyError {
 struct File {
     version: u32,
     channels: BTreeMap<String, Counters>,
+    /// Per device: samples up to this time (Unix µs) are in the counters.
+    #[serde(default)]
+    marks: BTreeMap<String, i64>,
 }
 
 /// Energy counters of every channel of one processor, and their file.
@@ -56,13 +65,14 @@ struct File {
 pub struct Energy {
     path: PathBuf,
     channels: BTreeMap<String, Counters>,
+    marks: BTreeMap<String, i64>,
     dirty: bool,
 }
 
 impl Energy {
     /// Load the counters (none yet if the file does not exist).
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
-        let channels = match fs::read(path) {
+        let (channels, marks) = match fs::read(path) {
             Ok(bytes) => {
                 let f: File = serde_json::from_slice(&bytes).map_err(|e| EnergyError::Damaged {
                     path: path.to_path_buf(),
@@ -79,9 +89,9 @@ impl Energy {
                         reason: format!("channel {k:?} holds a negative or non-finite counter"),
                     });
                 }
-                f.channels
+                (f.channels, f.marks)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), BTreeMap::new()),
             Err(source) => {
                 return Err(EnergyError::Read {
                     path: path.to_path_buf(),
@@ -92,8 +102,26 @@ impl Energy {
         Ok(Self {
             path: path.to_path_buf(),
             channels,
+            marks,
             dirty: false,
         })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Samples of `device` up to this time (Unix µs) are counted.
+    pub fn mark(&self, device: &str) -> Option<i64> {
+        self.marks.get(device).copied()
+    }
+
+    /// Record that `device`'s samples up to `through_us` are counted. Saved with the counters.
+    pub fn set_mark(&mut self, device: &str, through_us: i64) {
+        if self.marks.get(device) != Some(&through_us) {
+            self.marks.insert(device.to_string(), through_us);
+            self.dirty = true;
+        }
     }
 
     /// Integrate `power_w` over `dt_s` seconds into `channel`; returns its counters.
@@ -139,6 +167,7 @@ impl Energy {
         let body = serde_json::to_vec_pretty(&File {
             version: 1,
             channels: self.channels.clone(),
+            marks: self.marks.clone(),
         })
         .map_err(|e| err(io::Error::other(e)))?;
         if let Some(dir) = self.path.parent() {
@@ -206,6 +235,20 @@ mod tests {
         let same2 = again.add("meter/main", 100.0, -5.0, 0);
         assert_eq!(same, next);
         assert_eq!(same2, next);
+    }
+
+    #[test]
+    fn marks_are_saved_with_the_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        let mut e = Energy::load(&path).unwrap();
+        e.add("prime-1/ct1", 100.0, 36.0, 1);
+        e.set_mark("prime-1", 1_764_000_000_123_456);
+        e.save().unwrap();
+        let again = Energy::load(&path).unwrap();
+        assert_eq!(again.mark("prime-1"), Some(1_764_000_000_123_456));
+        assert_eq!(again.mark("prime-2"), None);
+        assert!((again.get("prime-1/ct1").unwrap().import_wh - 1.0).abs() < 1e-9);
     }
 
     #[test]
