@@ -4,7 +4,8 @@
 //! simulator` runs them as a service of their own (e.g. in compose on a laptop). Later issues
 //! add their device-level simulators here (serial PTY devices, a Modbus server); this crate
 //! starts with a household mains meter that publishes measurements through the delivery
-//! contract exactly as an ingest service does.
+//! contract exactly as an ingest service does, and simulated serial devices (the Arduino
+//! sketches of `docs/serial-protocols.md`) that talk to `serial-ingest` over a PTY.
 //!
 //! Topics written: `wattbus/v1/<site>/meas/<device>/main` ([`proto::Measurement`]) via the
 //! `meas` stream of the `simulator` producer.
@@ -13,9 +14,12 @@
 //! - `config`: the `[simulator]` section.
 //! - `household`: the pure load model (no tokio): a fridge that cycles, a kettle now and
 //!   then, a base load, mains voltage that wanders.
+//! - `serial`: PowMon, Prime and sensor-line devices: pure models plus tokio drivers that run
+//!   them on a serial port or an in-process PTY pair.
 
 mod config;
 mod household;
+pub mod serial;
 
 pub use config::Config;
 pub use household::{Household, Reading};
