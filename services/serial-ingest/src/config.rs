@@ -1,0 +1,907 @@
+//! The `[serial_ingest]` section and its `[[serial_ingest.ports]]`.
+//!
+//! A port's settings are read as written ([`PortConfig`], [`ChannelConfig`]) and then resolved
+//! into a [`PortPlan`]: defaults applied, every value checked, and only the settings of the
+//! port's protocol kept. A setting of another protocol (say `unit` on a `request-response`
+//! channel) is an error naming that exact entry, rather than a setting silently ignored.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use proto::Segment;
+use runtime::config::{ConfigError, JournalKind, StreamConfig, Validate};
+use serde::Deserialize;
+
+use crate::protocol::Calibration;
+
+/// 115200 baud: what the sketches and most USB-serial Arduinos use.
+pub const DEFAULT_BAUD: u32 = 115_200;
+pub const DEFAULT_POLL_INTERVAL_MS: u64 = 1000;
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 500;
+pub const DEFAULT_MAX_SILENT_POLLS: u32 = 5;
+pub const DEFAULT_SILENCE_TIMEOUT_MS: u64 = 5000;
+pub const DEFAULT_SAMPLE_RATE_HZ: f64 = 2000.0;
+pub const DEFAULT_FRAME_MS: u64 = 1000;
+/// The original PowMon's constants: a 5 V, 10-bit ADC reading an ACS712-30A on 230 V mains.
+pub const DEFAULT_CALIBRATION: Calibration = Calibration {
+    adc_vref_v: 5.0,
+    adc_counts: 1024,
+    offset_v: 2.5,
+    sensitivity_v_per_a: 0.066,
+    supply_v: 230.0,
+    max_amps: 10.0,
+};
+/// Largest frame the bus payload bound accepts per channel (proto's `MAX_SAMPLES`).
+const MAX_FRAME_SAMPLES: f64 = 16_384.0;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// MQTT client id and journal name; two instances on one broker need different ones.
+    pub instance: Segment,
+    /// `/healthz` and `/metrics` when run on its own.
+    pub health_listen: Option<SocketAddr>,
+    /// Delivery of measurements (`meas/...`): a disk journal, because readings must never be
+    /// lost.
+    pub meas_stream: StreamConfig,
+    /// Delivery of raw sample frames (`raw/...`). In memory by default: frames at kHz rates
+    /// would wear an SD card out, and a lost frame costs one second of RMS values, not a
+    /// reading the processor cannot recompute later.
+    pub raw_stream: StreamConfig,
+    /// One entry per serial port (`[[serial_ingest.ports]]`).
+    pub ports: Vec<PortConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            instance: seg("serial-ingest"),
+            health_listen: Some(([127, 0, 0, 1], 9111).into()),
+            meas_stream: StreamConfig::default(),
+            raw_stream: StreamConfig {
+                journal: JournalKind::Memory,
+                ..StreamConfig::default()
+            },
+            ports: Vec::new(),
+        }
+    }
+}
+
+/// Which wire protocol a port speaks (docs/serial-protocols.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// PowMon: the Pi writes `read \n`, the device answers one line of raw ADC values.
+    RequestResponse,
+    /// Project Prime: `<seq>:<v>,...*<CS>` lines of samples at a fixed rate.
+    Stream,
+    /// `key=value` sensor lines whenever the device likes.
+    Lines,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::RequestResponse => "request-response",
+            Protocol::Stream => "stream",
+            Protocol::Lines => "lines",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Odd,
+    Even,
+}
+
+/// Unit of a stream channel's samples once multiplied by `scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    /// Amperes.
+    A,
+    /// Volts.
+    V,
+    /// Uncalibrated ADC counts (`scale = 1`).
+    Adc,
+}
+
+impl Unit {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Unit::A => "a",
+            Unit::V => "v",
+            Unit::Adc => "adc",
+        }
+    }
+}
+
+/// One port as written in the file. Settings that belong to one protocol are optional here,
+/// so that setting them on a port of another protocol can be refused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    /// The device node, e.g. `/dev/ttyUSB0`, or better a stable `/dev/serial/by-id/...` link
+    /// (ttyUSB numbers change with the order devices are plugged in).
+    pub path: String,
+    /// The device name in topics (`meas/<device>/<channel>`); unique across ports.
+    pub device: Segment,
+    pub protocol: Protocol,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default = "default_parity")]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// request-response: one poll this often (default 1000).
+    pub poll_interval_ms: Option<u64>,
+    /// request-response: an answer later than this is a timeout (default 500).
+    pub response_timeout_ms: Option<u64>,
+    /// request-response: reopen the port after this many unanswered polls in a row
+    /// (default 5): a USB-serial chip that wedged answers again after a reopen.
+    pub max_silent_polls: Option<u32>,
+    /// stream and lines: reopen the port after this long without a byte (default 5000).
+    pub silence_timeout_ms: Option<u64>,
+    /// A port that failed is reopened after `reopen_min_ms`, doubling per failure up to
+    /// `reopen_max_ms`, with jitter: an unplugged device costs a few opens a minute, not a
+    /// busy loop.
+    #[serde(default = "default_reopen_min_ms")]
+    pub reopen_min_ms: u64,
+    #[serde(default = "default_reopen_max_ms")]
+    pub reopen_max_ms: u64,
+    /// Longest line accepted; a longer one is discarded whole (a wrong baud rate or a
+    /// missing newline must not grow memory without bound).
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// stream: the device's sampling rate (default 2000); timestamps come from it.
+    pub sample_rate_hz: Option<f64>,
+    /// stream: length of a published frame (default 1000).
+    pub frame_ms: Option<u64>,
+    /// The sensors on this port, in the order the device sends them.
+    #[serde(default)]
+    pub channels: Vec<ChannelConfig>,
+}
+
+const fn default_baud() -> u32 {
+    DEFAULT_BAUD
+}
+const fn default_data_bits() -> u8 {
+    8
+}
+const fn default_parity() -> Parity {
+    Parity::None
+}
+const fn default_stop_bits() -> u8 {
+    1
+}
+const fn default_reopen_min_ms() -> u64 {
+    500
+}
+const fn default_reopen_max_ms() -> u64 {
+    30_000
+}
+const fn default_max_line_bytes() -> usize {
+    4096
+}
+
+/// One channel as written. Which keys apply depends on the port's protocol:
+///
+/// - `request-response`: `name` and the calibration (`adc_vref_v`, `adc_counts`, `offset_v`,
+///   `sensitivity_v_per_a`, `supply_v`, `max_amps`).
+/// - `stream`: `name`, `unit`, `scale`.
+/// - `lines`: `key`, `channel`, `measurement`, `field`, `scale`, `offset`, `min`, `max`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// The channel name in topics (request-response and stream).
+    pub name: Option<Segment>,
+    /// ADC reference voltage (default 5.0).
+    pub adc_vref_v: Option<f64>,
+    /// ADC resolution in counts (default 1024: 10 bits); raw values are `0..adc_counts-1`.
+    pub adc_counts: Option<u32>,
+    /// Sensor output at zero current (default 2.5: half the ACS712's supply).
+    pub offset_v: Option<f64>,
+    /// Sensor volts per ampere (default 0.066: ACS712-30A; 0.100 for -20A, 0.185 for -5A).
+    pub sensitivity_v_per_a: Option<f64>,
+    /// Supply voltage of the load, for `power_w` (default 230).
+    pub supply_v: Option<f64>,
+    /// Beyond this the sensor is saturated: published as read, quality `out_of_range`.
+    pub max_amps: Option<f64>,
+    /// stream: unit of `sample × scale` (default `adc`).
+    pub unit: Option<Unit>,
+    /// stream and lines: multiplier applied to each value (default 1).
+    pub scale: Option<f64>,
+    /// lines: the key on the wire.
+    pub key: Option<String>,
+    /// lines: the channel name in topics (default: the key).
+    pub channel: Option<Segment>,
+    /// lines: the measurement name (default `sensor`).
+    pub measurement: Option<Segment>,
+    /// lines: the field name, lower snake case with its unit (default `value`).
+    pub field: Option<String>,
+    /// lines: added after `scale` (default 0), e.g. a thermometer's known error.
+    pub offset: Option<f64>,
+    /// lines: outside `[min, max]` a value is published with quality `out_of_range`.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+/// A port's settings, resolved and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortPlan {
+    pub path: String,
+    pub device: Segment,
+    pub serial: SerialSettings,
+    pub reopen_min_ms: u64,
+    pub reopen_max_ms: u64,
+    pub max_line_bytes: usize,
+    pub kind: PlanKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialSettings {
+    pub baud: u32,
+    pub data_bits: u8,
+    pub parity: Parity,
+    pub stop_bits: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanKind {
+    RequestResponse {
+        poll_interval_ms: u64,
+        response_timeout_ms: u64,
+        max_silent_polls: u32,
+        channels: Vec<PowMonChannel>,
+    },
+    Stream {
+        silence_timeout_ms: u64,
+        sample_rate_hz: f64,
+        frame_ms: u64,
+        channels: Vec<StreamChannel>,
+    },
+    Lines {
+        silence_timeout_ms: u64,
+        /// Empty: every key is published as channel `<key>`, measurement `sensor`, field
+        /// `value`.
+        channels: Vec<LineChannel>,
+    },
+}
+
+impl PlanKind {
+    pub const fn protocol(&self) -> Protocol {
+        match self {
+            PlanKind::RequestResponse { .. } => Protocol::RequestResponse,
+            PlanKind::Stream { .. } => Protocol::Stream,
+            PlanKind::Lines { .. } => Protocol::Lines,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PowMonChannel {
+    pub name: Segment,
+    pub calibration: Calibration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamChannel {
+    pub name: Segment,
+    pub unit: Unit,
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineChannel {
+    pub key: String,
+    pub channel: Segment,
+    pub measurement: Segment,
+    pub field: String,
+    pub scale: f64,
+    pub offset: f64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Config {
+    /// Every port resolved, or the first problem with its exact key.
+    pub fn plans(&self, section: &str) -> Result<Vec<PortPlan>, ConfigError> {
+        let mut devices = BTreeSet::new();
+        let mut plans = Vec::with_capacity(self.ports.len());
+        for (i, port) in self.ports.iter().enumerate() {
+            let key = format!("{section}.ports[{i}]");
+            let plan = port.plan(&key)?;
+            if !devices.insert(plan.device.clone()) {
+                return Err(ConfigError::new(
+                    format!("{key}.device"),
+                    format!(
+                        "{:?} is already the device of another port; device names must be unique",
+                        plan.device.as_str()
+                    ),
+                ));
+            }
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+}
+
+impl Validate for Config {
+    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+        self.meas_stream
+            .validate(&format!("{section}.meas_stream"))?;
+        self.raw_stream.validate(&format!("{section}.raw_stream"))?;
+        self.plans(section)?;
+        Ok(())
+    }
+}
+
+fn err(key: &str, leaf: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::new(format!("{key}.{leaf}"), reason)
+}
+
+fn finite_positive(key: &str, leaf: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(err(key, leaf, "must be a positive number"))
+    }
+}
+
+fn finite(key: &str, leaf: &str, v: f64) -> Result<f64, ConfigError> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(err(key, leaf, "must be a finite number"))
+    }
+}
+
+/// Lower snake case, as proto requires of field names (`[a-z][a-z0-9_]*`, at most 64).
+pub fn is_field_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// The key charset of the `lines` protocol: `[A-Za-z0-9._-]{1,64}`.
+pub fn is_line_key(key: &str) -> bool {
+    (1..=64).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl PortConfig {
+    /// Resolve this port (`key` is e.g. `serial_ingest.ports[1]`).
+    pub fn plan(&self, key: &str) -> Result<PortPlan, ConfigError> {
+        if self.path.trim().is_empty() {
+            return Err(err(key, "path", "must not be empty, e.g. \"/dev/ttyUSB0\""));
+        }
+        if !(50..=4_000_000).contains(&self.baud) {
+            return Err(err(key, "baud", "must be between 50 and 4000000"));
+        }
+        if !(5..=8).contains(&self.data_bits) {
+            return Err(err(key, "data_bits", "must be 5, 6, 7 or 8"));
+        }
+        if !(1..=2).contains(&self.stop_bits) {
+            return Err(err(key, "stop_bits", "must be 1 or 2"));
+        }
+        if self.reopen_min_ms < 10 || self.reopen_min_ms > self.reopen_max_ms {
+            return Err(err(
+                key,
+                "reopen_min_ms",
+                "must be at least 10 and not above reopen_max_ms",
+            ));
+        }
+        if !(16..=1 << 20).contains(&self.max_line_bytes) {
+            return Err(err(key, "max_line_bytes", "must be between 16 and 1048576"));
+        }
+        let p = self.protocol;
+        let only = |leaf: &str, set: bool, owner: &str| {
+            if set {
+                Err(err(
+                    key,
+                    leaf,
+                    format!(
+                        "belongs to protocol = {owner}; this port is protocol = \"{}\"",
+                        p.as_str()
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let rr = p == Protocol::RequestResponse;
+        let st = p == Protocol::Stream;
+        only(
+            "poll_interval_ms",
+            !rr && self.poll_interval_ms.is_some(),
+            "\"request-response\"",
+        )?;
+        only(
+            "response_timeout_ms",
+            !rr && self.response_timeout_ms.is_some(),
+            "\"request-response\"",
+        )?;
+        only(
+            "max_silent_polls",
+            !rr && self.max_silent_polls.is_some(),
+            "\"request-response\"",
+        )?;
+        only(
+            "silence_timeout_ms",
+            rr && self.silence_timeout_ms.is_some(),
+            "\"stream\" or \"lines\"",
+        )?;
+        only(
+            "sample_rate_hz",
+            !st && self.sample_rate_hz.is_some(),
+            "\"stream\"",
+        )?;
+        only("frame_ms", !st && self.frame_ms.is_some(), "\"stream\"")?;
+        let silence_timeout_ms = self
+            .silence_timeout_ms
+            .unwrap_or(DEFAULT_SILENCE_TIMEOUT_MS);
+        if !(100..=3_600_000).contains(&silence_timeout_ms) {
+            return Err(err(
+                key,
+                "silence_timeout_ms",
+                "must be between 100 and 3600000",
+            ));
+        }
+        for (i, c) in self.channels.iter().enumerate() {
+            c.check_keys(&format!("{key}.channels[{i}]"), p)?;
+        }
+        let kind = match p {
+            Protocol::RequestResponse => self.plan_request_response(key)?,
+            Protocol::Stream => self.plan_stream(key, silence_timeout_ms)?,
+            Protocol::Lines => self.plan_lines(key, silence_timeout_ms)?,
+        };
+        Ok(PortPlan {
+            path: self.path.clone(),
+            device: self.device.clone(),
+            serial: SerialSettings {
+                baud: self.baud,
+                data_bits: self.data_bits,
+                parity: self.parity,
+                stop_bits: self.stop_bits,
+            },
+            reopen_min_ms: self.reopen_min_ms,
+            reopen_max_ms: self.reopen_max_ms,
+            max_line_bytes: self.max_line_bytes,
+            kind,
+        })
+    }
+
+    fn plan_request_response(&self, key: &str) -> Result<PlanKind, ConfigError> {
+        let poll_interval_ms = self.poll_interval_ms.unwrap_or(DEFAULT_POLL_INTERVAL_MS);
+        if !(10..=3_600_000).contains(&poll_interval_ms) {
+            return Err(err(
+                key,
+                "poll_interval_ms",
+                "must be between 10 and 3600000",
+            ));
+        }
+        let response_timeout_ms = self
+            .response_timeout_ms
+            .unwrap_or(DEFAULT_RESPONSE_TIMEOUT_MS);
+        if response_timeout_ms < 5 || response_timeout_ms > poll_interval_ms {
+            return Err(err(
+                key,
+                "response_timeout_ms",
+                "must be at least 5 and not above poll_interval_ms (one poll at a time)",
+            ));
+        }
+        let max_silent_polls = self.max_silent_polls.unwrap_or(DEFAULT_MAX_SILENT_POLLS);
+        if max_silent_polls == 0 {
+            return Err(err(key, "max_silent_polls", "must be at least 1"));
+        }
+        let mut channels = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, c) in self.channels.iter().enumerate() {
+            let ck = format!("{key}.channels[{i}]");
+            let name = c
+                .name
+                .clone()
+                .ok_or_else(|| err(&ck, "name", "is required, e.g. \"ct1\""))?;
+            if !names.insert(name.clone()) {
+                return Err(err(&ck, "name", "is used by another channel of this port"));
+            }
+            let d = DEFAULT_CALIBRATION;
+            let adc_counts = c.adc_counts.unwrap_or(d.adc_counts);
+            if !(2..=1 << 24).contains(&adc_counts) {
+                return Err(err(&ck, "adc_counts", "must be between 2 and 16777216"));
+            }
+            let calibration = Calibration {
+                adc_vref_v: finite_positive(&ck, "adc_vref_v", c.adc_vref_v.unwrap_or(d.adc_vref_v))?,
+                adc_counts,
+                offset_v: finite(&ck, "offset_v", c.offset_v.unwrap_or(d.offset_v))?,
+                sensitivity_v_per_a: finite_positive(
+                    &ck,
+                    "sensitivity_v_per_a",
+                    c.sensitivity_v_per_a.unwrap_or(d.sensitivity_v_per_a),
+                )?,
+                supply_v: finite(&ck, "supply_v", c.supply_v.unwrap_or(d.supply_v))?,
+                max_amps: finite_positive(&ck, "max_amps", c.max_amps.unwrap_or(d.max_amps))?,
+            };
+            channels.push(PowMonChannel { name, calibration });
+        }
+        if channels.is_empty() {
+            channels.push(PowMonChannel {
+                name: seg("ct1"),
+                calibration: DEFAULT_CALIBRATION,
+            });
+        }
+        Ok(PlanKind::RequestResponse {
+            poll_interval_ms,
+            response_timeout_ms,
+            max_silent_polls,
+            channels,
+        })
+    }
+
+    fn plan_stream(&self, key: &str, silence_timeout_ms: u64) -> Result<PlanKind, ConfigError> {
+        let sample_rate_hz = self.sample_rate_hz.unwrap_or(DEFAULT_SAMPLE_RATE_HZ);
+        if !(sample_rate_hz.is_finite() && (1.0..=200_000.0).contains(&sample_rate_hz)) {
+            return Err(err(key, "sample_rate_hz", "must be between 1 and 200000"));
+        }
+        let frame_ms = self.frame_ms.unwrap_or(DEFAULT_FRAME_MS);
+        let per_frame = sample_rate_hz * frame_ms as f64 / 1000.0;
+        if !(10..=60_000).contains(&frame_ms) || !(1.0..=MAX_FRAME_SAMPLES).contains(&per_frame) {
+            return Err(err(
+                key,
+                "frame_ms",
+                format!(
+                    "must be between 10 and 60000 and hold 1 to {MAX_FRAME_SAMPLES} samples at sample_rate_hz (it holds {per_frame})"
+                ),
+            ));
+        }
+        let mut channels = Vec::new();
+        let mut names = BTreeSet::new();
+        for (i, c) in self.channels.iter().enumerate() {
+            let ck = format!("{key}.channels[{i}]");
+            let name = c
+                .name
+                .clone()
+                .ok_or_else(|| err(&ck, "name", "is required, e.g. \"ct1\""))?;
+            if !names.insert(name.clone()) {
+                return Err(err(&ck, "name", "is used by another channel of this port"));
+            }
+            let scale = c.scale.unwrap_or(1.0);
+            if !scale.is_finite() || scale == 0.0 {
+                return Err(err(&ck, "scale", "must be a finite number other than 0"));
+            }
+            channels.push(StreamChannel {
+                name,
+                unit: c.unit.unwrap_or(Unit::Adc),
+                scale,
+            });
+        }
+        if channels.is_empty() {
+            channels.push(StreamChannel {
+                name: seg("ct1"),
+                unit: Unit::Adc,
+                scale: 1.0,
+            });
+        }
+        Ok(PlanKind::Stream {
+            silence_timeout_ms,
+            sample_rate_hz,
+            frame_ms,
+            channels,
+        })
+    }
+
+    fn plan_lines(&self, key: &str, silence_timeout_ms: u64) -> Result<PlanKind, ConfigError> {
+        let mut channels = Vec::new();
+        let mut keys = BTreeSet::new();
+        let mut targets = BTreeSet::new();
+        for (i, c) in self.channels.iter().enumerate() {
+            let ck = format!("{key}.channels[{i}]");
+            let k = c
+                .key
+                .clone()
+                .ok_or_else(|| err(&ck, "key", "is required: the key on the wire, e.g. \"fridge\""))?;
+            if !is_line_key(&k) {
+                return Err(err(
+                    &ck,
+                    "key",
+                    "must be 1 to 64 of letters, digits, '.', '_' and '-'",
+                ));
+            }
+            if !keys.insert(k.clone()) {
+                return Err(err(&ck, "key", "is mapped by another channel of this port"));
+            }
+            let channel = match &c.channel {
+                Some(s) => s.clone(),
+                // The key charset is the segment charset, so this cannot fail; say so if it does.
+                None => Segment::new(k.as_str())
+                    .map_err(|e| err(&ck, "key", format!("is not a valid channel name: {e}")))?,
+            };
+            let field = c.field.clone().unwrap_or_else(|| "value".into());
+            if !is_field_name(&field) {
+                return Err(err(
+                    &ck,
+                    "field",
+                    format!(
+                        "{field:?} must be lower snake case ([a-z][a-z0-9_]*, at most 64), with its unit, e.g. \"temperature_c\""
+                    ),
+                ));
+            }
+            let measurement = c.measurement.clone().unwrap_or_else(|| seg("sensor"));
+            if !targets.insert((channel.clone(), measurement.clone(), field.clone())) {
+                return Err(err(
+                    &ck,
+                    "field",
+                    "another key of this port already fills this channel, measurement and field",
+                ));
+            }
+            let scale = finite(&ck, "scale", c.scale.unwrap_or(1.0))?;
+            let offset = finite(&ck, "offset", c.offset.unwrap_or(0.0))?;
+            let min = c.min.map(|v| finite(&ck, "min", v)).transpose()?;
+            let max = c.max.map(|v| finite(&ck, "max", v)).transpose()?;
+            if let (Some(lo), Some(hi)) = (min, max)
+                && lo > hi
+            {
+                return Err(err(&ck, "min", "must not be above max"));
+            }
+            channels.push(LineChannel {
+                key: k,
+                channel,
+                measurement,
+                field,
+                scale,
+                offset,
+                min,
+                max,
+            });
+        }
+        Ok(PlanKind::Lines {
+            silence_timeout_ms,
+            channels,
+        })
+    }
+}
+
+impl ChannelConfig {
+    /// Refuse keys of another protocol.
+    fn check_keys(&self, key: &str, p: Protocol) -> Result<(), ConfigError> {
+        let rr = p == Protocol::RequestResponse;
+        let st = p == Protocol::Stream;
+        let li = p == Protocol::Lines;
+        let checks: [(&str, bool, bool); 16] = [
+            ("name", self.name.is_some(), rr || st),
+            ("adc_vref_v", self.adc_vref_v.is_some(), rr),
+            ("adc_counts", self.adc_counts.is_some(), rr),
+            ("offset_v", self.offset_v.is_some(), rr),
+            ("sensitivity_v_per_a", self.sensitivity_v_per_a.is_some(), rr),
+            ("supply_v", self.supply_v.is_some(), rr),
+            ("max_amps", self.max_amps.is_some(), rr),
+            ("unit", self.unit.is_some(), st),
+            ("scale", self.scale.is_some(), st || li),
+            ("key", self.key.is_some(), li),
+            ("channel", self.channel.is_some(), li),
+            ("measurement", self.measurement.is_some(), li),
+            ("field", self.field.is_some(), li),
+            ("offset", self.offset.is_some(), li),
+            ("min", self.min.is_some(), li),
+            ("max", self.max.is_some(), li),
+        ];
+        for (leaf, set, allowed) in checks {
+            if set && !allowed {
+                return Err(err(
+                    key,
+                    leaf,
+                    format!(
+                        "does not apply to a protocol = \"{}\" port (see docs/serial-protocols.md)",
+                        p.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> Result<Config, ConfigError> {
+        let src = runtime::ConfigSource::from_parts(None, Some(toml_text))?;
+        src.section::<Config>(crate::SECTION)
+    }
+
+    #[test]
+    fn defaults_give_one_channel_per_protocol_with_powmon_constants() {
+        let c = parse(
+            r#"
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB0"
+device = "powmon"
+protocol = "request-response"
+
+[[serial_ingest.ports]]
+path = "/dev/ttyACM0"
+device = "prime"
+protocol = "stream"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.raw_stream.journal, JournalKind::Memory);
+        assert_eq!(c.meas_stream.journal, JournalKind::Disk);
+        let plans = c.plans("serial_ingest").unwrap();
+        assert_eq!(plans[0].serial.baud, 115_200);
+        match &plans[0].kind {
+            PlanKind::RequestResponse {
+                poll_interval_ms,
+                response_timeout_ms,
+                max_silent_polls,
+                channels,
+            } => {
+                assert_eq!(
+                    (*poll_interval_ms, *response_timeout_ms, *max_silent_polls),
+                    (1000, 500, 5)
+                );
+                assert_eq!(channels.len(), 1);
+                assert_eq!(channels[0].name.as_str(), "ct1");
+                assert_eq!(channels[0].calibration, DEFAULT_CALIBRATION);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &plans[1].kind {
+            PlanKind::Stream {
+                sample_rate_hz,
+                frame_ms,
+                channels,
+                ..
+            } => {
+                assert_eq!((*sample_rate_hz, *frame_ms), (2000.0, 1000));
+                assert_eq!(
+                    channels,
+                    &[StreamChannel {
+                        name: seg("ct1"),
+                        unit: Unit::Adc,
+                        scale: 1.0
+                    }]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_field_name_is_refused_with_its_exact_key() {
+        let e = parse(
+            r#"
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB0"
+device = "a"
+protocol = "lines"
+
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB1"
+device = "b"
+protocol = "lines"
+channels = [{ key = "t1", field = "Temperature" }]
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[1].channels[0].field");
+        assert!(e.reason.contains("lower snake case"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_devices_across_ports_are_refused() {
+        let e = parse(
+            r#"
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB0"
+device = "meter"
+protocol = "lines"
+
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB1"
+device = "meter"
+protocol = "stream"
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[1].device");
+        assert!(e.reason.contains("unique"), "{e}");
+    }
+
+    #[test]
+    fn a_setting_of_another_protocol_is_refused_not_ignored() {
+        let e = parse(
+            r#"
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB0"
+device = "powmon"
+protocol = "request-response"
+channels = [{ name = "ct1", unit = "a" }]
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[0].channels[0].unit");
+        let e = parse(
+            r#"
+[[serial_ingest.ports]]
+path = "/dev/ttyUSB0"
+device = "prime"
+protocol = "stream"
+poll_interval_ms = 200
+"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[0].poll_interval_ms");
+    }
+
+    #[test]
+    fn serial_settings_and_unknown_keys_are_checked() {
+        for (line, key) in [
+            ("data_bits = 9", "serial_ingest.ports[0].data_bits"),
+            ("stop_bits = 3", "serial_ingest.ports[0].stop_bits"),
+            ("parity = \"mark\"", "serial_ingest.ports[0].parity"),
+            ("bauds = 9600", "serial_ingest.ports[0].bauds"),
+            (
+                "reopen_min_ms = 60000",
+                "serial_ingest.ports[0].reopen_min_ms",
+            ),
+        ] {
+            let text = format!(
+                "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"lines\"\n{line}\n"
+            );
+            let e = parse(&text).unwrap_err();
+            // Type errors come from figment, which writes the index as `ports.0`.
+            let figment_key = key.replace("ports[0]", "ports.0");
+            assert!(
+                e.key.starts_with(key) || e.key.starts_with(&figment_key),
+                "{line}: {e}"
+            );
+        }
+        // Every entry is named by its place in the list, down to a stream channel's scale.
+        let e = parse(
+            "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"stream\"\nchannels = [{ name = \"i\", unit = \"a\", scale = 0.0 }]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[0].channels[0].scale");
+    }
+
+    #[test]
+    fn a_frame_too_long_for_the_bus_is_refused() {
+        let e = parse(
+            "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"stream\"\nsample_rate_hz = 20000\nframe_ms = 1000\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[0].frame_ms");
+    }
+
+    #[test]
+    fn lines_channels_default_to_their_key() {
+        let c = parse(
+            "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"lines\"\nchannels = [{ key = \"t1\", measurement = \"temperature\", field = \"temperature_c\", min = -40.0, max = 85.0 }]\n",
+        )
+        .unwrap();
+        let plans = c.plans("serial_ingest").unwrap();
+        let PlanKind::Lines { channels, .. } = &plans[0].kind else {
+            panic!("{:?}", plans[0].kind)
+        };
+        assert_eq!(channels[0].channel.as_str(), "t1");
+        assert_eq!(channels[0].scale, 1.0);
+        assert_eq!(channels[0].offset, 0.0);
+        assert_eq!((channels[0].min, channels[0].max), (Some(-40.0), Some(85.0)));
+    }
+}

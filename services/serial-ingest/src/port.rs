@@ -1,0 +1,585 @@
+//! One serial port: open, read, parse, publish; on any trouble close and reopen with backoff.
+//!
+//! Each port runs as its own task with its own publisher task behind a bounded channel, so
+//! that neither a slow journal write nor another port's trouble delays the reads (a
+//! USB-serial chip's buffer holds well under a second of a 2 kHz stream).
+//!
+//! A port's life: open → session → close → backoff → open … A session ends on shutdown, on a
+//! read or write error or end of file (a USB device unplugged; on a PTY whose other end
+//! closed, reads give EIO or end of file), or when the device stays silent too long. The
+//! backoff doubles from `reopen_min_ms` to `reopen_max_ms` with jitter and starts over once a
+//! session has read a good line.
+
+use std::time::Duration;
+
+use proto::{Measurement, Quality, RawChannel, RawFrame, Segment, Topic};
+use runtime::Shutdown;
+use runtime::delivery::Producer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
+
+use crate::config::{LineChannel, Parity, PlanKind, PortPlan, PowMonChannel, StreamChannel};
+use crate::events::PortEvents;
+use crate::frame::{Block, FrameAssembler};
+use crate::line::{Framed, LineFramer};
+use crate::protocol::{self, LineKind};
+
+/// The poll, byte for byte: `r e a d SP LF`, as the original PowMon sent it.
+pub const POLL: &[u8] = b"read \n";
+
+/// A write that takes longer than this means the port is wedged.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Readings waiting for the publisher, per port.
+const QUEUE: usize = 1024;
+
+/// What a port hands its publisher.
+#[derive(Debug)]
+enum Output {
+    Meas(Topic<Measurement>, Measurement),
+    Raw(Topic<RawFrame>, RawFrame),
+}
+
+/// Why a session ended.
+enum End {
+    Shutdown,
+    /// Read or write failed, or end of file.
+    Gone(String),
+    /// Open, but the device says nothing.
+    Silent(String),
+}
+
+/// Run one port until shutdown. Never returns an error: a port's trouble is logged, counted
+/// and retried, and never reaches the other ports.
+pub async fn run(
+    plan: PortPlan,
+    site: Segment,
+    meas: Producer,
+    raw: Option<Producer>,
+    shutdown: Shutdown,
+) {
+    let events = PortEvents::new(&plan.path, plan.device.as_str());
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let publisher = tokio::spawn(publish(rx, meas, raw, events.clone()));
+    let mut port = Port {
+        site,
+        tx,
+        events,
+        plan,
+        shutdown,
+    };
+    port.run().await;
+    drop(port);
+    if let Err(e) = publisher.await {
+        tracing::error!(error = %e, "A serial publisher task ended abnormally.");
+    }
+}
+
+async fn publish(
+    mut rx: mpsc::Receiver<Output>,
+    meas: Producer,
+    raw: Option<Producer>,
+    events: PortEvents,
+) {
+    while let Some(out) = rx.recv().await {
+        match out {
+            Output::Meas(topic, m) => match meas.send(&topic, m).await {
+                Ok(_) => events.reading(),
+                Err(e) => events.journal_failed(&e),
+            },
+            Output::Raw(topic, f) => {
+                let Some(raw) = &raw else { continue };
+                match raw.send(&topic, f).await {
+                    Ok(_) => events.frame(),
+                    Err(e) => events.journal_failed(&e),
+                }
+            }
+        }
+    }
+}
+
+struct Port {
+    plan: PortPlan,
+    site: Segment,
+    tx: mpsc::Sender<Output>,
+    events: PortEvents,
+    shutdown: Shutdown,
+}
+
+fn open(plan: &PortPlan) -> Result<SerialStream, tokio_serial::Error> {
+    let s = plan.serial;
+    let data_bits = match s.data_bits {
+        5 => tokio_serial::DataBits::Five,
+        6 => tokio_serial::DataBits::Six,
+        7 => tokio_serial::DataBits::Seven,
+        _ => tokio_serial::DataBits::Eight,
+    };
+    let parity = match s.parity {
+        Parity::None => tokio_serial::Parity::None,
+        Parity::Odd => tokio_serial::Parity::Odd,
+        Parity::Even => tokio_serial::Parity::Even,
+    };
+    let stop_bits = if s.stop_bits == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
+    };
+    tokio_serial::new(plan.path.as_str(), s.baud)
+        .data_bits(data_bits)
+        .parity(parity)
+        .stop_bits(stop_bits)
+        .flow_control(tokio_serial::FlowControl::None)
+        .open_native_async()
+}
+
+/// `base` with jitter: somewhere in `[base/2, base]`, so ports (and Pis) that failed together
+/// do not retry in lockstep.
+fn jittered(base_ms: u64) -> Duration {
+    let half = base_ms / 2;
+    Duration::from_millis(half + fastrand::u64(0..=base_ms - half))
+}
+
+impl Port {
+    async fn run(&mut self) {
+        let mut backoff_ms = self.plan.reopen_min_ms;
+        let mut opened_before = false;
+        let mut failures = 0u32;
+        loop {
+            if self.shutdown.is_requested() {
+                break;
+            }
+            let delay = jittered(backoff_ms);
+            match open(&self.plan) {
+                Ok(mut stream) => {
+                    self.events.opened(opened_before);
+                    opened_before = true;
+                    failures = 0;
+                    let (end, heard) = self.session(&mut stream).await;
+                    drop(stream);
+                    match end {
+                        End::Shutdown => break,
+                        End::Gone(why) => self.events.port_gone(&why),
+                        End::Silent(why) => self.events.silent(&why),
+                    }
+                    if heard {
+                        backoff_ms = self.plan.reopen_min_ms;
+                    }
+                }
+                Err(e) => {
+                    self.events.open_failed(&e, delay, failures == 0);
+                    failures += 1;
+                }
+            }
+            tokio::select! {
+                () = self.shutdown.wait() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            backoff_ms = backoff_ms.saturating_mul(2).min(self.plan.reopen_max_ms);
+        }
+    }
+
+    /// One open port until it ends. Returns also whether a good line was read.
+    async fn session(&mut self, stream: &mut SerialStream) -> (End, bool) {
+        match self.plan.kind.clone() {
+            PlanKind::RequestResponse {
+                poll_interval_ms,
+                response_timeout_ms,
+                max_silent_polls,
+                channels,
+            } => {
+                self.request_response(
+                    stream,
+                    Duration::from_millis(poll_interval_ms),
+                    Duration::from_millis(response_timeout_ms),
+                    max_silent_polls,
+                    &channels,
+                )
+                .await
+            }
+            PlanKind::Stream {
+                silence_timeout_ms,
+                sample_rate_hz,
+                frame_ms,
+                channels,
+            } => {
+                let frame_len = (sample_rate_hz * frame_ms as f64 / 1000.0).round() as usize;
+                let mut s = StreamState {
+                    asm: FrameAssembler::new(channels.len(), sample_rate_hz, frame_len),
+                    rate_hz: sample_rate_hz,
+                    channels,
+                };
+                let r = self
+                    .listen(stream, Duration::from_millis(silence_timeout_ms), |p, line, ms| {
+                        p.stream_line(&mut s, line, ms)
+                    })
+                    .await;
+                // The samples of the frame in progress are good: publish them short.
+                if let Some(b) = s.asm.reset() {
+                    let out = self.raw_frame(&s, b);
+                    self.emit(out).await;
+                }
+                r
+            }
+            PlanKind::Lines {
+                silence_timeout_ms,
+                channels,
+            } => {
+                self.listen(stream, Duration::from_millis(silence_timeout_ms), |p, line, ms| {
+                    p.sensor_line(&channels, line, ms)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Hand an output to the publisher. `false` once the publisher is gone (shutdown).
+    async fn emit(&self, out: Output) -> bool {
+        self.tx.send(out).await.is_ok()
+    }
+
+    async fn request_response(
+        &mut self,
+        stream: &mut SerialStream,
+        poll: Duration,
+        response_timeout: Duration,
+        max_silent_polls: u32,
+        channels: &[PowMonChannel],
+    ) -> (End, bool) {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut framer = LineFramer::new(self.plan.max_line_bytes);
+        let mut buf = vec![0u8; 4096];
+        let mut lines = Vec::new();
+        let adc: Vec<u32> = channels.iter().map(|c| c.calibration.adc_counts).collect();
+        let mut deadline: Option<Instant> = None;
+        let mut silent = 0u32;
+        let mut heard = false;
+        let baud = self.plan.serial.baud;
+        loop {
+            let wake = deadline.unwrap_or_else(|| Instant::now() + poll);
+            tokio::select! {
+                () = self.shutdown.wait() => return (End::Shutdown, heard),
+                _ = tick.tick(), if deadline.is_none() => {
+                    // Whatever came before the poll is not its answer (a late answer to the
+                    // last one, noise): drop it, in the kernel's buffer and ours.
+                    if let Err(e) = stream.clear(tokio_serial::ClearBuffer::Input) {
+                        tracing::debug!(port = %self.plan.path, error = %e, "Cannot flush the port's input buffer.");
+                    }
+                    framer.clear();
+                    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(POLL)).await {
+                        Ok(Ok(())) => deadline = Some(Instant::now() + response_timeout),
+                        Ok(Err(e)) => return (End::Gone(format!("write failed: {e}")), heard),
+                        Err(_) => return (End::Silent("the poll could not be written for 2 s".into()), heard),
+                    }
+                }
+                () = tokio::time::sleep_until(wake), if deadline.is_some() => {
+                    deadline = None;
+                    silent += 1;
+                    self.events.timeout(silent, max_silent_polls);
+                    if silent >= max_silent_polls {
+                        return (End::Silent(format!("{silent} polls in a row unanswered")), heard);
+                    }
+                }
+                r = stream.read(&mut buf) => {
+                    let n = match r {
+                        Ok(0) => return (End::Gone("end of file".into()), heard),
+                        Ok(n) => n,
+                        Err(e) => return (End::Gone(format!("read failed: {e}")), heard),
+                    };
+                    let read_ms = proto::now_ms();
+                    if deadline.is_none() {
+                        // No poll outstanding: these bytes answer nothing.
+                        if !framer.is_empty() {
+                            framer.clear();
+                        }
+                        self.events.unsolicited();
+                        continue;
+                    }
+                    framer.push(&buf[..n], &mut lines);
+                    for framed in lines.drain(..) {
+                        if deadline.is_none() {
+                            self.events.unsolicited();
+                            continue;
+                        }
+                        let line = match framed {
+                            Framed::Line(l) => l,
+                            Framed::Overlong => {
+                                self.events.overlong(self.plan.max_line_bytes);
+                                (deadline, silent) = (None, 0);
+                                continue;
+                            }
+                            Framed::NotUtf8 => {
+                                self.events.line();
+                                self.events.not_utf8(baud);
+                                (deadline, silent) = (None, 0);
+                                continue;
+                            }
+                        };
+                        self.events.line();
+                        let LineKind::Data(data) = protocol::classify(&line) else {
+                            continue;
+                        };
+                        // Answered, well or badly: the device is there.
+                        (deadline, silent) = (None, 0);
+                        match protocol::parse_response(data, channels.len(), &adc) {
+                            Ok(raws) => {
+                                heard = true;
+                                for (ch, raw) in channels.iter().zip(raws) {
+                                    let out = self.powmon_reading(ch, raw, read_ms);
+                                    if !self.emit(out).await {
+                                        return (End::Shutdown, heard);
+                                    }
+                                }
+                            }
+                            Err(e) => self.events.garbled(&e, data, baud),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read lines until silence, error or shutdown, handing each to `handle` with its read
+    /// time; `handle` returns whether the line was good.
+    async fn listen<F>(
+        &mut self,
+        stream: &mut SerialStream,
+        silence: Duration,
+        mut handle: F,
+    ) -> (End, bool)
+    where
+        F: FnMut(&mut Port, &str, i64) -> Vec<Output>,
+    {
+        let mut framer = LineFramer::new(self.plan.max_line_bytes);
+        let mut buf = vec![0u8; 8192];
+        let mut lines = Vec::new();
+        let mut heard = false;
+        let baud = self.plan.serial.baud;
+        loop {
+            let r = tokio::select! {
+                () = self.shutdown.wait() => return (End::Shutdown, heard),
+                r = tokio::time::timeout(silence, stream.read(&mut buf)) => r,
+            };
+            let n = match r {
+                Err(_) => {
+                    return (
+                        End::Silent(format!("no byte for {} ms", silence.as_millis())),
+                        heard,
+                    );
+                }
+                Ok(Ok(0)) => return (End::Gone("end of file".into()), heard),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return (End::Gone(format!("read failed: {e}")), heard),
+            };
+            let read_ms = proto::now_ms();
+            framer.push(&buf[..n], &mut lines);
+            for framed in lines.drain(..) {
+                let line = match framed {
+                    Framed::Line(l) => l,
+                    Framed::Overlong => {
+                        self.events.overlong(self.plan.max_line_bytes);
+                        continue;
+                    }
+                    Framed::NotUtf8 => {
+                        self.events.line();
+                        self.events.not_utf8(baud);
+                        continue;
+                    }
+                };
+                self.events.line();
+                let outs = handle(self, &line, read_ms);
+                if !outs.is_empty() {
+                    heard = true;
+                }
+                for out in outs {
+                    if !self.emit(out).await {
+                        return (End::Shutdown, heard);
+                    }
+                }
+            }
+        }
+    }
+
+    fn powmon_reading(&self, ch: &PowMonChannel, raw: u32, read_ms: i64) -> Output {
+        let r = ch.calibration.convert(raw);
+        if r.out_of_range {
+            self.events.out_of_range();
+        }
+        let m = Measurement {
+            origin: None,
+            site: self.site.clone(),
+            device: self.plan.device.clone(),
+            channel: ch.name.clone(),
+            measurement: seg("current"),
+            ts_ms: read_ms,
+            quality: if r.out_of_range {
+                Quality::OutOfRange
+            } else {
+                Quality::Good
+            },
+            fields: [
+                ("current_a".to_string(), r.current_a),
+                ("power_w".to_string(), r.power_w),
+                ("sensor_v".to_string(), r.sensor_v),
+                ("adc_counts".to_string(), f64::from(r.adc_counts)),
+            ]
+            .into(),
+            tags: Default::default(),
+        };
+        Output::Meas(
+            Topic::measurement(&self.site, &self.plan.device, &ch.name),
+            m,
+        )
+    }
+
+    fn stream_line(&mut self, s: &mut StreamState, line: &str, read_ms: i64) -> Vec<Output> {
+        let baud = self.plan.serial.baud;
+        let data = match protocol::classify(line) {
+            LineKind::Data(d) => d,
+            LineKind::Blank => return Vec::new(),
+            LineKind::Comment(c) => {
+                let mut out = Vec::new();
+                if let Some(b) = protocol::parse_banner(c) {
+                    // The device restarted: its numbering starts over.
+                    if let Some(block) = s.asm.reset() {
+                        out.push(self.raw_frame(s, block));
+                    }
+                    if let Some(rate) = b.rate_hz
+                        && rate != s.rate_hz
+                    {
+                        self.events.banner_mismatch("rate", rate, s.rate_hz);
+                    }
+                    if let Some(n) = b.channels
+                        && n != s.channels.len()
+                    {
+                        self.events
+                            .banner_mismatch("channels", n as f64, s.channels.len() as f64);
+                    }
+                }
+                return out;
+            }
+        };
+        match protocol::parse_stream(data, s.channels.len()) {
+            Ok(l) => {
+                let pushed = s.asm.push(l.seq, &l.values, read_ms);
+                if pushed.lost_lines > 0 {
+                    self.events.lost_lines(pushed.lost_lines);
+                }
+                if pushed.resynced {
+                    self.events.resynced();
+                }
+                pushed
+                    .frames
+                    .into_iter()
+                    .map(|b| self.raw_frame(s, b))
+                    .collect()
+            }
+            Err(e) => {
+                self.events.garbled(&e, data, baud);
+                Vec::new()
+            }
+        }
+    }
+
+    fn raw_frame(&self, s: &StreamState, block: Block) -> Output {
+        let channels = s
+            .channels
+            .iter()
+            .zip(block.samples)
+            .map(|(c, samples)| RawChannel {
+                channel: c.name.clone(),
+                unit: seg(c.unit.as_str()),
+                samples: samples
+                    .into_iter()
+                    .map(|v| (f64::from(v) * c.scale) as f32)
+                    .collect(),
+            })
+            .collect();
+        let f = RawFrame {
+            origin: None,
+            site: self.site.clone(),
+            device: self.plan.device.clone(),
+            start_ts_us: block.start_ts_us,
+            sample_rate_hz: s.rate_hz,
+            channels,
+        };
+        Output::Raw(Topic::raw(&self.site, &self.plan.device), f)
+    }
+
+    fn sensor_line(&mut self, channels: &[LineChannel], line: &str, read_ms: i64) -> Vec<Output> {
+        let LineKind::Data(data) = protocol::classify(line) else {
+            return Vec::new();
+        };
+        let pairs = match protocol::parse_pairs(data) {
+            Ok(p) => p,
+            Err(e) => {
+                self.events.garbled(&e, data, self.plan.serial.baud);
+                return Vec::new();
+            }
+        };
+        let mut mapped: Vec<(Segment, Segment, String, f64, Quality)> = Vec::new();
+        for (key, value) in pairs {
+            if channels.is_empty() {
+                let Ok(channel) = Segment::new(key) else {
+                    // The parser admits only the segment charset; nothing to publish under.
+                    self.events.unknown_key(key);
+                    continue;
+                };
+                mapped.push((channel, seg("sensor"), "value".into(), value, Quality::Good));
+                continue;
+            }
+            let Some(c) = channels.iter().find(|c| c.key == key) else {
+                self.events.unknown_key(key);
+                continue;
+            };
+            let v = value * c.scale + c.offset;
+            if !v.is_finite() {
+                let e = protocol::ParseError::NotNumber(format!("{key}={value} scaled"));
+                self.events.garbled(&e, data, self.plan.serial.baud);
+                return Vec::new();
+            }
+            let out = c.min.is_some_and(|lo| v < lo) || c.max.is_some_and(|hi| v > hi);
+            let q = if out {
+                Quality::OutOfRange
+            } else {
+                Quality::Good
+            };
+            mapped.push((c.channel.clone(), c.measurement.clone(), c.field.clone(), v, q));
+        }
+        mapped
+            .into_iter()
+            .map(|(channel, measurement, field, v, quality)| {
+                if quality == Quality::OutOfRange {
+                    self.events.out_of_range();
+                }
+                let m = Measurement {
+                    origin: None,
+                    site: self.site.clone(),
+                    device: self.plan.device.clone(),
+                    channel: channel.clone(),
+                    measurement,
+                    ts_ms: read_ms,
+                    quality,
+                    fields: [(field, v)].into(),
+                    tags: Default::default(),
+                };
+                Output::Meas(
+                    Topic::measurement(&self.site, &self.plan.device, &channel),
+                    m,
+                )
+            })
+            .collect()
+    }
+}
+
+struct StreamState {
+    asm: FrameAssembler,
+    rate_hz: f64,
+    channels: Vec<StreamChannel>,
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
+}
