@@ -172,7 +172,7 @@ impl PowMon {
         }
         self.requests += 1;
         if let Some(n) = self.config.fault.silent_every
-            && self.requests % u64::from(n) == 0
+            && self.requests.is_multiple_of(u64::from(n))
         {
             return None;
         }

@@ -249,7 +249,7 @@ impl Prime {
         self.lines += 1;
         let mut line = encode_line(&block);
         if let Some(n) = self.config.fault.garble_every
-            && self.lines % u64::from(n) == 0
+            && self.lines.is_multiple_of(u64::from(n))
         {
             garble(&mut line);
         }
@@ -269,7 +269,8 @@ pub fn encode_line(block: &Block) -> String {
         let _infallible = write!(s, "{v}");
     }
     let cs = checksum(s.as_bytes());
-    let _infallible = write!(s, "*{cs:02X}\n");
+    // `writeln!` ends in a bare `\n`, as the doc wants (no `\r`).
+    let _infallible = writeln!(s, "*{cs:02X}");
     s
 }
 

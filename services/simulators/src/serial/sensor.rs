@@ -127,7 +127,7 @@ impl Sensor {
             .config
             .fault
             .garble_every
-            .is_some_and(|n| self.lines % u64::from(n) == 0);
+            .is_some_and(|n| self.lines.is_multiple_of(u64::from(n)));
         let mut out = String::with_capacity(48);
         for (i, (c, v)) in self.config.channels.iter().zip(values).enumerate() {
             if i > 0 {
