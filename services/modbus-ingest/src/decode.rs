@@ -1,0 +1,210 @@
+//! Register words to numbers.
+//!
+//! A value is assembled from its words in the profile's word order (bytes inside a word are
+//! big-endian, as Modbus requires), interpreted as its type — signed types as two's
+//! complement, so the WE-515's export power reads as negative, not as 4 294 966 062 W — and
+//! multiplied by the scale.
+//!
+//! A NaN or infinity is not a reading: meters report NaN for "no value" (an unconnected phase,
+//! a counter being reset) and JSON cannot carry either. Decoding returns an error for it so the
+//! service publishes the field with `quality = error` rather than a fake number.
+//!
+//! `u64` values above 2^53 lose precision in the f64 result; an energy counter in Wh reaches
+//! that after 9 × 10^15 Wh, so this is documented rather than handled.
+
+use crate::plan::Request;
+use crate::profile::{Register, ValueType, WordOrder};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("a {value_type} needs {expected} registers, got {got}")]
+    Length {
+        value_type: ValueType,
+        expected: u16,
+        got: usize,
+    },
+    #[error("the meter reported {0}, an error marker rather than a reading")]
+    NotFinite(f64),
+    #[error("the response holds {got} registers, the request asked for {expected}")]
+    Response { expected: u16, got: usize },
+}
+
+/// Decodes one register's words to its scaled value.
+pub fn decode(register: &Register, words: &[u16]) -> Result<f64, DecodeError> {
+    let raw = decode_raw(register.value_type, register.word_order, words)?;
+    let value = raw * register.scale;
+    // A finite raw value times a huge scale can still overflow.
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(DecodeError::NotFinite(value))
+    }
+}
+
+/// Decodes the words of one value without scaling.
+pub fn decode_raw(
+    value_type: ValueType,
+    word_order: WordOrder,
+    words: &[u16],
+) -> Result<f64, DecodeError> {
+    let expected = value_type.words();
+    if words.len() != usize::from(expected) {
+        return Err(DecodeError::Length {
+            value_type,
+            expected,
+            got: words.len(),
+        });
+    }
+    // Fold the words high word first into one integer of the value's width.
+    let bits = match word_order {
+        WordOrder::Big => words
+            .iter()
+            .fold(0u64, |acc, &w| (acc << 16) | u64::from(w)),
+        WordOrder::Little => words
+            .iter()
+            .rev()
+            .fold(0u64, |acc, &w| (acc << 16) | u64::from(w)),
+    };
+    // The `as` casts below reinterpret bits of exactly the value's width (checked above).
+    let value = match value_type {
+        ValueType::U16 => bits as u16 as f64,
+        ValueType::I16 => bits as u16 as i16 as f64,
+        ValueType::U32 => bits as u32 as f64,
+        ValueType::I32 => bits as u32 as i32 as f64,
+        ValueType::U64 => bits as f64,
+        ValueType::F32 => f64::from(f32::from_bits(bits as u32)),
+        ValueType::F64 => f64::from_bits(bits),
+    };
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(DecodeError::NotFinite(value))
+    }
+}
+
+/// One register's outcome in a response: its index in the profile's register list and its
+/// value or why there is none.
+pub type Decoded = (usize, Result<f64, DecodeError>);
+
+/// Decodes every register a request carries from its response: `(index, value)` pairs, the
+/// index into the same `registers` slice given to [`crate::plan::plan`]. One bad value does not
+/// spoil the others; a response of the wrong length spoils all of them.
+pub fn decode_response(
+    registers: &[Register],
+    request: &Request,
+    response: &[u16],
+) -> Result<Vec<Decoded>, DecodeError> {
+    if response.len() != usize::from(request.count) {
+        return Err(DecodeError::Response {
+            expected: request.count,
+            got: response.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(request.registers.len());
+    for &index in &request.registers {
+        let Some(register) = registers.get(index) else {
+            continue;
+        };
+        let value = match request.words_of(register, response) {
+            Some(words) => decode(register, words),
+            None => Err(DecodeError::Length {
+                value_type: register.value_type,
+                expected: register.words(),
+                got: 0,
+            }),
+        };
+        out.push((index, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use WordOrder::{Big, Little};
+
+    fn raw(t: ValueType, o: WordOrder, words: &[u16]) -> f64 {
+        decode_raw(t, o, words).unwrap()
+    }
+
+    #[test]
+    fn sixteen_bit_types() {
+        assert_eq!(raw(ValueType::U16, Big, &[0xFFFF]), 65535.0);
+        assert_eq!(raw(ValueType::I16, Big, &[0xFFFF]), -1.0);
+        assert_eq!(raw(ValueType::I16, Big, &[0x8000]), -32768.0);
+        assert_eq!(raw(ValueType::I16, Big, &[0x7FFF]), 32767.0);
+        // A single word has no word order.
+        assert_eq!(raw(ValueType::I16, Little, &[0xFC18]), -1000.0);
+    }
+
+    #[test]
+    fn thirty_two_bit_integers_in_both_word_orders() {
+        assert_eq!(raw(ValueType::U32, Big, &[0x0001, 0x0002]), 65538.0);
+        assert_eq!(raw(ValueType::U32, Little, &[0x0002, 0x0001]), 65538.0);
+        assert_eq!(raw(ValueType::U32, Big, &[0xFFFF, 0xFFFF]), 4_294_967_295.0);
+        // -1234 = 0xFFFF_FB2E
+        assert_eq!(raw(ValueType::I32, Big, &[0xFFFF, 0xFB2E]), -1234.0);
+        assert_eq!(raw(ValueType::I32, Little, &[0xFB2E, 0xFFFF]), -1234.0);
+        assert_eq!(
+            raw(ValueType::I32, Big, &[0x8000, 0x0000]),
+            -2_147_483_648.0
+        );
+    }
+
+    #[test]
+    fn sixty_four_bit_integer_in_both_word_orders() {
+        let words = [0x0000, 0x0001, 0x0002, 0x0003];
+        let expected = (1u64 << 32 | 2 << 16 | 3) as f64;
+        assert_eq!(raw(ValueType::U64, Big, &words), expected);
+        let swapped = [0x0003, 0x0002, 0x0001, 0x0000];
+        assert_eq!(raw(ValueType::U64, Little, &swapped), expected);
+    }
+
+    #[test]
+    fn floats_in_both_word_orders() {
+        // 230.5 as f32 = 0x4366_8000
+        assert_eq!(raw(ValueType::F32, Big, &[0x4366, 0x8000]), 230.5);
+        assert_eq!(raw(ValueType::F32, Little, &[0x8000, 0x4366]), 230.5);
+        // -1234.5 as f32 = 0xC49A_5000
+        assert_eq!(raw(ValueType::F32, Big, &[0xC49A, 0x5000]), -1234.5);
+        // 50.01 as f64 = 0x4049_0147_AE14_7AE1
+        let w = [0x4049, 0x0147, 0xAE14, 0x7AE1];
+        assert_eq!(raw(ValueType::F64, Big, &w), 50.01);
+        let r = [0x7AE1, 0xAE14, 0x0147, 0x4049];
+        assert_eq!(raw(ValueType::F64, Little, &r), 50.01);
+    }
+
+    #[test]
+    fn nan_and_infinity_are_errors_not_readings() {
+        // Quiet NaN 0x7FC0_0000, +inf 0x7F80_0000, -inf 0xFF80_0000.
+        assert!(matches!(
+            decode_raw(ValueType::F32, Big, &[0x7FC0, 0x0000]),
+            Err(DecodeError::NotFinite(v)) if v.is_nan()
+        ));
+        assert_eq!(
+            decode_raw(ValueType::F32, Big, &[0x7F80, 0x0000]),
+            Err(DecodeError::NotFinite(f64::INFINITY))
+        );
+        assert_eq!(
+            decode_raw(ValueType::F32, Big, &[0xFF80, 0x0000]),
+            Err(DecodeError::NotFinite(f64::NEG_INFINITY))
+        );
+        assert!(matches!(
+            decode_raw(ValueType::F64, Big, &[0x7FF8, 0, 0, 0]),
+            Err(DecodeError::NotFinite(v)) if v.is_nan()
+        ));
+    }
+
+    #[test]
+    fn wrong_word_count_is_an_error() {
+        assert_eq!(
+            decode_raw(ValueType::U32, Big, &[1]),
+            Err(DecodeError::Length {
+                value_type: ValueType::U32,
+                expected: 2,
+                got: 1
+            })
+        );
+        assert!(decode_raw(ValueType::U16, Big, &[1, 2]).is_err());
+    }
+}
