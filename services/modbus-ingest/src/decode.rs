@@ -196,6 +196,45 @@ mod tests {
     }
 
     #[test]
+    fn a_response_is_split_per_register_and_one_bad_value_spoils_only_itself() {
+        use crate::plan::{Limits, plan};
+        use crate::profile::{Function, Register};
+        let reg = |address, value_type, field: &str| Register {
+            address,
+            function: Function::Holding,
+            value_type,
+            word_order: Big,
+            scale: 0.5,
+            unit: String::new(),
+            measurement: proto::Segment::new("m").unwrap(),
+            channel: proto::Segment::new("c").unwrap(),
+            field: field.to_string(),
+            tags: Default::default(),
+            poll: "fast".to_string(),
+        };
+        let regs = [
+            reg(0x10, ValueType::I16, "a"),
+            reg(0x12, ValueType::F32, "b"),
+            reg(0x14, ValueType::U16, "c"),
+        ];
+        let requests = plan(&regs, |_| true, Limits::default()).unwrap();
+        assert_eq!(requests.len(), 1);
+        // 0x10 = -4, 0x11 hole, 0x12..0x13 NaN, 0x14 = 10.
+        let response = [0xFFFC, 0xDEAD, 0x7FC0, 0x0000, 10];
+        let out = decode_response(&regs, &requests[0], &response).unwrap();
+        assert_eq!(out[0], (0, Ok(-2.0)));
+        assert!(matches!(out[1], (1, Err(DecodeError::NotFinite(_)))));
+        assert_eq!(out[2], (2, Ok(5.0)));
+        assert_eq!(
+            decode_response(&regs, &requests[0], &response[..4]),
+            Err(DecodeError::Response {
+                expected: 5,
+                got: 4
+            })
+        );
+    }
+
+    #[test]
     fn wrong_word_count_is_an_error() {
         assert_eq!(
             decode_raw(ValueType::U32, Big, &[1]),

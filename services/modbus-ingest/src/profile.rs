@@ -938,6 +938,17 @@ mod tests {
     }
 
     #[test]
+    fn a_user_model_wins_over_a_builtin_alias_of_the_same_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let mine = MINIMAL.replace("model = \"test-meter\"", "model = \"orno-we-514\"");
+        std::fs::write(dir.path().join("we514.toml"), mine).unwrap();
+        let set = load_dir(dir.path()).unwrap();
+        assert_eq!(set.get("orno-we-514").unwrap().registers.len(), 1);
+        // The built-in stays reachable by its own model.
+        assert_eq!(set.get("orno-we-515").unwrap().meter.vendor, "ORNO");
+    }
+
+    #[test]
     fn an_invalid_user_file_fails_the_load_and_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let bad = MINIMAL.replace("unit = \"W\"", "unit = \"W\"\nscale = 0.0");
@@ -970,6 +981,59 @@ mod tests {
         assert!(
             msg.starts_with("/nonexistent/profiles: cannot read"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_file_with_two_problems_reports_both_in_one_message() {
+        let text = r#"
+[meter]
+model = "my-meter"
+vendor = "Me"
+name = "Mine"
+source = "my notes"
+
+[poll_ms]
+fast = 1000
+
+[defaults]
+poll = "fast"
+
+[[registers]]
+address = 0x013F
+type = "u32"
+scale = 0.001
+unit = "A"
+measurement = "power"
+channel = "l1"
+field = "current_a"
+
+[[registers]]
+address = 0x0140
+type = "i32"
+unit = "W"
+measurement = "power"
+channel = "l1"
+field = "power_w"
+
+[[registers]]
+address = 0x0131
+type = "u16"
+scale = 0.01
+unit = "V"
+measurement = "power"
+channel = "l1"
+field = "Voltage"
+"#;
+        let msg = Profile::from_toml(text, "profiles/my-meter.toml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "profiles/my-meter.toml: registers[2] (Voltage at 0x0131): field name \"Voltage\" \
+             must be lower snake case ([a-z][a-z0-9_]*, ≤64), e.g. \"power_w\"; registers[1] \
+             (power_w at 0x0140): holding registers 0x0140..=0x0141 overlap registers[0] \
+             (current_a at 0x013f) (0x013f..=0x0140)"
         );
     }
 }
