@@ -521,7 +521,11 @@ impl PortConfig {
                 return Err(err(&ck, "adc_counts", "must be between 2 and 16777216"));
             }
             let calibration = Calibration {
-                adc_vref_v: finite_positive(&ck, "adc_vref_v", c.adc_vref_v.unwrap_or(d.adc_vref_v))?,
+                adc_vref_v: finite_positive(
+                    &ck,
+                    "adc_vref_v",
+                    c.adc_vref_v.unwrap_or(d.adc_vref_v),
+                )?,
                 adc_counts,
                 offset_v: finite(&ck, "offset_v", c.offset_v.unwrap_or(d.offset_v))?,
                 sensitivity_v_per_a: finite_positive(
@@ -606,10 +610,13 @@ impl PortConfig {
         let mut targets = BTreeSet::new();
         for (i, c) in self.channels.iter().enumerate() {
             let ck = format!("{key}.channels[{i}]");
-            let k = c
-                .key
-                .clone()
-                .ok_or_else(|| err(&ck, "key", "is required: the key on the wire, e.g. \"fridge\""))?;
+            let k = c.key.clone().ok_or_else(|| {
+                err(
+                    &ck,
+                    "key",
+                    "is required: the key on the wire, e.g. \"fridge\"",
+                )
+            })?;
             if !is_line_key(&k) {
                 return Err(err(
                     &ck,
@@ -682,7 +689,11 @@ impl ChannelConfig {
             ("adc_vref_v", self.adc_vref_v.is_some(), rr),
             ("adc_counts", self.adc_counts.is_some(), rr),
             ("offset_v", self.offset_v.is_some(), rr),
-            ("sensitivity_v_per_a", self.sensitivity_v_per_a.is_some(), rr),
+            (
+                "sensitivity_v_per_a",
+                self.sensitivity_v_per_a.is_some(),
+                rr,
+            ),
             ("supply_v", self.supply_v.is_some(), rr),
             ("max_amps", self.max_amps.is_some(), rr),
             ("unit", self.unit.is_some(), st),
@@ -902,6 +913,9 @@ poll_interval_ms = 200
         assert_eq!(channels[0].channel.as_str(), "t1");
         assert_eq!(channels[0].scale, 1.0);
         assert_eq!(channels[0].offset, 0.0);
-        assert_eq!((channels[0].min, channels[0].max), (Some(-40.0), Some(85.0)));
+        assert_eq!(
+            (channels[0].min, channels[0].max),
+            (Some(-40.0), Some(85.0))
+        );
     }
 }

@@ -193,7 +193,10 @@ mod tests {
         // First line read at T0+5 ms with 5 samples at 1 kHz: the run starts at T0.
         assert_eq!(frames[0].start_ts_us, T0_MS * 1000);
         for w in frames.windows(2) {
-            assert_eq!(w[0].start_ts_us + w[0].len() as i64 * 1000, w[1].start_ts_us);
+            assert_eq!(
+                w[0].start_ts_us + w[0].len() as i64 * 1000,
+                w[1].start_ts_us
+            );
         }
         let all: Vec<i32> = frames.iter().flat_map(|f| f.samples[0].clone()).collect();
         assert_eq!(all, (0..40).collect::<Vec<_>>());
@@ -217,7 +220,11 @@ mod tests {
         // Lines 11 and 12 lost; 13 read 15 ms later.
         let p = a.push(13, &vals(15), T0_MS + 20);
         assert_eq!(p.lost_lines, 2);
-        assert_eq!(p.frames.len(), 1, "the frame before the gap is closed short");
+        assert_eq!(
+            p.frames.len(),
+            1,
+            "the frame before the gap is closed short"
+        );
         assert_eq!(p.frames[0].samples[0], vals(0));
         assert_eq!(p.frames[0].start_ts_us, T0_MS * 1000);
         // The new run is stamped from its own read time, not continued over the hole.

@@ -96,9 +96,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         (None, None)
     };
     if plans.is_empty() {
-        tracing::warn!(
-            "No [[serial_ingest.ports]] configured; serial-ingest has nothing to read."
-        );
+        tracing::warn!("No [[serial_ingest.ports]] configured; serial-ingest has nothing to read.");
     }
     let ready = ctx.health.check("serial-ingest");
     let mut ports = Vec::with_capacity(plans.len());

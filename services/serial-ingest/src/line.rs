@@ -126,7 +126,10 @@ mod tests {
         out.extend(feed(&mut f, b"still the same line\nok\n"));
         assert_eq!(out, vec![Framed::Overlong, line("ok")]);
         // One byte over, ending in the same chunk.
-        assert_eq!(feed(&mut f, b"123456789\nnext\n"), vec![Framed::Overlong, line("next")]);
+        assert_eq!(
+            feed(&mut f, b"123456789\nnext\n"),
+            vec![Framed::Overlong, line("next")]
+        );
         // 9 bytes whose last is \r but that stay unterminated: still undecided, then overlong.
         assert_eq!(feed(&mut f, b"12345678\r"), vec![]);
         assert_eq!(feed(&mut f, b"9\nz\n"), vec![Framed::Overlong, line("z")]);

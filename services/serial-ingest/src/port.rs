@@ -211,9 +211,11 @@ impl Port {
                     channels,
                 };
                 let r = self
-                    .listen(stream, Duration::from_millis(silence_timeout_ms), |p, line, ms| {
-                        p.stream_line(&mut s, line, ms)
-                    })
+                    .listen(
+                        stream,
+                        Duration::from_millis(silence_timeout_ms),
+                        |p, line, ms| p.stream_line(&mut s, line, ms),
+                    )
                     .await;
                 // The samples of the frame in progress are good: publish them short.
                 if let Some(b) = s.asm.reset() {
@@ -226,9 +228,11 @@ impl Port {
                 silence_timeout_ms,
                 channels,
             } => {
-                self.listen(stream, Duration::from_millis(silence_timeout_ms), |p, line, ms| {
-                    p.sensor_line(&channels, line, ms)
-                })
+                self.listen(
+                    stream,
+                    Duration::from_millis(silence_timeout_ms),
+                    |p, line, ms| p.sensor_line(&channels, line, ms),
+                )
                 .await
             }
         }
@@ -546,7 +550,13 @@ impl Port {
             } else {
                 Quality::Good
             };
-            mapped.push((c.channel.clone(), c.measurement.clone(), c.field.clone(), v, q));
+            mapped.push((
+                c.channel.clone(),
+                c.measurement.clone(),
+                c.field.clone(),
+                v,
+                q,
+            ));
         }
         mapped
             .into_iter()

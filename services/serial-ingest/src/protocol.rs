@@ -160,7 +160,11 @@ pub fn parse_decimal(s: &str) -> Option<f64> {
 }
 
 /// A request-response answer: one raw ADC value per channel, `,`-separated.
-pub fn parse_response(line: &str, channels: usize, adc_counts: &[u32]) -> Result<Vec<u32>, ParseError> {
+pub fn parse_response(
+    line: &str,
+    channels: usize,
+    adc_counts: &[u32],
+) -> Result<Vec<u32>, ParseError> {
     let line = line.trim_matches(' ');
     if line.is_empty() {
         return Err(ParseError::Empty);
@@ -206,9 +210,13 @@ pub fn parse_stream(line: &str, channels: usize) -> Result<StreamLine, ParseErro
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b));
     if !cs_ok {
-        return Err(ParseError::BadChecksumText { got: cs.to_string() });
+        return Err(ParseError::BadChecksumText {
+            got: cs.to_string(),
+        });
     }
-    let got = u8::from_str_radix(cs, 16).map_err(|_| ParseError::BadChecksumText { got: cs.to_string() })?;
+    let got = u8::from_str_radix(cs, 16).map_err(|_| ParseError::BadChecksumText {
+        got: cs.to_string(),
+    })?;
     let want = checksum(body.as_bytes());
     if got != want {
         return Err(ParseError::ChecksumMismatch { got, want });
@@ -325,23 +333,52 @@ mod tests {
     fn a_saturated_reading_keeps_its_value() {
         let r = DEFAULT_CALIBRATION.convert(1023);
         assert!(r.out_of_range);
-        assert!(r.current_a > 10.0, "never replaced by zero: {}", r.current_a);
+        assert!(
+            r.current_a > 10.0,
+            "never replaced by zero: {}",
+            r.current_a
+        );
     }
 
     #[test]
     fn responses_need_one_in_range_integer_per_channel() {
         let c = [1024, 1024, 1024];
-        assert_eq!(parse_response("537,512,498", 3, &c), Ok(vec![537, 512, 498]));
+        assert_eq!(
+            parse_response("537,512,498", 3, &c),
+            Ok(vec![537, 512, 498])
+        );
         assert_eq!(parse_response("537", 1, &c), Ok(vec![537]));
         assert_eq!(parse_response("0", 1, &c), Ok(vec![0]));
         assert_eq!(parse_response("1023", 1, &c), Ok(vec![1023]));
         assert_eq!(
             parse_response("1024", 1, &c),
-            Err(ParseError::OutOfAdcRange { value: 1024, max: 1024 })
+            Err(ParseError::OutOfAdcRange {
+                value: 1024,
+                max: 1024
+            })
         );
-        assert!(matches!(parse_response("537,512", 3, &c), Err(ParseError::WrongCount { got: 2, expected: 3 })));
-        for bad in ["-1", "+5", "5.0", "0x1A", "nan", "537x", "", "5 3", "99999999999999999999999"] {
-            assert!(parse_response(bad, 1, &c).is_err(), "{bad:?} must be garbled");
+        assert!(matches!(
+            parse_response("537,512", 3, &c),
+            Err(ParseError::WrongCount {
+                got: 2,
+                expected: 3
+            })
+        ));
+        for bad in [
+            "-1",
+            "+5",
+            "5.0",
+            "0x1A",
+            "nan",
+            "537x",
+            "",
+            "5 3",
+            "99999999999999999999999",
+        ] {
+            assert!(
+                parse_response(bad, 1, &c).is_err(),
+                "{bad:?} must be garbled"
+            );
         }
     }
 
@@ -354,27 +391,48 @@ mod tests {
         let l = with_cs("1234:512,530,498,501");
         assert_eq!(
             parse_stream(&l, 2),
-            Ok(StreamLine { seq: 1234, values: vec![512, 530, 498, 501] })
+            Ok(StreamLine {
+                seq: 1234,
+                values: vec![512, 530, 498, 501]
+            })
         );
         // Wrong checksum: one flipped value byte.
         let bad = l.replace("530", "531");
-        assert!(matches!(parse_stream(&bad, 2), Err(ParseError::ChecksumMismatch { .. })));
+        assert!(matches!(
+            parse_stream(&bad, 2),
+            Err(ParseError::ChecksumMismatch { .. })
+        ));
         // No checksum at all.
         assert_eq!(parse_stream("7:1", 1), Err(ParseError::NoChecksum));
         // A count that is not a multiple of the channels.
         assert!(matches!(
             parse_stream(&with_cs("8:1,2,3"), 2),
-            Err(ParseError::WrongCount { got: 3, expected: 2 })
+            Err(ParseError::WrongCount {
+                got: 3,
+                expected: 2
+            })
         ));
         // Sequence numbers: 0..65535 only.
-        assert_eq!(parse_stream(&with_cs("65535:1"), 1).map(|s| s.seq), Ok(65535));
-        assert!(matches!(parse_stream(&with_cs("65536:1"), 1), Err(ParseError::BadSeq(_))));
-        assert!(matches!(parse_stream(&with_cs("x:1"), 1), Err(ParseError::BadSeq(_))));
+        assert_eq!(
+            parse_stream(&with_cs("65535:1"), 1).map(|s| s.seq),
+            Ok(65535)
+        );
+        assert!(matches!(
+            parse_stream(&with_cs("65536:1"), 1),
+            Err(ParseError::BadSeq(_))
+        ));
+        assert!(matches!(
+            parse_stream(&with_cs("x:1"), 1),
+            Err(ParseError::BadSeq(_))
+        ));
         // Values: integers, nothing else, none missing.
         for body in ["9:1,,2", "9:1.5", "9:nan", "9:", "9:1,2 "] {
             assert!(parse_stream(&with_cs(body), 1).is_err(), "{body:?}");
         }
-        assert_eq!(parse_stream(&with_cs("9:-3,4"), 1).map(|s| s.values), Ok(vec![-3, 4]));
+        assert_eq!(
+            parse_stream(&with_cs("9:-3,4"), 1).map(|s| s.values),
+            Ok(vec![-3, 4])
+        );
     }
 
     #[test]
@@ -384,7 +442,10 @@ mod tests {
         let cs = checksum(body.as_bytes());
         let text = format!("{body}*{cs:02x}");
         if text.bytes().rev().take(2).any(|b| b.is_ascii_lowercase()) {
-            assert!(matches!(parse_stream(&text, 1), Err(ParseError::BadChecksumText { .. })));
+            assert!(matches!(
+                parse_stream(&text, 1),
+                Err(ParseError::BadChecksumText { .. })
+            ));
         } else {
             panic!("pick a body whose checksum has a hex letter: {text}");
         }
@@ -394,10 +455,16 @@ mod tests {
     fn banners_are_recognised() {
         assert_eq!(
             parse_banner("wattbus-stream rate=2000 channels=2"),
-            Some(Banner { rate_hz: Some(2000.0), channels: Some(2) })
+            Some(Banner {
+                rate_hz: Some(2000.0),
+                channels: Some(2)
+            })
         );
         assert_eq!(parse_banner("PowMon v1.2"), None);
-        assert_eq!(classify("# wattbus-stream rate=1"), LineKind::Comment("wattbus-stream rate=1"));
+        assert_eq!(
+            classify("# wattbus-stream rate=1"),
+            LineKind::Comment("wattbus-stream rate=1")
+        );
         assert_eq!(classify("  "), LineKind::Blank);
     }
 
@@ -407,16 +474,39 @@ mod tests {
             parse_pairs("fridge=4.5 freezer=-18.25"),
             Ok(vec![("fridge", 4.5), ("freezer", -18.25)])
         );
-        assert_eq!(parse_pairs("t1=21.0,h1=48"), Ok(vec![("t1", 21.0), ("h1", 48.0)]));
-        assert_eq!(parse_pairs("a=1e3, b=.5"), Ok(vec![("a", 1000.0), ("b", 0.5)]));
+        assert_eq!(
+            parse_pairs("t1=21.0,h1=48"),
+            Ok(vec![("t1", 21.0), ("h1", 48.0)])
+        );
+        assert_eq!(
+            parse_pairs("a=1e3, b=.5"),
+            Ok(vec![("a", 1000.0), ("b", 0.5)])
+        );
     }
 
     #[test]
     fn nan_inf_hex_and_trailing_junk_garble_the_whole_line() {
         for bad in [
-            "temp=nan", "temp=NaN", "temp=inf", "temp=-Infinity", "temp=INF", "temp=infinity",
-            "temp=0x1A", "temp=4.5C", "temp=1e999", "temp=", "temp=1e", "temp=.", "temp=--1",
-            "ok=1 temp=nan", "=4", "temp", "te mp=4", "t/1=4", "a=1 a=2", "",
+            "temp=nan",
+            "temp=NaN",
+            "temp=inf",
+            "temp=-Infinity",
+            "temp=INF",
+            "temp=infinity",
+            "temp=0x1A",
+            "temp=4.5C",
+            "temp=1e999",
+            "temp=",
+            "temp=1e",
+            "temp=.",
+            "temp=--1",
+            "ok=1 temp=nan",
+            "=4",
+            "temp",
+            "te mp=4",
+            "t/1=4",
+            "a=1 a=2",
+            "",
         ] {
             assert!(parse_pairs(bad).is_err(), "{bad:?} must be garbled");
         }
@@ -430,7 +520,9 @@ mod tests {
         assert_eq!(parse_decimal("+2"), Some(2.0));
         assert_eq!(parse_decimal("5."), Some(5.0));
         assert_eq!(parse_decimal("1E-3"), Some(0.001));
-        for bad in ["nan", "NAN", "inf", "infinity", "Infinity", "-inf", " 1", "1 ", "1_000", "1,5"] {
+        for bad in [
+            "nan", "NAN", "inf", "infinity", "Infinity", "-inf", " 1", "1 ", "1_000", "1,5",
+        ] {
             assert_eq!(parse_decimal(bad), None, "{bad:?}");
         }
     }
@@ -441,7 +533,9 @@ mod tests {
         let alphabet = b"0123456789,:*=.-+eEnaifINFxA \t#";
         for _ in 0..20_000 {
             let n = rng.usize(0..40);
-            let s: String = (0..n).map(|_| char::from(alphabet[rng.usize(..alphabet.len())])).collect();
+            let s: String = (0..n)
+                .map(|_| char::from(alphabet[rng.usize(..alphabet.len())]))
+                .collect();
             if let Ok(pairs) = parse_pairs(&s) {
                 assert!(pairs.iter().all(|(_, v)| v.is_finite()), "{s:?}");
             }
