@@ -373,12 +373,17 @@ fn resolve(file: ProfileFile, origin: &str, problems: &mut Vec<Problem>) -> Prof
         }
     }
 
-    // Overlaps: within one table, sorted by address, each register must end before the next.
+    // Overlaps: within one table, sorted by address, each register must start after the
+    // furthest end so far (not just after its neighbour: a u64 can cover two u16s).
     let mut by_address: Vec<&(usize, Register)> = registers.iter().collect();
     by_address.sort_by_key(|(_, r)| (r.function, r.address));
-    for pair in by_address.windows(2) {
-        let [(ia, a), (ib, b)] = pair else { continue };
-        if a.function == b.function && u32::from(a.last()) >= u32::from(b.address) {
+    let mut furthest: Option<&(usize, Register)> = None;
+    for item in by_address {
+        let (ib, b) = item;
+        if let Some((ia, a)) = furthest
+            && a.function == b.function
+            && a.last() >= b.address
+        {
             problem(
                 entries[*ib].clone(),
                 format!(
@@ -392,6 +397,10 @@ fn resolve(file: ProfileFile, origin: &str, problems: &mut Vec<Problem>) -> Prof
                 ),
             );
         }
+        let further = furthest.is_none_or(|(_, a)| a.function != b.function || b.last() > a.last());
+        if further {
+            furthest = Some(item);
+        }
     }
 
     // Identity: two registers must never produce the same value of the same point.
@@ -404,15 +413,17 @@ fn resolve(file: ProfileFile, origin: &str, problems: &mut Vec<Problem>) -> Prof
     let mut seen: HashMap<PointField<'_>, usize> = HashMap::new();
     for (i, r) in &registers {
         let key = (&r.measurement, &r.channel, &r.tags, r.field.as_str());
-        if let Some(first) = seen.insert(key, *i) {
+        if let Some(first) = seen.get(&key) {
             problem(
                 entries[*i].clone(),
                 format!(
                     "measurement {}, channel {}, field {} with the same tags is already \
                      produced by {}",
-                    r.measurement, r.channel, r.field, entries[first]
+                    r.measurement, r.channel, r.field, entries[*first]
                 ),
             );
+        } else {
+            seen.insert(key, *i);
         }
     }
 
@@ -779,6 +790,34 @@ mod tests {
             "{}",
             p[0].reason
         );
+    }
+
+    #[test]
+    fn a_wide_register_overlapping_two_later_ones_is_reported_for_each() {
+        let text = MINIMAL.replace("type = \"i32\"", "type = \"u64\"");
+        let text = with_register(
+            r#"address = 0x0011
+               type = "u16"
+               measurement = "power"
+               channel = "l1"
+               field = "voltage_v"
+               unit = "V""#,
+        )
+        .replace(MINIMAL, &text);
+        let text = format!(
+            "{text}\n[[registers]]\naddress = 0x0013\ntype = \"u16\"\nmeasurement = \"power\"\n\
+             channel = \"l1\"\nfield = \"current_a\"\nunit = \"A\"\n"
+        );
+        let p = problems(&text);
+        let entries: Vec<&str> = p.iter().map(|p| p.entry.as_str()).collect();
+        assert_eq!(
+            entries,
+            [
+                "registers[1] (voltage_v at 0x0011)",
+                "registers[2] (current_a at 0x0013)"
+            ]
+        );
+        assert!(p[1].reason.contains("overlap registers[0]"), "{p:?}");
     }
 
     #[test]
