@@ -151,13 +151,6 @@ mod tests {
         // 11 / 9600 s = 1.1458 ms; t3.5 = 4.0104 ms.
         close(e1.char_s(), 0.001_145_833_333_333_333_4);
         close(e1.silence_s(), 0.004_010_416_666_666_667);
-        assert_eq!(
-            Line::new(9600, Framing::N2).unwrap(),
-            Line {
-                baud: 9600,
-                framing: Framing::N2
-            }
-        );
         close(
             Line::new(9600, Framing::N2).unwrap().char_s(),
             11.0 / 9600.0,
