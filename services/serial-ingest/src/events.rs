@@ -226,3 +226,27 @@ impl PortEvents {
         tracing::error!(port = %self.port, device = %self.device, error = %error, "Cannot journal a reading; it is lost. Is the data disk full or failing?");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn garbled_lines_are_all_counted_but_logged_at_most_once_a_minute() {
+        let mut e = PortEvents::new("/dev/test-garbled", "garbled-test");
+        let why = ParseError::Empty;
+        e.garbled(&why, "", 9600);
+        assert_eq!(e.garbled_quiet, 0, "the first one is logged");
+        for _ in 0..500 {
+            e.garbled(&why, "x", 9600);
+        }
+        assert_eq!(e.garbled_quiet, 500, "the rest within the minute are not");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        e.not_utf8(9600);
+        assert_eq!(e.garbled_quiet, 501);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        e.garbled(&why, "x", 9600);
+        assert_eq!(e.garbled_quiet, 0, "a minute on, one line with the count");
+        assert_eq!(e.garbled.get(), 503, "the counter counts every one");
+    }
+}

@@ -255,7 +255,16 @@ async fn eventually(what: &str, wait: Duration, mut f: impl FnMut() -> bool) {
 
 /// A PowMon sketch: answers each `read` line with the next of `answers`, and records every
 /// line the Pi sent. Ends when the port goes away.
-fn powmon_device(mut port: std::fs::File, answers: Vec<&'static str>) -> Arc<Mutex<Vec<Vec<u8>>>> {
+fn powmon_device(port: std::fs::File, answers: Vec<&'static str>) -> Arc<Mutex<Vec<Vec<u8>>>> {
+    slow_powmon_device(port, answers, Duration::ZERO)
+}
+
+/// A PowMon sketch that takes `delay` to answer.
+fn slow_powmon_device(
+    mut port: std::fs::File,
+    answers: Vec<&'static str>,
+    delay: Duration,
+) -> Arc<Mutex<Vec<Vec<u8>>>> {
     let polls = Arc::new(Mutex::new(Vec::new()));
     let seen = polls.clone();
     std::thread::spawn(move || {
@@ -272,6 +281,7 @@ fn powmon_device(mut port: std::fs::File, answers: Vec<&'static str>) -> Arc<Mut
                 let is_read = line.split(|&b| b == b' ').next() == Some(b"read");
                 seen.lock().unwrap().push(line);
                 if is_read && !answers.is_empty() {
+                    std::thread::sleep(delay);
                     let a = answers[i % answers.len()];
                     i += 1;
                     if port.write_all(a.as_bytes()).is_err() {
@@ -762,5 +772,63 @@ protocol = "lines"
     stop.store(true, Ordering::Relaxed);
     let _ = ta2.join();
     let _ = tb.join();
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
+    let site = site("late");
+    let dir = tempfile::tempdir().unwrap();
+    let late = Socat::start(dir.path(), "late");
+    let prompt = Socat::start(dir.path(), "prompt");
+    // Answers 120 ms after each poll; the service waits 50 ms.
+    let late_polls = slow_powmon_device(late.sim(), vec!["600\r\n"], Duration::from_millis(120));
+    powmon_device(prompt.sim(), vec!["520\r\n"]);
+    let mut watch = measurements(&site).await;
+    let svc = Service::start(
+        &site,
+        &format!(
+            r#"
+[[serial_ingest.ports]]
+path = "{}"
+device = "late"
+protocol = "request-response"
+poll_interval_ms = 200
+response_timeout_ms = 50
+max_silent_polls = 1000
+
+[[serial_ingest.ports]]
+path = "{}"
+device = "prompt"
+protocol = "request-response"
+poll_interval_ms = 100
+response_timeout_ms = 50
+"#,
+            late.dev(),
+            prompt.dev()
+        ),
+    )
+    .await;
+    let got = watch
+        .until(Duration::from_secs(10), |ms| {
+            ms.iter()
+                .filter(|(_, m)| m.device.as_str() == "prompt")
+                .count()
+                >= 12
+        })
+        .await;
+    // About 1.2 s: six polls of the late device, each answered after its timeout.
+    assert!(
+        got.iter().all(|(_, m)| m.device.as_str() == "prompt"),
+        "a late answer was published"
+    );
+    assert!(
+        got.iter()
+            .all(|(_, m)| m.fields.get("adc_counts") == Some(&520.0))
+    );
+    let port = late.dev();
+    assert!(late_polls.lock().unwrap().len() >= 4);
+    assert!(counter("wattbus_serial_timeouts_total", &port, "late") >= 4);
+    assert!(counter("wattbus_serial_unsolicited_lines_total", &port, "late") >= 3);
     svc.stop().await;
 }
