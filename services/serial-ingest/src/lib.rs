@@ -99,23 +99,27 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         tracing::warn!("No [[serial_ingest.ports]] configured; serial-ingest has nothing to read.");
     }
     let ready = ctx.health.check("serial-ingest");
-    let mut ports = Vec::with_capacity(plans.len());
+    let mut ports = tokio::task::JoinSet::new();
     for plan in plans {
         tracing::debug!(port = %plan.path, device = %plan.device, protocol = plan.kind.protocol().as_str(), "Starting port.");
-        ports.push(tokio::spawn(port::run(
+        ports.spawn(port::run(
             plan,
             ctx.common.site.clone(),
             meas.clone(),
             raw.clone(),
             ctx.shutdown.clone(),
-        )));
+        ));
     }
     ready.set(true);
-    ctx.shutdown.wait().await;
-    for task in ports {
-        if let Err(e) = task.await {
-            tracing::error!(error = %e, "A serial port task ended abnormally; its readings stopped.");
+    // Port tasks end only at shutdown; one that ends before has a bug, and its readings stop.
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.wait() => break,
+            Some(ended) = ports.join_next() => port_task_ended(ended, true),
         }
+    }
+    while let Some(ended) = ports.join_next().await {
+        port_task_ended(ended, false);
     }
     drop(meas);
     drop(raw);
@@ -126,6 +130,20 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     }
     ready.set(false);
     Ok(())
+}
+
+fn port_task_ended(ended: Result<(), tokio::task::JoinError>, early: bool) {
+    match ended {
+        Err(e) => {
+            tracing::error!(error = %e, "A serial port task ended abnormally; that port's readings have stopped.");
+        }
+        Ok(()) if early => {
+            tracing::error!(
+                "A serial port task ended before shutdown; that port's readings have stopped."
+            );
+        }
+        Ok(()) => {}
+    }
 }
 
 fn seg(s: &str) -> Segment {
