@@ -33,6 +33,9 @@ pub struct Config {
     /// A device that sent nothing for this long has its held samples closed as a partial
     /// window, rather than kept until it comes back.
     pub idle_flush_ms: u64,
+    /// After a restart, frames that start after a hole behind the saved mark wait this long
+    /// for the producer's replay to fill it (its `ack_timeout_ms` is 10 s by default).
+    pub reorder_ms: u64,
     /// Energy counters and marks; default `<data_dir>/rms-processor/<instance>/energy.json`.
     pub energy_file: Option<PathBuf>,
     pub channels: Vec<ChannelConfig>,
@@ -83,6 +86,7 @@ impl Default for Config {
             nominal_voltage_v: 230.0,
             checkpoint_interval_ms: 2000,
             idle_flush_ms: 5000,
+            reorder_ms: 15_000,
             energy_file: None,
             channels: Vec::new(),
             stream: StreamConfig::default(),

@@ -230,7 +230,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                     .collect();
                 let Some(token) = delivery.token else {
                     // Not journaled by its producer: nothing to acknowledge, use it as it is.
-                    let pushed = dev.frames.push(frame.start_ts_us, frame.sample_rate_hz, channels, None, &mut windows);
+                    let pushed = dev.frames.push(frame.start_ts_us, frame.sample_rate_hz, channels, None, clock_ms(), &mut windows);
                     count(dev, pushed);
                     if let Err(e) = publish(config, site, dev, &mut windows, &producer, &mut energy, &mut scratch).await {
                         result = Err(e);
@@ -243,6 +243,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                     frame.sample_rate_hz,
                     channels,
                     Some((token, acker)),
+                    clock_ms(),
                     &mut windows,
                 );
                 count(dev, pushed);
@@ -253,6 +254,11 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             }
             _ = checkpoint.tick() => {
                 for dev in devices.values_mut() {
+                    let released = dev.frames.release_waiting(clock_ms(), config.reorder_ms, &mut windows);
+                    if dev.frames.waiting() == 0 && released != window::Pushed::default() {
+                        tracing::warn!(device = %dev.name, "No replay filled the hole behind the saved mark in time; continuing after it (those samples are not counted).");
+                    }
+                    count(dev, released);
                     if dev.frames.held_samples() > 0 && dev.last_frame.elapsed() >= idle {
                         let discarded = dev.frames.flush(&mut windows);
                         dev.discarded.add(discarded as u64);
@@ -376,6 +382,15 @@ async fn save_and_ack(
         }
     }
     Ok(())
+}
+
+/// A monotonic millisecond clock for the resume wait.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 fn seg(s: &str) -> Segment {

@@ -16,6 +16,12 @@
 //!   samples held closes them as a shorter window of its own (a *partial* window; too short a
 //!   rest — under `min_window` — is discarded and counted), and the new run starts at the
 //!   frame's own time. A change of sample rate or channels does the same.
+//! - **Resuming waits for the replay.** After a restart, the producer's live frames can come
+//!   before its replay of the frames the processor never acknowledged. While resuming from a
+//!   saved mark, frames that start after a hole behind the mark are held (up to the caller's
+//!   `reorder` wait, see [`Assembler::release_waiting`]) until the replay fills the hole; only
+//!   then is the hole accepted. Holes in steady state (samples the device really lost) close
+//!   the run at once.
 //! - **A frame is done when its last sample is behind the mark.** Its token (the
 //!   acknowledgement handle) is released then, and not before: the caller acknowledges only
 //!   what its saved state covers.
@@ -85,6 +91,12 @@ pub struct Assembler<T> {
     mark_us: Option<i64>,
     /// Frames not done yet: (time just after their last sample, token), in arrival order.
     pending: VecDeque<(i64, T)>,
+    /// Resuming from a saved mark: nothing continued it yet.
+    resuming: bool,
+    /// Frames held while resuming, sorted by start, and when the first was held (caller's
+    /// clock, ms).
+    waiting: Vec<(i64, f64, Vec<Channel>)>,
+    waiting_since_ms: Option<u64>,
 }
 
 impl<T> Assembler<T> {
@@ -98,7 +110,45 @@ impl<T> Assembler<T> {
             held_start_us: 0.0,
             mark_us,
             pending: VecDeque::new(),
+            resuming: mark_us.is_some(),
+            waiting: Vec::new(),
+            waiting_since_ms: None,
         }
+    }
+
+    /// Frames held while resuming (see the module doc).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Give up waiting for a replay to fill the hole behind the mark once the first held
+    /// frame has waited `max_wait_ms`: the hole is accepted and the held frames are used.
+    pub fn release_waiting(
+        &mut self,
+        now_ms: u64,
+        max_wait_ms: u64,
+        out: &mut Vec<Window>,
+    ) -> Pushed {
+        let due = self
+            .waiting_since_ms
+            .is_some_and(|since| now_ms.saturating_sub(since) >= max_wait_ms);
+        if !due {
+            return Pushed::default();
+        }
+        self.resuming = false;
+        self.drain_waiting(out)
+    }
+
+    fn drain_waiting(&mut self, out: &mut Vec<Window>) -> Pushed {
+        self.waiting_since_ms = None;
+        let mut report = Pushed::default();
+        for (start, rate, channels) in std::mem::take(&mut self.waiting) {
+            let r = self.add(start, rate, channels, out);
+            report.duplicate_samples += r.duplicate_samples;
+            report.discarded_samples += r.discarded_samples;
+            report.gap |= r.gap;
+        }
+        report
     }
 
     pub fn mark(&self) -> Option<i64> {
@@ -119,20 +169,54 @@ impl<T> Assembler<T> {
     }
 
     /// Add a frame; windows completed by it are appended to `out`. Frames must be valid
-    /// (`proto` checks: equal lengths, finite samples, positive rate).
+    /// (`proto` checks: equal lengths, finite samples, positive rate). `now_ms` is the
+    /// caller's monotonic clock, for the resume wait.
     pub fn push(
         &mut self,
         start_us: i64,
         sample_rate_hz: f64,
         channels: Vec<Channel>,
         token: T,
+        now_ms: u64,
+        out: &mut Vec<Window>,
+    ) -> Pushed {
+        let n = channels.first().map_or(0, |c| c.samples.len());
+        let period = 1e6 / sample_rate_hz;
+        let end_us = (start_us as f64 + n as f64 * period).round() as i64;
+        self.pending.push_back((end_us, token));
+        if self.resuming
+            && let Some(mark) = self.mark_us
+        {
+            if start_us as f64 > mark as f64 + period {
+                // A hole behind the mark: hold the frame for the replay that may fill it.
+                let at = self.waiting.partition_point(|(s, _, _)| *s <= start_us);
+                self.waiting
+                    .insert(at, (start_us, sample_rate_hz, channels));
+                self.waiting_since_ms.get_or_insert(now_ms);
+                return Pushed::default();
+            }
+            // It continues (or overlaps) the mark: the replay has come.
+            self.resuming = false;
+            let mut report = self.add(start_us, sample_rate_hz, channels, out);
+            let more = self.drain_waiting(out);
+            report.duplicate_samples += more.duplicate_samples;
+            report.discarded_samples += more.discarded_samples;
+            report.gap |= more.gap;
+            return report;
+        }
+        self.add(start_us, sample_rate_hz, channels, out)
+    }
+
+    fn add(
+        &mut self,
+        start_us: i64,
+        sample_rate_hz: f64,
+        channels: Vec<Channel>,
         out: &mut Vec<Window>,
     ) -> Pushed {
         let mut report = Pushed::default();
         let n = channels.first().map_or(0, |c| c.samples.len());
         let period = 1e6 / sample_rate_hz;
-        let end_us = (start_us as f64 + n as f64 * period).round() as i64;
-        self.pending.push_back((end_us, token));
         let layout = Layout {
             rate_hz: sample_rate_hz,
             names: channels.iter().map(|c| c.name.clone()).collect(),
@@ -310,6 +394,7 @@ mod tests {
                 2000.0,
                 ch("ct1", numbered(k * 700, 700)),
                 k,
+                0,
                 &mut out,
             );
         }
@@ -338,6 +423,7 @@ mod tests {
                 2000.0,
                 ch("ct1", numbered(k * 1000, 1000)),
                 (),
+                0,
                 &mut before,
             );
         }
@@ -355,6 +441,7 @@ mod tests {
                     2000.0,
                     ch("ct1", numbered(from, 1500)),
                     (),
+                    0,
                     &mut after,
                 )
                 .duplicate_samples;
@@ -368,6 +455,73 @@ mod tests {
     }
 
     #[test]
+    fn resuming_waits_for_the_replay_to_fill_the_hole_behind_the_mark() {
+        // Saved mark at sample 2000. Live frames from 3000 on come first, then the replay.
+        let mut a = Assembler::new(1.0, 0.04, Some(frame_at(2000)));
+        let mut out = Vec::new();
+        for k in 0..6 {
+            let from = 3000 + k * 500;
+            a.push(
+                frame_at(from),
+                2000.0,
+                ch("ct1", numbered(from, 500)),
+                from,
+                100,
+                &mut out,
+            );
+        }
+        assert!(out.is_empty());
+        assert_eq!(a.waiting(), 6);
+        // The replay: 1500..3000 (the first part was used before the restart).
+        a.push(
+            frame_at(1500),
+            2000.0,
+            ch("ct1", numbered(1500, 1500)),
+            1500,
+            200,
+            &mut out,
+        );
+        assert_eq!(a.waiting(), 0);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].channels[0].samples, numbered(2000, 2000));
+        assert_eq!(out[1].channels[0].samples, numbered(4000, 2000));
+        assert!(out.iter().all(|w| !w.partial));
+    }
+
+    #[test]
+    fn a_hole_behind_the_mark_that_no_replay_fills_is_accepted_after_the_wait() {
+        let mut a = Assembler::new(1.0, 0.04, Some(frame_at(2000)));
+        let mut out = Vec::new();
+        a.push(
+            frame_at(9000),
+            2000.0,
+            ch("ct1", numbered(9000, 2500)),
+            0,
+            1_000,
+            &mut out,
+        );
+        assert!(a.release_waiting(5_000, 15_000, &mut out) == Pushed::default());
+        assert!(out.is_empty());
+        a.release_waiting(16_000, 15_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].start_us, frame_at(9000));
+        // From now on holes close the run at once (steady state).
+        a.push(
+            frame_at(20_000),
+            2000.0,
+            ch("ct1", numbered(20_000, 100)),
+            1,
+            16_001,
+            &mut out,
+        );
+        assert_eq!(out.len(), 2);
+        assert!(
+            out[1].partial,
+            "the 500 samples held were closed at the hole"
+        );
+    }
+
+    #[test]
     fn a_hole_closes_the_run_as_a_partial_window_and_restarts_at_the_frame() {
         let mut a = Assembler::new(1.0, 0.04, None);
         let mut out = Vec::new();
@@ -375,6 +529,7 @@ mod tests {
             frame_at(0),
             2000.0,
             ch("ct1", numbered(0, 1200)),
+            0,
             0,
             &mut out,
         );
@@ -384,6 +539,7 @@ mod tests {
             2000.0,
             ch("ct1", numbered(1500, 2500)),
             1,
+            0,
             &mut out,
         );
         assert!(r.gap);
@@ -403,12 +559,20 @@ mod tests {
     fn a_rest_shorter_than_the_minimum_is_discarded_and_counted() {
         let mut a = Assembler::new(1.0, 0.04, None);
         let mut out = Vec::new();
-        a.push(frame_at(0), 2000.0, ch("ct1", numbered(0, 50)), 0, &mut out);
+        a.push(
+            frame_at(0),
+            2000.0,
+            ch("ct1", numbered(0, 50)),
+            0,
+            0,
+            &mut out,
+        );
         let r = a.push(
             frame_at(5000),
             2000.0,
             ch("ct1", numbered(5000, 10)),
             1,
+            0,
             &mut out,
         );
         assert!(out.is_empty());
@@ -424,7 +588,14 @@ mod tests {
     fn a_change_of_rate_or_channels_never_mixes_layouts_in_one_window() {
         let mut a = Assembler::new(1.0, 0.04, None);
         let mut out = Vec::new();
-        a.push(frame_at(0), 2000.0, ch("ct1", vec![1.0; 1000]), 0, &mut out);
+        a.push(
+            frame_at(0),
+            2000.0,
+            ch("ct1", vec![1.0; 1000]),
+            0,
+            0,
+            &mut out,
+        );
         let two = vec![
             Channel {
                 name: "ct1".into(),
@@ -437,7 +608,7 @@ mod tests {
                 samples: vec![3.0; 2000],
             },
         ];
-        let r = a.push(frame_at(1000), 2000.0, two, 1, &mut out);
+        let r = a.push(frame_at(1000), 2000.0, two, 1, 0, &mut out);
         assert!(r.gap);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].channels.len(), 1);
@@ -453,7 +624,7 @@ mod tests {
         let mut out = Vec::new();
         for k in 0..7200i64 {
             let start = T0 + (k as f64 * 500_000.0).round() as i64;
-            a.push(start, 3000.0, ch("ct1", vec![0.0; 1500]), (), &mut out);
+            a.push(start, 3000.0, ch("ct1", vec![0.0; 1500]), (), 0, &mut out);
             for _ in a.done() {}
         }
         assert_eq!(out.len(), 3600, "no hole was ever seen");
