@@ -58,8 +58,10 @@ impl Default for Config {
             instance: seg("serial-ingest"),
             health_listen: Some(([127, 0, 0, 1], 9111).into()),
             meas_stream: StreamConfig::default(),
+            // Raw frames exist only for the rms-processor: its group is what they wait for.
             raw_stream: StreamConfig {
                 journal: JournalKind::Memory,
+                wait_for: vec![seg("rms-processor")],
                 ..StreamConfig::default()
             },
             ports: Vec::new(),

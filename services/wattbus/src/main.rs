@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Run one service (how each container starts).
     Run {
-        /// One of: broker, simulator.
+        /// One of: broker, simulator, influx-writer, serial-ingest, rms-processor.
         service: String,
         /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
         #[arg(long, short)]

@@ -8,11 +8,23 @@ use runtime::{ConfigError, ConfigSource, Context, Health, config::Validate};
 use serde::de::DeserializeOwned;
 
 /// Every service `wattbus run` knows.
-pub const SERVICES: &[&str] = &["broker", "simulator", "influx-writer"];
+pub const SERVICES: &[&str] = &[
+    "broker",
+    "simulator",
+    "influx-writer",
+    "serial-ingest",
+    "rms-processor",
+];
 
 /// The config section of each service (TOML keys and environment variables cannot both use
 /// a `-`, so `influx-writer` is configured in `[influx_writer]`).
-pub const SECTIONS: &[&str] = &["broker", "simulator", influx_writer::SECTION];
+pub const SECTIONS: &[&str] = &[
+    "broker",
+    "simulator",
+    influx_writer::SECTION,
+    serial_ingest::SECTION,
+    rms_processor::SECTION,
+];
 
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
 pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
@@ -33,6 +45,12 @@ pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
     }
     if src.has_key(influx_writer::SECTION) {
         src.section::<influx_writer::Config>(influx_writer::SECTION)?;
+    }
+    if src.has_key(serial_ingest::SECTION) {
+        src.section::<serial_ingest::Config>(serial_ingest::SECTION)?;
+    }
+    if src.has_key(rms_processor::SECTION) {
+        src.section::<rms_processor::Config>(rms_processor::SECTION)?;
     }
     Ok(())
 }
@@ -109,6 +127,26 @@ fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<Serv
             Box::pin(async move {
                 serve_health(health, &ctx).await?;
                 influx_writer::run(cfg, ctx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        "serial-ingest" => {
+            let cfg: serial_ingest::Config = section(src, serial_ingest::SECTION)?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                serial_ingest::run(cfg, ctx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        "rms-processor" => {
+            let cfg: rms_processor::Config = section(src, rms_processor::SECTION)?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                rms_processor::run(cfg, ctx)
                     .await
                     .map_err(anyhow::Error::from)
             })
