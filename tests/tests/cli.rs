@@ -224,6 +224,74 @@ fn demo_runs_with_no_hardware_and_shows_acknowledged_readings() {
     );
 }
 
+/// The value of `field` on the console lines of `device/channel`.
+fn console_values(out: &str, series: &str, field: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.contains(&format!("  {series}  ")) && !l.contains("replayed"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+                .and_then(|v| v.parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn demo_shows_three_ct_channels_a_powmon_and_a_temperature_sensor_from_simulated_serial_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = wattbus(
+        &[
+            "demo",
+            "--duration-s",
+            "6",
+            "--meters",
+            "1",
+            "--readings-dir",
+            dir.path().join("readings").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed: {}\n{out}", stderr(&o));
+    // The demo's CT clamps carry 100, 16 and 40 ADC counts RMS of fundamental (+3rd/5th
+    // harmonics on two), at 0.05 A per count: the RMS current the processor must find.
+    let expected = [
+        ("ct-1/ct1", 5.0 * (1.0f64 + 0.01).sqrt()),
+        ("ct-2/ct1", 0.8),
+        ("ct-3/ct1", 2.0 * (1.0f64 + 0.09 + 0.0225).sqrt()),
+    ];
+    for (series, amps) in expected {
+        let currents = console_values(&out, series, "current_a");
+        assert!(currents.len() >= 3, "{series}: {currents:?}\n{out}");
+        for a in &currents {
+            assert!(
+                (a - amps).abs() / amps < 0.005,
+                "{series}: {a} A, expected {amps}"
+            );
+        }
+        let energy = console_values(&out, series, "apparent_energy_vah");
+        assert!(
+            energy.windows(2).all(|w| w[1] >= w[0]) && energy.last().is_some_and(|e| *e > 0.0),
+            "{series}: energy must grow: {energy:?}"
+        );
+    }
+    assert!(
+        out.contains("nominal_voltage_v=230"),
+        "labelled as nominal: {out}"
+    );
+    for series in ["powmon/fridge", "powmon/kettle"] {
+        assert!(
+            !console_values(&out, series, "adc_counts").is_empty(),
+            "{series}: {out}"
+        );
+    }
+    let fridge = console_values(&out, "kitchen/fridge", "temperature_c");
+    assert!(
+        !fridge.is_empty() && fridge.iter().all(|t| (2.0..7.0).contains(t)),
+        "{fridge:?}: {out}"
+    );
+}
+
 #[test]
 fn unknown_environment_variables_with_our_prefix_are_refused_by_name() {
     let o = wattbus(&["config", "check"], &[("WATTBUS_SIMULATR__DEVICES", "2")]);

@@ -6,6 +6,13 @@
 //! `./wattbus-demo-readings` (or in InfluxDB with `--influx-url`), and a console sink shows
 //! each reading as it is stored and acknowledged — the same delivery contract the real sinks
 //! use, so what you see is the journal being trimmed by acknowledgements.
+//!
+//! Besides the household meters, simulated serial devices sit on in-process PTY pairs, each
+//! speaking its wire protocol byte for byte (docs/serial-protocols.md): three streaming CT
+//! sensors (Project Prime style, 2 kHz), a PowMon-style request/response sensor and a fridge
+//! monitor printing `key=value` lines. serial-ingest opens the PTYs exactly as it would open
+//! `/dev/ttyUSB0`, and rms-processor turns the streamed samples into RMS current, apparent
+//! power and energy.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -53,6 +60,9 @@ pub struct Options {
     /// Write files even when InfluxDB is given.
     #[arg(long)]
     files: bool,
+    /// Leave out the simulated serial devices (CT sensors, PowMon, fridge monitor).
+    #[arg(long)]
+    no_serial: bool,
 }
 
 /// The writer's configuration from the demo's flags.
@@ -193,8 +203,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         subscribed_tx,
     ));
     let _ = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
+    let sinks = vec![Segment::new(CONSOLE)?, writer_cfg.group.clone()];
     let writer_task = tokio::spawn(influx_writer::run(writer_cfg, ctx.clone()));
     let sim_task = tokio::spawn(simulators::run(sim_cfg, ctx.clone()));
+    let serial = if opts.no_serial {
+        None
+    } else {
+        let s = serial::start(&ctx, &sinks)?;
+        println!(
+            "Simulated serial devices on PTYs: {} (CT sensors streaming at 2 kHz), {} (PowMon), {} (fridge monitor).",
+            s.ct_paths.join(", "),
+            s.powmon_path,
+            s.lines_path
+        );
+        Some(s)
+    };
 
     if let Some(s) = opts.duration_s {
         tokio::select! {
@@ -206,6 +229,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let stored = console_task.await.context("console task failed")??;
     sim_task.await.context("simulator task failed")??;
+    if let Some(s) = serial {
+        s.stop().await?;
+    }
     writer_task.await.context("influx-writer task failed")??;
     broker_task.abort();
     println!("\nDemo stopped: {stored} readings stored and acknowledged by the console sink.");
@@ -216,6 +242,143 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&data_dir);
     }
     Ok(())
+}
+
+mod serial {
+    //! The demo's serial devices and the two services that read them.
+
+    use anyhow::Context as _;
+    use proto::Segment;
+    use runtime::{ConfigSource, Context};
+    use simulators::serial::{
+        Load, PowMon, PowMonConfig, Prime, PrimeConfig, Sensor, SensorConfig, Waveform, pty_pair,
+        run_powmon, run_prime, run_sensor,
+    };
+    use tokio::task::JoinHandle;
+
+    /// Amps per ADC count of the simulated CT sensors (a 30 A clamp on a 10-bit ADC).
+    const CT_AMPS_PER_COUNT: f64 = 0.05;
+
+    pub struct Running {
+        pub ct_paths: Vec<String>,
+        pub powmon_path: String,
+        pub lines_path: String,
+        devices: Vec<JoinHandle<Result<(), simulators::serial::DriverError>>>,
+        services: Vec<JoinHandle<anyhow::Result<()>>>,
+    }
+
+    impl Running {
+        pub async fn stop(self) -> anyhow::Result<()> {
+            for s in self.services {
+                s.await.context("serial service task failed")??;
+            }
+            for d in self.devices {
+                // A device whose host went away first ends with `Gone`: not a demo failure.
+                if let Ok(Err(e)) = d.await {
+                    tracing::debug!(error = %e, "Simulated device ended.");
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Start the devices on PTY pairs, then serial-ingest and rms-processor on them.
+    /// `sinks`: the groups whose acknowledgement the readings wait for.
+    pub fn start(ctx: &Context, sinks: &[Segment]) -> anyhow::Result<Running> {
+        let mut devices = Vec::new();
+        let now = proto::now_ms();
+        // Three CT clamps: a kettle with a switch-mode base load (harmonics), a fridge, a PC.
+        let loads = [(100.0, 0.1, 0.0), (16.0, 0.0, 0.0), (40.0, 0.3, 0.15)];
+        let mut ct_paths = Vec::new();
+        for (i, (rms, h3, h5)) in loads.into_iter().enumerate() {
+            let (dev, path) = pty_pair().context("cannot create a PTY pair for a CT sensor")?;
+            let model = Prime::new(
+                PrimeConfig {
+                    channels: vec![Waveform {
+                        rms_counts: rms,
+                        harmonic3: h3,
+                        harmonic5: h5,
+                        noise_counts: 0.5,
+                        ..Waveform::default()
+                    }],
+                    ..PrimeConfig::default()
+                },
+                i as u64 + 1,
+                now,
+            )?;
+            devices.push(tokio::spawn(run_prime(model, dev, ctx.shutdown.clone())));
+            ct_paths.push(path);
+        }
+        let (dev, powmon_path) = pty_pair().context("cannot create a PTY pair for PowMon")?;
+        let powmon = PowMon::new(PowMonConfig {
+            sensors: vec![Load::fridge(), Load::kettle()],
+            ..PowMonConfig::default()
+        })?;
+        devices.push(tokio::spawn(run_powmon(powmon, dev, ctx.shutdown.clone())));
+        let (dev, lines_path) = pty_pair().context("cannot create a PTY pair for the sensor")?;
+        let sensor = Sensor::new(SensorConfig::default(), 7)?;
+        devices.push(tokio::spawn(run_sensor(
+            sensor,
+            std::time::Duration::from_secs(2),
+            dev,
+            ctx.shutdown.clone(),
+        )));
+
+        let wait_for = sinks
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut toml = format!(
+            "[serial_ingest.meas_stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n\
+             [rms_processor.stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n"
+        );
+        for (i, path) in ct_paths.iter().enumerate() {
+            toml.push_str(&format!(
+                "[[serial_ingest.ports]]\npath = \"{path}\"\ndevice = \"ct-{n}\"\n\
+                 protocol = \"stream\"\nsample_rate_hz = 2000.0\n\
+                 channels = [{{ name = \"ct1\", unit = \"a\", scale = {CT_AMPS_PER_COUNT} }}]\n",
+                n = i + 1
+            ));
+        }
+        toml.push_str(&format!(
+            "[[serial_ingest.ports]]\npath = \"{powmon_path}\"\ndevice = \"powmon\"\n\
+             protocol = \"request-response\"\n\
+             channels = [{{ name = \"fridge\" }}, {{ name = \"kettle\" }}]\n\
+             [[serial_ingest.ports]]\npath = \"{lines_path}\"\ndevice = \"kitchen\"\n\
+             protocol = \"lines\"\nchannels = [\n\
+             {{ key = \"fridge\", channel = \"fridge\", measurement = \"temperature\", field = \"temperature_c\" }},\n\
+             {{ key = \"freezer\", channel = \"freezer\", measurement = \"temperature\", field = \"temperature_c\" }},\n]\n"
+        ));
+        let src = ConfigSource::from_parts(None, Some(&toml))?;
+        let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
+        let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
+        let services = vec![
+            tokio::spawn({
+                let ctx = ctx.clone();
+                async move {
+                    serial_ingest::run(ingest, ctx)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+            }),
+            tokio::spawn({
+                let ctx = ctx.clone();
+                async move {
+                    rms_processor::run(processor, ctx)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+            }),
+        ];
+        Ok(Running {
+            ct_paths,
+            powmon_path,
+            lines_path,
+            devices,
+            services,
+        })
+    }
 }
 
 /// The demo's sink: prints each reading and acknowledges it.
@@ -270,7 +433,11 @@ async fn console(
             d = inbox.recv() => match d { Some(d) => d, None => break },
         };
         let m = &delivery.message;
-        let fields: Vec<String> = m.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let fields: Vec<String> = m
+            .fields
+            .iter()
+            .map(|(k, v)| format!("{k}={}", readable(*v)))
+            .collect();
         let key = m
             .origin
             .as_ref()
@@ -301,6 +468,21 @@ async fn console(
     let _ = ack_task.await;
     bus.close(bus_task).await;
     Ok(stored.len() as u64)
+}
+
+/// A value for a person: at most four significant digits, no trailing zeros (what is stored
+/// keeps every digit).
+fn readable(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 6) as usize;
+    let s = format!("{v:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
 }
 
 /// `HH:MM:SS` (UTC) of a Unix ms timestamp.
