@@ -3,7 +3,8 @@
 #
 # On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
 # interop, socat for virtual serial ports, openssl for the TLS test's certificates, InfluxDB
-# 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves), starts the
+# 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves; avr-gcc and the
+# Arduino core to compile the serial-ingest sketches), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -88,5 +89,7 @@ log "Building"
 cargo build --workspace --bins --locked
 log "Testing"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+log "Compiling the Arduino sketches (serial-ingest/sketches) for the Uno"
+./services/serial-ingest/sketches/check.sh
 log "Testing the broker's optional TLS listener (cargo feature tls)"
 cargo test -p broker --features tls --locked -- --test-threads=2

@@ -14,8 +14,10 @@ core_root=/usr/share/arduino/hardware/arduino/avr
 
 if ! command -v avr-gcc >/dev/null || [ ! -f "$core_root/cores/arduino/Arduino.h" ]; then
   echo "Installing gcc-avr, avr-libc, binutils-avr and arduino-core-avr ..."
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends \
     gcc-avr avr-libc binutils-avr arduino-core-avr >/dev/null
 fi
 
