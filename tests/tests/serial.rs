@@ -486,9 +486,17 @@ fn three_streaming_devices_at_once_and_one_unplugged_loses_nothing_on_the_others
         if !holes.is_empty() {
             dump_logs(d);
         }
+        // A resync means serial-ingest read lines over 50 ms late (by design it then restarts
+        // the sample clock, a visible step): on a loaded test machine that is the simulator
+        // thread stalled, not a lost line. Say which it was.
+        let resyncs = std::fs::read_to_string(&si_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("drifted apart") && l.contains(device))
+            .count();
         assert!(
             holes.is_empty(),
-            "{device}: windows not 1 s apart: {holes:?}"
+            "{device}: windows not 1 s apart: {holes:?} (sample clock resyncs: {resyncs})"
         );
         assert!(
             ts[0] <= started_ms + 2500,
