@@ -149,8 +149,10 @@ type Received<T> = Arc<Mutex<Vec<T>>>;
 /// and acknowledges it (so producers that wait for `group` trim their journals).
 struct Sink<T> {
     received: Received<T>,
+    /// Held so the connection (and with it the subscription) lives as long as the sink.
     _bus: Bus,
-    _tasks: Vec<JoinHandle<()>>,
+    /// Event loop, acknowledgement flusher and collector: aborted on drop.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl<T: Sequenced + Send + 'static> Sink<T> {
@@ -200,7 +202,7 @@ impl<T: Sequenced + Send + 'static> Sink<T> {
         Sink {
             received,
             _bus: bus,
-            _tasks: vec![bus_task, ack_task, collector],
+            tasks: vec![bus_task, ack_task, collector],
         }
     }
 
@@ -214,7 +216,7 @@ impl<T: Sequenced + Send + 'static> Sink<T> {
 
 impl<T> Drop for Sink<T> {
     fn drop(&mut self) {
-        for t in &self._tasks {
+        for t in &self.tasks {
             t.abort();
         }
     }
