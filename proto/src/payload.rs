@@ -234,6 +234,12 @@ pub struct RawFrame {
     pub sample_rate_hz: f64,
     /// All channels hold the same number of samples, taken at the same instants.
     pub channels: Vec<RawChannel>,
+    /// The first sample directly follows the last sample of the device's previous frame: no
+    /// sample was lost at the device in between. A consumer that sees a hole before such a
+    /// frame knows the missing frame was lost in transport and will be replayed; before a
+    /// frame with `false` (the start of a run: a lost line, a reopened port) a hole is real.
+    #[serde(default)]
+    pub continues: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -547,6 +553,7 @@ mod tests {
             device: seg("prime-1"),
             start_ts_us: TS * 1000 + 17,
             sample_rate_hz: 2000.0,
+            continues: true,
             channels: vec![RawChannel {
                 channel: seg("ct1"),
                 unit: seg("a"),
@@ -676,6 +683,7 @@ mod tests {
             device: seg("prime-1"),
             start_ts_us: TS * 1000,
             sample_rate_hz: 2000.0,
+            continues: false,
             channels: vec![
                 RawChannel {
                     channel: seg("a"),

@@ -33,8 +33,9 @@ pub struct Config {
     /// A device that sent nothing for this long has its held samples closed as a partial
     /// window, rather than kept until it comes back.
     pub idle_flush_ms: u64,
-    /// After a restart, frames that start after a hole behind the saved mark wait this long
-    /// for the producer's replay to fill it (its `ack_timeout_ms` is 10 s by default).
+    /// Frames after a hole that a replay will fill (a frame lost in transport, or the frames
+    /// behind the saved mark after a restart) wait this long for it: above the producer's
+    /// `ack_timeout_ms` (10 s by default), when it publishes unacknowledged frames again.
     pub reorder_ms: u64,
     /// Energy counters and marks; default `<data_dir>/rms-processor/<instance>/energy.json`.
     pub energy_file: Option<PathBuf>,

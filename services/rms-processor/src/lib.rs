@@ -89,6 +89,7 @@ struct Device {
     duplicate: Counter,
     gaps: Counter,
     discarded: Counter,
+    unfilled: Counter,
 }
 
 impl Device {
@@ -132,6 +133,11 @@ impl Device {
             discarded: Counter::new(
                 "wattbus_rms_discarded_samples_total",
                 "Samples discarded because a run ended with fewer than two mains cycles of them.",
+                &labels,
+            ),
+            unfilled: Counter::new(
+                "wattbus_rms_unfilled_holes_total",
+                "Holes in the frames that no replay filled within reorder_ms (lost in transport and not replayed).",
                 &labels,
             ),
         }
@@ -230,7 +236,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                     .collect();
                 let Some(token) = delivery.token else {
                     // Not journaled by its producer: nothing to acknowledge, use it as it is.
-                    let pushed = dev.frames.push(frame.start_ts_us, frame.sample_rate_hz, channels, None, clock_ms(), &mut windows);
+                    let pushed = dev.frames.push(frame.start_ts_us, frame.sample_rate_hz, frame.continues, channels, None, clock_ms(), &mut windows);
                     count(dev, pushed);
                     if let Err(e) = publish(config, site, dev, &mut windows, &producer, &mut energy, &mut scratch).await {
                         result = Err(e);
@@ -241,6 +247,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                 let pushed = dev.frames.push(
                     frame.start_ts_us,
                     frame.sample_rate_hz,
+                    frame.continues,
                     channels,
                     Some((token, acker)),
                     clock_ms(),
@@ -255,8 +262,9 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             _ = checkpoint.tick() => {
                 for dev in devices.values_mut() {
                     let released = dev.frames.release_waiting(clock_ms(), config.reorder_ms, &mut windows);
-                    if dev.frames.waiting() == 0 && released != window::Pushed::default() {
-                        tracing::warn!(device = %dev.name, "No replay filled the hole behind the saved mark in time; continuing after it (those samples are not counted).");
+                    if released.held_released {
+                        dev.unfilled.inc();
+                        tracing::warn!(device = %dev.name, wait_ms = config.reorder_ms, "No replay filled a hole in the frames in time; continuing after it (those samples are not counted).");
                     }
                     count(dev, released);
                     if dev.frames.held_samples() > 0 && dev.last_frame.elapsed() >= idle {

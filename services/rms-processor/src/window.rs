@@ -16,12 +16,14 @@
 //!   samples held closes them as a shorter window of its own (a *partial* window; too short a
 //!   rest — under `min_window` — is discarded and counted), and the new run starts at the
 //!   frame's own time. A change of sample rate or channels does the same.
+//! - **A hole a replay will fill is waited for.** A frame that says it `continues` its run
+//!   (the producer lost no sample before it) but starts after a hole was delayed or dropped in
+//!   transport, and its producer will replay the missing frame: it is held, with the frames
+//!   after it, until the replay arrives or the caller's wait runs out. A frame that starts a
+//!   run (`continues = false`) after a hole closes the run at once: those samples are gone.
 //! - **Resuming waits for the replay.** After a restart, the producer's live frames can come
 //!   before its replay of the frames the processor never acknowledged. While resuming from a
-//!   saved mark, frames that start after a hole behind the mark are held (up to the caller's
-//!   `reorder` wait, see [`Assembler::release_waiting`]) until the replay fills the hole; only
-//!   then is the hole accepted. Holes in steady state (samples the device really lost) close
-//!   the run at once.
+//!   saved mark, every frame after a hole behind the mark is held the same way.
 //! - **A frame is done when its last sample is behind the mark.** Its token (the
 //!   acknowledgement handle) is released then, and not before: the caller acknowledges only
 //!   what its saved state covers.
@@ -68,6 +70,8 @@ pub struct Pushed {
     pub gap: bool,
     /// Samples discarded because a run closed with fewer than `min_window` of them.
     pub discarded_samples: usize,
+    /// Frames held behind a hole were used without it being filled (the wait ran out).
+    pub held_released: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -76,6 +80,19 @@ struct Layout {
     names: Vec<String>,
     units: Vec<String>,
 }
+
+/// A frame held until the hole before it is filled (or the wait is over).
+#[derive(Debug)]
+struct Held {
+    start_us: i64,
+    rate_hz: f64,
+    continues: bool,
+    channels: Vec<Channel>,
+}
+
+/// Most frames held behind a hole; past this the hole is accepted at once (memory bound:
+/// a device streaming 0.1 s frames for longer than a minute).
+const MAX_HELD: usize = 600;
 
 /// The window assembler of one device. `T` is whatever the caller needs to acknowledge a
 /// frame once it is used.
@@ -93,9 +110,9 @@ pub struct Assembler<T> {
     pending: VecDeque<(i64, T)>,
     /// Resuming from a saved mark: nothing continued it yet.
     resuming: bool,
-    /// Frames held while resuming, sorted by start, and when the first was held (caller's
-    /// clock, ms).
-    waiting: Vec<(i64, f64, Vec<Channel>)>,
+    /// Frames held behind a hole a replay may fill, sorted by start, and when the hold began
+    /// (caller's clock, ms).
+    waiting: Vec<Held>,
     waiting_since_ms: Option<u64>,
 }
 
@@ -121,8 +138,8 @@ impl<T> Assembler<T> {
         self.waiting.len()
     }
 
-    /// Give up waiting for a replay to fill the hole behind the mark once the first held
-    /// frame has waited `max_wait_ms`: the hole is accepted and the held frames are used.
+    /// Give up waiting for a replay once the hold has lasted `max_wait_ms`: the hole is
+    /// accepted and the held frames are used.
     pub fn release_waiting(
         &mut self,
         now_ms: u64,
@@ -136,18 +153,40 @@ impl<T> Assembler<T> {
             return Pushed::default();
         }
         self.resuming = false;
-        self.drain_waiting(out)
+        self.drain(now_ms, true, out)
     }
 
-    fn drain_waiting(&mut self, out: &mut Vec<Window>) -> Pushed {
-        self.waiting_since_ms = None;
+    /// Use held frames in order while they continue what came before; stop at a hole that a
+    /// replay can fill (unless `force`, which accepts the first hole).
+    fn drain(&mut self, now_ms: u64, mut force: bool, out: &mut Vec<Window>) -> Pushed {
         let mut report = Pushed::default();
-        for (start, rate, channels) in std::mem::take(&mut self.waiting) {
-            let r = self.add(start, rate, channels, out);
+        while let Some(first) = self.waiting.first() {
+            let period = 1e6 / first.rate_hz;
+            let expected = if self.held_samples() > 0 {
+                Some(self.held_end_us())
+            } else {
+                self.mark_us.map(|m| m as f64)
+            };
+            let hole = expected.is_some_and(|e| first.start_us as f64 > e + period);
+            // A replay can fill the hole if the frame says it continues its run, or if we are
+            // resuming from a saved mark (what came after it was never acknowledged).
+            let fillable = first.continues || self.resuming;
+            if hole && fillable && !force && self.waiting.len() < MAX_HELD {
+                self.waiting_since_ms.get_or_insert(now_ms);
+                return report;
+            }
+            force = false;
+            let f = self.waiting.remove(0);
+            if !hole {
+                self.resuming = false;
+            }
+            let r = self.add(f.start_us, f.rate_hz, f.channels, out);
             report.duplicate_samples += r.duplicate_samples;
             report.discarded_samples += r.discarded_samples;
             report.gap |= r.gap;
+            report.held_released |= hole;
         }
+        self.waiting_since_ms = None;
         report
     }
 
@@ -175,6 +214,7 @@ impl<T> Assembler<T> {
         &mut self,
         start_us: i64,
         sample_rate_hz: f64,
+        continues: bool,
         channels: Vec<Channel>,
         token: T,
         now_ms: u64,
@@ -184,27 +224,17 @@ impl<T> Assembler<T> {
         let period = 1e6 / sample_rate_hz;
         let end_us = (start_us as f64 + n as f64 * period).round() as i64;
         self.pending.push_back((end_us, token));
-        if self.resuming
-            && let Some(mark) = self.mark_us
-        {
-            if start_us as f64 > mark as f64 + period {
-                // A hole behind the mark: hold the frame for the replay that may fill it.
-                let at = self.waiting.partition_point(|(s, _, _)| *s <= start_us);
-                self.waiting
-                    .insert(at, (start_us, sample_rate_hz, channels));
-                self.waiting_since_ms.get_or_insert(now_ms);
-                return Pushed::default();
-            }
-            // It continues (or overlaps) the mark: the replay has come.
-            self.resuming = false;
-            let mut report = self.add(start_us, sample_rate_hz, channels, out);
-            let more = self.drain_waiting(out);
-            report.duplicate_samples += more.duplicate_samples;
-            report.discarded_samples += more.discarded_samples;
-            report.gap |= more.gap;
-            return report;
-        }
-        self.add(start_us, sample_rate_hz, channels, out)
+        let at = self.waiting.partition_point(|h| h.start_us <= start_us);
+        self.waiting.insert(
+            at,
+            Held {
+                start_us,
+                rate_hz: sample_rate_hz,
+                continues,
+                channels,
+            },
+        );
+        self.drain(now_ms, false, out)
     }
 
     fn add(
@@ -334,7 +364,8 @@ impl<T> Assembler<T> {
         self.close(out)
     }
 
-    /// Tokens of frames whose every sample is behind the mark, oldest first.
+    /// Tokens of frames whose every sample is behind the mark, in arrival order. (A replayed
+    /// frame arrives after later ones, so every pending frame is looked at, not a prefix.)
     pub fn done(&mut self) -> Vec<T> {
         let Some(mark) = self.mark_us else {
             return Vec::new();
@@ -342,14 +373,15 @@ impl<T> Assembler<T> {
         // One sample period of slack: frame ends are rounded to whole µs.
         let slack = self.period_us().ceil() as i64;
         let mut out = Vec::new();
-        while let Some((end, _)) = self.pending.front() {
-            if *end > mark + slack {
-                break;
-            }
-            if let Some((_, t)) = self.pending.pop_front() {
+        let mut keep = VecDeque::with_capacity(self.pending.len());
+        for (end, t) in self.pending.drain(..) {
+            if end <= mark + slack {
                 out.push(t);
+            } else {
+                keep.push_back((end, t));
             }
         }
+        self.pending = keep;
         out
     }
 
@@ -392,6 +424,7 @@ mod tests {
             a.push(
                 frame_at(k * 700),
                 2000.0,
+                true,
                 ch("ct1", numbered(k * 700, 700)),
                 k,
                 0,
@@ -421,6 +454,7 @@ mod tests {
             first.push(
                 frame_at(k * 1000),
                 2000.0,
+                true,
                 ch("ct1", numbered(k * 1000, 1000)),
                 (),
                 0,
@@ -439,6 +473,7 @@ mod tests {
                 .push(
                     frame_at(from),
                     2000.0,
+                    true,
                     ch("ct1", numbered(from, 1500)),
                     (),
                     0,
@@ -464,6 +499,7 @@ mod tests {
             a.push(
                 frame_at(from),
                 2000.0,
+                true,
                 ch("ct1", numbered(from, 500)),
                 from,
                 100,
@@ -476,6 +512,7 @@ mod tests {
         a.push(
             frame_at(1500),
             2000.0,
+            false,
             ch("ct1", numbered(1500, 1500)),
             1500,
             200,
@@ -495,6 +532,7 @@ mod tests {
         a.push(
             frame_at(9000),
             2000.0,
+            true,
             ch("ct1", numbered(9000, 2500)),
             0,
             1_000,
@@ -505,10 +543,11 @@ mod tests {
         a.release_waiting(16_000, 15_000, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].start_us, frame_at(9000));
-        // From now on holes close the run at once (steady state).
+        // From now on a hole before a frame that starts a run closes the run at once.
         a.push(
             frame_at(20_000),
             2000.0,
+            false,
             ch("ct1", numbered(20_000, 100)),
             1,
             16_001,
@@ -528,15 +567,18 @@ mod tests {
         a.push(
             frame_at(0),
             2000.0,
+            true,
             ch("ct1", numbered(0, 1200)),
             0,
             0,
             &mut out,
         );
-        // Samples 1200..1500 were lost (a USB hiccup): the next frame starts at 1500.
+        // Samples 1200..1500 were lost at the device (a USB hiccup): the next frame starts
+        // a run at 1500.
         let r = a.push(
             frame_at(1500),
             2000.0,
+            false,
             ch("ct1", numbered(1500, 2500)),
             1,
             0,
@@ -556,12 +598,54 @@ mod tests {
     }
 
     #[test]
+    fn a_frame_lost_in_transport_is_waited_for_and_its_replay_fills_the_hole() {
+        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut out = Vec::new();
+        let push = |a: &mut Assembler<usize>, k: usize, now: u64, out: &mut Vec<Window>| {
+            a.push(
+                frame_at(k * 500),
+                2000.0,
+                k > 0,
+                ch("ct1", numbered(k * 500, 500)),
+                k,
+                now,
+                out,
+            )
+        };
+        for k in [0, 1, 2] {
+            push(&mut a, k, 0, &mut out);
+        }
+        // Frame 3 was dropped by the broker; 4..8 arrive, each saying it continues its run.
+        for k in 4..9 {
+            push(&mut a, k, 100, &mut out);
+        }
+        assert!(out.is_empty(), "nothing is cut across the hole");
+        assert_eq!(a.waiting(), 5);
+        assert!(a.release_waiting(5_000, 15_000, &mut out) == Pushed::default());
+        // The replay of frame 3.
+        let r = push(&mut a, 3, 6_000, &mut out);
+        assert!(!r.gap && !r.held_released);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].channels[0].samples, numbered(0, 2000));
+        assert_eq!(out[1].channels[0].samples, numbered(2000, 2000));
+        assert!(out.iter().all(|w| !w.partial));
+        let mut done = a.done();
+        done.sort_unstable();
+        assert_eq!(
+            done,
+            (0..8).collect::<Vec<_>>(),
+            "frame 8 still has samples held"
+        );
+    }
+
+    #[test]
     fn a_rest_shorter_than_the_minimum_is_discarded_and_counted() {
         let mut a = Assembler::new(1.0, 0.04, None);
         let mut out = Vec::new();
         a.push(
             frame_at(0),
             2000.0,
+            true,
             ch("ct1", numbered(0, 50)),
             0,
             0,
@@ -570,6 +654,7 @@ mod tests {
         let r = a.push(
             frame_at(5000),
             2000.0,
+            false,
             ch("ct1", numbered(5000, 10)),
             1,
             0,
@@ -591,6 +676,7 @@ mod tests {
         a.push(
             frame_at(0),
             2000.0,
+            true,
             ch("ct1", vec![1.0; 1000]),
             0,
             0,
@@ -608,7 +694,7 @@ mod tests {
                 samples: vec![3.0; 2000],
             },
         ];
-        let r = a.push(frame_at(1000), 2000.0, two, 1, 0, &mut out);
+        let r = a.push(frame_at(1000), 2000.0, true, two, 1, 0, &mut out);
         assert!(r.gap);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].channels.len(), 1);
@@ -624,7 +710,15 @@ mod tests {
         let mut out = Vec::new();
         for k in 0..7200i64 {
             let start = T0 + (k as f64 * 500_000.0).round() as i64;
-            a.push(start, 3000.0, ch("ct1", vec![0.0; 1500]), (), 0, &mut out);
+            a.push(
+                start,
+                3000.0,
+                true,
+                ch("ct1", vec![0.0; 1500]),
+                (),
+                0,
+                &mut out,
+            );
             for _ in a.done() {}
         }
         assert_eq!(out.len(), 3600, "no hole was ever seen");

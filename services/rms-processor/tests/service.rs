@@ -76,6 +76,7 @@ fn frame(site: &Segment, device: &str, from: usize, n: usize) -> RawFrame {
         device: seg(device),
         start_ts_us: T0_US + (from as f64 * 1e6 / RATE) as i64,
         sample_rate_hz: RATE,
+        continues: from > 0,
         channels: vec![
             RawChannel {
                 channel: seg("ct1"),
@@ -463,4 +464,62 @@ async fn two_instances_split_the_devices_and_count_each_once() {
     trigger.fire();
     a.await.unwrap().unwrap();
     b.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_arrives_late_is_waited_for_not_skipped() {
+    // As when the broker drops a frame on its way and the producer replays it later: the
+    // frames after it say they continue their run, so the processor waits for the hole to
+    // be filled instead of closing the window early and skipping the late frame.
+    let site = site("rms-late");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rx, _sink_bus) = sink(&site).await;
+    let (trigger, shutdown) = runtime::shutdown::channel();
+    let proc = tokio::spawn(rms_processor::run(
+        processor_config(&site, "rms-a", &[]),
+        context(&site, dir.path(), shutdown),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_fbus, frames) = frame_producer(&site, dir.path()).await;
+    let topic = Topic::raw(&site, &seg("prime-1"));
+    for k in (0..8).chain(9..16) {
+        frames
+            .send(&topic, frame(&site, "prime-1", k * 500, 500))
+            .await
+            .unwrap();
+    }
+    let mut seen = Seen::new();
+    collect_until(&mut rx, &mut seen, Duration::from_secs(2), |s| {
+        !windows_of(s, "prime-1", "ct1").is_empty() && windows_of(s, "prime-1", "ct1").len() >= 3
+    })
+    .await;
+    assert_eq!(
+        windows_of(&seen, "prime-1", "ct1").len(),
+        2,
+        "windows up to the hole (samples 0..4000), nothing across it"
+    );
+    frames
+        .send(&topic, frame(&site, "prime-1", 8 * 500, 500))
+        .await
+        .unwrap();
+    collect_until(&mut rx, &mut seen, Duration::from_secs(20), |s| {
+        windows_of(s, "prime-1", "ct1").len() >= 4
+    })
+    .await;
+    let ts = windows_of(&seen, "prime-1", "ct1");
+    assert_eq!(
+        ts,
+        (1..=4).map(|s| T0_US / 1000 + s * 1000).collect::<Vec<_>>()
+    );
+    let last = &seen[&(
+        format!("rms-a-{site}"),
+        "prime-1".into(),
+        "ct1".into(),
+        ts[3],
+    )][0];
+    let wh = 920.0 * 4.0 / 3600.0;
+    assert!(within(last["energy_import_wh"], wh, 0.01), "{last:?}");
+    assert!(wait_for(|| async { frames.pending().await == 0 }).await);
+    trigger.fire();
+    proc.await.unwrap().unwrap();
 }

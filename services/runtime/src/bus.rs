@@ -139,7 +139,15 @@ impl Bus {
             QoS::AtLeastOnce,
             true,
         ));
-        let (client, eventloop) = AsyncClient::new(opts, 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+        // Without TCP_NODELAY a small publish or acknowledgement can wait for the kernel's
+        // delayed-ACK timer (~40 ms on Linux) behind the previous one: a fixed latency per
+        // round trip that capped a windowed producer at ~25 round trips a second
+        // (docs/BENCHMARKS.md, rms-processor). The broker link is local; coalescing buys
+        // nothing here.
+        let mut net = eventloop.network_options();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let (conn_tx, conn_rx) = watch::channel(0u64);
         let inner = Arc::new(Inner {
             client,

@@ -23,6 +23,8 @@ pub struct Block {
     pub start_ts_us: i64,
     /// One vector per channel, all the same length.
     pub samples: Vec<Vec<i32>>,
+    /// Not the first frame of its run: it starts where the previous frame ended.
+    pub continues: bool,
 }
 
 impl Block {
@@ -143,6 +145,7 @@ impl FrameAssembler {
         Some(Block {
             start_ts_us: start + self.offset_us(first),
             samples,
+            continues: first > 0,
         })
     }
 
@@ -200,6 +203,26 @@ mod tests {
         }
         let all: Vec<i32> = frames.iter().flat_map(|f| f.samples[0].clone()).collect();
         assert_eq!(all, (0..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn only_the_first_frame_of_a_run_says_it_does_not_continue() {
+        let mut a = asm();
+        let mut frames = Vec::new();
+        for i in 0..4u16 {
+            frames.extend(
+                a.push(i, &vals(i32::from(i) * 5), T0_MS + 5 * (i64::from(i) + 1))
+                    .frames,
+            );
+        }
+        // A lost line: the run restarts, so the next frame starts a hole that is real.
+        frames.extend(a.push(5, &vals(25), T0_MS + 30).frames);
+        frames.extend(a.push(6, &vals(30), T0_MS + 35).frames);
+        frames.extend(a.push(7, &vals(35), T0_MS + 40).frames);
+        // The rest, closed short at shutdown, still continues its run.
+        frames.extend(a.close());
+        let continues: Vec<bool> = frames.iter().map(|f| f.continues).collect();
+        assert_eq!(continues, vec![false, true, false, true]);
     }
 
     #[test]

@@ -507,6 +507,7 @@ impl Port {
             device: self.plan.device.clone(),
             start_ts_us: block.start_ts_us,
             sample_rate_hz: s.rate_hz,
+            continues: block.continues,
             channels,
         };
         Output::Raw(Topic::raw(&self.site, &self.plan.device), f)

@@ -173,6 +173,7 @@ async fn main() -> anyhow::Result<()> {
         device: devices[d].clone(),
         start_ts_us: base_us + k as i64 * frame_us,
         sample_rate_hz: cli.rate_hz,
+        continues: k > 0,
         channels: channels.clone(),
     };
 
