@@ -210,6 +210,9 @@ impl<T> Assembler<T> {
     /// Add a frame; windows completed by it are appended to `out`. Frames must be valid
     /// (`proto` checks: equal lengths, finite samples, positive rate). `now_ms` is the
     /// caller's monotonic clock, for the resume wait.
+    // A frame's four facts, its token, the clock and the output: a struct for the frame would
+    // only be built to be taken apart again on the next line.
+    #[allow(clippy::too_many_arguments)]
     pub fn push(
         &mut self,
         start_us: i64,
