@@ -14,6 +14,10 @@
 //! A file that exists but cannot be read is an error naming the file: starting again from
 //! zero would silently break the counters' monotonicity.
 //!
+//! While an [`Energy`] is loaded it holds an exclusive lock on `<file>.lock`: a running
+//! processor would overwrite a counter reset from outside (`wattbus energy reset`) at its next
+//! save, and two processors sharing one file would each overwrite the other's counts.
+//!
 //! The file also holds, per device, the time up to which samples have been counted (the
 //! *mark*). Counters and marks are saved together, in one atomic write, so after a crash the
 //! processor knows exactly which replayed samples the counters already hold: those before the
@@ -49,6 +53,11 @@ pub enum EnergyError {
     Damaged { path: PathBuf, reason: String },
     #[error("cannot save the energy counters to {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error(
+        "the energy counters in {path} are in use by another process (a running rms-processor?); \
+         stop it first"
+    )]
+    Locked { path: PathBuf },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -64,6 +73,8 @@ struct File {
 #[derive(Debug)]
 pub struct Energy {
     path: PathBuf,
+    /// Held while loaded (see the module doc).
+    _lock: fs::File,
     channels: BTreeMap<String, Counters>,
     marks: BTreeMap<String, i64>,
     dirty: bool,
@@ -72,6 +83,7 @@ pub struct Energy {
 impl Energy {
     /// Load the counters (none yet if the file does not exist).
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
+        let lock = lock(path)?;
         let (channels, marks) = match fs::read(path) {
             Ok(bytes) => {
                 let f: File = serde_json::from_slice(&bytes).map_err(|e| EnergyError::Damaged {
@@ -101,6 +113,7 @@ impl Energy {
         };
         Ok(Self {
             path: path.to_path_buf(),
+            _lock: lock,
             channels,
             marks,
             dirty: false,
@@ -192,6 +205,38 @@ impl Energy {
     }
 }
 
+/// Take `<path>.lock`, or say that someone else has it.
+fn lock(path: &Path) -> Result<fs::File, EnergyError> {
+    let lock_path = path.with_extension("lock");
+    let read_err = |source| EnergyError::Read {
+        path: lock_path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(read_err)?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(read_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(EnergyError::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(read_err(e)),
+    }
+}
+
+/// Channels whose counters are kept, for a person choosing one to reset.
+impl Energy {
+    pub fn channels(&self) -> impl Iterator<Item = (&str, &Counters)> {
+        self.channels.iter().map(|(k, c)| (k.as_str(), c))
+    }
+}
+
 /// A channel's counters, started at `now_ms` if it has none yet.
 fn counters<'a>(
     channels: &'a mut BTreeMap<String, Counters>,
@@ -226,6 +271,7 @@ mod tests {
         assert!((c.import_wh - 1000.0).abs() < 1e-6, "{c:?}");
         assert!((c.export_wh - 250.0).abs() < 1e-6, "{c:?}");
         e.save().unwrap();
+        drop(e); // a restart: the process that held the file is gone
         let mut again = Energy::load(&path).unwrap();
         assert_eq!(again.get("meter/main"), Some(c));
         let next = again.add("meter/main", 3600.0, 1.0, 1_764_000_001_000);
@@ -245,10 +291,25 @@ mod tests {
         e.add("prime-1/ct1", 100.0, 36.0, 1);
         e.set_mark("prime-1", 1_764_000_000_123_456);
         e.save().unwrap();
+        drop(e);
         let again = Energy::load(&path).unwrap();
         assert_eq!(again.mark("prime-1"), Some(1_764_000_000_123_456));
         assert_eq!(again.mark("prime-2"), None);
         assert!((again.get("prime-1/ct1").unwrap().import_wh - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_second_holder_is_refused_while_the_first_has_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        let first = Energy::load(&path).unwrap();
+        let e = Energy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("in use by another process"), "{e}");
+        drop(first);
+        assert!(
+            Energy::load(&path).is_ok(),
+            "free again once the first is gone"
+        );
     }
 
     #[test]

@@ -353,6 +353,9 @@ async fn publish(
                         fields.insert("energy_export_wh".into(), c.export_wh);
                     }
                 }
+                // A reset (`wattbus energy reset`) shows in every reading after it, so a
+                // dashboard can tell a counter that restarted from one that ran backwards.
+                fields.insert("energy_resets".into(), f64::from(c.resets));
             }
             let Ok(channel) = Segment::new(r.channel.clone()) else {
                 continue; // came from a Segment in the frame: cannot happen
