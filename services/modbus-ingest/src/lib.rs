@@ -31,3 +31,4 @@ pub mod decode;
 pub mod plan;
 pub mod profile;
 pub mod timing;
+pub mod tools;
