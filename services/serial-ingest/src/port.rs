@@ -158,6 +158,11 @@ impl Port {
                     failures = 0;
                     let (end, heard) = self.session(&mut stream).await;
                     drop(stream);
+                    // A device that goes away while we are stopping anyway (a test or the demo
+                    // stopping its simulated devices, a machine shutting down) is no news.
+                    if self.shutdown.is_requested() {
+                        break;
+                    }
                     match end {
                         End::Shutdown => break,
                         End::Gone(why) => self.events.port_gone(&why),

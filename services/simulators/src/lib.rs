@@ -78,6 +78,11 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         .collect();
     let channel = seg("main");
     let measurement = seg("power");
+    // A simulated meter has nothing to read before the broker is there: its first readings
+    // would only be journaled and replayed a few seconds later, which is the contract working
+    // but looks like a fault in a demo. (A real ingest service reads at once: its journal keeps
+    // what the broker cannot take yet.)
+    bus.wait_connected(Duration::from_secs(5)).await;
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut result = Ok(());

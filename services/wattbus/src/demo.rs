@@ -209,7 +209,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let serial = if opts.no_serial {
         None
     } else {
-        let s = serial::start(&ctx, &sinks)?;
+        let s = serial::start(&ctx, &sinks).await?;
         println!(
             "Simulated serial devices on PTYs: {} (CT sensors streaming at 2 kHz), {} (PowMon), {} (fridge monitor).",
             s.ct_paths.join(", "),
@@ -258,6 +258,8 @@ mod serial {
 
     /// Amps per ADC count of the simulated CT sensors (a 30 A clamp on a 10-bit ADC).
     const CT_AMPS_PER_COUNT: f64 = 0.05;
+    /// Volts per ADC count of the simulated mains voltage sensor.
+    const VOLTS_PER_COUNT: f64 = 2.0;
 
     pub struct Running {
         pub ct_paths: Vec<String>,
@@ -284,29 +286,50 @@ mod serial {
 
     /// Start the devices on PTY pairs, then serial-ingest and rms-processor on them.
     /// `sinks`: the groups whose acknowledgement the readings wait for.
-    pub fn start(ctx: &Context, sinks: &[Segment]) -> anyhow::Result<Running> {
-        let mut devices = Vec::new();
+    pub async fn start(ctx: &Context, sinks: &[Segment]) -> anyhow::Result<Running> {
+        // The devices start once the services are connected (below); until then, only
+        // their PTYs exist.
+        let mut drivers: Vec<
+            std::pin::Pin<
+                Box<
+                    dyn std::future::Future<Output = Result<(), simulators::serial::DriverError>>
+                        + Send,
+                >,
+            >,
+        > = Vec::new();
         let now = proto::now_ms();
-        // Three CT clamps: a kettle with a switch-mode base load (harmonics), a fridge, a PC.
-        let loads = [(100.0, 0.1, 0.0), (16.0, 0.0, 0.0), (40.0, 0.3, 0.15)];
+        // Three CT clamps: a heater whose sensor also measures the mains voltage (a ZMPT101B
+        // on the second channel: real power and power factor), a fridge, and a PC whose
+        // switch-mode supply draws harmonics (apparent power from the nominal voltage).
+        let wave = |rms: f64, phase: f64, h3: f64, h5: f64| Waveform {
+            rms_counts: rms,
+            phase_rad: phase,
+            harmonic3: h3,
+            harmonic5: h5,
+            noise_counts: 0.5,
+            ..Waveform::default()
+        };
+        let sensors = [
+            // 5 A lagging the voltage by 30°; 230 V at 2 V per count.
+            vec![
+                wave(100.0, -std::f64::consts::FRAC_PI_6, 0.0, 0.0),
+                wave(115.0, 0.0, 0.0, 0.0),
+            ],
+            vec![wave(16.0, 0.0, 0.0, 0.0)],
+            vec![wave(40.0, 0.0, 0.3, 0.15)],
+        ];
         let mut ct_paths = Vec::new();
-        for (i, (rms, h3, h5)) in loads.into_iter().enumerate() {
+        for (i, channels) in sensors.into_iter().enumerate() {
             let (dev, path) = pty_pair().context("cannot create a PTY pair for a CT sensor")?;
             let model = Prime::new(
                 PrimeConfig {
-                    channels: vec![Waveform {
-                        rms_counts: rms,
-                        harmonic3: h3,
-                        harmonic5: h5,
-                        noise_counts: 0.5,
-                        ..Waveform::default()
-                    }],
+                    channels,
                     ..PrimeConfig::default()
                 },
                 i as u64 + 1,
                 now,
             )?;
-            devices.push(tokio::spawn(run_prime(model, dev, ctx.shutdown.clone())));
+            drivers.push(Box::pin(run_prime(model, dev, ctx.shutdown.clone())));
             ct_paths.push(path);
         }
         let (dev, powmon_path) = pty_pair().context("cannot create a PTY pair for PowMon")?;
@@ -314,10 +337,10 @@ mod serial {
             sensors: vec![Load::fridge(), Load::kettle()],
             ..PowMonConfig::default()
         })?;
-        devices.push(tokio::spawn(run_powmon(powmon, dev, ctx.shutdown.clone())));
+        drivers.push(Box::pin(run_powmon(powmon, dev, ctx.shutdown.clone())));
         let (dev, lines_path) = pty_pair().context("cannot create a PTY pair for the sensor")?;
         let sensor = Sensor::new(SensorConfig::default(), 7)?;
-        devices.push(tokio::spawn(run_sensor(
+        drivers.push(Box::pin(run_sensor(
             sensor,
             std::time::Duration::from_secs(2),
             dev,
@@ -334,13 +357,31 @@ mod serial {
              [rms_processor.stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n"
         );
         for (i, path) in ct_paths.iter().enumerate() {
+            // Two channels at 2 kHz need 250000 baud on a real Uno (docs/serial-protocols.md).
+            let (baud, channels) = if i == 0 {
+                (
+                    250_000,
+                    format!(
+                        "{{ name = \"ct1\", unit = \"a\", scale = {CT_AMPS_PER_COUNT} }}, \
+                         {{ name = \"v1\", unit = \"v\", scale = {VOLTS_PER_COUNT} }}"
+                    ),
+                )
+            } else {
+                (
+                    115_200,
+                    format!("{{ name = \"ct1\", unit = \"a\", scale = {CT_AMPS_PER_COUNT} }}"),
+                )
+            };
             toml.push_str(&format!(
                 "[[serial_ingest.ports]]\npath = \"{path}\"\ndevice = \"ct-{n}\"\n\
-                 protocol = \"stream\"\nsample_rate_hz = 2000.0\n\
-                 channels = [{{ name = \"ct1\", unit = \"a\", scale = {CT_AMPS_PER_COUNT} }}]\n",
+                 protocol = \"stream\"\nbaud = {baud}\nsample_rate_hz = 2000.0\n\
+                 channels = [{channels}]\n",
                 n = i + 1
             ));
         }
+        toml.push_str(
+            "[[rms_processor.channels]]\ndevice = \"ct-1\"\nchannel = \"ct1\"\nvoltage = \"v1\"\n",
+        );
         toml.push_str(&format!(
             "[[serial_ingest.ports]]\npath = \"{powmon_path}\"\ndevice = \"powmon\"\n\
              protocol = \"request-response\"\n\
@@ -350,6 +391,16 @@ mod serial {
              {{ key = \"fridge\", channel = \"fridge\", measurement = \"temperature\", field = \"temperature_c\" }},\n\
              {{ key = \"freezer\", channel = \"freezer\", measurement = \"temperature\", field = \"temperature_c\" }},\n]\n"
         ));
+        // The checks the two services set once connected and running, registered now so the
+        // wait below cannot pass before the services have even started.
+        for name in [
+            "serial-ingest",
+            "rms-processor",
+            "bus:serial-ingest",
+            "bus:rms-processor",
+        ] {
+            ctx.health.check(name);
+        }
         let src = ConfigSource::from_parts(None, Some(&toml))?;
         let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
         let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
@@ -371,6 +422,16 @@ mod serial {
                 }
             }),
         ];
+        // Readings taken before a service's broker connection is up are journaled and
+        // replayed a few seconds later: the contract at work, but it reads like a fault in a
+        // first demo. So the devices start once every service says it is ready.
+        for _ in 0..100 {
+            if ctx.health.is_ready() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let devices = drivers.into_iter().map(tokio::spawn).collect();
         Ok(Running {
             ct_paths,
             powmon_path,
