@@ -1,34 +1,168 @@
-//! modbus-ingest: energy meters on Modbus RTU (RS485) and Modbus TCP to the bus.
+//! modbus-ingest: energy meters on Modbus RTU (RS485), Modbus TCP and RTU-over-TCP gateways
+//! to the bus.
 //!
-//! **In progress.** The service will read meters described by profiles, one scheduler per
-//! physical bus (so several meters share a serial port without conflicts and one silent meter
-//! does not stall the others), and publish each reading as a `proto::Measurement` on
-//! `wattbus/v1/<site>/meas/<device>/<channel>`. What exists so far is the pure core, with no
-//! tokio, no serial port and no MQTT in it; the service around it (`run`, transports with
-//! tokio-modbus, the async scheduler, the scan/read/set-address tools and the Modbus server
-//! simulator) is **not built yet**, and modbus-ingest is not in `wattbus run`.
+//! Meters are described by profiles (TOML data: built-ins for ORNO WE-514/515 and WE-516/517
+//! and Eastron SDM120/SDM630, more in `profiles_dir`). Each configured physical bus runs one
+//! task with one scheduler, so several meters share a serial port without conflicts: one
+//! request in flight at a time, the 3.5-character silence kept between frames, reads
+//! coalesced into the fewest requests (a WE-515 is two: 0x0130–0x015B and 0xA000–0xA027),
+//! per-class poll rates (power every second, energy every minute). A meter that stops
+//! answering is backed off (degraded) so the others keep their rates; a link that drops is
+//! reopened with backoff.
 //!
-//! What the core does:
-//! - meter maps are data: a TOML profile per meter, built-ins for ORNO WE-514/515 and
-//!   WE-516/517 and Eastron SDM120/SDM630 compiled in, more in a folder, each checked at load
-//!   with errors that name the file, the entry and the reason;
-//! - the registers due now become the fewest read requests (the WE-515 is two: 0x0130–0x015B
-//!   and 0xA000–0xA027), with per-class poll intervals;
-//! - register words decode to numbers with signs, word order and scale right, and NaN/∞ are
-//!   errors rather than readings;
-//! - the line time of a poll plan on a serial bus follows from frame sizes.
+//! Topics written, through the delivery contract (stream `meas`, disk journal by default):
+//! - `wattbus/v1/<site>/meas/<device>/<channel>` ([`proto::Measurement`]): one per
+//!   (measurement, channel, tags) of the profile per poll, stamped when the answer arrived,
+//!   quality `good`, or `error` when some of its registers could not be read (those fields are
+//!   left out; values are never invented).
+//! - `wattbus/v1/<site>/meas/<bus>/health`, measurement `modbus_bus`: latency, requests,
+//!   retries, errors, error rate and line utilisation, every `health_interval_ms`.
+//! - `wattbus/v1/<site>/meas/<device>/health`, measurement `modbus_device`: requests,
+//!   retries, timeouts, exceptions, CRC errors, wrong-slave answers, degraded 0/1.
 //!
-//! The profile format, the planner and the utilisation formula are described in
-//! `docs/modbus.md`.
+//! Nothing is read from the bus. The profile format, bus settings and failure handling are
+//! described in `docs/modbus.md`.
 //!
 //! Layout:
+//! - [`config`]: the `[modbus_ingest]` section, resolved into checked [`config::BusSpec`]s.
 //! - [`profile`]: the profile format, validation, built-in profiles and [`profile::load_dir`].
 //! - [`plan`]: coalescing due registers into read requests (hole size, request size).
 //! - [`decode`]: register words to scaled `f64` values.
 //! - [`timing`]: RTU frame sizes, character and silence times, bus utilisation.
+//! - [`scheduler`]: what is due on a bus and in which order; backoff of failing devices (pure).
+//! - [`bus`]: one bus's task: link, requests, retries, resync, publishing.
+//! - [`events`]: every notable event of a bus or device, logged and counted.
 
+pub mod bus;
+pub mod config;
 pub mod decode;
+pub mod events;
 pub mod plan;
 pub mod profile;
+pub mod scheduler;
 pub mod timing;
-pub mod tools;
+
+use std::time::Duration;
+
+pub use config::Config;
+
+use proto::Segment;
+use runtime::Context;
+use runtime::bus::{Bus, Identity};
+use runtime::delivery::{DeliveryError, Producer};
+
+/// The section name in the config file.
+pub const SECTION: &str = "modbus_ingest";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] runtime::ConfigError),
+    #[error(transparent)]
+    Delivery(#[from] DeliveryError),
+}
+
+/// Identity of the service on the bus.
+pub fn identity(config: &Config) -> Identity {
+    Identity {
+        service: seg("modbus-ingest"),
+        instance: config.instance.clone(),
+    }
+}
+
+/// Run every configured bus until shutdown.
+pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+    let (bus, bus_task) = Bus::connect(
+        &ctx.common.bus,
+        &ctx.common.site,
+        &identity(&config),
+        &ctx.health,
+    )?;
+    let result = run_on(&bus, &config, &ctx).await;
+    bus.close(bus_task).await;
+    result
+}
+
+/// Run on an existing bus connection (the demo shares one).
+pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
+    let specs = config.resolve(SECTION)?;
+    let (meas, meas_task) = Producer::open(
+        bus,
+        &seg("meas"),
+        &config.stream,
+        &ctx.common.data_dir,
+        ctx.shutdown.clone(),
+    )?;
+    if specs.is_empty() {
+        tracing::warn!("No [[modbus_ingest.buses]] configured; modbus-ingest has nothing to read.");
+    }
+    let ready = ctx.health.check("modbus-ingest");
+    let health_interval = Duration::from_millis(config.health_interval_ms);
+    let mut buses = tokio::task::JoinSet::new();
+    for spec in specs {
+        tracing::debug!(bus = %spec.name, devices = spec.devices.len(), "Starting bus.");
+        buses.spawn(bus::run(
+            spec,
+            ctx.common.site.clone(),
+            meas.clone(),
+            health_interval,
+            ctx.shutdown.clone(),
+        ));
+    }
+    ready.set(true);
+    let mut result = Ok(());
+    // Bus tasks end at shutdown, or early when the journal fails (readings would be lost).
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.wait() => break,
+            Some(ended) = buses.join_next() => {
+                if let Err(e) = bus_task_ended(ended, true) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    if result.is_err() {
+        buses.abort_all();
+    }
+    while let Some(ended) = buses.join_next().await {
+        if let Err(e) = bus_task_ended(ended, false)
+            && result.is_ok()
+        {
+            result = Err(e);
+        }
+    }
+    drop(meas);
+    if let Err(e) = meas_task.await {
+        tracing::warn!(error = %e, "Producer task ended abnormally.");
+    }
+    ready.set(false);
+    result
+}
+
+fn bus_task_ended(
+    ended: Result<Result<(), DeliveryError>, tokio::task::JoinError>,
+    early: bool,
+) -> Result<(), Error> {
+    match ended {
+        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) => {
+            tracing::error!(error = %e, "A bus task ended abnormally; that bus's readings have stopped.");
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %events::chain(&e), "Cannot journal readings; stopping so that none is lost silently.");
+            Err(e.into())
+        }
+        Ok(Ok(())) if early => {
+            tracing::error!("A bus task ended before shutdown; that bus's readings have stopped.");
+            Ok(())
+        }
+        Ok(Ok(())) => Ok(()),
+    }
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
+}
