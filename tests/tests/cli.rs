@@ -254,9 +254,9 @@ fn demo_shows_three_ct_channels_a_powmon_and_a_temperature_sensor_from_simulated
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "demo failed: {}\n{out}", stderr(&o));
     // The demo's CT clamps carry 100, 16 and 40 ADC counts RMS of fundamental (+3rd/5th
-    // harmonics on two), at 0.05 A per count: the RMS current the processor must find.
+    // harmonics on the third), at 0.05 A per count: the RMS current the processor must find.
     let expected = [
-        ("ct-1/ct1", 5.0 * (1.0f64 + 0.01).sqrt()),
+        ("ct-1/ct1", 5.0),
         ("ct-2/ct1", 0.8),
         ("ct-3/ct1", 2.0 * (1.0f64 + 0.09 + 0.0225).sqrt()),
     ];
@@ -269,10 +269,32 @@ fn demo_shows_three_ct_channels_a_powmon_and_a_temperature_sensor_from_simulated
                 "{series}: {a} A, expected {amps}"
             );
         }
-        let energy = console_values(&out, series, "apparent_energy_vah");
+    }
+    // The first also measures the voltage (230 V), its current lagging by 30°: real power
+    // 5 × 230 × cos 30° and PF 0.866, energy in Wh.
+    for (field, want) in [
+        ("voltage_v", 230.0),
+        ("power_w", 5.0 * 230.0 * 0.866_025),
+        ("power_factor", 0.866_025),
+    ] {
+        let got = console_values(&out, "ct-1/ct1", field);
+        assert!(!got.is_empty(), "ct-1 {field}: {out}");
+        for v in &got {
+            assert!(
+                (v - want).abs() / want < 0.01,
+                "ct-1 {field} = {v}, expected {want}"
+            );
+        }
+    }
+    for (series, field) in [
+        ("ct-1/ct1", "energy_import_wh"),
+        ("ct-2/ct1", "apparent_energy_vah"),
+        ("ct-3/ct1", "apparent_energy_vah"),
+    ] {
+        let energy = console_values(&out, series, field);
         assert!(
             energy.windows(2).all(|w| w[1] >= w[0]) && energy.last().is_some_and(|e| *e > 0.0),
-            "{series}: energy must grow: {energy:?}"
+            "{series} {field} must grow: {energy:?}"
         );
     }
     assert!(
