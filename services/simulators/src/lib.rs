@@ -16,9 +16,12 @@
 //!   then, a base load, mains voltage that wanders.
 //! - `serial`: PowMon, Prime and sensor-line devices: pure models plus tokio drivers that run
 //!   them on a serial port or an in-process PTY pair.
+//! - `modbus`: simulated Modbus meters (ORNO WE-515, Eastron SDM120) on a bus of slave ids,
+//!   served over Modbus TCP or RTU (a PTY, optionally paced at the line rate).
 
 mod config;
 mod household;
+pub mod modbus;
 pub mod serial;
 
 pub use config::Config;

@@ -209,8 +209,8 @@ pub async fn run_sensor(
     }
 }
 
-/// An open port and what its errors mean.
-struct Link {
+/// An open port and what its errors mean (shared with the Modbus RTU server).
+pub(crate) struct Link {
     stream: SerialStream,
     /// A PTY master: EIO is the host's end being closed, not the port going away.
     pty_master: bool,
@@ -219,7 +219,7 @@ struct Link {
 }
 
 impl Link {
-    fn open(port: Port) -> Result<Self, DriverError> {
+    pub(crate) fn open(port: Port) -> Result<Self, DriverError> {
         match port {
             Port::Path { path, baud } => {
                 let stream =
@@ -263,7 +263,7 @@ impl Link {
 
     /// Some bytes, or `None` after waiting a moment if the host is not listening.
     /// Cancel safe: the read is, and the wait holds nothing.
-    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DriverError> {
+    pub(crate) async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DriverError> {
         match self.stream.read(buf).await {
             Ok(0) if self.pty_master => {}
             Ok(0) => return Err(self.gone()),
@@ -300,7 +300,7 @@ impl Link {
         }
     }
 
-    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), DriverError> {
+    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> Result<(), DriverError> {
         match self.stream.write_all(bytes).await {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(EIO) => Err(self.gone()),
