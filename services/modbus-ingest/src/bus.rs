@@ -479,18 +479,26 @@ impl BusRunner {
         ctx.set_slave(Slave(slave));
         let before = self.received.load(Ordering::Relaxed);
         let (function, start, count) = (request.function, request.start, request.count);
-        let call = tokio::spawn(async move {
+        let mut call = tokio::spawn(async move {
             let r = match function {
                 Function::Holding => ctx.read_holding_registers(start, count).await,
                 Function::Input => ctx.read_input_registers(start, count).await,
             };
             (ctx, r)
         });
-        let abort = call.abort_handle();
         let got_bytes = || self.received.load(Ordering::Relaxed) > before;
-        match tokio::time::timeout(self.spec.timeout, call).await {
+        match tokio::time::timeout(self.spec.timeout, &mut call).await {
             Err(_) => {
-                abort.abort();
+                call.abort();
+                // Wait until the aborted call has dropped the client: a serial port is
+                // locked while open, and the resync reopens it next. The result is the
+                // cancellation itself.
+                if let Ok((_ctx, late)) = call.await {
+                    tracing::debug!(
+                        ?late,
+                        "An answer completed as its timeout fired; discarded."
+                    );
+                }
                 if got_bytes() {
                     Attempt::Garbled("incomplete or corrupt frame (no valid answer in time)".into())
                 } else {
