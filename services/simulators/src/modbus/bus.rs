@@ -472,4 +472,33 @@ mod tests {
         }
         assert_eq!(read(&bus, 0, 0x0130, 1), Dispatch::Silent);
     }
+
+    #[test]
+    fn an_sdm120_answers_input_registers_and_refuses_holding_ones() {
+        let bus = MeterBus::with_clock(Clock::Manual(ManualClock::new(T)));
+        let h = bus.add(3, Sdm120::new(3, T));
+        let Dispatch::Answer {
+            reply: Ok(Reply::Registers(r)),
+            ..
+        } = bus.dispatch(
+            3,
+            &Op::ReadInput {
+                addr: 0x0000,
+                count: 2,
+            },
+        )
+        else {
+            panic!("the SDM120 answers FC04");
+        };
+        let v = h.with_meter(|m| m.as_sdm120_mut().unwrap().values());
+        let volts = f32::from_bits((u32::from(r[0]) << 16) | u32::from(r[1]));
+        assert_eq!(f64::from(volts), v.voltage_v);
+        assert!(matches!(
+            bus.dispatch(3, &Op::ReadHolding { addr: 0, count: 2 }),
+            Dispatch::Answer {
+                reply: Err(ExceptionCode::IllegalFunction),
+                ..
+            }
+        ));
+    }
 }
