@@ -865,6 +865,16 @@ pub async fn read(
 // ---------------------------------------------------------------------------------------------
 // WE-515 configuration
 
+/// Why a configuration write did not verify, split by whether the meter took the write: after
+/// an acknowledged write the person must look at the meter under its new setting.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("the write failed, so the meter should keep its setting: {0}")]
+    Write(#[source] ToolError),
+    #[error("the meter acknowledged the write, but the read-back failed: {0}")]
+    ReadBack(#[source] ToolError),
+}
+
 /// The result of [`set_address`]: the new address answered and holds itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AddressChanged {
@@ -879,21 +889,23 @@ pub async fn set_address(
     session: &mut Session,
     old: u8,
     new: u8,
-) -> Result<AddressChanged, ToolError> {
+) -> Result<AddressChanged, SetError> {
     session
         .write(old, WE515_ADDRESS_REGISTER, u16::from(new))
-        .await?;
+        .await
+        .map_err(SetError::Write)?;
     let words = session
         .read(new, Function::Holding, WE515_ADDRESS_REGISTER, 1)
-        .await?;
+        .await
+        .map_err(SetError::ReadBack)?;
     let got = words.first().copied().unwrap_or_default();
     if got != u16::from(new) {
-        return Err(ToolError::Verify {
+        return Err(SetError::ReadBack(ToolError::Verify {
             slave: new,
             address: WE515_ADDRESS_REGISTER,
             value: u16::from(new),
             got,
-        });
+        }));
     }
     Ok(AddressChanged { old, new })
 }
@@ -915,8 +927,11 @@ pub async fn set_baud(
     session: &mut Session,
     slave: u8,
     code: u16,
-) -> Result<BaudChanged, ToolError> {
-    session.write(slave, WE515_BAUD_REGISTER, code).await?;
+) -> Result<BaudChanged, SetError> {
+    session
+        .write(slave, WE515_BAUD_REGISTER, code)
+        .await
+        .map_err(SetError::Write)?;
     match session
         .read(slave, Function::Holding, WE515_BAUD_REGISTER, 1)
         .await
@@ -926,16 +941,16 @@ pub async fn set_baud(
             if got == code {
                 Ok(BaudChanged::Confirmed { code })
             } else {
-                Err(ToolError::Verify {
+                Err(SetError::ReadBack(ToolError::Verify {
                     slave,
                     address: WE515_BAUD_REGISTER,
                     value: code,
                     got,
-                })
+                }))
             }
         }
         Err(ToolError::Timeout { .. }) => Ok(BaudChanged::Switched),
-        Err(e) => Err(e),
+        Err(e) => Err(SetError::ReadBack(e)),
     }
 }
 

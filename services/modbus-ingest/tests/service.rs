@@ -154,13 +154,16 @@ fn good_answer(req: Req, words: &[u16]) -> Vec<u8> {
     with_crc(f)
 }
 
+type Seen = Arc<Mutex<Vec<Req>>>;
+type Script = Arc<Mutex<VecDeque<Reply>>>;
+
 /// Register maps per slave; a slave that is not in `maps` or is switched off never answers.
 struct Peer {
     maps: HashMap<u8, BTreeMap<u16, u16>>,
     off: HashMap<u8, Arc<AtomicBool>>,
     /// Replies used before the map, one per request, in order (hostile scripts).
-    script: Arc<Mutex<VecDeque<Reply>>>,
-    seen: Arc<Mutex<Vec<Req>>>,
+    script: Script,
+    seen: Seen,
 }
 
 impl Peer {
@@ -179,7 +182,7 @@ impl Peer {
     }
 
     /// Serves on `port` until it closes (socat killed).
-    fn spawn(self, mut port: std::fs::File) -> (Arc<Mutex<Vec<Req>>>, Arc<Mutex<VecDeque<Reply>>>) {
+    fn spawn(self, mut port: std::fs::File) -> (Seen, Script) {
         let (seen, script) = (self.seen.clone(), self.script.clone());
         std::thread::spawn(move || {
             let mut buf: Vec<u8> = Vec::new();
@@ -242,7 +245,7 @@ impl Peer {
 /// A WE-515's registers: exporting `export_w` watts at a leading power factor of -0.994.
 fn we515_map(export_w: i32, energy_centi_kwh: u32) -> BTreeMap<u16, u16> {
     let mut m = BTreeMap::new();
-    let mut put32 = |m: &mut BTreeMap<u16, u16>, a: u16, v: u32| {
+    let put32 = |m: &mut BTreeMap<u16, u16>, a: u16, v: u32| {
         m.insert(a, (v >> 16) as u16);
         m.insert(a + 1, v as u16);
     };
@@ -577,8 +580,7 @@ profile = "orno-we-515"
     assert!((2..=10).contains(&timeouts), "{timeouts} timeouts");
     let degraded = window
         .iter()
-        .filter(|m| is(m, "goes-off", "modbus_device", "health"))
-        .next_back()
+        .rfind(|m| is(m, "goes-off", "modbus_device", "health"))
         .unwrap();
     assert_eq!(degraded.fields["degraded"], 1.0);
     assert!(degraded.fields["timeouts"] >= 2.0);
