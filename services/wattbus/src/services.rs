@@ -14,6 +14,7 @@ pub const SERVICES: &[&str] = &[
     "influx-writer",
     "serial-ingest",
     "rms-processor",
+    "modbus-ingest",
 ];
 
 /// The config section of each service (TOML keys and environment variables cannot both use
@@ -24,6 +25,7 @@ pub const SECTIONS: &[&str] = &[
     influx_writer::SECTION,
     serial_ingest::SECTION,
     rms_processor::SECTION,
+    modbus_ingest::SECTION,
 ];
 
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
@@ -51,6 +53,9 @@ pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
     }
     if src.has_key(rms_processor::SECTION) {
         src.section::<rms_processor::Config>(rms_processor::SECTION)?;
+    }
+    if src.has_key(modbus_ingest::SECTION) {
+        src.section::<modbus_ingest::Config>(modbus_ingest::SECTION)?;
     }
     Ok(())
 }
@@ -147,6 +152,16 @@ fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<Serv
             Box::pin(async move {
                 serve_health(health, &ctx).await?;
                 rms_processor::run(cfg, ctx)
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        }
+        "modbus-ingest" => {
+            let cfg: modbus_ingest::Config = section(src, modbus_ingest::SECTION)?;
+            let health = cfg.health_listen;
+            Box::pin(async move {
+                serve_health(health, &ctx).await?;
+                modbus_ingest::run(cfg, ctx)
                     .await
                     .map_err(anyhow::Error::from)
             })
