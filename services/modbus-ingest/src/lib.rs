@@ -32,6 +32,8 @@
 //! - [`scheduler`]: what is due on a bus and in which order; backoff of failing devices (pure).
 //! - [`bus`]: one bus's task: link, requests, retries, resync, publishing.
 //! - [`events`]: every notable event of a bus or device, logged and counted.
+//! - [`tools`]: `wattbus modbus scan | read | set-address | set-baud` (one request at a time,
+//!   errors worded for the person at the bus).
 
 pub mod bus;
 pub mod config;
@@ -41,6 +43,7 @@ pub mod plan;
 pub mod profile;
 pub mod scheduler;
 pub mod timing;
+pub mod tools;
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 
 mod check;
 mod demo;
+mod modbus;
 mod services;
 mod tail;
 
@@ -37,6 +38,11 @@ enum Command {
     Demo(demo::Options),
     /// Print bus traffic readably.
     Tail(tail::Options),
+    /// Modbus tools: scan a bus, read a meter, set a WE-515's address or baud rate.
+    Modbus {
+        #[command(subcommand)]
+        command: modbus::Command,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -68,6 +74,7 @@ fn main() -> ExitCode {
             Command::Run { service, config } => services::run(&service, config).await,
             Command::Demo(opts) => demo::run(opts).await,
             Command::Tail(opts) => tail::run(opts).await,
+            Command::Modbus { command } => modbus::run(command).await,
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => check::run(file),
