@@ -12,7 +12,8 @@
 //! - `tcp`: [`serve_tcp`], a TCP gateway in front of the bus (tokio-modbus's server).
 //! - `rtu`: [`serve_rtu`], the bus on a serial line with hand-rolled RTU framing (so unknown
 //!   and unpowered slaves stay silent, several ids share one port, and responses can be paced
-//!   at the line rate), and [`crc16`].
+//!   at the line rate), and [`crc16`]; [`serve_rtu_over_tcp`], the same framing over TCP
+//!   connections (a transparent RS485-to-Ethernet gateway).
 //!
 //! Typical test:
 //! ```no_run
@@ -37,7 +38,7 @@ mod tcp;
 mod we515;
 
 pub use bus::{Clock, Counters, ManualClock, Meter, MeterBus, SlaveHandle};
-pub use rtu::{LineTiming, RtuOptions, crc16, serve_rtu};
+pub use rtu::{LineTiming, RtuOptions, crc16, serve_rtu, serve_rtu_over_tcp};
 pub use sdm120::{Sdm120, Sdm120Values};
 pub use tcp::serve_tcp;
 pub use we515::{We515, We515Values};

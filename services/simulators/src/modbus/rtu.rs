@@ -1,4 +1,5 @@
-//! Modbus RTU: the bus on a serial line, framed by hand.
+//! Modbus RTU: the bus on a serial line, framed by hand; and the same frames over TCP
+//! connections ([`serve_rtu_over_tcp`], a transparent RS485-to-Ethernet gateway).
 //!
 //! Hand-rolled rather than tokio-modbus's RTU server because a bus of meters must stay silent
 //! for ids it does not have and for switched-off meters, serve several ids on one port, keep
@@ -19,9 +20,13 @@
 //! is written whole at the instant its last byte would have arrived. After it, the line is
 //! busy for another 3.5 characters. Requests nobody answers still occupy the line.
 
+use std::io;
 use std::time::Duration;
 
 use runtime::Shutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout};
 use tokio_modbus::ExceptionCode;
 
@@ -96,12 +101,65 @@ pub async fn serve_rtu(
     bus: MeterBus,
     shutdown: Shutdown,
 ) -> Result<(), DriverError> {
-    let mut line = Line {
-        link: Link::open(port.into())?,
+    let line = Line {
+        wire: Wire::Serial(Link::open(port.into())?),
         pace: options.pace,
         bus,
         free_at: Instant::now(),
     };
+    serve_line(line, options, &shutdown).await
+}
+
+/// Serve `bus` as a transparent RS485-to-Ethernet gateway does ("RTU over TCP"): every
+/// accepted connection carries RTU frames, CRC included, with no MBAP header, as if it were
+/// the serial line itself. Frames are cut exactly as [`serve_rtu`] cuts them; connections are
+/// served concurrently (a real gateway would interleave them on its one line; the tests use
+/// one). Runs until shutdown, which drops every connection; fails only if accepting fails.
+pub async fn serve_rtu_over_tcp(
+    listener: TcpListener,
+    options: RtuOptions,
+    bus: MeterBus,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    let mut connections = JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.wait() => break,
+            // Reap finished connections so the set does not grow with every reconnect.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => accepted?,
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "Cannot set TCP_NODELAY.");
+        }
+        tracing::debug!(%peer, "RTU-over-TCP client connected.");
+        let line = Line {
+            wire: Wire::Tcp {
+                stream,
+                peer: peer.to_string(),
+            },
+            pace: options.pace,
+            bus: bus.clone(),
+            free_at: Instant::now(),
+        };
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            match serve_line(line, options, &shutdown).await {
+                Ok(()) => tracing::debug!(%peer, "RTU-over-TCP connection ended."),
+                Err(e) => tracing::debug!(%peer, error = %e, "RTU-over-TCP connection ended."),
+            }
+        });
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// The RTU server loop on one line (a serial port or one TCP connection).
+async fn serve_line(
+    mut line: Line,
+    options: RtuOptions,
+    shutdown: &Shutdown,
+) -> Result<(), DriverError> {
     // Unpaced, silence still ends frames of unknown length; use the usual 9600-baud gap.
     let gap = options
         .pace
@@ -114,19 +172,19 @@ pub async fn serve_rtu(
         let read = if buf.is_empty() {
             tokio::select! {
                 () = shutdown.wait() => return Ok(()),
-                r = line.link.read(&mut chunk) => Some(r?),
+                r = line.wire.read(&mut chunk) => Some(r?),
             }
         } else {
             tokio::select! {
                 () = shutdown.wait() => return Ok(()),
-                r = timeout(gap, line.link.read(&mut chunk)) => r.ok().transpose()?,
+                r = timeout(gap, line.wire.read(&mut chunk)) => r.ok().transpose()?,
             }
         };
         match read {
             None => {
                 if framing(&buf) == Framing::BySilence {
                     let frame = std::mem::take(&mut buf);
-                    line.serve(&frame, &shutdown).await?;
+                    line.serve(&frame, shutdown).await?;
                 } else {
                     tracing::debug!(bytes = buf.len(), "Dropped an incomplete RTU frame.");
                     buf.clear();
@@ -137,7 +195,7 @@ pub async fn serve_rtu(
                 buf.extend_from_slice(&chunk[..n]);
                 while let Framing::Complete(len) = framing(&buf) {
                     let frame: Vec<u8> = buf.drain(..len).collect();
-                    if !line.serve(&frame, &shutdown).await? {
+                    if !line.serve(&frame, shutdown).await? {
                         buf.clear();
                     }
                 }
@@ -236,9 +294,52 @@ fn encode(unit: u8, fc: u8, reply: &Result<Reply, ExceptionCode>) -> Vec<u8> {
     out
 }
 
+/// Where the frames travel.
+enum Wire {
+    Serial(Link),
+    /// One connection to an RTU-over-TCP gateway; its end is the end of this line.
+    Tcp {
+        stream: TcpStream,
+        peer: String,
+    },
+}
+
+impl Wire {
+    /// As [`Link::read`]: some bytes, or `None` while a PTY's host is not listening.
+    /// Cancel safe.
+    async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DriverError> {
+        match self {
+            Wire::Serial(link) => link.read(buf).await,
+            Wire::Tcp { stream, peer } => match stream.read(buf).await {
+                Ok(0) => Err(DriverError::Gone { port: peer.clone() }),
+                Ok(n) => Ok(Some(n)),
+                Err(source) => Err(DriverError::Io {
+                    port: peer.clone(),
+                    source,
+                }),
+            },
+        }
+    }
+
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), DriverError> {
+        match self {
+            Wire::Serial(link) => link.write_all(bytes).await,
+            Wire::Tcp { stream, peer } => {
+                stream
+                    .write_all(bytes)
+                    .await
+                    .map_err(|source| DriverError::Io {
+                        port: peer.clone(),
+                        source,
+                    })
+            }
+        }
+    }
+}
+
 /// The port, the bus, and when the line is next free.
 struct Line {
-    link: Link,
+    wire: Wire,
     pace: Option<LineTiming>,
     bus: MeterBus,
     /// With pacing: the end of the last frame's trailing silence.
@@ -278,7 +379,7 @@ impl Line {
             () = shutdown.wait() => return Ok(true),
             () = tokio::time::sleep_until(done) => {}
         }
-        self.link.write_all(&response).await?;
+        self.wire.write_all(&response).await?;
         self.free_at = done + self.pace.map_or(Duration::ZERO, |p| p.frame_gap());
         Ok(true)
     }
