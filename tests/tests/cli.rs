@@ -227,7 +227,13 @@ fn demo_runs_with_no_hardware_and_shows_acknowledged_readings() {
 /// The value of `field` on the console lines of `device/channel`.
 fn console_values(out: &str, series: &str, field: &str) -> Vec<f64> {
     out.lines()
-        .filter(|l| l.contains(&format!("  {series}  ")) && !l.contains("replayed"))
+        .filter(|l| {
+            // `series` alone, or followed by its tags (`{power_basis=measured}`) unless the
+            // series names tags itself.
+            (l.contains(&format!("  {series}  "))
+                || (!series.contains('{') && l.contains(&format!("  {series} {{"))))
+                && !l.contains("replayed")
+        })
         .filter_map(|l| {
             l.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
@@ -237,7 +243,8 @@ fn console_values(out: &str, series: &str, field: &str) -> Vec<f64> {
 }
 
 #[test]
-fn demo_shows_three_ct_channels_a_powmon_and_a_temperature_sensor_from_simulated_serial_devices() {
+fn demo_shows_ct_channels_two_we515_meters_a_powmon_and_a_temperature_sensor_from_simulated_devices()
+ {
     let dir = tempfile::tempdir().unwrap();
     let o = wattbus(
         &[
@@ -298,9 +305,53 @@ fn demo_shows_three_ct_channels_a_powmon_and_a_temperature_sensor_from_simulated
         );
     }
     assert!(
-        out.contains("nominal_voltage_v=230"),
-        "labelled as nominal: {out}"
+        out.contains("ct-2/ct1 {power_basis=nominal_voltage}")
+            && out.contains("ct-1/ct1 {power_basis=measured}"),
+        "labelled as nominal or measured: {out}"
     );
+    // Two ORNO WE-515 on a simulated RS485 line, polled by modbus-ingest every second:
+    // signed power, voltage, current, frequency, PF, and energy per tariff.
+    for meter in ["house", "heat-pump"] {
+        let volts = console_values(&out, &format!("{meter}/l1"), "voltage_v");
+        assert!(
+            volts.len() >= 3,
+            "{meter}: one reading a second: {volts:?}\n{out}"
+        );
+        assert!(
+            volts.iter().all(|v| (200.0..260.0).contains(v)),
+            "{meter}: {volts:?}"
+        );
+        for field in ["current_a", "power_w", "power_factor"] {
+            assert!(
+                !console_values(&out, &format!("{meter}/l1"), field).is_empty(),
+                "{meter} {field}"
+            );
+        }
+        let hz: Vec<f64> = out
+            .lines()
+            .filter(|l| l.contains(&format!("  {meter}/total  ")))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix("frequency_hz="))
+            })
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        assert!(
+            !hz.is_empty() && hz.iter().all(|f| (49.0..51.0).contains(f)),
+            "{meter}: {hz:?}"
+        );
+        for tariff in ["t1", "t2"] {
+            let e = console_values(
+                &out,
+                &format!("{meter}/total {{tariff={tariff}}}"),
+                "energy_wh",
+            );
+            assert!(
+                !e.is_empty() && e.iter().all(|e| *e > 0.0),
+                "{meter} {tariff}: {e:?}\n{out}"
+            );
+        }
+    }
     for series in ["powmon/fridge", "powmon/kettle"] {
         assert!(
             !console_values(&out, series, "adc_counts").is_empty(),

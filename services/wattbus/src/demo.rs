@@ -7,12 +7,13 @@
 //! each reading as it is stored and acknowledged — the same delivery contract the real sinks
 //! use, so what you see is the journal being trimmed by acknowledgements.
 //!
-//! Besides the household meters, simulated serial devices sit on in-process PTY pairs, each
-//! speaking its wire protocol byte for byte (docs/serial-protocols.md): three streaming CT
-//! sensors (Project Prime style, 2 kHz), a PowMon-style request/response sensor and a fridge
-//! monitor printing `key=value` lines. serial-ingest opens the PTYs exactly as it would open
-//! `/dev/ttyUSB0`, and rms-processor turns the streamed samples into RMS current, apparent
-//! power and energy.
+//! Besides the household meters, simulated devices sit on in-process PTY pairs, each speaking
+//! its wire protocol byte for byte: three streaming CT sensors (Project Prime style, 2 kHz; the
+//! first with a voltage channel), a PowMon-style request/response sensor and a fridge monitor
+//! printing `key=value` lines (docs/serial-protocols.md), and two ORNO WE-515 meters on one
+//! Modbus RTU line paced like RS485 at 9600 8E1. serial-ingest and modbus-ingest open the PTYs
+//! exactly as they would open `/dev/ttyUSB0`; rms-processor turns the streamed samples into RMS
+//! current, power and energy.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -211,8 +212,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     } else {
         let s = serial::start(&ctx, &sinks).await?;
         println!(
-            "Simulated serial devices on PTYs: {} (CT sensors streaming at 2 kHz), {} (PowMon), {} (fridge monitor).",
+            "Simulated serial devices on PTYs: {} (CT sensors streaming at 2 kHz), {} (two ORNO WE-515 on RS485, 9600 8E1), {} (PowMon), {} (fridge monitor).",
             s.ct_paths.join(", "),
+            s.rs485_path,
             s.powmon_path,
             s.lines_path
         );
@@ -250,6 +252,7 @@ mod serial {
     use anyhow::Context as _;
     use proto::Segment;
     use runtime::{ConfigSource, Context};
+    use simulators::modbus::{LineTiming, MeterBus, RtuOptions, We515, serve_rtu};
     use simulators::serial::{
         Load, PowMon, PowMonConfig, Prime, PrimeConfig, Sensor, SensorConfig, Waveform, pty_pair,
         run_powmon, run_prime, run_sensor,
@@ -263,6 +266,7 @@ mod serial {
 
     pub struct Running {
         pub ct_paths: Vec<String>,
+        pub rs485_path: String,
         pub powmon_path: String,
         pub lines_path: String,
         devices: Vec<JoinHandle<Result<(), simulators::serial::DriverError>>>,
@@ -338,6 +342,21 @@ mod serial {
             ..PowMonConfig::default()
         })?;
         drivers.push(Box::pin(run_powmon(powmon, dev, ctx.shutdown.clone())));
+        // Two ORNO WE-515 meters on one RS485 line (9600 8E1, paced like the real wire): the
+        // house, which exports in the afternoon (negative power), and a heat pump.
+        let (dev, rs485_path) =
+            pty_pair().context("cannot create a PTY pair for the RS485 line")?;
+        let meters = MeterBus::new();
+        meters.add(1, We515::new(11, now));
+        meters.add(2, We515::new(12, now));
+        drivers.push(Box::pin(serve_rtu(
+            dev,
+            RtuOptions {
+                pace: Some(LineTiming::RS485_9600_8E1),
+            },
+            meters,
+            ctx.shutdown.clone(),
+        )));
         let (dev, lines_path) = pty_pair().context("cannot create a PTY pair for the sensor")?;
         let sensor = Sensor::new(SensorConfig::default(), 7)?;
         drivers.push(Box::pin(run_sensor(
@@ -354,7 +373,14 @@ mod serial {
             .join(", ");
         let mut toml = format!(
             "[serial_ingest.meas_stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n\
-             [rms_processor.stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n"
+             [rms_processor.stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n\
+             [modbus_ingest.stream]\nwait_for = [{wait_for}]\nack_timeout_ms = 3000\n\
+             [[modbus_ingest.buses]]\nname = \"rs485\"\ntransport = \"rtu\"\n\
+             path = \"{rs485_path}\"\nbaud = 9600\nparity = \"even\"\n\
+             [[modbus_ingest.buses.devices]]\nname = \"house\"\nslave = 1\n\
+             profile = \"orno-we-515\"\npoll = {{ fast = 1000, slow = 10000 }}\n\
+             [[modbus_ingest.buses.devices]]\nname = \"heat-pump\"\nslave = 2\n\
+             profile = \"orno-we-515\"\npoll = {{ fast = 1000, slow = 10000 }}\n"
         );
         for (i, path) in ct_paths.iter().enumerate() {
             // Two channels at 2 kHz need 250000 baud on a real Uno (docs/serial-protocols.md).
@@ -396,14 +422,17 @@ mod serial {
         for name in [
             "serial-ingest",
             "rms-processor",
+            "modbus-ingest",
             "bus:serial-ingest",
             "bus:rms-processor",
+            "bus:modbus-ingest",
         ] {
             ctx.health.check(name);
         }
         let src = ConfigSource::from_parts(None, Some(&toml))?;
         let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
         let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
+        let modbus: modbus_ingest::Config = src.section(modbus_ingest::SECTION)?;
         let services = vec![
             tokio::spawn({
                 let ctx = ctx.clone();
@@ -421,6 +450,14 @@ mod serial {
                         .map_err(anyhow::Error::from)
                 }
             }),
+            tokio::spawn({
+                let ctx = ctx.clone();
+                async move {
+                    modbus_ingest::run(modbus, ctx)
+                        .await
+                        .map_err(anyhow::Error::from)
+                }
+            }),
         ];
         // Readings taken before a service's broker connection is up are journaled and
         // replayed a few seconds later: the contract at work, but it reads like a fault in a
@@ -434,6 +471,7 @@ mod serial {
         let devices = drivers.into_iter().map(tokio::spawn).collect();
         Ok(Running {
             ct_paths,
+            rs485_path,
             powmon_path,
             lines_path,
             devices,
@@ -504,11 +542,17 @@ async fn console(
             .as_ref()
             .map_or((String::new(), 0), |o| (o.producer.to_string(), o.seq));
         let replay = stored.insert(key, ()).is_some();
+        let tags: String = m.tags.iter().map(|(k, v)| format!(" {k}={v}")).collect();
         println!(
-            "{}  {}/{}  {}  [{}]{}",
+            "{}  {}/{}{}  {}  [{}]{}",
             clock(m.ts_ms),
             m.device,
             m.channel,
+            if tags.is_empty() {
+                String::new()
+            } else {
+                format!(" {{{}}}", tags.trim_start())
+            },
             fields.join("  "),
             serde_json::to_value(m.quality)
                 .ok()
