@@ -24,7 +24,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio_modbus::client::{Context, Reader as _, Writer as _};
+use tokio_modbus::client::{Client as _, Context, Reader as _, Writer as _};
 use tokio_modbus::prelude::SlaveContext as _;
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_serial::SerialPortBuilderExt as _;
@@ -371,6 +371,12 @@ impl Session {
             }),
             Err(_) => {
                 let error = self.timeout_error(slave);
+                // Close before reopening: a serial port is opened exclusively (TIOCEXCL), so
+                // the new open fails while the old descriptor lives. A failed close changes
+                // nothing here; the reopen reports whatever is wrong with the link.
+                if let Err(e) = self.ctx.disconnect().await {
+                    tracing::debug!(error = %e, "Closing the link after a timeout failed.");
+                }
                 self.ctx = open(&self.link, self.timeout).await?;
                 Err(error)
             }
