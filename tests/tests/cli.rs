@@ -453,3 +453,83 @@ fn numbers_where_text_belongs_say_how_to_quote_them() {
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("key `site`"), "{}", stderr(&o));
 }
+
+#[test]
+fn an_energy_reset_is_explicit_refused_while_the_counters_are_in_use_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = write(
+        dir.path(),
+        "wattbus.toml",
+        &format!("data_dir = \"{}\"\n[rms_processor]\n", data.display()),
+    );
+    let state = data.join("rms-processor/rms-processor");
+    std::fs::create_dir_all(&state).unwrap();
+    let file = state.join("energy.json");
+    std::fs::write(
+        &file,
+        r#"{"version":1,"channels":{"prime-1/ct1":{"import_wh":1234.5,"export_wh":6.5,"resets":0,"since_ms":1764000000000}},"marks":{"prime-1":1764000100000000}}"#,
+    )
+    .unwrap();
+    let counters =
+        || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap() };
+
+    let o = wattbus(&["energy", "show", "--config", &cfg], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("prime-1/ct1: import 1234.500 Wh"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Not a terminal and no --yes: nothing is reset.
+    let o = wattbus(&["energy", "reset", "prime-1/ct1", "--config", &cfg], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--yes"), "{}", stderr(&o));
+    assert_eq!(counters()["channels"]["prime-1/ct1"]["import_wh"], 1234.5);
+    // A typo names what is there.
+    let o = wattbus(
+        &["energy", "reset", "prime-1/ct9", "--config", &cfg, "--yes"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(64));
+    assert!(stderr(&o).contains("known: prime-1/ct1"), "{}", stderr(&o));
+    // While a processor holds the counters, a reset would be overwritten: refused.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state.join("energy.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let o = wattbus(
+        &["energy", "reset", "prime-1/ct1", "--config", &cfg, "--yes"],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("in use by another process"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lock);
+    let o = wattbus(
+        &["energy", "reset", "prime-1/ct1", "--config", &cfg, "--yes"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = &counters()["channels"]["prime-1/ct1"];
+    assert_eq!(
+        (c["import_wh"].as_f64(), c["export_wh"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    assert_eq!(c["resets"], 1, "the reset is counted");
+    assert!(
+        c["since_ms"].as_i64().unwrap() > 1_764_000_000_000,
+        "and dated"
+    );
+    assert_eq!(
+        counters()["marks"]["prime-1"],
+        1_764_000_100_000_000i64,
+        "the mark of what is counted is kept"
+    );
+}

@@ -3,6 +3,7 @@
 
 mod check;
 mod demo;
+mod energy;
 mod modbus;
 mod services;
 mod tail;
@@ -38,6 +39,11 @@ enum Command {
     Demo(demo::Options),
     /// Print bus traffic readably.
     Tail(tail::Options),
+    /// rms-processor's energy counters: show them, or reset one (explicitly, visibly).
+    Energy {
+        #[command(subcommand)]
+        command: energy::Command,
+    },
     /// Modbus tools: scan a bus, read a meter, set a WE-515's address or baud rate.
     Modbus {
         #[command(subcommand)]
@@ -75,6 +81,7 @@ fn main() -> ExitCode {
             Command::Demo(opts) => demo::run(opts).await,
             Command::Tail(opts) => tail::run(opts).await,
             Command::Modbus { command } => modbus::run(command).await,
+            Command::Energy { command } => energy::run(command),
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => check::run(file),

@@ -1,0 +1,154 @@
+//! `wattbus energy`: show and reset rms-processor's energy counters.
+//!
+//! The counters only grow (docs/rms-processor.md, "Energy"); a reset is the one way down, and
+//! it is explicit: done by a person with this command, counted in `resets`, dated in
+//! `since_ms`, and carried by every reading after it as `energy_resets`. The processor holds a
+//! lock on its counters while it runs, so a reset is refused until it is stopped — a reset
+//! made under a running processor would be overwritten at its next checkpoint.
+
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use rms_processor::energy::Energy;
+use runtime::{ConfigError, ConfigSource};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Print every channel's counters.
+    Show {
+        /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Start one channel's counters again from zero (stop rms-processor first).
+    Reset {
+        /// `<device>/<channel>` as shown by `wattbus energy show` (a channel without a voltage
+        /// channel has its apparent energy under `<device>/<channel>/vah`).
+        channel: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Do not ask for confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+pub fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Show { config } => {
+            let energy = open(config)?;
+            println!("{}", energy.path().display());
+            for (channel, c) in energy.channels() {
+                println!(
+                    "  {channel}: import {:.3} Wh, export {:.3} Wh, {} resets, counting since {}",
+                    c.import_wh,
+                    c.export_wh,
+                    c.resets,
+                    since(c.since_ms)
+                );
+            }
+            Ok(())
+        }
+        Command::Reset {
+            channel,
+            config,
+            yes,
+        } => {
+            let mut energy = open(config)?;
+            let Some(before) = energy.get(&channel) else {
+                let known: Vec<&str> = energy.channels().map(|(k, _)| k).collect();
+                return Err(ConfigError::new(
+                    "(channel)",
+                    format!(
+                        "no counters for {channel:?} in {}; known: {}",
+                        energy.path().display(),
+                        if known.is_empty() {
+                            "none yet".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                )
+                .into());
+            };
+            println!(
+                "{channel}: import {:.3} Wh, export {:.3} Wh will start again from 0 (reset #{}).",
+                before.import_wh,
+                before.export_wh,
+                before.resets + 1
+            );
+            if !yes && !confirmed()? {
+                println!("Nothing changed.");
+                return Ok(());
+            }
+            let after = energy.reset(&channel, proto::now_ms());
+            energy.save()?;
+            println!(
+                "Reset. {channel} counts from {} on; readings carry energy_resets = {}.",
+                since(after.since_ms),
+                after.resets
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The energy file of the configured rms-processor, locked.
+fn open(config: Option<PathBuf>) -> anyhow::Result<Energy> {
+    let src = ConfigSource::load(crate::services::config_path(config).as_deref())?;
+    let common = src.common()?;
+    let cfg: rms_processor::Config = src.section(rms_processor::SECTION)?;
+    let path = cfg.energy_path(&common.data_dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no energy counters at {} yet (has rms-processor run with this config?)",
+            path.display()
+        );
+    }
+    Energy::load(&path).context("cannot open the energy counters")
+}
+
+fn confirmed() -> anyhow::Result<bool> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        anyhow::bail!("not resetting without confirmation: stdin is not a terminal (use --yes)");
+    }
+    print!("Type yes to reset: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+/// A Unix ms time as `YYYY-MM-DD HH:MM:SS UTC`.
+fn since(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dates_read_as_a_person_writes_them() {
+        assert_eq!(super::since(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(super::since(1_764_000_000_000), "2025-11-24 16:00:00 UTC");
+        assert_eq!(super::since(951_825_600_000), "2000-02-29 12:00:00 UTC");
+    }
+}
