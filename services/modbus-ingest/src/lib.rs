@@ -75,15 +75,11 @@ pub fn identity(config: &Config) -> Identity {
 
 /// Run every configured bus until shutdown.
 pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
-    let (bus, bus_task) = Bus::connect(
-        &ctx.common.bus,
-        &ctx.common.site,
-        &identity(&config),
-        &ctx.health,
-    )?;
-    let result = run_on(&bus, &config, &ctx).await;
-    bus.close(bus_task).await;
-    result
+    ctx.clone()
+        .on_bus(&identity(&config), |bus| async move {
+            run_on(&bus, &config, &ctx).await
+        })
+        .await
 }
 
 /// Run on an existing bus connection (the demo shares one).

@@ -66,15 +66,11 @@ pub fn identity(config: &Config) -> Identity {
 
 /// Run the processor until shutdown.
 pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
-    let (bus, bus_task) = Bus::connect(
-        &ctx.common.bus,
-        &ctx.common.site,
-        &identity(&config),
-        &ctx.health,
-    )?;
-    let result = run_on(&bus, &config, &ctx).await;
-    bus.close(bus_task).await;
-    result
+    ctx.clone()
+        .on_bus(&identity(&config), |bus| async move {
+            run_on(&bus, &config, &ctx).await
+        })
+        .await
 }
 
 type Token = (AckToken, Acker);

@@ -39,3 +39,23 @@ pub struct Context {
     pub health: Health,
     pub shutdown: Shutdown,
 }
+
+impl Context {
+    /// Connect to the broker as `id`, run `f` on the connection, and close it cleanly (offline
+    /// status, last acknowledgements out) whatever `f` returned: the `run` of every service,
+    /// whose `run_on` does the work on a connection it may also share (the demo).
+    pub async fn on_bus<T, E, Fut>(
+        &self,
+        id: &bus::Identity,
+        f: impl FnOnce(bus::Bus) -> Fut,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: From<ConfigError>,
+    {
+        let (bus, task) = bus::Bus::connect(&self.common.bus, &self.common.site, id, &self.health)?;
+        let result = f(bus.clone()).await;
+        bus.close(task).await;
+        result
+    }
+}

@@ -288,19 +288,18 @@ mod serial {
         }
     }
 
-    /// Start the devices on PTY pairs, then serial-ingest and rms-processor on them.
+    /// A simulated device's driver, not started yet.
+    type Driver = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), simulators::serial::DriverError>> + Send>,
+    >;
+
+    /// Start the devices on PTY pairs, then serial-ingest, rms-processor and modbus-ingest on
+    /// them.
     /// `sinks`: the groups whose acknowledgement the readings wait for.
     pub async fn start(ctx: &Context, sinks: &[Segment]) -> anyhow::Result<Running> {
         // The devices start once the services are connected (below); until then, only
         // their PTYs exist.
-        let mut drivers: Vec<
-            std::pin::Pin<
-                Box<
-                    dyn std::future::Future<Output = Result<(), simulators::serial::DriverError>>
-                        + Send,
-                >,
-            >,
-        > = Vec::new();
+        let mut drivers: Vec<Driver> = Vec::new();
         let now = proto::now_ms();
         // Three CT clamps: a heater whose sensor also measures the mains voltage (a ZMPT101B
         // on the second channel: real power and power factor), a fridge, and a PC whose
