@@ -411,3 +411,84 @@ async fn a_meter_switched_off_on_an_rtu_line_leaves_the_other_at_1_s_and_recover
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_gateway_that_goes_away_is_reconnected_and_readings_resume() {
+    let name = "sim-tcp-restart";
+    let meters = Meters::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, down) = shutdown::channel();
+    let first = tokio::spawn(serve_tcp(listener, meters.bus.clone(), down));
+    let site = site(name);
+    let mut watch = Watch::new(&site).await;
+    let svc = Service::start(
+        &site,
+        &format!(
+            r#"
+[modbus_ingest]
+health_interval_ms = 1000
+[[modbus_ingest.buses]]
+name = "{name}"
+transport = "tcp"
+host = "127.0.0.1"
+port = {port}
+timeout_ms = 300
+reconnect_min_ms = 200
+reconnect_max_ms = 1000
+[[modbus_ingest.buses.devices]]
+name = "house"
+slave = 1
+profile = "orno-we-515"
+"#
+        ),
+    )
+    .await;
+    watch
+        .until(Duration::from_secs(10), |g| {
+            count(g, "house", "power", "l1") >= 2
+        })
+        .await;
+
+    // The gateway goes away (every connection dropped, nothing listening).
+    stop.fire();
+    tokio::time::timeout(Duration::from_secs(5), first)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    watch.during(Duration::from_millis(500)).await;
+    let gap = watch.during(Duration::from_secs(2)).await;
+    assert_eq!(
+        count(&gap, "house", "power", "l1"),
+        0,
+        "no readings without a gateway"
+    );
+
+    // It comes back on the same port: the service reconnects by itself.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _second = tokio::spawn(serve_tcp(listener, meters.bus.clone(), meters.shutdown()));
+    let back = watch
+        .until(Duration::from_secs(15), |g| {
+            count(g, "house", "power", "l1") >= 2
+        })
+        .await;
+    let reading = back.iter().find(|m| is(m, "house", "power", "l1")).unwrap();
+    assert!(same(
+        reading.fields["power_w"],
+        truth(&meters.house).power_w
+    ));
+    let health = watch
+        .until(Duration::from_secs(5), |g| {
+            g.iter().any(|m| is(m, name, "modbus_bus", "health"))
+        })
+        .await;
+    let health = health
+        .iter()
+        .rfind(|m| is(m, name, "modbus_bus", "health"))
+        .unwrap();
+    assert!(health.fields["reconnects"] >= 1.0, "{health:?}");
+    svc.stop().await;
+}
