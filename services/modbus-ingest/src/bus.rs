@@ -265,6 +265,9 @@ pub async fn run(
             None => Instant::now() + Duration::from_secs(3600),
         };
         tokio::select! {
+            // Shutdown first: a poll started after it was asked for would find the link
+            // closing and report its device as not answering.
+            biased;
             () = shutdown.wait() => break,
             _ = health.tick() => runner.publish_health().await?,
             () = tokio::time::sleep_until(wake) => {
@@ -327,6 +330,7 @@ impl BusRunner {
                     let until = Instant::now() + Duration::from_millis(wait);
                     loop {
                         tokio::select! {
+                            biased;
                             () = shutdown.wait() => return Ok(false),
                             _ = health.tick() => self.publish_health().await?,
                             () = tokio::time::sleep_until(until) => break,
@@ -363,6 +367,11 @@ impl BusRunner {
         let answered = outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Words { .. } | Outcome::Exception));
+        if !answered && shutdown.is_requested() {
+            // Stopping cut the poll short (or it never started): no verdict on the device.
+            self.publish(&poll, &outcomes).await?;
+            return Ok(());
+        }
         let now = self.now_ms();
         match self.scheduler.report(d, now, answered) {
             Transition::Degraded => {

@@ -113,6 +113,9 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     // Bus tasks end at shutdown, or early when the journal fails (readings would be lost).
     loop {
         tokio::select! {
+            // Shutdown first: bus tasks end on it too, and one that ended because of it has
+            // not "ended before shutdown".
+            biased;
             () = ctx.shutdown.wait() => break,
             Some(ended) = buses.join_next() => {
                 if let Err(e) = bus_task_ended(ended, true) {
