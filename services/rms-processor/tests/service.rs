@@ -10,43 +10,22 @@ use std::time::Duration;
 
 use proto::{Filter, Measurement, RawChannel, RawFrame, Segment, Topic};
 use runtime::bus::{Bus, Identity};
-use runtime::config::{BusConfig, InboxConfig, JournalKind, StreamConfig};
+use runtime::config::{InboxConfig, JournalKind, StreamConfig};
 use runtime::delivery::{Inbox, Producer};
-use runtime::{Common, Context, Health, Secret, Shutdown};
+use runtime::{Common, Context, Health, Shutdown};
+use wattbus_testkit::{mosquitto, seg, site};
 
 use rms_processor::config::{ChannelConfig, Config};
 
 const T0_US: i64 = 1_764_000_000_000_000;
 const RATE: f64 = 2000.0;
 
-fn bus_config() -> BusConfig {
-    let spec = std::env::var("MOSQUITTO_TEST_BROKER").expect(
-        "MOSQUITTO_TEST_BROKER is not set: run the suite with tests/run.sh, which starts mosquitto",
-    );
-    let p: Vec<&str> = spec.split(':').collect();
-    BusConfig {
-        host: p[0].into(),
-        port: p[1].parse().unwrap(),
-        username: Some(p[2].into()),
-        password: Some(Secret::new(p[3])),
-        ..BusConfig::default()
-    }
-}
-
-fn seg(s: &str) -> Segment {
-    Segment::new(s).unwrap()
-}
-
-fn site(test: &str) -> Segment {
-    seg(&format!("{test}-{}", std::process::id()))
-}
-
 async fn connect(site: &Segment, name: &str) -> (Bus, tokio::task::JoinHandle<()>) {
     let id = Identity {
         service: seg("test"),
         instance: seg(&format!("{name}-{site}")),
     };
-    let (bus, task) = Bus::connect(&bus_config(), site, &id, &Health::default()).unwrap();
+    let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
     assert!(bus.wait_connected(Duration::from_secs(10)).await);
     (bus, task)
 }
@@ -151,7 +130,7 @@ fn context(site: &Segment, data_dir: &Path, shutdown: Shutdown) -> Context {
         common: Common {
             site: site.clone(),
             data_dir: data_dir.to_path_buf(),
-            bus: bus_config(),
+            bus: mosquitto(),
             ..Common::default()
         },
         health: Health::default(),
@@ -344,7 +323,7 @@ async fn a_crashed_processor_replays_without_counting_energy_twice_or_moving_win
     // crash would (aborting `run` alone would leave its MQTT connection up).
     let cfg = processor_config(&site, "rms-a", &[]);
     let id = rms_processor::identity(&cfg);
-    let (bus1, bus1_task) = Bus::connect(&bus_config(), &site, &id, &Health::default()).unwrap();
+    let (bus1, bus1_task) = Bus::connect(&mosquitto(), &site, &id, &Health::default()).unwrap();
     let (stop1, shutdown1) = runtime::shutdown::channel();
     let ctx1 = context(&site, dir.path(), shutdown1);
     let first = tokio::spawn(async move {

@@ -7,38 +7,17 @@ use std::time::Duration;
 
 use proto::{DeadLetter, Filter, Measurement, Payload, Quality, Segment, Topic};
 use runtime::bus::{Bus, Identity, Overflow, QoS};
-use runtime::config::{BusConfig, InboxConfig, StreamConfig};
+use runtime::config::{InboxConfig, StreamConfig};
 use runtime::delivery::{Inbox, Producer};
-use runtime::{Health, Secret, Shutdown};
-
-fn bus_config() -> BusConfig {
-    let spec = std::env::var("MOSQUITTO_TEST_BROKER").expect(
-        "MOSQUITTO_TEST_BROKER is not set: run the suite with tests/run.sh, which starts mosquitto",
-    );
-    let p: Vec<&str> = spec.split(':').collect();
-    BusConfig {
-        host: p[0].into(),
-        port: p[1].parse().unwrap(),
-        username: Some(p[2].into()),
-        password: Some(Secret::new(p[3])),
-        ..BusConfig::default()
-    }
-}
-
-fn seg(s: &str) -> Segment {
-    Segment::new(s).unwrap()
-}
-
-fn site(test: &str) -> Segment {
-    seg(&format!("{test}-{}", std::process::id()))
-}
+use runtime::{Health, Shutdown};
+use wattbus_testkit::{mosquitto, seg, site};
 
 async fn connect(site: &Segment, name: &str) -> (Bus, tokio::task::JoinHandle<()>) {
     let id = Identity {
         service: seg("test"),
         instance: seg(&format!("{name}-{site}")),
     };
-    let (bus, task) = Bus::connect(&bus_config(), site, &id, &Health::default()).unwrap();
+    let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
     assert!(
         bus.wait_connected(Duration::from_secs(10)).await,
         "cannot reach mosquitto"
