@@ -7,8 +7,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,97 +16,19 @@ use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
 use runtime::config::{BusConfig, Common};
 use runtime::shutdown::ShutdownTrigger;
 use runtime::telemetry::Counter;
-use runtime::{ConfigSource, Context, Health, Secret};
+use runtime::{ConfigSource, Context, Health};
 use serial_ingest::{Config, SECTION};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use wattbus_testkit::{Socat, mosquitto, seg, site};
 
-fn bus_config() -> BusConfig {
-    let spec = std::env::var("MOSQUITTO_TEST_BROKER").expect(
-        "MOSQUITTO_TEST_BROKER is not set: run the suite with tests/run.sh, which starts mosquitto",
-    );
-    let p: Vec<&str> = spec.split(':').collect();
+/// mosquitto, reconnecting quickly: tests here restart connections and should not wait out the
+/// default backoff.
+fn mosquitto_fast_reconnect() -> BusConfig {
     BusConfig {
-        host: p[0].into(),
-        port: p[1].parse().unwrap(),
-        username: Some(p[2].into()),
-        password: Some(Secret::new(p[3])),
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
-        ..BusConfig::default()
-    }
-}
-
-fn seg(s: &str) -> Segment {
-    Segment::new(s).unwrap()
-}
-
-fn site(test: &str) -> Segment {
-    seg(&format!("{test}-{}", std::process::id()))
-}
-
-/// A PTY pair made by socat; killed (and its links removed) on drop.
-struct Socat {
-    child: Option<Child>,
-    dev: PathBuf,
-    sim: PathBuf,
-}
-
-impl Socat {
-    fn start(dir: &Path, name: &str) -> Socat {
-        let dev = dir.join(format!("{name}-dev"));
-        let sim = dir.join(format!("{name}-sim"));
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", sim.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run socat: install it (tests/run.sh does)");
-        let until = Instant::now() + Duration::from_secs(10);
-        while !(dev.symlink_metadata().is_ok() && sim.symlink_metadata().is_ok()) {
-            assert!(
-                Instant::now() < until,
-                "socat did not create {dev:?} and {sim:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Socat {
-            child: Some(child),
-            dev,
-            sim,
-        }
-    }
-
-    /// The device side, opened as the sketch's USB serial would be.
-    fn sim(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.sim)
-            .unwrap()
-    }
-
-    fn dev(&self) -> String {
-        self.dev.display().to_string()
-    }
-
-    /// Pull the plug: the service's end reads EIO or end of file from now on.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.dev);
-        let _ = std::fs::remove_file(&self.sim);
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        self.kill();
+        ..mosquitto()
     }
 }
 
@@ -117,7 +37,8 @@ async fn connect(site: &Segment, name: &str) -> (Bus, JoinHandle<()>) {
         service: seg("test"),
         instance: seg(&format!("{name}-{site}")),
     };
-    let (bus, task) = Bus::connect(&bus_config(), site, &id, &Health::default()).unwrap();
+    let (bus, task) =
+        Bus::connect(&mosquitto_fast_reconnect(), site, &id, &Health::default()).unwrap();
     assert!(
         bus.wait_connected(Duration::from_secs(10)).await,
         "cannot reach mosquitto"
@@ -142,7 +63,7 @@ impl Service {
         // Tests share the broker: client ids must differ.
         config.instance = seg(&format!("si-{site}"));
         let (bus, bus_task) = Bus::connect(
-            &bus_config(),
+            &mosquitto_fast_reconnect(),
             site,
             &serial_ingest::identity(&config),
             &Health::default(),
@@ -156,7 +77,7 @@ impl Service {
             common: Common {
                 site: site.clone(),
                 data_dir: data.path().to_path_buf(),
-                bus: bus_config(),
+                bus: mosquitto_fast_reconnect(),
                 ..Common::default()
             },
             health: health.clone(),
@@ -328,7 +249,7 @@ async fn powmon_answers_become_current_and_power_with_saturation_flagged_not_zer
     let site = site("powmon");
     let dir = tempfile::tempdir().unwrap();
     let pty = Socat::start(dir.path(), "powmon");
-    let polls = powmon_device(pty.sim(), vec!["600,512\r\n", "700,400\r\n"]);
+    let polls = powmon_device(pty.sim_file(), vec!["600,512\r\n", "700,400\r\n"]);
     let mut watch = measurements(&site).await;
     let started = proto::now_ms();
     let svc = Service::start(
@@ -350,7 +271,7 @@ name = "ct2"
 sensitivity_v_per_a = 0.100
 supply_v = 120.0
 "#,
-            pty.dev()
+            pty.dev_str()
         ),
     )
     .await;
@@ -446,15 +367,15 @@ name = "mains"
 unit = "v"
 scale = 2.0
 "#,
-            pty.dev()
+            pty.dev_str()
         ),
     )
     .await;
-    let mut sim = pty.sim();
+    let mut sim = pty.sim_file();
     // Give the service a moment to open its end, so the first lines are not lost to the
     // open (a real device streams before and after; the test wants the frames exact).
     eventually("the port is opened", Duration::from_secs(5), || {
-        counter("wattbus_serial_lines_total", &pty.dev(), "prime") > 0 || {
+        counter("wattbus_serial_lines_total", &pty.dev_str(), "prime") > 0 || {
             // Nothing sent yet; opening is observable by the absence of open errors only, so
             // send a banner, which counts as a line read.
             let _ = sim.write_all(b"# wattbus-stream rate=1000 channels=2\r\n");
@@ -548,7 +469,7 @@ scale = 2.0
         frames[3].start_ts_us
     );
     assert_eq!(
-        counter("wattbus_serial_lost_lines_total", &pty.dev(), "prime"),
+        counter("wattbus_serial_lost_lines_total", &pty.dev_str(), "prime"),
         2
     );
     svc.stop().await;
@@ -561,7 +482,7 @@ async fn hostile_input_is_counted_and_skipped_and_good_lines_after_it_are_publis
     let sensors = Socat::start(dir.path(), "sensors");
     let mute = Socat::start(dir.path(), "mute");
     // A PowMon that reads the polls and never answers.
-    let mute_polls = powmon_device(mute.sim(), vec![]);
+    let mute_polls = powmon_device(mute.sim_file(), vec![]);
     let mut watch = measurements(&site).await;
     let svc = Service::start(
         &site,
@@ -587,13 +508,13 @@ max_silent_polls = 2
 reopen_min_ms = 50
 reopen_max_ms = 100
 "#,
-            sensors.dev(),
-            mute.dev()
+            sensors.dev_str(),
+            mute.dev_str()
         ),
     )
     .await;
-    let port = sensors.dev();
-    let mut sim = sensors.sim();
+    let port = sensors.dev_str();
+    let mut sim = sensors.sim_file();
     // Wait until the service reads this port (a line before the open could be lost).
     eventually("the lines port is read", Duration::from_secs(5), || {
         let _ = sim.write_all(b"# hello\n");
@@ -663,7 +584,7 @@ reopen_max_ms = 100
         1
     );
     // The PowMon that never answers: timeouts counted, port reopened, polls keep coming.
-    let mp = mute.dev();
+    let mp = mute.dev_str();
     eventually(
         "the mute port times out and is reopened",
         Duration::from_secs(10),
@@ -694,8 +615,8 @@ async fn an_unplugged_port_is_reopened_and_the_other_port_never_stops() {
     let b = Socat::start(dir.path(), "b");
     let stop = Arc::new(AtomicBool::new(false));
     let period = Duration::from_millis(20);
-    let ta = ticking_sensor(a.sim(), "x", period, stop.clone());
-    let tb = ticking_sensor(b.sim(), "y", period, stop.clone());
+    let ta = ticking_sensor(a.sim_file(), "x", period, stop.clone());
+    let tb = ticking_sensor(b.sim_file(), "y", period, stop.clone());
     let mut watch = measurements(&site).await;
     let svc = Service::start(
         &site,
@@ -713,8 +634,8 @@ path = "{}"
 device = "b"
 protocol = "lines"
 "#,
-            a.dev(),
-            b.dev()
+            a.dev_str(),
+            b.dev_str()
         ),
     )
     .await;
@@ -730,7 +651,7 @@ protocol = "lines"
     a.kill();
     let _ = ta.join();
     let unplugged = proto::now_ms();
-    let port_a = a.dev();
+    let port_a = a.dev_str();
     eventually("the loss of a is noticed", Duration::from_secs(5), || {
         counter("wattbus_serial_port_errors_total", &port_a, "a") >= 1
     })
@@ -760,7 +681,7 @@ protocol = "lines"
     );
     // Plug a back in (same path, new PTY).
     let a2 = Socat::start(dir.path(), "a");
-    let ta2 = ticking_sensor(a2.sim(), "x", period, stop.clone());
+    let ta2 = ticking_sensor(a2.sim_file(), "x", period, stop.clone());
     let replugged = proto::now_ms();
     watch
         .until(Duration::from_secs(10), |ms| {
@@ -782,8 +703,9 @@ async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
     let late = Socat::start(dir.path(), "late");
     let prompt = Socat::start(dir.path(), "prompt");
     // Answers 120 ms after each poll; the service waits 50 ms.
-    let late_polls = slow_powmon_device(late.sim(), vec!["600\r\n"], Duration::from_millis(120));
-    powmon_device(prompt.sim(), vec!["520\r\n"]);
+    let late_polls =
+        slow_powmon_device(late.sim_file(), vec!["600\r\n"], Duration::from_millis(120));
+    powmon_device(prompt.sim_file(), vec!["520\r\n"]);
     let mut watch = measurements(&site).await;
     let svc = Service::start(
         &site,
@@ -804,8 +726,8 @@ protocol = "request-response"
 poll_interval_ms = 100
 response_timeout_ms = 50
 "#,
-            late.dev(),
-            prompt.dev()
+            late.dev_str(),
+            prompt.dev_str()
         ),
     )
     .await;
@@ -826,7 +748,7 @@ response_timeout_ms = 50
         got.iter()
             .all(|(_, m)| m.fields.get("adc_counts") == Some(&520.0))
     );
-    let port = late.dev();
+    let port = late.dev_str();
     assert!(late_polls.lock().unwrap().len() >= 4);
     assert!(counter("wattbus_serial_timeouts_total", &port, "late") >= 4);
     assert!(counter("wattbus_serial_unsolicited_lines_total", &port, "late") >= 3);
