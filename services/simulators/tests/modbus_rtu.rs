@@ -1,11 +1,13 @@
 //! The simulated meters over Modbus RTU on real virtual serial ports (a socat PTY pair, as a
 //! user would make one, and the in-process pair the demo uses), read by tokio-modbus's RTU
 //! client.
+//!
+//! On the socat pair the simulated meters serve the `sim` end; the client opens the `dev` end,
+//! as modbus-ingest would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use runtime::shutdown::{self, ShutdownTrigger};
@@ -20,61 +22,11 @@ use tokio_modbus::Slave;
 use tokio_modbus::client::{Context, Reader, Writer, rtu};
 use tokio_modbus::slave::SlaveContext;
 use tokio_serial::SerialPortBuilderExt;
+use wattbus_testkit::Socat;
 
 /// 2024-06-01 14:00 UTC.
 const AFTERNOON: i64 = 1_717_250_400_000;
 const NO_ANSWER: Duration = Duration::from_millis(300);
-
-/// socat running a PTY pair; killed on drop.
-struct Socat {
-    child: Child,
-    a: PathBuf,
-    b: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Socat {
-    fn start() -> Socat {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        let b = dir.path().join("b");
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is installed (apt-get install -y socat)");
-        let mut socat = Socat {
-            child,
-            a,
-            b,
-            _dir: dir,
-        };
-        // socat says nothing useful on stdout: polling for its links is the only signal.
-        for _ in 0..200 {
-            if socat.a.exists() && socat.b.exists() {
-                return socat;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        socat.kill();
-        panic!("socat did not create its PTY links within 2 s");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Line {
     meters: [SlaveHandle; 2],
@@ -119,15 +71,16 @@ fn truth_power(h: &SlaveHandle) -> f64 {
 
 #[tokio::test]
 async fn two_slaves_share_a_socat_line_and_strangers_get_silence() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let line = serve(
         Port::Path {
-            path: socat.a.to_string_lossy().into_owned(),
+            path: socat.sim_str(),
             baud: 9600,
         },
         None,
     );
-    let mut ctx = client(&socat.b, 1);
+    let mut ctx = client(socat.dev(), 1);
     for (i, h) in line.meters.iter().enumerate() {
         ctx.set_slave(Slave(i as u8 + 1));
         let a = ctx
@@ -180,15 +133,16 @@ async fn two_slaves_share_a_socat_line_and_strangers_get_silence() {
 
 #[tokio::test]
 async fn an_address_write_over_rtu_moves_the_meter() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let line = serve(
         Port::Path {
-            path: socat.a.to_string_lossy().into_owned(),
+            path: socat.sim_str(),
             baud: 9600,
         },
         None,
     );
-    let mut ctx = client(&socat.b, 1);
+    let mut ctx = client(socat.dev(), 1);
     let r = ctx.write_multiple_registers(0x0110, &[0, 4]).await.unwrap();
     assert_eq!(
         r,
@@ -213,16 +167,17 @@ async fn an_address_write_over_rtu_moves_the_meter() {
 
 #[tokio::test]
 async fn pacing_makes_a_read_take_as_long_as_a_9600_baud_line() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let t = LineTiming::RS485_9600_8E1;
     let line = serve(
         Port::Path {
-            path: socat.a.to_string_lossy().into_owned(),
+            path: socat.sim_str(),
             baud: 9600,
         },
         Some(t),
     );
-    let mut ctx = client(&socat.b, 1);
+    let mut ctx = client(socat.dev(), 1);
     // A first read to have the port open and the line settled.
     ctx.read_holding_registers(0x0110, 2)
         .await

@@ -1,10 +1,12 @@
 //! The serial drivers over real virtual serial ports: a socat PTY pair (as a user would make
 //! one to try serial-ingest) and the in-process pair the demo uses.
+//!
+//! On the socat pair the driver under test plays the device on the `sim` end; the test reads
+//! and writes the `dev` end, as serial-ingest would.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use runtime::shutdown;
@@ -14,57 +16,7 @@ use simulators::serial::{
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::timeout;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
-
-/// socat running a PTY pair; killed on drop.
-struct Socat {
-    child: Child,
-    a: PathBuf,
-    b: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Socat {
-    fn start() -> Socat {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        let b = dir.path().join("b");
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            .arg(format!("pty,raw,echo=0,link={}", a.display()))
-            .arg(format!("pty,raw,echo=0,link={}", b.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("socat is installed (apt-get install -y socat)");
-        let mut socat = Socat {
-            child,
-            a,
-            b,
-            _dir: dir,
-        };
-        // socat says nothing useful on stdout: polling for its links is the only signal.
-        for _ in 0..200 {
-            if socat.a.exists() && socat.b.exists() {
-                return socat;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        socat.kill();
-        panic!("socat did not create its PTY links within 2 s");
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use wattbus_testkit::Socat;
 
 fn open(path: &Path) -> BufReader<SerialStream> {
     BufReader::new(
@@ -114,7 +66,8 @@ fn single_load(amps: f64) -> PowMon {
 
 #[tokio::test]
 async fn prime_streams_continuous_checksummed_lines_over_a_socat_pty() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let (trigger, stop) = shutdown::channel();
     let model = Prime::new(
         PrimeConfig {
@@ -125,8 +78,8 @@ async fn prime_streams_continuous_checksummed_lines_over_a_socat_pty() {
         proto::now_ms(),
     )
     .unwrap();
-    let mut reader = open(&socat.b);
-    let driver = tokio::spawn(serial::run_prime(model, path_port(&socat.a), stop));
+    let mut reader = open(socat.dev());
+    let driver = tokio::spawn(serial::run_prime(model, path_port(socat.sim()), stop));
     assert_eq!(
         read_line(&mut reader).await,
         "# wattbus-stream rate=2000 channels=1\n"
@@ -159,7 +112,8 @@ async fn prime_streams_continuous_checksummed_lines_over_a_socat_pty() {
 
 #[tokio::test]
 async fn prime_faults_garble_lines_that_fail_their_checksum() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let (trigger, stop) = shutdown::channel();
     let model = Prime::new(
         PrimeConfig {
@@ -172,8 +126,8 @@ async fn prime_faults_garble_lines_that_fail_their_checksum() {
         proto::now_ms(),
     )
     .unwrap();
-    let mut reader = open(&socat.b);
-    let driver = tokio::spawn(serial::run_prime(model, path_port(&socat.a), stop));
+    let mut reader = open(socat.dev());
+    let driver = tokio::spawn(serial::run_prime(model, path_port(socat.sim()), stop));
     assert!(read_line(&mut reader).await.starts_with("# wattbus-stream"));
     let mut bad = 0;
     for _ in 0..20 {
@@ -191,14 +145,15 @@ async fn prime_faults_garble_lines_that_fail_their_checksum() {
 
 #[tokio::test]
 async fn powmon_answers_read_requests_over_a_socat_pty_and_ignores_other_lines() {
-    let socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socat = Socat::start(dir.path(), "line");
     let (trigger, stop) = shutdown::channel();
     let driver = tokio::spawn(serial::run_powmon(
         single_load(6.510_416_666),
-        path_port(&socat.a),
+        path_port(socat.sim()),
         stop,
     ));
-    let mut host = open(&socat.b);
+    let mut host = open(socat.dev());
     // Not a request: no answer. Then the Pi's six bytes: the doc's 600 for 6.51 A.
     host.get_mut().write_all(b"hello\n").await.unwrap();
     host.get_mut().write_all(b"read \n").await.unwrap();
@@ -224,14 +179,15 @@ async fn powmon_answers_read_requests_over_a_socat_pty_and_ignores_other_lines()
 
 #[tokio::test]
 async fn a_driver_returns_an_error_when_its_port_goes_away() {
-    let mut socat = Socat::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut socat = Socat::start(dir.path(), "line");
     let (_trigger, stop) = shutdown::channel();
     let model = Sensor::new(SensorConfig::default(), 1).unwrap();
-    let mut reader = open(&socat.b);
+    let mut reader = open(socat.dev());
     let driver = tokio::spawn(serial::run_sensor(
         model,
         Duration::from_millis(20),
-        path_port(&socat.a),
+        path_port(socat.sim()),
         stop,
     ));
     let line = read_line(&mut reader).await;
