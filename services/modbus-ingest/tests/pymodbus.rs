@@ -18,8 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use common::{Service, Socat, Watch, count, seg, site};
+use common::{Service, Watch, count, rtu_pty};
 use proto::{Measurement, Quality, Segment};
+use wattbus_testkit::{seg, site};
 
 /// The version the script was written for (its header).
 const PYMODBUS: &str = "3.16.1";
@@ -259,13 +260,13 @@ async fn pymodbus_over_tcp_serves_values_modbus_ingest_publishes_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pymodbus_over_rtu_serves_values_modbus_ingest_publishes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
-    let sim = socat.sim.display().to_string();
+    let socat = rtu_pty(dir.path());
+    let sim = socat.sim_str();
     let server = Pymodbus::start(&["--rtu", &sim]);
     against_pymodbus(
         "pymodbus-rtu",
         &server,
-        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev.display()),
+        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev().display()),
     )
     .await;
 }

@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Service, Socat, Watch, close, count, counter, is, seg, site};
+use common::{Service, Watch, close, count, counter, is, rtu_pty};
 use proto::{Measurement, Quality, Segment};
 use runtime::telemetry::Counter;
+use wattbus_testkit::{Socat, seg, site};
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 fn crc16(data: &[u8]) -> u16 {
@@ -185,13 +186,13 @@ fn we515_map(export_w: i32, energy_centi_kwh: u32) -> BTreeMap<u16, u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_we515_on_one_rtu_bus_take_two_requests_per_poll_and_publish_signed_values() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    let socat = rtu_pty(dir.path());
     let mut peer = Peer::new();
     let off1 = peer.slave(1, we515_map(1178, 123_456));
     let off2 = peer.slave(2, we515_map(250, 200_000));
     off1.store(false, Ordering::SeqCst);
     off2.store(false, Ordering::SeqCst);
-    let (seen, _) = peer.spawn(socat.sim());
+    let (seen, _) = peer.spawn(socat.sim_file());
     let site = site("two-we515");
     let mut watch = Watch::new(&site).await;
     let svc = Service::start(
@@ -214,7 +215,7 @@ slave = 2
 profile = "orno-we-514"
 poll = {{ fast = 1000, slow = 1000 }}
 "#,
-            socat.dev.display()
+            socat.dev().display()
         ),
     )
     .await;
@@ -302,13 +303,13 @@ poll = {{ fast = 1000, slow = 1000 }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_switched_off_leaves_the_other_at_its_rate_and_recovers_when_on() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    let socat = rtu_pty(dir.path());
     let mut peer = Peer::new();
     peer.slave(1, we515_map(500, 123_456))
         .store(false, Ordering::SeqCst);
     let off2 = peer.slave(2, we515_map(600, 200_000));
     off2.store(false, Ordering::SeqCst);
-    peer.spawn(socat.sim());
+    peer.spawn(socat.sim_file());
     let site = site("off-on");
     let mut watch = Watch::new(&site).await;
     let bus = "off-on";
@@ -332,7 +333,7 @@ name = "goes-off"
 slave = 2
 profile = "orno-we-515"
 "#,
-            socat.dev.display()
+            socat.dev().display()
         ),
     )
     .await;
@@ -428,7 +429,7 @@ field = "power_w"
 async fn hostile(name: &str, script: Vec<Reply>) -> (Service, Watch, Socat, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("split.toml"), SPLIT_PROFILE).unwrap();
-    let socat = Socat::start(dir.path());
+    let socat = rtu_pty(dir.path());
     let mut peer = Peer::new();
     let mut map = BTreeMap::new();
     map.insert(0x0000, 2301); // 230.1 V
@@ -436,7 +437,7 @@ async fn hostile(name: &str, script: Vec<Reply>) -> (Service, Watch, Socat, temp
     map.insert(0x0101, 0xFC18); // -1000 W
     peer.slave(7, map).store(false, Ordering::SeqCst);
     peer.script.lock().unwrap().extend(script);
-    peer.spawn(socat.sim());
+    peer.spawn(socat.sim_file());
     let site = site(name);
     let watch = Watch::new(&site).await;
     let svc = Service::start(
@@ -458,7 +459,7 @@ slave = 7
 profile = "split-meter"
 "#,
             dir.path().display(),
-            socat.dev.display()
+            socat.dev().display()
         ),
     )
     .await;

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Service, Socat, Watch, count, is, seg, site};
+use common::{Service, Watch, count, is, rtu_pty};
 use proto::{Measurement, Quality, Segment};
 use runtime::shutdown::{self, ShutdownTrigger};
 use simulators::modbus::{
@@ -22,6 +22,7 @@ use simulators::modbus::{
 };
 use simulators::serial::Port;
 use tokio::task::JoinHandle;
+use wattbus_testkit::{seg, site};
 
 /// 2024-06-01 12:00 UTC: midday, when the simulated household exports.
 const NOON: i64 = 1_717_243_200_000;
@@ -262,10 +263,10 @@ async fn two_we515_behind_a_tcp_gateway_take_two_requests_per_poll_and_publish_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_we515_on_an_rtu_line_take_two_requests_per_poll_and_publish_the_truth() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    let socat = rtu_pty(dir.path());
     let meters = Meters::new();
     let port = Port::Path {
-        path: socat.sim.display().to_string(),
+        path: socat.sim_str(),
         baud: 9600,
     };
     let _server = tokio::spawn(serve_rtu(
@@ -277,7 +278,7 @@ async fn two_we515_on_an_rtu_line_take_two_requests_per_poll_and_publish_the_tru
     two_meters_two_requests_per_poll_and_the_truth(
         "sim-rtu",
         &meters,
-        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev.display()),
+        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev().display()),
     )
     .await;
 }
@@ -392,10 +393,10 @@ async fn a_meter_switched_off_behind_a_tcp_gateway_leaves_the_other_at_1_s_and_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_meter_switched_off_on_an_rtu_line_leaves_the_other_at_1_s_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
+    let socat = rtu_pty(dir.path());
     let meters = Meters::new();
     let port = Port::Path {
-        path: socat.sim.display().to_string(),
+        path: socat.sim_str(),
         baud: 9600,
     };
     let _server = tokio::spawn(serve_rtu(
@@ -407,7 +408,7 @@ async fn a_meter_switched_off_on_an_rtu_line_leaves_the_other_at_1_s_and_recover
     one_off_the_other_keeps_its_rate(
         "sim-off-rtu",
         &meters,
-        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev.display()),
+        &format!("transport = \"rtu\"\npath = \"{}\"", socat.dev().display()),
     )
     .await;
 }

@@ -1,100 +1,29 @@
 //! Helpers shared by the service tests: the broker (mosquitto, started by tests/run.sh:
-//! MOSQUITTO_TEST_BROKER=host:port:user:password), a socat PTY pair, the service run on its own
-//! bus connection, and a watch on everything published for a site.
+//! MOSQUITTO_TEST_BROKER=host:port:user:password) and the socat PTY pair come from
+//! wattbus-testkit; here: a PTY pair set up for this service, the service run on its own bus
+//! connection, and a watch on everything published for a site.
 // Each test binary uses its own subset of these.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use modbus_ingest::{Config, SECTION};
 use proto::{Filter, Measurement, Payload, Segment};
 use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
-use runtime::config::{BusConfig, Common};
+use runtime::config::Common;
 use runtime::shutdown::ShutdownTrigger;
 use runtime::telemetry::Counter;
-use runtime::{ConfigSource, Context, Health, Secret};
+use runtime::{ConfigSource, Context, Health};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use wattbus_testkit::{Socat, mosquitto, seg};
 
-pub fn bus_config() -> BusConfig {
-    let spec = std::env::var("MOSQUITTO_TEST_BROKER").expect(
-        "MOSQUITTO_TEST_BROKER is not set: run the suite with tests/run.sh, which starts mosquitto",
-    );
-    let p: Vec<&str> = spec.split(':').collect();
-    BusConfig {
-        host: p[0].into(),
-        port: p[1].parse().unwrap(),
-        username: Some(p[2].into()),
-        password: Some(Secret::new(p[3])),
-        ..BusConfig::default()
-    }
-}
-
-pub fn seg(s: &str) -> Segment {
-    Segment::new(s).unwrap()
-}
-
-pub fn site(test: &str) -> Segment {
-    seg(&format!("{test}-{}", std::process::id()))
-}
-
-/// A PTY pair made by socat; killed (and its links removed) on drop.
-pub struct Socat {
-    child: Option<Child>,
-    pub dev: PathBuf,
-    pub sim: PathBuf,
-}
-
-impl Socat {
-    pub fn start(dir: &Path) -> Socat {
-        let dev = dir.join("dev");
-        let sim = dir.join("sim");
-        let child = Command::new("socat")
-            .arg("-d")
-            .arg("-d")
-            // ignoreeof: the service closes and reopens its end to resync after garbage; socat
-            // must not take that close for the end of the line.
-            .arg(format!("pty,raw,echo=0,ignoreeof,link={}", dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", sim.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run socat: install it (tests/run.sh does)");
-        let until = Instant::now() + Duration::from_secs(10);
-        while !(dev.symlink_metadata().is_ok() && sim.symlink_metadata().is_ok()) {
-            assert!(
-                Instant::now() < until,
-                "socat did not create {dev:?} and {sim:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Socat {
-            child: Some(child),
-            dev,
-            sim,
-        }
-    }
-
-    pub fn sim(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.sim)
-            .unwrap()
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.dev);
-        let _ = std::fs::remove_file(&self.sim);
-    }
+/// A PTY pair for an RTU bus: `dev()` for the service, `sim()` for the Modbus peer.
+///
+/// ignoreeof on the service's end: the service closes and reopens its end to resync after
+/// garbage; socat must not take that close for the end of the line.
+pub fn rtu_pty(dir: &std::path::Path) -> Socat {
+    Socat::builder(dir, "rtu").ignoreeof().start()
 }
 
 /// The service, running on its own bus connection.
@@ -118,7 +47,7 @@ impl Service {
             .unwrap();
         config.instance = seg(&format!("mi-{site}"));
         let (bus, bus_task) = Bus::connect(
-            &bus_config(),
+            &mosquitto(),
             site,
             &modbus_ingest::identity(&config),
             &Health::default(),
@@ -131,7 +60,7 @@ impl Service {
             common: Common {
                 site: site.clone(),
                 data_dir: data.path().to_path_buf(),
-                bus: bus_config(),
+                bus: mosquitto(),
                 ..Common::default()
             },
             health: Health::default(),
@@ -170,7 +99,7 @@ impl Watch {
             service: seg("test"),
             instance: seg(&format!("watch-{site}")),
         };
-        let (bus, task) = Bus::connect(&bus_config(), site, &id, &Health::default()).unwrap();
+        let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
         assert!(bus.wait_connected(Duration::from_secs(10)).await);
         let filter = Filter::measurements(Some(site), None);
         let rx = bus.subscribe(
