@@ -7,12 +7,13 @@
 //! socat.
 
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wattbus_e2e::{wait_until, wattbus_bin};
+use wattbus_e2e::wattbus_bin;
+use wattbus_testkit::{Socat, wait_until};
 
 /// A pymodbus WE-515 server; its stdout lines (READY, REQ, MOVED) are collected for asserts.
 struct Pymodbus {
@@ -99,39 +100,6 @@ impl Pymodbus {
 }
 
 impl Drop for Pymodbus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A PTY pair made by socat: `dev` for wattbus, `sim` for pymodbus. Killed on drop.
-struct Socat {
-    child: Child,
-    dev: PathBuf,
-    sim: PathBuf,
-}
-
-impl Socat {
-    fn start(dir: &Path) -> Socat {
-        let dev = dir.join("rs485-dev");
-        let sim = dir.join("rs485-sim");
-        let child = Command::new("socat")
-            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", sim.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run socat: install it (apt-get install socat)");
-        assert!(
-            wait_until(Duration::from_secs(10), || dev.exists() && sim.exists()),
-            "socat did not create {dev:?} and {sim:?}"
-        );
-        Socat { child, dev, sim }
-    }
-}
-
-impl Drop for Socat {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -494,9 +462,10 @@ fn bad_arguments_exit_64_with_the_reason() {
 #[test]
 fn scan_read_and_set_address_over_rtu_on_a_pty_pair() {
     let dir = tempfile::tempdir().unwrap();
-    let socat = Socat::start(dir.path());
-    let sim = socat.sim.display().to_string();
-    let dev = socat.dev.display().to_string();
+    // `dev` for wattbus, `sim` for pymodbus.
+    let socat = Socat::start(dir.path(), "rs485");
+    let sim = socat.sim_str();
+    let dev = socat.dev_str();
     let server = Pymodbus::start(&["--rtu", &sim, "--baud", "9600", "--slaves", "3,4"]);
     let rtu = ["--rtu", dev.as_str(), "--baud", "9600", "--parity", "none"];
 

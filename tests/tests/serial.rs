@@ -12,11 +12,11 @@
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::{Filter, Measurement, Quality, RawFrame, Segment, Sequenced};
+use proto::{Filter, Measurement, Quality, RawFrame, Sequenced};
 use runtime::bus::{Bus, Identity};
 use runtime::config::{BusConfig, InboxConfig};
 use runtime::delivery::Inbox;
@@ -27,83 +27,13 @@ use simulators::serial::{
     run_powmon, run_prime,
 };
 use tokio::task::JoinHandle;
-use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+use wattbus_e2e::{BrokerSetup, Proc, free_port, wattbus_bin};
+use wattbus_testkit::{Socat, seg, wait_until};
 
 /// The site every service config here uses.
 const SITE: &str = "lab";
 /// The sink group of the test's consumer; the services' streams wait for it.
 const SINK: &str = "e2e-sink";
-
-fn seg(s: &str) -> Segment {
-    Segment::new(s).unwrap()
-}
-
-/// A PTY pair made by socat: `dev` for the service, `sim` for the device. Killed (and its
-/// links removed) on drop.
-struct Socat {
-    child: Option<Child>,
-    dev: PathBuf,
-    sim: PathBuf,
-}
-
-impl Socat {
-    fn start(dir: &Path, name: &str) -> Socat {
-        let dev = dir.join(format!("{name}-dev"));
-        let sim = dir.join(format!("{name}-sim"));
-        let child = Command::new("socat")
-            .args(["-d", "-d"])
-            .arg(format!("pty,raw,echo=0,link={}", dev.display()))
-            .arg(format!("pty,raw,echo=0,link={}", sim.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot run socat: install it (apt-get install socat)");
-        assert!(
-            wait_until(Duration::from_secs(10), || dev.symlink_metadata().is_ok()
-                && sim.symlink_metadata().is_ok()),
-            "socat did not create {dev:?} and {sim:?}"
-        );
-        Socat {
-            child: Some(child),
-            dev,
-            sim,
-        }
-    }
-
-    fn dev(&self) -> String {
-        self.dev.display().to_string()
-    }
-
-    fn sim(&self) -> String {
-        self.sim.display().to_string()
-    }
-
-    /// The device end opened as a plain file, for writing bytes by hand.
-    fn sim_file(&self) -> std::fs::File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.sim)
-            .unwrap()
-    }
-
-    /// Pull the plug: both PTYs disappear.
-    fn kill(&mut self) {
-        // Once only: a replacement pair may have the same link names by now.
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            let _ = std::fs::remove_file(&self.dev);
-            let _ = std::fs::remove_file(&self.sim);
-        }
-    }
-}
-
-impl Drop for Socat {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 /// A simulated device task; stopped on drop.
 struct Sim {
@@ -361,7 +291,7 @@ fn three_streaming_devices_at_once_and_one_unplugged_loses_nothing_on_the_others
     for (n, s) in socats.iter().enumerate() {
         ports.push_str(&format!(
             "[[serial_ingest.ports]]\npath = \"{path}\"\ndevice = \"prime-{n}\"\nprotocol = \"stream\"\nreopen_max_ms = 1000\nchannels = [{{ name = \"l1\", unit = \"a\", scale = {CT_SCALE} }}]\n",
-            path = s.dev(),
+            path = s.dev_str(),
             n = n + 1
         ));
     }
@@ -391,7 +321,7 @@ fn three_streaming_devices_at_once_and_one_unplugged_loses_nothing_on_the_others
         .collect();
     let start_prime = |rt: &tokio::runtime::Runtime, n: usize, s: &Socat, seed: u64| {
         let model = prime(rms_counts[n], seed);
-        let path = s.sim();
+        let path = s.sim_str();
         Sim::spawn(rt, move |sd| {
             tokio::spawn(run_prime(
                 model,
@@ -594,8 +524,8 @@ fn hostile_serial_input_never_stops_the_service() {
             "[serial_ingest]\nhealth_listen = \"127.0.0.1:{health}\"\n[serial_ingest.meas_stream]\nwait_for = [\"{SINK}\"]\nack_timeout_ms = 2000\n\
              [[serial_ingest.ports]]\npath = \"{}\"\ndevice = \"sensor\"\nprotocol = \"lines\"\n\
              [[serial_ingest.ports]]\npath = \"{}\"\ndevice = \"prime\"\nprotocol = \"stream\"\nsample_rate_hz = 200.0\nframe_ms = 100\nchannels = [{{ name = \"l1\", unit = \"a\", scale = 0.5 }}]\n",
-            lines.dev(),
-            stream.dev()
+            lines.dev_str(),
+            stream.dev_str()
         ),
     );
     let log = d.join("serial-ingest.log");
@@ -714,7 +644,7 @@ fn a_powmon_device_is_polled_and_converted() {
              [[serial_ingest.ports]]\npath = \"{}\"\ndevice = \"powmon\"\nprotocol = \"request-response\"\npoll_interval_ms = 300\nresponse_timeout_ms = 250\n\
              channels = [{{ name = \"heater\" }}, {{ name = \"kettle\" }}]\n",
             free_port(),
-            port.dev()
+            port.dev_str()
         ),
     );
     let log = d.join("serial-ingest.log");
@@ -727,7 +657,7 @@ fn a_powmon_device_is_polled_and_converted() {
     .unwrap();
     let raw_normal = model.raw_for_amps(normal_amps);
     let raw_saturated = model.raw_for_amps(13.9);
-    let path = port.sim();
+    let path = port.sim_str();
     let _sim = Sim::spawn(&rt, move |sd| {
         tokio::spawn(run_powmon(
             model,
@@ -805,8 +735,8 @@ fn a_device_that_never_answers_is_counted_not_fatal() {
             "[serial_ingest]\nhealth_listen = \"127.0.0.1:{health}\"\n[serial_ingest.meas_stream]\nwait_for = [\"{SINK}\"]\nack_timeout_ms = 2000\n\
              [[serial_ingest.ports]]\npath = \"{}\"\ndevice = \"mute\"\nprotocol = \"request-response\"\npoll_interval_ms = 200\nresponse_timeout_ms = 100\n\
              [[serial_ingest.ports]]\npath = \"{}\"\ndevice = \"sensor\"\nprotocol = \"lines\"\n",
-            mute.dev(),
-            lines.dev()
+            mute.dev_str(),
+            lines.dev_str()
         ),
     );
     let log = d.join("serial-ingest.log");
