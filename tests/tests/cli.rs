@@ -268,11 +268,20 @@ fn demo_shows_ct_channels_two_we515_meters_a_powmon_and_a_temperature_sensor_fro
         ("ct-3/ct1", 2.0 * (1.0f64 + 0.09 + 0.0225).sqrt()),
     ];
     for (series, amps) in expected {
-        let currents = console_values(&out, series, "current_a");
+        let mut currents = console_values(&out, series, "current_a");
         assert!(currents.len() >= 3, "{series}: {currents:?}\n{out}");
+        // The steady value to 0.5% (the accuracy the kernel and service tests prove exactly);
+        // each single reading looser: on a loaded machine a line the simulated device could
+        // not write in time makes a short window, a few cycles of quantised samples.
+        currents.sort_by(f64::total_cmp);
+        let median = currents[currents.len() / 2];
+        assert!(
+            (median - amps).abs() / amps < 0.005,
+            "{series}: median {median} A of {currents:?}, expected {amps}"
+        );
         for a in &currents {
             assert!(
-                (a - amps).abs() / amps < 0.005,
+                (a - amps).abs() / amps < 0.03,
                 "{series}: {a} A, expected {amps}"
             );
         }
@@ -284,11 +293,17 @@ fn demo_shows_ct_channels_two_we515_meters_a_powmon_and_a_temperature_sensor_fro
         ("power_w", 5.0 * 230.0 * 0.866_025),
         ("power_factor", 0.866_025),
     ] {
-        let got = console_values(&out, "ct-1/ct1", field);
+        let mut got = console_values(&out, "ct-1/ct1", field);
         assert!(!got.is_empty(), "ct-1 {field}: {out}");
+        got.sort_by(f64::total_cmp);
+        let median = got[got.len() / 2];
+        assert!(
+            (median - want).abs() / want < 0.01,
+            "ct-1 {field}: median {median} of {got:?}, expected {want}"
+        );
         for v in &got {
             assert!(
-                (v - want).abs() / want < 0.01,
+                (v - want).abs() / want < 0.03,
                 "ct-1 {field} = {v}, expected {want}"
             );
         }
