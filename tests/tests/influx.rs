@@ -525,10 +525,23 @@ fn the_demo_writes_to_influxdb_when_one_is_given() {
         let n = rows.iter().filter(|r| r["device"] == meter).count();
         assert!(n >= 2, "{meter}: {n} readings in InfluxDB");
     }
+    // The household meters only consume.
     assert!(
         rows.iter()
+            .filter(|r| r["device"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sim-meter")))
             .all(|r| r["power_w"].as_f64().is_some_and(|w| w > 0.0))
     );
+    // The serial and Modbus devices reach InfluxDB too: the CT sensor with a voltage channel
+    // (real power), the WE-515s (signed power, so no sign is asserted).
+    for device in ["ct-1", "house", "heat-pump"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["device"] == device && r["power_w"].as_f64().is_some()),
+            "{device}: no power_w in InfluxDB"
+        );
+    }
     // InfluxDB given, no --files: no files.
     assert!(!dir.path().join("readings").exists());
 }
