@@ -17,8 +17,7 @@ trap cleanup EXIT
 
 cargo build --release --locked -p wattbus -p wattbus-e2e >&2
 bin=target/release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. tests/bench/lib.sh
 pass="bench-pass"
 
 # wattbus broker

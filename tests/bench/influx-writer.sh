@@ -24,11 +24,9 @@ trap cleanup EXIT
 
 cargo build --release --locked -p wattbus -p wattbus-e2e >&2
 bin=target/release
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+. tests/bench/lib.sh
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 ticks_s() { python3 -c "print(f'{$1/$(getconf CLK_TCK):.2f}')"; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 pass="bench-pass"
 python3 -m pip install -q --disable-pip-version-check --target "$work/pylib" paho-mqtt >&2
 
