@@ -541,14 +541,18 @@ async fn remote<P: Protocol>(
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        // The connection that registered this handler may be gone already (its link failed
+        // to start), and then nobody receives this: fine. (wattbus: this was `unwrap()`, and a
+        // client that connected, reset its socket and connected again with the same id made
+        // it panic.)
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
     will_handlers
         .lock()
         .unwrap()
-        .insert(client_id.clone(), will_tx);
+        .insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -564,6 +568,8 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // No will to wait for: the router never took this connection.
+            remove_will_handler(&will_handlers, &client_id, &will_tx);
             return;
         }
     };
@@ -611,7 +617,7 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            remove_will_handler(&will_handlers, &client_id, &will_tx);
             // as will delay interval has passed, publish the will message
             true
         }
@@ -625,5 +631,21 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+/// Remove `client_id`'s will handler if it is still the one `ours` registered: a newer
+/// connection with the same client id may have replaced it, and its handler must stay.
+fn remove_will_handler(
+    will_handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+    client_id: &str,
+    ours: &Sender<AwaitingWill>,
+) {
+    let mut will_handlers = will_handlers.lock().unwrap_or_else(|e| e.into_inner());
+    if will_handlers
+        .get(client_id)
+        .is_some_and(|handler| handler.same_channel(ours))
+    {
+        will_handlers.remove(client_id);
     }
 }
