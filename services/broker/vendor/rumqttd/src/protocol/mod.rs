@@ -655,7 +655,9 @@ pub fn valid_filter(filter: &str) -> bool {
 /// **NOTE**: make sure a topic is validated during a publish and filter is validated
 /// during a subscribe
 pub fn matches(topic: &str, filter: &str) -> bool {
-    if !topic.is_empty() && topic[..1].contains('$') {
+    // wattbus: was `topic[..1].contains('$')`, which panics when the topic starts with a
+    // character of more than one byte ("é/x"): one publish killed the router thread.
+    if topic.starts_with('$') {
         return false;
     }
 
