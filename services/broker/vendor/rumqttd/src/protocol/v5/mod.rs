@@ -426,7 +426,9 @@ impl Protocol for V5 {
                 let (pubcomp, properties) = pubcomp::read(fixed_header, packet)?;
                 Packet::PubComp(pubcomp, properties)
             }
-            _ => unreachable!(),
+            // wattbus: was `unreachable!()`, but CONNACK and UNSUBACK get here: a client that
+            // sent either (before logging in, even) made the connection's task panic.
+            _ => return Err(Error::InvalidPacketType(fixed_header.byte1 >> 4)),
         };
 
         Ok(packet)
