@@ -507,10 +507,13 @@ impl Router {
                     // reset the group cursor
                     if let Some(group_name) = &request.group {
                         // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                        // wattbus: was `.expect("group must exists")`, but the group is gone
+                        // when this client was its last member (removed just above): a
+                        // persistent shared subscriber that left with a message unacknowledged
+                        // panicked the router.
+                        if let Some(group) = self.shared_subscriptions.get_mut(group_name) {
+                            group.cursor = *cursor;
+                        }
                     }
                 }
             }
