@@ -101,20 +101,25 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// wattbus: `log_filter` names the log (`f` for `$share/<group>/<f>`), `filter` the
+    /// subscription: it was looked up by `filter` alone, which finds no log for a shared
+    /// subscription (its waiter stayed parked, and the client got messages after it
+    /// unsubscribed), and took the first waiter of the connection in the log, which may be
+    /// another subscription of it to the same log.
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
+        log_filter: &str,
         filter: &Filter,
     ) -> Option<DataRequest> {
         let data = self
             .native
-            .get_mut(*self.filter_indexes.get(filter)?)
-            .unwrap();
+            .get_mut(*self.filter_indexes.get(log_filter)?)?;
         let waiters = data.waiters.get_mut();
 
         waiters
             .iter()
-            .position(|&(conn_id, _)| conn_id == id)
+            .position(|(conn_id, request)| *conn_id == id && request.filter == *filter)
             .and_then(|index| {
                 waiters
                     .swap_remove_back(index)

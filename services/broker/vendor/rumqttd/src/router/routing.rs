@@ -671,8 +671,12 @@ impl Router {
                         let mut filter = f.path.clone();
                         let mut group = None;
 
-                        if let Some((grp, filter_path)) = extract_group(&f.path) {
-                            group = Some(grp);
+                        // wattbus: a shared group is keyed by the whole `$share/<group>/<filter>`
+                        // (it was the group name alone): the group holds one cursor, into one
+                        // filter's log, and two filters subscribed under one group name read
+                        // each other's cursor, so messages were skipped or repeated.
+                        if let Some((_grp, filter_path)) = extract_group(&f.path) {
+                            group = Some(f.path.clone());
                             filter = filter_path;
                         };
 
@@ -735,13 +739,14 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
+                            // wattbus: leave only the group of this filter (it left every
+                            // group the client was in); discard it once empty.
+                            if let Some(group) = self.shared_subscriptions.get_mut(filter) {
                                 group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                                if group.is_empty() {
+                                    self.shared_subscriptions.remove(filter);
+                                }
+                            }
 
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
@@ -758,7 +763,9 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
+                            let log_filter = extract_group(filter).map(|(_, f)| f);
+                            let log_filter = log_filter.as_deref().unwrap_or(filter);
+                            self.datalog.remove_waiters_for_id(id, log_filter, filter);
                             force_ack = true;
                         }
                     }

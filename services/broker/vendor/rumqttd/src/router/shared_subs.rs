@@ -29,7 +29,11 @@ impl SharedGroup {
     }
 
     pub fn add_client(&mut self, client: String) {
-        self.clients.push(client)
+        // wattbus: once only (a repeated SUBSCRIBE added the client again, and it got two
+        // turns of every round)
+        if !self.clients.contains(&client) {
+            self.clients.push(client)
+        }
     }
 
     pub fn remove_client(&mut self, client: &String) {
