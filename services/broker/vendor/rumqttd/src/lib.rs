@@ -202,6 +202,27 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// wattbus: asked before every publish, will and subscription of a remote client; `None`
+    /// lets every client do anything (rumqttd's behaviour). See [`Policy`].
+    #[serde(skip)]
+    pub policy: Option<Arc<dyn Policy>>,
+}
+
+/// wattbus: what the router asks before it lets a remote client publish or subscribe (topic
+/// ACLs; rumqtt #495, #1005). Links made in-process with [`Broker::link`] are not asked.
+///
+/// Called on the router thread: answer at once, without I/O.
+pub trait Policy: fmt::Debug + Send + Sync {
+    /// May the client `client_id`, logged in as `username` (empty without a login), publish
+    /// on `topic`? Asked for every PUBLISH, after its topic alias is resolved, and for the will
+    /// of a CONNECT. A refused PUBLISH disconnects the client (MQTT-3.3.5-2) and is not
+    /// acknowledged; a refused will refuses the connection (no CONNACK, like a full broker).
+    fn may_publish(&self, client_id: &str, username: &str, topic: &str) -> bool;
+
+    /// May it subscribe `filter`, as sent (`$share/<group>/...` included)? A SUBSCRIBE with one
+    /// refused filter is refused whole: SUBACK failure (0x80) for each of its filters, and
+    /// nothing subscribed.
+    fn may_subscribe(&self, client_id: &str, username: &str, filter: &str) -> bool;
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

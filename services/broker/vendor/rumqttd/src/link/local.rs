@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // wattbus: who logged in (remote links only)
+    username: Option<String>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +64,15 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            username: None,
         }
+    }
+
+    /// wattbus: the login of a remote client (empty if it sent none), for the router's
+    /// [`crate::Policy`].
+    pub fn username(mut self, username: Option<String>) -> Self {
+        self.username = username;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -111,6 +121,7 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        connection.username = self.username;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -69,7 +69,7 @@ impl<P: Protocol> RemoteLink<P> {
         dynamic_filters: bool,
         assigned_client_id: Option<String>,
     ) -> Result<RemoteLink<P>, Error> {
-        let Packet::Connect(connect, props, lastwill, lastwill_props, _) = connect_packet else {
+        let Packet::Connect(connect, props, lastwill, lastwill_props, login) = connect_packet else {
             return Err(Error::NotConnectPacket(connect_packet));
         };
 
@@ -100,6 +100,7 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            .username(Some(login.map(|l| l.username).unwrap_or_default()))
             .build()?;
 
         let id = link_rx.id();

@@ -13,6 +13,9 @@ use super::ConnectionEvents;
 #[derive(Debug)]
 pub struct Connection {
     pub client_id: String,
+    /// wattbus: who logged in (empty without a login); `None` for an in-process link, which
+    /// the [`crate::Policy`] does not restrict.
+    pub username: Option<String>,
     /// Id of client's organisation/tenant and the prefix associated with tenant's MQTT topic
     pub tenant_prefix: Option<String>,
     /// Dynamically create subscription filters incase they didn't exist during a publish
@@ -56,6 +59,7 @@ impl Connection {
 
         Connection {
             client_id,
+            username: None,
             tenant_prefix,
             dynamic_filters,
             clean,

@@ -279,6 +279,13 @@ impl Router {
         let span = tracing::info_span!("incoming_connect", client_id);
         let _guard = span.enter();
 
+        // wattbus: a will the policy refuses refuses the connection, before it can take over
+        // an existing one with the same client id.
+        if !self.may_publish_will(&connection) {
+            warn!("Will refused by the policy; connection refused");
+            return;
+        }
+
         if cfg!(not(feature = "allow-duplicate-clientid")) {
             // Check if same client_id already exists and if so, replace it with this new connection
             // ref: https://docs.oasis-open.org/mqtt/mqtt/v3.1.1/os/mqtt-v3.1.1-os.html#_Toc398718032
@@ -397,6 +404,33 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+    }
+
+    /// wattbus: whether the policy lets `connection` leave its will (if it has one).
+    fn may_publish_will(&self, connection: &Connection) -> bool {
+        let (Some(policy), Some(username), Some(will)) = (
+            &self.config.policy,
+            &connection.username,
+            &connection.last_will,
+        ) else {
+            return true;
+        };
+        std::str::from_utf8(&will.topic)
+            .is_ok_and(|topic| policy.may_publish(&connection.client_id, username, topic))
+    }
+
+    /// wattbus: whether the policy refuses any filter of `subscribe`.
+    fn subscribe_refused(&self, id: ConnectionId, subscribe: &protocol::Subscribe) -> bool {
+        let Some(connection) = self.connections.get(id) else {
+            return true;
+        };
+        let (Some(policy), Some(username)) = (&self.config.policy, &connection.username) else {
+            return false;
+        };
+        subscribe
+            .filters
+            .iter()
+            .any(|f| !policy.may_subscribe(&connection.client_id, username, &f.path))
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -627,9 +661,18 @@ impl Router {
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
-                            error!(
-                                reason = ?e, "Failed to append to commitlog"
-                            );
+                            // wattbus: a refusal by the policy is the policy's to log (a
+                            // client reconnecting in a loop would flood the log with this)
+                            if matches!(
+                                e,
+                                RouterError::Disconnect(DisconnectReasonCode::NotAuthorized)
+                            ) {
+                                debug!(reason = ?e, "Publish refused by the policy");
+                            } else {
+                                error!(
+                                    reason = ?e, "Failed to append to commitlog"
+                                );
+                            }
                             self.router_meters.failed_publishes += 1;
                             disconnect = true;
 
@@ -652,6 +695,17 @@ impl Router {
                     let mut return_codes = Vec::new();
                     let pkid = subscribe.pkid;
                     // let len = s.len();
+
+                    // wattbus: one refused filter refuses the whole SUBSCRIBE, so that a client
+                    // never ends up with half of what it asked for.
+                    if self.subscribe_refused(id, &subscribe) {
+                        let return_codes =
+                            vec![SubscribeReasonCode::Failure; subscribe.filters.len()];
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        ackslog.suback(SubAck { pkid, return_codes });
+                        force_ack = true;
+                        continue;
+                    }
 
                     for f in &mut subscribe.filters {
                         let span =
@@ -1225,6 +1279,13 @@ fn append_to_commitlog(
     };
 
     let topic = std::str::from_utf8(&publish.topic)?;
+
+    // wattbus: topic ACL
+    if let (Some(policy), Some(username)) = (&datalog.config.policy, &connection.username) {
+        if !policy.may_publish(&connection.client_id, username, topic) {
+            return Err(RouterError::Disconnect(DisconnectReasonCode::NotAuthorized));
+        }
+    }
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]
