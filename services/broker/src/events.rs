@@ -15,6 +15,11 @@
 //!   and skipped ahead: it lost messages (the delivery contract replays them).
 //! - `wattbus_broker_auth_failures_total{listener}` — refused logins (wrong password or unknown
 //!   user; a CONNECT without credentials is refused by rumqttd before it can be counted).
+//! - `wattbus_broker_denied_total{action="publish|subscribe|client_id"}` — what the ACL refused:
+//!   a publish (the client is disconnected), a SUBSCRIBE, a login with another user's client id.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rumqttd::alerts::AlertsLink;
 use rumqttd::meters::MetersLink;
@@ -35,6 +40,9 @@ pub(crate) fn up() -> Gauge {
 pub(crate) enum AuthFailure {
     UnknownUser,
     WrongPassword,
+    /// The right password, but the client id belongs to another user (a takeover attempt, or
+    /// two services sharing an instance name). Counted as denied, not as a failed login.
+    ClientIdOfAnotherUser,
 }
 
 impl AuthFailure {
@@ -42,6 +50,7 @@ impl AuthFailure {
         match self {
             Self::UnknownUser => "unknown user",
             Self::WrongPassword => "wrong password",
+            Self::ClientIdOfAnotherUser => "client id of another user",
         }
     }
 }
@@ -75,6 +84,97 @@ impl AuthFailed {
             reason = why.as_str(),
             "Refused an MQTT login; the client was disconnected."
         );
+    }
+}
+
+/// At most one WARN per kind of refusal in this interval; the next says how many it skipped.
+/// A misconfigured service repeats its refused publish after every reconnect, and a hostile
+/// client can loop: the log must stay readable and the SD card unworn.
+const DENIED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the ACL refused: `wattbus_broker_denied_total{action}`, and a rate-limited WARN naming
+/// the user, the client id and the topic. The username is only logged, never a label: it comes
+/// from the client, and a label per made-up name would grow the metrics without bound.
+#[derive(Debug)]
+pub(crate) struct Denied {
+    publish: Counter,
+    subscribe: Counter,
+    client_id: Counter,
+    /// Per action: when the last WARN was written, and refusals not logged since.
+    throttle: Mutex<[(Option<Instant>, u64); 3]>,
+}
+
+impl Denied {
+    pub(crate) fn new() -> Self {
+        let counter = |action| {
+            Counter::new(
+                "wattbus_broker_denied_total",
+                "Publishes, subscriptions and client ids the broker's ACL refused.",
+                &[("action", action)],
+            )
+        };
+        Self {
+            publish: counter("publish"),
+            subscribe: counter("subscribe"),
+            client_id: counter("client_id"),
+            throttle: Mutex::new([(None, 0); 3]),
+        }
+    }
+
+    pub(crate) fn publish(&self, client_id: &str, username: &str, topic: &str) {
+        self.publish.inc();
+        if let Some(skipped) = self.due(0) {
+            tracing::warn!(
+                action = "publish",
+                username,
+                client_id,
+                topic,
+                skipped,
+                "Refused a publish: the user's broker role does not allow this topic; the \
+                 client was disconnected."
+            );
+        }
+    }
+
+    pub(crate) fn subscribe(&self, client_id: &str, username: &str, filter: &str) {
+        self.subscribe.inc();
+        if let Some(skipped) = self.due(1) {
+            tracing::warn!(
+                action = "subscribe",
+                username,
+                client_id,
+                filter,
+                skipped,
+                "Refused a subscription: the user's broker role does not allow this filter; \
+                 every filter of the SUBSCRIBE got a failure code."
+            );
+        }
+    }
+
+    pub(crate) fn client_id(&self, client_id: &str, username: &str) {
+        self.client_id.inc();
+        if let Some(skipped) = self.due(2) {
+            tracing::warn!(
+                action = "client_id",
+                username,
+                client_id,
+                skipped,
+                "Refused a login: the client id belongs to another broker user."
+            );
+        }
+    }
+
+    /// `Some(refusals not logged since the last line)` if a line is due for this action.
+    fn due(&self, action: usize) -> Option<u64> {
+        let mut throttle = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, skipped) = &mut throttle[action];
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < DENIED_LOG_INTERVAL) {
+            *skipped += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(skipped))
     }
 }
 

@@ -31,6 +31,7 @@
 //! - `events`: what is logged and counted (auth failures, subscriber skips, router meters).
 //! - here: [`start`], the readiness probe, and [`run`].
 
+pub mod acl;
 mod auth;
 mod config;
 mod events;
@@ -41,6 +42,7 @@ use std::time::Duration;
 use runtime::{ConfigError, Context};
 use tokio::sync::watch;
 
+pub use acl::Role;
 pub use config::{Config, SECTION, TLS_LISTENER, TlsConfig, User, V4_LISTENER, V5_LISTENER};
 
 /// How long [`run`] waits for every listener to accept a TCP connection.

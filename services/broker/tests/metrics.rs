@@ -8,9 +8,8 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use broker::{Config, User};
+use broker::{Config, Role, User};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use runtime::Secret;
 use runtime::telemetry::Counter;
 use tokio::time::timeout;
 
@@ -27,11 +26,7 @@ async fn broker() -> Config {
     let config = Config {
         listen: free_addr(),
         listen_v5: Some(free_addr()),
-        users: vec![User {
-            username: "alice".into(),
-            password: Some(Secret::new("s3cret")),
-            password_file: None,
-        }],
+        users: vec![User::new("alice", "s3cret", Role::Admin)],
         health_listen: None,
         ..Config::default()
     };
