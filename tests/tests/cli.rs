@@ -155,7 +155,7 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
         dir.path(),
         "b.toml",
         &format!(
-            "[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n",
+            "[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n",
             free_port()
         ),
     );
