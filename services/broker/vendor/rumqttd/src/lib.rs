@@ -206,6 +206,25 @@ pub struct RouterConfig {
     /// lets every client do anything (rumqttd's behaviour). See [`Policy`].
     #[serde(skip)]
     pub policy: Option<Arc<dyn Policy>>,
+    /// wattbus: most filters one connection may be subscribed to; `None`: no limit. A
+    /// SUBSCRIBE that would pass it is refused whole (SUBACK 0x80).
+    #[serde(default)]
+    pub max_filters_per_connection: Option<usize>,
+    /// wattbus: most filter logs at once (the memory of each is bounded by `max_segment_size`
+    /// × `max_segment_count`); `None`: no limit. A log is freed once no connection (and no
+    /// saved session) subscribes its filter any more, so this counts live filters only. A
+    /// SUBSCRIBE that would create more is refused whole (SUBACK 0x80).
+    #[serde(default)]
+    pub max_filters: Option<usize>,
+}
+
+/// wattbus: the limit a refused SUBSCRIBE would have passed (see [`Policy::filter_limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterLimit {
+    /// [`RouterConfig::max_filters_per_connection`]
+    PerConnection(usize),
+    /// [`RouterConfig::max_filters`]
+    Total(usize),
 }
 
 /// wattbus: what the router asks before it lets a remote client publish or subscribe (topic
@@ -223,6 +242,10 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// refused filter is refused whole: SUBACK failure (0x80) for each of its filters, and
     /// nothing subscribed.
     fn may_subscribe(&self, client_id: &str, username: &str, filter: &str) -> bool;
+
+    /// Told (not asked) when a SUBSCRIBE of `client_id` is refused for `limit`; `filter` is
+    /// the first of its filters that is new. For every client, local links too.
+    fn filter_limit(&self, _client_id: &str, _filter: &str, _limit: FilterLimit) {}
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -48,6 +48,14 @@ impl Graveyard {
         );
     }
 
+    /// wattbus: every subscription of every saved session (they keep their logs alive)
+    pub fn subscriptions(&self) -> impl Iterator<Item = &String> {
+        self.connections
+            .values()
+            .filter_map(|saved| saved.session_state.as_ref())
+            .flat_map(|state| state.subscriptions.iter())
+    }
+
     /// Save only metrics for connection
     pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
         self.connections.insert(

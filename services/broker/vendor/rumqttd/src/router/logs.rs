@@ -1,5 +1,4 @@
 use super::Ack;
-use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
@@ -55,7 +54,7 @@ pub struct DataLog {
     /// Also has waiters used to wake connections/replicator tracker
     /// which are caught up with all the data on 'Filter' and waiting
     /// for new data
-    pub native: Slab<Data<PublishData>>,
+    pub native: FilterLogs<Data<PublishData>>,
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
     retained_publishes: HashMap<Topic, PublishData>,
@@ -65,7 +64,7 @@ pub struct DataLog {
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
-        let mut native = Slab::new();
+        let mut native = FilterLogs::new();
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
@@ -183,11 +182,10 @@ impl DataLog {
         offset: Offset,
         len: u64,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
-        // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
-        // arrives in `Router::handle_device_payload`, it first calls the function
-        // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
-        // reads will definitely happen on a valid filter.
-        let data = self.native.get(filter_idx).unwrap();
+        // wattbus: logs are freed now (`remove_log`), so a missing one is an error, not a panic
+        let data = self.native.get(filter_idx).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("no log {filter_idx}"))
+        })?;
         let mut o = Vec::new();
         // TODO: `readv` is infallible but its current return type does not
         // reflect that. Consequently, this method is also infallible.
@@ -246,8 +244,34 @@ impl DataLog {
         // filter as `request` is "done", that is, the subscriber has caught up. In other words,
         // there has been atleast 1 call to `native_readv` for the same filter, which means if
         // `native_readv` hasn't paniced, so this won't panic either.
-        let data = self.native.get_mut(request.filter_idx).unwrap();
-        data.waiters.register(id, request);
+        // wattbus: a request whose log was freed has nothing to wait for
+        if let Some(data) = self.native.get_mut(request.filter_idx) {
+            data.waiters.register(id, request);
+        }
+    }
+
+    /// wattbus: whether `filter` has a log
+    pub fn has_log(&self, filter: &str) -> bool {
+        self.filter_indexes.contains_key(filter)
+    }
+
+    /// wattbus: how many filter logs there are
+    pub fn log_count(&self) -> usize {
+        self.filter_indexes.len()
+    }
+
+    /// wattbus: free the log of `filter`, which nobody subscribes any more (rumqtt #1001:
+    /// a log was kept for the life of the process, so every distinct filter ever subscribed
+    /// cost memory for good).
+    pub fn remove_log(&mut self, filter: &str) {
+        let Some(idx) = self.filter_indexes.remove(filter) else {
+            return;
+        };
+        self.native.remove(idx);
+        self.publish_filters.retain(|_, idxs| {
+            idxs.retain(|i| *i != idx);
+            !idxs.is_empty()
+        });
     }
 
     /// Cleanup a connection from all the waiters
@@ -310,6 +334,46 @@ impl DataLog {
             .filter(|(topic, _)| matches(topic, filter))
             .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
             .collect()
+    }
+}
+
+/// wattbus: the filter logs by index. Unlike the `Slab` they were in, an index is never
+/// reused once its log is freed: a stale index left somewhere (an unacknowledged message's
+/// `(pkid, filter_idx, cursor)`) finds no log rather than another filter's.
+pub struct FilterLogs<T> {
+    logs: HashMap<FilterIdx, T>,
+    next: FilterIdx,
+}
+
+impl<T> FilterLogs<T> {
+    pub fn new() -> Self {
+        FilterLogs {
+            logs: HashMap::new(),
+            next: 0,
+        }
+    }
+
+    pub fn insert(&mut self, log: T) -> FilterIdx {
+        let idx = self.next;
+        self.next += 1;
+        self.logs.insert(idx, log);
+        idx
+    }
+
+    pub fn get(&self, idx: FilterIdx) -> Option<&T> {
+        self.logs.get(&idx)
+    }
+
+    pub fn get_mut(&mut self, idx: FilterIdx) -> Option<&mut T> {
+        self.logs.get_mut(&idx)
+    }
+
+    pub fn remove(&mut self, idx: FilterIdx) -> Option<T> {
+        self.logs.remove(&idx)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (&FilterIdx, &mut T)> {
+        self.logs.iter_mut()
     }
 }
 
@@ -453,6 +517,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..Default::default()
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -473,6 +538,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            ..Default::default()
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");

@@ -310,6 +310,15 @@ impl Router {
         // Retrieve previous connection state from graveyard
         let saved = self.graveyard.retrieve(&client_id);
         let clean_session = connection.clean;
+        // wattbus: a clean start drops the saved session, and with it its hold on logs
+        let dropped_subscriptions: Vec<String> = match (&saved, clean_session) {
+            (Some(saved), true) => saved
+                .session_state
+                .iter()
+                .flat_map(|state| state.subscriptions.iter().cloned())
+                .collect(),
+            _ => Vec::new(),
+        };
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
@@ -404,6 +413,7 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+        self.release_logs(dropped_subscriptions);
     }
 
     /// wattbus: whether the policy lets `connection` leave its will (if it has one).
@@ -419,18 +429,82 @@ impl Router {
             .is_ok_and(|topic| policy.may_publish(&connection.client_id, username, topic))
     }
 
-    /// wattbus: whether the policy refuses any filter of `subscribe`.
+    /// wattbus: whether the policy refuses any filter of `subscribe`, or the SUBSCRIBE would
+    /// pass a filter limit.
     fn subscribe_refused(&self, id: ConnectionId, subscribe: &protocol::Subscribe) -> bool {
         let Some(connection) = self.connections.get(id) else {
             return true;
         };
-        let (Some(policy), Some(username)) = (&self.config.policy, &connection.username) else {
+        if let (Some(policy), Some(username)) = (&self.config.policy, &connection.username) {
+            if subscribe
+                .filters
+                .iter()
+                .any(|f| !policy.may_subscribe(&connection.client_id, username, &f.path))
+            {
+                return true;
+            }
+        }
+
+        let mut new_subscriptions = HashSet::new();
+        let mut new_logs = HashSet::new();
+        for f in &subscribe.filters {
+            if !connection.subscriptions.contains(&f.path) {
+                new_subscriptions.insert(f.path.as_str());
+            }
+            let log = log_filter(&f.path);
+            if !self.datalog.has_log(log) {
+                new_logs.insert(log);
+            }
+        }
+        let refused = match (
+            self.config.max_filters_per_connection,
+            self.config.max_filters,
+        ) {
+            (Some(max), _) if connection.subscriptions.len() + new_subscriptions.len() > max => {
+                Some(FilterLimit::PerConnection(max))
+            }
+            (_, Some(max)) if self.datalog.log_count() + new_logs.len() > max => {
+                Some(FilterLimit::Total(max))
+            }
+            _ => None,
+        };
+        let Some(limit) = refused else {
             return false;
         };
-        subscribe
-            .filters
-            .iter()
-            .any(|f| !policy.may_subscribe(&connection.client_id, username, &f.path))
+        warn!(?limit, "Subscription refused: filter limit reached");
+        if let Some(policy) = &self.config.policy {
+            let first_new = subscribe
+                .filters
+                .iter()
+                .map(|f| f.path.as_str())
+                .find(|f| new_subscriptions.contains(f))
+                .unwrap_or_default();
+            policy.filter_limit(&connection.client_id, first_new, limit);
+        }
+        true
+    }
+
+    /// wattbus: free the logs of these subscriptions (as subscribed: `$share/...` included)
+    /// that no connection and no saved session subscribes any more.
+    fn release_logs(&mut self, subscriptions: Vec<String>) {
+        for subscription in subscriptions {
+            let log = log_filter(&subscription);
+            let in_use = self
+                .connections
+                .iter()
+                .flat_map(|(_, c)| c.subscriptions.iter())
+                .chain(self.graveyard.subscriptions())
+                .any(|s| log_filter(s) == log);
+            let warm = self
+                .config
+                .initialized_filters
+                .as_ref()
+                .is_some_and(|filters| filters.iter().any(|f| f == log));
+            if !in_use && !warm {
+                debug!(filter = log, "Freeing the log of a filter nobody subscribes");
+                self.datalog.remove_log(log);
+            }
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
@@ -512,8 +586,12 @@ impl Router {
         for filter in connection.subscriptions.iter() {
             if let Some(connections) = self.subscription_map.get_mut(filter) {
                 connections.remove(&id);
+                if connections.is_empty() {
+                    self.subscription_map.remove(filter);
+                }
             }
         }
+        let subscriptions: Vec<String> = connection.subscriptions.iter().cloned().collect();
 
         // Add disconnection event to metrics
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
@@ -565,6 +643,7 @@ impl Router {
             self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
+        self.release_logs(subscriptions);
     }
 
     /// Handles new incoming data on a topic
@@ -771,6 +850,7 @@ impl Router {
                 Packet::Unsubscribe(unsubscribe, _) => {
                     let connection = self.connections.get_mut(id).unwrap();
                     let pkid = unsubscribe.pkid;
+                    let mut unsubscribed = Vec::new();
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
@@ -778,6 +858,10 @@ impl Router {
                         debug!("Removing subscription on filter {}", filter);
                         if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
                             let removed = connection_ids.remove(&id);
+                            if connection_ids.is_empty() {
+                                // wattbus: an entry per distinct filter ever subscribed was kept
+                                self.subscription_map.remove(filter);
+                            }
                             if !removed {
                                 continue;
                             }
@@ -821,8 +905,10 @@ impl Router {
                             let log_filter = log_filter.as_deref().unwrap_or(filter);
                             self.datalog.remove_waiters_for_id(id, log_filter, filter);
                             force_ack = true;
+                            unsubscribed.push(filter.clone());
                         }
                     }
+                    self.release_logs(unsubscribed);
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
@@ -1323,7 +1409,11 @@ fn append_to_commitlog(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        // wattbus: filter_idxs come from `matches`, whose cache drops freed logs; skip one
+        // that is gone rather than panic
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
@@ -1389,7 +1479,11 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        // wattbus: filter_idxs come from `matches`, whose cache drops freed logs; skip one
+        // that is gone rather than panic
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
@@ -1819,6 +1913,14 @@ fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
     }
 
     Ok(())
+}
+
+/// wattbus: the filter whose log a subscription reads (`f` for `$share/<group>/<f>`).
+fn log_filter(subscription: &str) -> &str {
+    subscription
+        .strip_prefix("$share/")
+        .and_then(|s| s.split_once('/'))
+        .map_or(subscription, |(_, filter)| filter)
 }
 
 fn extract_group(filter: &str) -> Option<(String, String)> {
