@@ -216,6 +216,13 @@ pub struct RouterConfig {
     /// SUBSCRIBE that would create more is refused whole (SUBACK 0x80).
     #[serde(default)]
     pub max_filters: Option<usize>,
+    /// wattbus: keep nothing of a client that left. A CONNECT with clean session 0 gets a new
+    /// session (CONNACK session present 0), as if its session had expired at once. rumqttd
+    /// keeps a session for every client id that ever connected, for good (its subscriptions,
+    /// their logs, even a clean session's connection events): a client cycling through client
+    /// ids grew the router without bound, and saved subscriptions held logs no one could free.
+    #[serde(default)]
+    pub forget_sessions: bool,
 }
 
 /// wattbus: the limit a refused SUBSCRIBE would have passed (see [`Policy::filter_limit`]).

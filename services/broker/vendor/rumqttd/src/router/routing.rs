@@ -279,6 +279,10 @@ impl Router {
         let span = tracing::info_span!("incoming_connect", client_id);
         let _guard = span.enter();
 
+        if self.config.forget_sessions {
+            connection.clean = true;
+        }
+
         // wattbus: a will the policy refuses refuses the connection, before it can take over
         // an existing one with the same client id.
         if !self.may_publish_will(&connection) {
@@ -636,7 +640,7 @@ impl Router {
                 connection.events,
                 outgoing.unacked_pubrels,
             );
-        } else {
+        } else if !self.config.forget_sessions {
             tracker.pause(PauseReason::Busy);
             let id = tracker.id.clone();
             // Only save metrics in clean session
