@@ -35,11 +35,27 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    // wattbus: what the entry costs, itself included (this was 4 + topic + payload: an entry
+    // of a few hundred bytes was counted as a few, so a log of small messages held many times
+    // `max_segment_size` per segment), and its properties too.
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        let properties = self.properties.as_ref().map_or(0, properties_size);
+        std::mem::size_of::<Self>() + publish.topic.len() + publish.payload.len() + properties
     }
+}
+
+/// wattbus: the heap the properties of a message hold.
+fn properties_size(p: &PublishProperties) -> usize {
+    let string = std::mem::size_of::<String>();
+    p.response_topic.as_ref().map_or(0, String::len)
+        + p.correlation_data.as_ref().map_or(0, |d| d.len())
+        + p.content_type.as_ref().map_or(0, String::len)
+        + p.user_properties
+            .iter()
+            .map(|(k, v)| 2 * string + k.len() + v.len())
+            .sum::<usize>()
+        + p.subscription_identifiers.len() * std::mem::size_of::<usize>()
 }
 
 /// Stores 'device' data and 'actions' data in native commitlog

@@ -9,6 +9,7 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
+use bytes::Bytes;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -1376,6 +1377,9 @@ fn append_to_commitlog(
             return Err(RouterError::Disconnect(DisconnectReasonCode::NotAuthorized));
         }
     }
+    let topic = topic.to_owned();
+    let topic = topic.as_str();
+    own_bytes(&mut publish);
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]
@@ -1432,6 +1436,14 @@ fn append_to_commitlog(
     Ok(o)
 }
 
+/// wattbus (rumqtt #1001): a message kept in a log (or as retained) gets buffers of its own.
+/// Its topic and payload were views into the connection's read buffer, and kept that whole
+/// buffer alive (kilobytes per message of tens of bytes) for as long as the log held it.
+fn own_bytes(publish: &mut Publish) {
+    publish.topic = Bytes::copy_from_slice(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
+}
+
 fn append_will_message(
     mut publish: Publish,
     properties: Option<PublishProperties>,
@@ -1439,6 +1451,7 @@ fn append_will_message(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
 ) -> Result<Offset, RouterError> {
+    own_bytes(&mut publish);
     // TODO: broker should properly send the disconnect packet!
     if properties
         .as_ref()
