@@ -223,6 +223,11 @@ pub struct RouterConfig {
     /// ids grew the router without bound, and saved subscriptions held logs no one could free.
     #[serde(default)]
     pub forget_sessions: bool,
+    /// wattbus: most bytes of retained messages (topics and entries included); `None`: no
+    /// limit. A retained message that would pass it is delivered but not kept, and its topic
+    /// keeps no retained message (see [`Policy::retained_limit`]).
+    #[serde(default)]
+    pub max_retained_bytes: Option<usize>,
 }
 
 /// wattbus: the limit a refused SUBSCRIBE would have passed (see [`Policy::filter_limit`]).
@@ -253,6 +258,10 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// Told (not asked) when a SUBSCRIBE of `client_id` is refused for `limit`; `filter` is
     /// the first of its filters that is new. For every client, local links too.
     fn filter_limit(&self, _client_id: &str, _filter: &str, _limit: FilterLimit) {}
+
+    /// Told when a retained message of `client_id` on `topic` is not kept, because of
+    /// [`RouterConfig::max_retained_bytes`].
+    fn retained_limit(&self, _client_id: &str, _topic: &str) {}
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -74,8 +74,24 @@ pub struct DataLog {
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
     retained_publishes: HashMap<Topic, PublishData>,
+    /// wattbus: what `retained_publishes` holds, in bytes (topics included)
+    retained_bytes: usize,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// wattbus: what `publish_filters` holds, in bytes, roughly
+    publish_filters_bytes: usize,
+}
+
+/// wattbus: `publish_filters` is a cache of which logs a topic goes to, and had an entry for
+/// every distinct topic ever published (topics up to 64 KiB each) for good. Past this many
+/// bytes it is emptied and fills again from the topics in use.
+const PUBLISH_FILTERS_MAX_BYTES: usize = 1 << 20;
+
+/// wattbus: what one `publish_filters` entry costs besides its topic and indexes.
+const PUBLISH_FILTERS_ENTRY_BYTES: usize = 64;
+
+fn publish_filters_cost(topic: &str, filters: &[FilterIdx]) -> usize {
+    PUBLISH_FILTERS_ENTRY_BYTES + topic.len() + std::mem::size_of_val(filters)
 }
 
 impl DataLog {
@@ -100,8 +116,10 @@ impl DataLog {
             config,
             native,
             publish_filters,
+            publish_filters_bytes: 0,
             filter_indexes,
             retained_publishes,
+            retained_bytes: 0,
         })
     }
 
@@ -156,6 +174,12 @@ impl DataLog {
                     .collect();
 
                 if !v.is_empty() {
+                    let cost = publish_filters_cost(topic, &v);
+                    if self.publish_filters_bytes + cost > PUBLISH_FILTERS_MAX_BYTES {
+                        self.publish_filters.clear();
+                        self.publish_filters_bytes = 0;
+                    }
+                    self.publish_filters_bytes += cost;
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
@@ -182,6 +206,7 @@ impl DataLog {
                 for (topic, filters) in publish_filters.iter_mut() {
                     if matches(topic, filter) {
                         filters.push(idx);
+                        self.publish_filters_bytes += std::mem::size_of::<FilterIdx>();
                     }
                 }
 
@@ -288,6 +313,11 @@ impl DataLog {
             idxs.retain(|i| *i != idx);
             !idxs.is_empty()
         });
+        self.publish_filters_bytes = self
+            .publish_filters
+            .iter()
+            .map(|(topic, idxs)| publish_filters_cost(topic, idxs))
+            .sum();
     }
 
     /// Cleanup a connection from all the waiters
@@ -300,18 +330,32 @@ impl DataLog {
         inflight
     }
 
+    /// wattbus: returns whether the message is kept. Not if it would take the retained
+    /// messages past `max_retained_bytes`: then the topic keeps no retained message at all
+    /// (its previous one is dropped too, rather than served stale).
     pub fn insert_to_retained_publishes(
         &mut self,
         publish: Publish,
         publish_properties: Option<PublishProperties>,
         topic: Topic,
-    ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+    ) -> bool {
+        self.remove_from_retained_publishes(topic.clone());
+        let data: PublishData = (publish, publish_properties).into();
+        let cost = topic.len() + data.size();
+        if let Some(max) = self.config.max_retained_bytes {
+            if self.retained_bytes + cost > max {
+                return false;
+            }
+        }
+        self.retained_bytes += cost;
+        self.retained_publishes.insert(topic, data);
+        true
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+        if let Some(old) = self.retained_publishes.remove(&topic) {
+            self.retained_bytes -= topic.len() + old.size();
+        }
     }
 
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
@@ -319,7 +363,9 @@ impl DataLog {
         let now = Instant::now();
 
         // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
+        let retained_bytes = &mut self.retained_bytes;
+        self.retained_publishes.retain(|topic, pubdata| {
+            let cost = topic.len() + pubdata.size();
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;
@@ -339,6 +385,8 @@ impl DataLog {
                 // set message_expiry_interval to (original value - time spent waiting in server)
                 // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
                 *message_expiry_interval -= time_spent;
+            } else {
+                *retained_bytes -= cost;
             }
 
             is_valid

@@ -1279,6 +1279,7 @@ impl Router {
         });
 
         match append_will_message(
+            &client_id,
             publish,
             properties,
             &mut self.datalog,
@@ -1394,8 +1395,17 @@ fn append_to_commitlog(
 
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+    } else if publish.retain
+        && !datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic.to_owned(),
+        )
+    {
+        warn!(topic, "Retained message not kept: retained messages at their limit");
+        if let Some(policy) = &datalog.config.policy {
+            policy.retained_limit(&connection.client_id, topic);
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1445,6 +1455,7 @@ fn own_bytes(publish: &mut Publish) {
 }
 
 fn append_will_message(
+    client_id: &str,
     mut publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
@@ -1478,8 +1489,17 @@ fn append_will_message(
 
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
-    } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+    } else if publish.retain
+        && !datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic.to_owned(),
+        )
+    {
+        warn!(topic, "Retained will not kept: retained messages at their limit");
+        if let Some(policy) = &datalog.config.policy {
+            policy.retained_limit(client_id, topic);
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
