@@ -228,6 +228,16 @@ pub struct RouterConfig {
     /// keeps no retained message (see [`Policy::retained_limit`]).
     #[serde(default)]
     pub max_retained_bytes: Option<usize>,
+    /// wattbus: most bytes all filter logs hold together; `None`: no limit. Past it, the
+    /// oldest segment of the largest log is dropped (its slow readers skip ahead).
+    #[serde(default)]
+    pub max_log_bytes: Option<usize>,
+    /// wattbus: most bytes of messages queued for one connection; `None`: no limit (only
+    /// rumqttd's 200 messages). A read from a log stops there (after one message at least),
+    /// and the connection waits until it has written them. Without it, a client that stops
+    /// reading holds up to 200 messages of any size, even once the logs dropped them.
+    #[serde(default)]
+    pub max_outgoing_bytes: Option<usize>,
 }
 
 /// wattbus: the limit a refused SUBSCRIBE would have passed (see [`Policy::filter_limit`]).

@@ -64,6 +64,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// wattbus: bytes (topics and payloads) of the forwards pushed since the buffer was last
+    /// seen empty: an upper bound of what it holds (see `RouterConfig::max_outgoing_bytes`)
+    buffered_bytes: usize,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -87,6 +90,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            buffered_bytes: 0,
             meter: Default::default(),
         };
 
@@ -100,6 +104,14 @@ impl Outgoing {
 
     pub fn free_slots(&self) -> usize {
         MAX_INFLIGHT - self.inflight_buffer.len()
+    }
+
+    /// wattbus: see `buffered_bytes`
+    pub fn buffered_bytes(&mut self) -> usize {
+        if self.data_buffer.lock().is_empty() {
+            self.buffered_bytes = 0;
+        }
+        self.buffered_bytes
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -117,9 +129,13 @@ impl Outgoing {
     ) -> (usize, usize) {
         let mut buffer = self.data_buffer.lock();
         let publishes = publishes;
+        if buffer.is_empty() {
+            self.buffered_bytes = 0;
+        }
 
         if qos == 0 {
             for p in publishes {
+                self.buffered_bytes += p.publish.topic.len() + p.publish.payload.len();
                 self.meter.publish_count += 1;
                 buffer.push_back(Notification::Forward(p));
                 // self.meter.total_size += p.len();
@@ -132,6 +148,7 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            self.buffered_bytes += p.publish.topic.len() + p.publish.payload.len();
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

@@ -320,6 +320,28 @@ impl DataLog {
             .sum();
     }
 
+    /// wattbus: while the logs hold more than `max_log_bytes` together, drop the oldest
+    /// segment of the largest. `max_segment_size` × `max_segment_count` bounds one log; this
+    /// bounds them all, whatever the number of filters and however large their messages.
+    pub fn enforce_log_budget(&mut self) {
+        let Some(max) = self.config.max_log_bytes else {
+            return;
+        };
+        let mut total: u64 = self.native.logs.values().map(|data| data.log.size()).sum();
+        while total > max as u64 {
+            let largest = self
+                .native
+                .logs
+                .values_mut()
+                .max_by_key(|data| data.log.size());
+            let freed = largest.map_or(0, |data| data.log.drop_oldest());
+            if freed == 0 {
+                break;
+            }
+            total -= freed;
+        }
+    }
+
     /// Cleanup a connection from all the waiters
     pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
         let mut inflight = Vec::new();

@@ -1441,6 +1441,7 @@ fn append_to_commitlog(
 
         o = offset;
     }
+    datalog.enforce_log_budget();
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1530,6 +1531,7 @@ fn append_will_message(
 
         o = offset;
     }
+    datalog.enforce_log_budget();
 
     Ok(o)
 }
@@ -1639,6 +1641,14 @@ fn forward_device_data(
         request.cursor.1
     );
 
+    // wattbus: wait until the connection has written what is queued for it
+    let max_outgoing_bytes = datalog.config.max_outgoing_bytes;
+    if max_outgoing_bytes.is_some_and(|max| outgoing.buffered_bytes() >= max) {
+        outgoing.push_notification(Notification::Unschedule);
+        outgoing.handle.try_send(()).ok();
+        return ConsumeStatus::BufferFull;
+    }
+
     let mut inflight_slots = if request.qos != 0 {
         // for qos 1 & 2
         let len = outgoing.free_slots();
@@ -1692,7 +1702,7 @@ fn forward_device_data(
             .map(|(p, offset)| (p, Some(offset))),
     );
 
-    let (start, next, caughtup) = match next {
+    let (start, mut next, mut caughtup) = match next {
         Position::Next { start, end } => (start, end, false),
         Position::Done { start, end } => (start, end, true),
     };
@@ -1732,6 +1742,26 @@ fn forward_device_data(
         next.1,
         publishes.len()
     );
+
+    // wattbus: stop the read at `max_outgoing_bytes` (one message at least; retained ones,
+    // read first and only once, are never cut), and continue after the last message kept
+    let mut cut = false;
+    if let Some(max) = max_outgoing_bytes {
+        let mut bytes = outgoing.buffered_bytes();
+        let cut_at = publishes.iter().enumerate().position(|(i, ((p, _), offset))| {
+            bytes += p.topic.len() + p.payload.len();
+            i > 0 && offset.is_some() && bytes > max
+        });
+        if let Some(i) = cut_at {
+            next = match publishes[i - 1].1 {
+                Some((segment, offset)) => (segment, offset + 1),
+                None => start,
+            };
+            publishes.truncate(i);
+            caughtup = false;
+            cut = true;
+        }
+    }
 
     let qos = request.qos;
     let filter_idx = request.filter_idx;
@@ -1804,7 +1834,15 @@ fn forward_device_data(
         len
     );
 
-    if len >= MAX_CHANNEL_CAPACITY - 1 {
+    // update the state of shared subscription
+    // wattbus: before a full buffer returns too (the next member read these again)
+    if let Some(share) = shared_group {
+        share.update_next_client();
+        // update the shared cursor
+        share.cursor = request.cursor;
+    }
+
+    if len >= MAX_CHANNEL_CAPACITY - 1 || cut {
         debug!("Outgoing channel reached its capacity");
         outgoing.push_notification(Notification::Unschedule);
         outgoing.handle.try_send(()).ok();
@@ -1812,13 +1850,6 @@ fn forward_device_data(
     }
 
     outgoing.handle.try_send(()).ok();
-
-    // update the state of shared subscription
-    if let Some(share) = shared_group {
-        share.update_next_client();
-        // update the shared cursor
-        share.cursor = request.cursor;
-    }
 
     if caughtup {
         ConsumeStatus::FilterCaughtup

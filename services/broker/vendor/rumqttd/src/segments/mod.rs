@@ -167,6 +167,28 @@ where
         self.active_segment().last()
     }
 
+    /// wattbus: drop the oldest segment to free memory, and return the bytes it held. With the
+    /// active segment alone, start a new empty one and drop it. Readers behind jump ahead, as
+    /// after any retention.
+    pub fn drop_oldest(&mut self) -> u64 {
+        if self.segments.len() == 1 {
+            if self.active_segment().len() == 0 {
+                return 0;
+            }
+            let absolute_offset = self.active_segment().next_offset();
+            self.segments
+                .push_back(Segment::with_offset(absolute_offset));
+            self.tail += 1;
+        }
+        match self.segments.pop_front() {
+            Some(oldest) => {
+                self.head += 1;
+                oldest.size()
+            }
+            None => 0,
+        }
+    }
+
     /// Read `len` Ts at once. More efficient than reading 1 at a time. Returns
     /// the next offset to read data from. The Position::start returned need not
     /// be a valid index if the start given is not valid either.
