@@ -6,7 +6,8 @@
 //!   never reaches this check: rumqttd refuses it first (and it is not counted). The same check
 //!   refuses a client id that belongs to another user (`acl::client_id_owner`).
 //! - The [`rumqttd::Policy`] the patched router asks before every publish, will and
-//!   subscription: the topic ACL of `acl`, each refusal logged and counted (`events`).
+//!   subscription: the topic ACL of `acl`, each refusal logged and counted (`events`); the
+//!   router also tells it what its memory limits refused, to be logged and counted alike.
 
 use std::collections::HashMap;
 use std::future::{Ready, ready};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use runtime::Secret;
 
 use crate::acl::{self, Grant};
-use crate::events::{self, Denied};
+use crate::events::{self, Denied, Limited};
 
 /// One `[[broker.users]]` entry, resolved.
 #[derive(Debug, Clone)]
@@ -84,6 +85,7 @@ pub(crate) struct Policy {
     /// `None`: anonymous clients, no identities to check (`allow_anonymous`).
     users: Option<Arc<Users>>,
     denied: Denied,
+    limited: Limited,
 }
 
 impl Policy {
@@ -91,6 +93,7 @@ impl Policy {
         Self {
             users,
             denied: Denied::new(),
+            limited: Limited::new(),
         }
     }
 
@@ -122,6 +125,14 @@ impl rumqttd::Policy for Policy {
             self.denied.subscribe(client_id, username, filter);
         }
         allowed
+    }
+
+    fn filter_limit(&self, client_id: &str, filter: &str, limit: rumqttd::FilterLimit) {
+        self.limited.filters(client_id, filter, limit);
+    }
+
+    fn retained_limit(&self, client_id: &str, topic: &str) {
+        self.limited.retained(client_id, topic);
     }
 }
 

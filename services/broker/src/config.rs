@@ -73,8 +73,27 @@ pub struct Config {
     /// ahead and loses messages (counted in `wattbus_broker_subscriber_skips_total`). rumqttd
     /// panics below 1024.
     pub segment_bytes: usize,
-    /// Segments kept per filter; see `segment_bytes`. The product bounds the memory of a filter.
+    /// Segments kept per filter; see `segment_bytes`. The product bounds the log of a filter.
     pub segment_count: usize,
+    /// Most bytes all filter logs hold together (each message counted with its entry, about
+    /// 250 bytes, besides topic and payload). Past it the oldest segment of the largest log is
+    /// dropped, and its slow subscribers skip ahead (counted like any skip). Bounds the logs
+    /// whatever the number of filters and the size of their messages.
+    pub max_log_bytes: usize,
+    /// Most subscription filters one connection may hold. A SUBSCRIBE that would pass it is
+    /// refused whole (SUBACK 0x80); a wattbus service uses a handful.
+    pub max_filters_per_client: usize,
+    /// Most distinct filters (logs) at once. A log is freed when its last subscriber leaves, so
+    /// this counts live filters: a client that subscribed thousands and left takes nothing
+    /// from the others. A SUBSCRIBE that would pass it is refused whole (SUBACK 0x80).
+    pub max_filters: usize,
+    /// Most bytes of retained messages. A retained message beyond it is delivered but not
+    /// kept, and its topic then has none (a WARN and `wattbus_broker_retained_refused_total`).
+    /// wattbus retains a status per service and a registration per sink group: kilobytes.
+    pub max_retained_bytes: usize,
+    /// Most bytes of messages queued for one connection (one message always fits). A client
+    /// that stops reading holds at most this much, not rumqttd's 200 messages of any size.
+    pub max_queued_bytes: usize,
     /// How long a new TCP connection may take to send CONNECT before it is dropped, so idle
     /// sockets cannot use up `max_connections`. rumqttd takes a u16.
     pub connection_timeout_ms: u16,
@@ -100,6 +119,11 @@ impl Default for Config {
             max_inflight: 100,
             segment_bytes: 1 << 20,
             segment_count: 4,
+            max_log_bytes: 32 << 20,
+            max_filters_per_client: 32,
+            max_filters: 256,
+            max_retained_bytes: 4 << 20,
+            max_queued_bytes: 1 << 20,
             connection_timeout_ms: 5000,
             max_outgoing_packet_count: 200,
             health_listen: Some(loopback(9100)),
@@ -269,6 +293,12 @@ impl Config {
                 initialized_filters: None,
                 shared_subscriptions_strategy: rumqttd::Strategy::default(),
                 policy: Some(policy),
+                max_filters_per_connection: Some(self.max_filters_per_client),
+                max_filters: Some(self.max_filters),
+                forget_sessions: true,
+                max_retained_bytes: Some(self.max_retained_bytes),
+                max_log_bytes: Some(self.max_log_bytes),
+                max_outgoing_bytes: Some(self.max_queued_bytes),
             },
             v4: Some(v4),
             v5,
@@ -395,6 +425,23 @@ impl Config {
         }
         if self.max_outgoing_packet_count == 0 {
             return fail("max_outgoing_packet_count", "must be at least 1");
+        }
+        for (key, value) in [
+            ("max_filters_per_client", self.max_filters_per_client),
+            ("max_filters", self.max_filters),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1, or no client could subscribe");
+            }
+        }
+        if self.max_log_bytes < self.segment_bytes {
+            return fail(
+                "max_log_bytes",
+                "must be at least segment_bytes, or a single log could not fill one segment",
+            );
+        }
+        if self.max_queued_bytes == 0 {
+            return fail("max_queued_bytes", "must be at least 1");
         }
         Ok(())
     }

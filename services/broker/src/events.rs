@@ -17,6 +17,9 @@
 //!   user; a CONNECT without credentials is refused by rumqttd before it can be counted).
 //! - `wattbus_broker_denied_total{action="publish|subscribe|client_id"}` — what the ACL refused:
 //!   a publish (the client is disconnected), a SUBSCRIBE, a login with another user's client id.
+//! - `wattbus_broker_subscriptions_refused_total{limit="per_client|total"}` — SUBSCRIBEs refused
+//!   for `max_filters_per_client` or `max_filters`.
+//! - `wattbus_broker_retained_refused_total` — retained messages not kept (`max_retained_bytes`).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -97,33 +100,30 @@ const DENIED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// from the client, and a label per made-up name would grow the metrics without bound.
 #[derive(Debug)]
 pub(crate) struct Denied {
-    publish: Counter,
-    subscribe: Counter,
-    client_id: Counter,
-    /// Per action: when the last WARN was written, and refusals not logged since.
-    throttle: Mutex<[(Option<Instant>, u64); 3]>,
+    publish: (Counter, Throttle),
+    subscribe: (Counter, Throttle),
+    client_id: (Counter, Throttle),
 }
 
 impl Denied {
     pub(crate) fn new() -> Self {
         let counter = |action| {
-            Counter::new(
+            let counter = Counter::new(
                 "wattbus_broker_denied_total",
                 "Publishes, subscriptions and client ids the broker's ACL refused.",
                 &[("action", action)],
-            )
+            );
+            (counter, Throttle::default())
         };
         Self {
             publish: counter("publish"),
             subscribe: counter("subscribe"),
             client_id: counter("client_id"),
-            throttle: Mutex::new([(None, 0); 3]),
         }
     }
 
     pub(crate) fn publish(&self, client_id: &str, username: &str, topic: &str) {
-        self.publish.inc();
-        if let Some(skipped) = self.due(0) {
+        if let Some(skipped) = count(&self.publish) {
             tracing::warn!(
                 action = "publish",
                 username,
@@ -137,8 +137,7 @@ impl Denied {
     }
 
     pub(crate) fn subscribe(&self, client_id: &str, username: &str, filter: &str) {
-        self.subscribe.inc();
-        if let Some(skipped) = self.due(1) {
+        if let Some(skipped) = count(&self.subscribe) {
             tracing::warn!(
                 action = "subscribe",
                 username,
@@ -152,8 +151,7 @@ impl Denied {
     }
 
     pub(crate) fn client_id(&self, client_id: &str, username: &str) {
-        self.client_id.inc();
-        if let Some(skipped) = self.due(2) {
+        if let Some(skipped) = count(&self.client_id) {
             tracing::warn!(
                 action = "client_id",
                 username,
@@ -163,11 +161,88 @@ impl Denied {
             );
         }
     }
+}
 
-    /// `Some(refusals not logged since the last line)` if a line is due for this action.
-    fn due(&self, action: usize) -> Option<u64> {
-        let mut throttle = self.throttle.lock().unwrap_or_else(|p| p.into_inner());
-        let (last, skipped) = &mut throttle[action];
+/// What a memory limit refused: a SUBSCRIBE past `max_filters_per_client` or `max_filters`
+/// (`wattbus_broker_subscriptions_refused_total{limit}`), a retained message past
+/// `max_retained_bytes` (`wattbus_broker_retained_refused_total`); each with a rate-limited
+/// WARN.
+#[derive(Debug)]
+pub(crate) struct Limited {
+    per_client: (Counter, Throttle),
+    total: (Counter, Throttle),
+    retained: (Counter, Throttle),
+}
+
+impl Limited {
+    pub(crate) fn new() -> Self {
+        let subscriptions = |limit| {
+            let counter = Counter::new(
+                "wattbus_broker_subscriptions_refused_total",
+                "SUBSCRIBEs refused whole because they would pass a filter limit.",
+                &[("limit", limit)],
+            );
+            (counter, Throttle::default())
+        };
+        let retained = Counter::new(
+            "wattbus_broker_retained_refused_total",
+            "Retained messages delivered but not kept: retained messages at their limit.",
+            &[],
+        );
+        Self {
+            per_client: subscriptions("per_client"),
+            total: subscriptions("total"),
+            retained: (retained, Throttle::default()),
+        }
+    }
+
+    pub(crate) fn filters(&self, client_id: &str, filter: &str, limit: rumqttd::FilterLimit) {
+        let (counted, key, max) = match limit {
+            rumqttd::FilterLimit::PerConnection(max) => {
+                (&self.per_client, "broker.max_filters_per_client", max)
+            }
+            rumqttd::FilterLimit::Total(max) => (&self.total, "broker.max_filters", max),
+        };
+        if let Some(skipped) = count(counted) {
+            tracing::warn!(
+                client_id,
+                filter,
+                limit = key,
+                max,
+                skipped,
+                "Refused a subscription: it would pass a filter limit; every filter of the \
+                 SUBSCRIBE got a failure code."
+            );
+        }
+    }
+
+    pub(crate) fn retained(&self, client_id: &str, topic: &str) {
+        if let Some(skipped) = count(&self.retained) {
+            tracing::warn!(
+                client_id,
+                topic,
+                skipped,
+                "A retained message was delivered but not kept: retained messages are at \
+                 broker.max_retained_bytes; the topic has no retained message now."
+            );
+        }
+    }
+}
+
+/// Count one event; `Some(events not logged since the last line)` if a line is due.
+fn count((counter, throttle): &(Counter, Throttle)) -> Option<u64> {
+    counter.inc();
+    throttle.due()
+}
+
+/// At most one line per interval ([`DENIED_LOG_INTERVAL`]); the next says how many it skipped.
+#[derive(Debug, Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    fn due(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, skipped) = &mut *state;
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < DENIED_LOG_INTERVAL) {
             *skipped += 1;
