@@ -117,7 +117,7 @@ impl Default for Config {
             max_connections: 64,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
-            segment_bytes: 1 << 20,
+            segment_bytes: 2 << 20,
             segment_count: 4,
             max_log_bytes: 32 << 20,
             max_filters_per_client: 32,
@@ -614,7 +614,7 @@ mod tests {
         }
         assert!(r.v5.is_none(), "the v5 listener is off unless configured");
         assert!(r.router.policy.is_some());
-        assert_eq!(r.router.max_segment_size, 1 << 20);
+        assert_eq!(r.router.max_segment_size, 2 << 20);
         assert_eq!(r.router.max_segment_count, 4);
         assert!(r.prometheus.is_none() && r.console.is_none());
         assert_eq!(r.metrics.as_ref().map(HashMap::len), Some(2));

@@ -271,7 +271,7 @@ fn defaults_with_one_user_are_valid_and_listen_on_loopback_only() {
     assert_eq!(config.listen, "127.0.0.1:1883".parse().unwrap());
     assert_eq!(config.listen_v5, None, "v5 is off unless configured");
     assert!(!config.allow_anonymous);
-    assert_eq!(config.segment_bytes, 1 << 20);
+    assert_eq!(config.segment_bytes, 2 << 20);
     assert_eq!(config.segment_count, 4);
     assert_eq!(
         config.health_listen,

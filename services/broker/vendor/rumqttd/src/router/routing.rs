@@ -476,7 +476,7 @@ impl Router {
         let Some(limit) = refused else {
             return false;
         };
-        warn!(?limit, "Subscription refused: filter limit reached");
+        debug!(?limit, "Subscription refused: filter limit reached");
         if let Some(policy) = &self.config.policy {
             let first_new = subscribe
                 .filters
@@ -1402,7 +1402,7 @@ fn append_to_commitlog(
             topic.to_owned(),
         )
     {
-        warn!(topic, "Retained message not kept: retained messages at their limit");
+        debug!(topic, "Retained message not kept: retained messages at their limit");
         if let Some(policy) = &datalog.config.policy {
             policy.retained_limit(&connection.client_id, topic);
         }
@@ -1497,7 +1497,7 @@ fn append_will_message(
             topic.to_owned(),
         )
     {
-        warn!(topic, "Retained will not kept: retained messages at their limit");
+        debug!(topic, "Retained will not kept: retained messages at their limit");
         if let Some(policy) = &datalog.config.policy {
             policy.retained_limit(client_id, topic);
         }
