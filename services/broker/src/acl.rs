@@ -19,8 +19,9 @@
 //!
 //! Decisions, level by level (MQTT's own matching: only a whole `+` or `#` level is a wildcard):
 //! - A **publish topic** is allowed if a pattern matches it. A topic with a wildcard character,
-//!   an empty level, or a leading `$` is refused to everyone but admin: MQTT forbids the first,
-//!   and no wattbus topic has the others.
+//!   an empty level, a level longer than 64 bytes or a leading `$` is refused to everyone but
+//!   admin: MQTT forbids the first, and no wattbus topic has the others (the length limit is
+//!   `proto::Segment`'s; it also bounds what the broker keeps per topic and filter).
 //! - A **subscription filter** (after a `$share/<group>/` prefix is stripped) is allowed only
 //!   if every topic it can match is allowed by one pattern: `#` in the pattern covers whatever
 //!   is left of the filter, `+` covers one level that is not `#`, and a `+` or `#` in the
@@ -212,16 +213,21 @@ pub fn client_id_owner<'a>(
         .max_by_key(|user| user.len())
 }
 
-/// A topic a client may name in a PUBLISH (or a will): non-empty levels, no wildcard
-/// characters, no leading `$`.
+/// The longest level a non-admin topic or filter may have: `proto::Segment`'s limit, so no
+/// wattbus topic is refused, and a hostile client cannot make the broker keep 64 KiB names.
+const MAX_LEVEL_LEN: usize = 64;
+
+/// A topic a client may name in a PUBLISH (or a will): non-empty levels of at most
+/// [`MAX_LEVEL_LEN`] bytes, no wildcard characters, no leading `$`.
 fn is_plain_topic(topic: &str) -> bool {
     !topic.starts_with('$')
-        && topic
-            .split('/')
-            .all(|level| !level.is_empty() && !level.contains(['+', '#']))
+        && topic.split('/').all(|level| {
+            !level.is_empty() && level.len() <= MAX_LEVEL_LEN && !level.contains(['+', '#'])
+        })
 }
 
-/// MQTT's rules: non-empty, `+` and `#` only as whole levels, `#` only last.
+/// MQTT's rules: non-empty, `+` and `#` only as whole levels, `#` only last; and levels of at
+/// most [`MAX_LEVEL_LEN`] bytes.
 fn is_valid_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.starts_with('$') {
         return false;
@@ -230,7 +236,7 @@ fn is_valid_filter(filter: &str) -> bool {
     levels.iter().enumerate().all(|(i, level)| match *level {
         "#" => i == levels.len() - 1,
         "+" => true,
-        other => !other.contains(['+', '#']),
+        other => other.len() <= MAX_LEVEL_LEN && !other.contains(['+', '#']),
     })
 }
 
@@ -433,6 +439,7 @@ mod tests {
 
     #[test]
     fn malformed_publish_topics_are_refused_to_all_but_admin() {
+        let long_site_reading = format!("wattbus/v1/{}/meas/we515-1/power_w", "s".repeat(65));
         for topic in [
             "wattbus/v1/+/meas/we515-1/power_w",
             "wattbus/v1/site-a/meas/we515-1/#",
@@ -441,6 +448,7 @@ mod tests {
             "wattbus/v1/site-a/meas/we515-1/power_w/",
             "wattbus/v1/site-a/meas/we515-1",
             "wattbus/v1/site-a/meas/we515-1/power_w/extra",
+            long_site_reading.as_str(),
             "$SYS/wattbus/v1/site-a/status/x",
             "",
         ] {
@@ -564,11 +572,13 @@ mod tests {
 
     #[test]
     fn malformed_and_dollar_filters_are_refused_to_all_but_admin() {
+        let long_site_status = format!("wattbus/v1/{}/status/+", "s".repeat(65));
         for filter in [
             "",
             "wattbus/#/meas",
             "wattbus/v1/+/status/+#",
             "wattbus/v1/+/status/a+",
+            long_site_status.as_str(),
             "$SYS/#",
             "$share/g/$SYS/#",
         ] {

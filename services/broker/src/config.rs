@@ -58,7 +58,9 @@ pub struct Config {
     /// An extra MQTT 3.1.1 listener behind TLS, for clients outside the host.
     pub tls: Option<TlsConfig>,
     /// Most concurrent clients. rumqttd preallocates its tables for this many; a client beyond
-    /// it gets no CONNACK at all and times out. Seven services and a few tools fit easily.
+    /// it gets no CONNACK at all and times out. Seven services and a few tools fit easily; each
+    /// connection may hold up to 4 × `max_payload_bytes` + 2 × `max_queued_bytes` at worst, the
+    /// largest term of the memory bound (docs/broker.md).
     pub max_connections: usize,
     /// Largest packet a client may send (MQTT remaining length: topic + payload). rumqttd
     /// disconnects a client that sends a larger one. Raw sample frames are large, so this
@@ -114,7 +116,7 @@ impl Default for Config {
             allow_anonymous: false,
             users: Vec::new(),
             tls: None,
-            max_connections: 64,
+            max_connections: 32,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
             segment_bytes: 2 << 20,
