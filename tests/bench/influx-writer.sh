@@ -74,6 +74,7 @@ health_listen = "127.0.0.1:$(free_port)"
 [[broker.users]]
 username = "probe"
 password_file = "$work/pw"
+role = "admin"
 CONF
 "$bin/wattbus" run broker --config "$work/broker.toml" 2>"$work/broker.log" &
 broker_pid=$!

@@ -44,6 +44,7 @@ segment_count = ${SEGMENT_COUNT:-4}
 [[broker.users]]
 username = "probe"
 password_file = "$work/pw"
+role = "admin"
 CONF
 "$bin/wattbus" run broker --config "$work/broker.toml" 2>"$work/broker.log" &
 broker_pid=$!

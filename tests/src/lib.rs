@@ -147,7 +147,7 @@ impl BrokerSetup {
         let mut f = std::fs::File::create(&config).expect("config");
         writeln!(
             f,
-            "data_dir = \"{data}\"\n[log]\nlevel = \"info,rumqttd=warn\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{port_v5}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"probe\"\npassword_file = \"{secret}\"\n",
+            "data_dir = \"{data}\"\n[log]\nlevel = \"info,rumqttd=warn\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{port_v5}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"probe\"\npassword_file = \"{secret}\"\nrole = \"admin\"\n",
             data = dir.display(),
             health = free_port(),
             secret = secret.display()

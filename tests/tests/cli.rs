@@ -155,7 +155,7 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
         dir.path(),
         "b.toml",
         &format!(
-            "[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n",
+            "[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{health}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n",
             free_port()
         ),
     );
@@ -397,8 +397,13 @@ fn the_reference_config_in_compose_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/wattbus.toml");
     let text = std::fs::read_to_string(&reference).unwrap();
-    std::fs::write(dir.path().join("bus_password"), "pw\n").unwrap();
-    std::fs::write(dir.path().join("influx_token"), "token\n").unwrap();
+    for secret in text.split("/run/secrets/").skip(1) {
+        let name: String = secret
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+            .collect();
+        std::fs::write(dir.path().join(name), "pw\n").unwrap();
+    }
     let text = text.replace("/run/secrets/", &format!("{}/", dir.path().display()));
     let f = write(dir.path(), "wattbus.toml", &text);
     let o = wattbus(&["config", "check", &f], &[]);

@@ -1,8 +1,13 @@
-//! The password check rumqttd calls for every CONNECT that carries credentials.
+//! Who may log in, and what they may do once in.
 //!
-//! rumqttd's own `auth` table would do the comparison, but it keeps the passwords in a struct
-//! whose `Debug` prints them, and it gives no hook to count failures. A CONNECT without any
-//! credentials never reaches this check: rumqttd refuses it first (and it is not counted).
+//! - The password check rumqttd calls for every CONNECT that carries credentials. rumqttd's own
+//!   `auth` table would do the comparison, but it keeps the passwords in a struct whose `Debug`
+//!   prints them, and it gives no hook to count failures. A CONNECT without any credentials
+//!   never reaches this check: rumqttd refuses it first (and it is not counted). The same check
+//!   refuses a client id that belongs to another user (`acl::client_id_owner`).
+//! - The [`rumqttd::Policy`] the patched router asks before every publish, will and
+//!   subscription: the topic ACL of `acl`, each refusal logged and counted (`events`); the
+//!   router also tells it what its memory limits refused, to be logged and counted alike.
 
 use std::collections::HashMap;
 use std::future::{Ready, ready};
@@ -10,42 +15,124 @@ use std::sync::Arc;
 
 use runtime::Secret;
 
-use crate::events;
+use crate::acl::{self, Grant};
+use crate::events::{self, Denied, Limited};
 
-/// Username → password.
+/// One `[[broker.users]]` entry, resolved.
+#[derive(Debug, Clone)]
+pub(crate) struct Account {
+    pub(crate) password: Secret,
+    pub(crate) grant: Grant,
+}
+
+/// Username → account.
 #[derive(Debug)]
-pub(crate) struct Users(HashMap<String, Secret>);
+pub(crate) struct Users(HashMap<String, Account>);
 
 impl Users {
-    pub(crate) fn new(users: Vec<(String, Secret)>) -> Self {
-        Self(users.into_iter().collect())
+    pub(crate) fn new(accounts: Vec<Account>) -> Self {
+        Self(
+            accounts
+                .into_iter()
+                .map(|a| (a.grant.username.clone(), a))
+                .collect(),
+        )
     }
 
-    fn check(&self, username: &str, password: &str) -> Result<(), events::AuthFailure> {
-        let stored = self
+    fn check(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<(), events::AuthFailure> {
+        let account = self
             .0
             .get(username)
             .ok_or(events::AuthFailure::UnknownUser)?;
-        if constant_time_eq(stored.expose().as_bytes(), password.as_bytes()) {
-            Ok(())
-        } else {
-            Err(events::AuthFailure::WrongPassword)
+        if !constant_time_eq(account.password.expose().as_bytes(), password.as_bytes()) {
+            return Err(events::AuthFailure::WrongPassword);
+        }
+        match acl::client_id_owner(client_id, self.0.keys().map(String::as_str)) {
+            Some(owner) if owner != username => Err(events::AuthFailure::ClientIdOfAnotherUser),
+            _ => Ok(()),
         }
     }
 }
 
-/// The handler for one listener; `listener` labels its failures.
+/// The login handler for one listener; `listener` labels its failures.
 pub(crate) fn handler(
     users: Arc<Users>,
     listener: &str,
 ) -> impl Fn(String, String, String) -> Ready<bool> + Send + Sync + 'static {
     let failed = events::AuthFailed::new(listener);
+    let denied = Denied::new();
     move |client_id, username, password| {
-        let verdict = users.check(&username, &password);
-        if let Err(why) = verdict {
-            failed.emit(&client_id, &username, why);
+        let verdict = users.check(&client_id, &username, &password);
+        match verdict {
+            Err(events::AuthFailure::ClientIdOfAnotherUser) => {
+                denied.client_id(&client_id, &username);
+            }
+            Err(why) => failed.emit(&client_id, &username, why),
+            Ok(()) => {}
         }
         ready(verdict.is_ok())
+    }
+}
+
+/// The topic ACL, as the router asks it.
+#[derive(Debug)]
+pub(crate) struct Policy {
+    /// `None`: anonymous clients, no identities to check (`allow_anonymous`).
+    users: Option<Arc<Users>>,
+    denied: Denied,
+    limited: Limited,
+}
+
+impl Policy {
+    pub(crate) fn new(users: Option<Arc<Users>>) -> Self {
+        Self {
+            users,
+            denied: Denied::new(),
+            limited: Limited::new(),
+        }
+    }
+
+    fn grant(&self, username: &str) -> Option<Option<&Grant>> {
+        self.users
+            .as_ref()
+            .map(|users| users.0.get(username).map(|a| &a.grant))
+    }
+}
+
+impl rumqttd::Policy for Policy {
+    fn may_publish(&self, client_id: &str, username: &str, topic: &str) -> bool {
+        let allowed = match self.grant(username) {
+            None => true,
+            Some(grant) => grant.is_some_and(|g| g.may_publish(topic)),
+        };
+        if !allowed {
+            self.denied.publish(client_id, username, topic);
+        }
+        allowed
+    }
+
+    fn may_subscribe(&self, client_id: &str, username: &str, filter: &str) -> bool {
+        let allowed = match self.grant(username) {
+            None => true,
+            Some(grant) => grant.is_some_and(|g| g.may_subscribe(filter)),
+        };
+        if !allowed {
+            self.denied.subscribe(client_id, username, filter);
+        }
+        allowed
+    }
+
+    fn filter_limit(&self, client_id: &str, filter: &str, limit: rumqttd::FilterLimit) {
+        self.limited.filters(client_id, filter, limit);
+    }
+
+    fn retained_limit(&self, client_id: &str, topic: &str) {
+        self.limited.retained(client_id, topic);
     }
 }
 
@@ -62,23 +149,81 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::Role;
+
+    fn account(name: &str, password: &str, role: Role) -> Account {
+        Account {
+            password: Secret::new(password),
+            grant: Grant {
+                username: name.into(),
+                role,
+                devices: None,
+            },
+        }
+    }
 
     #[test]
     fn only_the_exact_password_of_a_known_user_passes() {
-        let users = Users::new(vec![("alice".into(), Secret::new("s3cret"))]);
-        assert_eq!(users.check("alice", "s3cret"), Ok(()));
+        let users = Users::new(vec![account("alice", "s3cret", Role::Admin)]);
+        assert_eq!(users.check("a", "alice", "s3cret"), Ok(()));
         assert_eq!(
-            users.check("alice", "s3cre"),
+            users.check("a", "alice", "s3cre"),
             Err(events::AuthFailure::WrongPassword)
         );
         assert_eq!(
-            users.check("alice", "s3creT"),
+            users.check("a", "alice", "s3creT"),
             Err(events::AuthFailure::WrongPassword)
         );
         assert_eq!(
-            users.check("bob", "s3cret"),
+            users.check("a", "bob", "s3cret"),
             Err(events::AuthFailure::UnknownUser)
         );
-        assert_eq!(users.check("", ""), Err(events::AuthFailure::UnknownUser));
+        assert_eq!(
+            users.check("a", "", ""),
+            Err(events::AuthFailure::UnknownUser)
+        );
+    }
+
+    #[test]
+    fn a_client_id_of_another_user_is_refused_even_with_the_right_password() {
+        let users = Users::new(vec![
+            account("influx-writer", "iw", Role::Sink),
+            account("tools", "t", Role::Admin),
+        ]);
+        let takeover = Err(events::AuthFailure::ClientIdOfAnotherUser);
+        assert_eq!(users.check("influx-writer", "tools", "t"), takeover);
+        assert_eq!(users.check("influx-writer-2", "tools", "t"), takeover);
+        assert_eq!(users.check("influx-writer", "influx-writer", "iw"), Ok(()));
+        assert_eq!(
+            users.check("influx-writer-2", "influx-writer", "iw"),
+            Ok(())
+        );
+        assert_eq!(users.check("tools-cli", "tools", "t"), Ok(()));
+        assert_eq!(users.check("some-client", "tools", "t"), Ok(()));
+        // The password is checked first: a wrong one says so, not who owns the id.
+        assert_eq!(
+            users.check("influx-writer", "tools", "x"),
+            Err(events::AuthFailure::WrongPassword)
+        );
+    }
+
+    #[test]
+    fn the_policy_applies_each_users_grant_and_refuses_unknown_users() {
+        use rumqttd::Policy as _;
+        let users = Arc::new(Users::new(vec![
+            account("serial-ingest", "p", Role::Producer),
+            account("grafana", "g", Role::Reader),
+        ]));
+        let policy = Policy::new(Some(users));
+        let reading = "wattbus/v1/site-a/meas/ct-1/current_a";
+        assert!(policy.may_publish("serial-ingest", "serial-ingest", reading));
+        assert!(!policy.may_publish("grafana", "grafana", reading));
+        assert!(!policy.may_publish("x", "nobody", reading));
+        assert!(policy.may_subscribe("grafana", "grafana", "wattbus/#"));
+        assert!(!policy.may_subscribe("x", "nobody", "wattbus/#"));
+        // Anonymous: nobody to tell apart, everything allowed.
+        let open = Policy::new(None);
+        assert!(open.may_publish("x", "", "anything"));
+        assert!(open.may_subscribe("x", "", "#"));
     }
 }

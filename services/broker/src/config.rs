@@ -4,7 +4,7 @@
 //! key that is wrong: a segment smaller than 1 KiB or a segment count of 0 panics rumqttd's
 //! router thread, and a CA file is ignored by rumqttd as built here (see [`TlsConfig::ca_file`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use runtime::config::{Validate, resolve_secret};
 use runtime::{ConfigError, Secret};
 use serde::{Deserialize, Serialize};
 
+use crate::acl::{Grant, Role};
 use crate::auth;
 
 /// Section name used for error keys where no loader passes one in ([`Config::to_rumqttd`]).
@@ -30,30 +31,36 @@ const METERS_INTERVAL_S: u64 = 1;
 /// Largest MQTT remaining length (256 MiB - 1): nothing larger can be framed.
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
-const fn any_addr(port: u16) -> SocketAddr {
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+/// Defaults listen on loopback only: a broker reachable from the network must be asked for
+/// (compose sets `0.0.0.0` explicitly, for its containers).
+const fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
 /// The `[broker]` section.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The MQTT 3.1.1 (protocol level 4) listener every wattbus service uses. A rumqttd
-    /// listener speaks exactly one protocol version, hence a second port for v5.
+    /// The MQTT 3.1.1 (protocol level 4) listener every wattbus service uses. Loopback by
+    /// default; a broker other hosts or containers reach is asked for (`0.0.0.0:1883`).
     pub listen: SocketAddr,
-    /// MQTT 5 listener, for tools that only speak v5. `None` turns it off.
+    /// MQTT 5 listener, for tools that only speak v5 (a rumqttd listener speaks exactly one
+    /// protocol version, hence a second port). Off unless set.
     pub listen_v5: Option<SocketAddr>,
     /// Let clients connect without checking credentials. rumqttd cannot mix anonymous and
     /// authenticated clients: with a password table it refuses every client that sends no
     /// credentials, and without one it accepts any credentials. So `true` turns checking off
     /// completely, and `users`, if given, are not checked (a warning says so at start-up).
     pub allow_anonymous: bool,
-    /// Who may connect (`[[broker.users]]`). Checked on every listener.
+    /// Who may connect (`[[broker.users]]`), and, by role, what each may publish and
+    /// subscribe. Checked on every listener.
     pub users: Vec<User>,
     /// An extra MQTT 3.1.1 listener behind TLS, for clients outside the host.
     pub tls: Option<TlsConfig>,
     /// Most concurrent clients. rumqttd preallocates its tables for this many; a client beyond
-    /// it gets no CONNACK at all and times out. Seven services and a few tools fit easily.
+    /// it gets no CONNACK at all and times out. Seven services and a few tools fit easily; each
+    /// connection may hold up to 4 × `max_payload_bytes` + 2 × `max_queued_bytes` at worst, the
+    /// largest term of the memory bound (docs/broker.md).
     pub max_connections: usize,
     /// Largest packet a client may send (MQTT remaining length: topic + payload). rumqttd
     /// disconnects a client that sends a larger one. Raw sample frames are large, so this
@@ -68,15 +75,35 @@ pub struct Config {
     /// ahead and loses messages (counted in `wattbus_broker_subscriber_skips_total`). rumqttd
     /// panics below 1024.
     pub segment_bytes: usize,
-    /// Segments kept per filter; see `segment_bytes`. The product bounds the memory of a filter.
+    /// Segments kept per filter; see `segment_bytes`. The product bounds the log of a filter.
     pub segment_count: usize,
+    /// Most bytes all filter logs hold together (each message counted with its entry, about
+    /// 250 bytes, besides topic and payload). Past it the oldest segment of the largest log is
+    /// dropped, and its slow subscribers skip ahead (counted like any skip). Bounds the logs
+    /// whatever the number of filters and the size of their messages.
+    pub max_log_bytes: usize,
+    /// Most subscription filters one connection may hold. A SUBSCRIBE that would pass it is
+    /// refused whole (SUBACK 0x80); a wattbus service uses a handful.
+    pub max_filters_per_client: usize,
+    /// Most distinct filters (logs) at once. A log is freed when its last subscriber leaves, so
+    /// this counts live filters: a client that subscribed thousands and left takes nothing
+    /// from the others. A SUBSCRIBE that would pass it is refused whole (SUBACK 0x80).
+    pub max_filters: usize,
+    /// Most bytes of retained messages. A retained message beyond it is delivered but not
+    /// kept, and its topic then has none (a WARN and `wattbus_broker_retained_refused_total`).
+    /// wattbus retains a status per service and a registration per sink group: kilobytes.
+    pub max_retained_bytes: usize,
+    /// Most bytes of messages queued for one connection (one message always fits). A client
+    /// that stops reading holds at most this much, not rumqttd's 200 messages of any size.
+    pub max_queued_bytes: usize,
     /// How long a new TCP connection may take to send CONNECT before it is dropped, so idle
     /// sockets cannot use up `max_connections`. rumqttd takes a u16.
     pub connection_timeout_ms: u16,
     /// Most QoS 0 messages the router hands to one subscriber in one round; bounds how long a
     /// busy subscriber can hold the router up before others get their turn.
     pub max_outgoing_packet_count: u64,
-    /// Where the `wattbus` binary serves `/healthz` and `/metrics` for the broker process.
+    /// Where the `wattbus` binary serves `/healthz` and `/metrics` for the broker process
+    /// (loopback by default, like the listeners).
     /// This crate does not serve HTTP itself; `None` turns the endpoint off.
     pub health_listen: Option<SocketAddr>,
 }
@@ -84,32 +111,59 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            listen: any_addr(1883),
-            listen_v5: Some(any_addr(1884)),
+            listen: loopback(1883),
+            listen_v5: None,
             allow_anonymous: false,
             users: Vec::new(),
             tls: None,
-            max_connections: 64,
+            max_connections: 32,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
-            segment_bytes: 1 << 20,
+            segment_bytes: 2 << 20,
             segment_count: 4,
+            max_log_bytes: 32 << 20,
+            max_filters_per_client: 32,
+            max_filters: 256,
+            max_retained_bytes: 4 << 20,
+            max_queued_bytes: 1 << 20,
             connection_timeout_ms: 5000,
             max_outgoing_packet_count: 200,
-            health_listen: Some(any_addr(9100)),
+            health_listen: Some(loopback(9100)),
         }
     }
 }
 
-/// One `[[broker.users]]` entry.
+/// One `[[broker.users]]` entry: one per service, since the role and the name decide what it
+/// may publish and subscribe (see `acl`; a sink's username is its sink group).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
+    /// A topic level (`[A-Za-z0-9._-]`, 1–64 characters): it appears in the topics the user
+    /// may publish (`ack/.../<username>`, `dead/<username>`).
     pub username: String,
     /// The password inline; or, to keep it out of the config file (Docker secrets),
     /// `password_file` naming a file that holds it. Exactly one of the two.
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
+    /// `producer`, `sink`, `processor`, `reader` or `admin`. Required. Read as text, so that a
+    /// missing or misspelt role is an error naming this key and the allowed values.
+    pub role: Option<String>,
+    /// Producers and processors only: the devices whose readings (`meas`, `raw`) this user may
+    /// publish. Absent: any device.
+    pub devices: Option<Vec<String>>,
+}
+
+impl User {
+    /// A user with an inline password (tests, the demo).
+    pub fn new(username: &str, password: &str, role: Role) -> Self {
+        Self {
+            username: username.into(),
+            password: Some(Secret::new(password)),
+            password_file: None,
+            role: Some(role.as_str().into()),
+            devices: None,
+        }
+    }
 }
 
 /// `[broker.tls]`: a TLS listener (rustls).
@@ -131,7 +185,7 @@ pub struct TlsConfig {
 }
 
 const fn default_tls_listen() -> SocketAddr {
-    any_addr(8883)
+    loopback(8883)
 }
 
 impl Validate for Config {
@@ -177,6 +231,7 @@ impl Config {
         } else {
             Some(Arc::new(auth::Users::new(self.resolve_users(SECTION)?)))
         };
+        let policy: Arc<dyn rumqttd::Policy> = Arc::new(auth::Policy::new(users.clone()));
         let server = |name: &str, listen: SocketAddr, tls: Option<rumqttd::TlsConfig>| {
             let mut connections = rumqttd::ConnectionSettings {
                 connection_timeout_ms: self.connection_timeout_ms,
@@ -239,6 +294,13 @@ impl Config {
                 custom_segment: None,
                 initialized_filters: None,
                 shared_subscriptions_strategy: rumqttd::Strategy::default(),
+                policy: Some(policy),
+                max_filters_per_connection: Some(self.max_filters_per_client),
+                max_filters: Some(self.max_filters),
+                forget_sessions: true,
+                max_retained_bytes: Some(self.max_retained_bytes),
+                max_log_bytes: Some(self.max_log_bytes),
+                max_outgoing_bytes: Some(self.max_queued_bytes),
             },
             v4: Some(v4),
             v5,
@@ -261,18 +323,18 @@ impl Config {
         out
     }
 
-    /// Usernames with their passwords, read from files where given.
-    fn resolve_users(&self, section: &str) -> Result<Vec<(String, Secret)>, ConfigError> {
-        let mut out: Vec<(String, Secret)> = Vec::with_capacity(self.users.len());
+    /// Every user with its password (read from its file where given) and its rights.
+    fn resolve_users(&self, section: &str) -> Result<Vec<auth::Account>, ConfigError> {
+        let mut out: Vec<auth::Account> = Vec::with_capacity(self.users.len());
         for (i, user) in self.users.iter().enumerate() {
             let key = format!("{section}.users[{i}]");
-            if user.username.is_empty() {
+            if let Err(e) = proto::Segment::new(user.username.as_str()) {
                 return Err(ConfigError::new(
                     format!("{key}.username"),
-                    "must not be empty",
+                    format!("{:?} {e} (it is a topic level)", user.username),
                 ));
             }
-            if let Some(j) = out.iter().position(|(name, _)| *name == user.username) {
+            if let Some(j) = out.iter().position(|a| a.grant.username == user.username) {
                 return Err(ConfigError::new(
                     format!("{key}.username"),
                     format!(
@@ -281,6 +343,8 @@ impl Config {
                     ),
                 ));
             }
+            let role = user_role(&key, user)?;
+            let devices = user_devices(&key, user, role)?;
             let password_key = format!("{key}.password");
             let password = resolve_secret(
                 &password_key,
@@ -293,7 +357,14 @@ impl Config {
             if password.expose().is_empty() {
                 return Err(ConfigError::new(password_key, "must not be empty"));
             }
-            out.push((user.username.clone(), password));
+            out.push(auth::Account {
+                password,
+                grant: Grant {
+                    username: user.username.clone(),
+                    role,
+                    devices,
+                },
+            });
         }
         Ok(out)
     }
@@ -357,6 +428,23 @@ impl Config {
         if self.max_outgoing_packet_count == 0 {
             return fail("max_outgoing_packet_count", "must be at least 1");
         }
+        for (key, value) in [
+            ("max_filters_per_client", self.max_filters_per_client),
+            ("max_filters", self.max_filters),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1, or no client could subscribe");
+            }
+        }
+        if self.max_log_bytes < self.segment_bytes {
+            return fail(
+                "max_log_bytes",
+                "must be at least segment_bytes, or a single log could not fill one segment",
+            );
+        }
+        if self.max_queued_bytes == 0 {
+            return fail("max_queued_bytes", "must be at least 1");
+        }
         Ok(())
     }
 }
@@ -381,6 +469,58 @@ impl TlsConfig {
         }
         Ok(())
     }
+}
+
+/// The user's role, or an error naming `<key>.role` and the roles there are.
+fn user_role(key: &str, user: &User) -> Result<Role, ConfigError> {
+    let allowed = Role::ALL.map(Role::as_str).join(", ");
+    let Some(name) = &user.role else {
+        return Err(ConfigError::new(
+            format!("{key}.role"),
+            format!(
+                "missing: every user needs a role, one of {allowed} (each service its own user; \
+                 see docs/broker.md)"
+            ),
+        ));
+    };
+    Role::ALL
+        .into_iter()
+        .find(|role| role.as_str() == name)
+        .ok_or_else(|| {
+            ConfigError::new(
+                format!("{key}.role"),
+                format!("{name:?} is not a role; one of {allowed}"),
+            )
+        })
+}
+
+/// The devices a producer or processor is restricted to.
+fn user_devices(
+    key: &str,
+    user: &User,
+    role: Role,
+) -> Result<Option<HashSet<String>>, ConfigError> {
+    let Some(devices) = &user.devices else {
+        return Ok(None);
+    };
+    let key = format!("{key}.devices");
+    if !role.publishes_readings() {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "only a producer or processor publishes readings; a {} has no devices",
+                role.as_str()
+            ),
+        ));
+    }
+    let mut out = HashSet::with_capacity(devices.len());
+    for device in devices {
+        if let Err(e) = proto::Segment::new(device.as_str()) {
+            return Err(ConfigError::new(&key, format!("{device:?} {e}")));
+        }
+        out.insert(device.clone());
+    }
+    Ok(Some(out))
 }
 
 fn section_key(section: &str, key: &str) -> String {
@@ -437,15 +577,11 @@ mod tests {
     use super::*;
 
     fn alice() -> User {
-        User {
-            username: "alice".into(),
-            password: Some(Secret::new("pw")),
-            password_file: None,
-        }
+        User::new("alice", "pw", Role::Admin)
     }
 
     #[test]
-    fn defaults_with_a_user_translate_to_three_rumqttd_listeners_with_auth() {
+    fn defaults_with_a_user_translate_to_loopback_listeners_with_auth_and_a_policy() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, "x").unwrap();
@@ -463,7 +599,7 @@ mod tests {
         };
         let r = config.to_rumqttd().unwrap();
         let v4 = r.v4.as_ref().unwrap();
-        assert_eq!(v4[V4_LISTENER].listen.port(), 1883);
+        assert_eq!(v4[V4_LISTENER].listen, "127.0.0.1:1883".parse().unwrap());
         assert!(v4[V4_LISTENER].connections.external_auth.is_some());
         assert!(
             v4[V4_LISTENER].connections.auth.is_none(),
@@ -478,8 +614,9 @@ mod tests {
         } else {
             assert!(!v4.contains_key(TLS_LISTENER));
         }
-        assert_eq!(r.v5.as_ref().unwrap()[V5_LISTENER].listen.port(), 1884);
-        assert_eq!(r.router.max_segment_size, 1 << 20);
+        assert!(r.v5.is_none(), "the v5 listener is off unless configured");
+        assert!(r.router.policy.is_some());
+        assert_eq!(r.router.max_segment_size, 2 << 20);
         assert_eq!(r.router.max_segment_count, 4);
         assert!(r.prometheus.is_none() && r.console.is_none());
         assert_eq!(r.metrics.as_ref().map(HashMap::len), Some(2));

@@ -15,6 +15,14 @@
 //!   and skipped ahead: it lost messages (the delivery contract replays them).
 //! - `wattbus_broker_auth_failures_total{listener}` — refused logins (wrong password or unknown
 //!   user; a CONNECT without credentials is refused by rumqttd before it can be counted).
+//! - `wattbus_broker_denied_total{action="publish|subscribe|client_id"}` — what the ACL refused:
+//!   a publish (the client is disconnected), a SUBSCRIBE, a login with another user's client id.
+//! - `wattbus_broker_subscriptions_refused_total{limit="per_client|total"}` — SUBSCRIBEs refused
+//!   for `max_filters_per_client` or `max_filters`.
+//! - `wattbus_broker_retained_refused_total` — retained messages not kept (`max_retained_bytes`).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rumqttd::alerts::AlertsLink;
 use rumqttd::meters::MetersLink;
@@ -35,6 +43,9 @@ pub(crate) fn up() -> Gauge {
 pub(crate) enum AuthFailure {
     UnknownUser,
     WrongPassword,
+    /// The right password, but the client id belongs to another user (a takeover attempt, or
+    /// two services sharing an instance name). Counted as denied, not as a failed login.
+    ClientIdOfAnotherUser,
 }
 
 impl AuthFailure {
@@ -42,6 +53,7 @@ impl AuthFailure {
         match self {
             Self::UnknownUser => "unknown user",
             Self::WrongPassword => "wrong password",
+            Self::ClientIdOfAnotherUser => "client id of another user",
         }
     }
 }
@@ -75,6 +87,169 @@ impl AuthFailed {
             reason = why.as_str(),
             "Refused an MQTT login; the client was disconnected."
         );
+    }
+}
+
+/// At most one WARN per kind of refusal in this interval; the next says how many it skipped.
+/// A misconfigured service repeats its refused publish after every reconnect, and a hostile
+/// client can loop: the log must stay readable and the SD card unworn.
+const DENIED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What the ACL refused: `wattbus_broker_denied_total{action}`, and a rate-limited WARN naming
+/// the user, the client id and the topic. The username is only logged, never a label: it comes
+/// from the client, and a label per made-up name would grow the metrics without bound.
+#[derive(Debug)]
+pub(crate) struct Denied {
+    publish: (Counter, Throttle),
+    subscribe: (Counter, Throttle),
+    client_id: (Counter, Throttle),
+}
+
+impl Denied {
+    pub(crate) fn new() -> Self {
+        let counter = |action| {
+            let counter = Counter::new(
+                "wattbus_broker_denied_total",
+                "Publishes, subscriptions and client ids the broker's ACL refused.",
+                &[("action", action)],
+            );
+            (counter, Throttle::default())
+        };
+        Self {
+            publish: counter("publish"),
+            subscribe: counter("subscribe"),
+            client_id: counter("client_id"),
+        }
+    }
+
+    pub(crate) fn publish(&self, client_id: &str, username: &str, topic: &str) {
+        if let Some(skipped) = count(&self.publish) {
+            tracing::warn!(
+                action = "publish",
+                username,
+                client_id,
+                topic,
+                skipped,
+                "Refused a publish: the user's broker role does not allow this topic; the \
+                 client was disconnected."
+            );
+        }
+    }
+
+    pub(crate) fn subscribe(&self, client_id: &str, username: &str, filter: &str) {
+        if let Some(skipped) = count(&self.subscribe) {
+            tracing::warn!(
+                action = "subscribe",
+                username,
+                client_id,
+                filter,
+                skipped,
+                "Refused a subscription: the user's broker role does not allow this filter; \
+                 every filter of the SUBSCRIBE got a failure code."
+            );
+        }
+    }
+
+    pub(crate) fn client_id(&self, client_id: &str, username: &str) {
+        if let Some(skipped) = count(&self.client_id) {
+            tracing::warn!(
+                action = "client_id",
+                username,
+                client_id,
+                skipped,
+                "Refused a login: the client id belongs to another broker user."
+            );
+        }
+    }
+}
+
+/// What a memory limit refused: a SUBSCRIBE past `max_filters_per_client` or `max_filters`
+/// (`wattbus_broker_subscriptions_refused_total{limit}`), a retained message past
+/// `max_retained_bytes` (`wattbus_broker_retained_refused_total`); each with a rate-limited
+/// WARN.
+#[derive(Debug)]
+pub(crate) struct Limited {
+    per_client: (Counter, Throttle),
+    total: (Counter, Throttle),
+    retained: (Counter, Throttle),
+}
+
+impl Limited {
+    pub(crate) fn new() -> Self {
+        let subscriptions = |limit| {
+            let counter = Counter::new(
+                "wattbus_broker_subscriptions_refused_total",
+                "SUBSCRIBEs refused whole because they would pass a filter limit.",
+                &[("limit", limit)],
+            );
+            (counter, Throttle::default())
+        };
+        let retained = Counter::new(
+            "wattbus_broker_retained_refused_total",
+            "Retained messages delivered but not kept: retained messages at their limit.",
+            &[],
+        );
+        Self {
+            per_client: subscriptions("per_client"),
+            total: subscriptions("total"),
+            retained: (retained, Throttle::default()),
+        }
+    }
+
+    pub(crate) fn filters(&self, client_id: &str, filter: &str, limit: rumqttd::FilterLimit) {
+        let (counted, key, max) = match limit {
+            rumqttd::FilterLimit::PerConnection(max) => {
+                (&self.per_client, "broker.max_filters_per_client", max)
+            }
+            rumqttd::FilterLimit::Total(max) => (&self.total, "broker.max_filters", max),
+        };
+        if let Some(skipped) = count(counted) {
+            tracing::warn!(
+                client_id,
+                filter,
+                limit = key,
+                max,
+                skipped,
+                "Refused a subscription: it would pass a filter limit; every filter of the \
+                 SUBSCRIBE got a failure code."
+            );
+        }
+    }
+
+    pub(crate) fn retained(&self, client_id: &str, topic: &str) {
+        if let Some(skipped) = count(&self.retained) {
+            tracing::warn!(
+                client_id,
+                topic,
+                skipped,
+                "A retained message was delivered but not kept: retained messages are at \
+                 broker.max_retained_bytes; the topic has no retained message now."
+            );
+        }
+    }
+}
+
+/// Count one event; `Some(events not logged since the last line)` if a line is due.
+fn count((counter, throttle): &(Counter, Throttle)) -> Option<u64> {
+    counter.inc();
+    throttle.due()
+}
+
+/// At most one line per interval ([`DENIED_LOG_INTERVAL`]); the next says how many it skipped.
+#[derive(Debug, Default)]
+struct Throttle(Mutex<(Option<Instant>, u64)>);
+
+impl Throttle {
+    fn due(&self) -> Option<u64> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, skipped) = &mut *state;
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < DENIED_LOG_INTERVAL) {
+            *skipped += 1;
+            return None;
+        }
+        *last = Some(now);
+        Some(std::mem::take(skipped))
     }
 }
 

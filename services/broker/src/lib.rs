@@ -1,24 +1,43 @@
 //! The wattbus MQTT broker: rumqttd embedded as a library.
 //!
 //! Every wattbus service talks to the others only through this broker. It listens for
-//! MQTT 3.1.1 on `listen` (1883), MQTT 5 on `listen_v5` (1884; a rumqttd listener speaks one
-//! version) and, optionally, MQTT 3.1.1 over TLS (8883). It reads and writes no topics itself.
+//! MQTT 3.1.1 on `listen` (`127.0.0.1:1883` by default) and, if configured, MQTT 5 on
+//! `listen_v5` (a rumqttd listener speaks one version) and MQTT 3.1.1 over TLS. It reads and
+//! writes no topics itself.
 //!
-//! **Nothing is persisted on disk.** rumqttd keeps retained messages and sessions in memory
-//! only, and that is deliberate: delivery is the runtime's job, not the broker's. Producers
-//! journal what they publish and replay it until the sinks acknowledge it, so a broker restart
-//! costs a replay, not data, and the SD card is not written twice for every reading.
+//! rumqttd is vendored and patched (`vendor/rumqttd/PATCHES.md`): clients could crash it, it had
+//! no topic ACLs, and its memory had no bound.
 //!
-//! **Memory bound.** The router keeps an in-memory log per subscription filter of at most
-//! `segment_count` segments of `segment_bytes` each (a segment may overrun by its last
-//! message). With the defaults (4 × 1 MiB) that is about 4 MiB per filter, 8 MiB at worst with
-//! maximum-size messages. Filters are kept until the process ends, even after their
-//! subscribers leave, so the bound is per distinct filter ever subscribed: a dozen filters cost
-//! 50–100 MiB at most, fine on a Raspberry Pi. Add one retained message per retained topic and
-//! a read buffer of up to `max_payload_bytes` per connection (`max_connections` of them).
+//! **Nothing is persisted on disk, and no session outlives its connection.** Retained messages
+//! live in memory only, and that is deliberate: delivery is the runtime's job, not the broker's.
+//! Producers journal what they publish and replay it until the sinks acknowledge it, so a broker
+//! restart costs a replay, not data, and the SD card is not written twice for every reading.
 //!
-//! **Authentication** is on by default: every client must log in as one of `[[broker.users]]`.
-//! A failed login just closes the TCP connection (rumqttd sends no CONNACK code).
+//! **Authentication and authorization** are on by default: every client logs in as one of
+//! `[[broker.users]]`, and the user's role (`acl`) decides what it may publish and subscribe,
+//! checked by the router on every publish, will and subscription through rumqttd's `Policy`
+//! hook. A failed login just closes the TCP connection (rumqttd sends no CONNACK code); a
+//! refused publish closes it too; a refused subscription gets SUBACK 0x80.
+//!
+//! **Memory bound.** Every store a client can grow is bounded by a key of `[broker]`: all
+//! filter logs together (`max_log_bytes`, 32 MiB; one filter's `segment_bytes` ×
+//! `segment_count`, each entry counted with its own size), live filters (`max_filters` 256,
+//! `max_filters_per_client` 32; a filter's log is freed when its last subscriber leaves),
+//! retained messages (`max_retained_bytes`, 4 MiB), what is queued for one connection
+//! (`max_queued_bytes`, 1 MiB), connections (`max_connections`, 32) and packets
+//! (`max_payload_bytes`, 1 MiB). With the defaults the worst case is about 273 MiB:
+//!
+//! ```text
+//!   logs        2 × max_log_bytes + max_payload_bytes        65 MiB  (entries' spare room)
+//!   retained    max_retained_bytes                            4 MiB
+//!   topic cache (inside rumqttd)                              1 MiB
+//!   filters     max_filters × 4 KiB                           1 MiB
+//!   connections max_connections × (4 P + 2 Q)               192 MiB  (P = max_payload_bytes,
+//!                                                                     Q = max_queued_bytes)
+//!   process     runtime, threads                            ~10 MiB
+//! ```
+//!
+//! docs/broker.md says why each term, and `tests/memory.rs` checks it.
 //!
 //! **Lifetime.** rumqttd has no stop API. [`start`] runs it on plain threads (the router, one
 //! per listener, one recording its meters) that live until the process exits; [`run`] returns
@@ -27,10 +46,13 @@
 //!
 //! Layout:
 //! - `config`: the `[broker]` section, its validation, and [`Config::to_rumqttd`].
-//! - `auth`: the password check rumqttd calls for each login.
-//! - `events`: what is logged and counted (auth failures, subscriber skips, router meters).
+//! - `acl`: who may publish and subscribe where, by role (pure functions).
+//! - `auth`: the login check rumqttd calls (password, client id) and the `Policy` the router asks.
+//! - `events`: what is logged and counted (refused logins, publishes, subscriptions; limits;
+//!   subscriber skips; router meters).
 //! - here: [`start`], the readiness probe, and [`run`].
 
+pub mod acl;
 mod auth;
 mod config;
 mod events;
@@ -41,6 +63,7 @@ use std::time::Duration;
 use runtime::{ConfigError, Context};
 use tokio::sync::watch;
 
+pub use acl::Role;
 pub use config::{Config, SECTION, TLS_LISTENER, TlsConfig, User, V4_LISTENER, V5_LISTENER};
 
 /// How long [`run`] waits for every listener to accept a TCP connection.

@@ -11,10 +11,10 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
-use broker::{Config, Started, User};
+use broker::{Config, Role, Started, User};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
 use runtime::telemetry::Gauge;
-use runtime::{ConfigSource, Context, Health, Secret, shutdown};
+use runtime::{ConfigSource, Context, Health, shutdown};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -25,11 +25,7 @@ fn free_addr() -> SocketAddr {
 }
 
 fn user(name: &str, password: &str) -> User {
-    User {
-        username: name.into(),
-        password: Some(Secret::new(password)),
-        password_file: None,
-    }
+    User::new(name, password, Role::Admin)
 }
 
 /// A config on free loopback ports, with users alice/s3cret and bob/hunter2.
@@ -174,9 +170,9 @@ async fn a_password_file_works_like_an_inline_password() {
     std::fs::write(&path, "from-a-file\n").unwrap();
     let mut config = config();
     config.users.push(User {
-        username: "carol".into(),
         password: None,
         password_file: Some(path),
+        ..User::new("carol", "unused", Role::Reader)
     });
     let _broker = started(&config).await;
     assert!(connects(&config, "carol-1", Some(("carol", "from-a-file"))).await);
@@ -268,14 +264,19 @@ fn parse(toml: &str) -> Result<Config, runtime::ConfigError> {
 }
 
 #[test]
-fn defaults_with_one_user_are_valid() {
-    let config = parse("[[broker.users]]\nusername = \"alice\"\npassword = \"s3cret\"\n").unwrap();
-    assert_eq!(config.listen.port(), 1883);
-    assert_eq!(config.listen_v5.map(|a| a.port()), Some(1884));
+fn defaults_with_one_user_are_valid_and_listen_on_loopback_only() {
+    let config =
+        parse("[[broker.users]]\nusername = \"alice\"\npassword = \"s3cret\"\nrole = \"admin\"\n")
+            .unwrap();
+    assert_eq!(config.listen, "127.0.0.1:1883".parse().unwrap());
+    assert_eq!(config.listen_v5, None, "v5 is off unless configured");
     assert!(!config.allow_anonymous);
-    assert_eq!(config.segment_bytes, 1 << 20);
+    assert_eq!(config.segment_bytes, 2 << 20);
     assert_eq!(config.segment_count, 4);
-    assert_eq!(config.health_listen.map(|a| a.port()), Some(9100));
+    assert_eq!(
+        config.health_listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
 }
 
 #[test]
@@ -290,8 +291,8 @@ fn no_users_without_anonymous_is_an_error_naming_broker_users() {
 #[test]
 fn duplicate_usernames_are_an_error() {
     let e = parse(
-        "[[broker.users]]\nusername = \"alice\"\npassword = \"a\"\n\
-         [[broker.users]]\nusername = \"alice\"\npassword = \"b\"\n",
+        "[[broker.users]]\nusername = \"alice\"\npassword = \"a\"\nrole = \"admin\"\n\
+         [[broker.users]]\nusername = \"alice\"\npassword = \"b\"\nrole = \"admin\"\n",
     )
     .unwrap_err();
     assert_eq!(e.key, "broker.users[1].username");
@@ -300,13 +301,14 @@ fn duplicate_usernames_are_an_error() {
 
 #[test]
 fn an_empty_username_is_an_error() {
-    let e = parse("[[broker.users]]\nusername = \"\"\npassword = \"a\"\n").unwrap_err();
+    let e = parse("[[broker.users]]\nusername = \"\"\npassword = \"a\"\nrole = \"admin\"\n")
+        .unwrap_err();
     assert_eq!(e.key, "broker.users[0].username");
 }
 
 #[test]
 fn a_user_without_any_password_is_an_error() {
-    let e = parse("[[broker.users]]\nusername = \"alice\"\n").unwrap_err();
+    let e = parse("[[broker.users]]\nusername = \"alice\"\nrole = \"admin\"\n").unwrap_err();
     assert_eq!(e.key, "broker.users[0].password");
 }
 
@@ -328,7 +330,8 @@ fn segment_bytes_below_1024_is_an_error_naming_the_key() {
 #[test]
 fn a_missing_password_file_is_an_error_naming_the_key() {
     let e = parse(
-        "[[broker.users]]\nusername = \"alice\"\npassword_file = \"/nonexistent/alice.pw\"\n",
+        "[[broker.users]]\nusername = \"alice\"\npassword_file = \"/nonexistent/alice.pw\"\n\
+         role = \"admin\"\n",
     )
     .unwrap_err();
     assert_eq!(e.key, "broker.users[0].password_file");
@@ -366,7 +369,54 @@ fn tls_files_must_exist() {
 fn unknown_keys_are_refused() {
     let e = parse("[broker]\nallow_anonymous = true\nmax_conections = 3\n").unwrap_err();
     assert_eq!(e.key, "broker.max_conections");
-    let e = parse("[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n")
+    let e = parse("[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrol = \"admin\"\n")
         .unwrap_err();
-    assert!(e.key.ends_with("role"), "{e}");
+    assert!(e.key.ends_with("rol"), "{e}");
+}
+
+#[test]
+fn a_user_without_a_role_is_an_error_naming_the_key_and_the_roles() {
+    let e = parse("[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n").unwrap_err();
+    assert_eq!(e.key, "broker.users[0].role");
+    assert!(
+        e.reason
+            .contains("producer, sink, processor, reader, admin"),
+        "{e}"
+    );
+    let e = parse(
+        "[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n\
+         [[broker.users]]\nusername = \"c\"\npassword = \"d\"\nrole = \"superuser\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "broker.users[1].role");
+    assert!(e.reason.contains("\"superuser\" is not a role"), "{e}");
+    assert!(e.reason.contains("reader"), "{e}");
+}
+
+#[test]
+fn devices_are_for_producers_and_processors_and_must_be_topic_levels() {
+    let base = "[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n";
+    let ok = parse(&format!(
+        "{base}role = \"producer\"\ndevices = [\"we515-1\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(ok.users[0].devices, Some(vec!["we515-1".to_string()]));
+    let e = parse(&format!("{base}role = \"sink\"\ndevices = [\"we515-1\"]\n")).unwrap_err();
+    assert_eq!(e.key, "broker.users[0].devices");
+    assert!(e.reason.contains("a sink has no devices"), "{e}");
+    let e = parse(&format!(
+        "{base}role = \"producer\"\ndevices = [\"we/1\"]\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "broker.users[0].devices");
+}
+
+#[test]
+fn a_username_must_be_a_topic_level() {
+    let e = parse(
+        "[[broker.users]]\nusername = \"influx writer\"\npassword = \"b\"\nrole = \"sink\"\n",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "broker.users[0].username");
+    assert!(e.reason.contains("topic level"), "{e}");
 }

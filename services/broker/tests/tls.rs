@@ -7,8 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::process::Command;
 use std::time::Duration;
 
-use broker::{Config, TlsConfig, User};
-use runtime::Secret;
+use broker::{Config, Role, TlsConfig, User};
 
 fn free_addr() -> SocketAddr {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -57,11 +56,7 @@ async fn mosquitto_pub_publishes_over_tls_with_a_password() {
     let config = Config {
         listen: free_addr(),
         listen_v5: None,
-        users: vec![User {
-            username: "alice".into(),
-            password: Some(Secret::new("s3cret")),
-            password_file: None,
-        }],
+        users: vec![User::new("alice", "s3cret", Role::Admin)],
         tls: Some(TlsConfig {
             listen: tls,
             cert_file: cert.clone(),

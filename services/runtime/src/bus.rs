@@ -12,9 +12,10 @@
 //! drops its pending queue on a reconnect without a session. Nothing relies on MQTT to keep a
 //! message: the delivery contract (journal, acknowledgements, replay) does.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::{Payload, Segment, ServiceState, Status, Topic};
@@ -72,6 +73,11 @@ struct Inner {
     pending_subs: Mutex<Vec<(String, QoS)>>,
     /// (subscriptions queued, SUBACKs received): equal once the broker confirmed them all.
     subs: watch::Sender<(u64, u64)>,
+    /// Which filter each SUBSCRIBE carries, so that a refusal can name it (see [`SubIds`]).
+    sub_ids: Mutex<SubIds>,
+    /// The last topic published and when: a broker that disconnects this service right after
+    /// a publish has refused that topic (its ACL), and the ERROR names it.
+    last_publish: Mutex<Option<(Instant, String)>>,
     /// Whether the link is up (between a ConnAck and the next error). While it is down,
     /// producers journal without publishing: rumqttc's request queue is not drained then, and
     /// waiting on it would stop a service from reading its devices.
@@ -81,6 +87,18 @@ struct Inner {
     client_id: Segment,
     site: Segment,
     service: Segment,
+}
+
+/// The filter of each SUBSCRIBE, from the moment it is queued (one filter per SUBSCRIBE) to its
+/// SUBACK: rumqttc reports the packet id only when it sends the SUBSCRIBE, and sends them in
+/// the order they were queued. A connection error clears it: rumqttc drops what it had not
+/// sent, and the ConnAck queues every route again. (A route queued by another task at the very
+/// moment the connection breaks could shift the names by one; the refusal itself is never
+/// missed.)
+#[derive(Default)]
+struct SubIds {
+    queued: VecDeque<String>,
+    sent: HashMap<u16, String>,
 }
 
 /// A cheap-to-clone handle on the connection.
@@ -154,6 +172,8 @@ impl Bus {
             routes: Mutex::new(Vec::new()),
             pending_subs: Mutex::new(Vec::new()),
             subs: watch::channel((0, 0)).0,
+            sub_ids: Mutex::new(SubIds::default()),
+            last_publish: Mutex::new(None),
             up: AtomicBool::new(false),
             connected: conn_rx,
             close: Notify::new(),
@@ -251,6 +271,7 @@ impl Bus {
         payload: impl Into<Vec<u8>>,
         retain: bool,
     ) -> Result<(), BusError> {
+        self.inner.published(topic);
         self.inner
             .client
             .publish(topic, QoS::AtLeastOnce, retain, payload.into())
@@ -265,6 +286,7 @@ impl Bus {
         if !self.inner.up.load(Ordering::Relaxed) {
             return false;
         }
+        self.inner.published(topic);
         let queued = self
             .inner
             .client
@@ -295,6 +317,12 @@ impl Bus {
     }
 }
 
+impl Inner {
+    fn published(&self, topic: &str) {
+        *lock(&self.last_publish) = Some((Instant::now(), topic.to_string()));
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -305,6 +333,7 @@ fn queue_subscriptions(inner: &Inner) {
     pending.retain(|(filter, qos)| {
         let queued = inner.client.try_subscribe(filter.clone(), *qos).is_ok();
         if queued {
+            lock(&inner.sub_ids).queued.push_back(filter.clone());
             inner.subs.send_modify(|(requested, _)| *requested += 1);
         }
         !queued
@@ -362,6 +391,7 @@ async fn poll_loop(
                         routes.iter().map(|r| (r.filter.clone(), r.qos)).collect();
                 }
                 queue_subscriptions(&inner);
+                inner.published(status_topic.as_str());
                 if let Ok(online) = status(&id, ServiceState::Online).encode()
                     && inner
                         .client
@@ -386,17 +416,21 @@ async fn poll_loop(
                 )
                 .await
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Subscribe(pkid))) => {
+                let mut ids = lock(&inner.sub_ids);
+                if let Some(filter) = ids.queued.pop_front() {
+                    ids.sent.insert(pkid, filter);
+                }
+            }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 inner.subs.send_modify(|(_, acked)| *acked += 1);
+                let filter = lock(&inner.sub_ids).sent.remove(&ack.pkid);
                 if ack
                     .return_codes
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
-                    tracing::error!(
-                        pkid = ack.pkid,
-                        "The broker refused a subscription; this service will not receive its input."
-                    );
+                    events::subscription_refused(id.instance.as_str(), filter.as_deref(), ack.pkid);
                 }
             }
             Ok(_) => {}
@@ -404,6 +438,20 @@ async fn poll_loop(
                 ready.set(false);
                 inner.up.store(false, Ordering::Relaxed);
                 connected_gauge.set(0.0);
+                *lock(&inner.sub_ids) = SubIds::default();
+                // rumqttd sends DISCONNECT (which rumqttc reports as an unexpected packet)
+                // when it refuses a publish; a lost connection is an I/O error instead.
+                if matches!(
+                    e,
+                    rumqttc::ConnectionError::MqttState(rumqttc::StateError::WrongPacket)
+                ) {
+                    let last = lock(&inner.last_publish).clone();
+                    events::disconnected_by_broker(
+                        id.instance.as_str(),
+                        last.as_ref()
+                            .map(|(at, topic)| (topic.as_str(), at.elapsed())),
+                    );
+                }
                 let delay = backoff(&cfg, failures);
                 events::bus_error(id.instance.as_str(), &e, delay, failures == 0);
                 failures = failures.saturating_add(1);

@@ -2,7 +2,9 @@
 //! `internal_events`): the log line is for the person at the terminal, the counter for the
 //! dashboard that notices at 3 a.m. that something is dropping.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::journal::{Dropped, OpenReport};
 use crate::telemetry::Counter;
@@ -87,6 +89,80 @@ pub fn bus_error(client_id: &str, error: &dyn std::error::Error, retry_in: Durat
         tracing::warn!(client_id, error = %error, retry_in_ms = retry_in.as_millis() as u64, hint, "Broker connection lost or refused; retrying.");
     } else {
         tracing::debug!(client_id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "Still cannot reach the broker.");
+    }
+}
+
+/// A refused publish or subscription comes back after every reconnect, a few times a second:
+/// log it once per client in this interval (the counters count every one).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+static REFUSED_SUBSCRIPTION_LOGGED: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+static DISCONNECTED_LOGGED: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
+
+/// Whether a line for `client_id` is due (and if so, note it).
+fn due(logged: &Mutex<Option<HashMap<String, Instant>>>, client_id: &str) -> bool {
+    let mut logged = logged.lock().unwrap_or_else(|p| p.into_inner());
+    let logged = logged.get_or_insert_with(HashMap::new);
+    let now = Instant::now();
+    match logged.get(client_id) {
+        Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
+        _ => {
+            logged.insert(client_id.to_string(), now);
+            true
+        }
+    }
+}
+
+/// The broker answered a SUBSCRIBE with a failure code: this service will not get that input.
+/// With wattbus's broker that is its ACL (the service's user and role do not allow the filter)
+/// or a filter limit.
+pub fn subscription_refused(client_id: &str, filter: Option<&str>, pkid: u16) {
+    Counter::new(
+        "wattbus_bus_subscriptions_refused_total",
+        "Subscriptions the broker refused (SUBACK failure): this service does not get that input.",
+        &[("client", client_id)],
+    )
+    .inc();
+    let filter = filter.unwrap_or("(unknown)");
+    if !due(&REFUSED_SUBSCRIPTION_LOGGED, client_id) {
+        return;
+    }
+    tracing::error!(
+        client_id,
+        filter,
+        pkid,
+        "The broker refused the subscription to {filter}: check this service's broker user and \
+         role ([bus] username; [[broker.users]] role)."
+    );
+}
+
+/// The broker disconnected this service on purpose (MQTT DISCONNECT). rumqttd does that when
+/// it refuses a publish: then `last_publish` (topic, how long ago) is most likely the topic its
+/// ACL refused. The service reconnects and, if it publishes there again, is disconnected again.
+pub fn disconnected_by_broker(client_id: &str, last_publish: Option<(&str, Duration)>) {
+    Counter::new(
+        "wattbus_bus_disconnected_by_broker_total",
+        "Times the broker closed this service's connection on purpose (a refused publish).",
+        &[("client", client_id)],
+    )
+    .inc();
+    if !due(&DISCONNECTED_LOGGED, client_id) {
+        return;
+    }
+    match last_publish {
+        Some((topic, ago)) => tracing::error!(
+            client_id,
+            topic,
+            published_ms_ago = ago.as_millis() as u64,
+            "The broker closed the connection right after a publish to {topic}: its ACL most \
+             likely refuses that topic to this service; check this service's broker user and \
+             role ([bus] username; [[broker.users]] role and devices)."
+        ),
+        None => tracing::error!(
+            client_id,
+            "The broker closed the connection on purpose; check this service's broker user and \
+             role ([bus] username; [[broker.users]] role)."
+        ),
     }
 }
 

@@ -155,11 +155,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let broker_cfg = broker::Config {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         listen_v5: None,
-        users: vec![broker::User {
-            username: "demo".into(),
-            password: Some(Secret::new(password.clone())),
-            password_file: None,
-        }],
+        // One admin user for every service of the demo, for now; a deployment gives each
+        // service its own user and role (compose/wattbus.toml, docs/broker.md).
+        users: vec![broker::User::new("demo", &password, broker::Role::Admin)],
         health_listen: None,
         ..broker::Config::default()
     };

@@ -1,0 +1,620 @@
+//! Who may publish and subscribe where: the broker's topic ACL, as pure functions.
+//!
+//! Every service logs in as its own broker user, and each user has a [`Role`]
+//! (docs/ARCHITECTURE.md, "Threat model"). The role says which topics the user may publish on and
+//! which filters it may subscribe to; `U` in a pattern is the user's own name, so that a sink's
+//! acknowledgements (`.../ack/<producer>/<stream>/<sink group>`) can only come from the user
+//! whose name is that sink group, and a dead letter only from the service it names.
+//!
+//! | role | may publish | may subscribe |
+//! |---|---|---|
+//! | producer | `meas/+/+`, `raw/+`, `status/+`, `dead/U` | `ack/#`, `sink/+`, `status/+` |
+//! | sink | `ack/+/+/U`, `sink/U`, `status/+`, `dead/U` | `meas/+/+`, `raw/+`, `status/+`, `dead/+` |
+//! | processor | producer ∪ sink | producer ∪ sink |
+//! | reader | nothing | `wattbus/#` |
+//! | admin | anything | anything |
+//!
+//! (each pattern after `wattbus/v1/+/`). A producer or processor given `devices` may publish
+//! readings (`meas`, `raw`) only for those devices.
+//!
+//! Decisions, level by level (MQTT's own matching: only a whole `+` or `#` level is a wildcard):
+//! - A **publish topic** is allowed if a pattern matches it. A topic with a wildcard character,
+//!   an empty level, a level longer than 64 bytes or a leading `$` is refused to everyone but
+//!   admin: MQTT forbids the first, and no wattbus topic has the others (the length limit is
+//!   `proto::Segment`'s; it also bounds what the broker keeps per topic and filter).
+//! - A **subscription filter** (after a `$share/<group>/` prefix is stripped) is allowed only
+//!   if every topic it can match is allowed by one pattern: `#` in the pattern covers whatever
+//!   is left of the filter, `+` covers one level that is not `#`, and a `+` or `#` in the
+//!   filter is covered only by a `+` or `#` (respectively a `#`) in the pattern. So a producer
+//!   may subscribe `wattbus/v1/site-a/ack/#` but not `wattbus/#`, and a malformed filter
+//!   (`a/#/b`, `a+/b`) is refused.
+//! - A **client id** belongs to the user it names: equal to a username, or starting with
+//!   `<username>-`, the longest such username wins (so `influx-writer-2` is influx-writer's even
+//!   if a user `influx` exists). Logging in with another user's client id is refused, for every
+//!   role: rumqttd would otherwise disconnect the owner's connection (a takeover).
+
+use std::collections::HashSet;
+
+/// What a broker user is for; decides its topics (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Publishes readings (serial-ingest, modbus-ingest, the simulator).
+    Producer,
+    /// Stores readings and acknowledges them as the sink group named like the user.
+    Sink,
+    /// Both: consumes one stream and produces another (rms-processor).
+    Processor,
+    /// Reads everything under `wattbus/`, publishes nothing (dashboards, `mosquitto_sub`).
+    Reader,
+    /// Anything (tools, tests). Not for services.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Producer,
+        Role::Sink,
+        Role::Processor,
+        Role::Reader,
+        Role::Admin,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::Producer => "producer",
+            Role::Sink => "sink",
+            Role::Processor => "processor",
+            Role::Reader => "reader",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether `devices` may restrict this role's readings.
+    pub const fn publishes_readings(self) -> bool {
+        matches!(self, Role::Producer | Role::Processor)
+    }
+
+    const fn produces(self) -> bool {
+        matches!(self, Role::Producer | Role::Processor)
+    }
+
+    const fn sinks(self) -> bool {
+        matches!(self, Role::Sink | Role::Processor)
+    }
+}
+
+/// `U` in a pattern: the user's own name.
+const USER: &str = "U";
+
+const PRODUCER_PUBLISH: &[&str] = &[
+    "wattbus/v1/+/meas/+/+",
+    "wattbus/v1/+/raw/+",
+    "wattbus/v1/+/status/+",
+    "wattbus/v1/+/dead/U",
+];
+const PRODUCER_SUBSCRIBE: &[&str] = &[
+    "wattbus/v1/+/ack/#",
+    "wattbus/v1/+/sink/+",
+    "wattbus/v1/+/status/+",
+];
+const SINK_PUBLISH: &[&str] = &[
+    "wattbus/v1/+/ack/+/+/U",
+    "wattbus/v1/+/sink/U",
+    "wattbus/v1/+/status/+",
+    "wattbus/v1/+/dead/U",
+];
+const SINK_SUBSCRIBE: &[&str] = &[
+    "wattbus/v1/+/meas/+/+",
+    "wattbus/v1/+/raw/+",
+    "wattbus/v1/+/status/+",
+    "wattbus/v1/+/dead/+",
+];
+const READER_SUBSCRIBE: &[&str] = &["wattbus/#"];
+
+/// The reading kinds `devices` restricts, and the level (after `wattbus/v1/<site>/<kind>`)
+/// that names the device.
+const READING_KINDS: &[&str] = &["meas", "raw"];
+
+/// One user's rights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub username: String,
+    pub role: Role,
+    /// `Some`: the only devices whose readings this user may publish.
+    pub devices: Option<HashSet<String>>,
+}
+
+impl Grant {
+    pub fn may_publish(&self, topic: &str) -> bool {
+        if self.role == Role::Admin {
+            return true;
+        }
+        if !is_plain_topic(topic) {
+            return false;
+        }
+        let mut patterns: Vec<&[&str]> = Vec::with_capacity(2);
+        if self.role.produces() {
+            patterns.push(PRODUCER_PUBLISH);
+        }
+        if self.role.sinks() {
+            patterns.push(SINK_PUBLISH);
+        }
+        let allowed = patterns
+            .into_iter()
+            .flatten()
+            .any(|pattern| pattern_matches(pattern, &self.username, topic));
+        allowed && self.device_allowed(topic)
+    }
+
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        if self.role == Role::Admin {
+            return true;
+        }
+        let Some(filter) = strip_share(filter) else {
+            return false;
+        };
+        if !is_valid_filter(filter) {
+            return false;
+        }
+        let patterns: &[&[&str]] = match self.role {
+            Role::Producer => &[PRODUCER_SUBSCRIBE],
+            Role::Sink => &[SINK_SUBSCRIBE],
+            Role::Processor => &[PRODUCER_SUBSCRIBE, SINK_SUBSCRIBE],
+            Role::Reader => &[READER_SUBSCRIBE],
+            Role::Admin => &[],
+        };
+        patterns
+            .iter()
+            .copied()
+            .flatten()
+            .any(|pattern| covers(pattern, &self.username, filter))
+    }
+
+    /// Readings (`meas`, `raw`) name their device in the level after the kind.
+    fn device_allowed(&self, topic: &str) -> bool {
+        let Some(devices) = &self.devices else {
+            return true;
+        };
+        let mut levels = topic.split('/').skip(3);
+        match (levels.next(), levels.next()) {
+            (Some(kind), Some(device)) if READING_KINDS.contains(&kind) => devices.contains(device),
+            _ => true,
+        }
+    }
+}
+
+/// The filter without its `$share/<group>/` prefix; `None` for a `$share` filter that lacks a
+/// group or a filter.
+pub fn strip_share(filter: &str) -> Option<&str> {
+    match filter.strip_prefix("$share/") {
+        None => Some(filter),
+        Some(rest) => match rest.split_once('/') {
+            Some((group, filter)) if !group.is_empty() && !filter.is_empty() => Some(filter),
+            _ => None,
+        },
+    }
+}
+
+/// The user that owns `client_id` among `usernames`, if any: the longest username the client id
+/// equals or starts with followed by `-`.
+pub fn client_id_owner<'a>(
+    client_id: &str,
+    usernames: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    usernames
+        .into_iter()
+        .filter(|user| {
+            client_id == *user
+                || client_id
+                    .strip_prefix(*user)
+                    .is_some_and(|rest| rest.starts_with('-'))
+        })
+        .max_by_key(|user| user.len())
+}
+
+/// The longest level a non-admin topic or filter may have: `proto::Segment`'s limit, so no
+/// wattbus topic is refused, and a hostile client cannot make the broker keep 64 KiB names.
+const MAX_LEVEL_LEN: usize = 64;
+
+/// A topic a client may name in a PUBLISH (or a will): non-empty levels of at most
+/// [`MAX_LEVEL_LEN`] bytes, no wildcard characters, no leading `$`.
+fn is_plain_topic(topic: &str) -> bool {
+    !topic.starts_with('$')
+        && topic.split('/').all(|level| {
+            !level.is_empty() && level.len() <= MAX_LEVEL_LEN && !level.contains(['+', '#'])
+        })
+}
+
+/// MQTT's rules: non-empty, `+` and `#` only as whole levels, `#` only last; and levels of at
+/// most [`MAX_LEVEL_LEN`] bytes.
+fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.starts_with('$') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        other => other.len() <= MAX_LEVEL_LEN && !other.contains(['+', '#']),
+    })
+}
+
+fn level<'a>(pattern_level: &'a str, username: &'a str) -> &'a str {
+    if pattern_level == USER {
+        username
+    } else {
+        pattern_level
+    }
+}
+
+/// Whether `pattern` (with `U` = `username`) matches the plain topic `topic`.
+fn pattern_matches(pattern: &str, username: &str, topic: &str) -> bool {
+    let mut topic_levels = topic.split('/');
+    for p in pattern.split('/') {
+        let p = level(p, username);
+        if p == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(_) if p == "+" => {}
+            Some(t) if t == p => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+/// Whether every topic `filter` (valid, unshared) can match is matched by `pattern`.
+fn covers(pattern: &str, username: &str, filter: &str) -> bool {
+    let mut filter_levels = filter.split('/');
+    for p in pattern.split('/') {
+        let p = level(p, username);
+        if p == "#" {
+            return true;
+        }
+        match filter_levels.next() {
+            // `#` matches any number of levels, zero included: only a `#` covers it.
+            Some("#") => return false,
+            Some("+") if p == "+" => {}
+            Some("+") => return false,
+            Some(f) if p == "+" || f == p => {}
+            // Other levels, or a filter that ends while the pattern goes on (`a/#` covering
+            // `a` returned above, at the `#`).
+            Some(_) | None => return false,
+        }
+    }
+    filter_levels.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{Segment, Topic};
+
+    fn seg(s: &str) -> Segment {
+        Segment::new(s).unwrap()
+    }
+
+    fn grant(role: Role, username: &str) -> Grant {
+        Grant {
+            username: username.into(),
+            role,
+            devices: None,
+        }
+    }
+
+    /// Every topic a wattbus service publishes, built by proto (so the ACL and the topic
+    /// builders cannot drift apart), with the role that must be allowed to publish it when the
+    /// user is `me`. `other` is another user.
+    fn service_topics() -> Vec<(&'static str, String)> {
+        let (site, me, other) = (seg("site-a"), seg("me"), seg("other"));
+        let (dev, ch, stream) = (seg("we515-1"), seg("power_w"), seg("meas"));
+        vec![
+            (
+                "reading",
+                Topic::measurement(&site, &dev, &ch).as_str().into(),
+            ),
+            ("raw", Topic::raw(&site, &dev).as_str().into()),
+            ("status", Topic::status(&site, &me).as_str().into()),
+            (
+                "status of another",
+                Topic::status(&site, &other).as_str().into(),
+            ),
+            (
+                "own dead letter",
+                Topic::dead_letter(&site, &me).as_str().into(),
+            ),
+            (
+                "other's dead letter",
+                Topic::dead_letter(&site, &other).as_str().into(),
+            ),
+            (
+                "own ack",
+                Topic::ack(&site, &dev, &stream, &me).as_str().into(),
+            ),
+            (
+                "forged ack",
+                Topic::ack(&site, &dev, &stream, &other).as_str().into(),
+            ),
+            ("own registration", "wattbus/v1/site-a/sink/me".into()),
+            ("forged registration", "wattbus/v1/site-a/sink/other".into()),
+            ("command", "wattbus/v1/site-a/cmd/we515-1".into()),
+            ("outside wattbus", "homeassistant/sensor/x".into()),
+        ]
+    }
+
+    fn allowed_publishes(role: Role) -> Vec<&'static str> {
+        let g = grant(role, "me");
+        service_topics()
+            .into_iter()
+            .filter(|(_, topic)| g.may_publish(topic))
+            .map(|(what, _)| what)
+            .collect()
+    }
+
+    #[test]
+    fn each_role_publishes_exactly_its_topics() {
+        let producer = vec![
+            "reading",
+            "raw",
+            "status",
+            "status of another",
+            "own dead letter",
+        ];
+        let sink = vec![
+            "status",
+            "status of another",
+            "own dead letter",
+            "own ack",
+            "own registration",
+        ];
+        assert_eq!(allowed_publishes(Role::Producer), producer);
+        assert_eq!(allowed_publishes(Role::Sink), sink);
+        assert_eq!(
+            allowed_publishes(Role::Processor),
+            vec![
+                "reading",
+                "raw",
+                "status",
+                "status of another",
+                "own dead letter",
+                "own ack",
+                "own registration",
+            ]
+        );
+        assert!(allowed_publishes(Role::Reader).is_empty());
+        assert_eq!(allowed_publishes(Role::Admin).len(), service_topics().len());
+    }
+
+    #[test]
+    fn acknowledgements_only_come_from_the_user_named_like_the_sink_group() {
+        let topic = "wattbus/v1/site-a/ack/serial-ingest/meas/influx-writer";
+        assert!(grant(Role::Sink, "influx-writer").may_publish(topic));
+        assert!(grant(Role::Processor, "influx-writer").may_publish(topic));
+        for (role, user) in [
+            (Role::Sink, "csv-writer"),
+            (Role::Sink, "influx-writer-2"),
+            (Role::Sink, "influx"),
+            (Role::Producer, "influx-writer"),
+            (Role::Reader, "influx-writer"),
+            (Role::Processor, "rms-processor"),
+        ] {
+            assert!(!grant(role, user).may_publish(topic), "{role:?} {user}");
+        }
+    }
+
+    #[test]
+    fn readers_and_sinks_cannot_forge_readings() {
+        for role in [Role::Reader, Role::Sink] {
+            let g = grant(role, "me");
+            assert!(!g.may_publish("wattbus/v1/site-a/meas/we515-1/power_w"));
+            assert!(!g.may_publish("wattbus/v1/site-a/raw/ct-1"));
+        }
+    }
+
+    #[test]
+    fn devices_restrict_the_readings_of_a_producer_and_nothing_else() {
+        let mut g = grant(Role::Producer, "modbus-ingest");
+        g.devices = Some(["we515-1".to_string(), "we515-2".to_string()].into());
+        assert!(g.may_publish("wattbus/v1/site-a/meas/we515-1/power_w"));
+        assert!(g.may_publish("wattbus/v1/site-b/meas/we515-2/energy_wh"));
+        assert!(g.may_publish("wattbus/v1/site-a/raw/we515-2"));
+        assert!(!g.may_publish("wattbus/v1/site-a/meas/we515-3/power_w"));
+        assert!(!g.may_publish("wattbus/v1/site-a/raw/ct-1"));
+        // Status and dead letters name the service, not a device.
+        assert!(g.may_publish("wattbus/v1/site-a/status/modbus-ingest"));
+        assert!(g.may_publish("wattbus/v1/site-a/dead/modbus-ingest"));
+        // An empty list: no readings at all.
+        g.devices = Some(HashSet::new());
+        assert!(!g.may_publish("wattbus/v1/site-a/meas/we515-1/power_w"));
+        assert!(g.may_publish("wattbus/v1/site-a/status/modbus-ingest"));
+        // A processor is restricted the same way, its sink side is not.
+        let mut p = grant(Role::Processor, "rms-processor");
+        p.devices = Some(["ct-1".to_string()].into());
+        assert!(p.may_publish("wattbus/v1/site-a/meas/ct-1/current_a"));
+        assert!(!p.may_publish("wattbus/v1/site-a/meas/ct-2/current_a"));
+        assert!(p.may_publish("wattbus/v1/site-a/ack/serial-ingest/raw/rms-processor"));
+    }
+
+    #[test]
+    fn malformed_publish_topics_are_refused_to_all_but_admin() {
+        let long_site_reading = format!("wattbus/v1/{}/meas/we515-1/power_w", "s".repeat(65));
+        for topic in [
+            "wattbus/v1/+/meas/we515-1/power_w",
+            "wattbus/v1/site-a/meas/we515-1/#",
+            "wattbus/v1/site-a/meas/we+/power_w",
+            "wattbus/v1//meas/we515-1/power_w",
+            "wattbus/v1/site-a/meas/we515-1/power_w/",
+            "wattbus/v1/site-a/meas/we515-1",
+            "wattbus/v1/site-a/meas/we515-1/power_w/extra",
+            long_site_reading.as_str(),
+            "$SYS/wattbus/v1/site-a/status/x",
+            "",
+        ] {
+            for role in [Role::Producer, Role::Processor] {
+                assert!(!grant(role, "me").may_publish(topic), "{role:?} {topic:?}");
+            }
+        }
+        assert!(grant(Role::Admin, "me").may_publish("anything/+/at/all"));
+    }
+
+    fn allowed_filters(role: Role, filters: &[&'static str]) -> Vec<&'static str> {
+        let g = grant(role, "me");
+        filters
+            .iter()
+            .copied()
+            .filter(|f| g.may_subscribe(f))
+            .collect()
+    }
+
+    const FILTERS: &[&str] = &[
+        "wattbus/v1/+/meas/+/+",
+        "wattbus/v1/site-a/meas/we515-1/power_w",
+        "wattbus/v1/site-a/meas/+/+",
+        "wattbus/v1/+/meas/#",
+        "wattbus/v1/+/raw/+",
+        "wattbus/v1/site-a/raw/ct-1",
+        "wattbus/v1/+/status/+",
+        "wattbus/v1/+/dead/+",
+        "wattbus/v1/+/ack/#",
+        "wattbus/v1/site-a/ack/me/meas/+",
+        "wattbus/v1/+/sink/+",
+        "wattbus/v1/+/cmd/+",
+        "wattbus/#",
+        "#",
+        "+/v1/+/meas/+/+",
+    ];
+
+    #[test]
+    fn each_role_subscribes_exactly_the_filters_its_patterns_cover() {
+        assert_eq!(
+            allowed_filters(Role::Producer, FILTERS),
+            vec![
+                "wattbus/v1/+/status/+",
+                "wattbus/v1/+/ack/#",
+                "wattbus/v1/site-a/ack/me/meas/+",
+                "wattbus/v1/+/sink/+",
+            ]
+        );
+        assert_eq!(
+            allowed_filters(Role::Sink, FILTERS),
+            vec![
+                "wattbus/v1/+/meas/+/+",
+                "wattbus/v1/site-a/meas/we515-1/power_w",
+                "wattbus/v1/site-a/meas/+/+",
+                "wattbus/v1/+/raw/+",
+                "wattbus/v1/site-a/raw/ct-1",
+                "wattbus/v1/+/status/+",
+                "wattbus/v1/+/dead/+",
+            ]
+        );
+        let mut processor = allowed_filters(Role::Processor, FILTERS);
+        let mut union = allowed_filters(Role::Producer, FILTERS);
+        union.extend(allowed_filters(Role::Sink, FILTERS));
+        processor.sort_unstable();
+        union.sort_unstable();
+        union.dedup();
+        assert_eq!(processor, union);
+        assert_eq!(
+            allowed_filters(Role::Reader, FILTERS).len(),
+            FILTERS.len() - 2,
+            "everything under wattbus/, not # nor +/..."
+        );
+        assert_eq!(allowed_filters(Role::Admin, FILTERS).len(), FILTERS.len());
+    }
+
+    #[test]
+    fn a_wildcard_in_the_filter_is_covered_only_by_a_wildcard_in_the_pattern() {
+        let sink = grant(Role::Sink, "me");
+        // `#` matches any depth (zero levels too): only a `#` covers it.
+        assert!(!sink.may_subscribe("wattbus/v1/+/meas/#"));
+        assert!(!sink.may_subscribe("wattbus/v1/+/meas/we515-1/#"));
+        // `+` in the filter needs `+` (or `#`) in the pattern.
+        assert!(!sink.may_subscribe("wattbus/+/+/meas/+/+"));
+        let producer = grant(Role::Producer, "me");
+        assert!(producer.may_subscribe("wattbus/v1/+/ack/#"));
+        assert!(producer.may_subscribe("wattbus/v1/+/ack/+/+/+"));
+        assert!(
+            producer.may_subscribe("wattbus/v1/site-a/ack"),
+            "a/# matches a"
+        );
+        assert!(!producer.may_subscribe("wattbus/v1/+/+/#"));
+        let reader = grant(Role::Reader, "me");
+        assert!(reader.may_subscribe("wattbus/#"));
+        assert!(reader.may_subscribe("wattbus"), "wattbus/# matches wattbus");
+        assert!(!reader.may_subscribe("+/#"));
+        assert!(!reader.may_subscribe("other/#"));
+    }
+
+    #[test]
+    fn shared_subscriptions_are_checked_without_their_prefix() {
+        let sink = grant(Role::Sink, "influx-writer");
+        assert!(sink.may_subscribe("$share/influx-writer/wattbus/v1/+/meas/+/+"));
+        assert!(sink.may_subscribe("$share/any-group/wattbus/v1/+/raw/+"));
+        assert!(!sink.may_subscribe("$share/influx-writer/wattbus/v1/+/ack/#"));
+        assert!(!sink.may_subscribe("$share/influx-writer/#"));
+        for malformed in [
+            "$share/influx-writer",
+            "$share//wattbus/#",
+            "$share/g/",
+            "$share",
+        ] {
+            assert!(
+                !grant(Role::Reader, "r").may_subscribe(malformed),
+                "{malformed}"
+            );
+        }
+        assert_eq!(strip_share("$share/g/a/b"), Some("a/b"));
+        assert_eq!(strip_share("a/b"), Some("a/b"));
+        assert_eq!(strip_share("$share/g"), None);
+    }
+
+    #[test]
+    fn malformed_and_dollar_filters_are_refused_to_all_but_admin() {
+        let long_site_status = format!("wattbus/v1/{}/status/+", "s".repeat(65));
+        for filter in [
+            "",
+            "wattbus/#/meas",
+            "wattbus/v1/+/status/+#",
+            "wattbus/v1/+/status/a+",
+            long_site_status.as_str(),
+            "$SYS/#",
+            "$share/g/$SYS/#",
+        ] {
+            for role in [Role::Producer, Role::Sink, Role::Processor, Role::Reader] {
+                assert!(
+                    !grant(role, "me").may_subscribe(filter),
+                    "{role:?} {filter:?}"
+                );
+            }
+        }
+        assert!(grant(Role::Admin, "me").may_subscribe("$SYS/#"));
+    }
+
+    #[test]
+    fn a_client_id_belongs_to_the_longest_username_it_names() {
+        let users = ["influx", "influx-writer", "modbus-ingest", "tools"];
+        let owner = |id: &str| client_id_owner(id, users);
+        assert_eq!(owner("influx-writer"), Some("influx-writer"));
+        assert_eq!(owner("influx-writer-2"), Some("influx-writer"));
+        assert_eq!(owner("influx-1"), Some("influx"));
+        assert_eq!(owner("influx"), Some("influx"));
+        assert_eq!(owner("modbus-ingest-north"), Some("modbus-ingest"));
+        assert_eq!(owner("influxwriter"), None);
+        assert_eq!(owner("my-tool"), None);
+        assert_eq!(owner(""), None);
+    }
+
+    #[test]
+    fn every_role_name_parses_as_written_in_the_config() {
+        for role in Role::ALL {
+            let parsed: Role =
+                serde::Deserialize::deserialize(serde::de::value::StrDeserializer::<
+                    serde::de::value::Error,
+                >::new(role.as_str()))
+                .unwrap();
+            assert_eq!(parsed, role);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The broker's memory stays within its documented bound (docs/broker.md, "Memory bound")
+//! under the worst a client can do with subscriptions and messages. A process of its own: it
+//! measures the resident set of the whole test process (`VmRSS`), broker and clients alike,
+//! so nothing else may run in it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use broker::Config;
+use support::*;
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+const MIB: u64 = 1 << 20;
+
+/// Resident memory of this process, from /proc/self/status.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib * 1024
+}
+
+/// The documented worst case (docs/broker.md, "Memory bound") for `config` with `connections`
+/// clients whose largest packet is `packet` bytes: all filter logs together (entries twice for
+/// their vectors' spare room, one message over), retained messages, the topic cache, each
+/// filter's bookkeeping, and per connection its read buffer, what it hands the router, its
+/// queue and the write of that queue.
+fn documented_bound(config: &Config, connections: u64, packet: u64) -> u64 {
+    const FILTER_BOOKKEEPING: u64 = 4 << 10;
+    const TOPIC_CACHE: u64 = MIB;
+    let logs = 2 * config.max_log_bytes as u64 + packet;
+    let filters = config.max_filters as u64 * FILTER_BOOKKEEPING;
+    let per_connection = 4 * packet + 2 * config.max_queued_bytes as u64;
+    logs + config.max_retained_bytes as u64 + TOPIC_CACHE + filters + connections * per_connection
+}
+
+#[tokio::test]
+async fn filters_and_messages_stay_within_the_documented_memory_bound() {
+    watch_panics();
+    let config = config();
+    let _broker = start(&config).await;
+    round_trip(config.listen).await;
+    let before = rss();
+
+    // One client asks for 50,000 distinct filters, one SUBSCRIBE each, without waiting.
+    let mut hog = raw::dial(config.listen).await;
+    hog.write_all(&raw::connect("hog", "tools", None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        raw::read_packet(&mut hog, WAIT).await,
+        Some((0x20, _))
+    ));
+    let mut writer = BufWriter::new(&mut hog);
+    for i in 0..50_000u32 {
+        let pkid = (i % 60_000 + 1) as u16;
+        writer
+            .write_all(&raw::subscribe(pkid, &[&format!("wattbus/hog/{i}")]))
+            .await
+            .unwrap();
+    }
+    writer.flush().await.unwrap();
+    let (mut granted, mut refused) = (0, 0);
+    for _ in 0..50_000 {
+        match raw::read_packet(&mut hog, WAIT).await {
+            Some((0x90, body)) if body[2] == 0x80 => refused += 1,
+            Some((0x90, _)) => granted += 1,
+            other => panic!("expected a SUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(granted, config.max_filters_per_client);
+    assert_eq!(refused, 50_000 - config.max_filters_per_client);
+    let after_hog = rss();
+    eprintln!(
+        "50,000 SUBSCRIBEs: RSS {:.1} -> {:.1} MiB",
+        before as f64 / MIB as f64,
+        after_hog as f64 / MIB as f64
+    );
+    assert!(
+        after_hog.saturating_sub(before) <= 32 * MIB,
+        "50,000 refused filters cost {:.1} MiB",
+        after_hog.saturating_sub(before) as f64 / MIB as f64
+    );
+    drop(hog);
+
+    // Then max_filters live filters over eight subscribers that never read, and 200 MiB of
+    // 64 KiB messages into them: the logs and the queues are what must stay bounded.
+    let per_client = config.max_filters / 8;
+    let mut subscribers = Vec::new();
+    let mut topics = Vec::new();
+    for c in 0..8 {
+        let mut s = raw::dial(config.listen).await;
+        s.write_all(&raw::connect(&format!("stalled-{c}"), "tools", None))
+            .await
+            .unwrap();
+        assert!(matches!(
+            raw::read_packet(&mut s, WAIT).await,
+            Some((0x20, _))
+        ));
+        let filters: Vec<String> = (0..per_client)
+            .map(|j| format!("wattbus/mem/{c}/{j}"))
+            .collect();
+        let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+        // The hog's filters may take a moment to be freed after it left.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            s.write_all(&raw::subscribe(1, &refs)).await.unwrap();
+            let (_, body) = raw::read_packet(&mut s, WAIT).await.expect("SUBACK");
+            if body[2..].iter().all(|&code| code == 0) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "filters of a client that left were not freed"
+            );
+        }
+        topics.extend(filters);
+        subscribers.push(s);
+    }
+    let payload = vec![0x5a; 64 << 10];
+    let mut publisher = raw::dial(config.listen).await;
+    publisher
+        .write_all(&raw::connect("publisher", "tools", None))
+        .await
+        .unwrap();
+    assert!(matches!(
+        raw::read_packet(&mut publisher, WAIT).await,
+        Some((0x20, _))
+    ));
+    let mut writer = BufWriter::new(&mut publisher);
+    let count = (200 * MIB) / payload.len() as u64;
+    for i in 0..count as usize {
+        writer
+            .write_all(&raw::publish(&topics[i % topics.len()], &payload))
+            .await
+            .unwrap();
+    }
+    writer.flush().await.unwrap();
+    // A PINGREQ is answered after everything before it was handled.
+    publisher.write_all(&[0xc0, 0x00]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match raw::read_packet(&mut publisher, Duration::from_secs(120)).await {
+            Some((0xd0, _)) => break,
+            Some(_) => {}
+            None => panic!("no PINGRESP: the publisher was dropped"),
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+    }
+    let after = rss();
+    // 10 connections; 16 MiB for this process's own share (test clients, allocator, runtime).
+    let bound = documented_bound(&config, 10, payload.len() as u64 + 64) + 16 * MIB;
+    eprintln!(
+        "{count} messages of 64 KiB into {} filters: RSS {:.1} -> {:.1} MiB (bound {:.1} MiB)",
+        topics.len(),
+        before as f64 / MIB as f64,
+        after as f64 / MIB as f64,
+        bound as f64 / MIB as f64
+    );
+    assert!(
+        after.saturating_sub(before) <= bound,
+        "RSS grew by {:.1} MiB, past the documented {:.1} MiB",
+        after.saturating_sub(before) as f64 / MIB as f64,
+        bound as f64 / MIB as f64
+    );
+    drop(subscribers);
+    round_trip(config.listen).await;
+    assert_rumqttd_never_panicked();
+}
