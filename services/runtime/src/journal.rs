@@ -30,8 +30,9 @@
 //!    the dropped records reported (the caller logs an ERROR and counts them). Acknowledged
 //!    segments are deleted the same way — a delete, never a rewrite, to spare SD cards.
 //! 7. **The newest segment is never deleted by a trim**, only trimmed logically (by the
-//!    acknowledged point). So the files always remember the highest seq journaled, and an
-//!    `acked` point can be checked against it.
+//!    acknowledged point), nor on open when a crash tore off its only records (it is kept as a
+//!    header: its name is the memory). So the files always remember the highest seq
+//!    journaled, and an `acked` point can be checked against it.
 //! 8. **The acknowledged point is a hint, checked.** The `acked` file (written on a clean
 //!    shutdown) only spares a replay. A value that fails its checksum, has the wrong size, or
 //!    lies beyond the journal's last record is not trusted: it is reported and nothing is
@@ -45,8 +46,9 @@
 //! u32 LE | crc32(magic, version) u32 LE`, then records:
 //!
 //! ```text
-//! marker [FF FE 57 52] | crc32 u32 LE | len u32 LE | body (len bytes)
-//! body: seq u64 LE | topic_len u16 LE | topic | payload          crc32 covers len | body
+//! marker [FF FE 57 52] | head_crc u32 LE | len u32 LE | body_crc u32 LE | body (len bytes)
+//! body: seq u64 LE | topic_len u16 LE | topic | payload
+//! head_crc = crc32(len | body_crc)          body_crc = crc32(body)
 //! ```
 //!
 //! Why a marker per record rather than fixed blocks (LevelDB's log): after damage a block
@@ -56,11 +58,13 @@
 //! marker appears and accepts the first one that checks out, so only the damaged record is
 //! lost. The marker cannot fool it: `FF` and `FE` never occur in UTF-8, so a topic or a JSON
 //! payload never contains it; where it does appear by chance (inside a binary seq, length or
-//! CRC), the candidate must still pass the CRC — which covers the length the marker introduces
-//! as well as the body, so a false length cannot make garbage look like a record — and carry
-//! a seq above the last intact record's. The header's version lets a reader refuse, with a
-//! clear error, a segment written in a format it does not know, instead of taking it for
-//! damage and moving a newer version's readings aside.
+//! CRC), the candidate must still pass both CRCs and carry a seq above the last intact
+//! record's. The head CRC covers what the marker introduces — the length, and the body's CRC —
+//! so a false or damaged length is caught before it is believed: it neither makes garbage look
+//! like a record nor makes a damaged record look like a torn tail (a torn tail is a record
+//! whose head checks out and whose body is cut short by the end of the file). The segment
+//! header's version lets a reader refuse, with a clear error, a segment written in a format it
+//! does not know, instead of taking it for damage and moving a newer version's readings aside.
 //!
 //! `seq` and `acked` are `value u64 LE | crc32(value) u32 LE`.
 //!
@@ -103,8 +107,8 @@ const SEGMENT_MAGIC: [u8; 8] = *b"WBJOURNL";
 const SEGMENT_HEADER: usize = 16;
 /// Starts every record; `FF FE` never occur in UTF-8 (see the module doc).
 const RECORD_MAGIC: [u8; 4] = [0xFF, 0xFE, b'W', b'R'];
-/// Marker, CRC, length.
-const RECORD_HEADER: usize = 12;
+/// Marker, head CRC, length, body CRC.
+const RECORD_HEADER: usize = 16;
 /// Seq and topic length, at the start of every body.
 const BODY_FIXED: usize = 10;
 /// A record larger than this is taken for corruption (the bus refuses far smaller packets).
@@ -327,9 +331,9 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Hands out sequence numbers that never repeat, reserving them in blocks in `<dir>/seq`.
 ///
-/// The first reservation is made by the first [`SeqAllocator::take`], not on open: a journal
-/// opened on a full disk can then still start (and keep trying), instead of failing the
-/// service at start-up.
+/// A reservation that fails (disk full) fails the [`SeqAllocator::take`] that needed it, and
+/// the next take tries again: a journal opened on a full disk still opens, and its producer
+/// keeps trying instead of the service failing at start-up.
 #[derive(Debug)]
 struct SeqAllocator {
     path: PathBuf,
@@ -399,6 +403,11 @@ struct DiskJournal {
     segments: VecDeque<Segment>,
     /// Open for appending; `None` until the first append of this run or after a roll.
     active: Option<File>,
+    /// A newest segment file left with no record (its only records torn off by a crash),
+    /// kept as just a header, and its size: its name is the journal's memory of the highest
+    /// seq ever journaled (invariant 7) until a newer segment exists, when it is deleted.
+    stub: Option<(PathBuf, u64)>,
+    /// Bytes of the segment files, the stub included.
     total_bytes: u64,
 }
 
@@ -503,6 +512,7 @@ impl Journal {
             Store::Memory(_) => State::Missing,
         };
         let mut trim_to = 0;
+        let acked_untrusted = report.untrusted.len();
         match &acked {
             State::Valid(v) if *v <= last => trim_to = *v,
             State::Valid(v) => report.untrusted.push(Untrusted {
@@ -524,6 +534,10 @@ impl Journal {
             }),
             State::Missing => {}
         }
+        if report.untrusted.len() > acked_untrusted {
+            // Reported once; the next clean shutdown writes a valid one.
+            fs::remove_file(&acked_path).map_err(io_err(&acked_path))?;
+        }
         let used_before = opened_before || bound > 0 || acked != State::Missing;
         let seq_state = read_state(&seq_path)?;
         let distrust = match seq_state.clone() {
@@ -543,11 +557,14 @@ impl Journal {
                 recovered_seq(dir, bound, last, &acked)
             }
         };
-        let seq = SeqAllocator {
+        let mut seq = SeqAllocator {
             path: seq_path,
             next: next.max(last + 1),
             reserved: 0,
         };
+        // Reserve now, so a `seq` file found damaged is replaced (and reported) once. On a full
+        // disk this fails, and the first `take` tries again: the journal still opens.
+        let _retried_by_take = seq.reserve();
         let mut journal = Self {
             store,
             seq,
@@ -996,40 +1013,44 @@ fn scan(data: &[u8], floor: u64) -> Result<Scan, u32> {
     Ok(out)
 }
 
-/// Whether the bytes after the last intact record are what a write cut short leaves: the start
-/// of one record, no longer than its header declares, or zeros (some file systems extend a
-/// file before its data reaches the disk).
+/// Whether the bytes after the last intact record are what a write cut short leaves: a record
+/// whose head checks out and whose body the end of the file cuts short, or less than a head
+/// that starts like one, or zeros (some file systems extend a file before its data reaches the
+/// disk).
 fn is_torn(tail: &[u8]) -> bool {
     if tail.iter().all(|b| *b == 0) {
         return true;
     }
-    if tail.len() < RECORD_MAGIC.len() {
-        return RECORD_MAGIC.starts_with(tail);
-    }
-    if tail[..RECORD_MAGIC.len()] != RECORD_MAGIC {
-        return false;
-    }
     if tail.len() < RECORD_HEADER {
-        return true;
+        let n = tail.len().min(RECORD_MAGIC.len());
+        return tail[..n] == RECORD_MAGIC[..n];
     }
-    let len = u32::from_le_bytes([tail[8], tail[9], tail[10], tail[11]]) as usize;
-    (BODY_FIXED..=MAX_RECORD).contains(&len) && tail.len() <= RECORD_HEADER + len
+    parse_head(tail).is_some_and(|(len, _)| tail.len() < RECORD_HEADER + len)
 }
 
-fn parse_record(data: &[u8]) -> Option<(Record, usize)> {
+/// A record's head: its body length and body CRC, if the marker and the head CRC check out.
+fn parse_head(data: &[u8]) -> Option<(usize, u32)> {
     if data.get(..4)? != RECORD_MAGIC {
         return None;
     }
-    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
-    let len = u32::from_le_bytes(data.get(8..12)?.try_into().ok()?) as usize;
-    if !(BODY_FIXED..=MAX_RECORD).contains(&len) {
+    let head_crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
+    let head = data.get(8..RECORD_HEADER)?;
+    if crc32fast::hash(head) != head_crc {
         return None;
     }
-    let covered = data.get(8..RECORD_HEADER + len)?;
-    if crc32fast::hash(covered) != crc {
+    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
+    let body_crc = u32::from_le_bytes(head[4..].try_into().ok()?);
+    (BODY_FIXED..=MAX_RECORD)
+        .contains(&len)
+        .then_some((len, body_crc))
+}
+
+fn parse_record(data: &[u8]) -> Option<(Record, usize)> {
+    let (len, body_crc) = parse_head(data)?;
+    let body = data.get(RECORD_HEADER..RECORD_HEADER + len)?;
+    if crc32fast::hash(body) != body_crc {
         return None;
     }
-    let body = &covered[4..];
     let seq = u64::from_le_bytes(body[0..8].try_into().ok()?);
     let topic_len = u16::from_le_bytes(body[8..10].try_into().ok()?) as usize;
     let topic = std::str::from_utf8(body.get(BODY_FIXED..BODY_FIXED + topic_len)?)
@@ -1050,14 +1071,17 @@ fn encode_record(buf: &mut Vec<u8>, seq: u64, topic: &str, payload: &[u8]) {
     let len = BODY_FIXED + topic.len() + payload.len();
     let start = buf.len();
     buf.extend_from_slice(&RECORD_MAGIC);
-    buf.extend_from_slice(&[0; 4]);
-    buf.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    buf.extend_from_slice(&[0; 12]);
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_le_bytes());
     buf.extend_from_slice(topic.as_bytes());
     buf.extend_from_slice(payload);
-    let crc = crc32fast::hash(&buf[start + 8..]);
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    let body_crc = crc32fast::hash(&buf[start + RECORD_HEADER..]);
+    buf[start + 8..start + 12]
+        .copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    buf[start + 12..start + 16].copy_from_slice(&body_crc.to_le_bytes());
+    let head_crc = crc32fast::hash(&buf[start + 8..start + RECORD_HEADER]);
+    buf[start + 4..start + 8].copy_from_slice(&head_crc.to_le_bytes());
 }
 
 /// Copy `bytes` (damage found at `offset` of segment `name`) to `<dir>/corrupted/`.
@@ -1107,8 +1131,10 @@ impl DiskJournal {
             }
         }
         paths.sort();
+        let newest = paths.last().map(|(_, p)| p.clone());
         let mut report = OpenReport::default();
         let mut segments = VecDeque::new();
+        let mut stub = None;
         let mut total_bytes = 0;
         let mut last_seq = 0;
         let mut bound = 0u64;
@@ -1137,12 +1163,23 @@ impl DiskJournal {
             }
             if seg.records == 0 {
                 if scan.damaged.is_empty() {
-                    // Empty, or cut short before its first record was whole: nothing to keep.
-                    if !data.is_empty() {
+                    // Empty, or cut short before its first record was whole: no record to keep.
+                    let header = segment_header();
+                    if data.len() > header.len() || !header.starts_with(&data) {
                         report.torn_segments += 1;
-                        report.torn_bytes += data.len() as u64;
+                        report.torn_bytes += data.len().saturating_sub(header.len()) as u64;
                     }
-                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    if newest.as_ref() == Some(&path) {
+                        // But its name is the memory of the highest seq (invariant 7): keep it,
+                        // as a header only.
+                        if data[..] != header[..] {
+                            replace_file(&path, &header).map_err(io_err(&path))?;
+                        }
+                        total_bytes += header.len() as u64;
+                        stub = Some((path.clone(), header.len() as u64));
+                    } else {
+                        fs::remove_file(&path).map_err(io_err(&path))?;
+                    }
                 } else {
                     // Nothing intact: the whole file goes aside for a person.
                     let moved = move_aside(dir, &path, &name);
@@ -1185,6 +1222,7 @@ impl DiskJournal {
                 segment_bytes,
                 segments,
                 active: None,
+                stub,
                 total_bytes,
             },
             report,
@@ -1252,6 +1290,14 @@ impl DiskJournal {
         let written = buf.len() as u64;
         seg.push(seq, written);
         self.total_bytes += written;
+        if let Some((path, bytes)) = self.stub.take() {
+            // A newer segment with a record now remembers the highest seq.
+            match fs::remove_file(&path) {
+                Ok(()) => self.total_bytes -= bytes,
+                // Tried again at the next roll; an open deletes it anyway (no longer newest).
+                Err(_) => self.stub = Some((path, bytes)),
+            }
+        }
         Ok(())
     }
 
