@@ -194,7 +194,8 @@ fn a_crashed_producer_replays_its_journal_after_restart() {
         "producer did not publish 800 readings"
     );
     producer.kill9();
-    // And the crash tore the last write: half a record at the end of the newest segment.
+    // And the crash tore the last write: the start of a record's head (its marker and three
+    // bytes) at the end of the newest segment.
     let journal = d.join("producer/journal/probe-producer/meas");
     let newest = std::fs::read_dir(&journal)
         .unwrap()
@@ -207,7 +208,7 @@ fn a_crashed_producer_replays_its_journal_after_restart() {
         .append(true)
         .open(&newest)
         .unwrap();
-    std::io::Write::write_all(&mut f, &[0x30, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
+    std::io::Write::write_all(&mut f, &[0xFF, 0xFE, b'W', b'R', 0xde, 0xad, 0xbe]).unwrap();
     drop(f);
     let _consumer = Proc::spawn(
         "consumer",
@@ -241,7 +242,7 @@ fn a_crashed_producer_replays_its_journal_after_restart() {
     assert_exactly_once(&stored(d), 800, d);
     let log = std::fs::read_to_string(d.join("producer-again.log")).unwrap();
     assert!(
-        log.contains("torn or damaged tail"),
+        log.contains("torn tail"),
         "the damaged tail was not reported: {log}"
     );
 }

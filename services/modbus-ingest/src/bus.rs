@@ -217,7 +217,7 @@ struct BusRunner {
     window_start: Instant,
 }
 
-/// Runs one bus until shutdown. Fails only if the journal fails (readings would be lost).
+/// Runs one bus until shutdown. A reading the journal refuses does not stop it (see [`sent`]).
 pub async fn run(
     spec: BusSpec,
     site: Segment,
@@ -597,8 +597,9 @@ impl BusRunner {
                 tags,
             };
             let topic = Topic::measurement(&self.site, &spec.name, &channel);
-            self.producer.send(&topic, m).await?;
-            self.devices[d].reading();
+            if sent(self.producer.send(&topic, m).await) {
+                self.devices[d].reading();
+            }
         }
         Ok(())
     }
@@ -645,7 +646,7 @@ impl BusRunner {
             tags: BTreeMap::new(),
         };
         let topic = Topic::measurement(&self.site, &self.spec.name, &health);
-        self.producer.send(&topic, m).await?;
+        sent(self.producer.send(&topic, m).await);
         for (i, d) in self.devices.iter().enumerate() {
             let c = d.counts;
             let fields = BTreeMap::from([
@@ -676,11 +677,27 @@ impl BusRunner {
                 fields,
                 tags: BTreeMap::new(),
             };
-            self.producer
-                .send(&Topic::measurement(&self.site, name, &health), m)
-                .await?;
+            sent(
+                self.producer
+                    .send(&Topic::measurement(&self.site, name, &health), m)
+                    .await,
+            );
         }
         Ok(())
+    }
+}
+
+/// Whether a reading was journaled. One the journal refused (disk full) is logged once per
+/// episode, counted and reported on /healthz by the producer, which tries again with the next
+/// reading: the bus goes on being polled either way, and nothing ends a bus task for it.
+fn sent(result: Result<runtime::delivery::Sent, DeliveryError>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) if e.is_not_journaled() => false,
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "Cannot send a reading; it is lost.");
+            false
+        }
     }
 }
 

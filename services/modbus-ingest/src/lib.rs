@@ -110,7 +110,8 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     }
     ready.set(true);
     let mut result = Ok(());
-    // Bus tasks end at shutdown, or early when the journal fails (readings would be lost).
+    // Bus tasks end at shutdown. A reading the journal refuses (disk full) does not end one:
+    // the producer logs, counts and reports it, and the next reading tries the journal again.
     loop {
         tokio::select! {
             // Shutdown first: bus tasks end on it too, and one that ended because of it has

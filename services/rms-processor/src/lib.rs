@@ -281,9 +281,17 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         }
     }
     // A clean stop: what is computed is made durable and acknowledged; samples held short of
-    // a window stay unacknowledged and come back as a replay.
-    if let Err(e) = save_and_ack(&producer, &mut energy, &mut devices).await {
+    // a window stay unacknowledged and come back as a replay. After a failed publish there is
+    // no checkpoint: frames whose windows were not journaled must not be acknowledged, and
+    // the saved energy must stay with the last checkpoint's acknowledgements.
+    if result.is_ok()
+        && let Err(e) = save_and_ack(&producer, &mut energy, &mut devices).await
+    {
         tracing::error!(error = %e, "Final checkpoint failed; the next start replays more.");
+    }
+    if matches!(result, Err(Error::Delivery(DeliveryError::Stopped))) {
+        // Stopped while waiting for the journal to take an output: a shutdown, not a fault.
+        result = Ok(());
     }
     drop(rx);
     drop(devices);
@@ -368,7 +376,11 @@ async fn publish(
                 tags: [(seg("power_basis"), seg(r.basis.tag()))].into(),
             };
             let topic = Topic::measurement(site, &dev.name, &channel);
-            producer.send(&topic, m).await?;
+            // A processor's output the journal cannot take (disk full) is waited for, never
+            // published without a guarantee: the frames it came from stay unacknowledged
+            // meanwhile, and if shutdown comes first they are not acknowledged at all (see
+            // the end of `run_on`), so their producer replays them.
+            producer.send_journaled(&topic, m).await?;
         }
         energy.set_mark(dev.name.as_str(), w.end_us);
     }

@@ -87,6 +87,9 @@ struct Inner {
     client_id: Segment,
     site: Segment,
     service: Segment,
+    /// The process's readiness checks, so what runs on this connection (a producer whose
+    /// journal cannot take records) can add its own.
+    health: Health,
 }
 
 /// The filter of each SUBSCRIBE, from the moment it is queued (one filter per SUBSCRIBE) to its
@@ -180,6 +183,7 @@ impl Bus {
             client_id: id.instance.clone(),
             site: site.clone(),
             service: id.service.clone(),
+            health: health.clone(),
         });
         let ready = health.check(&format!("bus:{}", id.instance));
         let task = tokio::spawn(poll_loop(
@@ -209,6 +213,11 @@ impl Bus {
 
     pub fn service(&self) -> &Segment {
         &self.inner.service
+    }
+
+    /// The readiness checks of the process this connection belongs to.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 
     /// Increments on every ConnAck; wait on `changed()` to learn of (re)connections.

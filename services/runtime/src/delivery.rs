@@ -4,7 +4,9 @@
 //! See docs/ARCHITECTURE.md for the whole contract and its invariants. In short:
 //!
 //! - A [`Producer`] numbers each message of a stream, appends it to its [`Journal`] and only
-//!   then publishes it.
+//!   then publishes it. When the journal cannot take a message (disk full), a device reader's
+//!   [`Producer::send`] publishes it without a guarantee and counts it, and a processor's
+//!   [`Producer::send_journaled`] waits for the journal, so its input stays unacknowledged.
 //! - Sinks read through an [`Inbox`] and acknowledge with [`Acker::ack`] once a message is
 //!   durably stored; acknowledgements are batched into ranges and published to
 //!   `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>`.
@@ -32,6 +34,7 @@ use crate::acks::{AckTracker, RangeSet};
 use crate::bus::{Bus, BusError, Message, Overflow};
 use crate::config::{InboxConfig, StreamConfig};
 use crate::events;
+use crate::health::ReadyFlag;
 use crate::journal::{Journal, JournalError, Record};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{Counter, Gauge};
@@ -43,16 +46,41 @@ const MAX_WAITING_FOR_SYNC: usize = 100_000;
 /// subscribed too.
 const RECONNECT_GRACE: Duration = Duration::from_secs(2);
 
+/// How often [`Producer::send_journaled`] tries again while the journal refuses records. Nothing
+/// announces that disk space came back; a second is soon enough and costs nothing.
+const JOURNAL_RETRY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The journal could not take the message (disk full or failing): it has no delivery
+    /// guarantee. Already logged (once per episode) and counted by the producer; a device
+    /// reader goes on reading.
+    #[error(
+        "not journaled ({source}); {}",
+        if *published { "published without a delivery guarantee" } else { "lost" }
+    )]
+    NotJournaled {
+        #[source]
+        source: JournalError,
+        /// Handed to the broker without an origin: a sink that is up stores it (and cannot
+        /// acknowledge it); nothing replays it.
+        published: bool,
+    },
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("cannot encode: {0}")]
     Encode(#[from] proto::EncodeError),
     #[error("the producer has stopped")]
     Stopped,
+}
+
+impl DeliveryError {
+    /// The journal refused the message: counted and logged by the producer already.
+    pub fn is_not_journaled(&self) -> bool {
+        matches!(self, DeliveryError::NotJournaled { .. })
+    }
 }
 
 /// What [`Producer::send`] did with a message.
@@ -68,6 +96,26 @@ struct State {
     appended: u64,
     /// When the journal was last fsynced.
     last_sync: Instant,
+    /// Set while the journal refuses records: one ERROR when it starts, a WARN when it ends.
+    outage: Option<Outage>,
+    /// fsync is failing: one ERROR per episode, not one per interval.
+    sync_failing: bool,
+}
+
+/// An episode of a journal refusing records.
+struct Outage {
+    since: Instant,
+    /// Messages [`Producer::send`] could not journal, and how many of them it published anyway.
+    unjournaled: u64,
+    published: u64,
+}
+
+/// Why a message was not journaled.
+enum Refused {
+    /// The journal failed (disk full, I/O): an outage.
+    Journal(JournalError),
+    /// Anything else (the message cannot be encoded): that message's problem only.
+    Other(DeliveryError),
 }
 
 struct Shared {
@@ -79,8 +127,13 @@ struct Shared {
     synced_tx: watch::Sender<u64>,
     sent: Counter,
     deferred: Counter,
+    unjournaled: Counter,
     journal_bytes: Gauge,
     journal_records: Gauge,
+    /// Readiness check `journal:<producer>/<stream>`: false while the journal refuses records.
+    ready: ReadyFlag,
+    /// Ends a [`Producer::send_journaled`] waiting for the journal.
+    shutdown: Shutdown,
 }
 
 /// The sending side of one stream. Cheap to clone.
@@ -130,12 +183,21 @@ impl Producer {
         let (p, st) = (producer.as_str().to_string(), stream.as_str().to_string());
         let labels: [(&'static str, &str); 2] = [("producer", &p), ("stream", &st)];
         let appended = journal.last_seq().unwrap_or(0);
+        let held = (journal.bytes(), journal.records());
+        let ready = bus.health().check(&format!(
+            "journal:{}/{}",
+            producer.as_str(),
+            stream.as_str()
+        ));
+        ready.set(true);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 journal,
                 tracker,
                 appended,
                 last_sync: Instant::now(),
+                outage: None,
+                sync_failing: false,
             }),
             bus: bus.clone(),
             producer,
@@ -152,6 +214,11 @@ impl Producer {
                 "Messages journaled and published.",
                 &labels,
             ),
+            unjournaled: Counter::new(
+                "wattbus_unjournaled_messages_total",
+                "Messages the journal could not take (disk full or failing): published without a delivery guarantee if the broker was reachable, else lost.",
+                &labels,
+            ),
             journal_bytes: Gauge::new(
                 "wattbus_journal_bytes",
                 "Bytes held by the journal.",
@@ -162,7 +229,12 @@ impl Producer {
                 "Records held by the journal (not yet acknowledged by every sink group).",
                 &labels,
             ),
+            ready,
+            shutdown: shutdown.clone(),
         });
+        // True from the start, not only after the first acknowledgement.
+        shared.journal_bytes.set(held.0 as f64);
+        shared.journal_records.set(held.1 as f64);
         let acks = bus.subscribe(
             Filter::<Ack>::acks_for(bus.site(), &shared.producer, stream)
                 .as_str()
@@ -176,37 +248,90 @@ impl Producer {
 
     /// Number, journal and publish one message. Returns once it is journaled (and, with
     /// `fsync_interval_ms = 0`, fsynced) and queued for publishing.
+    ///
+    /// For device readers. When the journal cannot take it (disk full), the message is
+    /// published without an origin — a sink that is up stores it without acknowledging, nothing
+    /// replays it — and `Err(DeliveryError::NotJournaled)` says so; the producer has logged the
+    /// episode (one ERROR, a WARN when it ends), counted the message and set its readiness check
+    /// to not ready, so the caller only goes on reading. Each send tries the journal again, so
+    /// production resumes by itself once space returns. A processor uses
+    /// [`Producer::send_journaled`] instead.
     pub async fn send<T: Sequenced>(
         &self,
         topic: &Topic<T>,
         mut msg: T,
     ) -> Result<Sent, DeliveryError> {
-        let s = &self.shared;
-        let (seq, bytes) = {
-            let mut st = s.state.lock().await;
-            let seq = st.journal.next_seq()?;
-            msg.set_origin(Origin {
-                producer: s.producer.clone(),
-                stream: s.stream.clone(),
-                seq,
-            });
-            let bytes = msg.encode()?;
-            if let Some(dropped) = st.journal.append_at(seq, topic.as_str(), &bytes)? {
-                events::journal_dropped(s.stream.as_str(), &dropped);
-                let ranges = st.journal.ranges();
-                st.tracker.journal_changed(&ranges);
+        match self.shared.journal(topic.as_str(), &mut msg).await {
+            Ok((seq, bytes)) => self.publish_journaled(topic.as_str(), seq, bytes).await,
+            Err(Refused::Other(e)) => Err(e),
+            Err(Refused::Journal(source)) => {
+                // The best a reading that cannot be journaled can get: a sink that is up now
+                // stores it. Without an origin, so no sink acknowledges a seq the journal never
+                // held, and no reading is published twice under different identities.
+                let published = match msg.encode().ok().and_then(|b| without_origin(&b)) {
+                    Some(bytes) => {
+                        self.shared
+                            .bus
+                            .publish_or_defer(topic.as_str(), bytes)
+                            .await
+                    }
+                    None => false,
+                };
+                self.shared.unjournaled.inc();
+                if let Some(o) = self.shared.state.lock().await.outage.as_mut() {
+                    o.unjournaled += 1;
+                    o.published += u64::from(published);
+                }
+                Err(DeliveryError::NotJournaled { source, published })
             }
-            st.appended = seq;
-            st.tracker.published(Instant::now());
-            (seq, bytes)
-        };
+        }
+    }
+
+    /// For processors: as [`Producer::send`], but a message the journal cannot take is neither
+    /// published nor given up: this tries again every second until the journal takes it. The
+    /// processor meanwhile takes no new input and acknowledges nothing, so its input stays in
+    /// its producers' journals and is replayed if needed: the chain loses nothing (invariant 3).
+    /// `Err(DeliveryError::Stopped)` if the producer's shutdown fires first — the message is
+    /// then not journaled, and the caller must not acknowledge the input it came from.
+    pub async fn send_journaled<T: Sequenced>(
+        &self,
+        topic: &Topic<T>,
+        mut msg: T,
+    ) -> Result<Sent, DeliveryError> {
+        loop {
+            match self.shared.journal(topic.as_str(), &mut msg).await {
+                Ok((seq, bytes)) => {
+                    return self.publish_journaled(topic.as_str(), seq, bytes).await;
+                }
+                Err(Refused::Other(e)) => return Err(e),
+                Err(Refused::Journal(_)) => {
+                    tokio::select! {
+                        () = self.shared.shutdown.wait() => return Err(DeliveryError::Stopped),
+                        () = tokio::time::sleep(JOURNAL_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest of a send once the record is journaled: fsync if asked to, publish.
+    async fn publish_journaled(
+        &self,
+        topic: &str,
+        seq: u64,
+        bytes: Vec<u8>,
+    ) -> Result<Sent, DeliveryError> {
+        let s = &self.shared;
         if s.cfg.fsync_interval_ms == 0 {
-            self.sync().await?;
+            // The record is journaled; a failed fsync is logged (once per episode) and keeps
+            // the `synced` mark where it is, so no processor acknowledges on it. Publishing
+            // it is still right.
+            let _logged_by_sync = sync(s).await;
         }
         // Journaled is what counts from here on. If the broker is down (or rumqttc's queue is
         // stuck), the record waits in the journal and is published by replay once sinks are
         // overdue or the link is back; the caller goes back to reading its devices.
-        let published = s.bus.publish_or_defer(topic.as_str(), bytes).await;
+        let published = s.bus.publish_or_defer(topic, bytes).await;
         if published {
             s.sent.inc();
         } else {
@@ -217,6 +342,7 @@ impl Producer {
             // will be, and a record the broker never got is gone (counted as deferred).
             let mut st = s.state.lock().await;
             st.journal.trim_through(seq)?;
+            s.update_gauges(&st);
         }
         Ok(Sent { seq })
     }
@@ -243,6 +369,65 @@ impl Shared {
         self.cfg.wait_for.is_empty()
     }
 
+    /// Number, encode and append `msg`; the gauges follow. A journal failure starts (or
+    /// continues) an outage, a success ends one.
+    async fn journal<T: Sequenced>(
+        &self,
+        topic: &str,
+        msg: &mut T,
+    ) -> Result<(u64, Vec<u8>), Refused> {
+        let mut st = self.state.lock().await;
+        let seq = match st.journal.next_seq() {
+            Ok(seq) => seq,
+            Err(e) => return Err(self.refused(&mut st, e)),
+        };
+        msg.set_origin(Origin {
+            producer: self.producer.clone(),
+            stream: self.stream.clone(),
+            seq,
+        });
+        let bytes = msg
+            .encode()
+            .map_err(|e| Refused::Other(DeliveryError::Encode(e)))?;
+        let dropped = match st.journal.append_at(seq, topic, &bytes) {
+            Ok(dropped) => dropped,
+            Err(e) => return Err(self.refused(&mut st, e)),
+        };
+        if let Some(dropped) = dropped {
+            events::journal_dropped(self.stream.as_str(), &dropped);
+            let ranges = st.journal.ranges();
+            st.tracker.journal_changed(&ranges);
+        }
+        st.appended = seq;
+        st.tracker.published(Instant::now());
+        if let Some(o) = st.outage.take() {
+            events::journal_available_again(
+                self.stream.as_str(),
+                o.since.elapsed(),
+                o.unjournaled,
+                o.published,
+            );
+            self.ready.set(true);
+        }
+        self.update_gauges(&st);
+        Ok((seq, bytes))
+    }
+
+    fn refused(&self, st: &mut State, e: JournalError) -> Refused {
+        if st.outage.is_none() {
+            events::journal_unavailable(self.stream.as_str(), &e);
+            self.ready.set(false);
+            st.outage = Some(Outage {
+                since: Instant::now(),
+                unjournaled: 0,
+                published: 0,
+            });
+        }
+        // A failed append is cut off again, but the file may have changed size meanwhile.
+        self.update_gauges(st);
+        Refused::Journal(e)
+    }
+
     fn update_gauges(&self, st: &State) {
         self.journal_bytes.set(st.journal.bytes() as f64);
         self.journal_records.set(st.journal.records() as f64);
@@ -253,17 +438,35 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
     let (handle, upto) = {
         let mut st = s.state.lock().await;
         st.last_sync = Instant::now();
-        (st.journal.sync_handle()?, st.appended)
+        (st.journal.sync_handle(), st.appended)
     };
-    if let Some((path, file)) = handle {
-        // fsync on an SD card can take tens of milliseconds: keep it off the async workers.
-        let result = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(source)) => return Err(JournalError::Io { path, source }.into()),
-            Err(_) => return Err(DeliveryError::Stopped),
+    let result = match handle {
+        Ok(Some((path, file))) => {
+            // fsync on an SD card can take tens of milliseconds: keep it off the async workers.
+            match tokio::task::spawn_blocking(move || file.sync_data()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(JournalError::Io { path, source }.into()),
+                Err(_) => Err(DeliveryError::Stopped),
+            }
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e.into()),
+    };
+    {
+        let mut st = s.state.lock().await;
+        match (&result, st.sync_failing) {
+            (Err(e), false) => {
+                events::journal_sync_failed(s.stream.as_str(), e);
+                st.sync_failing = true;
+            }
+            (Ok(()), true) => {
+                events::journal_sync_recovered(s.stream.as_str());
+                st.sync_failing = false;
+            }
+            _ => {}
         }
     }
+    result?;
     s.synced_tx.send_if_modified(|v| {
         let grew = upto > *v;
         *v = (*v).max(upto);
@@ -328,7 +531,8 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
                         && st.last_sync.elapsed() >= Duration::from_millis(s.cfg.fsync_interval_ms)
                 };
                 if due_sync && let Err(e) = sync(&s).await {
-                    tracing::error!(error = %e, "Cannot fsync the journal; readings are at risk on a power cut.");
+                    // Logged by `sync`, once per episode.
+                    tracing::debug!(error = %e, "Journal fsync failed.");
                 }
                 if let Err(e) = replay_overdue(&s).await {
                     tracing::warn!(error = %e, "Replay failed; will try again.");
@@ -541,6 +745,16 @@ impl<T: Sequenced> Inbox<T> {
             }
         }
     }
+}
+
+/// `payload` (a JSON object) without its `origin`: for a message published although it could
+/// not be journaled. `None` if it is not a JSON object (a future compact encoding): then it is
+/// not published at all rather than published with the origin of a record that does not exist.
+fn without_origin(payload: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(payload).ok()?;
+    value.remove("origin");
+    serde_json::to_vec(&value).ok()
 }
 
 /// The origin of a payload that failed to decode as a whole, if it has a readable one.

@@ -3,31 +3,130 @@
 //! dashboard that notices at 3 a.m. that something is dropping.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::journal::{Dropped, OpenReport};
+use crate::journal::{Damage, Dropped, JournalError, OpenReport};
 use crate::telemetry::Counter;
 
-pub fn journal_opened(stream: &str, dir: &std::path::Path, report: &OpenReport) {
-    if report.damaged_segments > 0 {
+pub fn journal_opened(stream: &str, dir: &Path, report: &OpenReport) {
+    if report.torn_segments > 0 {
         Counter::new(
             "wattbus_journal_recovered_segments_total",
-            "Journal segments whose damaged tail was cut on open.",
+            "Journal segments whose torn tail (the last record cut short by a crash) was cut on open.",
             &[("stream", stream)],
         )
-        .add(report.damaged_segments as u64);
+        .add(report.torn_segments as u64);
+        // Normal after a power cut or kill -9: WARN, not ERROR.
         tracing::warn!(
             stream,
             dir = %dir.display(),
-            damaged_segments = report.damaged_segments,
-            truncated_bytes = report.truncated_bytes,
+            torn_segments = report.torn_segments,
+            torn_bytes = report.torn_bytes,
             kept_records = report.records,
-            "Journal had a torn or damaged tail (crash or power cut mid-write); cut it off and kept every intact record."
+            "Journal had a torn tail (a crash or power cut mid-write); cut it off and kept every intact record."
         );
-    } else {
-        tracing::debug!(stream, dir = %dir.display(), records = report.records, "Journal opened.");
     }
+    for d in &report.damaged {
+        journal_damaged(stream, d);
+    }
+    for u in &report.untrusted {
+        Counter::new(
+            "wattbus_journal_corrupt_state_total",
+            "Journal state files (seq, acked) found damaged or implausible on open and not trusted.",
+            &[("stream", stream), ("file", u.file)],
+        )
+        .inc();
+        tracing::error!(
+            stream,
+            file = %u.path.display(),
+            reason = %u.reason,
+            action = %u.action,
+            "Journal state file is damaged or implausible and was not trusted; no reading was deleted because of it. A failing SD card?"
+        );
+    }
+    tracing::debug!(stream, dir = %dir.display(), records = report.records, "Journal opened.");
+}
+
+fn journal_damaged(stream: &str, d: &Damage) {
+    Counter::new(
+        "wattbus_journal_damaged_regions_total",
+        "Damaged byte ranges found in journal segments on open (skipped; copied to the journal's corrupted/ folder).",
+        &[("stream", stream)],
+    )
+    .inc();
+    let lost = d.lost_seqs.map(|[a, b]| format!("{a}-{b}"));
+    match &d.saved_to {
+        Some(saved) => tracing::error!(
+            stream,
+            segment = %d.segment.display(),
+            offset = d.offset,
+            bytes = d.bytes,
+            whole_segment = d.whole_segment,
+            lost_seqs = lost.as_deref().unwrap_or("unknown"),
+            saved_to = %saved.display(),
+            "Journal segment is damaged (bit rot or a failing card?): kept every intact record and moved the damaged bytes aside for inspection; readings in them are lost."
+        ),
+        None => tracing::error!(
+            stream,
+            segment = %d.segment.display(),
+            offset = d.offset,
+            bytes = d.bytes,
+            whole_segment = d.whole_segment,
+            lost_seqs = lost.as_deref().unwrap_or("unknown"),
+            error = d.error.as_deref().unwrap_or(""),
+            "Journal segment is damaged and its damaged bytes could not be moved aside; they stay in the segment and are skipped. Is the disk full or read-only?"
+        ),
+    }
+}
+
+/// The journal refused a record (disk full, I/O error): once per episode.
+pub fn journal_unavailable(stream: &str, error: &JournalError) {
+    tracing::error!(
+        stream,
+        error = %chain(error),
+        "Cannot journal readings: is the data disk full or failing? Until it can, readings are published without a delivery guarantee (lost if no sink is up), counted in wattbus_unjournaled_messages_total, and /healthz reports not ready. Retrying with every reading."
+    );
+}
+
+/// The journal takes records again after an episode.
+pub fn journal_available_again(stream: &str, lasted: Duration, unjournaled: u64, published: u64) {
+    tracing::warn!(
+        stream,
+        lasted_s = lasted.as_secs(),
+        unjournaled,
+        published_without_guarantee = published,
+        "Journaling again; readings taken meanwhile could not be journaled (those published without a guarantee were stored only if a sink was up)."
+    );
+}
+
+/// fsync of the journal failed: once per episode (it is tried again every interval).
+pub fn journal_sync_failed(stream: &str, error: &dyn std::error::Error) {
+    tracing::error!(
+        stream,
+        error = %chain(error),
+        "Cannot fsync the journal; readings are at risk on a power cut. Retrying."
+    );
+}
+
+pub fn journal_sync_recovered(stream: &str) {
+    tracing::warn!(stream, "The journal can be fsynced again.");
+}
+
+/// An error with its causes, `a: b: c`.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    out
 }
 
 pub fn journal_dropped(stream: &str, d: &Dropped) {

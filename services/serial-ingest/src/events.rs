@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use runtime::delivery::DeliveryError;
 use runtime::telemetry::Counter;
 use tokio::time::Instant;
 
@@ -221,9 +222,15 @@ impl PortEvents {
         tracing::warn!(port = %self.port, device = %self.device, reason = why, "Device silent; reopening the serial port.");
     }
 
-    /// A reading could not be journaled: it is lost unless the disk recovers.
-    pub fn journal_failed(&self, error: &dyn std::error::Error) {
-        tracing::error!(port = %self.port, device = %self.device, error = %error, "Cannot journal a reading; it is lost. Is the data disk full or failing?");
+    /// A reading or frame could not be sent. A journal that refuses it (disk full) is logged
+    /// once per episode, counted and reported on /healthz by the producer, which tries again
+    /// with the next one: here it is only a DEBUG line, not one ERROR per reading.
+    pub fn send_failed(&self, error: &DeliveryError) {
+        if error.is_not_journaled() {
+            tracing::debug!(port = %self.port, device = %self.device, error = %error, "A reading was not journaled.");
+        } else {
+            tracing::error!(port = %self.port, device = %self.device, error = %error, "Cannot send a reading; it is lost.");
+        }
     }
 }
 

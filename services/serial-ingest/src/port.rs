@@ -87,13 +87,13 @@ async fn publish(
         match out {
             Output::Meas(topic, m) => match meas.send(&topic, m).await {
                 Ok(_) => events.reading(),
-                Err(e) => events.journal_failed(&e),
+                Err(e) => events.send_failed(&e),
             },
             Output::Raw(topic, f) => {
                 let Some(raw) = &raw else { continue };
                 match raw.send(&topic, f).await {
                     Ok(_) => events.frame(),
-                    Err(e) => events.journal_failed(&e),
+                    Err(e) => events.send_failed(&e),
                 }
             }
         }

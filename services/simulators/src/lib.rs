@@ -84,8 +84,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     bus.wait_connected(Duration::from_secs(5)).await;
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut result = Ok(());
-    'outer: loop {
+    loop {
         tokio::select! {
             () = ctx.shutdown.wait() => break,
             _ = tick.tick() => {}
@@ -112,17 +111,22 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                 tags: Default::default(),
             };
             let topic = Topic::measurement(&ctx.common.site, device, &channel);
-            if let Err(e) = producer.send(&topic, m).await {
-                tracing::error!(error = %e, "Cannot journal a simulated reading.");
-                result = Err(e.into());
-                break 'outer;
+            // A meter goes on being read whatever happens to one reading: a journal that
+            // refuses it (disk full) is logged once per episode, counted and reported on
+            // /healthz by the producer, which tries again with the next reading.
+            match producer.send(&topic, m).await {
+                Ok(_) => {}
+                Err(e) if e.is_not_journaled() => {}
+                Err(e) => {
+                    tracing::error!(device = %device, error = %e, "Cannot send a simulated reading; it is lost.")
+                }
             }
         }
     }
     if let Err(e) = producer_task.await {
         tracing::warn!(error = %e, "Producer task ended abnormally.");
     }
-    result
+    Ok(())
 }
 
 fn seg(s: &str) -> Segment {

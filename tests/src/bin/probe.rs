@@ -21,7 +21,7 @@ use clap::{Parser, Subcommand};
 use proto::{Filter, Measurement, Quality, Segment, Topic};
 use runtime::bus::{Bus, Identity};
 use runtime::config::{BusConfig, InboxConfig, JournalKind, StreamConfig};
-use runtime::delivery::{Inbox, Producer};
+use runtime::delivery::{DeliveryError, Inbox, Producer};
 use runtime::{Common, Health, Secret};
 
 #[derive(Parser, Debug)]
@@ -256,7 +256,13 @@ async fn main() -> anyhow::Result<()> {
                 m.origin = None;
                 m.device = relayed.clone();
                 let topic = Topic::measurement(&m.site, &relayed, &m.channel);
-                let sent = producer.send(&topic, m).await?;
+                // A processor: an output the journal cannot take is waited for, and its input
+                // is not acknowledged unless the output is journaled.
+                let sent = match producer.send_journaled(&topic, m).await {
+                    Ok(sent) => sent,
+                    Err(DeliveryError::Stopped) => break,
+                    Err(e) => return Err(e.into()),
+                };
                 if let Some(t) = &d.token {
                     acker.ack_after_sync(t, &producer, sent.seq);
                 }
