@@ -46,7 +46,8 @@ pub const RANGES: &[UnitRange] = &[
         quantity: "voltage",
         min: -1500.0,
         max: 1500.0,
-        why: "low voltage ends at 1000 V AC and 1500 V DC (IEC 60038), PV strings included; \
+        why: "low voltage ends at 1000 V AC and 1500 V DC (IEC 60364, the EU Low Voltage \
+              Directive), PV strings included; \
               signed for DC; a 0.01 V register read without its scale (23 100 for 231.00 V) \
               is outside",
     },
@@ -159,7 +160,7 @@ pub const RANGES: &[UnitRange] = &[
         quantity: "power factor",
         min: -1.1,
         max: 1.1,
-        why: "|P/S| ≤ 1; meters that average P and S over different windows overshoot a \
+        why: "P/S lies within ±1; meters that average P and S over different windows overshoot a \
               little while the load changes; a percentage (87) or a missing 0.001 scale \
               (870) is outside",
     },
@@ -398,6 +399,22 @@ mod tests {
             assert!(
                 RANGES[i + 1..].iter().all(|o| o.unit != r.unit),
                 "{} twice",
+                r.unit
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_in_the_architecture_doc_is_this_table() {
+        let doc = include_str!("../../docs/ARCHITECTURE.md");
+        let rows: Vec<&str> = doc.lines().filter(|l| l.starts_with("| `_")).collect();
+        assert_eq!(rows.len(), RANGES.len(), "{rows:#?}");
+        for r in RANGES {
+            let cells = format!(" | {} | {} to {} | ", r.quantity, Num(r.min), Num(r.max));
+            assert!(
+                rows.iter().any(|row| row.starts_with(&format!("| `_{}`", r.unit))
+                    && row.contains(&cells)),
+                "docs/ARCHITECTURE.md has no row `_{}`{cells}",
                 r.unit
             );
         }
