@@ -1,7 +1,8 @@
 //! influx-writer end to end against real servers: InfluxDB 1.6.7 (v1 API, InfluxQL read-back,
-//! a refused line, an outage with the writer killed -9) and VictoriaMetrics 1.79 (v2 API with
-//! token and gzip, read back through its export API); the file output with rotation and a
-//! restart, read by Python's csv module.
+//! a refused line, an outage with the writer killed -9, a reading naming another device than
+//! its topic, an implausible value) and VictoriaMetrics 1.79 (v2 API with token and gzip, read
+//! back through its export API); the file output with rotation and a restart, and the demo's
+//! tagged readings (WE-515 tariffs, CT power basis), read by Python's csv module.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,6 +84,37 @@ impl Lab {
         Proc::spawn("probe", &mut cmd, &self.path().join("probe.log"))
     }
 
+    /// A writer config for InfluxDB 1.x's v1 API, database `db`, batches flushed every
+    /// `flush_ms`.
+    fn v1_config(&self, influx: &Influxd, db: &str, flush_ms: u64) -> PathBuf {
+        self.writer_config(&format!(
+            "flush_interval_ms = {flush_ms}\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"{db}\"\n",
+            influx.port
+        ))
+    }
+
+    /// InfluxDB with database `wattbus`, a writer on its v1 API, and `count` readings
+    /// produced (`extra`: more probe flags) until every one is acknowledged. The servers are
+    /// returned so they live as long as the test needs them.
+    fn v1_run(&self, count: u64, extra: &[&str], what: &str) -> (Influxd, Proc) {
+        let influx = Influxd::start(self.path());
+        influx.create_database("wattbus");
+        let config = self.v1_config(&influx, "wattbus", 200);
+        let writer = self.start_writer(&config);
+        let mut p = self.produce(count, 0, extra);
+        finish(&mut p, self, what);
+        (influx, writer)
+    }
+
+    /// The writer's dead-letter file, one JSON value per letter.
+    fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let dead = std::fs::read_to_string(self.path().join("influx-writer/dead-letters.jsonl"))
+            .expect("dead-letter file");
+        dead.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
     }
@@ -124,15 +156,7 @@ fn assert_all_stored(influx: &Influxd, db: &str, count: i64) {
 #[test]
 fn v1_api_stores_every_reading_in_influxdb_1_6() {
     let lab = Lab::new();
-    let influx = Influxd::start(lab.path());
-    influx.create_database("wattbus");
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
-    let _writer = lab.start_writer(&config);
-    let mut p = lab.produce(2000, 0, &[]);
-    finish(&mut p, &lab, "v1 end to end");
+    let (influx, _writer) = lab.v1_run(2000, &[], "v1 end to end");
     assert_all_stored(&influx, "wattbus", 2000);
     // Nothing was spooled or refused on the way.
     assert!(
@@ -162,10 +186,7 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     );
     assert_eq!(status, 204, "{body}");
     // One batch: the 300 readings arrive well within the 1 s flush interval.
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 1000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
+    let config = lab.v1_config(&influx, "wattbus", 1000);
     let _writer = lab.start_writer(&config);
     let mut p = lab.produce(300, 0, &["--odd-at", "150"]);
     finish(&mut p, &lab, "refused line");
@@ -176,13 +197,8 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     let odd = influx.rows("wattbus", "odd");
     assert_eq!(odd.len(), 1, "only the pre-existing point: {odd:?}");
 
-    let dead = std::fs::read_to_string(lab.path().join("influx-writer/dead-letters.jsonl"))
-        .expect("dead-letter file");
-    let lines: Vec<serde_json::Value> = dead
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 1, "{dead}");
+    let lines = lab.dead_letters();
+    assert_eq!(lines.len(), 1, "{lines:?}");
     let dl = &lines[0];
     assert!(
         dl["reason"]
@@ -199,19 +215,10 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
 #[test]
 fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_acknowledged() {
     let lab = Lab::new();
-    let influx = Influxd::start(lab.path());
-    influx.create_database("wattbus");
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
-    let _writer = lab.start_writer(&config);
     // Reading 150 is journaled and published on probe-dev's topic, but its payload says
-    // device probe-forged.
-    let mut p = lab.produce(300, 0, &["--mislabel-at", "150"]);
-    // The producer ends only once every reading is acknowledged, the mislabelled one too: a
-    // poison message does not pin its producer's journal.
-    finish(&mut p, &lab, "mislabelled reading");
+    // device probe-forged. The producer ends only once every reading is acknowledged, the
+    // mislabelled one too: a poison message does not pin its producer's journal.
+    let (influx, _writer) = lab.v1_run(300, &["--mislabel-at", "150"], "mislabelled reading");
 
     let rows = influx.rows("wattbus", "probe");
     assert_eq!(rows.len(), 299, "every other reading is stored");
@@ -221,13 +228,8 @@ fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_
         "nothing is stored under the payload's identity"
     );
 
-    let dead = std::fs::read_to_string(lab.path().join("influx-writer/dead-letters.jsonl"))
-        .expect("dead-letter file");
-    let letters: Vec<serde_json::Value> = dead
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(letters.len(), 1, "{dead}");
+    let letters = lab.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
     let dl = &letters[0];
     assert_eq!(dl["topic"], "wattbus/v1/lab/meas/probe-dev/ch");
     assert!(
@@ -249,21 +251,30 @@ fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_
         log.contains("names another identity than its topic"),
         "{log}"
     );
+    // Dead letters are readings: the owner's alone.
+    assert_eq!(
+        mode(&lab.path().join("influx-writer/dead-letters.jsonl")),
+        0o600
+    );
+    assert_eq!(mode(&lab.path().join("influx-writer")), 0o700);
+    assert_eq!(mode(&lab.path().join("influx-writer/spool")), 0o700);
+}
+
+/// Permission bits of a file or directory.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 #[test]
 fn an_impossible_power_is_stored_with_quality_out_of_range_not_good() {
     let lab = Lab::new();
-    let influx = Influxd::start(lab.path());
-    influx.create_database("wattbus");
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
-    let _writer = lab.start_writer(&config);
     // Reading 7 also carries power_w = 1e308.
-    let mut p = lab.produce(50, 0, &["--implausible-at", "7"]);
-    finish(&mut p, &lab, "implausible reading");
+    let (influx, _writer) = lab.v1_run(50, &["--implausible-at", "7"], "implausible reading");
 
     let rows = influx.rows("wattbus", "probe");
     assert_eq!(rows.len(), 50, "no reading is dropped");
@@ -536,6 +547,11 @@ print(len(files), len(rows), len(n), max(n.values()))
     let (files, rows, distinct, max_repeat) = (nums[0], nums[1], nums[2], nums[3]);
     // 600 rows of ~70 bytes in 8 KiB files.
     assert!(files >= 5, "rotated by size: {files} files");
+    // Readings are private: the directory 0700, every file 0600.
+    assert_eq!(mode(&readings), 0o700);
+    for f in std::fs::read_dir(&readings).unwrap() {
+        assert_eq!(mode(&f.unwrap().path()), 0o600);
+    }
     // Both runs wrote readings 0..300: 600 rows, 300 distinct values, each exactly twice.
     assert_eq!(rows, 600, "{text}");
     assert_eq!(distinct, 300);
