@@ -614,24 +614,23 @@ print(len(rows), len(complete), len(ct), ";".join(sorted(bases)))
     // writes them within seconds; a loaded machine may take longer).
     // Polled every half second, not every 20 ms: each poll is a Python process.
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let mut last = String::new();
-    let done = loop {
+    let (done, last) = loop {
         let out = check();
-        last = format!(
+        let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let n: Vec<&str> = last.split_whitespace().collect();
+        let n: Vec<&str> = text.split_whitespace().collect();
         if out.status.success()
             && n.len() == 4
             && n[1].parse::<u32>().is_ok_and(|c| c >= 1)
             && n[2].parse::<u32>().is_ok_and(|c| c >= 1)
         {
-            break true;
+            break (true, text);
         }
         if std::time::Instant::now() > deadline {
-            break false;
+            break (false, text);
         }
         std::thread::sleep(Duration::from_millis(500));
     };
