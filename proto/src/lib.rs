@@ -23,10 +23,14 @@
 //!
 //! Layout:
 //! - `topic`: [`Segment`], typed [`Topic`] and [`Filter`], and [`parse`] for incoming topics.
-//! - `payload`: the [`Payload`] trait (encode, decode, validate) and every payload type.
+//! - `payload`: the [`Payload`] trait (encode, decode, validate, the topic a payload belongs
+//!   on) and every payload type.
+//! - `plausible`: the physical range of each unit, by field-name suffix, that sinks judge
+//!   readings by ([`RANGES`]).
 //! - `schema`: JSON Schemas generated from the types (checked in under `proto/schemas/`).
 
 mod payload;
+mod plausible;
 mod schema;
 mod topic;
 
@@ -35,6 +39,7 @@ pub use payload::{
     MAX_PAYLOAD_BYTES, Measurement, Origin, Payload, Quality, RawChannel, RawFrame, Sequenced,
     ServiceState, Status, now_ms,
 };
+pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};
 pub use topic::{
     Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, deserialize_text, everything,

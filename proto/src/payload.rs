@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::topic::Segment;
+use crate::topic::{Kind, Segment, parse};
 
 /// Largest payload any wattbus consumer decodes. Raw sample frames are the big ones: 3 channels
 /// × 4096 samples of JSON floats fit comfortably.
@@ -70,6 +70,16 @@ pub trait Payload: Serialize + DeserializeOwned + JsonSchema + Sized {
             kind: Self::NAME,
             reason: e.to_string(),
         })
+    }
+
+    /// Whether this payload belongs on `topic`: a payload that names a site or device (or
+    /// channel) must name the one its topic names. The broker decides who may publish on a
+    /// topic; this makes the topic the only identity that counts, so a producer allowed on
+    /// one device's topic cannot store readings under another's name, and a producer bug that
+    /// mislabels a reading is caught before it is stored. Payloads that name no identity
+    /// accept every topic.
+    fn check_topic(&self, _topic: &str) -> Result<(), String> {
+        Ok(())
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -210,6 +220,64 @@ impl Payload for Measurement {
         }
         Ok(())
     }
+
+    /// The site, device and channel must be the topic's.
+    ///
+    /// ```
+    /// use proto::{Measurement, Payload, Topic, Segment};
+    /// let seg = |s: &str| Segment::new(s).unwrap();
+    /// let m: Measurement = serde_json::from_str(
+    ///     r#"{"site":"home","device":"ct-2","channel":"main","measurement":"power",
+    ///         "ts_ms":1764000000000,"quality":"good","fields":{"power_w":5.0}}"#,
+    /// ).unwrap();
+    /// let own = Topic::measurement(&seg("home"), &seg("ct-2"), &seg("main"));
+    /// assert!(m.check_topic(own.as_str()).is_ok());
+    /// let other = Topic::measurement(&seg("home"), &seg("ct-1"), &seg("main"));
+    /// let why = m.check_topic(other.as_str()).unwrap_err();
+    /// assert!(why.contains(r#"device "ct-2" (topic: "ct-1")"#), "{why}");
+    /// ```
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        check_identity(
+            topic,
+            Kind::Measurement,
+            &[
+                ("site", &self.site),
+                ("device", &self.device),
+                ("channel", &self.channel),
+            ],
+        )
+    }
+}
+
+/// Compare the identity a payload names with the one its topic names: `Err` lists every
+/// difference, in words a person can act on.
+fn check_identity(topic: &str, kind: Kind, named: &[(&str, &Segment)]) -> Result<(), String> {
+    let shape = || match kind {
+        Kind::Raw => "wattbus/v1/<site>/raw/<device>",
+        _ => "wattbus/v1/<site>/meas/<device>/<channel>",
+    };
+    let Some(parsed) = parse(topic).filter(|p| p.kind == kind) else {
+        return Err(format!(
+            "the topic {topic:?} is not of the form {}, so it cannot carry this payload",
+            shape()
+        ));
+    };
+    let on_topic = std::iter::once(&parsed.site).chain(&parsed.rest);
+    let differ: Vec<String> = named
+        .iter()
+        .zip(on_topic)
+        .filter(|((_, payload), topic)| payload != topic)
+        .map(|((what, payload), topic)| format!("{what} {payload:?} (topic: {topic:?})"))
+        .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the payload names {} but arrived on {topic}; a reading is stored only under the \
+             identity of its topic",
+            differ.join(", ")
+        ))
+    }
 }
 
 impl Sequenced for Measurement {
@@ -290,6 +358,16 @@ impl Payload for RawFrame {
             }
         }
         Ok(())
+    }
+
+    /// The site and device must be the topic's: a processor labels what it computes from a
+    /// frame with the frame's device.
+    fn check_topic(&self, topic: &str) -> Result<(), String> {
+        check_identity(
+            topic,
+            Kind::Raw,
+            &[("site", &self.site), ("device", &self.device)],
+        )
     }
 }
 
@@ -510,6 +588,7 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::Topic;
 
     fn seg(s: &str) -> Segment {
         Segment::new(s).unwrap()
@@ -727,6 +806,76 @@ mod tests {
             };
             assert!(a.encode().is_err(), "{ranges:?}");
         }
+    }
+
+    #[test]
+    fn a_payload_belongs_only_on_the_topic_of_its_own_identity() {
+        let m = measurement();
+        let own = Topic::measurement(&seg("home"), &seg("we515-1"), &seg("main"));
+        assert_eq!(m.check_topic(own.as_str()), Ok(()));
+        for (site, device, channel, names) in [
+            ("away", "we515-1", "main", "site \"home\" (topic: \"away\")"),
+            (
+                "home",
+                "we515-2",
+                "main",
+                "device \"we515-1\" (topic: \"we515-2\")",
+            ),
+            ("home", "we515-1", "l1", "channel \"main\" (topic: \"l1\")"),
+        ] {
+            let topic = Topic::measurement(&seg(site), &seg(device), &seg(channel));
+            let why = m.check_topic(topic.as_str()).unwrap_err();
+            assert!(why.contains(names), "{why}");
+            assert!(why.contains(topic.as_str()), "{why}");
+        }
+        // Every difference is named at once.
+        let topic = Topic::measurement(&seg("x"), &seg("y"), &seg("main"));
+        let why = m.check_topic(topic.as_str()).unwrap_err();
+        assert!(why.contains("site") && why.contains("device"), "{why}");
+        // A topic of another kind, or none at all, carries no measurement.
+        for topic in [
+            Topic::raw(&seg("home"), &seg("we515-1"))
+                .as_str()
+                .to_string(),
+            "wattbus/v1/home/meas/we515-1/main/extra".to_string(),
+            "wattbus/v1/home/meas/we 515/main".to_string(),
+            "elsewhere/home/meas/we515-1/main".to_string(),
+        ] {
+            let why = m.check_topic(&topic).unwrap_err();
+            assert!(why.contains("is not of the form"), "{topic}: {why}");
+        }
+    }
+
+    #[test]
+    fn a_raw_frame_belongs_only_on_its_own_devices_topic() {
+        let frame = RawFrame {
+            origin: None,
+            site: seg("home"),
+            device: seg("ct-2"),
+            start_ts_us: TS * 1000,
+            sample_rate_hz: 2000.0,
+            continues: false,
+            channels: vec![RawChannel {
+                channel: seg("a"),
+                unit: seg("a"),
+                samples: vec![1.0],
+            }],
+        };
+        assert_eq!(
+            frame.check_topic(Topic::raw(&seg("home"), &seg("ct-2")).as_str()),
+            Ok(())
+        );
+        let why = frame
+            .check_topic(Topic::raw(&seg("home"), &seg("ct-1")).as_str())
+            .unwrap_err();
+        assert!(why.contains("device \"ct-2\" (topic: \"ct-1\")"), "{why}");
+        // Payloads without an identity accept any topic.
+        let ack = Ack {
+            sink: seg("s"),
+            ranges: vec![[1, 1]],
+            ts_ms: TS,
+        };
+        assert_eq!(ack.check_topic("anything"), Ok(()));
     }
 
     #[test]

@@ -195,7 +195,7 @@ fn demo_runs_with_no_hardware_and_shows_acknowledged_readings() {
     let files: Vec<_> = std::fs::read_dir(&readings).unwrap().collect();
     assert_eq!(files.len(), 1, "{files:?}");
     let csv = std::fs::read_to_string(files[0].as_ref().unwrap().path()).unwrap();
-    assert!(csv.starts_with("time,site,device,channel,measurement,field,value,quality\n"));
+    assert!(csv.starts_with("time,site,device,channel,measurement,field,value,quality,tags\n"));
     for meter in ["sim-meter-1", "sim-meter-2"] {
         let rows = csv
             .lines()

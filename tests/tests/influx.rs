@@ -1,7 +1,8 @@
 //! influx-writer end to end against real servers: InfluxDB 1.6.7 (v1 API, InfluxQL read-back,
-//! a refused line, an outage with the writer killed -9) and VictoriaMetrics 1.79 (v2 API with
-//! token and gzip, read back through its export API); the file output with rotation and a
-//! restart, read by Python's csv module.
+//! a refused line, an outage with the writer killed -9, a reading naming another device than
+//! its topic, an implausible value) and VictoriaMetrics 1.79 (v2 API with token and gzip, read
+//! back through its export API); the file output with rotation and a restart, and the demo's
+//! tagged readings (WE-515 tariffs, CT power basis), read by Python's csv module.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,6 +84,37 @@ impl Lab {
         Proc::spawn("probe", &mut cmd, &self.path().join("probe.log"))
     }
 
+    /// A writer config for InfluxDB 1.x's v1 API, database `db`, batches flushed every
+    /// `flush_ms`.
+    fn v1_config(&self, influx: &Influxd, db: &str, flush_ms: u64) -> PathBuf {
+        self.writer_config(&format!(
+            "flush_interval_ms = {flush_ms}\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"{db}\"\n",
+            influx.port
+        ))
+    }
+
+    /// InfluxDB with database `wattbus`, a writer on its v1 API, and `count` readings
+    /// produced (`extra`: more probe flags) until every one is acknowledged. The servers are
+    /// returned so they live as long as the test needs them.
+    fn v1_run(&self, count: u64, extra: &[&str], what: &str) -> (Influxd, Proc) {
+        let influx = Influxd::start(self.path());
+        influx.create_database("wattbus");
+        let config = self.v1_config(&influx, "wattbus", 200);
+        let writer = self.start_writer(&config);
+        let mut p = self.produce(count, 0, extra);
+        finish(&mut p, self, what);
+        (influx, writer)
+    }
+
+    /// The writer's dead-letter file, one JSON value per letter.
+    fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let dead = std::fs::read_to_string(self.path().join("influx-writer/dead-letters.jsonl"))
+            .expect("dead-letter file");
+        dead.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path().join(name)).unwrap_or_default()
     }
@@ -124,15 +156,7 @@ fn assert_all_stored(influx: &Influxd, db: &str, count: i64) {
 #[test]
 fn v1_api_stores_every_reading_in_influxdb_1_6() {
     let lab = Lab::new();
-    let influx = Influxd::start(lab.path());
-    influx.create_database("wattbus");
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 200\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
-    let _writer = lab.start_writer(&config);
-    let mut p = lab.produce(2000, 0, &[]);
-    finish(&mut p, &lab, "v1 end to end");
+    let (influx, _writer) = lab.v1_run(2000, &[], "v1 end to end");
     assert_all_stored(&influx, "wattbus", 2000);
     // Nothing was spooled or refused on the way.
     assert!(
@@ -162,10 +186,7 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     );
     assert_eq!(status, 204, "{body}");
     // One batch: the 300 readings arrive well within the 1 s flush interval.
-    let config = lab.writer_config(&format!(
-        "flush_interval_ms = 1000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
-        influx.port
-    ));
+    let config = lab.v1_config(&influx, "wattbus", 1000);
     let _writer = lab.start_writer(&config);
     let mut p = lab.produce(300, 0, &["--odd-at", "150"]);
     finish(&mut p, &lab, "refused line");
@@ -176,13 +197,8 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     let odd = influx.rows("wattbus", "odd");
     assert_eq!(odd.len(), 1, "only the pre-existing point: {odd:?}");
 
-    let dead = std::fs::read_to_string(lab.path().join("influx-writer/dead-letters.jsonl"))
-        .expect("dead-letter file");
-    let lines: Vec<serde_json::Value> = dead
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 1, "{dead}");
+    let lines = lab.dead_letters();
+    assert_eq!(lines.len(), 1, "{lines:?}");
     let dl = &lines[0];
     assert!(
         dl["reason"]
@@ -194,6 +210,92 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     assert!(dl["payload"].as_str().unwrap().starts_with("odd,"), "{dl}");
     assert_eq!(dl["topic"], "wattbus/v1/lab/meas/probe-dev/ch");
     assert!(lab.log("writer.log").contains("dead-lettered"));
+}
+
+#[test]
+fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_acknowledged() {
+    let lab = Lab::new();
+    // Reading 150 is journaled and published on probe-dev's topic, but its payload says
+    // device probe-forged. The producer ends only once every reading is acknowledged, the
+    // mislabelled one too: a poison message does not pin its producer's journal.
+    let (influx, _writer) = lab.v1_run(300, &["--mislabel-at", "150"], "mislabelled reading");
+
+    let rows = influx.rows("wattbus", "probe");
+    assert_eq!(rows.len(), 299, "every other reading is stored");
+    assert!(
+        rows.iter()
+            .all(|r| r["device"] == "probe-dev" && r["reading_n"].as_f64() != Some(150.0)),
+        "nothing is stored under the payload's identity"
+    );
+
+    let letters = lab.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let dl = &letters[0];
+    assert_eq!(dl["topic"], "wattbus/v1/lab/meas/probe-dev/ch");
+    assert!(
+        dl["reason"]
+            .as_str()
+            .unwrap()
+            .contains("device \"probe-forged\" (topic: \"probe-dev\")"),
+        "the reason names what differs: {dl}"
+    );
+    assert!(
+        dl["payload"]
+            .as_str()
+            .unwrap()
+            .contains("\"reading_n\":150.0"),
+        "the message is kept whole for a person: {dl}"
+    );
+    let log = lab.log("writer.log");
+    assert!(
+        log.contains("names another identity than its topic"),
+        "{log}"
+    );
+    // Dead letters are readings: the owner's alone.
+    assert_eq!(
+        mode(&lab.path().join("influx-writer/dead-letters.jsonl")),
+        0o600
+    );
+    assert_eq!(mode(&lab.path().join("influx-writer")), 0o700);
+    assert_eq!(mode(&lab.path().join("influx-writer/spool")), 0o700);
+}
+
+/// Permission bits of a file or directory.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn an_impossible_power_is_stored_with_quality_out_of_range_not_good() {
+    let lab = Lab::new();
+    // Reading 7 also carries power_w = 1e308.
+    let (influx, _writer) = lab.v1_run(50, &["--implausible-at", "7"], "implausible reading");
+
+    let rows = influx.rows("wattbus", "probe");
+    assert_eq!(rows.len(), 50, "no reading is dropped");
+    for r in &rows {
+        let n = r["reading_n"].as_f64().unwrap();
+        if n == 7.0 {
+            assert_eq!(r["quality"], "out_of_range", "{r:?}");
+            assert_eq!(
+                r["power_w"].as_f64(),
+                Some(1e308),
+                "the value is kept: {r:?}"
+            );
+        } else {
+            assert_eq!(r["quality"], "good", "{r:?}");
+        }
+    }
+    let log = lab.log("writer.log");
+    assert!(
+        log.contains("power_w = 1e308 is not a plausible active power"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -412,21 +514,24 @@ fn files_rotate_restart_cleanly_and_parse_as_csv() {
         .arg("-c")
         .arg(
             r#"
-import csv, glob, sys, collections
+import csv, glob, os, sys, collections
 rows = []
 files = sorted(glob.glob(sys.argv[1] + "/readings-*.csv"))
 for f in files:
+    # Rotation is decided per row: no file is larger than max_bytes.
+    assert os.path.getsize(f) <= int(sys.argv[2]), (f, os.path.getsize(f))
     with open(f, newline="") as fh:
         r = list(csv.reader(fh))
-        assert r[0] == ["time","site","device","channel","measurement","field","value","quality"], (f, r[0])
+        assert r[0] == ["time","site","device","channel","measurement","field","value","quality","tags"], (f, r[0])
         for row in r[1:]:
-            assert len(row) == 8, (f, row)
+            assert len(row) == 9, (f, row)
             rows.append(row)
 n = collections.Counter(float(row[6]) for row in rows)
 print(len(files), len(rows), len(n), max(n.values()))
 "#,
         )
         .arg(&readings)
+        .arg("8192")
         .output()
         .expect("python3");
     assert!(
@@ -440,11 +545,118 @@ print(len(files), len(rows), len(n), max(n.values()))
         .map(|s| s.parse().unwrap())
         .collect();
     let (files, rows, distinct, max_repeat) = (nums[0], nums[1], nums[2], nums[3]);
-    assert!(files >= 3, "rotated by size: {files} files");
+    // 600 rows of ~70 bytes in 8 KiB files.
+    assert!(files >= 5, "rotated by size: {files} files");
+    // Readings are private: the directory 0700, every file 0600.
+    assert_eq!(mode(&readings), 0o700);
+    for f in std::fs::read_dir(&readings).unwrap() {
+        assert_eq!(mode(&f.unwrap().path()), 0o600);
+    }
     // Both runs wrote readings 0..300: 600 rows, 300 distinct values, each exactly twice.
     assert_eq!(rows, 600, "{text}");
     assert_eq!(distinct, 300);
     assert_eq!(max_repeat, 2);
+}
+
+#[test]
+fn csv_keeps_we515_tariffs_and_ct_power_basis_apart_and_python_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let readings = dir.path().join("readings");
+    // The demo's own devices: two simulated WE-515s over Modbus RTU (whose energy total and
+    // four tariff registers share time, device, channel, measurement and field) and a CT
+    // sensor through rms-processor (power_basis tag), all into the default CSV output.
+    let mut demo = Proc::spawn(
+        "demo",
+        Command::new(wattbus_bin())
+            .args(["demo", "--meters", "1", "--readings-dir"])
+            .arg(&readings)
+            .arg("--data-dir")
+            .arg(dir.path().join("data")),
+        &dir.path().join("demo.log"),
+    );
+    let script = r#"
+import csv, glob, sys, collections
+rows = []
+for f in sorted(glob.glob(sys.argv[1] + "/readings-*.csv")):
+    with open(f, newline="") as fh:
+        r = list(csv.reader(fh))
+        assert r[0] == ["time","site","device","channel","measurement","field","value","quality","tags"], (f, r[0])
+        for row in r[1:]:
+            assert len(row) == 9, (f, row)
+            rows.append(row)
+# The key of a value: (time, site, device, channel, measurement, field, tags). Delivery is at
+# least once, so a key may repeat, but always with the same value.
+values = collections.defaultdict(set)
+for row in rows:
+    values[tuple(row[:6] + row[8:])].add(row[6])
+clashes = [(k, v) for k, v in values.items() if len(v) > 1]
+assert not clashes, clashes[:5]
+# One WE-515 poll: the energy total and the four tariffs, five keys at one time.
+tariffs = collections.defaultdict(set)
+for k in values:
+    time, site, device, channel, measurement, field, tags = k
+    if device in ("house", "heat-pump") and field == "energy_wh":
+        tariffs[(time, device)].add(tags)
+complete = [t for t, tags in tariffs.items() if tags == {"", "tariff=t1", "tariff=t2", "tariff=t3", "tariff=t4"}]
+ct = [k for k in values if k[2] == "ct-1"]
+bases = {k[6] for k in ct}
+print(len(rows), len(complete), len(ct), ";".join(sorted(bases)))
+"#;
+    let check = || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(&readings)
+            .output()
+            .expect("python3")
+    };
+    // Wait until a whole WE-515 energy poll and CT readings are in the files (the demo
+    // writes them within seconds; a loaded machine may take longer).
+    // Polled every half second, not every 20 ms: each poll is a Python process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let (done, last) = loop {
+        let out = check();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let n: Vec<&str> = text.split_whitespace().collect();
+        if out.status.success()
+            && n.len() == 4
+            && n[1].parse::<u32>().is_ok_and(|c| c >= 1)
+            && n[2].parse::<u32>().is_ok_and(|c| c >= 1)
+        {
+            break (true, text);
+        }
+        if std::time::Instant::now() > deadline {
+            break (false, text);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        demo.terminate(Duration::from_secs(20))
+            .is_some_and(|s| s.success()),
+        "{}",
+        std::fs::read_to_string(dir.path().join("demo.log")).unwrap_or_default()
+    );
+    assert!(
+        done,
+        "no complete WE-515 poll and CT readings in the CSV files: {last}"
+    );
+    // Read again after the demo stopped: every row it wrote still parses.
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bases = text.split_whitespace().nth(3).unwrap_or_default();
+    assert!(
+        !bases.is_empty() && bases.split(';').all(|b| b.starts_with("power_basis=")),
+        "every CT row carries its power basis: {text}"
+    );
 }
 
 #[test]

@@ -2,18 +2,29 @@
 //! age (pure std: no tokio, tested on its own).
 //!
 //! Files are named by the UTC time they were started, `readings-2026-11-24T10-15-00Z.csv`, so
-//! the newest is the one being written and a directory listing is a timeline. A batch is
-//! written with one `write` and fsynced before its readings are acknowledged.
+//! the newest is the one being written and a directory listing is a timeline.
 //!
-//! After a crash the current file may end in a partial row (its batch was never
-//! acknowledged and will be replayed): it is cut back to the last complete row before anything
-//! is appended. Replay after a crash can repeat rows that were written but not yet
-//! acknowledged; `(time, device, channel, measurement, field)` identifies a value, so a reader
-//! can drop the repeats.
+//! Invariants:
+//! - A batch is written with one `write` per file it lands in and fsynced before its readings
+//!   are acknowledged.
+//! - Rotation is decided row by row: a file never exceeds `max_bytes`, except by the single row
+//!   that starts it (a row larger than `max_bytes` still has to go somewhere). A batch may
+//!   therefore end one file and start the next.
+//! - After a crash the current file may end in a partial row (its batch was never
+//!   acknowledged and will be replayed): it is cut back to the last complete row before
+//!   anything is appended.
+//! - A file is continued after a restart only if its header is the current one; a file
+//!   written in an older layout is left as it is and a new one started, so no file mixes two
+//!   layouts.
+//! - Replay after a crash can repeat rows that were written but not yet acknowledged;
+//!   `(time, site, device, channel, measurement, tags, field)` identifies a value, so a reader
+//!   can drop the repeats.
+//! - Readings are private: files are created 0600, missing directories 0700.
 
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufRead as _, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,8 +35,10 @@ use crate::line_protocol::{Precision, encode_point, measurement_point};
 
 const PREFIX: &str = "readings-";
 
-/// Header of the long CSV layout.
-pub const CSV_HEADER: &str = "time,site,device,channel,measurement,field,value,quality\n";
+/// Header of the long CSV layout. `tags` is last so scripts that index the earlier columns
+/// keep working; it is `key=value` pairs joined by `;`, sorted by key, empty when the reading
+/// has none.
+pub const CSV_HEADER: &str = "time,site,device,channel,measurement,field,value,quality,tags\n";
 /// Header of the PowMon layout.
 pub const POWMON_HEADER: &str = "time,device,amps,watts\n";
 
@@ -57,14 +70,14 @@ pub struct Written {
     pub bytes: u64,
     /// Readings that could not be written (a timestamp outside the range of line protocol).
     pub skipped: Vec<(usize, String)>,
-    /// The file closed by a rotation, if one happened (after compression, if on).
-    pub rotated: Option<PathBuf>,
+    /// The files closed by rotations, oldest first (after compression, if on).
+    pub rotated: Vec<PathBuf>,
 }
 
 impl RotatingFiles {
     /// Open `dir`, continuing its newest file if it is still within bounds.
     pub fn open(dir: &Path, cfg: &FilesConfig) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
+        DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
         let mut files = Self {
             dir: dir.to_path_buf(),
             format: cfg.format,
@@ -78,13 +91,20 @@ impl RotatingFiles {
         if let Some(path) = files.newest_open_file()? {
             let started = parse_name(&path, files.extension()).unwrap_or_else(SystemTime::now);
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
-            let bytes = cut_partial_row(&file)?;
-            files.current = Some(Current {
-                file,
-                path,
-                bytes,
-                started,
-            });
+            if has_header(&file, files.header())? {
+                let bytes = cut_partial_row(&file)?;
+                files.current = Some(Current {
+                    file,
+                    path,
+                    bytes,
+                    started,
+                });
+            } else {
+                tracing::info!(
+                    file = %path.display(),
+                    "The newest readings file has another header (an older layout); starting a new file."
+                );
+            }
         }
         Ok(files)
     }
@@ -149,53 +169,69 @@ impl RotatingFiles {
             .find(|p| p.to_string_lossy().ends_with(&ext)))
     }
 
-    /// Append readings, rotating first if the current file is full or old; fsync.
+    /// Append readings, rotating when the current file is old, and before any row that would
+    /// take it past `max_bytes`; fsync every file written.
     pub fn write(&mut self, readings: &[&Measurement], now: SystemTime) -> io::Result<Written> {
         let mut out = Written::default();
         self.buf.clear();
+        // Where each row ends in `buf`.
+        let mut row_ends: Vec<usize> = Vec::with_capacity(readings.len());
         for (i, m) in readings.iter().enumerate() {
-            if let Err(e) = encode(&mut self.buf, self.format, m) {
-                out.skipped.push((i, e));
+            let before = self.buf.len();
+            match encode(&mut self.buf, self.format, m) {
+                Ok(()) => row_ends.extend(
+                    self.buf[before..]
+                        .match_indices('\n')
+                        .map(|(at, _)| before + at + 1),
+                ),
+                Err(e) => {
+                    self.buf.truncate(before);
+                    out.skipped.push((i, e));
+                }
             }
         }
-        if self.buf.is_empty() {
+        if row_ends.is_empty() {
             return Ok(out);
-        }
-        let needs_rotation = self.current.as_ref().is_some_and(|c| {
-            c.bytes > 0
-                && (c.bytes + self.buf.len() as u64 > self.max_bytes
-                    || self.max_age.is_some_and(|age| {
-                        now.duration_since(c.started).unwrap_or_default() >= age
-                    }))
-        });
-        if needs_rotation {
-            out.rotated = self.rotate()?;
-        }
-        if self.current.is_none() {
-            self.current = Some(self.create(now)?);
         }
         let header = self.header();
-        let Some(c) = self.current.as_mut() else {
-            return Ok(out);
-        };
-        if c.bytes == 0 && !header.is_empty() {
-            c.file.write_all(header.as_bytes())?;
-            c.bytes += header.len() as u64;
-            out.bytes += header.len() as u64;
+        let too_old = self.current.as_ref().is_some_and(|c| {
+            self.max_age
+                .is_some_and(|age| now.duration_since(c.started).unwrap_or_default() >= age)
+        });
+        if too_old && self.current.as_ref().is_some_and(|c| has_rows(c, header)) {
+            out.rotated.extend(self.rotate()?);
         }
-        if let Err(e) = c
-            .file
-            .write_all(self.buf.as_bytes())
-            .and_then(|()| c.file.sync_data())
-        {
-            // The batch is not acknowledged and will be replayed: take its rows out again,
-            // so neither a partial row nor rows that will come back are left behind.
-            let _ = c.file.set_len(c.bytes);
-            let _ = c.file.seek(SeekFrom::Start(c.bytes));
-            return Err(e);
+        let mut rows = row_ends.iter().peekable();
+        let mut from = 0;
+        while rows.peek().is_some() {
+            if self.current.is_none() {
+                self.current = Some(self.create(now)?);
+            }
+            let Some(c) = self.current.as_mut() else {
+                break;
+            };
+            let head = if c.bytes == 0 { header } else { "" };
+            // Rows that fit; the first row of a file always does.
+            let mut to = from;
+            let mut has_row = has_rows(c, header);
+            while let Some(&&end) = rows.peek() {
+                let size = c.bytes + (head.len() + end - from) as u64;
+                if has_row && size > self.max_bytes {
+                    break;
+                }
+                to = end;
+                has_row = true;
+                rows.next();
+            }
+            if to > from {
+                append(c, head, &self.buf[from..to])?;
+                out.bytes += (head.len() + to - from) as u64;
+                from = to;
+            }
+            if rows.peek().is_some() {
+                out.rotated.extend(self.rotate()?);
+            }
         }
-        c.bytes += self.buf.len() as u64;
-        out.bytes += self.buf.len() as u64;
         Ok(out)
     }
 
@@ -214,6 +250,7 @@ impl RotatingFiles {
                 .read(true)
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
             {
                 Ok(file) => {
@@ -258,6 +295,49 @@ impl RotatingFiles {
     }
 }
 
+/// Whether the file holds a row besides its header.
+fn has_rows(c: &Current, header: &str) -> bool {
+    c.bytes > header.len() as u64
+}
+
+/// Write a file's header (if it is new) and rows with one `write`, and fsync. On failure the
+/// file is cut back to where it was: the batch is not acknowledged and will be replayed, so
+/// neither a partial row nor rows that will come back are left behind.
+fn append(c: &mut Current, head: &str, rows: &str) -> io::Result<()> {
+    let mut chunk = String::with_capacity(head.len() + rows.len());
+    chunk.push_str(head);
+    chunk.push_str(rows);
+    if let Err(e) = c
+        .file
+        .write_all(chunk.as_bytes())
+        .and_then(|()| c.file.sync_data())
+    {
+        if let Err(cut) = c
+            .file
+            .set_len(c.bytes)
+            .and_then(|()| c.file.seek(SeekFrom::Start(c.bytes)).map(drop))
+        {
+            tracing::error!(file = %c.path.display(), error = %cut, "Cannot cut a failed write back out of the readings file; rows of a batch that will be replayed may appear twice.");
+        }
+        return Err(e);
+    }
+    c.bytes += chunk.len() as u64;
+    Ok(())
+}
+
+/// Whether a file to be continued starts with `header` (an empty file, or a format without a
+/// header, always qualifies).
+fn has_header(file: &File, header: &str) -> io::Result<bool> {
+    if header.is_empty() || file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    let mut first = String::new();
+    BufReader::new(file)
+        .take(header.len() as u64 + 1)
+        .read_line(&mut first)?;
+    Ok(first == header)
+}
+
 /// Cut a torn last row (a crash mid-write) and position at the end. Returns the length.
 fn cut_partial_row(mut file: &File) -> io::Result<u64> {
     let len = file.metadata()?.len();
@@ -293,7 +373,12 @@ fn compress(path: &Path) -> io::Result<PathBuf> {
     let tmp = gz_path.with_extension("gz.tmp");
     let write = || -> io::Result<()> {
         let mut input = File::open(path)?;
-        let out = File::create(&tmp)?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         // Level 1: CSV of readings still shrinks ~8×, at a fraction of the CPU on a Pi.
         let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
         io::copy(&mut input, &mut enc)?;
@@ -315,6 +400,15 @@ fn encode(out: &mut String, format: FileFormat, m: &Measurement) -> Result<(), S
     match format {
         FileFormat::Csv => {
             let time = iso_ms(m.ts_ms);
+            // Tag keys and values are topic segments (`[A-Za-z0-9._-]`): no `=`, `;`, `,` or
+            // quote can occur, so the column needs no escaping and is never quoted.
+            let mut tags = String::new();
+            for (k, v) in &m.tags {
+                if !tags.is_empty() {
+                    tags.push(';');
+                }
+                let _ = write!(tags, "{k}={v}");
+            }
             for (field, value) in &m.fields {
                 let _ = write!(
                     out,
@@ -322,7 +416,7 @@ fn encode(out: &mut String, format: FileFormat, m: &Measurement) -> Result<(), S
                     m.site, m.device, m.channel, m.measurement
                 );
                 csv_field(out, field);
-                let _ = writeln!(out, ",{value},{}", m.quality.as_str());
+                let _ = writeln!(out, ",{value},{},{tags}", m.quality.as_str());
             }
             Ok(())
         }
@@ -476,9 +570,9 @@ mod tests {
         let text = fs::read_to_string(f.current_path().unwrap()).unwrap();
         assert_eq!(
             text,
-            "time,site,device,channel,measurement,field,value,quality\n\
-             2025-11-24T16:00:00.250Z,home,meter-1,main,power,current_a,2,good\n\
-             2025-11-24T16:00:00.250Z,home,meter-1,main,power,power_w,460,good\n"
+            "time,site,device,channel,measurement,field,value,quality,tags\n\
+             2025-11-24T16:00:00.250Z,home,meter-1,main,power,current_a,2,good,\n\
+             2025-11-24T16:00:00.250Z,home,meter-1,main,power,power_w,460,good,\n"
         );
     }
 
@@ -533,14 +627,14 @@ mod tests {
         for i in 0..100 {
             let r = reading(T0 + i * 1000, i as f64);
             let w = f.write(&[&r], at(T0 + i * 1000)).unwrap();
-            rotations += usize::from(w.rotated.is_some());
+            rotations += w.rotated.len();
         }
         assert!(rotations >= 2, "{rotations}");
         // Age: an hour later the next write starts a new file.
         let w = f
             .write(&[&reading(T0 + 3_700_000, 1.0)], at(T0 + 3_700_000))
             .unwrap();
-        assert!(w.rotated.is_some());
+        assert_eq!(w.rotated.len(), 1);
         let files = f.list().unwrap();
         assert_eq!(files.len(), rotations + 2);
         let mut rows = 0;
@@ -550,7 +644,7 @@ mod tests {
             let mut lines = text.lines();
             assert_eq!(lines.next(), Some(CSV_HEADER.trim_end()));
             for l in lines {
-                assert_eq!(l.split(',').count(), 8, "{l}");
+                assert_eq!(l.split(',').count(), 9, "{l}");
                 rows += 1;
             }
         }
@@ -575,7 +669,7 @@ mod tests {
         let text = fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1 + 4, "{text}");
-        assert!(lines.iter().all(|l| l.split(',').count() == 8), "{text}");
+        assert!(lines.iter().all(|l| l.split(',').count() == 9), "{text}");
         assert_eq!(f.list().unwrap().len(), 1);
     }
 
@@ -603,6 +697,162 @@ mod tests {
             .read_to_string(&mut text)
             .unwrap();
         assert!(text.starts_with(CSV_HEADER), "{text}");
-        assert!(text.ends_with(",good\n"));
+        assert!(text.ends_with(",good,\n"));
+    }
+
+    fn tagged(
+        ts_ms: i64,
+        device: &str,
+        field: &str,
+        value: f64,
+        tags: &[(&str, &str)],
+    ) -> Measurement {
+        let mut m = reading(ts_ms, 0.0);
+        m.device = seg(device);
+        m.channel = seg("total");
+        m.measurement = seg("energy");
+        m.fields = [(field.to_string(), value)].into();
+        m.tags = tags.iter().map(|(k, v)| (seg(k), seg(v))).collect();
+        m
+    }
+
+    #[test]
+    fn csv_keeps_tags_so_tariff_and_basis_rows_never_share_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &cfg(FileFormat::Csv)).unwrap();
+        // One poll of a WE-515: the total and the four tariff registers, same time, device,
+        // channel, measurement and field; and a CT reading labelled with its power basis.
+        let mut batch = vec![tagged(T0, "we515-1", "energy_wh", 1000.0, &[])];
+        for (i, t) in ["t1", "t2", "t3", "t4"].iter().enumerate() {
+            batch.push(tagged(
+                T0,
+                "we515-1",
+                "energy_wh",
+                i as f64,
+                &[("tariff", t)],
+            ));
+        }
+        batch.push(tagged(
+            T0,
+            "ct-1",
+            "apparent_power_va",
+            460.0,
+            &[("power_basis", "nominal_voltage"), ("phase", "l1")],
+        ));
+        let refs: Vec<&Measurement> = batch.iter().collect();
+        f.write(&refs, at(T0)).unwrap();
+        let text = fs::read_to_string(f.current_path().unwrap()).unwrap();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect())
+            .collect();
+        assert_eq!(rows.len(), 6, "{text}");
+        let tags: Vec<&str> = rows.iter().map(|r| r[8]).collect();
+        assert_eq!(
+            tags,
+            [
+                "",
+                "tariff=t1",
+                "tariff=t2",
+                "tariff=t3",
+                "tariff=t4",
+                "phase=l1;power_basis=nominal_voltage"
+            ],
+            "tags sorted by key"
+        );
+        // (time, site, device, channel, measurement, field, tags) is a key: no two rows share it.
+        let mut keys: Vec<Vec<&str>> = rows.iter().map(|r| [&r[..6], &r[8..]].concat()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 6, "{text}");
+        assert_eq!(rows[3][6], "2", "tariff t3's own value: {text}");
+    }
+
+    fn file_sizes(f: &RotatingFiles) -> Vec<(u64, usize)> {
+        f.list()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let text = fs::read_to_string(p).unwrap();
+                (text.len() as u64, text.lines().count() - 1)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rotation_is_decided_per_row_so_a_big_batch_cannot_overshoot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &cfg(FileFormat::Csv)).unwrap();
+        // One batch of 300 readings (600 rows, ~42 KB) into 4 KiB files: what a loaded
+        // machine delivers when the writer falls behind.
+        let batch: Vec<Measurement> = (0..300).map(|i| reading(T0 + i, i as f64)).collect();
+        let refs: Vec<&Measurement> = batch.iter().collect();
+        let w = f.write(&refs, at(T0)).unwrap();
+        let sizes = file_sizes(&f);
+        assert_eq!(w.rotated.len() + 1, sizes.len());
+        assert!(sizes.len() >= 10, "{sizes:?}");
+        for (bytes, _) in &sizes {
+            assert!(*bytes <= 4096, "a file overshoots max_bytes: {sizes:?}");
+        }
+        assert_eq!(sizes.iter().map(|(_, rows)| rows).sum::<usize>(), 600);
+        // Filled, not merely bounded: each closed file was full up to less than one row.
+        for (bytes, _) in &sizes[..sizes.len() - 1] {
+            assert!(*bytes > 4096 - 100, "{sizes:?}");
+        }
+
+        // A row larger than max_bytes still gets written: alone, at the start of a file.
+        let mut c = cfg(FileFormat::LineProtocol);
+        c.max_bytes = 10;
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &c).unwrap();
+        let batch = [reading(T0, 1.0), reading(T0 + 1, 2.0)];
+        f.write(&[&batch[0], &batch[1]], at(T0)).unwrap();
+        f.write(&[&batch[0]], at(T0)).unwrap();
+        let sizes = file_sizes(&f);
+        assert_eq!(sizes.len(), 3, "one oversized row per file: {sizes:?}");
+    }
+
+    #[test]
+    fn readings_files_and_their_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let readings = dir.path().join("data/readings");
+        let mut c = cfg(FileFormat::Csv);
+        c.gzip = true;
+        let mut f = RotatingFiles::open(&readings, &c).unwrap();
+        for i in 0..100 {
+            f.write(&[&reading(T0 + i * 1000, i as f64)], at(T0 + i * 1000))
+                .unwrap();
+        }
+        assert_eq!(mode(&readings), 0o700);
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        let files = f.list().unwrap();
+        assert!(files.len() >= 2, "{files:?}");
+        assert!(files[0].to_string_lossy().ends_with(".gz"));
+        for p in &files {
+            assert_eq!(mode(p), 0o600, "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn a_file_in_an_older_layout_is_left_alone_and_a_new_one_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("readings-2025-11-24T16-00-00Z.csv");
+        let old_text = "time,site,device,channel,measurement,field,value,quality\n\
+                        2025-11-24T16:00:00.250Z,home,meter-1,main,power,power_w,460,good\n";
+        fs::write(&old, old_text).unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &cfg(FileFormat::Csv)).unwrap();
+        assert_eq!(f.current_path(), None);
+        f.write(&[&reading(T0, 1.0)], at(T0)).unwrap();
+        assert_eq!(fs::read_to_string(&old).unwrap(), old_text);
+        let new = f.current_path().unwrap().to_path_buf();
+        assert_ne!(new, old);
+        assert!(fs::read_to_string(&new).unwrap().starts_with(CSV_HEADER));
+        // The new file, in the current layout, is continued by the next start.
+        drop(f);
+        let f = RotatingFiles::open(dir.path(), &cfg(FileFormat::Csv)).unwrap();
+        assert_eq!(f.current_path(), Some(new.as_path()));
     }
 }

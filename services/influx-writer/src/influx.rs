@@ -21,9 +21,8 @@
 //! is healthy.
 
 use std::collections::VecDeque;
-use std::io::Write as _;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +30,7 @@ use proto::{DeadLetter, Segment, Topic};
 use runtime::Shutdown;
 use runtime::bus::Bus;
 use runtime::config::{JournalKind, StreamConfig};
+use runtime::dead_letters::DeadLetterFile;
 use runtime::journal::{Journal, JournalError, Record};
 use runtime::telemetry::{Counter, Gauge};
 use tokio::sync::mpsc;
@@ -115,8 +115,9 @@ pub struct DeadLetters {
     bus: Bus,
     topic: Topic<DeadLetter>,
     service: Segment,
-    path: PathBuf,
-    max_bytes: u64,
+    /// Shared with the inbox, which keeps its own dead letters (mislabelled and malformed
+    /// messages) in the same file.
+    file: Arc<DeadLetterFile>,
     count: Counter,
 }
 
@@ -124,19 +125,12 @@ pub struct DeadLetters {
 const LOGGED_PER_BATCH: usize = 3;
 
 impl DeadLetters {
-    pub fn new(
-        bus: &Bus,
-        site: &Segment,
-        service: &Segment,
-        path: PathBuf,
-        max_bytes: u64,
-    ) -> Self {
+    pub fn new(bus: &Bus, site: &Segment, service: &Segment, file: Arc<DeadLetterFile>) -> Self {
         Self {
             bus: bus.clone(),
             topic: Topic::dead_letter(site, service),
             service: service.clone(),
-            path,
-            max_bytes,
+            file,
             count: Counter::new(
                 "wattbus_influx_dead_letters_total",
                 "Points InfluxDB refused (or that could not be encoded), sent to the dead-letter topic and file.",
@@ -157,14 +151,14 @@ impl DeadLetters {
                 reason = %r.reason,
                 topic = %r.topic,
                 line = r.line.trim_end(),
-                file = %self.path.display(),
+                file = %self.file.path().display(),
                 "A point was refused and dead-lettered; the rest of its batch is stored."
             );
         }
         if refused.len() > LOGGED_PER_BATCH {
             tracing::error!(
                 more = refused.len() - LOGGED_PER_BATCH,
-                file = %self.path.display(),
+                file = %self.file.path().display(),
                 "More points of this batch were dead-lettered."
             );
         }
@@ -179,9 +173,9 @@ impl DeadLetters {
                 DeadLetter::new(self.service.clone(), &r.reason, topic, r.line.as_bytes())
             })
             .collect();
-        let (path, max) = (self.path.clone(), self.max_bytes);
+        let file = self.file.clone();
         let (letters, written) = match tokio::task::spawn_blocking(move || {
-            let r = append_jsonl(&path, max, &letters);
+            let r = file.append(&letters);
             (letters, r)
         })
         .await
@@ -190,7 +184,7 @@ impl DeadLetters {
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
         if let Err(e) = written {
-            tracing::error!(file = %self.path.display(), error = %e, "Cannot write the dead-letter file.");
+            tracing::error!(file = %self.file.path().display(), error = %e, "Cannot write the dead-letter file.");
         }
         for dl in &letters {
             if let Err(e) = self.bus.send(&self.topic, dl, false).await {
@@ -199,28 +193,6 @@ impl DeadLetters {
             }
         }
     }
-}
-
-fn append_jsonl(path: &Path, max_bytes: u64, letters: &[DeadLetter]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if std::fs::metadata(path).is_ok_and(|m| m.len() >= max_bytes) {
-        let mut old = path.as_os_str().to_owned();
-        old.push(".1");
-        std::fs::rename(path, old)?;
-    }
-    let mut buf = Vec::new();
-    for dl in letters {
-        serde_json::to_writer(&mut buf, dl).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    f.write_all(&buf)?;
-    f.sync_data()
 }
 
 /// Exponential backoff with jitter.

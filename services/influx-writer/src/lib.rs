@@ -19,14 +19,22 @@
 //! - `influx`: the InfluxDB output (splitting, dead letters, spool, backoff).
 //! - `files`: the rotating-file output (pure std).
 //! - `batch`: a batch and its shared acknowledgement.
+//! - `events`: notable events that are not about one output (implausible readings).
+//!
+//! What is stored is judged first: the inbox dead-letters a reading whose payload names
+//! another site, device or channel than its topic (the runtime's identity check), and a
+//! `good` reading with a value outside the plausible range of its unit (`proto::RANGES`) is
+//! stored as `out_of_range`.
 
 pub mod batch;
 pub mod config;
+mod events;
 pub mod files;
 pub mod http;
 pub mod influx;
 pub mod line_protocol;
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +46,7 @@ pub use proto::Measurement;
 use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
+use runtime::dead_letters::DeadLetterFile;
 use runtime::delivery::{AckToken, Acker, Delivery, Inbox};
 use runtime::telemetry::Counter;
 use tokio::sync::mpsc;
@@ -58,6 +67,11 @@ pub enum Error {
     Influx(#[from] SinkError),
     #[error("cannot open the readings directory {dir}: {source}")]
     Files {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create the state directory {dir}: {source}")]
+    State {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
@@ -83,18 +97,32 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
 /// Run on an existing bus connection (the demo shares one).
 pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
     let data_dir = &ctx.common.data_dir;
+    let dead_file = Arc::new(DeadLetterFile::new(
+        config.dead_letter_path(data_dir),
+        config.dead_letter_max_bytes,
+    ));
     let mut outputs: Vec<(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)> = Vec::new();
     if let Some(target) = config.target(SECTION)? {
         let dead = Arc::new(DeadLetters::new(
             bus,
             &ctx.common.site,
             bus.service(),
-            config.dead_letter_path(data_dir),
-            config.dead_letter_max_bytes,
+            dead_file.clone(),
         ));
+        // The spool holds readings: its directories are the owner's alone (the journal
+        // creates its files 0600).
+        let spool_dir = config.state_dir(data_dir).join("spool");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&spool_dir)
+            .map_err(|source| Error::State {
+                dir: spool_dir.clone(),
+                source,
+            })?;
         let sink = InfluxSink::open(
             &target,
-            &config.state_dir(data_dir).join("spool"),
+            &spool_dir,
             &config.spool,
             config.batch_points,
             dead,
@@ -116,6 +144,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
 
     let filter = Filter::measurements(Some(&ctx.common.site), None);
     let (mut inbox, ack_task) = Inbox::subscribe(bus, &filter, &config.group, &config.inbox);
+    inbox.keep_dead_letters(dead_file);
     let acker = inbox.acker();
     let ready = ctx.health.check("influx-writer");
     ready.set(true);
@@ -132,8 +161,11 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + flush);
         let full = tokio::select! {
             d = inbox.recv() => match d {
-                Some(d) => {
+                Some(mut d) => {
                     received.inc();
+                    if let Some(bad) = d.message.flag_implausible() {
+                        events::implausible(&d.topic, &d.message, &bad);
+                    }
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + flush);
                     pending.push(d)
                 }
@@ -253,7 +285,7 @@ async fn run_files(files: RotatingFiles, mut rx: mpsc::Receiver<Arc<Batch>>) {
                 for (i, why) in &w.skipped {
                     tracing::error!(topic = %batch.items[*i].topic, reason = %why, "A reading cannot be written to a file; skipped.");
                 }
-                if let Some(p) = &w.rotated {
+                for p in &w.rotated {
                     tracing::info!(file = %p.display(), "Readings file rotated.");
                 }
                 batch.done();

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use crate::acks::{AckTracker, RangeSet};
 use crate::bus::{Bus, BusError, Message, Overflow};
 use crate::config::{InboxConfig, StreamConfig};
+use crate::dead_letters::DeadLetterFile;
 use crate::events;
 use crate::health::ReadyFlag;
 use crate::journal::{Journal, JournalError, Record};
@@ -646,6 +647,8 @@ pub struct Inbox<T> {
     acker: Acker,
     bus: Bus,
     site: Segment,
+    /// Where dead letters are kept besides the dead-letter topic, if the owner keeps a file.
+    dead_letter_file: Option<Arc<DeadLetterFile>>,
     _payload: PhantomData<fn() -> T>,
 }
 
@@ -683,6 +686,7 @@ impl<T: Sequenced> Inbox<T> {
             acker: Acker { tx },
             bus: bus.clone(),
             site: bus.site().clone(),
+            dead_letter_file: None,
             _payload: PhantomData,
         };
         (inbox, task)
@@ -692,13 +696,24 @@ impl<T: Sequenced> Inbox<T> {
         self.acker.clone()
     }
 
-    /// The next valid message. Malformed ones go to the dead-letter topic and are skipped.
-    /// `None` once the bus is closed.
+    /// Also keep dead letters in `file` (fsynced before a dead-lettered message is
+    /// acknowledged), for a person to find when nobody watched the dead-letter topic.
+    pub fn keep_dead_letters(&mut self, file: Arc<DeadLetterFile>) {
+        self.dead_letter_file = Some(file);
+    }
+
+    /// The next valid message. Malformed ones, and ones whose payload names another identity
+    /// than their topic, go to the dead-letter topic (and file) and are skipped. `None` once
+    /// the bus is closed.
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         loop {
             let msg = self.rx.recv().await?;
             match T::decode(&msg.payload) {
                 Ok(message) => {
+                    if let Err(reason) = message.check_topic(&msg.topic) {
+                        self.mislabelled(&msg, reason, message.origin()).await;
+                        continue;
+                    }
                     let site =
                         proto::parse(&msg.topic).map_or_else(|| self.site.clone(), |p| p.site);
                     let token = message.origin().map(|o| AckToken {
@@ -726,23 +741,56 @@ impl<T: Sequenced> Inbox<T> {
                         seq: o.seq,
                     });
                     events::malformed(self.bus.service().as_str(), &msg.topic, &e, token.is_some());
-                    let dl = DeadLetter::new(
-                        self.bus.service().clone(),
-                        e.to_string(),
-                        &msg.topic,
-                        &msg.payload,
-                    );
-                    let topic = Topic::dead_letter(&self.site, self.bus.service());
-                    match self.bus.send(&topic, &dl, false).await {
-                        Ok(()) => {
-                            if let Some(t) = &token {
-                                self.acker.ack(t);
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "Could not publish a dead letter."),
-                    }
+                    self.dead_letter(&msg, e.to_string(), token.as_ref()).await;
                 }
             }
+        }
+    }
+
+    /// A payload that names another site, device or channel than its topic is never handed
+    /// to the sink: stored, it would be a reading under an identity the broker never let its
+    /// publisher use (forged), or one a producer bug put on the wrong series. A journaled one
+    /// is acknowledged once dead-lettered, like a malformed one (invariant 13).
+    async fn mislabelled(&self, msg: &Message, reason: String, origin: Option<&Origin>) {
+        let token = origin.map(|o| AckToken {
+            site: proto::parse(&msg.topic).map_or_else(|| self.site.clone(), |p| p.site),
+            producer: o.producer.clone(),
+            stream: o.stream.clone(),
+            seq: o.seq,
+        });
+        events::mislabelled(
+            self.bus.service().as_str(),
+            &msg.topic,
+            &reason,
+            token.is_some(),
+        );
+        self.dead_letter(msg, reason, token.as_ref()).await;
+    }
+
+    /// Keep `msg` for a person (the dead-letter file, if any, and topic), then acknowledge it
+    /// if it came through a journal. Kept nowhere (no file, broker gone): not acknowledged,
+    /// so its producer replays it and it is dead-lettered again later.
+    async fn dead_letter(&self, msg: &Message, reason: String, token: Option<&AckToken>) {
+        let dl = DeadLetter::new(self.bus.service().clone(), reason, &msg.topic, &msg.payload);
+        let mut kept = false;
+        if let Some(file) = self.dead_letter_file.clone() {
+            let letter = dl.clone();
+            let written = tokio::task::spawn_blocking(move || file.append(&[letter])).await;
+            match written {
+                Ok(Ok(())) => kept = true,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "Cannot write the dead-letter file.");
+                }
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+        let topic = Topic::dead_letter(&self.site, self.bus.service());
+        match self.bus.send(&topic, &dl, false).await {
+            Ok(()) => kept = true,
+            Err(e) => tracing::warn!(error = %e, "Could not publish a dead letter."),
+        }
+        if kept && let Some(t) = token {
+            self.acker.ack(t);
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - `acks`: acknowledgement ranges to per-group watermarks (pure).
 //! - `delivery`: [`delivery::Producer`], [`delivery::Inbox`], [`delivery::Acker`]: the
 //!   delivery contract of docs/ARCHITECTURE.md on top of the three above.
+//! - `dead_letters`: the dead-letter file (JSON lines, fsynced, rotated once, private).
 //! - `events`: every notable event, logged and counted in one place.
 //! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
 //! - `telemetry`: logging setup and the Prometheus registry.
@@ -19,6 +20,7 @@
 pub mod acks;
 pub mod bus;
 pub mod config;
+pub mod dead_letters;
 pub mod delivery;
 pub mod events;
 pub mod health;

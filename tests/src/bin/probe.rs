@@ -67,6 +67,13 @@ enum Mode {
         /// database refuses).
         #[arg(long)]
         odd_at: Option<u64>,
+        /// Reading number K names device `probe-forged` in its payload while it is published
+        /// (and journaled) on `probe-dev`'s topic: a mislabelled or forged reading.
+        #[arg(long)]
+        mislabel_at: Option<u64>,
+        /// Reading number K also carries `power_w = 1e308`, a value no meter can read.
+        #[arg(long)]
+        implausible_at: Option<u64>,
     },
     /// A processor: re-publishes each reading of `probe-dev` as device `probe-relayed` through
     /// its own journal, acknowledging the input only once the output is fsynced.
@@ -128,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
             memory,
             timeout_s,
             odd_at,
+            mislabel_at,
+            implausible_at,
         } => {
             let (bus, bus_task) = connect(&common, instance)?;
             // Without a sink group nothing is replayed: readings published before the
@@ -178,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
                     let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let m = Measurement {
+                let mut m = Measurement {
                     origin: None,
                     site: common.site.clone(),
                     device: device.clone(),
@@ -189,6 +198,12 @@ async fn main() -> anyhow::Result<()> {
                     fields: [("reading_n".to_string(), i as f64)].into(),
                     tags: Default::default(),
                 };
+                if mislabel_at == Some(i) {
+                    m.device = Segment::new("probe-forged")?;
+                }
+                if implausible_at == Some(i) {
+                    m.fields.insert("power_w".to_string(), 1e308);
+                }
                 producer.send(&topic, m).await?;
             }
             let sent_secs = start.elapsed().as_secs_f64();
