@@ -15,10 +15,16 @@ use proto::{Kind, RawFrame, Segment};
 pub const MIN_RATE_HZ: f64 = 1.0;
 pub const MAX_RATE_HZ: f64 = 200_000.0;
 
+/// 2020-01-01 (Unix µs): a clock that reads earlier was never set (a Pi without a real-time
+/// clock before NTP). Frames cannot be judged "ahead" of it.
+pub const CLOCK_SET_US: i64 = 1_577_836_800_000_000;
+
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    /// Short and fixed, for the counter's label: `ahead`, `rate`, `channels`, `identity`.
+    /// Short and fixed, for the counter's label: `ahead`, `rate`, `channels`, `identity`; or
+    /// `clock`: not refused for good, this host's clock is not set and cannot tell (the
+    /// caller leaves the frame unacknowledged, to be replayed once it is).
     pub kind: &'static str,
     /// For a person: what was wrong, with the values.
     pub reason: String,
@@ -77,6 +83,14 @@ pub fn frame(
     let n = frame.channels.first().map_or(0, |c| c.samples.len());
     let end_us = frame.start_ts_us as f64 + n as f64 * 1e6 / rate;
     let limit = now_us.saturating_add(max_ahead_us);
+    if end_us > limit as f64 && now_us < CLOCK_SET_US {
+        return refused(
+            "clock",
+            "this host's clock is not set (it reads before 2020), so whether the frame is \
+             dated in the future cannot be told"
+                .into(),
+        );
+    }
     if end_us > limit as f64 {
         let ahead_s = (end_us - now_us as f64) / 1e6;
         return refused(
@@ -164,6 +178,17 @@ mod tests {
         // Within the margin: a producer on another host whose clock is a little ahead.
         let ok = raw("ct-1", NOW_US + AHEAD_US - 200_000, 2000.0, &["ct1"]);
         assert_eq!(check(&ok, "ct-1"), Ok(()));
+    }
+
+    #[test]
+    fn a_host_whose_clock_is_not_set_refuses_nothing_for_good() {
+        // Booted without a real-time clock, before NTP: 1970. Dead-lettering (and
+        // acknowledging) every frame would throw away the readings of a producer whose clock
+        // is right.
+        let f = raw("ct-1", NOW_US, 2000.0, &["ct1"]);
+        let topic = Topic::raw(&seg("home"), &seg("ct-1"));
+        let r = frame(&f, topic.as_str(), &seg("home"), 20_000_000, AHEAD_US);
+        assert_eq!(kind(r), "clock");
     }
 
     #[test]

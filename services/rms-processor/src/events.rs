@@ -71,6 +71,23 @@ impl Events {
         }
     }
 
+    /// A frame was left unused because this host's clock is not set.
+    pub fn clock_not_set(&mut self, device: &str) {
+        Counter::new(
+            "wattbus_rms_clock_not_set_frames_total",
+            "Frames left unacknowledged because this host's clock read before 2020 (replayed once it is set).",
+            &[("device", device)],
+        )
+        .inc();
+        if let Some(unlogged) = self.due(device, "clock") {
+            tracing::warn!(
+                device,
+                unlogged,
+                "This host's clock is not set (it reads before 2020); frames are left unacknowledged until it is (their producer replays them). Is NTP running?"
+            );
+        }
+    }
+
     /// A channel's power was beyond what a channel can measure.
     pub fn implausible(&mut self, device: &str, channel: &str, power: f64) {
         Counter::new(

@@ -328,6 +328,12 @@ impl Processor<'_> {
             .unwrap_or(i64::MAX)
             .saturating_mul(1000);
         if let Err(refused) = check::frame(&frame, &topic, self.site, now_us, ahead_us) {
+            if refused.kind == "clock" {
+                // Not the frame's fault: left unacknowledged, its producer replays it, and
+                // once this host's clock is set it is judged again.
+                self.events.clock_not_set(frame.device.as_str());
+                return;
+            }
             // Named after the device of its topic, which the broker let its producer publish
             // on (the payload may claim another).
             let device = proto::parse(&topic)
