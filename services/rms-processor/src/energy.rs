@@ -204,29 +204,69 @@ impl Energy {
         *c
     }
 
-    /// Write the file if anything changed since the last save.
+    /// Write the file if anything changed since the last save (blocking: fsync).
     pub fn save(&mut self) -> Result<(), EnergyError> {
-        if !self.dirty {
-            return Ok(());
+        match self.snapshot()? {
+            Some(s) => {
+                s.write()?;
+                self.saved();
+                Ok(())
+            }
+            None => Ok(()),
         }
-        let err = |source| EnergyError::Write {
-            path: self.path.clone(),
-            source,
-        };
+    }
+
+    /// What [`Energy::save`] would write, to write elsewhere (an async caller writes it on a
+    /// blocking thread: an fsync on an SD card can take long); `None` if nothing changed.
+    /// Call [`Energy::saved`] once it is written, with no change in between.
+    pub fn snapshot(&self) -> Result<Option<Snapshot>, EnergyError> {
+        if !self.dirty {
+            return Ok(None);
+        }
         let body = serde_json::to_vec_pretty(&File {
             version: 1,
             channels: self.channels.clone(),
             marks: self.marks.clone(),
             outbox: self.outbox.clone(),
         })
-        .map_err(|e| err(io::Error::other(e)))?;
+        .map_err(|e| EnergyError::Write {
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        Ok(Some(Snapshot {
+            path: self.path.clone(),
+            body,
+        }))
+    }
+
+    /// The last snapshot is on disk.
+    pub fn saved(&mut self) {
+        self.dirty = false;
+    }
+}
+
+/// The file's content at one moment, to be written whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    path: PathBuf,
+    body: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Write to `<file>.tmp`, fsync, rename over the file, fsync the directory. The file holds
+    /// readings (the outbox): it is created 0600 in a 0700 directory.
+    pub fn write(self) -> Result<(), EnergyError> {
+        let err = |source| EnergyError::Write {
+            path: self.path.clone(),
+            source,
+        };
         if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(err)?;
+            private_dir(dir).map_err(err)?;
         }
         let tmp = self.path.with_extension("tmp");
         let write = || -> io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&body)?;
+            let mut f = private_file(&tmp)?;
+            f.write_all(&self.body)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
             if let Some(dir) = self.path.parent()
@@ -236,10 +276,26 @@ impl Energy {
             }
             Ok(())
         };
-        write().map_err(err)?;
-        self.dirty = false;
-        Ok(())
+        write().map_err(err)
     }
+}
+
+/// Create `dir` (and its parents) 0700 if missing.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Create (or truncate) `path` for writing, 0600.
+fn private_file(path: &Path) -> io::Result<fs::File> {
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
 }
 
 /// Take `<path>.lock`, or say that someone else has it.
@@ -250,7 +306,7 @@ fn lock(path: &Path) -> Result<fs::File, EnergyError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(read_err)?;
+        private_dir(dir).map_err(read_err)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -367,6 +423,20 @@ mod tests {
         drop(third);
         assert!(Energy::load(&path).unwrap().outbox().is_empty());
         assert!(!fs::read_to_string(&path).unwrap().contains("outbox"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_holds_readings_so_only_its_owner_reads_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/energy.json");
+        let mut e = Energy::load(&path).unwrap();
+        e.add("a", 1.0, 1.0, 0);
+        e.save().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 
     #[test]

@@ -514,7 +514,14 @@ impl Processor<'_> {
             }
         }
         self.energy.set_outbox(&self.waiting);
-        self.energy.save()?;
+        if let Some(snapshot) = self.energy.snapshot()? {
+            // An fsync on an SD card can take long: off the async workers (the demo runs
+            // every service on them).
+            tokio::task::spawn_blocking(move || snapshot.write())
+                .await
+                .map_err(|_| DeliveryError::Stopped)??;
+            self.energy.saved();
+        }
         let mut sent = 0;
         let mut result: Result<(), Error> = Ok(());
         for m in &self.waiting {
