@@ -37,6 +37,12 @@ pub struct Config {
     /// behind the saved mark after a restart) wait this long for it: above the producer's
     /// `ack_timeout_ms` (10 s by default), when it publishes unacknowledged frames again.
     pub reorder_ms: u64,
+    /// A frame whose last sample is stamped more than this after this host's clock is
+    /// dead-lettered, not used. Samples move the device's mark forward and samples behind the
+    /// mark are skipped as already counted, so one frame dated in the future (2098, say)
+    /// would otherwise silence its device until that date. serial-ingest stamps frames within
+    /// 50 ms of its own clock; the margin is for a producer on another host.
+    pub max_ahead_ms: u64,
     /// Energy counters and marks; default `<data_dir>/rms-processor/<instance>/energy.json`.
     pub energy_file: Option<PathBuf>,
     pub channels: Vec<ChannelConfig>,
@@ -71,6 +77,10 @@ pub struct ChannelConfig {
     pub nominal_voltage_v: Option<f64>,
 }
 
+/// Largest `max_ahead_ms`: a year. Frames dated further ahead are a clock or unit mistake
+/// whatever the set-up.
+const MAX_AHEAD_LIMIT_MS: u64 = 365 * 24 * 3600 * 1000;
+
 const fn one() -> f64 {
     1.0
 }
@@ -88,6 +98,7 @@ impl Default for Config {
             checkpoint_interval_ms: 2000,
             idle_flush_ms: 5000,
             reorder_ms: 15_000,
+            max_ahead_ms: 60_000,
             energy_file: None,
             channels: Vec::new(),
             stream: StreamConfig::default(),
@@ -150,6 +161,12 @@ impl Validate for Config {
             return Err(ConfigError::new(
                 key("idle_flush_ms"),
                 "must be at least 100",
+            ));
+        }
+        if !(1_000..=MAX_AHEAD_LIMIT_MS).contains(&self.max_ahead_ms) {
+            return Err(ConfigError::new(
+                key("max_ahead_ms"),
+                "must be between 1000 and 31536000000 (a year)",
             ));
         }
         for (i, d) in self.devices.iter().enumerate() {

@@ -23,12 +23,21 @@
 //! processor knows exactly which replayed samples the counters already hold: those before the
 //! mark are skipped, those after it are counted again from the saved counters. That is what
 //! makes a replay neither double-count nor lose energy.
+//!
+//! And it holds the **outbox**: the readings computed from the samples the marks cover that
+//! may not be journaled yet. The processor saves the file *before* it journals those readings
+//! (see the processor's checkpoint), so the counters a stored reading shows are always saved,
+//! whenever the process dies: a counter never resumes below a stored reading (which would read
+//! as a reset on a dashboard), even when the frames after the mark are gone for good. After a
+//! restart the outbox is journaled again; a reading journaled twice is the same reading twice,
+//! which sinks store once.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
+use proto::Measurement;
 use serde::{Deserialize, Serialize};
 
 /// One channel's counters.
@@ -67,6 +76,9 @@ struct File {
     /// Per device: samples up to this time (Unix µs) are in the counters.
     #[serde(default)]
     marks: BTreeMap<String, i64>,
+    /// Readings of counted samples that may not be journaled yet (see the module doc).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outbox: Vec<Measurement>,
 }
 
 /// Energy counters of every channel of one processor, and their file.
@@ -77,6 +89,7 @@ pub struct Energy {
     _lock: fs::File,
     channels: BTreeMap<String, Counters>,
     marks: BTreeMap<String, i64>,
+    outbox: Vec<Measurement>,
     dirty: bool,
 }
 
@@ -84,7 +97,7 @@ impl Energy {
     /// Load the counters (none yet if the file does not exist).
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
         let lock = lock(path)?;
-        let (channels, marks) = match fs::read(path) {
+        let (channels, marks, outbox) = match fs::read(path) {
             Ok(bytes) => {
                 let f: File = serde_json::from_slice(&bytes).map_err(|e| EnergyError::Damaged {
                     path: path.to_path_buf(),
@@ -101,9 +114,11 @@ impl Energy {
                         reason: format!("channel {k:?} holds a negative or non-finite counter"),
                     });
                 }
-                (f.channels, f.marks)
+                (f.channels, f.marks, f.outbox)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (BTreeMap::new(), BTreeMap::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                (BTreeMap::new(), BTreeMap::new(), Vec::new())
+            }
             Err(source) => {
                 return Err(EnergyError::Read {
                     path: path.to_path_buf(),
@@ -116,6 +131,7 @@ impl Energy {
             _lock: lock,
             channels,
             marks,
+            outbox,
             dirty: false,
         })
     }
@@ -137,18 +153,38 @@ impl Energy {
         }
     }
 
+    /// Readings to be saved with the counters, replacing those saved before: the readings the
+    /// counters and marks hold that are not known to be journaled.
+    pub fn set_outbox(&mut self, readings: &[Measurement]) {
+        if self.outbox != readings {
+            self.outbox = readings.to_vec();
+            self.dirty = true;
+        }
+    }
+
+    /// The saved outbox, to journal again after a restart (see the module doc).
+    pub fn outbox(&self) -> &[Measurement] {
+        &self.outbox
+    }
+
     /// Integrate `power_w` over `dt_s` seconds into `channel`; returns its counters.
-    /// Non-finite or negative durations add nothing.
+    /// Non-finite or negative durations add nothing, and neither does a sum that would no
+    /// longer be a finite number: a counter saved as infinite would make the file unreadable,
+    /// and the processor refuses to start on an unreadable file.
     pub fn add(&mut self, channel: &str, power_w: f64, dt_s: f64, now_ms: i64) -> Counters {
         let c = counters(&mut self.channels, channel, now_ms);
         if power_w.is_finite() && dt_s.is_finite() && dt_s > 0.0 {
             let wh = power_w * dt_s / 3600.0;
-            if wh >= 0.0 {
-                c.import_wh += wh;
+            let (import, export) = if wh >= 0.0 {
+                (c.import_wh + wh, c.export_wh)
             } else {
-                c.export_wh -= wh;
+                (c.import_wh, c.export_wh - wh)
+            };
+            if import.is_finite() && export.is_finite() {
+                c.import_wh = import;
+                c.export_wh = export;
+                self.dirty = true;
             }
-            self.dirty = true;
         }
         *c
     }
@@ -168,28 +204,69 @@ impl Energy {
         *c
     }
 
-    /// Write the file if anything changed since the last save.
+    /// Write the file if anything changed since the last save (blocking: fsync).
     pub fn save(&mut self) -> Result<(), EnergyError> {
-        if !self.dirty {
-            return Ok(());
+        match self.snapshot()? {
+            Some(s) => {
+                s.write()?;
+                self.saved();
+                Ok(())
+            }
+            None => Ok(()),
         }
-        let err = |source| EnergyError::Write {
-            path: self.path.clone(),
-            source,
-        };
+    }
+
+    /// What [`Energy::save`] would write, to write elsewhere (an async caller writes it on a
+    /// blocking thread: an fsync on an SD card can take long); `None` if nothing changed.
+    /// Call [`Energy::saved`] once it is written, with no change in between.
+    pub fn snapshot(&self) -> Result<Option<Snapshot>, EnergyError> {
+        if !self.dirty {
+            return Ok(None);
+        }
         let body = serde_json::to_vec_pretty(&File {
             version: 1,
             channels: self.channels.clone(),
             marks: self.marks.clone(),
+            outbox: self.outbox.clone(),
         })
-        .map_err(|e| err(io::Error::other(e)))?;
+        .map_err(|e| EnergyError::Write {
+            path: self.path.clone(),
+            source: io::Error::other(e),
+        })?;
+        Ok(Some(Snapshot {
+            path: self.path.clone(),
+            body,
+        }))
+    }
+
+    /// The last snapshot is on disk.
+    pub fn saved(&mut self) {
+        self.dirty = false;
+    }
+}
+
+/// The file's content at one moment, to be written whole.
+#[derive(Debug)]
+pub struct Snapshot {
+    path: PathBuf,
+    body: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Write to `<file>.tmp`, fsync, rename over the file, fsync the directory. The file holds
+    /// readings (the outbox): it is created 0600 in a 0700 directory.
+    pub fn write(self) -> Result<(), EnergyError> {
+        let err = |source| EnergyError::Write {
+            path: self.path.clone(),
+            source,
+        };
         if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(err)?;
+            private_dir(dir).map_err(err)?;
         }
         let tmp = self.path.with_extension("tmp");
         let write = || -> io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&body)?;
+            let mut f = private_file(&tmp)?;
+            f.write_all(&self.body)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
             if let Some(dir) = self.path.parent()
@@ -199,10 +276,26 @@ impl Energy {
             }
             Ok(())
         };
-        write().map_err(err)?;
-        self.dirty = false;
-        Ok(())
+        write().map_err(err)
     }
+}
+
+/// Create `dir` (and its parents) 0700 if missing.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Create (or truncate) `path` for writing, 0600.
+fn private_file(path: &Path) -> io::Result<fs::File> {
+    let mut o = fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
 }
 
 /// Take `<path>.lock`, or say that someone else has it.
@@ -213,7 +306,7 @@ fn lock(path: &Path) -> Result<fs::File, EnergyError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(read_err)?;
+        private_dir(dir).map_err(read_err)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -276,11 +369,16 @@ mod tests {
         assert_eq!(again.get("meter/main"), Some(c));
         let next = again.add("meter/main", 3600.0, 1.0, 1_764_000_001_000);
         assert!((next.import_wh - 1001.0).abs() < 1e-6);
-        // Garbage durations and powers add nothing.
+        // Garbage durations and powers add nothing, nor does a sum past what f64 holds.
         let same = again.add("meter/main", f64::NAN, 1.0, 0);
         let same2 = again.add("meter/main", 100.0, -5.0, 0);
+        let same3 = again.add("meter/main", f64::MAX, 1e10, 0);
         assert_eq!(same, next);
         assert_eq!(same2, next);
+        assert_eq!(same3, next);
+        again.save().unwrap();
+        drop(again);
+        assert_eq!(Energy::load(&path).unwrap().get("meter/main"), Some(next));
     }
 
     #[test]
@@ -296,6 +394,49 @@ mod tests {
         assert_eq!(again.mark("prime-1"), Some(1_764_000_000_123_456));
         assert_eq!(again.mark("prime-2"), None);
         assert!((again.get("prime-1/ct1").unwrap().import_wh - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_outbox_is_saved_with_the_counters_and_survives_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        let reading: Measurement = serde_json::from_str(
+            r#"{"site":"home","device":"ct-1","channel":"ct1","measurement":"power","ts_ms":1764000001000,"quality":"good","fields":{"energy_import_wh":0.25}}"#,
+        )
+        .unwrap();
+        let mut e = Energy::load(&path).unwrap();
+        e.add("ct-1/ct1", 900.0, 1.0, 1_764_000_001_000);
+        e.set_mark("ct-1", 1_764_000_001_000_000);
+        e.set_outbox(std::slice::from_ref(&reading));
+        e.save().unwrap();
+        drop(e);
+        let mut again = Energy::load(&path).unwrap();
+        assert_eq!(again.outbox(), std::slice::from_ref(&reading));
+        // `wattbus energy reset` loads and saves the file: what waits to be journaled stays.
+        again.reset("ct-1/ct1", 1_764_000_002_000);
+        again.save().unwrap();
+        drop(again);
+        let mut third = Energy::load(&path).unwrap();
+        assert_eq!(third.outbox().len(), 1);
+        third.set_outbox(&[]);
+        third.save().unwrap();
+        drop(third);
+        assert!(Energy::load(&path).unwrap().outbox().is_empty());
+        assert!(!fs::read_to_string(&path).unwrap().contains("outbox"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_holds_readings_so_only_its_owner_reads_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/energy.json");
+        let mut e = Energy::load(&path).unwrap();
+        e.add("a", 1.0, 1.0, 0);
+        e.save().unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
     }
 
     #[test]

@@ -275,10 +275,12 @@ pub fn compute(w: &Window<'_>, cal: &Calibration, shifted: &mut Vec<f32>) -> Opt
         cal.sample_rate_hz / cal.mains_hz,
     );
     let (s, cycles, whole) = match span {
-        Some((a, b, cycles)) if cycles >= 1 => {
+        // Crossings are interpolated from differences that overflow f32 when samples come
+        // near ±f32::MAX: such a span is not a span, and slicing with it would panic.
+        Some((a, b, cycles)) if cycles >= 1 && a.is_finite() && b.is_finite() && a < b => {
             // Whole samples strictly inside [a, b), and the fractions at both ends.
-            let lo = a.ceil() as usize;
             let hi = (b.floor() as usize).min(x.len());
+            let lo = (a.ceil() as usize).min(hi);
             let mut s = match v {
                 Some(v) => sums_power(&x[lo..hi], &v[lo..hi], off, voff),
                 None => sums_current(&x[lo..hi], off),
@@ -304,11 +306,15 @@ pub fn compute(w: &Window<'_>, cal: &Calibration, shifted: &mut Vec<f32>) -> Opt
         return None;
     }
     let md = s.d / s.n;
-    let var_i = (s.dd / s.n - md * md).max(0.0);
+    // Rounding can make a variance a hair below zero; clamp that, but let a NaN through
+    // (`f64::max` would turn it into 0: samples that overflowed would read as a dead
+    // channel, stored as a good 0 A, instead of being refused as not a number).
+    let non_negative = |v: f64| if v < 0.0 { 0.0 } else { v };
+    let var_i = non_negative(s.dd / s.n - md * md);
     let irms = var_i.sqrt() * cal.current_scale.abs();
     let (vrms, p, va, pf) = if v.is_some() {
         let me = s.e / s.n;
-        let var_v = (s.ee / s.n - me * me).max(0.0);
+        let var_v = non_negative(s.ee / s.n - me * me);
         let vrms = var_v.sqrt() * cal.voltage_scale.abs();
         let p = (s.de / s.n - md * me) * cal.current_scale * cal.voltage_scale;
         let va = vrms * irms;
@@ -581,5 +587,67 @@ mod tests {
             )
             .is_none()
         );
+    }
+
+    /// 40 samples per cycle at 2 kHz: `hi` for 25, `lo` for 15.
+    fn square(cycles: usize, hi: f32, lo: f32) -> Vec<f32> {
+        (0..cycles * 40)
+            .map(|i| if i % 40 < 25 { hi } else { lo })
+            .collect()
+    }
+
+    #[test]
+    fn samples_near_the_limit_of_f32_give_no_panic() {
+        // The first cycle's mean (the offset estimate) is 1.5e38; later cycles dip to -3e38,
+        // so `sample - offset` overflows to -inf at the last crossing and its interpolated
+        // position is NaN while the first one is finite. A frame can carry such samples (they
+        // are finite f32), and a panic here would end the processing of every device.
+        let mut x = square(1, 3e38, -1e38);
+        x.extend(square(49, 3e38, -3e38));
+        let r = compute(
+            &Window {
+                current: &x,
+                voltage: None,
+            },
+            &cal(50.0),
+            &mut Vec::new(),
+        );
+        // What the kernel makes of it does not matter (the processor dead-letters a reading
+        // that is not finite); that it returns does.
+        assert!(r.is_none_or(|r| r.samples > 0.0));
+    }
+
+    #[test]
+    fn random_windows_of_any_length_rate_and_magnitude_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(10);
+        let magnitudes = [0.0f32, 1e-30, 1.0, 512.0, 1e20, 1e38, f32::MAX];
+        for _ in 0..2000 {
+            let n = rng.usize(0..600);
+            let m = magnitudes[rng.usize(..magnitudes.len())];
+            let offset =
+                magnitudes[rng.usize(..magnitudes.len())] * if rng.bool() { 1.0 } else { -1.0 };
+            let noisy = |rng: &mut fastrand::Rng| -> Vec<f32> {
+                (0..n)
+                    .map(|i| {
+                        let s = (i as f32 * 0.157).sin() * m;
+                        (s + (rng.f32() - 0.5) * m + offset).clamp(-f32::MAX, f32::MAX)
+                    })
+                    .collect()
+            };
+            let x = noisy(&mut rng);
+            let v = noisy(&mut rng);
+            let c = Calibration {
+                sample_rate_hz: [1.0, 99.0, 2000.0, 3000.0, 200_000.0][rng.usize(..5)],
+                mains_hz: [50.0, 60.0][rng.usize(..2)],
+                current_scale: [1.0, 1e30, -0.05][rng.usize(..3)],
+                voltage_scale: 1.0,
+                phase_shift: rng.f32() * 2.0 - 1.0,
+            };
+            let w = Window {
+                current: &x,
+                voltage: rng.bool().then_some(v.as_slice()),
+            };
+            let _ = compute(&w, &c, &mut Vec::new());
+        }
     }
 }

@@ -8,21 +8,39 @@
 //! that only grow and survive restarts. Writes `wattbus/v1/<site>/meas/<device>/<channel>`
 //! ([`proto::Measurement`], measurement `power`) through the `meas` stream of its journal.
 //!
-//! Delivery: a frame is acknowledged only at a checkpoint after every window holding its
-//! samples is journaled and fsynced *and* the energy counters (with the per-device mark of
-//! what they hold) are saved. A crash replays unacknowledged frames; samples before the saved
-//! mark are skipped and the windows after it are cut exactly as before, so the replayed
-//! measurements are identical and no energy is counted twice (see `window`).
+//! Delivery: readings leave only at a checkpoint, which saves the energy counters with the
+//! per-device mark of what they hold and the readings themselves, then journals the readings,
+//! fsyncs the journal, and only then acknowledges the frames whose every sample is behind the
+//! mark. A crash replays
+//! unacknowledged frames; samples before the saved mark are skipped and the windows after it
+//! are cut exactly as before, so the replayed measurements are identical and no energy is
+//! counted twice (see `window`).
+//!
+//! Invariants of the processing loop:
+//! - **A window carries its device.** Each device's assembler stamps its name on every window
+//!   it cuts, and a window is computed, labelled, counted and marked under that name only.
+//!   Windows come out of a frame of their device, of a checkpoint's wait running out or of an
+//!   idle flush: none of these can lend its device to another's window.
+//! - **No input ends the loop or stops a device.** A frame that cannot be used (see `check`) is
+//!   dead-lettered and acknowledged; a reading that cannot be stored is dead-lettered and its
+//!   energy not counted; the device's next frames are used as usual. Only shutdown ends the
+//!   loop. A journal or disk that fails makes the checkpoint fail: readings wait in memory
+//!   (up to `MAX_WAITING` of them, then no more frames are taken) and nothing is
+//!   acknowledged until a checkpoint succeeds.
 //!
 //! Layout:
 //! - `config`: the `[rms_processor]` section.
+//! - `check`: frames that would poison a device's state, refused (pure).
 //! - `kernel`: whole-cycle RMS, power and PF of one window (pure, benchmarked).
 //! - `window`: frames to windows per device, the mark, which frames are done (pure).
-//! - `measure`: one window to one reading per channel (pure).
+//! - `measure`: one window to one reading per channel, with energy (pure).
 //! - `energy`: import/export counters and marks, saved atomically (std only).
+//! - `events`: dead letters, implausible readings, failed checkpoints: logged and counted.
 
+pub mod check;
 pub mod config;
 pub mod energy;
+mod events;
 pub mod kernel;
 pub mod measure;
 pub mod window;
@@ -32,7 +50,7 @@ use std::time::Duration;
 
 pub use config::Config;
 
-use proto::{Filter, Measurement, Quality, RawFrame, Segment, Topic};
+use proto::{DeadLetter, Filter, Measurement, Payload as _, RawFrame, Segment, Topic};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{AckToken, Acker, Delivery, DeliveryError, Inbox, Producer};
@@ -41,7 +59,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::energy::{Energy, EnergyError};
+use crate::events::Events;
 use crate::window::{Assembler, Channel, Window};
+
+/// Most readings waiting for a checkpoint that keeps failing (a full or failing disk). Past
+/// this no more frames are taken: they wait unacknowledged at their producer instead of in
+/// this process's memory (~1 kB a reading).
+const MAX_WAITING: usize = 10_000;
 
 /// The section name in the config file.
 pub const SECTION: &str = "rms_processor";
@@ -75,6 +99,8 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
 
 type Token = (AckToken, Acker);
 
+/// One device's window assembler and counters. Its name is in the assembler (stamped on
+/// every window) and is the key it is kept under; it is used here only for its own log lines.
 struct Device {
     name: Segment,
     frames: Assembler<Option<Token>>,
@@ -94,6 +120,7 @@ impl Device {
         let labels: [(&'static str, &str); 1] = [("device", &d)];
         Self {
             frames: Assembler::new(
+                name.clone(),
                 cfg.interval_ms as f64 / 1000.0,
                 // Two mains cycles: the least the kernel can cut a whole cycle from.
                 2.0 / cfg.mains_hz,
@@ -138,12 +165,21 @@ impl Device {
             ),
         }
     }
+
+    fn count(&self, p: window::Pushed) {
+        self.duplicate.add(p.duplicate_samples as u64);
+        self.discarded.add(p.discarded_samples as u64);
+        if p.gap {
+            self.gaps.inc();
+            tracing::debug!(device = %self.name, "Frame does not continue the samples before it; window closed early.");
+        }
+    }
 }
 
 /// Run on an existing bus connection (the demo shares one).
 pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
     let site = &ctx.common.site;
-    let mut energy = Energy::load(&config.energy_path(&ctx.common.data_dir))?;
+    let energy = Energy::load(&config.energy_path(&ctx.common.data_dir))?;
     let (producer, producer_task) = Producer::open(
         bus,
         &seg("meas"),
@@ -192,109 +228,54 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         "Processing raw frames."
     );
 
-    let frames_total = Counter::new("wattbus_rms_frames_total", "Raw frames received.", &[]);
-    let foreign = Counter::new(
-        "wattbus_rms_foreign_frames_total",
-        "Frames of devices another instance processes (left unacknowledged for it).",
-        &[],
-    );
-    let mut devices: HashMap<Segment, Device> = HashMap::new();
-    let mut scratch = Vec::new();
-    let mut windows = Vec::new();
+    // Readings committed with the counters before a crash may not have reached the journal:
+    // they go out (again) at the first checkpoint, which runs at once.
+    let waiting = energy.outbox().to_vec();
+    if !waiting.is_empty() {
+        tracing::info!(
+            readings = waiting.len(),
+            "Journaling the readings saved with the energy counters at the last checkpoint (some may be stored already; the same readings again)."
+        );
+    }
+    let mut p = Processor {
+        cfg: config,
+        site,
+        bus,
+        producer: &producer,
+        energy,
+        devices: HashMap::new(),
+        waiting,
+        scratch: Vec::new(),
+        events: Events::default(),
+        frames_total: Counter::new("wattbus_rms_frames_total", "Raw frames received.", &[]),
+        foreign: Counter::new(
+            "wattbus_rms_foreign_frames_total",
+            "Frames of devices another instance processes (left unacknowledged for it).",
+            &[],
+        ),
+    };
     let mut checkpoint =
         tokio::time::interval(Duration::from_millis(config.checkpoint_interval_ms));
     checkpoint.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let idle = Duration::from_millis(config.idle_flush_ms);
-    let mut result = Ok(());
     loop {
         tokio::select! {
             () = ctx.shutdown.wait() => break,
-            got = rx.recv() => {
+            // While checkpoints fail, readings pile up in memory: past the bound, frames wait
+            // at their producer instead.
+            got = rx.recv(), if p.waiting.len() < MAX_WAITING => {
                 let Some((delivery, acker)) = got else { break };
-                frames_total.inc();
-                let frame = delivery.message;
-                if !config.handles(frame.device.as_str()) {
-                    // Not ours (a filter for all devices cannot be narrower): whoever owns it
-                    // acknowledges it.
-                    foreign.inc();
-                    continue;
-                }
-                let dev = devices.entry(frame.device.clone()).or_insert_with(|| {
-                    Device::new(frame.device.clone(), config, energy.mark(frame.device.as_str()))
-                });
-                dev.last_frame = tokio::time::Instant::now();
-                let n = frame.channels.first().map_or(0, |c| c.samples.len());
-                dev.samples.add(n as u64);
-                let channels = frame
-                    .channels
-                    .into_iter()
-                    .map(|c| Channel { name: c.channel.into(), unit: c.unit.into(), samples: c.samples })
-                    .collect();
-                let Some(token) = delivery.token else {
-                    // Not journaled by its producer: nothing to acknowledge, use it as it is.
-                    let pushed = dev.frames.push(frame.start_ts_us, frame.sample_rate_hz, frame.continues, channels, None, clock_ms(), &mut windows);
-                    count(dev, pushed);
-                    if let Err(e) = publish(config, site, dev, &mut windows, &producer, &mut energy, &mut scratch).await {
-                        result = Err(e);
-                        break;
-                    }
-                    continue;
-                };
-                let pushed = dev.frames.push(
-                    frame.start_ts_us,
-                    frame.sample_rate_hz,
-                    frame.continues,
-                    channels,
-                    Some((token, acker)),
-                    clock_ms(),
-                    &mut windows,
-                );
-                count(dev, pushed);
-                if let Err(e) = publish(config, site, dev, &mut windows, &producer, &mut energy, &mut scratch).await {
-                    result = Err(e);
-                    break;
-                }
+                p.frame(delivery, acker).await;
             }
-            _ = checkpoint.tick() => {
-                for dev in devices.values_mut() {
-                    let released = dev.frames.release_waiting(clock_ms(), config.reorder_ms, &mut windows);
-                    if released.held_released {
-                        dev.unfilled.inc();
-                        tracing::warn!(device = %dev.name, wait_ms = config.reorder_ms, "No replay filled a hole in the frames in time; continuing after it (those samples are not counted).");
-                    }
-                    count(dev, released);
-                    if dev.frames.held_samples() > 0 && dev.last_frame.elapsed() >= idle {
-                        let discarded = dev.frames.flush(&mut windows);
-                        dev.discarded.add(discarded as u64);
-                        if let Err(e) = publish(config, site, dev, &mut windows, &producer, &mut energy, &mut scratch).await {
-                            result = Err(e);
-                        }
-                    }
-                }
-                if result.is_err() {
-                    break;
-                }
-                if let Err(e) = save_and_ack(&producer, &mut energy, &mut devices).await {
-                    tracing::error!(error = %e, "Checkpoint failed; frames stay unacknowledged and will be replayed.");
-                }
-            }
+            _ = checkpoint.tick() => p.tick().await,
         }
     }
     // A clean stop: what is computed is made durable and acknowledged; samples held short of
-    // a window stay unacknowledged and come back as a replay. After a failed publish there is
-    // no checkpoint: frames whose windows were not journaled must not be acknowledged, and
-    // the saved energy must stay with the last checkpoint's acknowledgements.
-    if result.is_ok()
-        && let Err(e) = save_and_ack(&producer, &mut energy, &mut devices).await
-    {
-        tracing::error!(error = %e, "Final checkpoint failed; the next start replays more.");
-    }
-    if matches!(result, Err(Error::Delivery(DeliveryError::Stopped))) {
-        // Stopped while waiting for the journal to take an output: a shutdown, not a fault.
-        result = Ok(());
+    // a window stay unacknowledged and come back as a replay.
+    if let Err(e) = p.checkpoint().await {
+        tracing::error!(error = %e, readings = p.waiting.len(), "Final checkpoint failed; the next start replays the frames of these readings.");
     }
     drop(rx);
-    drop(devices);
+    drop(p);
     for f in forwarders {
         f.abort();
         let _ = f.await;
@@ -312,95 +293,271 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     if let Err(e) = producer_task.await {
         tracing::warn!(error = %e, "Producer task ended abnormally.");
     }
-    result
+    Ok(())
 }
 
-fn count(dev: &Device, p: window::Pushed) {
-    dev.duplicate.add(p.duplicate_samples as u64);
-    dev.discarded.add(p.discarded_samples as u64);
-    if p.gap {
-        dev.gaps.inc();
-        tracing::debug!(device = %dev.name, "Frame does not continue the samples before it; window closed early.");
-    }
+/// The processing loop's state.
+struct Processor<'a> {
+    cfg: &'a Config,
+    site: &'a Segment,
+    bus: &'a Bus,
+    producer: &'a Producer,
+    energy: Energy,
+    /// Keyed by device name, which is also stamped on every window its assembler cuts.
+    devices: HashMap<Segment, Device>,
+    /// Readings computed since the last checkpoint, oldest first: journaled at the next one,
+    /// together with the energy counters they carry (see [`Processor::checkpoint`]).
+    waiting: Vec<Measurement>,
+    scratch: Vec<f32>,
+    events: Events,
+    frames_total: Counter,
+    foreign: Counter,
 }
 
-/// Compute and journal every window in `windows`, integrate energy, move the device's mark.
-async fn publish(
-    cfg: &Config,
-    site: &Segment,
-    dev: &mut Device,
-    windows: &mut Vec<Window>,
-    producer: &Producer,
-    energy: &mut Energy,
-    scratch: &mut Vec<f32>,
-) -> Result<(), Error> {
-    for w in windows.drain(..) {
-        dev.windows.inc();
-        if w.partial {
-            dev.partial.inc();
-        }
-        // The reading's time is the end of its window: when the value was complete. It comes
-        // from the sample clock, so a replayed window carries the same time as the first.
-        let ts_ms = w.end_us.div_euclid(1000);
-        let dt_s = w.duration_s();
-        for r in measure::window(cfg, dev.name.as_str(), &w, scratch) {
-            let mut fields = r.fields;
-            if let Some(p) = r.power_for_energy {
-                let key = measure::energy_key(dev.name.as_str(), &r.channel, r.basis);
-                let c = energy.add(&key, p, dt_s, ts_ms);
-                match r.basis {
-                    measure::Basis::NominalVoltage(_) => {
-                        fields.insert("apparent_energy_vah".into(), c.import_wh);
-                    }
-                    _ => {
-                        fields.insert("energy_import_wh".into(), c.import_wh);
-                        fields.insert("energy_export_wh".into(), c.export_wh);
-                    }
-                }
-                // A reset (`wattbus energy reset`) shows in every reading after it, so a
-                // dashboard can tell a counter that restarted from one that ran backwards.
-                fields.insert("energy_resets".into(), f64::from(c.resets));
+impl Processor<'_> {
+    /// One frame in: refused, or added to its device's windows.
+    async fn frame(&mut self, delivery: Delivery<RawFrame>, acker: Acker) {
+        self.frames_total.inc();
+        let Delivery {
+            topic,
+            message: frame,
+            token,
+        } = delivery;
+        let now_us = proto::now_ms().saturating_mul(1000);
+        let ahead_us = i64::try_from(self.cfg.max_ahead_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        if let Err(refused) = check::frame(&frame, &topic, self.site, now_us, ahead_us) {
+            if refused.kind == "clock" {
+                // Not the frame's fault: left unacknowledged, its producer replays it, and
+                // once this host's clock is set it is judged again.
+                self.events.clock_not_set(frame.device.as_str());
+                return;
             }
-            let Ok(channel) = Segment::new(r.channel.clone()) else {
-                continue; // came from a Segment in the frame: cannot happen
-            };
-            let m = Measurement {
-                origin: None,
-                site: site.clone(),
-                device: dev.name.clone(),
-                channel: channel.clone(),
-                measurement: seg("power"),
-                ts_ms,
-                quality: Quality::Good,
-                fields,
-                tags: [(seg("power_basis"), seg(r.basis.tag()))].into(),
-            };
-            let topic = Topic::measurement(site, &dev.name, &channel);
-            // A processor's output the journal cannot take (disk full) is waited for, never
-            // published without a guarantee: the frames it came from stay unacknowledged
-            // meanwhile, and if shutdown comes first they are not acknowledged at all (see
-            // the end of `run_on`), so their producer replays them.
-            producer.send_journaled(&topic, m).await?;
+            // Named after the device of its topic, which the broker let its producer publish
+            // on (the payload may claim another).
+            let device = proto::parse(&topic)
+                .and_then(|t| t.rest.into_iter().next())
+                .unwrap_or_else(|| frame.device.clone());
+            // Its output is the dead letter: once that is out, the frame is done with.
+            let payload = serde_json::to_vec(&frame).unwrap_or_default();
+            let sent = self
+                .dead_letter(
+                    device.as_str(),
+                    refused.kind,
+                    &refused.reason,
+                    &topic,
+                    &payload,
+                )
+                .await;
+            if sent && let Some(t) = token {
+                acker.ack(&t);
+            }
+            return;
         }
-        energy.set_mark(dev.name.as_str(), w.end_us);
+        if !self.cfg.handles(frame.device.as_str()) {
+            // Not ours (a filter for all devices cannot be narrower): whoever owns it
+            // acknowledges it.
+            self.foreign.inc();
+            return;
+        }
+        let energy = &self.energy;
+        let dev = self.devices.entry(frame.device.clone()).or_insert_with(|| {
+            Device::new(
+                frame.device.clone(),
+                self.cfg,
+                energy.mark(frame.device.as_str()),
+            )
+        });
+        dev.last_frame = tokio::time::Instant::now();
+        let n = frame.channels.first().map_or(0, |c| c.samples.len());
+        dev.samples.add(n as u64);
+        let channels = frame
+            .channels
+            .into_iter()
+            .map(|c| Channel {
+                name: c.channel.into(),
+                unit: c.unit.into(),
+                samples: c.samples,
+            })
+            .collect();
+        let mut windows = Vec::new();
+        // A frame that did not come through a journal (no origin) has nothing to acknowledge.
+        let pushed = dev.frames.push(
+            frame.start_ts_us,
+            frame.sample_rate_hz,
+            frame.continues,
+            channels,
+            token.map(|t| (t, acker)),
+            clock_ms(),
+            &mut windows,
+        );
+        dev.count(pushed);
+        self.compute(windows).await;
     }
-    Ok(())
-}
 
-/// The checkpoint: output fsynced, energy saved, then the frames they cover acknowledged.
-async fn save_and_ack(
-    producer: &Producer,
-    energy: &mut Energy,
-    devices: &mut HashMap<Segment, Device>,
-) -> Result<(), Error> {
-    producer.sync().await?;
-    energy.save()?;
-    for dev in devices.values_mut() {
-        for (token, acker) in dev.frames.done().into_iter().flatten() {
-            acker.ack(&token);
+    /// The checkpoint tick: holds whose wait ran out and quiet devices are closed, then the
+    /// checkpoint.
+    async fn tick(&mut self) {
+        let mut windows = Vec::new();
+        let idle = Duration::from_millis(self.cfg.idle_flush_ms);
+        for dev in self.devices.values_mut() {
+            let released =
+                dev.frames
+                    .release_waiting(clock_ms(), self.cfg.reorder_ms, &mut windows);
+            if released.held_released {
+                dev.unfilled.inc();
+                tracing::warn!(device = %dev.name, wait_ms = self.cfg.reorder_ms, "No replay filled a hole in the frames in time; continuing after it (those samples are not counted).");
+            }
+            dev.count(released);
+            if dev.frames.held_samples() > 0 && dev.last_frame.elapsed() >= idle {
+                let discarded = dev.frames.flush(&mut windows);
+                dev.discarded.add(discarded as u64);
+            }
+        }
+        // Windows of several devices, each labelled by its own.
+        self.compute(windows).await;
+        match self.checkpoint().await {
+            // Shutdown came while the journal was full: the final checkpoint reports it.
+            Ok(()) | Err(Error::Delivery(DeliveryError::Stopped)) => {}
+            Err(e) => self.events.checkpoint_failed(&e, self.waiting.len()),
         }
     }
-    Ok(())
+
+    /// Compute `windows` (of any devices) into readings that wait for the checkpoint.
+    async fn compute(&mut self, windows: Vec<Window>) {
+        for w in windows {
+            if let Some(dev) = self.devices.get(&w.device) {
+                dev.windows.inc();
+                if w.partial {
+                    dev.partial.inc();
+                }
+            }
+            let out =
+                measure::measurements(self.cfg, self.site, &w, &mut self.energy, &mut self.scratch);
+            for (channel, power) in &out.implausible {
+                self.events
+                    .implausible(w.device.as_str(), channel.as_str(), *power);
+            }
+            for (m, reason) in out.invalid {
+                let topic = Topic::measurement(self.site, &m.device, &m.channel);
+                let payload = serde_json::to_vec(&m).unwrap_or_default();
+                self.dead_letter(
+                    w.device.as_str(),
+                    "reading",
+                    &reason,
+                    topic.as_str(),
+                    &payload,
+                )
+                .await;
+            }
+            self.waiting.extend(out.readings);
+        }
+    }
+
+    /// Publish a dead letter for `device`; says whether it went out.
+    async fn dead_letter(
+        &mut self,
+        device: &str,
+        kind: &'static str,
+        reason: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> bool {
+        self.events.dead_lettered(device, kind, reason);
+        let service = self.bus.service().clone();
+        let dl = DeadLetter::new(
+            service.clone(),
+            format!("device {device}: {reason}"),
+            topic,
+            payload,
+        );
+        match dl.encode() {
+            Ok(bytes) => {
+                let to = Topic::dead_letter(self.site, &service);
+                self.bus.publish_or_defer(to.as_str(), bytes).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not encode a dead letter.");
+                false
+            }
+        }
+    }
+
+    /// The checkpoint, the only moment anything computed leaves the processor, in this order:
+    ///
+    /// 1. the energy counters, every device's mark and the readings waiting (the *outbox*)
+    ///    are saved in one atomic write (fsynced, renamed): the commit;
+    /// 2. the waiting readings are journaled;
+    /// 3. the output journal is fsynced;
+    /// 4. the frames whose every sample is behind the mark are acknowledged.
+    ///
+    /// A step that fails stops the rest, and the next checkpoint starts again at 1 with what
+    /// is still waiting.
+    ///
+    /// Why in this order. A frame is acknowledged only once the readings of its windows are
+    /// journaled and fsynced, and the counters holding their energy saved: ARCHITECTURE
+    /// invariant 3, and more, which is why `Acker::ack_after_sync` (which waits for 3 only)
+    /// is not used: a frame acknowledged before its energy is saved is never replayed, so
+    /// after a crash its energy would be missing from the counters. And a reading is journaled
+    /// only after the counters it shows are saved, with the reading itself in the outbox,
+    /// which a restart journals again: whenever the process dies, no stored reading is ahead
+    /// of the saved counters, so after a restart whose frames are gone (a raw journal in
+    /// memory, `wattbus demo` killed -9) the counters resume at the last stored reading, never
+    /// below it (a counter that goes down reads as a reset on every dashboard); and no
+    /// reading of a window behind a saved mark can be lost, since the mark and the reading
+    /// are saved together. Tested in
+    /// `frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_journaled` and
+    /// `a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device`.
+    async fn checkpoint(&mut self) -> Result<(), Error> {
+        for dev in self.devices.values() {
+            if let Some(mark) = dev.frames.mark() {
+                self.energy.set_mark(dev.name.as_str(), mark);
+            }
+        }
+        self.energy.set_outbox(&self.waiting);
+        if let Some(snapshot) = self.energy.snapshot()? {
+            // An fsync on an SD card can take long: off the async workers (the demo runs
+            // every service on them).
+            tokio::task::spawn_blocking(move || snapshot.write())
+                .await
+                .map_err(|_| DeliveryError::Stopped)??;
+            self.energy.saved();
+        }
+        let mut sent = 0;
+        let mut result: Result<(), Error> = Ok(());
+        for m in &self.waiting {
+            let topic = Topic::measurement(self.site, &m.device, &m.channel);
+            // A reading the journal cannot take (disk full) is waited for, never published
+            // without a guarantee: its frames stay unacknowledged meanwhile, and the outbox
+            // saved above still holds it should the process stop first.
+            match self.producer.send_journaled(&topic, m.clone()).await {
+                Ok(_) => sent += 1,
+                Err(DeliveryError::Encode(e)) => {
+                    // `measure` checked it before counting its energy; kept for safety, so
+                    // one reading can never hold up the others.
+                    sent += 1;
+                    self.events
+                        .dead_lettered(m.device.as_str(), "reading", &e.to_string());
+                }
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        // Journaled: they stay in the saved outbox until the next commit, so a crash before
+        // it journals them once more (the same readings again).
+        self.waiting.drain(..sent);
+        result?;
+        self.producer.sync().await?;
+        for dev in self.devices.values_mut() {
+            for (token, acker) in dev.frames.done().into_iter().flatten() {
+                acker.ack(&token);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A monotonic millisecond clock for the resume wait.
@@ -412,7 +569,7 @@ fn clock_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn seg(s: &str) -> Segment {
+pub(crate) fn seg(s: &str) -> Segment {
     // Only called with literals and names that were Segments already.
     Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
 }

@@ -30,6 +30,8 @@
 
 use std::collections::VecDeque;
 
+use proto::Segment;
+
 /// One channel of a frame, as received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Channel {
@@ -42,6 +44,12 @@ pub struct Channel {
 /// Consecutive samples of every channel of a device, ready for the kernel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Window {
+    /// The device whose samples these are. It travels with the window, stamped by the
+    /// device's own assembler, so whoever computes and publishes a window labels it with this
+    /// and nothing else: a window cannot be published under another device's name, whatever
+    /// the caller happens to be handling when it comes out (a frame of another device, a
+    /// checkpoint).
+    pub device: Segment,
     /// Time of the first sample and just after the last one (Unix µs).
     pub start_us: i64,
     pub end_us: i64,
@@ -98,6 +106,8 @@ const MAX_HELD: usize = 600;
 /// frame once it is used.
 #[derive(Debug)]
 pub struct Assembler<T> {
+    /// Stamped on every window cut here.
+    device: Segment,
     interval_s: f64,
     min_window_s: f64,
     layout: Option<Layout>,
@@ -118,8 +128,9 @@ pub struct Assembler<T> {
 
 impl<T> Assembler<T> {
     /// `mark_us`: where the saved state says this device's used samples end.
-    pub fn new(interval_s: f64, min_window_s: f64, mark_us: Option<i64>) -> Self {
+    pub fn new(device: Segment, interval_s: f64, min_window_s: f64, mark_us: Option<i64>) -> Self {
         Self {
+            device,
             interval_s,
             min_window_s,
             layout: None,
@@ -327,6 +338,7 @@ impl<T> Assembler<T> {
         self.held_start_us = end;
         self.advance_mark(end.round() as i64);
         Window {
+            device: self.device.clone(),
             start_us: start.round() as i64,
             end_us: end.round() as i64,
             sample_rate_hz: rate_hz,
@@ -400,6 +412,10 @@ mod tests {
 
     const T0: i64 = 1_764_000_000_000_000;
 
+    fn dev() -> Segment {
+        Segment::new("ct-1").unwrap()
+    }
+
     fn ch(name: &str, samples: Vec<f32>) -> Vec<Channel> {
         vec![Channel {
             name: name.into(),
@@ -420,7 +436,7 @@ mod tests {
 
     #[test]
     fn frames_of_any_size_make_whole_windows_that_abut() {
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         // 700-sample frames at 2 kHz: windows of 2000 cut across frame borders.
         for k in 0..10 {
@@ -451,7 +467,7 @@ mod tests {
     #[test]
     fn a_replay_after_a_restart_counts_nothing_twice_and_cuts_the_same_windows() {
         // Before the crash: windows up to sample 4000 were used and saved.
-        let mut first = Assembler::new(1.0, 0.04, None);
+        let mut first = Assembler::new(dev(), 1.0, 0.04, None);
         let mut before = Vec::new();
         for k in 0..6 {
             first.push(
@@ -467,7 +483,7 @@ mod tests {
         let saved_mark = first.mark();
         assert_eq!(saved_mark, Some(frame_at(6000)));
         // After the restart the producer replays frames from sample 3500 on, in other sizes.
-        let mut again = Assembler::new(1.0, 0.04, saved_mark);
+        let mut again = Assembler::new(dev(), 1.0, 0.04, saved_mark);
         let mut after = Vec::new();
         let mut dup = 0;
         for k in 0..5 {
@@ -495,7 +511,7 @@ mod tests {
     #[test]
     fn resuming_waits_for_the_replay_to_fill_the_hole_behind_the_mark() {
         // Saved mark at sample 2000. Live frames from 3000 on come first, then the replay.
-        let mut a = Assembler::new(1.0, 0.04, Some(frame_at(2000)));
+        let mut a = Assembler::new(dev(), 1.0, 0.04, Some(frame_at(2000)));
         let mut out = Vec::new();
         for k in 0..6 {
             let from = 3000 + k * 500;
@@ -530,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_hole_behind_the_mark_that_no_replay_fills_is_accepted_after_the_wait() {
-        let mut a = Assembler::new(1.0, 0.04, Some(frame_at(2000)));
+        let mut a = Assembler::new(dev(), 1.0, 0.04, Some(frame_at(2000)));
         let mut out = Vec::new();
         a.push(
             frame_at(9000),
@@ -565,7 +581,7 @@ mod tests {
 
     #[test]
     fn a_hole_closes_the_run_as_a_partial_window_and_restarts_at_the_frame() {
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         a.push(
             frame_at(0),
@@ -602,7 +618,7 @@ mod tests {
 
     #[test]
     fn a_frame_lost_in_transport_is_waited_for_and_its_replay_fills_the_hole() {
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         let push = |a: &mut Assembler<usize>, k: usize, now: u64, out: &mut Vec<Window>| {
             a.push(
@@ -643,7 +659,7 @@ mod tests {
 
     #[test]
     fn a_rest_shorter_than_the_minimum_is_discarded_and_counted() {
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         a.push(
             frame_at(0),
@@ -674,7 +690,7 @@ mod tests {
 
     #[test]
     fn a_change_of_rate_or_channels_never_mixes_layouts_in_one_window() {
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         a.push(
             frame_at(0),
@@ -709,7 +725,7 @@ mod tests {
     #[test]
     fn sample_periods_that_are_not_whole_microseconds_do_not_drift() {
         // 3 kHz: 333.33 µs per sample. An hour of 0.5 s frames, windows of 1 s.
-        let mut a = Assembler::new(1.0, 0.04, None);
+        let mut a = Assembler::new(dev(), 1.0, 0.04, None);
         let mut out = Vec::new();
         for k in 0..7200i64 {
             let start = T0 + (k as f64 * 500_000.0).round() as i64;
