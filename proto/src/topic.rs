@@ -605,8 +605,16 @@ mod tests {
         let cases = [
             ("wattbus/#", "wattbus", true),
             ("wattbus/v1/+/meas/+/+", "wattbus/v1/+/meas/#", true),
-            ("wattbus/v1/home/meas/a/+", "wattbus/v1/home/meas/b/+", false),
-            ("wattbus/v1/home/meas/+/+", "wattbus/v1/home/meas/+/+/+", false),
+            (
+                "wattbus/v1/home/meas/a/+",
+                "wattbus/v1/home/meas/b/+",
+                false,
+            ),
+            (
+                "wattbus/v1/home/meas/+/+",
+                "wattbus/v1/home/meas/+/+/+",
+                false,
+            ),
             ("+/+/+/raw/+", "wattbus/v1/home/raw/ct-1", true),
         ];
         for (a, b, overlap) in cases {

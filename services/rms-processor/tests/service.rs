@@ -148,7 +148,15 @@ async fn frame_producer(site: &Segment, dir: &Path) -> (Bus, Producer) {
         ack_timeout_max_ms: 2000,
         ..StreamConfig::default()
     };
-    let (p, _t) = Producer::open(&bus, &seg("raw"), &cfg, dir, Shutdown::never()).unwrap();
+    let (p, _t) = Producer::open(
+        &bus,
+        &seg("raw"),
+        &Filter::raw(Some(site), None),
+        &cfg,
+        dir,
+        Shutdown::never(),
+    )
+    .unwrap();
     (bus, p)
 }
 

@@ -51,8 +51,15 @@ async fn a_full_journal_drops_the_oldest_and_counts_them() {
         wait_for: vec![seg("absent")],
         ..StreamConfig::default()
     };
-    let (producer, _ptask) =
-        Producer::open(&bus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+    let (producer, _ptask) = Producer::open(
+        &bus,
+        &seg("meas"),
+        &Filter::measurements(Some(&site), None),
+        &cfg,
+        dir.path(),
+        Shutdown::never(),
+    )
+    .unwrap();
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..3000 {
         producer.send(&topic, reading(&site, i)).await.unwrap();
@@ -180,8 +187,15 @@ async fn acknowledged_records_are_trimmed_from_the_journal() {
         segment_bytes: 4096,
         ..StreamConfig::default()
     };
-    let (producer, _ptask) =
-        Producer::open(&pbus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+    let (producer, _ptask) = Producer::open(
+        &pbus,
+        &seg("meas"),
+        &Filter::measurements(Some(&site), None),
+        &cfg,
+        dir.path(),
+        Shutdown::never(),
+    )
+    .unwrap();
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..100 {
         producer.send(&topic, reading(&site, i)).await.unwrap();

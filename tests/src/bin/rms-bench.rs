@@ -133,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
     let (producer, producer_task) = Producer::open(
         &bus,
         &Segment::new("raw")?,
+        &Filter::raw(Some(&common.site), None),
         &stream,
         &common.data_dir,
         shutdown.clone(),
