@@ -353,10 +353,14 @@ fn queue_subscriptions(inner: &Inner) {
 /// (a producer that learns of a group must find its subscriptions in place); those its full
 /// queue cannot take now are retried after the next event.
 fn queue_registrations(inner: &Inner) {
-    if !inner.up.load(Ordering::Relaxed) || !lock(&inner.pending_subs).is_empty() {
+    // Called after every event: nothing due is the common case, and costs one lock.
+    let mut sinks = lock(&inner.sinks);
+    if sinks.due.is_empty()
+        || !inner.up.load(Ordering::Relaxed)
+        || !lock(&inner.pending_subs).is_empty()
+    {
         return;
     }
-    let mut sinks = lock(&inner.sinks);
     let Registrations { filters, due } = &mut *sinks;
     due.retain(|group| {
         let registration = SinkRegistration {

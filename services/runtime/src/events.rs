@@ -231,13 +231,17 @@ pub fn no_sink_group(producer: &str, stream: &str, held: u64, max_bytes: u64) {
     );
 }
 
-pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize]) {
+fn sinks_file_error() {
     Counter::new(
         "wattbus_sinks_file_errors_total",
-        "Learned sink group files that could not be read or written.",
+        "Learned sink group files that were damaged, or could not be read or written.",
         &[],
     )
     .inc();
+}
+
+pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize]) {
+    sinks_file_error();
     tracing::error!(
         file = %path.display(),
         ?bad_lines,
@@ -246,12 +250,7 @@ pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize]) {
 }
 
 pub fn sinks_file_failed(path: &Path, action: &str, error: &std::io::Error) {
-    Counter::new(
-        "wattbus_sinks_file_errors_total",
-        "Learned sink group files that could not be read or written.",
-        &[],
-    )
-    .inc();
+    sinks_file_error();
     tracing::error!(
         file = %path.display(),
         action,

@@ -51,15 +51,7 @@ async fn a_full_journal_drops_the_oldest_and_counts_them() {
         wait_for: vec![seg("absent")],
         ..StreamConfig::default()
     };
-    let (producer, _ptask) = Producer::open(
-        &bus,
-        &seg("meas"),
-        &Filter::measurements(Some(&site), None),
-        &cfg,
-        dir.path(),
-        Shutdown::never(),
-    )
-    .unwrap();
+    let (producer, _ptask) = open_meas(&bus, &site, "meas", &cfg, dir.path(), Shutdown::never());
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..3000 {
         producer.send(&topic, reading(&site, i)).await.unwrap();
@@ -187,15 +179,7 @@ async fn acknowledged_records_are_trimmed_from_the_journal() {
         segment_bytes: 4096,
         ..StreamConfig::default()
     };
-    let (producer, _ptask) = Producer::open(
-        &pbus,
-        &seg("meas"),
-        &Filter::measurements(Some(&site), None),
-        &cfg,
-        dir.path(),
-        Shutdown::never(),
-    )
-    .unwrap();
+    let (producer, _ptask) = open_meas(&pbus, &site, "meas", &cfg, dir.path(), Shutdown::never());
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..100 {
         producer.send(&topic, reading(&site, i)).await.unwrap();
@@ -237,6 +221,26 @@ fn walk(p: &std::path::Path) -> usize {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The stream `stream` of the producer on `bus`, publishing readings of `site`.
+fn open_meas(
+    bus: &Bus,
+    site: &Segment,
+    stream: &str,
+    cfg: &StreamConfig,
+    dir: &std::path::Path,
+    shutdown: Shutdown,
+) -> (Producer, tokio::task::JoinHandle<()>) {
+    Producer::open(
+        bus,
+        &seg(stream),
+        &Filter::measurements(Some(site), None),
+        cfg,
+        dir,
+        shutdown,
+    )
+    .unwrap()
 }
 
 /// A sink group `group` on its own connection: stores (here: keeps in memory) and acknowledges
@@ -300,31 +304,59 @@ impl Sink {
 }
 
 /// A producer stream `stream` of instance `name` on its own connection, journal in `dir`.
-async fn producer(
-    site: &Segment,
-    name: &str,
-    stream: &str,
-    cfg: &StreamConfig,
-    dir: &std::path::Path,
-) -> (
-    Bus,
-    tokio::task::JoinHandle<()>,
-    Producer,
-    runtime::shutdown::ShutdownTrigger,
-    tokio::task::JoinHandle<()>,
-) {
-    let (bus, bus_task) = connect(site, name).await;
-    let (trigger, shutdown) = runtime::shutdown::channel();
-    let (p, task) = Producer::open(
-        &bus,
-        &seg(stream),
-        &Filter::measurements(Some(site), None),
-        cfg,
-        dir,
-        shutdown,
-    )
-    .unwrap();
-    (bus, bus_task, p, trigger, task)
+struct Stream {
+    bus: Bus,
+    bus_task: tokio::task::JoinHandle<()>,
+    p: Producer,
+    trigger: runtime::shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stream {
+    async fn open(
+        site: &Segment,
+        name: &str,
+        stream: &str,
+        cfg: &StreamConfig,
+        dir: &std::path::Path,
+    ) -> Stream {
+        let (bus, bus_task) = connect(site, name).await;
+        let (trigger, shutdown) = runtime::shutdown::channel();
+        let (p, task) = open_meas(&bus, site, stream, cfg, dir, shutdown);
+        Stream {
+            bus,
+            bus_task,
+            p,
+            trigger,
+            task,
+        }
+    }
+
+    /// [`Stream::open`] as instance `p`; then sink group `store` registers, the stream learns
+    /// it, and the sink stops: the writer is down, and its readings must wait for it.
+    async fn with_store_gone(
+        site: &Segment,
+        stream: &str,
+        cfg: &StreamConfig,
+        dir: &std::path::Path,
+    ) -> Stream {
+        let s = Stream::open(site, "p", stream, cfg, dir).await;
+        let store = Sink::start(site, "store").await;
+        assert!(
+            learns(dir, site, "p", stream, &["store"]).await,
+            "the producer did not learn the group that registered"
+        );
+        store.stop().await;
+        s
+    }
+
+    /// A clean stop: the journal is closed (and unlocked) once this returns.
+    async fn stop(self) {
+        self.trigger.fire();
+        self.task.await.unwrap();
+        drop(self.p);
+        self.bus.close(self.bus_task).await;
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds, at most `wait`.
@@ -379,6 +411,29 @@ async fn handled(forger: &Bus, topic: &str, stream: &str) {
     );
 }
 
+fn replays(stream: &str, sink: &str) -> u64 {
+    runtime::telemetry::Counter::new(
+        "wattbus_replayed_records_total",
+        "test",
+        &[("stream", stream), ("sink", sink)],
+    )
+    .get()
+}
+
+/// Waits (up to 10 s) until the journal of `name`'s `stream` has learned exactly `groups`.
+async fn learns(
+    dir: &std::path::Path,
+    site: &Segment,
+    name: &str,
+    stream: &str,
+    groups: &[&str],
+) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        learned(dir, site, name, stream) == groups
+    })
+    .await
+}
+
 fn refused(stream: &str, reason: &str) -> u64 {
     runtime::telemetry::Counter::new(
         "wattbus_refused_acks_total",
@@ -402,13 +457,13 @@ async fn with_built_in_defaults_readings_wait_for_a_sink_that_registers_later_an
     let site = site("held");
     let dir = tempfile::tempdir().unwrap();
     // Built-in defaults: no `wait_for`, and no sink group has ever registered.
-    let (_bus, _bt, p, _trigger, _task) = producer(&site, "p", "held", &quick(), dir.path()).await;
+    let s = Stream::open(&site, "p", "held", &quick(), dir.path()).await;
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..200 {
-        p.send(&topic, reading(&site, i)).await.unwrap();
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
     }
     assert_eq!(
-        p.pending().await,
+        s.p.pending().await,
         200,
         "a reading no sink has stored stays journaled"
     );
@@ -422,9 +477,12 @@ async fn with_built_in_defaults_readings_wait_for_a_sink_that_registers_later_an
         "the sink that came later got every reading held for it"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async { p.pending().await == 0 }).await,
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
         "the journal drains once the sink has stored everything ({} left)",
-        p.pending().await
+        s.p.pending().await
     );
     assert_eq!(learned(dir.path(), &site, "p", "held"), vec!["store"]);
     sink.stop().await;
@@ -438,22 +496,10 @@ async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_for
         wait_for: vec![seg("fast")],
         ..quick()
     };
-    {
-        let (bus, bt, p, trigger, task) = producer(&site, "p", "relearn", &cfg, dir.path()).await;
-        let store = Sink::start(&site, "store").await;
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                learned(dir.path(), &site, "p", "relearn") == ["store"]
-            })
-            .await,
-            "the producer did not learn the group that registered"
-        );
-        store.stop().await;
-        trigger.fire();
-        task.await.unwrap();
-        drop(p);
-        bus.close(bt).await;
-    }
+    Stream::with_store_gone(&site, "relearn", &cfg, dir.path())
+        .await
+        .stop()
+        .await;
     // The broker restarted without its retained messages: nothing tells of `store` any more.
     let (admin, _at) = connect(&site, "admin").await;
     let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(&site, &seg("store"));
@@ -462,28 +508,23 @@ async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_for
         .await
         .unwrap();
 
-    let (_bus, _bt, p, _trigger, _task) = producer(&site, "p", "relearn", &cfg, dir.path()).await;
+    let s = Stream::open(&site, "p", "relearn", &cfg, dir.path()).await;
     let mut fast = Sink::start(&site, "fast").await;
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..50 {
-        p.send(&topic, reading(&site, i)).await.unwrap();
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
     }
     fast.store_until(50, Duration::from_secs(10)).await;
     // `store` is overdue: the producer replays to it, so it still waits for it.
-    let replayed = || {
-        runtime::telemetry::Counter::new(
-            "wattbus_replayed_records_total",
-            "test",
-            &[("stream", "relearn"), ("sink", "store")],
-        )
-        .get()
-    };
     assert!(
-        eventually(Duration::from_secs(15), || async { replayed() > 0 }).await,
+        eventually(Duration::from_secs(15), || async {
+            replays("relearn", "store") > 0
+        })
+        .await,
         "the restarted producer forgot the group it had learned"
     );
     assert_eq!(
-        p.pending().await,
+        s.p.pending().await,
         50,
         "held for `store`, which has stored none of them"
     );
@@ -494,20 +535,11 @@ async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_for
 async fn forged_acknowledgements_trim_nothing_and_the_real_sink_still_gets_every_reading() {
     let site = site("forged");
     let dir = tempfile::tempdir().unwrap();
-    let (_bus, _bt, p, _trigger, _task) =
-        producer(&site, "p", "forged", &quick(), dir.path()).await;
-    let store = Sink::start(&site, "store").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            learned(dir.path(), &site, "p", "forged") == ["store"]
-        })
-        .await
-    );
-    // The writer is stopped; readings keep coming.
-    store.stop().await;
+    // The writer registered and is stopped; readings keep coming.
+    let s = Stream::with_store_gone(&site, "forged", &quick(), dir.path()).await;
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..100 {
-        p.send(&topic, reading(&site, i)).await.unwrap();
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
     }
     let (forger, _ft) = connect(&site, "forger").await;
     let everything = |sink: &str| {
@@ -533,7 +565,7 @@ async fn forged_acknowledgements_trim_nothing_and_the_real_sink_still_gets_every
     handled(&forger, ack_topic("store").as_str(), "forged").await;
     handled(&forger, ack_topic("evil").as_str(), "forged").await;
     assert_eq!(
-        p.pending().await,
+        s.p.pending().await,
         100,
         "a forged acknowledgement trimmed readings"
     );
@@ -543,7 +575,10 @@ async fn forged_acknowledgements_trim_nothing_and_the_real_sink_still_gets_every
     let mut store = Sink::start(&site, "store").await;
     store.store_until(100, Duration::from_secs(30)).await;
     assert!(
-        eventually(Duration::from_secs(10), || async { p.pending().await == 0 }).await,
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
         "the journal drains once the real sink has stored everything"
     );
     store.stop().await;
@@ -559,15 +594,12 @@ async fn a_retained_acknowledgement_is_refused_after_a_restart_and_a_reconnect()
     };
     {
         // 100 readings journaled for `store`, which is stopped; then the producer stops too.
-        let (bus, bt, p, trigger, task) = producer(&site, "p", "retained", &cfg, dir.path()).await;
+        let s = Stream::open(&site, "p", "retained", &cfg, dir.path()).await;
         let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
         for i in 0..100 {
-            p.send(&topic, reading(&site, i)).await.unwrap();
+            s.p.send(&topic, reading(&site, i)).await.unwrap();
         }
-        trigger.fire();
-        task.await.unwrap();
-        drop(p);
-        bus.close(bt).await;
+        s.stop().await;
     }
     // A forged acknowledgement of everything, retained: the broker hands it to every
     // subscriber of the producer's acknowledgements from now on.
@@ -586,39 +618,36 @@ async fn a_retained_acknowledgement_is_refused_after_a_restart_and_a_reconnect()
         )
         .await
         .unwrap();
-    let (bus, _bt, p, _trigger, _task) = producer(&site, "p", "retained", &cfg, dir.path()).await;
-    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+    let s = Stream::open(&site, "p", "retained", &cfg, dir.path()).await;
+    assert!(s.bus.wait_subscribed(Duration::from_secs(10)).await);
     handled(&forger, ack.as_str(), "retained").await;
     assert_eq!(
-        p.pending().await,
+        s.p.pending().await,
         100,
         "a retained acknowledgement trimmed readings"
     );
     // Past the restart grace the producer has replayed everything on this connection; a
     // reconnect (here: another client taking its client id for a moment) delivers the
     // retained acknowledgement again, now for records it has published.
-    let replayed = || {
-        runtime::telemetry::Counter::new(
-            "wattbus_replayed_records_total",
-            "test",
-            &[("stream", "retained"), ("sink", "store")],
-        )
-        .get()
-    };
-    assert!(eventually(Duration::from_secs(15), || async { replayed() >= 100 }).await);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            replays("retained", "store") >= 100
+        })
+        .await
+    );
     let (thief, tt) = connect(&site, "p").await;
     thief.close(tt).await;
     assert!(
         eventually(Duration::from_secs(15), || async {
-            *bus.connection().borrow() >= 2
+            *s.bus.connection().borrow() >= 2
         })
         .await,
         "the producer did not reconnect"
     );
-    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+    assert!(s.bus.wait_subscribed(Duration::from_secs(10)).await);
     handled(&forger, ack.as_str(), "retained").await;
     assert_eq!(
-        p.pending().await,
+        s.p.pending().await,
         100,
         "a retained acknowledgement trimmed readings"
     );
@@ -633,7 +662,12 @@ async fn a_retained_acknowledgement_is_refused_after_a_restart_and_a_reconnect()
         .unwrap();
     let mut store = Sink::start(&site, "store").await;
     store.store_until(100, Duration::from_secs(30)).await;
-    assert!(eventually(Duration::from_secs(10), || async { p.pending().await == 0 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await
+    );
     store.stop().await;
 }
 
@@ -645,15 +679,7 @@ async fn a_withdrawn_group_is_forgotten_even_by_a_producer_that_was_stopped_at_t
         wait_for: vec![seg("fast")],
         ..quick()
     };
-    let (_bus, _bt, p, _trigger, _task) = producer(&site, "p", "withdrawn", &cfg, dir.path()).await;
-    let store = Sink::start(&site, "store").await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            learned(dir.path(), &site, "p", "withdrawn") == ["store"]
-        })
-        .await
-    );
-    store.stop().await;
+    let s = Stream::with_store_gone(&site, "withdrawn", &cfg, dir.path()).await;
     // A second producer, stopped, that learned `store` too.
     let other =
         runtime::delivery::journal_dir(dir.path(), &seg(&format!("q-{site}")), &seg("withdrawn"));
@@ -663,10 +689,10 @@ async fn a_withdrawn_group_is_forgotten_even_by_a_producer_that_was_stopped_at_t
     let mut fast = Sink::start(&site, "fast").await;
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..20 {
-        p.send(&topic, reading(&site, i)).await.unwrap();
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
     }
     fast.store_until(20, Duration::from_secs(10)).await;
-    assert_eq!(p.pending().await, 20, "held for `store`");
+    assert_eq!(s.p.pending().await, 20, "held for `store`");
 
     // `wattbus sinks forget store`: a retained withdrawal.
     let (admin, _at) = connect(&site, "admin").await;
@@ -679,24 +705,20 @@ async fn a_withdrawn_group_is_forgotten_even_by_a_producer_that_was_stopped_at_t
         .await
         .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async { p.pending().await == 0 }).await,
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
         "the stream still waits for a withdrawn group"
     );
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            learned(dir.path(), &site, "p", "withdrawn") == ["fast"]
-        })
-        .await,
+        learns(dir.path(), &site, "p", "withdrawn", &["fast"]).await,
         "the file should hold only `fast` (configured, and registered): {:?}",
         learned(dir.path(), &site, "p", "withdrawn")
     );
-    let (_qbus, _qt, _q, _qtrig, _qtask) =
-        producer(&site, "q", "withdrawn", &cfg, dir.path()).await;
+    let _q = Stream::open(&site, "q", "withdrawn", &cfg, dir.path()).await;
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            learned(dir.path(), &site, "q", "withdrawn") == ["fast"]
-        })
-        .await,
+        learns(dir.path(), &site, "q", "withdrawn", &["fast"]).await,
         "a producer that was stopped at the time still waits for the withdrawn group"
     );
     fast.stop().await;
@@ -726,15 +748,7 @@ async fn after_its_first_connection_a_producer_replays_only_what_it_could_not_pu
         ack_timeout_ms: 60_000,
         ..StreamConfig::default()
     };
-    let (p, _task) = Producer::open(
-        &bus,
-        &seg("first"),
-        &Filter::measurements(Some(&site), None),
-        &cfg,
-        dir.path(),
-        Shutdown::never(),
-    )
-    .unwrap();
+    let (p, _task) = open_meas(&bus, &site, "first", &cfg, dir.path(), Shutdown::never());
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..10 {
         p.send(&topic, reading(&site, i)).await.unwrap();
@@ -744,20 +758,15 @@ async fn after_its_first_connection_a_producer_replays_only_what_it_could_not_pu
     for i in 10..50 {
         p.send(&topic, reading(&site, i)).await.unwrap();
     }
-    let replayed = || {
-        runtime::telemetry::Counter::new(
-            "wattbus_replayed_records_total",
-            "test",
-            &[("stream", "first"), ("sink", "store")],
-        )
-        .get()
-    };
     assert!(
-        eventually(Duration::from_secs(15), || async { replayed() > 0 }).await,
+        eventually(Duration::from_secs(15), || async {
+            replays("first", "store") > 0
+        })
+        .await,
         "the readings journaled before the broker was up were never published"
     );
     assert_eq!(
-        replayed(),
+        replays("first", "store"),
         10,
         "only the 10 readings the broker never got are published again, not the 40 it just got"
     );
