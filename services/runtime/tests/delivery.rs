@@ -3,6 +3,7 @@
 //! sharing the broker cannot see each other's messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use proto::{DeadLetter, Filter, Measurement, Payload, Quality, Segment, Topic};
@@ -771,4 +772,67 @@ async fn after_its_first_connection_a_producer_replays_only_what_it_could_not_pu
         "only the 10 readings the broker never got are published again, not the 40 it just got"
     );
     assert_eq!(p.pending().await, 50);
+}
+
+/// Everything logged by this test binary from the first call on, as text.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        struct Writer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    })
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_no_sink_has_registered_for_says_so_once() {
+    let logs = captured_logs();
+    let site = site("unheard");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Stream::open(&site, "p", "unheard", &quick(), dir.path()).await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    s.p.send(&topic, reading(&site, 1)).await.unwrap();
+    let warnings = || {
+        String::from_utf8_lossy(&logs.lock().unwrap())
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    && l.contains(&format!("producer=\"p-{site}\""))
+                    && l.contains("stream=\"unheard\"")
+                    && l.contains("No sink group has registered for this stream; its readings are held until one does")
+            })
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async { warnings() > 0 }).await,
+        "no WARN about a stream nobody stores"
+    );
+    // A sink comes: the readings reach it; no second WARN on the way.
+    let mut sink = Sink::start(&site, "store").await;
+    sink.store_until(1, Duration::from_secs(10)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await
+    );
+    assert_eq!(warnings(), 1);
+    sink.stop().await;
 }
