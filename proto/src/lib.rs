@@ -16,6 +16,7 @@
 //! | `wattbus/v1/<site>/status/<instance>` | [`Status`] | yes (last will: offline) | no |
 //! | `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>` | [`Ack`] | no | no |
 //! | `wattbus/v1/<site>/dead/<service>` | [`DeadLetter`] | no | no |
+//! | `wattbus/v1/<site>/sink/<group>` | [`SinkRegistration`] | yes | no |
 //!
 //! Everything is JSON, so `mosquitto_sub`, Node-RED and Home Assistant can read it. Units are in
 //! field names (`power_w`, `current_a`, `ts_ms`), and every reading carries the time it was
@@ -36,12 +37,12 @@ mod topic;
 
 pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
-    MAX_PAYLOAD_BYTES, Measurement, Origin, Payload, Quality, RawChannel, RawFrame, Sequenced,
-    ServiceState, Status, now_ms,
+    MAX_PAYLOAD_BYTES, MAX_SINK_FILTERS, Measurement, Origin, Payload, Quality, RawChannel,
+    RawFrame, Sequenced, ServiceState, SinkRegistration, Status, now_ms,
 };
 pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};
 pub use topic::{
     Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, deserialize_text, everything,
-    matches_filter as topic_matches, parse,
+    filters_overlap, matches_filter as topic_matches, parse,
 };

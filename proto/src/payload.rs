@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::topic::{Kind, Segment, parse};
+use crate::topic::{Kind, Segment, check_filter, parse};
 
 /// Largest payload any wattbus consumer decodes. Raw sample frames are the big ones: 3 channels
 /// × 4096 samples of JSON floats fit comfortably.
@@ -519,6 +519,60 @@ impl Payload for Ack {
     }
 }
 
+/// Most filters one sink group registers; a group that consumes more is misconfigured.
+pub const MAX_SINK_FILTERS: usize = 64;
+
+/// A sink group's registration, retained on `wattbus/v1/<site>/sink/<group>`: the topic filters
+/// it consumes. Every member publishes it on each connection; producers whose stream overlaps
+/// one of the filters wait for the group's acknowledgements before trimming (see
+/// docs/ARCHITECTURE.md, "Sink registration").
+///
+/// A registration with no filters withdraws the group (`wattbus sinks forget`): producers stop
+/// waiting for it. It stays retained, so a producer that was stopped at the time forgets the
+/// group too when it next connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SinkRegistration {
+    /// The sink group, repeated from the topic (a mismatch is refused).
+    pub group: Segment,
+    /// The plain (not `$share/...`) MQTT filters the group subscribes, e.g.
+    /// `wattbus/v1/+/meas/+/+`. Empty: the group is withdrawn.
+    #[schemars(length(max = 64))]
+    pub filters: Vec<String>,
+    /// When it was published; informational (a sink whose clock is not set yet must still be
+    /// able to register, so it is not checked).
+    pub ts_ms: i64,
+}
+
+impl SinkRegistration {
+    /// The registration that withdraws `group`.
+    pub fn withdrawn(group: Segment) -> Self {
+        Self {
+            group,
+            filters: Vec::new(),
+            ts_ms: now_ms(),
+        }
+    }
+
+    /// Whether this registration withdraws its group.
+    pub fn is_withdrawn(&self) -> bool {
+        self.filters.is_empty()
+    }
+}
+
+impl Payload for SinkRegistration {
+    const NAME: &'static str = "sink_registration";
+
+    fn validate(&self) -> Result<(), String> {
+        if self.filters.len() > MAX_SINK_FILTERS {
+            return Err(format!(
+                "{} filters; at most {MAX_SINK_FILTERS}",
+                self.filters.len()
+            ));
+        }
+        self.filters.iter().try_for_each(|f| check_filter(f))
+    }
+}
+
 /// A message a service could not use, kept for a person to inspect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct DeadLetter {
@@ -666,6 +720,15 @@ mod tests {
             ranges: vec![[1, 10], [12, 12]],
             ts_ms: TS,
         });
+        round_trip(&SinkRegistration {
+            group: seg("influx-writer"),
+            filters: vec![
+                "wattbus/v1/+/meas/+/+".into(),
+                "wattbus/v1/home/raw/#".into(),
+            ],
+            ts_ms: TS,
+        });
+        round_trip(&SinkRegistration::withdrawn(seg("influx-writer")));
         let mut dl = DeadLetter::new(seg("influx-writer"), "400: bad", "t", b"\xff\xfeabc");
         dl.ts_ms = TS;
         round_trip(&dl);
@@ -876,6 +939,32 @@ mod tests {
             ts_ms: TS,
         };
         assert_eq!(ack.check_topic("anything"), Ok(()));
+    }
+
+    #[test]
+    fn sink_registrations_refuse_malformed_filters() {
+        for bad in [
+            "",
+            "wattbus/v1/#/meas",
+            "$share/g/wattbus/v1/+/meas/+/+",
+            "wattbus/v1/ho me/meas/+/+",
+            "wattbus//meas",
+            "wattbus/v1/h#/meas",
+        ] {
+            let e = decode_err::<SinkRegistration>(
+                &serde_json::json!({"group": "g", "filters": [bad], "ts_ms": TS}).to_string(),
+            );
+            assert!(e.contains("invalid sink_registration"), "{bad:?}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_SINK_FILTERS)
+            .map(|i| format!("wattbus/v1/s{i}/meas/+/+"))
+            .collect();
+        let e = decode_err::<SinkRegistration>(
+            &serde_json::json!({"group": "g", "filters": many, "ts_ms": TS}).to_string(),
+        );
+        assert!(e.contains("at most 64"), "{e}");
+        let e = decode_err::<SinkRegistration>(r#"{"group":"a/b","filters":[],"ts_ms":0}"#);
+        assert!(e.contains("'/'"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 use schemars::JsonSchema;
 
 use crate::payload::{
-    Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, Status,
+    Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, SinkRegistration,
+    Status,
 };
 
 /// The schema of one payload type, pretty-printed with a trailing newline.
@@ -31,6 +32,7 @@ pub fn all_schemas() -> Vec<(String, String)> {
         one::<Status>(),
         one::<Ack>(),
         one::<DeadLetter>(),
+        one::<SinkRegistration>(),
     ]
 }
 

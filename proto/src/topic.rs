@@ -7,7 +7,9 @@
 use std::fmt;
 use std::marker::PhantomData;
 
-use crate::payload::{Ack, Command, CommandResult, DeadLetter, Measurement, RawFrame, Status};
+use crate::payload::{
+    Ack, Command, CommandResult, DeadLetter, Measurement, RawFrame, SinkRegistration, Status,
+};
 
 /// Root and version of the topic tree.
 pub const PREFIX: &str = "wattbus/v1";
@@ -228,6 +230,24 @@ impl Topic<DeadLetter> {
     }
 }
 
+impl Topic<SinkRegistration> {
+    /// Where sink group `group` announces, retained, the topic filters it consumes; producers
+    /// learn from it whom to wait for.
+    ///
+    /// ```
+    /// use proto::{Kind, Segment, SinkRegistration, Topic};
+    /// let site = Segment::new("home").unwrap();
+    /// let group = Segment::new("influx-writer").unwrap();
+    /// let topic = Topic::<SinkRegistration>::sink_registration(&site, &group);
+    /// assert_eq!(topic.as_str(), "wattbus/v1/home/sink/influx-writer");
+    /// let parsed = proto::parse(topic.as_str()).unwrap();
+    /// assert_eq!((parsed.kind, &parsed.rest[..]), (Kind::Sink, &[group][..]));
+    /// ```
+    pub fn sink_registration(site: &Segment, group: &Segment) -> Self {
+        Self::build(site, Kind::Sink.as_str(), &[group])
+    }
+}
+
 /// A subscription filter whose every match carries `T`.
 pub struct Filter<T> {
     filter: String,
@@ -334,6 +354,22 @@ impl Filter<DeadLetter> {
     }
 }
 
+impl Filter<SinkRegistration> {
+    /// Every sink group's registration on one site (what a producer subscribes).
+    ///
+    /// ```
+    /// use proto::{Filter, Segment, SinkRegistration, Topic};
+    /// let site = Segment::new("home").unwrap();
+    /// let all = Filter::<SinkRegistration>::sink_registrations(&site);
+    /// assert_eq!(all.as_str(), "wattbus/v1/home/sink/+");
+    /// let group = Segment::new("influx-writer").unwrap();
+    /// assert!(all.matches(Topic::sink_registration(&site, &group).as_str()));
+    /// ```
+    pub fn sink_registrations(site: &Segment) -> Self {
+        Self::build(Some(site), Kind::Sink, &[None], false)
+    }
+}
+
 /// Everything under the prefix, of any kind; used by `wattbus tail`.
 pub fn everything() -> String {
     format!("{PREFIX}/#")
@@ -368,6 +404,63 @@ pub fn matches_filter(filter: &str, topic: &str) -> bool {
     t.next().is_none()
 }
 
+/// Whether some topic matches both filters (MQTT wildcard rules; a `$share/<group>/` prefix is
+/// ignored). A producer waits for a sink group when one of the group's filters overlaps the
+/// filter of what its stream publishes.
+///
+/// ```
+/// use proto::filters_overlap;
+/// assert!(filters_overlap("wattbus/v1/+/meas/+/+", "wattbus/v1/home/meas/+/+"));
+/// assert!(filters_overlap("wattbus/v1/home/#", "wattbus/v1/home/meas/we515-1/main"));
+/// assert!(filters_overlap("$share/g/wattbus/v1/+/meas/+/+", "wattbus/v1/home/meas/d/+"));
+/// // Another kind, another site, another depth: no topic matches both.
+/// assert!(!filters_overlap("wattbus/v1/+/raw/+", "wattbus/v1/home/meas/+/+"));
+/// assert!(!filters_overlap("wattbus/v1/lab/meas/+/+", "wattbus/v1/home/meas/+/+"));
+/// assert!(!filters_overlap("wattbus/v1/+/meas/+", "wattbus/v1/home/meas/+/+"));
+/// ```
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let (mut a, mut b) = (strip_share(a).split('/'), strip_share(b).split('/'));
+    loop {
+        match (a.next(), b.next()) {
+            // `#` also matches its parent level, so it overlaps even where the other ends.
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some(x), Some(y)) => {
+                if x != "+" && y != "+" && x != y {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// A filter without its `$share/<group>/` prefix, if it has one.
+fn strip_share(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(filter, |(_group, f)| f)
+}
+
+/// Whether `filter` is a well-formed plain (not shared) subscription filter whose literal levels
+/// are valid [`Segment`]s: `+` anywhere, `#` only last.
+pub(crate) fn check_filter(filter: &str) -> Result<(), String> {
+    if filter.len() > 1024 {
+        return Err(format!("filter of {} bytes; at most 1024", filter.len()));
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        match *level {
+            "+" => {}
+            "#" if i + 1 == levels.len() => {}
+            lit => {
+                Segment::new(lit).map_err(|e| format!("filter {filter:?}: level {lit:?} {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The kinds of topic in the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -378,6 +471,7 @@ pub enum Kind {
     Status,
     Ack,
     DeadLetter,
+    Sink,
 }
 
 impl Kind {
@@ -390,13 +484,19 @@ impl Kind {
             Kind::Status => "status",
             Kind::Ack => "ack",
             Kind::DeadLetter => "dead",
+            Kind::Sink => "sink",
         }
     }
 
     /// How many segments follow the kind.
     const fn arity(self) -> usize {
         match self {
-            Kind::Raw | Kind::Command | Kind::CommandResult | Kind::Status | Kind::DeadLetter => 1,
+            Kind::Raw
+            | Kind::Command
+            | Kind::CommandResult
+            | Kind::Status
+            | Kind::DeadLetter
+            | Kind::Sink => 1,
             Kind::Measurement => 2,
             Kind::Ack => 3,
         }
@@ -411,6 +511,7 @@ impl Kind {
             Kind::Status,
             Kind::Ack,
             Kind::DeadLetter,
+            Kind::Sink,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -500,12 +601,39 @@ mod tests {
     }
 
     #[test]
+    fn overlap_is_symmetric_and_follows_the_wildcards() {
+        let cases = [
+            ("wattbus/#", "wattbus", true),
+            ("wattbus/v1/+/meas/+/+", "wattbus/v1/+/meas/#", true),
+            (
+                "wattbus/v1/home/meas/a/+",
+                "wattbus/v1/home/meas/b/+",
+                false,
+            ),
+            (
+                "wattbus/v1/home/meas/+/+",
+                "wattbus/v1/home/meas/+/+/+",
+                false,
+            ),
+            ("+/+/+/raw/+", "wattbus/v1/home/raw/ct-1", true),
+        ];
+        for (a, b, overlap) in cases {
+            assert_eq!(filters_overlap(a, b), overlap, "{a} vs {b}");
+            assert_eq!(filters_overlap(b, a), overlap, "{b} vs {a}");
+        }
+    }
+
+    #[test]
     fn parse_round_trips_and_rejects_foreign_topics() {
         let t = Topic::ack(&seg("s"), &seg("p"), &seg("st"), &seg("k"));
         let p = parse(t.as_str()).unwrap();
         assert_eq!(p.kind, Kind::Ack);
         assert_eq!(p.rest, vec![seg("p"), seg("st"), seg("k")]);
+        let t = Topic::<SinkRegistration>::sink_registration(&seg("s"), &seg("influx-writer"));
+        let p = parse(t.as_str()).unwrap();
+        assert_eq!((p.kind, p.rest), (Kind::Sink, vec![seg("influx-writer")]));
         for bad in [
+            "wattbus/v1/home/sink/a/b",
             "wattbus/v2/home/meas/a/b",
             "wattbus/v1/home/meas/a",
             "wattbus/v1/home/meas/a/b/c",

@@ -4,7 +4,8 @@
 # broker and `wattbus run serial-ingest` (release) with three `stream` ports publishing 1 s raw
 # frames through its memory journal with `raw_stream.wait_for = []`: nothing consumes the frames
 # or is waited for, so this is serial-ingest's own cost (read, parse, checksum, frame, encode,
-# publish). After a warm-up, RUNS windows of STEADY_S seconds each: CPU from
+# publish). With no sink group, nothing is trimmed: the memory journal is capped at 1 MiB so
+# the frames it holds (dropping the oldest, with an ERROR) do not grow the RSS measured. After a warm-up, RUNS windows of STEADY_S seconds each: CPU from
 # /proc/<pid>/stat (utime+stime), RSS and peak RSS from /proc/<pid>/status, lines/s and
 # frames/s from its /metrics.
 #
@@ -71,6 +72,8 @@ health_listen = "127.0.0.1:$hp"
 [serial_ingest.raw_stream]
 journal = "memory"
 wait_for = []
+max_bytes = 1048576
+segment_bytes = 262144
 CONF
   for i in $(seq 0 $((ports - 1))); do
     cat <<CONF

@@ -553,3 +553,71 @@ fn an_energy_reset_is_explicit_refused_while_the_counters_are_in_use_and_counted
         "the mark of what is counted is kept"
     );
 }
+
+/// `wattbus sinks`: what is registered, what this machine's journals wait for, and a group
+/// forgotten on purpose (against the mosquitto of tests/run.sh, MOSQUITTO_TEST_BROKER).
+#[test]
+fn sinks_list_shows_the_registered_groups_and_forget_withdraws_one_on_purpose() {
+    let bus = wattbus_testkit::mosquitto();
+    let password = bus.password.as_ref().unwrap().expose().to_string();
+    let user = bus.username.clone().unwrap();
+    let site = wattbus_testkit::site("sinks-cli");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let learned = data.join("journal/modbus-ingest/meas");
+    std::fs::create_dir_all(&learned).unwrap();
+    runtime::learned::save(&learned, ["old-writer"]).unwrap();
+    let cfg = write(
+        dir.path(),
+        "wattbus.toml",
+        &format!(
+            "site = \"{site}\"\ndata_dir = \"{}\"\n[bus]\nhost = \"{}\"\nport = {}\nusername = \"{user}\"\npassword = \"{password}\"\n",
+            data.display(),
+            bus.host,
+            bus.port
+        ),
+    );
+    let topic = format!("wattbus/v1/{site}/sink/old-writer");
+    let registered = Command::new("mosquitto_pub")
+        .args(["-h", &bus.host, "-p", &bus.port.to_string(), "-u", &user, "-P", &password])
+        .args(["-q", "1", "-r", "-t", &topic, "-m"])
+        .arg(format!(
+            r#"{{"group":"old-writer","filters":["wattbus/v1/{site}/meas/+/+"],"ts_ms":1764000000000}}"#
+        ))
+        .status()
+        .expect("mosquitto_pub (mosquitto-clients; tests/run.sh installs it)");
+    assert!(registered.success());
+    let stdout = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let o = wattbus(&["sinks", "list", "--config", &cfg], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("old-writer: consumes wattbus/v1/{site}/meas/+/+")),
+        "{out}"
+    );
+    assert!(out.contains("modbus-ingest/meas: old-writer"), "{out}");
+
+    // Not a terminal and no --yes: nothing is withdrawn.
+    let o = wattbus(&["sinks", "forget", "old-writer", "--config", &cfg], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--yes"), "{}", stderr(&o));
+    let list = || stdout(&wattbus(&["sinks", "list", "--config", &cfg], &[]));
+    assert!(list().contains("old-writer: consumes"), "{}", list());
+
+    let o = wattbus(
+        &["sinks", "forget", "old-writer", "--config", &cfg, "--yes"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Forgotten"), "{}", stdout(&o));
+    assert!(list().contains("old-writer: withdrawn"), "{}", list());
+    // A name that cannot be a group is refused before anything is sent.
+    let o = wattbus(&["sinks", "forget", "a/b", "--config", &cfg, "--yes"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a sink group name"),
+        "{}",
+        stderr(&o)
+    );
+}

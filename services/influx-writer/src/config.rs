@@ -13,8 +13,9 @@ use crate::line_protocol::Precision;
 pub struct Config {
     /// MQTT client id and state directory name; two writers on one broker need different ones.
     pub instance: Segment,
-    /// The sink group this writer acknowledges as: producers list it in `wait_for`. Two
-    /// writers with the same group and `inbox.shared = true` split the readings between them.
+    /// The sink group this writer registers and acknowledges as: producers of readings wait
+    /// for it. Two writers with the same group and `inbox.shared = true` split the readings
+    /// between them.
     pub group: Segment,
     pub inbox: InboxConfig,
     /// A batch is written when it holds this many points …

@@ -49,7 +49,7 @@ use std::time::Duration;
 
 pub use config::Config;
 
-use proto::Segment;
+use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
@@ -88,6 +88,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     let (meas, meas_task) = Producer::open(
         bus,
         &seg("meas"),
+        &Filter::measurements(Some(&ctx.common.site), None),
         &config.stream,
         &ctx.common.data_dir,
         ctx.shutdown.clone(),

@@ -14,7 +14,11 @@ mod common;
 use std::time::Duration;
 
 use common::{Service, Watch, count, is, rtu_pty};
-use proto::{Measurement, Quality, Segment};
+use proto::{Filter, Measurement, Quality, Segment};
+use runtime::Health;
+use runtime::bus::{Bus, Identity};
+use runtime::config::InboxConfig;
+use runtime::delivery::Inbox;
 use runtime::shutdown::{self, ShutdownTrigger};
 use simulators::modbus::{
     Clock, ManualClock, MeterBus, RtuOptions, SlaveHandle, We515, We515Values, serve_rtu,
@@ -22,7 +26,7 @@ use simulators::modbus::{
 };
 use simulators::serial::Port;
 use tokio::task::JoinHandle;
-use wattbus_testkit::{seg, site};
+use wattbus_testkit::{LateBroker, seg, site};
 
 /// 2024-06-01 12:00 UTC: midday, when the simulated household exports.
 const NOON: i64 = 1_717_243_200_000;
@@ -492,4 +496,75 @@ profile = "orno-we-515"
         .unwrap();
     assert!(health.fields["reconnects"] >= 1.0, "{health:?}");
     svc.stop().await;
+}
+
+/// A service that polls before its broker is up keeps those readings for the first sink that
+/// registers, with built-in delivery defaults (issue 10: a start without the broker lost the
+/// first poll's readings, 1 start in 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_polled_before_the_broker_is_up_reach_a_sink_that_comes_later() {
+    let meters = Meters::new();
+    let (gateway, _server) = tcp_gateway(&meters).await;
+    let site = site("late-broker");
+    let port = LateBroker::port();
+    let svc = Service::start_on(
+        &site,
+        &two_meter_config(
+            "late-broker",
+            &format!("transport = \"tcp\"\nhost = \"127.0.0.1\"\nport = {gateway}"),
+        ),
+        LateBroker::bus(port),
+        false,
+    )
+    .await;
+    // Both meters answered a whole poll (power and energy) while nothing could take it.
+    let polled = wattbus_testkit::wait_until(Duration::from_secs(15), || {
+        meters.house.counters().requests >= 2 && meters.garage.counters().requests >= 2
+    });
+    assert!(polled, "no poll within 15 s");
+    let broker_up = now_ms();
+    let _broker = LateBroker::start(port);
+    let id = Identity {
+        service: seg("test"),
+        instance: seg(&format!("store-{site}")),
+    };
+    let (bus, bus_task) =
+        Bus::connect(&LateBroker::bus(port), &site, &id, &Health::default()).unwrap();
+    let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
+        &bus,
+        &Filter::measurements(Some(&site), None),
+        &seg("store"),
+        &InboxConfig::default(),
+    );
+    let acker = inbox.acker();
+    let before_broker = |got: &[Measurement], device: &str, measurement: &str, channel: &str| {
+        got.iter()
+            .any(|m| is(m, device, measurement, channel) && m.ts_ms < broker_up)
+    };
+    let mut got = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !["house", "garage"]
+        .iter()
+        .all(|d| before_broker(&got, d, "power", "l1") && before_broker(&got, d, "energy", "total"))
+    {
+        let d = tokio::time::timeout_at(end, inbox.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the readings polled before the broker was up never arrived; got {:#?}",
+                    got.iter()
+                        .filter(|m: &&Measurement| m.ts_ms < broker_up)
+                        .collect::<Vec<_>>()
+                )
+            })
+            .unwrap();
+        if let Some(t) = &d.token {
+            acker.ack(t);
+        }
+        got.push(d.message);
+    }
+    svc.stop().await;
+    drop((inbox, acker));
+    ack_task.await.unwrap();
+    bus.close(bus_task).await;
 }

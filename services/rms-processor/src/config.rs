@@ -12,7 +12,8 @@ use serde::Deserialize;
 pub struct Config {
     /// MQTT client id, journal and state name; two processors need different ones.
     pub instance: Segment,
-    /// Sink group on the raw frames (the name serial-ingest's `raw_stream.wait_for` lists).
+    /// Sink group on the raw frames, registered on every connection (and the name
+    /// serial-ingest's `raw_stream.wait_for` lists by default).
     /// Instances that share the work keep the same group.
     pub group: Segment,
     /// The devices this instance processes; empty = every device. Two instances share the

@@ -183,6 +183,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     let (producer, producer_task) = Producer::open(
         bus,
         &seg("meas"),
+        &Filter::measurements(Some(site), None),
         &config.stream,
         &ctx.common.data_dir,
         ctx.shutdown.clone(),

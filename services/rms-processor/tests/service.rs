@@ -310,7 +310,15 @@ impl Frames {
             ..StreamConfig::default()
         };
         let (stop, shutdown) = runtime::shutdown::channel();
-        let (producer, task) = Producer::open(&bus, &seg("raw"), &cfg, dir, shutdown).unwrap();
+        let (producer, task) = Producer::open(
+            &bus,
+            &seg("raw"),
+            &Filter::raw(Some(site), None),
+            &cfg,
+            dir,
+            shutdown,
+        )
+        .unwrap();
         Frames {
             producer,
             bus,

@@ -8,9 +8,20 @@
 //! by that group. The journal is trimmed through the lowest watermark of the groups it waits
 //! for.
 //!
+//! The groups waited for are the configured ones (`wait_for`) and the ones learned from sink
+//! registrations. A group learned late starts just below the journal's first record, so it is
+//! owed everything still held; a forgotten group stops holding the journal back. **With no
+//! group at all there is no trim point**: nothing is trimmed, however long that lasts (the
+//! journal's `max_bytes` bound still applies).
+//!
 //! A group that has unacknowledged records for longer than its timeout is *overdue*: the
 //! producer re-publishes what that group has not acknowledged. The timeout doubles while the
 //! group makes no progress (a sink down for hours is not flooded) and resets when it does.
+//!
+//! [`Handed`] keeps which seqs this process handed to the broker, and which of them on the
+//! current connection: acknowledgements count only for records that were published (a sink
+//! cannot have stored one it never received), and the round after a reconnect re-publishes
+//! only what was not published on the new connection.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,6 +99,86 @@ impl RangeSet {
     pub fn len(&self) -> usize {
         self.ranges.len()
     }
+
+    /// The parts of `[first, last]` that are in the set, ascending.
+    pub fn within(&self, first: u64, last: u64) -> impl Iterator<Item = [u64; 2]> + '_ {
+        let before = self
+            .ranges
+            .range(..first)
+            .next_back()
+            .filter(|(_, e)| **e >= first);
+        let inside = self.ranges.range(first..=last.max(first));
+        before
+            .into_iter()
+            .chain(inside)
+            .filter(move |_| first <= last)
+            .map(move |(&s, &e)| [s.max(first), e.min(last)])
+    }
+
+    /// Forget the lowest ranges until at most `max` are left.
+    fn cap(&mut self, max: usize) {
+        while self.ranges.len() > max {
+            self.ranges.pop_first();
+        }
+    }
+}
+
+/// Most ranges [`Handed`] keeps per set. Publishing is contiguous except around deferrals, so a
+/// real journal needs a handful; past this the oldest are forgotten, which costs a replay (and
+/// the refusal of a late acknowledgement for them), never a reading.
+const MAX_HANDED_RANGES: usize = 4096;
+
+/// Which journaled seqs this process has handed to the broker (live or replayed), and which of
+/// them since the current connection came up.
+#[derive(Debug, Clone, Default)]
+pub struct Handed {
+    ever: RangeSet,
+    current: RangeSet,
+    /// The connection `current` is about (the bus's ConnAck count).
+    epoch: u64,
+}
+
+impl Handed {
+    /// `seq` was handed to the broker while connection `epoch` was up (read before the
+    /// publish: if the link changed meanwhile, the record counts for the older connection,
+    /// which costs at most a replay).
+    pub fn record(&mut self, seq: u64, epoch: u64) {
+        self.connected(epoch);
+        self.ever.insert(seq, seq);
+        self.ever.cap(MAX_HANDED_RANGES);
+        if epoch == self.epoch {
+            self.current.insert(seq, seq);
+            self.current.cap(MAX_HANDED_RANGES);
+        }
+    }
+
+    /// Connection `epoch` is up: nothing is published on it yet. An older epoch (a publish
+    /// reported late) changes nothing.
+    pub fn connected(&mut self, epoch: u64) {
+        if epoch > self.epoch {
+            self.current = RangeSet::default();
+            self.epoch = epoch;
+        }
+    }
+
+    /// Whether `seq` was published on the current connection.
+    pub fn on_current(&self, seq: u64) -> bool {
+        self.current.contains(seq)
+    }
+
+    /// The parts of acknowledged `ranges` that were ever published by this process.
+    pub fn published(&self, ranges: &[[u64; 2]]) -> Vec<[u64; 2]> {
+        ranges
+            .iter()
+            .flat_map(|&[first, last]| self.ever.within(first, last))
+            .collect()
+    }
+
+    /// Everything `<= seq` left the journal.
+    pub fn forget_through(&mut self, seq: u64) {
+        self.ever.remove_through(seq);
+        self.current.remove_through(seq);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,9 +186,61 @@ struct Group {
     watermark: u64,
     /// Acknowledged seqs above the watermark.
     acked: RangeSet,
-    /// Since when the group has had unacknowledged records without progress.
+    /// Since when the group has had unacknowledged records; restarts at every replay round,
+    /// so the round after is due a (doubled) timeout later.
     waiting_since: Option<Instant>,
     timeout: Duration,
+    /// Since when the group has kept records waiting without acknowledging any: what the replay
+    /// WARN reports as the time waited.
+    stalled_since: Option<Instant>,
+    /// The next round is the first after a reconnect: what was published on the new connection
+    /// is on its way and is not sent again.
+    after_reconnect: bool,
+    /// Listed in `wait_for`: a registration cannot make the producer forget it.
+    configured: bool,
+    /// Learned from a registration (persisted by the producer).
+    learned: bool,
+}
+
+impl Group {
+    fn new(watermark: u64, timeout: Duration) -> Self {
+        Group {
+            watermark,
+            acked: RangeSet::default(),
+            waiting_since: None,
+            timeout,
+            stalled_since: None,
+            after_reconnect: false,
+            configured: false,
+            learned: false,
+        }
+    }
+}
+
+/// What [`AckTracker::forget`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgot {
+    /// The group is no longer waited for.
+    Forgotten,
+    /// It is in `wait_for`, so it is still waited for.
+    Configured,
+    /// It was not learned.
+    Unknown,
+}
+
+/// A group that is due for a replay round: see [`AckTracker::overdue`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub group: String,
+    /// Its watermark: everything above it that it has not acknowledged is sent again.
+    pub after: u64,
+    /// What it acknowledged above the watermark (not sent again).
+    pub acked: RangeSet,
+    /// How long it has kept records waiting without acknowledging any.
+    pub waited: Duration,
+    /// The first round after a reconnect: records published on the current connection are
+    /// on their way and are left out.
+    pub after_reconnect: bool,
 }
 
 /// Per-group watermarks of one stream.
@@ -109,24 +252,20 @@ pub struct AckTracker {
 }
 
 impl AckTracker {
-    /// Track `groups`, none of which has acknowledged anything yet: each starts just below the
-    /// journal's first record.
+    /// Track the configured `groups`, none of which has acknowledged anything yet: each starts
+    /// just below the journal's first record.
     pub fn new<'a>(
         groups: impl IntoIterator<Item = &'a str>,
         journal_first: Option<u64>,
         base_timeout: Duration,
         max_timeout: Duration,
     ) -> Self {
-        let watermark = journal_first.map_or(0, |f| f.saturating_sub(1));
+        let watermark = below(journal_first);
         let groups = groups
             .into_iter()
             .map(|g| {
-                let group = Group {
-                    watermark,
-                    acked: RangeSet::default(),
-                    waiting_since: None,
-                    timeout: base_timeout,
-                };
+                let mut group = Group::new(watermark, base_timeout);
+                group.configured = true;
                 (g.to_string(), group)
             })
             .collect();
@@ -137,8 +276,68 @@ impl AckTracker {
         }
     }
 
+    /// No group is waited for: there is no trim point.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
+    }
+
+    /// Whether acknowledgements of `group` count.
+    pub fn waits_for(&self, group: &str) -> bool {
+        self.groups.contains_key(group)
+    }
+
+    /// The groups learned from registrations (what the producer persists).
+    pub fn learned(&self) -> impl Iterator<Item = &str> {
+        self.groups
+            .iter()
+            .filter(|(_, g)| g.learned)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Number of groups waited for.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// A registration says `group` consumes this stream. A group not waited for yet starts just
+    /// below the journal's first record — it is owed everything still held — and is due after
+    /// `grace` (its members subscribed before they registered, so what they got since is
+    /// acknowledged by then, and the rest is sent). Returns whether the group is newly waited
+    /// for; `false` also when only its `learned` mark is new (see [`AckTracker::learned`]).
+    pub fn learn(
+        &mut self,
+        group: &str,
+        journal_first: Option<u64>,
+        now: Instant,
+        grace: Duration,
+    ) -> bool {
+        if let Some(g) = self.groups.get_mut(group) {
+            g.learned = true;
+            return false;
+        }
+        let mut g = Group::new(below(journal_first), self.due_in(grace));
+        g.learned = true;
+        g.waiting_since = Some(now);
+        g.stalled_since = Some(now);
+        self.groups.insert(group.to_string(), g);
+        true
+    }
+
+    /// A registration withdrew `group` (or says it no longer consumes this stream). A group in
+    /// `wait_for` stays waited for; only its `learned` mark goes.
+    pub fn forget(&mut self, group: &str) -> Forgot {
+        let Some(g) = self.groups.get_mut(group) else {
+            return Forgot::Unknown;
+        };
+        if g.configured {
+            return if std::mem::take(&mut g.learned) {
+                Forgot::Configured
+            } else {
+                Forgot::Unknown
+            };
+        }
+        self.groups.remove(group);
+        Forgot::Forgotten
     }
 
     /// Record an acknowledgement from `group`. `journal` is what the journal holds now.
@@ -172,6 +371,7 @@ impl AckTracker {
         if moved {
             g.timeout = self.base_timeout;
             g.waiting_since = Some(now);
+            g.stalled_since = Some(now);
         }
         moved
     }
@@ -181,6 +381,7 @@ impl AckTracker {
     pub fn published(&mut self, now: Instant) {
         for g in self.groups.values_mut() {
             g.waiting_since.get_or_insert(now);
+            g.stalled_since.get_or_insert(now);
         }
     }
 
@@ -200,28 +401,33 @@ impl AckTracker {
         self.groups.get(group).map(|g| g.watermark)
     }
 
-    /// Groups that are overdue and what to send them: `(group, after, acked-above)`.
-    /// Calling this starts the group's next wait and doubles its timeout.
-    pub fn overdue(
-        &mut self,
-        journal_last: Option<u64>,
-        now: Instant,
-    ) -> Vec<(String, u64, RangeSet)> {
+    /// Groups that are overdue, with what to send them. Calling this starts each due group's
+    /// next wait and doubles its timeout.
+    pub fn overdue(&mut self, journal_last: Option<u64>, now: Instant) -> Vec<Due> {
         let mut out = Vec::new();
         let Some(last) = journal_last else {
             for g in self.groups.values_mut() {
                 g.waiting_since = None;
+                g.stalled_since = None;
             }
             return out;
         };
         for (name, g) in &mut self.groups {
             if g.watermark >= last {
                 g.waiting_since = None;
+                g.stalled_since = None;
                 continue;
             }
             let since = *g.waiting_since.get_or_insert(now);
+            let stalled = *g.stalled_since.get_or_insert(since);
             if now.duration_since(since) >= g.timeout {
-                out.push((name.clone(), g.watermark, g.acked.clone()));
+                out.push(Due {
+                    group: name.clone(),
+                    after: g.watermark,
+                    acked: g.acked.clone(),
+                    waited: now.duration_since(stalled),
+                    after_reconnect: std::mem::take(&mut g.after_reconnect),
+                });
                 g.waiting_since = Some(now);
                 g.timeout = (g.timeout * 2).min(self.max_timeout);
             }
@@ -230,17 +436,30 @@ impl AckTracker {
     }
 
     /// After a reconnect, whatever was in flight may be gone: make every waiting group due
-    /// after `grace` (time for sinks to reconnect and subscribe too).
+    /// after `grace` (time for sinks to reconnect and subscribe too). That round leaves out
+    /// what was published on the new connection; later rounds send everything unacknowledged.
     pub fn reconnected(&mut self, now: Instant, grace: Duration) {
+        let timeout = self.due_in(grace);
         for g in self.groups.values_mut() {
             if g.waiting_since.is_some() {
                 // Due exactly `grace` from now, whatever the base timeout (shorter or longer);
                 // the usual doubling continues from there and resets on progress.
                 g.waiting_since = Some(now);
-                g.timeout = grace.min(self.max_timeout).max(Duration::from_millis(1));
+                g.timeout = timeout;
+                g.after_reconnect = true;
             }
         }
     }
+
+    fn due_in(&self, grace: Duration) -> Duration {
+        grace.min(self.max_timeout).max(Duration::from_millis(1))
+    }
+}
+
+/// The watermark of a group that has acknowledged nothing: just below the journal's first
+/// record (0 for an empty journal; `advance` passes gaps).
+fn below(journal_first: Option<u64>) -> u64 {
+    journal_first.map_or(0, |f| f.saturating_sub(1))
 }
 
 /// Move the group's watermark over every journaled seq it has acknowledged.
@@ -333,7 +552,7 @@ mod tests {
         assert!(t.overdue(Some(10), t0 + T / 2).is_empty());
         let due = t.overdue(Some(10), t0 + T);
         assert_eq!(due.len(), 1);
-        assert_eq!(due[0].1, 0);
+        assert_eq!(due[0].after, 0);
         // Next wait is twice as long.
         assert!(t.overdue(Some(10), t0 + T + T).is_empty());
         assert_eq!(t.overdue(Some(10), t0 + T * 3).len(), 1);
@@ -341,7 +560,7 @@ mod tests {
         t.ack("s", &[[1, 5]], &journal, t0 + T * 3);
         let due = t.overdue(Some(10), t0 + T * 4);
         assert_eq!(due.len(), 1);
-        assert_eq!(due[0].1, 5);
+        assert_eq!(due[0].after, 5);
         t.ack("s", &[[6, 10]], &journal, t0 + T * 4);
         assert!(
             t.overdue(Some(10), t0 + T * 100).is_empty(),
@@ -406,6 +625,174 @@ mod tests {
         assert_eq!(
             t.overdue(Some(10), t1 + Duration::from_millis(2100)).len(),
             1
+        );
+    }
+
+    #[test]
+    fn with_no_group_known_there_is_no_trim_point() {
+        let now = Instant::now();
+        let mut t = AckTracker::new([], Some(1), T, T);
+        assert!(t.is_empty());
+        // Someone acknowledges everything for a group nobody waits for: nothing moves.
+        assert!(!t.ack("stranger", &[[1, u64::MAX]], &[[1, 10]], now));
+        assert_eq!(
+            t.trim_point(),
+            None,
+            "no group known: nothing may be trimmed"
+        );
+        t.published(now);
+        assert!(t.overdue(Some(10), now + T * 10).is_empty());
+    }
+
+    #[test]
+    fn a_group_learned_late_is_owed_everything_still_held() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let mut t = AckTracker::new([], Some(1), T, T * 30);
+        t.published(t0);
+        // Ten records held for nobody; then a sink group registers.
+        assert!(t.learn("influx", Some(1), t0 + T, grace));
+        assert_eq!(t.watermark("influx"), Some(0));
+        assert_eq!(
+            t.trim_point(),
+            Some(0),
+            "nothing trimmed before it acknowledges"
+        );
+        assert!(t.overdue(Some(10), t0 + T + grace / 2).is_empty());
+        let due = t.overdue(Some(10), t0 + T + grace);
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].group.as_str(), due[0].after), ("influx", 0));
+        assert!(
+            !due[0].after_reconnect,
+            "a new group is owed what was published before it"
+        );
+        assert!(t.ack("influx", &[[1, 10]], &[[1, 10]], t0 + T * 2));
+        assert_eq!(t.trim_point(), Some(10));
+        // Learning it again changes nothing.
+        assert!(!t.learn("influx", Some(11), t0 + T * 3, grace));
+        assert_eq!(t.watermark("influx"), Some(10));
+    }
+
+    #[test]
+    fn a_group_learned_beside_a_faster_one_holds_the_trim_point_back() {
+        let now = Instant::now();
+        let mut t = AckTracker::new(["files"], Some(5), T, T);
+        t.ack("files", &[[5, 9]], &[[5, 20]], now);
+        assert_eq!(t.trim_point(), Some(9));
+        // The journal still holds 10..=20 (5..=9 were trimmed): the newcomer gets 10 onwards.
+        t.learn("influx", Some(10), now, T);
+        assert_eq!(t.trim_point(), Some(9));
+        t.ack("influx", &[[10, 20]], &[[10, 20]], now);
+        assert_eq!(t.watermark("influx"), Some(20));
+        assert_eq!(t.trim_point(), Some(9), "files still holds it");
+    }
+
+    #[test]
+    fn forgetting_a_learned_group_releases_the_journal_but_not_a_configured_one() {
+        let now = Instant::now();
+        let mut t = AckTracker::new(["files"], Some(1), T, T);
+        t.learn("influx", Some(1), now, T);
+        t.learn("files", Some(1), now, T);
+        assert_eq!(t.learned().collect::<Vec<_>>(), vec!["files", "influx"]);
+        t.ack("files", &[[1, 10]], &[[1, 10]], now);
+        assert_eq!(t.trim_point(), Some(0));
+        assert_eq!(t.forget("influx"), Forgot::Forgotten);
+        assert!(!t.waits_for("influx"));
+        assert_eq!(t.trim_point(), Some(10));
+        assert_eq!(t.forget("files"), Forgot::Configured);
+        assert!(t.waits_for("files"), "wait_for is the person's word");
+        assert_eq!(t.learned().count(), 0);
+        assert_eq!(t.forget("files"), Forgot::Unknown, "nothing left to forget");
+        assert_eq!(t.forget("nobody"), Forgot::Unknown);
+        assert_eq!(t.forget("influx"), Forgot::Unknown);
+    }
+
+    #[test]
+    fn a_replay_reports_how_long_the_group_has_kept_records_waiting() {
+        let t0 = Instant::now();
+        let mut t = AckTracker::new(["s"], Some(1), T, T * 30);
+        t.published(t0);
+        let waited = |t: &mut AckTracker, at: Duration| {
+            let due = t.overdue(Some(10), t0 + at);
+            assert_eq!(due.len(), 1, "due at {at:?}");
+            due[0].waited
+        };
+        assert_eq!(waited(&mut t, T), T);
+        // Backoff: the next rounds are 20 s and 40 s later, and the wait adds up.
+        assert_eq!(waited(&mut t, T * 3), T * 3);
+        assert_eq!(waited(&mut t, T * 7), T * 7);
+        // Progress restarts the count.
+        t.ack("s", &[[1, 5]], &[[1, 10]], t0 + T * 8);
+        assert_eq!(waited(&mut t, T * 9), T);
+    }
+
+    #[test]
+    fn only_the_first_round_after_a_reconnect_leaves_out_the_new_connection() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(2);
+        let mut t = AckTracker::new(["s"], Some(1), T, T * 30);
+        t.published(t0);
+        t.reconnected(t0, grace);
+        let due = t.overdue(Some(10), t0 + grace);
+        assert!(due[0].after_reconnect);
+        let due = t.overdue(Some(10), t0 + grace * 3);
+        assert_eq!(due.len(), 1);
+        assert!(!due[0].after_reconnect);
+    }
+
+    #[test]
+    fn handed_counts_acknowledgements_only_for_published_records() {
+        let mut h = Handed::default();
+        h.connected(1);
+        for seq in (1..=5).chain(8..=10) {
+            h.record(seq, 1);
+        }
+        // 6 and 7 were deferred (the broker was unreachable), 11.. do not exist yet.
+        assert_eq!(
+            h.published(&[[1, u64::MAX]]),
+            vec![[1, 5], [8, 10]],
+            "a forged range over records nobody received counts for nothing"
+        );
+        assert_eq!(h.published(&[[4, 8]]), vec![[4, 5], [8, 8]]);
+        assert!(h.on_current(9));
+        h.connected(2);
+        assert!(
+            !h.on_current(9),
+            "a new connection has published nothing yet"
+        );
+        // A publish read under connection 1 but reported after connection 2 came up.
+        h.record(11, 1);
+        assert!(!h.on_current(11));
+        assert_eq!(h.published(&[[11, 11]]), vec![[11, 11]]);
+        assert_eq!(h.published(&[[9, 9]]), vec![[9, 9]], "still published once");
+        h.forget_through(9);
+        assert_eq!(h.published(&[[1, 20]]), vec![[10, 11]]);
+    }
+
+    #[test]
+    fn handed_stays_bounded_when_publishing_is_fragmented() {
+        let mut h = Handed::default();
+        for i in 0..(MAX_HANDED_RANGES as u64 * 2) {
+            h.record(i * 2, 1);
+        }
+        assert!(h.ever.len() <= MAX_HANDED_RANGES);
+        assert!(h.current.len() <= MAX_HANDED_RANGES);
+        // The newest survive; the oldest are forgotten (a replay, never a reading).
+        assert!(h.ever.contains(MAX_HANDED_RANGES as u64 * 4 - 2));
+        assert!(!h.ever.contains(0));
+    }
+
+    #[test]
+    fn range_set_within_clips_to_the_window() {
+        let mut s = RangeSet::default();
+        s.insert(1, 5);
+        s.insert(10, 20);
+        assert_eq!(s.within(3, 12).collect::<Vec<_>>(), vec![[3, 5], [10, 12]]);
+        assert_eq!(s.within(6, 9).count(), 0);
+        assert_eq!(s.within(12, 3).count(), 0);
+        assert_eq!(
+            s.within(0, u64::MAX).collect::<Vec<_>>(),
+            vec![[1, 5], [10, 20]]
         );
     }
 }

@@ -6,19 +6,22 @@
 //! - re-subscribes every route on every ConnAck (rumqttc does not restore subscriptions);
 //! - publishes the service's retained `online` status on every ConnAck, with a retained
 //!   `offline` last will for when the connection dies;
+//! - publishes, retained, the registration of every sink group a consumer on this connection
+//!   belongs to (the filters it subscribes) on every ConnAck, after its subscriptions, so a
+//!   producer that learns of a group from it can already reach the group;
 //! - routes each incoming publish to the consumers whose filter matches.
 //!
 //! Sessions are clean: the broker keeps nothing across its own restart anyway, and rumqttc
 //! drops its pending queue on a reconnect without a session. Nothing relies on MQTT to keep a
 //! message: the delivery contract (journal, acknowledgements, replay) does.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proto::{Payload, Segment, ServiceState, Status, Topic};
+use proto::{Payload, Segment, ServiceState, SinkRegistration, Status, Topic};
 pub use rumqttc::QoS;
 use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet};
 use tokio::sync::{Notify, mpsc, watch};
@@ -37,6 +40,8 @@ const PUBLISH_WAIT: Duration = Duration::from_millis(500);
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
+    /// Delivered as a retained message (on subscribing), not as it was published.
+    pub retain: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +83,8 @@ struct Inner {
     /// The last topic published and when: a broker that disconnects this service right after
     /// a publish has refused that topic (its ACL), and the ERROR names it.
     last_publish: Mutex<Option<(Instant, String)>>,
+    /// The sink groups consumers on this connection belong to, and what to publish.
+    sinks: Mutex<Registrations>,
     /// Whether the link is up (between a ConnAck and the next error). While it is down,
     /// producers journal without publishing: rumqttc's request queue is not drained then, and
     /// waiting on it would stop a service from reading its devices.
@@ -102,6 +109,15 @@ struct Inner {
 struct SubIds {
     queued: VecDeque<String>,
     sent: HashMap<u16, String>,
+}
+
+/// Sink registrations of one connection.
+#[derive(Default)]
+struct Registrations {
+    /// Group → the plain filters its consumers here subscribe.
+    filters: BTreeMap<Segment, BTreeSet<String>>,
+    /// Groups whose registration is not handed to rumqttc yet on this connection.
+    due: BTreeSet<Segment>,
 }
 
 /// A cheap-to-clone handle on the connection.
@@ -177,6 +193,7 @@ impl Bus {
             subs: watch::channel((0, 0)).0,
             sub_ids: Mutex::new(SubIds::default()),
             last_publish: Mutex::new(None),
+            sinks: Mutex::new(Registrations::default()),
             up: AtomicBool::new(false),
             connected: conn_rx,
             close: Notify::new(),
@@ -272,6 +289,26 @@ impl Bus {
         rx
     }
 
+    /// Announce that a consumer on this connection belongs to sink group `group` and subscribes
+    /// `filter` (plain, not `$share/...`): the group's retained registration
+    /// (`wattbus/v1/<site>/sink/<group>`, every filter of the group on this connection) is
+    /// published now and on every ConnAck, after the subscriptions, so producers learn to wait
+    /// for the group's acknowledgements.
+    pub fn register_sink(&self, group: &Segment, filter: &str) {
+        {
+            let mut sinks = lock(&self.inner.sinks);
+            let added = sinks
+                .filters
+                .entry(group.clone())
+                .or_default()
+                .insert(filter.to_string());
+            if added {
+                sinks.due.insert(group.clone());
+            }
+        }
+        queue_registrations(&self.inner);
+    }
+
     /// Publish at QoS 1. Returns once rumqttc has queued it, which means nothing about
     /// delivery: that is what acknowledgements are for.
     pub async fn publish(
@@ -349,6 +386,43 @@ fn queue_subscriptions(inner: &Inner) {
     });
 }
 
+/// Hand due sink registrations to rumqttc once the link is up and every subscription is queued
+/// (a producer that learns of a group must find its subscriptions in place); those its full
+/// queue cannot take now are retried after the next event.
+fn queue_registrations(inner: &Inner) {
+    // Called after every event: nothing due is the common case, and costs one lock.
+    let mut sinks = lock(&inner.sinks);
+    if sinks.due.is_empty()
+        || !inner.up.load(Ordering::Relaxed)
+        || !lock(&inner.pending_subs).is_empty()
+    {
+        return;
+    }
+    let Registrations { filters, due } = &mut *sinks;
+    due.retain(|group| {
+        let registration = SinkRegistration {
+            group: group.clone(),
+            filters: filters
+                .get(group)
+                .map(|f| f.iter().cloned().collect())
+                .unwrap_or_default(),
+            ts_ms: proto::now_ms(),
+        };
+        let bytes = match registration.encode() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(group = %group, error = %e, "Cannot encode this sink group's registration; producers will not learn to wait for it.");
+                return false;
+            }
+        };
+        let topic = Topic::sink_registration(&inner.site, group);
+        inner
+            .client
+            .try_publish(topic.as_str(), QoS::AtLeastOnce, true, bytes)
+            .is_err()
+    });
+}
+
 fn status(id: &Identity, state: ServiceState) -> Status {
     Status {
         service: id.service.clone(),
@@ -385,6 +459,7 @@ async fn poll_loop(
         };
         if event.is_ok() {
             queue_subscriptions(&inner);
+            queue_registrations(&inner);
         }
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -411,6 +486,11 @@ async fn poll_loop(
                 }
                 ready.set(true);
                 inner.up.store(true, Ordering::Relaxed);
+                {
+                    let mut sinks = lock(&inner.sinks);
+                    sinks.due = sinks.filters.keys().cloned().collect();
+                }
+                queue_registrations(&inner);
                 connected_gauge.set(1.0);
                 conn_tx.send_replace(epoch);
             }
@@ -421,6 +501,7 @@ async fn poll_loop(
                     Message {
                         topic: p.topic,
                         payload: p.payload,
+                        retain: p.retain,
                     },
                 )
                 .await

@@ -525,8 +525,10 @@ pub struct StreamConfig {
     /// the default bounds what a power cut can take to one second. A killed process loses
     /// nothing either way: records are written to the kernel before they are published.
     pub fsync_interval_ms: u64,
-    /// Sink groups whose acknowledgement the journal waits for before trimming. Empty: a
-    /// record is trimmed once handed to the broker (best effort: the broker keeps nothing).
+    /// Sink groups whose acknowledgement the journal waits for before trimming, besides every
+    /// group that registered for the stream (see `delivery`). Listing a group here holds
+    /// readings for it even before its first registration arrives. With no group at all,
+    /// nothing is trimmed: the journal holds every reading (up to `max_bytes`).
     pub wait_for: Vec<Segment>,
     /// A record not acknowledged by a sink group this long after it was published is
     /// published again; the wait doubles while nothing is acknowledged, up to

@@ -10,9 +10,16 @@
 //! - Sinks read through an [`Inbox`] and acknowledge with [`Acker::ack`] once a message is
 //!   durably stored; acknowledgements are batched into ranges and published to
 //!   `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>`.
+//! - Every sink group registers (retained, on `wattbus/v1/<site>/sink/<group>`, by the bus of
+//!   each [`Inbox`] owner) with the filters it consumes. A producer waits for the groups in its
+//!   stream's `wait_for` and for every registered group whose filters overlap what the stream
+//!   publishes; it keeps the learned ones beside its journal (`learned`). **With no group known
+//!   nothing is trimmed**: a reading leaves the journal only once a sink has stored it.
 //! - The producer turns acknowledgements into a watermark per sink group (`acks`), trims the
 //!   journal below the lowest one, and publishes again whatever a group has not acknowledged in
 //!   time — after a reconnect, after its own restart, or when an acknowledgement is overdue.
+//!   An acknowledgement counts only if its payload names the group of its topic, it is not a
+//!   retained message, the group is waited for, and for records this process published.
 //! - A processor (consumer and producer at once) acknowledges its input with
 //!   [`Acker::ack_after_sync`] only once its output is journaled and fsynced, so the chain
 //!   holds end to end.
@@ -25,18 +32,21 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::{Ack, DeadLetter, Filter, Origin, Payload, Segment, Sequenced, Topic};
+use proto::{
+    Ack, DeadLetter, Filter, Kind, Origin, Payload, Segment, Sequenced, SinkRegistration, Topic,
+};
 use rumqttc::QoS;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::acks::{AckTracker, RangeSet};
+use crate::acks::{AckTracker, Due, Forgot, Handed, RangeSet};
 use crate::bus::{Bus, BusError, Message, Overflow};
 use crate::config::{InboxConfig, StreamConfig};
 use crate::dead_letters::DeadLetterFile;
-use crate::events;
+use crate::events::{self, AckRefusal, RateLimit};
 use crate::health::ReadyFlag;
 use crate::journal::{Journal, JournalError, Record};
+use crate::learned;
 use crate::shutdown::Shutdown;
 use crate::telemetry::{Counter, Gauge};
 
@@ -50,6 +60,14 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(2);
 /// How often [`Producer::send_journaled`] tries again while the journal refuses records. Nothing
 /// announces that disk space came back; a second is soon enough and costs nothing.
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
+
+/// How long a stream may hold readings for nobody, once connected, before it says so: the
+/// retained registrations of running sinks arrive within moments of subscribing.
+const NO_SINK_GRACE: Duration = Duration::from_secs(10);
+
+/// At most one WARN per reason in this interval for refused acknowledgements and
+/// registrations (all are counted).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -93,6 +111,9 @@ pub struct Sent {
 struct State {
     journal: Journal,
     tracker: AckTracker,
+    /// What this process handed to the broker: acknowledgements count only for those, and
+    /// the round after a reconnect skips what the new connection already carried.
+    handed: Handed,
     /// Highest seq appended (for fsync bookkeeping).
     appended: u64,
     /// When the journal was last fsynced.
@@ -124,6 +145,13 @@ struct Shared {
     bus: Bus,
     producer: Segment,
     stream: Segment,
+    /// The filter of every topic the stream publishes: a registered group whose filters
+    /// overlap it is waited for.
+    publishes: String,
+    /// The journal's directory, where the learned groups are kept.
+    dir: PathBuf,
+    /// The bus's connection count, to tell which connection a publish went out on.
+    epoch: watch::Receiver<u64>,
     cfg: StreamConfig,
     synced_tx: watch::Sender<u64>,
     sent: Counter,
@@ -161,11 +189,16 @@ pub fn journal_dir(data_dir: &Path, producer: &Segment, stream: &Segment) -> Pat
 }
 
 impl Producer {
-    /// Open the stream's journal and start the task that handles acknowledgements, fsync and
-    /// replay. The task ends on shutdown, after a final fsync.
-    pub fn open(
+    /// Open the stream's journal and start the task that handles acknowledgements, sink
+    /// registrations, fsync and replay. The task ends on shutdown, after a final fsync.
+    ///
+    /// `publishes` covers every topic the stream will publish on (e.g.
+    /// `Filter::measurements(Some(site), None)`): sink groups whose registered filters overlap
+    /// it are waited for.
+    pub fn open<T>(
         bus: &Bus,
         stream: &Segment,
+        publishes: &Filter<T>,
         cfg: &StreamConfig,
         data_dir: &Path,
         shutdown: Shutdown,
@@ -175,12 +208,16 @@ impl Producer {
         let (journal, report) = Journal::open(&dir, cfg)?;
         events::journal_opened(stream.as_str(), &dir, &report);
         let first = journal.ranges().first().map(|r| r[0]);
-        let tracker = AckTracker::new(
+        let mut tracker = AckTracker::new(
             cfg.wait_for.iter().map(Segment::as_str),
             first,
             Duration::from_millis(cfg.ack_timeout_ms),
             Duration::from_millis(cfg.ack_timeout_max_ms),
         );
+        let now = Instant::now();
+        for group in load_learned(&dir) {
+            tracker.learn(group.as_str(), first, now, RECONNECT_GRACE);
+        }
         let (p, st) = (producer.as_str().to_string(), stream.as_str().to_string());
         let labels: [(&'static str, &str); 2] = [("producer", &p), ("stream", &st)];
         let appended = journal.last_seq().unwrap_or(0);
@@ -195,6 +232,7 @@ impl Producer {
             state: Mutex::new(State {
                 journal,
                 tracker,
+                handed: Handed::default(),
                 appended,
                 last_sync: Instant::now(),
                 outage: None,
@@ -203,6 +241,9 @@ impl Producer {
             bus: bus.clone(),
             producer,
             stream: stream.clone(),
+            publishes: publishes.as_str().to_string(),
+            dir,
+            epoch: bus.connection(),
             cfg: cfg.clone(),
             synced_tx: watch::channel(appended).0,
             deferred: Counter::new(
@@ -243,7 +284,16 @@ impl Producer {
             QoS::AtLeastOnce,
             Overflow::Drop,
         );
-        let task = tokio::spawn(drive(shared.clone(), acks, shutdown));
+        // Registrations are rare and come again on every connection; waiting for room (not
+        // dropping) keeps one from being missed until the next reconnect.
+        let registrations = bus.subscribe(
+            Filter::<SinkRegistration>::sink_registrations(bus.site())
+                .as_str()
+                .to_string(),
+            QoS::AtLeastOnce,
+            Overflow::Wait,
+        );
+        let task = tokio::spawn(drive(shared.clone(), acks, registrations, shutdown));
         Ok((Producer { shared }, task))
     }
 
@@ -331,19 +381,15 @@ impl Producer {
         }
         // Journaled is what counts from here on. If the broker is down (or rumqttc's queue is
         // stuck), the record waits in the journal and is published by replay once sinks are
-        // overdue or the link is back; the caller goes back to reading its devices.
+        // overdue or the link is back; the caller goes back to reading its devices. Nothing is
+        // trimmed here, whatever the connection: only a sink's acknowledgement trims.
+        let epoch = *s.epoch.borrow();
         let published = s.bus.publish_or_defer(topic, bytes).await;
         if published {
             s.sent.inc();
+            s.state.lock().await.handed.record(seq, epoch);
         } else {
             s.deferred.inc();
-        }
-        if s.tracker_is_empty() {
-            // Nobody to wait for: handing the record to the broker is all the delivery there
-            // will be, and a record the broker never got is gone (counted as deferred).
-            let mut st = s.state.lock().await;
-            st.journal.trim_through(seq)?;
-            s.update_gauges(&st);
         }
         Ok(Sent { seq })
     }
@@ -366,10 +412,6 @@ impl Producer {
 }
 
 impl Shared {
-    fn tracker_is_empty(&self) -> bool {
-        self.cfg.wait_for.is_empty()
-    }
-
     /// Number, encode and append `msg`; the gauges follow. A journal failure starts (or
     /// continues) an outage, a success ends one.
     async fn journal<T: Sequenced>(
@@ -476,7 +518,29 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
     Ok(())
 }
 
-async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shutdown) {
+/// The groups learned before, from the file beside the journal (damage and read errors are
+/// logged; what can be read is used).
+fn load_learned(dir: &Path) -> Vec<Segment> {
+    match learned::load(dir) {
+        Ok(loaded) => {
+            if !loaded.bad_lines.is_empty() {
+                events::sinks_file_damaged(&learned::path(dir), &loaded.bad_lines);
+            }
+            loaded.groups
+        }
+        Err(e) => {
+            events::sinks_file_failed(&learned::path(dir), "read", &e);
+            Vec::new()
+        }
+    }
+}
+
+async fn drive(
+    s: Arc<Shared>,
+    mut acks: mpsc::Receiver<Message>,
+    mut registrations: mpsc::Receiver<Message>,
+    shutdown: Shutdown,
+) {
     let mut conn = s.bus.connection();
     let tick_ms = s.cfg.fsync_interval_ms.clamp(50, 500);
     let mut tick = tokio::time::interval(Duration::from_millis(tick_ms));
@@ -486,6 +550,18 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
         "Acknowledgements that could not be decoded.",
         &[("stream", s.stream.as_str())],
     );
+    let groups = Gauge::new(
+        "wattbus_sink_groups",
+        "Sink groups a stream waits for, configured and learned (0: nothing is trimmed).",
+        &[
+            ("producer", s.producer.as_str()),
+            ("stream", s.stream.as_str()),
+        ],
+    );
+    let mut limit = RateLimit::new(REFUSAL_LOG_INTERVAL);
+    // Since the first connection: before it, no registration can have arrived.
+    let mut connected_at: Option<Instant> = None;
+    let mut warned_no_sink = false;
     {
         // Whatever the journal holds from before a restart is due once sinks are likely up.
         let mut st = s.state.lock().await;
@@ -498,32 +574,15 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
     loop {
         tokio::select! {
             () = shutdown.wait() => break,
-            Some(msg) = acks.recv() => {
-                let Some(parsed) = proto::parse(&msg.topic) else { continue };
-                let ack = match Ack::decode(&msg.payload) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        malformed.inc();
-                        tracing::debug!(topic = msg.topic, error = %e, "Malformed acknowledgement ignored.");
-                        continue;
-                    }
-                };
-                // The topic names the sink; the payload repeats it. Trust the topic.
-                let group = parsed.rest.get(2).map_or(ack.sink.as_str(), Segment::as_str).to_string();
-                let mut st = s.state.lock().await;
-                let ranges = st.journal.ranges();
-                if st.tracker.ack(&group, &ack.ranges, &ranges, Instant::now())
-                    && let Some(point) = st.tracker.trim_point()
-                {
-                    if let Err(e) = st.journal.trim_through(point) {
-                        tracing::error!(error = %e, "Cannot trim the journal.");
-                    }
-                    s.update_gauges(&st);
-                }
-            }
+            Some(msg) = acks.recv() => on_ack(&s, &msg, &malformed, &mut limit).await,
+            Some(msg) = registrations.recv() => on_registration(&s, &msg, &mut limit).await,
             Ok(()) = conn.changed() => {
+                let epoch = *conn.borrow_and_update();
+                let now = Instant::now();
+                connected_at.get_or_insert(now);
                 let mut st = s.state.lock().await;
-                st.tracker.reconnected(Instant::now(), RECONNECT_GRACE);
+                st.handed.connected(epoch);
+                st.tracker.reconnected(now, RECONNECT_GRACE);
             }
             _ = tick.tick() => {
                 let due_sync = {
@@ -538,6 +597,22 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
                 if let Err(e) = replay_overdue(&s).await {
                     tracing::warn!(error = %e, "Replay failed; will try again.");
                 }
+                let st = s.state.lock().await;
+                groups.set(st.tracker.len() as f64);
+                if !st.tracker.is_empty() {
+                    warned_no_sink = false;
+                } else if !warned_no_sink
+                    && connected_at.is_some_and(|t| t.elapsed() >= NO_SINK_GRACE)
+                    && st.journal.records() > 0
+                {
+                    warned_no_sink = true;
+                    events::no_sink_group(
+                        s.producer.as_str(),
+                        s.stream.as_str(),
+                        st.journal.records(),
+                        s.cfg.max_bytes,
+                    );
+                }
             }
         }
     }
@@ -550,37 +625,193 @@ async fn drive(s: Arc<Shared>, mut acks: mpsc::Receiver<Message>, shutdown: Shut
     }
 }
 
+/// Apply an acknowledgement, unless it is one no real sink of its group can have sent.
+async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &mut RateLimit) {
+    let stream = s.stream.as_str();
+    let Some(group) = proto::parse(&msg.topic)
+        .filter(|p| p.kind == Kind::Ack)
+        .and_then(|p| p.rest.into_iter().nth(2))
+    else {
+        return;
+    };
+    if msg.retain {
+        // Real sinks never retain acknowledgements; a retained one would be applied again on
+        // every resubscription, to whatever records then carry those seqs.
+        events::ack_refused(stream, &msg.topic, AckRefusal::Retained, limit);
+        return;
+    }
+    let ack = match Ack::decode(&msg.payload) {
+        Ok(a) => a,
+        Err(e) => {
+            malformed.inc();
+            tracing::debug!(topic = msg.topic, error = %e, "Malformed acknowledgement ignored.");
+            return;
+        }
+    };
+    // With the broker's ACLs only the group's own user can publish on its topic; the payload
+    // must agree with it.
+    if ack.sink != group {
+        events::ack_refused(stream, &msg.topic, AckRefusal::SinkMismatch, limit);
+        return;
+    }
+    let mut st = s.state.lock().await;
+    if !st.tracker.waits_for(group.as_str()) {
+        events::ack_refused(stream, &msg.topic, AckRefusal::NotWaitedFor, limit);
+        return;
+    }
+    let journal = st.journal.ranges();
+    // A sink can only have stored what it received: seqs this process never published do not
+    // count (deferred records during an outage, or anything a forger names).
+    let published = st.handed.published(&ack.ranges);
+    if overlap(&published, &journal) < overlap(&ack.ranges, &journal) {
+        events::ack_refused(stream, &msg.topic, AckRefusal::Unpublished, limit);
+    }
+    if st
+        .tracker
+        .ack(group.as_str(), &published, &journal, Instant::now())
+    {
+        trim(s, &mut st);
+    }
+}
+
+/// How many seqs two sorted lists of disjoint inclusive ranges share.
+fn overlap(a: &[[u64; 2]], b: &[[u64; 2]]) -> u128 {
+    let mut n = 0u128;
+    for &[a0, a1] in a {
+        for &[b0, b1] in b {
+            let (lo, hi) = (a0.max(b0), a1.min(b1));
+            if lo <= hi {
+                n += u128::from(hi - lo) + 1;
+            }
+        }
+    }
+    n
+}
+
+/// Trim through the lowest watermark of the groups waited for (nothing without a group).
+fn trim(s: &Shared, st: &mut State) {
+    let Some(point) = st.tracker.trim_point() else {
+        return;
+    };
+    if let Err(e) = st.journal.trim_through(point) {
+        tracing::error!(error = %e, "Cannot trim the journal.");
+    }
+    st.handed.forget_through(point);
+    s.update_gauges(st);
+}
+
+/// Learn or forget a sink group from its (retained) registration.
+async fn on_registration(s: &Shared, msg: &Message, limit: &mut RateLimit) {
+    let stream = s.stream.as_str();
+    let Some(group) = proto::parse(&msg.topic)
+        .filter(|p| p.kind == Kind::Sink)
+        .and_then(|p| p.rest.into_iter().next())
+    else {
+        return;
+    };
+    // An empty retained message (how an MQTT client deletes one) withdraws the group like a
+    // registration without filters does.
+    let consumes = if msg.payload.is_empty() {
+        false
+    } else {
+        match SinkRegistration::decode(&msg.payload) {
+            Err(_) => {
+                events::registration_refused(stream, &msg.topic, "malformed", limit);
+                return;
+            }
+            Ok(r) if r.group != group => {
+                events::registration_refused(stream, &msg.topic, "group_mismatch", limit);
+                return;
+            }
+            Ok(r) => r
+                .filters
+                .iter()
+                .any(|f| proto::filters_overlap(f, &s.publishes)),
+        }
+    };
+    let (producer, name) = (s.producer.as_str(), group.as_str());
+    let learned = {
+        let mut st = s.state.lock().await;
+        let changed = if consumes {
+            let before = st.tracker.learned().any(|g| g == name);
+            let first = st.journal.ranges().first().map(|r| r[0]);
+            if st
+                .tracker
+                .learn(name, first, Instant::now(), RECONNECT_GRACE)
+            {
+                events::sink_group_changed(producer, stream, name, true, false);
+            }
+            !before
+        } else {
+            match st.tracker.forget(name) {
+                Forgot::Forgotten => {
+                    events::sink_group_changed(producer, stream, name, false, false);
+                    // The slowest group may be gone: the rest may trim now.
+                    trim(s, &mut st);
+                    true
+                }
+                Forgot::Configured => {
+                    events::sink_group_changed(producer, stream, name, false, true);
+                    true
+                }
+                Forgot::Unknown => false,
+            }
+        };
+        if !changed {
+            return;
+        }
+        st.tracker.learned().map(str::to_string).collect::<Vec<_>>()
+    };
+    let dir = s.dir.clone();
+    let saved = tokio::task::spawn_blocking(move || {
+        learned::save(&dir, learned.iter().map(String::as_str))
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => events::sinks_file_failed(&learned::path(&s.dir), "write", &e),
+        Err(_) => tracing::debug!("The task saving the learned sink groups did not finish."),
+    }
+}
+
 async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {
-    let batches: Vec<(String, u64, Duration, Vec<Record>)> = {
+    let batches: Vec<(Due, Vec<Record>)> = {
         let mut st = s.state.lock().await;
         let last = st.journal.last_seq();
-        let now = Instant::now();
-        let due = st.tracker.overdue(last, now);
+        let due = st.tracker.overdue(last, Instant::now());
         let mut out = Vec::new();
-        for (group, after, acked) in due {
-            let acked: RangeSet = acked;
-            let records = st
-                .journal
-                .read_after(after, s.cfg.replay_batch, |seq| acked.contains(seq))?;
-            out.push((
-                group,
-                after,
-                Duration::from_millis(s.cfg.ack_timeout_ms),
-                records,
-            ));
+        for d in due {
+            let handed = &st.handed;
+            // The first round after a reconnect leaves out what the new connection carried.
+            let skip = |seq| d.acked.contains(seq) || (d.after_reconnect && handed.on_current(seq));
+            let records = st.journal.read_after(d.after, s.cfg.replay_batch, skip)?;
+            out.push((d, records));
         }
         out
     };
-    for (group, after, waited, records) in batches {
+    for (due, records) in batches {
         if records.is_empty() {
             continue;
         }
-        events::replaying(s.stream.as_str(), &group, records.len(), after, waited);
+        events::replaying(
+            s.stream.as_str(),
+            &due.group,
+            records.len(),
+            due.after,
+            due.waited,
+        );
+        let epoch = *s.epoch.borrow();
+        let mut published = Vec::with_capacity(records.len());
         for r in records {
             if !s.bus.publish_or_defer(&r.topic, r.payload).await {
                 // The link is down or stuck: the rest waits for the next round.
                 break;
             }
+            published.push(r.seq);
+        }
+        let mut st = s.state.lock().await;
+        for seq in published {
+            st.handed.record(seq, epoch);
         }
     }
     Ok(())
@@ -659,9 +890,11 @@ impl<T> std::fmt::Debug for Inbox<T> {
 }
 
 impl<T: Sequenced> Inbox<T> {
-    /// Subscribe `filter` as sink group `sink` (the name producers list in `wait_for`). The
-    /// returned task publishes acknowledgements and ends once the inbox and every [`Acker`]
-    /// are dropped, after a last flush; await it before closing the bus.
+    /// Subscribe `filter` as sink group `sink` and register the group (retained, on every
+    /// connection: producers whose streams overlap `filter` then wait for this group's
+    /// acknowledgements, and keep every reading until it has stored them). The returned task
+    /// publishes acknowledgements and ends once the inbox and every [`Acker`] are dropped,
+    /// after a last flush; await it before closing the bus.
     pub fn subscribe(
         bus: &Bus,
         filter: &Filter<T>,
@@ -674,6 +907,7 @@ impl<T: Sequenced> Inbox<T> {
             filter.as_str().to_string()
         };
         let rx = bus.subscribe(f, QoS::AtLeastOnce, Overflow::Wait);
+        bus.register_sink(sink, filter.as_str());
         let (tx, ack_rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(flush_acks(
             bus.clone(),
@@ -940,8 +1174,15 @@ mod tests {
             wait_for: vec![seg("influx")],
             ..StreamConfig::default()
         };
-        let (producer, _t) =
-            Producer::open(&bus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+        let (producer, _t) = Producer::open(
+            &bus,
+            &seg("meas"),
+            &Filter::measurements(Some(&seg("home")), None),
+            &cfg,
+            dir.path(),
+            Shutdown::never(),
+        )
+        .unwrap();
         let topic = Topic::measurement(&seg("home"), &seg("d"), &seg("c"));
         // Far more than rumqttc's request queue (1024) holds.
         for i in 0..3000 {

@@ -2,7 +2,7 @@
 //! `internal_events`): the log line is for the person at the terminal, the counter for the
 //! dashboard that notices at 3 a.m. that something is dropping.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -145,6 +145,7 @@ pub fn journal_dropped(stream: &str, d: &Dropped) {
     );
 }
 
+/// `waited` is how long the group has kept records waiting without acknowledging any.
 pub fn replaying(stream: &str, group: &str, records: usize, after: u64, waited: Duration) {
     Counter::new(
         "wattbus_replayed_records_total",
@@ -159,6 +160,201 @@ pub fn replaying(stream: &str, group: &str, records: usize, after: u64, waited: 
         after_seq = after,
         waited_s = waited.as_secs(),
         "No acknowledgement in time; publishing unacknowledged records again."
+    );
+}
+
+/// At most one WARN per key and interval; the others are counted and reported with the next
+/// one, so a flood of forged messages cannot flood the log.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: Duration,
+    last: BTreeMap<&'static str, (Instant, u64)>,
+}
+
+impl RateLimit {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: BTreeMap::new(),
+        }
+    }
+
+    /// `Some(suppressed since the last one)` if a WARN for `key` may be logged now.
+    pub fn allow(&mut self, key: &'static str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(key) {
+            Some((at, suppressed)) if now.duration_since(*at) < self.every => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Why an acknowledgement was not applied (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckRefusal {
+    /// The payload names another sink group than the topic.
+    SinkMismatch,
+    /// Delivered as a retained message: real sinks never retain acknowledgements, so it is
+    /// stale or forged, and it would be applied again on every resubscription.
+    Retained,
+    /// From a group this stream does not wait for.
+    NotWaitedFor,
+    /// It covers journaled records this process never published (a sink cannot have stored
+    /// them); those seqs are left out, the rest applies. Also a late acknowledgement of a
+    /// record published before a restart, which is replayed and acknowledged again.
+    Unpublished,
+}
+
+impl AckRefusal {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AckRefusal::SinkMismatch => "sink_mismatch",
+            AckRefusal::Retained => "retained",
+            AckRefusal::NotWaitedFor => "not_waited_for",
+            AckRefusal::Unpublished => "unpublished",
+        }
+    }
+}
+
+pub fn ack_refused(stream: &str, topic: &str, reason: AckRefusal, limit: &mut RateLimit) {
+    Counter::new(
+        "wattbus_refused_acks_total",
+        "Acknowledgements (or parts of them) not applied: forged, stale, or from a group this stream does not wait for.",
+        &[("stream", stream), ("reason", reason.as_str())],
+    )
+    .inc();
+    let reason_str = reason.as_str();
+    match reason {
+        AckRefusal::SinkMismatch | AckRefusal::Retained => {
+            if let Some(suppressed) = limit.allow(reason_str, Instant::now()) {
+                tracing::warn!(
+                    stream,
+                    topic,
+                    reason = reason_str,
+                    suppressed,
+                    "Refused an acknowledgement that no sink of that group can have sent (forged or stale); nothing was trimmed for it."
+                );
+            }
+        }
+        AckRefusal::NotWaitedFor | AckRefusal::Unpublished => {
+            tracing::debug!(
+                stream,
+                topic,
+                reason = reason_str,
+                "Acknowledgement not applied."
+            );
+        }
+    }
+}
+
+pub fn registration_refused(
+    stream: &str,
+    topic: &str,
+    reason: &'static str,
+    limit: &mut RateLimit,
+) {
+    Counter::new(
+        "wattbus_refused_registrations_total",
+        "Sink registrations ignored because they were malformed or named another group than their topic.",
+        &[("stream", stream), ("reason", reason)],
+    )
+    .inc();
+    if let Some(suppressed) = limit.allow(reason, Instant::now()) {
+        tracing::warn!(
+            stream,
+            topic,
+            reason,
+            suppressed,
+            "Ignored a sink registration; this stream's groups are unchanged."
+        );
+    }
+}
+
+/// A stream learned to wait for `group` (`learned`), or stopped (`!learned`).
+pub fn sink_group_changed(
+    producer: &str,
+    stream: &str,
+    group: &str,
+    learned: bool,
+    configured: bool,
+) {
+    Counter::new(
+        "wattbus_sink_group_changes_total",
+        "Sink groups a stream learned from a registration, or forgot on a withdrawal.",
+        &[
+            ("stream", stream),
+            ("change", if learned { "learned" } else { "forgotten" }),
+        ],
+    )
+    .inc();
+    if learned {
+        tracing::info!(
+            producer,
+            stream,
+            sink = group,
+            "A sink group registered for this stream; its readings are kept until it has stored them too."
+        );
+    } else if configured {
+        tracing::info!(
+            producer,
+            stream,
+            sink = group,
+            "A sink group withdrew its registration for this stream; still waiting for it, as wait_for lists it."
+        );
+    } else {
+        tracing::info!(
+            producer,
+            stream,
+            sink = group,
+            "A sink group withdrew its registration for this stream; its acknowledgements no longer hold readings back."
+        );
+    }
+}
+
+pub fn no_sink_group(producer: &str, stream: &str, held: u64, max_bytes: u64) {
+    tracing::warn!(
+        producer,
+        stream,
+        held_records = held,
+        max_bytes,
+        "No sink group has registered for this stream; its readings are held until one does (up to max_bytes)."
+    );
+}
+
+fn sinks_file_error() {
+    Counter::new(
+        "wattbus_sinks_file_errors_total",
+        "Learned sink group files that were damaged, or could not be read or written.",
+        &[],
+    )
+    .inc();
+}
+
+pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize]) {
+    sinks_file_error();
+    tracing::error!(
+        file = %path.display(),
+        ?bad_lines,
+        "The learned sink groups file is damaged; kept its valid lines. A group on a damaged line is waited for again once its registration arrives: check that every sink group is running."
+    );
+}
+
+pub fn sinks_file_failed(path: &Path, action: &str, error: &std::io::Error) {
+    sinks_file_error();
+    tracing::error!(
+        file = %path.display(),
+        action,
+        error = %error,
+        "Cannot keep the learned sink groups on disk; after a restart they are known again only once their registrations arrive. Check the disk."
     );
 }
 

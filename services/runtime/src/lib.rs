@@ -8,7 +8,9 @@
 //! - `config`: figment loading, errors that name file and key, secrets, shared sections.
 //! - `bus`: the MQTT connection (one polling task, backoff, re-subscription, status, routing).
 //! - `journal`: a producer stream's journal on disk or in memory (pure: std only, no tokio).
-//! - `acks`: acknowledgement ranges to per-group watermarks (pure).
+//! - `acks`: acknowledgement ranges to per-group watermarks, learned and forgotten sink groups,
+//!   what was published (pure).
+//! - `learned`: the sink groups a stream learned, kept beside its journal.
 //! - `delivery`: [`delivery::Producer`], [`delivery::Inbox`], [`delivery::Acker`]: the
 //!   delivery contract of docs/ARCHITECTURE.md on top of the three above.
 //! - `dead_letters`: the dead-letter file (JSON lines, fsynced, rotated once, private).
@@ -25,6 +27,7 @@ pub mod delivery;
 pub mod events;
 pub mod health;
 pub mod journal;
+pub mod learned;
 pub mod shutdown;
 pub mod telemetry;
 

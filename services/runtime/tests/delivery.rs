@@ -3,6 +3,7 @@
 //! sharing the broker cannot see each other's messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use proto::{DeadLetter, Filter, Measurement, Payload, Quality, Segment, Topic};
@@ -51,8 +52,7 @@ async fn a_full_journal_drops_the_oldest_and_counts_them() {
         wait_for: vec![seg("absent")],
         ..StreamConfig::default()
     };
-    let (producer, _ptask) =
-        Producer::open(&bus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+    let (producer, _ptask) = open_meas(&bus, &site, "meas", &cfg, dir.path(), Shutdown::never());
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..3000 {
         producer.send(&topic, reading(&site, i)).await.unwrap();
@@ -180,8 +180,7 @@ async fn acknowledged_records_are_trimmed_from_the_journal() {
         segment_bytes: 4096,
         ..StreamConfig::default()
     };
-    let (producer, _ptask) =
-        Producer::open(&pbus, &seg("meas"), &cfg, dir.path(), Shutdown::never()).unwrap();
+    let (producer, _ptask) = open_meas(&pbus, &site, "meas", &cfg, dir.path(), Shutdown::never());
     let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
     for i in 0..100 {
         producer.send(&topic, reading(&site, i)).await.unwrap();
@@ -223,4 +222,617 @@ fn walk(p: &std::path::Path) -> usize {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// The stream `stream` of the producer on `bus`, publishing readings of `site`.
+fn open_meas(
+    bus: &Bus,
+    site: &Segment,
+    stream: &str,
+    cfg: &StreamConfig,
+    dir: &std::path::Path,
+    shutdown: Shutdown,
+) -> (Producer, tokio::task::JoinHandle<()>) {
+    Producer::open(
+        bus,
+        &seg(stream),
+        &Filter::measurements(Some(site), None),
+        cfg,
+        dir,
+        shutdown,
+    )
+    .unwrap()
+}
+
+/// A sink group `group` on its own connection: stores (here: keeps in memory) and acknowledges
+/// every reading of `site`, and registers the group (retained) as every `Inbox` owner does.
+struct Sink {
+    bus: Bus,
+    bus_task: tokio::task::JoinHandle<()>,
+    inbox: Inbox<Measurement>,
+    ack_task: tokio::task::JoinHandle<()>,
+    /// `ts_ms` of every reading stored.
+    stored: std::collections::BTreeSet<i64>,
+}
+
+impl Sink {
+    async fn start(site: &Segment, group: &str) -> Sink {
+        let (bus, bus_task) = connect(site, group).await;
+        let (inbox, ack_task) = Inbox::<Measurement>::subscribe(
+            &bus,
+            &Filter::measurements(Some(site), None),
+            &seg(group),
+            &InboxConfig {
+                ack_interval_ms: 50,
+                ..InboxConfig::default()
+            },
+        );
+        assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+        Sink {
+            bus,
+            bus_task,
+            inbox,
+            ack_task,
+            stored: Default::default(),
+        }
+    }
+
+    /// Stores and acknowledges until `n` distinct readings are stored, or fails after `wait`.
+    async fn store_until(&mut self, n: usize, wait: Duration) {
+        let end = tokio::time::Instant::now() + wait;
+        let acker = self.inbox.acker();
+        while self.stored.len() < n {
+            let d = tokio::time::timeout_at(end, self.inbox.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of {n} readings stored within {wait:?}",
+                        self.stored.len()
+                    )
+                })
+                .expect("the sink's bus closed");
+            self.stored.insert(d.message.ts_ms);
+            acker.ack(d.token.as_ref().expect("a journaled reading has an origin"));
+        }
+    }
+
+    /// Stops the way a stopped container does: last acknowledgements out, offline, gone.
+    async fn stop(self) {
+        drop(self.inbox);
+        self.ack_task.await.unwrap();
+        self.bus.close(self.bus_task).await;
+    }
+}
+
+/// A producer stream `stream` of instance `name` on its own connection, journal in `dir`.
+struct Stream {
+    bus: Bus,
+    bus_task: tokio::task::JoinHandle<()>,
+    p: Producer,
+    trigger: runtime::shutdown::ShutdownTrigger,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stream {
+    async fn open(
+        site: &Segment,
+        name: &str,
+        stream: &str,
+        cfg: &StreamConfig,
+        dir: &std::path::Path,
+    ) -> Stream {
+        let (bus, bus_task) = connect(site, name).await;
+        let (trigger, shutdown) = runtime::shutdown::channel();
+        let (p, task) = open_meas(&bus, site, stream, cfg, dir, shutdown);
+        Stream {
+            bus,
+            bus_task,
+            p,
+            trigger,
+            task,
+        }
+    }
+
+    /// [`Stream::open`] as instance `p`; then sink group `store` registers, the stream learns
+    /// it, and the sink stops: the writer is down, and its readings must wait for it.
+    async fn with_store_gone(
+        site: &Segment,
+        stream: &str,
+        cfg: &StreamConfig,
+        dir: &std::path::Path,
+    ) -> Stream {
+        let s = Stream::open(site, "p", stream, cfg, dir).await;
+        let store = Sink::start(site, "store").await;
+        assert!(
+            learns(dir, site, "p", stream, &["store"]).await,
+            "the producer did not learn the group that registered"
+        );
+        store.stop().await;
+        s
+    }
+
+    /// A clean stop: the journal is closed (and unlocked) once this returns.
+    async fn stop(self) {
+        self.trigger.fire();
+        self.task.await.unwrap();
+        drop(self.p);
+        self.bus.close(self.bus_task).await;
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds, at most `wait`.
+async fn eventually<F, Fut>(wait: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + wait;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The groups a journal learned, as its file says.
+fn learned(dir: &std::path::Path, site: &Segment, name: &str, stream: &str) -> Vec<String> {
+    let jdir = runtime::delivery::journal_dir(dir, &seg(&format!("{name}-{site}")), &seg(stream));
+    runtime::learned::load(&jdir)
+        .unwrap()
+        .groups
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// Waits until the producer of `stream` has handled everything published on its
+/// acknowledgement `topic` so far: a malformed acknowledgement sent after them is counted once
+/// they are all handled (one publisher, one subscription: in order).
+async fn handled(forger: &Bus, topic: &str, stream: &str) {
+    let malformed = || {
+        runtime::telemetry::Counter::new(
+            "wattbus_malformed_acks_total",
+            "test",
+            &[("stream", stream)],
+        )
+        .get()
+    };
+    let before = malformed();
+    forger
+        .publish(topic, b"not an acknowledgement".to_vec(), false)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async { malformed() > before }).await,
+        "the producer did not handle what was published on {topic}"
+    );
+}
+
+fn replays(stream: &str, sink: &str) -> u64 {
+    runtime::telemetry::Counter::new(
+        "wattbus_replayed_records_total",
+        "test",
+        &[("stream", stream), ("sink", sink)],
+    )
+    .get()
+}
+
+/// Waits (up to 10 s) until the journal of `name`'s `stream` has learned exactly `groups`.
+async fn learns(
+    dir: &std::path::Path,
+    site: &Segment,
+    name: &str,
+    stream: &str,
+    groups: &[&str],
+) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        learned(dir, site, name, stream) == groups
+    })
+    .await
+}
+
+fn refused(stream: &str, reason: &str) -> u64 {
+    runtime::telemetry::Counter::new(
+        "wattbus_refused_acks_total",
+        "test",
+        &[("stream", stream), ("reason", reason)],
+    )
+    .get()
+}
+
+/// A fast replay for tests: due 500 ms after publishing, never waiting more than 2 s.
+fn quick() -> StreamConfig {
+    StreamConfig {
+        ack_timeout_ms: 500,
+        ack_timeout_max_ms: 2000,
+        ..StreamConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_built_in_defaults_readings_wait_for_a_sink_that_registers_later_and_all_reach_it() {
+    let site = site("held");
+    let dir = tempfile::tempdir().unwrap();
+    // Built-in defaults: no `wait_for`, and no sink group has ever registered.
+    let s = Stream::open(&site, "p", "held", &quick(), dir.path()).await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..200 {
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    assert_eq!(
+        s.p.pending().await,
+        200,
+        "a reading no sink has stored stays journaled"
+    );
+    assert!(learned(dir.path(), &site, "p", "held").is_empty());
+
+    let mut sink = Sink::start(&site, "store").await;
+    sink.store_until(200, Duration::from_secs(30)).await;
+    assert_eq!(
+        sink.stored,
+        (0..200).map(|i| 1_764_000_000_000 + i).collect(),
+        "the sink that came later got every reading held for it"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
+        "the journal drains once the sink has stored everything ({} left)",
+        s.p.pending().await
+    );
+    assert_eq!(learned(dir.path(), &site, "p", "held"), vec!["store"]);
+    sink.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_forgot_it() {
+    let site = site("relearn");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StreamConfig {
+        wait_for: vec![seg("fast")],
+        ..quick()
+    };
+    Stream::with_store_gone(&site, "relearn", &cfg, dir.path())
+        .await
+        .stop()
+        .await;
+    // The broker restarted without its retained messages: nothing tells of `store` any more.
+    let (admin, _at) = connect(&site, "admin").await;
+    let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(&site, &seg("store"));
+    admin
+        .publish(gone.as_str(), Vec::new(), true)
+        .await
+        .unwrap();
+
+    let s = Stream::open(&site, "p", "relearn", &cfg, dir.path()).await;
+    let mut fast = Sink::start(&site, "fast").await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..50 {
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    fast.store_until(50, Duration::from_secs(10)).await;
+    // `store` is overdue: the producer replays to it, so it still waits for it.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            replays("relearn", "store") > 0
+        })
+        .await,
+        "the restarted producer forgot the group it had learned"
+    );
+    assert_eq!(
+        s.p.pending().await,
+        50,
+        "held for `store`, which has stored none of them"
+    );
+    fast.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_acknowledgements_trim_nothing_and_the_real_sink_still_gets_every_reading() {
+    let site = site("forged");
+    let dir = tempfile::tempdir().unwrap();
+    // The writer registered and is stopped; readings keep coming.
+    let s = Stream::with_store_gone(&site, "forged", &quick(), dir.path()).await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..100 {
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    let (forger, _ft) = connect(&site, "forger").await;
+    let everything = |sink: &str| {
+        format!(r#"{{"sink":"{sink}","ranges":[[1,18446744073709551615]],"ts_ms":0}}"#).into_bytes()
+    };
+    let ack_topic = |sink: &str| {
+        proto::Topic::<proto::Ack>::ack(
+            &site,
+            &seg(&format!("p-{site}")),
+            &seg("forged"),
+            &seg(sink),
+        )
+    };
+    // On the writer's topic, naming another group; and as a group this stream does not wait for.
+    forger
+        .publish(ack_topic("store").as_str(), everything("evil"), false)
+        .await
+        .unwrap();
+    forger
+        .publish(ack_topic("evil").as_str(), everything("evil"), false)
+        .await
+        .unwrap();
+    handled(&forger, ack_topic("store").as_str(), "forged").await;
+    handled(&forger, ack_topic("evil").as_str(), "forged").await;
+    assert_eq!(
+        s.p.pending().await,
+        100,
+        "a forged acknowledgement trimmed readings"
+    );
+    assert_eq!(refused("forged", "sink_mismatch"), 1);
+    assert_eq!(refused("forged", "not_waited_for"), 1);
+
+    let mut store = Sink::start(&site, "store").await;
+    store.store_until(100, Duration::from_secs(30)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
+        "the journal drains once the real sink has stored everything"
+    );
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_acknowledgement_is_refused_after_a_restart_and_a_reconnect() {
+    let site = site("retained");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StreamConfig {
+        wait_for: vec![seg("store")],
+        ..quick()
+    };
+    {
+        // 100 readings journaled for `store`, which is stopped; then the producer stops too.
+        let s = Stream::open(&site, "p", "retained", &cfg, dir.path()).await;
+        let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+        for i in 0..100 {
+            s.p.send(&topic, reading(&site, i)).await.unwrap();
+        }
+        s.stop().await;
+    }
+    // A forged acknowledgement of everything, retained: the broker hands it to every
+    // subscriber of the producer's acknowledgements from now on.
+    let (forger, _ft) = connect(&site, "forger").await;
+    let ack = proto::Topic::<proto::Ack>::ack(
+        &site,
+        &seg(&format!("p-{site}")),
+        &seg("retained"),
+        &seg("store"),
+    );
+    forger
+        .publish(
+            ack.as_str(),
+            br#"{"sink":"store","ranges":[[1,18446744073709551615]],"ts_ms":0}"#.to_vec(),
+            true,
+        )
+        .await
+        .unwrap();
+    let s = Stream::open(&site, "p", "retained", &cfg, dir.path()).await;
+    assert!(s.bus.wait_subscribed(Duration::from_secs(10)).await);
+    handled(&forger, ack.as_str(), "retained").await;
+    assert_eq!(
+        s.p.pending().await,
+        100,
+        "a retained acknowledgement trimmed readings"
+    );
+    // Past the restart grace the producer has replayed everything on this connection; a
+    // reconnect (here: another client taking its client id for a moment) delivers the
+    // retained acknowledgement again, now for records it has published.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            replays("retained", "store") >= 100
+        })
+        .await
+    );
+    let (thief, tt) = connect(&site, "p").await;
+    thief.close(tt).await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            *s.bus.connection().borrow() >= 2
+        })
+        .await,
+        "the producer did not reconnect"
+    );
+    assert!(s.bus.wait_subscribed(Duration::from_secs(10)).await);
+    handled(&forger, ack.as_str(), "retained").await;
+    assert_eq!(
+        s.p.pending().await,
+        100,
+        "a retained acknowledgement trimmed readings"
+    );
+    assert_eq!(
+        refused("retained", "retained"),
+        2,
+        "refused on each subscription"
+    );
+    forger
+        .publish(ack.as_str(), Vec::new(), true)
+        .await
+        .unwrap();
+    let mut store = Sink::start(&site, "store").await;
+    store.store_until(100, Duration::from_secs(30)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await
+    );
+    store.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_group_is_forgotten_even_by_a_producer_that_was_stopped_at_the_time() {
+    let site = site("withdrawn");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StreamConfig {
+        wait_for: vec![seg("fast")],
+        ..quick()
+    };
+    let s = Stream::with_store_gone(&site, "withdrawn", &cfg, dir.path()).await;
+    // A second producer, stopped, that learned `store` too.
+    let other =
+        runtime::delivery::journal_dir(dir.path(), &seg(&format!("q-{site}")), &seg("withdrawn"));
+    std::fs::create_dir_all(&other).unwrap();
+    runtime::learned::save(&other, ["store"]).unwrap();
+
+    let mut fast = Sink::start(&site, "fast").await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..20 {
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    fast.store_until(20, Duration::from_secs(10)).await;
+    assert_eq!(s.p.pending().await, 20, "held for `store`");
+
+    // `wattbus sinks forget store`: a retained withdrawal.
+    let (admin, _at) = connect(&site, "admin").await;
+    admin
+        .send(
+            &proto::Topic::sink_registration(&site, &seg("store")),
+            &proto::SinkRegistration::withdrawn(seg("store")),
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
+        "the stream still waits for a withdrawn group"
+    );
+    assert!(
+        learns(dir.path(), &site, "p", "withdrawn", &["fast"]).await,
+        "the file should hold only `fast` (configured, and registered): {:?}",
+        learned(dir.path(), &site, "p", "withdrawn")
+    );
+    let _q = Stream::open(&site, "q", "withdrawn", &cfg, dir.path()).await;
+    assert!(
+        learns(dir.path(), &site, "q", "withdrawn", &["fast"]).await,
+        "a producer that was stopped at the time still waits for the withdrawn group"
+    );
+    fast.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_first_connection_a_producer_replays_only_what_it_could_not_publish() {
+    let site = site("first");
+    let dir = tempfile::tempdir().unwrap();
+    let port = wattbus_testkit::LateBroker::port();
+    let id = Identity {
+        service: seg("test"),
+        instance: seg(&format!("p-{site}")),
+    };
+    // The broker is not up yet when the producer starts.
+    let (bus, _bt) = Bus::connect(
+        &wattbus_testkit::LateBroker::bus(port),
+        &site,
+        &id,
+        &Health::default(),
+    )
+    .unwrap();
+    // Nothing is acknowledged, and the only replay round in this test is the one after the
+    // connection comes up (the next would be a minute later).
+    let cfg = StreamConfig {
+        wait_for: vec![seg("store")],
+        ack_timeout_ms: 60_000,
+        ..StreamConfig::default()
+    };
+    let (p, _task) = open_meas(&bus, &site, "first", &cfg, dir.path(), Shutdown::never());
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..10 {
+        p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    let _broker = wattbus_testkit::LateBroker::start(port);
+    assert!(bus.wait_connected(Duration::from_secs(10)).await);
+    for i in 10..50 {
+        p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            replays("first", "store") > 0
+        })
+        .await,
+        "the readings journaled before the broker was up were never published"
+    );
+    assert_eq!(
+        replays("first", "store"),
+        10,
+        "only the 10 readings the broker never got are published again, not the 40 it just got"
+    );
+    assert_eq!(p.pending().await, 50);
+}
+
+/// Everything logged by this test binary from the first call on, as text.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        struct Writer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Writer(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    })
+    .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_no_sink_has_registered_for_says_so_once() {
+    let logs = captured_logs();
+    let site = site("unheard");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Stream::open(&site, "p", "unheard", &quick(), dir.path()).await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    s.p.send(&topic, reading(&site, 1)).await.unwrap();
+    let warnings = || {
+        String::from_utf8_lossy(&logs.lock().unwrap())
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    && l.contains(&format!("producer=\"p-{site}\""))
+                    && l.contains("stream=\"unheard\"")
+                    && l.contains("No sink group has registered for this stream; its readings are held until one does")
+            })
+            .count()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || async { warnings() > 0 }).await,
+        "no WARN about a stream nobody stores"
+    );
+    // A sink comes: the readings reach it; no second WARN on the way.
+    let mut sink = Sink::start(&site, "store").await;
+    sink.store_until(1, Duration::from_secs(10)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await
+    );
+    assert_eq!(warnings(), 1);
+    sink.stop().await;
 }

@@ -32,7 +32,7 @@ pub mod protocol;
 
 pub use config::Config;
 
-use proto::Segment;
+use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
@@ -69,9 +69,11 @@ pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
 pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
     let plans = config.plans(SECTION)?;
     let data_dir = &ctx.common.data_dir;
+    let site = &ctx.common.site;
     let (meas, meas_task) = Producer::open(
         bus,
         &seg("meas"),
+        &Filter::measurements(Some(site), None),
         &config.meas_stream,
         data_dir,
         ctx.shutdown.clone(),
@@ -83,6 +85,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         let (p, t) = Producer::open(
             bus,
             &seg("raw"),
+            &Filter::raw(Some(site), None),
             &config.raw_stream,
             data_dir,
             ctx.shutdown.clone(),

@@ -29,7 +29,7 @@ pub use household::{Household, Reading};
 
 use std::time::Duration;
 
-use proto::{Measurement, Quality, Segment, Topic};
+use proto::{Filter, Measurement, Quality, Segment, Topic};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
@@ -65,6 +65,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     let (producer, producer_task) = Producer::open(
         bus,
         &stream,
+        &Filter::measurements(Some(&ctx.common.site), None),
         &config.stream,
         &ctx.common.data_dir,
         ctx.shutdown.clone(),

@@ -78,7 +78,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
                 before.export_wh,
                 before.resets + 1
             );
-            if !yes && !confirmed()? {
+            if !yes && !confirmed("resetting")? {
                 println!("Nothing changed.");
                 return Ok(());
             }
@@ -109,12 +109,13 @@ fn open(config: Option<PathBuf>) -> anyhow::Result<Energy> {
     Energy::load(&path).context("cannot open the energy counters")
 }
 
-fn confirmed() -> anyhow::Result<bool> {
+/// Asks the person at the terminal to type `yes` before `doing` (e.g. "resetting").
+pub(crate) fn confirmed(doing: &str) -> anyhow::Result<bool> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        anyhow::bail!("not resetting without confirmation: stdin is not a terminal (use --yes)");
+        anyhow::bail!("not {doing} without confirmation: stdin is not a terminal (use --yes)");
     }
-    print!("Type yes to reset: ");
+    print!("Type yes to go ahead: ");
     std::io::stdout().flush()?;
     let mut answer = String::new();
     stdin.lock().read_line(&mut answer)?;

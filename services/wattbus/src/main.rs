@@ -6,6 +6,7 @@ mod demo;
 mod energy;
 mod modbus;
 mod services;
+mod sinks;
 mod tail;
 
 use std::path::PathBuf;
@@ -43,6 +44,11 @@ enum Command {
     Energy {
         #[command(subcommand)]
         command: energy::Command,
+    },
+    /// Sink groups: which are registered and waited for; forget one that is gone for good.
+    Sinks {
+        #[command(subcommand)]
+        command: sinks::Command,
     },
     /// Modbus tools: scan a bus, read a meter, set a WE-515's address or baud rate.
     Modbus {
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
             Command::Tail(opts) => tail::run(opts).await,
             Command::Modbus { command } => modbus::run(command).await,
             Command::Energy { command } => energy::run(command),
+            Command::Sinks { command } => sinks::run(command).await,
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => check::run(file),

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use proto::{
-    Ack, Command, CommandResult, DeadLetter, Kind, Measurement, Payload, RawFrame, Segment, Status,
+    Ack, Command, CommandResult, DeadLetter, Kind, Measurement, Payload, RawFrame, Segment,
+    SinkRegistration, Status,
 };
 use runtime::ConfigSource;
 use runtime::bus::{Bus, Identity, Overflow, QoS};
@@ -118,6 +119,14 @@ pub fn describe(topic: &str, payload: &[u8]) -> String {
         }),
         Kind::DeadLetter => decoded::<DeadLetter>(payload, |d| {
             format!("from {}: {} — {}", d.service, d.reason, d.topic)
+        }),
+        Kind::Sink if payload.is_empty() => "registration cleared".to_string(),
+        Kind::Sink => decoded::<SinkRegistration>(payload, |r| {
+            if r.is_withdrawn() {
+                "withdrawn: producers no longer wait for it".to_string()
+            } else {
+                format!("consumes {}", r.filters.join(", "))
+            }
         }),
     };
     format!("{:<6} {place}  {body}", parsed.kind.as_str())

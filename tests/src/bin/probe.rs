@@ -140,7 +140,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let (bus, bus_task) = connect(&common, instance)?;
             // Without a sink group nothing is replayed: readings published before the
-            // connection is up would be dropped (and counted), so wait for it.
+            // connection is up would only be held, so wait for it.
             if wait_for.is_empty() {
                 anyhow::ensure!(
                     bus.wait_connected(Duration::from_secs(30)).await,
@@ -153,8 +153,9 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     JournalKind::Disk
                 },
-                // "" = no sink group: trimmed once handed to the broker (benchmarks of
-                // consumers that do not acknowledge).
+                // "" = no configured sink group (benchmarks of consumers that do not
+                // acknowledge, and register nothing): the journal holds every reading, and the
+                // probe does not wait for it to drain.
                 wait_for: if wait_for.is_empty() {
                     Vec::new()
                 } else {
@@ -167,14 +168,15 @@ async fn main() -> anyhow::Result<()> {
                 segment_bytes: 4 << 20,
                 ..StreamConfig::default()
             };
+            let device = Segment::new("probe-dev")?;
             let (producer, task) = Producer::open(
                 &bus,
                 &Segment::new("meas")?,
+                &Filter::measurements(Some(&common.site), Some(&device)),
                 &stream,
                 &common.data_dir,
                 shutdown.clone(),
             )?;
-            let device = Segment::new("probe-dev")?;
             let channel = Segment::new("ch")?;
             let topic = Topic::measurement(&common.site, &device, &channel);
             let start = Instant::now();
@@ -211,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{{\"published\":{count}}}");
             std::io::Write::flush(&mut std::io::stdout())?;
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
-            while producer.pending().await > 0 {
+            while !stream.wait_for.is_empty() && producer.pending().await > 0 {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "{} readings still unacknowledged after {timeout_s} s",
@@ -240,9 +242,11 @@ async fn main() -> anyhow::Result<()> {
                 ack_timeout_max_ms: 4000,
                 ..StreamConfig::default()
             };
+            let relayed = Segment::new("probe-relayed")?;
             let (producer, ptask) = Producer::open(
                 &bus,
                 &Segment::new("meas")?,
+                &Filter::measurements(Some(&common.site), Some(&relayed)),
                 &stream,
                 &common.data_dir,
                 shutdown.clone(),
@@ -259,7 +263,6 @@ async fn main() -> anyhow::Result<()> {
             );
             let acker = inbox.acker();
             announce_subscribed(&bus).await?;
-            let relayed = Segment::new("probe-relayed")?;
             let sig =
                 tokio::spawn(async move { runtime::shutdown::fire_on_signal(&trigger).await });
             loop {

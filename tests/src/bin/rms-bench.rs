@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use proto::{Filter, Measurement, RawChannel, RawFrame, Segment, Topic};
-use runtime::bus::{Bus, Identity};
-use runtime::config::{BusConfig, InboxConfig, JournalKind, StreamConfig};
-use runtime::delivery::{Inbox, Producer};
+use proto::{Filter, Measurement, Payload, RawChannel, RawFrame, Segment, Topic};
+use runtime::bus::{Bus, Identity, Overflow, QoS};
+use runtime::config::{BusConfig, JournalKind, StreamConfig};
+use runtime::delivery::Producer;
 use runtime::{Common, Health, Secret};
 use tokio::sync::watch;
 
@@ -96,12 +96,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let (bus, bus_task) = Bus::connect(&common.bus, &site, &id, &Health::default())?;
 
-    // The counting sink: a group nobody waits for, so it never acknowledges.
-    let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
-        &bus,
-        &Filter::measurements(Some(&site), None),
-        &Segment::new("rms-bench-count")?,
-        &InboxConfig::default(),
+    // The counter only watches: a plain subscription, not an `Inbox`, so it registers no sink
+    // group and the processor waits for nobody (its readings stay in its journal).
+    let mut watch = bus.subscribe(
+        Filter::measurements(Some(&site), None).as_str().to_string(),
+        QoS::AtLeastOnce,
+        Overflow::Wait,
     );
     anyhow::ensure!(
         bus.wait_subscribed(Duration::from_secs(30)).await,
@@ -112,8 +112,11 @@ async fn main() -> anyhow::Result<()> {
     let counter = {
         let measured = measured.clone();
         tokio::spawn(async move {
-            while let Some(d) = inbox.recv().await {
-                if d.message.device.as_str().starts_with("bench-") {
+            while let Some(msg) = watch.recv().await {
+                let Ok(m) = Measurement::decode(&msg.payload) else {
+                    continue;
+                };
+                if m.device.as_str().starts_with("bench-") {
                     let n = measured.fetch_add(1, Ordering::Relaxed) + 1;
                     count_tx.send_replace(n);
                 }
@@ -133,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let (producer, producer_task) = Producer::open(
         &bus,
         &Segment::new("raw")?,
+        &Filter::raw(Some(&common.site), None),
         &stream,
         &common.data_dir,
         shutdown.clone(),
@@ -237,7 +241,6 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!(error = %e, "Producer task ended abnormally.");
     }
     counter.abort();
-    ack_task.abort();
     bus.close(bus_task).await;
     Ok(())
 }

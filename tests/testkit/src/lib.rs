@@ -7,6 +7,8 @@
 //!   printing a line).
 //! - [`Socat`]: a virtual serial cable (a socat PTY pair), as a user would make one to try a
 //!   serial service without hardware.
+//! - [`LateBroker`]: a mosquitto of a test's own on a port chosen before it runs, for a service
+//!   that starts before its broker.
 //!
 //! Only a dev-dependency: nothing here belongs in a service binary.
 
@@ -49,6 +51,94 @@ pub fn mosquitto() -> BusConfig {
         username: Some(p[2].into()),
         password: Some(Secret::new(p[3])),
         ..BusConfig::default()
+    }
+}
+
+/// A mosquitto of a test's own, started on a port picked before it runs ([`LateBroker::port`]),
+/// so a service can be started first and find no broker, as on a Pi where the broker's
+/// container comes up last. Anonymous, loopback only, no persistence. Killed on drop.
+pub struct LateBroker {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl LateBroker {
+    /// A loopback port nothing listens on (yet).
+    ///
+    /// # Panics
+    ///
+    /// When no port can be bound.
+    pub fn port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("cannot bind a loopback port")
+    }
+
+    /// The bus config for a broker on `port`, retrying fast (50–500 ms) so a test does not
+    /// wait out the default backoff once the broker is there.
+    pub fn bus(port: u16) -> BusConfig {
+        BusConfig {
+            host: "127.0.0.1".into(),
+            port,
+            reconnect_min_ms: 50,
+            reconnect_max_ms: 500,
+            ..BusConfig::default()
+        }
+    }
+
+    /// Starts mosquitto on `port` and waits (up to 10 s) until it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// When mosquitto cannot be run (tests/run.sh installs it) or does not listen in time.
+    pub fn start(port: u16) -> LateBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser {user}\n"
+            ),
+        )
+        .unwrap();
+        let bin = ["mosquitto", "/usr/sbin/mosquitto"]
+            .into_iter()
+            .find(|b| Command::new(b).arg("-h").output().is_ok())
+            .expect("mosquitto is not installed (tests/run.sh installs it)");
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot run mosquitto");
+        let mut broker = LateBroker { child, _dir: dir };
+        let listening = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        if !listening {
+            broker.kill();
+            panic!("mosquitto did not listen on port {port} within 10 s");
+        }
+        broker
+    }
+
+    fn kill(&mut self) {
+        // Errors mean it is gone already.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LateBroker {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -35,6 +35,17 @@ pub struct Service {
 
 impl Service {
     pub async fn start(site: &Segment, toml_text: &str) -> Service {
+        Service::start_on(site, toml_text, mosquitto(), true).await
+    }
+
+    /// Starts the service on the broker `bus` describes; with `connected`, only once the
+    /// connection is up (else at once, as a service on a Pi whose broker comes up later).
+    pub async fn start_on(
+        site: &Segment,
+        toml_text: &str,
+        bus_cfg: runtime::config::BusConfig,
+        connected: bool,
+    ) -> Service {
         if let Ok(level) = std::env::var("TEST_LOG") {
             let _ = runtime::telemetry::init_logging(&runtime::config::LogConfig {
                 level,
@@ -47,20 +58,22 @@ impl Service {
             .unwrap();
         config.instance = seg(&format!("mi-{site}"));
         let (bus, bus_task) = Bus::connect(
-            &mosquitto(),
+            &bus_cfg,
             site,
             &modbus_ingest::identity(&config),
             &Health::default(),
         )
         .unwrap();
-        assert!(bus.wait_connected(Duration::from_secs(10)).await);
+        if connected {
+            assert!(bus.wait_connected(Duration::from_secs(10)).await);
+        }
         let data = tempfile::tempdir().unwrap();
         let (trigger, shutdown) = runtime::shutdown::channel();
         let ctx = Context {
             common: Common {
                 site: site.clone(),
                 data_dir: data.path().to_path_buf(),
-                bus: mosquitto(),
+                bus: bus_cfg,
                 ..Common::default()
             },
             health: Health::default(),
