@@ -38,6 +38,11 @@ use tokio::time::Instant;
 /// a comment. INTEGRATOR: set to `true` once `broker::User` has `role`.
 pub const BROKER_USERS_HAVE_ROLES: bool = false;
 
+/// The demo broker's log per subscription filter: at most (count + 1) × bytes = 768 KiB. The
+/// busiest filter, the CT sensors' raw frames (~70 KB/s), keeps about 10 s of them.
+const SEGMENT_BYTES: usize = 256 * 1024;
+const SEGMENT_COUNT: usize = 2;
+
 /// First pause before restarting a broker that exited; doubles per quick failure.
 const RESTART_MIN: Duration = Duration::from_millis(200);
 const RESTART_MAX: Duration = Duration::from_secs(10);
@@ -300,7 +305,13 @@ fn write_config(dir: &Path, ports: Ports, users: &[User]) -> anyhow::Result<Path
          listen = \"127.0.0.1:{mqtt}\"\n\
          # MQTT 5 for tools that need it, on loopback only.\n\
          listen_v5 = \"127.0.0.1:{v5}\"\n\
-         health_listen = \"127.0.0.1:{health}\"\n",
+         health_listen = \"127.0.0.1:{health}\"\n\
+         # The router keeps up to (segment_count + 1) x segment_bytes per subscription filter.\n\
+         # The demo's sinks keep up within seconds and the journals replay anything older, so\n\
+         # a small log does; with the defaults (5 MiB a filter) the readings' log alone took\n\
+         # over ten minutes to fill, and the broker's memory grew all that time.\n\
+         segment_bytes = {SEGMENT_BYTES}\n\
+         segment_count = {SEGMENT_COUNT}\n",
         mqtt = ports.mqtt,
         v5 = ports.mqtt_v5,
         health = ports.health,
@@ -399,6 +410,7 @@ mod tests {
         let src = runtime::ConfigSource::from_parts(Some(path), None).unwrap();
         let cfg: broker::Config = src.section("broker").unwrap();
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:18830");
+        assert_eq!((cfg.segment_bytes, cfg.segment_count), (262_144, 2));
         assert_eq!(cfg.users.len(), 2);
         assert!(text.contains("role = \"producer\""), "{text}");
     }
