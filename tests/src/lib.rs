@@ -89,6 +89,11 @@ impl Proc {
         }
     }
 
+    /// Its process id (for `/proc/<pid>/…`).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A crash: SIGKILL, no chance to flush.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -5,8 +5,8 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use wattbus_e2e::{Proc, free_port, port_open, wait_until, wattbus_bin};
@@ -171,6 +171,49 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
     assert!(metrics.contains("wattbus_broker_up 1"), "{metrics}");
     let status = broker.terminate(Duration::from_secs(10));
     assert_eq!(status.map(|s| s.code()), Some(Some(0)));
+    // Its log went to a file: plain text, no colour codes for a terminal nobody has.
+    let log = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+    assert!(log.contains("Broker is accepting connections."), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in a log file: {log:?}");
+}
+
+#[test]
+fn config_check_refuses_the_log_level_that_run_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "log.toml",
+        "[log]\nlevel = \"info,rumqttd=loud\"\n[simulator]\n",
+    );
+    for args in [
+        &["config", "check", &f][..],
+        &["run", "simulator", "--config", &f][..],
+    ] {
+        let o = wattbus(args, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {err}");
+        assert!(
+            err.contains("key `log.level`") && err.contains("log.toml"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn run_help_lists_every_service() {
+    let o = wattbus(&["run", "--help"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&o.stdout);
+    for service in [
+        "broker",
+        "simulator",
+        "influx-writer",
+        "serial-ingest",
+        "rms-processor",
+        "modbus-ingest",
+    ] {
+        assert!(help.contains(service), "{service} missing: {help}");
+    }
 }
 
 #[test]
@@ -620,4 +663,356 @@ fn sinks_list_shows_the_registered_groups_and_forget_withdraws_one_on_purpose() 
         "{}",
         stderr(&o)
     );
+}
+/// A `wattbus demo` in the background, its stdout and stderr in files; killed (`-9`) on drop.
+struct Demo {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Demo {
+    fn start(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Demo {
+        let (out, err) = (dir.join("demo.out"), dir.join("demo.err"));
+        let readings = dir.join("readings");
+        let mut c = Command::new(wattbus_bin());
+        c.arg("demo")
+            .args(["--readings-dir", readings.to_str().unwrap()])
+            .args(args)
+            .env_remove("WATTBUS_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Demo {
+            child: c.spawn().expect("start wattbus demo"),
+            out,
+            err,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Wait until the console has shown a reading of every series in `series`.
+    fn wait_for_readings(&self, series: &[&str], timeout: Duration) {
+        assert!(
+            wait_until(timeout, || {
+                let out = self.stdout();
+                series.iter().all(|s| out.contains(&format!("  {s}")))
+            }),
+            "not every one of {series:?} within {timeout:?}:\n{}\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name} {}", self.pid());
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Running processes whose parent is `parent` and whose command line contains `args`.
+fn children(parent: u32, args: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`; comm may hold spaces, so split after its `)`.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if fields.get(1) == Some(&parent.to_string().as_str())
+            && fields.first() != Some(&"Z")
+            && cmdline.contains(args)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet: it runs no more code).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Lines of `text` logged at ERROR or WARN.
+fn errors_and_warnings(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+        .collect()
+}
+
+/// The series every kind of simulated device produces, as the console shows them.
+const EVERY_DEVICE: [&str; 5] = [
+    "sim-meter-1/main",
+    "ct-1/ct1",
+    "house/l1",
+    "powmon/fridge",
+    "kitchen/fridge",
+];
+
+#[test]
+fn a_ctrl_c_stops_the_demo_without_an_error_or_warning_and_takes_its_broker_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(dir.path(), &["--meters", "1"], &[]);
+    demo.wait_for_readings(&EVERY_DEVICE, Duration::from_secs(60));
+    let broker = children(demo.pid(), "run broker");
+    assert_eq!(broker.len(), 1, "one broker child: {broker:?}");
+    // Only what is logged from the Ctrl-C on counts (a loaded machine may replay before).
+    let before = demo.stderr().len();
+    demo.signal("INT");
+    let status = demo.wait(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", demo.stderr());
+    let after = demo.stderr()[before..].to_string();
+    assert!(
+        errors_and_warnings(&after).is_empty(),
+        "logged while stopping:\n{after}"
+    );
+    assert!(
+        demo.stdout().contains("Demo stopped: "),
+        "{}",
+        demo.stdout()
+    );
+    assert!(gone(broker[0]), "the broker outlived the demo");
+}
+
+#[test]
+fn a_killed_demo_takes_its_broker_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(dir.path(), &["--meters", "1", "--no-serial"], &[]);
+    demo.wait_for_readings(&["sim-meter-1/main"], Duration::from_secs(60));
+    let broker = children(demo.pid(), "run broker");
+    assert_eq!(broker.len(), 1, "one broker child: {broker:?}");
+    demo.signal("KILL");
+    demo.wait(Duration::from_secs(10));
+    // Its stdin pipe closed with the demo: the broker stops by itself.
+    assert!(
+        wait_until(Duration::from_secs(20), || gone(broker[0])),
+        "the broker outlived a killed demo"
+    );
+}
+
+/// `stored` and `missing` of the console's last progress line (INFO) in `err`, from `from` on.
+fn progress(err: &str) -> Option<(u64, u64)> {
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.contains("Console sink: readings so far"))?;
+    let field = |name: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))?
+            .parse()
+            .ok()
+    };
+    Some((field("stored")?, field("missing")?))
+}
+
+#[test]
+fn the_demo_restarts_a_killed_broker_and_no_reading_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut demo = Demo::start(
+        dir.path(),
+        &["--meters", "1", "--data-dir", data.to_str().unwrap()],
+        &[("RUST_LOG", "warn,rumqttd=off,wattbus::demo=info")],
+    );
+    demo.wait_for_readings(&EVERY_DEVICE, Duration::from_secs(60));
+    let broker = children(demo.pid(), "run broker");
+    assert_eq!(broker.len(), 1, "one broker child: {broker:?}");
+    // Its password files and config are its owner's only; no password on its command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", broker[0])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    for entry in std::fs::read_dir(data.join("broker/users")).unwrap() {
+        let path = entry.unwrap().path();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+        let password = std::fs::read_to_string(&path).unwrap();
+        assert!(!cmdline.contains(password.trim()), "{cmdline}");
+    }
+
+    let shown_before = demo.stdout().lines().count();
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &broker[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            demo.stderr()
+                .contains("The demo's broker exited; restarting it.")
+                && children(demo.pid(), "run broker")
+                    .iter()
+                    .any(|&p| p != broker[0])
+        }),
+        "no restart:\n{}",
+        demo.stderr()
+    );
+    let restart = demo
+        .stderr()
+        .lines()
+        .find(|l| l.contains("restarting it"))
+        .unwrap()
+        .to_string();
+    assert!(
+        restart.contains(" ERROR ") && restart.contains("SIGKILL"),
+        "{restart}"
+    );
+    // Readings continue, and every reading sent before is stored: replays fill what the
+    // dead broker dropped. Judged by the console's progress reports (every 10 s) after the
+    // restart.
+    let restarted_at = demo.stderr().len();
+    let mut last = None;
+    let settled = wait_until(Duration::from_secs(90), || {
+        last = progress(&demo.stderr()[restarted_at..]);
+        demo.stdout().lines().count() > shown_before + 20 && last.is_some_and(|(_, m)| m == 0)
+    });
+    assert!(
+        settled,
+        "readings missing after the restart: {last:?}\n{}",
+        demo.stderr()
+    );
+    demo.signal("INT");
+    assert_eq!(
+        demo.wait(Duration::from_secs(30)).and_then(|s| s.code()),
+        Some(0)
+    );
+    // Per stream at the end: nothing missing from the first reading to the last.
+    let err = demo.stderr();
+    let streams: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("Console sink: readings stored from this stream."))
+        .collect();
+    for producer in [
+        "simulator",
+        "modbus-ingest",
+        "serial-ingest",
+        "rms-processor",
+    ] {
+        let line = streams
+            .iter()
+            .find(|l| l.contains(&format!("producer={producer} ")))
+            .unwrap_or_else(|| panic!("no summary for {producer}:\n{err}"));
+        assert!(line.contains(" missing=0"), "{line}");
+    }
+}
+
+/// Read system calls process `pid` has made (`syscr` of `/proc/<pid>/io`).
+fn read_calls(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn the_demos_simulated_devices_sleep_between_their_events() {
+    // Its simulated devices once spun on their PTY masters: ~115,000 failed reads a second.
+    // What is left is real work: serial-ingest reading 300 lines a second from three CT
+    // sensors, the Modbus line, the broker connections.
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path(), &["--meters", "1"], &[]);
+    demo.wait_for_readings(&EVERY_DEVICE, Duration::from_secs(60));
+    let window = Duration::from_secs(3);
+    let before = read_calls(demo.pid());
+    std::thread::sleep(window);
+    let reads = read_calls(demo.pid()) - before;
+    let per_s = reads as f64 / window.as_secs_f64();
+    assert!(per_s < 5000.0, "{per_s:.0} reads a second");
+}
+
+#[test]
+fn serial_ingest_sleeps_on_a_silent_port() {
+    // A port with nothing to say costs serial-ingest no reads: it waits on readiness, never
+    // polls (the demo's simulated devices once did, 115,000 times a second).
+    let dir = tempfile::tempdir().unwrap();
+    let b = wattbus_e2e::BrokerSetup::new(dir.path());
+    let _broker = b.start(&dir.path().join("broker.log"));
+    let socat = wattbus_testkit::Socat::start(dir.path(), "quiet");
+    let cfg = dir.path().join("serial.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "site = \"lab\"\ndata_dir = \"{data}\"\n[bus]\nport = {port}\nusername = \"{user}\"\n\
+             password = \"{password}\"\n[serial_ingest]\nhealth_listen = \"127.0.0.1:{health}\"\n\
+             [serial_ingest.meas_stream]\nwait_for = []\n[[serial_ingest.ports]]\npath = \"{path}\"\n\
+             device = \"quiet\"\nprotocol = \"lines\"\nsilence_timeout_ms = 600000\n",
+            data = dir.path().join("data").display(),
+            port = b.port,
+            user = b.user,
+            password = b.password,
+            health = free_port(),
+            path = socat.dev().display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("serial.log");
+    let svc = Proc::spawn(
+        "serial-ingest",
+        Command::new(wattbus_bin())
+            .args(["run", "serial-ingest", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info"),
+        &log,
+    );
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(30), || text()
+            .contains("Serial port opened.")),
+        "serial-ingest did not open the port:\n{}",
+        text()
+    );
+    let pid = svc.id();
+    let before = read_calls(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let reads = read_calls(pid) - before;
+    assert!(reads < 20, "{reads} reads in 2 s on a silent port");
 }

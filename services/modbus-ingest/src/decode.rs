@@ -5,6 +5,14 @@
 //! complement, so the WE-515's export power reads as negative, not as 4 294 966 062 W — and
 //! multiplied by the scale.
 //!
+//! The multiplication is decimal: a register holds an integer and a profile a decimal scale
+//! (0.01 V), and 0.01 has no exact binary form, so `23145.0 * 0.01` is 231.45000000000002 —
+//! which was published and stored as such. Both factors are taken in their shortest decimal
+//! form, multiplied exactly, and the product rounded once to the nearest `f64`: a value with N
+//! decimals in the device is published with those N decimals. An `f32` register is taken as
+//! the shortest decimal its `f32` stands for (what the meter's display shows: 230.1, not the
+//! widened 230.10000610351562).
+//!
 //! A NaN or infinity is not a reading: meters report NaN for "no value" (an unconnected phase,
 //! a counter being reset) and JSON cannot carry either. Decoding returns an error for it so the
 //! service publishes the field with `quality = error` rather than a fake number.
@@ -32,7 +40,18 @@ pub enum DecodeError {
 /// Decodes one register's words to its scaled value.
 pub fn decode(register: &Register, words: &[u16]) -> Result<f64, DecodeError> {
     let raw = decode_raw(register.value_type, register.word_order, words)?;
-    let value = raw * register.scale;
+    let digits = if register.value_type == ValueType::F32 {
+        // Exact: the value was widened from this f32.
+        Decimal::of_f32(raw as f32)
+    } else {
+        Decimal::of(raw)
+    };
+    // Both are finite here, so the decimal product always exists; the float product is only
+    // a fallback that cannot be reached.
+    let value = digits
+        .zip(Decimal::of(register.scale))
+        .and_then(|(raw, scale)| raw.times(scale))
+        .unwrap_or(raw * register.scale);
     // A finite raw value times a huge scale can still overflow.
     if value.is_finite() {
         Ok(value)
@@ -79,6 +98,43 @@ pub fn decode_raw(
         Ok(value)
     } else {
         Err(DecodeError::NotFinite(value))
+    }
+}
+
+/// A finite number as `mantissa × 10^exponent`, from its shortest round-trip form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decimal {
+    mantissa: i128,
+    exponent: i32,
+}
+
+impl Decimal {
+    fn of(v: f64) -> Option<Self> {
+        Self::parse(&format!("{v:e}"))
+    }
+
+    fn of_f32(v: f32) -> Option<Self> {
+        Self::parse(&format!("{v:e}"))
+    }
+
+    /// Parses Rust's `{:e}` form (`-2.3145e4`, `1e-2`): at most 17 significant digits, so a
+    /// product of two mantissas fits an `i128`. `None` for anything else (a non-finite value).
+    fn parse(text: &str) -> Option<Self> {
+        let (digits, exponent) = text.split_once('e')?;
+        let fraction = digits.split_once('.').map_or(0, |(_, f)| f.len());
+        let mantissa: i128 = digits.replace('.', "").parse().ok()?;
+        let exponent: i32 = exponent.parse().ok()?;
+        Some(Self {
+            mantissa,
+            exponent: exponent.checked_sub(i32::try_from(fraction).ok()?)?,
+        })
+    }
+
+    /// The exact product, rounded once to the nearest `f64` (infinite if it is beyond one).
+    fn times(self, other: Self) -> Option<f64> {
+        let mantissa = self.mantissa.checked_mul(other.mantissa)?;
+        let exponent = self.exponent.checked_add(other.exponent)?;
+        format!("{mantissa}e{exponent}").parse().ok()
     }
 }
 
@@ -231,6 +287,59 @@ mod tests {
                 expected: 5,
                 got: 4
             })
+        );
+    }
+
+    fn register(value_type: ValueType, scale: f64) -> Register {
+        Register {
+            address: 0x0131,
+            function: crate::profile::Function::Holding,
+            value_type,
+            word_order: Big,
+            scale,
+            unit: String::new(),
+            measurement: proto::Segment::new("power").unwrap(),
+            channel: proto::Segment::new("l1").unwrap(),
+            field: "voltage_v".to_string(),
+            tags: Default::default(),
+            poll: "fast".to_string(),
+        }
+    }
+
+    #[test]
+    fn a_decimal_scale_keeps_the_devices_decimals() {
+        // 23145 × 0.01 as floats is 231.45000000000002; the meter means 231.45.
+        assert_ne!(23145.0 * 0.01, 231.45);
+        let volts = register(ValueType::U16, 0.01);
+        assert_eq!(decode(&volts, &[23145]), Ok(231.45));
+        assert_eq!(decode(&volts, &[23145]).unwrap().to_string(), "231.45");
+        // Every 0.01 V step of the WE-515's range, and the other scales of the profiles.
+        for raw in 0..=u16::MAX {
+            let text = format!("{}.{:02}", raw / 100, raw % 100);
+            assert_eq!(decode(&volts, &[raw]), Ok(text.parse().unwrap()), "{raw}");
+        }
+        let amps = register(ValueType::U32, 0.001);
+        assert_eq!(decode(&amps, &[0, 5123]).unwrap().to_string(), "5.123");
+        let pf = register(ValueType::I16, 0.001);
+        assert_eq!(decode(&pf, &[0xFC9A]).unwrap().to_string(), "-0.87");
+        let wh = register(ValueType::U32, 10.0);
+        assert_eq!(decode(&wh, &[0x0001, 0x0002]), Ok(655_380.0));
+    }
+
+    #[test]
+    fn an_f32_register_is_the_decimal_the_meter_shows() {
+        // 230.1 as f32 (0x4366_199A) widens to 230.10000610351562.
+        let volts = register(ValueType::F32, 1.0);
+        assert_eq!(
+            decode(&volts, &[0x4366, 0x199A]).unwrap().to_string(),
+            "230.1"
+        );
+        // kWh to Wh: 1234.567 kWh is 1234567 Wh, not 1234567.0000000002.
+        let kwh = 1234.567f32.to_bits();
+        let wh = register(ValueType::F32, 1000.0);
+        assert_eq!(
+            decode(&wh, &[(kwh >> 16) as u16, kwh as u16]),
+            Ok(1_234_567.0)
         );
     }
 

@@ -168,6 +168,22 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// The filter `level` stands for: the one parse that `config check` (through
+    /// [`Common::validate`]) and logging set-up share, so a level that one accepts the other
+    /// cannot refuse.
+    pub fn filter(&self) -> Result<tracing_subscriber::EnvFilter, ConfigError> {
+        parse_filter(&self.level).map_err(|reason| ConfigError::new("log.level", reason))
+    }
+}
+
+/// A `tracing` filter, or why it is not one.
+pub(crate) fn parse_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(directives)
+        .map_err(|e| format!("{directives:?} is not a valid filter: {e}"))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -308,6 +324,7 @@ impl Common {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::new("data_dir", "must not be empty"));
         }
+        self.log.filter()?;
         self.bus.validate()
     }
 }
@@ -670,6 +687,24 @@ mod tests {
         assert!(e.to_string().contains(
             "known top-level keys are: site, data_dir, shutdown_grace_ms, log, bus, demo"
         ));
+    }
+
+    #[test]
+    fn a_log_level_that_logging_refuses_is_a_config_error_naming_the_file() {
+        // `config check` once accepted this and `run` refused it at logging set-up.
+        let (_d, path) = file("[log]\nlevel = \"info,rumqttd=loud\"\n");
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .common()
+            .unwrap_err();
+        assert_eq!(e.key, "log.level");
+        assert!(e.reason.contains("not a valid filter"), "{e}");
+        assert_eq!(
+            e.origin.as_deref(),
+            Some(path.display().to_string().as_str())
+        );
+        let (_d, path) = file("[log]\nlevel = \"warn,rumqttd=off\"\n");
+        assert!(ConfigSource::load(Some(&path)).unwrap().common().is_ok());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -13,17 +14,23 @@ use crate::config::{ConfigError, LogConfig, LogFormat};
 
 /// Install the global `tracing` subscriber. `RUST_LOG`, when set, overrides `log.level`.
 /// Calling it again (tests, the demo) keeps the first subscriber.
+///
+/// Colours only when standard error is a terminal: a log file, `journalctl` or `docker logs`
+/// gets plain text, not escape codes.
 pub fn init_logging(cfg: &LogConfig) -> Result<(), ConfigError> {
-    use tracing_subscriber::EnvFilter;
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| cfg.level.clone());
-    let filter = EnvFilter::builder().parse(&directives).map_err(|e| {
-        ConfigError::new(
-            "log.level",
-            format!("{directives:?} is not a valid filter: {e}"),
-        )
-    })?;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => {
+            crate::config::parse_filter(&directives).map_err(|reason| ConfigError {
+                origin: Some("environment variable RUST_LOG".into()),
+                key: "log.level".into(),
+                reason,
+            })?
+        }
+        Err(_) => cfg.filter()?,
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     // Ignoring the result is deliberate: it fails only when a subscriber is already set.
     let _already_set = match cfg.format {

@@ -113,6 +113,9 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     // Port tasks end only at shutdown; one that ends before has a bug, and its readings stop.
     loop {
         tokio::select! {
+            // Shutdown first: port tasks end on it too, and one that ended because of it has
+            // not "ended before shutdown" (unbiased, a Ctrl-C logged that ERROR now and then).
+            biased;
             () = ctx.shutdown.wait() => break,
             Some(ended) = ports.join_next() => port_task_ended(ended, true),
         }

@@ -253,3 +253,80 @@ async fn a_pty_pair_stream_starts_fresh_when_the_host_opens_late() {
     trigger.fire();
     driver.await.unwrap().unwrap();
 }
+
+/// Read system calls made so far by this thread (`syscr` of `/proc/thread-self/io`). The
+/// tests below run on a current-thread runtime, so the driver's reads are this thread's.
+fn thread_reads() -> u64 {
+    let io = std::fs::read_to_string("/proc/thread-self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscr: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// How many reads the thread makes in `window` while the test itself does nothing.
+async fn reads_while_idle(window: Duration) -> u64 {
+    let before = thread_reads();
+    tokio::time::sleep(window).await;
+    thread_reads() - before
+}
+
+/// The host closes its end and opens it again (serial-ingest reopening a port), which once
+/// left tokio's readiness of the master stuck at "hung up": every wait returned at once and
+/// every read failed with EAGAIN, ~100,000 reads a second. Idle, the device must sleep.
+#[tokio::test]
+async fn a_pty_pair_device_sleeps_while_its_reopened_host_is_idle() {
+    let (device, path) = serial::pty_pair().unwrap();
+    let (trigger, stop) = shutdown::channel();
+    let driver = tokio::spawn(serial::run_powmon(single_load(0.0), device, stop));
+    // The scenario: the host opens late, and is away a while between its sessions (long
+    // enough for the reactor to see each hangup).
+    let host_away = Duration::from_millis(100);
+    tokio::time::sleep(host_away).await;
+    for _ in 0..2 {
+        let mut host = open(Path::new(&path));
+        host.get_mut().write_all(b"read \n").await.unwrap();
+        assert_eq!(read_line(&mut host).await, "512\r\n");
+        drop(host);
+        tokio::time::sleep(host_away).await;
+    }
+    let mut host = open(Path::new(&path));
+    host.get_mut().write_all(b"read \n").await.unwrap();
+    assert_eq!(read_line(&mut host).await, "512\r\n");
+    // Half a second of an open, silent host: a sleeping device reads nothing (the bound leaves
+    // room for a few wake-ups; the spinning one made tens of thousands of reads).
+    let reads = reads_while_idle(Duration::from_millis(500)).await;
+    assert!(reads < 20, "{reads} reads in 0.5 s from an idle device");
+    // And it still answers.
+    host.get_mut().write_all(b"read \n").await.unwrap();
+    assert_eq!(read_line(&mut host).await, "512\r\n");
+    trigger.fire();
+    driver.await.unwrap().unwrap();
+}
+
+/// A streaming device writes on its clock and reads nothing it is not sent, across a host
+/// reopen too.
+#[tokio::test]
+async fn a_pty_pair_stream_device_reads_nothing_between_its_lines() {
+    let (device, path) = serial::pty_pair().unwrap();
+    let (trigger, stop) = shutdown::channel();
+    let model = Prime::new(PrimeConfig::default(), 1, proto::now_ms()).unwrap();
+    let driver = tokio::spawn(serial::run_prime(model, device, stop));
+    let mut host = open(Path::new(&path));
+    assert!(read_line(&mut host).await.starts_with("# wattbus-stream"));
+    check_stream_line(&read_line(&mut host).await);
+    drop(host);
+    // Away long enough for the reactor to see the hangup.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut host = open(Path::new(&path));
+    // Lines flow again once the device has seen the host back.
+    check_stream_line(&read_line(&mut host).await);
+    // 0.3 s is 30 lines; reading them is the host's business (below), not the device's.
+    let reads = reads_while_idle(Duration::from_millis(300)).await;
+    assert!(reads < 20, "{reads} reads in 0.3 s from a streaming device");
+    for _ in 0..5 {
+        check_stream_line(&read_line(&mut host).await);
+    }
+    trigger.fire();
+    driver.await.unwrap().unwrap();
+}

@@ -14,9 +14,19 @@
 //! Modbus RTU line paced like RS485 at 9600 8E1. serial-ingest and modbus-ingest open the PTYs
 //! exactly as they would open `/dev/ttyUSB0`; rms-processor turns the streamed samples into RMS
 //! current, power and energy.
+//!
+//! The broker is a child process (module `broker`): if it fails, the services keep their
+//! journals, it is restarted, and they replay. Every service logs in as a broker user of its
+//! own, as in a real deployment (COMMON.md §1).
+//!
+//! Stopping (Ctrl-C, SIGTERM or `--duration-s`) goes in dependency order: the services stop
+//! and flush through the broker; then the simulated devices, so no service sees its device
+//! vanish while it is still running; then the broker.
+
+mod broker;
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -109,6 +119,49 @@ fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Config> {
 /// The demo's sink group: the simulator's journal waits for it.
 const CONSOLE: &str = "demo-console";
 
+/// The broker user the printed `mosquitto_sub` hint logs in as: it may read everything and
+/// publish nothing.
+const READER: &str = "reader";
+
+/// Each service's broker user (its client id, and for a sink its group) and role.
+fn users(writer_group: &Segment) -> anyhow::Result<Vec<broker::User>> {
+    use broker::Role;
+    [
+        ("simulator", Role::Producer),
+        ("serial-ingest", Role::Producer),
+        ("modbus-ingest", Role::Producer),
+        ("rms-processor", Role::Processor),
+        (writer_group.as_str(), Role::Sink),
+        (CONSOLE, Role::Sink),
+        (READER, Role::Reader),
+    ]
+    .into_iter()
+    .map(|(name, role)| broker::User::generate(name, role))
+    .collect()
+}
+
+/// What every service of the demo shares, and how each logs in as itself.
+#[derive(Clone)]
+struct Services {
+    ctx: Context,
+    users: Vec<broker::User>,
+}
+
+impl Services {
+    /// The context of the service that logs in as `user`.
+    fn ctx(&self, user: &str) -> anyhow::Result<Context> {
+        let u = self
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .with_context(|| format!("the demo has no broker user {user:?}"))?;
+        let mut ctx = self.ctx.clone();
+        ctx.common.bus.username = Some(u.name.clone());
+        ctx.common.bus.password = Some(u.password.clone());
+        Ok(ctx)
+    }
+}
+
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     runtime::telemetry::init_logging(&runtime::config::LogConfig {
         level: "warn,rumqttd=off".into(),
@@ -127,9 +180,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let password: String = std::iter::repeat_with(fastrand::alphanumeric)
-        .take(20)
-        .collect();
+    let writer_cfg = writer_config(&opts)?;
+    let users = users(&writer_cfg.group)?;
 
     let site = Segment::new("demo")?;
     let common = Common {
@@ -138,41 +190,50 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         bus: BusConfig {
             host: "127.0.0.1".into(),
             port,
-            username: Some("demo".into()),
-            password: Some(Secret::new(password.clone())),
             ..BusConfig::default()
         },
         ..Common::default()
     };
     let (trigger, shutdown) = runtime::shutdown::channel();
     let health = Health::default();
-    let ctx = Context {
-        common: common.clone(),
-        health: health.clone(),
-        shutdown: shutdown.clone(),
+    let services = Services {
+        ctx: Context {
+            common: common.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        },
+        users: users.clone(),
     };
 
-    let broker_cfg = broker::Config {
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        listen_v5: None,
-        // One admin user for every service of the demo, for now; a deployment gives each
-        // service its own user and role (compose/wattbus.toml, docs/broker.md).
-        users: vec![broker::User::new("demo", &password, broker::Role::Admin)],
-        health_listen: None,
-        ..broker::Config::default()
-    };
-    let broker_task = tokio::spawn(broker::run(broker_cfg, ctx.clone()));
-    wait_for_port(port).await?;
+    let broker = broker::Supervised::start(
+        &data_dir.join("broker"),
+        broker::Ports {
+            mqtt: port,
+            mqtt_v5: free_port()?,
+            health: free_port()?,
+        },
+        &users,
+    )
+    .await?;
 
     println!(
         "wattbus demo — broker on 127.0.0.1:{port}, site \"demo\", journals in {}",
         data_dir.display()
     );
     println!("Watch the raw bus from another terminal:");
-    println!("  mosquitto_sub -h 127.0.0.1 -p {port} -u demo -P {password} -t 'wattbus/v1/#' -v");
+    let reader = services.ctx(READER)?;
+    println!(
+        "  mosquitto_sub -h 127.0.0.1 -p {port} -u {READER} -P {} -t 'wattbus/v1/#' -v",
+        reader
+            .common
+            .bus
+            .password
+            .as_ref()
+            .map(Secret::expose)
+            .unwrap_or_default()
+    );
     println!("Stop with Ctrl-C.\n");
 
-    let writer_cfg = writer_config(&opts)?;
     if let Some(i) = &writer_cfg.influx {
         println!("Readings are written to InfluxDB at {}.", i.url);
     }
@@ -195,20 +256,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The console subscribes first, so the first readings are not missed (they would be
     // replayed, which is the contract working, but looks like a fault to a newcomer).
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let console_ctx = services.ctx(CONSOLE)?;
     let console_task = tokio::spawn(console(
-        common.clone(),
+        console_ctx.common,
         health.clone(),
         shutdown.clone(),
         subscribed_tx,
     ));
-    let _ = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
+    // Not subscribed within 10 s: the first readings are replayed later, nothing worse.
+    let _in_time = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
     let sinks = vec![Segment::new(CONSOLE)?, writer_cfg.group.clone()];
-    let writer_task = tokio::spawn(influx_writer::run(writer_cfg, ctx.clone()));
-    let sim_task = tokio::spawn(simulators::run(sim_cfg, ctx.clone()));
+    let writer_task = tokio::spawn(influx_writer::run(
+        writer_cfg.clone(),
+        services.ctx(writer_cfg.group.as_str())?,
+    ));
+    let sim_task = tokio::spawn(simulators::run(sim_cfg, services.ctx("simulator")?));
     let serial = if opts.no_serial {
         None
     } else {
-        let s = serial::start(&ctx, &sinks).await?;
+        let s = serial::start(&services, &sinks).await?;
         println!(
             "Simulated serial devices on PTYs: {} (CT sensors streaming at 2 kHz), {} (two ORNO WE-515 on RS485, 9600 8E1), {} (PowMon), {} (fridge monitor).",
             s.ct_paths.join(", "),
@@ -233,13 +299,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         s.stop().await?;
     }
     writer_task.await.context("influx-writer task failed")??;
-    broker_task.abort();
+    broker.stop().await;
     println!("\nDemo stopped: {stored} readings stored and acknowledged by the console sink.");
     if opts.influx_url.is_none() || opts.files {
         println!("Readings files: {}/", opts.readings_dir.display());
     }
-    if temporary {
-        let _ = std::fs::remove_dir_all(&data_dir);
+    if temporary && let Err(e) = std::fs::remove_dir_all(&data_dir) {
+        tracing::warn!(dir = %data_dir.display(), error = %e, "Cannot remove the demo's temporary directory.");
     }
     Ok(())
 }
@@ -249,7 +315,8 @@ mod serial {
 
     use anyhow::Context as _;
     use proto::Segment;
-    use runtime::{ConfigSource, Context};
+    use runtime::ConfigSource;
+    use runtime::shutdown::ShutdownTrigger;
     use simulators::modbus::{LineTiming, MeterBus, RtuOptions, We515, serve_rtu};
     use simulators::serial::{
         Load, PowMon, PowMonConfig, Prime, PrimeConfig, Sensor, SensorConfig, Waveform, pty_pair,
@@ -268,21 +335,33 @@ mod serial {
         pub powmon_path: String,
         pub lines_path: String,
         devices: Vec<JoinHandle<Result<(), simulators::serial::DriverError>>>,
+        /// The devices stop after the services: a service that saw its device vanish while it
+        /// was still running would report a fault (a failed Modbus link) at every Ctrl-C.
+        stop_devices: ShutdownTrigger,
         services: Vec<JoinHandle<anyhow::Result<()>>>,
     }
 
     impl Running {
+        /// Wait for the services (they stop on the demo's shutdown), then stop the devices.
         pub async fn stop(self) -> anyhow::Result<()> {
+            let mut result = Ok(());
             for s in self.services {
-                s.await.context("serial service task failed")??;
+                let ended = s
+                    .await
+                    .context("serial service task failed")
+                    .and_then(|r| r);
+                if result.is_ok() {
+                    result = ended;
+                }
             }
+            self.stop_devices.fire();
             for d in self.devices {
                 // A device whose host went away first ends with `Gone`: not a demo failure.
                 if let Ok(Err(e)) = d.await {
                     tracing::debug!(error = %e, "Simulated device ended.");
                 }
             }
-            Ok(())
+            result
         }
     }
 
@@ -294,7 +373,9 @@ mod serial {
     /// Start the devices on PTY pairs, then serial-ingest, rms-processor and modbus-ingest on
     /// them.
     /// `sinks`: the groups whose acknowledgement the readings wait for.
-    pub async fn start(ctx: &Context, sinks: &[Segment]) -> anyhow::Result<Running> {
+    pub async fn start(services: &super::Services, sinks: &[Segment]) -> anyhow::Result<Running> {
+        let ctx = &services.ctx;
+        let (stop_devices, devices_shutdown) = runtime::shutdown::channel();
         // The devices start once the services are connected (below); until then, only
         // their PTYs exist.
         let mut drivers: Vec<Driver> = Vec::new();
@@ -330,7 +411,7 @@ mod serial {
                 i as u64 + 1,
                 now,
             )?;
-            drivers.push(Box::pin(run_prime(model, dev, ctx.shutdown.clone())));
+            drivers.push(Box::pin(run_prime(model, dev, devices_shutdown.clone())));
             ct_paths.push(path);
         }
         let (dev, powmon_path) = pty_pair().context("cannot create a PTY pair for PowMon")?;
@@ -338,7 +419,7 @@ mod serial {
             sensors: vec![Load::fridge(), Load::kettle()],
             ..PowMonConfig::default()
         })?;
-        drivers.push(Box::pin(run_powmon(powmon, dev, ctx.shutdown.clone())));
+        drivers.push(Box::pin(run_powmon(powmon, dev, devices_shutdown.clone())));
         // Two ORNO WE-515 meters on one RS485 line (9600 8E1, paced like the real wire): the
         // house, which exports in the afternoon (negative power), and a heat pump.
         let (dev, rs485_path) =
@@ -352,7 +433,7 @@ mod serial {
                 pace: Some(LineTiming::RS485_9600_8E1),
             },
             meters,
-            ctx.shutdown.clone(),
+            devices_shutdown.clone(),
         )));
         let (dev, lines_path) = pty_pair().context("cannot create a PTY pair for the sensor")?;
         let sensor = Sensor::new(SensorConfig::default(), 7)?;
@@ -360,7 +441,7 @@ mod serial {
             sensor,
             std::time::Duration::from_secs(2),
             dev,
-            ctx.shutdown.clone(),
+            devices_shutdown.clone(),
         )));
 
         let wait_for = sinks
@@ -433,9 +514,9 @@ mod serial {
         let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
         let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
         let modbus: modbus_ingest::Config = src.section(modbus_ingest::SECTION)?;
-        let services = vec![
+        let tasks = vec![
             tokio::spawn({
-                let ctx = ctx.clone();
+                let ctx = services.ctx("serial-ingest")?;
                 async move {
                     serial_ingest::run(ingest, ctx)
                         .await
@@ -443,7 +524,7 @@ mod serial {
                 }
             }),
             tokio::spawn({
-                let ctx = ctx.clone();
+                let ctx = services.ctx("rms-processor")?;
                 async move {
                     rms_processor::run(processor, ctx)
                         .await
@@ -451,7 +532,7 @@ mod serial {
                 }
             }),
             tokio::spawn({
-                let ctx = ctx.clone();
+                let ctx = services.ctx("modbus-ingest")?;
                 async move {
                     modbus_ingest::run(modbus, ctx)
                         .await
@@ -475,7 +556,8 @@ mod serial {
             powmon_path,
             lines_path,
             devices,
-            services,
+            stop_devices,
+            services: tasks,
         })
     }
 }
@@ -502,7 +584,7 @@ async fn console(
     if bus.wait_subscribed(Duration::from_secs(10)).await {
         let _ = subscribed.send(());
     }
-    let mut stored: BTreeMap<(String, u64), ()> = BTreeMap::new();
+    let mut stored = Stored::default();
     // The simulator's journal and replay figures, read from the process's metrics registry.
     let labels = [("producer", "simulator"), ("stream", "meas")];
     let waiting = Gauge::new(
@@ -523,9 +605,14 @@ async fn console(
             _ = report.tick() => {
                 println!(
                     "  delivery: {} readings stored and acknowledged; {} waiting in the simulator's journal; {} replayed",
-                    stored.len(),
+                    stored.count(),
                     waiting.get(),
                     replayed.get()
+                );
+                tracing::info!(
+                    stored = stored.count(),
+                    missing = stored.missing(),
+                    "Console sink: readings so far (missing: numbers skipped within a producer's stream, not yet replayed)."
                 );
                 continue;
             }
@@ -537,11 +624,7 @@ async fn console(
             .iter()
             .map(|(k, v)| format!("{k}={}", readable(*v)))
             .collect();
-        let key = m
-            .origin
-            .as_ref()
-            .map_or((String::new(), 0), |o| (o.producer.to_string(), o.seq));
-        let replay = stored.insert(key, ()).is_some();
+        let replay = !stored.insert(m.origin.as_ref());
         let tags: String = m.tags.iter().map(|(k, v)| format!(" {k}={v}")).collect();
         println!(
             "{}  {}/{}{}  {}  [{}]{}",
@@ -570,9 +653,110 @@ async fn console(
     }
     drop(inbox);
     drop(acker);
-    let _ = ack_task.await;
+    if let Err(e) = ack_task.await {
+        tracing::warn!(error = %e, "The console's acknowledgement task ended abnormally.");
+    }
     bus.close(bus_task).await;
-    Ok(stored.len() as u64)
+    for ((producer, stream), seqs) in &stored.streams {
+        tracing::info!(
+            %producer,
+            %stream,
+            first = seqs.first(),
+            last = seqs.last(),
+            stored = seqs.count,
+            missing = seqs.missing(),
+            "Console sink: readings stored from this stream."
+        );
+    }
+    Ok(stored.count())
+}
+
+/// What the console has stored, per producer stream, to tell a replay from a new reading and
+/// to see whether any reading is missing.
+#[derive(Debug, Default)]
+struct Stored {
+    streams: BTreeMap<(Segment, Segment), Seqs>,
+    /// Readings without an origin (not journaled, so never replayed).
+    untracked: u64,
+}
+
+impl Stored {
+    /// Records a reading; `false` if it was stored before (a replay).
+    fn insert(&mut self, origin: Option<&proto::Origin>) -> bool {
+        match origin {
+            Some(o) => self
+                .streams
+                .entry((o.producer.clone(), o.stream.clone()))
+                .or_default()
+                .insert(o.seq),
+            None => {
+                self.untracked += 1;
+                true
+            }
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.untracked + self.streams.values().map(|s| s.count).sum::<u64>()
+    }
+
+    fn missing(&self) -> u64 {
+        self.streams.values().map(Seqs::missing).sum()
+    }
+}
+
+/// Seqs seen from one stream, as merged ranges: memory grows with the gaps, not the readings
+/// (the console runs for days). Within one run of a producer its seqs go up by one, so a gap
+/// is a reading not (yet) stored; across a producer's restart they jump (the journal reserves
+/// them in blocks), so with a reused `--data-dir` a gap can also be such a jump.
+#[derive(Debug, Default)]
+struct Seqs {
+    /// First seq → last seq of each run of seqs seen, disjoint and not adjacent.
+    ranges: BTreeMap<u64, u64>,
+    count: u64,
+}
+
+impl Seqs {
+    /// `false` if `seq` was seen before.
+    fn insert(&mut self, seq: u64) -> bool {
+        let before = self.ranges.range(..=seq).next_back().map(|(&a, &b)| (a, b));
+        if before.is_some_and(|(_, last)| last >= seq) {
+            return false;
+        }
+        let after = seq
+            .checked_add(1)
+            .and_then(|next| self.ranges.get(&next).map(|&last| (next, last)));
+        let first = match before {
+            Some((first, last)) if last + 1 == seq => first,
+            _ => seq,
+        };
+        let last = match after {
+            Some((next, last)) => {
+                self.ranges.remove(&next);
+                last
+            }
+            None => seq,
+        };
+        self.ranges.insert(first, last);
+        self.count += 1;
+        true
+    }
+
+    fn first(&self) -> u64 {
+        self.ranges.keys().next().copied().unwrap_or(0)
+    }
+
+    fn last(&self) -> u64 {
+        self.ranges.values().next_back().copied().unwrap_or(0)
+    }
+
+    /// Seqs between the first and the last seen that were not.
+    fn missing(&self) -> u64 {
+        if self.ranges.is_empty() {
+            return 0;
+        }
+        (self.last() - self.first() + 1) - self.count
+    }
 }
 
 /// A value for a person: at most four significant digits, no trailing zeros (what is stored
@@ -601,12 +785,24 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-async fn wait_for_port(port: u16) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seqs_tell_replays_and_gaps_in_a_few_ranges() {
+        let mut s = Seqs::default();
+        for seq in [1, 2, 3, 7, 8, 5] {
+            assert!(s.insert(seq), "{seq}");
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!s.insert(2) && !s.insert(7), "replays");
+        assert_eq!((s.first(), s.last(), s.count, s.missing()), (1, 8, 6, 2));
+        assert!(s.insert(4) && s.insert(6));
+        assert_eq!(s.missing(), 0);
+        assert_eq!(s.ranges.len(), 1, "{:?}", s.ranges);
+        for seq in 9..100_000 {
+            s.insert(seq);
+        }
+        assert_eq!((s.ranges.len(), s.count, s.missing()), (1, 99_999, 0));
     }
-    anyhow::bail!("the embedded broker did not start listening on 127.0.0.1:{port} within 5 s")
 }

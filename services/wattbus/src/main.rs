@@ -12,7 +12,7 @@ mod tail;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -29,11 +29,15 @@ struct Cli {
 enum Command {
     /// Run one service (how each container starts).
     Run {
-        /// One of: broker, simulator, influx-writer, serial-ingest, rms-processor.
+        /// The service (its help lists them from `services::SERVICES`; see `cli`).
         service: String,
         /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Stop when standard input reaches end of file: how `wattbus demo` keeps its broker
+        /// child from outliving it. Not for people.
+        #[arg(long, hide = true)]
+        stop_on_stdin_eof: bool,
     },
     /// Start the broker, every service and simulated devices in one process, and show what
     /// flows. Needs no hardware, no Docker and no database.
@@ -68,8 +72,21 @@ enum ConfigCommand {
     Check { file: Option<PathBuf> },
 }
 
+/// The command line, with the help of `run <service>` listing the services from the one table
+/// that also starts them.
+fn cli() -> clap::Command {
+    Cli::command().mut_subcommand("run", |run| {
+        run.mut_arg("service", |arg| {
+            arg.help(format!("One of: {}.", services::names()))
+        })
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&cli().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -83,7 +100,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { service, config } => services::run(&service, config).await,
+            Command::Run {
+                service,
+                config,
+                stop_on_stdin_eof,
+            } => services::run(&service, config, stop_on_stdin_eof).await,
             Command::Demo(opts) => demo::run(opts).await,
             Command::Tail(opts) => tail::run(opts).await,
             Command::Modbus { command } => modbus::run(command).await,
@@ -104,6 +125,24 @@ fn main() -> ExitCode {
                 Some(_) => ExitCode::from(runtime::config::EXIT_CONFIG as u8),
                 None => ExitCode::FAILURE,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn run_help_names_every_service_of_the_table() {
+        let help = match super::cli().try_get_matches_from(["wattbus", "run", "--help"]) {
+            Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => e.to_string(),
+            other => panic!("no help: {other:?}"),
+        };
+        for service in super::services::SERVICES {
+            assert!(
+                help.contains(service.name),
+                "{} missing from: {help}",
+                service.name
+            );
         }
     }
 }

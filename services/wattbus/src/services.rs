@@ -7,26 +7,53 @@ use anyhow::Context as _;
 use runtime::{ConfigError, ConfigSource, Context, Health, config::Validate};
 use serde::de::DeserializeOwned;
 
-/// Every service `wattbus run` knows.
-pub const SERVICES: &[&str] = &[
-    "broker",
-    "simulator",
-    "influx-writer",
-    "serial-ingest",
-    "rms-processor",
-    "modbus-ingest",
+/// A service `wattbus run` can start.
+#[derive(Debug, Clone, Copy)]
+pub struct Service {
+    /// As on the command line, in compose and on the bus.
+    pub name: &'static str,
+    /// Its config section (TOML keys and environment variables cannot both use a `-`, so
+    /// `influx-writer` is configured in `[influx_writer]`).
+    pub section: &'static str,
+}
+
+/// Every service `wattbus run` knows: the one table the command line, its help and the config
+/// check are derived from.
+pub const SERVICES: &[Service] = &[
+    Service {
+        name: "broker",
+        section: broker::SECTION,
+    },
+    Service {
+        name: "simulator",
+        section: "simulator",
+    },
+    Service {
+        name: "influx-writer",
+        section: influx_writer::SECTION,
+    },
+    Service {
+        name: "serial-ingest",
+        section: serial_ingest::SECTION,
+    },
+    Service {
+        name: "rms-processor",
+        section: rms_processor::SECTION,
+    },
+    Service {
+        name: "modbus-ingest",
+        section: modbus_ingest::SECTION,
+    },
 ];
 
-/// The config section of each service (TOML keys and environment variables cannot both use
-/// a `-`, so `influx-writer` is configured in `[influx_writer]`).
-pub const SECTIONS: &[&str] = &[
-    "broker",
-    "simulator",
-    influx_writer::SECTION,
-    serial_ingest::SECTION,
-    rms_processor::SECTION,
-    modbus_ingest::SECTION,
-];
+/// `broker, simulator, …`, for help and errors.
+pub fn names() -> String {
+    SERVICES
+        .iter()
+        .map(|s| s.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
 pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
@@ -37,7 +64,8 @@ pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
 /// A section that is absent is validated (with its defaults) only by `wattbus run` of that
 /// service: a Pi that runs only a simulator needs no `[broker]` users.
 pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
-    src.check_sections(SECTIONS)?;
+    let sections: Vec<&str> = SERVICES.iter().map(|s| s.section).collect();
+    src.check_sections(&sections)?;
     src.common()?;
     if src.has_key("broker") {
         src.section::<broker::Config>("broker")?;
@@ -60,14 +88,15 @@ pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
     Ok(())
 }
 
-pub async fn run(service: &str, config: Option<PathBuf>) -> anyhow::Result<()> {
-    if !SERVICES.contains(&service) {
+pub async fn run(
+    service: &str,
+    config: Option<PathBuf>,
+    stop_on_stdin_eof: bool,
+) -> anyhow::Result<()> {
+    if !SERVICES.iter().any(|s| s.name == service) {
         return Err(ConfigError::new(
             "(service)",
-            format!(
-                "unknown service {service:?}; known: {}",
-                SERVICES.join(", ")
-            ),
+            format!("unknown service {service:?}; known: {}", names()),
         )
         .into());
     }
@@ -87,6 +116,10 @@ pub async fn run(service: &str, config: Option<PathBuf>) -> anyhow::Result<()> {
     tokio::select! {
         res = &mut task => return flatten(res),
         _signal = runtime::shutdown::fire_on_signal(&trigger) => {}
+        () = stdin_closed(stop_on_stdin_eof) => {
+            tracing::info!("Standard input closed; shutting down.");
+            trigger.fire();
+        }
     }
     match tokio::time::timeout(grace, task).await {
         Ok(res) => flatten(res),
@@ -96,6 +129,48 @@ pub async fn run(service: &str, config: Option<PathBuf>) -> anyhow::Result<()> {
                 "Service did not stop within the grace period; exiting anyway."
             );
             Ok(())
+        }
+    }
+}
+
+/// Resolves once standard input reaches end of file (or fails), if `watch`; else never.
+///
+/// How a parent makes sure its child never outlives it, however the parent ends: the child's
+/// stdin is a pipe whose only write end the parent holds, and the kernel closes that end when
+/// the parent exits, `kill -9` included. (`PR_SET_PDEATHSIG` would need `unsafe`, which the
+/// workspace forbids.) The read blocks a thread of its own, which the process leaves behind
+/// when it exits.
+async fn stdin_closed(watch: bool) {
+    if !watch {
+        return std::future::pending().await;
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                match std::io::Read::read(&mut std::io::stdin(), &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Cannot read standard input; taking it as closed.");
+                        break;
+                    }
+                }
+            }
+            // The receiver is gone only if the service already stopped.
+            let _ = tx.send(());
+        });
+    match spawned {
+        // Err: the sender was dropped, which happens only once the thread ended too.
+        Ok(_thread) => {
+            let _ = rx.await;
+        }
+        Err(e) => {
+            // Without the watch the child could outlive its parent: stop now rather than risk it.
+            tracing::error!(error = %e, "Cannot watch standard input; stopping.");
         }
     }
 }
@@ -166,7 +241,13 @@ fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<Serv
                     .map_err(anyhow::Error::from)
             })
         }
-        other => unreachable!("checked against SERVICES: {other}"),
+        other => {
+            return Err(ConfigError::new(
+                "(service)",
+                format!("{other:?} is in SERVICES but cannot be started; a bug"),
+            )
+            .into());
+        }
     })
 }
 
