@@ -304,21 +304,22 @@ fn narrow(path: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Create or truncate `path` (0600), write `bytes` and fsync the file (not its directory).
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = private_file()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
 /// Replace `path` by `bytes`, atomically and durably: a crash leaves the old content or the new,
 /// never a mix. A failed write (disk full) leaves no temporary file taking space.
 fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_path(path);
-    let write = || -> io::Result<()> {
-        let mut f = private_file()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
+    if let Err(e) = write_synced(&tmp, bytes).and_then(|()| fs::rename(&tmp, path)) {
         // The error that matters is the write's; the cleanup is a courtesy.
         let _best_effort = fs::remove_file(&tmp);
         return Err(e);
@@ -1090,13 +1091,7 @@ fn save_aside(dir: &Path, name: &str, offset: usize, bytes: &[u8]) -> io::Result
     private_dir(&aside)?;
     let dest = aside.join(format!("{name}.{offset}.bin"));
     // Same name on a second open after a crash mid-recovery: overwritten with the same bytes.
-    let mut f = private_file()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&dest)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
+    write_synced(&dest, bytes)?;
     sync_dir(&aside)?;
     Ok(dest)
 }
