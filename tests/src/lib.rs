@@ -9,7 +9,7 @@
 pub mod servers;
 
 use std::io::Write as _;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,12 +32,7 @@ pub fn wattbus_bin() -> PathBuf {
     bin
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+pub use wattbus_testkit::free_port;
 
 /// Poll `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -188,18 +183,26 @@ impl BrokerSetup {
     }
 
     pub fn start(&self, log: &Path) -> Proc {
-        let p = Proc::spawn(
+        let mut p = Proc::spawn(
             "broker",
             Command::new(wattbus_bin())
                 .args(["run", "broker", "--config"])
                 .arg(&self.config),
             log,
         );
+        let up = wait_until(Duration::from_secs(30), || {
+            port_open(self.port) || !p.is_running()
+        }) && port_open(self.port);
         assert!(
-            wait_until(Duration::from_secs(10), || port_open(self.port)),
-            "broker did not listen on {}; see {}",
+            up,
+            "broker did not listen on {} ({}); its log:\n{}",
             self.port,
-            log.display()
+            if p.is_running() {
+                "still running"
+            } else {
+                "exited"
+            },
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         p
     }

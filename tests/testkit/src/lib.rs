@@ -7,6 +7,7 @@
 //!   printing a line).
 //! - [`Socat`]: a virtual serial cable (a socat PTY pair), as a user would make one to try a
 //!   serial service without hardware.
+//! - [`free_port`]: a loopback port for a server a test starts, that nothing else takes first.
 //! - [`LateBroker`]: a mosquitto of a test's own on a port chosen before it runs, for a service
 //!   that starts before its broker.
 //!
@@ -18,6 +19,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::Segment;
@@ -54,6 +56,38 @@ pub fn mosquitto() -> BusConfig {
     }
 }
 
+/// A loopback port nothing listens on, for a server a test starts a moment later.
+///
+/// Not the kernel's pick (`bind` to port 0): that comes from the ephemeral range, where the
+/// outgoing connections of every process on the machine take their local ports too, so one of
+/// them can hold the port by the time the server binds it (a broker "did not listen" under
+/// load). These come from 20000–31999, below Linux's ephemeral range (32768–60999), and one
+/// process never hands out the same port twice.
+///
+/// # Panics
+///
+/// When no port in that range can be bound.
+pub fn free_port() -> u16 {
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes start at different places, so test binaries run one after another (or a
+    // bench beside them) do not walk the same ports.
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < SPAN,
+            "no free loopback port left in {FIRST}..{}",
+            FIRST + SPAN
+        );
+        let port = u16::try_from(FIRST + (start + n) % SPAN).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A mosquitto of a test's own, started on a port picked before it runs ([`LateBroker::port`]),
 /// so a service can be started first and find no broker, as on a Pi where the broker's
 /// container comes up last. Anonymous, loopback only, no persistence. Killed on drop.
@@ -69,10 +103,7 @@ impl LateBroker {
     ///
     /// When no port can be bound.
     pub fn port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("cannot bind a loopback port")
+        free_port()
     }
 
     /// The bus config for a broker on `port`, retrying fast (50–500 ms) so a test does not
