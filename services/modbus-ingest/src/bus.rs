@@ -224,7 +224,7 @@ pub async fn run(
     producer: Producer,
     health_interval: Duration,
     shutdown: Shutdown,
-) -> Result<(), DeliveryError> {
+) {
     let epoch = Instant::now();
     let scheduler = Scheduler::new(
         spec.devices.clone(),
@@ -257,7 +257,7 @@ pub async fn run(
     let mut health = tokio::time::interval_at(epoch + health_interval, health_interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        if runner.conn.is_none() && !runner.reconnect(&shutdown, &mut health).await? {
+        if runner.conn.is_none() && !runner.reconnect(&shutdown, &mut health).await {
             break;
         }
         let wake = match runner.scheduler.next_due() {
@@ -269,11 +269,11 @@ pub async fn run(
             // closing and report its device as not answering.
             biased;
             () = shutdown.wait() => break,
-            _ = health.tick() => runner.publish_health().await?,
+            _ = health.tick() => runner.publish_health().await,
             () = tokio::time::sleep_until(wake) => {
                 let now = runner.now_ms();
                 match runner.scheduler.take_due(now) {
-                    Ok(Some(poll)) => runner.poll(poll, &shutdown).await?,
+                    Ok(Some(poll)) => runner.poll(poll, &shutdown).await,
                     Ok(None) => {}
                     Err(e) => {
                         // Limits were checked at start-up; this cannot happen with a valid
@@ -285,7 +285,6 @@ pub async fn run(
             }
         }
     }
-    Ok(())
 }
 
 impl BusRunner {
@@ -295,14 +294,10 @@ impl BusRunner {
 
     /// Opens the link, retrying with backoff; health keeps being published meanwhile.
     /// `false` on shutdown.
-    async fn reconnect(
-        &mut self,
-        shutdown: &Shutdown,
-        health: &mut tokio::time::Interval,
-    ) -> Result<bool, DeliveryError> {
+    async fn reconnect(&mut self, shutdown: &Shutdown, health: &mut tokio::time::Interval) -> bool {
         loop {
             if shutdown.is_requested() {
-                return Ok(false);
+                return false;
             }
             match open(&self.spec.link, self.received.clone(), self.spec.timeout).await {
                 Ok(ctx) => {
@@ -314,7 +309,7 @@ impl BusRunner {
                     self.opened_before = true;
                     self.open_failures = 0;
                     self.last_frame = Instant::now();
-                    return Ok(true);
+                    return true;
                 }
                 Err(e) => {
                     self.open_failures += 1;
@@ -331,8 +326,8 @@ impl BusRunner {
                     loop {
                         tokio::select! {
                             biased;
-                            () = shutdown.wait() => return Ok(false),
-                            _ = health.tick() => self.publish_health().await?,
+                            () = shutdown.wait() => return false,
+                            _ = health.tick() => self.publish_health().await,
                             () = tokio::time::sleep_until(until) => break,
                         }
                     }
@@ -342,7 +337,7 @@ impl BusRunner {
     }
 
     /// Executes one poll of one device and publishes what it read.
-    async fn poll(&mut self, poll: Poll, shutdown: &Shutdown) -> Result<(), DeliveryError> {
+    async fn poll(&mut self, poll: Poll, shutdown: &Shutdown) {
         let d = poll.device;
         let mut outcomes: Vec<Outcome> = Vec::with_capacity(poll.requests.len());
         for request in &poll.requests {
@@ -361,16 +356,16 @@ impl BusRunner {
         }
         if outcomes.iter().any(|o| matches!(o, Outcome::LinkLost)) {
             // Not the device's fault: no verdict on it, publish what was read before.
-            self.publish(&poll, &outcomes).await?;
-            return Ok(());
+            self.publish(&poll, &outcomes).await;
+            return;
         }
         let answered = outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Words { .. } | Outcome::Exception));
         if !answered && shutdown.is_requested() {
             // Stopping cut the poll short (or it never started): no verdict on the device.
-            self.publish(&poll, &outcomes).await?;
-            return Ok(());
+            self.publish(&poll, &outcomes).await;
+            return;
         }
         let now = self.now_ms();
         match self.scheduler.report(d, now, answered) {
@@ -526,7 +521,7 @@ impl BusRunner {
     }
 
     /// Groups what a poll read into measurements and journals them.
-    async fn publish(&mut self, poll: &Poll, outcomes: &[Outcome]) -> Result<(), DeliveryError> {
+    async fn publish(&mut self, poll: &Poll, outcomes: &[Outcome]) {
         type Key = (Segment, Segment, BTreeMap<Segment, Segment>);
         struct Group {
             fields: BTreeMap<String, f64>,
@@ -601,11 +596,10 @@ impl BusRunner {
                 self.devices[d].reading();
             }
         }
-        Ok(())
     }
 
     /// `modbus_bus` for the bus and `modbus_device` for each device, channel `health`.
-    async fn publish_health(&mut self) -> Result<(), DeliveryError> {
+    async fn publish_health(&mut self) {
         let now = Instant::now();
         let wall = now.duration_since(self.window_start).as_secs_f64();
         let w = std::mem::take(&mut self.window);
@@ -683,7 +677,6 @@ impl BusRunner {
                     .await,
             );
         }
-        Ok(())
     }
 }
 

@@ -110,7 +110,6 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         ));
     }
     ready.set(true);
-    let mut result = Ok(());
     // Bus tasks end at shutdown. A reading the journal refuses (disk full) does not end one:
     // the producer logs, counts and reports it, and the next reading tries the journal again.
     loop {
@@ -119,51 +118,30 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             // not "ended before shutdown".
             biased;
             () = ctx.shutdown.wait() => break,
-            Some(ended) = buses.join_next() => {
-                if let Err(e) = bus_task_ended(ended, true) {
-                    result = Err(e);
-                    break;
-                }
-            }
+            Some(ended) = buses.join_next() => bus_task_ended(ended, true),
         }
-    }
-    if result.is_err() {
-        buses.abort_all();
     }
     while let Some(ended) = buses.join_next().await {
-        if let Err(e) = bus_task_ended(ended, false)
-            && result.is_ok()
-        {
-            result = Err(e);
-        }
+        bus_task_ended(ended, false);
     }
     drop(meas);
     if let Err(e) = meas_task.await {
         tracing::warn!(error = %e, "Producer task ended abnormally.");
     }
     ready.set(false);
-    result
+    Ok(())
 }
 
-fn bus_task_ended(
-    ended: Result<Result<(), DeliveryError>, tokio::task::JoinError>,
-    early: bool,
-) -> Result<(), Error> {
+fn bus_task_ended(ended: Result<(), tokio::task::JoinError>, early: bool) {
     match ended {
-        Err(e) if e.is_cancelled() => Ok(()),
+        Err(e) if e.is_cancelled() => {}
         Err(e) => {
             tracing::error!(error = %e, "A bus task ended abnormally; that bus's readings have stopped.");
-            Ok(())
         }
-        Ok(Err(e)) => {
-            tracing::error!(error = %events::chain(&e), "Cannot journal readings; stopping so that none is lost silently.");
-            Err(e.into())
-        }
-        Ok(Ok(())) if early => {
+        Ok(()) if early => {
             tracing::error!("A bus task ended before shutdown; that bus's readings have stopped.");
-            Ok(())
         }
-        Ok(Ok(())) => Ok(()),
+        Ok(()) => {}
     }
 }
 
