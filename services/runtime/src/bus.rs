@@ -448,6 +448,10 @@ async fn poll_loop(
         &[("client", id.instance.as_str())],
     );
     let mut failures: u32 = 0;
+    // When the current connection's ConnAck came, and the failures before it: a broker that
+    // closes the connection on purpose soon after (its ACL refusing a topic this service
+    // publishes again on every connection) is not a success that resets the backoff.
+    let mut connected: Option<(Instant, u32)> = None;
     let mut epoch = 0u64;
     loop {
         let event = tokio::select! {
@@ -463,6 +467,7 @@ async fn poll_loop(
         }
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = Some((Instant::now(), failures));
                 failures = 0;
                 epoch += 1;
                 events::bus_connected(id.instance.as_str(), epoch > 1);
@@ -531,10 +536,16 @@ async fn poll_loop(
                 *lock(&inner.sub_ids) = SubIds::default();
                 // rumqttd sends DISCONNECT (which rumqttc reports as an unexpected packet)
                 // when it refuses a publish; a lost connection is an I/O error instead.
-                if matches!(
+                let by_broker = matches!(
                     e,
                     rumqttc::ConnectionError::MqttState(rumqttc::StateError::WrongPacket)
-                ) {
+                );
+                failures = failures_after_disconnect(
+                    failures,
+                    connected.take().map(|(at, before)| (at.elapsed(), before)),
+                    by_broker,
+                );
+                if by_broker {
                     let last = lock(&inner.last_publish).clone();
                     events::disconnected_by_broker(
                         id.instance.as_str(),
@@ -582,6 +593,32 @@ async fn shut_down(
         }
     };
     let _timed_out = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+/// How long a connection must last for the broker's closing it to count as a fresh start
+/// of the backoff rather than one more failure.
+const STABLE_CONNECTION: Duration = Duration::from_secs(30);
+
+/// The failure count after the link failed, given the count so far (`failures`, 0 once
+/// connected), how long the connection had been up and the failures before its ConnAck.
+///
+/// A broker that closes the connection on purpose (a refused publish, rumqttd's DISCONNECT)
+/// within [`STABLE_CONNECTION`] of accepting it will do so again on the next connection, since
+/// the service replays the same topic: that counts as one more failure after the ones before
+/// the ConnAck, so the retries back off to `reconnect_max_ms` instead of reconnecting every
+/// `reconnect_min_ms` for as long as nobody fixes the ACL. Any other end of the link (an I/O
+/// error, a broker restart) counts from the connection's own start, as before.
+fn failures_after_disconnect(
+    failures: u32,
+    connection: Option<(Duration, u32)>,
+    by_broker: bool,
+) -> u32 {
+    match connection {
+        Some((up_for, before)) if by_broker && up_for < STABLE_CONNECTION => {
+            before.saturating_add(failures)
+        }
+        _ => failures,
+    }
 }
 
 /// `min · 2^failures`, capped, times a random factor in [0.5, 1): seven services restarted
@@ -645,5 +682,53 @@ mod tests {
                 "failure {f}: {d} ms vs {nominal}"
             );
         }
+    }
+
+    /// A service whose ACL refuses a topic it replays is closed by the broker right after each
+    /// ConnAck: its reconnects must back off as failures do, not restart at the minimum.
+    #[test]
+    fn a_broker_closing_each_new_connection_on_purpose_makes_the_retries_back_off() {
+        let cfg = BusConfig {
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 60_000,
+            ..BusConfig::default()
+        };
+        let mut failures = 0;
+        for round in 0..10u32 {
+            // ConnAck: the count before it is kept, the count restarts.
+            let before = failures;
+            failures = 0;
+            // DISCONNECT from the broker a moment later.
+            failures = failures_after_disconnect(
+                failures,
+                Some((Duration::from_millis(50), before)),
+                true,
+            );
+            assert_eq!(failures, round, "round {round}");
+            let nominal = (100u64 << failures.min(20)).min(60_000);
+            assert!(backoff(&cfg, failures).as_millis() as u64 >= nominal / 2);
+            failures += 1;
+        }
+        assert!(
+            backoff(&cfg, failures) >= Duration::from_secs(30),
+            "capped at the maximum"
+        );
+    }
+
+    #[test]
+    fn a_link_lost_otherwise_or_after_a_stable_connection_starts_the_backoff_again() {
+        // A broker restart (an I/O error) right after connecting: the usual fresh start.
+        assert_eq!(
+            failures_after_disconnect(0, Some((Duration::from_millis(50), 7)), false),
+            0
+        );
+        // Closed on purpose, but after a long stable connection: a fresh start too.
+        assert_eq!(
+            failures_after_disconnect(0, Some((STABLE_CONNECTION, 7)), true),
+            0
+        );
+        // Failures while not connected keep counting.
+        assert_eq!(failures_after_disconnect(3, None, true), 3);
+        assert_eq!(failures_after_disconnect(3, None, false), 3);
     }
 }
