@@ -111,6 +111,26 @@ pub struct Origin {
     pub seq: u64,
 }
 
+impl Origin {
+    /// The origin `payload` claims, if it has a readable one, whether or not the rest of it
+    /// is a valid message: what a sink acknowledges for it (a malformed journaled message is
+    /// acknowledged once dead-lettered, invariant 13). The broker reads it the same way, to
+    /// refuse a publisher that claims another producer's origin: the sink would acknowledge
+    /// that producer's sequence numbers, and the producer delete readings no sink stored.
+    ///
+    /// Whenever a whole message decodes with an origin, this returns that origin (same key,
+    /// same type; a repeated `origin` key fails both).
+    pub fn claimed(payload: &[u8]) -> Option<Origin> {
+        #[derive(Deserialize)]
+        struct OnlyOrigin {
+            origin: Origin,
+        }
+        serde_json::from_slice::<OnlyOrigin>(payload)
+            .ok()
+            .map(|o| o.origin)
+    }
+}
+
 /// A payload that goes through a producer's journal and is acknowledged by sinks.
 pub trait Sequenced: Payload {
     fn origin(&self) -> Option<&Origin>;

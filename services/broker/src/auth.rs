@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::future::{Ready, ready};
 use std::sync::Arc;
 
+use proto::Origin;
 use runtime::Secret;
 
 use crate::acl::{self, Grant};
@@ -105,15 +106,38 @@ impl Policy {
 }
 
 impl rumqttd::Policy for Policy {
-    fn may_publish(&self, client_id: &str, username: &str, topic: &str) -> bool {
-        let allowed = match self.grant(username) {
-            None => true,
-            Some(grant) => grant.is_some_and(|g| g.may_publish(topic)),
+    fn may_publish(&self, client_id: &str, username: &str, topic: &str, payload: &[u8]) -> bool {
+        let Some(users) = &self.users else {
+            return true;
         };
-        if !allowed {
+        let Some(grant) = users.0.get(username).map(|a| &a.grant) else {
             self.denied.publish(client_id, username, topic);
+            return false;
+        };
+        if !grant.may_publish(topic) {
+            self.denied.publish(client_id, username, topic);
+            return false;
         }
-        allowed
+        if grant.role == acl::Role::Admin {
+            return true;
+        }
+        // A sink acknowledges the origin a payload claims, on any topic it consumes, even when
+        // the rest of the payload is not a valid message. Claiming another user's producer
+        // would have a real sink acknowledge that producer's sequence numbers, and the
+        // producer delete readings no sink stored.
+        match Origin::claimed(payload) {
+            Some(origin)
+                if acl::client_id_owner(
+                    origin.producer.as_str(),
+                    users.0.keys().map(String::as_str),
+                ) != Some(username) =>
+            {
+                self.denied
+                    .origin(client_id, username, topic, origin.producer.as_str());
+                false
+            }
+            _ => true,
+        }
     }
 
     fn may_subscribe(&self, client_id: &str, username: &str, filter: &str) -> bool {
@@ -150,6 +174,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::acl::Role;
+    use runtime::telemetry::Counter;
 
     fn account(name: &str, password: &str, role: Role) -> Account {
         Account {
@@ -216,14 +241,62 @@ mod tests {
         ]));
         let policy = Policy::new(Some(users));
         let reading = "wattbus/v1/site-a/meas/ct-1/current_a";
-        assert!(policy.may_publish("serial-ingest", "serial-ingest", reading));
-        assert!(!policy.may_publish("grafana", "grafana", reading));
-        assert!(!policy.may_publish("x", "nobody", reading));
+        assert!(policy.may_publish("serial-ingest", "serial-ingest", reading, b"{}"));
+        assert!(!policy.may_publish("grafana", "grafana", reading, b"{}"));
+        assert!(!policy.may_publish("x", "nobody", reading, b"{}"));
         assert!(policy.may_subscribe("grafana", "grafana", "wattbus/#"));
         assert!(!policy.may_subscribe("x", "nobody", "wattbus/#"));
         // Anonymous: nobody to tell apart, everything allowed.
         let open = Policy::new(None);
-        assert!(open.may_publish("x", "", "anything"));
+        assert!(open.may_publish("x", "", "anything", b"{}"));
         assert!(open.may_subscribe("x", "", "#"));
+    }
+
+    /// Sinks acknowledge the origin a payload claims; claiming another user's producer would
+    /// make a real sink acknowledge (and that producer delete) readings no sink stored.
+    #[test]
+    fn a_publish_claiming_the_origin_of_another_users_producer_is_refused() {
+        use rumqttd::Policy as _;
+        let users = Arc::new(Users::new(vec![
+            account("simulator", "s", Role::Producer),
+            account("evil", "e", Role::Producer),
+            account("rms-processor", "r", Role::Processor),
+            account("tools", "t", Role::Admin),
+        ]));
+        let policy = Policy::new(Some(users));
+        let own = "wattbus/v1/home/meas/evil-1/x";
+        let claim = |producer: &str| {
+            format!(
+                r#"{{"origin":{{"producer":"{producer}","stream":"meas","seq":98}},"site":"home"}}"#
+            )
+        };
+        let denied = Counter::new("wattbus_broker_denied_total", "", &[("action", "origin")]);
+        let before = denied.get();
+        // Another user's producer, also in a payload that is no valid reading at all.
+        assert!(!policy.may_publish("evil", "evil", own, claim("simulator").as_bytes()));
+        assert!(!policy.may_publish("evil-2", "evil", own, claim("simulator-2").as_bytes()));
+        assert!(!policy.may_publish(
+            "evil",
+            "evil",
+            "wattbus/v1/home/raw/evil-1",
+            claim("rms-processor").as_bytes()
+        ));
+        // A producer nobody owns: not this user's either.
+        assert!(!policy.may_publish("evil", "evil", own, claim("pi-meter").as_bytes()));
+        assert_eq!(denied.get(), before + 4);
+        // Its own producer names, and payloads with no readable origin, pass.
+        assert!(policy.may_publish("evil", "evil", own, claim("evil").as_bytes()));
+        assert!(policy.may_publish("evil-2", "evil", own, claim("evil-north").as_bytes()));
+        assert!(policy.may_publish("evil", "evil", own, br#"{"site":"home"}"#));
+        assert!(policy.may_publish("evil", "evil", own, b"not json"));
+        // The processor publishes readings under its own name; an admin may claim any.
+        let processed = "wattbus/v1/home/meas/ct-1/l1";
+        assert!(policy.may_publish(
+            "rms-processor",
+            "rms-processor",
+            processed,
+            claim("rms-processor").as_bytes()
+        ));
+        assert!(policy.may_publish("tools", "tools", own, claim("simulator").as_bytes()));
     }
 }

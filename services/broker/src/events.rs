@@ -101,6 +101,7 @@ const DENIED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Denied {
     publish: (Counter, Throttle),
+    origin: (Counter, Throttle),
     subscribe: (Counter, Throttle),
     client_id: (Counter, Throttle),
 }
@@ -117,6 +118,7 @@ impl Denied {
         };
         Self {
             publish: counter("publish"),
+            origin: counter("origin"),
             subscribe: counter("subscribe"),
             client_id: counter("client_id"),
         }
@@ -132,6 +134,24 @@ impl Denied {
                 skipped,
                 "Refused a publish: the user's broker role does not allow this topic; the \
                  client was disconnected."
+            );
+        }
+    }
+
+    /// A publish whose payload claims the origin of a producer this user does not own.
+    pub(crate) fn origin(&self, client_id: &str, username: &str, topic: &str, producer: &str) {
+        if let Some(skipped) = count(&self.origin) {
+            tracing::warn!(
+                action = "origin",
+                username,
+                client_id,
+                topic,
+                producer,
+                skipped,
+                "Refused a publish: its payload claims the origin of producer {producer}, which \
+                 is not this user's (a producer's name is its user's name or starts with it and \
+                 '-'); sinks would acknowledge that producer's readings. The client was \
+                 disconnected."
             );
         }
     }

@@ -223,6 +223,44 @@ async fn forged_readings_from_a_reader_or_a_sink_are_refused_and_never_stored() 
     assert_rumqttd_never_panicked();
 }
 
+/// A sink acknowledges the origin a payload claims. A producer that publishes, on a topic it
+/// may use, a payload claiming another producer's origin (even one that is no reading at all)
+/// would have the real sink acknowledge that producer's readings, and the producer delete them
+/// unstored. The broker refuses the publish; the sink never sees it.
+#[tokio::test]
+async fn a_payload_claiming_another_producers_origin_is_refused_and_never_reaches_a_sink() {
+    watch_panics();
+    let config = config();
+    let _broker = start(&config).await;
+    let (writer, mut writer_loop) =
+        connected(config.listen, "influx-writer", "influx-writer").await;
+    subscribe(&writer, &mut writer_loop, &[&topic("meas/+/+")]).await;
+    let own = topic("meas/ct-1/current_a");
+    for forged in [
+        r#"{"origin":{"producer":"modbus-ingest","stream":"meas","seq":98}}"#,
+        r#"{"origin":{"producer":"rms-processor","stream":"meas","seq":1},"site":"site-a","device":"ct-1"}"#,
+        r#"{"origin":{"producer":"nobodys-producer","stream":"meas","seq":1}}"#,
+    ] {
+        let (forger, mut forger_loop) =
+            connected(config.listen, "serial-ingest", "serial-ingest").await;
+        assert!(
+            !publish_acked(&forger, &mut forger_loop, &own, forged).await,
+            "published {forged}"
+        );
+    }
+    let (producer, mut producer_loop) =
+        connected(config.listen, "serial-ingest", "serial-ingest").await;
+    let real = r#"{"origin":{"producer":"serial-ingest-north","stream":"meas","seq":1}}"#;
+    assert!(publish_acked(&producer, &mut producer_loop, &own, real).await);
+    assert_eq!(
+        next_publish(&mut writer_loop, WAIT).await,
+        Some((own, real.as_bytes().to_vec())),
+        "only the payload claiming its own producer arrives"
+    );
+    assert_eq!(next_publish(&mut writer_loop, GRACE).await, None);
+    assert_rumqttd_never_panicked();
+}
+
 #[tokio::test]
 async fn a_producer_restricted_to_its_devices_cannot_publish_another_device() {
     watch_panics();

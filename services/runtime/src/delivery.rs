@@ -967,7 +967,7 @@ impl<T: Sequenced> Inbox<T> {
                     // with an acknowledgement once it is dead-lettered: unacknowledged, it would
                     // pin its producer's journal forever, be replayed every few minutes, and
                     // end with the journal full and good readings dropped.
-                    let token = lenient_origin(&msg.payload).map(|o| AckToken {
+                    let token = Origin::claimed(&msg.payload).map(|o| AckToken {
                         site: proto::parse(&msg.topic)
                             .map_or_else(|| self.site.clone(), |p| p.site),
                         producer: o.producer,
@@ -1037,17 +1037,6 @@ fn without_origin(payload: &[u8]) -> Option<Vec<u8>> {
         serde_json::from_slice(payload).ok()?;
     value.remove("origin");
     serde_json::to_vec(&value).ok()
-}
-
-/// The origin of a payload that failed to decode as a whole, if it has a readable one.
-fn lenient_origin(payload: &[u8]) -> Option<Origin> {
-    #[derive(serde::Deserialize)]
-    struct OnlyOrigin {
-        origin: Origin,
-    }
-    serde_json::from_slice::<OnlyOrigin>(payload)
-        .ok()
-        .map(|o| o.origin)
 }
 
 type StreamKey = (Segment, Segment, Segment);

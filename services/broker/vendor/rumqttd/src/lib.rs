@@ -255,10 +255,11 @@ pub enum FilterLimit {
 /// Called on the router thread: answer at once, without I/O.
 pub trait Policy: fmt::Debug + Send + Sync {
     /// May the client `client_id`, logged in as `username` (empty without a login), publish
-    /// on `topic`? Asked for every PUBLISH, after its topic alias is resolved, and for the will
-    /// of a CONNECT. A refused PUBLISH disconnects the client (MQTT-3.3.5-2) and is not
-    /// acknowledged; a refused will refuses the connection (no CONNACK, like a full broker).
-    fn may_publish(&self, client_id: &str, username: &str, topic: &str) -> bool;
+    /// `payload` on `topic`? Asked for every PUBLISH, after its topic alias is resolved, and
+    /// for the will of a CONNECT. A refused PUBLISH disconnects the client (MQTT-3.3.5-2) and
+    /// is not acknowledged; a refused will refuses the connection (no CONNACK, like a full
+    /// broker).
+    fn may_publish(&self, client_id: &str, username: &str, topic: &str, payload: &[u8]) -> bool;
 
     /// May it subscribe `filter`, as sent (`$share/<group>/...` included)? A SUBSCRIBE with one
     /// refused filter is refused whole: SUBACK failure (0x80) for each of its filters, and

@@ -431,7 +431,9 @@ impl Router {
             return true;
         };
         std::str::from_utf8(&will.topic)
-            .is_ok_and(|topic| policy.may_publish(&connection.client_id, username, topic))
+            .is_ok_and(|topic| {
+                policy.may_publish(&connection.client_id, username, topic, &will.message)
+            })
     }
 
     /// wattbus: whether the policy refuses any filter of `subscribe`, or the SUBSCRIBE would
@@ -1374,7 +1376,7 @@ fn append_to_commitlog(
 
     // wattbus: topic ACL
     if let (Some(policy), Some(username)) = (&datalog.config.policy, &connection.username) {
-        if !policy.may_publish(&connection.client_id, username, topic) {
+        if !policy.may_publish(&connection.client_id, username, topic, &publish.payload) {
             return Err(RouterError::Disconnect(DisconnectReasonCode::NotAuthorized));
         }
     }
