@@ -1016,3 +1016,60 @@ fn serial_ingest_sleeps_on_a_silent_port() {
     let reads = read_calls(pid) - before;
     assert!(reads < 20, "{reads} reads in 2 s on a silent port");
 }
+
+/// The demo prints a reader's credentials for watching the bus. The tools that only watch,
+/// `wattbus tail` and `wattbus sinks list`, must work with them: a reader may publish nothing,
+/// so a tool that left a last will (as services do) was refused by the broker and printed
+/// nothing, or "cannot reach the broker" (hostile review).
+#[test]
+fn the_demos_reader_can_watch_with_tail_and_list_the_sink_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path(), &["--no-serial"], &[]);
+    demo.wait_for_readings(&["sim-meter-1/main"], Duration::from_secs(60));
+    let hint = demo
+        .stdout()
+        .lines()
+        .find(|l| l.contains("mosquitto_sub -h"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("no mosquitto_sub hint:\n{}", demo.stdout()));
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    let after = |flag: &str| {
+        let i = words.iter().position(|w| *w == flag).unwrap();
+        words[i + 1].to_string()
+    };
+    let (port, user, password) = (after("-p"), after("-u"), after("-P"));
+    let cfg = write(
+        dir.path(),
+        "reader.toml",
+        &format!(
+            "site = \"demo\"\n[bus]\nport = {port}\nusername = \"{user}\"\npassword = \"{password}\"\n"
+        ),
+    );
+    // Bounded: a tail that cannot log in waits for messages forever.
+    let o = Command::new("timeout")
+        .arg("60")
+        .arg(wattbus_bin())
+        .args([
+            "tail",
+            "wattbus/v1/demo/meas/#",
+            "-n",
+            "3",
+            "--config",
+            &cfg,
+        ])
+        .env_remove("WATTBUS_CONFIG")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "tail failed: {}\n{out}", stderr(&o));
+    assert_eq!(out.lines().count(), 3, "{out}");
+    assert!(out.contains("sim-meter-"), "{out}");
+    let o = wattbus(&["sinks", "list", "--config", &cfg], &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "sinks list failed: {}\n{out}",
+        stderr(&o)
+    );
+    assert!(out.contains("consumes wattbus/v1/demo/meas/+/+"), "{out}");
+}

@@ -97,6 +97,8 @@ struct Inner {
     /// The process's readiness checks, so what runs on this connection (a producer whose
     /// journal cannot take records) can add its own.
     health: Health,
+    /// Whether this connection publishes its status (see [`Bus::observe`]).
+    announce: bool,
 }
 
 /// The filter of each SUBSCRIBE, from the moment it is queued (one filter per SUBSCRIBE) to its
@@ -145,11 +147,36 @@ pub struct Identity {
 
 impl Bus {
     /// Start connecting. Returns at once; `connected()` tells when the link is up.
+    ///
+    /// The connection announces itself: retained `online` on `status/<instance>` at each
+    /// ConnAck, `offline` at a clean close, and as its last will.
     pub fn connect(
         cfg: &BusConfig,
         site: &Segment,
         id: &Identity,
         health: &Health,
+    ) -> Result<(Bus, JoinHandle<()>), ConfigError> {
+        Self::open(cfg, site, id, health, true)
+    }
+
+    /// Like [`Bus::connect`], for a tool that only watches (`wattbus tail`, `sinks list`): no
+    /// status and no last will, so a broker user with the `reader` role, which may publish
+    /// nothing, can log in, and the bus does not keep a retained status of every tool run.
+    pub fn observe(
+        cfg: &BusConfig,
+        site: &Segment,
+        id: &Identity,
+        health: &Health,
+    ) -> Result<(Bus, JoinHandle<()>), ConfigError> {
+        Self::open(cfg, site, id, health, false)
+    }
+
+    fn open(
+        cfg: &BusConfig,
+        site: &Segment,
+        id: &Identity,
+        health: &Health,
+        announce: bool,
     ) -> Result<(Bus, JoinHandle<()>), ConfigError> {
         let password = cfg.resolved_password()?;
         let mut opts = MqttOptions::new(id.instance.as_str(), cfg.host.clone(), cfg.port);
@@ -166,16 +193,18 @@ impl Bus {
                     .unwrap_or_default(),
             );
         }
-        let status_topic = Topic::status(site, &id.instance);
-        let offline = status(id, ServiceState::Offline)
-            .encode()
-            .unwrap_or_default();
-        opts.set_last_will(LastWill::new(
-            status_topic.as_str(),
-            offline,
-            QoS::AtLeastOnce,
-            true,
-        ));
+        if announce {
+            let status_topic = Topic::status(site, &id.instance);
+            let offline = status(id, ServiceState::Offline)
+                .encode()
+                .unwrap_or_default();
+            opts.set_last_will(LastWill::new(
+                status_topic.as_str(),
+                offline,
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 1024);
         // Without TCP_NODELAY a small publish or acknowledgement can wait for the kernel's
         // delayed-ACK timer (~40 ms on Linux) behind the previous one: a fixed latency per
@@ -201,6 +230,7 @@ impl Bus {
             site: site.clone(),
             service: id.service.clone(),
             health: health.clone(),
+            announce,
         });
         let ready = health.check(&format!("bus:{}", id.instance));
         let task = tokio::spawn(poll_loop(
@@ -480,14 +510,17 @@ async fn poll_loop(
                         routes.iter().map(|r| (r.filter.clone(), r.qos)).collect();
                 }
                 queue_subscriptions(&inner);
-                inner.published(status_topic.as_str());
-                if let Ok(online) = status(&id, ServiceState::Online).encode()
+                if inner.announce
+                    && let Ok(online) = status(&id, ServiceState::Online).encode()
                     && inner
                         .client
                         .try_publish(status_topic.as_str(), QoS::AtLeastOnce, true, online)
                         .is_err()
                 {
                     tracing::debug!("Could not queue the online status.");
+                }
+                if inner.announce {
+                    inner.published(status_topic.as_str());
                 }
                 ready.set(true);
                 inner.up.store(true, Ordering::Relaxed);
@@ -576,7 +609,9 @@ async fn shut_down(
     status_topic: &Topic<Status>,
     id: &Identity,
 ) {
-    if let Ok(offline) = status(id, ServiceState::Offline).encode() {
+    if inner.announce
+        && let Ok(offline) = status(id, ServiceState::Offline).encode()
+    {
         let _queued =
             inner
                 .client

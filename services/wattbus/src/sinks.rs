@@ -170,7 +170,7 @@ impl Connection {
             service: Segment::new("sinks")?,
             instance: Segment::new(format!("wattbus-sinks-{}", std::process::id()))?,
         };
-        let (bus, task) = Bus::connect(&common.bus, &common.site, &id, &Health::default())?;
+        let (bus, task) = Bus::observe(&common.bus, &common.site, &id, &Health::default())?;
         if !bus.wait_connected(Duration::from_secs(10)).await {
             bus.close(task).await;
             anyhow::bail!(

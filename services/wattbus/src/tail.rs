@@ -35,7 +35,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         instance: Segment::new(format!("wattbus-tail-{}", std::process::id()))?,
     };
     let health = runtime::Health::default();
-    let (bus, task) = Bus::connect(&common.bus, &common.site, &id, &health)?;
+    let (bus, task) = Bus::observe(&common.bus, &common.site, &id, &health)?;
     let filter = opts.filter.unwrap_or_else(proto::everything);
     let mut rx = bus.subscribe(filter, QoS::AtMostOnce, Overflow::Drop);
     let mut seen = 0u64;
