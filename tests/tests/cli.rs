@@ -67,6 +67,12 @@ fn bad_values_exit_64_naming_file_key_and_reason() {
             "[simulator]\ndevices = 0\n",
             "key `simulator.devices`: must be between 1 and 1000",
         ),
+        (
+            // tokio panics on a channel this large: `run` aborted where `check` said OK.
+            "capacity.toml",
+            "[bus]\nroute_capacity = 2305843009213693952\n",
+            "key `bus.route_capacity`: must be between 1 and 1000000",
+        ),
         ("syntax.toml", "[bus\nport = 1\n", "line 1"),
         ("site.toml", "site = \"my home\"\n", "key `site`"),
     ];

@@ -263,8 +263,13 @@ impl BusConfig {
                 "must be > 0 and not above bus.reconnect_max_ms",
             ));
         }
-        if self.route_capacity == 0 {
-            return Err(ConfigError::new("bus.route_capacity", "must be > 0"));
+        // Each queued message may be up to max_packet_bytes: a million is already far more
+        // than any Pi can hold, and tokio refuses (panics on) a channel above 2^61.
+        if !(1..=1_000_000).contains(&self.route_capacity) {
+            return Err(ConfigError::new(
+                "bus.route_capacity",
+                "must be between 1 and 1000000",
+            ));
         }
         if self.password.is_some() && self.username.is_none()
             || self.password_file.is_some() && self.username.is_none()
