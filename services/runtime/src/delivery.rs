@@ -518,19 +518,31 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
     Ok(())
 }
 
-/// The groups learned before, from the file beside the journal (damage and read errors are
-/// logged; what can be read is used).
+/// The groups learned before, from the file beside the journal. What cannot be read is
+/// logged and waited for as a stand-in group ([`learned::stand_in`]): a group forgotten to
+/// damage would have its readings trimmed as soon as the others stored them.
 fn load_learned(dir: &Path) -> Vec<Segment> {
     match learned::load(dir) {
-        Ok(loaded) => {
-            if !loaded.bad_lines.is_empty() {
-                events::sinks_file_damaged(&learned::path(dir), &loaded.bad_lines);
+        Ok(mut loaded) => {
+            let stand_ins: Vec<Segment> = loaded
+                .bad_lines
+                .iter()
+                .map(|n| learned::stand_in(Some(*n)))
+                .collect();
+            if !stand_ins.is_empty() {
+                events::sinks_file_damaged(&learned::path(dir), &loaded.bad_lines, &stand_ins);
+            }
+            for s in stand_ins {
+                if !loaded.groups.contains(&s) {
+                    loaded.groups.push(s);
+                }
             }
             loaded.groups
         }
         Err(e) => {
-            events::sinks_file_failed(&learned::path(dir), "read", &e);
-            Vec::new()
+            let stand_in = learned::stand_in(None);
+            events::sinks_file_unreadable(&learned::path(dir), &e, &stand_in);
+            vec![stand_in]
         }
     }
 }

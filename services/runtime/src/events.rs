@@ -339,12 +339,25 @@ fn sinks_file_error() {
     .inc();
 }
 
-pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize]) {
+pub fn sinks_file_damaged(path: &Path, bad_lines: &[usize], stand_ins: &[proto::Segment]) {
     sinks_file_error();
+    let names: Vec<&str> = stand_ins.iter().map(proto::Segment::as_str).collect();
     tracing::error!(
         file = %path.display(),
         ?bad_lines,
-        "The learned sink groups file is damaged; kept its valid lines. A group on a damaged line is waited for again once its registration arrives: check that every sink group is running."
+        stand_ins = ?names,
+        "The learned sink groups file is damaged; kept its valid lines. Which group a damaged line named is lost, so this stream waits for a stand-in in its place and trims nothing it holds for it: once every sink group has registered again (`wattbus sinks list`), withdraw the stand-in with `wattbus sinks forget <stand-in>`."
+    );
+}
+
+pub fn sinks_file_unreadable(path: &Path, error: &std::io::Error, stand_in: &proto::Segment) {
+    sinks_file_error();
+    tracing::error!(
+        file = %path.display(),
+        error = %error,
+        stand_in = stand_in.as_str(),
+        "Cannot read the learned sink groups file. This stream waits for a stand-in group and trims nothing it holds for it: check the disk, and once every sink group has registered again (`wattbus sinks list`), withdraw it with `wattbus sinks forget {}`.",
+        stand_in
     );
 }
 

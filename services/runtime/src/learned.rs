@@ -7,10 +7,10 @@
 //! 1. **Replaced whole, never edited.** The file is written to `sinks.tmp` (0600), fsynced and
 //!    renamed over `sinks`, then the directory is fsynced: a crash leaves the old list or the
 //!    new one, never half of either.
-//! 2. **Damage costs a line, not the list.** One group per line; a line that is not a valid
-//!    group name (bit rot, a torn write on a file system without atomic rename) is reported
-//!    with an ERROR and skipped, and every valid line is kept. A skipped group is waited for
-//!    again as soon as its retained registration arrives.
+//! 2. **Damage costs a line, not the list, and no reading.** One group per line; a line that
+//!    is not a valid group name (bit rot, a torn write on a file system without atomic
+//!    rename) is reported with an ERROR, every valid line is kept, and the producer waits for
+//!    a stand-in group in its place ([`stand_in`]) until a person withdraws it.
 //! 3. **Written only on a change** (a group learned or forgotten), not on every registration
 //!    received: registrations come again on every connection, and an SD card should not pay
 //!    for that.
@@ -34,6 +34,22 @@ pub struct Loaded {
     pub groups: Vec<Segment>,
     /// 1-based numbers of lines that were not a valid group name.
     pub bad_lines: Vec<usize>,
+}
+
+/// The group waited for in place of one on line `line` of the file that cannot be read
+/// (`unreadable-<line>`), or of the whole file when it cannot be read at all (`unreadable`).
+///
+/// Which group it was is lost, and it may be one that is down right now: waiting for a
+/// stand-in, which never acknowledges, trims nothing until a person has checked that every
+/// real group registered again and withdraws it (`wattbus sinks forget unreadable-2`). Skipping
+/// the line instead would trim readings as soon as the other groups have them, and the lost
+/// group would never get them.
+pub fn stand_in(line: Option<usize>) -> Segment {
+    let name = match line {
+        Some(n) => format!("unreadable-{n}"),
+        None => "unreadable".to_string(),
+    };
+    Segment::new(name).unwrap_or_else(|e| unreachable!("a valid group name: {e}"))
 }
 
 /// The path of the file in `dir`.

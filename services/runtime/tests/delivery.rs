@@ -725,6 +725,77 @@ async fn a_withdrawn_group_is_forgotten_even_by_a_producer_that_was_stopped_at_t
     fast.stop().await;
 }
 
+/// One flipped byte in the `sinks` file must not cost a reading: the group on the damaged
+/// line may be the one that is down, and the broker may have forgotten its registration. The
+/// producer waits for a stand-in until a person withdraws it (hostile review: a damaged line
+/// was skipped, the other group's acknowledgements trimmed everything, and the lost group
+/// never got 192 readings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_line_in_the_sinks_file_holds_readings_until_its_stand_in_is_withdrawn() {
+    let site = site("damaged-sinks");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StreamConfig {
+        wait_for: vec![seg("fast")],
+        ..quick()
+    };
+    Stream::with_store_gone(&site, "damaged", &cfg, dir.path())
+        .await
+        .stop()
+        .await;
+    let journal =
+        runtime::delivery::journal_dir(dir.path(), &seg(&format!("p-{site}")), &seg("damaged"));
+    let file = runtime::learned::path(&journal);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let line = text.lines().position(|l| l == "store").unwrap() + 1;
+    std::fs::write(&file, text.replace("store\n", "st\u{fffd}re\n")).unwrap();
+    // The broker restarted without its retained messages: nothing tells of `store` any more.
+    let (admin, _at) = connect(&site, "admin").await;
+    let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(&site, &seg("store"));
+    admin
+        .publish(gone.as_str(), Vec::new(), true)
+        .await
+        .unwrap();
+
+    let s = Stream::open(&site, "p", "damaged", &cfg, dir.path()).await;
+    let mut fast = Sink::start(&site, "fast").await;
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    for i in 0..30 {
+        s.p.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    fast.store_until(30, Duration::from_secs(10)).await;
+    let stand_in = format!("unreadable-{line}");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            replays("damaged", &stand_in) > 0
+        })
+        .await,
+        "the producer does not wait for a stand-in of the damaged line"
+    );
+    assert_eq!(
+        s.p.pending().await,
+        30,
+        "held for the group whose name was damaged"
+    );
+
+    // A person checked that every real group is back and withdraws the stand-in.
+    admin
+        .send(
+            &proto::Topic::sink_registration(&site, &seg(&stand_in)),
+            &proto::SinkRegistration::withdrawn(seg(&stand_in)),
+            true,
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            s.p.pending().await == 0
+        })
+        .await,
+        "the withdrawn stand-in is still waited for"
+    );
+    fast.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_its_first_connection_a_producer_replays_only_what_it_could_not_publish() {
     let site = site("first");

@@ -147,10 +147,25 @@ fn learned_by_journal(journals: &Path) -> Vec<(String, Vec<String>)> {
             let (Some(p), Some(s)) = (name(&producer), name(&stream)) else {
                 continue;
             };
+            // What the producer waits for: a damaged line, or a file it cannot read, is a
+            // stand-in group (`runtime::learned::stand_in`).
             let groups = match runtime::learned::load(&stream) {
-                Ok(l) if l.groups.is_empty() => continue,
-                Ok(l) => l.groups.into_iter().map(String::from).collect(),
-                Err(e) => vec![format!("cannot read: {e}")],
+                Ok(l) if l.groups.is_empty() && l.bad_lines.is_empty() => continue,
+                Ok(l) => l
+                    .groups
+                    .into_iter()
+                    .map(String::from)
+                    .chain(l.bad_lines.iter().map(|n| {
+                        format!(
+                            "{} (line {n} damaged)",
+                            runtime::learned::stand_in(Some(*n))
+                        )
+                    }))
+                    .collect(),
+                Err(e) => vec![format!(
+                    "{} (cannot read: {e})",
+                    runtime::learned::stand_in(None)
+                )],
             };
             out.push((format!("{p}/{s}"), groups));
         }
