@@ -85,14 +85,17 @@ pub(crate) fn handler(
 pub(crate) struct Policy {
     /// `None`: anonymous clients, no identities to check (`allow_anonymous`).
     users: Option<Arc<Users>>,
+    /// Most connections one (non-admin) user may hold at once.
+    max_connections_per_user: usize,
     denied: Denied,
     limited: Limited,
 }
 
 impl Policy {
-    pub(crate) fn new(users: Option<Arc<Users>>) -> Self {
+    pub(crate) fn new(users: Option<Arc<Users>>, max_connections_per_user: usize) -> Self {
         Self {
             users,
+            max_connections_per_user,
             denied: Denied::new(),
             limited: Limited::new(),
         }
@@ -153,6 +156,18 @@ impl rumqttd::Policy for Policy {
 
     fn filter_limit(&self, client_id: &str, filter: &str, limit: rumqttd::FilterLimit) {
         self.limited.filters(client_id, filter, limit);
+    }
+
+    fn max_connections_of(&self, username: &str) -> Option<usize> {
+        let users = self.users.as_ref()?;
+        match users.0.get(username) {
+            Some(a) if a.grant.role == acl::Role::Admin => None,
+            _ => Some(self.max_connections_per_user),
+        }
+    }
+
+    fn connection_limit(&self, client_id: &str, username: &str, limit: usize) {
+        self.limited.connections(client_id, username, limit);
     }
 
     fn retained_limit(&self, client_id: &str, topic: &str) {
@@ -239,7 +254,7 @@ mod tests {
             account("serial-ingest", "p", Role::Producer),
             account("grafana", "g", Role::Reader),
         ]));
-        let policy = Policy::new(Some(users));
+        let policy = Policy::new(Some(users), 8);
         let reading = "wattbus/v1/site-a/meas/ct-1/current_a";
         assert!(policy.may_publish("serial-ingest", "serial-ingest", reading, b"{}"));
         assert!(!policy.may_publish("grafana", "grafana", reading, b"{}"));
@@ -247,7 +262,7 @@ mod tests {
         assert!(policy.may_subscribe("grafana", "grafana", "wattbus/#"));
         assert!(!policy.may_subscribe("x", "nobody", "wattbus/#"));
         // Anonymous: nobody to tell apart, everything allowed.
-        let open = Policy::new(None);
+        let open = Policy::new(None, 8);
         assert!(open.may_publish("x", "", "anything", b"{}"));
         assert!(open.may_subscribe("x", "", "#"));
     }
@@ -263,7 +278,7 @@ mod tests {
             account("rms-processor", "r", Role::Processor),
             account("tools", "t", Role::Admin),
         ]));
-        let policy = Policy::new(Some(users));
+        let policy = Policy::new(Some(users), 8);
         let own = "wattbus/v1/home/meas/evil-1/x";
         let claim = |producer: &str| {
             format!(

@@ -62,6 +62,10 @@ pub struct Config {
     /// connection may hold up to 4 × `max_payload_bytes` + 2 × `max_queued_bytes` at worst, the
     /// largest term of the memory bound (docs/broker.md).
     pub max_connections: usize,
+    /// Most connections one user may hold at once (admin users excepted), so that one login —
+    /// a reader's password on a dashboard, a stolen service password — cannot take every
+    /// connection and lock the services out. A service needs one per instance.
+    pub max_connections_per_user: usize,
     /// Largest packet a client may send (MQTT remaining length: topic + payload). rumqttd
     /// disconnects a client that sends a larger one. Raw sample frames are large, so this
     /// matches `bus.max_packet_bytes` rather than rumqttd's small examples.
@@ -117,6 +121,7 @@ impl Default for Config {
             users: Vec::new(),
             tls: None,
             max_connections: 32,
+            max_connections_per_user: 8,
             max_payload_bytes: 1 << 20,
             max_inflight: 100,
             segment_bytes: 2 << 20,
@@ -231,7 +236,10 @@ impl Config {
         } else {
             Some(Arc::new(auth::Users::new(self.resolve_users(SECTION)?)))
         };
-        let policy: Arc<dyn rumqttd::Policy> = Arc::new(auth::Policy::new(users.clone()));
+        let policy: Arc<dyn rumqttd::Policy> = Arc::new(auth::Policy::new(
+            users.clone(),
+            self.max_connections_per_user,
+        ));
         let server = |name: &str, listen: SocketAddr, tls: Option<rumqttd::TlsConfig>| {
             let mut connections = rumqttd::ConnectionSettings {
                 connection_timeout_ms: self.connection_timeout_ms,
@@ -400,6 +408,9 @@ impl Config {
             |key: &str, reason: &str| Err(ConfigError::new(section_key(section, key), reason));
         if self.max_connections == 0 {
             return fail("max_connections", "must be at least 1");
+        }
+        if self.max_connections_per_user == 0 {
+            return fail("max_connections_per_user", "must be at least 1");
         }
         if !(1024..=MQTT_MAX_PACKET).contains(&self.max_payload_bytes) {
             return fail(

@@ -192,6 +192,7 @@ pub(crate) struct Limited {
     per_client: (Counter, Throttle),
     total: (Counter, Throttle),
     retained: (Counter, Throttle),
+    connections: (Counter, Throttle),
 }
 
 impl Limited {
@@ -213,6 +214,27 @@ impl Limited {
             per_client: subscriptions("per_client"),
             total: subscriptions("total"),
             retained: (retained, Throttle::default()),
+            connections: (
+                Counter::new(
+                    "wattbus_broker_connections_refused_total",
+                    "Connections refused because their user held broker.max_connections_per_user.",
+                    &[],
+                ),
+                Throttle::default(),
+            ),
+        }
+    }
+
+    pub(crate) fn connections(&self, client_id: &str, username: &str, max: usize) {
+        if let Some(skipped) = count(&self.connections) {
+            tracing::warn!(
+                client_id,
+                username,
+                max,
+                skipped,
+                "Refused a connection: its user already holds broker.max_connections_per_user \
+                 connections (no CONNACK)."
+            );
         }
     }
 

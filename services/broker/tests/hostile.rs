@@ -61,6 +61,49 @@ async fn a_refused_client_retrying_at_max_connections_does_not_crash_the_broker(
     assert_rumqttd_never_panicked();
 }
 
+/// One login (a reader's password on a dashboard, a stolen service password) must not take
+/// every connection and lock the services out (hostile review: a reader held all 32).
+#[tokio::test]
+async fn one_user_cannot_take_every_connection() {
+    watch_panics();
+    let config = Config {
+        max_connections: 6,
+        max_connections_per_user: 3,
+        ..support::config()
+    };
+    let _broker = start(&config).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(connected(config.listen, &format!("grafana-{i}"), "grafana").await);
+    }
+    for i in 3..6 {
+        let (_stream, code) = raw::connack(
+            config.listen,
+            &raw::connect(&format!("grafana-{i}"), "grafana", None),
+        )
+        .await;
+        assert_eq!(code, None, "a fourth connection of one user: no CONNACK");
+    }
+    // The services still get in, and an admin is not limited by the per-user count.
+    held.push(connected(config.listen, "influx-writer", "influx-writer").await);
+    held.push(connected(config.listen, "tools-1", "tools").await);
+    held.push(connected(config.listen, "tools-2", "tools").await);
+    // Once one of the user's connections is gone, it may connect again.
+    drop(held.remove(0));
+    let mut again = false;
+    for _ in 0..100 {
+        let (_stream, code) =
+            raw::connack(config.listen, &raw::connect("grafana-9", "grafana", None)).await;
+        if code.is_some() {
+            again = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(again, "a connection freed by the user was not given back");
+    assert_rumqttd_never_panicked();
+}
+
 #[tokio::test]
 async fn two_thousand_connections_leave_the_broker_serving_the_next_client() {
     watch_panics();

@@ -273,6 +273,15 @@ pub trait Policy: fmt::Debug + Send + Sync {
     /// Told when a retained message of `client_id` on `topic` is not kept, because of
     /// [`RouterConfig::max_retained_bytes`].
     fn retained_limit(&self, _client_id: &str, _topic: &str) {}
+
+    /// Most connections `username` may hold at once; `None`: only `max_connections` limits
+    /// it. A connection beyond it is refused like one beyond `max_connections` (no CONNACK).
+    fn max_connections_of(&self, _username: &str) -> Option<usize> {
+        None
+    }
+
+    /// Told when a connection of `client_id` is refused because `username` holds `limit`.
+    fn connection_limit(&self, _client_id: &str, _username: &str, _limit: usize) {}
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -312,6 +312,21 @@ impl Router {
             return;
         }
 
+        // wattbus: one login may not take every connection (refused like a full broker).
+        if let (Some(policy), Some(username)) = (&self.config.policy, &connection.username) {
+            if let Some(limit) = policy.max_connections_of(username) {
+                let held = self
+                    .connections
+                    .iter()
+                    .filter(|(_, c)| c.username.as_deref() == Some(username.as_str()))
+                    .count();
+                if held >= limit {
+                    policy.connection_limit(&client_id, username, limit);
+                    return;
+                }
+            }
+        }
+
         // Retrieve previous connection state from graveyard
         let saved = self.graveyard.retrieve(&client_id);
         let clean_session = connection.clean;
