@@ -1079,3 +1079,72 @@ fn the_demos_reader_can_watch_with_tail_and_list_the_sink_groups() {
     );
     assert!(out.contains("consumes wattbus/v1/demo/meas/+/+"), "{out}");
 }
+
+/// Out of file descriptors (systemd gives a service 1024), rumqttd's accept loop retried at
+/// once and logged a line per try: a flood of connections from anyone who can reach the port
+/// wrote 290 MB of log in 18 s (hostile review). Now it waits between tries and logs at most a
+/// line per 10 s, and serves again once descriptors are free.
+#[test]
+fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let f = write(
+        dir.path(),
+        "b.toml",
+        &format!(
+            "[log]\nlevel = \"info\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n",
+        ),
+    );
+    let log = dir.path().join("b.log");
+    let _broker = Proc::spawn(
+        "broker",
+        Command::new("prlimit")
+            .args(["--nofile=48:48", "--"])
+            .arg(wattbus_bin())
+            .args(["run", "broker", "--config", &f]),
+        &log,
+    );
+    assert!(wait_until(Duration::from_secs(30), || port_open(port)));
+    // Far more connections than the broker has descriptors left; held open.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            flood.push(s);
+        }
+    }
+    let failing = |text: &str| text.matches("Unable to accept socket").count();
+    assert!(
+        wait_until(Duration::from_secs(20), || failing(
+            &std::fs::read_to_string(&log).unwrap_or_default()
+        ) >= 1),
+        "the broker never ran out of descriptors:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // Wait until the first line is 3 s old: a spinning loop would have logged thousands.
+    std::thread::sleep(Duration::from_secs(3));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        failing(&text) <= 2,
+        "{} lines:\n{}",
+        failing(&text),
+        &text[..text.len().min(4000)]
+    );
+    // The flood goes away: a client gets in again.
+    drop(flood);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            // CONNECT, MQTT 3.1.1, clean session, user a / password b, client id "x".
+            let connect: &[u8] = &[
+                0x10, 19, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 30, 0, 1, b'x', 0, 1, b'a', 0,
+                1, b'b',
+            ];
+            let mut ack = [0u8; 4];
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(connect).is_ok() && s.read_exact(&mut ack).is_ok() && ack[0] == 0x20
+        }),
+        "no CONNACK once the flood was gone"
+    );
+}

@@ -59,6 +59,11 @@ impl Health {
     }
 }
 
+/// Most health requests served at once. Prometheus and a container engine need one each; a
+/// flood beyond is closed unanswered rather than take the file descriptors the service needs
+/// for its journal (a flood had journal fsyncs fail with EMFILE).
+const MAX_REQUESTS: usize = 64;
+
 /// Bind `addr` and serve until shutdown. Binding happens before this returns, so a port in use
 /// is a start-up error rather than a log line nobody reads.
 pub async fn serve(
@@ -68,22 +73,36 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    // Requests answered at once; a connection beyond is closed unanswered. A flood of
+    // connections that send nothing (each held up to 5 s) then holds at most this many file
+    // descriptors, which the service needs for its journal and its devices.
+    let live = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     let task = tokio::spawn(async move {
+        let mut last_warn: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 () = shutdown.wait() => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        let Ok(permit) = live.clone().try_acquire_owned() else {
+                            drop(stream);
+                            continue;
+                        };
                         let health = health.clone();
                         // Each request is answered or times out within 5 s; nothing to join.
                         tokio::spawn(async move {
                             if let Err(e) = answer(stream, &health).await {
                                 tracing::debug!(error = %e, "Health request failed.");
                             }
+                            drop(permit);
                         });
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "Health endpoint cannot accept connections.");
+                        // Out of file descriptors, typically: at most one line a minute.
+                        if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            tracing::warn!(error = %e, "Health endpoint cannot accept connections.");
+                            last_warn = Some(tokio::time::Instant::now());
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },

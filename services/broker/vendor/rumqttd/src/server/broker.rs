@@ -390,12 +390,25 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             listen_addr = self.config.listen.to_string(),
             "Listening for remote connections",
         );
+        // wattbus: an accept that fails (EMFILE under a flood of connections) waits before
+        // trying again, and is logged at most once per 10 s, instead of spinning and logging a
+        // line per try (a flood wrote 290 MB of log in 18 s).
+        let mut accept_failures: u32 = 0;
+        let mut failed_log = LogEvery::new();
         loop {
             // Await new network connection.
             let (stream, addr) = match listener.accept().await {
-                Ok((s, r)) => (s, r),
+                Ok((s, r)) => {
+                    accept_failures = 0;
+                    (s, r)
+                }
                 Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
+                    if let Some(skipped) = failed_log.due() {
+                        error!(error=?e, skipped, "Unable to accept socket; waiting before the next try.");
+                    }
+                    accept_failures = accept_failures.saturating_add(1);
+                    let wait = 50u64.saturating_mul(1 << accept_failures.min(5)).min(1000);
+                    time::sleep(Duration::from_millis(wait)).await;
                     continue;
                 }
             };
@@ -463,6 +476,34 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
 
             time::sleep(delay).await;
         }
+    }
+}
+
+/// wattbus: at most one line per 10 s; `due` says how many were skipped since the last.
+struct LogEvery {
+    last: Option<std::time::Instant>,
+    skipped: u64,
+}
+
+impl LogEvery {
+    fn new() -> Self {
+        Self {
+            last: None,
+            skipped: 0,
+        }
+    }
+
+    fn due(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
+        {
+            self.skipped += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.skipped))
     }
 }
 
