@@ -344,16 +344,23 @@ fn cut_partial_row(mut file: &File) -> io::Result<u64> {
     if len == 0 {
         return Ok(0);
     }
-    // Look back at most 64 KiB for the last newline; a row is far shorter.
-    let back = len.min(64 * 1024);
-    file.seek(SeekFrom::Start(len - back))?;
-    let mut tail = Vec::with_capacity(back as usize);
-    file.take(back).read_to_end(&mut tail)?;
-    let keep = match tail.iter().rposition(|b| *b == b'\n') {
-        Some(i) => len - back + i as u64 + 1,
-        None if back == len => 0,
-        None => len,
-    };
+    // Back to the last newline, 64 KiB at a time: a row is usually far shorter, but one with
+    // many tags can be longer (a torn row of 680 KiB was kept, and the next row glued to it).
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut keep = 0;
+    let mut chunk = Vec::with_capacity(CHUNK as usize);
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        file.seek(SeekFrom::Start(start))?;
+        chunk.clear();
+        file.take(end - start).read_to_end(&mut chunk)?;
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            keep = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
     if keep < len {
         tracing::warn!(
             cut_bytes = len - keep,
@@ -421,6 +428,15 @@ fn encode(out: &mut String, format: FileFormat, m: &Measurement) -> Result<(), S
             Ok(())
         }
         FileFormat::CsvPowmon => {
+            // The format has a place for current and power only. A reading with neither
+            // (energy, a temperature) would be an empty row, acknowledged and so deleted
+            // upstream: it is refused instead, which keeps it in the dead-letter file.
+            if !m.fields.contains_key("current_a") && !m.fields.contains_key("power_w") {
+                return Err(format!(
+                    "csv-powmon has columns for current_a and power_w only, and this {} reading has neither; use format \"csv\" to keep every reading",
+                    m.measurement
+                ));
+            }
             let time = iso_ms(m.ts_ms);
             let get = |k: &str| m.fields.get(k).map(|v| v.to_string()).unwrap_or_default();
             let _ = writeln!(
@@ -599,6 +615,31 @@ mod tests {
         );
     }
 
+    /// A reading the format has no column for is refused (and so dead-lettered, not
+    /// acknowledged as stored): an empty row used to stand for a temperature or an energy.
+    #[test]
+    fn powmon_refuses_a_reading_without_current_or_power() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &cfg(FileFormat::CsvPowmon)).unwrap();
+        let mut temperature = reading(T0, 1.0);
+        temperature.measurement = seg("temperature");
+        temperature.fields = [("temperature_c".to_string(), 4.5)].into();
+        let out = f
+            .write(&[&temperature, &reading(T0, 230.0)], at(T0))
+            .unwrap();
+        assert_eq!(out.skipped.len(), 1, "{:?}", out.skipped);
+        assert_eq!(out.skipped[0].0, 0);
+        assert!(
+            out.skipped[0].1.contains("use format \"csv\""),
+            "{:?}",
+            out.skipped
+        );
+        let text = fs::read_to_string(f.current_path().unwrap()).unwrap();
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(rows[1].ends_with(",meter-1,1,230"), "{text}");
+    }
+
     #[test]
     fn files_of_the_same_second_sort_in_creation_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -671,6 +712,45 @@ mod tests {
         assert_eq!(lines.len(), 1 + 4, "{text}");
         assert!(lines.iter().all(|l| l.split(',').count() == 9), "{text}");
         assert_eq!(f.list().unwrap().len(), 1);
+    }
+
+    /// A row can be longer than one look-back (many tags): a crash inside such a row must
+    /// still be cut back to the row before, not leave the next row glued to it.
+    #[test]
+    fn a_torn_row_longer_than_64_kib_is_cut_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut big = reading(T0, 1.0);
+        big.tags = (0..20_000)
+            .map(|i| (seg(&format!("t{i:05}")), seg("vvvvvvvvvvvvvvvvvvvv")))
+            .collect();
+        let cfg = FilesConfig {
+            max_bytes: 64 << 20,
+            ..cfg(FileFormat::Csv)
+        };
+        let path = {
+            let mut f = RotatingFiles::open(dir.path(), &cfg).unwrap();
+            f.write(&[&reading(T0, 1.0), &big], at(T0)).unwrap();
+            f.current_path().unwrap().to_path_buf()
+        };
+        // A power cut 5000 bytes before the end of the last (longest) row.
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 5000)
+            .unwrap();
+        let mut f = RotatingFiles::open(dir.path(), &cfg).unwrap();
+        f.write(&[&reading(T0 + 1000, 333.0)], at(T0 + 1000))
+            .unwrap();
+        assert_eq!(f.list().unwrap().len(), 1);
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.iter().all(|l| l.split(',').count() == 9));
+        // Header, the small reading's two rows, the big one's first field row (complete),
+        // then the new reading's two rows: the torn second field row of `big` is gone.
+        assert_eq!(lines.len(), 1 + 2 + 1 + 2, "{} lines", lines.len());
+        assert!(lines[5].contains(",power_w,333,"), "{}", &lines[5][..80]);
     }
 
     #[test]
