@@ -187,6 +187,15 @@ pub struct Measurement {
 /// Most fields a measurement may carry; a meter profile with more splits them over channels.
 const MAX_FIELDS: usize = 64;
 
+/// Most tags a measurement may carry: a few say a reading's identity (`tariff`, `phase`),
+/// and every sink repeats them on every row or point.
+pub const MAX_TAGS: usize = 32;
+
+/// Tag names a measurement may not use: every sink stores the reading's own identity under
+/// these, so a tag of the same name would be dropped or clash (InfluxDB would keep one of
+/// several readings that differ only by it, and overwrite the others).
+pub const RESERVED_TAGS: [&str; 4] = ["site", "device", "channel", "quality"];
+
 fn check_ts_ms(name: &str, ts: i64) -> Result<(), String> {
     if (MIN_TS_MS..MAX_TS_MS).contains(&ts) {
         Ok(())
@@ -237,6 +246,18 @@ impl Payload for Measurement {
                     "field {name} is {value}; only finite numbers are stored"
                 ));
             }
+        }
+        if self.tags.len() > MAX_TAGS {
+            return Err(format!("{} tags; at most {MAX_TAGS}", self.tags.len()));
+        }
+        if let Some(k) = self
+            .tags
+            .keys()
+            .find(|k| RESERVED_TAGS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "tag {k} is reserved (site, device, channel and quality are the reading's own)"
+            ));
         }
         Ok(())
     }
@@ -764,6 +785,31 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(q).unwrap(), q.as_str());
         }
+    }
+
+    /// A tag named like the reading's own identity is dropped or clashes in every sink
+    /// (InfluxDB kept one of four readings that differed only by a `device` tag).
+    #[test]
+    fn reserved_tag_names_and_too_many_tags_are_refused() {
+        let seg = |s: &str| Segment::new(s).unwrap();
+        for reserved in RESERVED_TAGS {
+            let mut m = measurement();
+            m.tags.insert(seg(reserved), seg("sub-a"));
+            let err = Measurement::decode(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("tag {reserved} is reserved")),
+                "{err}"
+            );
+        }
+        let mut m = measurement();
+        m.tags = (0..=MAX_TAGS)
+            .map(|i| (seg(&format!("t{i}")), seg("v")))
+            .collect();
+        let err = Measurement::decode(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("at most 32"), "{err}");
+        m.tags.pop_last();
+        assert!(Measurement::decode(&serde_json::to_vec(&m).unwrap()).is_ok());
     }
 
     #[test]

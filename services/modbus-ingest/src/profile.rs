@@ -484,7 +484,19 @@ fn resolve_register(
     let measurement = segment("measurement", &spec.measurement, &mut bad);
     let channel = segment("channel", &spec.channel, &mut bad);
     let mut tags = BTreeMap::new();
+    if spec.tags.len() > proto::MAX_TAGS {
+        bad(format!(
+            "{} tags; at most {}",
+            spec.tags.len(),
+            proto::MAX_TAGS
+        ));
+    }
     for (k, v) in &spec.tags {
+        if proto::RESERVED_TAGS.contains(&k.as_str()) {
+            bad(format!(
+                "tag name {k:?} is reserved (site, device, channel and quality are the reading's own)"
+            ));
+        }
         let key = segment("tag name", k, &mut bad);
         let value = segment(&format!("tag {k}"), v, &mut bad);
         match (key, value) {
@@ -898,6 +910,23 @@ mod tests {
         let tagged = format!("{dup}\ntags = {{ tariff = \"t1\" }}");
         let profile = Profile::from_toml(&with_register(&tagged), "t.toml").unwrap();
         assert_eq!(profile.registers[1].tags.len(), 1);
+    }
+
+    #[test]
+    fn a_tag_named_like_the_readings_identity_is_refused() {
+        let tagged = r#"address = 0x0020
+               type = "i32"
+               unit = "W"
+               measurement = "power"
+               channel = "l1"
+               field = "power_w"
+               tags = { device = "sub-a" }"#;
+        let p = problems(&with_register(tagged));
+        assert!(
+            p.iter()
+                .any(|p| p.reason.contains("tag name \"device\" is reserved")),
+            "{p:?}"
+        );
     }
 
     #[test]
