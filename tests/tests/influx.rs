@@ -106,9 +106,11 @@ impl Lab {
         (influx, writer)
     }
 
-    /// The writer's dead-letter file, one JSON value per letter.
-    fn dead_letters(&self) -> Vec<serde_json::Value> {
-        let dead = std::fs::read_to_string(self.path().join("influx-writer/dead-letters.jsonl"))
+    /// One of the writer's dead-letter files (`dead-letters.jsonl` for points InfluxDB
+    /// refused, `dead-letters.malformed.jsonl` for messages that are not storable readings),
+    /// one JSON value per letter.
+    fn dead_letters(&self, file: &str) -> Vec<serde_json::Value> {
+        let dead = std::fs::read_to_string(self.path().join("influx-writer").join(file))
             .expect("dead-letter file");
         dead.lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -197,8 +199,13 @@ fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     let odd = influx.rows("wattbus", "odd");
     assert_eq!(odd.len(), 1, "only the pre-existing point: {odd:?}");
 
-    let lines = lab.dead_letters();
+    let lines = lab.dead_letters("dead-letters.jsonl");
     assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(
+        !lab.path()
+            .join("influx-writer/dead-letters.malformed.jsonl")
+            .exists()
+    );
     let dl = &lines[0];
     assert!(
         dl["reason"]
@@ -228,8 +235,11 @@ fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_
         "nothing is stored under the payload's identity"
     );
 
-    let letters = lab.dead_letters();
+    // Kept apart from the points InfluxDB refused: any publisher can send such messages, and
+    // a flood of them must not rotate those (whose only copy the file is) away.
+    let letters = lab.dead_letters("dead-letters.malformed.jsonl");
     assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(!lab.path().join("influx-writer/dead-letters.jsonl").exists());
     let dl = &letters[0];
     assert_eq!(dl["topic"], "wattbus/v1/lab/meas/probe-dev/ch");
     assert!(
@@ -253,7 +263,10 @@ fn a_reading_whose_payload_names_another_device_is_dead_lettered_not_stored_and_
     );
     // Dead letters are readings: the owner's alone.
     assert_eq!(
-        mode(&lab.path().join("influx-writer/dead-letters.jsonl")),
+        mode(
+            &lab.path()
+                .join("influx-writer/dead-letters.malformed.jsonl")
+        ),
         0o600
     );
     assert_eq!(mode(&lab.path().join("influx-writer")), 0o700);

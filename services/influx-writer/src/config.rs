@@ -220,6 +220,19 @@ impl Config {
             .unwrap_or_else(|| self.state_dir(data_dir).join("dead-letters.jsonl"))
     }
 
+    /// Where messages from the bus that are not storable readings (malformed, or naming
+    /// another identity than their topic) are kept: beside the dead-letter file, never in it.
+    /// Any client allowed to publish readings can send those, as many as it likes; in the
+    /// same file they rotated the points InfluxDB refused, whose only copy it is, away.
+    pub fn malformed_path(&self, data_dir: &Path) -> PathBuf {
+        let dead = self.dead_letter_path(data_dir);
+        let stem = dead.file_stem().map_or_else(
+            || "dead-letters".into(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        dead.with_file_name(format!("{stem}.malformed.jsonl"))
+    }
+
     /// Resolve secrets and check what the chosen API needs.
     pub fn target(&self, section: &str) -> Result<Option<Target>, ConfigError> {
         let Some(c) = &self.influx else {

@@ -144,7 +144,11 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
 
     let filter = Filter::measurements(Some(&ctx.common.site), None);
     let (mut inbox, ack_task) = Inbox::subscribe(bus, &filter, &config.group, &config.inbox);
-    inbox.keep_dead_letters(dead_file);
+    // Not `dead_file`: a flood of bad messages must not rotate refused points away.
+    inbox.keep_dead_letters(Arc::new(DeadLetterFile::new(
+        config.malformed_path(data_dir),
+        config.dead_letter_max_bytes,
+    )));
     let acker = inbox.acker();
     let ready = ctx.health.check("influx-writer");
     ready.set(true);
