@@ -118,7 +118,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             // not "ended before shutdown".
             biased;
             () = ctx.shutdown.wait() => break,
-            Some(ended) = buses.join_next() => bus_task_ended(ended, true),
+            Some(ended) = buses.join_next() => bus_task_ended(ended, !ctx.shutdown.is_requested()),
         }
     }
     while let Some(ended) = buses.join_next().await {

@@ -489,6 +489,32 @@ async fn with_built_in_defaults_readings_wait_for_a_sink_that_registers_later_an
     sink.stop().await;
 }
 
+/// The broker restarted without its retained messages (nothing tells of `store` any more);
+/// the producer of `stream` restarts, and the sink group `fast` (in its `wait_for`) stores
+/// `n` new readings. Returns an admin connection, the stream and `fast`.
+async fn restart_with_store_forgotten(
+    site: &Segment,
+    stream: &str,
+    cfg: &StreamConfig,
+    dir: &std::path::Path,
+    n: i64,
+) -> (Bus, Stream, Sink) {
+    let (admin, _at) = connect(site, "admin").await;
+    let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(site, &seg("store"));
+    admin
+        .publish(gone.as_str(), Vec::new(), true)
+        .await
+        .unwrap();
+    let s = Stream::open(site, "p", stream, cfg, dir).await;
+    let mut fast = Sink::start(site, "fast").await;
+    let topic = Topic::measurement(site, &seg("d"), &seg("c"));
+    for i in 0..n {
+        s.p.send(&topic, reading(site, i)).await.unwrap();
+    }
+    fast.store_until(n as usize, Duration::from_secs(10)).await;
+    (admin, s, fast)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_forgot_it() {
     let site = site("relearn");
@@ -501,21 +527,8 @@ async fn a_learned_group_is_still_waited_for_after_a_restart_when_the_broker_for
         .await
         .stop()
         .await;
-    // The broker restarted without its retained messages: nothing tells of `store` any more.
-    let (admin, _at) = connect(&site, "admin").await;
-    let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(&site, &seg("store"));
-    admin
-        .publish(gone.as_str(), Vec::new(), true)
-        .await
-        .unwrap();
-
-    let s = Stream::open(&site, "p", "relearn", &cfg, dir.path()).await;
-    let mut fast = Sink::start(&site, "fast").await;
-    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
-    for i in 0..50 {
-        s.p.send(&topic, reading(&site, i)).await.unwrap();
-    }
-    fast.store_until(50, Duration::from_secs(10)).await;
+    let (_admin, s, fast) =
+        restart_with_store_forgotten(&site, "relearn", &cfg, dir.path(), 50).await;
     // `store` is overdue: the producer replays to it, so it still waits for it.
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -748,21 +761,8 @@ async fn a_damaged_line_in_the_sinks_file_holds_readings_until_its_stand_in_is_w
     let text = std::fs::read_to_string(&file).unwrap();
     let line = text.lines().position(|l| l == "store").unwrap() + 1;
     std::fs::write(&file, text.replace("store\n", "st\u{fffd}re\n")).unwrap();
-    // The broker restarted without its retained messages: nothing tells of `store` any more.
-    let (admin, _at) = connect(&site, "admin").await;
-    let gone = proto::Topic::<proto::SinkRegistration>::sink_registration(&site, &seg("store"));
-    admin
-        .publish(gone.as_str(), Vec::new(), true)
-        .await
-        .unwrap();
-
-    let s = Stream::open(&site, "p", "damaged", &cfg, dir.path()).await;
-    let mut fast = Sink::start(&site, "fast").await;
-    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
-    for i in 0..30 {
-        s.p.send(&topic, reading(&site, i)).await.unwrap();
-    }
-    fast.store_until(30, Duration::from_secs(10)).await;
+    let (admin, s, fast) =
+        restart_with_store_forgotten(&site, "damaged", &cfg, dir.path(), 30).await;
     let stand_in = format!("unreadable-{line}");
     assert!(
         eventually(Duration::from_secs(15), || async {

@@ -117,7 +117,9 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
             // not "ended before shutdown" (unbiased, a Ctrl-C logged that ERROR now and then).
             biased;
             () = ctx.shutdown.wait() => break,
-            Some(ended) = ports.join_next() => port_task_ended(ended, true),
+            // Checked again: a task seen to end in the same wake-up as a Ctrl-C (under load
+            // the ERROR below still showed now and then) ended because of it.
+            Some(ended) = ports.join_next() => port_task_ended(ended, !ctx.shutdown.is_requested()),
         }
     }
     while let Some(ended) = ports.join_next().await {
