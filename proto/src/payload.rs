@@ -86,6 +86,16 @@ pub trait Payload: Serialize + DeserializeOwned + JsonSchema + Sized {
         if bytes.len() > MAX_PAYLOAD_BYTES {
             return Err(DecodeError::TooLarge(bytes.len()));
         }
+        // Only the object form. serde also reads a struct from an array of its fields in
+        // order, which `Origin::claimed` (and so the broker's check of who may claim an
+        // origin) does not see as one: a forged origin in an array got past the broker, and
+        // a sink acknowledged another producer's readings for it.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(DecodeError::Invalid {
+                kind: Self::NAME,
+                reason: "not a JSON object".into(),
+            });
+        }
         let value: Self = serde_json::from_slice(bytes).map_err(|source| DecodeError::Json {
             kind: Self::NAME,
             source,
@@ -118,8 +128,9 @@ impl Origin {
     /// refuse a publisher that claims another producer's origin: the sink would acknowledge
     /// that producer's sequence numbers, and the producer delete readings no sink stored.
     ///
-    /// Whenever a whole message decodes with an origin, this returns that origin (same key,
-    /// same type; a repeated `origin` key fails both).
+    /// Whenever a whole message decodes with an origin, this returns that origin: both read
+    /// only a JSON object (`Payload::decode` refuses the array form serde would also take),
+    /// the same key with the same type, and a repeated `origin` key fails both.
     pub fn claimed(payload: &[u8]) -> Option<Origin> {
         #[derive(Deserialize)]
         struct OnlyOrigin {
@@ -810,6 +821,25 @@ mod tests {
         assert!(err.to_string().contains("at most 32"), "{err}");
         m.tags.pop_last();
         assert!(Measurement::decode(&serde_json::to_vec(&m).unwrap()).is_ok());
+    }
+
+    /// serde reads a struct from an array of its fields too. A measurement in that form,
+    /// claiming another producer's origin, decoded at the sink while `Origin::claimed` (the
+    /// broker's check) saw no origin: the sink acknowledged another producer's readings.
+    #[test]
+    fn only_the_object_form_decodes_and_claimed_agrees_with_decode() {
+        let array = br#"[{"producer":"simulator","stream":"meas","seq":7},"home","evil-1","x","power",1764000000000,"good",{"power_w":4242.0},{}]"#;
+        let err = Measurement::decode(array).unwrap_err();
+        assert!(err.to_string().contains("not a JSON object"), "{err}");
+        assert_eq!(Origin::claimed(array), None);
+        let m = measurement();
+        let bytes = m.encode().unwrap();
+        let decoded = Measurement::decode(&bytes).unwrap();
+        assert_eq!(Origin::claimed(&bytes).as_ref(), decoded.origin.as_ref());
+        // Leading whitespace is still an object.
+        let mut spaced = b" \n".to_vec();
+        spaced.extend_from_slice(&bytes);
+        assert!(Measurement::decode(&spaced).is_ok());
     }
 
     #[test]

@@ -169,6 +169,62 @@ fn v1_api_stores_every_reading_in_influxdb_1_6() {
     assert!(!lab.path().join("influx-writer/dead-letters.jsonl").exists());
 }
 
+/// A refused point is acknowledged because the dead-letter file keeps it. When the file
+/// cannot take it (a full disk; here `/dev/full`), the batch must not be acknowledged: the
+/// producer keeps it, and a writer that can keep dead letters gets it again (hostile review:
+/// 136 refused points were acknowledged with nothing written anywhere).
+#[test]
+fn a_refused_point_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
+    let lab = Lab::new();
+    let influx = Influxd::start(lab.path());
+    influx.create_database("wattbus");
+    let (status, body) = http(
+        "POST",
+        influx.port,
+        "/write?db=wattbus&precision=ms",
+        format!(
+            "odd,channel=ch,device=probe-dev,quality=good,site=lab reading_n=1i {}\n",
+            BASE_TS_MS - 1
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 204, "{body}");
+    let influx_section = format!(
+        "flush_interval_ms = 1000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
+        influx.port
+    );
+    let full = lab.writer_config(&format!(
+        "dead_letter_file = \"/dev/full\"\n{influx_section}"
+    ));
+    let mut writer = lab.start_writer(&full);
+    let mut p = lab.produce(300, 0, &["--odd-at", "150"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || lab
+            .log("writer.log")
+            .contains("Cannot write the dead-letter file")),
+        "{}",
+        lab.log("writer.log")
+    );
+    // Acknowledged, the producer would be done within a second or two.
+    assert!(
+        p.wait(Duration::from_secs(5)).is_none(),
+        "the batch was acknowledged although its refused point is nowhere:\n{}",
+        lab.log("probe.log")
+    );
+    writer.terminate(Duration::from_secs(10));
+    // A writer whose dead-letter file works: the producer replays, and all is accounted for.
+    let _writer = lab.start_writer(&lab.v1_config(&influx, "wattbus", 1000));
+    finish(&mut p, &lab, "replayed after the dead-letter file failed");
+    assert_eq!(influx.rows("wattbus", "probe").len(), 299);
+    let letters = lab.dead_letters("dead-letters.jsonl");
+    assert!(
+        letters
+            .iter()
+            .any(|l| l["payload"].as_str().is_some_and(|p| p.starts_with("odd,"))),
+        "{letters:?}"
+    );
+}
+
 #[test]
 fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     let lab = Lab::new();

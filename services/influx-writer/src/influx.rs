@@ -140,10 +140,13 @@ impl DeadLetters {
     }
 
     /// Record a batch's refused points: one fsynced append to the file, one message each on
-    /// the dead-letter topic, a few ERROR lines.
-    async fn send_all(&self, refused: Vec<Refusal>) {
+    /// the dead-letter topic, a few ERROR lines. `false` when the file could not take them:
+    /// then the file is not their copy, and the batch must not be acknowledged (its producer
+    /// replays it, and the points are refused and dead-lettered again).
+    #[must_use]
+    async fn send_all(&self, refused: Vec<Refusal>) -> bool {
         if refused.is_empty() {
-            return;
+            return true;
         }
         self.count.add(refused.len() as u64);
         for r in refused.iter().take(LOGGED_PER_BATCH) {
@@ -183,15 +186,20 @@ impl DeadLetters {
             Ok(v) => v,
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         };
-        if let Err(e) = written {
-            tracing::error!(file = %self.file.path().display(), error = %e, "Cannot write the dead-letter file.");
-        }
+        let kept = match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(file = %self.file.path().display(), error = %e, "Cannot write the dead-letter file; the batch is not acknowledged, and its producer will send it again.");
+                false
+            }
+        };
         for dl in &letters {
             if let Err(e) = self.bus.send(&self.topic, dl, false).await {
-                tracing::warn!(error = %e, "Could not publish a dead letter (it is in the file).");
+                tracing::warn!(error = %e, "Could not publish a dead letter.");
                 break;
             }
         }
+        kept
     }
 }
 
@@ -443,9 +451,13 @@ impl InfluxSink {
                 }
             }
         };
-        self.dead.send_all(refused).await;
+        let kept = self.dead.send_all(refused).await;
         match result {
-            Ok(()) => batch.done(),
+            // Stored, except the refused points, which are in the dead-letter file.
+            Ok(()) if kept => batch.done(),
+            // Their only copy would be gone: not acknowledged, so the producer keeps and
+            // replays the batch (what InfluxDB took is overwritten with itself).
+            Ok(()) => {}
             Err(rest) => {
                 let mut body = String::new();
                 let mut n = 0;
@@ -561,8 +573,13 @@ impl InfluxSink {
         let lines = Lines::parse(body);
         let mut refused = Vec::new();
         let result = self.deliver(&lines, &mut refused).await;
-        self.dead.send_all(refused).await;
+        let kept = self.dead.send_all(refused).await;
         match result {
+            // The refused points could not be dead-lettered: the spool keeps them (and what
+            // InfluxDB took), and they are tried again after a backoff.
+            Ok(()) if !kept => self.went_down(Failure::Unavailable(
+                "the dead-letter file cannot take the points InfluxDB refused".into(),
+            )),
             Ok(()) => {
                 self.queue.drain(..taken);
                 self.trim_spool(last_seq).await;
