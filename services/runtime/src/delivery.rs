@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::{
@@ -163,6 +164,10 @@ struct Shared {
     ready: ReadyFlag,
     /// Ends a [`Producer::send_journaled`] waiting for the journal.
     shutdown: Shutdown,
+    /// The `sinks` file does not hold what the tracker learned (its write failed, or it was
+    /// damaged and stand-ins took the damaged lines' place): written again on every tick
+    /// until it does, so a restart does not forget a group.
+    learned_unsaved: AtomicBool,
 }
 
 /// The sending side of one stream. Cheap to clone.
@@ -215,7 +220,8 @@ impl Producer {
             Duration::from_millis(cfg.ack_timeout_max_ms),
         );
         let now = Instant::now();
-        for group in load_learned(&dir) {
+        let (learned_groups, damaged) = load_learned(&dir);
+        for group in learned_groups {
             tracker.learn(group.as_str(), first, now, RECONNECT_GRACE);
         }
         let (p, st) = (producer.as_str().to_string(), stream.as_str().to_string());
@@ -243,6 +249,7 @@ impl Producer {
             stream: stream.clone(),
             publishes: publishes.as_str().to_string(),
             dir,
+            learned_unsaved: AtomicBool::new(damaged),
             epoch: bus.connection(),
             cfg: cfg.clone(),
             synced_tx: watch::channel(appended).0,
@@ -521,7 +528,9 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
 /// The groups learned before, from the file beside the journal. What cannot be read is
 /// logged and waited for as a stand-in group ([`learned::stand_in`]): a group forgotten to
 /// damage would have its readings trimmed as soon as the others stored them.
-fn load_learned(dir: &Path) -> Vec<Segment> {
+///
+/// Also whether the file needs writing again (stand-ins took damaged lines' place).
+fn load_learned(dir: &Path) -> (Vec<Segment>, bool) {
     match learned::load(dir) {
         Ok(mut loaded) => {
             let stand_ins: Vec<Segment> = loaded
@@ -532,17 +541,18 @@ fn load_learned(dir: &Path) -> Vec<Segment> {
             if !stand_ins.is_empty() {
                 events::sinks_file_damaged(&learned::path(dir), &loaded.bad_lines, &stand_ins);
             }
+            let damaged = !stand_ins.is_empty();
             for s in stand_ins {
                 if !loaded.groups.contains(&s) {
                     loaded.groups.push(s);
                 }
             }
-            loaded.groups
+            (loaded.groups, damaged)
         }
         Err(e) => {
             let stand_in = learned::stand_in(None);
             events::sinks_file_unreadable(&learned::path(dir), &e, &stand_in);
-            vec![stand_in]
+            (vec![stand_in], true)
         }
     }
 }
@@ -608,6 +618,13 @@ async fn drive(
                 }
                 if let Err(e) = replay_overdue(&s).await {
                     tracing::warn!(error = %e, "Replay failed; will try again.");
+                }
+                if s.learned_unsaved.load(Ordering::Relaxed) {
+                    let learned = {
+                        let st = s.state.lock().await;
+                        st.tracker.learned().map(str::to_string).collect::<Vec<_>>()
+                    };
+                    save_learned(&s, learned).await;
                 }
                 let st = s.state.lock().await;
                 groups.set(st.tracker.len() as f64);
@@ -774,15 +791,33 @@ async fn on_registration(s: &Shared, msg: &Message, limit: &mut RateLimit) {
         }
         st.tracker.learned().map(str::to_string).collect::<Vec<_>>()
     };
+    save_learned(s, learned).await;
+}
+
+/// Write `learned` to the `sinks` file. A failure is logged (once per episode) and leaves
+/// `learned_unsaved` set, so that every tick tries again: registrations come again only on a
+/// change, and a file that never caught up would forget the group at the next restart.
+async fn save_learned(s: &Shared, learned: Vec<String>) {
     let dir = s.dir.clone();
     let saved = tokio::task::spawn_blocking(move || {
         learned::save(&dir, learned.iter().map(String::as_str))
     })
     .await;
     match saved {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => events::sinks_file_failed(&learned::path(&s.dir), "write", &e),
-        Err(_) => tracing::debug!("The task saving the learned sink groups did not finish."),
+        Ok(Ok(())) => {
+            if s.learned_unsaved.swap(false, Ordering::Relaxed) {
+                tracing::debug!("The learned sink groups are on disk again.");
+            }
+        }
+        Ok(Err(e)) => {
+            if !s.learned_unsaved.swap(true, Ordering::Relaxed) {
+                events::sinks_file_failed(&learned::path(&s.dir), "write", &e);
+            }
+        }
+        Err(_) => {
+            s.learned_unsaved.store(true, Ordering::Relaxed);
+            tracing::debug!("The task saving the learned sink groups did not finish.");
+        }
     }
 }
 

@@ -11,7 +11,10 @@
 //!    is not a valid group name (bit rot, a torn write on a file system without atomic
 //!    rename) is reported with an ERROR, every valid line is kept, and the producer waits for
 //!    a stand-in group in its place ([`stand_in`]) until a person withdraws it.
-//! 3. **Written only on a change** (a group learned or forgotten), not on every registration
+//! 3. **Every line checks out, or it is bad.** A group line carries its name's CRC-32, the
+//!    last line the count and the CRC-32 of all before it: a flipped bit that makes another
+//!    valid name, joins two lines or loses one is noticed, never taken for a smaller list.
+//! 4. **Written only on a change** (a group learned or forgotten), not on every registration
 //!    received: registrations come again on every connection, and an SD card should not pay
 //!    for that.
 
@@ -58,6 +61,14 @@ pub fn path(dir: &Path) -> PathBuf {
 }
 
 /// Read the groups learned before. A missing file is an empty list.
+///
+/// Every group line carries the CRC-32 of its name, and the last line (`end <count> <crc>`)
+/// the count of groups and the CRC-32 of everything before it. A line that does not check
+/// out is a bad line, whatever it looks like: a flipped bit can turn one group's name into
+/// another valid name, or join a name to the line before it. Lines that do check out are
+/// kept. When the end line is missing or does not match and no other line is bad (a line
+/// lost whole, a file cut short at a line's end), the end line's number (or the last line's)
+/// is reported bad, since something is missing that no line can name.
 pub fn load(dir: &Path) -> io::Result<Loaded> {
     let bytes = match fs::read(path(dir)) {
         Ok(b) => b,
@@ -66,33 +77,74 @@ pub fn load(dir: &Path) -> io::Result<Loaded> {
     };
     let mut loaded = Loaded::default();
     let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    // The text up to each line, for the end line's checksum.
+    let mut offset = 0;
+    let mut end_ok = false;
+    // The end line, when it does not match: reported only if no other line explains why.
+    let mut end_line = lines.len().saturating_sub(1).max(1);
+    let mut groups_seen = 0u64;
     for (i, line) in lines.iter().enumerate() {
-        // Every line the file is written with ends in a newline: text after the last one is
-        // what is left of a torn write, not a name to trust.
-        let torn = i + 1 == lines.len() && !line.is_empty();
-        if torn {
-            loaded.bad_lines.push(i + 1);
+        let before = &bytes[..offset];
+        offset += line.len() + 1;
+        let last = i + 1 == lines.len();
+        if last {
+            // What follows the final newline: nothing, in a file written whole.
+            if !line.is_empty() {
+                loaded.bad_lines.push(i + 1);
+            }
             continue;
         }
-        if line.is_empty() || line.starts_with(b"#") {
+        let text = std::str::from_utf8(line).ok();
+        if i == 0 {
+            if text != Some(HEADER.trim_end()) {
+                loaded.bad_lines.push(1);
+            }
             continue;
         }
-        match std::str::from_utf8(line).ok().map(Segment::new) {
-            Some(Ok(group)) if !loaded.groups.contains(&group) => loaded.groups.push(group),
-            Some(Ok(_)) => {}
-            _ => loaded.bad_lines.push(i + 1),
+        if let Some(rest) = text.and_then(|t| t.strip_prefix("end ")) {
+            let expected = format!("{groups_seen} {:08x}", crc32fast::hash(before));
+            if rest == expected && lines[i + 1..].iter().all(|l| l.is_empty()) {
+                end_ok = true;
+            } else {
+                end_line = i + 1;
+            }
+            continue;
+        }
+        match text.and_then(group_of_line) {
+            Some(group) => {
+                groups_seen += 1;
+                if !loaded.groups.contains(&group) {
+                    loaded.groups.push(group);
+                }
+            }
+            None => loaded.bad_lines.push(i + 1),
         }
     }
+    if !end_ok && loaded.bad_lines.is_empty() {
+        loaded.bad_lines.push(end_line);
+    }
     Ok(loaded)
+}
+
+/// `<name> <crc32 of name, 8 hex digits>`, the name a valid group.
+fn group_of_line(line: &str) -> Option<Segment> {
+    let (name, crc) = line.split_once(' ')?;
+    if crc != format!("{:08x}", crc32fast::hash(name.as_bytes())) {
+        return None;
+    }
+    Segment::new(name).ok()
 }
 
 /// Replace the file with `groups` (see the module's invariants).
 pub fn save<'a>(dir: &Path, groups: impl IntoIterator<Item = &'a str>) -> io::Result<()> {
     let mut text = String::from(HEADER);
+    let mut count = 0u64;
     for g in groups {
-        text.push_str(g);
-        text.push('\n');
+        text.push_str(&format!("{g} {:08x}\n", crc32fast::hash(g.as_bytes())));
+        count += 1;
     }
+    let crc = crc32fast::hash(text.as_bytes());
+    text.push_str(&format!("end {count} {crc:08x}\n"));
     let target = path(dir);
     let tmp = target.with_extension("tmp");
     let mut f = OpenOptions::new()
@@ -139,14 +191,56 @@ mod tests {
     #[test]
     fn a_damaged_file_keeps_its_valid_lines_and_names_the_bad_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let mut bytes = HEADER.as_bytes().to_vec();
-        bytes.extend_from_slice(
-            b"influx-writer\ninflux-wr\xffter\nfiles/out\n\nazure-bridge\ninflux-writer\nrms-proc",
-        );
-        fs::write(path(dir.path()), bytes).unwrap();
-        let l = load(dir.path()).unwrap();
-        // A name with no newline after it is the torn end of a write: not trusted.
+        save(dir.path(), ["influx-writer", "archive", "azure-bridge"]).unwrap();
+        let good = fs::read(path(dir.path())).unwrap();
+        let line_of = |bytes: &[u8], name: &str| {
+            bytes
+                .split(|b| *b == b'\n')
+                .position(|l| l.starts_with(name.as_bytes()))
+                .unwrap()
+                + 1
+        };
+        let archive = line_of(&good, "archive");
+        let damage = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut bytes = good.clone();
+            f(&mut bytes);
+            fs::write(path(dir.path()), &bytes).unwrap();
+            load(dir.path()).unwrap()
+        };
+        // One bit: another valid name ("archive" -> "arcjive") is caught by its CRC.
+        let l = damage(&|b| {
+            let at = b.windows(7).position(|w| w == b"archive").unwrap();
+            b[at + 3] ^= 0x02;
+        });
         assert_eq!(names(&l), vec!["influx-writer", "azure-bridge"]);
-        assert_eq!(l.bad_lines, vec![3, 4, 8]);
+        assert_eq!(l.bad_lines, vec![archive]);
+        // The header's newline flipped: the first group joins the comment.
+        let l = damage(&|b| {
+            let at = b.iter().position(|c| *c == b'\n').unwrap();
+            b[at] ^= 0x40;
+        });
+        assert!(!l.bad_lines.is_empty(), "{l:?}");
+        assert!(!names(&l).contains(&"influx-writer"));
+        // A whole line gone: every remaining line checks out, the end line does not.
+        let l = damage(&|b| {
+            let text = String::from_utf8(b.clone()).unwrap();
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.starts_with("archive"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            *b = kept.into_bytes();
+        });
+        assert_eq!(names(&l), vec!["influx-writer", "azure-bridge"]);
+        assert!(!l.bad_lines.is_empty(), "a lost line must be noticed");
+        // Cut short, and text after the last newline.
+        let l = damage(&|b| b.truncate(b.len() - 10));
+        assert!(!l.bad_lines.is_empty());
+        let l = damage(&|b| b.extend_from_slice(b"rms-processor"));
+        assert!(!l.bad_lines.is_empty());
+        // Untouched: clean.
+        let l = damage(&|_| {});
+        assert!(l.bad_lines.is_empty());
+        assert_eq!(names(&l), vec!["influx-writer", "archive", "azure-bridge"]);
     }
 }

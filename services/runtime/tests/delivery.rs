@@ -759,8 +759,9 @@ async fn a_damaged_line_in_the_sinks_file_holds_readings_until_its_stand_in_is_w
         runtime::delivery::journal_dir(dir.path(), &seg(&format!("p-{site}")), &seg("damaged"));
     let file = runtime::learned::path(&journal);
     let text = std::fs::read_to_string(&file).unwrap();
-    let line = text.lines().position(|l| l == "store").unwrap() + 1;
-    std::fs::write(&file, text.replace("store\n", "st\u{fffd}re\n")).unwrap();
+    let line = text.lines().position(|l| l.starts_with("store ")).unwrap() + 1;
+    // One bit: `store` becomes `stose`, a valid name; only its checksum tells.
+    std::fs::write(&file, text.replace("store ", "stose ")).unwrap();
     let (admin, s, fast) =
         restart_with_store_forgotten(&site, "damaged", &cfg, dir.path(), 30).await;
     let stand_in = format!("unreadable-{line}");
@@ -794,6 +795,40 @@ async fn a_damaged_line_in_the_sinks_file_holds_readings_until_its_stand_in_is_w
         "the withdrawn stand-in is still waited for"
     );
     fast.stop().await;
+}
+
+/// A `sinks` file that could not be written when a group registered (a full disk) must be
+/// written once it can: registrations come again only on a change, and a file that never
+/// caught up forgot the group at the next restart (second hostile review: 200 readings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sinks_file_that_could_not_be_written_is_written_once_it_can() {
+    let site = site("unsaved-sinks");
+    let dir = tempfile::tempdir().unwrap();
+    let s = Stream::open(&site, "p", "unsaved", &quick(), dir.path()).await;
+    let journal =
+        runtime::delivery::journal_dir(dir.path(), &seg(&format!("p-{site}")), &seg("unsaved"));
+    // Where the file is written first: a directory there makes every write fail.
+    let blocker = journal.join("sinks.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let store = Sink::start(&site, "store").await;
+    let producer = format!("p-{site}");
+    let groups = runtime::telemetry::Gauge::new(
+        "wattbus_sink_groups",
+        "test",
+        &[("producer", producer.as_str()), ("stream", "unsaved")],
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async { groups.get() >= 1.0 }).await,
+        "the producer did not learn the group"
+    );
+    assert!(learned(dir.path(), &site, "p", "unsaved").is_empty());
+    std::fs::remove_dir(&blocker).unwrap();
+    assert!(
+        learns(dir.path(), &site, "p", "unsaved", &["store"]).await,
+        "the sinks file was never written after the failure"
+    );
+    store.stop().await;
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
