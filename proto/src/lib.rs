@@ -38,7 +38,8 @@ mod topic;
 pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
     MAX_PAYLOAD_BYTES, MAX_SINK_FILTERS, MAX_TAGS, Measurement, Origin, Payload, Quality,
-    RESERVED_TAGS, RawChannel, RawFrame, Sequenced, ServiceState, SinkRegistration, Status, now_ms,
+    RESERVED_NAMES, RawChannel, RawFrame, Sequenced, ServiceState, SinkRegistration, Status,
+    now_ms,
 };
 pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};

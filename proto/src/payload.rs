@@ -202,10 +202,12 @@ const MAX_FIELDS: usize = 64;
 /// and every sink repeats them on every row or point.
 pub const MAX_TAGS: usize = 32;
 
-/// Tag names a measurement may not use: every sink stores the reading's own identity under
-/// these, so a tag of the same name would be dropped or clash (InfluxDB would keep one of
-/// several readings that differ only by it, and overwrite the others).
-pub const RESERVED_TAGS: [&str; 4] = ["site", "device", "channel", "quality"];
+/// Names no tag or field of a measurement may have: every sink stores the reading's own
+/// identity under the first four, and InfluxDB its timestamp under `time`. A tag of such a
+/// name was dropped (InfluxDB kept one of several readings that differ only by it); a field
+/// of such a name made InfluxDB's `WHERE device = '…'` and `quality = 'good'` find nothing, for
+/// every reading after it, and a field `time` is silently dropped.
+pub const RESERVED_NAMES: [&str; 5] = ["site", "device", "channel", "quality", "time"];
 
 fn check_ts_ms(name: &str, ts: i64) -> Result<(), String> {
     if (MIN_TS_MS..MAX_TS_MS).contains(&ts) {
@@ -252,6 +254,11 @@ impl Payload for Measurement {
         }
         for (name, value) in &self.fields {
             check_field_name(name)?;
+            if RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(format!(
+                    "field {name} is reserved (site, device, channel, quality and time are the reading's own)"
+                ));
+            }
             if !value.is_finite() {
                 return Err(format!(
                     "field {name} is {value}; only finite numbers are stored"
@@ -264,10 +271,10 @@ impl Payload for Measurement {
         if let Some(k) = self
             .tags
             .keys()
-            .find(|k| RESERVED_TAGS.contains(&k.as_str()))
+            .find(|k| RESERVED_NAMES.contains(&k.as_str()))
         {
             return Err(format!(
-                "tag {k} is reserved (site, device, channel and quality are the reading's own)"
+                "tag {k} is reserved (site, device, channel, quality and time are the reading's own)"
             ));
         }
         Ok(())
@@ -803,13 +810,22 @@ mod tests {
     #[test]
     fn reserved_tag_names_and_too_many_tags_are_refused() {
         let seg = |s: &str| Segment::new(s).unwrap();
-        for reserved in RESERVED_TAGS {
+        for reserved in RESERVED_NAMES {
             let mut m = measurement();
             m.tags.insert(seg(reserved), seg("sub-a"));
             let err = Measurement::decode(&serde_json::to_vec(&m).unwrap()).unwrap_err();
             assert!(
                 err.to_string()
                     .contains(&format!("tag {reserved} is reserved")),
+                "{err}"
+            );
+            // As a field, such a name blanked InfluxDB's tag queries for every reading.
+            let mut m = measurement();
+            m.fields.insert(reserved.to_string(), 1.0);
+            let err = Measurement::decode(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("field {reserved} is reserved")),
                 "{err}"
             );
         }

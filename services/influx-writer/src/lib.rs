@@ -139,7 +139,15 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
         })?;
         tracing::info!(dir = %dir.display(), format = ?config.files.format, "Writing readings to files.");
         let (tx, rx) = mpsc::channel(2);
-        outputs.push((tx, tokio::spawn(run_files(files, rx))));
+        outputs.push((
+            tx,
+            tokio::spawn(run_files(
+                files,
+                rx,
+                dead_file.clone(),
+                bus.service().clone(),
+            )),
+        ));
     }
 
     let filter = Filter::measurements(Some(&ctx.common.site), None);
@@ -257,7 +265,12 @@ async fn dispatch(batch: Option<Batch>, outputs: &[(mpsc::Sender<Arc<Batch>>, Jo
     }
 }
 
-async fn run_files(files: RotatingFiles, mut rx: mpsc::Receiver<Arc<Batch>>) {
+async fn run_files(
+    files: RotatingFiles,
+    mut rx: mpsc::Receiver<Arc<Batch>>,
+    dead_file: Arc<DeadLetterFile>,
+    service: proto::Segment,
+) {
     let written = Counter::new(
         "wattbus_files_bytes_written_total",
         "Bytes appended to the readings files.",
@@ -286,13 +299,33 @@ async fn run_files(files: RotatingFiles, mut rx: mpsc::Receiver<Arc<Batch>>) {
         match r {
             Ok(w) => {
                 written.add(w.bytes);
-                for (i, why) in &w.skipped {
-                    tracing::error!(topic = %batch.items[*i].topic, reason = %why, "A reading cannot be written to a file; skipped.");
-                }
                 for p in &w.rotated {
                     tracing::info!(file = %p.display(), "Readings file rotated.");
                 }
-                batch.done();
+                // A reading the format cannot hold is kept in the dead-letter file, or the
+                // batch is not acknowledged: acknowledged, it would exist nowhere.
+                let letters: Vec<proto::DeadLetter> = w
+                    .skipped
+                    .iter()
+                    .map(|(i, why)| {
+                        let item = &batch.items[*i];
+                        tracing::error!(topic = %item.topic, reason = %why, "A reading cannot be written to a file; dead-lettered.");
+                        let payload = proto::Payload::encode(&item.measurement).unwrap_or_default();
+                        proto::DeadLetter::new(service.clone(), why, &item.topic, &payload)
+                    })
+                    .collect();
+                let file = dead_file.clone();
+                let kept = match tokio::task::spawn_blocking(move || file.append(&letters)).await {
+                    Ok(r) => r,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                match kept {
+                    Ok(()) => batch.done(),
+                    Err(e) => {
+                        failed.inc();
+                        tracing::error!(file = %dead_file.path().display(), error = %e, "Cannot write the dead-letter file; the batch will be replayed.");
+                    }
+                }
             }
             Err(e) => {
                 failed.inc();

@@ -492,9 +492,9 @@ fn resolve_register(
         ));
     }
     for (k, v) in &spec.tags {
-        if proto::RESERVED_TAGS.contains(&k.as_str()) {
+        if proto::RESERVED_NAMES.contains(&k.as_str()) {
             bad(format!(
-                "tag name {k:?} is reserved (site, device, channel and quality are the reading's own)"
+                "tag name {k:?} is reserved (site, device, channel, quality and time are the reading's own)"
             ));
         }
         let key = segment("tag name", k, &mut bad);

@@ -1060,14 +1060,18 @@ impl<T: Sequenced> Inbox<T> {
             match written {
                 Ok(Ok(())) => kept = true,
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "Cannot write the dead-letter file.");
+                    tracing::error!(error = %e, "Cannot write the dead-letter file; the message is not acknowledged, and its producer will send it again.");
                 }
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
         }
         let topic = Topic::dead_letter(&self.site, self.bus.service());
         match self.bus.send(&topic, &dl, false).await {
-            Ok(()) => kept = true,
+            // Without a file, the topic is where a dead letter is kept. With one, the file
+            // is its copy: published only (nobody may be subscribed), it is not kept, and the
+            // message is not acknowledged.
+            Ok(()) if self.dead_letter_file.is_none() => kept = true,
+            Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "Could not publish a dead letter."),
         }
         if kept && let Some(t) = token {

@@ -141,3 +141,59 @@ async fn a_reading_naming_another_device_than_its_topic_is_dead_lettered_acknowl
         }
     }
 }
+
+/// With a dead-letter file, the file is a dead letter's copy: when it cannot take one (a full
+/// disk; here `/dev/full`), the message is not acknowledged, though it went out on the
+/// dead-letter topic, where nobody may be listening (third hostile review).
+#[tokio::test]
+async fn a_dead_letter_the_file_cannot_take_is_not_acknowledged() {
+    let site = site("dead-full");
+    let (bus, _task) = connect(&site, "sink").await;
+    let mut acks = bus.subscribe(
+        Filter::<Ack>::acks_for(&site, &seg("meter-reader"), &seg("meas"))
+            .as_str()
+            .to_string(),
+        QoS::AtLeastOnce,
+        Overflow::Wait,
+    );
+    let (mut inbox, _acks) = Inbox::<Measurement>::subscribe(
+        &bus,
+        &Filter::measurements(Some(&site), None),
+        &seg("sink"),
+        &InboxConfig {
+            ack_interval_ms: 20,
+            ..InboxConfig::default()
+        },
+    );
+    inbox.keep_dead_letters(Arc::new(DeadLetterFile::new("/dev/full".into(), 1 << 20)));
+    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+    let topic = Topic::measurement(&site, &seg("meter-1"), &seg("main"));
+    bus.send(&topic, &reading(&site, "meter-2", 7), false)
+        .await
+        .unwrap();
+    bus.send(&topic, &reading(&site, "meter-1", 8), false)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.message.origin.as_ref().map(|o| o.seq), Some(8));
+    inbox.acker().ack(got.token.as_ref().unwrap());
+    // Seq 7 was decided before 8 arrived: an acknowledgement of it would come with 8's or
+    // before.
+    let mut acked = Vec::new();
+    while !acked.contains(&8) {
+        let msg = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+            .await
+            .unwrap_or_else(|_| panic!("acknowledged only {acked:?}"))
+            .unwrap();
+        for [first, last] in Ack::decode(&msg.payload).unwrap().ranges {
+            acked.extend(first..=last);
+        }
+    }
+    assert!(
+        !acked.contains(&7),
+        "a dead letter kept nowhere was acknowledged: {acked:?}"
+    );
+}

@@ -44,7 +44,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             msg = rx.recv() => {
                 let Some(msg) = msg else { break };
                 if opts.raw {
-                    println!("{} {}", msg.topic, String::from_utf8_lossy(&msg.payload));
+                    println!("{} {}", msg.topic, printable(&String::from_utf8_lossy(&msg.payload)));
                 } else {
                     println!("{}", describe(&msg.topic, &msg.payload));
                 }
@@ -146,18 +146,43 @@ fn serde_plain<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+/// At most 200 characters of `payload`, control characters escaped: a payload is anyone's
+/// text, and ESC sequences in it would retitle or clear the terminal of whoever watches.
 fn preview(payload: &[u8]) -> String {
     let text = String::from_utf8_lossy(payload);
-    let mut s: String = text.chars().take(200).collect();
+    let shown: String = text.chars().take(200).collect();
+    let mut s = printable(&shown);
     if text.chars().count() > 200 {
         s.push('…');
     }
     s
 }
 
+/// `text` with control characters escaped (`\u{1b}`, `\n`), so nothing in a payload acts on
+/// the terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_in_a_payload_never_reach_the_terminal() {
+        let shown = preview(b"\x1b]0;pwned\x07\x1b[2Jok\nnext");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.contains("ok"), "{shown:?}");
+    }
 
     #[test]
     fn measurements_and_garbage_read_well() {
