@@ -73,6 +73,11 @@ fn bad_values_exit_64_naming_file_key_and_reason() {
             "[bus]\nroute_capacity = 2305843009213693952\n",
             "key `bus.route_capacity`: must be between 1 and 1000000",
         ),
+        (
+            "reconnect.toml",
+            "[bus]\nreconnect_max_ms = 9223372036854775807\n",
+            "key `bus.reconnect_max_ms`: must be at most 3600000",
+        ),
         ("syntax.toml", "[bus\nport = 1\n", "line 1"),
         ("site.toml", "site = \"my home\"\n", "key `site`"),
     ];

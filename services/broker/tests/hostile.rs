@@ -146,6 +146,54 @@ async fn two_thousand_connections_leave_the_broker_serving_the_next_client() {
     assert_rumqttd_never_panicked();
 }
 
+/// Before the login is checked, a client may not make the broker hold a large packet, nor
+/// hold many connections waiting: 1,500 sockets each declaring a 1 MiB CONNECT took it to
+/// 893 MB, and under a memory limit it aborted (fourth hostile review). A CONNECT declaring
+/// more than 64 KiB is refused at its header; a real client still gets in during the flood.
+#[tokio::test]
+async fn unauthenticated_clients_cannot_make_the_broker_hold_big_connects() {
+    watch_panics();
+    // Longer than the wait below: only a refusal at the header closes the connection in time.
+    let config = Config {
+        connection_timeout_ms: 30_000,
+        ..support::config()
+    };
+    let _broker = start(&config).await;
+    // CONNECT, remaining length 1,000,000 (varint 0xC0 0x84 0x3D), then a little body.
+    let mut header = vec![
+        0x10, 0xC0, 0x84, 0x3D, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2,
+    ];
+    header.extend_from_slice(&[0u8; 4000]);
+    let mut stream = raw::dial(config.listen).await;
+    stream.write_all(&header).await.unwrap();
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a 1 MB CONNECT was not refused at its header"
+    );
+    // Many clients holding half a CONNECT: the broker closes those past its limit, memory
+    // stays bounded, and a real client is served once they are gone.
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(config.listen).await {
+            let _ = s.write_all(&[0x10, 0xFF, 0xFF, 0x03]).await;
+            held.push(s);
+        }
+    }
+    drop(held);
+    round_trip(config.listen).await;
+    assert_rumqttd_never_panicked();
+}
+
 #[tokio::test]
 async fn a_connect_sent_one_byte_a_second_is_dropped_after_the_connection_timeout() {
     watch_panics();

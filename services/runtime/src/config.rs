@@ -263,6 +263,14 @@ impl BusConfig {
                 "must be > 0 and not above bus.reconnect_max_ms",
             ));
         }
+        // A service that waits longer for its broker holds its readings that long; a huge
+        // value (it passed before) meant it never reconnected and its journal filled up.
+        if self.reconnect_max_ms > 3_600_000 {
+            return Err(ConfigError::new(
+                "bus.reconnect_max_ms",
+                "must be at most 3600000 (an hour)",
+            ));
+        }
         // Each queued message may be up to max_packet_bytes: a million is already far more
         // than any Pi can hold, and tokio refuses (panics on) a channel above 2^61.
         if !(1..=1_000_000).contains(&self.route_capacity) {

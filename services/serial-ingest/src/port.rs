@@ -69,6 +69,7 @@ pub async fn run(
         events,
         plan,
         shutdown,
+        last_line_ms: 0,
     };
     port.run().await;
     drop(port);
@@ -106,6 +107,8 @@ struct Port {
     tx: mpsc::Sender<Output>,
     events: PortEvents,
     shutdown: Shutdown,
+    /// The time given to the last line read, so that no two lines share one.
+    last_line_ms: i64,
 }
 
 fn open(plan: &PortPlan) -> Result<SerialStream, tokio_serial::Error> {
@@ -398,7 +401,12 @@ impl Port {
                     }
                 };
                 self.events.line();
-                let outs = handle(self, &line, read_ms);
+                // Lines that came in one read would share its time, and a sink keys a reading
+                // by series and time: InfluxDB kept one of ten lines read together. Each line
+                // is stamped at least 1 ms after the previous one of this port.
+                let line_ms = read_ms.max(self.last_line_ms.saturating_add(1));
+                self.last_line_ms = line_ms;
+                let outs = handle(self, &line, line_ms);
                 if !outs.is_empty() {
                     heard = true;
                 }

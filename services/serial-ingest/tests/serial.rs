@@ -754,3 +754,59 @@ response_timeout_ms = 50
     assert!(counter("wattbus_serial_unsolicited_lines_total", &port, "late") >= 3);
     svc.stop().await;
 }
+
+/// Lines that arrive in one read (a USB adapter delivers bytes in bursts) must not share a
+/// timestamp: a sink keys a reading by series and time, and InfluxDB kept one of ten such
+/// lines (fourth hostile review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_read_together_get_distinct_times_so_none_overwrites_another() {
+    let site = site("burst");
+    let dir = tempfile::tempdir().unwrap();
+    let sensors = Socat::start(dir.path(), "burst");
+    let mut watch = measurements(&site).await;
+    let svc = Service::start(
+        &site,
+        &format!(
+            r#"
+[[serial_ingest.ports]]
+path = "{}"
+device = "fridge-mon"
+protocol = "lines"
+channels = [
+  {{ key = "fridge", measurement = "temperature", field = "temperature_c" }},
+]
+"#,
+            sensors.dev_str()
+        ),
+    )
+    .await;
+    let port = sensors.dev_str();
+    let mut sim = sensors.sim_file();
+    eventually("the lines port is read", Duration::from_secs(5), || {
+        let _ = sim.write_all(b"# hello\n");
+        counter("wattbus_serial_lines_total", &port, "fridge-mon") > 0
+    })
+    .await;
+    let burst: String = (0..10).map(|i| format!("fridge={i}.5\n")).collect();
+    sim.write_all(burst.as_bytes()).unwrap();
+    let got = watch
+        .until(Duration::from_secs(10), |ms| {
+            ms.iter()
+                .filter(|(_, m)| m.device.as_str() == "fridge-mon")
+                .count()
+                >= 10
+        })
+        .await;
+    let times: Vec<i64> = got
+        .iter()
+        .map(|(_, m)| m)
+        .filter(|m| m.device.as_str() == "fridge-mon")
+        .map(|m| m.ts_ms)
+        .collect();
+    assert_eq!(times.len(), 10, "{times:?}");
+    assert!(
+        times.windows(2).all(|w| w[1] > w[0]),
+        "each line its own, increasing time: {times:?}"
+    );
+    svc.stop().await;
+}

@@ -43,6 +43,11 @@ pub struct Network<P> {
 }
 
 impl<P: Protocol> Network<P> {
+    /// wattbus: the largest packet accepted from now on (small until the CONNECT is read).
+    pub fn set_max_incoming_size(&mut self, max: usize) {
+        self.max_incoming_size = max;
+    }
+
     pub fn new(
         socket: Box<dyn N>,
         max_incoming_size: usize,

@@ -479,6 +479,38 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 }
 
+/// wattbus: the largest CONNECT accepted (client id, will, login). A wattbus will is a short
+/// status; every client's fits.
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
+/// wattbus: most connections waiting for their CONNECT (and its login check) at once, on all
+/// listeners; one beyond is closed at once. With [`MAX_CONNECT_BYTES`] this bounds what
+/// unauthenticated clients can hold to about 128 × (64 + 20) KiB.
+const MAX_PENDING_CONNECTS: usize = 128;
+
+static PENDING_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// wattbus: a place among [`MAX_PENDING_CONNECTS`], given back when dropped.
+struct PendingConnect;
+
+impl PendingConnect {
+    fn enter() -> Option<PendingConnect> {
+        use std::sync::atomic::Ordering;
+        let before = PENDING_CONNECTS.fetch_add(1, Ordering::AcqRel);
+        if before >= MAX_PENDING_CONNECTS {
+            PENDING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PendingConnect)
+    }
+}
+
+impl Drop for PendingConnect {
+    fn drop(&mut self) {
+        PENDING_CONNECTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// wattbus: at most one line per 10 s; `due` says how many were skipped since the last.
 struct LogEvery {
     last: Option<std::time::Instant>,
@@ -538,22 +570,31 @@ async fn remote<P: Protocol>(
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 ) {
+    // wattbus: before the login is checked, a connection may hold only a small CONNECT, and
+    // only so many may wait for theirs at once: an unauthenticated client declaring 1 MiB
+    // CONNECTs on 1,500 sockets took the broker to 893 MB, and under a memory limit it aborted.
+    let Some(_pending) = PendingConnect::enter() else {
+        drop(stream);
+        return;
+    };
     let mut network = Network::new(
         stream,
-        config.max_payload_size,
+        config.max_payload_size.min(MAX_CONNECT_BYTES),
         config.max_inflight_count,
         protocol,
     );
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let connect_packet = match mqtt_connect(config.clone(), &mut network).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
             return;
         }
     };
+    drop(_pending);
+    network.set_max_incoming_size(config.max_payload_size);
 
     let (mut client_id, clean_session) = match &connect_packet {
         Packet::Connect(ref connect, _, _, _, _) => {
