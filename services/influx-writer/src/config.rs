@@ -252,6 +252,14 @@ impl Config {
                 "must start with http:// or https://",
             ));
         }
+        // Readings carry milliseconds; InfluxDB keys a point by series and time, so in whole
+        // seconds a meter read twice a second keeps one reading and overwrites the other.
+        if matches!(c.precision, Precision::S) {
+            return Err(ConfigError::new(
+                key("precision"),
+                "\"s\" would store two readings of one series within a second as one point (the later overwrites the earlier); use \"ms\" (the default), \"us\" or \"ns\"",
+            ));
+        }
         // `http://user:secret@host` would put a secret in every log line naming the endpoint.
         let authority = url.split_once("://").map_or("", |(_, rest)| {
             rest.split(['/', '?', '#']).next().unwrap_or("")
@@ -478,6 +486,24 @@ mod tests {
         let e = c.validate("influx_writer").unwrap_err();
         assert_eq!(e.key, "influx_writer.influx.database");
         assert!(e.reason.contains("v1"), "{e}");
+    }
+
+    /// In whole seconds, two readings of one series within a second are one InfluxDB point:
+    /// the later overwrote the earlier (fourth hostile review).
+    #[test]
+    fn second_precision_is_refused() {
+        let c = Config {
+            influx: Some(InfluxConfig {
+                url: "http://x:8086".into(),
+                database: Some("db".into()),
+                precision: Precision::S,
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        };
+        let e = c.validate("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.influx.precision");
+        assert!(e.reason.contains("overwrites"), "{e}");
     }
 
     #[test]
