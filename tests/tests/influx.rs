@@ -169,13 +169,10 @@ fn v1_api_stores_every_reading_in_influxdb_1_6() {
     assert!(!lab.path().join("influx-writer/dead-letters.jsonl").exists());
 }
 
-/// A refused point is acknowledged because the dead-letter file keeps it. When the file
-/// cannot take it (a full disk; here `/dev/full`), the batch must not be acknowledged: the
-/// producer keeps it, and a writer that can keep dead letters gets it again (hostile review:
-/// 136 refused points were acknowledged with nothing written anywhere).
-#[test]
-fn a_refused_point_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
-    let lab = Lab::new();
+/// InfluxDB with database `wattbus` in which `odd.reading_n` exists as an integer (in the
+/// same shard: types are per shard, and a shard spans a week): the writer's float for it, the
+/// probe's `--odd-at` reading, is a field type conflict, answered 400.
+fn influx_refusing_odd(lab: &Lab) -> Influxd {
     let influx = Influxd::start(lab.path());
     influx.create_database("wattbus");
     let (status, body) = http(
@@ -189,6 +186,17 @@ fn a_refused_point_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
         .as_bytes(),
     );
     assert_eq!(status, 204, "{body}");
+    influx
+}
+
+/// A refused point is acknowledged because the dead-letter file keeps it. When the file
+/// cannot take it (a full disk; here `/dev/full`), the batch must not be acknowledged: the
+/// producer keeps it, and a writer that can keep dead letters gets it again (hostile review:
+/// 136 refused points were acknowledged with nothing written anywhere).
+#[test]
+fn a_refused_point_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
+    let lab = Lab::new();
+    let influx = influx_refusing_odd(&lab);
     let influx_section = format!(
         "flush_interval_ms = 1000\n[influx_writer.influx]\nurl = \"http://127.0.0.1:{}\"\napi = \"v1\"\ndatabase = \"wattbus\"\n",
         influx.port
@@ -238,21 +246,7 @@ fn a_refused_point_whose_dead_letter_cannot_be_written_is_not_acknowledged() {
 #[test]
 fn a_line_influxdb_refuses_is_dead_lettered_and_the_rest_stored() {
     let lab = Lab::new();
-    let influx = Influxd::start(lab.path());
-    influx.create_database("wattbus");
-    // `odd.reading_n` exists as an integer (in the same shard: types are per shard, and a
-    // shard spans a week): the writer's float for it is a field type conflict, answered 400.
-    let (status, body) = http(
-        "POST",
-        influx.port,
-        "/write?db=wattbus&precision=ms",
-        format!(
-            "odd,channel=ch,device=probe-dev,quality=good,site=lab reading_n=1i {}\n",
-            BASE_TS_MS - 1
-        )
-        .as_bytes(),
-    );
-    assert_eq!(status, 204, "{body}");
+    let influx = influx_refusing_odd(&lab);
     // One batch: the 300 readings arrive well within the 1 s flush interval.
     let config = lab.v1_config(&influx, "wattbus", 1000);
     let _writer = lab.start_writer(&config);
