@@ -22,7 +22,8 @@
 //!   an empty level, a level longer than 64 bytes or a leading `$` is refused to everyone but
 //!   admin: MQTT forbids the first, and no wattbus topic has the others (the length limit is
 //!   `proto::Segment`'s; it also bounds what the broker keeps per topic and filter).
-//! - A **subscription filter** (after a `$share/<group>/` prefix is stripped) is allowed only
+//! - A **subscription filter** (after a `$share/<group>/` prefix is stripped; the group must be
+//!   the user's own name, or it would take a share of another sink's readings) is allowed only
 //!   if every topic it can match is allowed by one pattern: `#` in the pattern covers whatever
 //!   is left of the filter, `+` covers one level that is not `#`, and a `+` or `#` in the
 //!   filter is covered only by a `+` or `#` (respectively a `#`) in the pattern. So a producer
@@ -151,9 +152,16 @@ impl Grant {
         if self.role == Role::Admin {
             return true;
         }
+        let original = filter;
         let Some(filter) = strip_share(filter) else {
             return false;
         };
+        // A shared group is the user's own: a reader (or another sink) that joined a sink's
+        // group would take a share of its readings, which that sink then never stores or
+        // acknowledges, and the producers' journals would hold and resend them for ever.
+        if share_group(original).is_some_and(|group| group != self.username) {
+            return false;
+        }
         if !is_valid_filter(filter) {
             return false;
         }
@@ -194,6 +202,11 @@ pub fn strip_share(filter: &str) -> Option<&str> {
             _ => None,
         },
     }
+}
+
+/// The group of a `$share/<group>/...` filter.
+fn share_group(filter: &str) -> Option<&str> {
+    filter.strip_prefix("$share/")?.split('/').next()
 }
 
 /// The user that owns `client_id` among `usernames`, if any: the longest username the client id
@@ -548,10 +561,18 @@ mod tests {
     }
 
     #[test]
-    fn shared_subscriptions_are_checked_without_their_prefix() {
+    fn shared_subscriptions_are_checked_without_their_prefix_in_the_users_own_group() {
         let sink = grant(Role::Sink, "influx-writer");
         assert!(sink.may_subscribe("$share/influx-writer/wattbus/v1/+/meas/+/+"));
-        assert!(sink.may_subscribe("$share/any-group/wattbus/v1/+/raw/+"));
+        assert!(sink.may_subscribe("$share/influx-writer/wattbus/v1/+/raw/+"));
+        // Another's group: it would take a share of that sink's readings.
+        assert!(!sink.may_subscribe("$share/any-group/wattbus/v1/+/raw/+"));
+        assert!(!sink.may_subscribe("$share/csv-writer/wattbus/v1/+/meas/+/+"));
+        let reader = grant(Role::Reader, "grafana");
+        assert!(reader.may_subscribe("$share/grafana/wattbus/v1/+/meas/+/+"));
+        assert!(!reader.may_subscribe("$share/influx-writer/wattbus/v1/+/meas/+/+"));
+        let admin = grant(Role::Admin, "tools");
+        assert!(admin.may_subscribe("$share/influx-writer/wattbus/v1/+/meas/+/+"));
         assert!(!sink.may_subscribe("$share/influx-writer/wattbus/v1/+/ack/#"));
         assert!(!sink.may_subscribe("$share/influx-writer/#"));
         for malformed in [

@@ -170,6 +170,10 @@ impl rumqttd::Policy for Policy {
         self.limited.connections(client_id, username, limit);
     }
 
+    fn waiting_limit(&self, addr: std::net::SocketAddr, limit: rumqttd::WaitingLimit) {
+        self.limited.waiting(addr, limit);
+    }
+
     fn retained_limit(&self, client_id: &str, topic: &str) {
         self.limited.retained(client_id, topic);
     }

@@ -193,6 +193,8 @@ pub(crate) struct Limited {
     total: (Counter, Throttle),
     retained: (Counter, Throttle),
     connections: (Counter, Throttle),
+    waiting_per_source: (Counter, Throttle),
+    waiting_total: (Counter, Throttle),
 }
 
 impl Limited {
@@ -210,7 +212,19 @@ impl Limited {
             "Retained messages delivered but not kept: retained messages at their limit.",
             &[],
         );
+        let waiting = |limit| {
+            let counter = Counter::new(
+                "wattbus_broker_waiting_closed_total",
+                "Connections closed before their login to make room for newer ones: their \
+                 source (limit=\"per_source\") or the broker (limit=\"total\") had too many \
+                 waiting.",
+                &[("limit", limit)],
+            );
+            (counter, Throttle::default())
+        };
         Self {
+            waiting_per_source: waiting("per_source"),
+            waiting_total: waiting("total"),
             per_client: subscriptions("per_client"),
             total: subscriptions("total"),
             retained: (retained, Throttle::default()),
@@ -234,6 +248,25 @@ impl Limited {
                 skipped,
                 "Refused a connection: its user already holds broker.max_connections_per_user \
                  connections (no CONNACK)."
+            );
+        }
+    }
+
+    pub(crate) fn waiting(&self, addr: std::net::SocketAddr, limit: rumqttd::WaitingLimit) {
+        let (counted, why, max) = match limit {
+            rumqttd::WaitingLimit::PerSource(max) => {
+                (&self.waiting_per_source, "its source had", max)
+            }
+            rumqttd::WaitingLimit::Total(max) => (&self.waiting_total, "the broker had", max),
+        };
+        if let Some(skipped) = count(counted) {
+            tracing::warn!(
+                %addr,
+                max,
+                skipped,
+                "Closed a connection that had not logged in yet, to make room for a newer one: \
+                 {why} {max} waiting for their login (a client that connects and sends nothing, \
+                 many times over)."
             );
         }
     }

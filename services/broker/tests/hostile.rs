@@ -150,6 +150,21 @@ async fn two_thousand_connections_leave_the_broker_serving_the_next_client() {
 /// hold many connections waiting: 1,500 sockets each declaring a 1 MiB CONNECT took it to
 /// 893 MB, and under a memory limit it aborted (fourth hostile review). A CONNECT declaring
 /// more than 64 KiB is refused at its header; a real client still gets in during the flood.
+/// Reads until the peer closes; `false` if it is still open after [`WAIT`].
+async fn closed_by_peer(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    timeout(WAIT, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(stream, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 #[tokio::test]
 async fn unauthenticated_clients_cannot_make_the_broker_hold_big_connects() {
     watch_panics();
@@ -166,18 +181,8 @@ async fn unauthenticated_clients_cannot_make_the_broker_hold_big_connects() {
     header.extend_from_slice(&[0u8; 4000]);
     let mut stream = raw::dial(config.listen).await;
     stream.write_all(&header).await.unwrap();
-    let mut buf = [0u8; 16];
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
     assert!(
-        closed.is_ok(),
+        closed_by_peer(&mut stream).await,
         "a 1 MB CONNECT was not refused at its header"
     );
     // Many clients holding half a CONNECT: the broker closes those past its limit, memory
@@ -191,6 +196,59 @@ async fn unauthenticated_clients_cannot_make_the_broker_hold_big_connects() {
     }
     drop(held);
     round_trip(config.listen).await;
+    assert_rumqttd_never_panicked();
+}
+
+#[tokio::test]
+async fn sockets_that_never_log_in_keep_no_real_client_out() {
+    watch_panics();
+    // Far longer than the test: the idle sockets are not timed out, newer ones push them out.
+    let config = Config {
+        connection_timeout_ms: 60_000,
+        ..support::config()
+    };
+    let _broker = start(&config).await;
+    let per_source = runtime::telemetry::Counter::new(
+        "wattbus_broker_waiting_closed_total",
+        "",
+        &[("limit", "per_source")],
+    );
+    let total = runtime::telemetry::Counter::new(
+        "wattbus_broker_waiting_closed_total",
+        "",
+        &[("limit", "total")],
+    );
+    let (per_source_before, total_before) = (per_source.get(), total.get());
+
+    // One source (127.0.0.1): 100 sockets that connect and send nothing. A bound that refused
+    // the newest connection kept every login out while they were held.
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(tokio::net::TcpStream::connect(config.listen).await.unwrap());
+    }
+    round_trip(config.listen).await;
+    // All but the newest 16 of them were closed, oldest first.
+    for (i, socket) in flood.iter_mut().take(100 - 16).enumerate() {
+        assert!(closed_by_peer(socket).await, "idle socket {i} still open");
+    }
+    assert!(per_source.get() - per_source_before >= 100 - 16);
+
+    // Many sources (127.0.0.2 to 127.0.0.10, 16 each, 144 in all): past the broker's 128.
+    for host in 2..=10u8 {
+        for _ in 0..16 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket
+                .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+                .unwrap();
+            flood.push(socket.connect(config.listen).await.unwrap());
+        }
+    }
+    round_trip(config.listen).await;
+    assert!(
+        total.get() > total_before,
+        "nothing closed for the broker's bound"
+    );
+    drop(flood);
     assert_rumqttd_never_panicked();
 }
 
@@ -432,6 +490,47 @@ async fn one_refused_filter_refuses_the_whole_subscribe_with_failure_codes() {
     )
     .await;
     assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    assert_rumqttd_never_panicked();
+}
+
+#[tokio::test]
+async fn nobody_else_joins_a_sinks_shared_group_to_take_its_readings() {
+    watch_panics();
+    let config = config();
+    let _broker = start(&config).await;
+    let shared = format!("$share/influx-writer/{}", topic("meas/+/+"));
+    // A reader (Grafana) and another sink each try to join influx-writer's group: in it they
+    // would get every other reading, which influx-writer would then never store.
+    for user in ["grafana", "csv-writer"] {
+        let (client, mut eventloop) = connected(config.listen, user, user).await;
+        let codes = subscribe(&client, &mut eventloop, &[&shared]).await;
+        assert_eq!(
+            codes,
+            [SubscribeReasonCode::Failure],
+            "{user} joined the group"
+        );
+        // Its own group is fine.
+        let own = format!("$share/{user}/{}", topic("meas/+/+"));
+        let codes = subscribe(&client, &mut eventloop, &[&own]).await;
+        assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    }
+    let (writer, mut writer_loop) =
+        connected(config.listen, "influx-writer", "influx-writer").await;
+    let codes = subscribe(&writer, &mut writer_loop, &[&shared]).await;
+    assert_eq!(codes, [SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    let (producer, mut producer_loop) =
+        connected(config.listen, "serial-ingest", "serial-ingest").await;
+    let reading = topic("meas/ct-1/a");
+    for i in 0..6 {
+        assert!(publish_acked(&producer, &mut producer_loop, &reading, &i.to_string()).await);
+    }
+    // The group is the writer alone: it gets all six.
+    for i in 0..6 {
+        assert_eq!(
+            next_publish(&mut writer_loop, WAIT).await,
+            Some((reading.clone(), i.to_string().into_bytes())),
+        );
+    }
     assert_rumqttd_never_panicked();
 }
 

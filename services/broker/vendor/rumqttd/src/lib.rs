@@ -249,6 +249,16 @@ pub enum FilterLimit {
     Total(usize),
 }
 
+/// wattbus: why a connection still waiting for its login was closed to make room for a newer
+/// one (see [`Policy::waiting_limit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitingLimit {
+    /// Its source (IPv4 address or IPv6 /64) had this many waiting.
+    PerSource(usize),
+    /// This many were waiting in all.
+    Total(usize),
+}
+
 /// wattbus: what the router asks before it lets a remote client publish or subscribe (topic
 /// ACLs; rumqtt #495, #1005). Links made in-process with [`Broker::link`] are not asked.
 ///
@@ -282,6 +292,10 @@ pub trait Policy: fmt::Debug + Send + Sync {
 
     /// Told when a connection of `client_id` is refused because `username` holds `limit`.
     fn connection_limit(&self, _client_id: &str, _username: &str, _limit: usize) {}
+
+    /// Told when a connection from `addr` that had not logged in yet is closed to make room
+    /// for a newer one, because of `limit`. Called on a listener's thread.
+    fn waiting_limit(&self, _addr: SocketAddr, _limit: WaitingLimit) {}
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -9,7 +9,8 @@ use crate::protocol::v5::V5;
 use crate::protocol::{Packet, Protocol};
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 use crate::server::tls::{self, TLSAcceptor};
-use crate::{meters, ConnectionSettings, Meter};
+use crate::server::waiting::{Place, Waiting};
+use crate::{meters, ConnectionSettings, Meter, Policy};
 use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -201,11 +202,15 @@ impl Broker {
             })?;
         }
 
+        // wattbus: all listeners share one bound on the connections waiting for their login.
+        let waiting = Arc::new(Waiting::default());
+        let policy = self.config.router.policy.clone();
         // Spawn servers in a separate thread.
         if let Some(v4_config) = &self.config.v4 {
             for (_, config) in v4_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
-                let mut server = Server::new(config, self.router_tx.clone(), V4);
+                let mut server = Server::new(config, self.router_tx.clone(), V4)
+                    .sharing(Arc::clone(&waiting), policy.clone());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -223,7 +228,8 @@ impl Broker {
         if let Some(v5_config) = &self.config.v5 {
             for (_, config) in v5_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
-                let mut server = Server::new(config, self.router_tx.clone(), V5);
+                let mut server = Server::new(config, self.router_tx.clone(), V5)
+                    .sharing(Arc::clone(&waiting), policy.clone());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -248,7 +254,8 @@ impl Broker {
             for (_, config) in ws_config.clone() {
                 let server_thread = thread::Builder::new().name(config.name.clone());
                 //TODO: Add support for V5 procotol with websockets. Registered in config or on ServerSettings
-                let mut server = Server::new(config, self.router_tx.clone(), V4);
+                let mut server = Server::new(config, self.router_tx.clone(), V4)
+                    .sharing(Arc::clone(&waiting), policy.clone());
                 let handle = server_thread.spawn(move || {
                     let mut runtime = tokio::runtime::Builder::new_current_thread();
                     let runtime = runtime.enable_all().build().unwrap();
@@ -349,6 +356,9 @@ pub struct Server<P> {
     router_tx: Sender<(ConnectionId, Event)>,
     protocol: P,
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+    /// wattbus: the connections of all listeners still waiting for their login.
+    waiting: Arc<Waiting>,
+    policy: Option<Arc<dyn Policy>>,
 }
 
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
@@ -362,21 +372,17 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             router_tx,
             protocol,
             awaiting_will_handler: Arc::new(Mutex::new(HashMap::default())),
+            waiting: Arc::default(),
+            policy: None,
         }
     }
 
-    // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
-        #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
-        match &self.config.tls {
-            Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
-            }
-            None => Ok((Box::new(stream), None)),
-        }
-        #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
+    /// wattbus: one broker's listeners share one bound on the connections waiting for their
+    /// login, and tell its policy when it closes one.
+    fn sharing(mut self, waiting: Arc<Waiting>, policy: Option<Arc<dyn Policy>>) -> Self {
+        self.waiting = waiting;
+        self.policy = policy;
+        self
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
@@ -385,6 +391,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
         let mut count: usize = 0;
 
         let config = Arc::new(self.config.connections.clone());
+        let tls = Arc::new(self.config.tls.clone());
         info!(
             config = self.config.name,
             listen_addr = self.config.listen.to_string(),
@@ -413,103 +420,141 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
-                Ok(o) => o,
-                Err(e) => {
-                    error!(error=?e, "Tls accept error");
-                    continue;
+            // wattbus: a place among the connections waiting for their login; a full source or
+            // a full broker closes its oldest waiting one, never this one.
+            let (place, pushed_out) = self.waiting.enter(addr);
+            if let Some((closed_addr, limit)) = pushed_out {
+                // The policy counts and logs it (at most a line per 10 s).
+                if let Some(policy) = &self.policy {
+                    policy.waiting_limit(closed_addr, limit);
                 }
-            };
+            }
 
-            info!(
-                name=?self.config.name, ?addr, count, tenant=?tenant_id, "accept"
-            );
+            info!(name=?self.config.name, ?addr, count, "accept");
 
-            let config = config.clone();
-            let router_tx = self.router_tx.clone();
             count += 1;
-
-            let protocol = self.protocol.clone();
-            match link_type {
-                #[cfg(feature = "websocket")]
-                LinkType::Websocket => {
-                    let stream = match accept_hdr_async(network, WSCallback).await {
-                        Ok(s) => Box::new(WsStream::new(s)),
-                        Err(e) => {
-                            error!(error=?e, "Websocket failed handshake");
-                            continue;
-                        }
-                    };
-                    task::spawn(
-                        remote(
-                            config,
-                            tenant_id.clone(),
-                            router_tx,
-                            stream,
-                            protocol,
-                            self.awaiting_will_handler.clone(),
-                        )
-                        .instrument(tracing::info_span!(
-                            "websocket_link",
-                            client_id = field::Empty,
-                            connection_id = field::Empty
-                        )),
-                    )
-                }
-                LinkType::Remote => task::spawn(
-                    remote(
-                        config,
-                        tenant_id.clone(),
-                        router_tx,
-                        network,
-                        protocol,
-                        self.awaiting_will_handler.clone(),
-                    )
-                    .instrument(tracing::error_span!(
-                        "remote_link",
-                        ?tenant_id,
-                        client_id = field::Empty,
-                        connection_id = field::Empty,
-                    )),
-                ),
-            };
+            task::spawn(serve(
+                Arc::clone(&config),
+                Arc::clone(&tls),
+                link_type,
+                self.router_tx.clone(),
+                stream,
+                place,
+                self.protocol.clone(),
+                self.awaiting_will_handler.clone(),
+            ));
 
             time::sleep(delay).await;
         }
     }
 }
 
+/// wattbus: the TLS handshake (if the listener has TLS), the websocket handshake (if it is a
+/// websocket listener) and the CONNECT, all in the connection's own task: they were awaited in
+/// the accept loop, where one socket that never finished its TLS handshake stopped the
+/// listener accepting anybody. The handshakes together get the connection timeout, the CONNECT
+/// gets it again, and a newer connection that takes this one's `place` ends all of it.
+#[allow(clippy::too_many_arguments)]
+async fn serve<P: Protocol>(
+    config: Arc<ConnectionSettings>,
+    tls: Arc<Option<crate::TlsConfig>>,
+    link_type: LinkType,
+    router_tx: Sender<(ConnectionId, Event)>,
+    stream: TcpStream,
+    place: Place,
+    protocol: P,
+    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+) {
+    let timeout = Duration::from_millis(config.connection_timeout_ms.into());
+    let login = async {
+        let handshakes = async {
+            let (network, tenant_id) = tls_accept(&tls, stream).await?;
+            let network: Box<dyn N> = match link_type {
+                #[cfg(feature = "websocket")]
+                LinkType::Websocket => {
+                    let ws = accept_hdr_async(network, WSCallback)
+                        .await
+                        .map_err(|e| Error::Accept(e.to_string()))?;
+                    Box::new(WsStream::new(ws))
+                }
+                LinkType::Remote => network,
+            };
+            Ok::<_, Error>((network, tenant_id))
+        };
+        let (network, tenant_id) = time::timeout(timeout, handshakes).await??;
+        // Before the login is checked, a connection may hold only a small CONNECT: an
+        // unauthenticated client declaring 1 MiB CONNECTs on 1,500 sockets took the broker to
+        // 893 MB, and under a memory limit it aborted.
+        let mut network = Network::new(
+            network,
+            config.max_payload_size.min(MAX_CONNECT_BYTES),
+            config.max_inflight_count,
+            protocol,
+        );
+        let connect_packet = mqtt_connect(config.clone(), &mut network).await?;
+        Ok::<_, Error>((network, tenant_id, connect_packet))
+    };
+    let (mut network, tenant_id, connect_packet) = tokio::select! {
+        logged_in = login => match logged_in {
+            Ok(l) => l,
+            Err(e) => {
+                error!(error=?e, "Error while handling MQTT connect packet");
+                return;
+            }
+        },
+        () = place.closed() => return,
+    };
+    drop(place);
+    network.set_max_incoming_size(config.max_payload_size);
+    let span = match link_type {
+        #[cfg(feature = "websocket")]
+        LinkType::Websocket => tracing::info_span!(
+            "websocket_link",
+            client_id = field::Empty,
+            connection_id = field::Empty
+        ),
+        LinkType::Remote => tracing::error_span!(
+            "remote_link",
+            ?tenant_id,
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        ),
+    };
+    remote(
+        config,
+        tenant_id,
+        router_tx,
+        network,
+        connect_packet,
+        will_handlers,
+    )
+    .instrument(span)
+    .await
+}
+
+// Depending on TLS or not create a new Network
+async fn tls_accept(
+    tls: &Option<crate::TlsConfig>,
+    stream: TcpStream,
+) -> Result<(Box<dyn N>, Option<String>), Error> {
+    #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
+    match tls {
+        Some(c) => {
+            let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+            Ok((network, tenant_id))
+        }
+        None => Ok((Box::new(stream), None)),
+    }
+    #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
+    {
+        let _ = tls;
+        Ok((Box::new(stream), None))
+    }
+}
+
 /// wattbus: the largest CONNECT accepted (client id, will, login). A wattbus will is a short
 /// status; every client's fits.
 const MAX_CONNECT_BYTES: usize = 64 * 1024;
-
-/// wattbus: most connections waiting for their CONNECT (and its login check) at once, on all
-/// listeners; one beyond is closed at once. With [`MAX_CONNECT_BYTES`] this bounds what
-/// unauthenticated clients can hold to about 128 × (64 + 20) KiB.
-const MAX_PENDING_CONNECTS: usize = 128;
-
-static PENDING_CONNECTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// wattbus: a place among [`MAX_PENDING_CONNECTS`], given back when dropped.
-struct PendingConnect;
-
-impl PendingConnect {
-    fn enter() -> Option<PendingConnect> {
-        use std::sync::atomic::Ordering;
-        let before = PENDING_CONNECTS.fetch_add(1, Ordering::AcqRel);
-        if before >= MAX_PENDING_CONNECTS {
-            PENDING_CONNECTS.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(PendingConnect)
-    }
-}
-
-impl Drop for PendingConnect {
-    fn drop(&mut self) {
-        PENDING_CONNECTS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 /// wattbus: at most one line per 10 s; `due` says how many were skipped since the last.
 struct LogEvery {
@@ -557,44 +602,17 @@ impl Callback for WSCallback {
     }
 }
 
-/// A new network connection should wait for a mqtt connect packet. This should be handled
-/// asynchronously to avoid blocking other new connections while this connection is
-/// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
-/// denial of service attacks (rogue clients which only establish network connections without
-/// sending a mqtt connection packet to make the server reach its concurrent connection limit).
+/// A connection that has sent its CONNECT ([`serve`] waited for it, within the connection
+/// timeout, so that rogue clients which only open sockets cannot hold the broker).
 async fn remote<P: Protocol>(
     config: Arc<ConnectionSettings>,
     tenant_id: Option<String>,
     router_tx: Sender<(ConnectionId, Event)>,
-    stream: Box<dyn N>,
-    protocol: P,
+    network: Network<P>,
+    connect_packet: Packet,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 ) {
-    // wattbus: before the login is checked, a connection may hold only a small CONNECT, and
-    // only so many may wait for theirs at once: an unauthenticated client declaring 1 MiB
-    // CONNECTs on 1,500 sockets took the broker to 893 MB, and under a memory limit it aborted.
-    let Some(_pending) = PendingConnect::enter() else {
-        drop(stream);
-        return;
-    };
-    let mut network = Network::new(
-        stream,
-        config.max_payload_size.min(MAX_CONNECT_BYTES),
-        config.max_inflight_count,
-        protocol,
-    );
-
     let dynamic_filters = config.dynamic_filters;
-
-    let connect_packet = match mqtt_connect(config.clone(), &mut network).await {
-        Ok(p) => p,
-        Err(e) => {
-            error!(error=?e, "Error while handling MQTT connect packet");
-            return;
-        }
-    };
-    drop(_pending);
-    network.set_max_incoming_size(config.max_payload_size);
 
     let (mut client_id, clean_session) = match &connect_packet {
         Packet::Connect(ref connect, _, _, _, _) => {

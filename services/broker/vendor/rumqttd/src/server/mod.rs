@@ -1,6 +1,7 @@
 // use tokio::io::{AsyncRead, AsyncWrite};
 
 mod broker;
+mod waiting;
 #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
 mod tls;
 
