@@ -1110,10 +1110,23 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
         &log,
     );
     assert!(wait_until(Duration::from_secs(30), || port_open(port)));
-    // Far more connections than the broker has descriptors left; held open.
+    // Far more connections than the broker has descriptors left; held open. From 13 loopback
+    // addresses: the broker keeps at most 16 from one source waiting for their login.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
     let mut flood = Vec::new();
-    for _ in 0..200 {
-        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+    for i in 0..200u16 {
+        let host = 2 + (i / 16) as u8;
+        let connected = rt.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))?;
+            socket
+                .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+                .await
+        });
+        if let Ok(s) = connected {
             flood.push(s);
         }
     }
