@@ -545,8 +545,15 @@ fn an_energy_reset_is_explicit_refused_while_the_counters_are_in_use_and_counted
         r#"{"version":1,"channels":{"prime-1/ct1":{"import_wh":1234.5,"export_wh":6.5,"resets":0,"since_ms":1764000000000}},"marks":{"prime-1":1764000100000000}}"#,
     )
     .unwrap();
-    let counters =
-        || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap() };
+    // A file written before the checksum line (version 1) is read, and written back with it.
+    let counters = || -> serde_json::Value {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let json = match text.trim_end().rsplit_once('\n') {
+            Some((json, last)) if last.starts_with("crc32 ") => json.to_string(),
+            _ => text,
+        };
+        serde_json::from_str(&json).unwrap()
+    };
 
     let o = wattbus(&["energy", "show", "--config", &cfg], &[]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -12,7 +12,11 @@
 //! the caller's choice (SD-card wear against what a power cut can take).
 //!
 //! A file that exists but cannot be read is an error naming the file: starting again from
-//! zero would silently break the counters' monotonicity.
+//! zero would silently break the counters' monotonicity. The JSON is followed by a line
+//! `crc32 <8 hex digits>` over everything before it, so that a flipped bit or a hand edit is
+//! that error too rather than believed: a mark moved decades ahead had every later sample of
+//! its device skipped as already counted, and a counter edited down went down without a reset
+//! (hostile review). Files of version 1 (before the checksum) are read once and rewritten.
 //!
 //! While an [`Energy`] is loaded it holds an exclusive lock on `<file>.lock`: a running
 //! processor would overwrite a counter reset from outside (`wattbus energy reset`) at its next
@@ -69,6 +73,37 @@ pub enum EnergyError {
     Locked { path: PathBuf },
 }
 
+/// The file's version: 2 has the checksum line.
+const VERSION: u32 = 2;
+
+/// How the checksum line starts.
+const CHECKSUM: &str = "crc32 ";
+
+/// The JSON of a file and whether it carried a checksum, which then matched; `Err(reason)`
+/// if it carried one that does not match. A file without one is for the caller to judge
+/// (by its version).
+fn split_checksum(bytes: &[u8]) -> Result<(&[u8], bool), String> {
+    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let last_line_at = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let Some(hex) = text[last_line_at..].strip_prefix(CHECKSUM.as_bytes()) else {
+        return Ok((bytes, false));
+    };
+    let want = std::str::from_utf8(hex)
+        .ok()
+        .filter(|h| h.len() == 8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| "its checksum line is malformed".to_string())?;
+    let covered = &bytes[..last_line_at];
+    if crc32fast::hash(covered) != want {
+        return Err(
+            "its checksum does not match its content: changed or corrupted since it \
+                    was written"
+                .into(),
+        );
+    }
+    Ok((covered, true))
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct File {
     version: u32,
@@ -97,12 +132,23 @@ impl Energy {
     /// Load the counters (none yet if the file does not exist).
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
         let lock = lock(path)?;
+        let mut legacy = false;
         let (channels, marks, outbox) = match fs::read(path) {
             Ok(bytes) => {
-                let f: File = serde_json::from_slice(&bytes).map_err(|e| EnergyError::Damaged {
+                let damaged = |reason: String| EnergyError::Damaged {
                     path: path.to_path_buf(),
-                    reason: e.to_string(),
-                })?;
+                    reason,
+                };
+                let (json, checked) = split_checksum(&bytes).map_err(damaged)?;
+                let f: File = serde_json::from_slice(json).map_err(|e| damaged(e.to_string()))?;
+                if !checked {
+                    if f.version >= VERSION {
+                        return Err(damaged(
+                            "its last line is not its checksum (crc32 <8 hex digits>)".into(),
+                        ));
+                    }
+                    legacy = true;
+                }
                 if let Some((k, _)) = f.channels.iter().find(|(_, c)| {
                     !(c.import_wh.is_finite()
                         && c.export_wh.is_finite()
@@ -132,7 +178,8 @@ impl Energy {
             channels,
             marks,
             outbox,
-            dirty: false,
+            // A file without its checksum is written again, with it, at the next save.
+            dirty: legacy,
         })
     }
 
@@ -223,8 +270,8 @@ impl Energy {
         if !self.dirty {
             return Ok(None);
         }
-        let body = serde_json::to_vec_pretty(&File {
-            version: 1,
+        let mut body = serde_json::to_vec_pretty(&File {
+            version: VERSION,
             channels: self.channels.clone(),
             marks: self.marks.clone(),
             outbox: self.outbox.clone(),
@@ -233,6 +280,9 @@ impl Energy {
             path: self.path.clone(),
             source: io::Error::other(e),
         })?;
+        body.push(b'\n');
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(format!("{CHECKSUM}{crc:08x}\n").as_bytes());
         Ok(Some(Snapshot {
             path: self.path.clone(),
             body,
@@ -479,6 +529,58 @@ mod tests {
         .unwrap();
         let e = Energy::load(&path).unwrap_err().to_string();
         assert!(e.contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn one_changed_digit_is_damage_not_a_new_mark_or_a_lower_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        {
+            let mut e = Energy::load(&path).unwrap();
+            e.add("ct-1/l1", 9030.0, 3600.0, 0);
+            e.set_mark("ct-1", 1_796_295_900_407_000);
+            e.save().unwrap();
+        }
+        let good = fs::read_to_string(&path).unwrap();
+        assert!(good.lines().last().unwrap().starts_with("crc32 "), "{good}");
+        for (from, to) in [
+            ("1796295900407000", "2796295900407000"),
+            ("\"import_wh\": 9030.0", "\"import_wh\": 1030.0"),
+        ] {
+            assert!(good.contains(from), "{from} not in {good}");
+            fs::write(&path, good.replace(from, to)).unwrap();
+            let e = Energy::load(&path).unwrap_err().to_string();
+            assert!(e.contains("energy.json") && e.contains("checksum"), "{e}");
+        }
+        // Without its checksum line a version-2 file is damaged too.
+        let stripped: String = good.lines().filter(|l| !l.starts_with("crc32")).collect();
+        fs::write(&path, stripped).unwrap();
+        let e = Energy::load(&path).unwrap_err().to_string();
+        assert!(e.contains("checksum"), "{e}");
+        fs::write(&path, &good).unwrap();
+        let e = Energy::load(&path).unwrap();
+        assert_eq!(e.mark("ct-1"), Some(1_796_295_900_407_000));
+        assert_eq!(e.get("ct-1/l1").unwrap().import_wh, 9030.0);
+    }
+
+    #[test]
+    fn a_file_from_before_the_checksum_is_read_and_rewritten_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("energy.json");
+        fs::write(
+            &path,
+            br#"{"version":1,"channels":{"a":{"import_wh":5,"export_wh":0,"resets":1,"since_ms":7}},"marks":{"d":42}}"#,
+        )
+        .unwrap();
+        let mut e = Energy::load(&path).unwrap();
+        assert_eq!(e.get("a").unwrap().import_wh, 5.0);
+        assert_eq!(e.mark("d"), Some(42));
+        e.save().unwrap();
+        drop(e);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.lines().last().unwrap().starts_with("crc32 "), "{text}");
+        let e = Energy::load(&path).unwrap();
+        assert_eq!(e.get("a").unwrap().resets, 1);
     }
 
     #[test]
