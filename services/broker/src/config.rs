@@ -128,7 +128,7 @@ impl Default for Config {
             segment_count: 4,
             max_log_bytes: 32 << 20,
             max_filters_per_client: 32,
-            max_filters: 256,
+            max_filters: 1024,
             max_retained_bytes: 4 << 20,
             max_queued_bytes: 1 << 20,
             connection_timeout_ms: 5000,
@@ -447,6 +447,34 @@ impl Config {
                 return fail(key, "must be at least 1, or no client could subscribe");
             }
         }
+        // One login (a reader's password on a dashboard) holding all its connections with all
+        // their filters must leave room for the services: a reader that filled every filter
+        // slot had a restarted influx-writer's subscription refused (hostile review).
+        if self
+            .max_connections_per_user
+            .saturating_mul(self.max_filters_per_client)
+            > self.max_filters / 2
+        {
+            return fail(
+                "max_filters",
+                &format!(
+                    "must be at least twice max_connections_per_user × max_filters_per_client \
+                     ({} × {}), so that one user cannot take more than half of the filters \
+                     and lock the services out",
+                    self.max_connections_per_user, self.max_filters_per_client
+                ),
+            );
+        }
+        if self.max_connections_per_user > self.max_connections / 2 {
+            return fail(
+                "max_connections_per_user",
+                &format!(
+                    "must be at most half of max_connections ({}), so that one user cannot \
+                     lock the services out",
+                    self.max_connections
+                ),
+            );
+        }
         if self.max_log_bytes < self.segment_bytes {
             return fail(
                 "max_log_bytes",
@@ -645,6 +673,30 @@ mod tests {
         let r = config.to_rumqttd().unwrap();
         let conns = &r.v4.as_ref().unwrap()[V4_LISTENER].connections;
         assert!(conns.auth.is_none() && conns.external_auth.is_none());
+    }
+
+    #[test]
+    fn one_user_may_hold_at_most_half_of_the_filters_and_connections() {
+        let config = Config {
+            allow_anonymous: true,
+            max_filters: 256,
+            ..Config::default()
+        };
+        let e = config.validate("broker").unwrap_err();
+        assert_eq!(e.key, "broker.max_filters");
+        assert!(e.to_string().contains("8 × 32"), "{e}");
+        let config = Config {
+            allow_anonymous: true,
+            max_connections: 12,
+            ..Config::default()
+        };
+        let e = config.validate("broker").unwrap_err();
+        assert_eq!(e.key, "broker.max_connections_per_user");
+        let defaults = Config {
+            allow_anonymous: true,
+            ..Config::default()
+        };
+        assert!(defaults.validate("broker").is_ok());
     }
 
     #[test]

@@ -21,17 +21,17 @@
 //!
 //! **Memory bound.** Every store a client can grow is bounded by a key of `[broker]`: all
 //! filter logs together (`max_log_bytes`, 32 MiB; one filter's `segment_bytes` ×
-//! `segment_count`, each entry counted with its own size), live filters (`max_filters` 256,
+//! `segment_count`, each entry counted with its own size), live filters (`max_filters` 1,024,
 //! `max_filters_per_client` 32; a filter's log is freed when its last subscriber leaves),
 //! retained messages (`max_retained_bytes`, 4 MiB), what is queued for one connection
 //! (`max_queued_bytes`, 1 MiB), connections (`max_connections`, 32) and packets
-//! (`max_payload_bytes`, 1 MiB). With the defaults the worst case is about 273 MiB:
+//! (`max_payload_bytes`, 1 MiB). With the defaults the worst case is about 276 MiB:
 //!
 //! ```text
 //!   logs        2 × max_log_bytes + max_payload_bytes        65 MiB  (entries' spare room)
 //!   retained    max_retained_bytes                            4 MiB
 //!   topic cache (inside rumqttd)                              1 MiB
-//!   filters     max_filters × 4 KiB                           1 MiB
+//!   filters     max_filters × 4 KiB                           4 MiB
 //!   connections max_connections × (4 P + 2 Q)               192 MiB  (P = max_payload_bytes,
 //!                                                                     Q = max_queued_bytes)
 //!   process     runtime, threads                            ~10 MiB

@@ -43,6 +43,7 @@ async fn a_refused_client_retrying_at_max_connections_does_not_crash_the_broker(
     watch_panics();
     let config = Config {
         max_connections: 3,
+        max_connections_per_user: 1,
         ..support::config()
     };
     let _broker = start(&config).await;
@@ -855,14 +856,23 @@ async fn a_client_gets_at_most_max_filters_per_client() {
 #[tokio::test]
 async fn the_filters_of_a_client_that_left_are_freed_for_the_others() {
     watch_panics();
+    // Admins have no per-user connection limit: the hog is one, on two connections.
     let config = Config {
-        max_filters: 8,
+        max_filters: 16,
+        max_filters_per_client: 8,
+        max_connections_per_user: 1,
         ..support::config()
     };
     let _broker = start(&config).await;
     let (hog, mut hog_loop) = connected(config.listen, "hog", "tools").await;
-    for i in 0..8 {
-        let codes = subscribe(&hog, &mut hog_loop, &[&format!("wattbus/hog/{i}")]).await;
+    let (hog2, mut hog2_loop) = connected(config.listen, "hog-2", "tools").await;
+    for i in 0..16 {
+        let (client, eventloop) = if i < 8 {
+            (&hog, &mut hog_loop)
+        } else {
+            (&hog2, &mut hog2_loop)
+        };
+        let codes = subscribe(client, eventloop, &[&format!("wattbus/hog/{i}")]).await;
         assert_eq!(
             codes,
             [SubscribeReasonCode::Success(QoS::AtLeastOnce)],
@@ -896,7 +906,7 @@ async fn the_filters_of_a_client_that_left_are_freed_for_the_others() {
         );
     }
     // … and so does leaving: all but the one `other` shares.
-    drop((hog, hog_loop));
+    drop((hog, hog_loop, hog2, hog2_loop));
     let deadline = Instant::now() + WAIT;
     let mut i = 2;
     let mut granted = 0;
@@ -915,7 +925,7 @@ async fn the_filters_of_a_client_that_left_are_freed_for_the_others() {
     assert_eq!(
         codes,
         [SubscribeReasonCode::Failure],
-        "8 again: 1 shared + 7 own"
+        "8 on this connection: 1 shared + 7 own"
     );
     drop((other, other_loop));
     round_trip(config.listen).await;

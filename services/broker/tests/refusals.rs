@@ -73,9 +73,7 @@ async fn acl_and_limit_refusals_are_counted_by_kind() {
 /// publish are counted on its side too (and logged as ERRORs naming the filter and the topic).
 #[tokio::test]
 async fn a_service_counts_its_refused_subscription_and_the_disconnect_after_a_refused_publish() {
-    use proto::Segment;
-    use runtime::bus::{Bus, Identity, Overflow, QoS};
-    use runtime::config::BusConfig;
+    use runtime::bus::{Overflow, QoS};
     let _serial = SERIAL.lock().await;
 
     let config = support::config();
@@ -84,21 +82,7 @@ async fn a_service_counts_its_refused_subscription_and_the_disconnect_after_a_re
         .wait_ready(WAIT)
         .await
         .unwrap();
-    let bus_config = BusConfig {
-        host: config.listen.ip().to_string(),
-        port: config.listen.port(),
-        username: Some("csv-writer".into()),
-        password: Some(runtime::Secret::new(support::PASSWORD)),
-        ..BusConfig::default()
-    };
-    let id = Identity {
-        service: Segment::new("csv-writer").unwrap(),
-        instance: Segment::new("csv-writer").unwrap(),
-    };
-    let health = runtime::Health::default();
-    let (bus, _task) =
-        Bus::connect(&bus_config, &Segment::new("site-a").unwrap(), &id, &health).unwrap();
-    assert!(bus.wait_connected(WAIT).await);
+    let (bus, _health) = service_bus(&config, "csv-writer").await;
     let client = [("client", "csv-writer")];
     let refused = Counter::new("wattbus_bus_subscriptions_refused_total", "", &client);
     let disconnected = Counter::new("wattbus_bus_disconnected_by_broker_total", "", &client);
@@ -117,6 +101,29 @@ async fn a_service_counts_its_refused_subscription_and_the_disconnect_after_a_re
     support_wait("the disconnect counted", || disconnected.get() >= 1).await;
 }
 
+/// A wattbus service's bus (runtime::bus) logged in as `user` (client id and instance too),
+/// connected; and its readiness checks.
+async fn service_bus(config: &Config, user: &str) -> (runtime::bus::Bus, runtime::Health) {
+    use proto::Segment;
+    let bus_config = runtime::config::BusConfig {
+        host: config.listen.ip().to_string(),
+        port: config.listen.port(),
+        username: Some(user.into()),
+        password: Some(runtime::Secret::new(support::PASSWORD)),
+        ..runtime::config::BusConfig::default()
+    };
+    let id = runtime::bus::Identity {
+        service: Segment::new(user).unwrap(),
+        instance: Segment::new(user).unwrap(),
+    };
+    let health = runtime::Health::default();
+    let (bus, _task) =
+        runtime::bus::Bus::connect(&bus_config, &Segment::new("site-a").unwrap(), &id, &health)
+            .unwrap();
+    assert!(bus.wait_connected(WAIT).await);
+    (bus, health)
+}
+
 async fn support_wait(what: &str, mut done: impl FnMut() -> bool) {
     let waited = tokio::time::timeout(WAIT, async {
         while !done() {
@@ -125,4 +132,62 @@ async fn support_wait(what: &str, mut done: impl FnMut() -> bool) {
     })
     .await;
     assert!(waited.is_ok(), "{what} within {WAIT:?}");
+}
+
+/// A service whose subscription the broker refused because its filters were all taken (a
+/// reader holding every slot while the service restarted) is not ready, asks again, and gets
+/// its input once a slot is free: it once stayed unsubscribed, and ready, until restarted.
+#[tokio::test]
+async fn a_subscription_refused_for_a_full_broker_is_asked_for_again_and_gets_its_input() {
+    use runtime::bus::{Overflow, QoS};
+    use support::{connected, publish_acked, subscribe};
+    let _serial = SERIAL.lock().await;
+
+    let config = Config {
+        max_filters: 4,
+        max_filters_per_client: 2,
+        max_connections_per_user: 1,
+        ..support::config()
+    };
+    broker::start(&config)
+        .unwrap()
+        .wait_ready(WAIT)
+        .await
+        .unwrap();
+    // Every filter slot taken (an admin, on two connections).
+    let mut hogs = Vec::new();
+    for c in 0..2 {
+        let (hog, mut hog_loop) = connected(config.listen, &format!("tools-hog{c}"), "tools").await;
+        let filters = [format!("wattbus/hog/{c}/a"), format!("wattbus/hog/{c}/b")];
+        let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+        subscribe(&hog, &mut hog_loop, &refs).await;
+        hogs.push((hog, hog_loop));
+    }
+
+    let (bus, health) = service_bus(&config, "influx-writer").await;
+    let refused = Counter::new(
+        "wattbus_bus_subscriptions_refused_total",
+        "",
+        &[("client", "influx-writer")],
+    );
+    let before = refused.get();
+    let mut readings = bus.subscribe("wattbus/v1/+/meas/+/+", QoS::AtLeastOnce, Overflow::Wait);
+    // Refused, and asked for again (and refused again while the slots stay taken).
+    support_wait("two refusals", || refused.get() >= before + 2).await;
+    assert!(!health.is_ready(), "ready without its input");
+
+    drop(hogs);
+    support_wait("subscribed once a slot was free", || health.is_ready()).await;
+    let (producer, mut producer_loop) =
+        connected(config.listen, "serial-ingest", "serial-ingest").await;
+    let topic = support::topic("meas/ct-1/a");
+    assert!(publish_acked(&producer, &mut producer_loop, &topic, "7").await);
+    let got = tokio::time::timeout(WAIT, readings.recv())
+        .await
+        .expect("the reading within 10 s")
+        .expect("the route is open");
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        (topic.as_str(), &b"7"[..])
+    );
 }

@@ -80,6 +80,12 @@ struct Inner {
     subs: watch::Sender<(u64, u64)>,
     /// Which filter each SUBSCRIBE carries, so that a refusal can name it (see [`SubIds`]).
     sub_ids: Mutex<SubIds>,
+    /// Subscriptions the broker refused on this connection, asked for again after a backoff
+    /// (its filter limits may be full for now: another client holding every filter slot took
+    /// them while this service was away, and a refused subscription once stayed refused, the
+    /// service ready, until a restart). While any is refused, the `subscriptions:<client>`
+    /// readiness check is false.
+    refused: Mutex<Refused>,
     /// The last topic published and when: a broker that disconnects this service right after
     /// a publish has refused that topic (its ACL), and the ERROR names it.
     last_publish: Mutex<Option<(Instant, String)>>,
@@ -112,6 +118,18 @@ struct SubIds {
     queued: VecDeque<String>,
     sent: HashMap<u16, String>,
 }
+
+#[derive(Default)]
+struct Refused {
+    filters: Vec<(String, QoS)>,
+    /// Refusals in a row, for the backoff; 0 once every subscription is in place.
+    in_a_row: u32,
+    /// A retry is scheduled.
+    retrying: bool,
+}
+
+/// The longest wait before a refused subscription is asked for again.
+const SUBSCRIBE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Sink registrations of one connection.
 #[derive(Default)]
@@ -221,6 +239,7 @@ impl Bus {
             pending_subs: Mutex::new(Vec::new()),
             subs: watch::channel((0, 0)).0,
             sub_ids: Mutex::new(SubIds::default()),
+            refused: Mutex::new(Refused::default()),
             last_publish: Mutex::new(None),
             sinks: Mutex::new(Registrations::default()),
             up: AtomicBool::new(false),
@@ -233,13 +252,15 @@ impl Bus {
             announce,
         });
         let ready = health.check(&format!("bus:{}", id.instance));
+        let subscribed = health.check(&format!("subscriptions:{}", id.instance));
+        subscribed.set(true);
         let task = tokio::spawn(poll_loop(
             inner.clone(),
             eventloop,
             conn_tx,
             cfg.clone(),
             id.clone(),
-            ready,
+            (ready, subscribed),
         ));
         Ok((
             Bus {
@@ -416,6 +437,50 @@ fn queue_subscriptions(inner: &Inner) {
     });
 }
 
+/// Record the broker's answer to the subscription of `filter`; the wait before it is asked
+/// for again if it was refused.
+fn subscription_answered(inner: &Inner, filter: Option<&str>, failed: bool) -> Option<Duration> {
+    let filter = filter?;
+    let mut refused = lock(&inner.refused);
+    refused.filters.retain(|(f, _)| f != filter);
+    if !failed {
+        if refused.filters.is_empty() {
+            refused.in_a_row = 0;
+        }
+        return None;
+    }
+    let qos = lock(&inner.routes)
+        .iter()
+        .find(|r| r.filter == filter)
+        .map(|r| r.qos)?;
+    refused.filters.push((filter.to_string(), qos));
+    let delay = Duration::from_secs(1)
+        .saturating_mul(1 << refused.in_a_row.min(6))
+        .min(SUBSCRIBE_RETRY_MAX);
+    refused.in_a_row = refused.in_a_row.saturating_add(1);
+    Some(delay)
+}
+
+/// After `delay`, ask again for every subscription still refused (if the bus is still there).
+async fn retry_refused(inner: std::sync::Weak<Inner>, delay: Duration) {
+    tokio::time::sleep(delay).await;
+    let Some(inner) = inner.upgrade() else {
+        return;
+    };
+    let again = {
+        let mut refused = lock(&inner.refused);
+        refused.retrying = false;
+        std::mem::take(&mut refused.filters)
+    };
+    if again.is_empty() {
+        return;
+    }
+    // Still refused until the broker says otherwise.
+    lock(&inner.refused).filters.clone_from(&again);
+    lock(&inner.pending_subs).extend(again);
+    queue_subscriptions(&inner);
+}
+
 /// Hand due sink registrations to rumqttc once the link is up and every subscription is queued
 /// (a producer that learns of a group must find its subscriptions in place); those its full
 /// queue cannot take now are retried after the next event.
@@ -469,7 +534,7 @@ async fn poll_loop(
     conn_tx: watch::Sender<u64>,
     cfg: BusConfig,
     id: Identity,
-    ready: ReadyFlag,
+    (ready, subscribed): (ReadyFlag, ReadyFlag),
 ) {
     let status_topic = Topic::status(&inner.site, &id.instance);
     let connected_gauge = Gauge::new(
@@ -509,6 +574,10 @@ async fn poll_loop(
                     *lock(&inner.pending_subs) =
                         routes.iter().map(|r| (r.filter.clone(), r.qos)).collect();
                 }
+                // Every route is asked for again on this connection; what the broker refuses
+                // now is refused anew.
+                *lock(&inner.refused) = Refused::default();
+                subscribed.set(true);
                 queue_subscriptions(&inner);
                 if inner.announce
                     && let Ok(online) = status(&id, ServiceState::Online).encode()
@@ -553,12 +622,27 @@ async fn poll_loop(
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 inner.subs.send_modify(|(_, acked)| *acked += 1);
                 let filter = lock(&inner.sub_ids).sent.remove(&ack.pkid);
-                if ack
+                let failed = ack
                     .return_codes
                     .iter()
-                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                let retry_in = subscription_answered(&inner, filter.as_deref(), failed);
+                if failed {
+                    events::subscription_refused(
+                        id.instance.as_str(),
+                        filter.as_deref(),
+                        ack.pkid,
+                        retry_in,
+                    );
+                }
+                let refused = lock(&inner.refused);
+                subscribed.set(refused.filters.is_empty());
+                if let Some(delay) = retry_in
+                    && !refused.retrying
                 {
-                    events::subscription_refused(id.instance.as_str(), filter.as_deref(), ack.pkid);
+                    drop(refused);
+                    lock(&inner.refused).retrying = true;
+                    tokio::spawn(retry_refused(Arc::downgrade(&inner), delay));
                 }
             }
             Ok(_) => {}

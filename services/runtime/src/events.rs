@@ -424,7 +424,12 @@ fn due(logged: &Mutex<Option<HashMap<String, Instant>>>, client_id: &str) -> boo
 /// The broker answered a SUBSCRIBE with a failure code: this service will not get that input.
 /// With wattbus's broker that is its ACL (the service's user and role do not allow the filter)
 /// or a filter limit.
-pub fn subscription_refused(client_id: &str, filter: Option<&str>, pkid: u16) {
+pub fn subscription_refused(
+    client_id: &str,
+    filter: Option<&str>,
+    pkid: u16,
+    retry_in: Option<Duration>,
+) {
     Counter::new(
         "wattbus_bus_subscriptions_refused_total",
         "Subscriptions the broker refused (SUBACK failure): this service does not get that input.",
@@ -435,12 +440,17 @@ pub fn subscription_refused(client_id: &str, filter: Option<&str>, pkid: u16) {
     if !due(&REFUSED_SUBSCRIPTION_LOGGED, client_id) {
         return;
     }
+    let retry_in_s = retry_in.map(|d| d.as_secs());
     tracing::error!(
         client_id,
         filter,
         pkid,
-        "The broker refused the subscription to {filter}: check this service's broker user and \
-         role ([bus] username; [[broker.users]] role)."
+        retry_in_s,
+        "The broker refused the subscription to {filter}; this service gets none of that input \
+         and is not ready until it is subscribed (asked for again after retry_in_s). Either \
+         this service's broker user may not subscribe it ([bus] username; [[broker.users]] \
+         role), or the broker's filter limits are full (its log says which: \
+         broker.max_filters)."
     );
 }
 
