@@ -396,6 +396,22 @@ fn three_streaming_devices_at_once_and_one_unplugged_loses_nothing_on_the_others
     let check_values = |device: &str, want: f64| {
         for m in windows_of(device) {
             let got = m.fields["current_a"];
+            if !within(got, want, 0.005) {
+                // The logs (resyncs, gaps, reopens) and every reading of the device, to tell
+                // a window cut wrong from a device that read wrong.
+                dump_logs(d);
+                for w in windows_of(device) {
+                    eprintln!(
+                        "{device} reading at {}: {} A ({:+.3}%)",
+                        w.ts_ms,
+                        w.fields["current_a"],
+                        (w.fields["current_a"] / want - 1.0) * 100.0
+                    );
+                }
+                eprintln!(
+                    "started {started_ms}, prime-2 unplugged {unplugged_ms}, replugged {replugged_ms}"
+                );
+            }
             assert!(
                 within(got, want, 0.005),
                 "{device} at {}: {got} A, want {want} A (±0.5%)",
@@ -418,9 +434,9 @@ fn three_streaming_devices_at_once_and_one_unplugged_loses_nothing_on_the_others
         if !holes.is_empty() {
             dump_logs(d);
         }
-        // A resync means serial-ingest read lines over 50 ms late (by design it then restarts
-        // the sample clock, a visible step): on a loaded test machine that is the simulator
-        // thread stalled, not a lost line. Say which it was.
+        // A resync means the sample clock stayed over 50 ms behind the read time for a second,
+        // or ran over 50 ms ahead of it (by design a visible step); lines read late, by a
+        // stalled service or from a stalled simulator, are not one. Say which it was.
         let resyncs = std::fs::read_to_string(&si_log)
             .unwrap_or_default()
             .lines()

@@ -28,6 +28,7 @@ pub struct PortEvents {
     overlong: Counter,
     timeouts: Counter,
     lost_lines: Counter,
+    dropped_lines: Counter,
     reopens: Counter,
     errors: Counter,
     unknown_keys: Counter,
@@ -77,6 +78,11 @@ impl PortEvents {
             lost_lines: Counter::new(
                 "wattbus_serial_lost_lines_total",
                 "Stream lines lost, by gaps in their sequence numbers.",
+                &l,
+            ),
+            dropped_lines: Counter::new(
+                "wattbus_serial_dropped_lines_total",
+                "Stream lines dropped because their stamps would have gone back over samples already sent.",
                 &l,
             ),
             reopens: Counter::new(
@@ -176,6 +182,11 @@ impl PortEvents {
 
     pub fn resynced(&self) {
         tracing::info!(port = %self.port, device = %self.device, "Sample clock and system clock drifted apart by more than 50 ms; frames restart at the read time.");
+    }
+
+    pub fn dropped_lines(&self, n: u32) {
+        self.dropped_lines.add(u64::from(n));
+        tracing::debug!(port = %self.port, device = %self.device, dropped_lines = n, "Stream lines dropped: the sample clock ran ahead of the read time, and stamping them at their read time would put them over samples already sent.");
     }
 
     pub fn banner_mismatch(&self, what: &str, device_says: f64, configured: f64) {

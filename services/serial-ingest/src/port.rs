@@ -222,7 +222,10 @@ impl Port {
                     .listen(
                         stream,
                         Duration::from_millis(silence_timeout_ms),
-                        |p, line, ms| p.stream_line(&mut s, line, ms),
+                        // The stream's samples are stamped from when their bytes were read,
+                        // not from the line's distinct time: a burst of lines read at once is
+                        // a burst, and 1 ms more per line would put its samples later.
+                        |p, line, _, read_ms| p.stream_line(&mut s, line, read_ms),
                     )
                     .await;
                 // The samples of the frame in progress are good: publish them short.
@@ -239,7 +242,7 @@ impl Port {
                 self.listen(
                     stream,
                     Duration::from_millis(silence_timeout_ms),
-                    |p, line, ms| p.sensor_line(&channels, line, ms),
+                    |p, line, line_ms, _| p.sensor_line(&channels, line, line_ms),
                 )
                 .await
             }
@@ -353,8 +356,9 @@ impl Port {
         }
     }
 
-    /// Read lines until silence, error or shutdown, handing each to `handle` with its read
-    /// time; `handle` returns whether the line was good.
+    /// Read lines until silence, error or shutdown, handing each to `handle` with its own
+    /// time (the read time, at least 1 ms after the previous line's) and the read time;
+    /// `handle` returns whether the line was good.
     async fn listen<F>(
         &mut self,
         stream: &mut SerialStream,
@@ -362,7 +366,7 @@ impl Port {
         mut handle: F,
     ) -> (End, bool)
     where
-        F: FnMut(&mut Port, &str, i64) -> Vec<Output>,
+        F: FnMut(&mut Port, &str, i64, i64) -> Vec<Output>,
     {
         let mut framer = LineFramer::new(self.plan.max_line_bytes);
         let mut buf = vec![0u8; 8192];
@@ -406,7 +410,7 @@ impl Port {
                 // is stamped at least 1 ms after the previous one of this port.
                 let line_ms = read_ms.max(self.last_line_ms.saturating_add(1));
                 self.last_line_ms = line_ms;
-                let outs = handle(self, &line, line_ms);
+                let outs = handle(self, &line, line_ms, read_ms);
                 if !outs.is_empty() {
                     heard = true;
                 }
@@ -486,6 +490,9 @@ impl Port {
                 }
                 if pushed.resynced {
                     self.events.resynced();
+                }
+                if pushed.dropped_lines > 0 {
+                    self.events.dropped_lines(pushed.dropped_lines);
                 }
                 pushed
                     .frames
