@@ -36,6 +36,9 @@ pub struct PortEvents {
     ignored: Counter,
     /// When the last garbled WARN was logged, and how many went unlogged since.
     garbled_logged: Option<Instant>,
+    /// Likewise for dropped stream lines.
+    dropped_logged: Option<Instant>,
+    dropped_quiet: u64,
     garbled_quiet: u64,
 }
 
@@ -112,6 +115,8 @@ impl PortEvents {
             ),
             garbled_logged: None,
             garbled_quiet: 0,
+            dropped_logged: None,
+            dropped_quiet: 0,
         }
     }
 
@@ -184,9 +189,30 @@ impl PortEvents {
         tracing::info!(port = %self.port, device = %self.device, "Sample clock and system clock drifted apart by more than 50 ms; frames restart at the read time.");
     }
 
-    pub fn dropped_lines(&self, n: u32) {
+    /// Lines are lost here (the system clock stepped back, or the device's clock is fast), so
+    /// it is a WARN, at most once a minute like garbled lines: a clock stepped back an hour
+    /// drops lines for an hour.
+    pub fn dropped_lines(&mut self, n: u32) {
         self.dropped_lines.add(u64::from(n));
-        tracing::debug!(port = %self.port, device = %self.device, dropped_lines = n, "Stream lines dropped: the sample clock ran ahead of the read time, and stamping them at their read time would put them over samples already sent.");
+        let now = Instant::now();
+        if self
+            .dropped_logged
+            .is_some_and(|t| now.duration_since(t) < GARBLED_LOG_EVERY)
+        {
+            self.dropped_quiet += u64::from(n);
+            return;
+        }
+        let dropped_since_last_log = self.dropped_quiet + u64::from(n);
+        self.dropped_logged = Some(now);
+        self.dropped_quiet = 0;
+        tracing::warn!(
+            port = %self.port,
+            device = %self.device,
+            dropped_since_last_log,
+            "Stream lines dropped (logged at most once a minute): the device's sample clock runs \
+             ahead of the system clock (was the system clock set back?), and stamping them at \
+             their read time would put them over samples already sent."
+        );
     }
 
     pub fn banner_mismatch(&self, what: &str, device_says: f64, configured: f64) {
