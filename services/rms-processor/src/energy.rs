@@ -114,6 +114,9 @@ struct File {
     /// Readings of counted samples that may not be journaled yet (see the module doc).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     outbox: Vec<Measurement>,
+    /// Per device: the producer (instance) whose frames it takes (see the processor).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    owners: BTreeMap<String, String>,
 }
 
 /// Energy counters of every channel of one processor, and their file.
@@ -125,6 +128,7 @@ pub struct Energy {
     channels: BTreeMap<String, Counters>,
     marks: BTreeMap<String, i64>,
     outbox: Vec<Measurement>,
+    owners: BTreeMap<String, String>,
     dirty: bool,
 }
 
@@ -133,7 +137,7 @@ impl Energy {
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
         let lock = lock(path)?;
         let mut legacy = false;
-        let (channels, marks, outbox) = match fs::read(path) {
+        let (channels, marks, outbox, owners) = match fs::read(path) {
             Ok(bytes) => {
                 let damaged = |reason: String| EnergyError::Damaged {
                     path: path.to_path_buf(),
@@ -160,11 +164,14 @@ impl Energy {
                         reason: format!("channel {k:?} holds a negative or non-finite counter"),
                     });
                 }
-                (f.channels, f.marks, f.outbox)
+                (f.channels, f.marks, f.outbox, f.owners)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                (BTreeMap::new(), BTreeMap::new(), Vec::new())
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (
+                BTreeMap::new(),
+                BTreeMap::new(),
+                Vec::new(),
+                BTreeMap::new(),
+            ),
             Err(source) => {
                 return Err(EnergyError::Read {
                     path: path.to_path_buf(),
@@ -178,6 +185,7 @@ impl Energy {
             channels,
             marks,
             outbox,
+            owners,
             // A file without its checksum is written again, with it, at the next save.
             dirty: legacy,
         })
@@ -196,6 +204,19 @@ impl Energy {
     pub fn set_mark(&mut self, device: &str, through_us: i64) {
         if self.marks.get(device) != Some(&through_us) {
             self.marks.insert(device.to_string(), through_us);
+            self.dirty = true;
+        }
+    }
+
+    /// The producer whose frames `device` takes, if one was recorded.
+    pub fn owner(&self, device: &str) -> Option<&str> {
+        self.owners.get(device).map(String::as_str)
+    }
+
+    /// Record that `device` takes the frames of `producer`. Saved with the counters.
+    pub fn set_owner(&mut self, device: &str, producer: &str) {
+        if self.owner(device) != Some(producer) {
+            self.owners.insert(device.to_string(), producer.to_string());
             self.dirty = true;
         }
     }
@@ -275,6 +296,7 @@ impl Energy {
             channels: self.channels.clone(),
             marks: self.marks.clone(),
             outbox: self.outbox.clone(),
+            owners: self.owners.clone(),
         })
         .map_err(|e| EnergyError::Write {
             path: self.path.clone(),
@@ -558,8 +580,13 @@ mod tests {
         let e = Energy::load(&path).unwrap_err().to_string();
         assert!(e.contains("checksum"), "{e}");
         fs::write(&path, &good).unwrap();
-        let e = Energy::load(&path).unwrap();
+        let mut e = Energy::load(&path).unwrap();
         assert_eq!(e.mark("ct-1"), Some(1_796_295_900_407_000));
+        e.set_owner("ct-1", "serial-ingest");
+        e.save().unwrap();
+        drop(e);
+        let e = Energy::load(&path).unwrap();
+        assert_eq!(e.owner("ct-1"), Some("serial-ingest"));
         assert_eq!(e.get("ct-1/l1").unwrap().import_wh, 9030.0);
     }
 

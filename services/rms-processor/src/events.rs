@@ -88,6 +88,40 @@ impl Events {
         }
     }
 
+    /// A frame of `device` came from `producer`, not from `owner`, whose frames it takes.
+    pub fn other_producer(&mut self, device: &str, owner: &str, producer: &str) {
+        Counter::new(
+            "wattbus_rms_other_producer_frames_total",
+            "Frames refused (left unacknowledged) because their device takes the frames of another producer.",
+            &[("device", device), ("producer", producer)],
+        )
+        .inc();
+        if let Some(unlogged) = self.due(device, "other_producer") {
+            tracing::error!(
+                device,
+                owner,
+                producer,
+                unlogged,
+                "A frame of this device came from another producer than the one whose frames it \
+                 takes; refused and left unacknowledged. Two producers publishing one device \
+                 name (a misconfiguration, or a forger: give each producer user its `devices` \
+                 in [[broker.users]]). If the device moved to the new producer, its frames are \
+                 taken once they start 10 minutes after the last one counted from the old."
+            );
+        }
+    }
+
+    /// `device` now takes the frames of `producer` instead of `owner`'s.
+    pub fn device_moved(&mut self, device: &str, owner: &str, producer: &str) {
+        tracing::warn!(
+            device,
+            from = owner,
+            to = producer,
+            "This device's frames now come from another producer (the old one sent none for 10 \
+             minutes); taking them."
+        );
+    }
+
     /// A channel's power was beyond what a channel can measure.
     pub fn implausible(&mut self, device: &str, channel: &str, power: f64) {
         Counter::new(

@@ -297,6 +297,10 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
     Ok(())
 }
 
+/// How long after the last sample counted from its producer a device takes frames from
+/// another one (see [`Processor::owned_by`]): 10 minutes of the device's samples.
+const OWNER_MOVES_AFTER_US: i64 = 10 * 60 * 1_000_000;
+
 /// The processing loop's state.
 struct Processor<'a> {
     cfg: &'a Config,
@@ -362,6 +366,13 @@ impl Processor<'_> {
             self.foreign.inc();
             return;
         }
+        if let Some(origin) = &frame.origin
+            && !self.owned_by(&frame.device, origin.producer.as_str(), frame.start_ts_us)
+        {
+            // Left unacknowledged: if the device really moved, its new producer replays these
+            // once the move is accepted; a forger's journal keeps its own frames.
+            return;
+        }
         let energy = &self.energy;
         let dev = self.devices.entry(frame.device.clone()).or_insert_with(|| {
             Device::new(
@@ -395,6 +406,40 @@ impl Processor<'_> {
         );
         dev.count(pushed);
         self.compute(windows).await;
+    }
+
+    /// Whether `device` takes frames from `producer` (the origin the broker let it claim).
+    ///
+    /// A device takes the frames of one producer: the first one it got frames from, recorded
+    /// with its energy. Frames of it from another producer are refused while the device is
+    /// live: another producer's frames, dated up to `max_ahead_ms` ahead, moved the device's
+    /// mark past its real frames, which were then skipped as already counted, acknowledged
+    /// and lost, for as long as the forger went on (hostile review). A device that moved to
+    /// another producer (a serial-ingest instance renamed, a sensor moved to another Pi) is
+    /// taken from the new one once its samples start [`OWNER_MOVES_AFTER_US`] after the last
+    /// sample counted from the old one.
+    fn owned_by(&mut self, device: &Segment, producer: &str, start_us: i64) -> bool {
+        let Some(owner) = self.energy.owner(device.as_str()) else {
+            self.energy.set_owner(device.as_str(), producer);
+            return true;
+        };
+        if owner == producer {
+            return true;
+        }
+        let counted = self
+            .devices
+            .get(device)
+            .and_then(|d| d.frames.mark())
+            .or_else(|| self.energy.mark(device.as_str()));
+        let owner = owner.to_string();
+        if counted.is_none_or(|m| start_us >= m.saturating_add(OWNER_MOVES_AFTER_US)) {
+            self.events.device_moved(device.as_str(), &owner, producer);
+            self.energy.set_owner(device.as_str(), producer);
+            return true;
+        }
+        self.events
+            .other_producer(device.as_str(), &owner, producer);
+        false
     }
 
     /// The checkpoint tick: holds whose wait ran out and quiet devices are closed, then the

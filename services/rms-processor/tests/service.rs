@@ -835,7 +835,9 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
     // Per device: the next sample to send.
     let mut next = [0usize; 3];
     for round in 0..4 {
-        let frames = Frames::start(&site, dir.path(), &format!("frames-{round}")).await;
+        // The same producer every round, as a restarted serial-ingest is: a device takes the
+        // frames of one producer.
+        let frames = Frames::start(&site, dir.path(), "frames").await;
         let proc = Running::start(&site, dir.path(), cfg()).await;
         // The first frame of each device after a restart starts a run (serial-ingest opened
         // its port again); the rest continue it.
@@ -1202,5 +1204,59 @@ async fn poison_frames_are_dead_lettered_and_acknowledged_and_every_device_goes_
             >= 3,
         "{reasons:#?}"
     );
+    proc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
+    // A producer user without a `devices` list may publish frames for any device. Its frame
+    // for f-1 dated 55 s past f-1's real samples once moved f-1's mark there: the real frames
+    // of those 55 s were skipped as already counted, acknowledged and lost, and the forged
+    // current was stored as f-1's.
+    let site = site("rms-forge");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rx, _sink_bus) = sink(&site).await;
+    let proc = Running::start(&site, dir.path(), config_for(&site, "rms-f", &[], &["f-1"])).await;
+    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let forger = Frames::start(&site, dir.path(), "forger").await;
+    for k in 0..8 {
+        frames
+            .send(&site, ct_frame(&site, "f-1", T0_US, k * 1000, 1000, 2.0))
+            .await;
+    }
+    let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
+    forged.continues = false;
+    forger.send(&site, forged).await;
+    let refused = Counter::new(
+        "wattbus_rms_other_producer_frames_total",
+        "",
+        &[("device", "f-1"), ("producer", &format!("forger-{site}"))],
+    );
+    assert!(
+        wait_for(|| async { refused.get() >= 1 }).await,
+        "the forged frame was not refused"
+    );
+    for k in 8..20 {
+        frames
+            .send(&site, ct_frame(&site, "f-1", T0_US, k * 1000, 1000, 2.0))
+            .await;
+    }
+    let mut seen = Seen::new();
+    collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+        windows_of(s, "f-1", "ct1").len() >= 10
+    })
+    .await;
+    // Every second of the real samples, each with f-1's own current; nothing of the forger's.
+    let ts = windows_of(&seen, "f-1", "ct1");
+    let want: Vec<i64> = (1..=10).map(|s| T0_US / 1000 + s * 1000).collect();
+    assert_eq!(ts, want);
+    assert_own_current(&seen, "f-1", 2.0, 0.005);
+    // The real frames are acknowledged; the forged one is not (its producer keeps it).
+    assert!(
+        wait_for(|| async { frames.pending().await == 0 }).await,
+        "real frames left unacknowledged: {}",
+        frames.pending().await
+    );
+    assert_eq!(forger.pending().await, 1);
     proc.stop().await;
 }
