@@ -42,11 +42,11 @@ impl Events {
     }
 
     /// A frame or a reading of `device` was sent to the dead-letter topic instead of used.
-    /// `kind`: `ahead`, `rate`, `channels`, `identity` (a frame), `reading` (a reading).
+    /// `kind`: `ahead`, `rate`, `channels`, `identity`, `origin` (a frame), `reading` (a reading).
     pub fn dead_lettered(&mut self, device: &str, kind: &'static str, reason: &str) {
         Counter::new(
             "wattbus_rms_dead_letters_total",
-            "Frames and readings sent to the dead-letter topic instead of being used (kind: ahead, rate, channels, identity, reading).",
+            "Frames and readings sent to the dead-letter topic instead of being used (kind: ahead, rate, channels, identity, origin, reading).",
             &[("device", device), ("kind", kind)],
         )
         .inc();

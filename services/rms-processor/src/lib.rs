@@ -366,12 +366,44 @@ impl Processor<'_> {
             self.foreign.inc();
             return;
         }
-        if let Some(origin) = &frame.origin
-            && !self.owned_by(&frame.device, origin.producer.as_str(), frame.start_ts_us)
-        {
-            // Left unacknowledged: if the device really moved, its new producer replays these
-            // once the move is accepted; a forger's journal keeps its own frames.
-            return;
+        match &frame.origin {
+            Some(origin) => {
+                if !self.owned_by(&frame.device, origin.producer.as_str(), frame.start_ts_us) {
+                    // Left unacknowledged: if the device really moved, its new producer
+                    // replays these once the move is accepted; a forger's journal keeps its
+                    // own frames.
+                    return;
+                }
+            }
+            None => {
+                // No origin: a producer whose journal could not take it published it as the
+                // best it could do, or anyone with a producer login did. It may only continue
+                // the device's samples exactly, never move its mark elsewhere (an origin-less
+                // frame dated ahead silenced a device like another producer's; hostile review).
+                let continues = self.devices.get(&frame.device).map_or_else(
+                    || self.energy.mark(frame.device.as_str()).is_none(),
+                    |d| {
+                        d.frames.mark().is_none() && d.frames.held_samples() == 0
+                            || d.frames
+                                .would_continue(frame.start_ts_us, frame.sample_rate_hz)
+                    },
+                );
+                if !continues && self.energy.owner(frame.device.as_str()).is_some() {
+                    let payload = serde_json::to_vec(&frame).unwrap_or_default();
+                    let device = frame.device.to_string();
+                    self.dead_letter(
+                        &device,
+                        "origin",
+                        "a frame without an origin (not from a producer's journal) that does \
+                         not continue the device's samples exactly: it cannot be told from a \
+                         forgery, and would move the device's mark",
+                        &topic,
+                        &payload,
+                    )
+                    .await;
+                    return;
+                }
+            }
         }
         let energy = &self.energy;
         let dev = self.devices.entry(frame.device.clone()).or_insert_with(|| {

@@ -1236,7 +1236,43 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
         wait_for(|| async { refused.get() >= 1 }).await,
         "the forged frame was not refused"
     );
-    for k in 8..20 {
+    // The same without an origin (any producer login can publish one; a producer whose
+    // journal is full publishes its frames so too): it does not continue f-1's samples.
+    let (bare, _bare_task) = connect(&site, "bare").await;
+    let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
+    forged.continues = false;
+    bare.publish(
+        Topic::raw(&site, &seg("f-1")).as_str(),
+        serde_json::to_vec(&forged).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    let no_origin = Counter::new(
+        "wattbus_rms_dead_letters_total",
+        "",
+        &[("device", "f-1"), ("kind", "origin")],
+    );
+    assert!(
+        wait_for(|| async { no_origin.get() >= 1 }).await,
+        "the frame without an origin was not refused"
+    );
+    // One without an origin that continues f-1's samples exactly is taken (a producer whose
+    // journal is full): samples 8000..9000, once 0..8000 are in (all acknowledged).
+    assert!(
+        wait_for(|| async { frames.pending().await == 0 }).await,
+        "the first eight frames were not all used"
+    );
+    let mut next = ct_frame(&site, "f-1", T0_US, 8000, 1000, 2.0);
+    next.continues = true;
+    bare.publish(
+        Topic::raw(&site, &seg("f-1")).as_str(),
+        serde_json::to_vec(&next).unwrap(),
+        false,
+    )
+    .await
+    .unwrap();
+    for k in 9..20 {
         frames
             .send(&site, ct_frame(&site, "f-1", T0_US, k * 1000, 1000, 2.0))
             .await;
