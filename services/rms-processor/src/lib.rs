@@ -377,26 +377,19 @@ impl Processor<'_> {
             }
             None => {
                 // No origin: a producer whose journal could not take it published it as the
-                // best it could do, or anyone with a producer login did. It may only continue
-                // the device's samples exactly, never move its mark elsewhere (an origin-less
-                // frame dated ahead silenced a device like another producer's; hostile review).
-                let continues = self.devices.get(&frame.device).map_or_else(
-                    || self.energy.mark(frame.device.as_str()).is_none(),
-                    |d| {
-                        d.frames.mark().is_none() && d.frames.held_samples() == 0
-                            || d.frames
-                                .would_continue(frame.start_ts_us, frame.sample_rate_hz)
-                    },
-                );
-                if !continues && self.energy.owner(frame.device.as_str()).is_some() {
+                // best it could do, or anyone with a producer login did, and nothing tells
+                // which. For a device that has an owner it is not used: an origin-less frame
+                // dated ahead silenced a device like another producer's, and a chain of them
+                // continuing its samples exactly (a reader sees where they end) replaced its
+                // readings with forged ones (hostile reviews).
+                if self.energy.owner(frame.device.as_str()).is_some() {
                     let payload = serde_json::to_vec(&frame).unwrap_or_default();
                     let device = frame.device.to_string();
                     self.dead_letter(
                         &device,
                         "origin",
-                        "a frame without an origin (not from a producer's journal) that does \
-                         not continue the device's samples exactly: it cannot be told from a \
-                         forgery, and would move the device's mark",
+                        "a frame without an origin (not from a producer's journal): it cannot \
+                         be told from a forgery, and would move the device's mark",
                         &topic,
                         &payload,
                     )

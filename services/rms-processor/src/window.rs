@@ -205,20 +205,6 @@ impl<T> Assembler<T> {
         self.mark_us
     }
 
-    /// Whether a frame starting at `start_us` at `rate_hz` would continue exactly what is held
-    /// (or, with nothing held, start at the mark), within half a sample, with nothing waiting
-    /// behind a hole: the only place a frame nobody can be held to may go.
-    pub fn would_continue(&self, start_us: i64, rate_hz: f64) -> bool {
-        let expected = if self.held_samples() > 0 {
-            self.held_end_us()
-        } else if let Some(m) = self.mark_us {
-            m as f64
-        } else {
-            return false;
-        };
-        self.waiting.is_empty() && (start_us as f64 - expected).abs() <= 0.5e6 / rate_hz
-    }
-
     /// Samples held per channel, not yet in a window.
     pub fn held_samples(&self) -> usize {
         self.held.first().map_or(0, Vec::len)
