@@ -179,3 +179,80 @@ async fn filters_and_messages_stay_within_the_documented_memory_bound() {
     round_trip(config.listen).await;
     assert_rumqttd_never_panicked();
 }
+
+/// One login filling the log budget with copies of every message, in many filters it never
+/// reads, once made the broker drop the largest log — a service's — with messages not read
+/// yet (hostile reviews: raw frames dropped twice, windows never computed). The copies of the
+/// client holding many filters go first: a subscriber with one filter gets every message.
+#[tokio::test]
+async fn a_client_filling_the_log_budget_with_many_filters_costs_others_nothing() {
+    watch_panics();
+    let config = Config {
+        segment_bytes: 16 * 1024,
+        segment_count: 4,
+        max_log_bytes: 128 * 1024,
+        max_queued_bytes: 4096,
+        ..config()
+    };
+    let _broker = start(&config).await;
+    // Twelve filters that all match wattbus/t/x; the client never reads again.
+    let (hog, mut hog_loop) = connected(config.listen, "tools-hog", "tools").await;
+    let filters = [
+        "wattbus/t/x",
+        "wattbus/t/+",
+        "wattbus/+/x",
+        "wattbus/+/+",
+        "+/t/x",
+        "+/+/x",
+        "+/t/+",
+        "+/+/+",
+        "wattbus/t/#",
+        "wattbus/+/#",
+        "+/t/#",
+        "+/+/#",
+    ];
+    subscribe(&hog, &mut hog_loop, &filters).await;
+    // One subscriber of everything, reading as it comes: its log is the largest.
+    let (prompt, mut prompt_loop) = connected(config.listen, "tools-prompt", "tools").await;
+    subscribe(&prompt, &mut prompt_loop, &["wattbus/#"]).await;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some((_, payload)) = next_publish(&mut prompt_loop, WAIT).await {
+            if got_tx.send(payload).is_err() {
+                break;
+            }
+        }
+    });
+    let (publisher, mut publisher_loop) = connected(config.listen, "tools-pub", "tools").await;
+    let pad = "p".repeat(1000);
+    const N: usize = 300;
+    for i in 0..N {
+        let topic = if i % 2 == 0 {
+            "wattbus/t/x"
+        } else {
+            "wattbus/u/y"
+        };
+        let payload = format!("{i:05} {pad}");
+        assert!(publish_acked(&publisher, &mut publisher_loop, topic, &payload).await);
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let all = tokio::time::timeout(WAIT, async {
+        while seen.len() < N {
+            match got_rx.recv().await {
+                Some(p) => {
+                    seen.insert(String::from_utf8_lossy(&p[..5]).into_owned());
+                }
+                None => return,
+            }
+        }
+    })
+    .await;
+    reader.abort();
+    assert!(
+        all.is_ok() && seen.len() == N,
+        "the subscriber of one filter got {} of {N} messages",
+        seen.len()
+    );
+    drop((hog, hog_loop));
+    assert_rumqttd_never_panicked();
+}

@@ -323,18 +323,44 @@ impl DataLog {
     /// wattbus: while the logs hold more than `max_log_bytes` together, drop the oldest
     /// segment of the largest. `max_segment_size` × `max_segment_count` bounds one log; this
     /// bounds them all, whatever the number of filters and however large their messages.
-    pub fn enforce_log_budget(&mut self) {
+    /// wattbus: the parked readers of every log.
+    pub fn all_waiters(&self) -> impl Iterator<Item = (FilterIdx, &Waiters<DataRequest>)> {
+        self.native.logs.iter().map(|(idx, data)| (*idx, &data.waiters))
+    }
+
+    /// wattbus: whether all logs together hold more than `max_log_bytes`.
+    pub fn over_log_budget(&self) -> bool {
+        let Some(max) = self.config.max_log_bytes else {
+            return false;
+        };
+        let total: u64 = self.native.logs.values().map(|data| data.log.size()).sum();
+        total > max as u64
+    }
+
+    /// wattbus: bring all logs together back within `max_log_bytes` by dropping the oldest
+    /// segment of a log, chosen by `weight`: per filter, the fewest filters any of its readers
+    /// holds (a log nobody reads is not in it, and goes first). The log with the greatest
+    /// weight goes first, the largest among equals. Dropping the largest log first dropped
+    /// messages the services had not read yet when one login filled the budget with copies of
+    /// every message in 256 filters (hostile reviews: raw frames dropped twice, windows never
+    /// computed); now the copies of a client holding many filters go first, and a log that
+    /// such a client shares with a service counts as the service's.
+    pub fn enforce_log_budget(&mut self, weight: &HashMap<FilterIdx, usize>) {
         let Some(max) = self.config.max_log_bytes else {
             return;
         };
         let mut total: u64 = self.native.logs.values().map(|data| data.log.size()).sum();
         while total > max as u64 {
-            let largest = self
+            let victim = self
                 .native
                 .logs
-                .values_mut()
-                .max_by_key(|data| data.log.size());
-            let freed = largest.map_or(0, |data| data.log.drop_oldest());
+                .iter_mut()
+                .filter(|(_, data)| data.log.size() > 0)
+                .max_by_key(|(idx, data)| {
+                    let w = weight.get(*idx).copied().unwrap_or(usize::MAX);
+                    (w, data.log.size())
+                });
+            let freed = victim.map_or(0, |(_, data)| data.log.drop_oldest());
             if freed == 0 {
                 break;
             }

@@ -745,6 +745,8 @@ impl Router {
 
                     self.router_meters.total_publishes += 1;
 
+                    // wattbus: keep the logs within max_log_bytes (after the previous append)
+                    self.enforce_log_budget();
                     // Try to append publish to commitlog
                     match append_to_commitlog(
                         id,
@@ -990,6 +992,8 @@ impl Router {
                         }
                     };
 
+                    // wattbus: keep the logs within max_log_bytes (after the previous append)
+                    self.enforce_log_budget();
                     // Try to append publish to commitlog
                     match append_to_commitlog(
                         id,
@@ -1053,6 +1057,8 @@ impl Router {
         }
 
         self.cache = Some(packets);
+        // wattbus: and after the last append of the batch.
+        self.enforce_log_budget();
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1077,6 +1083,42 @@ impl Router {
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
         }
+    }
+
+    /// wattbus: keep all logs within `max_log_bytes` (see [`DataLog::enforce_log_budget`]):
+    /// each filter weighs the fewest filters any connection reading it holds. Costs nothing
+    /// while within the budget.
+    fn enforce_log_budget(&mut self) {
+        if !self.datalog.over_log_budget() {
+            return;
+        }
+        let held = |id: ConnectionId| {
+            self.connections
+                .get(id)
+                .map_or(usize::MAX, |c| c.subscriptions.len())
+        };
+        let mut weight: HashMap<FilterIdx, usize> = HashMap::new();
+        let mut reads = |filter: FilterIdx, id: ConnectionId| {
+            let n = held(id);
+            weight
+                .entry(filter)
+                .and_modify(|w| *w = (*w).min(n))
+                .or_insert(n);
+        };
+        for (id, tracker) in self.scheduler.trackers.iter() {
+            for r in tracker.data_requests.iter() {
+                reads(r.filter_idx, id);
+            }
+        }
+        for (id, r) in self.notifications.iter() {
+            reads(r.filter_idx, *id);
+        }
+        for (idx, waiters) in self.datalog.all_waiters() {
+            for (id, _) in waiters.waiters() {
+                reads(idx, *id);
+            }
+        }
+        self.datalog.enforce_log_budget(&weight);
     }
 
     /// Apply filter and prepare this connection to receive subscription data
@@ -1310,6 +1352,8 @@ impl Router {
                     self.scheduler.track(id, request);
                     self.scheduler.reschedule(id, ScheduleReason::FreshData);
                 }
+                // wattbus: a will counts against max_log_bytes like any publish.
+                self.enforce_log_budget();
             }
             Err(e) => {
                 // Disconnect on bad publishes
@@ -1458,7 +1502,6 @@ fn append_to_commitlog(
 
         o = offset;
     }
-    datalog.enforce_log_budget();
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1548,7 +1591,6 @@ fn append_will_message(
 
         o = offset;
     }
-    datalog.enforce_log_budget();
 
     Ok(o)
 }
