@@ -931,3 +931,48 @@ async fn the_filters_of_a_client_that_left_are_freed_for_the_others() {
     round_trip(config.listen).await;
     assert_rumqttd_never_panicked();
 }
+
+/// A retained message is cleared only by a *retained* empty message (MQTT-3.3.1-10): any
+/// empty publish cleared it, so any producer could wipe another service's retained status.
+#[tokio::test]
+async fn an_empty_publish_without_retain_leaves_the_retained_message() {
+    watch_panics();
+    let config = config();
+    let _broker = start(&config).await;
+    let status = topic("status/influx-writer");
+    let (writer, mut writer_loop) =
+        connected(config.listen, "influx-writer", "influx-writer").await;
+    let publish_retained = |payload: &'static str| {
+        writer.publish(
+            status.clone(),
+            QoS::AtLeastOnce,
+            true,
+            payload.as_bytes().to_vec(),
+        )
+    };
+    publish_retained("online").await.unwrap();
+    assert!(
+        timeout(WAIT, async {
+            loop {
+                if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) =
+                    writer_loop.poll().await
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .is_ok()
+    );
+    let (producer, mut producer_loop) =
+        connected(config.listen, "serial-ingest", "serial-ingest").await;
+    assert!(publish_acked(&producer, &mut producer_loop, &status, "").await);
+    let (reader, mut reader_loop) = connected(config.listen, "grafana", "grafana").await;
+    subscribe(&reader, &mut reader_loop, &[&status]).await;
+    assert_eq!(
+        next_publish(&mut reader_loop, WAIT).await,
+        Some((status.clone(), b"online".to_vec())),
+        "the retained status was wiped by an empty publish without retain"
+    );
+    assert_rumqttd_never_panicked();
+}

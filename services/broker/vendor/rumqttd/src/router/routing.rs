@@ -1454,7 +1454,10 @@ fn append_to_commitlog(
         }
     }
 
-    if publish.payload.is_empty() {
+    // wattbus: only a *retained* empty message clears the topic's retained one
+    // (MQTT-3.3.1-10, -11); any empty publish did, so a client could wipe another service's
+    // retained status with a plain empty message.
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain
         && !datalog.insert_to_retained_publishes(
@@ -1548,7 +1551,10 @@ fn append_will_message(
         }
     }
 
-    if publish.payload.is_empty() {
+    // wattbus: only a *retained* empty message clears the topic's retained one
+    // (MQTT-3.3.1-10, -11); any empty publish did, so a client could wipe another service's
+    // retained status with a plain empty message.
+    if publish.retain && publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain
         && !datalog.insert_to_retained_publishes(
