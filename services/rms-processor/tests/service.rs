@@ -1241,13 +1241,7 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
     let (bare, _bare_task) = connect(&site, "bare").await;
     let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
     forged.continues = false;
-    bare.publish(
-        Topic::raw(&site, &seg("f-1")).as_str(),
-        serde_json::to_vec(&forged).unwrap(),
-        false,
-    )
-    .await
-    .unwrap();
+    publish_raw(&bare, &site, "f-1", serde_json::to_value(&forged).unwrap()).await;
     let no_origin = Counter::new(
         "wattbus_rms_dead_letters_total",
         "",
@@ -1261,13 +1255,7 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
     // them replaced a device's readings with forged ones.
     let mut next = ct_frame(&site, "f-1", T0_US, 8000, 1000, 9.0);
     next.continues = true;
-    bare.publish(
-        Topic::raw(&site, &seg("f-1")).as_str(),
-        serde_json::to_vec(&next).unwrap(),
-        false,
-    )
-    .await
-    .unwrap();
+    publish_raw(&bare, &site, "f-1", serde_json::to_value(&next).unwrap()).await;
     assert!(
         wait_for(|| async { no_origin.get() >= 2 }).await,
         "the continuing frame without an origin was not refused"

@@ -467,16 +467,15 @@ async fn retry_refused(inner: std::sync::Weak<Inner>, delay: Duration) {
     let Some(inner) = inner.upgrade() else {
         return;
     };
+    // Asked for again; they stay in `refused` until the broker says otherwise.
     let again = {
         let mut refused = lock(&inner.refused);
         refused.retrying = false;
-        std::mem::take(&mut refused.filters)
+        refused.filters.clone()
     };
     if again.is_empty() {
         return;
     }
-    // Still refused until the broker says otherwise.
-    lock(&inner.refused).filters.clone_from(&again);
     lock(&inner.pending_subs).extend(again);
     queue_subscriptions(&inner);
 }
@@ -635,13 +634,12 @@ async fn poll_loop(
                         retry_in,
                     );
                 }
-                let refused = lock(&inner.refused);
+                let mut refused = lock(&inner.refused);
                 subscribed.set(refused.filters.is_empty());
                 if let Some(delay) = retry_in
                     && !refused.retrying
                 {
-                    drop(refused);
-                    lock(&inner.refused).retrying = true;
+                    refused.retrying = true;
                     tokio::spawn(retry_refused(Arc::downgrade(&inner), delay));
                 }
             }
