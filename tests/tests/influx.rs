@@ -507,6 +507,10 @@ fn escaping_survives_a_round_trip_through_influxdb_1_6() {
             ..InfluxConfig::default()
         },
         auth: None,
+        retry: runtime::backoff::Backoff::constant(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(60),
+        ),
     };
     let client = Client::new(&target).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use proto::Segment;
+use runtime::backoff::Backoff;
 use runtime::config::{ConfigError, InboxConfig, Secret, Validate, resolve_secret};
 use serde::Deserialize;
 
@@ -196,6 +197,8 @@ pub struct Target {
     pub cfg: InfluxConfig,
     /// `Authorization` header value (`Token …` or `Basic …`), if any.
     pub auth: Option<Secret>,
+    /// `retry_min_ms` doubling to `retry_max_ms`.
+    pub retry: Backoff,
 }
 
 impl Config {
@@ -340,9 +343,16 @@ impl Config {
                 }
             }
         };
+        let retry = Backoff::from_config_ms(
+            &key("retry_min_ms"),
+            c.retry_min_ms,
+            &key("retry_max_ms"),
+            c.retry_max_ms,
+        )?;
         Ok(Some(Target {
             cfg: c.clone(),
             auth,
+            retry,
         }))
     }
 }
@@ -369,11 +379,8 @@ impl Validate for Config {
                     "must be between 100 and 600000",
                 ));
             }
-            if c.retry_min_ms < 10 || c.retry_min_ms > c.retry_max_ms {
-                return Err(ConfigError::new(
-                    key("retry_min_ms"),
-                    "must be at least 10 and not above retry_max_ms",
-                ));
+            if c.retry_min_ms < 10 {
+                return Err(ConfigError::new(key("retry_min_ms"), "must be at least 10"));
             }
         }
         self.target(section)?;

@@ -372,6 +372,10 @@ mod tests {
                 ..InfluxConfig::default()
             },
             auth: Some(Secret::new("Token t0ken")),
+            retry: runtime::backoff::Backoff::constant(
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(60),
+            ),
         }
     }
 
@@ -411,6 +415,10 @@ mod tests {
                 ..InfluxConfig::default()
             },
             auth: Some(Secret::new("Basic dTpw")),
+            retry: runtime::backoff::Backoff::constant(
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(60),
+            ),
         };
         let c = Client::new(&t).unwrap();
         assert_eq!(c.write(b"m v=1 1\n").await, Outcome::Written);

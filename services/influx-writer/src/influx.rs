@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use proto::{DeadLetter, Segment, Topic};
 use runtime::Shutdown;
+use runtime::backoff::{Backoff, Retries};
 use runtime::bus::Bus;
 use runtime::config::{JournalKind, StreamConfig};
 use runtime::dead_letters::DeadLetterFile;
@@ -203,35 +204,29 @@ impl DeadLetters {
     }
 }
 
-/// Exponential backoff with jitter.
+/// The write retries, and when the current wait after a failure ends.
 #[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
+struct RetryWait {
+    retries: Retries,
     until: Option<Instant>,
 }
 
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
+impl RetryWait {
+    fn new(policy: Backoff) -> Self {
         Self {
-            min,
-            max,
-            next: min,
+            retries: Retries::new(policy),
             until: None,
         }
     }
 
     fn fail(&mut self) -> Duration {
-        // Full jitter in the upper half: writers restarted together do not retry together.
-        let wait = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        let wait = self.retries.failed();
         self.until = Some(Instant::now() + wait);
-        self.next = (self.next * 2).min(self.max);
         wait
     }
 
     fn reset(&mut self) {
-        self.next = self.min;
+        self.retries.succeeded();
         self.until = None;
     }
 
@@ -324,7 +319,7 @@ pub struct InfluxSink {
     max_record: usize,
     /// Spooled records are merged into requests of up to this many lines.
     merge_lines: usize,
-    backoff: Backoff,
+    backoff: RetryWait,
     precision: Precision,
     dead: Arc<DeadLetters>,
     shutdown: Shutdown,
@@ -360,10 +355,7 @@ impl InfluxSink {
             queue: VecDeque::new(),
             max_record: usize::try_from(spool.segment_bytes / 2).unwrap_or(usize::MAX),
             merge_lines: batch_points,
-            backoff: Backoff::new(
-                Duration::from_millis(target.cfg.retry_min_ms),
-                Duration::from_millis(target.cfg.retry_max_ms),
-            ),
+            backoff: RetryWait::new(target.retry),
             precision: target.cfg.precision,
             dead,
             shutdown,
@@ -801,7 +793,10 @@ mod tests {
 
     #[tokio::test]
     async fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+        let mut b = RetryWait::new(Backoff::constant(
+            Duration::from_millis(100),
+            Duration::from_millis(400),
+        ));
         let waits: Vec<Duration> = (0..5).map(|_| b.fail()).collect();
         assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
         assert!(waits[1] >= Duration::from_millis(100) && waits[1] <= Duration::from_millis(200));

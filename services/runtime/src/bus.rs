@@ -27,6 +27,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::backoff::{Backoff, Retries};
 use crate::config::{BusConfig, ConfigError};
 use crate::health::{Health, ReadyFlag};
 use crate::{events, telemetry::Gauge};
@@ -119,17 +120,27 @@ struct SubIds {
     sent: HashMap<u16, String>,
 }
 
-#[derive(Default)]
 struct Refused {
     filters: Vec<(String, QoS)>,
-    /// Refusals in a row, for the backoff; 0 once every subscription is in place.
-    in_a_row: u32,
+    /// Refusals in a row, for the backoff; reset once every subscription is in place.
+    retries: Retries,
     /// A retry is scheduled.
     retrying: bool,
 }
 
-/// The longest wait before a refused subscription is asked for again.
-const SUBSCRIBE_RETRY_MAX: Duration = Duration::from_secs(60);
+impl Default for Refused {
+    fn default() -> Self {
+        Self {
+            filters: Vec::new(),
+            retries: Retries::new(SUBSCRIBE_RETRY),
+            retrying: false,
+        }
+    }
+}
+
+/// A refused subscription is asked for again after 1 s, doubling to a minute: a broker whose
+/// ACL is being fixed is asked soon, one that keeps refusing is not hammered.
+const SUBSCRIBE_RETRY: Backoff = Backoff::constant(Duration::from_secs(1), Duration::from_secs(60));
 
 /// Sink registrations of one connection.
 #[derive(Default)]
@@ -197,6 +208,7 @@ impl Bus {
         announce: bool,
     ) -> Result<(Bus, JoinHandle<()>), ConfigError> {
         let password = cfg.resolved_password()?;
+        let reconnect = Retries::new(cfg.reconnect_backoff()?);
         let mut opts = MqttOptions::new(id.instance.as_str(), cfg.host.clone(), cfg.port);
         opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keep_alive_s)));
         opts.set_clean_session(true);
@@ -259,6 +271,7 @@ impl Bus {
             eventloop,
             conn_tx,
             cfg.clone(),
+            reconnect,
             id.clone(),
             (ready, subscribed),
         ));
@@ -445,7 +458,7 @@ fn subscription_answered(inner: &Inner, filter: Option<&str>, failed: bool) -> O
     refused.filters.retain(|(f, _)| f != filter);
     if !failed {
         if refused.filters.is_empty() {
-            refused.in_a_row = 0;
+            refused.retries.succeeded();
         }
         return None;
     }
@@ -454,11 +467,7 @@ fn subscription_answered(inner: &Inner, filter: Option<&str>, failed: bool) -> O
         .find(|r| r.filter == filter)
         .map(|r| r.qos)?;
     refused.filters.push((filter.to_string(), qos));
-    let delay = Duration::from_secs(1)
-        .saturating_mul(1 << refused.in_a_row.min(6))
-        .min(SUBSCRIBE_RETRY_MAX);
-    refused.in_a_row = refused.in_a_row.saturating_add(1);
-    Some(delay)
+    Some(refused.retries.failed_exactly())
 }
 
 /// After `delay`, ask again for every subscription still refused (if the bus is still there).
@@ -532,6 +541,7 @@ async fn poll_loop(
     mut eventloop: EventLoop,
     conn_tx: watch::Sender<u64>,
     cfg: BusConfig,
+    mut reconnect: Retries,
     id: Identity,
     (ready, subscribed): (ReadyFlag, ReadyFlag),
 ) {
@@ -541,7 +551,6 @@ async fn poll_loop(
         "1 while connected to the broker.",
         &[("client", id.instance.as_str())],
     );
-    let mut failures: u32 = 0;
     // When the current connection's ConnAck came, and the failures before it: a broker that
     // closes the connection on purpose soon after (its ACL refusing a topic this service
     // publishes again on every connection) is not a success that resets the backoff.
@@ -561,8 +570,8 @@ async fn poll_loop(
         }
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = Some((Instant::now(), failures));
-                failures = 0;
+                connected = Some((Instant::now(), reconnect.failures()));
+                reconnect.succeeded();
                 epoch += 1;
                 events::bus_connected(id.instance.as_str(), epoch > 1);
                 {
@@ -655,11 +664,11 @@ async fn poll_loop(
                     e,
                     rumqttc::ConnectionError::MqttState(rumqttc::StateError::WrongPacket)
                 );
-                failures = failures_after_disconnect(
-                    failures,
+                reconnect.set_failures(failures_after_disconnect(
+                    reconnect.failures(),
                     connected.take().map(|(at, before)| (at.elapsed(), before)),
                     by_broker,
-                );
+                ));
                 if by_broker {
                     let last = lock(&inner.last_publish).clone();
                     events::disconnected_by_broker(
@@ -668,9 +677,9 @@ async fn poll_loop(
                             .map(|(at, topic)| (topic.as_str(), at.elapsed())),
                     );
                 }
-                let delay = backoff(&cfg, failures);
-                events::bus_error(id.instance.as_str(), &e, delay, failures == 0);
-                failures = failures.saturating_add(1);
+                let first = reconnect.failures() == 0;
+                let delay = reconnect.failed();
+                events::bus_error(id.instance.as_str(), &e, delay, first);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = inner.close.notified() => break,
@@ -738,17 +747,6 @@ fn failures_after_disconnect(
     }
 }
 
-/// `min · 2^failures`, capped, times a random factor in [0.5, 1): seven services restarted
-/// together do not reconnect in lockstep.
-fn backoff(cfg: &BusConfig, failures: u32) -> Duration {
-    let exp = cfg
-        .reconnect_min_ms
-        .saturating_mul(1u64 << failures.min(20));
-    let capped = exp.min(cfg.reconnect_max_ms);
-    let jittered = capped as f64 * (0.5 + fastrand::f64() * 0.5);
-    Duration::from_millis(jittered as u64)
-}
-
 async fn route(inner: &Inner, cfg: &BusConfig, msg: Message) {
     let targets: Vec<(mpsc::Sender<Message>, Overflow, String)> = {
         let mut routes = inner.routes.lock().unwrap_or_else(|p| p.into_inner());
@@ -784,23 +782,6 @@ fn proto_matches(filter: &str, topic: &str) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let cfg = BusConfig {
-            reconnect_min_ms: 100,
-            reconnect_max_ms: 5000,
-            ..BusConfig::default()
-        };
-        for f in 0..30 {
-            let d = backoff(&cfg, f).as_millis() as u64;
-            let nominal = (100u64 << f.min(20)).min(5000);
-            assert!(
-                d >= nominal / 2 && d <= nominal,
-                "failure {f}: {d} ms vs {nominal}"
-            );
-        }
-    }
-
     /// A service whose ACL refuses a topic it replays is closed by the broker right after each
     /// ConnAck: its reconnects must back off as failures do, not restart at the minimum.
     #[test]
@@ -810,24 +791,23 @@ mod tests {
             reconnect_max_ms: 60_000,
             ..BusConfig::default()
         };
-        let mut failures = 0;
+        let mut reconnect = Retries::new(cfg.reconnect_backoff().unwrap());
         for round in 0..10u32 {
             // ConnAck: the count before it is kept, the count restarts.
-            let before = failures;
-            failures = 0;
+            let before = reconnect.failures();
+            reconnect.succeeded();
             // DISCONNECT from the broker a moment later.
-            failures = failures_after_disconnect(
-                failures,
+            reconnect.set_failures(failures_after_disconnect(
+                reconnect.failures(),
                 Some((Duration::from_millis(50), before)),
                 true,
-            );
-            assert_eq!(failures, round, "round {round}");
-            let nominal = (100u64 << failures.min(20)).min(60_000);
-            assert!(backoff(&cfg, failures).as_millis() as u64 >= nominal / 2);
-            failures += 1;
+            ));
+            assert_eq!(reconnect.failures(), round, "round {round}");
+            let nominal = (100u64 << round).min(60_000);
+            assert!(reconnect.failed().as_millis() as u64 >= nominal / 2);
         }
         assert!(
-            backoff(&cfg, failures) >= Duration::from_secs(30),
+            reconnect.failed() >= Duration::from_secs(30),
             "capped at the maximum"
         );
     }

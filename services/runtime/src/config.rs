@@ -238,6 +238,16 @@ impl Default for BusConfig {
 }
 
 impl BusConfig {
+    /// `reconnect_min_ms` doubling to `reconnect_max_ms`.
+    pub fn reconnect_backoff(&self) -> Result<crate::backoff::Backoff, ConfigError> {
+        crate::backoff::Backoff::from_config_ms(
+            "bus.reconnect_min_ms",
+            self.reconnect_min_ms,
+            "bus.reconnect_max_ms",
+            self.reconnect_max_ms,
+        )
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.host.trim().is_empty() {
             return Err(ConfigError::new("bus.host", "must not be empty"));
@@ -257,12 +267,7 @@ impl BusConfig {
                 "must be between 1024 and 268435456",
             ));
         }
-        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
-            return Err(ConfigError::new(
-                "bus.reconnect_min_ms",
-                "must be > 0 and not above bus.reconnect_max_ms",
-            ));
-        }
+        self.reconnect_backoff()?;
         // A service that waits longer for its broker holds its readings that long; a huge
         // value (it passed before) meant it never reconnected and its journal filled up.
         if self.reconnect_max_ms > 3_600_000 {

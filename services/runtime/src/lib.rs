@@ -6,6 +6,7 @@
 //!
 //! Layout:
 //! - `config`: figment loading, errors that name file and key, secrets, shared sections.
+//! - `backoff`: the one retry backoff (doubling, capped, jittered; pure).
 //! - `bus`: the MQTT connection (one polling task, backoff, re-subscription, status, routing).
 //! - `journal`: a producer stream's journal on disk or in memory (pure: std only, no tokio).
 //! - `acks`: acknowledgement ranges to per-group watermarks, learned and forgotten sink groups,
@@ -20,6 +21,7 @@
 //! - `health`: `/healthz` and `/metrics`.
 
 pub mod acks;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod dead_letters;

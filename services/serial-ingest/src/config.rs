@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use proto::Segment;
+use runtime::backoff::Backoff;
 use runtime::config::{ConfigError, JournalKind, StreamConfig, Validate};
 use serde::Deserialize;
 
@@ -239,8 +240,8 @@ pub struct PortPlan {
     pub path: String,
     pub device: Segment,
     pub serial: SerialSettings,
-    pub reopen_min_ms: u64,
-    pub reopen_max_ms: u64,
+    /// `reopen_min_ms` doubling to `reopen_max_ms`.
+    pub reopen: Backoff,
     pub max_line_bytes: usize,
     pub kind: PlanKind,
 }
@@ -396,13 +397,15 @@ impl PortConfig {
         if !(1..=2).contains(&self.stop_bits) {
             return Err(err(key, "stop_bits", "must be 1 or 2"));
         }
-        if self.reopen_min_ms < 10 || self.reopen_min_ms > self.reopen_max_ms {
-            return Err(err(
-                key,
-                "reopen_min_ms",
-                "must be at least 10 and not above reopen_max_ms",
-            ));
+        if self.reopen_min_ms < 10 {
+            return Err(err(key, "reopen_min_ms", "must be at least 10"));
         }
+        let reopen = Backoff::from_config_ms(
+            &format!("{key}.reopen_min_ms"),
+            self.reopen_min_ms,
+            &format!("{key}.reopen_max_ms"),
+            self.reopen_max_ms,
+        )?;
         if !(16..=1 << 20).contains(&self.max_line_bytes) {
             return Err(err(key, "max_line_bytes", "must be between 16 and 1048576"));
         }
@@ -476,8 +479,7 @@ impl PortConfig {
                 parity: self.parity,
                 stop_bits: self.stop_bits,
             },
-            reopen_min_ms: self.reopen_min_ms,
-            reopen_max_ms: self.reopen_max_ms,
+            reopen,
             max_line_bytes: self.max_line_bytes,
             kind,
         })
@@ -869,9 +871,10 @@ poll_interval_ms = 200
             ("stop_bits = 3", "serial_ingest.ports[0].stop_bits"),
             ("parity = \"mark\"", "serial_ingest.ports[0].parity"),
             ("bauds = 9600", "serial_ingest.ports[0].bauds"),
+            ("reopen_min_ms = 5", "serial_ingest.ports[0].reopen_min_ms"),
             (
                 "reopen_min_ms = 60000",
-                "serial_ingest.ports[0].reopen_min_ms",
+                "serial_ingest.ports[0].reopen_max_ms",
             ),
         ] {
             let text = format!(

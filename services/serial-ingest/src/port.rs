@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use proto::{Measurement, Quality, RawChannel, RawFrame, Segment, Topic};
 use runtime::Shutdown;
+use runtime::backoff::Retries;
 use runtime::delivery::Producer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -137,28 +138,22 @@ fn open(plan: &PortPlan) -> Result<SerialStream, tokio_serial::Error> {
         .open_native_async()
 }
 
-/// `base` with jitter: somewhere in `[base/2, base]`, so ports (and Pis) that failed together
-/// do not retry in lockstep.
-fn jittered(base_ms: u64) -> Duration {
-    let half = base_ms / 2;
-    Duration::from_millis(half + fastrand::u64(0..=base_ms - half))
-}
-
 impl Port {
     async fn run(&mut self) {
-        let mut backoff_ms = self.plan.reopen_min_ms;
+        let mut reopen = Retries::new(self.plan.reopen);
         let mut opened_before = false;
-        let mut failures = 0u32;
+        // Opens that failed in a row, for logging the first one loudly.
+        let mut open_failures = 0u32;
         loop {
             if self.shutdown.is_requested() {
                 break;
             }
-            let delay = jittered(backoff_ms);
+            let delay;
             match open(&self.plan) {
                 Ok(mut stream) => {
                     self.events.opened(opened_before);
                     opened_before = true;
-                    failures = 0;
+                    open_failures = 0;
                     let (end, heard) = self.session(&mut stream).await;
                     drop(stream);
                     // A device that goes away while we are stopping anyway (a test or the demo
@@ -171,20 +166,23 @@ impl Port {
                         End::Gone(why) => self.events.port_gone(&why),
                         End::Silent(why) => self.events.silent(&why),
                     }
+                    // A session that read a good line was a success; one that heard
+                    // nothing backs off like a failed open.
                     if heard {
-                        backoff_ms = self.plan.reopen_min_ms;
+                        reopen.succeeded();
                     }
+                    delay = reopen.failed();
                 }
                 Err(e) => {
-                    self.events.open_failed(&e, delay, failures == 0);
-                    failures += 1;
+                    delay = reopen.failed();
+                    self.events.open_failed(&e, delay, open_failures == 0);
+                    open_failures += 1;
                 }
             }
             tokio::select! {
                 () = self.shutdown.wait() => break,
                 () = tokio::time::sleep(delay) => {}
             }
-            backoff_ms = backoff_ms.saturating_mul(2).min(self.plan.reopen_max_ms);
         }
     }
 

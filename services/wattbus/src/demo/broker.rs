@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use runtime::Secret;
+use runtime::backoff::{Backoff, Retries};
 use runtime::telemetry::Counter;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
@@ -38,10 +39,9 @@ use tokio::time::Instant;
 const SEGMENT_BYTES: usize = 256 * 1024;
 const SEGMENT_COUNT: usize = 2;
 
-/// First pause before restarting a broker that exited; doubles per quick failure.
-const RESTART_MIN: Duration = Duration::from_millis(200);
-const RESTART_MAX: Duration = Duration::from_secs(10);
-/// A broker up this long has recovered: the next failure restarts it after `RESTART_MIN`.
+/// Pause before restarting a broker that exited: 200 ms, doubling per quick failure to 10 s.
+const RESTART: Backoff = Backoff::constant(Duration::from_millis(200), Duration::from_secs(10));
+/// A broker up this long has recovered: the next failure restarts it after 200 ms again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// How long the broker gets to exit once its stdin is closed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,7 +185,7 @@ fn restarts() -> Counter {
 
 async fn supervise(exe: PathBuf, config: PathBuf, first: Child, mut stop: oneshot::Receiver<()>) {
     let restarts = restarts();
-    let mut backoff = RESTART_MIN;
+    let mut restart = Retries::new(RESTART);
     let mut child = Some(first);
     loop {
         let mut running = match child.take() {
@@ -193,12 +193,12 @@ async fn supervise(exe: PathBuf, config: PathBuf, first: Child, mut stop: onesho
             None => match spawn(&exe, &config) {
                 Ok(c) => c,
                 Err(e) => {
+                    let backoff = restart.failed_exactly();
                     tracing::error!(error = %format!("{e:#}"), retry_ms = backoff.as_millis() as u64, "Cannot start the demo's broker; services wait for it.");
                     tokio::select! {
                         _ = &mut stop => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    backoff = (backoff * 2).min(RESTART_MAX);
                     continue;
                 }
             },
@@ -211,8 +211,9 @@ async fn supervise(exe: PathBuf, config: PathBuf, first: Child, mut stop: onesho
             status = running.wait() => {
                 drop(stdin);
                 if started.elapsed() >= HEALTHY_AFTER {
-                    backoff = RESTART_MIN;
+                    restart.succeeded();
                 }
+                let backoff = restart.failed_exactly();
                 restarts.inc();
                 tracing::error!(
                     status = %describe(status),
@@ -224,7 +225,6 @@ async fn supervise(exe: PathBuf, config: PathBuf, first: Child, mut stop: onesho
                     _ = &mut stop => return,
                     () = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(RESTART_MAX);
             }
             _ = &mut stop => {
                 drop(stdin);
