@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use runtime::config::{Validate, resolve_secret};
+use runtime::config::resolve_secret;
 use runtime::{ConfigError, Secret};
 use serde::{Deserialize, Serialize};
 
@@ -193,8 +193,25 @@ const fn default_tls_listen() -> SocketAddr {
     loopback(8883)
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+/// The section, checked: what [`crate::run`] takes.
+#[derive(Debug, Clone)]
+pub struct Plan(Config);
+
+impl std::ops::Deref for Plan {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl Config {
+    /// Check the section; errors name `section.key`.
+    pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
+        self.check(section)?;
+        Ok(Plan(self))
+    }
+
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
         self.check_listeners(section)?;
         if self.users.is_empty() && !self.allow_anonymous {
             return Err(ConfigError::new(
@@ -230,7 +247,7 @@ impl Config {
     /// Passwords go into an auth handler, not rumqttd's `auth` table: that table is printed
     /// by rumqttd's `Debug`, and the handler is also where failed logins are counted.
     pub fn to_rumqttd(&self) -> Result<rumqttd::Config, ConfigError> {
-        self.validate(SECTION)?;
+        self.check(SECTION)?;
         let users = if self.allow_anonymous {
             None
         } else {
@@ -682,7 +699,7 @@ mod tests {
             max_filters: 256,
             ..Config::default()
         };
-        let e = config.validate("broker").unwrap_err();
+        let e = config.check("broker").unwrap_err();
         assert_eq!(e.key, "broker.max_filters");
         assert!(e.to_string().contains("8 × 32"), "{e}");
         let config = Config {
@@ -690,13 +707,13 @@ mod tests {
             max_connections: 12,
             ..Config::default()
         };
-        let e = config.validate("broker").unwrap_err();
+        let e = config.check("broker").unwrap_err();
         assert_eq!(e.key, "broker.max_connections_per_user");
         let defaults = Config {
             allow_anonymous: true,
             ..Config::default()
         };
-        assert!(defaults.validate("broker").is_ok());
+        assert!(defaults.check("broker").is_ok());
     }
 
     #[test]
@@ -706,7 +723,7 @@ mod tests {
             listen_v5: Some("127.0.0.1:1883".parse().unwrap()),
             ..Config::default()
         };
-        let e = config.validate("broker").unwrap_err();
+        let e = config.check("broker").unwrap_err();
         assert_eq!(e.key, "broker.listen_v5");
     }
 
@@ -724,7 +741,7 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(
-            config.validate("broker").unwrap_err().key,
+            config.check("broker").unwrap_err().key,
             "broker.tls.ca_file"
         );
     }

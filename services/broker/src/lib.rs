@@ -64,7 +64,7 @@ use runtime::{ConfigError, Context};
 use tokio::sync::watch;
 
 pub use acl::Role;
-pub use config::{Config, SECTION, TLS_LISTENER, TlsConfig, User, V4_LISTENER, V5_LISTENER};
+pub use config::{Config, Plan, SECTION, TLS_LISTENER, TlsConfig, User, V4_LISTENER, V5_LISTENER};
 
 /// How long [`run`] waits for every listener to accept a TCP connection.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -237,16 +237,45 @@ fn probe_target(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct Broker;
+
+impl runtime::Service for Broker {
+    const NAME: &'static str = "broker";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str =
+        "the MQTT broker every service talks through (authentication and topic ACLs on)";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
 /// Run the broker until shutdown is requested.
 ///
 /// Readiness check `broker` turns true once every listener accepts connections, and false
 /// again when this returns. Returns an error if the broker cannot start, is not listening
 /// within [`READY_TIMEOUT`], or stops on its own. On shutdown it returns `Ok` while the
 /// listeners go on serving until the process exits (rumqttd has no stop API).
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     let ready = ctx.health.check("broker");
     let up = events::up();
-    let mut started = start(&config)?;
+    let mut started = start(&plan)?;
     started.wait_ready(READY_TIMEOUT).await?;
     ready.set(true);
     up.set(1.0);

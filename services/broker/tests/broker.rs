@@ -217,7 +217,10 @@ async fn run_becomes_ready_and_returns_when_shutdown_fires() {
         health: health.clone(),
         shutdown,
     };
-    let task = tokio::spawn(broker::run(config.clone(), ctx));
+    let task = tokio::spawn(broker::run(
+        config.clone().resolve(broker::SECTION).unwrap(),
+        ctx,
+    ));
     // Only this test calls `run` in this binary, so the process-wide gauge is its own.
     let up = Gauge::new("wattbus_broker_up", "", &[]);
 
@@ -259,8 +262,8 @@ async fn a_port_in_use_is_an_error_naming_the_listener() {
 
 // Configuration, parsed from TOML the way the `wattbus` binary does.
 
-fn parse(toml: &str) -> Result<Config, runtime::ConfigError> {
-    ConfigSource::from_parts(None, Some(toml))?.section::<Config>("broker")
+fn parse(toml: &str) -> Result<broker::Plan, runtime::ConfigError> {
+    ConfigSource::from_parts(None, Some(toml))?.resolve::<broker::Broker>()
 }
 
 #[test]

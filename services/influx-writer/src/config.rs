@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use proto::Segment;
 use runtime::backoff::Backoff;
-use runtime::config::{ConfigError, InboxConfig, Secret, Validate, resolve_secret};
+use runtime::config::{ConfigError, InboxConfig, Secret, resolve_secret};
 use serde::Deserialize;
 
 use crate::line_protocol::Precision;
@@ -237,7 +237,7 @@ impl Config {
     }
 
     /// Resolve secrets and check what the chosen API needs.
-    pub fn target(&self, section: &str) -> Result<Option<Target>, ConfigError> {
+    fn target(&self, section: &str) -> Result<Option<Target>, ConfigError> {
         let Some(c) = &self.influx else {
             return Ok(None);
         };
@@ -357,8 +357,40 @@ impl Config {
     }
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+/// The section, checked, with the InfluxDB target resolved (secrets read): what
+/// [`crate::run`] takes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    config: Config,
+    target: Option<Target>,
+}
+
+impl std::ops::Deref for Plan {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl Plan {
+    /// The InfluxDB output, if configured.
+    pub fn target(&self) -> Option<&Target> {
+        self.target.as_ref()
+    }
+}
+
+impl Config {
+    /// Check the section and read its secrets; errors name `section.key`.
+    pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
+        self.check(section)?;
+        let target = self.target(section)?;
+        Ok(Plan {
+            config: self,
+            target,
+        })
+    }
+
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
         if !(1..=100_000).contains(&self.batch_points) {
             return Err(ConfigError::new(
                 format!("{section}.batch_points"),
@@ -383,7 +415,6 @@ impl Validate for Config {
                 return Err(ConfigError::new(key("retry_min_ms"), "must be at least 10"));
             }
         }
-        self.target(section)?;
         if self.files.max_bytes < 4096 {
             return Err(ConfigError::new(
                 format!("{section}.files.max_bytes"),
@@ -484,13 +515,13 @@ mod tests {
             }),
             ..Config::default()
         };
-        let e = c.validate("influx_writer").unwrap_err();
+        let e = c.clone().resolve("influx_writer").unwrap_err();
         assert_eq!(e.key, "influx_writer.influx.bucket");
         if let Some(i) = c.influx.as_mut() {
             i.bucket = Some("b".into());
             i.database = Some("db".into());
         }
-        let e = c.validate("influx_writer").unwrap_err();
+        let e = c.clone().resolve("influx_writer").unwrap_err();
         assert_eq!(e.key, "influx_writer.influx.database");
         assert!(e.reason.contains("v1"), "{e}");
     }
@@ -508,7 +539,7 @@ mod tests {
             }),
             ..Config::default()
         };
-        let e = c.validate("influx_writer").unwrap_err();
+        let e = c.clone().resolve("influx_writer").unwrap_err();
         assert_eq!(e.key, "influx_writer.influx.precision");
         assert!(e.reason.contains("overwrites"), "{e}");
     }
@@ -526,8 +557,12 @@ mod tests {
             }),
             ..Config::default()
         };
-        let t = c.target("influx_writer").unwrap().unwrap();
-        assert_eq!(t.auth.unwrap().expose(), "Basic d3JpdGVyOnMzY3JldA==");
+        let plan = c.resolve("influx_writer").unwrap();
+        let t = plan.target().unwrap();
+        assert_eq!(
+            t.auth.as_ref().unwrap().expose(),
+            "Basic d3JpdGVyOnMzY3JldA=="
+        );
         let c = Config {
             influx: Some(InfluxConfig {
                 url: "influxdb:8086".into(),
@@ -536,7 +571,7 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(
-            c.validate("influx_writer").unwrap_err().key,
+            c.clone().resolve("influx_writer").unwrap_err().key,
             "influx_writer.influx.url"
         );
     }

@@ -38,7 +38,7 @@ use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use config::Config;
+pub use config::{Config, Plan};
 pub use line_protocol::{FieldValue, LineError, Point, Precision, encode_batch, measurement_point};
 
 #[doc(no_inline)]
@@ -77,6 +77,35 @@ pub enum Error {
     },
 }
 
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct InfluxWriter;
+
+impl runtime::Service for InfluxWriter {
+    const NAME: &'static str = "influx-writer";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str =
+        "readings from the bus to InfluxDB and/or CSV files, acknowledged once stored";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
 /// Identity of the writer on the bus.
 pub fn identity(config: &Config) -> Identity {
     Identity {
@@ -86,23 +115,23 @@ pub fn identity(config: &Config) -> Identity {
 }
 
 /// Run the writer until shutdown.
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     ctx.clone()
-        .on_bus(&identity(&config), |bus| async move {
-            run_on(&bus, &config, &ctx).await
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
         })
         .await
 }
 
 /// Run on an existing bus connection (the demo shares one).
-pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
+pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error> {
     let data_dir = &ctx.common.data_dir;
     let dead_file = Arc::new(DeadLetterFile::new(
         config.dead_letter_path(data_dir),
         config.dead_letter_max_bytes,
     ));
     let mut outputs: Vec<(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)> = Vec::new();
-    if let Some(target) = config.target(SECTION)? {
+    if let Some(target) = config.target() {
         let dead = Arc::new(DeadLetters::new(
             bus,
             &ctx.common.site,
@@ -121,7 +150,7 @@ pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Err
                 source,
             })?;
         let sink = InfluxSink::open(
-            &target,
+            target,
             &spool_dir,
             &config.spool,
             config.batch_points,

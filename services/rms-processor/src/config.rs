@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use proto::Segment;
-use runtime::config::{ConfigError, InboxConfig, StreamConfig, Validate};
+use runtime::config::{ConfigError, InboxConfig, StreamConfig};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -131,8 +131,25 @@ impl Config {
     }
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+/// The section, checked: what [`crate::run`] takes.
+#[derive(Debug, Clone)]
+pub struct Plan(Config);
+
+impl std::ops::Deref for Plan {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl Config {
+    /// Check the section; errors name `section.key`.
+    pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
+        self.check(section)?;
+        Ok(Plan(self))
+    }
+
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
         let key = |k: &str| format!("{section}.{k}");
         if !(40.0..=70.0).contains(&self.mains_hz) {
             return Err(ConfigError::new(
@@ -234,8 +251,8 @@ mod tests {
     use super::*;
     use runtime::ConfigSource;
 
-    fn load(text: &str) -> Result<Config, ConfigError> {
-        ConfigSource::from_parts(None, Some(text))?.section::<Config>("rms_processor")
+    fn load(text: &str) -> Result<Plan, ConfigError> {
+        ConfigSource::from_parts(None, Some(text))?.resolve::<crate::RmsProcessor>()
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub mod window;
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub use config::Config;
+pub use config::{Config, Plan};
 
 use proto::{DeadLetter, Filter, Measurement, Payload as _, RawFrame, Segment, Topic};
 use runtime::Context;
@@ -80,6 +80,34 @@ pub enum Error {
     Energy(#[from] EnergyError),
 }
 
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct RmsProcessor;
+
+impl runtime::Service for RmsProcessor {
+    const NAME: &'static str = "rms-processor";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str = "raw sample frames to RMS current, power and energy";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
 /// Identity of the processor on the bus.
 pub fn identity(config: &Config) -> Identity {
     Identity {
@@ -89,10 +117,10 @@ pub fn identity(config: &Config) -> Identity {
 }
 
 /// Run the processor until shutdown.
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     ctx.clone()
-        .on_bus(&identity(&config), |bus| async move {
-            run_on(&bus, &config, &ctx).await
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
         })
         .await
 }
@@ -177,7 +205,7 @@ impl Device {
 }
 
 /// Run on an existing bus connection (the demo shares one).
-pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
+pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error> {
     let site = &ctx.common.site;
     let energy = Energy::load(&config.energy_path(&ctx.common.data_dir))?;
     let (producer, producer_task) = Producer::open(

@@ -243,7 +243,10 @@ impl Running {
         };
         let journal_lock = journal_dir(data_dir, &cfg.instance, &seg("meas")).join("lock");
         let b = bus.clone();
-        let task = tokio::spawn(async move { rms_processor::run_on(&b, &cfg, &ctx).await });
+        let plan = cfg
+            .resolve(rms_processor::SECTION)
+            .expect("the test's config resolves");
+        let task = tokio::spawn(async move { rms_processor::run_on(&b, &plan, &ctx).await });
         let ready = wait_for(|| async { health.is_ready() || task.is_finished() }).await;
         if task.is_finished() {
             panic!("the processor ended as it started: {:?}", task.await);

@@ -347,12 +347,6 @@ impl Common {
     }
 }
 
-/// A service section that can check itself after parsing.
-pub trait Validate {
-    /// `section` is the section's name, for error keys (`broker.users`).
-    fn validate(&self, section: &str) -> Result<(), ConfigError>;
-}
-
 /// The merged configuration sources, before extraction.
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
@@ -420,21 +414,26 @@ impl ConfigSource {
         Ok(common)
     }
 
-    /// One service's section, validated. A missing section means all defaults.
+    /// One section as written, not yet resolved. A missing section means all defaults.
     pub fn section<T>(&self, name: &str) -> Result<T, ConfigError>
     where
-        T: DeserializeOwned + Default + Validate,
+        T: DeserializeOwned + Default,
     {
-        let value: T = if self.has_key(name) {
+        if self.has_key(name) {
             self.figment
                 .focus(name)
                 .extract()
-                .map_err(|e| self.convert(e, Some(name)))?
+                .map_err(|e| self.convert(e, Some(name)))
         } else {
-            T::default()
-        };
-        value.validate(name).map_err(|e| self.locate(e))?;
-        Ok(value)
+            Ok(T::default())
+        }
+    }
+
+    /// Service `S`'s section, read and resolved into its plan (defaults if it is absent);
+    /// errors name the file.
+    pub fn resolve<S: crate::Service>(&self) -> Result<S::Plan, ConfigError> {
+        let config: S::Config = self.section(S::SECTION)?;
+        S::resolve(config, S::SECTION).map_err(|e| self.locate(e))
     }
 
     /// Whether the file or environment sets anything in section `name`.
@@ -650,9 +649,19 @@ mod tests {
         token_file: Option<PathBuf>,
     }
 
-    impl Validate for Demo {
-        fn validate(&self, section: &str) -> Result<(), ConfigError> {
-            if self.rate_hz > 100 {
+    /// A service whose section is `[demo]`.
+    struct DemoService;
+
+    impl crate::Service for DemoService {
+        const NAME: &'static str = "demo";
+        const SECTION: &'static str = "demo";
+        const ABOUT: &'static str = "A section for these tests.";
+        type Config = Demo;
+        type Plan = Demo;
+        type Error = std::io::Error;
+
+        fn resolve(config: Demo, section: &str) -> Result<Demo, ConfigError> {
+            if config.rate_hz > 100 {
                 return Err(ConfigError::new(
                     format!("{section}.rate_hz"),
                     "must be at most 100",
@@ -660,9 +669,17 @@ mod tests {
             }
             resolve_secret(
                 &format!("{section}.token"),
-                self.token.as_ref(),
-                self.token_file.as_deref(),
+                config.token.as_ref(),
+                config.token_file.as_deref(),
             )?;
+            Ok(config)
+        }
+
+        fn health_listen(_: &Demo) -> Option<std::net::SocketAddr> {
+            None
+        }
+
+        async fn run(_: Demo, _: crate::Context) -> Result<(), std::io::Error> {
             Ok(())
         }
     }
@@ -693,7 +710,7 @@ mod tests {
     fn unknown_field_and_unknown_section_are_refused() {
         let (_d, path) = file("[demo]\nrate_hx = 5\n");
         let src = ConfigSource::load(Some(&path)).unwrap();
-        let e = src.section::<Demo>("demo").unwrap_err();
+        let e = src.resolve::<DemoService>().unwrap_err();
         assert_eq!(e.key, "demo.rate_hx");
         assert!(e.reason.contains("unknown field"), "{e}");
         let (_d, path) = file("[dmeo]\nrate_hz = 5\n");
@@ -738,7 +755,7 @@ mod tests {
         let (_d, path) = file("[demo]\nrate_hz = 500\n");
         let e = ConfigSource::load(Some(&path))
             .unwrap()
-            .section::<Demo>("demo")
+            .resolve::<DemoService>()
             .unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -790,6 +807,6 @@ mod tests {
         assert_eq!(c.site.as_str(), "lab");
         assert_eq!(c.bus.port, 2883);
         assert_eq!(c.bus.keep_alive_s, 30);
-        assert_eq!(src.section::<Demo>("demo").unwrap().rate_hz, 0);
+        assert_eq!(src.resolve::<DemoService>().unwrap().rate_hz, 0);
     }
 }

@@ -16,6 +16,7 @@
 //!   delivery contract of docs/ARCHITECTURE.md on top of the three above.
 //! - `dead_letters`: the dead-letter file (JSON lines, fsynced, rotated once, private).
 //! - `events`: every notable event, logged and counted in one place.
+//! - `service`: the [`Service`] trait, what the binary's service table lists.
 //! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
 //! - `telemetry`: logging setup and the Prometheus registry.
 //! - `health`: `/healthz` and `/metrics`.
@@ -30,11 +31,13 @@ pub mod events;
 pub mod health;
 pub mod journal;
 pub mod learned;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use config::{Common, ConfigError, ConfigSource, Secret, Validate};
+pub use config::{Common, ConfigError, ConfigSource, Secret};
 pub use health::Health;
+pub use service::Service;
 pub use shutdown::Shutdown;
 
 /// What every service's `run` receives besides its own section: the shared settings, the

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use proto::Segment;
 use runtime::backoff::Backoff;
-use runtime::config::{ConfigError, JournalKind, StreamConfig, Validate};
+use runtime::config::{ConfigError, JournalKind, StreamConfig};
 use serde::Deserialize;
 
 use crate::protocol::Calibration;
@@ -313,7 +313,7 @@ pub struct LineChannel {
 
 impl Config {
     /// Every port resolved, or the first problem with its exact key.
-    pub fn plans(&self, section: &str) -> Result<Vec<PortPlan>, ConfigError> {
+    fn port_plans(&self, section: &str) -> Result<Vec<PortPlan>, ConfigError> {
         let mut devices = BTreeSet::new();
         let mut plans = Vec::with_capacity(self.ports.len());
         for (i, port) in self.ports.iter().enumerate() {
@@ -334,13 +334,38 @@ impl Config {
     }
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+/// The section, checked, with every port resolved: what [`crate::run`] takes.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    config: Config,
+    ports: Vec<PortPlan>,
+}
+
+impl std::ops::Deref for Plan {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl Plan {
+    /// Every port, in the order configured.
+    pub fn ports(&self) -> &[PortPlan] {
+        &self.ports
+    }
+}
+
+impl Config {
+    /// Check the section and resolve every port; errors name the exact key.
+    pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
         self.meas_stream
             .validate(&format!("{section}.meas_stream"))?;
         self.raw_stream.validate(&format!("{section}.raw_stream"))?;
-        self.plans(section)?;
-        Ok(())
+        let ports = self.port_plans(section)?;
+        Ok(Plan {
+            config: self,
+            ports,
+        })
     }
 }
 
@@ -734,9 +759,9 @@ fn seg(s: &str) -> Segment {
 mod tests {
     use super::*;
 
-    fn parse(toml_text: &str) -> Result<Config, ConfigError> {
+    fn parse(toml_text: &str) -> Result<Plan, ConfigError> {
         let src = runtime::ConfigSource::from_parts(None, Some(toml_text))?;
-        src.section::<Config>(crate::SECTION)
+        src.resolve::<crate::SerialIngest>()
     }
 
     #[test]
@@ -757,7 +782,7 @@ protocol = "stream"
         .unwrap();
         assert_eq!(c.raw_stream.journal, JournalKind::Memory);
         assert_eq!(c.meas_stream.journal, JournalKind::Disk);
-        let plans = c.plans("serial_ingest").unwrap();
+        let plans = c.ports().to_vec();
         assert_eq!(plans[0].serial.baud, 115_200);
         match &plans[0].kind {
             PlanKind::RequestResponse {
@@ -911,7 +936,7 @@ poll_interval_ms = 200
             "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"lines\"\nchannels = [{ key = \"t1\", measurement = \"temperature\", field = \"temperature_c\", min = -40.0, max = 85.0 }]\n",
         )
         .unwrap();
-        let plans = c.plans("serial_ingest").unwrap();
+        let plans = c.ports().to_vec();
         let PlanKind::Lines { channels, .. } = &plans[0].kind else {
             panic!("{:?}", plans[0].kind)
         };

@@ -30,7 +30,7 @@ pub mod line;
 pub mod port;
 pub mod protocol;
 
-pub use config::Config;
+pub use config::{Config, Plan};
 
 use proto::{Filter, Segment};
 use runtime::Context;
@@ -48,6 +48,34 @@ pub enum Error {
     Delivery(#[from] DeliveryError),
 }
 
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct SerialIngest;
+
+impl runtime::Service for SerialIngest {
+    const NAME: &'static str = "serial-ingest";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str = "Arduino CT sensors and other serial devices: lines and sample streams to readings and raw frames";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
 /// Identity of the service on the bus.
 pub fn identity(config: &Config) -> Identity {
     Identity {
@@ -57,17 +85,17 @@ pub fn identity(config: &Config) -> Identity {
 }
 
 /// Run every configured port until shutdown.
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     ctx.clone()
-        .on_bus(&identity(&config), |bus| async move {
-            run_on(&bus, &config, &ctx).await
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
         })
         .await
 }
 
 /// Run on an existing bus connection (the demo shares one).
-pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
-    let plans = config.plans(SECTION)?;
+pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error> {
+    let plans = config.ports().to_vec();
     let data_dir = &ctx.common.data_dir;
     let site = &ctx.common.site;
     let (meas, meas_task) = Producer::open(

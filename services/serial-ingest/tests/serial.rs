@@ -84,7 +84,8 @@ impl Service {
             shutdown,
         };
         let task = tokio::spawn(async move {
-            let r = serial_ingest::run_on(&bus, &config, &ctx).await;
+            let plan = config.resolve(SECTION).expect("the test's config resolves");
+            let r = serial_ingest::run_on(&bus, &plan, &ctx).await;
             bus.close(bus_task).await;
             r
         });

@@ -1,7 +1,7 @@
 //! The `[simulator]` section.
 
 use proto::Segment;
-use runtime::config::{ConfigError, StreamConfig, Validate};
+use runtime::config::{ConfigError, StreamConfig};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -34,8 +34,25 @@ impl Default for Config {
     }
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
+/// The section, checked: what [`crate::run`] takes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan(Config);
+
+impl std::ops::Deref for Plan {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl Config {
+    /// Check the section; errors name `section.key`.
+    pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
+        self.check(section)?;
+        Ok(Plan(self))
+    }
+
+    fn check(&self, section: &str) -> Result<(), ConfigError> {
         if !(1..=1000).contains(&self.devices) {
             return Err(ConfigError::new(
                 format!("{section}.devices"),

@@ -24,7 +24,7 @@ mod household;
 pub mod modbus;
 pub mod serial;
 
-pub use config::Config;
+pub use config::{Config, Plan};
 pub use household::{Household, Reading};
 
 use std::time::Duration;
@@ -42,6 +42,38 @@ pub enum Error {
     Delivery(#[from] DeliveryError),
 }
 
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct Simulator;
+
+impl runtime::Service for Simulator {
+    const NAME: &'static str = "simulator";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str =
+        "simulated household meters publishing readings, to try wattbus without hardware";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
+/// The config section.
+pub const SECTION: &str = "simulator";
+
 /// Identity of the simulator on the bus.
 pub fn identity(config: &Config) -> Identity {
     Identity {
@@ -51,16 +83,16 @@ pub fn identity(config: &Config) -> Identity {
 }
 
 /// Run the simulated devices until shutdown.
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     ctx.clone()
-        .on_bus(&identity(&config), |bus| async move {
-            run_on(&bus, &config, &ctx).await
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
         })
         .await
 }
 
 /// Run on an existing bus connection (the demo shares one).
-pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
+pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error> {
     let stream = seg("meas");
     let (producer, producer_task) = Producer::open(
         bus,

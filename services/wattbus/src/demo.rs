@@ -77,7 +77,7 @@ pub struct Options {
 }
 
 /// The writer's configuration from the demo's flags.
-fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Config> {
+fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Plan> {
     use influx_writer::config::{Api, FilesConfig, InfluxConfig};
     let influx = match &opts.influx_url {
         None => None,
@@ -112,8 +112,7 @@ fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Config> {
         health_listen: None,
         ..influx_writer::Config::default()
     };
-    runtime::config::Validate::validate(&cfg, "demo")?;
-    Ok(cfg)
+    Ok(cfg.resolve("demo")?)
 }
 
 /// The demo's sink group: the simulator's journal waits for it.
@@ -270,7 +269,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         writer_cfg.clone(),
         services.ctx(writer_cfg.group.as_str())?,
     ));
-    let sim_task = tokio::spawn(simulators::run(sim_cfg, services.ctx("simulator")?));
+    let sim_task = tokio::spawn(simulators::run(
+        sim_cfg.resolve("demo")?,
+        services.ctx("simulator")?,
+    ));
     let serial = if opts.no_serial {
         None
     } else {
@@ -511,35 +513,11 @@ mod serial {
             ctx.health.check(name);
         }
         let src = ConfigSource::from_parts(None, Some(&toml))?;
-        let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
-        let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
-        let modbus: modbus_ingest::Config = src.section(modbus_ingest::SECTION)?;
-        let tasks = vec![
-            tokio::spawn({
-                let ctx = services.ctx("serial-ingest")?;
-                async move {
-                    serial_ingest::run(ingest, ctx)
-                        .await
-                        .map_err(anyhow::Error::from)
-                }
-            }),
-            tokio::spawn({
-                let ctx = services.ctx("rms-processor")?;
-                async move {
-                    rms_processor::run(processor, ctx)
-                        .await
-                        .map_err(anyhow::Error::from)
-                }
-            }),
-            tokio::spawn({
-                let ctx = services.ctx("modbus-ingest")?;
-                async move {
-                    modbus_ingest::run(modbus, ctx)
-                        .await
-                        .map_err(anyhow::Error::from)
-                }
-            }),
-        ];
+        let mut tasks = Vec::new();
+        for name in ["serial-ingest", "rms-processor", "modbus-ingest"] {
+            let run = crate::services::find(name)?.embedded(&src, services.ctx(name)?)?;
+            tasks.push(tokio::spawn(run));
+        }
         // Readings taken before a service's broker connection is up are journaled and
         // replayed a few seconds later: the contract at work, but it reads like a fault in a
         // first demo. So the devices start once every service says it is ready.

@@ -98,7 +98,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
 fn open(config: Option<PathBuf>) -> anyhow::Result<Energy> {
     let src = ConfigSource::load(crate::services::config_path(config).as_deref())?;
     let common = src.common()?;
-    let cfg: rms_processor::Config = src.section(rms_processor::SECTION)?;
+    let cfg = src.resolve::<rms_processor::RmsProcessor>()?;
     let path = cfg.energy_path(&common.data_dir);
     if !path.exists() {
         anyhow::bail!(

@@ -79,6 +79,7 @@ fn cli() -> clap::Command {
         run.mut_arg("service", |arg| {
             arg.help(format!("One of: {}.", services::names()))
         })
+        .after_help(format!("Services:\n{}", services::listing()))
     })
 }
 
@@ -139,9 +140,9 @@ mod tests {
         };
         for service in super::services::SERVICES {
             assert!(
-                help.contains(service.name),
+                help.contains(service.name()) && help.contains(service.about()),
                 "{} missing from: {help}",
-                service.name
+                service.name()
             );
         }
     }

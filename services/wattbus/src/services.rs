@@ -1,58 +1,113 @@
-//! The services this binary can run, and how `wattbus run <service>` starts one.
+//! The services this binary can run: one table, from which `wattbus run`, its help, `wattbus
+//! config check`, the demo and docs/services.md's list come.
+//!
+//! Each entry is a service crate's [`runtime::Service`] type. Adding a service is its crate
+//! and one line in [`SERVICES`] (docs/adding-a-service.md).
 
+use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use runtime::{ConfigError, ConfigSource, Context, Health, config::Validate};
-use serde::de::DeserializeOwned;
+use runtime::{ConfigError, ConfigSource, Context, Health, Service};
 
-/// A service `wattbus run` can start.
-#[derive(Debug, Clone, Copy)]
-pub struct Service {
+/// Every service `wattbus run` knows, in the order `--help` lists them.
+pub static SERVICES: &[&dyn Entry] = &[
+    &Of::<broker::Broker>(PhantomData),
+    &Of::<simulators::Simulator>(PhantomData),
+    &Of::<serial_ingest::SerialIngest>(PhantomData),
+    &Of::<modbus_ingest::ModbusIngest>(PhantomData),
+    &Of::<rms_processor::RmsProcessor>(PhantomData),
+    &Of::<influx_writer::InfluxWriter>(PhantomData),
+];
+
+/// A [`Service`] as the binary uses it: its types erased, so that one list holds them all.
+pub trait Entry: Sync {
     /// As on the command line, in compose and on the bus.
-    pub name: &'static str,
-    /// Its config section (TOML keys and environment variables cannot both use a `-`, so
-    /// `influx-writer` is configured in `[influx_writer]`).
-    pub section: &'static str,
+    fn name(&self) -> &'static str;
+    /// Its config section.
+    fn section(&self) -> &'static str;
+    /// One line for help and docs.
+    fn about(&self) -> &'static str;
+    /// Resolve its section as `run` would, and drop the plan: `config check`.
+    fn check(&self, src: &ConfigSource) -> Result<(), ConfigError>;
+    /// Resolve its section, and return the future that serves its health endpoint and runs it.
+    fn start(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError>;
+    /// Resolve its section, and return the future that runs it beside others in one process
+    /// (the demo): no health endpoint of its own, its checks join the process's.
+    fn embedded(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError>;
 }
 
-/// Every service `wattbus run` knows: the one table the command line, its help and the config
-/// check are derived from.
-pub const SERVICES: &[Service] = &[
-    Service {
-        name: "broker",
-        section: broker::SECTION,
-    },
-    Service {
-        name: "simulator",
-        section: "simulator",
-    },
-    Service {
-        name: "influx-writer",
-        section: influx_writer::SECTION,
-    },
-    Service {
-        name: "serial-ingest",
-        section: serial_ingest::SECTION,
-    },
-    Service {
-        name: "rms-processor",
-        section: rms_processor::SECTION,
-    },
-    Service {
-        name: "modbus-ingest",
-        section: modbus_ingest::SECTION,
-    },
-];
+pub type ServiceFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// The [`Entry`] of service `S`.
+pub struct Of<S>(PhantomData<fn() -> S>);
+
+impl<S: Service> Entry for Of<S> {
+    fn name(&self) -> &'static str {
+        S::NAME
+    }
+
+    fn section(&self) -> &'static str {
+        S::SECTION
+    }
+
+    fn about(&self) -> &'static str {
+        S::ABOUT
+    }
+
+    fn check(&self, src: &ConfigSource) -> Result<(), ConfigError> {
+        src.resolve::<S>().map(drop)
+    }
+
+    fn start(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError> {
+        let plan = src.resolve::<S>()?;
+        Ok(Box::pin(async move {
+            serve_health(S::health_listen(&plan), &ctx).await?;
+            S::run(plan, ctx).await.map_err(anyhow::Error::from)
+        }))
+    }
+
+    fn embedded(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError> {
+        let plan = src.resolve::<S>()?;
+        Ok(Box::pin(async move {
+            S::run(plan, ctx).await.map_err(anyhow::Error::from)
+        }))
+    }
+}
+
+/// The service called `name`.
+pub fn find(name: &str) -> Result<&'static dyn Entry, ConfigError> {
+    SERVICES
+        .iter()
+        .copied()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            ConfigError::new(
+                "(service)",
+                format!("unknown service {name:?}; known: {}", names()),
+            )
+        })
+}
 
 /// `broker, simulator, …`, for help and errors.
 pub fn names() -> String {
     SERVICES
         .iter()
-        .map(|s| s.name)
+        .map(|s| s.name())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// One line per service, `name  about`, for `wattbus run --help`.
+pub fn listing() -> String {
+    let width = SERVICES.iter().map(|s| s.name().len()).max().unwrap_or(0);
+    SERVICES
+        .iter()
+        .map(|s| format!("  {:width$}  {}", s.name(), s.about()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
@@ -60,30 +115,17 @@ pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
     flag.or_else(|| std::env::var_os("WATTBUS_CONFIG").map(PathBuf::from))
 }
 
-/// Validate the whole configuration: shared keys, every section present, nothing unknown.
-/// A section that is absent is validated (with its defaults) only by `wattbus run` of that
+/// Check the whole configuration: shared keys, every section present, nothing unknown.
+/// A section that is absent is resolved (with its defaults) only by `wattbus run` of that
 /// service: a Pi that runs only a simulator needs no `[broker]` users.
 pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
-    let sections: Vec<&str> = SERVICES.iter().map(|s| s.section).collect();
+    let sections: Vec<&str> = SERVICES.iter().map(|s| s.section()).collect();
     src.check_sections(&sections)?;
     src.common()?;
-    if src.has_key("broker") {
-        src.section::<broker::Config>("broker")?;
-    }
-    if src.has_key("simulator") {
-        src.section::<simulators::Config>("simulator")?;
-    }
-    if src.has_key(influx_writer::SECTION) {
-        src.section::<influx_writer::Config>(influx_writer::SECTION)?;
-    }
-    if src.has_key(serial_ingest::SECTION) {
-        src.section::<serial_ingest::Config>(serial_ingest::SECTION)?;
-    }
-    if src.has_key(rms_processor::SECTION) {
-        src.section::<rms_processor::Config>(rms_processor::SECTION)?;
-    }
-    if src.has_key(modbus_ingest::SECTION) {
-        src.section::<modbus_ingest::Config>(modbus_ingest::SECTION)?;
+    for service in SERVICES {
+        if src.has_key(service.section()) {
+            service.check(src)?;
+        }
     }
     Ok(())
 }
@@ -93,13 +135,7 @@ pub async fn run(
     config: Option<PathBuf>,
     stop_on_stdin_eof: bool,
 ) -> anyhow::Result<()> {
-    if !SERVICES.iter().any(|s| s.name == service) {
-        return Err(ConfigError::new(
-            "(service)",
-            format!("unknown service {service:?}; known: {}", names()),
-        )
-        .into());
-    }
+    let entry = find(service)?;
     let src = ConfigSource::load(config_path(config).as_deref())?;
     check_all(&src)?;
     let common = src.common()?;
@@ -111,7 +147,7 @@ pub async fn run(
         shutdown,
     };
     let grace = Duration::from_millis(common.shutdown_grace_ms);
-    let service_future = start(service, &src, ctx)?;
+    let service_future = entry.start(&src, ctx)?;
     let mut task = tokio::spawn(service_future);
     tokio::select! {
         res = &mut task => return flatten(res),
@@ -177,85 +213,6 @@ async fn stdin_closed(watch: bool) {
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
     res.context("service task failed")?
-}
-
-type ServiceFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
-
-/// Load the service's section, serve its health endpoint, and return its `run` future.
-fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<ServiceFuture> {
-    Ok(match service {
-        "broker" => {
-            let cfg: broker::Config = section(src, "broker")?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                broker::run(cfg, ctx).await.map_err(anyhow::Error::from)
-            })
-        }
-        "simulator" => {
-            let cfg: simulators::Config = section(src, "simulator")?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                simulators::run(cfg, ctx).await.map_err(anyhow::Error::from)
-            })
-        }
-        "influx-writer" => {
-            let cfg: influx_writer::Config = section(src, influx_writer::SECTION)?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                influx_writer::run(cfg, ctx)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
-        }
-        "serial-ingest" => {
-            let cfg: serial_ingest::Config = section(src, serial_ingest::SECTION)?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                serial_ingest::run(cfg, ctx)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
-        }
-        "rms-processor" => {
-            let cfg: rms_processor::Config = section(src, rms_processor::SECTION)?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                rms_processor::run(cfg, ctx)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
-        }
-        "modbus-ingest" => {
-            let cfg: modbus_ingest::Config = section(src, modbus_ingest::SECTION)?;
-            let health = cfg.health_listen;
-            Box::pin(async move {
-                serve_health(health, &ctx).await?;
-                modbus_ingest::run(cfg, ctx)
-                    .await
-                    .map_err(anyhow::Error::from)
-            })
-        }
-        other => {
-            return Err(ConfigError::new(
-                "(service)",
-                format!("{other:?} is in SERVICES but cannot be started; a bug"),
-            )
-            .into());
-        }
-    })
-}
-
-fn section<T: DeserializeOwned + Default + Validate>(
-    src: &ConfigSource,
-    name: &str,
-) -> Result<T, ConfigError> {
-    src.section(name)
 }
 
 async fn serve_health(addr: Option<std::net::SocketAddr>, ctx: &Context) -> anyhow::Result<()> {
