@@ -513,7 +513,9 @@ mod serial {
         let src = ConfigSource::from_parts(None, Some(&toml))?;
         let ingest: serial_ingest::Config = src.section(serial_ingest::SECTION)?;
         let processor: rms_processor::Config = src.section(rms_processor::SECTION)?;
-        let modbus: modbus_ingest::Config = src.section(modbus_ingest::SECTION)?;
+        let modbus = src
+            .section::<modbus_ingest::Config>(modbus_ingest::SECTION)?
+            .resolve(modbus_ingest::SECTION)?;
         let tasks = vec![
             tokio::spawn({
                 let ctx = services.ctx("serial-ingest")?;

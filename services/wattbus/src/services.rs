@@ -234,9 +234,10 @@ fn start(service: &str, src: &ConfigSource, ctx: Context) -> anyhow::Result<Serv
         "modbus-ingest" => {
             let cfg: modbus_ingest::Config = section(src, modbus_ingest::SECTION)?;
             let health = cfg.health_listen;
+            let plan = cfg.resolve(modbus_ingest::SECTION)?;
             Box::pin(async move {
                 serve_health(health, &ctx).await?;
-                modbus_ingest::run(cfg, ctx)
+                modbus_ingest::run(plan, ctx)
                     .await
                     .map_err(anyhow::Error::from)
             })
