@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use proto::Segment;
 use runtime::backoff::Backoff;
-use runtime::config::{ConfigError, InboxConfig, Secret, resolve_secret};
+use runtime::config::{ConfigError, InboxConfig, Secret, Variant, resolve_secret};
 use serde::Deserialize;
 
 use crate::line_protocol::Precision;
@@ -69,6 +69,16 @@ pub enum Api {
     V2,
     /// `POST /write?db=&rp=` with user and password: InfluxDB 1.x (1.6/1.7 have nothing else).
     V1,
+}
+
+impl Api {
+    /// As written in the file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Api::V2 => "v2",
+            Api::V1 => "v1",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -273,25 +283,34 @@ impl Config {
                 "must not hold credentials; use token / token_file (v2) or username and password / password_file (v1)",
             ));
         }
+        // Keys of the other API are refused, not ignored: a half-converted config would
+        // otherwise look right and write nowhere.
+        let at = format!("{section}.influx");
+        let api = Variant {
+            at: &at,
+            selector: "api",
+            chosen: c.api.as_str(),
+        };
+        const V1: &[&str] = &[Api::V1.as_str()];
+        const V2: &[&str] = &[Api::V2.as_str()];
+        for (leaf, set, owners) in [
+            ("org", c.org.is_some(), V2),
+            ("bucket", c.bucket.is_some(), V2),
+            ("token", c.token.is_some(), V2),
+            ("token_file", c.token_file.is_some(), V2),
+            ("database", c.database.is_some(), V1),
+            ("retention_policy", c.retention_policy.is_some(), V1),
+            ("username", c.username.is_some(), V1),
+            ("password", c.password.is_some(), V1),
+            ("password_file", c.password_file.is_some(), V1),
+        ] {
+            api.refuse_unless(leaf, set, owners)?;
+        }
         let auth = match c.api {
             Api::V2 => {
                 for (k, v) in [("org", &c.org), ("bucket", &c.bucket)] {
                     if v.as_deref().is_none_or(|s| s.trim().is_empty()) {
                         return Err(ConfigError::new(key(k), "is required with api = \"v2\""));
-                    }
-                }
-                for k in ["database", "retention_policy", "username", "password"] {
-                    let set = match k {
-                        "database" => c.database.is_some(),
-                        "retention_policy" => c.retention_policy.is_some(),
-                        "username" => c.username.is_some(),
-                        _ => c.password.is_some() || c.password_file.is_some(),
-                    };
-                    if set {
-                        return Err(ConfigError::new(
-                            key(k),
-                            "belongs to api = \"v1\"; with v2 use org, bucket and token",
-                        ));
                     }
                 }
                 let token =
@@ -304,18 +323,6 @@ impl Config {
                         key("database"),
                         "is required with api = \"v1\"",
                     ));
-                }
-                for (k, set) in [
-                    ("org", c.org.is_some()),
-                    ("bucket", c.bucket.is_some()),
-                    ("token", c.token.is_some() || c.token_file.is_some()),
-                ] {
-                    if set {
-                        return Err(ConfigError::new(
-                            key(k),
-                            "belongs to api = \"v2\"; with v1 use database, username and password",
-                        ));
-                    }
                 }
                 let password = resolve_secret(
                     &key("password"),
@@ -506,7 +513,7 @@ mod tests {
     }
 
     #[test]
-    fn v2_needs_org_and_bucket_and_refuses_v1_keys() {
+    fn each_api_needs_its_keys_and_refuses_the_other_apis_keys() {
         let mut c = Config {
             influx: Some(InfluxConfig {
                 url: "http://x:8086".into(),
@@ -523,7 +530,27 @@ mod tests {
         }
         let e = c.clone().resolve("influx_writer").unwrap_err();
         assert_eq!(e.key, "influx_writer.influx.database");
-        assert!(e.reason.contains("v1"), "{e}");
+        assert_eq!(
+            e.reason,
+            "belongs to api = \"v1\"; influx_writer.influx.api is \"v2\""
+        );
+        if let Some(i) = c.influx.as_mut() {
+            i.database = None;
+            i.password_file = Some("/run/secrets/influx".into());
+        }
+        let e = c.clone().resolve("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.influx.password_file");
+        if let Some(i) = c.influx.as_mut() {
+            i.password_file = None;
+            i.api = Api::V1;
+            i.database = Some("db".into());
+        }
+        let e = c.clone().resolve("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.influx.org");
+        assert_eq!(
+            e.reason,
+            "belongs to api = \"v2\"; influx_writer.influx.api is \"v1\""
+        );
     }
 
     /// In whole seconds, two readings of one series within a second are one InfluxDB point:

@@ -28,69 +28,25 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context as TaskContext, Poll as TaskPoll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proto::{Measurement, Quality, Segment, Topic};
 use runtime::Shutdown;
 use runtime::delivery::{DeliveryError, Producer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
 use tokio_modbus::{ExceptionCode, Slave};
 
-use crate::config::{BusSpec, Link, Parity};
+use crate::config::BusSpec;
 use crate::decode::decode_response;
 use crate::events::{BusEvents, DeviceEvents, chain};
+use crate::link::Link;
 use crate::plan::Request;
 use crate::profile::Function;
 use crate::scheduler::{Millis, Poll, Scheduler, Transition};
-
-/// A transport that counts the bytes it reads, so a timeout can tell "nothing came back" (the
-/// meter is off) from "something came back that did not decode" (garbage, a short frame, a
-/// wrong CRC — tokio-modbus's RTU decoder skips such bytes and keeps waiting).
-#[derive(Debug)]
-struct Tap<T> {
-    inner: T,
-    received: Arc<AtomicU64>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> TaskPoll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len().saturating_sub(before);
-        self.received.fetch_add(n as u64, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> TaskPoll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> TaskPoll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> TaskPoll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// How one attempt of one request ended.
 #[derive(Debug)]
@@ -132,67 +88,10 @@ struct Window {
     busy_s: f64,
 }
 
-fn link_name(link: &Link) -> String {
-    match link {
-        Link::Serial { path, .. } => path.clone(),
-        Link::Tcp { host, port } => format!("tcp://{host}:{port}"),
-        Link::RtuOverTcp { host, port } => format!("rtu-over-tcp://{host}:{port}"),
-    }
-}
-
+/// Opens the bus's link. A connect may take longer than a request (a gateway's ARP, a slow
+/// handshake), so it gets the request timeout but at least a second.
 async fn open(link: &Link, received: Arc<AtomicU64>, timeout: Duration) -> io::Result<Context> {
-    let first = Slave(1);
-    match link {
-        Link::Serial {
-            path,
-            baud,
-            parity,
-            stop_bits,
-        } => {
-            use tokio_serial::SerialPortBuilderExt;
-            let port = tokio_serial::new(path.as_str(), *baud)
-                .data_bits(tokio_serial::DataBits::Eight)
-                .parity(match parity {
-                    Parity::None => tokio_serial::Parity::None,
-                    Parity::Even => tokio_serial::Parity::Even,
-                    Parity::Odd => tokio_serial::Parity::Odd,
-                })
-                .stop_bits(if *stop_bits == 2 {
-                    tokio_serial::StopBits::Two
-                } else {
-                    tokio_serial::StopBits::One
-                })
-                .flow_control(tokio_serial::FlowControl::None)
-                .open_native_async()
-                .map_err(io::Error::from)?;
-            Ok(tokio_modbus::client::rtu::attach_slave(
-                Tap {
-                    inner: port,
-                    received,
-                },
-                first,
-            ))
-        }
-        Link::Tcp { host, port } | Link::RtuOverTcp { host, port } => {
-            // Connecting can hang for minutes on an unreachable host; bound it like a request.
-            let stream = tokio::time::timeout(
-                timeout.max(Duration::from_secs(1)),
-                tokio::net::TcpStream::connect((host.as_str(), *port)),
-            )
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            stream.set_nodelay(true)?;
-            let tap = Tap {
-                inner: stream,
-                received,
-            };
-            Ok(if matches!(link, Link::Tcp { .. }) {
-                tokio_modbus::client::tcp::attach_slave(tap, first)
-            } else {
-                tokio_modbus::client::rtu::attach_slave(tap, first)
-            })
-        }
-    }
+    crate::link::open(link, timeout.max(Duration::from_secs(1)), received).await
 }
 
 /// The bus task's state.
@@ -240,7 +139,7 @@ pub async fn run(
             .iter()
             .map(|d| DeviceEvents::new(&bus_name, d.name.as_str()))
             .collect(),
-        link: link_name(&spec.link),
+        link: spec.link.address(),
         scheduler,
         spec,
         site,

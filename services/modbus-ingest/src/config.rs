@@ -1,9 +1,14 @@
 //! The `[modbus_ingest]` section: buses, their transports and the devices on them.
 //!
-//! [`Config::resolve`] turns the parsed section into checked [`BusSpec`]s: every device's
-//! profile found (built-in or from `profiles_dir`), its poll classes merged with the device's
-//! overrides, and its request plan limits settled. Every error names the key and the entry
-//! (`modbus_ingest.buses[0].devices[1].profile`), so a person can fix the file in one look.
+//! [`Config::resolve`] turns the parsed section into the [`Plan`] that [`crate::run`] runs,
+//! once: every bus's [`Link`] and line timing settled, every device's profile found (built-in
+//! or from `profiles_dir`), its poll classes merged with the device's overrides, and its
+//! request plan limits settled. `validate` (and so `wattbus config check`) calls the same
+//! resolver, so what the check accepts is exactly what runs.
+//!
+//! Every error names the key and the entry (`modbus_ingest.buses[0].devices[1].profile`), so a
+//! person can fix the file in one look. A key the bus's transport does not use (`host` on an
+//! `rtu` bus, `baud` on a `tcp` one) is refused, not ignored: see [`runtime::config::Variant`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,9 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::Segment;
-use runtime::config::{ConfigError, StreamConfig, Validate};
+use runtime::config::{ConfigError, StreamConfig, Variant};
 use serde::Deserialize;
 
+use crate::link::{Link, Parity};
 use crate::plan::{Limits, MAX_READ_REGISTERS};
 use crate::profile::{Profile, Profiles, load_dir};
 use crate::timing::{Framing, Line};
@@ -63,15 +69,15 @@ pub enum Transport {
     RtuOverTcp,
 }
 
-/// Serial parity. Modbus over Serial Line v1.02 §2.5.1 prescribes even parity by default; the
-/// ORNO WE-515 vendor PDF says 8N1 and mbmd's README says 8E1, so it is a setting, `none` by
-/// default (what a WE-515 ships with according to its vendor).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
+impl Transport {
+    /// As written in the file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Transport::Rtu => "rtu",
+            Transport::Tcp => "tcp",
+            Transport::RtuOverTcp => "rtu-over-tcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -80,23 +86,30 @@ pub struct BusConfig {
     /// Names the bus in health measurements (`modbus_bus/<name>/health`), logs and metrics.
     pub name: Segment,
     pub transport: Transport,
+    // The keys of one transport are optional here, defaults applied in `resolve`, so that one
+    // set on a bus of another transport can be told from one left out, and refused.
     /// Serial device (`/dev/ttyUSB0`, or a stable `/dev/serial/by-id/...` link); rtu only.
     #[serde(default)]
     pub path: Option<String>,
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-    #[serde(default = "default_parity")]
-    pub parity: Parity,
+    /// Line speed (default 9600); rtu, and rtu-over-tcp for the timing of the gateway's RS485
+    /// side. Likewise `parity`, `data_bits` and `stop_bits`.
+    #[serde(default)]
+    pub baud: Option<u32>,
+    /// Default `none`.
+    #[serde(default)]
+    pub parity: Option<Parity>,
     /// Modbus RTU always uses 8 data bits; the key exists so a config that says so is accepted.
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
+    #[serde(default)]
+    pub data_bits: Option<u8>,
+    /// 1 (default) or 2.
+    #[serde(default)]
+    pub stop_bits: Option<u8>,
     /// tcp and rtu-over-tcp.
     #[serde(default)]
     pub host: Option<String>,
-    #[serde(default = "default_port")]
-    pub port: u16,
+    /// tcp and rtu-over-tcp (default 502).
+    #[serde(default)]
+    pub port: Option<u16>,
     /// How long one request may take before it counts as unanswered.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
@@ -104,7 +117,8 @@ pub struct BusConfig {
     #[serde(default = "default_retries")]
     pub retries: u32,
     /// Overrides the 3.5-character inter-frame silence computed from baud and framing, for
-    /// adapters or meters that need more time between frames.
+    /// adapters or meters that need more time between frames; rtu and rtu-over-tcp (Modbus
+    /// TCP keeps no silence).
     #[serde(default)]
     pub silence_ms: Option<f64>,
     /// Overrides every profile's `limits.max_hole` on this bus.
@@ -176,25 +190,6 @@ const fn default_backoff_max_ms() -> u64 {
     60_000
 }
 
-/// Where a bus's frames go, resolved.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Link {
-    Serial {
-        path: String,
-        baud: u32,
-        parity: Parity,
-        stop_bits: u8,
-    },
-    Tcp {
-        host: String,
-        port: u16,
-    },
-    RtuOverTcp {
-        host: String,
-        port: u16,
-    },
-}
-
 /// One device, resolved against its profile.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
@@ -226,9 +221,32 @@ pub struct BusSpec {
     pub devices: Vec<DeviceSpec>,
 }
 
+/// The section resolved: everything [`crate::run`] needs, checked.
+///
+/// Not to be confused with [`crate::plan`], which plans the read requests of a poll.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// MQTT client id and journal name.
+    pub instance: Segment,
+    pub stream: StreamConfig,
+    pub health_interval: Duration,
+    pub buses: Vec<BusSpec>,
+    /// `/healthz` and `/metrics` when run on its own.
+    pub health_listen: Option<SocketAddr>,
+}
+
 impl Config {
-    /// Loads the profiles and resolves every bus. Errors name the key and the entry.
-    pub fn resolve(&self, section: &str) -> Result<Vec<BusSpec>, ConfigError> {
+    /// Checks the section, loads the profiles and resolves every bus: the one resolver, used
+    /// by `config check` and by `run` (through [`crate::ModbusIngest`]). Errors name the key
+    /// and the entry.
+    pub fn resolve(&self, section: &str) -> Result<Plan, ConfigError> {
+        if !(1000..=3_600_000).contains(&self.health_interval_ms) {
+            return Err(ConfigError::new(
+                format!("{section}.health_interval_ms"),
+                "must be between 1000 and 3600000",
+            ));
+        }
+        self.stream.validate(&format!("{section}.stream"))?;
         let profiles = match &self.profiles_dir {
             Some(dir) => load_dir(dir),
             None => Profiles::builtin(),
@@ -246,7 +264,13 @@ impl Config {
             }
             out.push(resolve_bus(bus, &at, &profiles, &mut names)?);
         }
-        Ok(out)
+        Ok(Plan {
+            instance: self.instance.clone(),
+            stream: self.stream.clone(),
+            health_interval: Duration::from_millis(self.health_interval_ms),
+            buses: out,
+            health_listen: self.health_listen,
+        })
     }
 }
 
@@ -263,7 +287,33 @@ fn resolve_bus<'a>(
             _ => Err(ConfigError::new(key(k), format!("is required for {what}"))),
         }
     };
-    let framing = match (bus.data_bits, bus.parity, bus.stop_bits) {
+    const RTU: &str = Transport::Rtu.as_str();
+    const TCP: &str = Transport::Tcp.as_str();
+    const GATEWAY: &str = Transport::RtuOverTcp.as_str();
+    let transport = Variant {
+        at,
+        selector: "transport",
+        chosen: bus.transport.as_str(),
+    };
+    let checks: [(&str, bool, &[&str]); 8] = [
+        ("path", bus.path.is_some(), &[RTU]),
+        ("baud", bus.baud.is_some(), &[RTU, GATEWAY]),
+        ("parity", bus.parity.is_some(), &[RTU, GATEWAY]),
+        ("data_bits", bus.data_bits.is_some(), &[RTU, GATEWAY]),
+        ("stop_bits", bus.stop_bits.is_some(), &[RTU, GATEWAY]),
+        ("silence_ms", bus.silence_ms.is_some(), &[RTU, GATEWAY]),
+        ("host", bus.host.is_some(), &[TCP, GATEWAY]),
+        ("port", bus.port.is_some(), &[TCP, GATEWAY]),
+    ];
+    for (leaf, set, owners) in checks {
+        transport.refuse_unless(leaf, set, owners)?;
+    }
+    let baud = bus.baud.unwrap_or(default_baud());
+    let parity = bus.parity.unwrap_or(default_parity());
+    let data_bits = bus.data_bits.unwrap_or(default_data_bits());
+    let stop_bits = bus.stop_bits.unwrap_or(default_stop_bits());
+    let port = bus.port.unwrap_or(default_port());
+    let framing = match (data_bits, parity, stop_bits) {
         (8, Parity::None, 1) => Framing::N1,
         (8, Parity::Even, 1) => Framing::E1,
         (8, Parity::Odd, 1) => Framing::O1,
@@ -288,29 +338,28 @@ fn resolve_bus<'a>(
         }
     };
     let link = match bus.transport {
-        Transport::Rtu => Link::Serial {
+        Transport::Rtu => Link::Rtu {
             path: need(&bus.path, "path", "transport \"rtu\"")?,
-            baud: bus.baud,
-            parity: bus.parity,
-            stop_bits: bus.stop_bits,
+            baud,
+            parity,
+            stop_bits,
         },
         Transport::Tcp => Link::Tcp {
             host: need(&bus.host, "host", "transport \"tcp\"")?,
-            port: bus.port,
+            port,
         },
         Transport::RtuOverTcp => Link::RtuOverTcp {
             host: need(&bus.host, "host", "transport \"rtu-over-tcp\"")?,
-            port: bus.port,
+            port,
         },
     };
-    if bus.port == 0 {
+    if port == 0 {
         return Err(ConfigError::new(key("port"), "must be 1..=65535"));
     }
     let line = match bus.transport {
         Transport::Tcp => None,
         Transport::Rtu | Transport::RtuOverTcp => Some(
-            Line::new(bus.baud, framing)
-                .map_err(|e| ConfigError::new(key("baud"), e.to_string()))?,
+            Line::new(baud, framing).map_err(|e| ConfigError::new(key("baud"), e.to_string()))?,
         ),
     };
     let silence = match (bus.silence_ms, line) {
@@ -461,26 +510,14 @@ fn resolve_bus<'a>(
     })
 }
 
-impl Validate for Config {
-    fn validate(&self, section: &str) -> Result<(), ConfigError> {
-        if !(1000..=3_600_000).contains(&self.health_interval_ms) {
-            return Err(ConfigError::new(
-                format!("{section}.health_interval_ms"),
-                "must be between 1000 and 3600000",
-            ));
-        }
-        self.stream.validate(&format!("{section}.stream"))?;
-        self.resolve(section).map(|_| ())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use runtime::ConfigSource;
 
-    fn load(text: &str) -> Result<Config, ConfigError> {
-        ConfigSource::from_parts(None, Some(text))?.section::<Config>("modbus_ingest")
+    /// The section as `wattbus run` reads and resolves it (errors located in the source).
+    fn load(text: &str) -> Result<Plan, ConfigError> {
+        ConfigSource::from_parts(None, Some(text))?.resolve::<crate::ModbusIngest>()
     }
 
     const TWO_METERS: &str = r#"
@@ -504,7 +541,7 @@ profile = "orno-we-514"
     #[test]
     fn a_bus_with_two_meters_resolves_with_defaults_and_overrides() {
         let c = load(TWO_METERS).unwrap();
-        let buses = c.resolve("modbus_ingest").unwrap();
+        let buses = c.buses;
         assert_eq!(buses.len(), 1);
         let b = &buses[0];
         assert_eq!(b.timeout, Duration::from_millis(500));
@@ -545,10 +582,16 @@ profile = "orno-we-514"
     fn transports_need_their_keys() {
         let e = load(&TWO_METERS.replace("path = \"/dev/ttyUSB0\"", "")).unwrap_err();
         assert_eq!(e.key, "modbus_ingest.buses[0].path");
-        let e = load(&TWO_METERS.replace("\"rtu\"", "\"tcp\"")).unwrap_err();
-        assert_eq!(e.key, "modbus_ingest.buses[0].host");
-        let c = load(&TWO_METERS.replace("\"rtu\"", "\"tcp\"\nhost = \"10.0.0.5\"")).unwrap();
-        let b = &c.resolve("modbus_ingest").unwrap()[0];
+        for transport in ["tcp", "rtu-over-tcp"] {
+            let e = load(&bus(transport, "")).unwrap_err();
+            assert_eq!(e.key, "modbus_ingest.buses[0].host");
+            assert_eq!(
+                e.reason,
+                format!("is required for transport \"{transport}\"")
+            );
+        }
+        let c = load(&bus("tcp", "host = \"10.0.0.5\"")).unwrap();
+        let b = &c.buses[0];
         assert_eq!(b.line, None);
         assert_eq!(b.silence, Duration::ZERO);
         assert_eq!(
@@ -558,6 +601,116 @@ profile = "orno-we-514"
                 port: 502
             }
         );
+    }
+
+    /// One bus of `transport` with `keys`, and one meter on it.
+    fn bus(transport: &str, keys: &str) -> String {
+        format!(
+            "[[modbus_ingest.buses]]\nname = \"b\"\ntransport = \"{transport}\"\n{keys}\n\
+             [[modbus_ingest.buses.devices]]\nname = \"m\"\nslave = 1\nprofile = \"orno-we-515\"\n"
+        )
+    }
+
+    #[test]
+    fn serial_keys_on_a_tcp_bus_are_refused_naming_the_key_and_the_transport() {
+        let tcp = "host = \"10.0.0.5\"";
+        for key in [
+            "path = \"/dev/ttyUSB0\"",
+            "baud = 9600",
+            "parity = \"even\"",
+            "data_bits = 8",
+            "stop_bits = 1",
+            "silence_ms = 5.0",
+        ] {
+            let e = load(&bus("tcp", &format!("{tcp}\n{key}"))).unwrap_err();
+            let leaf = key.split(' ').next().unwrap();
+            assert_eq!(e.key, format!("modbus_ingest.buses[0].{leaf}"), "{key}");
+            let owners = if leaf == "path" {
+                "\"rtu\""
+            } else {
+                "\"rtu\" or \"rtu-over-tcp\""
+            };
+            assert_eq!(
+                e.reason,
+                format!(
+                    "belongs to transport = {owners}; modbus_ingest.buses[0].transport is \"tcp\""
+                ),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn tcp_keys_on_an_rtu_bus_are_refused_naming_the_key_and_the_transport() {
+        let rtu = "path = \"/dev/ttyUSB0\"";
+        for key in ["host = \"10.0.0.5\"", "port = 502"] {
+            let e = load(&bus("rtu", &format!("{rtu}\n{key}"))).unwrap_err();
+            let leaf = key.split(' ').next().unwrap();
+            assert_eq!(e.key, format!("modbus_ingest.buses[0].{leaf}"), "{key}");
+            assert_eq!(
+                e.reason,
+                "belongs to transport = \"tcp\" or \"rtu-over-tcp\"; \
+                 modbus_ingest.buses[0].transport is \"rtu\"",
+                "{key}"
+            );
+        }
+        // A gateway has no local serial port.
+        let e = load(&bus(
+            "rtu-over-tcp",
+            "host = \"10.0.0.5\"\npath = \"/dev/ttyUSB0\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "modbus_ingest.buses[0].path");
+        assert_eq!(
+            e.reason,
+            "belongs to transport = \"rtu\"; modbus_ingest.buses[0].transport is \"rtu-over-tcp\""
+        );
+    }
+
+    #[test]
+    fn every_transport_resolves_with_the_keys_it_uses() {
+        let c = load(&bus(
+            "rtu",
+            "path = \"/dev/ttyUSB0\"\nbaud = 19200\nparity = \"odd\"\ndata_bits = 8\n\
+             stop_bits = 1\nsilence_ms = 5.0",
+        ))
+        .unwrap();
+        let b = &c.buses[0];
+        assert_eq!(
+            b.link,
+            Link::Rtu {
+                path: "/dev/ttyUSB0".into(),
+                baud: 19200,
+                parity: Parity::Odd,
+                stop_bits: 1
+            }
+        );
+        assert_eq!(b.silence, Duration::from_millis(5));
+        let c = load(&bus("tcp", "host = \"10.0.0.5\"\nport = 1502")).unwrap();
+        let b = &c.buses[0];
+        assert_eq!(
+            b.link,
+            Link::Tcp {
+                host: "10.0.0.5".into(),
+                port: 1502
+            }
+        );
+        assert_eq!(b.line, None);
+        // A gateway's RS485 side: its speed and framing set the silence and the utilisation.
+        let c = load(&bus(
+            "rtu-over-tcp",
+            "host = \"10.0.0.5\"\nport = 4001\nbaud = 4800\nparity = \"even\"",
+        ))
+        .unwrap();
+        let b = &c.buses[0];
+        assert_eq!(
+            b.link,
+            Link::RtuOverTcp {
+                host: "10.0.0.5".into(),
+                port: 4001
+            }
+        );
+        assert_eq!(b.line, Some(Line::new(4800, Framing::E1).unwrap()));
     }
 
     #[test]

@@ -24,7 +24,9 @@
 //! described in `docs/modbus.md`.
 //!
 //! Layout:
-//! - [`config`]: the `[modbus_ingest]` section, resolved into checked [`config::BusSpec`]s.
+//! - [`config`]: the `[modbus_ingest]` section, resolved once into the [`Plan`] that [`run`]
+//!   runs (checked [`config::BusSpec`]s).
+//! - [`link`]: how a bus is reached ([`link::Link`]) and opened, for the service and the tools.
 //! - [`profile`]: the profile format, validation, built-in profiles and [`profile::load_dir`].
 //! - [`plan`]: coalescing due registers into read requests (hole size, request size).
 //! - [`decode`]: register words to scaled `f64` values.
@@ -33,21 +35,20 @@
 //! - [`bus`]: one bus's task: link, requests, retries, resync, publishing.
 //! - [`events`]: every notable event of a bus or device, logged and counted.
 //! - [`tools`]: `wattbus modbus scan | read | set-address | set-baud` (one request at a time,
-//!   errors worded for the person at the bus).
+//!   errors worded for the person at the bus), by job: session, scan, read, configure.
 
 pub mod bus;
 pub mod config;
 pub mod decode;
 pub mod events;
+pub mod link;
 pub mod plan;
 pub mod profile;
 pub mod scheduler;
 pub mod timing;
 pub mod tools;
 
-use std::time::Duration;
-
-pub use config::Config;
+pub use config::{Config, Plan};
 
 use proto::{Filter, Segment};
 use runtime::Context;
@@ -65,41 +66,69 @@ pub enum Error {
     Delivery(#[from] DeliveryError),
 }
 
-/// Identity of the service on the bus.
-pub fn identity(config: &Config) -> Identity {
-    Identity {
-        service: seg("modbus-ingest"),
-        instance: config.instance.clone(),
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct ModbusIngest;
+
+impl runtime::Service for ModbusIngest {
+    const NAME: &'static str = "modbus-ingest";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str = "Modbus RTU/TCP meters (e.g. ORNO WE-515) polled into readings";
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
     }
 }
 
-/// Run every configured bus until shutdown.
-pub async fn run(config: Config, ctx: Context) -> Result<(), Error> {
+/// Identity of the service on the bus.
+pub fn identity(plan: &Plan) -> Identity {
+    Identity {
+        service: seg("modbus-ingest"),
+        instance: plan.instance.clone(),
+    }
+}
+
+/// Run every configured bus until shutdown. The caller resolves the section once
+/// ([`Config::resolve`]), so a config error is reported before anything starts.
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     ctx.clone()
-        .on_bus(&identity(&config), |bus| async move {
-            run_on(&bus, &config, &ctx).await
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
         })
         .await
 }
 
 /// Run on an existing bus connection (the demo shares one).
-pub async fn run_on(bus: &Bus, config: &Config, ctx: &Context) -> Result<(), Error> {
-    let specs = config.resolve(SECTION)?;
+pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> {
     let (meas, meas_task) = Producer::open(
         bus,
         &seg("meas"),
         &Filter::measurements(Some(&ctx.common.site), None),
-        &config.stream,
+        &plan.stream,
         &ctx.common.data_dir,
         ctx.shutdown.clone(),
     )?;
-    if specs.is_empty() {
+    if plan.buses.is_empty() {
         tracing::warn!("No [[modbus_ingest.buses]] configured; modbus-ingest has nothing to read.");
     }
     let ready = ctx.health.check("modbus-ingest");
-    let health_interval = Duration::from_millis(config.health_interval_ms);
+    let health_interval = plan.health_interval;
     let mut buses = tokio::task::JoinSet::new();
-    for spec in specs {
+    for spec in plan.buses.iter().cloned() {
         tracing::debug!(bus = %spec.name, devices = spec.devices.len(), "Starting bus.");
         buses.spawn(bus::run(
             spec,

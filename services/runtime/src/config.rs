@@ -141,6 +141,48 @@ pub fn resolve_secret(
     }
 }
 
+/// The variant an entry chose, as written: `protocol = "stream"` on `serial_ingest.ports[1]`.
+///
+/// One policy for every service: a key that only another variant uses (`host` on an RTU bus,
+/// `token` with InfluxDB's v1 API) is refused at start-up, naming the key and the choice it
+/// does not fit, rather than ignored. A key that is silently ignored is a setting the person
+/// believes is in force: a half-converted config would look right and do something else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant<'a> {
+    /// The entry that holds the choosing key, e.g. `modbus_ingest.buses[0]`.
+    pub at: &'a str,
+    /// The choosing key, e.g. `transport`.
+    pub selector: &'a str,
+    /// What the entry chose, as written in the file, e.g. `rtu`.
+    pub chosen: &'a str,
+}
+
+impl Variant<'_> {
+    /// Refuses `leaf` (relative to [`Variant::at`], e.g. `host` or `channels[0].unit`) when it
+    /// is `set` and the chosen variant is not among `owners`, the variants that use it.
+    ///
+    /// Who may use a key is said once, as the list of its owners, so the check and the message
+    /// cannot disagree.
+    pub fn refuse_unless(&self, leaf: &str, set: bool, owners: &[&str]) -> Result<(), ConfigError> {
+        if !set || owners.contains(&self.chosen) {
+            return Ok(());
+        }
+        let quoted: Vec<String> = owners.iter().map(|o| format!("{o:?}")).collect();
+        let owners = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => "no variant".to_string(),
+        };
+        Err(ConfigError::new(
+            format!("{}.{leaf}", self.at),
+            format!(
+                "belongs to {} = {owners}; {}.{} is {:?}",
+                self.selector, self.at, self.selector, self.chosen
+            ),
+        ))
+    }
+}
+
 fn optional_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     proto::deserialize_text(d).map(Some)
 }
@@ -797,6 +839,83 @@ mod tests {
         let missing =
             resolve_secret("demo.token", None, Some(&dir.path().join("nope"))).unwrap_err();
         assert_eq!(missing.key, "demo.token_file");
+    }
+
+    #[test]
+    fn a_key_of_another_variant_is_refused_naming_the_key_and_the_choice() {
+        let bus = Variant {
+            at: "demo.buses[0]",
+            selector: "transport",
+            chosen: "rtu",
+        };
+        assert_eq!(bus.refuse_unless("host", false, &["tcp"]), Ok(()));
+        assert_eq!(bus.refuse_unless("path", true, &["rtu"]), Ok(()));
+        assert_eq!(
+            bus.refuse_unless("baud", true, &["rtu", "rtu-over-tcp"]),
+            Ok(())
+        );
+        let e = bus
+            .refuse_unless("host", true, &["tcp", "rtu-over-tcp"])
+            .unwrap_err();
+        assert_eq!(e.key, "demo.buses[0].host");
+        assert_eq!(
+            e.reason,
+            "belongs to transport = \"tcp\" or \"rtu-over-tcp\"; demo.buses[0].transport is \"rtu\""
+        );
+        let e = bus.refuse_unless("x", true, &["a", "b", "c"]).unwrap_err();
+        assert_eq!(
+            e.reason,
+            "belongs to transport = \"a\", \"b\" or \"c\"; demo.buses[0].transport is \"rtu\""
+        );
+    }
+
+    #[test]
+    fn a_refused_key_points_at_the_file() {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        struct Link {
+            kind: String,
+            host: Option<String>,
+        }
+        struct LinkService;
+        impl crate::Service for LinkService {
+            const NAME: &'static str = "link";
+            const SECTION: &'static str = "link";
+            const ABOUT: &'static str = "A section for this test.";
+            type Config = Link;
+            type Plan = Link;
+            type Error = std::io::Error;
+
+            fn resolve(config: Link, section: &str) -> Result<Link, ConfigError> {
+                Variant {
+                    at: section,
+                    selector: "kind",
+                    chosen: &config.kind,
+                }
+                .refuse_unless("host", config.host.is_some(), &["tcp"])?;
+                Ok(config)
+            }
+
+            fn health_listen(_: &Link) -> Option<std::net::SocketAddr> {
+                None
+            }
+
+            async fn run(_: Link, _: crate::Context) -> Result<(), std::io::Error> {
+                Ok(())
+            }
+        }
+        let (_d, path) = file("[link]\nkind = \"serial\"\nhost = \"10.0.0.5\"\n");
+        let e = ConfigSource::load(Some(&path))
+            .unwrap()
+            .resolve::<LinkService>()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "config error in {}: key `link.host`: belongs to kind = \"tcp\"; link.kind is \"serial\"",
+                path.display()
+            )
+        );
     }
 
     #[test]

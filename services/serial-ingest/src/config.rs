@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use proto::Segment;
 use runtime::backoff::Backoff;
-use runtime::config::{ConfigError, JournalKind, StreamConfig};
+use runtime::config::{ConfigError, JournalKind, StreamConfig, Variant};
 use serde::Deserialize;
 
 use crate::protocol::Calibration;
@@ -435,48 +435,33 @@ impl PortConfig {
             return Err(err(key, "max_line_bytes", "must be between 16 and 1048576"));
         }
         let p = self.protocol;
-        let only = |leaf: &str, set: bool, owner: &str| {
-            if set {
-                Err(err(
-                    key,
-                    leaf,
-                    format!(
-                        "belongs to protocol = {owner}; this port is protocol = \"{}\"",
-                        p.as_str()
-                    ),
-                ))
-            } else {
-                Ok(())
-            }
+        let protocol = Variant {
+            at: key,
+            selector: "protocol",
+            chosen: p.as_str(),
         };
-        let rr = p == Protocol::RequestResponse;
-        let st = p == Protocol::Stream;
-        only(
-            "poll_interval_ms",
-            !rr && self.poll_interval_ms.is_some(),
-            "\"request-response\"",
-        )?;
-        only(
-            "response_timeout_ms",
-            !rr && self.response_timeout_ms.is_some(),
-            "\"request-response\"",
-        )?;
-        only(
-            "max_silent_polls",
-            !rr && self.max_silent_polls.is_some(),
-            "\"request-response\"",
-        )?;
-        only(
-            "silence_timeout_ms",
-            rr && self.silence_timeout_ms.is_some(),
-            "\"stream\" or \"lines\"",
-        )?;
-        only(
-            "sample_rate_hz",
-            !st && self.sample_rate_hz.is_some(),
-            "\"stream\"",
-        )?;
-        only("frame_ms", !st && self.frame_ms.is_some(), "\"stream\"")?;
+        const RR: &str = Protocol::RequestResponse.as_str();
+        const ST: &str = Protocol::Stream.as_str();
+        const LI: &str = Protocol::Lines.as_str();
+        let checks: [(&str, bool, &[&str]); 6] = [
+            ("poll_interval_ms", self.poll_interval_ms.is_some(), &[RR]),
+            (
+                "response_timeout_ms",
+                self.response_timeout_ms.is_some(),
+                &[RR],
+            ),
+            ("max_silent_polls", self.max_silent_polls.is_some(), &[RR]),
+            (
+                "silence_timeout_ms",
+                self.silence_timeout_ms.is_some(),
+                &[ST, LI],
+            ),
+            ("sample_rate_hz", self.sample_rate_hz.is_some(), &[ST]),
+            ("frame_ms", self.frame_ms.is_some(), &[ST]),
+        ];
+        for (leaf, set, owners) in checks {
+            protocol.refuse_unless(leaf, set, owners)?;
+        }
         let silence_timeout_ms = self
             .silence_timeout_ms
             .unwrap_or(DEFAULT_SILENCE_TIMEOUT_MS);
@@ -488,7 +473,7 @@ impl PortConfig {
             ));
         }
         for (i, c) in self.channels.iter().enumerate() {
-            c.check_keys(&format!("{key}.channels[{i}]"), p)?;
+            c.check_keys(&format!("channels[{i}]"), &protocol)?;
         }
         let kind = match p {
             Protocol::RequestResponse => self.plan_request_response(key)?,
@@ -708,44 +693,36 @@ impl PortConfig {
 }
 
 impl ChannelConfig {
-    /// Refuse keys of another protocol.
-    fn check_keys(&self, key: &str, p: Protocol) -> Result<(), ConfigError> {
-        let rr = p == Protocol::RequestResponse;
-        let st = p == Protocol::Stream;
-        let li = p == Protocol::Lines;
-        let checks: [(&str, bool, bool); 16] = [
-            ("name", self.name.is_some(), rr || st),
-            ("adc_vref_v", self.adc_vref_v.is_some(), rr),
-            ("adc_counts", self.adc_counts.is_some(), rr),
-            ("offset_v", self.offset_v.is_some(), rr),
+    /// Refuses keys of another protocol; `at` is the channel's key under its port
+    /// (`channels[0]`), since the port holds the protocol.
+    fn check_keys(&self, at: &str, protocol: &Variant<'_>) -> Result<(), ConfigError> {
+        const RR: &str = Protocol::RequestResponse.as_str();
+        const ST: &str = Protocol::Stream.as_str();
+        const LI: &str = Protocol::Lines.as_str();
+        let checks: [(&str, bool, &[&str]); 16] = [
+            ("name", self.name.is_some(), &[RR, ST]),
+            ("adc_vref_v", self.adc_vref_v.is_some(), &[RR]),
+            ("adc_counts", self.adc_counts.is_some(), &[RR]),
+            ("offset_v", self.offset_v.is_some(), &[RR]),
             (
                 "sensitivity_v_per_a",
                 self.sensitivity_v_per_a.is_some(),
-                rr,
+                &[RR],
             ),
-            ("supply_v", self.supply_v.is_some(), rr),
-            ("max_amps", self.max_amps.is_some(), rr),
-            ("unit", self.unit.is_some(), st),
-            ("scale", self.scale.is_some(), st || li),
-            ("key", self.key.is_some(), li),
-            ("channel", self.channel.is_some(), li),
-            ("measurement", self.measurement.is_some(), li),
-            ("field", self.field.is_some(), li),
-            ("offset", self.offset.is_some(), li),
-            ("min", self.min.is_some(), li),
-            ("max", self.max.is_some(), li),
+            ("supply_v", self.supply_v.is_some(), &[RR]),
+            ("max_amps", self.max_amps.is_some(), &[RR]),
+            ("unit", self.unit.is_some(), &[ST]),
+            ("scale", self.scale.is_some(), &[ST, LI]),
+            ("key", self.key.is_some(), &[LI]),
+            ("channel", self.channel.is_some(), &[LI]),
+            ("measurement", self.measurement.is_some(), &[LI]),
+            ("field", self.field.is_some(), &[LI]),
+            ("offset", self.offset.is_some(), &[LI]),
+            ("min", self.min.is_some(), &[LI]),
+            ("max", self.max.is_some(), &[LI]),
         ];
-        for (leaf, set, allowed) in checks {
-            if set && !allowed {
-                return Err(err(
-                    key,
-                    leaf,
-                    format!(
-                        "does not apply to a protocol = \"{}\" port (see docs/serial-protocols.md)",
-                        p.as_str()
-                    ),
-                ));
-            }
+        for (leaf, set, owners) in checks {
+            protocol.refuse_unless(&format!("{at}.{leaf}"), set, owners)?;
         }
         Ok(())
     }
@@ -876,6 +853,10 @@ channels = [{ name = "ct1", unit = "a" }]
         )
         .unwrap_err();
         assert_eq!(e.key, "serial_ingest.ports[0].channels[0].unit");
+        assert_eq!(
+            e.reason,
+            "belongs to protocol = \"stream\"; serial_ingest.ports[0].protocol is \"request-response\""
+        );
         let e = parse(
             r#"
 [[serial_ingest.ports]]
@@ -887,6 +868,10 @@ poll_interval_ms = 200
         )
         .unwrap_err();
         assert_eq!(e.key, "serial_ingest.ports[0].poll_interval_ms");
+        assert_eq!(
+            e.reason,
+            "belongs to protocol = \"request-response\"; serial_ingest.ports[0].protocol is \"stream\""
+        );
     }
 
     #[test]

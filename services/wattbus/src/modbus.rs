@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use modbus_ingest::link::{Link, Parity};
 use modbus_ingest::profile::{Profiles, load_dir};
 use modbus_ingest::tools::{
-    self, BaudChanged, InputError, Link, Parity, Select, Session, WE515_ADDRESS_REGISTER,
-    WE515_BAUD_REGISTER,
+    self, BaudChanged, InputError, Select, Session, WE515_ADDRESS_REGISTER, WE515_BAUD_REGISTER,
 };
 use runtime::ConfigError;
 
@@ -165,9 +165,11 @@ impl LinkArgs {
                 stop_bits: self.stop_bits,
             }
         } else if let Some(addr) = &self.tcp {
-            Link::Tcp(host_port("--tcp", addr)?)
+            let (host, port) = host_port("--tcp", addr)?;
+            Link::Tcp { host, port }
         } else if let Some(addr) = &self.rtu_over_tcp {
-            Link::RtuOverTcp(host_port("--rtu-over-tcp", addr)?)
+            let (host, port) = host_port("--rtu-over-tcp", addr)?;
+            Link::RtuOverTcp { host, port }
         } else {
             unreachable!("exactly one link was checked above")
         };
@@ -175,12 +177,19 @@ impl LinkArgs {
     }
 }
 
-fn host_port(key: &str, addr: &str) -> anyhow::Result<String> {
-    match addr.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
-            Ok(addr.to_string())
-        }
-        _ => Err(usage(
+/// `HOST:PORT` split; an IPv6 address is written in brackets (`[::1]:502`).
+fn host_port(key: &str, addr: &str) -> anyhow::Result<(String, u16)> {
+    let split = addr.rsplit_once(':').and_then(|(host, port)| {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+        (!host.is_empty()).then(|| (host.to_string(), port))
+    });
+    match split {
+        Some(host_port) => Ok(host_port),
+        None => Err(usage(
             key,
             format!("{addr:?} is not HOST:PORT (e.g. 192.168.1.50:502)"),
         )),
@@ -389,11 +398,7 @@ async fn set_baud(args: LinkArgs, slave: u16, to: u32, yes: bool) -> anyhow::Res
             stop_bits,
             ..
         } => {
-            let parity = match parity {
-                Parity::None => "none",
-                Parity::Even => "even",
-                Parity::Odd => "odd",
-            };
+            let parity = parity.as_str();
             format!(
                 "wattbus modbus read --rtu {path} --baud {to} --parity {parity} --stop-bits \
                  {stop_bits} --slave {slave} --profile orno-we-515 --field frequency_hz"

@@ -52,15 +52,16 @@ impl Service {
                 ..Default::default()
             });
         }
-        let mut config: Config = ConfigSource::from_parts(None, Some(toml_text))
+        let config: Config = ConfigSource::from_parts(None, Some(toml_text))
             .unwrap()
             .section(SECTION)
             .unwrap();
-        config.instance = seg(&format!("mi-{site}"));
+        let mut plan = config.resolve(SECTION).unwrap();
+        plan.instance = seg(&format!("mi-{site}"));
         let (bus, bus_task) = Bus::connect(
             &bus_cfg,
             site,
-            &modbus_ingest::identity(&config),
+            &modbus_ingest::identity(&plan),
             &Health::default(),
         )
         .unwrap();
@@ -80,7 +81,7 @@ impl Service {
             shutdown,
         };
         let task = tokio::spawn(async move {
-            let r = modbus_ingest::run_on(&bus, &config, &ctx).await;
+            let r = modbus_ingest::run_on(&bus, &plan, &ctx).await;
             bus.close(bus_task).await;
             r
         });
