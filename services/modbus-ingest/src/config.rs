@@ -190,6 +190,20 @@ const fn default_backoff_max_ms() -> u64 {
     60_000
 }
 
+/// The section resolved: everything [`crate::run`] needs, checked.
+///
+/// Not to be confused with [`crate::plan`], which plans the read requests of a poll.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// MQTT client id and journal name.
+    pub instance: Segment,
+    pub stream: StreamConfig,
+    pub health_interval: Duration,
+    pub buses: Vec<BusSpec>,
+    /// `/healthz` and `/metrics` when run on its own.
+    pub health_listen: Option<SocketAddr>,
+}
+
 /// One device, resolved against its profile.
 #[derive(Debug, Clone)]
 pub struct DeviceSpec {
@@ -219,20 +233,6 @@ pub struct BusSpec {
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
     pub devices: Vec<DeviceSpec>,
-}
-
-/// The section resolved: everything [`crate::run`] needs, checked.
-///
-/// Not to be confused with [`crate::plan`], which plans the read requests of a poll.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// MQTT client id and journal name.
-    pub instance: Segment,
-    pub stream: StreamConfig,
-    pub health_interval: Duration,
-    pub buses: Vec<BusSpec>,
-    /// `/healthz` and `/metrics` when run on its own.
-    pub health_listen: Option<SocketAddr>,
 }
 
 impl Config {
