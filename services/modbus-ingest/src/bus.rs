@@ -34,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use proto::{Measurement, Quality, Segment, Topic};
 use runtime::Shutdown;
+use runtime::backoff::Retries;
 use runtime::delivery::{DeliveryError, Producer};
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
@@ -110,7 +111,7 @@ struct BusRunner {
     /// The scheduler's clock starts here.
     epoch: Instant,
     /// Failed opens in a row (for the reconnect backoff and to log an outage once).
-    open_failures: u32,
+    reopen: Retries,
     opened_before: bool,
     window: Window,
     window_start: Instant,
@@ -125,12 +126,8 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let epoch = Instant::now();
-    let scheduler = Scheduler::new(
-        spec.devices.clone(),
-        spec.backoff_min_ms,
-        spec.backoff_max_ms,
-        0,
-    );
+    let scheduler = Scheduler::new(spec.devices.clone(), spec.device_backoff, 0);
+    let reopen = Retries::new(spec.reconnect);
     let bus_name = spec.name.as_str().to_string();
     let mut runner = BusRunner {
         events: BusEvents::new(&bus_name),
@@ -148,7 +145,7 @@ pub async fn run(
         received: Arc::new(AtomicU64::new(0)),
         last_frame: epoch,
         epoch,
-        open_failures: 0,
+        reopen,
         opened_before: false,
         window: Window::default(),
         window_start: epoch,
@@ -202,26 +199,24 @@ impl BusRunner {
                 Ok(ctx) => {
                     self.conn = Some(ctx);
                     self.events.connected(!self.opened_before, &self.link);
-                    if self.open_failures > 0 {
+                    if self.reopen.failures() > 0 {
                         self.events.link_restored(&self.link);
                     }
                     self.opened_before = true;
-                    self.open_failures = 0;
+                    self.reopen.succeeded();
                     self.last_frame = Instant::now();
                     return true;
                 }
                 Err(e) => {
-                    self.open_failures += 1;
-                    let base = self.spec.reconnect_min.as_millis() as u64;
-                    let max = self.spec.reconnect_max.as_millis() as u64;
-                    let doublings = (self.open_failures - 1).min(20);
-                    let backoff = base.saturating_mul(1 << doublings).min(max);
-                    // Jitter in [backoff/2, backoff], so buses that failed together do not
-                    // retry in lockstep.
-                    let wait = backoff / 2 + fastrand::u64(0..=backoff / 2);
-                    self.events
-                        .link_failed(&e, &self.link, self.open_failures == 1, wait);
-                    let until = Instant::now() + Duration::from_millis(wait);
+                    let first = self.reopen.failures() == 0;
+                    let wait = self.reopen.failed();
+                    self.events.link_failed(
+                        &e,
+                        &self.link,
+                        first,
+                        u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    );
+                    let until = Instant::now() + wait;
                     loop {
                         tokio::select! {
                             biased;
@@ -291,7 +286,9 @@ impl BusRunner {
                     match open(&self.spec.link, self.received.clone(), self.spec.timeout).await {
                         Ok(ctx) => ctx,
                         Err(e) => {
-                            self.open_failures += 1;
+                            // Counted, not waited for: the reconnect loop waits before the
+                            // next attempt.
+                            let _wait = self.reopen.failed();
                             self.events.link_failed(&e, &self.link, true, 0);
                             return Outcome::LinkLost;
                         }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::Segment;
+use runtime::backoff::Backoff;
 use runtime::config::{ConfigError, StreamConfig, Variant};
 use serde::Deserialize;
 
@@ -228,10 +229,10 @@ pub struct BusSpec {
     pub silence: Duration,
     pub timeout: Duration,
     pub retries: u32,
-    pub reconnect_min: Duration,
-    pub reconnect_max: Duration,
-    pub backoff_min_ms: u64,
-    pub backoff_max_ms: u64,
+    /// Between attempts to open the link: `reconnect_min_ms` doubling to `reconnect_max_ms`.
+    pub reconnect: Backoff,
+    /// Of a device that stopped answering: `backoff_min_ms` doubling to `backoff_max_ms`.
+    pub device_backoff: Backoff,
     pub devices: Vec<DeviceSpec>,
 }
 
@@ -382,18 +383,18 @@ fn resolve_bus<'a>(
     if bus.retries > 10 {
         return Err(ConfigError::new(key("retries"), "must be at most 10"));
     }
-    if bus.reconnect_min_ms == 0 || bus.reconnect_min_ms > bus.reconnect_max_ms {
-        return Err(ConfigError::new(
-            key("reconnect_min_ms"),
-            "must be at least 1 and not above reconnect_max_ms",
-        ));
-    }
-    if bus.backoff_min_ms == 0 || bus.backoff_min_ms > bus.backoff_max_ms {
-        return Err(ConfigError::new(
-            key("backoff_min_ms"),
-            "must be at least 1 and not above backoff_max_ms",
-        ));
-    }
+    let reconnect = Backoff::from_config_ms(
+        &key("reconnect_min_ms"),
+        bus.reconnect_min_ms,
+        &key("reconnect_max_ms"),
+        bus.reconnect_max_ms,
+    )?;
+    let device_backoff = Backoff::from_config_ms(
+        &key("backoff_min_ms"),
+        bus.backoff_min_ms,
+        &key("backoff_max_ms"),
+        bus.backoff_max_ms,
+    )?;
     if let Some(m) = bus.max_registers
         && !(1..=MAX_READ_REGISTERS).contains(&m)
     {
@@ -502,10 +503,8 @@ fn resolve_bus<'a>(
         silence,
         timeout: Duration::from_millis(bus.timeout_ms),
         retries: bus.retries,
-        reconnect_min: Duration::from_millis(bus.reconnect_min_ms),
-        reconnect_max: Duration::from_millis(bus.reconnect_max_ms),
-        backoff_min_ms: bus.backoff_min_ms,
-        backoff_max_ms: bus.backoff_max_ms,
+        reconnect,
+        device_backoff,
         devices,
     })
 }

@@ -22,6 +22,8 @@
 
 use std::collections::BTreeMap;
 
+use runtime::backoff::{Backoff, Retries};
+
 use crate::config::DeviceSpec;
 use crate::plan::{PlanError, Request, plan};
 
@@ -39,7 +41,8 @@ struct Class {
 struct DeviceState {
     classes: Vec<Class>,
     /// Consecutive failed polls.
-    failures: u32,
+    /// Failed polls in a row, and the backoff they earned.
+    retries: Retries,
     /// While degraded: not polled before this.
     retry_at: Option<Millis>,
 }
@@ -85,18 +88,11 @@ pub struct Scheduler {
     devices: Vec<DeviceState>,
     /// Registers by device, for planning.
     specs: Vec<DeviceSpec>,
-    backoff_min: Millis,
-    backoff_max: Millis,
 }
 
 impl Scheduler {
     /// Every class of every device is due at `now` (the first poll reads everything).
-    pub fn new(
-        specs: Vec<DeviceSpec>,
-        backoff_min: Millis,
-        backoff_max: Millis,
-        now: Millis,
-    ) -> Self {
+    pub fn new(specs: Vec<DeviceSpec>, backoff: Backoff, now: Millis) -> Self {
         let devices = specs
             .iter()
             .map(|s| DeviceState {
@@ -111,16 +107,11 @@ impl Scheduler {
                         next_due: now,
                     })
                     .collect(),
-                failures: 0,
+                retries: Retries::new(backoff),
                 retry_at: None,
             })
             .collect();
-        Self {
-            devices,
-            specs,
-            backoff_min: backoff_min.max(1),
-            backoff_max: backoff_max.max(backoff_min),
-        }
+        Self { devices, specs }
     }
 
     pub fn specs(&self) -> &[DeviceSpec] {
@@ -174,8 +165,8 @@ impl Scheduler {
             return Transition::None;
         };
         if success {
-            let was = dev.failures > 0;
-            dev.failures = 0;
+            let was = dev.retries.failures() > 0;
+            dev.retries.succeeded();
             dev.retry_at = None;
             return if was {
                 Transition::Recovered
@@ -183,14 +174,11 @@ impl Scheduler {
                 Transition::None
             };
         }
-        dev.failures = dev.failures.saturating_add(1);
-        let doublings = (dev.failures - 1).min(32);
-        let backoff = self
-            .backoff_min
-            .saturating_mul(1u64 << doublings)
-            .min(self.backoff_max);
+        // Unjittered: the scheduler is pure and its tests pin exact times; devices of one bus
+        // share its line anyway, so there is no herd to spread.
+        let backoff = u64::try_from(dev.retries.failed_exactly().as_millis()).unwrap_or(u64::MAX);
         dev.retry_at = Some(now.saturating_add(backoff));
-        if dev.failures == 1 {
+        if dev.retries.failures() == 1 {
             Transition::Degraded
         } else {
             Transition::None
@@ -198,7 +186,9 @@ impl Scheduler {
     }
 
     pub fn is_degraded(&self, device: usize) -> bool {
-        self.devices.get(device).is_some_and(|d| d.failures > 0)
+        self.devices
+            .get(device)
+            .is_some_and(|d| d.retries.failures() > 0)
     }
 
     /// When a degraded device will be tried again.
@@ -225,6 +215,10 @@ mod tests {
     use super::*;
     use crate::profile::{Function, Profiles};
     use proto::Segment;
+
+    fn backoff(min_ms: u64, max_ms: u64) -> Backoff {
+        Backoff::from_config_ms("min", min_ms, "max", max_ms).unwrap()
+    }
     use std::sync::Arc;
 
     fn we515(name: &str, fast: u64, slow: u64) -> DeviceSpec {
@@ -271,7 +265,7 @@ mod tests {
 
     #[test]
     fn the_first_poll_reads_every_class_then_each_class_at_its_own_rate() {
-        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], 1000, 60_000, 0);
+        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], backoff(1000, 60_000), 0);
         let first = s.take_due(0).unwrap().unwrap();
         assert_eq!(first.classes, ["fast", "slow"]);
         assert_eq!(ranges(&first), [(0x0130, 0x015B), (0xA000, 0xA027)]);
@@ -299,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_late_bus_skips_missed_polls_instead_of_bursting() {
-        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], 1000, 60_000, 0);
+        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], backoff(1000, 60_000), 0);
         s.take_due(0).unwrap();
         // The bus was busy for 3.5 s: one poll now, the next one interval later.
         let p = s.take_due(3500).unwrap().unwrap();
@@ -312,8 +306,7 @@ mod tests {
     fn devices_take_turns_by_how_long_they_have_been_due() {
         let mut s = Scheduler::new(
             vec![we515("a", 1000, 60_000), we515("b", 1000, 60_000)],
-            1000,
-            60_000,
+            backoff(1000, 60_000),
             0,
         );
         let polls = simulate(&mut s, 5000, 100, |_, _| false);
@@ -330,8 +323,7 @@ mod tests {
     fn a_failing_device_is_backed_off_and_does_not_delay_the_other() {
         let mut s = Scheduler::new(
             vec![we515("off", 1000, 60_000), we515("on", 1000, 60_000)],
-            1000,
-            60_000,
+            backoff(1000, 60_000),
             0,
         );
         // "off" never answers: each poll costs a 500 ms timeout ×2 (one retry) = 1000 ms.
@@ -370,7 +362,7 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_and_cleared_by_a_success() {
-        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], 1000, 4000, 0);
+        let mut s = Scheduler::new(vec![we515("a", 1000, 60_000)], backoff(1000, 4000), 0);
         assert_eq!(s.report(0, 0, false), Transition::Degraded);
         assert_eq!(s.retry_at(0), Some(1000));
         assert_eq!(s.report(0, 1000, false), Transition::None);
