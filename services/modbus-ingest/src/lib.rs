@@ -54,6 +54,7 @@ use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
+use runtime::workers::Workers;
 
 /// The section name in the config file.
 pub const SECTION: &str = "modbus_ingest";
@@ -127,51 +128,30 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     }
     let ready = ctx.health.check("modbus-ingest");
     let health_interval = plan.health_interval;
-    let mut buses = tokio::task::JoinSet::new();
+    let mut buses = Workers::new("bus");
     for spec in plan.buses.iter().cloned() {
         tracing::debug!(bus = %spec.name, devices = spec.devices.len(), "Starting bus.");
-        buses.spawn(bus::run(
-            spec,
-            ctx.common.site.clone(),
-            meas.clone(),
-            health_interval,
-            ctx.shutdown.clone(),
-        ));
+        buses.spawn(
+            spec.name.as_str().to_string(),
+            bus::run(
+                spec,
+                ctx.common.site.clone(),
+                meas.clone(),
+                health_interval,
+                ctx.shutdown.clone(),
+            ),
+        );
     }
     ready.set(true);
-    // Bus tasks end at shutdown. A reading the journal refuses (disk full) does not end one:
-    // the producer logs, counts and reports it, and the next reading tries the journal again.
-    loop {
-        tokio::select! {
-            // Shutdown first: bus tasks end on it too, and one that ended because of it has
-            // not "ended before shutdown".
-            biased;
-            () = ctx.shutdown.wait() => break,
-            Some(ended) = buses.join_next() => bus_task_ended(ended, !ctx.shutdown.is_requested()),
-        }
-    }
-    while let Some(ended) = buses.join_next().await {
-        bus_task_ended(ended, false);
-    }
+    // A reading the journal refuses (disk full) does not end a bus task: the producer logs,
+    // counts and reports it, and the next reading tries the journal again.
+    buses.supervise(&ctx.shutdown).await;
     drop(meas);
     if let Err(e) = meas_task.await {
         tracing::warn!(error = %e, "Producer task ended abnormally.");
     }
     ready.set(false);
     Ok(())
-}
-
-fn bus_task_ended(ended: Result<(), tokio::task::JoinError>, early: bool) {
-    match ended {
-        Err(e) if e.is_cancelled() => {}
-        Err(e) => {
-            tracing::error!(error = %e, "A bus task ended abnormally; that bus's readings have stopped.");
-        }
-        Ok(()) if early => {
-            tracing::error!("A bus task ended before shutdown; that bus's readings have stopped.");
-        }
-        Ok(()) => {}
-    }
 }
 
 fn seg(s: &str) -> Segment {

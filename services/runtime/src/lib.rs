@@ -19,6 +19,8 @@
 //! - `service`: the [`Service`] trait, what the binary's service table lists.
 //! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
 //! - `telemetry`: logging setup and the Prometheus registry.
+//! - `workers`: a service's long-running tasks (per port, per bus) and the one policy that
+//!   watches them.
 //! - `health`: `/healthz` and `/metrics`.
 
 pub mod acks;
@@ -34,6 +36,7 @@ pub mod learned;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod workers;
 
 pub use config::{Common, ConfigError, ConfigSource, Secret};
 pub use health::Health;

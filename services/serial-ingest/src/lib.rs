@@ -36,6 +36,7 @@ use proto::{Filter, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
+use runtime::workers::Workers;
 
 /// The section name in the config file.
 pub const SECTION: &str = "serial_ingest";
@@ -126,33 +127,22 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         tracing::warn!("No [[serial_ingest.ports]] configured; serial-ingest has nothing to read.");
     }
     let ready = ctx.health.check("serial-ingest");
-    let mut ports = tokio::task::JoinSet::new();
+    let mut ports = Workers::new("serial port");
     for plan in plans {
         tracing::debug!(port = %plan.path, device = %plan.device, protocol = plan.kind.protocol().as_str(), "Starting port.");
-        ports.spawn(port::run(
-            plan,
-            ctx.common.site.clone(),
-            meas.clone(),
-            raw.clone(),
-            ctx.shutdown.clone(),
-        ));
+        ports.spawn(
+            plan.path.clone(),
+            port::run(
+                plan,
+                ctx.common.site.clone(),
+                meas.clone(),
+                raw.clone(),
+                ctx.shutdown.clone(),
+            ),
+        );
     }
     ready.set(true);
-    // Port tasks end only at shutdown; one that ends before has a bug, and its readings stop.
-    loop {
-        tokio::select! {
-            // Shutdown first: port tasks end on it too, and one that ended because of it has
-            // not "ended before shutdown" (unbiased, a Ctrl-C logged that ERROR now and then).
-            biased;
-            () = ctx.shutdown.wait() => break,
-            // Checked again: a task seen to end in the same wake-up as a Ctrl-C (under load
-            // the ERROR below still showed now and then) ended because of it.
-            Some(ended) = ports.join_next() => port_task_ended(ended, !ctx.shutdown.is_requested()),
-        }
-    }
-    while let Some(ended) = ports.join_next().await {
-        port_task_ended(ended, false);
-    }
+    ports.supervise(&ctx.shutdown).await;
     drop(meas);
     drop(raw);
     for task in std::iter::once(meas_task).chain(raw_task) {
@@ -162,20 +152,6 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     }
     ready.set(false);
     Ok(())
-}
-
-fn port_task_ended(ended: Result<(), tokio::task::JoinError>, early: bool) {
-    match ended {
-        Err(e) => {
-            tracing::error!(error = %e, "A serial port task ended abnormally; that port's readings have stopped.");
-        }
-        Ok(()) if early => {
-            tracing::error!(
-                "A serial port task ended before shutdown; that port's readings have stopped."
-            );
-        }
-        Ok(()) => {}
-    }
 }
 
 fn seg(s: &str) -> Segment {
