@@ -213,12 +213,15 @@ fn a_full_disk_stops_no_producer_and_every_journaled_reading_is_delivered() {
         &sim_log,
     );
     let log = || strip_ansi(&std::fs::read_to_string(&sim_log).unwrap_or_default());
-    let labels = format!("producer=\"{id}\",stream=\"meas\"");
-    let m = |name: &str| metric(health, name, &labels);
+    let labels = "service=\"simulator\",stream=\"meas\"";
+    let m = |name: &str| metric(health, name, labels);
     let journaled = || {
         Some(
-            m("wattbus_produced_messages_total")?
-                + m("wattbus_deferred_messages_total").unwrap_or(0.0),
+            metric(
+                health,
+                "wattbus_messages_sent_total",
+                "service=\"simulator\"",
+            )? + m("wattbus_deferred_messages_total").unwrap_or(0.0),
         )
     };
     let segments_bytes = || -> u64 {

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use proto::{Implausible, Measurement};
-use runtime::events::LogLimit;
 use runtime::telemetry::Counter;
+use runtime::telemetry::LogLimit;
 
 /// A `good` reading with a value outside the plausible range of its unit, stored as
 /// `out_of_range`. WARN: handled (the value is kept, flagged), but a meter, a profile or a

@@ -637,6 +637,7 @@ async fn poll_loop(
                 let retry_in = subscription_answered(&inner, filter.as_deref(), failed);
                 if failed {
                     events::subscription_refused(
+                        id.service.as_str(),
                         id.instance.as_str(),
                         filter.as_deref(),
                         ack.pkid,
@@ -672,6 +673,7 @@ async fn poll_loop(
                 if by_broker {
                     let last = lock(&inner.last_publish).clone();
                     events::disconnected_by_broker(
+                        id.service.as_str(),
                         id.instance.as_str(),
                         last.as_ref()
                             .map(|(at, topic)| (topic.as_str(), at.elapsed())),
@@ -679,7 +681,7 @@ async fn poll_loop(
                 }
                 let first = reconnect.failures() == 0;
                 let delay = reconnect.failed();
-                events::bus_error(id.instance.as_str(), &e, delay, first);
+                events::bus_error(id.service.as_str(), id.instance.as_str(), &e, delay, first);
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = inner.close.notified() => break,
@@ -767,7 +769,7 @@ async fn route(inner: &Inner, cfg: &BusConfig, msg: Message) {
                         .await
                         .is_ok_and(|r| r.is_ok());
                 if !delivered {
-                    events::route_overflow(&filter);
+                    events::route_overflow(inner.service.as_str(), &filter);
                 }
             }
         }

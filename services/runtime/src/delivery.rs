@@ -26,7 +26,7 @@
 //! - Sinks are idempotent, so everything here is *at least once*: a replayed message keeps its
 //!   identity and timestamp, and storing it twice changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,12 +44,13 @@ use crate::acks::{AckTracker, Due, Forgot, Handed, RangeSet};
 use crate::bus::{Bus, BusError, Message, Overflow};
 use crate::config::{InboxConfig, StreamConfig};
 use crate::dead_letters::DeadLetterFile;
-use crate::events::{self, AckRefusal, RateLimit};
+use crate::events::{self, AckRefusal};
 use crate::health::ReadyFlag;
 use crate::journal::{Journal, JournalError, Record};
 use crate::learned;
 use crate::shutdown::Shutdown;
-use crate::telemetry::{Counter, Gauge};
+use crate::telemetry::core::Core;
+use crate::telemetry::{Counter, Gauge, LogLimit};
 
 /// Processor acknowledgements waiting for their output's fsync, at most.
 const MAX_WAITING_FOR_SYNC: usize = 100_000;
@@ -123,6 +124,43 @@ struct State {
     outage: Option<Outage>,
     /// fsync is failing: one ERROR per episode, not one per interval.
     sync_failing: bool,
+    /// When the records held were appended, roughly: the journal's age gauge.
+    append_times: AppendTimes,
+}
+
+/// When records were appended, one mark per second at most: the age of the oldest record a
+/// journal holds (`wattbus_journal_oldest_seconds`, at most a second too old) without a
+/// timestamp per record. Records found in the journal at start count from then.
+#[derive(Debug, Default)]
+struct AppendTimes {
+    marks: VecDeque<(u64, Instant)>,
+}
+
+impl AppendTimes {
+    fn appended(&mut self, seq: u64, now: Instant) {
+        if self
+            .marks
+            .back()
+            .is_none_or(|(_, t)| now.saturating_duration_since(*t) >= Duration::from_secs(1))
+        {
+            self.marks.push_back((seq, now));
+        }
+    }
+
+    /// The age of the oldest record held, `first`; marks of trimmed records are forgotten.
+    fn oldest(&mut self, first: Option<u64>, now: Instant) -> Duration {
+        let Some(first) = first else {
+            self.marks.clear();
+            return Duration::ZERO;
+        };
+        while self.marks.len() >= 2 && self.marks[1].0 <= first {
+            self.marks.pop_front();
+        }
+        match self.marks.front() {
+            Some((seq, t)) if *seq <= first => now.saturating_duration_since(*t),
+            _ => Duration::ZERO,
+        }
+    }
 }
 
 /// An episode of a journal refusing records.
@@ -155,11 +193,13 @@ struct Shared {
     epoch: watch::Receiver<u64>,
     cfg: StreamConfig,
     synced_tx: watch::Sender<u64>,
-    sent: Counter,
+    /// The service's core metrics (`sent`) and this stream's depth and age gauges.
+    core: Core,
     deferred: Counter,
     unjournaled: Counter,
     journal_bytes: Gauge,
     journal_records: Gauge,
+    journal_oldest: Gauge,
     /// Readiness check `journal:<producer>/<stream>`: false while the journal refuses records.
     ready: ReadyFlag,
     /// Ends a [`Producer::send_journaled`] waiting for the journal.
@@ -224,10 +264,22 @@ impl Producer {
         for group in learned_groups {
             tracker.learn(group.as_str(), first, now, RECONNECT_GRACE);
         }
-        let (p, st) = (producer.as_str().to_string(), stream.as_str().to_string());
-        let labels: [(&'static str, &str); 2] = [("producer", &p), ("stream", &st)];
+        // Labelled like the core metrics: by service and stream (a service's instances are
+        // its processes, which each serve their own /metrics).
+        let labels: [(&'static str, &str); 2] = [
+            ("service", bus.service().as_str()),
+            ("stream", stream.as_str()),
+        ];
         let appended = journal.last_seq().unwrap_or(0);
         let held = (journal.bytes(), journal.records());
+        // Records found at start are counted as old as this start: when they were appended
+        // before is not kept.
+        let mut append_times = AppendTimes::default();
+        if let Some(first) = journal.first_held() {
+            append_times.appended(first, Instant::now());
+        }
+        let core = Core::of(bus.service().as_str());
+        let (journal_records, journal_oldest) = core.journal(stream.as_str());
         let ready = bus.health().check(&format!(
             "journal:{}/{}",
             producer.as_str(),
@@ -243,6 +295,7 @@ impl Producer {
                 last_sync: Instant::now(),
                 outage: None,
                 sync_failing: false,
+                append_times,
             }),
             bus: bus.clone(),
             producer,
@@ -258,11 +311,7 @@ impl Producer {
                 "Messages journaled but not published at once because the broker was unreachable (replayed later).",
                 &labels,
             ),
-            sent: Counter::new(
-                "wattbus_produced_messages_total",
-                "Messages journaled and published.",
-                &labels,
-            ),
+            core,
             unjournaled: Counter::new(
                 "wattbus_unjournaled_messages_total",
                 "Messages the journal could not take (disk full or failing): published without a delivery guarantee if the broker was reachable, else lost.",
@@ -273,11 +322,8 @@ impl Producer {
                 "Bytes held by the journal.",
                 &labels,
             ),
-            journal_records: Gauge::new(
-                "wattbus_journal_records",
-                "Records held by the journal (not yet acknowledged by every sink group).",
-                &labels,
-            ),
+            journal_records,
+            journal_oldest,
             ready,
             shutdown: shutdown.clone(),
         });
@@ -393,7 +439,7 @@ impl Producer {
         let epoch = *s.epoch.borrow();
         let published = s.bus.publish_or_defer(topic, bytes).await;
         if published {
-            s.sent.inc();
+            s.core.sent.inc();
             s.state.lock().await.handed.record(seq, epoch);
         } else {
             s.deferred.inc();
@@ -444,12 +490,14 @@ impl Shared {
             Err(e) => return Err(self.refused(&mut st, e)),
         };
         if let Some(dropped) = dropped {
-            events::journal_dropped(self.stream.as_str(), &dropped);
+            events::journal_dropped(self.core.service(), self.stream.as_str(), &dropped);
             let ranges = st.journal.ranges();
             st.tracker.journal_changed(&ranges);
         }
         st.appended = seq;
-        st.tracker.published(Instant::now());
+        let now = Instant::now();
+        st.append_times.appended(seq, now);
+        st.tracker.published(now);
         if let Some(o) = st.outage.take() {
             events::journal_available_again(
                 self.stream.as_str(),
@@ -459,13 +507,13 @@ impl Shared {
             );
             self.ready.set(true);
         }
-        self.update_gauges(&st);
+        self.update_gauges(&mut st);
         Ok((seq, bytes))
     }
 
     fn refused(&self, st: &mut State, e: JournalError) -> Refused {
         if st.outage.is_none() {
-            events::journal_unavailable(self.stream.as_str(), &e);
+            events::journal_unavailable(self.core.service(), self.stream.as_str(), &e);
             self.ready.set(false);
             st.outage = Some(Outage {
                 since: Instant::now(),
@@ -478,9 +526,12 @@ impl Shared {
         Refused::Journal(e)
     }
 
-    fn update_gauges(&self, st: &State) {
+    fn update_gauges(&self, st: &mut State) {
         self.journal_bytes.set(st.journal.bytes() as f64);
         self.journal_records.set(st.journal.records() as f64);
+        let first = st.journal.first_held();
+        let oldest = st.append_times.oldest(first, Instant::now());
+        self.journal_oldest.set(oldest.as_secs_f64().floor());
     }
 }
 
@@ -506,7 +557,7 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
         let mut st = s.state.lock().await;
         match (&result, st.sync_failing) {
             (Err(e), false) => {
-                events::journal_sync_failed(s.stream.as_str(), e);
+                events::journal_sync_failed(s.core.service(), s.stream.as_str(), e);
                 st.sync_failing = true;
             }
             (Ok(()), true) => {
@@ -580,7 +631,7 @@ async fn drive(
             ("stream", s.stream.as_str()),
         ],
     );
-    let mut limit = RateLimit::new(REFUSAL_LOG_INTERVAL);
+    let limit = LogLimit::new(REFUSAL_LOG_INTERVAL);
     // Since the first connection: before it, no registration can have arrived.
     let mut connected_at: Option<Instant> = None;
     let mut warned_no_sink = false;
@@ -591,13 +642,13 @@ async fn drive(
             st.tracker.published(Instant::now());
             st.tracker.reconnected(Instant::now(), RECONNECT_GRACE);
         }
-        s.update_gauges(&st);
+        s.update_gauges(&mut st);
     }
     loop {
         tokio::select! {
             () = shutdown.wait() => break,
-            Some(msg) = acks.recv() => on_ack(&s, &msg, &malformed, &mut limit).await,
-            Some(msg) = registrations.recv() => on_registration(&s, &msg, &mut limit).await,
+            Some(msg) = acks.recv() => on_ack(&s, &msg, &malformed, &limit).await,
+            Some(msg) = registrations.recv() => on_registration(&s, &msg, &limit).await,
             Ok(()) = conn.changed() => {
                 let epoch = *conn.borrow_and_update();
                 let now = Instant::now();
@@ -626,7 +677,9 @@ async fn drive(
                     };
                     save_learned(&s, learned).await;
                 }
-                let st = s.state.lock().await;
+                let mut st = s.state.lock().await;
+                // The age gauge grows while nothing happens.
+                s.update_gauges(&mut st);
                 groups.set(st.tracker.len() as f64);
                 if !st.tracker.is_empty() {
                     warned_no_sink = false;
@@ -655,7 +708,7 @@ async fn drive(
 }
 
 /// Apply an acknowledgement, unless it is one no real sink of its group can have sent.
-async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &mut RateLimit) {
+async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &LogLimit) {
     let stream = s.stream.as_str();
     let Some(group) = proto::parse(&msg.topic)
         .filter(|p| p.kind == Kind::Ack)
@@ -666,7 +719,13 @@ async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &mut Rate
     if msg.retain {
         // Real sinks never retain acknowledgements; a retained one would be applied again on
         // every resubscription, to whatever records then carry those seqs.
-        events::ack_refused(stream, &msg.topic, AckRefusal::Retained, limit);
+        events::ack_refused(
+            s.core.service(),
+            stream,
+            &msg.topic,
+            AckRefusal::Retained,
+            limit,
+        );
         return;
     }
     let ack = match Ack::decode(&msg.payload) {
@@ -680,12 +739,24 @@ async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &mut Rate
     // With the broker's ACLs only the group's own user can publish on its topic; the payload
     // must agree with it.
     if ack.sink != group {
-        events::ack_refused(stream, &msg.topic, AckRefusal::SinkMismatch, limit);
+        events::ack_refused(
+            s.core.service(),
+            stream,
+            &msg.topic,
+            AckRefusal::SinkMismatch,
+            limit,
+        );
         return;
     }
     let mut st = s.state.lock().await;
     if !st.tracker.waits_for(group.as_str()) {
-        events::ack_refused(stream, &msg.topic, AckRefusal::NotWaitedFor, limit);
+        events::ack_refused(
+            s.core.service(),
+            stream,
+            &msg.topic,
+            AckRefusal::NotWaitedFor,
+            limit,
+        );
         return;
     }
     let journal = st.journal.ranges();
@@ -693,7 +764,13 @@ async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &mut Rate
     // count (deferred records during an outage, or anything a forger names).
     let published = st.handed.published(&ack.ranges);
     if overlap(&published, &journal) < overlap(&ack.ranges, &journal) {
-        events::ack_refused(stream, &msg.topic, AckRefusal::Unpublished, limit);
+        events::ack_refused(
+            s.core.service(),
+            stream,
+            &msg.topic,
+            AckRefusal::Unpublished,
+            limit,
+        );
     }
     if st
         .tracker
@@ -730,7 +807,7 @@ fn trim(s: &Shared, st: &mut State) {
 }
 
 /// Learn or forget a sink group from its (retained) registration.
-async fn on_registration(s: &Shared, msg: &Message, limit: &mut RateLimit) {
+async fn on_registration(s: &Shared, msg: &Message, limit: &LogLimit) {
     let stream = s.stream.as_str();
     let Some(group) = proto::parse(&msg.topic)
         .filter(|p| p.kind == Kind::Sink)
@@ -745,11 +822,23 @@ async fn on_registration(s: &Shared, msg: &Message, limit: &mut RateLimit) {
     } else {
         match SinkRegistration::decode(&msg.payload) {
             Err(_) => {
-                events::registration_refused(stream, &msg.topic, "malformed", limit);
+                events::registration_refused(
+                    s.core.service(),
+                    stream,
+                    &msg.topic,
+                    "malformed",
+                    limit,
+                );
                 return;
             }
             Ok(r) if r.group != group => {
-                events::registration_refused(stream, &msg.topic, "group_mismatch", limit);
+                events::registration_refused(
+                    s.core.service(),
+                    stream,
+                    &msg.topic,
+                    "group_mismatch",
+                    limit,
+                );
                 return;
             }
             Ok(r) => r
@@ -841,6 +930,7 @@ async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {
             continue;
         }
         events::replaying(
+            &s.core,
             s.stream.as_str(),
             &due.group,
             records.len(),
@@ -927,6 +1017,8 @@ pub struct Inbox<T> {
     site: Segment,
     /// Where dead letters are kept besides the dead-letter topic, if the owner keeps a file.
     dead_letter_file: Option<Arc<DeadLetterFile>>,
+    /// The service's `wattbus_messages_received_total`.
+    received: Counter,
     _payload: PhantomData<fn() -> T>,
 }
 
@@ -968,6 +1060,7 @@ impl<T: Sequenced> Inbox<T> {
             bus: bus.clone(),
             site: bus.site().clone(),
             dead_letter_file: None,
+            received: Core::of(bus.service().as_str()).received,
             _payload: PhantomData,
         };
         (inbox, task)
@@ -989,6 +1082,7 @@ impl<T: Sequenced> Inbox<T> {
     pub async fn recv(&mut self) -> Option<Delivery<T>> {
         loop {
             let msg = self.rx.recv().await?;
+            self.received.inc();
             match T::decode(&msg.payload) {
                 Ok(message) => {
                     if let Err(reason) = message.check_topic(&msg.topic) {

@@ -2,13 +2,12 @@
 //! `internal_events`): the log line is for the person at the terminal, the counter for the
 //! dashboard that notices at 3 a.m. that something is dropping.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::journal::{Damage, Dropped, JournalError, OpenReport};
-use crate::telemetry::Counter;
+use crate::telemetry::core::Core;
+use crate::telemetry::{Counter, LogLimit, chain};
 
 pub fn journal_opened(stream: &str, dir: &Path, report: &OpenReport) {
     if report.torn_segments > 0 {
@@ -82,7 +81,8 @@ fn journal_damaged(stream: &str, d: &Damage) {
 }
 
 /// The journal refused a record (disk full, I/O error): once per episode.
-pub fn journal_unavailable(stream: &str, error: &JournalError) {
+pub fn journal_unavailable(service: &str, stream: &str, error: &JournalError) {
+    Core::of(service).error("journal").inc();
     tracing::error!(
         stream,
         error = %chain(error),
@@ -102,7 +102,8 @@ pub fn journal_available_again(stream: &str, lasted: Duration, unjournaled: u64,
 }
 
 /// fsync of the journal failed: once per episode (it is tried again every interval).
-pub fn journal_sync_failed(stream: &str, error: &dyn std::error::Error) {
+pub fn journal_sync_failed(service: &str, stream: &str, error: &dyn std::error::Error) {
+    Core::of(service).error("journal").inc();
     tracing::error!(
         stream,
         error = %chain(error),
@@ -114,22 +115,8 @@ pub fn journal_sync_recovered(stream: &str) {
     tracing::warn!(stream, "The journal can be fsynced again.");
 }
 
-/// An error with its causes, `a: b: c`.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        source = e.source();
-    }
-    out
-}
-
-pub fn journal_dropped(stream: &str, d: &Dropped) {
+pub fn journal_dropped(service: &str, stream: &str, d: &Dropped) {
+    Core::of(service).error("journal_dropped").inc();
     Counter::new(
         "wattbus_journal_dropped_records_total",
         "Records dropped unacknowledged because the journal was full.",
@@ -146,13 +133,15 @@ pub fn journal_dropped(stream: &str, d: &Dropped) {
 }
 
 /// `waited` is how long the group has kept records waiting without acknowledging any.
-pub fn replaying(stream: &str, group: &str, records: usize, after: u64, waited: Duration) {
-    Counter::new(
-        "wattbus_replayed_records_total",
-        "Records published again because a sink group did not acknowledge them in time.",
-        &[("stream", stream), ("sink", group)],
-    )
-    .add(records as u64);
+pub fn replaying(
+    core: &Core,
+    stream: &str,
+    group: &str,
+    records: usize,
+    after: u64,
+    waited: Duration,
+) {
+    core.replayed(stream, group).add(records as u64);
     tracing::warn!(
         stream,
         sink = group,
@@ -161,41 +150,6 @@ pub fn replaying(stream: &str, group: &str, records: usize, after: u64, waited: 
         waited_s = waited.as_secs(),
         "No acknowledgement in time; publishing unacknowledged records again."
     );
-}
-
-/// At most one WARN per key and interval; the others are counted and reported with the next
-/// one, so a flood of forged messages cannot flood the log.
-#[derive(Debug)]
-pub struct RateLimit {
-    every: Duration,
-    last: BTreeMap<&'static str, (Instant, u64)>,
-}
-
-impl RateLimit {
-    pub fn new(every: Duration) -> Self {
-        Self {
-            every,
-            last: BTreeMap::new(),
-        }
-    }
-
-    /// `Some(suppressed since the last one)` if a WARN for `key` may be logged now.
-    pub fn allow(&mut self, key: &'static str, now: Instant) -> Option<u64> {
-        match self.last.get_mut(key) {
-            Some((at, suppressed)) if now.duration_since(*at) < self.every => {
-                *suppressed += 1;
-                None
-            }
-            Some((at, suppressed)) => {
-                *at = now;
-                Some(std::mem::take(suppressed))
-            }
-            None => {
-                self.last.insert(key, (now, 0));
-                Some(0)
-            }
-        }
-    }
 }
 
 /// Why an acknowledgement was not applied (the `reason` label).
@@ -225,7 +179,7 @@ impl AckRefusal {
     }
 }
 
-pub fn ack_refused(stream: &str, topic: &str, reason: AckRefusal, limit: &mut RateLimit) {
+pub fn ack_refused(service: &str, stream: &str, topic: &str, reason: AckRefusal, limit: &LogLimit) {
     Counter::new(
         "wattbus_refused_acks_total",
         "Acknowledgements (or parts of them) not applied: forged, stale, or from a group this stream does not wait for.",
@@ -235,7 +189,8 @@ pub fn ack_refused(stream: &str, topic: &str, reason: AckRefusal, limit: &mut Ra
     let reason_str = reason.as_str();
     match reason {
         AckRefusal::SinkMismatch | AckRefusal::Retained => {
-            if let Some(suppressed) = limit.allow(reason_str, Instant::now()) {
+            Core::of(service).error("refused_ack").inc();
+            if let Some(suppressed) = limit.allow_key(reason_str) {
                 tracing::warn!(
                     stream,
                     topic,
@@ -257,18 +212,20 @@ pub fn ack_refused(stream: &str, topic: &str, reason: AckRefusal, limit: &mut Ra
 }
 
 pub fn registration_refused(
+    service: &str,
     stream: &str,
     topic: &str,
     reason: &'static str,
-    limit: &mut RateLimit,
+    limit: &LogLimit,
 ) {
+    Core::of(service).error("refused_registration").inc();
     Counter::new(
         "wattbus_refused_registrations_total",
         "Sink registrations ignored because they were malformed or named another group than their topic.",
         &[("stream", stream), ("reason", reason)],
     )
     .inc();
-    if let Some(suppressed) = limit.allow(reason, Instant::now()) {
+    if let Some(suppressed) = limit.allow_key(reason) {
         tracing::warn!(
             stream,
             topic,
@@ -385,7 +342,14 @@ pub fn bus_connected(client_id: &str, reconnect: bool) {
     }
 }
 
-pub fn bus_error(client_id: &str, error: &dyn std::error::Error, retry_in: Duration, first: bool) {
+pub fn bus_error(
+    service: &str,
+    client_id: &str,
+    error: &dyn std::error::Error,
+    retry_in: Duration,
+    first: bool,
+) {
+    Core::of(service).error("bus").inc();
     Counter::new(
         "wattbus_bus_errors_total",
         "Broker connection errors.",
@@ -394,9 +358,9 @@ pub fn bus_error(client_id: &str, error: &dyn std::error::Error, retry_in: Durat
     .inc();
     let hint = "if this persists, check [bus] host, port, username and password";
     if first {
-        tracing::warn!(client_id, error = %error, retry_in_ms = retry_in.as_millis() as u64, hint, "Broker connection lost or refused; retrying.");
+        tracing::warn!(client_id, error = %chain(error), retry_in_ms = retry_in.as_millis() as u64, hint, "Broker connection lost or refused; retrying.");
     } else {
-        tracing::debug!(client_id, error = %error, retry_in_ms = retry_in.as_millis() as u64, "Still cannot reach the broker.");
+        tracing::debug!(client_id, error = %chain(error), retry_in_ms = retry_in.as_millis() as u64, "Still cannot reach the broker.");
     }
 }
 
@@ -404,27 +368,14 @@ pub fn bus_error(client_id: &str, error: &dyn std::error::Error, retry_in: Durat
 /// log it once per client in this interval (the counters count every one).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
-static REFUSED_SUBSCRIPTION_LOGGED: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
-static DISCONNECTED_LOGGED: Mutex<Option<HashMap<String, Instant>>> = Mutex::new(None);
-
-/// Whether a line for `client_id` is due (and if so, note it).
-fn due(logged: &Mutex<Option<HashMap<String, Instant>>>, client_id: &str) -> bool {
-    let mut logged = logged.lock().unwrap_or_else(|p| p.into_inner());
-    let logged = logged.get_or_insert_with(HashMap::new);
-    let now = Instant::now();
-    match logged.get(client_id) {
-        Some(at) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => false,
-        _ => {
-            logged.insert(client_id.to_string(), now);
-            true
-        }
-    }
-}
+static REFUSED_SUBSCRIPTION_LOG: LogLimit = LogLimit::new(REFUSAL_LOG_INTERVAL);
+static DISCONNECTED_LOG: LogLimit = LogLimit::new(REFUSAL_LOG_INTERVAL);
 
 /// The broker answered a SUBSCRIBE with a failure code: this service will not get that input.
 /// With wattbus's broker that is its ACL (the service's user and role do not allow the filter)
 /// or a filter limit.
 pub fn subscription_refused(
+    service: &str,
     client_id: &str,
     filter: Option<&str>,
     pkid: u16,
@@ -436,8 +387,9 @@ pub fn subscription_refused(
         &[("client", client_id)],
     )
     .inc();
+    Core::of(service).error("subscription_refused").inc();
     let filter = filter.unwrap_or("(unknown)");
-    if !due(&REFUSED_SUBSCRIPTION_LOGGED, client_id) {
+    if REFUSED_SUBSCRIPTION_LOG.allow_key(client_id).is_none() {
         return;
     }
     let retry_in_s = retry_in.map(|d| d.as_secs());
@@ -457,14 +409,19 @@ pub fn subscription_refused(
 /// The broker disconnected this service on purpose (MQTT DISCONNECT). rumqttd does that when
 /// it refuses a publish: then `last_publish` (topic, how long ago) is most likely the topic its
 /// ACL refused. The service reconnects and, if it publishes there again, is disconnected again.
-pub fn disconnected_by_broker(client_id: &str, last_publish: Option<(&str, Duration)>) {
+pub fn disconnected_by_broker(
+    service: &str,
+    client_id: &str,
+    last_publish: Option<(&str, Duration)>,
+) {
+    Core::of(service).error("refused_publish").inc();
     Counter::new(
         "wattbus_bus_disconnected_by_broker_total",
         "Times the broker closed this service's connection on purpose (a refused publish).",
         &[("client", client_id)],
     )
     .inc();
-    if !due(&DISCONNECTED_LOGGED, client_id) {
+    if DISCONNECTED_LOG.allow_key(client_id).is_none() {
         return;
     }
     match last_publish {
@@ -484,49 +441,14 @@ pub fn disconnected_by_broker(client_id: &str, last_publish: Option<(&str, Durat
     }
 }
 
-pub fn route_overflow(filter: &str) {
+pub fn route_overflow(service: &str, filter: &str) {
+    Core::of(service).error("overflow").inc();
     Counter::new("wattbus_bus_dropped_messages_total", "Incoming messages dropped because the consumer did not keep up (the delivery contract replays them).", &[("filter", filter)])
         .inc();
     tracing::warn!(
         filter,
         "Consumer is not keeping up; dropped an incoming message (it will be replayed by its producer)."
     );
-}
-
-/// Logs one event in a flood: the first, then at most one per `every`, each saying how many
-/// went unlogged since (a client can send thousands of bad messages a second; the counter
-/// counts every one, the log must stay readable).
-#[derive(Debug)]
-pub struct LogLimit {
-    every: Duration,
-    last: std::sync::Mutex<Option<std::time::Instant>>,
-    unlogged: std::sync::atomic::AtomicU64,
-}
-
-impl LogLimit {
-    pub const fn new(every: Duration) -> Self {
-        Self {
-            every,
-            last: std::sync::Mutex::new(None),
-            unlogged: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(events not logged since the last line)` when this one is to be logged.
-    pub fn allow(&self) -> Option<u64> {
-        self.allow_at(std::time::Instant::now())
-    }
-
-    fn allow_at(&self, now: std::time::Instant) -> Option<u64> {
-        use std::sync::atomic::Ordering;
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| now.duration_since(t) < self.every) {
-            self.unlogged.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *last = Some(now);
-        Some(self.unlogged.swap(0, Ordering::Relaxed))
-    }
 }
 
 /// Bad incoming messages are logged at most once a minute per kind.
@@ -540,14 +462,17 @@ pub fn malformed(service: &str, topic: &str, error: &dyn std::error::Error, jour
         &[("service", service)],
     )
     .inc();
+    let core = Core::of(service);
+    core.error("malformed").inc();
+    core.dead_letters.inc();
     let Some(unlogged) = LOG.allow() else {
         return;
     };
     if journaled {
         // It came through a producer's journal: a reading that this sink will not store.
-        tracing::error!(service, topic, error = %error, unlogged, "A journaled message cannot be read (a newer producer?); sent to the dead-letter topic and acknowledged, not stored.");
+        tracing::error!(service, topic, error = %chain(error), unlogged, "A journaled message cannot be read (a newer producer?); sent to the dead-letter topic and acknowledged, not stored.");
     } else {
-        tracing::warn!(service, topic, error = %error, unlogged, "Malformed message; sent to the dead-letter topic.");
+        tracing::warn!(service, topic, error = %chain(error), unlogged, "Malformed message; sent to the dead-letter topic.");
     }
 }
 
@@ -559,6 +484,9 @@ pub fn mislabelled(service: &str, topic: &str, reason: &str, journaled: bool) {
         &[("service", service)],
     )
     .inc();
+    let core = Core::of(service);
+    core.error("mislabelled").inc();
+    core.dead_letters.inc();
     let Some(unlogged) = LOG.allow() else {
         return;
     };
@@ -580,26 +508,5 @@ pub fn mislabelled(service: &str, topic: &str, reason: &str, journaled: bool) {
             unlogged,
             "A message names another identity than its topic; dead-lettered, not stored."
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flood_is_logged_once_per_interval_with_the_count_of_the_rest() {
-        let limit = LogLimit::new(Duration::from_secs(60));
-        let t0 = std::time::Instant::now();
-        assert_eq!(limit.allow_at(t0), Some(0), "the first is logged");
-        for s in 1..=59 {
-            assert_eq!(limit.allow_at(t0 + Duration::from_secs(s)), None);
-        }
-        assert_eq!(
-            limit.allow_at(t0 + Duration::from_secs(60)),
-            Some(59),
-            "the next line says how many went unlogged"
-        );
-        assert_eq!(limit.allow_at(t0 + Duration::from_secs(61)), None);
     }
 }

@@ -747,6 +747,20 @@ impl Journal {
         }
     }
 
+    /// The oldest seq held (not yet acknowledged), if any. Cheap (no allocation).
+    pub fn first_held(&self) -> Option<u64> {
+        let acked = self.acked_through;
+        match &self.store {
+            Store::Disk(d) => d
+                .segments
+                .iter()
+                .flat_map(|s| s.ranges.iter())
+                .find(|r| r[1] > acked)
+                .map(|r| r[0].max(acked + 1)),
+            Store::Memory(m) => m.records.iter().map(|r| r.seq).find(|&seq| seq > acked),
+        }
+    }
+
     /// Records not yet acknowledged. Cheap (no allocation): called after every append to keep
     /// the gauges true.
     pub fn records(&self) -> u64 {

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 
 use serde::de::DeserializeOwned;
 
+use crate::telemetry::core::Core;
 use crate::{ConfigError, Context};
 
 /// A service `wattbus run <NAME>` starts.
@@ -27,6 +28,9 @@ pub trait Service: 'static {
     const SECTION: &'static str;
     /// One line for `wattbus run --help` and the docs.
     const ABOUT: &'static str;
+    /// The kinds of `wattbus_errors_total` this service reports besides the runtime's
+    /// ([`crate::telemetry::core::RUNTIME_ERROR_KINDS`]); all are shown from the start at 0.
+    const ERROR_KINDS: &'static [&'static str] = &[];
 
     /// The section as written; an absent section is `Default`.
     type Config: DeserializeOwned + Default + Send;
@@ -43,4 +47,14 @@ pub trait Service: 'static {
 
     /// Run until `ctx.shutdown` fires or a fatal error.
     fn run(plan: Self::Plan, ctx: Context) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Run service `S` on `plan`: its core metrics registered (every family and error kind at
+/// 0, so dashboards see them before anything happens), `wattbus_up` 1 while it runs.
+pub async fn run<S: Service>(plan: S::Plan, ctx: Context) -> Result<(), S::Error> {
+    let core = Core::register(S::NAME, S::ERROR_KINDS);
+    core.up.set(1.0);
+    let result = S::run(plan, ctx).await;
+    core.up.set(0.0);
+    result
 }

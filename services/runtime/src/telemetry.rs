@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::config::{ConfigError, LogConfig, LogFormat};
 
+pub mod core;
+
 /// Install the global `tracing` subscriber. `RUST_LOG`, when set, overrides `log.level`.
 /// Calling it again (tests, the demo) keeps the first subscriber.
 ///
@@ -80,6 +82,17 @@ fn cell(
     family.series.entry(labels).or_default().clone()
 }
 
+/// Make family `name` known with no series yet: `/metrics` shows its HELP and TYPE, so a
+/// dashboard or alert written against it finds it before its first event.
+fn declare(name: &'static str, help: &'static str, kind: MetricType) {
+    let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    reg.families.entry(name).or_insert_with(|| Family {
+        help,
+        kind,
+        series: BTreeMap::new(),
+    });
+}
+
 /// A monotonically increasing count.
 #[derive(Clone, Debug)]
 pub struct Counter(Arc<AtomicU64>);
@@ -97,6 +110,10 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// [`declare`] a counter family.
+    pub fn declare(name: &'static str, help: &'static str) {
+        declare(name, help, MetricType::Counter);
+    }
 }
 
 /// A value that goes up and down (stored as f64 bits).
@@ -112,6 +129,10 @@ impl Gauge {
     }
     pub fn get(&self) -> f64 {
         f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    /// [`declare`] a gauge family.
+    pub fn declare(name: &'static str, help: &'static str) {
+        declare(name, help, MetricType::Gauge);
     }
 }
 
@@ -152,9 +173,149 @@ pub fn render() -> String {
     out
 }
 
+/// An error with its causes, `a: b: c` (a cause already in the text is not repeated): how
+/// every wattbus log line shows an error.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// Most keys one [`LogLimit`] remembers; past it the longest quiet is forgotten (and logs
+/// again when it recurs).
+const LOG_LIMIT_KEYS: usize = 256;
+
+/// How wattbus logs a flood: per key (a port, a reason, a client), the first event, then at
+/// most one per `every`, each line saying how many went unlogged since. Counters count every
+/// event; the log stays readable when a device garbles every line or a client sends thousands
+/// of forged messages a second. The one rate limiter of the workspace.
+#[derive(Debug)]
+pub struct LogLimit {
+    every: std::time::Duration,
+    keys: Mutex<Vec<(String, std::time::Instant, u64)>>,
+}
+
+impl LogLimit {
+    pub const fn new(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            keys: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `Some(events not logged since the last line)` when this one is to be logged.
+    pub fn allow(&self) -> Option<u64> {
+        self.allow_key("")
+    }
+
+    /// [`Self::allow`] for the events of `key` alone.
+    pub fn allow_key(&self, key: &str) -> Option<u64> {
+        self.allow_key_at(key, std::time::Instant::now())
+    }
+
+    fn allow_key_at(&self, key: &str, now: std::time::Instant) -> Option<u64> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, at, unlogged)) = keys.iter_mut().find(|(k, ..)| k == key) {
+            if now.saturating_duration_since(*at) < self.every {
+                *unlogged += 1;
+                return None;
+            }
+            *at = now;
+            return Some(std::mem::take(unlogged));
+        }
+        if keys.len() >= LOG_LIMIT_KEYS
+            && let Some(oldest) = keys
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, at, _))| *at)
+                .map(|(i, _)| i)
+        {
+            keys.swap_remove(oldest);
+        }
+        keys.push((key.to_string(), now, 0));
+        Some(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_flood_is_logged_once_per_interval_and_key_with_the_count_of_the_rest() {
+        let limit = LogLimit::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        assert_eq!(limit.allow_key_at("a", t0), Some(0), "the first is logged");
+        assert_eq!(
+            limit.allow_key_at("b", t0),
+            Some(0),
+            "another key has its own"
+        );
+        for s in 1..=59 {
+            assert_eq!(limit.allow_key_at("a", t0 + Duration::from_secs(s)), None);
+        }
+        assert_eq!(
+            limit.allow_key_at("a", t0 + Duration::from_secs(60)),
+            Some(59),
+            "the next line says how many went unlogged"
+        );
+        assert_eq!(limit.allow_key_at("a", t0 + Duration::from_secs(61)), None);
+        assert_eq!(
+            limit.allow_key_at("b", t0 + Duration::from_secs(61)),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn many_keys_do_not_grow_it_without_bound() {
+        let limit = LogLimit::new(Duration::from_secs(60));
+        let t0 = std::time::Instant::now();
+        for i in 0..1000u64 {
+            assert_eq!(
+                limit.allow_key_at(&i.to_string(), t0 + Duration::from_millis(i)),
+                Some(0)
+            );
+        }
+        assert_eq!(limit.keys.lock().unwrap().len(), LOG_LIMIT_KEYS);
+        // The newest are remembered.
+        assert_eq!(limit.allow_key_at("999", t0 + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn a_cause_chain_is_one_line_without_repeats() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "cannot open /dev/ttyUSB0: No such file",
+            Some(Box::new(E(
+                "No such file",
+                Some(Box::new(E("os error 2", None))),
+            ))),
+        );
+        assert_eq!(
+            chain(&e),
+            "cannot open /dev/ttyUSB0: No such file: os error 2"
+        );
+    }
 
     #[test]
     fn counters_with_the_same_identity_share_a_cell_and_render() {

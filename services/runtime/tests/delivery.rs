@@ -416,7 +416,7 @@ fn replays(stream: &str, sink: &str) -> u64 {
     runtime::telemetry::Counter::new(
         "wattbus_replayed_records_total",
         "test",
-        &[("stream", stream), ("sink", sink)],
+        &[("service", "test"), ("stream", stream), ("sink", sink)],
     )
     .get()
 }

@@ -65,14 +65,18 @@ impl<S: Service> Entry for Of<S> {
         let plan = src.resolve::<S>()?;
         Ok(Box::pin(async move {
             serve_health(S::health_listen(&plan), &ctx).await?;
-            S::run(plan, ctx).await.map_err(anyhow::Error::from)
+            runtime::service::run::<S>(plan, ctx)
+                .await
+                .map_err(anyhow::Error::from)
         }))
     }
 
     fn embedded(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError> {
         let plan = src.resolve::<S>()?;
         Ok(Box::pin(async move {
-            S::run(plan, ctx).await.map_err(anyhow::Error::from)
+            runtime::service::run::<S>(plan, ctx)
+                .await
+                .map_err(anyhow::Error::from)
         }))
     }
 }
