@@ -29,6 +29,8 @@ pub trait Entry: Sync {
     fn section(&self) -> &'static str;
     /// One line for help and docs.
     fn about(&self) -> &'static str;
+    /// Its kinds of `wattbus_errors_total`, besides the runtime's.
+    fn error_kinds(&self) -> &'static [&'static str];
     /// Resolve its section as `run` would, and drop the plan: `config check`.
     fn check(&self, src: &ConfigSource) -> Result<(), ConfigError>;
     /// Resolve its section, and return the future that serves its health endpoint and runs it.
@@ -55,6 +57,10 @@ impl<S: Service> Entry for Of<S> {
 
     fn about(&self) -> &'static str {
         S::ABOUT
+    }
+
+    fn error_kinds(&self) -> &'static [&'static str] {
+        S::ERROR_KINDS
     }
 
     fn check(&self, src: &ConfigSource) -> Result<(), ConfigError> {
@@ -227,4 +233,124 @@ async fn serve_health(addr: Option<std::net::SocketAddr>, ctx: &Context) -> anyh
         tracing::info!(addr = %bound, "Serving /healthz and /metrics.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::telemetry::core::{self, RUNTIME_ERROR_KINDS};
+    use std::time::Instant;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap()
+    }
+
+    /// Every service of the table, run together on a real broker (the table's own), shows
+    /// every core metric under its name, its error kinds at 0 from the start, and readings
+    /// flowing counted in and out: one Grafana panel can show the health of all of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_service_of_the_table_emits_the_core_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, mqtt_v5) = (free_port(), free_port());
+        let toml = format!(
+            "site = \"lab\"\ndata_dir = \"{data}\"\n\
+             [bus]\nport = {mqtt}\nusername = \"admin\"\npassword = \"telemetry-test\"\nreconnect_min_ms = 50\n\
+             [broker]\nlisten = \"127.0.0.1:{mqtt}\"\nlisten_v5 = \"127.0.0.1:{mqtt_v5}\"\n\
+             [[broker.users]]\nusername = \"admin\"\npassword = \"telemetry-test\"\nrole = \"admin\"\n\
+             [simulator]\ninterval_ms = 50\n",
+            data = dir.path().display(),
+        );
+        let src = ConfigSource::from_parts(None, Some(&toml)).unwrap();
+        check_all(&src).unwrap();
+        let (trigger, shutdown) = runtime::shutdown::channel();
+        let ctx = Context {
+            common: src.common().unwrap(),
+            health: Health::default(),
+            shutdown,
+        };
+        let mut tasks = Vec::new();
+        for service in SERVICES {
+            let run = service.embedded(&src, ctx.clone()).unwrap();
+            tasks.push((service.name(), tokio::spawn(run)));
+        }
+
+        let text = runtime::telemetry::render;
+        let value = |name: &str, labels: &str| -> Option<f64> {
+            text()
+                .lines()
+                .find(|l| l.starts_with(&format!("{name}{{{labels}}} ")))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        };
+        let service = |s: &str| format!("service=\"{s}\"");
+        // Readings flow: the simulator's go out through its journal, the writer takes them in.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(value(core::SENT, &service("simulator")).is_some_and(|n| n > 0.0)
+            && value(core::RECEIVED, &service("influx-writer")).is_some_and(|n| n > 0.0))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no readings flowed between the simulator and influx-writer:\n{}",
+                text()
+            );
+            for (name, task) in &tasks {
+                assert!(!task.is_finished(), "{name} stopped:\n{}", text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        let metrics = text();
+        for name in core::NAMES {
+            assert!(
+                metrics.contains(&format!("# TYPE {name} ")),
+                "{name} is not declared"
+            );
+        }
+        for entry in SERVICES {
+            let s = service(entry.name());
+            assert_eq!(value(core::UP, &s), Some(1.0), "{s}: up");
+            for name in [core::RECEIVED, core::SENT, core::DEAD_LETTERS] {
+                assert!(value(name, &s).is_some(), "{s}: {name} missing:\n{metrics}");
+            }
+            for kind in RUNTIME_ERROR_KINDS.iter().chain(entry.error_kinds()) {
+                let labels = format!("{s},kind=\"{kind}\"");
+                assert!(
+                    value(core::ERRORS, &labels).is_some(),
+                    "{labels}: {} missing:\n{metrics}",
+                    core::ERRORS
+                );
+            }
+        }
+        // A producer's journal shows its depth and age.
+        assert!(
+            value(
+                core::JOURNAL_RECORDS,
+                "service=\"simulator\",stream=\"meas\""
+            )
+            .is_some()
+        );
+        assert!(
+            value(
+                core::JOURNAL_OLDEST,
+                "service=\"simulator\",stream=\"meas\""
+            )
+            .is_some()
+        );
+
+        trigger.fire();
+        for (name, task) in tasks {
+            let ended = tokio::time::timeout(Duration::from_secs(30), task).await;
+            assert!(
+                matches!(ended, Ok(Ok(Ok(())))),
+                "{name} did not stop cleanly: {ended:?}"
+            );
+            assert_eq!(
+                value(core::UP, &service(name)),
+                Some(0.0),
+                "{name}: up after stop"
+            );
+        }
+    }
 }
