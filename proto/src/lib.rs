@@ -2,7 +2,10 @@
 //!
 //! Services never build a topic string or a payload struct of their own: they call the
 //! constructors here, so a topic is always tied to the type it carries ([`Topic<T>`]) and a
-//! service cannot publish the wrong payload on it.
+//! service cannot publish the wrong payload on it. A reading's identity (site, device,
+//! channel: [`ReadingId`]) is written once: a producer builds the reading from it
+//! ([`Measurement::new`]) and publishes it on the topic built from the reading itself
+//! ([`Measurement::topic`], [`RawFrame::topic`]), so topic and payload cannot disagree.
 //!
 //! The tree is versioned: `wattbus/v1/<site>/<kind>/...`. A breaking change to a payload means a
 //! new version prefix, so old and new services can share one broker during an upgrade.
@@ -23,7 +26,8 @@
 //! *read*, never the time it was written.
 //!
 //! Layout:
-//! - `topic`: [`Segment`], typed [`Topic`] and [`Filter`], and [`parse`] for incoming topics.
+//! - `topic`: [`Segment`], [`ReadingId`] (a reading's site, device and channel), typed
+//!   [`Topic`] and [`Filter`], and [`parse`] for incoming topics.
 //! - `payload`: the [`Payload`] trait (encode, decode, validate, the topic a payload belongs
 //!   on) and every payload type.
 //! - `plausible`: the physical range of each unit, by field-name suffix, that sinks judge
@@ -39,11 +43,11 @@ pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
     MAX_PAYLOAD_BYTES, MAX_SINK_FILTERS, MAX_TAGS, Measurement, Origin, Payload, Quality,
     RESERVED_NAMES, RawChannel, RawFrame, Sequenced, ServiceState, SinkRegistration, Status,
-    now_ms,
+    check_field_name, now_ms,
 };
 pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};
 pub use topic::{
-    Filter, Kind, PREFIX, ParsedTopic, Segment, SegmentError, Topic, deserialize_text, everything,
-    filters_overlap, matches_filter as topic_matches, parse,
+    Filter, Kind, PREFIX, ParsedTopic, ReadingId, Segment, SegmentError, Topic, deserialize_text,
+    everything, filters_overlap, matches_filter as topic_matches, parse,
 };

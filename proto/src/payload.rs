@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::topic::{Kind, Segment, check_filter, parse};
+use crate::topic::{Kind, ReadingId, Segment, Topic, check_filter, parse};
 
 /// Largest payload any wattbus consumer decodes. Raw sample frames are the big ones: 3 channels
 /// × 4096 samples of JSON floats fit comfortably.
@@ -195,6 +195,43 @@ pub struct Measurement {
     pub tags: BTreeMap<Segment, Segment>,
 }
 
+impl Measurement {
+    /// A reading of `id`: its site, device and channel are `id`'s, and so is its
+    /// [`topic`](Self::topic). No origin (the producer's journal sets it) and no tags (set
+    /// them with `Measurement { tags, ..Measurement::new(..) }`).
+    pub fn new(
+        id: ReadingId,
+        measurement: Segment,
+        ts_ms: i64,
+        quality: Quality,
+        fields: BTreeMap<String, f64>,
+    ) -> Self {
+        let ReadingId {
+            site,
+            device,
+            channel,
+        } = id;
+        Self {
+            origin: None,
+            site,
+            device,
+            channel,
+            measurement,
+            ts_ms,
+            quality,
+            fields,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    /// The topic this reading belongs on, built from the identity it names: what a producer
+    /// publishes it on, so the topic and the payload always name the same device (the check
+    /// every sink makes, [`Payload::check_topic`]).
+    pub fn topic(&self) -> Topic<Measurement> {
+        Topic::measurement(&self.site, &self.device, &self.channel)
+    }
+}
+
 /// Most fields a measurement may carry; a meter profile with more splits them over channels.
 const MAX_FIELDS: usize = 64;
 
@@ -221,8 +258,10 @@ fn check_ts_ms(name: &str, ts: i64) -> Result<(), String> {
 }
 
 /// Field names are lower snake case and end in a unit, so they read the same in JSON, in
-/// InfluxDB and in Grafana.
-fn check_field_name(name: &str) -> Result<(), String> {
+/// InfluxDB and in Grafana. Public so that a service checks the field names of its config or
+/// profiles at start-up by the very rule a measurement is checked by when published, and a
+/// name it accepts is never refused later, reading after reading.
+pub fn check_field_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -375,6 +414,16 @@ pub struct RawChannel {
     /// Unit of the samples: `a`, `v`, or `adc` (uncalibrated counts).
     pub unit: Segment,
     pub samples: Vec<f32>,
+}
+
+impl RawFrame {
+    /// The topic this frame belongs on, built from the site and device it names: what a
+    /// producer publishes it on, so the two cannot differ (a processor labels what it
+    /// computes from a frame with the frame's device, and refuses a frame whose topic names
+    /// another).
+    pub fn topic(&self) -> Topic<RawFrame> {
+        Topic::raw(&self.site, &self.device)
+    }
 }
 
 /// Most samples per channel in one frame (a 1 MiB payload bound holds several channels).
@@ -1051,6 +1100,117 @@ mod tests {
             ts_ms: TS,
         };
         assert_eq!(ack.check_topic("anything"), Ok(()));
+    }
+
+    /// The constructor writes the identity once: the reading names it, its topic is built
+    /// from it, and what a sink checks on arrival (decode, topic, claimed origin) agrees.
+    #[test]
+    fn a_reading_built_from_an_identity_names_it_in_its_topic_and_its_payload() {
+        let id = ReadingId::new(seg("home"), seg("we515-1"), seg("main"));
+        let fields: BTreeMap<String, f64> = [
+            ("power_w".to_string(), -1234.5),
+            ("voltage_v".to_string(), 231.2),
+        ]
+        .into();
+        let mut m = Measurement {
+            tags: [(seg("tariff"), seg("t1"))].into(),
+            ..Measurement::new(id.clone(), seg("power"), TS, Quality::Good, fields)
+        };
+        assert_eq!(m.topic().as_str(), "wattbus/v1/home/meas/we515-1/main");
+        assert_eq!(m.topic().as_str(), id.topic().as_str());
+        assert_eq!(
+            (&m.site, &m.device, &m.channel),
+            (&id.site, &id.device, &id.channel)
+        );
+        let parsed = parse(m.topic().as_str()).unwrap();
+        assert_eq!(
+            (parsed.site, parsed.kind, parsed.rest),
+            (
+                seg("home"),
+                Kind::Measurement,
+                vec![seg("we515-1"), seg("main")]
+            )
+        );
+        // As the journal sends it: with an origin. The wire form is the one a reading built
+        // field by field had, byte for byte.
+        m.set_origin(Origin {
+            producer: seg("modbus-ingest"),
+            stream: seg("meas"),
+            seq: 42,
+        });
+        let bytes = m.encode().unwrap();
+        assert_eq!(bytes, measurement().encode().unwrap());
+        let got = Measurement::decode(&bytes).unwrap();
+        assert_eq!(got, m);
+        assert_eq!(got.check_topic(m.topic().as_str()), Ok(()));
+        assert_eq!(Origin::claimed(&bytes).as_ref(), got.origin.as_ref());
+        // A reading of another device is refused on this identity's topic, and its own topic
+        // is that device's.
+        let other = Measurement::new(
+            ReadingId::new(seg("home"), seg("we515-2"), seg("main")),
+            seg("power"),
+            TS,
+            Quality::Good,
+            [("power_w".to_string(), 1.0)].into(),
+        );
+        let why = other.check_topic(id.topic().as_str()).unwrap_err();
+        assert!(
+            why.contains("device \"we515-2\" (topic: \"we515-1\")"),
+            "{why}"
+        );
+        assert_eq!(other.topic().as_str(), "wattbus/v1/home/meas/we515-2/main");
+        assert_eq!(other.origin, None);
+        assert!(other.tags.is_empty());
+    }
+
+    #[test]
+    fn a_raw_frame_is_published_on_the_topic_of_its_own_device() {
+        let frame = RawFrame {
+            origin: None,
+            site: seg("home"),
+            device: seg("ct-2"),
+            start_ts_us: TS * 1000,
+            sample_rate_hz: 2000.0,
+            continues: false,
+            channels: vec![RawChannel {
+                channel: seg("a"),
+                unit: seg("a"),
+                samples: vec![1.0],
+            }],
+        };
+        assert_eq!(frame.topic().as_str(), "wattbus/v1/home/raw/ct-2");
+        let got = RawFrame::decode(&frame.encode().unwrap()).unwrap();
+        assert_eq!(got.check_topic(frame.topic().as_str()), Ok(()));
+        let mut moved = frame.clone();
+        moved.device = seg("ct-1");
+        assert!(got.check_topic(moved.topic().as_str()).is_err());
+    }
+
+    /// Services check their configured field names with this at start-up; a name it accepts
+    /// must never be refused when a reading carries it.
+    #[test]
+    fn the_field_name_check_is_the_one_measurements_are_decoded_by() {
+        for good in ["power_w", "energy_import_wh", "t1_c", &"a".repeat(64)] {
+            assert_eq!(check_field_name(good), Ok(()), "{good}");
+            let mut m = measurement();
+            m.fields = [(good.to_string(), 1.0)].into();
+            assert!(Measurement::decode(&m.encode().unwrap()).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Power",
+            "power W",
+            "1st_w",
+            "_w",
+            "power-w",
+            &"a".repeat(65),
+        ] {
+            let why = check_field_name(bad).unwrap_err();
+            assert!(why.contains("lower snake case"), "{bad:?}: {why}");
+            let mut m = measurement();
+            m.fields = [(bad.to_string(), 1.0)].into();
+            assert!(m.encode().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

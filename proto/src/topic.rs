@@ -149,6 +149,50 @@ impl schemars::JsonSchema for Segment {
     }
 }
 
+/// Whose readings: the site, device and channel of a measurement, which its topic and its
+/// payload both name.
+///
+/// Written once, here. A producer builds a reading from it with [`Measurement::new`] and
+/// publishes it on [`Measurement::topic`], so the topic and the payload cannot name two
+/// devices. Written twice, once into each, one slip at one call site would lose every reading
+/// of it: a sink refuses a reading whose payload names another identity than its topic
+/// ([`Payload::check_topic`]).
+///
+/// [`Payload::check_topic`]: crate::Payload::check_topic
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ReadingId {
+    pub site: Segment,
+    pub device: Segment,
+    pub channel: Segment,
+}
+
+impl ReadingId {
+    pub fn new(site: Segment, device: Segment, channel: Segment) -> Self {
+        Self {
+            site,
+            device,
+            channel,
+        }
+    }
+
+    /// The topic of this identity's readings.
+    ///
+    /// ```
+    /// use proto::{Kind, ReadingId, Segment};
+    /// let seg = |s: &str| Segment::new(s).unwrap();
+    /// let id = ReadingId::new(seg("home"), seg("we515-1"), seg("main"));
+    /// assert_eq!(id.topic().as_str(), "wattbus/v1/home/meas/we515-1/main");
+    /// let parsed = proto::parse(id.topic().as_str()).unwrap();
+    /// assert_eq!(
+    ///     (parsed.site, parsed.kind, parsed.rest),
+    ///     (id.site, Kind::Measurement, vec![id.device, id.channel])
+    /// );
+    /// ```
+    pub fn topic(&self) -> Topic<Measurement> {
+        Topic::measurement(&self.site, &self.device, &self.channel)
+    }
+}
+
 /// A concrete topic that carries `T`.
 pub struct Topic<T> {
     path: String,
@@ -189,12 +233,17 @@ impl<T> Topic<T> {
 }
 
 impl Topic<RawFrame> {
+    /// A producer publishes a frame on [`RawFrame::topic`], which is this one built from the
+    /// frame's own site and device.
     pub fn raw(site: &Segment, device: &Segment) -> Self {
         Self::build(site, Kind::Raw.as_str(), &[device])
     }
 }
 
 impl Topic<Measurement> {
+    /// A producer publishes a reading on [`Measurement::topic`] (or [`ReadingId::topic`]),
+    /// which is this one built from the reading's own identity; this one is for the topics a
+    /// test or a tool expects.
     pub fn measurement(site: &Segment, device: &Segment, channel: &Segment) -> Self {
         Self::build(site, Kind::Measurement.as_str(), &[device, channel])
     }

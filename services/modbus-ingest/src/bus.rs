@@ -30,9 +30,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use proto::{Measurement, Quality, Segment, Topic};
+use proto::{Measurement, Quality, ReadingId, Segment};
 use runtime::Shutdown;
 use runtime::backoff::Retries;
 use runtime::delivery::{DeliveryError, Producer};
@@ -312,7 +312,7 @@ impl BusRunner {
                     self.window.busy_s += self.busy(request.count, elapsed);
                     return Outcome::Words {
                         words,
-                        ts_ms: unix_ms(),
+                        ts_ms: proto::now_ms(),
                     };
                 }
                 Attempt::Exception(code) => {
@@ -473,22 +473,20 @@ impl BusRunner {
                 continue;
             }
             let m = Measurement {
-                origin: None,
-                site: self.site.clone(),
-                device: spec.name.clone(),
-                channel: channel.clone(),
-                measurement,
-                ts_ms: g.ts_ms,
-                quality: if g.incomplete {
-                    Quality::Error
-                } else {
-                    Quality::Good
-                },
-                fields: g.fields,
                 tags,
+                ..Measurement::new(
+                    ReadingId::new(self.site.clone(), spec.name.clone(), channel),
+                    measurement,
+                    g.ts_ms,
+                    if g.incomplete {
+                        Quality::Error
+                    } else {
+                        Quality::Good
+                    },
+                    g.fields,
+                )
             };
-            let topic = Topic::measurement(&self.site, &spec.name, &channel);
-            if sent(self.producer.send(&topic, m).await) {
+            if sent(self.producer.send(&m.topic(), m).await) {
                 self.devices[d].reading();
             }
         }
@@ -500,7 +498,7 @@ impl BusRunner {
         let wall = now.duration_since(self.window_start).as_secs_f64();
         let w = std::mem::take(&mut self.window);
         self.window_start = now;
-        let ts_ms = unix_ms();
+        let ts_ms = proto::now_ms();
         let health = seg("health");
         let totals = self.devices.iter().fold((0, 0, 0), |(r, t, e), d| {
             (
@@ -524,19 +522,14 @@ impl BusRunner {
         if wall > 0.0 {
             fields.insert("utilisation".into(), w.busy_s / wall);
         }
-        let m = Measurement {
-            origin: None,
-            site: self.site.clone(),
-            device: self.spec.name.clone(),
-            channel: health.clone(),
-            measurement: seg("modbus_bus"),
+        let m = Measurement::new(
+            ReadingId::new(self.site.clone(), self.spec.name.clone(), health.clone()),
+            seg("modbus_bus"),
             ts_ms,
-            quality: Quality::Good,
+            Quality::Good,
             fields,
-            tags: BTreeMap::new(),
-        };
-        let topic = Topic::measurement(&self.site, &self.spec.name, &health);
-        sent(self.producer.send(&topic, m).await);
+        );
+        sent(self.producer.send(&m.topic(), m).await);
         for (i, d) in self.devices.iter().enumerate() {
             let c = d.counts;
             let fields = BTreeMap::from([
@@ -555,23 +548,18 @@ impl BusRunner {
                     },
                 ),
             ]);
-            let name = &self.spec.devices[i].name;
-            let m = Measurement {
-                origin: None,
-                site: self.site.clone(),
-                device: name.clone(),
-                channel: health.clone(),
-                measurement: seg("modbus_device"),
+            let m = Measurement::new(
+                ReadingId::new(
+                    self.site.clone(),
+                    self.spec.devices[i].name.clone(),
+                    health.clone(),
+                ),
+                seg("modbus_device"),
                 ts_ms,
-                quality: Quality::Good,
+                Quality::Good,
                 fields,
-                tags: BTreeMap::new(),
-            };
-            sent(
-                self.producer
-                    .send(&Topic::measurement(&self.site, name, &health), m)
-                    .await,
             );
+            sent(self.producer.send(&m.topic(), m).await);
         }
     }
 }
@@ -608,12 +596,6 @@ fn classify(result: tokio_modbus::Result<Vec<u16>>) -> Attempt {
 
 fn exception_code(code: ExceptionCode) -> u8 {
     u8::from(code)
-}
-
-fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn seg(s: &str) -> Segment {

@@ -569,22 +569,11 @@ fn check_model_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// The same rule as `proto`'s measurement fields (checked again there on publish): lower snake
-/// case, so names read the same in JSON, InfluxDB and Grafana.
+/// `proto`'s rule for measurement fields, the one a reading is checked by on publish: a
+/// profile it accepts never yields a reading that is refused. With an example, for the person
+/// writing the profile.
 fn check_field_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "field name {name:?} must be lower snake case ([a-z][a-z0-9_]*, ≤64), e.g. \"power_w\""
-        ))
-    }
+    proto::check_field_name(name).map_err(|reason| format!("{reason}, e.g. \"power_w\""))
 }
 
 /// Units live in field names (`power_w`), and `unit` says the same thing, so a profile that

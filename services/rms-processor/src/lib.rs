@@ -441,8 +441,8 @@ impl Processor<'_> {
             .channels
             .into_iter()
             .map(|c| Channel {
-                name: c.channel.into(),
-                unit: c.unit.into(),
+                name: c.channel,
+                unit: c.unit,
                 samples: c.samples,
             })
             .collect();
@@ -539,13 +539,12 @@ impl Processor<'_> {
                     .implausible(w.device.as_str(), channel.as_str(), *power);
             }
             for (m, reason) in out.invalid {
-                let topic = Topic::measurement(self.site, &m.device, &m.channel);
                 let payload = serde_json::to_vec(&m).unwrap_or_default();
                 self.dead_letter(
                     w.device.as_str(),
                     "reading",
                     &reason,
-                    topic.as_str(),
+                    m.topic().as_str(),
                     &payload,
                 )
                 .await;
@@ -626,11 +625,10 @@ impl Processor<'_> {
         let mut sent = 0;
         let mut result: Result<(), Error> = Ok(());
         for m in &self.waiting {
-            let topic = Topic::measurement(self.site, &m.device, &m.channel);
             // A reading the journal cannot take (disk full) is waited for, never published
             // without a guarantee: its frames stay unacknowledged meanwhile, and the outbox
             // saved above still holds it should the process stop first.
-            match self.producer.send_journaled(&topic, m.clone()).await {
+            match self.producer.send_journaled(&m.topic(), m.clone()).await {
                 Ok(_) => sent += 1,
                 Err(DeliveryError::Encode(e)) => {
                     // `measure` checked it before counting its energy; kept for safety, so

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::{Measurement, Payload as _, Quality, Segment};
+use proto::{Measurement, Payload as _, Quality, ReadingId, Segment};
 
 use crate::config::Config;
 use crate::energy::Energy;
@@ -46,7 +46,7 @@ impl Basis {
 /// A channel's figures for one window, before energy is added.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reading {
-    pub channel: String,
+    pub channel: Segment,
     pub basis: Basis,
     /// `current_a`, `voltage_v`, `power_w`, `apparent_power_va`, `power_factor`, … (no energy).
     pub fields: BTreeMap<String, f64>,
@@ -59,24 +59,23 @@ pub struct Reading {
 /// Compute every channel of `w`, with the settings of the window's own device.
 pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> {
     let device = w.device.as_str();
-    let paired: Vec<&str> = w
+    let paired: Vec<&Segment> = w
         .channels
         .iter()
-        .filter_map(|c| cfg.channel(device, &c.name)?.voltage.as_ref())
-        .map(|v| v.as_str())
+        .filter_map(|c| cfg.channel(device, c.name.as_str())?.voltage.as_ref())
         .collect();
     let mut out = Vec::new();
     for c in &w.channels {
-        if paired.contains(&c.name.as_str()) {
+        if paired.contains(&&c.name) {
             continue;
         }
-        let cc = cfg.channel(device, &c.name);
+        let cc = cfg.channel(device, c.name.as_str());
         let scale = cc.map_or(1.0, |x| x.scale);
         let voltage = cc
             .and_then(|x| x.voltage.as_ref())
             .and_then(|v| w.channel(v.as_str()));
         let voltage_scale = voltage
-            .and_then(|v| cfg.channel(device, &v.name))
+            .and_then(|v| cfg.channel(device, v.name.as_str()))
             .map_or(1.0, |x| x.scale);
         let cal = Calibration {
             sample_rate_hz: w.sample_rate_hz,
@@ -93,7 +92,7 @@ pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> 
             continue;
         };
         let mut fields = BTreeMap::new();
-        let (basis, power) = if c.unit == "v" && voltage.is_none() {
+        let (basis, power) = if c.unit.as_str() == "v" && voltage.is_none() {
             fields.insert("voltage_v".to_string(), r.current_rms_a);
             (Basis::VoltageOnly, None)
         } else if let (Some(v), Some(p), Some(va)) =
@@ -157,32 +156,28 @@ pub fn measurements(
     let ts_ms = w.end_us.div_euclid(1000);
     let dt_s = w.duration_s();
     for r in window(cfg, w, scratch) {
-        let Ok(channel) = Segment::new(r.channel.clone()) else {
-            continue; // came from a Segment in the frame: cannot happen
-        };
         let power = r.power_for_energy;
         let plausible = power.is_none_or(|p| p.abs() <= MAX_PLAUSIBLE_POWER);
         let mut m = Measurement {
-            origin: None,
-            site: site.clone(),
-            device: w.device.clone(),
-            channel,
-            measurement: seg("power"),
-            ts_ms,
-            quality: if plausible {
-                Quality::Good
-            } else {
-                Quality::OutOfRange
-            },
-            fields: r.fields,
             tags: [(seg("power_basis"), seg(r.basis.tag()))].into(),
+            ..Measurement::new(
+                ReadingId::new(site.clone(), w.device.clone(), r.channel),
+                seg("power"),
+                ts_ms,
+                if plausible {
+                    Quality::Good
+                } else {
+                    Quality::OutOfRange
+                },
+                r.fields,
+            )
         };
         if let Err(reason) = m.validate() {
             out.invalid.push((m, reason));
             continue;
         }
         if let Some(p) = power {
-            let key = energy_key(w.device.as_str(), &r.channel, r.basis);
+            let key = energy_key(w.device.as_str(), m.channel.as_str(), r.basis);
             let c = energy.add(&key, if plausible { p } else { 0.0 }, dt_s, ts_ms);
             match r.basis {
                 Basis::NominalVoltage(_) => {
@@ -247,8 +242,8 @@ mod tests {
 
     fn chan(name: &str, unit: &str, samples: Vec<f32>) -> Channel {
         Channel {
-            name: name.into(),
-            unit: unit.into(),
+            name: seg(name),
+            unit: seg(unit),
             samples,
         }
     }

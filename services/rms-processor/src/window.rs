@@ -32,12 +32,13 @@ use std::collections::VecDeque;
 
 use proto::Segment;
 
-/// One channel of a frame, as received.
+/// One channel of a frame, as received. Its name stays the frame's [`Segment`]: it becomes
+/// the channel of the reading computed from it, with no conversion that could fail.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Channel {
-    pub name: String,
+    pub name: Segment,
     /// `a`, `v` or `adc`, as the producer labelled the samples.
-    pub unit: String,
+    pub unit: Segment,
     pub samples: Vec<f32>,
 }
 
@@ -65,7 +66,7 @@ impl Window {
     }
 
     pub fn channel(&self, name: &str) -> Option<&Channel> {
-        self.channels.iter().find(|c| c.name == name)
+        self.channels.iter().find(|c| c.name.as_str() == name)
     }
 }
 
@@ -85,8 +86,8 @@ pub struct Pushed {
 #[derive(Debug, Clone, PartialEq)]
 struct Layout {
     rate_hz: f64,
-    names: Vec<String>,
-    units: Vec<String>,
+    names: Vec<Segment>,
+    units: Vec<Segment>,
 }
 
 /// A frame held until the hole before it is filled (or the wait is over).
@@ -416,10 +417,14 @@ mod tests {
         Segment::new("ct-1").unwrap()
     }
 
+    fn seg(s: &str) -> Segment {
+        Segment::new(s).unwrap()
+    }
+
     fn ch(name: &str, samples: Vec<f32>) -> Vec<Channel> {
         vec![Channel {
-            name: name.into(),
-            unit: "a".into(),
+            name: seg(name),
+            unit: seg("a"),
             samples,
         }]
     }
@@ -703,13 +708,13 @@ mod tests {
         );
         let two = vec![
             Channel {
-                name: "ct1".into(),
-                unit: "a".into(),
+                name: seg("ct1"),
+                unit: seg("a"),
                 samples: vec![2.0; 2000],
             },
             Channel {
-                name: "v1".into(),
-                unit: "v".into(),
+                name: seg("v1"),
+                unit: seg("v"),
                 samples: vec![3.0; 2000],
             },
         ];

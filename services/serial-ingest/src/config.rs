@@ -389,16 +389,6 @@ fn finite(key: &str, leaf: &str, v: f64) -> Result<f64, ConfigError> {
     }
 }
 
-/// Lower snake case, as proto requires of field names (`[a-z][a-z0-9_]*`, at most 64).
-pub fn is_field_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
-
 /// The key charset of the `lines` protocol: `[A-Za-z0-9._-]{1,64}`.
 pub fn is_line_key(key: &str) -> bool {
     (1..=64).contains(&key.len())
@@ -648,7 +638,7 @@ impl PortConfig {
                     .map_err(|e| err(&ck, "key", format!("is not a valid channel name: {e}")))?,
             };
             let field = c.field.clone().unwrap_or_else(|| "value".into());
-            if !is_field_name(&field) {
+            if proto::check_field_name(&field).is_err() {
                 return Err(err(
                     &ck,
                     "field",

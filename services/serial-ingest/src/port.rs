@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use proto::{Measurement, Quality, RawChannel, RawFrame, Segment, Topic};
+use proto::{Measurement, Quality, RawChannel, RawFrame, ReadingId, Segment};
 use runtime::Shutdown;
 use runtime::backoff::Retries;
 use runtime::delivery::Producer;
@@ -36,11 +36,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Readings waiting for the publisher, per port.
 const QUEUE: usize = 1024;
 
-/// What a port hands its publisher.
+/// What a port hands its publisher; each goes out on the topic of the identity it names.
 #[derive(Debug)]
 enum Output {
-    Meas(Topic<Measurement>, Measurement),
-    Raw(Topic<RawFrame>, RawFrame),
+    Meas(Measurement),
+    Raw(RawFrame),
 }
 
 /// Why a session ended.
@@ -87,13 +87,13 @@ async fn publish(
 ) {
     while let Some(out) = rx.recv().await {
         match out {
-            Output::Meas(topic, m) => match meas.send(&topic, m).await {
+            Output::Meas(m) => match meas.send(&m.topic(), m).await {
                 Ok(_) => events.reading(),
                 Err(e) => events.send_failed(&e),
             },
-            Output::Raw(topic, f) => {
+            Output::Raw(f) => {
                 let Some(raw) = &raw else { continue };
-                match raw.send(&topic, f).await {
+                match raw.send(&f.topic(), f).await {
                     Ok(_) => events.frame(),
                     Err(e) => events.send_failed(&e),
                 }
@@ -426,31 +426,28 @@ impl Port {
         if r.out_of_range {
             self.events.out_of_range();
         }
-        let m = Measurement {
-            origin: None,
-            site: self.site.clone(),
-            device: self.plan.device.clone(),
-            channel: ch.name.clone(),
-            measurement: seg("current"),
-            ts_ms: read_ms,
-            quality: if r.out_of_range {
+        Output::Meas(Measurement::new(
+            self.reading_id(&ch.name),
+            seg("current"),
+            read_ms,
+            if r.out_of_range {
                 Quality::OutOfRange
             } else {
                 Quality::Good
             },
-            fields: [
+            [
                 ("current_a".to_string(), r.current_a),
                 ("power_w".to_string(), r.power_w),
                 ("sensor_v".to_string(), r.sensor_v),
                 ("adc_counts".to_string(), f64::from(r.adc_counts)),
             ]
             .into(),
-            tags: Default::default(),
-        };
-        Output::Meas(
-            Topic::measurement(&self.site, &self.plan.device, &ch.name),
-            m,
-        )
+        ))
+    }
+
+    /// The identity of this port's readings of `channel`: the port's device on this site.
+    fn reading_id(&self, channel: &Segment) -> ReadingId {
+        ReadingId::new(self.site.clone(), self.plan.device.clone(), channel.clone())
     }
 
     fn stream_line(&mut self, s: &mut StreamState, line: &str, read_ms: i64) -> Vec<Output> {
@@ -519,7 +516,7 @@ impl Port {
                     .collect(),
             })
             .collect();
-        let f = RawFrame {
+        Output::Raw(RawFrame {
             origin: None,
             site: self.site.clone(),
             device: self.plan.device.clone(),
@@ -527,8 +524,7 @@ impl Port {
             sample_rate_hz: s.rate_hz,
             continues: block.continues,
             channels,
-        };
-        Output::Raw(Topic::raw(&self.site, &self.plan.device), f)
+        })
     }
 
     fn sensor_line(&mut self, channels: &[LineChannel], line: &str, read_ms: i64) -> Vec<Output> {
@@ -583,21 +579,13 @@ impl Port {
                 if quality == Quality::OutOfRange {
                     self.events.out_of_range();
                 }
-                let m = Measurement {
-                    origin: None,
-                    site: self.site.clone(),
-                    device: self.plan.device.clone(),
-                    channel: channel.clone(),
+                Output::Meas(Measurement::new(
+                    self.reading_id(&channel),
                     measurement,
-                    ts_ms: read_ms,
+                    read_ms,
                     quality,
-                    fields: [(field, v)].into(),
-                    tags: Default::default(),
-                };
-                Output::Meas(
-                    Topic::measurement(&self.site, &self.plan.device, &channel),
-                    m,
-                )
+                    [(field, v)].into(),
+                ))
             })
             .collect()
     }

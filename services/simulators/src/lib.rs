@@ -29,7 +29,7 @@ pub use household::{Household, Reading};
 
 use std::time::Duration;
 
-use proto::{Filter, Measurement, Quality, Segment, Topic};
+use proto::{Filter, Measurement, Quality, ReadingId, Segment};
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{DeliveryError, Producer};
@@ -102,13 +102,17 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         &ctx.common.data_dir,
         ctx.shutdown.clone(),
     )?;
-    let mut houses: Vec<(Segment, Household)> = (0..config.devices)
+    // Each meter's identity, once: its readings and their topics are built from it.
+    let mut houses: Vec<(ReadingId, Household)> = (0..config.devices)
         .map(|i| {
-            let name = seg(&format!("{}-{}", config.device_prefix, i + 1));
-            (name, Household::new(u64::from(i) + 1))
+            let id = ReadingId::new(
+                ctx.common.site.clone(),
+                seg(&format!("{}-{}", config.device_prefix, i + 1)),
+                seg("main"),
+            );
+            (id, Household::new(u64::from(i) + 1))
         })
         .collect();
-    let channel = seg("main");
     let measurement = seg("power");
     // A simulated meter has nothing to read before the broker is there: its first readings
     // would only be journaled and replayed a few seconds later, which is the contract working
@@ -123,17 +127,14 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
             _ = tick.tick() => {}
         }
         let now_ms = proto::now_ms();
-        for (device, house) in &mut houses {
+        for (id, house) in &mut houses {
             let r = house.step(now_ms);
-            let m = Measurement {
-                origin: None,
-                site: ctx.common.site.clone(),
-                device: device.clone(),
-                channel: channel.clone(),
-                measurement: measurement.clone(),
-                ts_ms: now_ms,
-                quality: Quality::Good,
-                fields: [
+            let m = Measurement::new(
+                id.clone(),
+                measurement.clone(),
+                now_ms,
+                Quality::Good,
+                [
                     ("power_w".to_string(), r.power_w),
                     ("voltage_v".to_string(), r.voltage_v),
                     ("current_a".to_string(), r.current_a),
@@ -141,17 +142,15 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                     ("energy_wh".to_string(), r.energy_wh),
                 ]
                 .into(),
-                tags: Default::default(),
-            };
-            let topic = Topic::measurement(&ctx.common.site, device, &channel);
+            );
             // A meter goes on being read whatever happens to one reading: a journal that
             // refuses it (disk full) is logged once per episode, counted and reported on
             // /healthz by the producer, which tries again with the next reading.
-            match producer.send(&topic, m).await {
+            match producer.send(&m.topic(), m).await {
                 Ok(_) => {}
                 Err(e) if e.is_not_journaled() => {}
                 Err(e) => {
-                    tracing::error!(device = %device, error = %e, "Cannot send a simulated reading; it is lost.")
+                    tracing::error!(device = %id.device, error = %e, "Cannot send a simulated reading; it is lost.")
                 }
             }
         }
