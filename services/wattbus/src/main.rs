@@ -59,6 +59,9 @@ enum Command {
         #[command(subcommand)]
         command: modbus::Command,
     },
+    /// Print the service table as Markdown (docs/services.md holds it).
+    #[command(hide = true)]
+    Services,
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -114,6 +117,10 @@ fn main() -> ExitCode {
             Command::Config {
                 command: ConfigCommand::Check { file },
             } => check::run(file),
+            Command::Services => {
+                print!("{}", services::markdown());
+                Ok(())
+            }
         }
     });
     // Tasks left behind (the broker's listener threads) must not hold the exit.

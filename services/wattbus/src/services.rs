@@ -120,6 +120,33 @@ pub fn listing() -> String {
         .join("\n")
 }
 
+/// The table as Markdown, one row per service: `wattbus services` prints it, and
+/// docs/services.md holds it (a test keeps them equal).
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "| service | config section | what it does | its `wattbus_errors_total` kinds |\n|---|---|---|---|\n",
+    );
+    for s in SERVICES {
+        let kinds = if s.error_kinds().is_empty() {
+            "—".to_string()
+        } else {
+            s.error_kinds()
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        out.push_str(&format!(
+            "| `{}` | `[{}]` | {} | {} |\n",
+            s.name(),
+            s.section(),
+            s.about(),
+            kinds
+        ));
+    }
+    out
+}
+
 /// The config file to use: `--config`, else `$WATTBUS_CONFIG`, else the default path.
 pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
     flag.or_else(|| std::env::var_os("WATTBUS_CONFIG").map(PathBuf::from))
@@ -240,6 +267,32 @@ mod tests {
     use super::*;
     use runtime::telemetry::core::{self, RUNTIME_ERROR_KINDS};
     use std::time::Instant;
+
+    /// docs/services.md shows the table as it is (`wattbus services` prints it).
+    #[test]
+    fn the_docs_list_every_service_of_the_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/services.md");
+        let docs = std::fs::read_to_string(path).unwrap();
+        assert!(
+            docs.contains(&markdown()),
+            "docs/services.md is out of date; its table should be what `wattbus services` prints:\n{}",
+            markdown()
+        );
+        let core = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/metrics.md");
+        let core = std::fs::read_to_string(core).unwrap();
+        for name in runtime::telemetry::core::NAMES {
+            assert!(
+                core.contains(&format!("| `{name}` |")),
+                "docs/metrics.md lacks {name}"
+            );
+        }
+        for kind in runtime::telemetry::core::RUNTIME_ERROR_KINDS {
+            assert!(
+                core.contains(&format!("`{kind}`")),
+                "docs/metrics.md lacks kind {kind}"
+            );
+        }
+    }
 
     fn free_port() -> u16 {
         std::net::TcpListener::bind("127.0.0.1:0")
