@@ -363,7 +363,7 @@ impl SeqAllocator {
 }
 
 #[derive(Debug)]
-struct Segment {
+struct SegmentFile {
     path: PathBuf,
     /// Records in this file have seqs above this: the seq in its name minus one, or the last
     /// seq of the segment before it (a record at or below that is damage). Reads scan with it
@@ -376,7 +376,7 @@ struct Segment {
     records: u64,
 }
 
-impl Segment {
+impl SegmentFile {
     fn first(&self) -> u64 {
         self.ranges.first().map_or(0, |r| r[0])
     }
@@ -401,7 +401,7 @@ struct DiskJournal {
     dir: PathBuf,
     segment_bytes: u64,
     /// Closed segments first, the active one (if any) last.
-    segments: VecDeque<Segment>,
+    segments: VecDeque<SegmentFile>,
     /// Open for appending; `None` until the first append of this run or after a roll.
     active: Option<File>,
     /// A newest segment file left with no record (its only records torn off by a crash),
@@ -504,7 +504,7 @@ impl Journal {
             }
         };
         let last = match &store {
-            Store::Disk(d) => d.segments.back().map_or(0, Segment::last),
+            Store::Disk(d) => d.segments.back().map_or(0, SegmentFile::last),
             Store::Memory(_) => 0,
         };
         // A memory journal has nothing to trim at start; its `acked` file means nothing.
@@ -733,7 +733,7 @@ impl Journal {
 
     pub fn last_seq(&self) -> Option<u64> {
         match &self.store {
-            Store::Disk(d) => d.segments.back().map(Segment::last),
+            Store::Disk(d) => d.segments.back().map(SegmentFile::last),
             Store::Memory(m) => m.records.back().map(|r| r.seq),
         }
     }
@@ -1160,7 +1160,7 @@ impl DiskJournal {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let mut seg = Segment {
+            let mut seg = SegmentFile {
                 path: path.clone(),
                 floor,
                 ranges: Vec::new(),
@@ -1265,7 +1265,7 @@ impl DiskJournal {
                 let _best_effort = d.sync_all();
             }
             self.active = Some(file);
-            self.segments.push_back(Segment {
+            self.segments.push_back(SegmentFile {
                 path,
                 floor: seq - 1,
                 ranges: Vec::new(),
@@ -1310,7 +1310,7 @@ impl DiskJournal {
         Ok(())
     }
 
-    fn remove_oldest(&mut self) -> Result<Option<Segment>, JournalError> {
+    fn remove_oldest(&mut self) -> Result<Option<SegmentFile>, JournalError> {
         let Some(seg) = self.segments.pop_front() else {
             return Ok(None);
         };

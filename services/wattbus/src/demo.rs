@@ -15,7 +15,7 @@
 //! exactly as they would open `/dev/ttyUSB0`; rms-processor turns the streamed samples into RMS
 //! current, power and energy.
 //!
-//! The broker is a child process (module `broker`): if it fails, the services keep their
+//! The broker is a child process (module `child_broker`): if it fails, the services keep their
 //! journals, it is restarted, and they replay. Every service logs in as a broker user of its
 //! own, as in a real deployment (COMMON.md §1).
 //!
@@ -23,7 +23,7 @@
 //! and flush through the broker; then the simulated devices, so no service sees its device
 //! vanish while it is still running; then the broker.
 
-mod broker;
+mod child_broker;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -123,7 +123,7 @@ const CONSOLE: &str = "demo-console";
 const READER: &str = "reader";
 
 /// Each service's broker user (its client id, and for a sink its group) and role.
-fn users(writer_group: &Segment) -> anyhow::Result<Vec<broker::User>> {
+fn users(writer_group: &Segment) -> anyhow::Result<Vec<child_broker::Login>> {
     use broker::Role;
     [
         ("simulator", Role::Producer),
@@ -135,7 +135,7 @@ fn users(writer_group: &Segment) -> anyhow::Result<Vec<broker::User>> {
         (READER, Role::Reader),
     ]
     .into_iter()
-    .map(|(name, role)| broker::User::generate(name, role))
+    .map(|(name, role)| child_broker::Login::generate(name, role))
     .collect()
 }
 
@@ -143,7 +143,7 @@ fn users(writer_group: &Segment) -> anyhow::Result<Vec<broker::User>> {
 #[derive(Clone)]
 struct Services {
     ctx: Context,
-    users: Vec<broker::User>,
+    users: Vec<child_broker::Login>,
 }
 
 impl Services {
@@ -204,9 +204,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         users: users.clone(),
     };
 
-    let broker = broker::Supervised::start(
+    let broker = child_broker::Supervised::start(
         &data_dir.join("broker"),
-        broker::Ports {
+        child_broker::Ports {
             mqtt: port,
             mqtt_v5: free_port()?,
             health: free_port()?,

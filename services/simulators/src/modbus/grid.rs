@@ -56,11 +56,11 @@ impl Flow {
 
 /// The household: a seed shifts the phases so two meters on one bus read differently.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Household {
+pub(crate) struct GridLoad {
     phase: f64,
 }
 
-impl Household {
+impl GridLoad {
     pub(crate) fn new(seed: u64) -> Self {
         // Any spread of phases will do; a multiplicative hash keeps seeds 1 and 2 far apart.
         let phase = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;

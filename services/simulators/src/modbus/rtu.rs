@@ -31,7 +31,7 @@ use tokio::time::{Instant, timeout};
 use tokio_modbus::ExceptionCode;
 
 use super::bus::{Dispatch, MeterBus, Op, Reply};
-use crate::serial::{DriverError, Link, Port};
+use crate::serial::{DriverError, OpenPort, Port};
 
 /// The longest RTU frame (Modbus over serial line, 2.5.1.1): 256 bytes.
 const MAX_FRAME: usize = 256;
@@ -102,7 +102,7 @@ pub async fn serve_rtu(
     shutdown: Shutdown,
 ) -> Result<(), DriverError> {
     let line = Line {
-        wire: Wire::Serial(Link::open(port.into())?),
+        wire: Wire::Serial(OpenPort::open(port.into())?),
         pace: options.pace,
         bus,
         free_at: Instant::now(),
@@ -296,7 +296,7 @@ fn encode(unit: u8, fc: u8, reply: &Result<Reply, ExceptionCode>) -> Vec<u8> {
 
 /// Where the frames travel.
 enum Wire {
-    Serial(Link),
+    Serial(OpenPort),
     /// One connection to an RTU-over-TCP gateway; its end is the end of this line.
     Tcp {
         stream: TcpStream,
@@ -305,7 +305,7 @@ enum Wire {
 }
 
 impl Wire {
-    /// As [`Link::read`]: some bytes, or `None` while a PTY's host is not listening.
+    /// As [`OpenPort::read`]: some bytes, or `None` while a PTY's host is not listening.
     /// Cancel safe.
     async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, DriverError> {
         match self {

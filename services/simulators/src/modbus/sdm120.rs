@@ -25,7 +25,7 @@
 
 use tokio_modbus::ExceptionCode;
 
-use super::grid::{Household, Integrator};
+use super::grid::{GridLoad, Integrator};
 use super::we515::MAX_READ;
 
 /// Inclusive input-register blocks this model answers.
@@ -57,7 +57,7 @@ pub struct Sdm120Values {
 /// A simulated SDM120 on the same household model as [`We515`](super::We515).
 #[derive(Debug, Clone)]
 pub struct Sdm120 {
-    house: Household,
+    house: GridLoad,
     energy: Integrator<COUNTERS>,
     /// Register image as f32 by word address / 2 of each value.
     snapshot: [(u16, f32); 13],
@@ -69,7 +69,7 @@ impl Sdm120 {
     pub fn new(seed: u64, start_ms: i64) -> Self {
         let initial_kwh = 800.0 + 11.0 * (seed % 100) as f64;
         let mut meter = Self {
-            house: Household::new(seed),
+            house: GridLoad::new(seed),
             energy: Integrator::new(
                 start_ms,
                 [

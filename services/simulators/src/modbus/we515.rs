@@ -35,7 +35,7 @@
 
 use tokio_modbus::ExceptionCode;
 
-use super::grid::{Household, Integrator};
+use super::grid::{GridLoad, Integrator};
 
 /// Slave address register (writable).
 pub const REG_ADDRESS: u16 = 0x0110;
@@ -92,7 +92,7 @@ struct Snapshot {
 /// A simulated OR-WE-515. See the module doc for the map and the modelling choices.
 #[derive(Debug, Clone)]
 pub struct We515 {
-    house: Household,
+    house: GridLoad,
     energy: Integrator<COUNTERS>,
     snapshot: Snapshot,
     address: u8,
@@ -114,7 +114,7 @@ impl We515 {
         initial[6] = initial_kvarh * 600.0;
         initial[7] = initial_kvarh * 400.0;
         let mut meter = Self {
-            house: Household::new(seed),
+            house: GridLoad::new(seed),
             energy: Integrator::new(start_ms, initial),
             snapshot: Snapshot::default(),
             address: 1,

@@ -110,7 +110,7 @@ pub async fn run_powmon(
     port: impl Into<Port>,
     shutdown: Shutdown,
 ) -> Result<(), DriverError> {
-    let mut link = Link::open(port.into())?;
+    let mut link = OpenPort::open(port.into())?;
     let mut lines = LineBuf::default();
     let mut buf = [0u8; 256];
     loop {
@@ -149,7 +149,7 @@ pub async fn run_prime(
     port: impl Into<Port>,
     shutdown: Shutdown,
 ) -> Result<(), DriverError> {
-    let mut link = Link::open(port.into())?;
+    let mut link = OpenPort::open(port.into())?;
     let lines_per_s =
         f64::from(model.config().sample_rate_hz) / model.config().samples_per_line as f64;
     let max_backlog = (lines_per_s.ceil() as u64).max(1);
@@ -199,7 +199,7 @@ pub async fn run_sensor(
     port: impl Into<Port>,
     shutdown: Shutdown,
 ) -> Result<(), DriverError> {
-    let mut link = Link::open(port.into())?;
+    let mut link = OpenPort::open(port.into())?;
     let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut scratch = [0u8; 256];
@@ -219,7 +219,7 @@ pub async fn run_sensor(
 }
 
 /// An open port and what its errors mean (shared with the Modbus RTU server).
-pub(crate) struct Link {
+pub(crate) struct OpenPort {
     wire: Wire,
     /// For error messages.
     name: String,
@@ -232,7 +232,7 @@ enum Wire {
     Pty(PtyMaster),
 }
 
-impl Link {
+impl OpenPort {
     pub(crate) fn open(port: Port) -> Result<Self, DriverError> {
         match port {
             Port::Path { path, baud } => {
@@ -306,7 +306,7 @@ impl Link {
     }
 
     /// Whether anyone has the other end open, as far as the link knows: always on a port
-    /// opened by path (its loss is an error of [`Link::read`]); on a PTY master, whether the
+    /// opened by path (its loss is an error of [`OpenPort::read`]); on a PTY master, whether the
     /// host was there when last looked at. No system call.
     fn host_listening(&self) -> bool {
         match &self.wire {

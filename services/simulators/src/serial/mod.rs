@@ -20,7 +20,7 @@ mod powmon;
 mod prime;
 mod sensor;
 
-pub(crate) use driver::Link;
+pub(crate) use driver::OpenPort;
 pub use driver::{DriverError, Port, PtyDevice, pty_pair, run_powmon, run_prime, run_sensor};
 pub use powmon::{Load, PowMon, PowMonConfig, PowMonConfigError, PowMonFault, is_request};
 pub use prime::{

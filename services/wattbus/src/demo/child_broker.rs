@@ -26,6 +26,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use broker::Role;
 use runtime::Secret;
 use runtime::backoff::{Backoff, Retries};
 use runtime::telemetry::Counter;
@@ -48,36 +49,16 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a first start may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a demo user may do on the bus (COMMON.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Producer,
-    Processor,
-    Sink,
-    Reader,
-}
-
-impl Role {
-    fn as_str(self) -> &'static str {
-        match self {
-            Role::Producer => "producer",
-            Role::Processor => "processor",
-            Role::Sink => "sink",
-            Role::Reader => "reader",
-        }
-    }
-}
-
 /// One broker user of the demo and its generated password.
 #[derive(Debug, Clone)]
-pub struct User {
+pub struct Login {
     /// The service's client id; for a sink, its sink group.
     pub name: String,
     pub role: Role,
     pub password: Secret,
 }
 
-impl User {
+impl Login {
     pub fn generate(name: &str, role: Role) -> anyhow::Result<Self> {
         Ok(Self {
             name: name.to_string(),
@@ -117,7 +98,7 @@ pub struct Supervised {
 impl Supervised {
     /// Write the config into `dir`, start the broker, and return once it accepts
     /// connections; from then on it is restarted whenever it exits.
-    pub async fn start(dir: &Path, ports: Ports, users: &[User]) -> anyhow::Result<Self> {
+    pub async fn start(dir: &Path, ports: Ports, users: &[Login]) -> anyhow::Result<Self> {
         let config = write_config(dir, ports, users)?;
         let exe = std::env::current_exe().context("cannot find the wattbus binary")?;
         let mut child = spawn(&exe, &config)?;
@@ -287,7 +268,7 @@ fn spawn(exe: &Path, config: &Path) -> anyhow::Result<Child> {
 }
 
 /// The broker's config file (and a password file per user) in `dir`; returns its path.
-fn write_config(dir: &Path, ports: Ports, users: &[User]) -> anyhow::Result<PathBuf> {
+fn write_config(dir: &Path, ports: Ports, users: &[Login]) -> anyhow::Result<PathBuf> {
     let secrets = dir.join("users");
     for d in [dir, &secrets] {
         private_dir(d)?;
@@ -374,8 +355,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let broker_dir = dir.path().join("broker \"quoted\"");
         let users = [
-            User::generate("serial-ingest", Role::Producer).unwrap(),
-            User::generate("influx-writer", Role::Sink).unwrap(),
+            Login::generate("serial-ingest", Role::Producer).unwrap(),
+            Login::generate("influx-writer", Role::Sink).unwrap(),
         ];
         let ports = Ports {
             mqtt: 18830,
