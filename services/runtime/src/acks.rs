@@ -26,6 +26,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::backoff::Backoff;
+
 /// A set of u64 as disjoint inclusive ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RangeSet {
@@ -247,8 +249,8 @@ pub struct Due {
 #[derive(Debug, Clone)]
 pub struct AckTracker {
     groups: BTreeMap<String, Group>,
-    base_timeout: Duration,
-    max_timeout: Duration,
+    /// A group's replay timeout: `ack_timeout_ms`, doubling per round to `ack_timeout_max_ms`.
+    replay: Backoff,
 }
 
 impl AckTracker {
@@ -257,23 +259,18 @@ impl AckTracker {
     pub fn new<'a>(
         groups: impl IntoIterator<Item = &'a str>,
         journal_first: Option<u64>,
-        base_timeout: Duration,
-        max_timeout: Duration,
+        replay: Backoff,
     ) -> Self {
         let watermark = below(journal_first);
         let groups = groups
             .into_iter()
             .map(|g| {
-                let mut group = Group::new(watermark, base_timeout);
+                let mut group = Group::new(watermark, replay.min());
                 group.configured = true;
                 (g.to_string(), group)
             })
             .collect();
-        Self {
-            groups,
-            base_timeout,
-            max_timeout,
-        }
+        Self { groups, replay }
     }
 
     /// No group is waited for: there is no trim point.
@@ -369,7 +366,7 @@ impl AckTracker {
         advance(g, journal);
         let moved = g.watermark > before;
         if moved {
-            g.timeout = self.base_timeout;
+            g.timeout = self.replay.min();
             g.waiting_since = Some(now);
             g.stalled_since = Some(now);
         }
@@ -429,7 +426,7 @@ impl AckTracker {
                     after_reconnect: std::mem::take(&mut g.after_reconnect),
                 });
                 g.waiting_since = Some(now);
-                g.timeout = (g.timeout * 2).min(self.max_timeout);
+                g.timeout = self.replay.doubled(g.timeout);
             }
         }
         out
@@ -452,7 +449,7 @@ impl AckTracker {
     }
 
     fn due_in(&self, grace: Duration) -> Duration {
-        grace.min(self.max_timeout).max(Duration::from_millis(1))
+        grace.min(self.replay.max()).max(Duration::from_millis(1))
     }
 }
 
@@ -488,6 +485,10 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
+    fn policy(min: Duration, max: Duration) -> Backoff {
+        Backoff::new(min, max).unwrap()
+    }
+
     #[test]
     fn range_set_merges_and_answers() {
         let mut s = RangeSet::default();
@@ -509,7 +510,7 @@ mod tests {
     #[test]
     fn watermark_moves_only_over_a_contiguous_acknowledged_prefix() {
         let now = Instant::now();
-        let mut t = AckTracker::new(["influx"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["influx"], Some(1), policy(T, T * 30));
         let journal = [[1, 100]];
         // Out of order acks (a shared group, or a replay racing live data).
         assert!(!t.ack("influx", &[[51, 100]], &journal, now));
@@ -524,7 +525,7 @@ mod tests {
         let now = Instant::now();
         // Seqs 1..=10, then a restart jumped to 65_547.
         let journal = [[1, 10], [65_547, 65_550]];
-        let mut t = AckTracker::new(["s"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T * 30));
         t.ack("s", &[[1, 10]], &journal, now);
         assert_eq!(t.watermark("s"), Some(65_546));
         t.ack("s", &[[65_547, 65_550]], &journal, now);
@@ -535,7 +536,7 @@ mod tests {
     fn the_slowest_group_holds_the_trim_point_and_strangers_are_ignored() {
         let now = Instant::now();
         let journal = [[1, 10]];
-        let mut t = AckTracker::new(["a", "b"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["a", "b"], Some(1), policy(T, T * 30));
         t.ack("a", &[[1, 10]], &journal, now);
         t.ack("stranger", &[[1, 10]], &journal, now);
         assert_eq!(t.trim_point(), Some(0));
@@ -547,7 +548,7 @@ mod tests {
     fn overdue_groups_are_replayed_with_backoff_and_reset_on_progress() {
         let t0 = Instant::now();
         let journal = [[1, 10]];
-        let mut t = AckTracker::new(["s"], Some(1), T, T * 4);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T * 4));
         t.published(t0);
         assert!(t.overdue(Some(10), t0 + T / 2).is_empty());
         let due = t.overdue(Some(10), t0 + T);
@@ -571,7 +572,7 @@ mod tests {
     #[test]
     fn acks_beyond_the_journal_acknowledge_nothing_in_advance() {
         let now = Instant::now();
-        let mut t = AckTracker::new(["influx"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["influx"], Some(1), policy(T, T * 30));
         t.ack("influx", &[[1, 1_000_000]], &[[1, 10]], now);
         assert_eq!(t.watermark("influx"), Some(10));
         // 11..=20 are appended later and never acknowledged.
@@ -590,7 +591,7 @@ mod tests {
     #[test]
     fn the_reconnect_grace_holds_even_when_the_timeout_is_shorter() {
         let t0 = Instant::now();
-        let mut t = AckTracker::new(["s"], Some(1), Duration::from_millis(500), T);
+        let mut t = AckTracker::new(["s"], Some(1), policy(Duration::from_millis(500), T));
         t.published(t0);
         t.reconnected(t0, Duration::from_secs(2));
         assert!(t.overdue(Some(10), t0 + Duration::from_secs(1)).is_empty());
@@ -603,7 +604,7 @@ mod tests {
     #[test]
     fn dropped_records_let_the_watermark_pass() {
         let now = Instant::now();
-        let mut t = AckTracker::new(["s"], Some(1), T, T);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T));
         // The journal was full and dropped 1..=100; 101..=150 remain.
         t.journal_changed(&[[101, 150]]);
         assert_eq!(t.watermark("s"), Some(100));
@@ -614,7 +615,7 @@ mod tests {
     #[test]
     fn reconnect_makes_waiting_groups_due_after_the_grace() {
         let t0 = Instant::now();
-        let mut t = AckTracker::new(["s"], Some(1), T, T);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T));
         t.published(t0);
         let t1 = t0 + Duration::from_secs(1);
         t.reconnected(t1, Duration::from_secs(2));
@@ -631,7 +632,7 @@ mod tests {
     #[test]
     fn with_no_group_known_there_is_no_trim_point() {
         let now = Instant::now();
-        let mut t = AckTracker::new([], Some(1), T, T);
+        let mut t = AckTracker::new([], Some(1), policy(T, T));
         assert!(t.is_empty());
         // Someone acknowledges everything for a group nobody waits for: nothing moves.
         assert!(!t.ack("stranger", &[[1, u64::MAX]], &[[1, 10]], now));
@@ -648,7 +649,7 @@ mod tests {
     fn a_group_learned_late_is_owed_everything_still_held() {
         let t0 = Instant::now();
         let grace = Duration::from_secs(2);
-        let mut t = AckTracker::new([], Some(1), T, T * 30);
+        let mut t = AckTracker::new([], Some(1), policy(T, T * 30));
         t.published(t0);
         // Ten records held for nobody; then a sink group registers.
         assert!(t.learn("influx", Some(1), t0 + T, grace));
@@ -676,7 +677,7 @@ mod tests {
     #[test]
     fn a_group_learned_beside_a_faster_one_holds_the_trim_point_back() {
         let now = Instant::now();
-        let mut t = AckTracker::new(["files"], Some(5), T, T);
+        let mut t = AckTracker::new(["files"], Some(5), policy(T, T));
         t.ack("files", &[[5, 9]], &[[5, 20]], now);
         assert_eq!(t.trim_point(), Some(9));
         // The journal still holds 10..=20 (5..=9 were trimmed): the newcomer gets 10 onwards.
@@ -690,7 +691,7 @@ mod tests {
     #[test]
     fn forgetting_a_learned_group_releases_the_journal_but_not_a_configured_one() {
         let now = Instant::now();
-        let mut t = AckTracker::new(["files"], Some(1), T, T);
+        let mut t = AckTracker::new(["files"], Some(1), policy(T, T));
         t.learn("influx", Some(1), now, T);
         t.learn("files", Some(1), now, T);
         assert_eq!(t.learned().collect::<Vec<_>>(), vec!["files", "influx"]);
@@ -710,7 +711,7 @@ mod tests {
     #[test]
     fn a_replay_reports_how_long_the_group_has_kept_records_waiting() {
         let t0 = Instant::now();
-        let mut t = AckTracker::new(["s"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T * 30));
         t.published(t0);
         let waited = |t: &mut AckTracker, at: Duration| {
             let due = t.overdue(Some(10), t0 + at);
@@ -730,7 +731,7 @@ mod tests {
     fn only_the_first_round_after_a_reconnect_leaves_out_the_new_connection() {
         let t0 = Instant::now();
         let grace = Duration::from_secs(2);
-        let mut t = AckTracker::new(["s"], Some(1), T, T * 30);
+        let mut t = AckTracker::new(["s"], Some(1), policy(T, T * 30));
         t.published(t0);
         t.reconnected(t0, grace);
         let due = t.overdue(Some(10), t0 + grace);

@@ -92,6 +92,12 @@ impl Backoff {
             .min(self.max)
     }
 
+    /// The wait after one of `d`: doubled, capped at `max`. For a wait that did not start at
+    /// `min` (a replay due a reconnect's short grace after it doubles from there).
+    pub fn doubled(&self, d: Duration) -> Duration {
+        d.saturating_mul(2).min(self.max)
+    }
+
     /// [`Self::nominal`] scaled by `unit` in `[0, 1]` into `[d/2, d]`: the jitter, with the
     /// randomness passed in so that it is testable.
     pub fn jittered(&self, n: u32, unit: f64) -> Duration {
@@ -161,6 +167,15 @@ mod tests {
         let waits: Vec<u64> = (0..8).map(|n| b.nominal(n).as_millis() as u64).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(b.nominal(u32::MAX), 5000 * MS, "no overflow however many");
+    }
+
+    #[test]
+    fn doubling_an_arbitrary_wait_stays_within_the_policy() {
+        let b = Backoff::new(100 * MS, 5000 * MS).unwrap();
+        assert_eq!(b.doubled(30 * MS), 60 * MS, "a short wait doubles from where it is");
+        assert_eq!(b.doubled(700 * MS), 1400 * MS);
+        assert_eq!(b.doubled(4000 * MS), 5000 * MS, "capped");
+        assert_eq!(b.doubled(Duration::MAX), 5000 * MS);
     }
 
     #[test]

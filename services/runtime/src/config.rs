@@ -630,7 +630,22 @@ impl Default for StreamConfig {
     }
 }
 
+/// `ack_timeout_ms` and `ack_timeout_max_ms` by default.
+const DEFAULT_REPLAY: crate::backoff::Backoff = crate::backoff::Backoff::constant(
+    std::time::Duration::from_secs(10),
+    std::time::Duration::from_secs(300),
+);
+
 impl StreamConfig {
+    /// A group's replay timeout: `ack_timeout_ms` doubling to `ack_timeout_max_ms`. `validate`
+    /// refuses values that make no backoff; a config built in code without it gets its maximum
+    /// raised to its minimum.
+    pub fn replay_backoff(&self) -> crate::backoff::Backoff {
+        let min = std::time::Duration::from_millis(self.ack_timeout_ms.max(1));
+        let max = std::time::Duration::from_millis(self.ack_timeout_max_ms).max(min);
+        crate::backoff::Backoff::new(min, max).unwrap_or(DEFAULT_REPLAY)
+    }
+
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
         if self.max_bytes < 64 * 1024 {
             return Err(ConfigError::new(
@@ -644,12 +659,18 @@ impl StreamConfig {
                 "must be between 4096 and half of max_bytes",
             ));
         }
-        if self.ack_timeout_ms < 100 || self.ack_timeout_ms > self.ack_timeout_max_ms {
+        if self.ack_timeout_ms < 100 {
             return Err(ConfigError::new(
                 format!("{key}.ack_timeout_ms"),
-                "must be at least 100 and not above ack_timeout_max_ms",
+                "must be at least 100",
             ));
         }
+        crate::backoff::Backoff::from_config_ms(
+            &format!("{key}.ack_timeout_ms"),
+            self.ack_timeout_ms,
+            &format!("{key}.ack_timeout_max_ms"),
+            self.ack_timeout_max_ms,
+        )?;
         if self.replay_batch == 0 {
             return Err(ConfigError::new(
                 format!("{key}.replay_batch"),

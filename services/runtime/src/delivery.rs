@@ -256,8 +256,7 @@ impl Producer {
         let mut tracker = AckTracker::new(
             cfg.wait_for.iter().map(Segment::as_str),
             first,
-            Duration::from_millis(cfg.ack_timeout_ms),
-            Duration::from_millis(cfg.ack_timeout_max_ms),
+            cfg.replay_backoff(),
         );
         let now = Instant::now();
         let (learned_groups, damaged) = load_learned(&dir);
