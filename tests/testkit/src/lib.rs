@@ -5,8 +5,9 @@
 //!   with authentication and topic ACLs on and one user per client the test runs, each with the
 //!   role a deployment would give it. Every service suite (`services/*/tests`) runs against
 //!   one, fresh per test, so `cargo test -p <service>` needs nothing outside the process.
-//! - [`mosquitto`] and [`LateBroker`]: mosquitto, for the interop tests only (the runtime's
-//!   own tests, tests/tests): there the point is a broker nobody here wrote.
+//! - [`mosquitto`], [`mosquitto_client`] and [`LateBroker`]: mosquitto, for the interop tests
+//!   only (the runtime's own tests, tests/tests): there the point is a broker nobody here
+//!   wrote.
 //!
 //! On a broker:
 //! - [`Service`]: a service's `run_on` on a bus connection of its own, with a data directory,
@@ -44,7 +45,7 @@ use proto::Segment;
 use runtime::telemetry::Counter;
 
 pub use crate::broker::{Broker, BrokerPlan, Role, WATCH_USER};
-pub use crate::mosquitto::{LateBroker, mosquitto};
+pub use crate::mosquitto::{LateBroker, mosquitto, mosquitto_client};
 pub use crate::service::{Service, ServiceBuilder};
 pub use crate::socat::{Socat, SocatBuilder};
 pub use crate::watch::{Sink, Watch};

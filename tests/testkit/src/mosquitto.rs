@@ -7,10 +7,13 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use runtime::Secret;
+use proto::Segment;
+use runtime::bus::{Bus, Identity};
 use runtime::config::BusConfig;
+use runtime::{Health, Secret};
+use tokio::task::JoinHandle;
 
-use crate::{free_port, wait_until};
+use crate::{free_port, seg, wait_until};
 
 /// The bus config for the mosquitto under test, from `MOSQUITTO_TEST_BROKER`
 /// (`host:port:user:password`, exported by tests/run.sh).
@@ -40,6 +43,27 @@ pub fn mosquitto() -> BusConfig {
         password: Some(Secret::new(p[3])),
         ..BusConfig::default()
     }
+}
+
+/// A connection to the mosquitto under test as `service`, connected, with the client id
+/// `<name>-<site>`: tests share that mosquitto, and a client id in use by another test would
+/// take over its connection.
+///
+/// # Panics
+///
+/// As [`mosquitto`], or when it is not connected within 10 s.
+pub async fn mosquitto_client(site: &Segment, service: &str, name: &str) -> (Bus, JoinHandle<()>) {
+    let id = Identity {
+        service: seg(service),
+        instance: seg(&format!("{name}-{site}")),
+    };
+    let (bus, task) =
+        Bus::connect(&mosquitto(), site, &id, &Health::default()).expect("a valid bus config");
+    assert!(
+        bus.wait_connected(Duration::from_secs(10)).await,
+        "cannot reach mosquitto"
+    );
+    (bus, task)
 }
 
 /// A mosquitto of a test's own, started on a port picked before it runs ([`LateBroker::port`]),
