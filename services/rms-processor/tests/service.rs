@@ -1183,6 +1183,16 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
             .send(&site, ct_frame(&site, "f-1", T0_US, k * 1000, 1000, 2.0))
             .await;
     }
+    // f-1 is the honest producer's once the processor has its frames: the first producer a
+    // device gets frames from owns it. (Two connections' publishes reach the processor in no
+    // set order: sent at once, the forged frame overtook the real ones under load, the forger
+    // owned f-1, and it was the real frames that were refused.)
+    let samples = || counter("wattbus_rms_samples_total", &[("device", "f-1")]);
+    assert!(
+        wait_for(|| async { samples() >= 8000 }).await,
+        "the processor did not take f-1's frames: {} samples",
+        samples()
+    );
     let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
     forged.continues = false;
     forger.send(&site, forged).await;
