@@ -8,9 +8,9 @@
 //! Pi, and a test passes only if the service works within the grants it will really have.
 //!
 //! **One broker per test.** Starting one costs about 25 ms, five idle threads and a quarter
-//! of a MiB (measured: see [`Broker::start`]), so every test gets a fresh broker: no retained status, sink
-//! registration or filter of another test, and no need for client ids or sites that differ
-//! between tests.
+//! of a MiB (measured: see [`Broker::start`]), so every test gets a fresh broker: no retained
+//! status, sink registration or filter of another test, and no need for client ids or sites
+//! that differ between tests.
 //!
 //! **Its lifetime.** rumqttd has no stop API (see the `broker` crate doc), so a broker's threads
 //! live until the test binary exits, idle once the test's clients are gone. Nothing reaches

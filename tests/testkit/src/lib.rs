@@ -3,15 +3,18 @@
 //! Brokers:
 //! - [`Broker`]: wattbus's own broker, started inside the test process on a port of its own,
 //!   with authentication and topic ACLs on and one user per client the test runs, each with the
-//!   role a deployment would give it. Every service suite (`services/*/tests`) runs against
-//!   one, fresh per test, so `cargo test -p <service>` needs nothing outside the process.
+//!   role a deployment would give it. The services' suites (serial-ingest, modbus-ingest,
+//!   rms-processor) run against one, fresh per test, so `cargo test -p <service>` needs
+//!   nothing outside the process. [`BrokerPlan`]: one whose port and users are known before
+//!   it starts, for a service that starts before its broker.
 //! - [`mosquitto`], [`mosquitto_client`] and [`LateBroker`]: mosquitto, for the interop tests
 //!   only (the runtime's own tests, tests/tests): there the point is a broker nobody here
 //!   wrote.
 //!
 //! On a broker:
-//! - [`Service`]: a service's `run_on` on a bus connection of its own, with a data directory,
-//!   shutdown and health as `wattbus run` gives it; stopped cleanly or crashed.
+//! - [`Service`] (started by a [`ServiceBuilder`]): a service's `run_on` on a bus connection of
+//!   its own, with a data directory, shutdown and health as `wattbus run` gives it; stopped
+//!   cleanly or crashed.
 //! - [`Watch`]: everything published on a filter, decoded, as a `reader` (Grafana,
 //!   `wattbus tail`) sees it; collected until a condition holds.
 //! - [`Sink`]: a sink group that acknowledges everything it receives, so producers' journals
@@ -26,6 +29,7 @@
 //! - [`Socat`]: a virtual serial cable (a socat PTY pair), as a user would make one to try a
 //!   serial service without hardware.
 //! - [`free_port`]: a loopback port for a server a test starts, that nothing else takes first.
+//! - [`init_test_log`]: the log on stderr when `TEST_LOG` is set, silence otherwise.
 //!
 //! Only a dev-dependency: nothing here belongs in a service binary.
 
