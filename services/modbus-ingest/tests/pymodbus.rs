@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use common::{Service, Watch, count, rtu_pty};
+use common::{broker, count, rtu_pty, start, watch};
 use proto::{Measurement, Quality, Segment};
 use wattbus_testkit::{seg, site};
 
@@ -190,8 +190,10 @@ fn assert_documented_values(got: &[Measurement], device: &str) {
 /// two FC03 reads (0x0130 × 44, 0xA000 × 40) on pymodbus's side.
 async fn against_pymodbus(name: &str, server: &Pymodbus, link: &str) {
     let site = site(name);
-    let mut watch = Watch::new(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"

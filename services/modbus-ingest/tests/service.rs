@@ -1,10 +1,10 @@
-//! modbus-ingest's `run_on` against a real broker (mosquitto, started by tests/run.sh:
-//! MOSQUITTO_TEST_BROKER=host:port:user:password) and a Modbus RTU peer on the far end of a
-//! socat PTY pair. The peer is written here byte by byte (Modbus over Serial Line v1.02: slave
-//! address, PDU, CRC-16 low byte first), so a test can answer with exactly the bytes it wants:
-//! a WE-515's registers, an exception, a short frame, a wrong CRC, another slave's address, or
-//! nothing at all. Every test uses its own site and bus name, so tests sharing the broker and
-//! the process-wide counters never see each other's.
+//! modbus-ingest's `run_on` against a real broker (wattbus's own, started in the test, with
+//! modbus-ingest logged in as the producer it is in a deployment) and a Modbus RTU peer on the
+//! far end of a socat PTY pair. The peer is written here byte by byte (Modbus over Serial Line
+//! v1.02: slave address, PDU, CRC-16 low byte first), so a test can answer with exactly the
+//! bytes it wants: a WE-515's registers, an exception, a short frame, a wrong CRC, another
+//! slave's address, or nothing at all. Every test uses its own bus name, so the process-wide
+//! counters of one test are not another's.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Service, Watch, close, count, counter, is, rtu_pty};
+use common::{broker, close, count, counter, is, rtu_pty, start, watch};
 use proto::{Measurement, Quality, Segment};
-use runtime::telemetry::Counter;
-use wattbus_testkit::{Socat, seg, site};
+use wattbus_testkit::{Broker, Service, Socat, Watch, seg, site};
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 fn crc16(data: &[u8]) -> u16 {
@@ -195,8 +194,10 @@ async fn two_we515_on_one_rtu_bus_take_two_requests_per_poll_and_publish_signed_
     off2.store(false, Ordering::SeqCst);
     let (seen, _) = peer.spawn(socat.sim_file());
     let site = site("two-we515");
-    let mut watch = Watch::new(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -313,9 +314,11 @@ async fn a_meter_switched_off_leaves_the_other_at_its_rate_and_recovers_when_on(
     off2.store(false, Ordering::SeqCst);
     peer.spawn(socat.sim_file());
     let site = site("off-on");
-    let mut watch = Watch::new(&site).await;
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
     let bus = "off-on";
-    let svc = Service::start(
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -428,7 +431,17 @@ field = "power_w"
 
 /// Runs the split meter at slave 7 behind a scripted peer: `script` replaces the first
 /// answers. Returns the service, the watch and the dir (keep alive).
-async fn hostile(name: &str, script: Vec<Reply>) -> (Service, Watch, Socat, tempfile::TempDir) {
+#[allow(clippy::type_complexity)]
+async fn hostile(
+    name: &str,
+    script: Vec<Reply>,
+) -> (
+    Broker,
+    Service<modbus_ingest::Error>,
+    Watch<Measurement>,
+    Socat,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("split.toml"), SPLIT_PROFILE).unwrap();
     let socat = rtu_pty(dir.path());
@@ -441,8 +454,10 @@ async fn hostile(name: &str, script: Vec<Reply>) -> (Service, Watch, Socat, temp
     peer.script.lock().unwrap().extend(script);
     peer.spawn(socat.sim_file());
     let site = site(name);
-    let watch = Watch::new(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let watch = watch(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -465,7 +480,7 @@ profile = "split-meter"
         ),
     )
     .await;
-    (svc, watch, socat, dir)
+    (broker, svc, watch, socat, dir)
 }
 
 fn good(m: &Measurement) -> bool {
@@ -489,7 +504,8 @@ fn power_answer(slave: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exception_is_counted_and_the_reading_carries_quality_error() {
     let name = "hostile-exception";
-    let (svc, mut watch, _s, _d) = hostile(name, vec![Reply::Good, Reply::Exception(2)]).await;
+    let (_broker, svc, mut watch, _s, _d) =
+        hostile(name, vec![Reply::Good, Reply::Exception(2)]).await;
     let got = watch
         .until(Duration::from_secs(10), |g| g.iter().any(good))
         .await;
@@ -502,19 +518,18 @@ async fn an_exception_is_counted_and_the_reading_carries_quality_error() {
         first.fields
     );
     assert!(close(first.fields["voltage_v"], 230.1));
-    let by_code = Counter::new(
+    let by_code = wattbus_testkit::counter(
         "wattbus_modbus_exceptions_total",
-        "test",
         &[("bus", name), ("device", "meter"), ("code", "02")],
     );
-    assert_eq!(by_code.get(), 1);
+    assert_eq!(by_code, 1);
     // The device answered: no retry, no backoff.
     assert_eq!(counter("wattbus_modbus_retries_total", name, "meter"), 0);
     svc.stop().await;
 }
 
 async fn garbled_then_good(name: &str, bad: Vec<u8>, counter_name: &'static str) {
-    let (svc, mut watch, _s, _d) = hostile(name, vec![Reply::Good, Reply::Raw(bad)]).await;
+    let (_broker, svc, mut watch, _s, _d) = hostile(name, vec![Reply::Good, Reply::Raw(bad)]).await;
     let got = watch
         .until(Duration::from_secs(10), |g| g.iter().any(good))
         .await;
@@ -556,7 +571,7 @@ async fn an_answer_from_another_slave_is_counted_and_the_retry_is_published() {
 async fn a_server_that_never_answers_times_out_retries_degrades_and_recovers() {
     let name = "hostile-silent";
     // Two polls' worth of silence: each a request and its retry.
-    let (svc, mut watch, _s, _d) = hostile(name, vec![Reply::Silent; 4]).await;
+    let (_broker, svc, mut watch, _s, _d) = hostile(name, vec![Reply::Silent; 4]).await;
     let got = watch
         .until(Duration::from_secs(15), |g| g.iter().any(good))
         .await;

@@ -6,19 +6,15 @@
 //!
 //! The meters run on a manual clock fixed at an instant the test picks (export and a leading
 //! power factor), so what the server answered is known exactly whenever the service polls.
-//! Readings go through mosquitto (MOSQUITTO_TEST_BROKER, see tests/run.sh).
+//! Readings go through wattbus's broker, started in the test, to a reader or a sink.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Service, Watch, count, is, rtu_pty};
+use common::{USER, broker, count, is, rtu_pty, start, start_on, watch};
 use proto::{Filter, Measurement, Quality, Segment};
-use runtime::Health;
-use runtime::bus::{Bus, Identity};
-use runtime::config::InboxConfig;
-use runtime::delivery::Inbox;
 use runtime::shutdown::{self, ShutdownTrigger};
 use simulators::modbus::{
     Clock, ManualClock, MeterBus, RtuOptions, SlaveHandle, We515, We515Values, serve_rtu,
@@ -26,7 +22,7 @@ use simulators::modbus::{
 };
 use simulators::serial::Port;
 use tokio::task::JoinHandle;
-use wattbus_testkit::{LateBroker, seg, site};
+use wattbus_testkit::{Broker, Role, Sink, eventually, seg, site};
 
 /// 2024-06-01 12:00 UTC: midday, when the simulated household exports.
 const NOON: i64 = 1_717_243_200_000;
@@ -196,9 +192,10 @@ poll = {{ fast = 1000, slow = 1000 }}
 /// counters, the rate is about 1 s, and the values published are the meters' truth.
 async fn two_meters_two_requests_per_poll_and_the_truth(name: &str, meters: &Meters, link: &str) {
     let site = site(name);
-    let mut watch = Watch::new(&site).await;
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
     let started = now_ms();
-    let svc = Service::start(&site, &two_meter_config(name, link)).await;
+    let svc = start(&broker, &site, &two_meter_config(name, link)).await;
     let mut got = watch.during(Duration::from_secs(4)).await;
     svc.stop().await;
     // What was in flight at the stop has arrived by now.
@@ -311,8 +308,10 @@ async fn two_we515_behind_an_rtu_over_tcp_gateway_take_two_requests_per_poll_and
 /// reported degraded, and it is read again (and not degraded) once switched on.
 async fn one_off_the_other_keeps_its_rate(name: &str, meters: &Meters, link: &str) {
     let site = site(name);
-    let mut watch = Watch::new(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -426,8 +425,10 @@ async fn a_tcp_gateway_that_goes_away_is_reconnected_and_readings_resume() {
     let (stop, down) = shutdown::channel();
     let first = tokio::spawn(serve_tcp(listener, meters.bus.clone(), down));
     let site = site(name);
-    let mut watch = Watch::new(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = watch(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -506,40 +507,36 @@ async fn readings_polled_before_the_broker_is_up_reach_a_sink_that_comes_later()
     let meters = Meters::new();
     let (gateway, _server) = tcp_gateway(&meters).await;
     let site = site("late-broker");
-    let port = LateBroker::port();
-    let svc = Service::start_on(
+    // A sink group `store` comes with the broker, as influx-writer would.
+    let broker = Broker::plan(&[(USER, Role::Producer), ("store", Role::Sink)]);
+    let svc = start_on(
+        broker.bus(USER),
         &site,
         &two_meter_config(
             "late-broker",
             &format!("transport = \"tcp\"\nhost = \"127.0.0.1\"\nport = {gateway}"),
         ),
-        LateBroker::bus(port),
-        false,
+        true,
     )
     .await;
     // Both meters answered a whole poll (power and energy) while nothing could take it. A
     // meter's second request only says its first poll is on the wire; the third says the bus
     // has moved on to the next poll, so the first poll's readings are stamped and journaled
     // (under load the reply to request 2 can be read after `broker_up` is taken).
-    let polled = wattbus_testkit::wait_until(Duration::from_secs(15), || {
+    let polled = eventually(Duration::from_secs(15), async || {
         meters.house.counters().requests >= 3 && meters.garage.counters().requests >= 3
-    });
+    })
+    .await;
     assert!(polled, "no poll within 15 s");
     let broker_up = now_ms();
-    let _broker = LateBroker::start(port);
-    let id = Identity {
-        service: seg("test"),
-        instance: seg(&format!("store-{site}")),
-    };
-    let (bus, bus_task) =
-        Bus::connect(&LateBroker::bus(port), &site, &id, &Health::default()).unwrap();
-    let (mut inbox, ack_task) = Inbox::<Measurement>::subscribe(
-        &bus,
+    let broker = broker.start().await;
+    let mut store = Sink::start(
+        &broker,
+        &site,
+        "store",
         &Filter::measurements(Some(&site), None),
-        &seg("store"),
-        &InboxConfig::default(),
-    );
-    let acker = inbox.acker();
+    )
+    .await;
     let before_broker = |got: &[Measurement], device: &str, measurement: &str, channel: &str| {
         got.iter()
             .any(|m| is(m, device, measurement, channel) && m.ts_ms < broker_up)
@@ -550,24 +547,17 @@ async fn readings_polled_before_the_broker_is_up_reach_a_sink_that_comes_later()
         .iter()
         .all(|d| before_broker(&got, d, "power", "l1") && before_broker(&got, d, "energy", "total"))
     {
-        let d = tokio::time::timeout_at(end, inbox.recv())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "the readings polled before the broker was up never arrived; got {:#?}",
-                    got.iter()
-                        .filter(|m: &&Measurement| m.ts_ms < broker_up)
-                        .collect::<Vec<_>>()
-                )
-            })
-            .unwrap();
-        if let Some(t) = &d.token {
-            acker.ack(t);
-        }
-        got.push(d.message);
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = store.next(left).await else {
+            panic!(
+                "the readings polled before the broker was up never arrived; got {:#?}",
+                got.iter()
+                    .filter(|m: &&Measurement| m.ts_ms < broker_up)
+                    .collect::<Vec<_>>()
+            );
+        };
+        got.push(m);
     }
     svc.stop().await;
-    drop((inbox, acker));
-    ack_task.await.unwrap();
-    bus.close(bus_task).await;
+    store.close().await;
 }

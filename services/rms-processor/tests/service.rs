@@ -1,6 +1,8 @@
-//! rms-processor's `run` against a real broker (mosquitto, started by tests/run.sh:
-//! MOSQUITTO_TEST_BROKER=host:port:user:password): frames in through a producer's journal,
-//! measurements out through the processor's, as in production.
+//! rms-processor's `run_on` against a real broker (wattbus's own, started in the test): frames
+//! in through a producer's journal, measurements out through the processor's, as in
+//! production. Every client logs in as a deployment's would: the processor as the `processor`
+//! user `rms-processor` (its sink group), the frame sources as producers, the sink that stores
+//! the readings as the sink group `test-sink`, and observers as a reader.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -8,31 +10,41 @@ use std::f64::consts::PI;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::{
-    Ack, DeadLetter, Filter, Measurement, Origin, Payload, RawChannel, RawFrame, Segment, Topic,
-};
-use runtime::bus::{Bus, Identity, Overflow, QoS};
-use runtime::config::{InboxConfig, JournalKind, StreamConfig};
-use runtime::delivery::{Inbox, Producer, journal_dir};
+use proto::{Ack, DeadLetter, Filter, Measurement, Origin, RawChannel, RawFrame, Segment, Topic};
+use runtime::Health;
+use runtime::bus::Bus;
+use runtime::config::{JournalKind, StreamConfig};
+use runtime::delivery::{Producer, journal_dir};
 use runtime::shutdown::ShutdownTrigger;
-use runtime::telemetry::Counter;
-use runtime::{Common, Context, Health, Shutdown};
 use tokio::task::JoinHandle;
-use wattbus_testkit::{mosquitto, seg, site};
+use wattbus_testkit::{
+    Broker, Role, Service, ServiceBuilder, Sink, Watch, counter, eventually, seg, site,
+};
 
 use rms_processor::config::{ChannelConfig, Config};
 
 const T0_US: i64 = 1_764_000_000_000_000;
 const RATE: f64 = 2000.0;
 
-async fn connect(site: &Segment, name: &str) -> (Bus, JoinHandle<()>) {
-    let id = Identity {
-        service: seg("test"),
-        instance: seg(&format!("{name}-{site}")),
-    };
-    let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
-    assert!(bus.wait_connected(Duration::from_secs(10)).await);
-    (bus, task)
+/// The processor's broker user: its sink group, which the producers' `raw` streams wait for.
+/// Its instances' client ids start with it (`rms-processor-a`), as the broker requires.
+const USER: &str = "rms-processor";
+/// The sink group that stores the processor's readings, which its `meas` stream waits for.
+const SINK: &str = "test-sink";
+
+/// A broker of the test's own: the processor, the sink, and producers of frames: `frames`
+/// (the honest one), `forger` (another producer's frames for the same device), `bare` (frames
+/// without an origin) and `hand` (hand-made frames with one).
+async fn broker() -> Broker {
+    Broker::start(&[
+        (USER, Role::Processor),
+        (SINK, Role::Sink),
+        ("frames", Role::Producer),
+        ("forger", Role::Producer),
+        ("bare", Role::Producer),
+        ("hand", Role::Producer),
+    ])
+    .await
 }
 
 /// `rms` × √2 × sin at 50 Hz plus a 3rd harmonic of `h3` and an offset, sampled at `rate`
@@ -124,11 +136,10 @@ fn ct_power(amps: f64) -> f64 {
     amps * 230.0 * 0.8
 }
 
-/// `instance` is made unique per test: tests share one broker, and a client id in use by
-/// another test would take over its connection. `partition`: the devices this instance owns
-/// (empty: all); `calibrated`: devices whose ct1 pairs with v1 and ct2 has scale 0.1.
-fn config_for(site: &Segment, instance: &str, partition: &[&str], calibrated: &[&str]) -> Config {
-    let instance = &format!("{instance}-{site}");
+/// `instance`: the client id (and `origin.producer` of its readings), `rms-processor-<x>`.
+/// `partition`: the devices this instance owns (empty: all); `calibrated`: devices whose ct1
+/// pairs with v1 and ct2 has scale 0.1.
+fn config_for(instance: &str, partition: &[&str], calibrated: &[&str]) -> Config {
     let mut channels = Vec::new();
     for d in calibrated {
         channels.push(ChannelConfig {
@@ -150,12 +161,12 @@ fn config_for(site: &Segment, instance: &str, partition: &[&str], calibrated: &[
     }
     Config {
         instance: seg(instance),
-        group: seg("rms-processor"),
+        group: seg(USER),
         devices: partition.iter().map(|d| seg(d)).collect(),
         checkpoint_interval_ms: 300,
         channels,
         stream: StreamConfig {
-            wait_for: vec![seg("test-sink")],
+            wait_for: vec![seg(SINK)],
             ack_timeout_ms: 1000,
             ..StreamConfig::default()
         },
@@ -164,65 +175,24 @@ fn config_for(site: &Segment, instance: &str, partition: &[&str], calibrated: &[
     }
 }
 
-fn processor_config(site: &Segment, instance: &str, devices: &[&str]) -> Config {
+fn processor_config(instance: &str, devices: &[&str]) -> Config {
     let calibrated: &[&str] = if devices.is_empty() {
         &["prime-1"]
     } else {
         devices
     };
-    config_for(site, instance, devices, calibrated)
+    config_for(instance, devices, calibrated)
 }
 
-fn context(site: &Segment, data_dir: &Path, shutdown: Shutdown) -> Context {
-    if let Ok(level) = std::env::var("TEST_LOG") {
-        let _ = runtime::telemetry::init_logging(&runtime::config::LogConfig {
-            level,
-            ..Default::default()
-        });
-    }
-    Context {
-        common: Common {
-            site: site.clone(),
-            data_dir: data_dir.to_path_buf(),
-            bus: mosquitto(),
-            ..Common::default()
-        },
-        health: Health::default(),
-        shutdown,
-    }
+/// Polls `cond` for up to 15 s; says whether it held.
+async fn wait_for(cond: impl AsyncFnMut() -> bool) -> bool {
+    eventually(Duration::from_secs(15), cond).await
 }
 
-/// Poll `cond` every 50 ms for up to `secs` seconds; says whether it held.
-async fn wait_secs<F, Fut>(secs: u64, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond().await
-}
-
-async fn wait_for<F, Fut>(cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    wait_secs(15, cond).await
-}
-
-/// A processor running on a connection of its own, which the test can cut as a crash would
-/// (aborting `run_on` alone would leave its MQTT connection up).
+/// A processor, which the test can stop or crash. A crash cuts its connection as a crash
+/// would (aborting `run_on` alone would leave it up).
 struct Running {
-    task: JoinHandle<Result<(), rms_processor::Error>>,
-    bus: Bus,
-    bus_task: JoinHandle<()>,
-    stop: ShutdownTrigger,
+    service: Service<rms_processor::Error>,
     /// The output journal's lock file: free again once the processor's journal is closed.
     journal_lock: PathBuf,
 }
@@ -230,54 +200,40 @@ struct Running {
 impl Running {
     /// Start a processor and return once its subscriptions are confirmed by the broker, so
     /// that no frame sent after this is missed.
-    async fn start(site: &Segment, data_dir: &Path, cfg: Config) -> Running {
+    async fn start(broker: &Broker, site: &Segment, data_dir: &Path, cfg: Config) -> Running {
         let health = Health::default();
         // Registered before the processor runs, so readiness cannot be seen before it starts.
         health.check("rms-processor");
-        let id = rms_processor::identity(&cfg);
-        let (bus, bus_task) = Bus::connect(&mosquitto(), site, &id, &health).unwrap();
-        let (stop, shutdown) = runtime::shutdown::channel();
-        let ctx = Context {
-            health: health.clone(),
-            ..context(site, data_dir, shutdown)
-        };
         let journal_lock = journal_dir(data_dir, &cfg.instance, &seg("meas")).join("lock");
-        let b = bus.clone();
-        let plan = cfg
-            .resolve(rms_processor::SECTION)
-            .expect("the test's config resolves");
-        let task = tokio::spawn(async move { rms_processor::run_on(&b, &plan, &ctx).await });
-        let ready = wait_for(|| async { health.is_ready() || task.is_finished() }).await;
-        if task.is_finished() {
-            panic!("the processor ended as it started: {:?}", task.await);
-        }
-        assert!(ready, "the processor did not become ready");
-        assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
+        let mut service =
+            ServiceBuilder::new(broker.bus(USER), site, rms_processor::identity(&cfg))
+                .data_dir(data_dir)
+                .health(health)
+                .start(async move |bus, ctx| {
+                    let plan = cfg
+                        .resolve(rms_processor::SECTION)
+                        .expect("the test's config resolves");
+                    rms_processor::run_on(&bus, &plan, &ctx).await
+                })
+                .await;
+        service.wait_ready().await;
+        assert!(service.bus().wait_subscribed(Duration::from_secs(10)).await);
         Running {
-            task,
-            bus,
-            bus_task,
-            stop,
+            service,
             journal_lock,
         }
     }
 
     /// A clean stop: the final checkpoint runs.
     async fn stop(self) {
-        self.stop.fire();
-        self.task.await.unwrap().unwrap();
-        self.bus.close(self.bus_task).await;
+        self.service.stop().await;
     }
 
     /// A crash: processing stops mid-flight with no final checkpoint, the connection drops.
     async fn crash(self) {
-        self.task.abort();
-        let _ = self.task.await;
-        self.bus_task.abort();
-        let _ = self.bus_task.await;
+        self.service.crash().await;
         // In a real crash the process is gone; here the output journal's task lives on in this
-        // process and holds the journal's lock until told to stop.
-        self.stop.fire();
+        // process and holds the journal's lock until told to stop (which `crash` did).
         let lock = self.journal_lock;
         assert!(
             wait_for(|| async {
@@ -303,11 +259,12 @@ struct Frames {
 }
 
 impl Frames {
-    async fn start(site: &Segment, dir: &Path, name: &str) -> Frames {
-        let (bus, bus_task) = connect(site, name).await;
+    /// A producer of `user` (its client id), whose frames are its own.
+    async fn start(broker: &Broker, site: &Segment, dir: &Path, user: &str) -> Frames {
+        let (bus, bus_task) = broker.connect(site, user).await;
         let cfg = StreamConfig {
             journal: JournalKind::Memory,
-            wait_for: vec![seg("rms-processor")],
+            wait_for: vec![seg(USER)],
             ack_timeout_ms: 1000,
             ack_timeout_max_ms: 2000,
             ..StreamConfig::default()
@@ -359,61 +316,23 @@ impl Frames {
 /// Everything measured, by (instance, device, channel, ts): every copy kept, to compare.
 type Seen = BTreeMap<(String, String, String, i64), Vec<BTreeMap<String, f64>>>;
 
-async fn sink(site: &Segment) -> (tokio::sync::mpsc::UnboundedReceiver<Measurement>, Bus) {
-    let (bus, _task) = connect(site, "sink").await;
-    let (mut inbox, _acks) = Inbox::<Measurement>::subscribe(
-        &bus,
-        &Filter::measurements(Some(site), None),
-        &seg("test-sink"),
-        &InboxConfig::default(),
-    );
-    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let acker = inbox.acker();
-        while let Some(d) = inbox.recv().await {
-            if let Some(t) = &d.token {
-                acker.ack(t);
-            }
-            if tx.send(d.message).is_err() {
-                break;
-            }
-        }
-    });
-    (rx, bus)
+/// The sink group that stores the processor's readings and acknowledges them at once.
+async fn sink(broker: &Broker, site: &Segment) -> Sink<Measurement> {
+    Sink::start(broker, site, SINK, &Filter::measurements(Some(site), None)).await
 }
 
-/// Messages of one type on a filter, decoded, for the test to watch (dead letters, acks).
-async fn watch<T: Payload + Send + 'static>(
-    site: &Segment,
-    name: &str,
-    filter: String,
-) -> (tokio::sync::mpsc::UnboundedReceiver<T>, Bus) {
-    let (bus, _task) = connect(site, name).await;
-    let mut rx = bus.subscribe(filter, QoS::AtLeastOnce, Overflow::Wait);
-    assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
-    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
-            if let Ok(v) = T::decode(&m.payload)
-                && tx.send(v).is_err()
-            {
-                break;
-            }
-        }
-    });
-    (out, bus)
-}
-
+/// Adds what the sink receives to `seen` until `done` holds or `timeout` passes (the
+/// assertions after it say what was missing).
 async fn collect_until(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Measurement>,
+    sink: &mut Sink<Measurement>,
     seen: &mut Seen,
     timeout: Duration,
     mut done: impl FnMut(&Seen) -> bool,
 ) {
     let end = tokio::time::Instant::now() + timeout;
     while !done(seen) {
-        let Ok(Some(m)) = tokio::time::timeout_at(end, rx.recv()).await else {
+        let left = end.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = sink.next(left).await else {
             break;
         };
         let producer = m
@@ -486,9 +405,16 @@ fn within(got: f64, want: f64, rel: f64) -> bool {
 async fn frames_become_rms_current_real_power_and_energy_and_every_frame_is_acknowledged() {
     let site = site("rms-basic");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let proc = Running::start(&site, dir.path(), processor_config(&site, "rms-a", &[])).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let proc = Running::start(
+        &broker,
+        &site,
+        dir.path(),
+        processor_config("rms-processor-a", &[]),
+    )
+    .await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
     // 10 s of samples in 0.3 s frames (600 samples: windows cut across frame borders).
     for k in 0..(20_000 / 600) {
         frames
@@ -496,7 +422,7 @@ async fn frames_become_rms_current_real_power_and_energy_and_every_frame_is_ackn
             .await;
     }
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 9 && windows_of(s, "prime-1", "ct2").len() >= 9
     })
     .await;
@@ -515,7 +441,12 @@ async fn frames_become_rms_current_real_power_and_energy_and_every_frame_is_ackn
     let irms = 5.0 * (1.0f64 + 0.04).sqrt();
     let p = 5.0 * 230.0 * 0.8;
     for (i, t) in ts.iter().enumerate() {
-        let f = &seen[&(format!("rms-a-{site}"), "prime-1".into(), "ct1".into(), *t)][0];
+        let f = &seen[&(
+            "rms-processor-a".to_string(),
+            "prime-1".into(),
+            "ct1".into(),
+            *t,
+        )][0];
         assert!(within(f["current_a"], irms, 0.005), "{f:?}");
         assert!(within(f["voltage_v"], 230.0, 0.005), "{f:?}");
         assert!(within(f["power_w"], p, 0.01), "{f:?}");
@@ -526,7 +457,12 @@ async fn frames_become_rms_current_real_power_and_energy_and_every_frame_is_ackn
             "window {i}: {f:?} vs {wh}"
         );
         assert_eq!(f["energy_export_wh"], 0.0);
-        let f2 = &seen[&(format!("rms-a-{site}"), "prime-1".into(), "ct2".into(), *t)][0];
+        let f2 = &seen[&(
+            "rms-processor-a".to_string(),
+            "prime-1".into(),
+            "ct2".into(),
+            *t,
+        )][0];
         assert!(within(f2["current_a"], 2.0, 0.005), "{f2:?}");
         assert!(within(f2["apparent_power_va"], 460.0, 0.005), "{f2:?}");
         assert!(!f2.contains_key("power_w"));
@@ -545,17 +481,24 @@ async fn frames_become_rms_current_real_power_and_energy_and_every_frame_is_ackn
 async fn a_crashed_processor_replays_without_counting_energy_twice_or_moving_windows() {
     let site = site("rms-crash");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
     let mut seen = Seen::new();
 
-    let first = Running::start(&site, dir.path(), processor_config(&site, "rms-a", &[])).await;
+    let first = Running::start(
+        &broker,
+        &site,
+        dir.path(),
+        processor_config("rms-processor-a", &[]),
+    )
+    .await;
     for k in 0..20 {
         frames
             .send(&site, frame(&site, "prime-1", k * 500, 500))
             .await;
     }
-    collect_until(&mut rx, &mut seen, Duration::from_secs(20), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(20), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 3
     })
     .await;
@@ -565,9 +508,15 @@ async fn a_crashed_processor_replays_without_counting_energy_twice_or_moving_win
             .send(&site, frame(&site, "prime-1", k * 500, 500))
             .await;
     }
-    let second = Running::start(&site, dir.path(), processor_config(&site, "rms-a", &[])).await;
+    let second = Running::start(
+        &broker,
+        &site,
+        dir.path(),
+        processor_config("rms-processor-a", &[]),
+    )
+    .await;
     // 40 frames × 500 = 10 s: windows ending at 1 s … 10 s.
-    collect_until(&mut rx, &mut seen, Duration::from_secs(40), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(40), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 10
     })
     .await;
@@ -581,7 +530,12 @@ async fn a_crashed_processor_replays_without_counting_energy_twice_or_moving_win
     );
     let p = 5.0 * 230.0 * 0.8;
     for (i, t) in ts.iter().enumerate() {
-        let copies = &seen[&(format!("rms-a-{site}"), "prime-1".into(), "ct1".into(), *t)];
+        let copies = &seen[&(
+            "rms-processor-a".to_string(),
+            "prime-1".into(),
+            "ct1".into(),
+            *t,
+        )];
         // A window computed twice (before and after the crash) is the same reading twice.
         assert!(
             copies.windows(2).all(|c| c[0] == c[1]),
@@ -602,33 +556,36 @@ async fn a_crashed_processor_replays_without_counting_energy_twice_or_moving_win
 async fn two_instances_split_the_devices_and_count_each_once() {
     let site = site("rms-two");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
     let a = Running::start(
+        &broker,
         &site,
         &dir.path().join("a"),
-        processor_config(&site, "rms-a", &["prime-1"]),
+        processor_config("rms-processor-a", &["prime-1"]),
     )
     .await;
     let b = Running::start(
+        &broker,
         &site,
         &dir.path().join("b"),
-        processor_config(&site, "rms-b", &["prime-2"]),
+        processor_config("rms-processor-b", &["prime-2"]),
     )
     .await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
     for k in 0..12 {
         for dev in ["prime-1", "prime-2"] {
             frames.send(&site, frame(&site, dev, k * 1000, 1000)).await;
         }
     }
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 6 && windows_of(s, "prime-2", "ct1").len() >= 6
     })
     .await;
     for (dev, owner) in [
-        ("prime-1", format!("rms-a-{site}")),
-        ("prime-2", format!("rms-b-{site}")),
+        ("prime-1", "rms-processor-a".to_string()),
+        ("prime-2", "rms-processor-b".to_string()),
     ] {
         let by: Vec<&String> = seen.keys().filter(|k| k.1 == dev).map(|k| &k.0).collect();
         assert!(!by.is_empty());
@@ -650,16 +607,23 @@ async fn a_frame_that_arrives_late_is_waited_for_not_skipped() {
     // be filled instead of closing the window early and skipping the late frame.
     let site = site("rms-late");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let proc = Running::start(&site, dir.path(), processor_config(&site, "rms-a", &[])).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let proc = Running::start(
+        &broker,
+        &site,
+        dir.path(),
+        processor_config("rms-processor-a", &[]),
+    )
+    .await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
     for k in (0..8).chain(9..16) {
         frames
             .send(&site, frame(&site, "prime-1", k * 500, 500))
             .await;
     }
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(2), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(2), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 3
     })
     .await;
@@ -671,7 +635,7 @@ async fn a_frame_that_arrives_late_is_waited_for_not_skipped() {
     frames
         .send(&site, frame(&site, "prime-1", 8 * 500, 500))
         .await;
-    collect_until(&mut rx, &mut seen, Duration::from_secs(20), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(20), |s| {
         windows_of(s, "prime-1", "ct1").len() >= 4
     })
     .await;
@@ -681,7 +645,7 @@ async fn a_frame_that_arrives_late_is_waited_for_not_skipped() {
         (1..=4).map(|s| T0_US / 1000 + s * 1000).collect::<Vec<_>>()
     );
     let last = &seen[&(
-        format!("rms-a-{site}"),
+        "rms-processor-a".to_string(),
         "prime-1".into(),
         "ct1".into(),
         ts[3],
@@ -719,12 +683,13 @@ async fn crashes_at_many_points_keep_each_reading_with_its_own_device_and_count_
     let site = site("rms-crashes");
     let dir = tempfile::tempdir().unwrap();
     let devices = [("m-1", 1.0), ("m-2", 3.0), ("m-3", 7.0)];
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
     let cfg = || Config {
         // No device goes quiet long enough to be flushed early: every window is a whole one.
         idle_flush_ms: 120_000,
-        ..config_for(&site, "rms-m", &[], &["m-1", "m-2", "m-3"])
+        ..config_for("rms-processor-m", &[], &["m-1", "m-2", "m-3"])
     };
     let plan = interleaved(&[("m-1", 300), ("m-2", 700), ("m-3", 1100)], 24_000);
     let amps = |d: &str| devices.iter().find(|x| x.0 == d).unwrap().1;
@@ -733,14 +698,14 @@ async fn crashes_at_many_points_keep_each_reading_with_its_own_device_and_count_
     let crash_after = [2, 4, 1, 4, 3];
     let mut queued = 0; // frames of the next chunk already sent before the crash
     for (round, chunk) in chunks.iter().enumerate() {
-        let proc = Running::start(&site, dir.path(), cfg()).await;
+        let proc = Running::start(&broker, &site, dir.path(), cfg()).await;
         for &(d, from, n) in &chunk[queued..] {
             frames
                 .send(&site, ct_frame(&site, d, T0_US, from, n, amps(d)))
                 .await;
         }
         let Some(after) = crash_after.get(round) else {
-            collect_until(&mut rx, &mut seen, Duration::from_secs(60), |s| {
+            collect_until(&mut sink, &mut seen, Duration::from_secs(60), |s| {
                 devices
                     .iter()
                     .all(|(d, _)| windows_of(s, d, "ct1").len() >= 12)
@@ -750,7 +715,7 @@ async fn crashes_at_many_points_keep_each_reading_with_its_own_device_and_count_
             break;
         };
         let before = ct1_windows(&seen);
-        collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+        collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
             ct1_windows(s) >= before + after
         })
         .await;
@@ -828,11 +793,12 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
     let site = site("rms-lost");
     let dir = tempfile::tempdir().unwrap();
     let devices = [("l-1", 2.0), ("l-2", 4.0), ("l-3", 6.0)];
-    let (mut rx, _sink_bus) = sink(&site).await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
     let cfg = || Config {
         reorder_ms: 1000,
         idle_flush_ms: 120_000,
-        ..config_for(&site, "rms-l", &[], &["l-1", "l-2", "l-3"])
+        ..config_for("rms-processor-l", &[], &["l-1", "l-2", "l-3"])
     };
     let mut seen = Seen::new();
     // Per device: the next sample to send.
@@ -840,8 +806,8 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
     for round in 0..4 {
         // The same producer every round, as a restarted serial-ingest is: a device takes the
         // frames of one producer.
-        let frames = Frames::start(&site, dir.path(), "frames").await;
-        let proc = Running::start(&site, dir.path(), cfg()).await;
+        let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
+        let proc = Running::start(&broker, &site, dir.path(), cfg()).await;
         // The first frame of each device after a restart starts a run (serial-ingest opened
         // its port again); the rest continue it.
         let mut started = [false; 3];
@@ -849,14 +815,7 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
         if round > 0 {
             // Held behind the hole until the wait runs out at a checkpoint; the frames after
             // that come while the released windows are still about.
-            let unfilled = |d: &str| {
-                Counter::new(
-                    "wattbus_rms_unfilled_holes_total",
-                    "Holes in the frames that no replay filled within reorder_ms (lost in transport and not replayed).",
-                    &[("device", d)],
-                )
-                .get()
-            };
+            let unfilled = |d: &str| counter("wattbus_rms_unfilled_holes_total", &[("device", d)]);
             assert!(
                 wait_for(|| async { devices.iter().all(|(d, _)| unfilled(d) >= round) }).await,
                 "round {round}: the holes were never accepted"
@@ -867,7 +826,7 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
             .iter()
             .map(|(d, _)| windows_of(&seen, d, "ct1").len())
             .collect();
-        collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+        collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
             devices
                 .iter()
                 .zip(&before)
@@ -926,19 +885,18 @@ async fn frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_j
     // crash then loses nothing and counts nothing twice.
     let site = site("rms-ack");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
-    let (mut acks, _ack_bus) = watch::<Ack>(
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
+    let mut acks = Watch::new(
+        &broker,
         &site,
-        "acks",
-        Filter::<Ack>::acks_for(&site, &seg(&format!("frames-{site}")), &seg("raw"))
-            .as_str()
-            .to_string(),
+        &Filter::<Ack>::acks_for(&site, &seg("frames"), &seg("raw")),
     )
     .await;
     let cfg = Config {
         idle_flush_ms: 120_000,
-        ..config_for(&site, "rms-k", &[], &["k-1"])
+        ..config_for("rms-processor-k", &[], &["k-1"])
     };
     let energy_file = cfg.energy_path(dir.path());
     let slow = Config {
@@ -946,27 +904,24 @@ async fn frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_j
         checkpoint_interval_ms: 60_000,
         ..cfg.clone()
     };
-    let proc = Running::start(&site, dir.path(), slow).await;
+    let proc = Running::start(&broker, &site, dir.path(), slow).await;
     for k in 0..10 {
         frames
             .send(&site, ct_frame(&site, "k-1", T0_US, k * 500, 500, 3.0))
             .await;
     }
-    let windows = Counter::new(
-        "wattbus_rms_windows_total",
-        "Windows computed (one reading per channel each).",
-        &[("device", "k-1")],
-    );
-    assert!(wait_for(|| async { windows.get() >= 2 }).await);
+    let windows = || counter("wattbus_rms_windows_total", &[("device", "k-1")]);
+    assert!(wait_for(|| async { windows() >= 2 }).await);
     // Two windows computed; no checkpoint yet. Had their frames been acknowledged as they
     // were computed, the acknowledgement would be out within the sink's 200 ms batching.
     assert!(
-        tokio::time::timeout(Duration::from_secs(2), acks.recv())
-            .await
-            .is_err(),
+        acks.next(Duration::from_secs(2)).await.is_none(),
         "a frame was acknowledged before a checkpoint"
     );
-    assert!(rx.try_recv().is_err(), "a reading left before a checkpoint");
+    assert!(
+        sink.try_next().is_none(),
+        "a reading left before a checkpoint"
+    );
     assert_eq!(frames.pending().await, 10);
     proc.crash().await;
     let counters = std::fs::read_to_string(&energy_file).unwrap_or_default();
@@ -976,9 +931,9 @@ async fn frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_j
     );
 
     // The restart: the frames are replayed, and each window is counted once.
-    let again = Running::start(&site, dir.path(), cfg).await;
+    let again = Running::start(&broker, &site, dir.path(), cfg).await;
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
         windows_of(s, "k-1", "ct1").len() >= 2
     })
     .await;
@@ -1013,21 +968,18 @@ async fn poison_frames_are_dead_lettered_and_acknowledged_and_every_device_goes_
     let site = site("rms-poison");
     let dir = tempfile::tempdir().unwrap();
     let devices = [("p-1", 1.5), ("p-2", 3.5), ("p-3", 5.5)];
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let (mut dead, _dead_bus) = watch::<DeadLetter>(
-        &site,
-        "dead",
-        Filter::dead_letters(Some(&site)).as_str().to_string(),
-    )
-    .await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
-    let (hand, _hand_task) = connect(&site, "hand").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let mut dead: Watch<DeadLetter> =
+        Watch::new(&broker, &site, &Filter::dead_letters(Some(&site))).await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
+    let (hand, _hand_task) = broker.connect(&site, "hand").await;
     let cfg = Config {
         reorder_ms: 1000,
         idle_flush_ms: 500,
-        ..config_for(&site, "rms-p", &[], &["p-1", "p-2", "p-3"])
+        ..config_for("rms-processor-p", &[], &["p-1", "p-2", "p-3"])
     };
-    let proc = Running::start(&site, dir.path(), cfg).await;
+    let proc = Running::start(&broker, &site, dir.path(), cfg).await;
     let t0 = (proto::now_ms() / 1000 - 60) * 1_000_000;
     let slots = 48; // 0.25 s frames: 12 s of samples
     let poisoned = |slot: usize| -> Option<&'static str> {
@@ -1125,12 +1077,14 @@ async fn poison_frames_are_dead_lettered_and_acknowledged_and_every_device_goes_
     // Every frame acknowledged: the poison once dead-lettered, the rest once in a window
     // (the device's last samples are flushed as it goes quiet).
     assert!(
-        wait_secs(40, || async { frames.pending().await == 0 }).await,
+        eventually(Duration::from_secs(40), async || frames.pending().await
+            == 0)
+        .await,
         "frames left unacknowledged: {}",
         frames.pending().await
     );
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(10), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(10), |s| {
         ["p-1", "p-3"]
             .iter()
             .all(|d| windows_of(s, d, "ct1").len() >= 12)
@@ -1169,7 +1123,7 @@ async fn poison_frames_are_dead_lettered_and_acknowledged_and_every_device_goes_
     // A dead letter for each frame refused and for the reading that could not be stored, each
     // naming the device and why.
     let mut reasons = Vec::new();
-    while let Ok(Some(dl)) = tokio::time::timeout(Duration::from_secs(2), dead.recv()).await {
+    while let Some(dl) = dead.next(Duration::from_secs(2)).await {
         reasons.push(dl.reason);
     }
     for want in [
@@ -1218,40 +1172,59 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
     // current was stored as f-1's.
     let site = site("rms-forge");
     let dir = tempfile::tempdir().unwrap();
-    let (mut rx, _sink_bus) = sink(&site).await;
-    let proc = Running::start(&site, dir.path(), config_for(&site, "rms-f", &[], &["f-1"])).await;
-    let frames = Frames::start(&site, dir.path(), "frames").await;
-    let forger = Frames::start(&site, dir.path(), "forger").await;
+    let broker = broker().await;
+    let mut sink = sink(&broker, &site).await;
+    let proc = Running::start(
+        &broker,
+        &site,
+        dir.path(),
+        config_for("rms-processor-f", &[], &["f-1"]),
+    )
+    .await;
+    let frames = Frames::start(&broker, &site, dir.path(), "frames").await;
+    let forger = Frames::start(&broker, &site, dir.path(), "forger").await;
     for k in 0..8 {
         frames
             .send(&site, ct_frame(&site, "f-1", T0_US, k * 1000, 1000, 2.0))
             .await;
     }
+    // f-1 is the honest producer's once the processor has its frames: the first producer a
+    // device gets frames from owns it. (Two connections' publishes reach the processor in no
+    // set order: sent at once, the forged frame overtook the real ones under load, the forger
+    // owned f-1, and it was the real frames that were refused.)
+    let samples = || counter("wattbus_rms_samples_total", &[("device", "f-1")]);
+    assert!(
+        wait_for(|| async { samples() >= 8000 }).await,
+        "the processor did not take f-1's frames: {} samples",
+        samples()
+    );
     let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
     forged.continues = false;
     forger.send(&site, forged).await;
-    let refused = Counter::new(
-        "wattbus_rms_other_producer_frames_total",
-        "",
-        &[("device", "f-1"), ("producer", &format!("forger-{site}"))],
-    );
+    let refused = || {
+        counter(
+            "wattbus_rms_other_producer_frames_total",
+            &[("device", "f-1"), ("producer", "forger")],
+        )
+    };
     assert!(
-        wait_for(|| async { refused.get() >= 1 }).await,
+        wait_for(|| async { refused() >= 1 }).await,
         "the forged frame was not refused"
     );
     // The same without an origin (any producer login can publish one; a producer whose
     // journal is full publishes its frames so too): it does not continue f-1's samples.
-    let (bare, _bare_task) = connect(&site, "bare").await;
+    let (bare, _bare_task) = broker.connect(&site, "bare").await;
     let mut forged = ct_frame(&site, "f-1", T0_US, 8000 + 110_000, 200, 9.0);
     forged.continues = false;
     publish_raw(&bare, &site, "f-1", serde_json::to_value(&forged).unwrap()).await;
-    let no_origin = Counter::new(
-        "wattbus_rms_dead_letters_total",
-        "",
-        &[("device", "f-1"), ("kind", "origin")],
-    );
+    let no_origin = || {
+        counter(
+            "wattbus_rms_dead_letters_total",
+            &[("device", "f-1"), ("kind", "origin")],
+        )
+    };
     assert!(
-        wait_for(|| async { no_origin.get() >= 1 }).await,
+        wait_for(|| async { no_origin() >= 1 }).await,
         "the frame without an origin was not refused"
     );
     // Nor one that continues f-1's samples exactly (a reader sees where they end): a chain of
@@ -1260,7 +1233,7 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
     next.continues = true;
     publish_raw(&bare, &site, "f-1", serde_json::to_value(&next).unwrap()).await;
     assert!(
-        wait_for(|| async { no_origin.get() >= 2 }).await,
+        wait_for(|| async { no_origin() >= 2 }).await,
         "the continuing frame without an origin was not refused"
     );
     for k in 8..20 {
@@ -1269,7 +1242,7 @@ async fn another_producers_frames_for_a_device_neither_silence_it_nor_count() {
             .await;
     }
     let mut seen = Seen::new();
-    collect_until(&mut rx, &mut seen, Duration::from_secs(30), |s| {
+    collect_until(&mut sink, &mut seen, Duration::from_secs(30), |s| {
         windows_of(s, "f-1", "ct1").len() >= 10
     })
     .await;

@@ -172,7 +172,11 @@ mod tests {
     #[test]
     fn doubling_an_arbitrary_wait_stays_within_the_policy() {
         let b = Backoff::new(100 * MS, 5000 * MS).unwrap();
-        assert_eq!(b.doubled(30 * MS), 60 * MS, "a short wait doubles from where it is");
+        assert_eq!(
+            b.doubled(30 * MS),
+            60 * MS,
+            "a short wait doubles from where it is"
+        );
         assert_eq!(b.doubled(700 * MS), 1400 * MS);
         assert_eq!(b.doubled(4000 * MS), 5000 * MS, "capped");
         assert_eq!(b.doubled(Duration::MAX), 5000 * MS);

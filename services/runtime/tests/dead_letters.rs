@@ -7,24 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::{Ack, DeadLetter, Filter, Measurement, Origin, Payload, Quality, Segment, Topic};
-use runtime::Health;
-use runtime::bus::{Bus, Identity, Overflow, QoS};
+use runtime::bus::{Bus, Overflow, QoS};
 use runtime::config::InboxConfig;
 use runtime::dead_letters::DeadLetterFile;
 use runtime::delivery::Inbox;
-use wattbus_testkit::{mosquitto, seg, site};
+use wattbus_testkit::{mosquitto_client, seg, site};
 
 async fn connect(site: &Segment, name: &str) -> (Bus, tokio::task::JoinHandle<()>) {
-    let id = Identity {
-        service: seg("sink"),
-        instance: seg(&format!("{name}-{site}")),
-    };
-    let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
-    assert!(
-        bus.wait_connected(Duration::from_secs(10)).await,
-        "cannot reach mosquitto"
-    );
-    (bus, task)
+    mosquitto_client(site, "sink", name).await
 }
 
 fn reading(site: &Segment, device: &str, seq: u64) -> Measurement {

@@ -11,19 +11,10 @@ use runtime::bus::{Bus, Identity, Overflow, QoS};
 use runtime::config::{InboxConfig, StreamConfig};
 use runtime::delivery::{Inbox, Producer};
 use runtime::{Health, Shutdown};
-use wattbus_testkit::{mosquitto, seg, site};
+use wattbus_testkit::{mosquitto_client, seg, site};
 
 async fn connect(site: &Segment, name: &str) -> (Bus, tokio::task::JoinHandle<()>) {
-    let id = Identity {
-        service: seg("test"),
-        instance: seg(&format!("{name}-{site}")),
-    };
-    let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
-    assert!(
-        bus.wait_connected(Duration::from_secs(10)).await,
-        "cannot reach mosquitto"
-    );
-    (bus, task)
+    mosquitto_client(site, "test", name).await
 }
 
 fn reading(site: &Segment, i: i64) -> Measurement {

@@ -2,8 +2,8 @@
 //!
 //! Each test makes PTY pairs with socat (`dev` is the service's end, `sim` the device's) and
 //! plays the Arduino on the `sim` end, byte for byte as docs/serial-protocols.md says. The
-//! broker is the mosquitto that tests/run.sh starts (MOSQUITTO_TEST_BROKER); every test uses
-//! its own site so tests sharing it never see each other's readings.
+//! broker is wattbus's own, started in the test (wattbus-testkit's `Broker`): serial-ingest
+//! logs in as the producer it is in a deployment, and the test watches as a reader.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -11,168 +11,45 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::{Filter, Measurement, Payload, Quality, RawFrame, Segment};
-use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
-use runtime::config::{BusConfig, Common};
-use runtime::shutdown::ShutdownTrigger;
-use runtime::telemetry::Counter;
-use runtime::{ConfigSource, Context, Health};
-use serial_ingest::{Config, SECTION};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use wattbus_testkit::{Socat, mosquitto, seg, site};
+use proto::{Filter, Measurement, Quality, RawFrame, Segment};
+use runtime::ConfigSource;
 
-/// mosquitto, reconnecting quickly: tests here restart connections and should not wait out the
-/// default backoff.
-fn mosquitto_fast_reconnect() -> BusConfig {
-    BusConfig {
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 500,
-        ..mosquitto()
-    }
+use wattbus_testkit::{Broker, Role, Service, ServiceBuilder, Socat, Watch, eventually, site};
+
+/// A broker of the test's own, with serial-ingest's user as a deployment has it.
+async fn broker() -> Broker {
+    Broker::start(&[("serial-ingest", Role::Producer)]).await
 }
 
-async fn connect(site: &Segment, name: &str) -> (Bus, JoinHandle<()>) {
-    let id = Identity {
-        service: seg("test"),
-        instance: seg(&format!("{name}-{site}")),
-    };
-    let (bus, task) =
-        Bus::connect(&mosquitto_fast_reconnect(), site, &id, &Health::default()).unwrap();
-    assert!(
-        bus.wait_connected(Duration::from_secs(10)).await,
-        "cannot reach mosquitto"
-    );
-    (bus, task)
-}
-
-/// The service, running on its own bus connection.
-struct Service {
-    trigger: ShutdownTrigger,
-    task: JoinHandle<Result<(), serial_ingest::Error>>,
-    health: Health,
-    _data: tempfile::TempDir,
-}
-
-impl Service {
-    async fn start(site: &Segment, toml_text: &str) -> Service {
-        let mut config: Config = ConfigSource::from_parts(None, Some(toml_text))
-            .unwrap()
-            .section(SECTION)
-            .unwrap();
-        // Tests share the broker: client ids must differ.
-        config.instance = seg(&format!("si-{site}"));
-        let (bus, bus_task) = Bus::connect(
-            &mosquitto_fast_reconnect(),
-            site,
-            &serial_ingest::identity(&config),
-            &Health::default(),
-        )
+/// serial-ingest with the `[serial_ingest]` section `toml_text`, logged in as its own user.
+async fn start(broker: &Broker, site: &Segment, toml_text: &str) -> Service<serial_ingest::Error> {
+    let plan = ConfigSource::from_parts(None, Some(toml_text))
+        .unwrap()
+        .resolve::<serial_ingest::SerialIngest>()
         .unwrap();
-        assert!(bus.wait_connected(Duration::from_secs(10)).await);
-        let data = tempfile::tempdir().unwrap();
-        let (trigger, shutdown) = runtime::shutdown::channel();
-        let health = Health::default();
-        let ctx = Context {
-            common: Common {
-                site: site.clone(),
-                data_dir: data.path().to_path_buf(),
-                bus: mosquitto_fast_reconnect(),
-                ..Common::default()
-            },
-            health: health.clone(),
-            shutdown,
-        };
-        let task = tokio::spawn(async move {
-            let plan = config.resolve(SECTION).expect("the test's config resolves");
-            let r = serial_ingest::run_on(&bus, &plan, &ctx).await;
-            bus.close(bus_task).await;
-            r
-        });
-        Service {
-            trigger,
-            task,
-            health,
-            _data: data,
-        }
-    }
-
-    /// Shutdown ends every port task promptly, however its device behaves.
-    async fn stop(self) {
-        self.trigger.fire();
-        let r = tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("serial-ingest did not stop within 5 s of shutdown");
-        r.unwrap().unwrap();
-    }
-}
-
-/// Everything published on `filter`, decoded.
-struct Watch<T> {
-    rx: mpsc::Receiver<Message>,
-    _bus: (Bus, JoinHandle<()>),
-    _t: std::marker::PhantomData<T>,
-}
-
-impl<T: Payload> Watch<T> {
-    async fn new(site: &Segment, filter: &str, name: &str) -> Self {
-        let (bus, task) = connect(site, name).await;
-        let rx = bus.subscribe(filter.to_string(), QoS::AtLeastOnce, Overflow::Wait);
-        assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
-        Watch {
-            rx,
-            _bus: (bus, task),
-            _t: std::marker::PhantomData,
-        }
-    }
-
-    async fn next(&mut self, wait: Duration) -> Option<(String, T)> {
-        let msg = tokio::time::timeout(wait, self.rx.recv()).await.ok()??;
-        let value = T::decode(&msg.payload).expect("serial-ingest published a valid payload");
-        Some((msg.topic, value))
-    }
-
-    /// Collect until `done` holds for what was collected, or fail after `wait`.
-    async fn until(
-        &mut self,
-        wait: Duration,
-        mut done: impl FnMut(&[(String, T)]) -> bool,
-    ) -> Vec<(String, T)> {
-        let until = tokio::time::Instant::now() + wait;
-        let mut got = Vec::new();
-        while !done(&got) {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match self.next(left).await {
-                Some(m) => got.push(m),
-                None => panic!(
-                    "condition not met within {wait:?}; got {} messages",
-                    got.len()
-                ),
-            }
-        }
-        got
-    }
-}
-
-async fn measurements(site: &Segment) -> Watch<Measurement> {
-    Watch::new(
+    ServiceBuilder::new(
+        broker.bus("serial-ingest"),
         site,
-        Filter::measurements(Some(site), None).as_str(),
-        "watch-meas",
+        serial_ingest::identity(&plan),
     )
+    .start(async move |bus, ctx| serial_ingest::run_on(&bus, &plan, &ctx).await)
     .await
 }
 
-fn counter(name: &'static str, port: &str, device: &str) -> u64 {
-    Counter::new(name, "test", &[("port", port), ("device", device)]).get()
+async fn measurements(broker: &Broker, site: &Segment) -> Watch<Measurement> {
+    Watch::new(broker, site, &Filter::measurements(Some(site), None)).await
 }
 
-async fn eventually(what: &str, wait: Duration, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + wait;
-    while !f() {
-        assert!(Instant::now() < until, "not within {wait:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+fn counter(name: &'static str, port: &str, device: &str) -> u64 {
+    wattbus_testkit::counter(name, &[("port", port), ("device", device)])
+}
+
+/// Polls `cond` until it holds, failing the test with `what` after `wait`.
+async fn expect(what: &str, wait: Duration, mut cond: impl FnMut() -> bool) {
+    assert!(
+        eventually(wait, async || cond()).await,
+        "not within {wait:?}: {what}"
+    );
 }
 
 /// A PowMon sketch: answers each `read` line with the next of `answers`, and records every
@@ -251,9 +128,11 @@ async fn powmon_answers_become_current_and_power_with_saturation_flagged_not_zer
     let dir = tempfile::tempdir().unwrap();
     let pty = Socat::start(dir.path(), "powmon");
     let polls = powmon_device(pty.sim_file(), vec!["600,512\r\n", "700,400\r\n"]);
-    let mut watch = measurements(&site).await;
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
     let started = proto::now_ms();
-    let svc = Service::start(
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -277,16 +156,15 @@ supply_v = 120.0
     )
     .await;
     let got = watch
-        .until(Duration::from_secs(10), |ms| {
+        .until_with_topics(Duration::from_secs(10), |ms| {
             let seen = |ch: &str, raw: f64| {
-                ms.iter().any(|(_, m)| {
-                    m.channel.as_str() == ch && m.fields.get("adc_counts") == Some(&raw)
-                })
+                ms.iter()
+                    .any(|m| m.channel.as_str() == ch && m.fields.get("adc_counts") == Some(&raw))
             };
             seen("ct1", 600.0) && seen("ct1", 700.0) && seen("ct2", 400.0)
         })
         .await;
-    assert!(svc.health.is_ready(), "serial-ingest reports ready");
+    assert!(svc.health().is_ready(), "serial-ingest reports ready");
     let find = |ch: &str, raw: f64| {
         got.iter()
             .find(|(_, m)| m.channel.as_str() == ch && m.fields.get("adc_counts") == Some(&raw))
@@ -345,9 +223,10 @@ async fn stream_frames_abut_carry_scaled_samples_and_split_at_a_sequence_gap() {
     let site = site("stream");
     let dir = tempfile::tempdir().unwrap();
     let pty = Socat::start(dir.path(), "prime");
-    let mut watch: Watch<RawFrame> =
-        Watch::new(&site, Filter::raw(Some(&site), None).as_str(), "watch-raw").await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = Watch::new(&broker, &site, &Filter::raw(Some(&site), None)).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -375,7 +254,7 @@ scale = 2.0
     let mut sim = pty.sim_file();
     // Give the service a moment to open its end, so the first lines are not lost to the
     // open (a real device streams before and after; the test wants the frames exact).
-    eventually("the port is opened", Duration::from_secs(5), || {
+    expect("the port is opened", Duration::from_secs(5), || {
         counter("wattbus_serial_lines_total", &pty.dev_str(), "prime") > 0 || {
             // Nothing sent yet; opening is observable by the absence of open errors only, so
             // send a banner, which counts as a line read.
@@ -405,9 +284,9 @@ scale = 2.0
         sim
     });
     let got = watch
-        .until(Duration::from_secs(10), |fs| {
+        .until_with_topics(Duration::from_secs(10), |fs| {
             fs.iter()
-                .map(|(_, f)| f.channels[0].samples.len())
+                .map(|f| f.channels[0].samples.len())
                 .sum::<usize>()
                 >= 450
         })
@@ -484,8 +363,10 @@ async fn hostile_input_is_counted_and_skipped_and_good_lines_after_it_are_publis
     let mute = Socat::start(dir.path(), "mute");
     // A PowMon that reads the polls and never answers.
     let mute_polls = powmon_device(mute.sim_file(), vec![]);
-    let mut watch = measurements(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -517,7 +398,7 @@ reopen_max_ms = 100
     let port = sensors.dev_str();
     let mut sim = sensors.sim_file();
     // Wait until the service reads this port (a line before the open could be lost).
-    eventually("the lines port is read", Duration::from_secs(5), || {
+    expect("the lines port is read", Duration::from_secs(5), || {
         let _ = sim.write_all(b"# hello\n");
         counter("wattbus_serial_lines_total", &port, "sensors") > 0
     })
@@ -541,15 +422,11 @@ reopen_max_ms = 100
     sim.write_all(b"h1=480,fridge=20\r\n").unwrap();
     let got = watch
         .until(Duration::from_secs(10), |ms| {
-            ms.iter()
-                .filter(|(_, m)| m.device.as_str() == "sensors")
-                .count()
-                >= 3
+            ms.iter().filter(|m| m.device.as_str() == "sensors").count() >= 3
         })
         .await;
     let sensors_got: Vec<&Measurement> = got
         .iter()
-        .map(|(_, m)| m)
         .filter(|m| m.device.as_str() == "sensors")
         .collect();
     let summary: Vec<(String, String, f64, Quality)> = sensors_got
@@ -586,7 +463,7 @@ reopen_max_ms = 100
     );
     // The PowMon that never answers: timeouts counted, port reopened, polls keep coming.
     let mp = mute.dev_str();
-    eventually(
+    expect(
         "the mute port times out and is reopened",
         Duration::from_secs(10),
         || {
@@ -598,11 +475,11 @@ reopen_max_ms = 100
     assert!(mute_polls.lock().unwrap().len() >= 4);
     // And the service is still reading the other port.
     sim.write_all(b"fridge=3.25\n").unwrap();
-    let (_, m) = watch
+    let m = watch
         .until(Duration::from_secs(5), |ms| !ms.is_empty())
         .await
         .into_iter()
-        .find(|(_, m)| m.device.as_str() == "sensors")
+        .find(|m| m.device.as_str() == "sensors")
         .expect("a reading from the sensors port");
     assert_eq!(m.fields.get("temperature_c"), Some(&3.25));
     svc.stop().await;
@@ -618,8 +495,10 @@ async fn an_unplugged_port_is_reopened_and_the_other_port_never_stops() {
     let period = Duration::from_millis(20);
     let ta = ticking_sensor(a.sim_file(), "x", period, stop.clone());
     let tb = ticking_sensor(b.sim_file(), "y", period, stop.clone());
-    let mut watch = measurements(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -640,9 +519,7 @@ protocol = "lines"
         ),
     )
     .await;
-    let from = |ms: &[(String, Measurement)], d: &str| {
-        ms.iter().filter(|(_, m)| m.device.as_str() == d).count()
-    };
+    let from = |ms: &[Measurement], d: &str| ms.iter().filter(|m| m.device.as_str() == d).count();
     watch
         .until(Duration::from_secs(10), |ms| {
             from(ms, "a") >= 3 && from(ms, "b") >= 3
@@ -653,7 +530,7 @@ protocol = "lines"
     let _ = ta.join();
     let unplugged = proto::now_ms();
     let port_a = a.dev_str();
-    eventually("the loss of a is noticed", Duration::from_secs(5), || {
+    expect("the loss of a is noticed", Duration::from_secs(5), || {
         counter("wattbus_serial_port_errors_total", &port_a, "a") >= 1
     })
     .await;
@@ -661,15 +538,15 @@ protocol = "lines"
     let during = watch
         .until(Duration::from_secs(5), |ms| {
             ms.iter()
-                .filter(|(_, m)| m.device.as_str() == "b" && m.ts_ms > unplugged + 1000)
+                .filter(|m| m.device.as_str() == "b" && m.ts_ms > unplugged + 1000)
                 .count()
                 >= 1
         })
         .await;
     let b_during: Vec<i64> = during
         .iter()
-        .filter(|(_, m)| m.device.as_str() == "b" && m.ts_ms > unplugged)
-        .map(|(_, m)| m.ts_ms)
+        .filter(|m| m.device.as_str() == "b" && m.ts_ms > unplugged)
+        .map(|m| m.ts_ms)
         .collect();
     assert!(
         b_during.len() >= 20,
@@ -687,7 +564,7 @@ protocol = "lines"
     watch
         .until(Duration::from_secs(10), |ms| {
             ms.iter()
-                .any(|(_, m)| m.device.as_str() == "a" && m.ts_ms > replugged)
+                .any(|m| m.device.as_str() == "a" && m.ts_ms > replugged)
         })
         .await;
     assert!(counter("wattbus_serial_port_reopens_total", &port_a, "a") >= 1);
@@ -707,8 +584,10 @@ async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
     let late_polls =
         slow_powmon_device(late.sim_file(), vec!["600\r\n"], Duration::from_millis(120));
     powmon_device(prompt.sim_file(), vec!["520\r\n"]);
-    let mut watch = measurements(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -734,20 +613,17 @@ response_timeout_ms = 50
     .await;
     let got = watch
         .until(Duration::from_secs(10), |ms| {
-            ms.iter()
-                .filter(|(_, m)| m.device.as_str() == "prompt")
-                .count()
-                >= 12
+            ms.iter().filter(|m| m.device.as_str() == "prompt").count() >= 12
         })
         .await;
     // About 1.2 s: six polls of the late device, each answered after its timeout.
     assert!(
-        got.iter().all(|(_, m)| m.device.as_str() == "prompt"),
+        got.iter().all(|m| m.device.as_str() == "prompt"),
         "a late answer was published"
     );
     assert!(
         got.iter()
-            .all(|(_, m)| m.fields.get("adc_counts") == Some(&520.0))
+            .all(|m| m.fields.get("adc_counts") == Some(&520.0))
     );
     let port = late.dev_str();
     assert!(late_polls.lock().unwrap().len() >= 4);
@@ -764,8 +640,10 @@ async fn lines_read_together_get_distinct_times_so_none_overwrites_another() {
     let site = site("burst");
     let dir = tempfile::tempdir().unwrap();
     let sensors = Socat::start(dir.path(), "burst");
-    let mut watch = measurements(&site).await;
-    let svc = Service::start(
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
+    let svc = start(
+        &broker,
         &site,
         &format!(
             r#"
@@ -783,7 +661,7 @@ channels = [
     .await;
     let port = sensors.dev_str();
     let mut sim = sensors.sim_file();
-    eventually("the lines port is read", Duration::from_secs(5), || {
+    expect("the lines port is read", Duration::from_secs(5), || {
         let _ = sim.write_all(b"# hello\n");
         counter("wattbus_serial_lines_total", &port, "fridge-mon") > 0
     })
@@ -793,14 +671,13 @@ channels = [
     let got = watch
         .until(Duration::from_secs(10), |ms| {
             ms.iter()
-                .filter(|(_, m)| m.device.as_str() == "fridge-mon")
+                .filter(|m| m.device.as_str() == "fridge-mon")
                 .count()
                 >= 10
         })
         .await;
     let times: Vec<i64> = got
         .iter()
-        .map(|(_, m)| m)
         .filter(|m| m.device.as_str() == "fridge-mon")
         .map(|m| m.ts_ms)
         .collect();

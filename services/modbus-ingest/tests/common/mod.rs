@@ -1,22 +1,23 @@
-//! Helpers shared by the service tests: the broker (mosquitto, started by tests/run.sh:
-//! MOSQUITTO_TEST_BROKER=host:port:user:password) and the socat PTY pair come from
-//! wattbus-testkit; here: a PTY pair set up for this service, the service run on its own bus
-//! connection, and a watch on everything published for a site.
+//! What modbus-ingest's service tests share. The broker (wattbus's own, in the test process),
+//! the service runner, the watch and the socat PTY pair come from wattbus-testkit; here:
+//! modbus-ingest's broker user, the service started from a TOML section, a PTY pair set up
+//! for an RTU line, and the measurement helpers the assertions use.
 // Each test binary uses its own subset of these.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use proto::{Filter, Measurement, Segment};
+use runtime::ConfigSource;
+use runtime::config::BusConfig;
+use wattbus_testkit::{Broker, Role, Service, ServiceBuilder, Socat, Watch};
 
-use modbus_ingest::{Config, SECTION};
-use proto::{Filter, Measurement, Payload, Segment};
-use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
-use runtime::config::Common;
-use runtime::shutdown::ShutdownTrigger;
-use runtime::telemetry::Counter;
-use runtime::{ConfigSource, Context, Health};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use wattbus_testkit::{Socat, mosquitto, seg};
+/// modbus-ingest's broker user, as a deployment names it (its client id is its `instance`,
+/// which is this by default).
+pub const USER: &str = "modbus-ingest";
+
+/// A broker of the test's own with modbus-ingest's user (a producer).
+pub async fn broker() -> Broker {
+    Broker::start(&[(USER, Role::Producer)]).await
+}
 
 /// A PTY pair for an RTU bus: `dev()` for the service, `sim()` for the Modbus peer.
 ///
@@ -26,135 +27,40 @@ pub fn rtu_pty(dir: &std::path::Path) -> Socat {
     Socat::builder(dir, "rtu").ignoreeof().start()
 }
 
-/// The service, running on its own bus connection.
-pub struct Service {
-    trigger: ShutdownTrigger,
-    task: JoinHandle<Result<(), modbus_ingest::Error>>,
-    _data: tempfile::TempDir,
+/// modbus-ingest with the `[modbus_ingest]` section in `toml_text`, on `broker`, once its
+/// connection is up.
+pub async fn start(
+    broker: &Broker,
+    site: &Segment,
+    toml_text: &str,
+) -> Service<modbus_ingest::Error> {
+    start_on(broker.bus(USER), site, toml_text, false).await
 }
 
-impl Service {
-    pub async fn start(site: &Segment, toml_text: &str) -> Service {
-        Service::start_on(site, toml_text, mosquitto(), true).await
-    }
-
-    /// Starts the service on the broker `bus` describes; with `connected`, only once the
-    /// connection is up (else at once, as a service on a Pi whose broker comes up later).
-    pub async fn start_on(
-        site: &Segment,
-        toml_text: &str,
-        bus_cfg: runtime::config::BusConfig,
-        connected: bool,
-    ) -> Service {
-        if let Ok(level) = std::env::var("TEST_LOG") {
-            let _ = runtime::telemetry::init_logging(&runtime::config::LogConfig {
-                level,
-                ..Default::default()
-            });
-        }
-        let config: Config = ConfigSource::from_parts(None, Some(toml_text))
-            .unwrap()
-            .section(SECTION)
-            .unwrap();
-        let mut plan = config.resolve(SECTION).unwrap();
-        plan.instance = seg(&format!("mi-{site}"));
-        let (bus, bus_task) = Bus::connect(
-            &bus_cfg,
-            site,
-            &modbus_ingest::identity(&plan),
-            &Health::default(),
-        )
+/// modbus-ingest on the broker `bus` describes; with `before_broker`, started at once, as a
+/// service on a Pi whose broker comes up later.
+pub async fn start_on(
+    bus: BusConfig,
+    site: &Segment,
+    toml_text: &str,
+    before_broker: bool,
+) -> Service<modbus_ingest::Error> {
+    let plan = ConfigSource::from_parts(None, Some(toml_text))
+        .unwrap()
+        .resolve::<modbus_ingest::ModbusIngest>()
         .unwrap();
-        if connected {
-            assert!(bus.wait_connected(Duration::from_secs(10)).await);
-        }
-        let data = tempfile::tempdir().unwrap();
-        let (trigger, shutdown) = runtime::shutdown::channel();
-        let ctx = Context {
-            common: Common {
-                site: site.clone(),
-                data_dir: data.path().to_path_buf(),
-                bus: bus_cfg,
-                ..Common::default()
-            },
-            health: Health::default(),
-            shutdown,
-        };
-        let task = tokio::spawn(async move {
-            let r = modbus_ingest::run_on(&bus, &plan, &ctx).await;
-            bus.close(bus_task).await;
-            r
-        });
-        Service {
-            trigger,
-            task,
-            _data: data,
-        }
+    let mut service = ServiceBuilder::new(bus, site, modbus_ingest::identity(&plan));
+    if before_broker {
+        service = service.before_broker();
     }
-
-    pub async fn stop(self) {
-        self.trigger.fire();
-        let r = tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("modbus-ingest did not stop within 5 s of shutdown");
-        r.unwrap().unwrap();
-    }
+    service
+        .start(async move |bus, ctx| modbus_ingest::run_on(&bus, &plan, &ctx).await)
+        .await
 }
 
 /// Every measurement published for `site`.
-pub struct Watch {
-    rx: mpsc::Receiver<Message>,
-    _bus: (Bus, JoinHandle<()>),
-}
-
-impl Watch {
-    pub async fn new(site: &Segment) -> Watch {
-        let id = Identity {
-            service: seg("test"),
-            instance: seg(&format!("watch-{site}")),
-        };
-        let (bus, task) = Bus::connect(&mosquitto(), site, &id, &Health::default()).unwrap();
-        assert!(bus.wait_connected(Duration::from_secs(10)).await);
-        let filter = Filter::measurements(Some(site), None);
-        let rx = bus.subscribe(
-            filter.as_str().to_string(),
-            QoS::AtLeastOnce,
-            Overflow::Wait,
-        );
-        assert!(bus.wait_subscribed(Duration::from_secs(10)).await);
-        Watch {
-            rx,
-            _bus: (bus, task),
-        }
-    }
-
-    /// Collects until `done` holds, or fails after `wait`.
-    pub async fn until(
-        &mut self,
-        wait: Duration,
-        mut done: impl FnMut(&[Measurement]) -> bool,
-    ) -> Vec<Measurement> {
-        let until = tokio::time::Instant::now() + wait;
-        let mut got = Vec::new();
-        while !done(&got) {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            match tokio::time::timeout(left, self.rx.recv()).await {
-                Ok(Some(msg)) => got.push(Measurement::decode(&msg.payload).unwrap()),
-                _ => panic!("condition not met within {wait:?}; got {got:#?}"),
-            }
-        }
-        got
-    }
-
-    /// Everything that arrives within `wait`.
-    pub async fn during(&mut self, wait: Duration) -> Vec<Measurement> {
-        let until = tokio::time::Instant::now() + wait;
-        let mut got = Vec::new();
-        while let Ok(Some(msg)) = tokio::time::timeout_at(until, self.rx.recv()).await {
-            got.push(Measurement::decode(&msg.payload).unwrap());
-        }
-        got
-    }
+pub async fn watch(broker: &Broker, site: &Segment) -> Watch<Measurement> {
+    Watch::new(broker, site, &Filter::measurements(Some(site), None)).await
 }
 
 pub fn is(m: &Measurement, device: &str, measurement: &str, channel: &str) -> bool {
@@ -171,7 +77,7 @@ pub fn count(got: &[Measurement], device: &str, measurement: &str, channel: &str
 }
 
 pub fn counter(name: &'static str, bus: &str, device: &str) -> u64 {
-    Counter::new(name, "test", &[("bus", bus), ("device", device)]).get()
+    wattbus_testkit::counter(name, &[("bus", bus), ("device", device)])
 }
 
 pub fn close(a: f64, b: f64) -> bool {
