@@ -35,7 +35,8 @@ use std::time::Duration;
 use proto::{Measurement, Quality, ReadingId, Segment};
 use runtime::Shutdown;
 use runtime::backoff::Retries;
-use runtime::delivery::{DeliveryError, Producer};
+use runtime::delivery::Producer;
+use runtime::telemetry::chain;
 use tokio::time::Instant;
 use tokio_modbus::client::{Context, Reader};
 use tokio_modbus::prelude::SlaveContext;
@@ -43,7 +44,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::config::BusSpec;
 use crate::decode::decode_response;
-use crate::events::{BusEvents, DeviceEvents, chain};
+use crate::events::{BusEvents, DeviceEvents};
 use crate::link::Link;
 use crate::plan::Request;
 use crate::profile::Function;
@@ -117,7 +118,9 @@ struct BusRunner {
     window_start: Instant,
 }
 
-/// Runs one bus until shutdown. A reading the journal refuses does not stop it (see [`sent`]).
+/// Runs one bus until shutdown. A reading the journal refuses does not stop it: the producer
+/// logs, counts and reports the outage, tries the journal again with the next reading, and the
+/// bus goes on being polled ([`runtime::events::reading_not_sent`]).
 pub async fn run(
     spec: BusSpec,
     site: Segment,
@@ -172,9 +175,7 @@ pub async fn run(
                     Ok(Some(poll)) => runner.poll(poll, &shutdown).await,
                     Ok(None) => {}
                     Err(e) => {
-                        // Limits were checked at start-up; this cannot happen with a valid
-                        // configuration, and polling on would spin.
-                        tracing::error!(bus = %runner.spec.name, error = %e, "Cannot plan the bus's reads; stopping it.");
+                        runner.events.cannot_plan(&e);
                         break;
                     }
                 }
@@ -486,8 +487,9 @@ impl BusRunner {
                     g.fields,
                 )
             };
-            if sent(self.producer.send(&m.topic(), m).await) {
-                self.devices[d].reading();
+            match self.producer.send(&m.topic(), m).await {
+                Ok(_) => self.devices[d].reading(),
+                Err(e) => self.devices[d].not_sent(&e),
             }
         }
     }
@@ -529,7 +531,9 @@ impl BusRunner {
             Quality::Good,
             fields,
         );
-        sent(self.producer.send(&m.topic(), m).await);
+        if let Err(e) = self.producer.send(&m.topic(), m).await {
+            self.events.not_sent(&e);
+        }
         for (i, d) in self.devices.iter().enumerate() {
             let c = d.counts;
             let fields = BTreeMap::from([
@@ -559,21 +563,9 @@ impl BusRunner {
                 Quality::Good,
                 fields,
             );
-            sent(self.producer.send(&m.topic(), m).await);
-        }
-    }
-}
-
-/// Whether a reading was journaled. One the journal refused (disk full) is logged once per
-/// episode, counted and reported on /healthz by the producer, which tries again with the next
-/// reading: the bus goes on being polled either way, and nothing ends a bus task for it.
-fn sent(result: Result<runtime::delivery::Sent, DeliveryError>) -> bool {
-    match result {
-        Ok(_) => true,
-        Err(e) if e.is_not_journaled() => false,
-        Err(e) => {
-            tracing::error!(error = %chain(&e), "Cannot send a reading; it is lost.");
-            false
+            if let Err(e) = self.producer.send(&m.topic(), m).await {
+                d.not_sent(&e);
+            }
         }
     }
 }

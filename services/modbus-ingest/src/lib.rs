@@ -33,7 +33,7 @@
 //! - [`timing`]: RTU frame sizes, character and silence times, bus utilisation.
 //! - [`scheduler`]: what is due on a bus and in which order; backoff of failing devices (pure).
 //! - [`bus`]: one bus's task: link, requests, retries, resync, publishing.
-//! - [`events`]: every notable event of a bus or device, logged and counted.
+//! - [`events`]: every notable event of a bus or device, logged and counted (its error kinds too).
 //! - [`tools`]: `wattbus modbus scan | read | set-address | set-baud` (one request at a time,
 //!   errors worded for the person at the bus), by job: session, scan, read, configure.
 
@@ -75,6 +75,7 @@ impl runtime::Service for ModbusIngest {
     const NAME: &'static str = "modbus-ingest";
     const SECTION: &'static str = SECTION;
     const ABOUT: &'static str = "Modbus RTU/TCP meters (e.g. ORNO WE-515) polled into readings";
+    const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
     type Error = Error;
@@ -148,7 +149,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     buses.supervise(&ctx.shutdown).await;
     drop(meas);
     if let Err(e) = meas_task.await {
-        tracing::warn!(error = %e, "Producer task ended abnormally.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "Producer task ended abnormally.");
     }
     ready.set(false);
     Ok(())

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use crate::bus::BusError;
+use crate::delivery::DeliveryError;
 use crate::journal::{Damage, Dropped, JournalError, OpenReport};
 use crate::telemetry::core::Core;
 use crate::telemetry::{Counter, LogLimit, chain};
@@ -507,6 +509,135 @@ pub fn mislabelled(service: &str, topic: &str, reason: &str, journaled: bool) {
             reason,
             unlogged,
             "A message names another identity than its topic; dead-lettered, not stored."
+        );
+    }
+}
+
+/// A reading that cannot be sent at all fails the same way every time (an invalid payload from
+/// a profile or channel, each poll): the first is logged, then one per device and kind this often.
+const NOT_SENT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+static NOT_SENT_LOG: LogLimit = LogLimit::new(NOT_SENT_LOG_EVERY);
+
+/// The core error kind a reading a producer did not send is counted under here, or `None`
+/// when the producer has counted it already.
+fn not_sent_kind(error: &DeliveryError) -> Option<&'static str> {
+    match error {
+        // The journal refused it: the producer counted `journal` once for the outage
+        // ([`journal_unavailable`]) and this reading in wattbus_unjournaled_messages_total.
+        DeliveryError::NotJournaled { .. } => None,
+        DeliveryError::Journal(_) => Some("journal"),
+        DeliveryError::Bus(BusError::Closed) => Some("bus"),
+        DeliveryError::Encode(_)
+        | DeliveryError::Bus(BusError::Encode(_))
+        | DeliveryError::Stopped => Some("unsent"),
+    }
+}
+
+/// A device reader's producer did not take a reading of `device` ([`crate::delivery::Producer::send`]
+/// failed); the reader goes on reading either way. One the journal refused (disk full) is
+/// logged once per episode, counted and reported on /healthz by the producer, which tries
+/// again with the next one: here it is a DEBUG line, not one ERROR per reading. Any other
+/// failure loses the reading: ERROR, counted under its kind, logged once a minute per device and kind.
+pub fn reading_not_sent(core: &Core, device: &str, error: &DeliveryError) {
+    let service = core.service();
+    let Some(kind) = not_sent_kind(error) else {
+        tracing::debug!(service, device, error = %chain(error), "A reading was not journaled.");
+        return;
+    };
+    core.error(kind).inc();
+    if let Some(unlogged) = NOT_SENT_LOG.allow_key(&format!("{service}/{device}/{kind}")) {
+        tracing::error!(service, device, kind, error = %chain(error), unlogged, "Cannot send a reading; it is lost.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// What was logged on this thread while it was the default subscriber: level and fields.
+    #[derive(Clone, Default)]
+    struct Logged(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+    impl Logged {
+        fn at(&self, level: tracing::Level) -> Vec<String> {
+            let lines = self.0.lock().unwrap();
+            lines
+                .iter()
+                .filter(|(l, _)| *l == level)
+                .map(|(_, s)| s.clone())
+                .collect()
+        }
+    }
+
+    impl tracing::Subscriber for Logged {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            struct Fields(String);
+            impl tracing::field::Visit for Fields {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    self.0.push_str(&format!("{}={v:?} ", f.name()));
+                }
+            }
+            let mut fields = Fields(String::new());
+            event.record(&mut fields);
+            let level = *event.metadata().level();
+            self.0.lock().unwrap().push((level, fields.0));
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn a_reading_not_sent_is_counted_once_under_its_kind_and_logged_once_a_minute_per_device() {
+        let core = Core::of("not-sent-test");
+        let invalid = || {
+            DeliveryError::Encode(proto::EncodeError {
+                kind: "Measurement",
+                reason: "field power_w is NaN; only finite numbers are stored".into(),
+            })
+        };
+        let disk_full = || DeliveryError::NotJournaled {
+            source: JournalError::TopicTooLong(70_000),
+            published: true,
+        };
+        let logged = Logged::default();
+        tracing::subscriber::with_default(logged.clone(), || {
+            for _ in 0..100 {
+                reading_not_sent(&core, "meter-1", &invalid());
+            }
+            reading_not_sent(&core, "meter-2", &invalid());
+            reading_not_sent(&core, "meter-1", &disk_full());
+            reading_not_sent(
+                &core,
+                "meter-1",
+                &DeliveryError::Journal(JournalError::TopicTooLong(70_000)),
+            );
+        });
+        assert_eq!(core.error("unsent").get(), 101, "every lost reading counts");
+        assert_eq!(
+            core.error("journal").get(),
+            1,
+            "a journal error is counted here unless the producer counted it (not journaled)"
+        );
+        let errors = logged.at(tracing::Level::ERROR);
+        assert_eq!(errors.len(), 3, "once per device and kind: {errors:#?}");
+        assert!(errors[0].contains("device=\"meter-1\"") && errors[0].contains("unlogged=0"));
+        assert!(errors[0].contains("power_w is NaN"), "{}", errors[0]);
+        assert!(errors[1].contains("device=\"meter-2\""), "{}", errors[1]);
+        assert!(errors[2].contains("kind=\"journal\""), "{}", errors[2]);
+        let debug = logged.at(tracing::Level::DEBUG);
+        assert!(
+            debug.len() == 1 && debug[0].contains("not journaled"),
+            "the producer logged the outage; a reading it refused is a DEBUG line: {debug:#?}"
         );
     }
 }

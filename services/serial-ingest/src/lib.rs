@@ -21,7 +21,7 @@
 //! - `protocol`: PowMon conversion and the three protocols' line parsers (pure).
 //! - `frame`: the stream frame assembler and its sample clock (pure).
 //! - `port`: one port's task: open, read, parse, publish, reopen.
-//! - `events`: every notable event of a port, logged and counted.
+//! - `events`: every notable event of a port, logged and counted (its error kinds too).
 
 pub mod config;
 pub mod events;
@@ -57,6 +57,7 @@ impl runtime::Service for SerialIngest {
     const NAME: &'static str = "serial-ingest";
     const SECTION: &'static str = SECTION;
     const ABOUT: &'static str = "Arduino CT sensors and other serial devices: lines and sample streams to readings and raw frames";
+    const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
     type Error = Error;
@@ -147,7 +148,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     drop(raw);
     for task in std::iter::once(meas_task).chain(raw_task) {
         if let Err(e) = task.await {
-            tracing::warn!(error = %e, "Producer task ended abnormally.");
+            tracing::warn!(error = %runtime::telemetry::chain(&e), "Producer task ended abnormally.");
         }
     }
     ready.set(false);

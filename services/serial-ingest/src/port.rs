@@ -75,7 +75,7 @@ pub async fn run(
     port.run().await;
     drop(port);
     if let Err(e) = publisher.await {
-        tracing::error!(error = %e, "A serial publisher task ended abnormally.");
+        tracing::error!(error = %runtime::telemetry::chain(&e), "A serial publisher task ended abnormally.");
     }
 }
 
@@ -278,7 +278,7 @@ impl Port {
                     // Whatever came before the poll is not its answer (a late answer to the
                     // last one, noise): drop it, in the kernel's buffer and ours.
                     if let Err(e) = stream.clear(tokio_serial::ClearBuffer::Input) {
-                        tracing::debug!(port = %self.plan.path, error = %e, "Cannot flush the port's input buffer.");
+                        self.events.flush_failed(&e);
                     }
                     framer.clear();
                     match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(POLL)).await {

@@ -56,6 +56,9 @@ pub const RUNTIME_ERROR_KINDS: &[&str] = &[
     "journal",
     // The journal was full and dropped its oldest unacknowledged records: readings lost.
     "journal_dropped",
+    // A reading could not be sent at all (it failed its payload's validation, or its
+    // producer had stopped): lost.
+    "unsent",
     // An incoming message could not be decoded, or named another identity than its topic.
     "malformed",
     "mislabelled",
