@@ -102,6 +102,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         &ctx.common.data_dir,
         ctx.shutdown.clone(),
     )?;
+    let core = runtime::telemetry::core::Core::of(bus.service().as_str());
     // Each meter's identity, once: its readings and their topics are built from it.
     let mut houses: Vec<(ReadingId, Household)> = (0..config.devices)
         .map(|i| {
@@ -146,12 +147,8 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
             // A meter goes on being read whatever happens to one reading: a journal that
             // refuses it (disk full) is logged once per episode, counted and reported on
             // /healthz by the producer, which tries again with the next reading.
-            match producer.send(&m.topic(), m).await {
-                Ok(_) => {}
-                Err(e) if e.is_not_journaled() => {}
-                Err(e) => {
-                    tracing::error!(device = %id.device, error = %e, "Cannot send a simulated reading; it is lost.")
-                }
+            if let Err(e) = producer.send(&m.topic(), m).await {
+                runtime::events::reading_not_sent(&core, id.device.as_str(), &e);
             }
         }
     }
