@@ -9,7 +9,9 @@
 # servers again. Repeated runs skip installs that are already done.
 #
 # Environment passed to the tests:
-#   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here.
+#   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here, for the
+#                          runtime's interop tests and the end-to-end tests (the services' own
+#                          tests start wattbus's broker in-process and need no environment).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
