@@ -40,7 +40,7 @@ pub struct Config {
     /// Delivery of the readings (`meas` stream): a disk journal, so readings survive a broker
     /// outage and a restart.
     pub stream: StreamConfig,
-    pub buses: Vec<BusConfig>,
+    pub buses: Vec<BusSection>,
 }
 
 impl Default for Config {
@@ -83,7 +83,7 @@ impl Transport {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BusConfig {
+pub struct BusSection {
     /// Names the bus in health measurements (`modbus_bus/<name>/health`), logs and metrics.
     pub name: Segment,
     pub transport: Transport,
@@ -276,7 +276,7 @@ impl Config {
 }
 
 fn resolve_bus<'a>(
-    bus: &'a BusConfig,
+    bus: &'a BusSection,
     at: &str,
     profiles: &Profiles,
     names: &mut BTreeMap<&'a str, String>,

@@ -24,7 +24,7 @@ use crate::plan::Request;
 use crate::profile::{Register, ValueType, WordOrder};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DecodeError {
+pub enum ValueError {
     #[error("a {value_type} needs {expected} registers, got {got}")]
     Length {
         value_type: ValueType,
@@ -38,7 +38,7 @@ pub enum DecodeError {
 }
 
 /// Decodes one register's words to its scaled value.
-pub fn decode(register: &Register, words: &[u16]) -> Result<f64, DecodeError> {
+pub fn decode(register: &Register, words: &[u16]) -> Result<f64, ValueError> {
     let raw = decode_raw(register.value_type, register.word_order, words)?;
     let digits = if register.value_type == ValueType::F32 {
         // Exact: the value was widened from this f32.
@@ -56,7 +56,7 @@ pub fn decode(register: &Register, words: &[u16]) -> Result<f64, DecodeError> {
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(DecodeError::NotFinite(value))
+        Err(ValueError::NotFinite(value))
     }
 }
 
@@ -65,10 +65,10 @@ pub fn decode_raw(
     value_type: ValueType,
     word_order: WordOrder,
     words: &[u16],
-) -> Result<f64, DecodeError> {
+) -> Result<f64, ValueError> {
     let expected = value_type.words();
     if words.len() != usize::from(expected) {
-        return Err(DecodeError::Length {
+        return Err(ValueError::Length {
             value_type,
             expected,
             got: words.len(),
@@ -97,7 +97,7 @@ pub fn decode_raw(
     if value.is_finite() {
         Ok(value)
     } else {
-        Err(DecodeError::NotFinite(value))
+        Err(ValueError::NotFinite(value))
     }
 }
 
@@ -140,7 +140,7 @@ impl Decimal {
 
 /// One register's outcome in a response: its index in the profile's register list and its
 /// value or why there is none.
-pub type Decoded = (usize, Result<f64, DecodeError>);
+pub type Decoded = (usize, Result<f64, ValueError>);
 
 /// Decodes every register a request carries from its response: `(index, value)` pairs, the
 /// index into the same `registers` slice given to [`crate::plan::plan`]. One bad value does not
@@ -149,9 +149,9 @@ pub fn decode_response(
     registers: &[Register],
     request: &Request,
     response: &[u16],
-) -> Result<Vec<Decoded>, DecodeError> {
+) -> Result<Vec<Decoded>, ValueError> {
     if response.len() != usize::from(request.count) {
-        return Err(DecodeError::Response {
+        return Err(ValueError::Response {
             expected: request.count,
             got: response.len(),
         });
@@ -163,7 +163,7 @@ pub fn decode_response(
         };
         let value = match request.words_of(register, response) {
             Some(words) => decode(register, words),
-            None => Err(DecodeError::Length {
+            None => Err(ValueError::Length {
                 value_type: register.value_type,
                 expected: register.words(),
                 got: 0,
@@ -235,19 +235,19 @@ mod tests {
         // Quiet NaN 0x7FC0_0000, +inf 0x7F80_0000, -inf 0xFF80_0000.
         assert!(matches!(
             decode_raw(ValueType::F32, Big, &[0x7FC0, 0x0000]),
-            Err(DecodeError::NotFinite(v)) if v.is_nan()
+            Err(ValueError::NotFinite(v)) if v.is_nan()
         ));
         assert_eq!(
             decode_raw(ValueType::F32, Big, &[0x7F80, 0x0000]),
-            Err(DecodeError::NotFinite(f64::INFINITY))
+            Err(ValueError::NotFinite(f64::INFINITY))
         );
         assert_eq!(
             decode_raw(ValueType::F32, Big, &[0xFF80, 0x0000]),
-            Err(DecodeError::NotFinite(f64::NEG_INFINITY))
+            Err(ValueError::NotFinite(f64::NEG_INFINITY))
         );
         assert!(matches!(
             decode_raw(ValueType::F64, Big, &[0x7FF8, 0, 0, 0]),
-            Err(DecodeError::NotFinite(v)) if v.is_nan()
+            Err(ValueError::NotFinite(v)) if v.is_nan()
         ));
     }
 
@@ -279,11 +279,11 @@ mod tests {
         let response = [0xFFFC, 0xDEAD, 0x7FC0, 0x0000, 10];
         let out = decode_response(&regs, &requests[0], &response).unwrap();
         assert_eq!(out[0], (0, Ok(-2.0)));
-        assert!(matches!(out[1], (1, Err(DecodeError::NotFinite(_)))));
+        assert!(matches!(out[1], (1, Err(ValueError::NotFinite(_)))));
         assert_eq!(out[2], (2, Ok(5.0)));
         assert_eq!(
             decode_response(&regs, &requests[0], &response[..4]),
-            Err(DecodeError::Response {
+            Err(ValueError::Response {
                 expected: 5,
                 got: 4
             })
@@ -347,7 +347,7 @@ mod tests {
     fn wrong_word_count_is_an_error() {
         assert_eq!(
             decode_raw(ValueType::U32, Big, &[1]),
-            Err(DecodeError::Length {
+            Err(ValueError::Length {
                 value_type: ValueType::U32,
                 expected: 2,
                 got: 1

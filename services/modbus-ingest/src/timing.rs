@@ -104,7 +104,7 @@ impl Line {
 
 /// One read that happens `times` times per period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Poll {
+pub struct ReadRate {
     pub registers: u16,
     pub times: u32,
 }
@@ -113,7 +113,7 @@ pub struct Poll {
 /// schedule cannot be kept). For per-class rates pick a common period: with power every 1 s
 /// and energy every 60 s, a 60 s period holds 60 power reads and 1 energy read.
 pub fn utilisation(
-    polls: &[Poll],
+    polls: &[ReadRate],
     baud: u32,
     framing: Framing,
     period: Duration,
@@ -180,11 +180,11 @@ mod tests {
         close(line.read_s(44), 0.12375);
         close(line.read_s(40), 1100.0 / 9600.0);
         let polls = [
-            Poll {
+            ReadRate {
                 registers: 44,
                 times: 1,
             },
-            Poll {
+            ReadRate {
                 registers: 40,
                 times: 1,
             },
@@ -198,11 +198,11 @@ mod tests {
         // Power block every second, energy block every minute, 8N1: 60 × 108 + 1 × 100
         // characters (silence included) of 10 bits at 9600 baud, over 60 s = 11.4 %.
         let polls = [
-            Poll {
+            ReadRate {
                 registers: 44,
                 times: 60,
             },
-            Poll {
+            ReadRate {
                 registers: 40,
                 times: 1,
             },
@@ -217,19 +217,19 @@ mod tests {
     fn one_read_per_value_costs_as_much_line_time_as_reading_everything_merged() {
         // mbmd's ORNO1p producer (meters/rs485/orno1p.go) reads nine values of 1 or 2 registers
         // each, one request per value; the planner reads the whole map in two.
-        let mbmd: Vec<Poll> = [1, 1, 2, 2, 2, 2, 1, 2, 2]
+        let mbmd: Vec<ReadRate> = [1, 1, 2, 2, 2, 2, 1, 2, 2]
             .into_iter()
-            .map(|registers| Poll {
+            .map(|registers| ReadRate {
                 registers,
                 times: 1,
             })
             .collect();
         let ours = [
-            Poll {
+            ReadRate {
                 registers: 44,
                 times: 1,
             },
-            Poll {
+            ReadRate {
                 registers: 40,
                 times: 1,
             },
@@ -246,7 +246,7 @@ mod tests {
 
     #[test]
     fn zero_baud_or_period_is_an_error() {
-        let p = [Poll {
+        let p = [ReadRate {
             registers: 1,
             times: 1,
         }];

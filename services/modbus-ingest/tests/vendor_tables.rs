@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use modbus_ingest::decode::{DecodeError, decode_response};
+use modbus_ingest::decode::{ValueError, decode_response};
 use modbus_ingest::plan::plan;
 use modbus_ingest::profile::{Function, Profile, Profiles, Register, ValueType, WordOrder};
 
@@ -37,7 +37,7 @@ fn check(r: &Register, function: Function, t: ValueType, scale: f64, field: &str
 
 /// Every register the profile reads, decoded from `words` (address → word) for a meter that
 /// answers every planned request; unmapped addresses (holes) read as 0.
-fn read_all(p: &Profile, words: &[(u16, u16)]) -> Vec<(Register, Result<f64, DecodeError>)> {
+fn read_all(p: &Profile, words: &[(u16, u16)]) -> Vec<(Register, Result<f64, ValueError>)> {
     let requests = plan(&p.registers, |_| true, p.limits).expect("plan");
     let mut out = Vec::new();
     for req in &requests {
@@ -54,7 +54,7 @@ fn read_all(p: &Profile, words: &[(u16, u16)]) -> Vec<(Register, Result<f64, Dec
     out
 }
 
-fn value(read: &[(Register, Result<f64, DecodeError>)], field: &str, channel: &str) -> f64 {
+fn value(read: &[(Register, Result<f64, ValueError>)], field: &str, channel: &str) -> f64 {
     let (_, v) = read
         .iter()
         .find(|(r, _)| r.field == field && r.channel.as_str() == channel && r.tags.is_empty())
@@ -368,7 +368,7 @@ fn eastron_sdm120_decodes_and_flags_a_nan() {
     assert_eq!(value(&read, "frequency_hz", "total"), 49.98);
     close(value(&read, "energy_import_wh", "total"), 10_250.0);
     let current = read.iter().find(|(r, _)| r.field == "current_a").unwrap();
-    assert!(matches!(current.1, Err(DecodeError::NotFinite(v)) if v.is_nan()));
+    assert!(matches!(current.1, Err(ValueError::NotFinite(v)) if v.is_nan()));
 }
 
 #[test]

@@ -57,7 +57,7 @@ impl Block {
 
 /// What one line did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Pushed {
+pub struct LineOutcome {
     /// Frames completed (or closed short by a gap or resync), oldest first.
     pub frames: Vec<Block>,
     /// Lines lost before this one, by its sequence number.
@@ -118,8 +118,8 @@ impl FrameAssembler {
 
     /// Add one line's samples (interleaved by instant; a multiple of the channel count, as
     /// the parser guarantees) read at `read_ms`.
-    pub fn push(&mut self, seq: u16, values: &[i32], read_ms: i64) -> Pushed {
-        let mut out = Pushed::default();
+    pub fn push(&mut self, seq: u16, values: &[i32], read_ms: i64) -> LineOutcome {
+        let mut out = LineOutcome::default();
         let k = (values.len() / self.channels) as u64;
         let read_us = read_ms.saturating_mul(1000);
         if let Some(last) = self.last_seq {

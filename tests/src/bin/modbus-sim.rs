@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use modbus_ingest::timing::{Framing, Line, Poll, utilisation};
+use modbus_ingest::timing::{Framing, Line, ReadRate, utilisation};
 use serde::Serialize;
 use simulators::modbus::{
     LineTiming, MeterBus, RtuOptions, SlaveHandle, We515, serve_rtu, serve_tcp,
@@ -136,11 +136,11 @@ fn budget(cli: &Cli) -> anyhow::Result<()> {
     let times = |every: u64| (period.as_millis() as u64 / every.max(1)) as u32;
     let n = u32::from(cli.meters);
     let polls = [
-        Poll {
+        ReadRate {
             registers: POWER_BLOCK,
             times: n * times(cli.fast_ms),
         },
-        Poll {
+        ReadRate {
             registers: ENERGY_BLOCK,
             times: n * times(cli.slow_ms),
         },

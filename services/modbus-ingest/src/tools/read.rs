@@ -3,7 +3,7 @@
 
 use super::InputError;
 use super::session::{Session, ToolError};
-use crate::decode::{DecodeError, decode};
+use crate::decode::{ValueError, decode};
 use crate::plan::plan;
 use crate::profile::{Function, Profile, Register};
 
@@ -85,7 +85,7 @@ pub fn select(profile: &Profile, select: &Select) -> Result<Vec<Register>, Input
 pub struct Reading {
     pub register: Register,
     pub words: Vec<u16>,
-    pub value: Result<f64, DecodeError>,
+    pub value: Result<f64, ValueError>,
 }
 
 impl Reading {
