@@ -1104,7 +1104,11 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
         dir.path(),
         "b.toml",
         &format!(
-            "[log]\nlevel = \"info\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n",
+            // Every listener on a port of its own: the defaults (1884, 9100) may be taken by
+            // another test's broker, and the broker would exit before this test begins.
+            "[log]\nlevel = \"info\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nlisten_v5 = \"127.0.0.1:{}\"\nhealth_listen = \"127.0.0.1:{}\"\n[[broker.users]]\nusername = \"a\"\npassword = \"b\"\nrole = \"admin\"\n",
+            free_port(),
+            free_port(),
         ),
     );
     let log = dir.path().join("b.log");
@@ -1116,7 +1120,11 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
             .args(["run", "broker", "--config", &f]),
         &log,
     );
-    assert!(wait_until(Duration::from_secs(30), || port_open(port)));
+    assert!(
+        wait_until(Duration::from_secs(30), || port_open(port)),
+        "the broker did not listen:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     // Far more connections than the broker has descriptors left; held open. From 13 loopback
     // addresses: the broker keeps at most 16 from one source waiting for their login.
     let rt = tokio::runtime::Builder::new_current_thread()

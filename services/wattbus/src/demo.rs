@@ -35,7 +35,7 @@ use proto::{Filter, Measurement, Segment};
 use runtime::bus::{Bus, Identity};
 use runtime::config::{BusConfig, InboxConfig, StreamConfig};
 use runtime::delivery::Inbox;
-use runtime::telemetry::{Counter, Gauge};
+
 use runtime::{Common, Context, Health, Secret};
 
 #[derive(clap::Args, Debug)]
@@ -563,18 +563,10 @@ async fn console(
         let _ = subscribed.send(());
     }
     let mut stored = Stored::default();
-    // The simulator's journal and replay figures, read from the process's metrics registry.
-    let labels = [("producer", "simulator"), ("stream", "meas")];
-    let waiting = Gauge::new(
-        "wattbus_journal_records",
-        "Records held by the journal (not yet acknowledged by every sink group).",
-        &labels,
-    );
-    let replayed = Counter::new(
-        "wattbus_replayed_records_total",
-        "Records published again because a sink group did not acknowledge them in time.",
-        &[("stream", "meas"), ("sink", CONSOLE)],
-    );
+    // The simulator's journal and replay figures, read from the process's core metrics.
+    let simulator = runtime::telemetry::core::Core::of("simulator");
+    let (waiting, _oldest) = simulator.journal("meas");
+    let replayed = simulator.replayed("meas", CONSOLE);
     let mut report = tokio::time::interval(Duration::from_secs(10));
     report.tick().await;
     loop {
