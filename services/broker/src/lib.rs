@@ -144,7 +144,7 @@ pub fn start(config: &Config) -> Result<Started, Error> {
         .spawn(
             move || match tokio::runtime::Builder::new_current_thread().build() {
                 Ok(rt) => rt.block_on(events::record(meters, alerts)),
-                Err(e) => tracing::error!(error = %e, "Cannot record broker metrics: no runtime."),
+                Err(e) => tracing::error!(error = %runtime::telemetry::chain(&e), "Cannot record broker metrics: no runtime."),
             },
         )
         .map_err(Error::Thread)?;

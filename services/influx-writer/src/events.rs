@@ -186,7 +186,7 @@ impl Influx {
                 "The InfluxDB spool holds batches from before; draining them."
             );
         }
-        tracing::info!(endpoint, "Writing to InfluxDB.");
+        tracing::info!(endpoint = %endpoint, "Writing to InfluxDB.");
     }
 
     /// The spool holds `records` batches in `bytes`, the oldest appended `oldest` ago.
@@ -211,7 +211,7 @@ impl Influx {
     pub fn splitting_rejected(&self, lines: usize, message: &str) {
         tracing::debug!(
             lines,
-            message,
+            message = %message,
             "InfluxDB refused a batch; splitting it to find the bad line."
         );
     }
@@ -266,13 +266,13 @@ impl Influx {
         self.core.error("influx_unavailable").inc();
         if first {
             tracing::warn!(
-                reason = why,
-                endpoint,
+                reason = %why,
+                endpoint = %endpoint,
                 retry_in_ms,
                 "InfluxDB cannot take writes; spooling readings to disk until it can."
             );
         } else {
-            tracing::debug!(reason = why, retry_in_ms, "InfluxDB still unavailable.");
+            tracing::debug!(reason = %why, retry_in_ms, "InfluxDB still unavailable.");
         }
     }
 
@@ -394,8 +394,8 @@ impl Files {
         self.core.dead_letters.inc();
         self.core.error("unwritable_reading").inc();
         tracing::error!(
-            topic,
-            reason,
+            topic = %topic,
+            reason = %reason,
             "A reading cannot be written to a file; dead-lettered."
         );
     }
@@ -524,22 +524,6 @@ mod tests {
         assert_eq!(up.get(), 0.0);
         influx.came_back(0);
         assert_eq!(up.get(), 1.0);
-    }
-
-    #[test]
-    fn the_spool_shows_as_a_core_journal() {
-        let influx = Influx::new();
-        influx.spool(3, 4096, Duration::from_millis(12_700));
-        let text = runtime::telemetry::render();
-        let l = "{service=\"influx-writer\",stream=\"influx-spool\"}";
-        assert!(
-            text.contains(&format!("wattbus_journal_records{l} 3\n")),
-            "{text}"
-        );
-        assert!(
-            text.contains(&format!("wattbus_journal_oldest_seconds{l} 12\n")),
-            "{text}"
-        );
     }
 
     #[test]

@@ -675,6 +675,106 @@ mod tests {
         assert!(split_at_lines("", 10).is_empty());
     }
 
+    /// InfluxDB away: a batch goes to the spool, which shows as the core journal gauges of
+    /// stream `influx-spool`: its depth, and an age that grows while nothing else happens.
+    /// (The only test of this binary that spools, so the process-wide gauges are its own.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spooled_batch_shows_in_the_core_journal_gauges_and_ages() {
+        use crate::batch::Item;
+        use crate::config::{Api, Config, InfluxConfig};
+        use runtime::telemetry::core::Core;
+
+        let seg = |s: &str| Segment::new(s).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens there: every write is refused at once (connection refused).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let plan = Config {
+            influx: Some(InfluxConfig {
+                url: format!("http://127.0.0.1:{closed}"),
+                api: Api::V1,
+                database: Some("wattbus".into()),
+                retry_min_ms: 50,
+                retry_max_ms: 200,
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        }
+        .resolve("influx_writer")
+        .unwrap();
+        let site = seg("spool-test");
+        let service = seg("influx-writer");
+        let bus_cfg = runtime::config::BusConfig {
+            port: closed,
+            ..runtime::config::BusConfig::default()
+        };
+        let identity = runtime::bus::Identity {
+            service: service.clone(),
+            instance: seg("influx-writer"),
+        };
+        let (bus, _bus_task) =
+            Bus::connect(&bus_cfg, &site, &identity, &runtime::Health::default()).unwrap();
+        let dead = Arc::new(DeadLetters::new(
+            &bus,
+            &site,
+            &service,
+            Arc::new(DeadLetterFile::new(dir.path().join("dead.jsonl"), 1 << 20)),
+        ));
+        let (trigger, shutdown) = runtime::shutdown::channel();
+        let sink = InfluxSink::open(
+            plan.target().unwrap(),
+            &dir.path().join("spool"),
+            &plan.spool,
+            100,
+            dead,
+            shutdown,
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(2);
+        let task = tokio::spawn(sink.run(rx));
+
+        let (records, oldest) = Core::of("influx-writer").journal(events::SPOOL_STREAM);
+        let items = (0..3)
+            .map(|i| Item {
+                topic: format!("wattbus/v1/spool-test/meas/m-{i}/l1"),
+                measurement: proto::Measurement {
+                    origin: None,
+                    site: site.clone(),
+                    device: seg(&format!("m-{i}")),
+                    channel: seg("l1"),
+                    measurement: seg("power"),
+                    ts_ms: 1_796_000_000_000,
+                    quality: proto::Quality::Good,
+                    fields: [("power_w".to_string(), 1.0)].into_iter().collect(),
+                    tags: Default::default(),
+                },
+            })
+            .collect();
+        tx.send(Arc::new(Batch::new(items, Vec::new(), None, 1)))
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !(records.get() == 1.0 && oldest.get() >= 1.0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "spool gauges: {} records, oldest {} s",
+            records.get(),
+            oldest.get()
+        );
+        drop(tx);
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn backoff_doubles_with_jitter_up_to_the_cap() {
         let mut b = RetryWait::new(Backoff::constant(

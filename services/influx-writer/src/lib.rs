@@ -49,6 +49,7 @@ use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::dead_letters::DeadLetterFile;
 use runtime::delivery::{AckToken, Acker, Delivery, Inbox};
+use runtime::telemetry::chain;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -231,7 +232,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     drop(acker);
     drop(inbox);
     if let Err(e) = ack_task.await {
-        tracing::warn!(error = %e, "The acknowledgement task ended abnormally.");
+        tracing::warn!(error = %chain(&e), "The acknowledgement task ended abnormally.");
     }
     ready.set(false);
     Ok(())

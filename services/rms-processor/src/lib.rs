@@ -55,6 +55,7 @@ use proto::{DeadLetter, Filter, Measurement, Payload as _, RawFrame, Segment, To
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{AckToken, Acker, Delivery, DeliveryError, Inbox, Producer};
+use runtime::telemetry::chain;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -262,7 +263,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         }
     }
     if let Err(e) = producer_task.await {
-        tracing::warn!(error = %e, "Producer task ended abnormally.");
+        tracing::warn!(error = %chain(&e), "Producer task ended abnormally.");
     }
     Ok(())
 }
@@ -512,7 +513,7 @@ impl Processor<'_> {
                 self.bus.publish_or_defer(to.as_str(), bytes).await
             }
             Err(e) => {
-                tracing::warn!(error = %e, "Could not encode a dead letter.");
+                tracing::warn!(error = %chain(&e), "Could not encode a dead letter.");
                 false
             }
         }
