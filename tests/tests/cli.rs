@@ -179,7 +179,10 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
         && http_get(health, "/healthz").starts_with("HTTP/1.1 200")));
     assert!(port_open(port));
     let metrics = http_get(health, "/metrics");
-    assert!(metrics.contains("wattbus_broker_up 1"), "{metrics}");
+    assert!(
+        metrics.contains("wattbus_up{service=\"broker\"} 1"),
+        "{metrics}"
+    );
     let status = broker.terminate(Duration::from_secs(10));
     assert_eq!(status.map(|s| s.code()), Some(Some(0)));
     // Its log went to a file: plain text, no colour codes for a terminal nobody has.

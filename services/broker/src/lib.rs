@@ -49,7 +49,7 @@
 //! - `acl`: who may publish and subscribe where, by role (pure functions).
 //! - `auth`: the login check rumqttd calls (password, client id) and the `Policy` the router asks.
 //! - `events`: what is logged and counted (refused logins, publishes, subscriptions; limits;
-//!   subscriber skips; router meters).
+//!   subscriber skips; router meters), the core metrics among them, with the error kinds.
 //! - here: [`start`], the readiness probe, and [`run`].
 
 pub mod acl;
@@ -144,7 +144,7 @@ pub fn start(config: &Config) -> Result<Started, Error> {
         .spawn(
             move || match tokio::runtime::Builder::new_current_thread().build() {
                 Ok(rt) => rt.block_on(events::record(meters, alerts)),
-                Err(e) => tracing::error!(error = %e, "Cannot record broker metrics: no runtime."),
+                Err(e) => tracing::error!(error = %runtime::telemetry::chain(&e), "Cannot record broker metrics: no runtime."),
             },
         )
         .map_err(Error::Thread)?;
@@ -246,6 +246,7 @@ impl runtime::Service for Broker {
     const SECTION: &'static str = SECTION;
     const ABOUT: &'static str =
         "the MQTT broker every service talks through (authentication and topic ACLs on)";
+    const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
     type Error = Error;
@@ -274,11 +275,9 @@ impl runtime::Service for Broker {
 /// listeners go on serving until the process exits (rumqttd has no stop API).
 pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     let ready = ctx.health.check("broker");
-    let up = events::up();
     let mut started = start(&plan)?;
     started.wait_ready(READY_TIMEOUT).await?;
     ready.set(true);
-    up.set(1.0);
     let addrs: Vec<String> = started
         .listeners()
         .iter()
@@ -291,7 +290,6 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
         stopped = started.stopped() => Err(stopped),
     };
     ready.set(false);
-    up.set(0.0);
     result
 }
 

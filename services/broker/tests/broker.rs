@@ -217,12 +217,13 @@ async fn run_becomes_ready_and_returns_when_shutdown_fires() {
         health: health.clone(),
         shutdown,
     };
-    let task = tokio::spawn(broker::run(
+    // As `wattbus run broker` runs it: with its core metrics.
+    let task = tokio::spawn(runtime::service::run::<broker::Broker>(
         config.clone().resolve(broker::SECTION).unwrap(),
         ctx,
     ));
     // Only this test calls `run` in this binary, so the process-wide gauge is its own.
-    let up = Gauge::new("wattbus_broker_up", "", &[]);
+    let up = Gauge::new("wattbus_up", "", &[("service", "broker")]);
 
     timeout(WAIT, async {
         while !health.is_ready() {

@@ -96,7 +96,13 @@ async fn refused_logins_are_counted_per_listener() {
 async fn router_meters_count_publishes_and_bytes_per_filter() {
     let config = broker().await;
     let filter = "wattbus/test/meters/#";
-    let publishes = Counter::new("wattbus_broker_publishes_total", "", &[]);
+    // The broker's core counts: publishes accepted, messages queued for subscribers.
+    let publishes = Counter::new(
+        "wattbus_messages_received_total",
+        "",
+        &[("service", "broker")],
+    );
+    let sent = Counter::new("wattbus_messages_sent_total", "", &[("service", "broker")]);
     let messages = Counter::new(
         "wattbus_broker_filter_messages_total",
         "",
@@ -141,6 +147,7 @@ async fn router_meters_count_publishes_and_bytes_per_filter() {
         messages.get() == 3
     })
     .await;
+    wait_until("three messages sent counted", || sent.get() == 3).await;
     // A log entry counts itself (a few hundred bytes: the patched `impl Storage for
     // PublishData`) besides its topic and payload, the same for the three.
     let per_message = bytes.get() / 3;

@@ -1,32 +1,548 @@
-//! Notable events of the writer that are not about one output, logged and counted here.
+//! The writer's notable events, each logged and counted here and nowhere else: the log line
+//! for the person at the terminal, the counter for the dashboard.
+//!
+//! One struct per unit, made once: [`Intake`] (readings off the bus), [`Influx`] (the InfluxDB
+//! output and its spool) and [`Files`] (the file output). Every error event also counts in the
+//! core `wattbus_errors_total{service="influx-writer",kind}` ([`ERROR_KINDS`], and the
+//! runtime's `journal` and `journal_dropped` for the spool, which is a journal), every dead
+//! letter in the core `wattbus_dead_letters_total`, and the spool's depth and age are the core
+//! `wattbus_journal_records` / `wattbus_journal_oldest_seconds{stream="influx-spool"}`
+//! (docs/metrics.md).
 
+use std::path::Path;
 use std::time::Duration;
 
 use proto::{Implausible, Measurement};
-use runtime::telemetry::Counter;
-use runtime::telemetry::LogLimit;
+use runtime::telemetry::core::Core;
+use runtime::telemetry::{Counter, Gauge, LogLimit, chain};
 
-/// A `good` reading with a value outside the plausible range of its unit, stored as
-/// `out_of_range`. WARN: handled (the value is kept, flagged), but a meter, a profile or a
-/// producer is wrong and a person should look. A broken register repeats every poll, so the
-/// line is logged at most once a minute with the count of the rest; the counter counts all.
-pub fn implausible(topic: &str, m: &Measurement, bad: &Implausible) {
-    static LOG: LogLimit = LogLimit::new(Duration::from_secs(60));
-    Counter::new(
-        "wattbus_influx_writer_implausible_readings_total",
-        "Readings stored with quality out_of_range because a value is outside the plausible range of its unit.",
-        &[],
-    )
-    .inc();
-    if let Some(unlogged) = LOG.allow() {
-        tracing::warn!(
-            topic,
-            device = %m.device,
-            channel = %m.channel,
-            field = %bad.field,
-            value = bad.value,
-            unlogged,
-            "{bad}; stored with quality out_of_range (value kept)."
+use crate::influx::Refusal;
+
+/// The writer's own kinds of `wattbus_errors_total`, besides the runtime's.
+pub const ERROR_KINDS: &[&str] = &[
+    // A `good` reading with a value outside its unit's plausible range: stored as out_of_range.
+    "implausible",
+    // InfluxDB refused a point on its own (400, 413), or it could not be encoded: dead-lettered.
+    "refused_point",
+    // InfluxDB could not take a write (connection refused, timeout, 429, 5xx): spooled, retried.
+    "influx_unavailable",
+    // InfluxDB refused the writer's settings (401, 403, 404): spooled until a person fixes them.
+    "influx_refused",
+    // The dead-letter file could not be written: the batch is not acknowledged (replayed).
+    "dead_letter_file",
+    // The file output could not write a batch: it is not acknowledged (replayed).
+    "files",
+    // A reading the file format cannot hold: dead-lettered.
+    "unwritable_reading",
+    // An output task ended (a bug): batches stay with their producers.
+    "output_stopped",
+];
+
+/// The service's name in the core metrics.
+const SERVICE: &str = <crate::InfluxWriter as runtime::Service>::NAME;
+
+/// The spool's stream name in the core journal metrics (and in its journal's own metrics).
+pub const SPOOL_STREAM: &str = "influx-spool";
+
+/// A broken register repeats every poll: its implausible readings are logged at most once in
+/// this interval, with the count of the rest.
+const IMPLAUSIBLE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Refused points logged one by one per batch; the rest are summarised.
+const LOGGED_PER_BATCH: usize = 3;
+
+/// Readings off the bus, before they are batched.
+#[derive(Debug)]
+pub struct Intake {
+    core: Core,
+    readings: Counter,
+    implausible: Counter,
+    log: LogLimit,
+}
+
+impl Intake {
+    pub fn new() -> Self {
+        Self {
+            core: Core::of(SERVICE),
+            readings: Counter::new(
+                "wattbus_influx_writer_readings_total",
+                "Readings received from the bus.",
+                &[],
+            ),
+            implausible: Counter::new(
+                "wattbus_influx_writer_implausible_readings_total",
+                "Readings stored with quality out_of_range because a value is outside the plausible range of its unit.",
+                &[],
+            ),
+            log: LogLimit::new(IMPLAUSIBLE_LOG_EVERY),
+        }
+    }
+
+    /// A reading came off the bus (the runtime has checked it decodes and is labelled right).
+    pub fn reading(&self) {
+        self.readings.inc();
+    }
+
+    /// A `good` reading with a value outside the plausible range of its unit, stored as
+    /// `out_of_range`. WARN: handled (the value is kept, flagged), but a meter, a profile or a
+    /// producer is wrong and a person should look.
+    pub fn implausible(&self, topic: &str, m: &Measurement, bad: &Implausible) {
+        self.implausible.inc();
+        self.core.error("implausible").inc();
+        if let Some(unlogged) = self.log.allow() {
+            tracing::warn!(
+                topic,
+                device = %m.device,
+                channel = %m.channel,
+                field = %bad.field,
+                value = bad.value,
+                unlogged,
+                "{bad}; stored with quality out_of_range (value kept)."
+            );
+        }
+    }
+
+    /// An output took no more batches: it ended, and what it did not store stays with the
+    /// producers (replayed).
+    pub fn output_stopped(&self) {
+        self.core.error("output_stopped").inc();
+        tracing::error!("An output has stopped; readings stay with their producers.");
+    }
+
+    /// An output task ended with a panic.
+    pub fn output_failed(&self, error: &dyn std::error::Error) {
+        self.core.error("output_stopped").inc();
+        tracing::error!(error = %chain(error), "An output task ended abnormally.");
+    }
+}
+
+/// The InfluxDB output and its spool.
+#[derive(Debug)]
+pub struct Influx {
+    core: Core,
+    points: Counter,
+    requests_ok: Counter,
+    requests_failed: Counter,
+    spooled_points: Counter,
+    spool_dropped: Counter,
+    spool_bytes: Gauge,
+    spool_records: Gauge,
+    spool_oldest: Gauge,
+    up: Gauge,
+}
+
+impl Influx {
+    pub fn new() -> Self {
+        let core = Core::of(SERVICE);
+        let (spool_records, spool_oldest) = core.journal(SPOOL_STREAM);
+        Self {
+            points: Counter::new(
+                "wattbus_influx_points_written_total",
+                "Points InfluxDB accepted (replays of a point count again).",
+                &[],
+            ),
+            requests_ok: Counter::new(
+                "wattbus_influx_requests_total",
+                "Write requests by result.",
+                &[("result", "written")],
+            ),
+            requests_failed: Counter::new(
+                "wattbus_influx_requests_total",
+                "Write requests by result.",
+                &[("result", "failed")],
+            ),
+            spooled_points: Counter::new(
+                "wattbus_influx_spooled_points_total",
+                "Points put in the spool because InfluxDB could not take them.",
+                &[],
+            ),
+            spool_dropped: Counter::new(
+                "wattbus_influx_spool_dropped_batches_total",
+                "Spooled batches dropped unwritten because the spool was full.",
+                &[],
+            ),
+            spool_bytes: Gauge::new(
+                "wattbus_influx_spool_bytes",
+                "Size of the spool on disk.",
+                &[],
+            ),
+            spool_records,
+            spool_oldest,
+            up: Gauge::new(
+                "wattbus_influx_up",
+                "1 while InfluxDB accepts writes, 0 while the writer is spooling.",
+                &[],
+            ),
+            core,
+        }
+    }
+
+    /// The output opened: InfluxDB is taken to accept writes until a write says otherwise.
+    pub fn opened(&self, endpoint: &str, spooled: u64) {
+        self.up.set(1.0);
+        if spooled > 0 {
+            tracing::info!(
+                batches = spooled,
+                "The InfluxDB spool holds batches from before; draining them."
+            );
+        }
+        tracing::info!(endpoint = %endpoint, "Writing to InfluxDB.");
+    }
+
+    /// The spool holds `records` batches in `bytes`, the oldest appended `oldest` ago.
+    pub fn spool(&self, records: u64, bytes: u64, oldest: Duration) {
+        self.spool_records.set(records as f64);
+        self.spool_bytes.set(bytes as f64);
+        self.spool_oldest.set(oldest.as_secs_f64().floor());
+    }
+
+    /// InfluxDB accepted `points` points in one request.
+    pub fn written(&self, points: usize) {
+        self.requests_ok.inc();
+        self.points.add(points as u64);
+    }
+
+    /// A write request failed; what follows (a split, a refusal, the spool) is its own event.
+    pub fn request_failed(&self) {
+        self.requests_failed.inc();
+    }
+
+    /// InfluxDB refused a batch of several lines: it is split to find the bad one.
+    pub fn splitting_rejected(&self, lines: usize, message: &str) {
+        tracing::debug!(
+            lines,
+            message = %message,
+            "InfluxDB refused a batch; splitting it to find the bad line."
         );
+    }
+
+    /// InfluxDB found a batch too large (413): it is split.
+    pub fn splitting_too_large(&self, lines: usize) {
+        tracing::info!(
+            lines,
+            "InfluxDB found a batch too large (413); splitting it. Lower batch_points to avoid this."
+        );
+    }
+
+    /// InfluxDB refused these points on their own (or they could not be encoded): they go to
+    /// the dead-letter topic and `file`, and the rest of their batch is stored.
+    pub fn points_refused(&self, refused: &[Refusal], file: &Path) {
+        let n = refused.len() as u64;
+        self.core.dead_letters.add(n);
+        self.core.error("refused_point").add(n);
+        for r in refused.iter().take(LOGGED_PER_BATCH) {
+            tracing::error!(
+                reason = %r.reason,
+                topic = %r.topic,
+                line = r.line.trim_end(),
+                file = %file.display(),
+                "A point was refused and dead-lettered; the rest of its batch is stored."
+            );
+        }
+        if refused.len() > LOGGED_PER_BATCH {
+            tracing::error!(
+                more = refused.len() - LOGGED_PER_BATCH,
+                file = %file.display(),
+                "More points of this batch were dead-lettered."
+            );
+        }
+    }
+
+    /// The dead-letter file could not take refused points: their batch is not acknowledged.
+    pub fn dead_letter_file_failed(&self, file: &Path, error: &std::io::Error) {
+        self.core.error("dead_letter_file").inc();
+        tracing::error!(file = %file.display(), error = %chain(error), "Cannot write the dead-letter file; the batch is not acknowledged, and its producer will send it again.");
+    }
+
+    /// A dead letter could not be published (it is in the file).
+    pub fn dead_letter_unpublished(&self, error: &dyn std::error::Error) {
+        tracing::warn!(error = %chain(error), "Could not publish a dead letter.");
+    }
+
+    /// InfluxDB is away: batches go to the spool. `first`: the first failure of this kind
+    /// (WARN); the retries that follow are DEBUG.
+    pub fn unavailable(&self, why: &str, endpoint: &str, retry_in_ms: u64, first: bool) {
+        self.up.set(0.0);
+        self.core.error("influx_unavailable").inc();
+        if first {
+            tracing::warn!(
+                reason = %why,
+                endpoint = %endpoint,
+                retry_in_ms,
+                "InfluxDB cannot take writes; spooling readings to disk until it can."
+            );
+        } else {
+            tracing::debug!(reason = %why, retry_in_ms, "InfluxDB still unavailable.");
+        }
+    }
+
+    /// InfluxDB refuses the writer's settings. A person has to act: ERROR on every retry (at
+    /// most once per retry_max_ms once the backoff has grown).
+    pub fn refused(&self, what: &str, retry_in_ms: u64) {
+        self.up.set(0.0);
+        self.core.error("influx_refused").inc();
+        tracing::error!(
+            retry_in_ms,
+            "{what}. Readings are kept in the spool until this is fixed."
+        );
+    }
+
+    /// InfluxDB accepts writes again after a failure.
+    pub fn came_back(&self, spooled: u64) {
+        self.up.set(1.0);
+        tracing::info!(
+            spooled_batches = spooled,
+            "InfluxDB accepts writes again; draining the spool."
+        );
+    }
+
+    /// `points` points were appended to the spool (and fsynced); `dropped` of its oldest
+    /// batches made room for them.
+    pub fn spooled(&self, points: usize, dropped: u64) {
+        self.spooled_points.add(points as u64);
+        if dropped > 0 {
+            self.spool_dropped.add(dropped);
+            self.core.error("journal_dropped").inc();
+            tracing::error!(
+                batches = dropped,
+                "The InfluxDB spool is full: its oldest batches were dropped unwritten. \
+                 Raise influx_writer.spool.max_bytes or bring InfluxDB back."
+            );
+        }
+    }
+
+    /// The spool could not take a batch: it stays with its producers.
+    pub fn spool_write_failed(&self, error: &dyn std::error::Error) {
+        self.core.error("journal").inc();
+        tracing::error!(error = %chain(error), "Cannot write the InfluxDB spool; the batch stays with its producers.");
+    }
+
+    /// The spool could not be read: retried with backoff.
+    pub fn spool_read_failed(&self, error: &dyn std::error::Error) {
+        self.up.set(0.0);
+        self.core.error("journal").inc();
+        tracing::error!(error = %chain(error), "Cannot read the InfluxDB spool; retrying with backoff.");
+    }
+
+    /// Spooled batches whose segment file is gone: given up.
+    pub fn spool_unreadable(&self, batches: u64) {
+        self.spool_dropped.add(batches);
+        self.core.error("journal_dropped").inc();
+        tracing::error!(
+            batches,
+            "Spooled batches cannot be read back (their segment file is gone); they are dropped."
+        );
+    }
+
+    /// Written batches could not be trimmed from the spool: they will be written again
+    /// (harmless), and the spool holds their room meanwhile.
+    pub fn spool_trim_failed(&self, error: &dyn std::error::Error) {
+        self.core.error("journal").inc();
+        tracing::warn!(error = %chain(error), "Cannot trim the InfluxDB spool.");
+    }
+
+    /// The spool's position could not be saved at stop: some batches are written twice.
+    pub fn spool_position_unsaved(&self, error: &dyn std::error::Error) {
+        self.core.error("journal").inc();
+        tracing::warn!(error = %chain(error), "Cannot save the spool's position; some batches will be written twice (harmless).");
+    }
+
+    pub fn spool_drained(&self) {
+        tracing::info!("The InfluxDB spool is drained.");
+    }
+}
+
+/// The file output.
+#[derive(Debug)]
+pub struct Files {
+    core: Core,
+    written: Counter,
+    failed: Counter,
+}
+
+impl Files {
+    pub fn new() -> Self {
+        Self {
+            core: Core::of(SERVICE),
+            written: Counter::new(
+                "wattbus_files_bytes_written_total",
+                "Bytes appended to the readings files.",
+                &[],
+            ),
+            failed: Counter::new(
+                "wattbus_files_write_errors_total",
+                "Batches the file output could not write (they are replayed).",
+                &[],
+            ),
+        }
+    }
+
+    pub fn opened(&self, dir: &Path, format: &dyn std::fmt::Debug) {
+        tracing::info!(dir = %dir.display(), format = ?format, "Writing readings to files.");
+    }
+
+    /// A batch was appended (and fsynced), `rotated` files closed on the way.
+    pub fn wrote(&self, bytes: u64, rotated: &[std::path::PathBuf]) {
+        self.written.add(bytes);
+        for p in rotated {
+            tracing::info!(file = %p.display(), "Readings file rotated.");
+        }
+    }
+
+    /// A reading the format cannot hold: dead-lettered, the rest of its batch written.
+    pub fn unwritable(&self, topic: &str, reason: &str) {
+        self.core.dead_letters.inc();
+        self.core.error("unwritable_reading").inc();
+        tracing::error!(
+            topic = %topic,
+            reason = %reason,
+            "A reading cannot be written to a file; dead-lettered."
+        );
+    }
+
+    /// The dead-letter file could not take the batch's unwritable readings: not acknowledged.
+    pub fn dead_letter_file_failed(&self, file: &Path, error: &std::io::Error) {
+        self.failed.inc();
+        self.core.error("dead_letter_file").inc();
+        tracing::error!(file = %file.display(), error = %chain(error), "Cannot write the dead-letter file; the batch will be replayed.");
+    }
+
+    /// The readings file could not take a batch: not acknowledged, replayed.
+    pub fn write_failed(&self, error: &std::io::Error) {
+        self.failed.inc();
+        self.core.error("files").inc();
+        tracing::error!(error = %chain(error), "Cannot write the readings file; the batch will be replayed.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What `f` logs, as text.
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn errors(kind: &str) -> u64 {
+        Core::of(SERVICE).error(kind).get()
+    }
+
+    fn reading(power_w: f64) -> Measurement {
+        let seg = |s: &str| proto::Segment::new(s).unwrap();
+        Measurement {
+            origin: None,
+            site: seg("home"),
+            device: seg("m-1"),
+            channel: seg("l1"),
+            measurement: seg("power"),
+            ts_ms: 1_796_000_000_000,
+            quality: proto::Quality::Good,
+            fields: [("power_w".to_string(), power_w)].into_iter().collect(),
+            tags: Default::default(),
+        }
+    }
+
+    #[test]
+    fn implausible_readings_count_under_their_kind_and_are_logged_once_a_minute() {
+        let intake = Intake::new();
+        let before = errors("implausible");
+        let mut m = reading(5e9);
+        let bad = m.flag_implausible().unwrap();
+        let log = logged(|| {
+            for _ in 0..4 {
+                intake.implausible("wattbus/v1/home/meas/m-1/l1", &m, &bad);
+            }
+        });
+        // Only this test counts this kind in this binary.
+        assert_eq!(errors("implausible"), before + 4);
+        assert_eq!(
+            log.matches("stored with quality out_of_range").count(),
+            1,
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn refused_points_are_dead_letters_counted_each_and_logged_a_few_per_batch() {
+        let influx = Influx::new();
+        let (kind, dead) = (
+            errors("refused_point"),
+            Core::of(SERVICE).dead_letters.get(),
+        );
+        let refused: Vec<Refusal> = (0..5)
+            .map(|i| Refusal {
+                reason: "field type conflict".into(),
+                topic: format!("wattbus/v1/home/meas/m-{i}/l1"),
+                line: format!("power,device=m-{i} power_w=1i 1\n"),
+            })
+            .collect();
+        let log = logged(|| influx.points_refused(&refused, Path::new("dead.jsonl")));
+        assert_eq!(errors("refused_point"), kind + 5);
+        assert!(Core::of(SERVICE).dead_letters.get() >= dead + 5);
+        assert_eq!(log.matches("A point was refused").count(), 3, "{log}");
+        assert!(log.contains("more=2"), "{log}");
+    }
+
+    #[test]
+    fn an_outage_counts_every_failed_write_and_warns_once_then_the_up_gauge_follows() {
+        let influx = Influx::new();
+        let up = Gauge::new("wattbus_influx_up", "", &[]);
+        let before = errors("influx_unavailable");
+        let log = logged(|| {
+            influx.unavailable("connection refused", "http://influx:8086", 100, true);
+            influx.unavailable("connection refused", "http://influx:8086", 200, false);
+        });
+        assert_eq!(errors("influx_unavailable"), before + 2);
+        assert_eq!(
+            log.matches("InfluxDB cannot take writes").count(),
+            1,
+            "{log}"
+        );
+        assert_eq!(up.get(), 0.0);
+        influx.came_back(0);
+        assert_eq!(up.get(), 1.0);
+    }
+
+    #[test]
+    fn a_failing_file_output_counts_under_its_kind_and_logs_the_cause() {
+        let files = Files::new();
+        let before = errors("files");
+        let log = logged(|| files.write_failed(&io::Error::other("no space left on device")));
+        assert_eq!(errors("files"), before + 1);
+        assert!(log.contains("no space left on device"), "{log}");
+    }
+
+    #[test]
+    fn every_error_kind_is_declared_once_and_apart_from_the_runtimes() {
+        for (i, k) in ERROR_KINDS.iter().enumerate() {
+            assert!(!ERROR_KINDS[..i].contains(k), "{k} twice");
+            assert!(
+                !runtime::telemetry::core::RUNTIME_ERROR_KINDS.contains(k),
+                "{k} is the runtime's"
+            );
+        }
     }
 }

@@ -32,13 +32,14 @@ use runtime::backoff::{Backoff, Retries};
 use runtime::bus::Bus;
 use runtime::config::{JournalKind, StreamConfig};
 use runtime::dead_letters::DeadLetterFile;
+use runtime::delivery::AppendTimes;
 use runtime::journal::{Journal, JournalError, Record};
-use runtime::telemetry::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::config::{SpoolConfig, Target};
+use crate::events;
 use crate::http::{Client, ClientError, Outcome};
 use crate::line_protocol::{Precision, encode_point, measurement_point};
 
@@ -104,10 +105,11 @@ enum Failure {
 
 /// A point that will not be written, and why.
 #[derive(Debug)]
-struct Refusal {
-    reason: String,
-    topic: String,
-    line: String,
+pub(crate) struct Refusal {
+    pub(crate) reason: String,
+    /// Empty for a line read back from the spool.
+    pub(crate) topic: String,
+    pub(crate) line: String,
 }
 
 /// Points the server refused, published and kept in a file.
@@ -116,14 +118,9 @@ pub struct DeadLetters {
     bus: Bus,
     topic: Topic<DeadLetter>,
     service: Segment,
-    /// Shared with the inbox, which keeps its own dead letters (mislabelled and malformed
-    /// messages) in the same file.
+    /// Shared with the file output, which keeps its unwritable readings in the same file.
     file: Arc<DeadLetterFile>,
-    count: Counter,
 }
-
-/// Dead letters logged one by one per batch; the rest are summarised.
-const LOGGED_PER_BATCH: usize = 3;
 
 impl DeadLetters {
     pub fn new(bus: &Bus, site: &Segment, service: &Segment, file: Arc<DeadLetterFile>) -> Self {
@@ -132,11 +129,6 @@ impl DeadLetters {
             topic: Topic::dead_letter(site, service),
             service: service.clone(),
             file,
-            count: Counter::new(
-                "wattbus_influx_dead_letters_total",
-                "Points InfluxDB refused (or that could not be encoded), sent to the dead-letter topic and file.",
-                &[],
-            ),
         }
     }
 
@@ -145,27 +137,11 @@ impl DeadLetters {
     /// then the file is not their copy, and the batch must not be acknowledged (its producer
     /// replays it, and the points are refused and dead-lettered again).
     #[must_use]
-    async fn send_all(&self, refused: Vec<Refusal>) -> bool {
+    async fn send_all(&self, refused: Vec<Refusal>, events: &events::Influx) -> bool {
         if refused.is_empty() {
             return true;
         }
-        self.count.add(refused.len() as u64);
-        for r in refused.iter().take(LOGGED_PER_BATCH) {
-            tracing::error!(
-                reason = %r.reason,
-                topic = %r.topic,
-                line = r.line.trim_end(),
-                file = %self.file.path().display(),
-                "A point was refused and dead-lettered; the rest of its batch is stored."
-            );
-        }
-        if refused.len() > LOGGED_PER_BATCH {
-            tracing::error!(
-                more = refused.len() - LOGGED_PER_BATCH,
-                file = %self.file.path().display(),
-                "More points of this batch were dead-lettered."
-            );
-        }
+        events.points_refused(&refused, self.file.path());
         let letters: Vec<DeadLetter> = refused
             .iter()
             .map(|r| {
@@ -190,13 +166,13 @@ impl DeadLetters {
         let kept = match written {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(file = %self.file.path().display(), error = %e, "Cannot write the dead-letter file; the batch is not acknowledged, and its producer will send it again.");
+                events.dead_letter_file_failed(self.file.path(), &e);
                 false
             }
         };
         for dl in &letters {
             if let Err(e) = self.bus.send(&self.topic, dl, false).await {
-                tracing::warn!(error = %e, "Could not publish a dead letter.");
+                events.dead_letter_unpublished(&e);
                 break;
             }
         }
@@ -236,65 +212,6 @@ impl RetryWait {
     }
 }
 
-#[derive(Debug)]
-struct Metrics {
-    points: Counter,
-    requests_ok: Counter,
-    requests_failed: Counter,
-    spooled_points: Counter,
-    spool_dropped: Counter,
-    spool_batches: Gauge,
-    spool_bytes: Gauge,
-    up: Gauge,
-}
-
-impl Metrics {
-    fn new() -> Self {
-        Self {
-            points: Counter::new(
-                "wattbus_influx_points_written_total",
-                "Points InfluxDB accepted (replays of a point count again).",
-                &[],
-            ),
-            requests_ok: Counter::new(
-                "wattbus_influx_requests_total",
-                "Write requests by result.",
-                &[("result", "written")],
-            ),
-            requests_failed: Counter::new(
-                "wattbus_influx_requests_total",
-                "Write requests by result.",
-                &[("result", "failed")],
-            ),
-            spooled_points: Counter::new(
-                "wattbus_influx_spooled_points_total",
-                "Points put in the spool because InfluxDB could not take them.",
-                &[],
-            ),
-            spool_dropped: Counter::new(
-                "wattbus_influx_spool_dropped_batches_total",
-                "Spooled batches dropped unwritten because the spool was full.",
-                &[],
-            ),
-            spool_batches: Gauge::new(
-                "wattbus_influx_spool_batches",
-                "Batches waiting in the spool.",
-                &[],
-            ),
-            spool_bytes: Gauge::new(
-                "wattbus_influx_spool_bytes",
-                "Size of the spool on disk.",
-                &[],
-            ),
-            up: Gauge::new(
-                "wattbus_influx_up",
-                "1 while InfluxDB accepts writes, 0 while the writer is spooling.",
-                &[],
-            ),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(transparent)]
@@ -323,7 +240,10 @@ pub struct InfluxSink {
     precision: Precision,
     dead: Arc<DeadLetters>,
     shutdown: Shutdown,
-    m: Metrics,
+    events: events::Influx,
+    /// When the spool's records were appended, for its age gauge: the journal keeps no
+    /// time per record (see docs/influx-writer.md, "The spool").
+    appended: AppendTimes,
     down: Option<Failure>,
 }
 
@@ -346,10 +266,13 @@ impl InfluxSink {
             ..StreamConfig::default()
         };
         let (journal, report) = Journal::open(spool_dir, &cfg)?;
-        runtime::events::journal_opened("influx-spool", spool_dir, &report);
-        let m = Metrics::new();
-        m.up.set(1.0);
-        let sink = Self {
+        runtime::events::journal_opened(events::SPOOL_STREAM, spool_dir, &report);
+        // Batches spooled before a restart count from now: their append times are not kept.
+        let mut appended = AppendTimes::default();
+        if let Some(first) = journal.first_held() {
+            appended.appended(first, std::time::Instant::now());
+        }
+        let mut sink = Self {
             client,
             spool: Some(journal),
             queue: VecDeque::new(),
@@ -359,18 +282,12 @@ impl InfluxSink {
             precision: target.cfg.precision,
             dead,
             shutdown,
-            m,
+            events: events::Influx::new(),
+            appended,
             down: None,
         };
         sink.update_gauges();
-        let spooled = sink.spooled();
-        if spooled > 0 {
-            tracing::info!(
-                batches = spooled,
-                "The InfluxDB spool holds batches from before; draining them."
-            );
-        }
-        tracing::info!(endpoint = %sink.client.endpoint(), "Writing to InfluxDB.");
+        sink.events.opened(&sink.client.endpoint(), sink.spooled());
         Ok(sink)
     }
 
@@ -378,10 +295,12 @@ impl InfluxSink {
         self.spool.as_ref().map_or(0, Journal::records)
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         if let Some(j) = &self.spool {
-            self.m.spool_batches.set(j.records() as f64);
-            self.m.spool_bytes.set(j.bytes() as f64);
+            let oldest = self
+                .appended
+                .oldest(j.first_held(), std::time::Instant::now());
+            self.events.spool(j.records(), j.bytes(), oldest);
         }
     }
 
@@ -398,11 +317,14 @@ impl InfluxSink {
                 () = tokio::time::sleep_until(retry_at), if drain => self.drain_some().await,
                 () = self.shutdown.wait(), if drain => {}
             }
+            // The oldest batch ages while InfluxDB stays away: its gauge moves with every
+            // batch and retry, not only when the spool changes.
+            self.update_gauges();
         }
         if let Some(j) = &self.spool
             && let Err(e) = j.save_acked()
         {
-            tracing::warn!(error = %e, "Cannot save the spool's position; some batches will be written twice (harmless).");
+            self.events.spool_position_unsaved(&e);
         }
     }
 
@@ -443,7 +365,7 @@ impl InfluxSink {
                 }
             }
         };
-        let kept = self.dead.send_all(refused).await;
+        let kept = self.dead.send_all(refused, &self.events).await;
         match result {
             // Stored, except the refused points, which are in the dead-letter file.
             Ok(()) if kept => batch.done(),
@@ -495,42 +417,31 @@ impl InfluxSink {
                     line: lines.slice(&r).to_string(),
                 });
             };
+            if matches!(outcome, Outcome::Written) {
+                self.events.written(r.len());
+            } else {
+                self.events.request_failed();
+            }
             match outcome {
-                Outcome::Written => {
-                    self.m.requests_ok.inc();
-                    self.m.points.add(r.len() as u64);
-                }
-                Outcome::Rejected(msg) if r.len() == 1 => {
-                    self.m.requests_failed.inc();
-                    refuse(refused, msg);
-                }
-                Outcome::TooLarge if r.len() == 1 => {
-                    self.m.requests_failed.inc();
-                    refuse(
-                        refused,
-                        "InfluxDB answered 413: this single point is larger than it accepts".into(),
-                    );
-                }
+                Outcome::Written => {}
+                Outcome::Rejected(msg) if r.len() == 1 => refuse(refused, msg),
+                Outcome::TooLarge if r.len() == 1 => refuse(
+                    refused,
+                    "InfluxDB answered 413: this single point is larger than it accepts".into(),
+                ),
                 Outcome::Rejected(msg) => {
-                    self.m.requests_failed.inc();
-                    tracing::debug!(lines = r.len(), message = %msg, "InfluxDB refused a batch; splitting it to find the bad line.");
+                    self.events.splitting_rejected(r.len(), &msg);
                     split(&mut stack, &r);
                 }
                 Outcome::TooLarge => {
-                    self.m.requests_failed.inc();
-                    tracing::info!(
-                        lines = r.len(),
-                        "InfluxDB found a batch too large (413); splitting it. Lower batch_points to avoid this."
-                    );
+                    self.events.splitting_too_large(r.len());
                     split(&mut stack, &r);
                 }
                 Outcome::Unavailable(why) => {
-                    self.m.requests_failed.inc();
                     stack.push(r);
                     return Err((stack, Failure::Unavailable(why)));
                 }
                 Outcome::Refused { what, .. } => {
-                    self.m.requests_failed.inc();
                     stack.push(r);
                     return Err((stack, Failure::Refused(what)));
                 }
@@ -565,7 +476,7 @@ impl InfluxSink {
         let lines = Lines::parse(body);
         let mut refused = Vec::new();
         let result = self.deliver(&lines, &mut refused).await;
-        let kept = self.dead.send_all(refused).await;
+        let kept = self.dead.send_all(refused, &self.events).await;
         match result {
             // The refused points could not be dead-lettered: the spool keeps them (and what
             // InfluxDB took), and they are tried again after a backoff.
@@ -577,7 +488,7 @@ impl InfluxSink {
                 self.trim_spool(last_seq).await;
                 self.came_back();
                 if self.spooled() == 0 {
-                    tracing::info!("The InfluxDB spool is drained.");
+                    self.events.spool_drained();
                 }
             }
             Err((_, Failure::Stopping)) => {}
@@ -606,18 +517,13 @@ impl InfluxSink {
                 // stop the spool: give them up, loudly.
                 let lost = self.spooled();
                 if let Some(last) = self.spool.as_ref().and_then(Journal::last_seq) {
-                    tracing::error!(
-                        batches = lost,
-                        "Spooled batches cannot be read back (their segment file is gone); they are dropped."
-                    );
-                    self.m.spool_dropped.add(lost);
+                    self.events.spool_unreadable(lost);
                     self.trim_spool(last).await;
                 }
                 false
             }
             Err(e) => {
-                tracing::error!(error = %e, "Cannot read the InfluxDB spool; retrying with backoff.");
-                self.m.up.set(0.0);
+                self.events.spool_read_failed(&e);
                 self.backoff.fail();
                 false
             }
@@ -640,7 +546,7 @@ impl InfluxSink {
         .await;
         self.spool = Some(spool);
         if let Err(e) = r {
-            tracing::warn!(error = %e, "Cannot trim the InfluxDB spool.");
+            self.events.spool_trim_failed(&e);
         }
         self.update_gauges();
     }
@@ -655,34 +561,31 @@ impl InfluxSink {
         let chunks = split_at_lines(body, self.max_record);
         let (spool, r) = blocking(spool, move |j| {
             let mut dropped = 0;
+            let mut first = None;
             for c in chunks {
-                let (_, d) = j.append("", c.as_bytes())?;
+                let (seq, d) = j.append("", c.as_bytes())?;
+                first.get_or_insert(seq);
                 dropped += d.map_or(0, |d| d.records);
             }
             if let Some((path, file)) = j.sync_handle()? {
                 file.sync_data()
                     .map_err(|source| JournalError::Io { path, source })?;
             }
-            Ok::<_, JournalError>(dropped)
+            Ok::<_, JournalError>((first, dropped))
         })
         .await;
         self.spool = Some(spool);
         match r {
-            Ok(dropped) => {
-                self.m.spooled_points.add(points as u64);
-                if dropped > 0 {
-                    self.m.spool_dropped.add(dropped);
-                    tracing::error!(
-                        batches = dropped,
-                        "The InfluxDB spool is full: its oldest batches were dropped unwritten. \
-                         Raise influx_writer.spool.max_bytes or bring InfluxDB back."
-                    );
+            Ok((first, dropped)) => {
+                if let Some(seq) = first {
+                    self.appended.appended(seq, std::time::Instant::now());
                 }
+                self.events.spooled(points, dropped);
                 self.update_gauges();
                 true
             }
             Err(e) => {
-                tracing::error!(error = %e, "Cannot write the InfluxDB spool; the batch stays with its producers.");
+                self.events.spool_write_failed(&e);
                 false
             }
         }
@@ -693,28 +596,13 @@ impl InfluxSink {
             return;
         }
         let wait = self.backoff.fail();
-        self.m.up.set(0.0);
         let changed = self.down.as_ref() != Some(&failure);
         let retry_in_ms = wait.as_millis() as u64;
         match &failure {
-            Failure::Refused(what) => {
-                // A person has to act: say it at ERROR on every retry (at most once per
-                // retry_max_ms once the backoff has grown).
-                tracing::error!(
-                    retry_in_ms,
-                    "{what}. Readings are kept in the spool until this is fixed."
-                );
-            }
-            Failure::Unavailable(why) if changed => {
-                tracing::warn!(
-                    reason = %why,
-                    endpoint = %self.client.endpoint(),
-                    retry_in_ms,
-                    "InfluxDB cannot take writes; spooling readings to disk until it can."
-                );
-            }
+            Failure::Refused(what) => self.events.refused(what, retry_in_ms),
             Failure::Unavailable(why) => {
-                tracing::debug!(reason = %why, retry_in_ms, "InfluxDB still unavailable.");
+                self.events
+                    .unavailable(why, &self.client.endpoint(), retry_in_ms, changed)
             }
             Failure::Stopping => {}
         }
@@ -724,11 +612,7 @@ impl InfluxSink {
     fn came_back(&mut self) {
         self.backoff.reset();
         if self.down.take().is_some() {
-            self.m.up.set(1.0);
-            tracing::info!(
-                spooled_batches = self.spooled(),
-                "InfluxDB accepts writes again; draining the spool."
-            );
+            self.events.came_back(self.spooled());
         }
     }
 }
@@ -789,6 +673,106 @@ mod tests {
         assert_eq!(split_at_lines(body, 3), vec!["aaaa\n", "bbbb\n", "cccc\n"]);
         assert_eq!(split_at_lines(body, 100), vec![body]);
         assert!(split_at_lines("", 10).is_empty());
+    }
+
+    /// InfluxDB away: a batch goes to the spool, which shows as the core journal gauges of
+    /// stream `influx-spool`: its depth, and an age that grows while nothing else happens.
+    /// (The only test of this binary that spools, so the process-wide gauges are its own.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spooled_batch_shows_in_the_core_journal_gauges_and_ages() {
+        use crate::batch::Item;
+        use crate::config::{Api, Config, InfluxConfig};
+        use runtime::telemetry::core::Core;
+
+        let seg = |s: &str| Segment::new(s).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing listens there: every write is refused at once (connection refused).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let plan = Config {
+            influx: Some(InfluxConfig {
+                url: format!("http://127.0.0.1:{closed}"),
+                api: Api::V1,
+                database: Some("wattbus".into()),
+                retry_min_ms: 50,
+                retry_max_ms: 200,
+                ..InfluxConfig::default()
+            }),
+            ..Config::default()
+        }
+        .resolve("influx_writer")
+        .unwrap();
+        let site = seg("spool-test");
+        let service = seg("influx-writer");
+        let bus_cfg = runtime::config::BusConfig {
+            port: closed,
+            ..runtime::config::BusConfig::default()
+        };
+        let identity = runtime::bus::Identity {
+            service: service.clone(),
+            instance: seg("influx-writer"),
+        };
+        let (bus, _bus_task) =
+            Bus::connect(&bus_cfg, &site, &identity, &runtime::Health::default()).unwrap();
+        let dead = Arc::new(DeadLetters::new(
+            &bus,
+            &site,
+            &service,
+            Arc::new(DeadLetterFile::new(dir.path().join("dead.jsonl"), 1 << 20)),
+        ));
+        let (trigger, shutdown) = runtime::shutdown::channel();
+        let sink = InfluxSink::open(
+            plan.target().unwrap(),
+            &dir.path().join("spool"),
+            &plan.spool,
+            100,
+            dead,
+            shutdown,
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel(2);
+        let task = tokio::spawn(sink.run(rx));
+
+        let (records, oldest) = Core::of("influx-writer").journal(events::SPOOL_STREAM);
+        let items = (0..3)
+            .map(|i| Item {
+                topic: format!("wattbus/v1/spool-test/meas/m-{i}/l1"),
+                measurement: proto::Measurement {
+                    origin: None,
+                    site: site.clone(),
+                    device: seg(&format!("m-{i}")),
+                    channel: seg("l1"),
+                    measurement: seg("power"),
+                    ts_ms: 1_796_000_000_000,
+                    quality: proto::Quality::Good,
+                    fields: [("power_w".to_string(), 1.0)].into_iter().collect(),
+                    tags: Default::default(),
+                },
+            })
+            .collect();
+        tx.send(Arc::new(Batch::new(items, Vec::new(), None, 1)))
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while !(records.get() == 1.0 && oldest.get() >= 1.0) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "spool gauges: {} records, oldest {} s",
+            records.get(),
+            oldest.get()
+        );
+        drop(tx);
+        trigger.fire();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]

@@ -19,7 +19,8 @@
 //! - `influx`: the InfluxDB output (splitting, dead letters, spool, backoff).
 //! - `files`: the rotating-file output (pure std).
 //! - `batch`: a batch and its shared acknowledgement.
-//! - `events`: notable events that are not about one output (implausible readings).
+//! - `events`: every counter and notable log line, per unit (the intake, each output), with
+//!   the error kinds it counts.
 //!
 //! What is stored is judged first: the inbox dead-letters a reading whose payload names
 //! another site, device or channel than its topic (the runtime's identity check), and a
@@ -48,7 +49,7 @@ use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::dead_letters::DeadLetterFile;
 use runtime::delivery::{AckToken, Acker, Delivery, Inbox};
-use runtime::telemetry::Counter;
+use runtime::telemetry::chain;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -86,6 +87,7 @@ impl runtime::Service for InfluxWriter {
     const SECTION: &'static str = SECTION;
     const ABOUT: &'static str =
         "readings from the bus to InfluxDB and/or CSV files, acknowledged once stored";
+    const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
     type Error = Error;
@@ -166,7 +168,8 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
             dir: dir.clone(),
             source,
         })?;
-        tracing::info!(dir = %dir.display(), format = ?config.files.format, "Writing readings to files.");
+        let events = events::Files::new();
+        events.opened(&dir, &config.files.format);
         let (tx, rx) = mpsc::channel(2);
         outputs.push((
             tx,
@@ -175,6 +178,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                 rx,
                 dead_file.clone(),
                 bus.service().clone(),
+                events,
             )),
         ));
     }
@@ -193,19 +197,15 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     let flush = Duration::from_millis(config.flush_interval_ms);
     let mut pending = Collecting::new(config.batch_points);
     let mut deadline: Option<tokio::time::Instant> = None;
-    let received = Counter::new(
-        "wattbus_influx_writer_readings_total",
-        "Readings received from the bus.",
-        &[],
-    );
+    let intake = events::Intake::new();
     loop {
         let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + flush);
         let full = tokio::select! {
             d = inbox.recv() => match d {
                 Some(mut d) => {
-                    received.inc();
+                    intake.reading();
                     if let Some(bad) = d.message.flag_implausible() {
-                        events::implausible(&d.topic, &d.message, &bad);
+                        intake.implausible(&d.topic, &d.message, &bad);
                     }
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + flush);
                     pending.push(d)
@@ -217,22 +217,22 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         };
         if full {
             deadline = None;
-            dispatch(pending.take(&acker, outputs.len()), &outputs).await;
+            dispatch(pending.take(&acker, outputs.len()), &outputs, &intake).await;
         }
     }
-    dispatch(pending.take(&acker, outputs.len()), &outputs).await;
+    dispatch(pending.take(&acker, outputs.len()), &outputs, &intake).await;
     // Outputs finish what they hold (the InfluxDB output spools instead of posting once
     // shutdown is requested), then acknowledgements are flushed.
     for (tx, task) in outputs {
         drop(tx);
         if let Err(e) = task.await {
-            tracing::error!(error = %e, "An output task ended abnormally.");
+            intake.output_failed(&e);
         }
     }
     drop(acker);
     drop(inbox);
     if let Err(e) = ack_task.await {
-        tracing::warn!(error = %e, "The acknowledgement task ended abnormally.");
+        tracing::warn!(error = %chain(&e), "The acknowledgement task ended abnormally.");
     }
     ready.set(false);
     Ok(())
@@ -280,7 +280,11 @@ impl Collecting {
     }
 }
 
-async fn dispatch(batch: Option<Batch>, outputs: &[(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)]) {
+async fn dispatch(
+    batch: Option<Batch>,
+    outputs: &[(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)],
+    events: &events::Intake,
+) {
     let Some(batch) = batch else {
         return;
     };
@@ -289,7 +293,7 @@ async fn dispatch(batch: Option<Batch>, outputs: &[(mpsc::Sender<Arc<Batch>>, Jo
         // A full channel is backpressure: the bus holds further readings meanwhile. A closed
         // one means its output ended; the batch then stays unacknowledged and is replayed.
         if tx.send(batch.clone()).await.is_err() {
-            tracing::error!("An output has stopped; readings stay with their producers.");
+            events.output_stopped();
         }
     }
 }
@@ -299,17 +303,8 @@ async fn run_files(
     mut rx: mpsc::Receiver<Arc<Batch>>,
     dead_file: Arc<DeadLetterFile>,
     service: proto::Segment,
+    events: events::Files,
 ) {
-    let written = Counter::new(
-        "wattbus_files_bytes_written_total",
-        "Bytes appended to the readings files.",
-        &[],
-    );
-    let failed = Counter::new(
-        "wattbus_files_write_errors_total",
-        "Batches the file output could not write (they are replayed).",
-        &[],
-    );
     let mut files = Some(files);
     while let Some(batch) = rx.recv().await {
         let Some(mut f) = files.take() else { break };
@@ -327,10 +322,7 @@ async fn run_files(
         files = Some(f);
         match r {
             Ok(w) => {
-                written.add(w.bytes);
-                for p in &w.rotated {
-                    tracing::info!(file = %p.display(), "Readings file rotated.");
-                }
+                events.wrote(w.bytes, &w.rotated);
                 // A reading the format cannot hold is kept in the dead-letter file, or the
                 // batch is not acknowledged: acknowledged, it would exist nowhere.
                 let letters: Vec<proto::DeadLetter> = w
@@ -338,7 +330,7 @@ async fn run_files(
                     .iter()
                     .map(|(i, why)| {
                         let item = &batch.items[*i];
-                        tracing::error!(topic = %item.topic, reason = %why, "A reading cannot be written to a file; dead-lettered.");
+                        events.unwritable(&item.topic, why);
                         let payload = proto::Payload::encode(&item.measurement).unwrap_or_default();
                         proto::DeadLetter::new(service.clone(), why, &item.topic, &payload)
                     })
@@ -350,16 +342,10 @@ async fn run_files(
                 };
                 match kept {
                     Ok(()) => batch.done(),
-                    Err(e) => {
-                        failed.inc();
-                        tracing::error!(file = %dead_file.path().display(), error = %e, "Cannot write the dead-letter file; the batch will be replayed.");
-                    }
+                    Err(e) => events.dead_letter_file_failed(dead_file.path(), &e),
                 }
             }
-            Err(e) => {
-                failed.inc();
-                tracing::error!(error = %e, "Cannot write the readings file; the batch will be replayed.");
-            }
+            Err(e) => events.write_failed(&e),
         }
     }
 }

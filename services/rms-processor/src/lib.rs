@@ -35,7 +35,8 @@
 //! - `window`: frames to windows per device, the mark, which frames are done (pure).
 //! - `measure`: one window to one reading per channel, with energy (pure).
 //! - `energy`: import/export counters and marks, saved atomically (std only).
-//! - `events`: dead letters, implausible readings, failed checkpoints: logged and counted.
+//! - `events`: per device and overall, every counter and notable log line (dead letters,
+//!   implausible readings, failed checkpoints), with the error kinds it counts.
 
 pub mod check;
 pub mod config;
@@ -54,7 +55,7 @@ use proto::{DeadLetter, Filter, Measurement, Payload as _, RawFrame, Segment, To
 use runtime::Context;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::{AckToken, Acker, Delivery, DeliveryError, Inbox, Producer};
-use runtime::telemetry::Counter;
+use runtime::telemetry::chain;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -88,6 +89,7 @@ impl runtime::Service for RmsProcessor {
     const NAME: &'static str = "rms-processor";
     const SECTION: &'static str = SECTION;
     const ABOUT: &'static str = "raw sample frames to RMS current, power and energy";
+    const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
     type Error = Error;
@@ -127,25 +129,16 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
 
 type Token = (AckToken, Acker);
 
-/// One device's window assembler and counters. Its name is in the assembler (stamped on
-/// every window) and is the key it is kept under; it is used here only for its own log lines.
+/// One device's window assembler. Its name is in the assembler (stamped on every window) and
+/// is the key it is kept under; its counters are in [`Events::device`].
 struct Device {
     name: Segment,
     frames: Assembler<Option<Token>>,
     last_frame: tokio::time::Instant,
-    windows: Counter,
-    partial: Counter,
-    samples: Counter,
-    duplicate: Counter,
-    gaps: Counter,
-    discarded: Counter,
-    unfilled: Counter,
 }
 
 impl Device {
     fn new(name: Segment, cfg: &Config, mark: Option<i64>) -> Self {
-        let d = name.as_str().to_string();
-        let labels: [(&'static str, &str); 1] = [("device", &d)];
         Self {
             frames: Assembler::new(
                 name.clone(),
@@ -156,50 +149,6 @@ impl Device {
             ),
             name,
             last_frame: tokio::time::Instant::now(),
-            windows: Counter::new(
-                "wattbus_rms_windows_total",
-                "Windows computed (one reading per channel each).",
-                &labels,
-            ),
-            partial: Counter::new(
-                "wattbus_rms_partial_windows_total",
-                "Windows closed short of the interval (a hole in the samples, a layout change, an idle device).",
-                &labels,
-            ),
-            samples: Counter::new(
-                "wattbus_rms_samples_total",
-                "Samples received (per channel-instant: a 3-channel frame of 2000 counts 2000).",
-                &labels,
-            ),
-            duplicate: Counter::new(
-                "wattbus_rms_duplicate_samples_total",
-                "Samples received again (replays) and skipped because they were already used.",
-                &labels,
-            ),
-            gaps: Counter::new(
-                "wattbus_rms_gaps_total",
-                "Frames that did not continue the samples before them.",
-                &labels,
-            ),
-            discarded: Counter::new(
-                "wattbus_rms_discarded_samples_total",
-                "Samples discarded because a run ended with fewer than two mains cycles of them.",
-                &labels,
-            ),
-            unfilled: Counter::new(
-                "wattbus_rms_unfilled_holes_total",
-                "Holes in the frames that no replay filled within reorder_ms (lost in transport and not replayed).",
-                &labels,
-            ),
-        }
-    }
-
-    fn count(&self, p: window::Pushed) {
-        self.duplicate.add(p.duplicate_samples as u64);
-        self.discarded.add(p.discarded_samples as u64);
-        if p.gap {
-            self.gaps.inc();
-            tracing::debug!(device = %self.name, "Frame does not continue the samples before it; window closed early.");
         }
     }
 }
@@ -275,13 +224,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         devices: HashMap::new(),
         waiting,
         scratch: Vec::new(),
-        events: Events::default(),
-        frames_total: Counter::new("wattbus_rms_frames_total", "Raw frames received.", &[]),
-        foreign: Counter::new(
-            "wattbus_rms_foreign_frames_total",
-            "Frames of devices another instance processes (left unacknowledged for it).",
-            &[],
-        ),
+        events: Events::new(),
     };
     let mut checkpoint =
         tokio::time::interval(Duration::from_millis(config.checkpoint_interval_ms));
@@ -301,7 +244,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     // A clean stop: what is computed is made durable and acknowledged; samples held short of
     // a window stay unacknowledged and come back as a replay.
     if let Err(e) = p.checkpoint().await {
-        tracing::error!(error = %e, readings = p.waiting.len(), "Final checkpoint failed; the next start replays the frames of these readings.");
+        p.events.final_checkpoint_failed(&e, p.waiting.len());
     }
     drop(rx);
     drop(p);
@@ -320,7 +263,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         }
     }
     if let Err(e) = producer_task.await {
-        tracing::warn!(error = %e, "Producer task ended abnormally.");
+        tracing::warn!(error = %chain(&e), "Producer task ended abnormally.");
     }
     Ok(())
 }
@@ -343,14 +286,12 @@ struct Processor<'a> {
     waiting: Vec<Measurement>,
     scratch: Vec<f32>,
     events: Events,
-    frames_total: Counter,
-    foreign: Counter,
 }
 
 impl Processor<'_> {
     /// One frame in: refused, or added to its device's windows.
     async fn frame(&mut self, delivery: Delivery<RawFrame>, acker: Acker) {
-        self.frames_total.inc();
+        self.events.frame();
         let Delivery {
             topic,
             message: frame,
@@ -364,7 +305,7 @@ impl Processor<'_> {
             if refused.kind == "clock" {
                 // Not the frame's fault: left unacknowledged, its producer replays it, and
                 // once this host's clock is set it is judged again.
-                self.events.clock_not_set(frame.device.as_str());
+                self.events.device(frame.device.as_str()).clock_not_set();
                 return;
             }
             // Named after the device of its topic, which the broker let its producer publish
@@ -391,7 +332,7 @@ impl Processor<'_> {
         if !self.cfg.handles(frame.device.as_str()) {
             // Not ours (a filter for all devices cannot be narrower): whoever owns it
             // acknowledges it.
-            self.foreign.inc();
+            self.events.foreign();
             return;
         }
         match &frame.origin {
@@ -436,7 +377,8 @@ impl Processor<'_> {
         });
         dev.last_frame = tokio::time::Instant::now();
         let n = frame.channels.first().map_or(0, |c| c.samples.len());
-        dev.samples.add(n as u64);
+        let events = self.events.device(frame.device.as_str());
+        events.samples(n);
         let channels = frame
             .channels
             .into_iter()
@@ -457,7 +399,7 @@ impl Processor<'_> {
             clock_ms(),
             &mut windows,
         );
-        dev.count(pushed);
+        events.pushed(pushed);
         self.compute(windows).await;
     }
 
@@ -486,12 +428,13 @@ impl Processor<'_> {
             .or_else(|| self.energy.mark(device.as_str()));
         let owner = owner.to_string();
         if counted.is_none_or(|m| start_us >= m.saturating_add(OWNER_MOVES_AFTER_US)) {
-            self.events.device_moved(device.as_str(), &owner, producer);
+            self.events.device(device.as_str()).moved(&owner, producer);
             self.energy.set_owner(device.as_str(), producer);
             return true;
         }
         self.events
-            .other_producer(device.as_str(), &owner, producer);
+            .device(device.as_str())
+            .other_producer(&owner, producer);
         false
     }
 
@@ -504,14 +447,13 @@ impl Processor<'_> {
             let released =
                 dev.frames
                     .release_waiting(clock_ms(), self.cfg.reorder_ms, &mut windows);
+            let events = self.events.device(dev.name.as_str());
             if released.held_released {
-                dev.unfilled.inc();
-                tracing::warn!(device = %dev.name, wait_ms = self.cfg.reorder_ms, "No replay filled a hole in the frames in time; continuing after it (those samples are not counted).");
+                events.hole_unfilled(self.cfg.reorder_ms);
             }
-            dev.count(released);
+            events.pushed(released);
             if dev.frames.held_samples() > 0 && dev.last_frame.elapsed() >= idle {
-                let discarded = dev.frames.flush(&mut windows);
-                dev.discarded.add(discarded as u64);
+                events.flushed(dev.frames.flush(&mut windows));
             }
         }
         // Windows of several devices, each labelled by its own.
@@ -526,23 +468,18 @@ impl Processor<'_> {
     /// Compute `windows` (of any devices) into readings that wait for the checkpoint.
     async fn compute(&mut self, windows: Vec<Window>) {
         for w in windows {
-            if let Some(dev) = self.devices.get(&w.device) {
-                dev.windows.inc();
-                if w.partial {
-                    dev.partial.inc();
-                }
-            }
+            let events = self.events.device(w.device.as_str());
+            events.window(w.partial);
             let out =
                 measure::measurements(self.cfg, self.site, &w, &mut self.energy, &mut self.scratch);
             for (channel, power) in &out.implausible {
-                self.events
-                    .implausible(w.device.as_str(), channel.as_str(), *power);
+                events.implausible(channel.as_str(), *power);
             }
             for (m, reason) in out.invalid {
                 let payload = serde_json::to_vec(&m).unwrap_or_default();
                 self.dead_letter(
                     w.device.as_str(),
-                    "reading",
+                    "unstorable_reading",
                     &reason,
                     m.topic().as_str(),
                     &payload,
@@ -562,7 +499,7 @@ impl Processor<'_> {
         topic: &str,
         payload: &[u8],
     ) -> bool {
-        self.events.dead_lettered(device, kind, reason);
+        self.events.device(device).dead_lettered(kind, reason);
         let service = self.bus.service().clone();
         let dl = DeadLetter::new(
             service.clone(),
@@ -576,7 +513,7 @@ impl Processor<'_> {
                 self.bus.publish_or_defer(to.as_str(), bytes).await
             }
             Err(e) => {
-                tracing::warn!(error = %e, "Could not encode a dead letter.");
+                tracing::warn!(error = %chain(&e), "Could not encode a dead letter.");
                 false
             }
         }
@@ -635,7 +572,8 @@ impl Processor<'_> {
                     // one reading can never hold up the others.
                     sent += 1;
                     self.events
-                        .dead_lettered(m.device.as_str(), "reading", &e.to_string());
+                        .device(m.device.as_str())
+                        .dead_lettered("unstorable_reading", &e.to_string());
                 }
                 Err(e) => {
                     result = Err(e.into());

@@ -130,14 +130,15 @@ struct State {
 
 /// When records were appended, one mark per second at most: the age of the oldest record a
 /// journal holds (`wattbus_journal_oldest_seconds`, at most a second too old) without a
-/// timestamp per record. Records found in the journal at start count from then.
+/// timestamp per record. Records found in the journal at start count from then. Public for
+/// journals kept outside a producer (influx-writer's spool).
 #[derive(Debug, Default)]
-struct AppendTimes {
+pub struct AppendTimes {
     marks: VecDeque<(u64, Instant)>,
 }
 
 impl AppendTimes {
-    fn appended(&mut self, seq: u64, now: Instant) {
+    pub fn appended(&mut self, seq: u64, now: Instant) {
         if self
             .marks
             .back()
@@ -148,7 +149,7 @@ impl AppendTimes {
     }
 
     /// The age of the oldest record held, `first`; marks of trimmed records are forgotten.
-    fn oldest(&mut self, first: Option<u64>, now: Instant) -> Duration {
+    pub fn oldest(&mut self, first: Option<u64>, now: Instant) -> Duration {
         let Some(first) = first else {
             self.marks.clear();
             return Duration::ZERO;
