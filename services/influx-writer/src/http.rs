@@ -26,7 +26,7 @@ use crate::config::{Api, Target};
 
 /// What the server made of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum WriteOutcome {
     Written,
     /// 400 or 422 with the server's message.
     Rejected(String),
@@ -141,7 +141,7 @@ impl Client {
     }
 
     /// POST one body of line protocol.
-    pub async fn write(&self, body: &[u8]) -> Outcome {
+    pub async fn write(&self, body: &[u8]) -> WriteOutcome {
         let mut req = self
             .http
             .post(self.url.clone())
@@ -159,11 +159,11 @@ impl Client {
         };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Outcome::Unavailable(describe_transport(&e)),
+            Err(e) => return WriteOutcome::Unavailable(describe_transport(&e)),
         };
         let status = resp.status().as_u16();
         if status == 204 || status == 200 {
-            return Outcome::Written;
+            return WriteOutcome::Written;
         }
         let location = resp
             .headers()
@@ -173,8 +173,8 @@ impl Client {
         let text = resp.text().await.unwrap_or_default();
         let message = server_message(&text);
         match status {
-            400 | 422 => Outcome::Rejected(message),
-            300..=399 => Outcome::Refused {
+            400 | 422 => WriteOutcome::Rejected(message),
+            300..=399 => WriteOutcome::Refused {
                 status,
                 what: format!(
                     "InfluxDB's URL answers with a redirect ({status}) to {}; set influx.url to \
@@ -182,8 +182,8 @@ impl Client {
                     location.as_deref().unwrap_or("(no Location)")
                 ),
             },
-            413 => Outcome::TooLarge,
-            401 | 403 => Outcome::Refused {
+            413 => WriteOutcome::TooLarge,
+            401 | 403 => WriteOutcome::Refused {
                 status,
                 what: format!(
                     "InfluxDB refused the {} for {} ({status}: {message}); check {}",
@@ -198,7 +198,7 @@ impl Client {
                     }
                 ),
             },
-            404 => Outcome::Refused {
+            404 => WriteOutcome::Refused {
                 status,
                 what: format!(
                     "InfluxDB has no {} or no write API at this URL ({status}: {message}); \
@@ -214,8 +214,8 @@ impl Client {
                     }
                 ),
             },
-            408 | 429 | 500..=599 => Outcome::Unavailable(format!("HTTP {status}: {message}")),
-            _ => Outcome::Refused {
+            408 | 429 | 500..=599 => WriteOutcome::Unavailable(format!("HTTP {status}: {message}")),
+            _ => WriteOutcome::Refused {
                 status,
                 what: format!(
                     "InfluxDB answered {status} for {} ({message}); check influx.url and the \
@@ -386,7 +386,7 @@ mod tests {
         let (port, seen) = stub(NO_CONTENT);
         let c = Client::new(&v2_target(port)).unwrap();
         let body = b"power,device=a w=1 1764000000000\n";
-        assert_eq!(c.write(body).await, Outcome::Written);
+        assert_eq!(c.write(body).await, WriteOutcome::Written);
         let s = seen.recv().unwrap();
         assert_eq!(
             s.request_line.trim_end(),
@@ -421,7 +421,7 @@ mod tests {
             ),
         };
         let c = Client::new(&t).unwrap();
-        assert_eq!(c.write(b"m v=1 1\n").await, Outcome::Written);
+        assert_eq!(c.write(b"m v=1 1\n").await, WriteOutcome::Written);
         let s = seen.recv().unwrap();
         assert_eq!(
             s.request_line.trim_end(),
@@ -434,35 +434,35 @@ mod tests {
 
     #[tokio::test]
     async fn answers_are_sorted_into_what_to_do() {
-        type Check = fn(&Outcome) -> bool;
+        type Check = fn(&WriteOutcome) -> bool;
         let cases: [(&'static str, Check); 7] = [
             (
                 "HTTP/1.1 301 Moved\r\nLocation: https://influx.example/api/v2/write?org=x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| matches!(o, Outcome::Refused { status: 301, what } if what.contains("https://influx.example/api/v2/write;") || what.contains("https://influx.example/api/v2/write ")),
+                |o| matches!(o, WriteOutcome::Refused { status: 301, what } if what.contains("https://influx.example/api/v2/write;") || what.contains("https://influx.example/api/v2/write ")),
             ),
             (
                 "HTTP/1.1 422 Unprocessable\r\nContent-Length: 44\r\nConnection: close\r\n\r\n{\"message\":\"points beyond retention policy\"}",
-                |o| *o == Outcome::Rejected("points beyond retention policy".into()),
+                |o| *o == WriteOutcome::Rejected("points beyond retention policy".into()),
             ),
             (
                 "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| matches!(o, Outcome::Refused { status: 401, what } if what.contains("token")),
+                |o| matches!(o, WriteOutcome::Refused { status: 401, what } if what.contains("token")),
             ),
             (
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| matches!(o, Outcome::Refused { status: 404, what } if what.contains("bucket \"wattbus\"") && what.contains("api = \"v1\"")),
+                |o| matches!(o, WriteOutcome::Refused { status: 404, what } if what.contains("bucket \"wattbus\"") && what.contains("api = \"v1\"")),
             ),
             (
                 "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| matches!(o, Outcome::Refused { status: 405, .. }),
+                |o| matches!(o, WriteOutcome::Refused { status: 405, .. }),
             ),
             (
                 "HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| *o == Outcome::TooLarge,
+                |o| *o == WriteOutcome::TooLarge,
             ),
             (
                 "HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                |o| matches!(o, Outcome::Unavailable(m) if m.starts_with("HTTP 503")),
+                |o| matches!(o, WriteOutcome::Unavailable(m) if m.starts_with("HTTP 503")),
             ),
         ];
         for (response, ok) in cases {
@@ -479,7 +479,7 @@ mod tests {
             .port();
         let c = Client::new(&v2_target(port)).unwrap();
         assert!(
-            matches!(c.write(b"m v=1 1\n").await, Outcome::Unavailable(m) if m.starts_with("cannot connect"))
+            matches!(c.write(b"m v=1 1\n").await, WriteOutcome::Unavailable(m) if m.starts_with("cannot connect"))
         );
     }
 

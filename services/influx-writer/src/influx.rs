@@ -40,7 +40,7 @@ use tokio::time::Instant;
 use crate::batch::Batch;
 use crate::config::{SpoolConfig, Target};
 use crate::events;
-use crate::http::{Client, ClientError, Outcome};
+use crate::http::{Client, ClientError, WriteOutcome};
 use crate::line_protocol::{Precision, encode_point, measurement_point};
 
 /// Lines to write: one body, and where each line starts.
@@ -417,31 +417,31 @@ impl InfluxSink {
                     line: lines.slice(&r).to_string(),
                 });
             };
-            if matches!(outcome, Outcome::Written) {
+            if matches!(outcome, WriteOutcome::Written) {
                 self.events.written(r.len());
             } else {
                 self.events.request_failed();
             }
             match outcome {
-                Outcome::Written => {}
-                Outcome::Rejected(msg) if r.len() == 1 => refuse(refused, msg),
-                Outcome::TooLarge if r.len() == 1 => refuse(
+                WriteOutcome::Written => {}
+                WriteOutcome::Rejected(msg) if r.len() == 1 => refuse(refused, msg),
+                WriteOutcome::TooLarge if r.len() == 1 => refuse(
                     refused,
                     "InfluxDB answered 413: this single point is larger than it accepts".into(),
                 ),
-                Outcome::Rejected(msg) => {
+                WriteOutcome::Rejected(msg) => {
                     self.events.splitting_rejected(r.len(), &msg);
                     split(&mut stack, &r);
                 }
-                Outcome::TooLarge => {
+                WriteOutcome::TooLarge => {
                     self.events.splitting_too_large(r.len());
                     split(&mut stack, &r);
                 }
-                Outcome::Unavailable(why) => {
+                WriteOutcome::Unavailable(why) => {
                     stack.push(r);
                     return Err((stack, Failure::Unavailable(why)));
                 }
-                Outcome::Refused { what, .. } => {
+                WriteOutcome::Refused { what, .. } => {
                     stack.push(r);
                     return Err((stack, Failure::Refused(what)));
                 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use rms_processor::kernel::{Calibration, Window, compute};
+use rms_processor::kernel::{ChannelSettings, WindowSamples, compute};
 use std::f64::consts::PI;
 use std::hint::black_box;
 
@@ -16,7 +16,7 @@ fn signal(n: usize, fs: f64, amp: f64, dc: f64, phase: f64) -> Vec<f32> {
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("rms_kernel");
     for (n, fs) in [(2_000usize, 2_000.0), (100_000, 10_000.0)] {
-        let cal = Calibration {
+        let cal = ChannelSettings {
             sample_rate_hz: fs,
             mains_hz: 50.0,
             current_scale: 0.03,
@@ -30,7 +30,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("current/{n}"), |b| {
             b.iter(|| {
                 compute(
-                    &Window {
+                    &WindowSamples {
                         current: black_box(&i),
                         voltage: None,
                     },
@@ -42,7 +42,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(format!("current+voltage/{n}"), |b| {
             b.iter(|| {
                 compute(
-                    &Window {
+                    &WindowSamples {
                         current: black_box(&i),
                         voltage: Some(black_box(&v)),
                     },

@@ -16,7 +16,7 @@ use std::time::Duration;
 use runtime::telemetry::core::Core;
 use runtime::telemetry::{Counter, LogLimit, chain};
 
-use crate::window::Pushed;
+use crate::window::FrameOutcome;
 
 /// The processor's own kinds of `wattbus_errors_total`, besides the runtime's.
 pub const ERROR_KINDS: &[&str] = &[
@@ -202,7 +202,7 @@ impl DeviceEvents {
     }
 
     /// What pushing a frame (or releasing held ones) did to the device's windows.
-    pub fn pushed(&self, p: Pushed) {
+    pub fn pushed(&self, p: FrameOutcome) {
         self.duplicate.add(p.duplicate_samples as u64);
         self.discarded.add(p.discarded_samples as u64);
         if p.gap {

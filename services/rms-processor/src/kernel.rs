@@ -28,14 +28,14 @@
 
 /// Samples of one window. `voltage`, when present, has the same length and sample instants.
 #[derive(Debug, Clone, Copy)]
-pub struct Window<'a> {
+pub struct WindowSamples<'a> {
     pub current: &'a [f32],
     pub voltage: Option<&'a [f32]>,
 }
 
 /// Settings of one channel.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Calibration {
+pub struct ChannelSettings {
     pub sample_rate_hz: f64,
     /// Nominal mains frequency (50 or 60): only sizes the first offset estimate.
     pub mains_hz: f64,
@@ -50,7 +50,7 @@ pub struct Calibration {
 
 /// One window's result.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Result {
+pub struct Figures {
     pub current_rms_a: f64,
     pub voltage_rms_v: Option<f64>,
     pub real_power_w: Option<f64>,
@@ -245,7 +245,11 @@ pub fn shift_voltage(v: &[f32], shift: f32, out: &mut Vec<f32>) {
 }
 
 /// Compute one window. `shifted` is scratch space for the phase-shifted voltage.
-pub fn compute(w: &Window<'_>, cal: &Calibration, shifted: &mut Vec<f32>) -> Option<Result> {
+pub fn compute(
+    w: &WindowSamples<'_>,
+    cal: &ChannelSettings,
+    shifted: &mut Vec<f32>,
+) -> Option<Figures> {
     let x = w.current;
     if x.len() < 2 {
         return None;
@@ -323,7 +327,7 @@ pub fn compute(w: &Window<'_>, cal: &Calibration, shifted: &mut Vec<f32>) -> Opt
     } else {
         (None, None, None, None)
     };
-    Some(Result {
+    Some(Figures {
         current_rms_a: irms,
         voltage_rms_v: vrms,
         real_power_w: p,
@@ -343,8 +347,8 @@ mod tests {
 
     const FS: f64 = 2000.0;
 
-    fn cal(mains_hz: f64) -> Calibration {
-        Calibration {
+    fn cal(mains_hz: f64) -> ChannelSettings {
+        ChannelSettings {
             sample_rate_hz: FS,
             mains_hz,
             current_scale: 1.0,
@@ -391,7 +395,7 @@ mod tests {
                     // 1 s at 2 kHz; 49.8 and 60 Hz have no whole number of samples per cycle.
                     let x = signal(2000, f, &parts, 512.0, start);
                     let r = compute(
-                        &Window {
+                        &WindowSamples {
                             current: &x,
                             voltage: None,
                         },
@@ -417,7 +421,7 @@ mod tests {
         // 3.3 cycles of 50 Hz: a plain mean of squares would be off by several percent.
         let x = signal(132, 50.0, &[(1.0, 5.0, 0.0)], 100.0, 1.0);
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &x,
                 voltage: None,
             },
@@ -438,7 +442,7 @@ mod tests {
             *s += (rng.f64() - 0.5) as f32;
         }
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &x,
                 voltage: None,
             },
@@ -462,7 +466,7 @@ mod tests {
                 // Current lags by phi and carries harmonics, which add VA but no W.
                 let i = signal(2000, f, &[(1.0, 14.0, -phi), (3.0, 4.0, 0.3)], 510.0, 0.9);
                 let r = compute(
-                    &Window {
+                    &WindowSamples {
                         current: &i,
                         voltage: Some(&v),
                     },
@@ -492,7 +496,7 @@ mod tests {
         let v = signal(2000, 50.0, &[(1.0, 325.0, 0.0)], 0.0, 0.0);
         let i = signal(2000, 50.0, &[(1.0, -10.0, 0.0)], 0.0, 0.0);
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &i,
                 voltage: Some(&v),
             },
@@ -516,7 +520,7 @@ mod tests {
         let mut c = cal(50.0);
         let mut scratch = Vec::new();
         let raw = compute(
-            &Window {
+            &WindowSamples {
                 current: &i,
                 voltage: Some(&v),
             },
@@ -526,7 +530,7 @@ mod tests {
         .unwrap();
         c.phase_shift = 0.5;
         let fixed = compute(
-            &Window {
+            &WindowSamples {
                 current: &i,
                 voltage: Some(&v),
             },
@@ -549,7 +553,7 @@ mod tests {
         let mut c = cal(50.0);
         c.current_scale = 0.0293; // e.g. an SCT-013 with its burden, per ADC count
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &x,
                 voltage: None,
             },
@@ -566,7 +570,7 @@ mod tests {
         // A flat line: no crossings; RMS 0, not NaN.
         let flat = vec![512.0f32; 2000];
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &flat,
                 voltage: None,
             },
@@ -578,7 +582,7 @@ mod tests {
         assert_eq!(r.current_rms_a, 0.0);
         assert!(
             compute(
-                &Window {
+                &WindowSamples {
                     current: &[1.0],
                     voltage: None
                 },
@@ -605,7 +609,7 @@ mod tests {
         let mut x = square(1, 3e38, -1e38);
         x.extend(square(49, 3e38, -3e38));
         let r = compute(
-            &Window {
+            &WindowSamples {
                 current: &x,
                 voltage: None,
             },
@@ -636,14 +640,14 @@ mod tests {
             };
             let x = noisy(&mut rng);
             let v = noisy(&mut rng);
-            let c = Calibration {
+            let c = ChannelSettings {
                 sample_rate_hz: [1.0, 99.0, 2000.0, 3000.0, 200_000.0][rng.usize(..5)],
                 mains_hz: [50.0, 60.0][rng.usize(..2)],
                 current_scale: [1.0, 1e30, -0.05][rng.usize(..3)],
                 voltage_scale: 1.0,
                 phase_shift: rng.f32() * 2.0 - 1.0,
             };
-            let w = Window {
+            let w = WindowSamples {
                 current: &x,
                 voltage: rng.bool().then_some(v.as_slice()),
             };

@@ -11,7 +11,7 @@ use proto::{Measurement, Payload as _, Quality, ReadingId, Segment};
 
 use crate::config::Config;
 use crate::energy::Energy;
-use crate::kernel::{self, Calibration};
+use crate::kernel::{self, ChannelSettings};
 use crate::seg;
 use crate::window::Window;
 
@@ -45,7 +45,7 @@ impl Basis {
 
 /// A channel's figures for one window, before energy is added.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
+pub struct ChannelFigures {
     pub channel: Segment,
     pub basis: Basis,
     /// `current_a`, `voltage_v`, `power_w`, `apparent_power_va`, `power_factor`, … (no energy).
@@ -57,7 +57,7 @@ pub struct Reading {
 }
 
 /// Compute every channel of `w`, with the settings of the window's own device.
-pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> {
+pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<ChannelFigures> {
     let device = w.device.as_str();
     let paired: Vec<&Segment> = w
         .channels
@@ -77,14 +77,14 @@ pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> 
         let voltage_scale = voltage
             .and_then(|v| cfg.channel(device, v.name.as_str()))
             .map_or(1.0, |x| x.scale);
-        let cal = Calibration {
+        let cal = ChannelSettings {
             sample_rate_hz: w.sample_rate_hz,
             mains_hz: cfg.mains_hz,
             current_scale: scale,
             voltage_scale,
             phase_shift: cc.map_or(0.0, |x| x.phase_shift),
         };
-        let win = kernel::Window {
+        let win = kernel::WindowSamples {
             current: &c.samples,
             voltage: voltage.map(|v| v.samples.as_slice()),
         };
@@ -116,7 +116,7 @@ pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> 
             fields.insert("nominal_voltage_v".to_string(), nominal);
             (Basis::NominalVoltage(nominal), Some(va))
         };
-        out.push(Reading {
+        out.push(ChannelFigures {
             channel: c.name.clone(),
             basis,
             fields,
@@ -129,7 +129,7 @@ pub fn window(cfg: &Config, w: &Window, scratch: &mut Vec<f32>) -> Vec<Reading> 
 
 /// What one window came to.
 #[derive(Debug, Default)]
-pub struct Outcome {
+pub struct WindowOutcome {
     /// Readings to journal, energy included.
     pub readings: Vec<Measurement>,
     /// Readings that cannot be stored, with why (a value that is not a finite number after
@@ -149,8 +149,8 @@ pub fn measurements(
     w: &Window,
     energy: &mut Energy,
     scratch: &mut Vec<f32>,
-) -> Outcome {
-    let mut out = Outcome::default();
+) -> WindowOutcome {
+    let mut out = WindowOutcome::default();
     // The reading's time is the end of its window: when the value was complete. It comes from
     // the sample clock, so a replayed window carries the same time as the first.
     let ts_ms = w.end_us.div_euclid(1000);

@@ -72,7 +72,7 @@ impl Window {
 
 /// What [`Assembler::push`] did with a frame, for counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Pushed {
+pub struct FrameOutcome {
     /// Leading samples already used before (a replay), cut off.
     pub duplicate_samples: usize,
     /// The frame did not continue the samples held: they were closed first.
@@ -157,12 +157,12 @@ impl<T> Assembler<T> {
         now_ms: u64,
         max_wait_ms: u64,
         out: &mut Vec<Window>,
-    ) -> Pushed {
+    ) -> FrameOutcome {
         let due = self
             .waiting_since_ms
             .is_some_and(|since| now_ms.saturating_sub(since) >= max_wait_ms);
         if !due {
-            return Pushed::default();
+            return FrameOutcome::default();
         }
         self.resuming = false;
         self.drain(now_ms, true, out)
@@ -170,8 +170,8 @@ impl<T> Assembler<T> {
 
     /// Use held frames in order while they continue what came before; stop at a hole that a
     /// replay can fill (unless `force`, which accepts the first hole).
-    fn drain(&mut self, now_ms: u64, mut force: bool, out: &mut Vec<Window>) -> Pushed {
-        let mut report = Pushed::default();
+    fn drain(&mut self, now_ms: u64, mut force: bool, out: &mut Vec<Window>) -> FrameOutcome {
+        let mut report = FrameOutcome::default();
         while let Some(first) = self.waiting.first() {
             let period = 1e6 / first.rate_hz;
             let expected = if self.held_samples() > 0 {
@@ -234,7 +234,7 @@ impl<T> Assembler<T> {
         token: T,
         now_ms: u64,
         out: &mut Vec<Window>,
-    ) -> Pushed {
+    ) -> FrameOutcome {
         let n = channels.first().map_or(0, |c| c.samples.len());
         let period = 1e6 / sample_rate_hz;
         let end_us = (start_us as f64 + n as f64 * period).round() as i64;
@@ -258,8 +258,8 @@ impl<T> Assembler<T> {
         sample_rate_hz: f64,
         channels: Vec<Channel>,
         out: &mut Vec<Window>,
-    ) -> Pushed {
-        let mut report = Pushed::default();
+    ) -> FrameOutcome {
+        let mut report = FrameOutcome::default();
         let n = channels.first().map_or(0, |c| c.samples.len());
         let period = 1e6 / sample_rate_hz;
         let layout = Layout {
@@ -562,7 +562,7 @@ mod tests {
             1_000,
             &mut out,
         );
-        assert!(a.release_waiting(5_000, 15_000, &mut out) == Pushed::default());
+        assert!(a.release_waiting(5_000, 15_000, &mut out) == FrameOutcome::default());
         assert!(out.is_empty());
         a.release_waiting(16_000, 15_000, &mut out);
         assert_eq!(out.len(), 1);
@@ -645,7 +645,7 @@ mod tests {
         }
         assert!(out.is_empty(), "nothing is cut across the hole");
         assert_eq!(a.waiting(), 5);
-        assert!(a.release_waiting(5_000, 15_000, &mut out) == Pushed::default());
+        assert!(a.release_waiting(5_000, 15_000, &mut out) == FrameOutcome::default());
         // The replay of frame 3.
         let r = push(&mut a, 3, 6_000, &mut out);
         assert!(!r.gap && !r.held_released);
