@@ -461,7 +461,7 @@ fn influxdb_outage_with_the_writer_killed_loses_nothing() {
 #[test]
 fn escaping_survives_a_round_trip_through_influxdb_1_6() {
     use influx_writer::config::{Api, InfluxConfig, Target};
-    use influx_writer::http::{Client, Outcome};
+    use influx_writer::http::{Client, WriteOutcome};
     use influx_writer::{FieldValue, Point, encode_batch};
 
     let dir = tempfile::tempdir().unwrap();
@@ -517,7 +517,7 @@ fn escaping_survives_a_round_trip_through_influxdb_1_6() {
         .enable_all()
         .build()
         .unwrap();
-    assert_eq!(rt.block_on(client.write(body.as_bytes())), Outcome::Written);
+    assert_eq!(rt.block_on(client.write(body.as_bytes())), WriteOutcome::Written);
 
     let rows = influx.rows("esc", "esc m,1");
     assert_eq!(rows.len(), nasty.len(), "{rows:?}");
