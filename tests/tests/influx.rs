@@ -517,7 +517,10 @@ fn escaping_survives_a_round_trip_through_influxdb_1_6() {
         .enable_all()
         .build()
         .unwrap();
-    assert_eq!(rt.block_on(client.write(body.as_bytes())), WriteOutcome::Written);
+    assert_eq!(
+        rt.block_on(client.write(body.as_bytes())),
+        WriteOutcome::Written
+    );
 
     let rows = influx.rows("esc", "esc m,1");
     assert_eq!(rows.len(), nasty.len(), "{rows:?}");

@@ -267,11 +267,8 @@ impl InfluxSink {
         };
         let (journal, report) = Journal::open(spool_dir, &cfg)?;
         runtime::events::journal_opened(events::SPOOL_STREAM, spool_dir, &report);
-        // Batches spooled before a restart count from now: their append times are not kept.
-        let mut appended = AppendTimes::default();
-        if let Some(first) = journal.first_held() {
-            appended.appended(first, std::time::Instant::now());
-        }
+        // Batches spooled before a restart count from when their segment was last written.
+        let appended = AppendTimes::resumed(&journal);
         let mut sink = Self {
             client,
             spool: Some(journal),

@@ -130,14 +130,31 @@ struct State {
 
 /// When records were appended, one mark per second at most: the age of the oldest record a
 /// journal holds (`wattbus_journal_oldest_seconds`, at most a second too old) without a
-/// timestamp per record. Records found in the journal at start count from then. Public for
-/// journals kept outside a producer (influx-writer's spool).
+/// timestamp per record. Public for journals kept outside a producer (influx-writer's spool).
 #[derive(Debug, Default)]
 pub struct AppendTimes {
     marks: VecDeque<(u64, Instant)>,
 }
 
 impl AppendTimes {
+    /// For `journal` as opened: records it already holds count from when the segment file
+    /// holding the oldest was last written (they are at least that old), or from now if that
+    /// is not known (a memory journal). So a service that restarts while its records wait does
+    /// not reset the age an alert watches.
+    pub fn resumed(journal: &Journal) -> Self {
+        let mut times = Self::default();
+        if let Some(first) = journal.first_held() {
+            let now = Instant::now();
+            let since = journal
+                .oldest_held_written()
+                .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+                .and_then(|age| now.checked_sub(age))
+                .unwrap_or(now);
+            times.appended(first, since);
+        }
+        times
+    }
+
     pub fn appended(&mut self, seq: u64, now: Instant) {
         if self
             .marks
@@ -272,12 +289,7 @@ impl Producer {
         ];
         let appended = journal.last_seq().unwrap_or(0);
         let held = (journal.bytes(), journal.records());
-        // Records found at start are counted as old as this start: when they were appended
-        // before is not kept.
-        let mut append_times = AppendTimes::default();
-        if let Some(first) = journal.first_held() {
-            append_times.appended(first, Instant::now());
-        }
+        let append_times = AppendTimes::resumed(&journal);
         let core = Core::of(bus.service().as_str());
         let (journal_records, journal_oldest) = core.journal(stream.as_str());
         let ready = bus.health().check(&format!(
@@ -1259,6 +1271,57 @@ mod tests {
 
     fn seg(s: &str) -> Segment {
         Segment::new(s).unwrap()
+    }
+
+    /// Records a restarted service finds in its journal are as old as their segment file's
+    /// last write, not as young as the restart: a watchdog restarting a service every few
+    /// minutes must not keep resetting the age an alert watches. The age then grows from there
+    /// and falls to 0 once everything is acknowledged.
+    #[test]
+    fn the_oldest_age_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StreamConfig {
+            journal: crate::config::JournalKind::Disk,
+            ..StreamConfig::default()
+        };
+        let (mut journal, _) = Journal::open(dir.path(), &cfg).unwrap();
+        let (first, _) = journal.append("t", b"{}").unwrap();
+        journal.append("t", b"{}").unwrap();
+        drop(journal);
+        // Written an hour ago, as far as the file system knows.
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "seg") {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(hour_ago)
+                    .unwrap();
+            }
+        }
+        let (mut journal, _) = Journal::open(dir.path(), &cfg).unwrap();
+        let mut times = AppendTimes::resumed(&journal);
+        let now = Instant::now();
+        let age = times.oldest(journal.first_held(), now);
+        assert!(
+            (3595..3700).contains(&age.as_secs()),
+            "a record written an hour ago aged {age:?}"
+        );
+        // Acknowledged and trimmed: nothing is held, nothing is old.
+        journal.trim_through(first + 1).unwrap();
+        assert_eq!(times.oldest(journal.first_held(), now), Duration::ZERO);
+
+        // A memory journal keeps no file times: its records count from the start.
+        let mem = StreamConfig {
+            journal: crate::config::JournalKind::Memory,
+            ..StreamConfig::default()
+        };
+        let (mut journal, _) = Journal::open(&dir.path().join("m"), &mem).unwrap();
+        journal.append("t", b"{}").unwrap();
+        let mut times = AppendTimes::resumed(&journal);
+        assert!(times.oldest(journal.first_held(), Instant::now()) < Duration::from_secs(5));
     }
 
     /// A bus whose broker is down: connecting to a port nobody listens on.

@@ -747,6 +747,21 @@ impl Journal {
         }
     }
 
+    /// When the segment file holding the oldest record held was last written: that record is
+    /// at least this old. `None` for a memory journal, an empty one, or a file whose time
+    /// cannot be read.
+    pub fn oldest_held_written(&self) -> Option<std::time::SystemTime> {
+        let first = self.first_held()?;
+        match &self.store {
+            Store::Disk(d) => d
+                .segments
+                .iter()
+                .find(|s| s.holds(first))
+                .and_then(|s| fs::metadata(&s.path).and_then(|m| m.modified()).ok()),
+            Store::Memory(_) => None,
+        }
+    }
+
     /// The oldest seq held (not yet acknowledged), if any. Cheap (no allocation).
     pub fn first_held(&self) -> Option<u64> {
         let acked = self.acked_through;
