@@ -1135,6 +1135,8 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
         .build()
         .unwrap();
     let mut flood = Vec::new();
+    // The flood can take a while: past the broker's backlog, connects wait for SYN retries.
+    let flood_start = std::time::Instant::now();
     for i in 0..200u16 {
         let host = 2 + (i / 16) as u8;
         let connected = rt.block_on(async {
@@ -1156,14 +1158,19 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
         "the broker never ran out of descriptors:\n{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    // Wait until the first line is 3 s old: a spinning loop would have logged thousands.
+    // Three seconds more: a spinning loop would have logged thousands of lines by now, the
+    // waiting one a line per 10 s since the flood began (however long the flood took).
     std::thread::sleep(Duration::from_secs(3));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let allowed = 2 + flood_start.elapsed().as_secs() / 10;
     assert!(
-        failing(&text) <= 2,
-        "{} lines:\n{}",
+        failing(&text) as u64 <= allowed,
+        "{} lines (at most {allowed}):\n{}",
         failing(&text),
-        &text[..text.len().min(4000)]
+        text.lines()
+            .filter(|l| l.contains("Unable to accept") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // The flood goes away: a client gets in again.
     drop(flood);

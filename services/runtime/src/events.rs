@@ -554,47 +554,7 @@ pub fn reading_not_sent(core: &Core, device: &str, error: &DeliveryError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// What was logged on this thread while it was the default subscriber: level and fields.
-    #[derive(Clone, Default)]
-    struct Logged(Arc<Mutex<Vec<(tracing::Level, String)>>>);
-
-    impl Logged {
-        fn at(&self, level: tracing::Level) -> Vec<String> {
-            let lines = self.0.lock().unwrap();
-            lines
-                .iter()
-                .filter(|(l, _)| *l == level)
-                .map(|(_, s)| s.clone())
-                .collect()
-        }
-    }
-
-    impl tracing::Subscriber for Logged {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, event: &tracing::Event<'_>) {
-            struct Fields(String);
-            impl tracing::field::Visit for Fields {
-                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                    self.0.push_str(&format!("{}={v:?} ", f.name()));
-                }
-            }
-            let mut fields = Fields(String::new());
-            event.record(&mut fields);
-            let level = *event.metadata().level();
-            self.0.lock().unwrap().push((level, fields.0));
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
+    use wattbus_testkit::capture;
 
     #[test]
     fn a_reading_not_sent_is_counted_once_under_its_kind_and_logged_once_a_minute_per_device() {
@@ -609,8 +569,7 @@ mod tests {
             source: JournalError::TopicTooLong(70_000),
             published: true,
         };
-        let logged = Logged::default();
-        tracing::subscriber::with_default(logged.clone(), || {
+        let logged = capture(|| {
             for _ in 0..100 {
                 reading_not_sent(&core, "meter-1", &invalid());
             }

@@ -316,37 +316,8 @@ impl PortEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    /// The WARN lines logged on this thread while it was the default subscriber.
-    #[derive(Clone, Default)]
-    struct Warnings(Arc<Mutex<Vec<String>>>);
-
-    impl tracing::Subscriber for Warnings {
-        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
-            true
-        }
-        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            tracing::span::Id::from_u64(1)
-        }
-        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-        fn event(&self, event: &tracing::Event<'_>) {
-            struct Fields(String);
-            impl tracing::field::Visit for Fields {
-                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
-                    self.0.push_str(&format!("{}={v:?} ", f.name()));
-                }
-            }
-            if *event.metadata().level() == tracing::Level::WARN {
-                let mut fields = Fields(String::new());
-                event.record(&mut fields);
-                self.0.lock().unwrap().push(fields.0);
-            }
-        }
-        fn enter(&self, _: &tracing::span::Id) {}
-        fn exit(&self, _: &tracing::span::Id) {}
-    }
+    use tracing::Level;
+    use wattbus_testkit::capture;
 
     fn core_errors(kind: &str) -> u64 {
         Core::of("serial-ingest").error(kind).get()
@@ -359,8 +330,7 @@ mod tests {
         let before = core_errors("garbled");
         let e = PortEvents::new("/dev/test-garbled", "garbled-test");
         let other = PortEvents::new("/dev/test-garbled-2", "garbled-test-2");
-        let warnings = Warnings::default();
-        tracing::subscriber::with_default(warnings.clone(), || {
+        let log = capture(|| {
             e.garbled(&ParseError::Empty, "", 9600);
             for _ in 0..500 {
                 e.garbled(&ParseError::Empty, "x", 9600);
@@ -368,7 +338,7 @@ mod tests {
             e.not_utf8(9600);
             other.not_utf8(9600);
         });
-        let lines = warnings.0.lock().unwrap().clone();
+        let lines = log.at(Level::WARN);
         assert_eq!(lines.len(), 2, "the first of each port only: {lines:#?}");
         assert!(
             lines[0].contains("port=/dev/test-garbled ")
@@ -387,13 +357,12 @@ mod tests {
     fn dropped_stream_lines_are_counted_by_line_and_logged_once_a_minute_per_port() {
         let before = core_errors("clock");
         let e = PortEvents::new("/dev/test-dropped", "dropped-test");
-        let warnings = Warnings::default();
-        tracing::subscriber::with_default(warnings.clone(), || {
+        let log = capture(|| {
             for _ in 0..10 {
                 e.dropped_lines(7);
             }
         });
-        let lines = warnings.0.lock().unwrap().clone();
+        let lines = log.at(Level::WARN);
         assert_eq!(lines.len(), 1, "{lines:#?}");
         assert!(lines[0].contains("dropped_lines=7"), "{}", lines[0]);
         assert_eq!(e.dropped_lines.get(), 70);

@@ -30,6 +30,7 @@
 //!   serial service without hardware.
 //! - [`free_port`]: a loopback port for a server a test starts, that nothing else takes first.
 //! - [`init_test_log`]: the log on stderr when `TEST_LOG` is set, silence otherwise.
+//! - [`logged`] and [`capture`]: what code logged on this thread, for tests of log floods.
 //!
 //! Only a dev-dependency: nothing here belongs in a service binary.
 
@@ -37,6 +38,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod broker;
+mod log;
 mod mosquitto;
 mod service;
 mod socat;
@@ -49,6 +51,7 @@ use proto::Segment;
 use runtime::telemetry::Counter;
 
 pub use crate::broker::{Broker, BrokerPlan, Role, WATCH_USER};
+pub use crate::log::{Log, capture, logged};
 pub use crate::mosquitto::{LateBroker, mosquitto, mosquitto_client};
 pub use crate::service::{Service, ServiceBuilder};
 pub use crate::socat::{Socat, SocatBuilder};

@@ -29,7 +29,7 @@ pub use configure::{
     AddressChanged, BaudChanged, SetError, WE515_ADDRESS_REGISTER, WE515_BAUD_REGISTER, baud_code,
     baud_of_code, set_address, set_baud,
 };
-pub use read::{Reading, Select, parse_register, read, round, select};
+pub use read::{RegisterReading, Select, parse_register, read, round, select};
 pub use scan::{Candidate, Found, Observation, Probe, best_fits, probes, scan};
 pub use session::{Session, ToolError, exception_hint, exception_name};
 

@@ -82,13 +82,13 @@ pub fn select(profile: &Profile, select: &Select) -> Result<Vec<Register>, Input
 
 /// One register read and decoded.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
+pub struct RegisterReading {
     pub register: Register,
     pub words: Vec<u16>,
     pub value: Result<f64, ValueError>,
 }
 
-impl Reading {
+impl RegisterReading {
     /// `power l1 power_w = -1234 W  (0x0140 i32)`, with the words when `raw`.
     pub fn line(&self, raw: bool) -> String {
         let r = &self.register;
@@ -159,9 +159,9 @@ pub async fn read(
     slave: u8,
     profile: &Profile,
     registers: &[Register],
-) -> Result<Vec<Reading>, ToolError> {
+) -> Result<Vec<RegisterReading>, ToolError> {
     let requests = plan(registers, |_| true, profile.limits)?;
-    let mut out: Vec<(usize, Reading)> = Vec::with_capacity(registers.len());
+    let mut out: Vec<(usize, RegisterReading)> = Vec::with_capacity(registers.len());
     for request in &requests {
         let words = session
             .read(slave, request.function, request.start, request.count)
@@ -173,7 +173,7 @@ pub async fn read(
             let mine = request.words_of(register, &words).unwrap_or_default();
             out.push((
                 index,
-                Reading {
+                RegisterReading {
                     register: register.clone(),
                     words: mine.to_vec(),
                     value: decode(register, mine),
@@ -236,7 +236,7 @@ mod tests {
     fn readings_print_signed_scaled_values_and_raw_words() {
         let we515 = builtin().get("orno-we-515").unwrap().clone();
         let reg = |a| select(&we515, &Select::Address(a)).unwrap().remove(0);
-        let power = Reading {
+        let power = RegisterReading {
             register: reg(0x0140),
             words: vec![0xFFFF, 0xFB2E],
             value: decode(&reg(0x0140), &[0xFFFF, 0xFB2E]),

@@ -22,66 +22,66 @@ use super::{Sdm120, We515};
 
 /// A simulated meter model.
 #[derive(Debug, Clone)]
-pub enum Meter {
+pub enum SimulatedMeter {
     We515(We515),
     Sdm120(Sdm120),
 }
 
-impl From<We515> for Meter {
+impl From<We515> for SimulatedMeter {
     fn from(m: We515) -> Self {
         Self::We515(m)
     }
 }
 
-impl From<Sdm120> for Meter {
+impl From<Sdm120> for SimulatedMeter {
     fn from(m: Sdm120) -> Self {
         Self::Sdm120(m)
     }
 }
 
-impl Meter {
+impl SimulatedMeter {
     pub fn address(&self) -> u8 {
         match self {
-            Meter::We515(m) => m.address(),
-            Meter::Sdm120(m) => m.address(),
+            SimulatedMeter::We515(m) => m.address(),
+            SimulatedMeter::Sdm120(m) => m.address(),
         }
     }
 
     fn set_address(&mut self, address: u8) {
         match self {
-            Meter::We515(m) => m.set_address(address),
-            Meter::Sdm120(m) => m.set_address(address),
+            SimulatedMeter::We515(m) => m.set_address(address),
+            SimulatedMeter::Sdm120(m) => m.set_address(address),
         }
     }
 
     pub fn as_we515_mut(&mut self) -> Option<&mut We515> {
         match self {
-            Meter::We515(m) => Some(m),
-            Meter::Sdm120(_) => None,
+            SimulatedMeter::We515(m) => Some(m),
+            SimulatedMeter::Sdm120(_) => None,
         }
     }
 
     pub fn as_sdm120_mut(&mut self) -> Option<&mut Sdm120> {
         match self {
-            Meter::Sdm120(m) => Some(m),
-            Meter::We515(_) => None,
+            SimulatedMeter::Sdm120(m) => Some(m),
+            SimulatedMeter::We515(_) => None,
         }
     }
 
     /// Serve one request at `now_ms`.
     fn call(&mut self, now_ms: i64, op: &Op) -> Result<Reply, ExceptionCode> {
         match (self, op) {
-            (Meter::We515(m), Op::ReadHolding { addr, count }) => {
+            (SimulatedMeter::We515(m), Op::ReadHolding { addr, count }) => {
                 m.values_at(now_ms);
                 m.read_holding(*addr, *count).map(Reply::Registers)
             }
-            (Meter::We515(m), Op::WriteSingle { addr, value }) => m
+            (SimulatedMeter::We515(m), Op::WriteSingle { addr, value }) => m
                 .write_single(*addr, *value)
                 .map(|()| Reply::WroteSingle(*addr, *value)),
-            (Meter::We515(m), Op::WriteMultiple { addr, values }) => m
+            (SimulatedMeter::We515(m), Op::WriteMultiple { addr, values }) => m
                 .write_multiple(*addr, values)
                 .map(|()| Reply::WroteMultiple(*addr, values.len() as u16)),
-            (Meter::Sdm120(m), Op::ReadInput { addr, count }) => {
+            (SimulatedMeter::Sdm120(m), Op::ReadInput { addr, count }) => {
                 m.values_at(now_ms);
                 m.read_input(*addr, *count).map(Reply::Registers)
             }
@@ -210,7 +210,7 @@ impl ManualClock {
 
 #[derive(Debug)]
 struct Slave {
-    meter: Meter,
+    meter: SimulatedMeter,
     powered: bool,
     /// Injected fault: answer this many more requests with this exception.
     fault: Option<(u32, ExceptionCode)>,
@@ -246,7 +246,7 @@ impl MeterBus {
 
     /// Attach `meter` at slave id `id` (1..=247; its address register is set to `id`),
     /// powered, with no fault and no response delay.
-    pub fn add(&self, id: u8, meter: impl Into<Meter>) -> SlaveHandle {
+    pub fn add(&self, id: u8, meter: impl Into<SimulatedMeter>) -> SlaveHandle {
         let mut meter = meter.into();
         meter.set_address(id);
         let mut slaves = self.lock();
@@ -370,7 +370,7 @@ impl SlaveHandle {
     /// Look at or change the model, e.g. for its truth:
     /// `h.with_meter(|m| m.as_we515_mut().map(|w| w.values()))`. Holds the bus lock: keep
     /// `f` short.
-    pub fn with_meter<R>(&self, f: impl FnOnce(&mut Meter) -> R) -> R {
+    pub fn with_meter<R>(&self, f: impl FnOnce(&mut SimulatedMeter) -> R) -> R {
         self.with_slave(|s| f(&mut s.meter))
     }
 }
