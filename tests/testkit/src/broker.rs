@@ -7,8 +7,9 @@
 //! client that publishes or subscribes beyond its role is refused exactly as it would be on a
 //! Pi, and a test passes only if the service works within the grants it will really have.
 //!
-//! **One broker per test.** Starting one costs about 25 ms, five idle threads and a quarter
-//! of a MiB (measured: see [`Broker::start`]), so every test gets a fresh broker: no retained
+//! **One broker per test.** Starting one is cheap (well under a second, a handful of threads
+//! that idle once the test's clients are gone, a fraction of a MiB), so every test gets a
+//! fresh broker: no retained
 //! status, sink registration or filter of another test, and no need for client ids or sites
 //! that differ between tests.
 //!
@@ -131,11 +132,9 @@ impl Broker {
     /// Starts a broker whose users are `users` (name and role) and [`WATCH_USER`], on a free
     /// loopback port; returns once it accepts connections.
     ///
-    /// Cost, measured on a 2-core machine (debug tests, dependencies at opt-level 1), 21
-    /// brokers in one process: 22 ms from the call to ready (mostly the readiness probe's
-    /// 20 ms interval: the listener binds on its thread a moment after the first probe), 25 ms
-    /// to a client's CONNACK, five threads (router, listener, timer, meters, supervisor) that
-    /// idle once the test's clients are gone, and 0.2–0.3 MiB of resident memory each.
+    /// Most of the wait is the readiness probe's 20 ms interval (the listener binds on its
+    /// thread a moment after the first probe). Each broker keeps five threads (router,
+    /// listener, timer, meters, supervisor) that idle once the test's clients are gone.
     ///
     /// # Panics
     ///
