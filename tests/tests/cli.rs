@@ -1191,3 +1191,61 @@ fn a_broker_out_of_file_descriptors_neither_spins_nor_floods_its_log() {
         "no CONNACK once the flood was gone"
     );
 }
+
+/// `wattbus health <service>` is what a container's HEALTHCHECK runs (the image has no curl):
+/// exit 0 when the service is ready, 1 when it is not (naming the checks) or nothing answers.
+#[test]
+fn health_asks_a_running_service_whether_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = wattbus_e2e::BrokerSetup::new(dir.path());
+    let broker_cfg = b.config.display().to_string();
+    let mut broker = b.start(&dir.path().join("broker.log"));
+    let ready = || wattbus(&["health", "broker", "--config", &broker_cfg], &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || ready().status.success()),
+        "the broker never answered ready: {}",
+        stderr(&ready())
+    );
+    assert!(
+        String::from_utf8_lossy(&ready().stdout).contains("broker at 127.0.0.1:"),
+        "{}",
+        String::from_utf8_lossy(&ready().stdout)
+    );
+
+    // A simulator whose broker is not there: up, answering, not ready, and says why.
+    let health = free_port();
+    let sim_cfg = write(
+        dir.path(),
+        "sim.toml",
+        &format!(
+            "data_dir = \"{}\"\n[bus]\nport = {}\n[simulator]\nhealth_listen = \"127.0.0.1:{health}\"\n",
+            dir.path().join("sim").display(),
+            free_port(),
+        ),
+    );
+    let _sim = Proc::spawn(
+        "simulator",
+        Command::new(wattbus_bin()).args(["run", "simulator", "--config", &sim_cfg]),
+        &dir.path().join("sim.log"),
+    );
+    let asked = || wattbus(&["health", "simulator", "--config", &sim_cfg], &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || stderr(&asked())
+            .contains("not ready")),
+        "{}",
+        stderr(&asked())
+    );
+    let o = asked();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("bus:simulator"), "{}", stderr(&o));
+
+    // Nothing there any more: exit 1, and the address it tried.
+    broker.kill9();
+    let o = ready();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing answers at"), "{}", stderr(&o));
+
+    // An unknown service is a usage error, like `wattbus run`'s (64).
+    let o = wattbus(&["health", "nonesuch", "--addr", "127.0.0.1:1"], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+}

@@ -57,7 +57,7 @@ mod auth;
 mod config;
 mod events;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use runtime::{ConfigError, Context};
@@ -201,7 +201,7 @@ async fn probe_all(
 ) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + timeout;
     for &(listener, addr) in listeners {
-        let target = probe_target(addr);
+        let target = runtime::health::probe_target(addr);
         loop {
             let attempt =
                 tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(target)).await;
@@ -222,19 +222,6 @@ async fn probe_all(
         }
     }
     Ok(())
-}
-
-/// A wildcard listen address is probed on loopback.
-fn probe_target(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
-        _ => addr,
-    }
 }
 
 /// The service, for wattbus's service table.
@@ -291,17 +278,4 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
     };
     ready.set(false);
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcards_are_probed_on_loopback() {
-        let p = |s: &str| probe_target(s.parse().unwrap()).to_string();
-        assert_eq!(p("0.0.0.0:1883"), "127.0.0.1:1883");
-        assert_eq!(p("[::]:1883"), "[::1]:1883");
-        assert_eq!(p("192.0.2.1:1883"), "192.0.2.1:1883");
-    }
 }

@@ -10,7 +10,8 @@
 //! - `GET /metrics` — Prometheus text.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -112,6 +113,63 @@ pub async fn serve(
     Ok((local, task))
 }
 
+/// Where to reach a server listening on `addr`: a wildcard address (`0.0.0.0`, `::`) is
+/// reached on loopback.
+pub fn probe_target(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// What a `/healthz` endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// 200: every check is ready. The body lists them.
+    Ready(String),
+    /// Any other status, with the body (503 lists the checks not ready).
+    NotReady(u16, String),
+}
+
+/// Ask the endpoint at `addr` for `/healthz`, within `timeout` for the connection and again
+/// for the answer. Blocking and std-only: `wattbus health` runs it as a container's
+/// HEALTHCHECK, where no curl is installed.
+pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Probe> {
+    let target = probe_target(addr);
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut answer = Vec::new();
+    stream.take(64 * 1024).read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not an HTTP answer from {target}"),
+            )
+        })?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_string();
+    Ok(if status == 200 {
+        Probe::Ready(body)
+    } else {
+        Probe::NotReady(status, body)
+    })
+}
+
 async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut len = 0;
@@ -165,6 +223,42 @@ async fn answer(mut stream: TcpStream, health: &Health) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wildcards_are_probed_on_loopback() {
+        let p = |s: &str| probe_target(s.parse().unwrap()).to_string();
+        assert_eq!(p("0.0.0.0:1883"), "127.0.0.1:1883");
+        assert_eq!(p("[::]:1883"), "[::1]:1883");
+        assert_eq!(p("192.0.2.1:1883"), "192.0.2.1:1883");
+    }
+
+    /// The blocking probe `wattbus health` uses, against the real endpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_probe_tells_ready_from_not_ready_and_from_nobody_there() {
+        let health = Health::default();
+        let bus = health.check("bus:probe-test");
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let (addr, _task) = serve("127.0.0.1:0".parse().unwrap(), health.clone(), shutdown)
+            .await
+            .unwrap();
+        let ask = move || tokio::task::spawn_blocking(move || probe(addr, Duration::from_secs(5)));
+        match ask().await.unwrap().unwrap() {
+            Probe::NotReady(503, body) => assert!(body.contains("bus:probe-test"), "{body}"),
+            other => panic!("not ready, yet {other:?}"),
+        }
+        bus.set(true);
+        assert!(matches!(ask().await.unwrap().unwrap(), Probe::Ready(_)));
+        // Nobody listens on a port just released.
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = tokio::task::spawn_blocking(move || probe(free, Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).await.unwrap();

@@ -4,6 +4,7 @@
 mod check;
 mod demo;
 mod energy;
+mod health;
 mod modbus;
 mod services;
 mod sinks;
@@ -44,6 +45,9 @@ enum Command {
     Demo(demo::Options),
     /// Print bus traffic readably.
     Tail(tail::Options),
+    /// Ask a running service whether it is ready (its /healthz): exit 0 if so, 1 if not. A
+    /// container's HEALTHCHECK.
+    Health(health::Options),
     /// rms-processor's energy counters: show them, or reset one (explicitly, visibly).
     Energy {
         #[command(subcommand)]
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
             } => services::run(&service, config, stop_on_stdin_eof).await,
             Command::Demo(opts) => demo::run(opts).await,
             Command::Tail(opts) => tail::run(opts).await,
+            Command::Health(opts) => health::run(opts),
             Command::Modbus { command } => modbus::run(command).await,
             Command::Energy { command } => energy::run(command),
             Command::Sinks { command } => sinks::run(command).await,

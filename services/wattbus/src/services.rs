@@ -33,6 +33,11 @@ pub trait Entry: Sync {
     fn error_kinds(&self) -> &'static [&'static str];
     /// Resolve its section as `run` would, and drop the plan: `config check`.
     fn check(&self, src: &ConfigSource) -> Result<(), ConfigError>;
+    /// Where its section says it serves `/healthz`, if anywhere.
+    fn health_listen(
+        &self,
+        src: &ConfigSource,
+    ) -> Result<Option<std::net::SocketAddr>, ConfigError>;
     /// Resolve its section, and return the future that serves its health endpoint and runs it.
     fn start(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError>;
     /// Resolve its section, and return the future that runs it beside others in one process
@@ -65,6 +70,13 @@ impl<S: Service> Entry for Of<S> {
 
     fn check(&self, src: &ConfigSource) -> Result<(), ConfigError> {
         src.resolve::<S>().map(drop)
+    }
+
+    fn health_listen(
+        &self,
+        src: &ConfigSource,
+    ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        src.resolve::<S>().map(|plan| S::health_listen(&plan))
     }
 
     fn start(&self, src: &ConfigSource, ctx: Context) -> Result<ServiceFuture, ConfigError> {
