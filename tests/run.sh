@@ -37,6 +37,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v socat >/dev/null 2>&1 || need_apt+=(socat)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# systemd-analyze verifies the shipped systemd unit in a CLI test.
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 # prlimit runs the broker out of file descriptors in a CLI test (util-linux, Essential in Debian).
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
 # influx-writer's servers: InfluxDB 1.6.7 (v1 API, InfluxQL) and VictoriaMetrics 1.79 (v2 API).

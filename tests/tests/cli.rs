@@ -1249,3 +1249,37 @@ fn health_asks_a_running_service_whether_it_is_ready() {
     let o = wattbus(&["health", "nonesuch", "--addr", "127.0.0.1:1"], &[]);
     assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
 }
+
+/// The systemd template unit (compose/systemd/wattbus@.service) is one systemd accepts
+/// without a warning: every key known, every value parsed, the command executable.
+#[test]
+fn the_systemd_unit_verifies_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../compose/systemd/wattbus@.service"
+    ))
+    .unwrap();
+    let verify = |text: &str| {
+        // The binary where the unit expects it is this build's; the instance, a service.
+        let unit = text.replace(
+            "/usr/local/bin/wattbus",
+            &wattbus_bin().display().to_string(),
+        );
+        std::fs::write(dir.path().join("wattbus@.service"), unit).unwrap();
+        let instance = dir.path().join("wattbus@broker.service");
+        let _ = std::fs::remove_file(&instance);
+        std::os::unix::fs::symlink("wattbus@.service", &instance).unwrap();
+        let o = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&instance)
+            .output()
+            .expect("systemd-analyze (tests/run.sh installs systemd)");
+        (o.status.success(), stderr(&o))
+    };
+    let (ok, warnings) = verify(&shipped);
+    assert!(ok && warnings.trim().is_empty(), "{warnings}");
+    // It would notice: a misspelt key is reported.
+    let (_, warnings) = verify(&shipped.replace("ProtectHome=yes", "ProtectHomes=yes"));
+    assert!(warnings.contains("Unknown key"), "{warnings}");
+}
