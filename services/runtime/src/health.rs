@@ -137,16 +137,36 @@ pub enum Probe {
 }
 
 /// Ask the endpoint at `addr` for `/healthz`, within `timeout` for the connection and again
-/// for the answer. Blocking and std-only: `wattbus health` runs it as a container's
-/// HEALTHCHECK, where no curl is installed.
+/// for the whole answer (a server that trickles bytes does not hold it longer). Blocking and
+/// std-only: `wattbus health` runs it as a container's HEALTHCHECK, where no curl is installed.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Probe> {
     let target = probe_target(addr);
     let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
+    let deadline = std::time::Instant::now() + timeout;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut answer = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut answer)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no whole answer from {target} within {} ms",
+                    timeout.as_millis()
+                ),
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut buf)? {
+            0 => break,
+            n => answer.extend_from_slice(&buf[..n]),
+        }
+        if answer.len() > 64 * 1024 {
+            break;
+        }
+    }
     let answer = String::from_utf8_lossy(&answer);
     let status = answer
         .strip_prefix("HTTP/1.1 ")
@@ -258,6 +278,31 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        // A server that trickles its answer a byte at a time is given up on at the deadline.
+        let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = slow.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = slow.accept() {
+                for b in b"HTTP/1.1 200 OK\r\n".iter().cycle() {
+                    if s.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let e = tokio::task::spawn_blocking(move || probe(at, Duration::from_millis(500)))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "held {:?}",
+            started.elapsed()
+        );
     }
 
     async fn get(addr: SocketAddr, path: &str) -> String {
