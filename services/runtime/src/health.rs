@@ -147,21 +147,35 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Probe> {
     stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
+    let too_late = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no whole answer from {target} within {} ms",
+                timeout.as_millis()
+            ),
+        )
+    };
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no whole answer from {target} within {} ms",
-                    timeout.as_millis()
-                ),
-            ));
+            return Err(too_late());
         }
         stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf)? {
-            0 => break,
-            n => answer.extend_from_slice(&buf[..n]),
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            // A read timeout is EAGAIN on Linux, ETIMEDOUT elsewhere.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(too_late());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
         if answer.len() > 64 * 1024 {
             break;
