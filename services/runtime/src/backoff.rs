@@ -149,10 +149,6 @@ impl Retries {
     pub fn set_failures(&mut self, failures: u32) {
         self.failures = failures;
     }
-
-    pub const fn policy(&self) -> Backoff {
-        self.policy
-    }
 }
 
 #[cfg(test)]
