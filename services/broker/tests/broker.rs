@@ -20,8 +20,8 @@ use tokio::time::timeout;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-    listener.local_addr().unwrap()
+    // Never the same port twice in one process, and outside the ephemeral range.
+    SocketAddr::from((Ipv4Addr::LOCALHOST, wattbus_testkit::free_port()))
 }
 
 fn user(name: &str, password: &str) -> User {

@@ -16,10 +16,8 @@ use tokio::time::timeout;
 const WAIT: Duration = Duration::from_secs(10);
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    // Never the same port twice in one process, and outside the ephemeral range.
+    SocketAddr::from((Ipv4Addr::LOCALHOST, wattbus_testkit::free_port()))
 }
 
 async fn broker() -> Config {

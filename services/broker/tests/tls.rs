@@ -10,10 +10,8 @@ use std::time::Duration;
 use broker::{Config, Role, TlsConfig, User};
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    // Never the same port twice in one process, and outside the ephemeral range.
+    SocketAddr::from((Ipv4Addr::LOCALHOST, wattbus_testkit::free_port()))
 }
 
 /// A self-signed certificate for `cn` (valid for localhost and 127.0.0.1), made by openssl.

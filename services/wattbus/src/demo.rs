@@ -166,10 +166,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         level: "warn,rumqttd=off".into(),
         ..Default::default()
     })?;
-    let port = match opts.port {
-        Some(p) => p,
-        None => free_port()?,
-    };
+    // Held together while read, so the three are distinct (a port freed and asked for again
+    // can come back the same, and the broker then refuses two listeners on one address).
+    let [free, free_v5, free_health] = free_ports()?;
+    let port = opts.port.unwrap_or(free);
     let (data_dir, temporary) = match opts.data_dir.clone() {
         Some(d) => (d, false),
         None => (
@@ -208,8 +208,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         &data_dir.join("broker"),
         child_broker::Ports {
             mqtt: port,
-            mqtt_v5: free_port()?,
-            health: free_port()?,
+            mqtt_v5: free_v5,
+            health: free_health,
         },
         &users,
     )
@@ -750,9 +750,15 @@ fn clock(ts_ms: i64) -> String {
     format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
+/// Three distinct loopback ports nothing listens on (all bound at once, then let go).
+fn free_ports() -> anyhow::Result<[u16; 3]> {
+    let bind = || TcpListener::bind("127.0.0.1:0").context("cannot find a free port");
+    let held = [bind()?, bind()?, bind()?];
+    let mut ports = [0; 3];
+    for (port, l) in ports.iter_mut().zip(&held) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 #[cfg(test)]

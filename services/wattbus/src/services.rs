@@ -306,11 +306,12 @@ mod tests {
         }
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
+    /// Two distinct free loopback ports: both held while read (one freed port asked for again
+    /// can come back the same).
+    fn free_ports() -> (u16, u16) {
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (a, b) = (bind(), bind());
+        (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
     }
 
     /// Every service of the table, run together on a real broker (the table's own), shows
@@ -319,7 +320,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_service_of_the_table_emits_the_core_metrics() {
         let dir = tempfile::tempdir().unwrap();
-        let (mqtt, mqtt_v5) = (free_port(), free_port());
+        let (mqtt, mqtt_v5) = free_ports();
         let toml = format!(
             "site = \"lab\"\ndata_dir = \"{data}\"\n\
              [bus]\nport = {mqtt}\nusername = \"admin\"\npassword = \"telemetry-test\"\nreconnect_min_ms = 50\n\

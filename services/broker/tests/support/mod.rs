@@ -26,10 +26,8 @@ pub const PASSWORD: &str = "pw";
 pub const SITE: &str = "site-a";
 
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    // Never the same port twice in one process, and outside the ephemeral range.
+    SocketAddr::from((Ipv4Addr::LOCALHOST, wattbus_testkit::free_port()))
 }
 
 /// One user per role, named like the services of a deployment; every password is [`PASSWORD`].
