@@ -311,7 +311,10 @@ mod tests {
     fn free_ports() -> (u16, u16) {
         let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (a, b) = (bind(), bind());
-        (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
     }
 
     /// Every service of the table, run together on a real broker (the table's own), shows
