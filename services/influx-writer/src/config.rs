@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use proto::Segment;
 use runtime::backoff::Backoff;
 use runtime::config::{ConfigError, InboxConfig, Secret, Variant, resolve_secret};
+use runtime::state::{Claim, ClaimError};
 use serde::Deserialize;
 
 use crate::line_protocol::Precision;
@@ -36,6 +37,11 @@ pub struct Config {
     pub dead_letter_max_bytes: u64,
     /// `/healthz` and `/metrics` when run on its own.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// How many writers may share one data directory (`docker compose up --scale
+    /// influx-writer=N` over one volume). Each takes the first free slot: `instance`,
+    /// `instance-2`, … as its client id and state directory, and the same one again after a
+    /// restart. 1: a second writer on the same data directory refuses to start.
+    pub max_replicas: u32,
 }
 
 impl Default for Config {
@@ -52,6 +58,7 @@ impl Default for Config {
             dead_letter_file: None,
             dead_letter_max_bytes: 16 << 20,
             health_listen: Some(([127, 0, 0, 1], 9105).into()),
+            max_replicas: 1,
         }
     }
 }
@@ -384,6 +391,23 @@ impl Plan {
     pub fn target(&self) -> Option<&Target> {
         self.target.as_ref()
     }
+
+    /// Take this process's replica slot under `data_dir`: from then on `instance` is the
+    /// slot's name, held until the claim is dropped.
+    pub fn claim_slot(&mut self, data_dir: &Path) -> Result<Claim, ClaimError> {
+        let claim = if self.max_replicas > 1 {
+            Claim::first_free(data_dir, "influx-writer", &self.instance, self.max_replicas)?
+        } else {
+            Claim::exclusive(
+                data_dir,
+                "influx-writer",
+                &self.instance,
+                " (or let several share it: `influx_writer.max_replicas`)",
+            )?
+        };
+        self.config.instance = claim.instance().clone();
+        Ok(claim)
+    }
 }
 
 impl Config {
@@ -398,6 +422,19 @@ impl Config {
     }
 
     fn check(&self, section: &str) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.max_replicas) {
+            return Err(ConfigError::new(
+                format!("{section}.max_replicas"),
+                "must be between 1 and 64",
+            ));
+        }
+        if self.max_replicas > 1 && (self.files_enabled() || self.dead_letter_file.is_some()) {
+            return Err(ConfigError::new(
+                format!("{section}.max_replicas"),
+                "is above 1 while the files output or `dead_letter_file` is on: replicas would \
+                 write the same files; leave them to the InfluxDB output and their own state",
+            ));
+        }
         if !(1..=100_000).contains(&self.batch_points) {
             return Err(ConfigError::new(
                 format!("{section}.batch_points"),
@@ -495,6 +532,56 @@ mod tests {
         ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
+    }
+
+    #[test]
+    fn replicas_share_a_data_directory_only_without_shared_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let influx = Some(InfluxConfig {
+            url: "http://x:8086".into(),
+            api: Api::V1,
+            database: Some("db".into()),
+            ..InfluxConfig::default()
+        });
+        let scaled = Config {
+            influx,
+            max_replicas: 2,
+            ..Config::default()
+        };
+        let mut one = scaled.clone().resolve("influx_writer").unwrap();
+        let mut two = scaled.clone().resolve("influx_writer").unwrap();
+        let mut three = scaled.clone().resolve("influx_writer").unwrap();
+        let _a = one.claim_slot(dir.path()).unwrap();
+        let _b = two.claim_slot(dir.path()).unwrap();
+        assert_eq!(
+            (one.instance.as_str(), two.instance.as_str()),
+            ("influx-writer", "influx-writer-2")
+        );
+        assert_ne!(one.state_dir(dir.path()), two.state_dir(dir.path()));
+        let e = three.claim_slot(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("all 2 slots"), "{e}");
+
+        let mut files = scaled.clone();
+        files.files.enabled = Some(true);
+        let e = files.resolve("influx_writer").unwrap_err();
+        assert_eq!(e.key, "influx_writer.max_replicas");
+        assert!(e.reason.contains("same files"), "{}", e.reason);
+        let e = Config {
+            max_replicas: 0,
+            ..scaled
+        }
+        .resolve("influx_writer")
+        .unwrap_err();
+        assert_eq!(e.key, "influx_writer.max_replicas");
+
+        // One writer per data directory by default: the second is refused, naming the lock.
+        let dir = tempfile::tempdir().unwrap();
+        let mut single = Config::default().resolve("influx_writer").unwrap();
+        let _held = single.claim_slot(dir.path()).unwrap();
+        let mut again = Config::default().resolve("influx_writer").unwrap();
+        let e = again.claim_slot(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("locks/influx-writer.lock"), "{e}");
+        assert!(e.contains("max_replicas"), "{e}");
     }
 
     #[test]

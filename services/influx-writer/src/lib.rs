@@ -71,6 +71,8 @@ pub enum Error {
         dir: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Claim(#[from] runtime::state::ClaimError),
     #[error("cannot create the state directory {dir}: {source}")]
     State {
         dir: std::path::PathBuf,
@@ -117,7 +119,9 @@ pub fn identity(config: &Config) -> Identity {
 }
 
 /// Run the writer until shutdown.
-pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
+pub async fn run(mut plan: Plan, ctx: Context) -> Result<(), Error> {
+    let _claim = plan.claim_slot(&ctx.common.data_dir)?;
+    tracing::info!(instance = %plan.instance, "Writer slot taken.");
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
             run_on(&bus, &plan, &ctx).await

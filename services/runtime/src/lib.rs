@@ -18,6 +18,7 @@
 //! - `events`: every notable event, logged and counted in one place.
 //! - `service`: the [`Service`] trait, what the binary's service table lists.
 //! - `shutdown`: SIGTERM/SIGINT to a [`Shutdown`] every task can wait on.
+//! - `state`: one process per instance's state (a lock), or the first free replica slot.
 //! - `telemetry`: logging setup and the Prometheus registry.
 //! - `workers`: a service's long-running tasks (per port, per bus) and the one policy that
 //!   watches them.
@@ -35,6 +36,7 @@ pub mod journal;
 pub mod learned;
 pub mod service;
 pub mod shutdown;
+pub mod state;
 pub mod telemetry;
 pub mod workers;
 

@@ -1,6 +1,10 @@
 //! `wattbus health <service>`: ask a running service's `/healthz`. What a container's
 //! HEALTHCHECK or a monitoring script runs: no curl in the image, no HTTP client to install.
 //!
+//! Without a service name it asks the service this container runs: the one named by
+//! `wattbus run <service> [--config FILE]` as process 1. So the image's one HEALTHCHECK
+//! serves every service's container.
+//!
 //! Exit 0 when the service is ready, 1 when it is not or nothing answers (the message says
 //! which checks are not ready, or that the connection was refused), 64 when the config gives
 //! the service no health endpoint.
@@ -16,8 +20,9 @@ use crate::services::{config_path, find};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
-    /// The service whose endpoint to ask (as for `wattbus run`).
-    service: String,
+    /// The service whose endpoint to ask (as for `wattbus run`) [default: the one process 1
+    /// runs, in a container started as `wattbus run <service>`].
+    service: Option<String>,
     /// Config file, to find the service's `health_listen` [default: as for `wattbus run`].
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -30,11 +35,25 @@ pub struct Options {
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
-    let service = find(&opts.service)?;
+    let (name, config) = match opts.service {
+        Some(name) => (name, opts.config),
+        None => {
+            let pid1 = std::fs::read("/proc/1/cmdline")
+                .map_err(|e| anyhow::anyhow!("cannot read /proc/1/cmdline: {e}"))?;
+            let (name, config) = run_args(&pid1).ok_or_else(|| {
+                runtime::ConfigError::new(
+                    "service",
+                    "is not given, and process 1 is not `wattbus run <service>`: name the service",
+                )
+            })?;
+            (name, opts.config.or(config))
+        }
+    };
+    let service = find(&name)?;
     let addr = match opts.addr {
         Some(addr) => addr,
         None => {
-            let src = ConfigSource::load(config_path(opts.config).as_deref())?;
+            let src = ConfigSource::load(config_path(config).as_deref())?;
             service.health_listen(&src)?.ok_or_else(|| {
                 runtime::ConfigError::new(
                     format!("{}.health_listen", service.section()),
@@ -53,5 +72,68 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             anyhow::bail!("{name} at {addr} is not ready (HTTP {status}): {body}")
         }
         Err(e) => anyhow::bail!("{name}: nothing answers at {addr}: {e}"),
+    }
+}
+
+/// The service and config file of a `wattbus run <service> [-c|--config FILE]` command line
+/// (NUL-separated, as in `/proc/<pid>/cmdline`); `None` for any other command.
+fn run_args(cmdline: &[u8]) -> Option<(String, Option<PathBuf>)> {
+    let mut args = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned());
+    let program = args.next()?;
+    if !program.rsplit('/').next()?.starts_with("wattbus") || args.next()? != "run" {
+        return None;
+    }
+    let (mut service, mut config) = (None, None);
+    while let Some(arg) = args.next() {
+        if arg == "--config" || arg == "-c" {
+            config = Some(PathBuf::from(args.next()?));
+        } else if let Some(file) = arg.strip_prefix("--config=") {
+            config = Some(PathBuf::from(file));
+        } else if !arg.starts_with('-') && service.is_none() {
+            service = Some(arg);
+        }
+    }
+    Some((service?, config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_service_and_config_come_from_a_wattbus_run_command_line() {
+        let line = |args: &[&str]| args.join("\0").into_bytes();
+        assert_eq!(
+            run_args(&line(&["/usr/local/bin/wattbus", "run", "influx-writer"])),
+            Some(("influx-writer".into(), None))
+        );
+        assert_eq!(
+            run_args(&line(&[
+                "wattbus",
+                "run",
+                "-c",
+                "/etc/w.toml",
+                "broker",
+                ""
+            ])),
+            Some(("broker".into(), Some("/etc/w.toml".into())))
+        );
+        assert_eq!(
+            run_args(&line(&[
+                "wattbus",
+                "run",
+                "modbus-ingest",
+                "--config=/x.toml"
+            ])),
+            Some(("modbus-ingest".into(), Some("/x.toml".into())))
+        );
+        assert_eq!(run_args(&line(&["wattbus", "demo"])), None);
+        assert_eq!(run_args(&line(&["/sbin/init"])), None);
+        assert_eq!(run_args(&line(&["wattbus", "run"])), None);
+        assert_eq!(run_args(&line(&["wattbus", "run", "-c"])), None);
+        assert_eq!(run_args(b""), None);
     }
 }
