@@ -8,21 +8,33 @@
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
+# The container tests (tests/tests/containers.rs) get a real Docker engine of their own:
+# Debian's docker.io and the compose v2 plugin, a private dockerd, and images built here
+# (tests/containers/engine.sh).
+#
 # Environment passed to the tests:
 #   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here, for the
 #                          runtime's interop tests and the end-to-end tests (the services' own
 #                          tests start wattbus's broker in-process and need no environment).
+#   WATTBUS_TEST_DOCKER_HOST, WATTBUS_TEST_IMAGE, WATTBUS_TEST_INFLUXDB_IMAGE
+#                          the private Docker engine and the images the container tests run.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/wattbus-tests.XXXXXX")
 pids=()
+sudo_cmd=""
+[ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
+# shellcheck source=tests/containers/engine.sh
+. "$root/tests/containers/engine.sh"
+
 cleanup() {
   local status=$?
+  engine_stop || true
   for pid in "${pids[@]:-}"; do
     [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   done
@@ -110,6 +122,7 @@ export MOSQUITTO_TEST_BROKER="127.0.0.1:$mq_port:wattbus:$mq_pass"
 # so the binaries are built first.
 log "Building"
 cargo build --workspace --bins --locked
+engine_start
 log "Testing"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 log "Compiling the Arduino sketches (serial-ingest/sketches) for the Uno"

@@ -5,7 +5,7 @@
 // clippy's allow-unwrap-in-tests only covers the test functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use broker::{Config, Role, User};

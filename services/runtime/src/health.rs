@@ -140,11 +140,18 @@ pub enum Probe {
 /// for the whole answer (a server that trickles bytes does not hold it longer). Blocking and
 /// std-only: `wattbus health` runs it as a container's HEALTHCHECK, where no curl is installed.
 pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Probe> {
+    probe_path(addr, "/healthz", timeout)
+}
+
+/// [`probe`] for another path of the endpoint (`/metrics`); the answer is cut at 1 MiB.
+pub fn probe_path(addr: SocketAddr, path: &str, timeout: Duration) -> std::io::Result<Probe> {
     let target = probe_target(addr);
     let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)?;
     let deadline = std::time::Instant::now() + timeout;
     stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     let too_late = || {
@@ -177,7 +184,7 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> std::io::Result<Probe> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
-        if answer.len() > 64 * 1024 {
+        if answer.len() > 1 << 20 {
             break;
         }
     }

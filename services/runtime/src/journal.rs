@@ -317,7 +317,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Replace `path` by `bytes`, atomically and durably: a crash leaves the old content or the new,
 /// never a mix. A failed write (disk full) leaves no temporary file taking space.
-fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_path(path);
     if let Err(e) = write_synced(&tmp, bytes).and_then(|()| fs::rename(&tmp, path)) {
         // The error that matters is the write's; the cleanup is a courtesy.

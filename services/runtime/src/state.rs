@@ -118,6 +118,12 @@ impl Claim {
     }
 }
 
+/// Replace `path` by `bytes` (0600), atomically and durably: after a crash, power cut or
+/// `kill -9` the file holds the old content or the new, never a mix or nothing.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::journal::replace_file(path, bytes)
+}
+
 fn lock_path(data_dir: &Path, instance: &Segment) -> PathBuf {
     data_dir.join("locks").join(format!("{instance}.lock"))
 }

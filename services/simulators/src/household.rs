@@ -8,7 +8,7 @@ pub struct Reading {
     pub voltage_v: f64,
     pub current_a: f64,
     pub frequency_hz: f64,
-    /// Import energy since the simulation started; only grows.
+    /// The import energy register; only grows (across restarts too: [`crate::Register`]).
     pub energy_wh: f64,
 }
 
@@ -22,7 +22,19 @@ pub struct Household {
     voltage_v: f64,
 }
 
+/// The most a household draws (base swell, fridge, kettle, noise): what its energy register
+/// can gain in a given time at most.
+pub const MAX_POWER_W: f64 = 180.0 + 60.0 + 95.0 + 2000.0 + 2.5;
+
 impl Household {
+    /// Its register continues from `energy_wh`, as a real meter's does whoever reads it.
+    pub fn with_energy(seed: u64, energy_wh: f64) -> Self {
+        Self {
+            energy_wh,
+            ..Self::new(seed)
+        }
+    }
+
     pub fn new(seed: u64) -> Self {
         Self {
             rng: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
@@ -39,6 +51,11 @@ impl Household {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The register now, unrounded.
+    pub fn energy_wh(&self) -> f64 {
+        self.energy_wh
     }
 
     /// Advance to `now_ms` and read.

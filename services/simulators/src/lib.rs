@@ -22,10 +22,12 @@
 mod config;
 mod household;
 pub mod modbus;
+mod register;
 pub mod serial;
 
 pub use config::{Config, Plan};
 pub use household::{Household, Reading};
+pub use register::{RegisterError, Registers};
 
 use std::time::Duration;
 
@@ -40,6 +42,10 @@ pub enum Error {
     Config(#[from] runtime::ConfigError),
     #[error(transparent)]
     Delivery(#[from] DeliveryError),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error(transparent)]
+    Claim(#[from] runtime::state::ClaimError),
 }
 
 /// The service, for wattbus's service table.
@@ -84,6 +90,12 @@ pub fn identity(config: &Config) -> Identity {
 
 /// Run the simulated devices until shutdown.
 pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
+    let _claim = runtime::state::Claim::exclusive(
+        &ctx.common.data_dir,
+        "simulator",
+        &plan.instance,
+        runtime::state::MUST_NOT_SCALE,
+    )?;
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
             run_on(&bus, &plan, &ctx).await
@@ -103,6 +115,12 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         ctx.shutdown.clone(),
     )?;
     let core = runtime::telemetry::core::Core::of(bus.service().as_str());
+    let mut registers = Registers::open(
+        &ctx.common
+            .data_dir
+            .join(config.instance.as_str())
+            .join("registers"),
+    )?;
     // Each meter's identity, once: its readings and their topics are built from it.
     let mut houses: Vec<(ReadingId, Household)> = (0..config.devices)
         .map(|i| {
@@ -111,7 +129,8 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                 seg(&format!("{}-{}", config.device_prefix, i + 1)),
                 seg("main"),
             );
-            (id, Household::new(u64::from(i) + 1))
+            let start = registers.start(id.device.as_str());
+            (id, Household::with_energy(u64::from(i) + 1, start))
         })
         .collect();
     let measurement = seg("power");
@@ -120,16 +139,31 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     // but looks like a fault in a demo. (A real ingest service reads at once: its journal keeps
     // what the broker cannot take yet.)
     bus.wait_connected(Duration::from_secs(5)).await;
+    // Readings on a grid of the interval, like a meter polled on schedule: ticks a busy
+    // machine held back are caught up with their own times, so one reading per device per
+    // interval exists, and a missing one in storage is a lost one.
+    let interval = i64::try_from(config.interval_ms).unwrap_or(i64::MAX);
+    let mut at_ms = proto::now_ms() / interval * interval;
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut register_failed = false;
     loop {
         tokio::select! {
             () = ctx.shutdown.wait() => break,
             _ = tick.tick() => {}
         }
-        let now_ms = proto::now_ms();
+        at_ms += interval;
+        let now_ms = at_ms;
         for (id, house) in &mut houses {
             let r = house.step(now_ms);
+            match registers.cover(id.device.as_str(), r.energy_wh) {
+                Ok(()) => register_failed = false,
+                Err(e) if !register_failed => {
+                    register_failed = true;
+                    tracing::warn!(error = %e, "Cannot save the simulated energy registers: after a crash they may restart below the last reading.");
+                }
+                Err(_) => {}
+            }
             let m = Measurement::new(
                 id.clone(),
                 measurement.clone(),
@@ -151,6 +185,12 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                 runtime::events::reading_not_sent(&core, id.device.as_str(), &e);
             }
         }
+    }
+    let exact = houses
+        .iter_mut()
+        .map(|(id, house)| (id.device.to_string(), house.energy_wh()));
+    if let Err(e) = registers.save_exact(exact) {
+        tracing::warn!(error = %e, "Cannot save the simulated energy registers at stop.");
     }
     if let Err(e) = producer_task.await {
         tracing::warn!(error = %e, "Producer task ended abnormally.");

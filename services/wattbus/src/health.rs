@@ -29,6 +29,10 @@ pub struct Options {
     /// Ask this address instead of the configured `health_listen`.
     #[arg(long)]
     addr: Option<SocketAddr>,
+    /// Print the service's metrics (its /metrics, Prometheus text) instead: what a container
+    /// counts, with no curl in the image.
+    #[arg(long)]
+    metrics: bool,
     /// How long to wait for the connection, and again for the answer.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
@@ -63,7 +67,20 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         }
     };
     let name = service.name();
-    match runtime::health::probe(addr, Duration::from_millis(opts.timeout_ms.max(1))) {
+    let timeout = Duration::from_millis(opts.timeout_ms.max(1));
+    if opts.metrics {
+        return match runtime::health::probe_path(addr, "/metrics", timeout) {
+            Ok(Probe::Ready(body)) => {
+                println!("{body}");
+                Ok(())
+            }
+            Ok(Probe::NotReady(status, body)) => {
+                anyhow::bail!("{name} at {addr}: /metrics answered HTTP {status}: {body}")
+            }
+            Err(e) => anyhow::bail!("{name}: nothing answers at {addr}: {e}"),
+        };
+    }
+    match runtime::health::probe(addr, timeout) {
         Ok(Probe::Ready(body)) => {
             println!("{name} at {addr} is ready: {body}");
             Ok(())

@@ -186,7 +186,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let entry = find(service)?;
     let src = ConfigSource::load(config_path(config).as_deref())?;
-    check_all(&src)?;
+    // No unknown section, the shared keys, and this service's own section (resolved by
+    // `start`); the others are `wattbus config check`'s business. Each container holds only
+    // its own secrets, so reading another section's password files here would fail.
+    let sections: Vec<&str> = SERVICES.iter().map(|s| s.section()).collect();
+    src.check_sections(&sections)?;
     let common = src.common()?;
     runtime::telemetry::init_logging(&common.log)?;
     let (trigger, shutdown) = runtime::shutdown::channel();

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Make the secrets docker-compose.yml reads: one random password per broker user, InfluxDB's
+# writer and reader, and Grafana's admin. Existing files are kept, so running it again (after
+# an upgrade adds a service) only adds what is missing.
+#
+# secrets/ is 0700: nobody else on this machine can read into it. The files in it are 0644
+# because Docker (without Swarm) bind-mounts them into the containers as they are, and the
+# services run as their own users there (wattbus 10001, InfluxDB, Grafana 472).
+set -eu
+cd "$(dirname "$0")"
+umask 077
+mkdir -p secrets
+chmod 0700 secrets
+made=""
+for name in broker_modbus_ingest broker_serial_ingest broker_simulator broker_rms_processor \
+            broker_influx_writer broker_reader influx_password influx_grafana_password \
+            grafana_admin_password; do
+  file="secrets/$name"
+  [ -s "$file" ] && continue
+  # 24 random bytes, as 32 characters that need no quoting anywhere.
+  head -c 24 /dev/urandom | base64 | tr '+/' '-_' > "$file.tmp"
+  chmod 0644 "$file.tmp"
+  mv "$file.tmp" "$file"
+  made="$made $name"
+done
+if [ -n "$made" ]; then
+  echo "made:$made (in $(pwd)/secrets)"
+else
+  echo "all secrets exist (in $(pwd)/secrets)"
+fi
