@@ -1,9 +1,9 @@
 # The wattbus image: one binary, every service. Each container runs `wattbus run <service>`.
 #
-#   docker build -t wattbus .                     # compiles here (on a Pi 4: ~25 min)
+#   docker build -t wattbus .                     # compiles inside (slow on a Pi: see below)
 #   docker build -t wattbus \
 #     --build-arg BUILD_IMAGE=debian:bookworm-slim \
-#     --build-arg WATTBUS_BINARY=dist/aarch64/wattbus .   # a binary built elsewhere (scripts/build-pi.sh)
+#     --build-arg WATTBUS_BINARY=dist .          # binaries built elsewhere (compose/build-pi.sh)
 #
 # Multi-arch with buildx, and why the runtime image looks the way it does: docs/docker.md.
 # Only the classic builder's features are used (no heredocs, COPY --chmod or RUN --mount), so
@@ -16,14 +16,28 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY . .
-# A path inside the build context to a wattbus binary for the target platform; empty: compile.
+# A wattbus binary built elsewhere, as a path in the build context: a file, or a directory
+# laid out as compose/build-pi.sh makes it (<dir>/arm64, armv7, amd64), from which the
+# target platform's is taken. Empty: compile.
 ARG WATTBUS_BINARY=
+# Set by BuildKit (buildx --platform); the classic builder builds for the machine it runs on.
+ARG TARGETARCH=
+ARG TARGETVARIANT=
 RUN set -eu; \
-    if [ -n "${WATTBUS_BINARY}" ]; then \
-        test -f "${WATTBUS_BINARY}" || { echo "WATTBUS_BINARY=${WATTBUS_BINARY}: no such file in the build context" >&2; exit 1; }; \
-        install -D -m 0755 "${WATTBUS_BINARY}" /out/wattbus; \
+    bin="${WATTBUS_BINARY}"; \
+    if [ -n "$bin" ] && [ -d "$bin" ]; then \
+        arch="${TARGETARCH}${TARGETVARIANT}"; \
+        if [ -z "$arch" ]; then \
+            arch=$(dpkg --print-architecture); \
+            [ "$arch" = armhf ] && arch=armv7; \
+        fi; \
+        bin="$bin/$arch/wattbus"; \
+    fi; \
+    if [ -n "$bin" ]; then \
+        test -f "$bin" || { echo "WATTBUS_BINARY: no $bin in the build context" >&2; exit 1; }; \
+        install -D -m 0755 "$bin" /out/wattbus; \
     else \
-        command -v cargo >/dev/null || { echo "no cargo in ${BUILD_IMAGE:-the build image}: use a Rust image, or pass WATTBUS_BINARY" >&2; exit 1; }; \
+        command -v cargo >/dev/null || { echo "no cargo in this build image: use a Rust image as BUILD_IMAGE, or pass WATTBUS_BINARY" >&2; exit 1; }; \
         cargo build --release --locked -p wattbus; \
         install -D -m 0755 target/release/wattbus /out/wattbus; \
     fi; \

@@ -16,8 +16,11 @@
 #   MOSQUITTO_TEST_BROKER  host:port:user:password of a mosquitto 2 broker started here, for the
 #                          runtime's interop tests and the end-to-end tests (the services' own
 #                          tests start wattbus's broker in-process and need no environment).
-#   WATTBUS_TEST_DOCKER_HOST, WATTBUS_TEST_IMAGE, WATTBUS_TEST_INFLUXDB_IMAGE
+#   WBTEST_DOCKER_HOST, WBTEST_IMAGE, WBTEST_INFLUXDB_IMAGE
 #                          the private Docker engine and the images the container tests run.
+#   WBTEST_PI_DIST         the cross-compiled Pi binaries (<dir>/arm64, <dir>/armv7).
+#   (Not WATTBUS_*: wattbus reads that prefix as configuration, and the binaries the tests
+#   start inherit this environment.)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -123,6 +126,37 @@ export MOSQUITTO_TEST_BROKER="127.0.0.1:$mq_port:wattbus:$mq_pass"
 log "Building"
 cargo build --workspace --bins --locked
 engine_start
+
+# The Raspberry Pi binaries (tests/tests/pi.rs runs them under qemu-user): the cross
+# toolchains, then compose/build-pi.sh, unoptimised for time.
+need_apt=()
+for p in gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf libc6-dev-arm64-cross libc6-dev-armhf-cross qemu-user-static file; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "Installing ${need_apt[*]}"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+for t in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+  rustup target list --installed | grep -qx "$t" || {
+    log "Adding the Rust target $t"
+    rustup target add "$t" || { log "rustup cannot add $t here: the Pi binaries cannot be built"; exit 1; }
+  }
+done
+# The demo starts its broker as a child process: under qemu-user that exec of an ARM binary
+# needs the kernel to know ARM binaries go to qemu (binfmt_misc, as qemu-user-static's
+# systemd-binfmt would set up on a systemd machine).
+if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+  $sudo_cmd mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+fi
+for a in aarch64 arm; do
+  [ -e "/proc/sys/fs/binfmt_misc/qemu-$a" ] \
+    || $sudo_cmd sh -c "cat /usr/lib/binfmt.d/qemu-$a.conf > /proc/sys/fs/binfmt_misc/register"
+done
+log "Cross-compiling the Pi binaries (compose/build-pi.sh arm64 armv7, unoptimised)"
+WATTBUS_PROFILE=dev ./compose/build-pi.sh arm64 armv7 >/dev/null
+export WBTEST_PI_DIST="$root/dist"
 log "Testing"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 log "Compiling the Arduino sketches (serial-ingest/sketches) for the Uno"

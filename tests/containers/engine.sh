@@ -6,7 +6,7 @@
 # image debian:bookworm-slim with debootstrap (cached between runs), and builds:
 #   wattbus:test                   the shipped Dockerfile, from the wattbus binary just built
 #   wattbus-test/influxdb:1.6.7    Debian's InfluxDB in influxdb:1.8's clothes (stand-in)
-# Exports WATTBUS_TEST_DOCKER_HOST, WATTBUS_TEST_IMAGE, WATTBUS_TEST_INFLUXDB_IMAGE.
+# Exports WBTEST_DOCKER_HOST, WBTEST_IMAGE, WBTEST_INFLUXDB_IMAGE.
 #
 # Needs: $root (the repository), $work (a scratch directory), log(), sudo_cmd.
 
@@ -65,23 +65,24 @@ engine_start() {
     $sudo_cmd tar -C "$rootfs" -cf "$rootfs_tar.tmp" . && mv "$rootfs_tar.tmp" "$rootfs_tar"
     $sudo_cmd rm -rf "$rootfs"
   fi
-  docker import -q -c 'CMD ["/bin/bash"]' "$rootfs_tar" localhost/debian:bookworm-slim >/dev/null
+  docker import -c 'CMD ["/bin/bash"]' "$rootfs_tar" localhost/debian:bookworm-slim >/dev/null
   docker tag localhost/debian:bookworm-slim debian:bookworm-slim
 
   log "Building wattbus:test (the shipped Dockerfile, with the binary just built)"
   local ctx="$work/image"
-  mkdir -p "$ctx/dist" "$ctx/compose"
-  strip -o "$ctx/dist/wattbus" "$root/target/debug/wattbus"
+  mkdir -p "$ctx/dist/amd64" "$ctx/compose"
+  # Laid out as compose/build-pi.sh makes it: the Dockerfile picks the machine's architecture.
+  strip -o "$ctx/dist/amd64/wattbus" "$root/target/debug/wattbus"
   cp "$root/Dockerfile" "$root/.dockerignore" "$ctx/"
   cp "$root/compose/wattbus.toml" "$ctx/compose/"
   docker build -q -t wattbus:test --build-arg BUILD_IMAGE=debian:bookworm-slim \
-    --build-arg WATTBUS_BINARY=dist/wattbus "$ctx" >/dev/null
+    --build-arg WATTBUS_BINARY=dist "$ctx" >/dev/null
   log "Building the InfluxDB stand-in image"
   docker build -q -t wattbus-test/influxdb:1.6.7 "$root/tests/containers/influxdb" >/dev/null
 
-  export WATTBUS_TEST_DOCKER_HOST="$DOCKER_HOST"
-  export WATTBUS_TEST_IMAGE=wattbus:test
-  export WATTBUS_TEST_INFLUXDB_IMAGE=wattbus-test/influxdb:1.6.7
+  export WBTEST_DOCKER_HOST="$DOCKER_HOST"
+  export WBTEST_IMAGE=wattbus:test
+  export WBTEST_INFLUXDB_IMAGE=wattbus-test/influxdb:1.6.7
 }
 
 engine_stop() {

@@ -48,7 +48,7 @@ fn stderr(o: &Output) -> String {
 fn docker(args: &[&str]) -> Output {
     Command::new("docker")
         .args(args)
-        .env("DOCKER_HOST", env("WATTBUS_TEST_DOCKER_HOST"))
+        .env("DOCKER_HOST", env("WBTEST_DOCKER_HOST"))
         .output()
         .expect("run docker")
 }
@@ -103,9 +103,9 @@ impl Stack {
             .args(["-p", &self.project])
             .args(args)
             .current_dir(self.compose_dir())
-            .env("DOCKER_HOST", env("WATTBUS_TEST_DOCKER_HOST"))
-            .env("WATTBUS_IMAGE", env("WATTBUS_TEST_IMAGE"))
-            .env("INFLUXDB_IMAGE", env("WATTBUS_TEST_INFLUXDB_IMAGE"))
+            .env("DOCKER_HOST", env("WBTEST_DOCKER_HOST"))
+            .env("WATTBUS_IMAGE", env("WBTEST_IMAGE"))
+            .env("INFLUXDB_IMAGE", env("WBTEST_INFLUXDB_IMAGE"))
             .env("COMPOSE_PROFILES", "demo")
             .env("MQTT_PUBLISH", format!("127.0.0.1:{}", free_port()))
             .env("INFLUX_PUBLISH", self.influx_port.to_string())
@@ -263,7 +263,7 @@ fn now_ms() -> i64 {
 #[test]
 fn the_shipped_compose_files_and_dockerfiles_are_valid() {
     let compose = repo().join("compose");
-    let env = env("WATTBUS_TEST_DOCKER_HOST");
+    let env = env("WBTEST_DOCKER_HOST");
     // The secrets the files name must exist for `config` to check them: made in a copy.
     let stack = Stack::new("config");
     for f in ["docker-compose.influxdb2.yml", ".env.example"] {
@@ -488,6 +488,21 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
         .newest()
         .is_some_and(|n| n >= to)));
     let last_seen = stack.newest().unwrap();
+    // SIGTERM to process 1 is handled: each service flushes and exits 0 by itself, not
+    // killed (137) when the stop timeout runs out.
+    let ids: Vec<(&str, String)> = ["broker", "influx-writer", "rms-processor", "simulator"]
+        .iter()
+        .map(|s| (*s, stack.one(s)))
+        .collect();
+    stack.compose_ok(&["stop"]);
+    for (service, id) in &ids {
+        let code = docker_ok(&["inspect", "-f", "{{.State.ExitCode}}", id]);
+        assert_eq!(
+            code.trim(),
+            "0",
+            "{service} did not exit cleanly on SIGTERM"
+        );
+    }
     stack.compose_ok(&["down"]);
     let stopped = now_ms();
     let volumes = docker_ok(&["volume", "ls", "-q"]);
