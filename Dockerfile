@@ -21,8 +21,9 @@ COPY . .
 # target platform's is taken. Empty: compile.
 ARG WATTBUS_BINARY=
 # Set by BuildKit (buildx --platform); the classic builder builds for the machine it runs on.
-ARG TARGETARCH=
-ARG TARGETVARIANT=
+# (No defaults: a default, even an empty one, would hide BuildKit's value.)
+ARG TARGETARCH
+ARG TARGETVARIANT
 RUN set -eu; \
     bin="${WATTBUS_BINARY}"; \
     if [ -n "$bin" ] && [ -d "$bin" ]; then \
@@ -59,7 +60,10 @@ RUN set -eu; \
 COPY --from=build /out/wattbus /usr/local/bin/wattbus
 COPY compose/wattbus.toml /etc/wattbus/wattbus.toml
 
-USER 10001:10001
+# By name, not uid:gid: only then does Docker add the user's other groups (dialout). The
+# name resolves in this image (created above as uid 10001), which is all Docker needs.
+# hadolint ignore=DL3066
+USER wattbus
 WORKDIR /var/lib/wattbus
 # Journals, spools, energy counters: everything a service must keep across a restart.
 VOLUME ["/var/lib/wattbus"]

@@ -26,7 +26,7 @@ for arch in $archs; do
     amd64) target=x86_64-unknown-linux-gnu; cc=gcc ;;
     *) echo "unknown architecture $arch (arm64, armv7 or amd64)" >&2; exit 64 ;;
   esac
-  command -v "$cc" >/dev/null || { echo "$cc is missing: apt-get install $(echo "$cc" | sed 's/-gcc$//; s/^/gcc-/')" >&2; exit 1; }
+  command -v "$cc" >/dev/null || { echo "$cc is missing (the header of $0 says what to install)" >&2; exit 1; }
   upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
   echo "==> $arch ($target, $profile)"
   env "CARGO_TARGET_${upper}_LINKER=$cc" "CC_$(echo "$target" | tr '-' '_')=$cc" \

@@ -14,6 +14,14 @@ engine_pid=""
 engine_data=""
 
 engine_start() {
+  # An engine a killed earlier run left behind: stop it and free its mounts.
+  local stale
+  for stale in /var/tmp/wattbus-docker.*; do
+    [ -d "$stale" ] || continue
+    [ -f "$stale/dockerd.pid" ] && $sudo_cmd kill -9 "$(cat "$stale/dockerd.pid")" 2>/dev/null || true
+    $sudo_cmd umount -R "$stale/exec" "$stale/data" 2>/dev/null || true
+    $sudo_cmd rm -rf "$stale" 2>/dev/null || true
+  done
   local need=()
   [ -x /usr/sbin/dockerd ] || need+=(docker.io)
   command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
@@ -42,8 +50,12 @@ engine_start() {
   engine_data=$(mktemp -d /var/tmp/wattbus-docker.XXXXXX)
   local sock="$engine_data/docker.sock"
   log "Starting a private dockerd ($sock)"
+  # Its own everything, so a system dockerd (if one runs) is neither touched nor in the way:
+  # no default bridge (compose makes its own networks; the builds here use the host's), its
+  # own containerd namespaces.
   $sudo_cmd dockerd --host "unix://$sock" --data-root "$engine_data/data" \
-    --exec-root "$engine_data/exec" --pidfile "$engine_data/dockerd.pid" \
+    --exec-root "$engine_data/exec" --pidfile "$engine_data/dockerd.pid" --bridge=none \
+    --containerd-namespace wattbus-tests --containerd-plugins-namespace wattbus-tests-plugins \
     >"$engine_data/dockerd.log" 2>&1 &
   engine_pid=$!
   export DOCKER_HOST="unix://$sock"
@@ -70,15 +82,18 @@ engine_start() {
 
   log "Building wattbus:test (the shipped Dockerfile, with the binary just built)"
   local ctx="$work/image"
-  mkdir -p "$ctx/dist/amd64" "$ctx/compose"
   # Laid out as compose/build-pi.sh makes it: the Dockerfile picks the machine's architecture.
-  strip -o "$ctx/dist/amd64/wattbus" "$root/target/debug/wattbus"
+  local arch
+  arch=$(dpkg --print-architecture)
+  [ "$arch" = armhf ] && arch=armv7
+  mkdir -p "$ctx/dist/$arch" "$ctx/compose"
+  strip -o "$ctx/dist/$arch/wattbus" "$root/target/debug/wattbus"
   cp "$root/Dockerfile" "$root/.dockerignore" "$ctx/"
   cp "$root/compose/wattbus.toml" "$ctx/compose/"
-  docker build -q -t wattbus:test --build-arg BUILD_IMAGE=debian:bookworm-slim \
+  docker build -q --network host -t wattbus:test --build-arg BUILD_IMAGE=debian:bookworm-slim \
     --build-arg WATTBUS_BINARY=dist "$ctx" >/dev/null
   log "Building the InfluxDB stand-in image"
-  docker build -q -t wattbus-test/influxdb:1.6.7 "$root/tests/containers/influxdb" >/dev/null
+  docker build -q --network host -t wattbus-test/influxdb:1.6.7 "$root/tests/containers/influxdb" >/dev/null
 
   export WBTEST_DOCKER_HOST="$DOCKER_HOST"
   export WBTEST_IMAGE=wattbus:test
@@ -91,7 +106,8 @@ engine_stop() {
   for p in $(docker ps -aq 2>/dev/null); do docker rm -f "$p" >/dev/null 2>&1 || true; done
   $sudo_cmd kill "$engine_pid" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$engine_pid" 2>/dev/null || break; sleep 0.2; done
-  $sudo_cmd umount -R "$engine_data/exec" 2>/dev/null || true
+  $sudo_cmd kill -9 "$engine_pid" 2>/dev/null || true
+  $sudo_cmd umount -R "$engine_data/exec" "$engine_data/data" 2>/dev/null || true
   $sudo_cmd rm -rf "$engine_data" 2>/dev/null || true
   engine_pid=""
 }

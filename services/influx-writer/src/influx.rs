@@ -288,7 +288,7 @@ impl InfluxSink {
         Ok(sink)
     }
 
-    fn spooled(&self) -> u64 {
+    pub fn spooled(&self) -> u64 {
         self.spool.as_ref().map_or(0, Journal::records)
     }
 
@@ -323,6 +323,26 @@ impl InfluxSink {
         {
             self.events.spool_position_unsaved(&e);
         }
+    }
+
+    /// Write what the spool holds until it is empty (or shutdown), then save its position:
+    /// the spool of a replica slot nobody holds any more, taken over by another writer.
+    /// `true` when the spool was emptied.
+    pub async fn drain_all(mut self) -> bool {
+        while self.spooled() > 0 && !self.shutdown.is_requested() {
+            let retry_at = self.backoff.until.unwrap_or_else(Instant::now);
+            tokio::select! {
+                () = tokio::time::sleep_until(retry_at) => self.drain_some().await,
+                () = self.shutdown.wait() => {}
+            }
+            self.update_gauges();
+        }
+        if let Some(j) = &self.spool
+            && let Err(e) = j.save_acked()
+        {
+            self.events.spool_position_unsaved(&e);
+        }
+        self.spooled() == 0
     }
 
     async fn handle(&mut self, batch: Arc<Batch>) {

@@ -120,13 +120,99 @@ pub fn identity(config: &Config) -> Identity {
 
 /// Run the writer until shutdown.
 pub async fn run(mut plan: Plan, ctx: Context) -> Result<(), Error> {
+    let base = plan.instance.clone();
     let _claim = plan.claim_slot(&ctx.common.data_dir)?;
     tracing::info!(instance = %plan.instance, "Writer slot taken.");
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
-            run_on(&bus, &plan, &ctx).await
+            let adopter = (plan.max_replicas > 1 && plan.target().is_some()).then(|| {
+                tokio::spawn(adopt_free_slots(
+                    bus.clone(),
+                    plan.clone(),
+                    base,
+                    ctx.clone(),
+                ))
+            });
+            let result = run_on(&bus, &plan, &ctx).await;
+            if let Some(adopter) = adopter {
+                // It stops at shutdown, its spool position saved.
+                let _ended = adopter.await;
+            }
+            result
         })
         .await
+}
+
+/// How often a writer looks for replica slots nobody holds that still have a spool.
+const ADOPT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The spools of replica slots nobody holds (a writer scaled away, or `up` without the
+/// `--scale` of before) are written by a writer that runs: their batches were acknowledged to
+/// their producers when spooled, so the spool is their only copy. A slot is taken with its
+/// lock for the time, so a replica starting meanwhile takes another; an emptied spool is
+/// removed, so the slot is not looked at again until a replica uses it.
+async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
+    let Some(target) = plan.target() else { return };
+    let data_dir = &ctx.common.data_dir;
+    loop {
+        for k in 1..=plan.max_replicas {
+            if ctx.shutdown.is_requested() {
+                return;
+            }
+            let claim = match runtime::state::Claim::try_slot(data_dir, &base, k) {
+                Ok(Some(claim)) => claim,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot look at a free writer slot.");
+                    continue;
+                }
+            };
+            let dir = data_dir.join(claim.instance().as_str());
+            let spool_dir = dir.join("spool");
+            if !spool_dir.is_dir() {
+                continue;
+            }
+            let dead = Arc::new(DeadLetters::new(
+                &bus,
+                &ctx.common.site,
+                bus.service(),
+                Arc::new(DeadLetterFile::new(
+                    dir.join("dead-letters.jsonl"),
+                    plan.dead_letter_max_bytes,
+                )),
+            ));
+            let sink = match InfluxSink::open(
+                target,
+                &spool_dir,
+                &plan.spool,
+                plan.batch_points,
+                dead,
+                ctx.shutdown.clone(),
+            ) {
+                Ok(sink) => sink,
+                Err(e) => {
+                    tracing::warn!(slot = %claim.instance(), error = %e, "Cannot open the spool of a free writer slot.");
+                    continue;
+                }
+            };
+            let held = sink.spooled();
+            if held > 0 {
+                tracing::info!(slot = %claim.instance(), batches = held, "Writing the spool of a writer slot nobody holds.");
+            }
+            if sink.drain_all().await {
+                if let Err(e) = std::fs::remove_dir_all(&spool_dir) {
+                    tracing::warn!(dir = %spool_dir.display(), error = %e, "Cannot remove an emptied spool.");
+                }
+                if held > 0 {
+                    tracing::info!(slot = %claim.instance(), "The free slot's spool is written.");
+                }
+            }
+        }
+        tokio::select! {
+            () = ctx.shutdown.wait() => return,
+            () = tokio::time::sleep(ADOPT_INTERVAL) => {}
+        }
+    }
 }
 
 /// Run on an existing bus connection (the demo shares one).

@@ -79,6 +79,16 @@ impl Claim {
         }
     }
 
+    /// Slot `k` (1-based) of `instance` if no process holds it: `instance` for 1,
+    /// `instance-<k>` for the others. What a replica uses to take over a free slot's state.
+    pub fn try_slot(
+        data_dir: &Path,
+        instance: &Segment,
+        k: u32,
+    ) -> Result<Option<Claim>, ClaimError> {
+        try_claim(data_dir, &slot_name(data_dir, instance, k)?)
+    }
+
     /// The first free of `instance`, `instance-2`, … `instance-<slots>`.
     pub fn first_free(
         data_dir: &Path,
@@ -87,15 +97,7 @@ impl Claim {
         slots: u32,
     ) -> Result<Claim, ClaimError> {
         for k in 1..=slots.max(1) {
-            let name = if k == 1 {
-                instance.clone()
-            } else {
-                // A segment plus "-<digits>" is a segment unless it grows too long.
-                Segment::new(format!("{instance}-{k}")).map_err(|e| ClaimError::Io {
-                    path: lock_path(data_dir, instance),
-                    source: std::io::Error::other(e.to_string()),
-                })?
-            };
+            let name = slot_name(data_dir, instance, k)?;
             if let Some(claim) = try_claim(data_dir, &name)? {
                 return Ok(claim);
             }
@@ -122,6 +124,17 @@ impl Claim {
 /// `kill -9` the file holds the old content or the new, never a mix or nothing.
 pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::journal::replace_file(path, bytes)
+}
+
+fn slot_name(data_dir: &Path, instance: &Segment, k: u32) -> Result<Segment, ClaimError> {
+    if k <= 1 {
+        return Ok(instance.clone());
+    }
+    // A segment plus "-<digits>" is a segment unless it grows too long.
+    Segment::new(format!("{instance}-{k}")).map_err(|e| ClaimError::Io {
+        path: lock_path(data_dir, instance),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
 fn lock_path(data_dir: &Path, instance: &Segment) -> PathBuf {

@@ -212,13 +212,12 @@ pub async fn run(
     }
     match tokio::time::timeout(grace, task).await {
         Ok(res) => flatten(res),
-        Err(_) => {
-            tracing::warn!(
-                grace_ms = grace.as_millis() as u64,
-                "Service did not stop within the grace period; exiting anyway."
-            );
-            Ok(())
-        }
+        // Not a clean stop: a supervisor (systemd, Docker) sees a failure, not success.
+        Err(_) => anyhow::bail!(
+            "{} did not stop within the grace period ({} ms); exiting anyway",
+            entry.name(),
+            grace.as_millis()
+        ),
     }
 }
 

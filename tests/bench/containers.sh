@@ -4,7 +4,7 @@
 # bytes they cause to be written to disk per second, and the image's size.
 #
 #   DOCKER_HOST=unix:///… WATTBUS_IMAGE=wattbus:bench INFLUXDB_IMAGE=… \
-#     tests/containers/bench.sh [seconds, default 120]
+#     tests/bench/containers.sh [seconds, default 120]
 #
 # Reads /proc of each container's process 1 from the host (so it runs as root, beside the
 # engine): VmRSS, utime+stime, and write_bytes of /proc/<pid>/io (what reached the block
