@@ -27,7 +27,7 @@ ARG TARGETVARIANT
 RUN set -eu; \
     bin="${WATTBUS_BINARY}"; \
     if [ -n "$bin" ] && [ -d "$bin" ]; then \
-        arch="${TARGETARCH}${TARGETVARIANT}"; \
+        arch="${TARGETARCH:-}${TARGETVARIANT:-}"; \
         if [ -z "$arch" ]; then \
             arch=$(dpkg --print-architecture); \
             [ "$arch" = armhf ] && arch=armv7; \

@@ -64,6 +64,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] runtime::ConfigError),
     #[error(transparent)]
+    Claim(#[from] runtime::state::ClaimError),
+    #[error(transparent)]
     Delivery(#[from] DeliveryError),
 }
 
@@ -107,6 +109,13 @@ pub fn identity(plan: &Plan) -> Identity {
 /// Run every configured bus until shutdown. The caller resolves the section once
 /// ([`Config::resolve`]), so a config error is reported before anything starts.
 pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
+    // One process per journal: a second copy on the same data directory refuses to start.
+    let _claim = runtime::state::Claim::exclusive(
+        &ctx.common.data_dir,
+        "modbus-ingest",
+        &plan.instance,
+        runtime::state::MUST_NOT_SCALE,
+    )?;
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
             run_on(&bus, &plan, &ctx).await

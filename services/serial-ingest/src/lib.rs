@@ -46,6 +46,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] runtime::ConfigError),
     #[error(transparent)]
+    Claim(#[from] runtime::state::ClaimError),
+    #[error(transparent)]
     Delivery(#[from] DeliveryError),
 }
 
@@ -88,6 +90,13 @@ pub fn identity(config: &Config) -> Identity {
 
 /// Run every configured port until shutdown.
 pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
+    // One process per journal: a second copy on the same data directory refuses to start.
+    let _claim = runtime::state::Claim::exclusive(
+        &ctx.common.data_dir,
+        "serial-ingest",
+        &plan.instance,
+        runtime::state::MUST_NOT_SCALE,
+    )?;
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
             run_on(&bus, &plan, &ctx).await
