@@ -13,13 +13,21 @@
 engine_pid=""
 engine_data=""
 
+# Unmount everything under a directory, deepest first (dockerd leaves its network namespace
+# mount, exec/netns/default, and containers their overlays, when stopped abruptly).
+engine_unmount() {
+  awk -v d="$1/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r m; do
+    $sudo_cmd umount -l "$m" 2>/dev/null || true
+  done
+}
+
 engine_start() {
   # An engine a killed earlier run left behind: stop it and free its mounts.
   local stale
   for stale in /var/tmp/wattbus-docker.*; do
     [ -d "$stale" ] || continue
     [ -f "$stale/dockerd.pid" ] && $sudo_cmd kill -9 "$(cat "$stale/dockerd.pid")" 2>/dev/null || true
-    $sudo_cmd umount -R "$stale/exec" "$stale/data" 2>/dev/null || true
+    engine_unmount "$stale"
     $sudo_cmd rm -rf "$stale" 2>/dev/null || true
   done
   local need=()
@@ -107,7 +115,7 @@ engine_stop() {
   $sudo_cmd kill "$engine_pid" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$engine_pid" 2>/dev/null || break; sleep 0.2; done
   $sudo_cmd kill -9 "$engine_pid" 2>/dev/null || true
-  $sudo_cmd umount -R "$engine_data/exec" "$engine_data/data" 2>/dev/null || true
+  engine_unmount "$engine_data"
   $sudo_cmd rm -rf "$engine_data" 2>/dev/null || true
   engine_pid=""
 }
