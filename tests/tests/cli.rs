@@ -191,6 +191,60 @@ fn broker_serves_health_and_metrics_and_stops_on_sigterm() {
     assert!(!log.contains('\x1b'), "escape codes in a log file: {log:?}");
 }
 
+/// Two copies of a producer on one data directory would write one journal and fight over one
+/// client id (`docker compose up --scale simulator=2`, or a copy started by hand beside the
+/// unit): the second refuses to start, naming the lock, and the first runs on.
+#[test]
+fn a_second_copy_of_a_producer_on_one_data_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "sim.toml",
+        &format!(
+            "data_dir = \"{}\"\n[bus]\nport = {}\nusername = \"s\"\npassword = \"p\"\n\
+             reconnect_max_ms = 500\n[simulator]\nhealth_listen = \"127.0.0.1:{}\"\n",
+            dir.path().join("data").display(),
+            free_port(),
+            free_port()
+        ),
+    );
+    let log = dir.path().join("first.log");
+    let mut first = Proc::spawn(
+        "simulator",
+        Command::new(wattbus_bin()).args(["run", "simulator", "--config", &f]),
+        &log,
+    );
+    // It holds its lock once it tries the bus (nothing listens there).
+    assert!(wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Broker connection lost or refused"))
+    }));
+    // Its own health port (a container has its own network): only the state is shared.
+    let health = format!("127.0.0.1:{}", free_port());
+    let second_log = dir.path().join("second.log");
+    let mut second = Proc::spawn(
+        "simulator",
+        Command::new(wattbus_bin())
+            .args(["run", "simulator", "--config", &f])
+            .env("WATTBUS_SIMULATOR__HEALTH_LISTEN", &health),
+        &second_log,
+    );
+    // A second copy that ran would run forever: it is stopped, and the test fails.
+    let status = second.wait(Duration::from_secs(60));
+    let err = std::fs::read_to_string(&second_log).unwrap_or_default();
+    assert_eq!(status.map(|s| s.code()), Some(Some(1)), "{err}");
+    assert!(
+        err.contains("another process runs simulator instance `simulator`")
+            && err.contains("locks/simulator.lock")
+            && err.contains("must not be scaled"),
+        "{err}"
+    );
+    assert!(first.is_running(), "the first copy stopped");
+    assert_eq!(
+        first.terminate(Duration::from_secs(15)).map(|s| s.code()),
+        Some(Some(0))
+    );
+}
+
 #[test]
 fn config_check_refuses_the_log_level_that_run_refuses() {
     let dir = tempfile::tempdir().unwrap();
