@@ -68,28 +68,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let name = service.name();
     let timeout = Duration::from_millis(opts.timeout_ms.max(1));
-    if opts.metrics {
-        return match runtime::health::probe_path(addr, "/metrics", timeout) {
-            Ok(Probe::Ready(body)) => {
-                println!("{body}");
-                Ok(())
-            }
-            Ok(Probe::NotReady(status, body)) => {
-                anyhow::bail!("{name} at {addr}: /metrics answered HTTP {status}: {body}")
-            }
-            Err(e) => anyhow::bail!("{name}: nothing answers at {addr}: {e}"),
-        };
-    }
-    match runtime::health::probe(addr, timeout) {
-        Ok(Probe::Ready(body)) => {
-            println!("{name} at {addr} is ready: {body}");
-            Ok(())
+    let path = if opts.metrics { "/metrics" } else { "/healthz" };
+    match runtime::health::probe_path(addr, path, timeout) {
+        Ok(Probe::Ready(body)) if opts.metrics => println!("{body}"),
+        Ok(Probe::Ready(body)) => println!("{name} at {addr} is ready: {body}"),
+        Ok(Probe::NotReady(status, body)) if opts.metrics => {
+            anyhow::bail!("{name} at {addr}: /metrics answered HTTP {status}: {body}")
         }
         Ok(Probe::NotReady(status, body)) => {
             anyhow::bail!("{name} at {addr} is not ready (HTTP {status}): {body}")
         }
         Err(e) => anyhow::bail!("{name}: nothing answers at {addr}: {e}"),
     }
+    Ok(())
 }
 
 /// The service and config file of a `wattbus run <service> [-c|--config FILE]` command line
