@@ -523,6 +523,49 @@ fn the_reference_config_in_compose_is_valid() {
         "compose/wattbus.toml is not valid: {}",
         stderr(&o)
     );
+    // The demo profile's containers layer demo.toml over it, and its simulator serves the
+    // hardware that file names.
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../compose/demo.toml");
+    let o = wattbus(
+        &["config", "check", &f, demo.to_str().unwrap()],
+        &[("WATTBUS_SIMULATOR__HARDWARE__LISTEN", "0.0.0.0")],
+    );
+    assert!(
+        o.status.success(),
+        "compose/demo.toml over compose/wattbus.toml is not valid: {}",
+        stderr(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.contains("demo.toml: OK"), "{out}");
+}
+
+#[test]
+fn a_second_config_file_is_layered_and_its_errors_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = write(
+        dir.path(),
+        "base.toml",
+        "site = \"home\"\n[serial_ingest]\ninstance = \"serial-ingest\"\n",
+    );
+    let over = write(
+        dir.path(),
+        "over.toml",
+        "[serial_ingest]\ninstance = \"serial-ingest-demo\"\n[[serial_ingest.ports]]\npath = \"tcp://x\"\ndevice = \"d\"\nprotocol = \"lines\"\n",
+    );
+    let o = wattbus(&["config", "check", &base, &over], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("serial_ingest.ports[0].path") && err.contains("tcp://host:port"),
+        "{err}"
+    );
+    let o = wattbus(&["config", "check", &base, "/nonexistent/over.toml"], &[]);
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("/nonexistent/over.toml"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The shipped deployment on a real container engine: compose/docker-compose.yml, unchanged,
 //! with the image the shipped Dockerfile builds (from the binary under test), the demo
-//! profile's simulated meters and an InfluxDB. tests/run.sh provides the engine and images
+//! profile's simulated devices and an InfluxDB. tests/run.sh provides the engine and images
 //! (tests/containers/engine.sh); tests/containers/compose.ci.yml only leaves Grafana out,
 //! which cannot run here, and INFLUXDB_IMAGE swaps in Debian's InfluxDB 1.6.7.
 //!
@@ -72,7 +72,12 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let compose = dir.path().join("compose");
         std::fs::create_dir(&compose).unwrap();
-        for f in ["docker-compose.yml", "wattbus.toml", "make-secrets.sh"] {
+        for f in [
+            "docker-compose.yml",
+            "wattbus.toml",
+            "demo.toml",
+            "make-secrets.sh",
+        ] {
             std::fs::copy(repo().join("compose").join(f), compose.join(f)).unwrap();
         }
         std::fs::copy(
@@ -188,6 +193,41 @@ impl Stack {
             }
         }
         out
+    }
+
+    /// The first column of every row of `q` (after the time), as (time ms, value).
+    fn column(&self, q: &str) -> BTreeMap<i64, f64> {
+        let v = self.query(q);
+        let mut out = BTreeMap::new();
+        if let Some(rows) = v["results"][0]["series"][0]["values"].as_array() {
+            for r in rows {
+                if let (Some(t), Some(x)) = (r[0].as_i64(), r[1].as_f64()) {
+                    out.insert(t, x);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every device name InfluxDB holds readings of.
+    fn devices(&self) -> std::collections::BTreeSet<String> {
+        let v = self.query("SHOW TAG VALUES WITH KEY = \"device\"");
+        let mut out = std::collections::BTreeSet::new();
+        for series in v["results"][0]["series"].as_array().into_iter().flatten() {
+            for row in series["values"].as_array().into_iter().flatten() {
+                if let Some(d) = row[1].as_str() {
+                    out.insert(d.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// The simulated WE-515 `meter`'s total import register (Wh), as modbus-ingest read it.
+    fn meter_energy(&self, meter: &str) -> BTreeMap<i64, f64> {
+        self.column(&format!(
+            "SELECT energy_wh FROM energy WHERE device = '{meter}' AND channel = 'total' AND tariff = ''"
+        ))
     }
 
     /// The newest reading time of every simulated meter, once all have one.
@@ -389,6 +429,58 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
     .iter()
     .map(|s| stack.secret(s))
     .collect();
+    // Every simulated device of the demo profile reaches InfluxDB through the service a real
+    // one would go through: the meters over Modbus RTU (behind a TCP gateway) through
+    // modbus-ingest, the Arduino sensors over serial-over-TCP through serial-ingest, and the
+    // CT clamps' samples through rms-processor, with the values the devices were made with.
+    let want: Vec<&str> = [
+        &DEVICES[..],
+        &[
+            "house",
+            "heat-pump",
+            "ct-1",
+            "ct-2",
+            "ct-3",
+            "powmon",
+            "kitchen",
+        ],
+    ]
+    .concat();
+    let all_there = wait_until(Duration::from_secs(120), || {
+        let have = stack.devices();
+        want.iter().all(|d| have.contains(*d))
+    });
+    assert!(
+        all_there,
+        "demo devices missing from InfluxDB: have {:?}, want {want:?}\n{}",
+        stack.devices(),
+        stack.logs()
+    );
+    let last = |q: &str| {
+        let c = stack.column(q);
+        *c.values()
+            .next_back()
+            .unwrap_or_else(|| panic!("no rows for {q}"))
+    };
+    // ct-1: 100 ADC counts RMS at 0.05 A per count; ct-2: 16 counts.
+    let ct1 = last("SELECT current_a FROM power WHERE device = 'ct-1' AND channel = 'ct1'");
+    assert!((ct1 - 5.0).abs() < 0.25, "ct-1 current {ct1} A, want 5 A");
+    let ct2 = last("SELECT current_a FROM power WHERE device = 'ct-2' AND channel = 'ct1'");
+    assert!((ct2 - 0.8).abs() < 0.05, "ct-2 current {ct2} A, want 0.8 A");
+    let fridge = last(
+        "SELECT temperature_c FROM temperature WHERE device = 'kitchen' AND channel = 'fridge'",
+    );
+    assert!((0.0..10.0).contains(&fridge), "fridge at {fridge} °C");
+    let volts = last("SELECT voltage_v FROM power WHERE device = 'house' AND channel = 'l1'");
+    assert!((200.0..260.0).contains(&volts), "house meter at {volts} V");
+    assert!(
+        stack
+            .meter_energy("heat-pump")
+            .values()
+            .all(|&e| e > 1_000_000.0),
+        "the heat pump's register shows its years of use"
+    );
+
     for service in [
         "broker",
         "influx-writer",
@@ -396,6 +488,8 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "modbus-ingest",
         "serial-ingest",
         "simulator",
+        "demo-modbus-ingest",
+        "demo-serial-ingest",
     ] {
         let id = stack.one(service);
         assert_eq!(
@@ -547,10 +641,17 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
         .is_some_and(|n| n >= to)));
     // SIGTERM to process 1 is handled: each service flushes and exits 0 by itself, not
     // killed (137) when the stop timeout runs out.
-    let ids: Vec<(&str, String)> = ["broker", "influx-writer", "rms-processor", "simulator"]
-        .iter()
-        .map(|s| (*s, stack.one(s)))
-        .collect();
+    let ids: Vec<(&str, String)> = [
+        "broker",
+        "influx-writer",
+        "rms-processor",
+        "simulator",
+        "demo-modbus-ingest",
+        "demo-serial-ingest",
+    ]
+    .iter()
+    .map(|s| (*s, stack.one(s)))
+    .collect();
     let stopping = now_ms();
     stack.compose_ok(&["stop"]);
     for (service, id) in &ids {
@@ -564,7 +665,12 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
     stack.compose_ok(&["down"]);
     let stopped = now_ms();
     let volumes = docker_ok(&["volume", "ls", "-q"]);
-    for v in ["simulator", "influx-writer", "rms-processor"] {
+    for v in [
+        "simulator",
+        "influx-writer",
+        "rms-processor",
+        "demo-modbus-ingest",
+    ] {
         assert!(
             volumes.contains(&format!("{}_{v}", stack.project)),
             "volume {v} is gone after down: {volumes}"
@@ -588,6 +694,30 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
         assert!(
             *energy_before > 0.0,
             "{device}: no energy counted before the stop"
+        );
+    }
+    // The simulated WE-515s keep their registers in the simulator's volume, as a real meter
+    // keeps its own: what modbus-ingest reads after `up` continues from before `down`.
+    for meter in ["house", "heat-pump"] {
+        assert!(
+            wait_until(Duration::from_secs(120), || stack
+                .meter_energy(meter)
+                .range(stopped..)
+                .next()
+                .is_some()),
+            "{meter}: no energy register read after up\n{}",
+            stack.logs()
+        );
+        let e = stack.meter_energy(meter);
+        let (_, before) = e.range(..stopped).next_back().unwrap();
+        let (_, after) = e.range(stopped..).next().unwrap();
+        assert!(
+            after >= before,
+            "{meter}: its register went from {before} down to {after} Wh across down/up"
+        );
+        assert!(
+            after - before < 1000.0,
+            "{meter}: its register jumped from {before} to {after} Wh across down/up"
         );
     }
 }

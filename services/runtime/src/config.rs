@@ -393,7 +393,7 @@ impl Common {
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
     figment: Figment,
-    /// The file actually read, for messages.
+    /// The (first) file actually read, for messages.
     file: Option<PathBuf>,
 }
 
@@ -416,11 +416,31 @@ impl ConfigSource {
         Self::from_parts(file, None)
     }
 
+    /// Load several files, each layered over the ones before it (a later file's key wins; a
+    /// list such as `[[serial_ingest.ports]]` is replaced whole, not extended). None given:
+    /// as [`load`](Self::load) with no path. Every file given must exist.
+    pub fn load_layers(paths: &[PathBuf]) -> Result<Self, ConfigError> {
+        match paths {
+            [] => Self::load(None),
+            [one] => Self::load(Some(one)),
+            many => {
+                for p in many {
+                    Self::load(Some(p))?;
+                }
+                Self::from_files(many.to_vec(), None)
+            }
+        }
+    }
+
     /// Build from a file (optional) and an inline TOML string layered on top of it (used by
     /// the demo and tests); environment overrides always apply last.
     pub fn from_parts(file: Option<PathBuf>, inline: Option<&str>) -> Result<Self, ConfigError> {
+        Self::from_files(file.into_iter().collect(), inline)
+    }
+
+    fn from_files(files: Vec<PathBuf>, inline: Option<&str>) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
-        if let Some(f) = &file {
+        for f in &files {
             // Read and parse it ourselves first (with the `toml` crate figment itself uses), so
             // that a missing permission is reported plainly and a syntax error names the file
             // and the line; figment would only report it at extraction, without either.
@@ -442,7 +462,10 @@ impl ConfigSource {
             figment = figment.merge(Toml::string(text));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
-        Ok(Self { figment, file })
+        Ok(Self {
+            figment,
+            file: files.into_iter().next(),
+        })
     }
 
     pub fn file(&self) -> Option<&Path> {

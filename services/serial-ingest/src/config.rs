@@ -128,7 +128,8 @@ impl Unit {
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     /// The device node, e.g. `/dev/ttyUSB0`, or better a stable `/dev/serial/by-id/...` link
-    /// (ttyUSB numbers change with the order devices are plugged in).
+    /// (ttyUSB numbers change with the order devices are plugged in); or `tcp://host:port`
+    /// for a port behind a serial device server (ser2net raw mode, an ESP-Link).
     pub path: String,
     /// The device name in topics (`meas/<device>/<channel>`); unique across ports.
     pub device: Segment,
@@ -402,6 +403,20 @@ impl PortConfig {
     pub fn plan(&self, key: &str) -> Result<PortPlan, ConfigError> {
         if self.path.trim().is_empty() {
             return Err(err(key, "path", "must not be empty, e.g. \"/dev/ttyUSB0\""));
+        }
+        if let Some(addr) = crate::port::tcp_address(&self.path) {
+            let port = addr.rsplit_once(':').and_then(|(host, port)| {
+                (!host.is_empty() && !host.contains('/'))
+                    .then(|| port.parse::<u16>().ok())
+                    .flatten()
+            });
+            if port.is_none_or(|p| p == 0) {
+                return Err(err(
+                    key,
+                    "path",
+                    "a serial device server is \"tcp://host:port\", e.g. \"tcp://192.168.1.50:4001\"",
+                ));
+            }
         }
         if !(50..=4_000_000).contains(&self.baud) {
             return Err(err(key, "baud", "must be between 50 and 4000000"));
@@ -894,6 +909,34 @@ poll_interval_ms = 200
         )
         .unwrap_err();
         assert_eq!(e.key, "serial_ingest.ports[0].channels[0].scale");
+    }
+
+    #[test]
+    fn a_serial_device_server_is_tcp_host_and_port() {
+        let port = |path: &str| {
+            parse(&format!(
+                "[[serial_ingest.ports]]\npath = \"{path}\"\ndevice = \"d\"\nprotocol = \"lines\"\n"
+            ))
+        };
+        for good in [
+            "tcp://192.168.1.50:4001",
+            "tcp://simulator:4005",
+            "tcp://[::1]:23",
+        ] {
+            assert!(port(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "tcp://",
+            "tcp://host",
+            "tcp://:4001",
+            "tcp://host:0",
+            "tcp://host:99999",
+            "tcp://h/x:1",
+        ] {
+            let e = port(bad).unwrap_err();
+            assert_eq!(e.key, "serial_ingest.ports[0].path", "{bad}");
+            assert!(e.to_string().contains("tcp://host:port"), "{bad}: {e}");
+        }
     }
 
     #[test]

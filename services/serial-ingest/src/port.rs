@@ -4,6 +4,10 @@
 //! that neither a slow journal write nor another port's trouble delays the reads (a
 //! USB-serial chip's buffer holds well under a second of a 2 kHz stream).
 //!
+//! A port is a local serial device or, with a path of `tcp://host:port`, one behind a serial
+//! device server (ser2net in raw mode, an ESP-Link, an RS485-to-Ethernet box); the rest is
+//! the same for both.
+//!
 //! A port's life: open → session → close → backoff → open … A session ends on shutdown, on a
 //! read or write error or end of file (a USB device unplugged; on a PTY whose other end
 //! closed, reads give EIO or end of file), or when the device stays silent too long. The
@@ -16,7 +20,11 @@ use proto::{Measurement, Quality, RawChannel, RawFrame, ReadingId, Segment};
 use runtime::Shutdown;
 use runtime::backoff::Retries;
 use runtime::delivery::Producer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
@@ -112,7 +120,94 @@ struct Port {
     last_line_ms: i64,
 }
 
-fn open(plan: &PortPlan) -> Result<SerialStream, tokio_serial::Error> {
+/// How long a connection to a serial device server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a path of `tcp://host:port` names: a serial device server (ser2net in raw mode, an
+/// ESP-Link, an RS232/RS485-to-Ethernet box) that passes the port's bytes over TCP as they
+/// are. The line settings (baud, parity) are the server's; `baud` still dates the lines.
+pub fn tcp_address(path: &str) -> Option<&str> {
+    path.strip_prefix("tcp://")
+}
+
+/// An open port: a local serial device, or one behind a serial device server.
+enum Link {
+    Serial(SerialStream),
+    Tcp(TcpStream),
+}
+
+impl Link {
+    /// Drop whatever input is waiting (a late answer, noise) before a poll.
+    fn clear_input(&mut self) -> std::io::Result<()> {
+        match self {
+            Link::Serial(s) => s
+                .clear(tokio_serial::ClearBuffer::Input)
+                .map_err(std::io::Error::from),
+            Link::Tcp(s) => {
+                let mut scratch = [0u8; 1024];
+                loop {
+                    match s.try_read(&mut scratch) {
+                        // End of file shows up at the next read, as a lost port.
+                        Ok(0) => return Ok(()),
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for Link {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Serial(s) => Pin::new(s).poll_read(cx, buf),
+            Link::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Link::Serial(s) => Pin::new(s).poll_write(cx, buf),
+            Link::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Serial(s) => Pin::new(s).poll_flush(cx),
+            Link::Tcp(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Serial(s) => Pin::new(s).poll_shutdown(cx),
+            Link::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+async fn open(plan: &PortPlan) -> Result<Link, Box<dyn std::error::Error + Send + Sync>> {
+    if let Some(addr) = tcp_address(&plan.path) {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("no connection to {addr} within {CONNECT_TIMEOUT:?}"))??;
+        // Small polls and answers: do not hold them back to fill a segment.
+        stream.set_nodelay(true)?;
+        return Ok(Link::Tcp(stream));
+    }
     let s = plan.serial;
     let data_bits = match s.data_bits {
         5 => tokio_serial::DataBits::Five,
@@ -130,12 +225,14 @@ fn open(plan: &PortPlan) -> Result<SerialStream, tokio_serial::Error> {
     } else {
         tokio_serial::StopBits::One
     };
-    tokio_serial::new(plan.path.as_str(), s.baud)
-        .data_bits(data_bits)
-        .parity(parity)
-        .stop_bits(stop_bits)
-        .flow_control(tokio_serial::FlowControl::None)
-        .open_native_async()
+    Ok(Link::Serial(
+        tokio_serial::new(plan.path.as_str(), s.baud)
+            .data_bits(data_bits)
+            .parity(parity)
+            .stop_bits(stop_bits)
+            .flow_control(tokio_serial::FlowControl::None)
+            .open_native_async()?,
+    ))
 }
 
 impl Port {
@@ -149,7 +246,7 @@ impl Port {
                 break;
             }
             let delay;
-            match open(&self.plan) {
+            match open(&self.plan).await {
                 Ok(mut stream) => {
                     self.events.opened(opened_before);
                     opened_before = true;
@@ -175,7 +272,7 @@ impl Port {
                 }
                 Err(e) => {
                     delay = reopen.failed();
-                    self.events.open_failed(&e, delay, open_failures == 0);
+                    self.events.open_failed(&*e, delay, open_failures == 0);
                     open_failures += 1;
                 }
             }
@@ -187,7 +284,7 @@ impl Port {
     }
 
     /// One open port until it ends. Returns also whether a good line was read.
-    async fn session(&mut self, stream: &mut SerialStream) -> (End, bool) {
+    async fn session(&mut self, stream: &mut Link) -> (End, bool) {
         match self.plan.kind.clone() {
             PlanKind::RequestResponse {
                 poll_interval_ms,
@@ -254,7 +351,7 @@ impl Port {
 
     async fn request_response(
         &mut self,
-        stream: &mut SerialStream,
+        stream: &mut Link,
         poll: Duration,
         response_timeout: Duration,
         max_silent_polls: u32,
@@ -277,7 +374,7 @@ impl Port {
                 _ = tick.tick(), if deadline.is_none() => {
                     // Whatever came before the poll is not its answer (a late answer to the
                     // last one, noise): drop it, in the kernel's buffer and ours.
-                    if let Err(e) = stream.clear(tokio_serial::ClearBuffer::Input) {
+                    if let Err(e) = stream.clear_input() {
                         self.events.flush_failed(&e);
                     }
                     framer.clear();
@@ -359,7 +456,7 @@ impl Port {
     /// `handle` returns whether the line was good.
     async fn listen<F>(
         &mut self,
-        stream: &mut SerialStream,
+        stream: &mut Link,
         silence: Duration,
         mut handle: F,
     ) -> (End, bool)

@@ -688,3 +688,96 @@ channels = [
     );
     svc.stop().await;
 }
+
+/// A port behind a serial device server (`tcp://host:port`, as ser2net in raw mode serves
+/// one): polled and converted as a local port is; when the server drops the connection (it
+/// restarted, the Wi-Fi went), the port is reopened and readings go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_behind_a_serial_device_server_is_polled_and_reconnected() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let site = site("tcp-serial");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(Mutex::new(0u32));
+    let polls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (seen_conn, seen_polls) = (connections.clone(), polls.clone());
+    // The server answers three polls per connection, then hangs up.
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let n = {
+                let mut c = seen_conn.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            for _ in 0..3 {
+                let Ok(Some(line)) = lines.next_line().await else {
+                    break;
+                };
+                seen_polls.lock().unwrap().push(line);
+                let answer = format!("{},512\r\n", 600 + n);
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let broker = broker().await;
+    let mut watch = measurements(&broker, &site).await;
+    let svc = start(
+        &broker,
+        &site,
+        &format!(
+            r#"
+[[serial_ingest.ports]]
+path = "tcp://{addr}"
+device = "powmon"
+protocol = "request-response"
+poll_interval_ms = 100
+response_timeout_ms = 90
+reopen_min_ms = 50
+reopen_max_ms = 200
+channels = [{{ name = "ct1" }}, {{ name = "ct2" }}]
+"#
+        ),
+    )
+    .await;
+    // Answers of the first three connections: each reconnect was made and polled.
+    let got = watch
+        .until(Duration::from_secs(20), |ms| {
+            (601..=603).all(|raw| {
+                ms.iter().any(|m| {
+                    m.channel.as_str() == "ct1"
+                        && m.fields.get("adc_counts") == Some(&f64::from(raw))
+                })
+            })
+        })
+        .await;
+    let m = got
+        .iter()
+        .find(|m| m.channel.as_str() == "ct1" && m.fields.get("adc_counts") == Some(&601.0))
+        .unwrap();
+    // The doc's conversion: (601 × 5/1024 − 2.5) / 0.066 A.
+    assert!(
+        close(field(m, "current_a"), (601.0 * 5.0 / 1024.0 - 2.5) / 0.066),
+        "{m:?}"
+    );
+    assert_eq!(m.quality, Quality::Good);
+    assert!(*connections.lock().unwrap() >= 3);
+    // Over TCP the poll is still exactly `read \n`, nothing else.
+    let polls = polls.lock().unwrap().clone();
+    assert!(polls.iter().all(|p| p == "read "), "{polls:?}");
+    assert!(
+        counter(
+            "wattbus_serial_port_errors_total",
+            &format!("tcp://{addr}"),
+            "powmon"
+        ) >= 2,
+        "each hang-up is counted as a lost port"
+    );
+    svc.stop().await;
+}

@@ -19,6 +19,8 @@ pub struct Config {
     pub stream: StreamConfig,
     /// `/healthz` and `/metrics` when run on its own.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Simulated hardware for modbus-ingest and serial-ingest over TCP; absent: none.
+    pub hardware: Option<crate::hardware::HardwareConfig>,
 }
 
 impl Default for Config {
@@ -30,6 +32,7 @@ impl Default for Config {
             interval_ms: 1000,
             stream: StreamConfig::default(),
             health_listen: Some(([127, 0, 0, 1], 9109).into()),
+            hardware: None,
         }
     }
 }
@@ -70,6 +73,9 @@ impl Config {
                 format!("{section}.interval_ms"),
                 "must be at least 10",
             ));
+        }
+        if let Some(h) = &self.hardware {
+            h.check(&format!("{section}.hardware"))?;
         }
         self.stream.validate(&format!("{section}.stream"))
     }

@@ -18,8 +18,12 @@
 //!   them on a serial port or an in-process PTY pair.
 //! - `modbus`: simulated Modbus meters (ORNO WE-515, Eastron SDM120) on a bus of slave ids,
 //!   served over Modbus TCP or RTU (a PTY, optionally paced at the line rate).
+//! - `hardware`: the demo's devices (two WE-515, three CT sensors, a PowMon, a fridge
+//!   monitor) served over TCP for ingest services in other processes (`[simulator.hardware]`,
+//!   compose's demo profile).
 
 mod config;
+pub mod hardware;
 mod household;
 pub mod modbus;
 mod register;
@@ -46,6 +50,8 @@ pub enum Error {
     Register(#[from] RegisterError),
     #[error(transparent)]
     Claim(#[from] runtime::state::ClaimError),
+    #[error(transparent)]
+    Hardware(#[from] hardware::HardwareError),
 }
 
 /// The service, for wattbus's service table.
@@ -96,11 +102,36 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
         &plan.instance,
         runtime::state::MUST_NOT_SCALE,
     )?;
-    ctx.clone()
+    // The hardware stops when the service does, whichever way that happens (a bus error
+    // ends `on_bus` without a shutdown).
+    let (stop_hardware, hardware_shutdown) = runtime::shutdown::channel();
+    let hardware = match &plan.hardware {
+        Some(h) => Some(
+            hardware::start(
+                h,
+                &ctx.common
+                    .data_dir
+                    .join(plan.instance.as_str())
+                    .join("meter-registers"),
+                hardware_shutdown,
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let result = ctx
+        .clone()
         .on_bus(&identity(&plan), |bus| async move {
             run_on(&bus, &plan, &ctx).await
         })
-        .await
+        .await;
+    stop_hardware.fire();
+    if let Some(h) = hardware
+        && let Err(e) = h.await
+    {
+        tracing::warn!(error = %e, "The simulated hardware ended abnormally.");
+    }
+    result
 }
 
 /// Run on an existing bus connection (the demo shares one).

@@ -20,7 +20,7 @@ use crate::household::MAX_POWER_W;
 /// How far ahead a reservation reaches: at most this much full-power drawing between writes.
 pub const RESERVE: Duration = Duration::from_secs(60);
 
-const HEADER: &str = "# wattbus simulator: energy registers in Wh (device value)\n";
+const HEADER: &str = "# wattbus simulator: energy registers in Wh or varh (register value)\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegisterError {
@@ -83,18 +83,41 @@ impl Registers {
         })
     }
 
+    /// Registers kept nowhere: every one starts at zero and nothing is written.
+    pub fn empty() -> Registers {
+        Registers {
+            path: PathBuf::new(),
+            saved: BTreeMap::new(),
+        }
+    }
+
     /// Where `device`'s register starts.
     pub fn start(&self, device: &str) -> f64 {
-        self.saved.get(device).copied().unwrap_or(0.0)
+        self.get(device).unwrap_or(0.0)
+    }
+
+    /// `device`'s saved register, if the file has one.
+    pub fn get(&self, device: &str) -> Option<f64> {
+        self.saved.get(device).copied()
     }
 
     /// Make sure the file covers `energy_wh` for `device` before a reading with it goes out:
     /// a new reservation is written when it does not. `Err` when it cannot be written.
     pub fn cover(&mut self, device: &str, energy_wh: f64) -> std::io::Result<()> {
+        self.cover_within(device, energy_wh, MAX_POWER_W)
+    }
+
+    /// [`cover`](Self::cover) for a register that grows at most at `max_rate` (W or var).
+    pub fn cover_within(
+        &mut self,
+        device: &str,
+        energy_wh: f64,
+        max_rate: f64,
+    ) -> std::io::Result<()> {
         if self.saved.get(device).is_some_and(|&s| s >= energy_wh) {
             return Ok(());
         }
-        let headroom = MAX_POWER_W * RESERVE.as_secs_f64() / 3600.0;
+        let headroom = max_rate * RESERVE.as_secs_f64() / 3600.0;
         let before = self.saved.insert(device.to_string(), energy_wh + headroom);
         self.write().inspect_err(|_| {
             // Not written: what the file covers is what it held.

@@ -1,18 +1,23 @@
-//! `wattbus config check [file]`.
+//! `wattbus config check [file…]`.
 
 use std::path::PathBuf;
 
 use runtime::ConfigSource;
 
-use crate::services::{check_all, config_path};
+use crate::services::{check_all, config_paths};
 
-pub fn run(file: Option<PathBuf>) -> anyhow::Result<()> {
-    let path = config_path(file);
-    let src = ConfigSource::load(path.as_deref())?;
+pub fn run(files: Vec<PathBuf>) -> anyhow::Result<()> {
+    let paths = config_paths(files);
+    let src = ConfigSource::load_layers(&paths)?;
     check_all(&src)?;
-    match src.file() {
-        Some(f) => println!("{}: OK", f.display()),
-        None => println!("no config file; built-in defaults and WATTBUS_* environment: OK"),
+    if paths.len() <= 1 {
+        match src.file() {
+            Some(f) => println!("{}: OK", f.display()),
+            None => println!("no config file; built-in defaults and WATTBUS_* environment: OK"),
+        }
+    } else {
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        println!("{}: OK", names.join(" + "));
     }
     Ok(())
 }

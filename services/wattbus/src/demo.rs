@@ -319,17 +319,10 @@ mod serial {
     use proto::Segment;
     use runtime::ConfigSource;
     use runtime::shutdown::ShutdownTrigger;
-    use simulators::modbus::{LineTiming, MeterBus, RtuOptions, We515, serve_rtu};
-    use simulators::serial::{
-        Load, PowMon, PowMonConfig, Prime, PrimeConfig, Sensor, SensorConfig, Waveform, pty_pair,
-        run_powmon, run_prime, run_sensor,
-    };
+    use simulators::hardware::{self, CT_AMPS_PER_COUNT, VOLTS_PER_COUNT};
+    use simulators::modbus::{LineTiming, RtuOptions, serve_rtu};
+    use simulators::serial::{pty_pair, run_powmon, run_prime, run_sensor};
     use tokio::task::JoinHandle;
-
-    /// Amps per ADC count of the simulated CT sensors (a 30 A clamp on a 10-bit ADC).
-    const CT_AMPS_PER_COUNT: f64 = 0.05;
-    /// Volts per ADC count of the simulated mains voltage sensor.
-    const VOLTS_PER_COUNT: f64 = 2.0;
 
     pub struct Running {
         pub ct_paths: Vec<String>,
@@ -382,53 +375,25 @@ mod serial {
         // their PTYs exist.
         let mut drivers: Vec<Driver> = Vec::new();
         let now = proto::now_ms();
-        // Three CT clamps: a heater whose sensor also measures the mains voltage (a ZMPT101B
-        // on the second channel: real power and power factor), a fridge, and a PC whose
-        // switch-mode supply draws harmonics (apparent power from the nominal voltage).
-        let wave = |rms: f64, phase: f64, h3: f64, h5: f64| Waveform {
-            rms_counts: rms,
-            phase_rad: phase,
-            harmonic3: h3,
-            harmonic5: h5,
-            noise_counts: 0.5,
-            ..Waveform::default()
-        };
-        let sensors = [
-            // 5 A lagging the voltage by 30°; 230 V at 2 V per count.
-            vec![
-                wave(100.0, -std::f64::consts::FRAC_PI_6, 0.0, 0.0),
-                wave(115.0, 0.0, 0.0, 0.0),
-            ],
-            vec![wave(16.0, 0.0, 0.0, 0.0)],
-            vec![wave(40.0, 0.0, 0.3, 0.15)],
-        ];
+        // The same devices as compose's demo profile serves over TCP (simulators::hardware).
         let mut ct_paths = Vec::new();
-        for (i, channels) in sensors.into_iter().enumerate() {
+        for model in hardware::ct_sensors(now)? {
             let (dev, path) = pty_pair().context("cannot create a PTY pair for a CT sensor")?;
-            let model = Prime::new(
-                PrimeConfig {
-                    channels,
-                    ..PrimeConfig::default()
-                },
-                i as u64 + 1,
-                now,
-            )?;
             drivers.push(Box::pin(run_prime(model, dev, devices_shutdown.clone())));
             ct_paths.push(path);
         }
         let (dev, powmon_path) = pty_pair().context("cannot create a PTY pair for PowMon")?;
-        let powmon = PowMon::new(PowMonConfig {
-            sensors: vec![Load::fridge(), Load::kettle()],
-            ..PowMonConfig::default()
-        })?;
-        drivers.push(Box::pin(run_powmon(powmon, dev, devices_shutdown.clone())));
+        drivers.push(Box::pin(run_powmon(
+            hardware::powmon()?,
+            dev,
+            devices_shutdown.clone(),
+        )));
         // Two ORNO WE-515 meters on one RS485 line (9600 8E1, paced like the real wire): the
-        // house, which exports in the afternoon (negative power), and a heat pump.
+        // house, which exports in the afternoon (negative power), and a heat pump. Their
+        // counters start afresh with each demo (no registers file).
         let (dev, rs485_path) =
             pty_pair().context("cannot create a PTY pair for the RS485 line")?;
-        let meters = MeterBus::new();
-        meters.add(1, We515::new(11, now));
-        meters.add(2, We515::new(12, now));
+        let (meters, _) = hardware::meters(now, &simulators::Registers::empty());
         drivers.push(Box::pin(serve_rtu(
             dev,
             RtuOptions {
@@ -438,10 +403,9 @@ mod serial {
             devices_shutdown.clone(),
         )));
         let (dev, lines_path) = pty_pair().context("cannot create a PTY pair for the sensor")?;
-        let sensor = Sensor::new(SensorConfig::default(), 7)?;
         drivers.push(Box::pin(run_sensor(
-            sensor,
-            std::time::Duration::from_secs(2),
+            hardware::fridge_monitor()?,
+            hardware::FRIDGE_MONITOR_INTERVAL,
             dev,
             devices_shutdown.clone(),
         )));

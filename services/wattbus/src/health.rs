@@ -16,16 +16,17 @@ use std::time::Duration;
 use runtime::ConfigSource;
 use runtime::health::Probe;
 
-use crate::services::{config_path, find};
+use crate::services::{config_paths, find};
 
 #[derive(clap::Args, Debug)]
 pub struct Options {
     /// The service whose endpoint to ask (as for `wattbus run`) [default: the one process 1
     /// runs, in a container started as `wattbus run <service>`].
     service: Option<String>,
-    /// Config file, to find the service's `health_listen` [default: as for `wattbus run`].
+    /// Config file, to find the service's `health_listen` [default: as for `wattbus run`;
+    /// given again, layered as there].
     #[arg(long, short)]
-    config: Option<PathBuf>,
+    config: Vec<PathBuf>,
     /// Ask this address instead of the configured `health_listen`.
     #[arg(long)]
     addr: Option<SocketAddr>,
@@ -50,14 +51,19 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                     "is not given, and process 1 is not `wattbus run <service>`: name the service",
                 )
             })?;
-            (name, opts.config.or(config))
+            let config = if opts.config.is_empty() {
+                config
+            } else {
+                opts.config
+            };
+            (name, config)
         }
     };
     let service = find(&name)?;
     let addr = match opts.addr {
         Some(addr) => addr,
         None => {
-            let src = ConfigSource::load(config_path(config).as_deref())?;
+            let src = ConfigSource::load_layers(&config_paths(config))?;
             service.health_listen(&src)?.ok_or_else(|| {
                 runtime::ConfigError::new(
                     format!("{}.health_listen", service.section()),
@@ -83,9 +89,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The service and config file of a `wattbus run <service> [-c|--config FILE]` command line
-/// (NUL-separated, as in `/proc/<pid>/cmdline`); `None` for any other command.
-fn run_args(cmdline: &[u8]) -> Option<(String, Option<PathBuf>)> {
+/// The service and config files of a `wattbus run <service> [-c|--config FILE]…` command
+/// line (NUL-separated, as in `/proc/<pid>/cmdline`); `None` for any other command.
+fn run_args(cmdline: &[u8]) -> Option<(String, Vec<PathBuf>)> {
     let mut args = cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
@@ -94,12 +100,12 @@ fn run_args(cmdline: &[u8]) -> Option<(String, Option<PathBuf>)> {
     if !program.rsplit('/').next()?.starts_with("wattbus") || args.next()? != "run" {
         return None;
     }
-    let (mut service, mut config) = (None, None);
+    let (mut service, mut config) = (None, Vec::new());
     while let Some(arg) = args.next() {
         if arg == "--config" || arg == "-c" {
-            config = Some(PathBuf::from(args.next()?));
+            config.push(PathBuf::from(args.next()?));
         } else if let Some(file) = arg.strip_prefix("--config=") {
-            config = Some(PathBuf::from(file));
+            config.push(PathBuf::from(file));
         } else if !arg.starts_with('-') && service.is_none() {
             service = Some(arg);
         }
@@ -116,7 +122,7 @@ mod tests {
         let line = |args: &[&str]| args.join("\0").into_bytes();
         assert_eq!(
             run_args(&line(&["/usr/local/bin/wattbus", "run", "influx-writer"])),
-            Some(("influx-writer".into(), None))
+            Some(("influx-writer".into(), vec![]))
         );
         assert_eq!(
             run_args(&line(&[
@@ -127,16 +133,21 @@ mod tests {
                 "broker",
                 ""
             ])),
-            Some(("broker".into(), Some("/etc/w.toml".into())))
+            Some(("broker".into(), vec!["/etc/w.toml".into()]))
         );
         assert_eq!(
             run_args(&line(&[
                 "wattbus",
                 "run",
                 "modbus-ingest",
-                "--config=/x.toml"
+                "--config=/x.toml",
+                "-c",
+                "/demo.toml"
             ])),
-            Some(("modbus-ingest".into(), Some("/x.toml".into())))
+            Some((
+                "modbus-ingest".into(),
+                vec!["/x.toml".into(), "/demo.toml".into()]
+            ))
         );
         assert_eq!(run_args(&line(&["wattbus", "demo"])), None);
         assert_eq!(run_args(&line(&["/sbin/init"])), None);

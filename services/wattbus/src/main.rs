@@ -33,8 +33,10 @@ enum Command {
         /// The service (its help lists them from `services::SERVICES`; see `cli`).
         service: String,
         /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
+        /// Given again, each file is layered over the ones before it (a later key wins; a
+        /// list such as `[[serial_ingest.ports]]` is replaced whole).
         #[arg(long, short)]
-        config: Option<PathBuf>,
+        config: Vec<PathBuf>,
         /// Stop when standard input reaches end of file: how `wattbus demo` keeps its broker
         /// child from outliving it. Not for people.
         #[arg(long, hide = true)]
@@ -76,7 +78,8 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
     /// Validate a config file (and WATTBUS_* overrides); exit 64 with the reason if invalid.
-    Check { file: Option<PathBuf> },
+    /// Several files are checked layered, as `wattbus run -c A -c B` reads them.
+    Check { files: Vec<PathBuf> },
 }
 
 /// The command line, with the help of `run <service>` listing the services from the one table
@@ -120,8 +123,8 @@ fn main() -> ExitCode {
             Command::Energy { command } => energy::run(command),
             Command::Sinks { command } => sinks::run(command).await,
             Command::Config {
-                command: ConfigCommand::Check { file },
-            } => check::run(file),
+                command: ConfigCommand::Check { files },
+            } => check::run(files),
             Command::Services => {
                 print!("{}", services::markdown());
                 Ok(())

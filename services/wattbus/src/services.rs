@@ -164,6 +164,15 @@ pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
     flag.or_else(|| std::env::var_os("WATTBUS_CONFIG").map(PathBuf::from))
 }
 
+/// The config files to layer: every `--config` given, else as [`config_path`].
+pub fn config_paths(flags: Vec<PathBuf>) -> Vec<PathBuf> {
+    if flags.is_empty() {
+        config_path(None).into_iter().collect()
+    } else {
+        flags
+    }
+}
+
 /// Check the whole configuration: shared keys, every section present, nothing unknown.
 /// A section that is absent is resolved (with its defaults) only by `wattbus run` of that
 /// service: a Pi that runs only a simulator needs no `[broker]` users.
@@ -181,11 +190,11 @@ pub fn check_all(src: &ConfigSource) -> Result<(), ConfigError> {
 
 pub async fn run(
     service: &str,
-    config: Option<PathBuf>,
+    config: Vec<PathBuf>,
     stop_on_stdin_eof: bool,
 ) -> anyhow::Result<()> {
     let entry = find(service)?;
-    let src = ConfigSource::load(config_path(config).as_deref())?;
+    let src = ConfigSource::load_layers(&config_paths(config))?;
     // No unknown section, the shared keys, and this service's own section (resolved by
     // `start`); the others are `wattbus config check`'s business. Each container holds only
     // its own secrets, so reading another section's password files here would fail.

@@ -49,8 +49,9 @@ pub(crate) const MAX_READ: u16 = 125;
 /// Modbus limit on registers in one FC16 request.
 pub(crate) const MAX_WRITE: u16 = 123;
 
-/// Counters: active total, T1..T4, reactive total, T1..T4.
-const COUNTERS: usize = 10;
+/// Energy counters the meter keeps: active total, T1..T4, reactive total, T1..T4 (see
+/// [`We515::counters`]).
+pub const COUNTERS: usize = 10;
 
 /// What the meter means at an instant: the physical values exactly as its registers encode
 /// them (register × the profile's scale), so a decoder that applies the profile must get
@@ -122,6 +123,22 @@ impl We515 {
         };
         meter.update(start_ms);
         meter
+    }
+
+    /// A meter like [`new`](Self::new) whose energy counters continue from `counters` (what
+    /// [`counters`](Self::counters) gave before a restart): a real meter keeps its registers
+    /// through a power cut, and so does a simulated one whose counters were saved.
+    pub fn resume(seed: u64, start_ms: i64, counters: [f64; COUNTERS]) -> Self {
+        let mut meter = Self::new(seed, start_ms);
+        meter.energy = Integrator::new(start_ms, counters);
+        meter.update(start_ms);
+        meter
+    }
+
+    /// The energy counters, unrounded (Wh, then varh): total import, four tariffs, total
+    /// reactive, four tariffs. For saving across a restart.
+    pub fn counters(&self) -> [f64; COUNTERS] {
+        self.energy.totals
     }
 
     /// Advance to `now_ms` (Unix ms) and return what the registers now hold. An instant

@@ -65,6 +65,9 @@ pub enum Port {
     Stream(SerialStream),
     /// The device end of [`pty_pair`]; EIO means the host has the other end closed.
     Pty(PtyDevice),
+    /// A TCP connection from a host, as a serial device server (ser2net, an ESP-Link, an
+    /// RS485-to-Ethernet box) hands the port's bytes over: end of file is the host gone.
+    Tcp(tokio::net::TcpStream),
 }
 
 impl From<SerialStream> for Port {
@@ -76,6 +79,12 @@ impl From<SerialStream> for Port {
 impl From<PtyDevice> for Port {
     fn from(p: PtyDevice) -> Self {
         Self::Pty(p)
+    }
+}
+
+impl From<tokio::net::TcpStream> for Port {
+    fn from(s: tokio::net::TcpStream) -> Self {
+        Self::Tcp(s)
     }
 }
 
@@ -228,6 +237,8 @@ pub(crate) struct OpenPort {
 enum Wire {
     /// A port opened by path or handed in: end of file or EIO is the port gone.
     Port(SerialStream),
+    /// A host's TCP connection: end of file or a reset is the host gone.
+    Tcp(tokio::net::TcpStream),
     /// A PTY master: EIO is the host's end being closed, not the port going away.
     Pty(PtyMaster),
 }
@@ -256,6 +267,12 @@ impl OpenPort {
                 wire: Wire::Pty(PtyMaster::new(master)),
                 name: "(PTY master)".into(),
             }),
+            Port::Tcp(stream) => Ok(Self {
+                name: stream
+                    .peer_addr()
+                    .map_or_else(|_| "(TCP)".into(), |a| format!("TCP {a}")),
+                wire: Wire::Tcp(stream),
+            }),
         }
     }
 
@@ -278,11 +295,18 @@ impl OpenPort {
         let result = match &mut self.wire {
             Wire::Pty(master) => return master.read(buf).await.map_err(|e| self.io_error(e)),
             Wire::Port(stream) => AsyncReadExt::read(stream, buf).await,
+            Wire::Tcp(stream) => AsyncReadExt::read(stream, buf).await,
         };
         match result {
             Ok(0) => Err(self.gone()),
             Ok(n) => Ok(Some(n)),
             Err(e) if e.raw_os_error() == Some(EIO) => Err(self.gone()),
+            Err(e)
+                if e.kind() == io::ErrorKind::ConnectionReset
+                    && matches!(self.wire, Wire::Tcp(_)) =>
+            {
+                Err(self.gone())
+            }
             Err(e) => Err(self.io_error(e)),
         }
     }
@@ -310,7 +334,7 @@ impl OpenPort {
     /// host was there when last looked at. No system call.
     fn host_listening(&self) -> bool {
         match &self.wire {
-            Wire::Port(_) => true,
+            Wire::Port(_) | Wire::Tcp(_) => true,
             Wire::Pty(master) => master.listening(),
         }
     }
@@ -321,10 +345,19 @@ impl OpenPort {
                 return master.write_all(bytes).await.map_err(|e| self.io_error(e));
             }
             Wire::Port(stream) => AsyncWriteExt::write_all(stream, bytes).await,
+            Wire::Tcp(stream) => AsyncWriteExt::write_all(stream, bytes).await,
         };
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(EIO) => Err(self.gone()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) && matches!(self.wire, Wire::Tcp(_)) =>
+            {
+                Err(self.gone())
+            }
             Err(e) => Err(self.io_error(e)),
         }
     }
