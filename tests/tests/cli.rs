@@ -559,6 +559,25 @@ fn a_second_config_file_is_layered_and_its_errors_name_it() {
         err.contains("serial_ingest.ports[0].path") && err.contains("tcp://host:port"),
         "{err}"
     );
+    assert!(
+        err.contains("over.toml") && !err.contains("base.toml"),
+        "the error is blamed on the file that has the list: {err}"
+    );
+    // A bad value the second file leaves at its default, in a list the second file wrote, is
+    // still that file's.
+    let over = write(
+        dir.path(),
+        "over.toml",
+        "[[serial_ingest.ports]]\npath = \"/dev/ttyUSB0\"\ndevice = \"d\"\nprotocol = \"lines\"\nbaud = 1\n",
+    );
+    let o = wattbus(&["config", "check", &base, &over], &[]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("serial_ingest.ports[0].baud")
+            && err.contains("over.toml")
+            && !err.contains("base.toml"),
+        "{err}"
+    );
     let o = wattbus(&["config", "check", &base, "/nonexistent/over.toml"], &[]);
     assert_eq!(o.status.code(), Some(64));
     assert!(

@@ -473,6 +473,14 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
     assert!((0.0..10.0).contains(&fridge), "fridge at {fridge} °C");
     let volts = last("SELECT voltage_v FROM power WHERE device = 'house' AND channel = 'l1'");
     assert!((200.0..260.0).contains(&volts), "house meter at {volts} V");
+    // Energy is polled every 10 s: wait for a register reading, not for a time.
+    assert!(
+        wait_until(Duration::from_secs(120), || !stack
+            .meter_energy("heat-pump")
+            .is_empty()),
+        "no energy register of the heat pump in InfluxDB\n{}",
+        stack.logs()
+    );
     assert!(
         stack
             .meter_energy("heat-pump")
@@ -639,6 +647,14 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
     assert!(wait_until(Duration::from_secs(60), || stack
         .newest()
         .is_some_and(|n| n >= to)));
+    // Each WE-515's register is polled every 10 s: one must be stored before the stop.
+    assert!(
+        wait_until(Duration::from_secs(120), || ["house", "heat-pump"]
+            .iter()
+            .all(|m| !stack.meter_energy(m).is_empty())),
+        "no meter register in InfluxDB before the stop\n{}",
+        stack.logs()
+    );
     // SIGTERM to process 1 is handled: each service flushes and exits 0 by itself, not
     // killed (137) when the stop timeout runs out.
     let ids: Vec<(&str, String)> = [

@@ -393,8 +393,10 @@ impl Common {
 #[derive(Debug, Clone)]
 pub struct ConfigSource {
     figment: Figment,
-    /// The (first) file actually read, for messages.
+    /// The (first) file actually read.
     file: Option<PathBuf>,
+    /// Every file read, in layering order, for messages.
+    files: Vec<PathBuf>,
 }
 
 impl ConfigSource {
@@ -464,7 +466,8 @@ impl ConfigSource {
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]));
         Ok(Self {
             figment,
-            file: files.into_iter().next(),
+            file: files.first().cloned(),
+            files,
         })
     }
 
@@ -532,7 +535,58 @@ impl ConfigSource {
         self.figment
             .get_metadata(value.tag())
             .map(|md| describe_metadata(md, &[key]))
-            .or_else(|| self.file.as_ref().map(|f| f.display().to_string()))
+            .or_else(|| self.files_read())
+    }
+
+    /// The file read, or all of them when several were layered (so that an error found in
+    /// none in particular is never blamed on the first).
+    fn files_read(&self) -> Option<String> {
+        match self.files.as_slice() {
+            [] => None,
+            [one] => Some(one.display().to_string()),
+            many => Some(
+                many.iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+            ),
+        }
+    }
+
+    /// The value at `key` (`serial_ingest.ports[0].path`: dotted, with list indices), or, if
+    /// it is not set (a default), at its nearest ancestor that is: a list written in one file
+    /// names that file. `None` if not even the first level is set.
+    fn nearest_value(&self, key: &str) -> Option<Value> {
+        let mut parts = key.split('.').map(|p| match p.split_once('[') {
+            Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (p, None),
+        });
+        let (name, index) = parts.next()?;
+        let mut current = self.figment.find_value(name).ok()?;
+        let mut index = index;
+        loop {
+            if let Some(i) = index {
+                match &current {
+                    Value::Array(_, items) => match items.get(i) {
+                        Some(item) => current = item.clone(),
+                        None => return Some(current),
+                    },
+                    _ => return Some(current),
+                }
+            }
+            let Some((name, next_index)) = parts.next() else {
+                return Some(current);
+            };
+            let child = match &current {
+                Value::Dict(_, dict) => dict.get(name).cloned(),
+                _ => None,
+            };
+            match child {
+                Some(c) => current = c,
+                None => return Some(current),
+            }
+            index = next_index;
+        }
     }
 
     /// A validation error carries only a key; point it at the file, or at the environment
@@ -545,9 +599,10 @@ impl ConfigSource {
                 .find_value(&e.key)
                 .ok()
                 .or_else(|| self.figment.find_value(&key).ok())
+                .or_else(|| self.nearest_value(&e.key))
                 .and_then(|v| self.figment.get_metadata(v.tag()).map(|md| (md, v)))
                 .map(|(md, _)| describe_metadata(md, &e.key.split('.').collect::<Vec<_>>()))
-                .or_else(|| self.file.as_ref().map(|f| f.display().to_string()));
+                .or_else(|| self.files_read());
         }
         e
     }
@@ -561,7 +616,7 @@ impl ConfigSource {
             .metadata
             .as_ref()
             .map(|md| describe_metadata(md, &path.iter().map(String::as_str).collect::<Vec<_>>()))
-            .or_else(|| self.file.as_ref().map(|f| f.display().to_string()));
+            .or_else(|| self.files_read());
         let mut key = path.join(".");
         // For an unknown field, the path points at its parent; name the field itself.
         if let figment::error::Kind::UnknownField(field, _) = &e.kind

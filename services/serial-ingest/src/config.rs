@@ -134,14 +134,12 @@ pub struct PortConfig {
     /// The device name in topics (`meas/<device>/<channel>`); unique across ports.
     pub device: Segment,
     pub protocol: Protocol,
-    #[serde(default = "default_baud")]
-    pub baud: u32,
-    #[serde(default = "default_data_bits")]
-    pub data_bits: u8,
-    #[serde(default = "default_parity")]
-    pub parity: Parity,
-    #[serde(default = "default_stop_bits")]
-    pub stop_bits: u8,
+    /// The line of a local port (default 115200 8N1). A `tcp://` port has its line set on
+    /// the serial device server, so these are refused there.
+    pub baud: Option<u32>,
+    pub data_bits: Option<u8>,
+    pub parity: Option<Parity>,
+    pub stop_bits: Option<u8>,
     /// request-response: one poll this often (default 1000).
     pub poll_interval_ms: Option<u64>,
     /// request-response: an answer later than this is a timeout (default 500).
@@ -171,18 +169,6 @@ pub struct PortConfig {
     pub channels: Vec<ChannelConfig>,
 }
 
-const fn default_baud() -> u32 {
-    DEFAULT_BAUD
-}
-const fn default_data_bits() -> u8 {
-    8
-}
-const fn default_parity() -> Parity {
-    Parity::None
-}
-const fn default_stop_bits() -> u8 {
-    1
-}
 const fn default_reopen_min_ms() -> u64 {
     500
 }
@@ -398,33 +384,76 @@ pub fn is_line_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// `host:port` of a serial device server: a host name (letters, digits, `.` and `-`), an
+/// IPv4 address or a bracketed IPv6 one, and a port 1-65535 in digits.
+fn valid_server(addr: &str) -> bool {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && !host.starts_with(['-', '.'])
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+        }
+    };
+    port_ok && host_ok
+}
+
 impl PortConfig {
     /// Resolve this port (`key` is e.g. `serial_ingest.ports[1]`).
     pub fn plan(&self, key: &str) -> Result<PortPlan, ConfigError> {
         if self.path.trim().is_empty() {
             return Err(err(key, "path", "must not be empty, e.g. \"/dev/ttyUSB0\""));
         }
-        if let Some(addr) = crate::port::tcp_address(&self.path) {
-            let port = addr.rsplit_once(':').and_then(|(host, port)| {
-                (!host.is_empty() && !host.contains('/'))
-                    .then(|| port.parse::<u16>().ok())
-                    .flatten()
-            });
-            if port.is_none_or(|p| p == 0) {
+        if self.path.trim() != self.path {
+            return Err(err(key, "path", "has spaces around it"));
+        }
+        let tcp = self
+            .path
+            .get(..4)
+            .is_some_and(|p| p.eq_ignore_ascii_case("tcp:"));
+        if tcp {
+            if crate::port::tcp_address(&self.path).is_none_or(|a| !valid_server(a)) {
                 return Err(err(
                     key,
                     "path",
-                    "a serial device server is \"tcp://host:port\", e.g. \"tcp://192.168.1.50:4001\"",
+                    "a serial device server is \"tcp://host:port\" (a host name, an IPv4 address or \
+                     an [IPv6] one, and a port 1-65535), e.g. \"tcp://192.168.1.50:4001\"",
                 ));
             }
+            for (leaf, set) in [
+                ("baud", self.baud.is_some()),
+                ("data_bits", self.data_bits.is_some()),
+                ("parity", self.parity.is_some()),
+                ("stop_bits", self.stop_bits.is_some()),
+            ] {
+                if set {
+                    return Err(err(
+                        key,
+                        leaf,
+                        "belongs to a local serial port: behind a serial device server (tcp://) the \
+                         line is set on the server",
+                    ));
+                }
+            }
         }
-        if !(50..=4_000_000).contains(&self.baud) {
+        let baud = self.baud.unwrap_or(DEFAULT_BAUD);
+        let data_bits = self.data_bits.unwrap_or(8);
+        let stop_bits = self.stop_bits.unwrap_or(1);
+        if !(50..=4_000_000).contains(&baud) {
             return Err(err(key, "baud", "must be between 50 and 4000000"));
         }
-        if !(5..=8).contains(&self.data_bits) {
+        if !(5..=8).contains(&data_bits) {
             return Err(err(key, "data_bits", "must be 5, 6, 7 or 8"));
         }
-        if !(1..=2).contains(&self.stop_bits) {
+        if !(1..=2).contains(&stop_bits) {
             return Err(err(key, "stop_bits", "must be 1 or 2"));
         }
         if self.reopen_min_ms < 10 {
@@ -489,10 +518,10 @@ impl PortConfig {
             path: self.path.clone(),
             device: self.device.clone(),
             serial: SerialSettings {
-                baud: self.baud,
-                data_bits: self.data_bits,
-                parity: self.parity,
-                stop_bits: self.stop_bits,
+                baud,
+                data_bits,
+                parity: self.parity.unwrap_or(Parity::None),
+                stop_bits,
             },
             reopen,
             max_line_bytes: self.max_line_bytes,
@@ -937,6 +966,17 @@ poll_interval_ms = 200
             assert_eq!(e.key, "serial_ingest.ports[0].path", "{bad}");
             assert!(e.to_string().contains("tcp://host:port"), "{bad}: {e}");
         }
+        assert_eq!(
+            port(" tcp://h:1").unwrap_err().key,
+            "serial_ingest.ports[0].path"
+        );
+        // The line is the server's: setting it here is refused, not ignored.
+        let e = parse(
+            "[[serial_ingest.ports]]\npath = \"tcp://h:1\"\ndevice = \"d\"\nprotocol = \"lines\"\nbaud = 9600\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "serial_ingest.ports[0].baud");
+        assert!(e.to_string().contains("set on the server"), "{e}");
     }
 
     #[test]

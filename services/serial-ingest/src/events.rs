@@ -201,7 +201,7 @@ impl PortEvents {
             line = %excerpt,
             garbled_since_last_log = unlogged + 1,
             baud,
-            "Garbled line skipped (logged at most once a minute). If every line is garbled, check `baud` against the sketch and the cable."
+            "Garbled line skipped (logged at most once a minute). If every line is garbled, check the baud rate against the sketch (`baud`, or the serial device server's for a tcp:// port) and the cable."
         );
     }
 

@@ -20,6 +20,8 @@ use proto::{Measurement, Quality, RawChannel, RawFrame, ReadingId, Segment};
 use runtime::Shutdown;
 use runtime::backoff::Retries;
 use runtime::delivery::Producer;
+use std::io::Read as _;
+use std::os::fd::AsFd as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -123,6 +125,9 @@ struct Port {
 /// How long a connection to a serial device server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most input a poll discards before it is written (see [`Link::clear_input`]).
+const CLEAR_MAX: usize = 64 * 1024;
+
 /// What a path of `tcp://host:port` names: a serial device server (ser2net in raw mode, an
 /// ESP-Link, an RS232/RS485-to-Ethernet box) that passes the port's bytes over TCP as they
 /// are. The line settings (baud, parity) are the server's; `baud` still dates the lines.
@@ -144,16 +149,25 @@ impl Link {
                 .clear(tokio_serial::ClearBuffer::Input)
                 .map_err(std::io::Error::from),
             Link::Tcp(s) => {
-                let mut scratch = [0u8; 1024];
-                loop {
-                    match s.try_read(&mut scratch) {
+                // tokio's `try_read` reads only when the reactor has already reported the
+                // socket readable, so a late answer that arrived since would stay and be taken
+                // for the next poll's. Ask the kernel itself, through a duplicate of the
+                // (non-blocking) socket, and for at most CLEAR_MAX bytes: a server that floods
+                // must not hold the port here.
+                let dup = std::net::TcpStream::from(s.as_fd().try_clone_to_owned()?);
+                let mut scratch = [0u8; 4096];
+                let mut drained = 0;
+                while drained < CLEAR_MAX {
+                    match (&dup).read(&mut scratch) {
                         // End of file shows up at the next read, as a lost port.
                         Ok(0) => return Ok(()),
-                        Ok(_) => continue,
+                        Ok(n) => drained += n,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
                 }
+                Ok(())
             }
         }
     }
@@ -246,7 +260,13 @@ impl Port {
                 break;
             }
             let delay;
-            match open(&self.plan).await {
+            // A connection to a server that does not answer may take CONNECT_TIMEOUT: not
+            // out of the grace period of a stop.
+            let opened = tokio::select! {
+                () = self.shutdown.wait() => break,
+                r = open(&self.plan) => r,
+            };
+            match opened {
                 Ok(mut stream) => {
                     self.events.opened(opened_before);
                     opened_before = true;

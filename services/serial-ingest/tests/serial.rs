@@ -576,7 +576,6 @@ protocol = "lines"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
-    let site = site("late");
     let dir = tempfile::tempdir().unwrap();
     let late = Socat::start(dir.path(), "late");
     let prompt = Socat::start(dir.path(), "prompt");
@@ -584,6 +583,15 @@ async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
     let late_polls =
         slow_powmon_device(late.sim_file(), vec!["600\r\n"], Duration::from_millis(120));
     powmon_device(prompt.sim_file(), vec!["520\r\n"]);
+    late_answers_are_dropped("late", &late.dev_str(), &prompt.dev_str()).await;
+    assert!(late_polls.lock().unwrap().len() >= 4);
+}
+
+/// A device at `late` answering 600 after each poll's timeout and one at `prompt` answering
+/// 520 at once: only the prompt one's readings are published, and the late answers are
+/// counted as timeouts and unsolicited lines.
+async fn late_answers_are_dropped(name: &str, late: &str, prompt: &str) {
+    let site = site(name);
     let broker = broker().await;
     let mut watch = measurements(&broker, &site).await;
     let svc = start(
@@ -592,7 +600,7 @@ async fn a_late_answer_is_never_taken_for_the_next_polls_answer() {
         &format!(
             r#"
 [[serial_ingest.ports]]
-path = "{}"
+path = "{late}"
 device = "late"
 protocol = "request-response"
 poll_interval_ms = 200
@@ -600,14 +608,12 @@ response_timeout_ms = 50
 max_silent_polls = 1000
 
 [[serial_ingest.ports]]
-path = "{}"
+path = "{prompt}"
 device = "prompt"
 protocol = "request-response"
 poll_interval_ms = 100
 response_timeout_ms = 50
-"#,
-            late.dev_str(),
-            prompt.dev_str()
+"#
         ),
     )
     .await;
@@ -625,10 +631,15 @@ response_timeout_ms = 50
         got.iter()
             .all(|m| m.fields.get("adc_counts") == Some(&520.0))
     );
-    let port = late.dev_str();
-    assert!(late_polls.lock().unwrap().len() >= 4);
-    assert!(counter("wattbus_serial_timeouts_total", &port, "late") >= 4);
-    assert!(counter("wattbus_serial_unsolicited_lines_total", &port, "late") >= 3);
+    expect(
+        "late answers counted as timeouts and unsolicited lines",
+        Duration::from_secs(10),
+        || {
+            counter("wattbus_serial_timeouts_total", late, "late") >= 4
+                && counter("wattbus_serial_unsolicited_lines_total", late, "late") >= 3
+        },
+    )
+    .await;
     svc.stop().await;
 }
 
@@ -780,4 +791,38 @@ channels = [{{ name = "ct1" }}, {{ name = "ct2" }}]
         "each hang-up is counted as a lost port"
     );
     svc.stop().await;
+}
+
+/// A PowMon behind a serial device server that answers each poll `delay` after it.
+async fn tcp_powmon(answer: &'static str, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(_poll)) = lines.next_line().await {
+                tokio::time::sleep(delay).await;
+                if write.write_all(answer.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    addr
+}
+
+/// Over TCP as over a local port, an answer that comes after its timeout is never published,
+/// neither as that poll's nor as the next one's (the input is cleared before each poll).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_answer_over_tcp_is_never_taken_for_the_next_polls_answer() {
+    let late = tcp_powmon("600\r\n", Duration::from_millis(120)).await;
+    let prompt = tcp_powmon("520\r\n", Duration::ZERO).await;
+    late_answers_are_dropped(
+        "tcp-late",
+        &format!("tcp://{late}"),
+        &format!("tcp://{prompt}"),
+    )
+    .await;
 }

@@ -15,6 +15,7 @@
 //! The meters' energy counters are kept on disk like a real meter keeps its own (a
 //! reservation, see `register`), so `docker compose down` / `up` never makes them go back.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use tokio::task::JoinSet;
 use crate::modbus::{
     LineTiming, MeterBus, RtuOptions, SlaveHandle, WE515_COUNTERS, We515, serve_rtu_over_tcp,
 };
-use crate::register::{RegisterError, Registers};
+use crate::register::{RESERVE, RegisterError, Registers};
 use crate::serial::{
     DriverError, Load, PowMon, PowMonConfig, PowMonConfigError, Prime, PrimeConfig,
     PrimeConfigError, Sensor, SensorConfig, SensorConfigError, Waveform, run_powmon, run_prime,
@@ -73,22 +74,36 @@ impl Default for HardwareConfig {
 
 impl HardwareConfig {
     pub(crate) fn check(&self, section: &str) -> Result<(), runtime::ConfigError> {
+        let defaults = Self::default();
         let last = u32::from(self.serial_port) + SERIAL_DEVICES.len() as u32 - 1;
         if self.serial_port == 0 || last > u32::from(u16::MAX) {
             return Err(runtime::ConfigError::new(
                 format!("{section}.serial_port"),
                 format!(
-                    "must leave room for {} ports below 65536",
+                    "must be between 1 and {}: the {} serial devices take that port and the next",
+                    u16::MAX as usize + 1 - SERIAL_DEVICES.len(),
                     SERIAL_DEVICES.len()
                 ),
             ));
         }
-        if self.modbus_port == 0 || (self.serial_port..=last as u16).contains(&self.modbus_port) {
+        if self.modbus_port == 0 {
             return Err(runtime::ConfigError::new(
                 format!("{section}.modbus_port"),
+                "must be between 1 and 65535",
+            ));
+        }
+        if (self.serial_port..=last as u16).contains(&self.modbus_port) {
+            // Name the one that was moved off its default.
+            let key = if self.modbus_port == defaults.modbus_port {
+                "serial_port"
+            } else {
+                "modbus_port"
+            };
+            return Err(runtime::ConfigError::new(
+                format!("{section}.{key}"),
                 format!(
-                    "must be a port other than the serial devices' {}..={last}",
-                    self.serial_port
+                    "the gateway's modbus_port {} falls among the serial devices' ports {}..={last}",
+                    self.modbus_port, self.serial_port
                 ),
             ));
         }
@@ -270,12 +285,20 @@ async fn keep_registers(
     let mut every = tokio::time::interval(COVER_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cover_failed = false;
+    // What each counter read at the last look: a counter that has not moved since (a tariff
+    // not in use, T3 and T4 which this model never uses) is saved exactly, without headroom.
+    let mut last = BTreeMap::new();
+    for (name, handle) in &handles {
+        for (i, v) in counters_at(handle, None).into_iter().enumerate() {
+            last.insert(register_key(name, i), v);
+        }
+    }
     loop {
         tokio::select! {
             () = shutdown.wait() => break,
             _ = every.tick() => {}
         }
-        match cover(&handles, &mut registers) {
+        match cover(&handles, &mut registers, &mut last) {
             Ok(()) => cover_failed = false,
             Err(e) if !cover_failed => {
                 cover_failed = true;
@@ -313,20 +336,49 @@ fn counters_at(handle: &SlaveHandle, now_ms: Option<i64>) -> [f64; WE515_COUNTER
         .unwrap_or([0.0; WE515_COUNTERS])
 }
 
-/// Make sure the registers file covers every counter a poll may have read by now.
+/// Make sure the registers file covers every counter a poll may read before the next look.
+///
+/// A counter that grew since the last look may grow by at most [`METER_MAX_RATE`] for two
+/// intervals before the next look has written a new reservation (one interval, plus one of
+/// delay on a busy machine); when the file does not cover that, every counter is written: the
+/// growing ones with [`RESERVE`] of headroom, the others exactly. After a `kill -9` the meters
+/// then resume at or above any value served, the import total still equal to the sum of its
+/// tariffs (total and the tariff in use grow together, at the same rate), and the tariffs not
+/// in use where they were.
 fn cover(
     handles: &[(&'static str, SlaveHandle)],
     registers: &mut Registers,
+    last: &mut BTreeMap<String, f64>,
 ) -> std::io::Result<()> {
+    let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
+    let headroom = METER_MAX_RATE * RESERVE.as_secs_f64() / 3600.0;
+    let mut wanted = Vec::new();
+    let mut short = false;
     for (name, handle) in handles {
-        // Advanced to now first: a poll in the next second reads at most this plus a
-        // second's growth, well inside the reservation.
-        let counters = counters_at(handle, Some(proto::now_ms()));
-        for (i, v) in counters.into_iter().enumerate() {
-            registers.cover_within(&register_key(name, i), v, METER_MAX_RATE)?;
+        for (i, v) in counters_at(handle, Some(proto::now_ms()))
+            .into_iter()
+            .enumerate()
+        {
+            let key = register_key(name, i);
+            let growing = last.insert(key.clone(), v).is_none_or(|before| v > before);
+            let need = if growing { v + margin } else { v };
+            short |= registers.get(&key).is_none_or(|saved| saved < need);
+            wanted.push((key, if growing { v + headroom } else { v }, growing));
         }
     }
-    Ok(())
+    if !short {
+        return Ok(());
+    }
+    // Never lower a reservation a poll may already have read up to.
+    let values: Vec<(String, f64)> = wanted
+        .into_iter()
+        .map(|(key, v, growing)| {
+            let keep = if growing { registers.get(&key) } else { None };
+            let v = keep.map_or(v, |saved| saved.max(v));
+            (key, v)
+        })
+        .collect();
+    registers.save_exact(values)
 }
 
 /// One serial device on its own TCP port: one host at a time; a second connection while one
@@ -414,6 +466,46 @@ mod tests {
     }
 
     #[test]
+    fn a_reservation_covers_the_counters_in_use_and_keeps_the_tariffs_adding_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meter-registers");
+        let mut r = Registers::open(&path).unwrap();
+        let (_, handles) = meters(proto::now_ms() - 60_000, &r);
+        let mut last = BTreeMap::new();
+        for (name, h) in &handles {
+            for (i, v) in counters_at(h, None).into_iter().enumerate() {
+                last.insert(register_key(name, i), v);
+            }
+        }
+        cover(&handles, &mut r, &mut last).unwrap();
+        // kill -9 here: only the file is left.
+        let saved = Registers::open(&path).unwrap();
+        let served = counters_at(&handles[0].1, None);
+        let g = |i: usize| saved.get(&register_key("house", i)).unwrap();
+        let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
+        assert!(g(0) >= served[0] + margin, "{} < {}", g(0), served[0]);
+        assert!(g(5) >= served[5] + margin, "reactive total reserved too");
+        // T3 and T4 never run in this model: saved as they are, not pushed up.
+        assert_eq!((g(3), g(4)), (served[3], served[4]));
+        for (total, first) in [(0, 1), (5, 6)] {
+            let tariffs: f64 = (first..first + 4).map(g).sum();
+            assert!(
+                (g(total) - tariffs).abs() < 1e-6,
+                "counter {total}: {} ≠ the sum of its tariffs {tariffs}",
+                g(total)
+            );
+        }
+        // Nothing moved: nothing is written again.
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        cover(&handles, &mut r, &mut last).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            before
+        );
+    }
+
+    #[test]
     fn the_ports_may_not_overlap() {
         let ok = HardwareConfig::default();
         assert!(ok.check("simulator.hardware").is_ok());
@@ -423,6 +515,24 @@ mod tests {
         };
         let e = clash.check("simulator.hardware").unwrap_err();
         assert_eq!(e.key, "simulator.hardware.modbus_port");
+        let moved = HardwareConfig {
+            serial_port: 5018,
+            ..ok.clone()
+        };
+        assert_eq!(
+            moved.check("simulator.hardware").unwrap_err().key,
+            "simulator.hardware.serial_port"
+        );
+        let zero = HardwareConfig {
+            modbus_port: 0,
+            ..ok.clone()
+        };
+        assert!(
+            zero.check("s.h")
+                .unwrap_err()
+                .to_string()
+                .contains("between 1 and 65535")
+        );
         let no_room = HardwareConfig {
             serial_port: 65_533,
             ..ok

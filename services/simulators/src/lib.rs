@@ -102,9 +102,21 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
         &plan.instance,
         runtime::state::MUST_NOT_SCALE,
     )?;
-    // The hardware stops when the service does, whichever way that happens (a bus error
-    // ends `on_bus` without a shutdown).
+    // The hardware stops when the service is told to (so its registers are saved within the
+    // grace period, whatever the bus's flush takes), or when the bus part ends by itself (an
+    // error ends `on_bus` without a shutdown).
     let (stop_hardware, hardware_shutdown) = runtime::shutdown::channel();
+    let (bus_ended, bus_ended_rx) = runtime::shutdown::channel();
+    let forward = {
+        let told = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = told.wait() => {}
+                () = bus_ended_rx.wait() => {}
+            }
+            stop_hardware.fire();
+        })
+    };
     let hardware = match &plan.hardware {
         Some(h) => Some(
             hardware::start(
@@ -125,7 +137,10 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
             run_on(&bus, &plan, &ctx).await
         })
         .await;
-    stop_hardware.fire();
+    bus_ended.fire();
+    if let Err(e) = forward.await {
+        tracing::warn!(error = %e, "The simulated hardware's stop signal ended abnormally.");
+    }
     if let Some(h) = hardware
         && let Err(e) = h.await
     {

@@ -104,20 +104,10 @@ impl Registers {
     /// Make sure the file covers `energy_wh` for `device` before a reading with it goes out:
     /// a new reservation is written when it does not. `Err` when it cannot be written.
     pub fn cover(&mut self, device: &str, energy_wh: f64) -> std::io::Result<()> {
-        self.cover_within(device, energy_wh, MAX_POWER_W)
-    }
-
-    /// [`cover`](Self::cover) for a register that grows at most at `max_rate` (W or var).
-    pub fn cover_within(
-        &mut self,
-        device: &str,
-        energy_wh: f64,
-        max_rate: f64,
-    ) -> std::io::Result<()> {
         if self.saved.get(device).is_some_and(|&s| s >= energy_wh) {
             return Ok(());
         }
-        let headroom = max_rate * RESERVE.as_secs_f64() / 3600.0;
+        let headroom = MAX_POWER_W * RESERVE.as_secs_f64() / 3600.0;
         let before = self.saved.insert(device.to_string(), energy_wh + headroom);
         self.write().inspect_err(|_| {
             // Not written: what the file covers is what it held.
@@ -128,7 +118,8 @@ impl Registers {
         })
     }
 
-    /// At a clean stop: the exact registers, so the next start continues from them.
+    /// Write these registers (and keep the others). At a clean stop: the exact registers, so
+    /// the next start continues from them.
     pub fn save_exact(
         &mut self,
         registers: impl IntoIterator<Item = (String, f64)>,

@@ -114,7 +114,8 @@ pub async fn serve_rtu(
 /// accepted connection carries RTU frames, CRC included, with no MBAP header, as if it were
 /// the serial line itself. Frames are cut exactly as [`serve_rtu`] cuts them; connections are
 /// served concurrently (a real gateway would interleave them on its one line; the tests use
-/// one). Runs until shutdown, which drops every connection; fails only if accepting fails.
+/// one). Runs until shutdown, which drops every connection; a failed accept is logged and
+/// tried again.
 pub async fn serve_rtu_over_tcp(
     listener: TcpListener,
     options: RtuOptions,
@@ -127,7 +128,16 @@ pub async fn serve_rtu_over_tcp(
             () = shutdown.wait() => break,
             // Reap finished connections so the set does not grow with every reconnect.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => accepted?,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of descriptors (a flood of connections), a connection aborted before it
+                // was taken: the gateway goes on serving the others and accepting.
+                Err(e) => {
+                    tracing::warn!(error = %e, "The RTU-over-TCP gateway cannot accept a connection; trying again.");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "Cannot set TCP_NODELAY.");
