@@ -563,19 +563,44 @@ fn a_second_config_file_is_layered_and_its_errors_name_it() {
         err.contains("over.toml") && !err.contains("base.toml"),
         "the error is blamed on the file that has the list: {err}"
     );
-    // A bad value the second file leaves at its default, in a list the second file wrote, is
-    // still that file's.
-    let over = write(
+    // A bad value in a list the second file wrote is that file's, and so is a default that
+    // does not fit what the list sets (here a response timeout above the poll interval).
+    for (text, key) in [
+        (
+            "[[serial_ingest.ports]]\npath = \"/dev/ttyUSB0\"\ndevice = \"d\"\nprotocol = \"lines\"\nbaud = 1\n",
+            "serial_ingest.ports[0].baud",
+        ),
+        (
+            "[[serial_ingest.ports]]\npath = \"/dev/x\"\ndevice = \"d\"\nprotocol = \"request-response\"\npoll_interval_ms = 100\n",
+            "serial_ingest.ports[0].response_timeout_ms",
+        ),
+    ] {
+        let over = write(dir.path(), "over.toml", text);
+        for files in [[&base, &over], [&over, &base]] {
+            let o = wattbus(&["config", "check", files[0], files[1]], &[]);
+            let err = stderr(&o);
+            assert!(
+                err.contains(key) && err.contains("over.toml") && !err.contains("base.toml"),
+                "{files:?}: {err}"
+            );
+        }
+    }
+    // A table that both write has no one source: a default in it that does not fit is put on
+    // both files, not on one of them at random.
+    let a = write(
         dir.path(),
-        "over.toml",
-        "[[serial_ingest.ports]]\npath = \"/dev/ttyUSB0\"\ndevice = \"d\"\nprotocol = \"lines\"\nbaud = 1\n",
+        "a.toml",
+        "[serial_ingest.meas_stream]\nmax_bytes = 1048576\n",
     );
-    let o = wattbus(&["config", "check", &base, &over], &[]);
+    let b = write(
+        dir.path(),
+        "b.toml",
+        "[serial_ingest.meas_stream]\nfsync_interval_ms = 0\n",
+    );
+    let o = wattbus(&["config", "check", &a, &b], &[]);
     let err = stderr(&o);
     assert!(
-        err.contains("serial_ingest.ports[0].baud")
-            && err.contains("over.toml")
-            && !err.contains("base.toml"),
+        err.contains("a.toml + ") && err.contains("b.toml") && err.contains("segment_bytes"),
         "{err}"
     );
     let o = wattbus(&["config", "check", &base, "/nonexistent/over.toml"], &[]);

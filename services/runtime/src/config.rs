@@ -554,24 +554,29 @@ impl ConfigSource {
     }
 
     /// The value at `key` (`serial_ingest.ports[0].path`: dotted, with list indices), or, if
-    /// it is not set (a default), at its nearest ancestor that is: a list written in one file
-    /// names that file. `None` if not even the first level is set.
+    /// it is not set (a default), the nearest ancestor that is set inside a list: a list is
+    /// replaced whole by the last source that writes it, so it and everything in it come from
+    /// that one source. A table is merged from every source that writes part of it, so its
+    /// tag says nothing about a key it lacks: `None` then.
     fn nearest_value(&self, key: &str) -> Option<Value> {
         let mut parts = key.split('.').map(|p| match p.split_once('[') {
             Some((name, rest)) => (name, rest.trim_end_matches(']').parse::<usize>().ok()),
             None => (p, None),
         });
-        let (name, index) = parts.next()?;
+        let (name, mut index) = parts.next()?;
         let mut current = self.figment.find_value(name).ok()?;
-        let mut index = index;
+        let mut in_list = false;
         loop {
             if let Some(i) = index {
                 match &current {
-                    Value::Array(_, items) => match items.get(i) {
-                        Some(item) => current = item.clone(),
-                        None => return Some(current),
-                    },
-                    _ => return Some(current),
+                    Value::Array(_, items) => {
+                        in_list = true;
+                        match items.get(i) {
+                            Some(item) => current = item.clone(),
+                            None => return Some(current),
+                        }
+                    }
+                    _ => return in_list.then_some(current),
                 }
             }
             let Some((name, next_index)) = parts.next() else {
@@ -583,7 +588,7 @@ impl ConfigSource {
             };
             match child {
                 Some(c) => current = c,
-                None => return Some(current),
+                None => return in_list.then_some(current),
             }
             index = next_index;
         }
@@ -601,7 +606,7 @@ impl ConfigSource {
                 .or_else(|| self.figment.find_value(&key).ok())
                 .or_else(|| self.nearest_value(&e.key))
                 .and_then(|v| self.figment.get_metadata(v.tag()).map(|md| (md, v)))
-                .map(|(md, _)| describe_metadata(md, &e.key.split('.').collect::<Vec<_>>()))
+                .map(|(md, _)| describe_metadata(md, &env_path(&e.key)))
                 .or_else(|| self.files_read());
         }
         e
@@ -637,6 +642,22 @@ impl ConfigSource {
             reason: one_line(&e.kind.to_string()),
         }
     }
+}
+
+/// The levels of `key` an environment variable can name: up to its first list (a list is
+/// set whole, `WATTBUS_SERIAL_INGEST__PORTS='[…]'`).
+fn env_path(key: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        match part.split_once('[') {
+            Some((name, _)) => {
+                out.push(name);
+                break;
+            }
+            None => out.push(part),
+        }
+    }
+    out
 }
 
 fn describe_metadata(md: &Metadata, path: &[&str]) -> String {

@@ -384,7 +384,7 @@ pub fn is_line_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// `host:port` of a serial device server: a host name (letters, digits, `.` and `-`), an
+/// `host:port` of a serial device server: a host name (letters, digits, `.`, `-`, `_`), an
 /// IPv4 address or a bracketed IPv6 one, and a port 1-65535 in digits.
 fn valid_server(addr: &str) -> bool {
     let Some((host, port)) = addr.rsplit_once(':') else {
@@ -400,7 +400,7 @@ fn valid_server(addr: &str) -> bool {
                 && !host.starts_with(['-', '.'])
                 && host
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
         }
     };
     port_ok && host_ok
@@ -951,6 +951,7 @@ poll_interval_ms = 200
             "tcp://192.168.1.50:4001",
             "tcp://simulator:4005",
             "tcp://[::1]:23",
+            "tcp://serial_sim:4001",
         ] {
             assert!(port(good).is_ok(), "{good}");
         }

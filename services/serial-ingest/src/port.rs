@@ -130,7 +130,7 @@ const CLEAR_MAX: usize = 64 * 1024;
 
 /// What a path of `tcp://host:port` names: a serial device server (ser2net in raw mode, an
 /// ESP-Link, an RS232/RS485-to-Ethernet box) that passes the port's bytes over TCP as they
-/// are. The line settings (baud, parity) are the server's; `baud` still dates the lines.
+/// are. The line settings (baud, parity) are the server's, and refused in the config.
 pub fn tcp_address(path: &str) -> Option<&str> {
     path.strip_prefix("tcp://")
 }
@@ -716,4 +716,49 @@ struct StreamState {
 
 fn seg(s: &str) -> Segment {
     Segment::new(s).unwrap_or_else(|e| unreachable!("invalid built-in segment {s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// A late answer that reached the kernel while the port's task was busy elsewhere (the
+    /// reactor never told it) is still dropped before the next poll.
+    #[test]
+    fn clearing_a_tcp_port_drops_what_the_kernel_holds_though_the_reactor_has_not_said_so() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (mut server, _) = listener.accept().unwrap();
+            client.set_nonblocking(true).unwrap();
+            let mut link = Link::Tcp(TcpStream::from_std(client).unwrap());
+            let Link::Tcp(socket) = &link else {
+                unreachable!()
+            };
+            let peek = std::net::TcpStream::from(socket.as_fd().try_clone_to_owned().unwrap());
+            std::io::Write::write_all(&mut server, b"600\r\n").unwrap();
+            // Wait (without yielding to the reactor) until the kernel holds the answer.
+            let mut b = [0u8; 8];
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while peek.peek(&mut b).map_or(true, |n| n < 5) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the answer never arrived"
+                );
+                std::thread::yield_now();
+            }
+            link.clear_input().unwrap();
+            let left = peek.peek(&mut b);
+            assert!(
+                left.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+                "left to be read as the next poll's answer: {left:?}"
+            );
+        });
+    }
 }

@@ -15,7 +15,6 @@
 //! The meters' energy counters are kept on disk like a real meter keeps its own (a
 //! reservation, see `register`), so `docker compose down` / `up` never makes them go back.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
@@ -27,6 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::modbus::{
     LineTiming, MeterBus, RtuOptions, SlaveHandle, WE515_COUNTERS, We515, serve_rtu_over_tcp,
+    we515_tariff,
 };
 use crate::register::{RESERVE, RegisterError, Registers};
 use crate::serial::{
@@ -285,20 +285,12 @@ async fn keep_registers(
     let mut every = tokio::time::interval(COVER_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut cover_failed = false;
-    // What each counter read at the last look: a counter that has not moved since (a tariff
-    // not in use, T3 and T4 which this model never uses) is saved exactly, without headroom.
-    let mut last = BTreeMap::new();
-    for (name, handle) in &handles {
-        for (i, v) in counters_at(handle, None).into_iter().enumerate() {
-            last.insert(register_key(name, i), v);
-        }
-    }
     loop {
         tokio::select! {
             () = shutdown.wait() => break,
             _ = every.tick() => {}
         }
-        match cover(&handles, &mut registers, &mut last) {
+        match cover(&handles, &mut registers, proto::now_ms()) {
             Ok(()) => cover_failed = false,
             Err(e) if !cover_failed => {
                 cover_failed = true;
@@ -338,47 +330,51 @@ fn counters_at(handle: &SlaveHandle, now_ms: Option<i64>) -> [f64; WE515_COUNTER
 
 /// Make sure the registers file covers every counter a poll may read before the next look.
 ///
-/// A counter that grew since the last look may grow by at most [`METER_MAX_RATE`] for two
-/// intervals before the next look has written a new reservation (one interval, plus one of
-/// delay on a busy machine); when the file does not cover that, every counter is written: the
-/// growing ones with [`RESERVE`] of headroom, the others exactly. After a `kill -9` the meters
-/// then resume at or above any value served, the import total still equal to the sum of its
-/// tariffs (total and the tariff in use grow together, at the same rate), and the tariffs not
-/// in use where they were.
+/// Only the tariff the meter counts into grows (with its total); a poll before the next look
+/// (one interval, plus one of delay on a busy machine) reads it at most [`METER_MAX_RATE`]
+/// for that long above now. When the file does not cover that, it is written: each tariff in
+/// use now or by then (two across a switch) with [`RESERVE`] of headroom, the others exactly,
+/// and each total as the sum of its tariffs. After a `kill -9` the meters then resume at or
+/// above any value served, with every total still the sum of its tariffs.
 fn cover(
     handles: &[(&'static str, SlaveHandle)],
     registers: &mut Registers,
-    last: &mut BTreeMap<String, f64>,
+    now_ms: i64,
 ) -> std::io::Result<()> {
-    let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
+    let ahead_ms = 2 * i64::try_from(COVER_EVERY.as_millis()).unwrap_or(i64::MAX / 4);
+    let margin = METER_MAX_RATE * (ahead_ms as f64 / 1000.0) / 3600.0;
     let headroom = METER_MAX_RATE * RESERVE.as_secs_f64() / 3600.0;
-    let mut wanted = Vec::new();
+    let in_use = [we515_tariff(now_ms), we515_tariff(now_ms + ahead_ms)];
+    let mut values = Vec::new();
     let mut short = false;
     for (name, handle) in handles {
-        for (i, v) in counters_at(handle, Some(proto::now_ms()))
-            .into_iter()
-            .enumerate()
-        {
-            let key = register_key(name, i);
-            let growing = last.insert(key.clone(), v).is_none_or(|before| v > before);
-            let need = if growing { v + margin } else { v };
-            short |= registers.get(&key).is_none_or(|saved| saved < need);
-            wanted.push((key, if growing { v + headroom } else { v }, growing));
+        let v = counters_at(handle, Some(now_ms));
+        // Import: total 0, tariffs 1..=4; reactive: total 5, tariffs 6..=9.
+        for total in [0, 5] {
+            let mut sum = 0.0;
+            for t in 0..4 {
+                let i = total + 1 + t;
+                let key = register_key(name, i);
+                let saved = registers.get(&key);
+                let value = if in_use.contains(&t) {
+                    short |= saved.is_none_or(|s| s < v[i] + margin);
+                    // Never below a reservation a poll may already have read up to.
+                    saved.map_or(v[i] + headroom, |s| s.max(v[i] + headroom))
+                } else {
+                    short |= saved.is_none_or(|s| s < v[i]);
+                    v[i]
+                };
+                sum += value;
+                values.push((key, value));
+            }
+            values.push((register_key(name, total), sum.max(v[total])));
         }
     }
-    if !short {
-        return Ok(());
+    if short {
+        registers.save_exact(values)
+    } else {
+        Ok(())
     }
-    // Never lower a reservation a poll may already have read up to.
-    let values: Vec<(String, f64)> = wanted
-        .into_iter()
-        .map(|(key, v, growing)| {
-            let keep = if growing { registers.get(&key) } else { None };
-            let v = keep.map_or(v, |saved| saved.max(v));
-            (key, v)
-        })
-        .collect();
-    registers.save_exact(values)
 }
 
 /// One serial device on its own TCP port: one host at a time; a second connection while one
@@ -465,44 +461,68 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_reservation_covers_the_counters_in_use_and_keeps_the_tariffs_adding_up() {
+    /// The file a `kill -9` would leave, after a look at `at` (Unix ms) on meters started a
+    /// minute before.
+    fn reservation_at(at: i64) -> (Registers, [f64; WE515_COUNTERS]) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meter-registers");
         let mut r = Registers::open(&path).unwrap();
-        let (_, handles) = meters(proto::now_ms() - 60_000, &r);
-        let mut last = BTreeMap::new();
-        for (name, h) in &handles {
-            for (i, v) in counters_at(h, None).into_iter().enumerate() {
-                last.insert(register_key(name, i), v);
+        let (_, handles) = meters(at - 60_000, &r);
+        cover(&handles, &mut r, at).unwrap();
+        let served = counters_at(&handles[0].1, None);
+        (Registers::open(&path).unwrap(), served)
+    }
+
+    #[test]
+    fn a_reservation_covers_the_tariff_in_use_and_keeps_the_totals_adding_up() {
+        let day = 1_717_250_400_000 - 1_717_250_400_000 % 86_400_000;
+        let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
+        // Noon: T1 in use; just before 22:00: T1 now, T2 within the next look.
+        for (at, in_use) in [
+            (day + 12 * 3_600_000, &[1][..]),
+            (day + 22 * 3_600_000 - 500, &[1, 2][..]),
+        ] {
+            let (saved, served) = reservation_at(at);
+            let g = |i: usize| saved.get(&register_key("house", i)).unwrap();
+            for i in 1..=4 {
+                if in_use.contains(&i) {
+                    assert!(g(i) >= served[i] + margin, "T{i} reserved at {at}");
+                    assert!(g(i + 5) >= served[i + 5] + margin, "reactive T{i} too");
+                } else {
+                    assert_eq!(g(i), served[i], "T{i}, not in use, saved as it is");
+                }
+            }
+            assert!(g(0) >= served[0] + margin && g(5) >= served[5] + margin);
+            for (total, first) in [(0, 1), (5, 6)] {
+                let tariffs: f64 = (first..first + 4).map(g).sum();
+                assert!(
+                    (g(total) - tariffs).abs() < 1e-6,
+                    "counter {total} at {at}: {} is not the sum of its tariffs {tariffs}",
+                    g(total)
+                );
             }
         }
-        cover(&handles, &mut r, &mut last).unwrap();
-        // kill -9 here: only the file is left.
-        let saved = Registers::open(&path).unwrap();
-        let served = counters_at(&handles[0].1, None);
-        let g = |i: usize| saved.get(&register_key("house", i)).unwrap();
-        let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
-        assert!(g(0) >= served[0] + margin, "{} < {}", g(0), served[0]);
-        assert!(g(5) >= served[5] + margin, "reactive total reserved too");
-        // T3 and T4 never run in this model: saved as they are, not pushed up.
-        assert_eq!((g(3), g(4)), (served[3], served[4]));
-        for (total, first) in [(0, 1), (5, 6)] {
-            let tariffs: f64 = (first..first + 4).map(g).sum();
-            assert!(
-                (g(total) - tariffs).abs() < 1e-6,
-                "counter {total}: {} ≠ the sum of its tariffs {tariffs}",
-                g(total)
-            );
-        }
-        // Nothing moved: nothing is written again.
-        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        cover(&handles, &mut r, &mut last).unwrap();
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().modified().unwrap(),
-            before
-        );
+    }
+
+    #[test]
+    fn a_covered_meter_is_not_written_again_and_a_failed_write_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("meter-registers");
+        let mut r = Registers::open(&path).unwrap();
+        let noon = 1_717_243_200_000;
+        let (_, handles) = meters(noon - 60_000, &r);
+        // The directory cannot be made: the write fails, and nothing counts as saved.
+        std::fs::write(dir.path().join("sub"), "a file in the way").unwrap();
+        assert!(cover(&handles, &mut r, noon).is_err());
+        assert_eq!(r.get("house.0"), None);
+        std::fs::remove_file(dir.path().join("sub")).unwrap();
+        cover(&handles, &mut r, noon + 1000).unwrap();
+        let written = std::fs::read_to_string(&path).unwrap();
+        // A second later the reservation still covers: the file is not written again.
+        std::fs::write(&path, "# sentinel\n").unwrap();
+        cover(&handles, &mut r, noon + 2000).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "# sentinel\n");
+        assert!(written.contains("house.0 "), "{written}");
     }
 
     #[test]

@@ -124,19 +124,27 @@ impl Registers {
         &mut self,
         registers: impl IntoIterator<Item = (String, f64)>,
     ) -> std::io::Result<()> {
-        self.saved.extend(registers);
-        self.write()
+        // Taken as saved only once written: a failed write leaves what the file holds.
+        let mut next = self.saved.clone();
+        next.extend(registers);
+        Self::write_map(&self.path, &next)?;
+        self.saved = next;
+        Ok(())
     }
 
     fn write(&self) -> std::io::Result<()> {
+        Self::write_map(&self.path, &self.saved)
+    }
+
+    fn write_map(path: &Path, saved: &BTreeMap<String, f64>) -> std::io::Result<()> {
         let mut text = String::from(HEADER);
-        for (device, wh) in &self.saved {
+        for (device, wh) in saved {
             text.push_str(&format!("{device} {wh}\n"));
         }
-        if let Some(dir) = self.path.parent() {
+        if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        runtime::state::replace_file(&self.path, text.as_bytes())
+        runtime::state::replace_file(path, text.as_bytes())
     }
 }
 

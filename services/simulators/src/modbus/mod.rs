@@ -41,6 +41,7 @@ pub use bus::{Clock, Counters, ManualClock, MeterBus, SimulatedMeter, SlaveHandl
 pub use rtu::{LineTiming, RtuOptions, crc16, serve_rtu, serve_rtu_over_tcp};
 pub use sdm120::{Sdm120, Sdm120Values};
 pub use tcp::serve_tcp;
+pub(crate) use we515::tariff as we515_tariff;
 pub use we515::{COUNTERS as WE515_COUNTERS, We515, We515Values};
 
 /// The exception codes the models and [`SlaveHandle::fail_next`] use.

@@ -123,17 +123,27 @@ pub async fn serve_rtu_over_tcp(
     shutdown: Shutdown,
 ) -> io::Result<()> {
     let mut connections = JoinSet::new();
+    // Accept failures in a row: the first is a WARN, the rest of the episode DEBUG.
+    let mut failing = 0u64;
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.wait() => break,
             // Reap finished connections so the set does not grow with every reconnect.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    failing = 0;
+                    a
+                }
                 // Out of descriptors (a flood of connections), a connection aborted before it
                 // was taken: the gateway goes on serving the others and accepting.
                 Err(e) => {
-                    tracing::warn!(error = %e, "The RTU-over-TCP gateway cannot accept a connection; trying again.");
+                    if failing == 0 {
+                        tracing::warn!(error = %e, "The RTU-over-TCP gateway cannot accept a connection; trying again.");
+                    } else {
+                        tracing::debug!(error = %e, failing, "Still cannot accept a connection.");
+                    }
+                    failing += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }

@@ -298,7 +298,8 @@ impl We515 {
 }
 
 /// Tariff index 0..=3 (T1..T4) at an instant: T1 by day, T2 by night (see the module doc).
-fn tariff(now_ms: i64) -> usize {
+/// The tariff the meter counts into at `now_ms` (0 = T1, 6:00-22:00 UTC; 1 = T2).
+pub(crate) fn tariff(now_ms: i64) -> usize {
     let hour = now_ms.rem_euclid(86_400_000) / 3_600_000;
     if (6..22).contains(&hour) { 0 } else { 1 }
 }
