@@ -585,8 +585,9 @@ fn a_second_config_file_is_layered_and_its_errors_name_it() {
             );
         }
     }
-    // A table that both write has no one source: a default in it that does not fit is put on
-    // both files, not on one of them at random.
+    // A default in a table that does not fit what is set there (here a segment larger than
+    // half the journal) is put on every source that sets something in that table, and on
+    // no other.
     let a = write(
         dir.path(),
         "a.toml",
@@ -597,11 +598,33 @@ fn a_second_config_file_is_layered_and_its_errors_name_it() {
         "b.toml",
         "[serial_ingest.meas_stream]\nfsync_interval_ms = 0\n",
     );
-    let o = wattbus(&["config", "check", &a, &b], &[]);
-    let err = stderr(&o);
+    let origin = |files: &[&str], env: &[(&str, &str)]| {
+        let o = wattbus(&[&["config", "check"][..], files].concat(), env);
+        assert_eq!(o.status.code(), Some(64));
+        let err = stderr(&o);
+        assert!(
+            err.contains("serial_ingest.meas_stream.segment_bytes"),
+            "{err}"
+        );
+        err.split(": key").next().unwrap_or_default().to_string()
+    };
+    let both = origin(&[&a, &b], &[]);
     assert!(
-        err.contains("a.toml + ") && err.contains("b.toml") && err.contains("segment_bytes"),
-        "{err}"
+        both.contains("a.toml + ") && both.ends_with("b.toml"),
+        "{both}"
+    );
+    let one = origin(&[&base, &a], &[]);
+    assert!(
+        one.ends_with("a.toml") && !one.contains("base.toml"),
+        "{one}"
+    );
+    let var = origin(
+        &[&base],
+        &[("WATTBUS_SERIAL_INGEST__MEAS_STREAM__MAX_BYTES", "1048576")],
+    );
+    assert!(
+        var.ends_with("environment variable WATTBUS_SERIAL_INGEST__MEAS_STREAM__MAX_BYTES"),
+        "{var}"
     );
     let o = wattbus(&["config", "check", &base, "/nonexistent/over.toml"], &[]);
     assert_eq!(o.status.code(), Some(64));

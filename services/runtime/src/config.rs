@@ -607,9 +607,58 @@ impl ConfigSource {
                 .or_else(|| self.nearest_value(&e.key))
                 .and_then(|v| self.figment.get_metadata(v.tag()).map(|md| (md, v)))
                 .map(|(md, _)| describe_metadata(md, &env_path(&e.key)))
+                .or_else(|| self.table_sources(&e.key))
                 .or_else(|| self.files_read());
         }
         e
+    }
+
+    /// For a key left at its default in a table: every source that sets something in the
+    /// deepest table on its path that is set (a file, another file, an environment variable),
+    /// since any of them may be what the default does not fit. `None` if no table on the path
+    /// is set.
+    fn table_sources(&self, key: &str) -> Option<String> {
+        let mut path: Vec<String> = Vec::new();
+        let mut table = None;
+        for part in key.split('.') {
+            if part.contains('[') {
+                break;
+            }
+            path.push(part.to_string());
+            match self.figment.find_value(&path.join(".")) {
+                Ok(v @ Value::Dict(..)) => table = Some(v),
+                _ => {
+                    path.pop();
+                    break;
+                }
+            }
+        }
+        let mut sources = std::collections::BTreeSet::new();
+        self.collect_sources(&table?, &mut path, &mut sources);
+        (!sources.is_empty()).then(|| sources.into_iter().collect::<Vec<_>>().join(" + "))
+    }
+
+    fn collect_sources(
+        &self,
+        value: &Value,
+        path: &mut Vec<String>,
+        out: &mut std::collections::BTreeSet<String>,
+    ) {
+        match value {
+            Value::Dict(_, dict) => {
+                for (k, v) in dict {
+                    path.push(k.clone());
+                    self.collect_sources(v, path, out);
+                    path.pop();
+                }
+            }
+            leaf => {
+                if let Some(md) = self.figment.get_metadata(leaf.tag()) {
+                    let levels: Vec<&str> = path.iter().map(String::as_str).collect();
+                    out.insert(describe_metadata(md, &levels));
+                }
+            }
+        }
     }
 
     fn convert(&self, e: figment::Error, section: Option<&str>) -> ConfigError {

@@ -122,6 +122,12 @@ pub enum HardwareError {
     },
     #[error(transparent)]
     Register(#[from] RegisterError),
+    #[error("cannot write the simulated meters' registers to {path}")]
+    Registers {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("a built-in simulated device is invalid: {0}")]
     Model(String),
 }
@@ -246,8 +252,15 @@ pub async fn start(
     ct_sensors(0)?;
     powmon()?;
     fridge_monitor()?;
-    let registers = Registers::open(registers_path)?;
+    let mut registers = Registers::open(registers_path)?;
     let (bus, handles) = meters(proto::now_ms(), &registers);
+    // Covered before the first poll can be served.
+    cover(&handles, &mut registers, proto::now_ms()).map_err(|source| {
+        HardwareError::Registers {
+            path: registers_path.to_path_buf(),
+            source,
+        }
+    })?;
     tracing::info!(
         listen = %config.listen,
         modbus_port = config.modbus_port,
@@ -330,21 +343,22 @@ fn counters_at(handle: &SlaveHandle, now_ms: Option<i64>) -> [f64; WE515_COUNTER
 
 /// Make sure the registers file covers every counter a poll may read before the next look.
 ///
-/// Only the tariff the meter counts into grows (with its total); a poll before the next look
-/// (one interval, plus one of delay on a busy machine) reads it at most [`METER_MAX_RATE`]
-/// for that long above now. When the file does not cover that, it is written: each tariff in
-/// use now or by then (two across a switch) with [`RESERVE`] of headroom, the others exactly,
-/// and each total as the sum of its tariffs. After a `kill -9` the meters then resume at or
-/// above any value served, with every total still the sum of its tariffs.
+/// Only the tariff the meter counts into grows (with its total). The file is written when a
+/// counter has less than half of [`RESERVE`] at [`METER_MAX_RATE`] left above it, so a look
+/// delayed by up to half a minute (a stalled machine) still finds it covered: each tariff in
+/// use now or within [`RESERVE`] (two across a 06:00/22:00 switch) with a full [`RESERVE`]
+/// of headroom, the others exactly, and each total as the sum of its tariffs (or, from a file
+/// where it was already above them, with headroom of its own). After a `kill -9` the meters
+/// then resume at or above any value served, every total still the sum of its tariffs.
 fn cover(
     handles: &[(&'static str, SlaveHandle)],
     registers: &mut Registers,
     now_ms: i64,
 ) -> std::io::Result<()> {
-    let ahead_ms = 2 * i64::try_from(COVER_EVERY.as_millis()).unwrap_or(i64::MAX / 4);
-    let margin = METER_MAX_RATE * (ahead_ms as f64 / 1000.0) / 3600.0;
+    let reserve_ms = i64::try_from(RESERVE.as_millis()).unwrap_or(i64::MAX / 4);
     let headroom = METER_MAX_RATE * RESERVE.as_secs_f64() / 3600.0;
-    let in_use = [we515_tariff(now_ms), we515_tariff(now_ms + ahead_ms)];
+    let margin = headroom / 2.0;
+    let in_use = [we515_tariff(now_ms), we515_tariff(now_ms + reserve_ms)];
     let mut values = Vec::new();
     let mut short = false;
     for (name, handle) in handles {
@@ -367,7 +381,16 @@ fn cover(
                 sum += value;
                 values.push((key, value));
             }
-            values.push((register_key(name, total), sum.max(v[total])));
+            let key = register_key(name, total);
+            short |= registers.get(&key).is_none_or(|s| s < v[total] + margin);
+            // The model keeps a total equal to the sum of its tariffs (to float rounding);
+            // one resumed from a file where it was above them grows on its own headroom.
+            let value = if v[total] > sum - headroom + 1e-6 {
+                sum.max(v[total] + headroom)
+            } else {
+                sum
+            };
+            values.push((key, value));
         }
     }
     if short {
@@ -381,15 +404,25 @@ fn cover(
 /// is served is closed at once (as a second open of a serial port fails).
 async fn serve_device(name: &'static str, index: usize, listener: TcpListener, shutdown: Shutdown) {
     let mut session: Option<tokio::task::JoinHandle<()>> = None;
+    // Accept failures in a row: the first is a WARN, the rest of the episode DEBUG.
+    let mut failing = 0u64;
     loop {
         let accepted = tokio::select! {
             () = shutdown.wait() => break,
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                failing = 0;
+                a
+            }
             Err(e) => {
-                tracing::warn!(device = name, error = %e, "Cannot accept a connection to a simulated device.");
+                if failing == 0 {
+                    tracing::warn!(device = name, error = %e, "Cannot accept a connection to a simulated device; trying again.");
+                } else {
+                    tracing::debug!(device = name, error = %e, failing, "Still cannot accept a connection.");
+                }
+                failing += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -476,11 +509,11 @@ mod tests {
     #[test]
     fn a_reservation_covers_the_tariff_in_use_and_keeps_the_totals_adding_up() {
         let day = 1_717_250_400_000 - 1_717_250_400_000 % 86_400_000;
-        let margin = METER_MAX_RATE * 2.0 * COVER_EVERY.as_secs_f64() / 3600.0;
-        // Noon: T1 in use; just before 22:00: T1 now, T2 within the next look.
+        let margin = METER_MAX_RATE * RESERVE.as_secs_f64() / 3600.0 / 2.0;
+        // Noon: T1 in use; half a minute before 22:00: T1 now, T2 within the reservation.
         for (at, in_use) in [
             (day + 12 * 3_600_000, &[1][..]),
-            (day + 22 * 3_600_000 - 500, &[1, 2][..]),
+            (day + 22 * 3_600_000 - 30_000, &[1, 2][..]),
         ] {
             let (saved, served) = reservation_at(at);
             let g = |i: usize| saved.get(&register_key("house", i)).unwrap();
@@ -523,6 +556,22 @@ mod tests {
         cover(&handles, &mut r, noon + 2000).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "# sentinel\n");
         assert!(written.contains("house.0 "), "{written}");
+    }
+
+    #[test]
+    fn a_total_resumed_above_its_tariffs_is_covered_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meter-registers");
+        // A hand-edited file: the house's total far above the tariffs of a fresh model.
+        std::fs::write(&path, "house.0 9000000\n").unwrap();
+        let mut r = Registers::open(&path).unwrap();
+        let noon = 1_717_243_200_000;
+        let (_, handles) = meters(noon - 60_000, &r);
+        cover(&handles, &mut r, noon).unwrap();
+        let served = counters_at(&handles[0].1, Some(noon + 1_000));
+        let saved = Registers::open(&path).unwrap().get("house.0").unwrap();
+        assert!(served[0] >= 9_000_000.0, "{served:?}");
+        assert!(saved > served[0], "{saved} does not cover {}", served[0]);
     }
 
     #[test]
