@@ -403,16 +403,7 @@ impl ConfigSource {
     /// Load `path`, or the default path if it exists. A path given explicitly must exist.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let file = match path {
-            Some(p) => {
-                if !p.is_file() {
-                    return Err(ConfigError {
-                        origin: Some(p.display().to_string()),
-                        key: "(file)".into(),
-                        reason: "file not found or not a regular file".into(),
-                    });
-                }
-                Some(p.to_path_buf())
-            }
+            Some(p) => Some(existing(p)?),
             None => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.is_file()),
         };
         Self::from_parts(file, None)
@@ -422,16 +413,14 @@ impl ConfigSource {
     /// list such as `[[serial_ingest.ports]]` is replaced whole, not extended). None given:
     /// as [`load`](Self::load) with no path. Every file given must exist.
     pub fn load_layers(paths: &[PathBuf]) -> Result<Self, ConfigError> {
-        match paths {
-            [] => Self::load(None),
-            [one] => Self::load(Some(one)),
-            many => {
-                for p in many {
-                    Self::load(Some(p))?;
-                }
-                Self::from_files(many.to_vec(), None)
-            }
+        if paths.is_empty() {
+            return Self::load(None);
         }
+        let files = paths
+            .iter()
+            .map(|p| existing(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_files(files, None)
     }
 
     /// Build from a file (optional) and an inline TOML string layered on top of it (used by
@@ -690,6 +679,19 @@ impl ConfigSource {
             key,
             reason: one_line(&e.kind.to_string()),
         }
+    }
+}
+
+/// `p`, if it is a file: a config file named explicitly must exist.
+fn existing(p: &Path) -> Result<PathBuf, ConfigError> {
+    if p.is_file() {
+        Ok(p.to_path_buf())
+    } else {
+        Err(ConfigError {
+            origin: Some(p.display().to_string()),
+            key: "(file)".into(),
+            reason: "file not found or not a regular file".into(),
+        })
     }
 }
 
