@@ -521,19 +521,22 @@ impl Processor<'_> {
 
     /// The checkpoint, the only moment anything computed leaves the processor, in this order:
     ///
-    /// 1. the energy counters, every device's mark and the readings waiting (the *outbox*)
+    /// 1. the readings journaled at earlier checkpoints are made durable: the output journal
+    ///    is fsynced, unless every sink group has stored them already (the usual case: the
+    ///    writer stores within about a second, and the journal is then not fsynced at all);
+    /// 2. the energy counters, every device's mark and the readings waiting (the *outbox*)
     ///    are saved in one atomic write (fsynced, renamed): the commit;
-    /// 2. the waiting readings are journaled;
-    /// 3. the output journal is fsynced;
+    /// 3. the waiting readings are journaled (written to the kernel: they are durable in the
+    ///    outbox until the next commit, and step 1 of the next checkpoint takes over);
     /// 4. the frames whose every sample is behind the mark are acknowledged.
     ///
     /// A step that fails stops the rest, and the next checkpoint starts again at 1 with what
     /// is still waiting.
     ///
     /// Why in this order. A frame is acknowledged only once the readings of its windows are
-    /// journaled and fsynced, and the counters holding their energy saved: ARCHITECTURE
-    /// invariant 3, and more, which is why `Acker::ack_after_sync` (which waits for 3 only)
-    /// is not used: a frame acknowledged before its energy is saved is never replayed, so
+    /// journaled and durable (in the saved outbox), and the counters holding their energy
+    /// saved: ARCHITECTURE invariant 3, and more, which is why `Acker::ack_after_sync` (which
+    /// waits for the output only) is not used: a frame acknowledged before its energy is saved is never replayed, so
     /// after a crash its energy would be missing from the counters. And a reading is journaled
     /// only after the counters it shows are saved, with the reading itself in the outbox,
     /// which a restart journals again: whenever the process dies, no stored reading is ahead
@@ -545,6 +548,9 @@ impl Processor<'_> {
     /// `frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_journaled` and
     /// `a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device`.
     async fn checkpoint(&mut self) -> Result<(), Error> {
+        // The commit below replaces the outbox: what the last one held must be durable in
+        // the journal (or stored by every sink) first.
+        self.producer.sync_unstored().await?;
         for dev in self.devices.values() {
             if let Some(mark) = dev.frames.mark() {
                 self.energy.set_mark(dev.name.as_str(), mark);
@@ -585,7 +591,6 @@ impl Processor<'_> {
         // it journals them once more (the same readings again).
         self.waiting.drain(..sent);
         result?;
-        self.producer.sync().await?;
         for dev in self.devices.values_mut() {
             for (token, acker) in dev.frames.done().into_iter().flatten() {
                 acker.ack(&token);

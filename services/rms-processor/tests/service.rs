@@ -879,9 +879,9 @@ async fn a_restart_that_lost_its_frames_labels_every_reading_with_its_own_device
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_are_acknowledged_only_by_a_checkpoint_after_their_readings_are_journaled() {
-    // Why the processor does not use `Acker::ack_after_sync`: its checkpoint journals the
-    // readings, fsyncs the journal, saves the energy counters and marks, and only then
-    // acknowledges (see `Processor::checkpoint`). Before a checkpoint nothing has left: a
+    // Why the processor does not use `Acker::ack_after_sync`: its checkpoint saves the
+    // energy counters, marks and readings (the outbox) together, journals the readings, and
+    // only then acknowledges (see `Processor::checkpoint`). Before a checkpoint nothing has left: a
     // crash then loses nothing and counts nothing twice.
     let site = site("rms-ack");
     let dir = tempfile::tempdir().unwrap();

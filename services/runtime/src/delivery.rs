@@ -21,8 +21,8 @@
 //!   An acknowledgement counts only if its payload names the group of its topic, it is not a
 //!   retained message, the group is waited for, and for records this process published.
 //! - A processor (consumer and producer at once) acknowledges its input with
-//!   [`Acker::ack_after_sync`] only once its output is journaled and fsynced, so the chain
-//!   holds end to end.
+//!   [`Acker::ack_after_sync`] only once its output is journaled and durable (fsynced, or
+//!   stored by every sink group of its stream), so the chain holds end to end.
 //! - Sinks are idempotent, so everything here is *at least once*: a replayed message keeps its
 //!   identity and timestamp, and storing it twice changes nothing.
 
@@ -52,7 +52,8 @@ use crate::shutdown::Shutdown;
 use crate::telemetry::core::Core;
 use crate::telemetry::{Counter, Gauge, LogLimit};
 
-/// Processor acknowledgements waiting for their output's fsync, at most.
+/// Processor acknowledgements waiting for their output to be durable (fsynced or stored), at
+/// most.
 const MAX_WAITING_FOR_SYNC: usize = 100_000;
 
 /// After a reconnect, wait this long before replaying, so that sinks have reconnected and
@@ -118,7 +119,12 @@ struct State {
     handed: Handed,
     /// Highest seq appended (for fsync bookkeeping).
     appended: u64,
-    /// When the journal was last fsynced.
+    /// Records appended and not yet fsynced, as groups `(first seq, when it was appended)`
+    /// at least [`UNSYNCED_GROUP`] apart; a group runs to the next one's first seq. Only
+    /// what is still unacknowledged when it is `fsync_interval_ms` old is fsynced.
+    unsynced: VecDeque<(u64, Instant)>,
+    /// When an fsync was last tried: a failing one is tried again once an interval, not every
+    /// tick (a failing card is not worn harder).
     last_sync: Instant,
     /// Set while the journal refuses records: one ERROR when it starts, a WARN when it ends.
     outage: Option<Outage>,
@@ -214,6 +220,8 @@ struct Shared {
     /// The service's core metrics (`sent`) and this stream's depth and age gauges.
     core: Core,
     deferred: Counter,
+    /// fsyncs of the journal: each rewrites at least one page of the SD card.
+    fsyncs: Counter,
     unjournaled: Counter,
     journal_bytes: Gauge,
     journal_records: Gauge,
@@ -270,6 +278,11 @@ impl Producer {
         let dir = journal_dir(data_dir, &producer, stream);
         let (journal, report) = Journal::open(&dir, cfg)?;
         events::journal_opened(stream.as_str(), &dir, &report);
+        // What the last run wrote and had not fsynced (it was killed) is counted as synced
+        // below: make it so. A failure is logged; the records are still there to replay.
+        if let Err(e) = journal.sync_newest() {
+            tracing::warn!(error = %e, "Cannot fsync the journal's newest segment at start; a power cut soon could take what the last run wrote.");
+        }
         let first = journal.ranges().first().map(|r| r[0]);
         let mut tracker = AckTracker::new(
             cfg.wait_for.iter().map(Segment::as_str),
@@ -304,6 +317,7 @@ impl Producer {
                 tracker,
                 handed: Handed::default(),
                 appended,
+                unsynced: VecDeque::new(),
                 last_sync: Instant::now(),
                 outage: None,
                 sync_failing: false,
@@ -318,6 +332,11 @@ impl Producer {
             epoch: bus.connection(),
             cfg: cfg.clone(),
             synced_tx: watch::channel(appended).0,
+            fsyncs: Counter::new(
+                "wattbus_journal_fsyncs_total",
+                "fsyncs of the journal for records not stored by every sink group within fsync_interval_ms, checkpoints and stops (not those of closed segments and sequence reservations); each rewrites at least a page of the card.",
+                &labels,
+            ),
             deferred: Counter::new(
                 "wattbus_deferred_messages_total",
                 "Messages journaled but not published at once because the broker was unreachable (replayed later).",
@@ -464,8 +483,23 @@ impl Producer {
         sync(&self.shared).await
     }
 
-    /// The highest seq known to be fsynced; a processor waits on it before acknowledging its
-    /// input (see [`Acker::ack_after_sync`]).
+    /// Fsync the journal unless every record in it is fsynced already or stored by every
+    /// sink group waited for (then it is durable where it was stored).
+    pub async fn sync_unstored(&self) -> Result<(), DeliveryError> {
+        let owed = {
+            let st = self.shared.state.lock().await;
+            *self.shared.synced_tx.borrow() < st.appended
+        };
+        if owed {
+            sync(&self.shared).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The highest seq known to be durable: fsynced, or stored by every sink group waited
+    /// for. A processor waits on it before acknowledging its input (see
+    /// [`Acker::ack_after_sync`]).
     pub fn synced(&self) -> watch::Receiver<u64> {
         self.shared.synced_tx.subscribe()
     }
@@ -509,6 +543,18 @@ impl Shared {
         st.appended = seq;
         let now = Instant::now();
         st.append_times.appended(seq, now);
+        if st
+            .unsynced
+            .back()
+            .is_none_or(|(_, t)| now.saturating_duration_since(*t) >= UNSYNCED_GROUP)
+        {
+            st.unsynced.push_back((seq, now));
+            if st.unsynced.len() > MAX_UNSYNCED_GROUPS {
+                // Only while fsyncs fail and nothing is stored: merge the second group into the
+                // first, which keeps the older time (an fsync comes early, never late).
+                st.unsynced.remove(1);
+            }
+        }
         st.tracker.published(now);
         if let Some(o) = st.outage.take() {
             events::journal_available_again(
@@ -548,14 +594,19 @@ impl Shared {
 }
 
 async fn sync(s: &Shared) -> Result<(), DeliveryError> {
-    let (handle, upto) = {
+    let (handle, upto, memory) = {
         let mut st = s.state.lock().await;
         st.last_sync = Instant::now();
-        (st.journal.sync_handle(), st.appended)
+        (
+            st.journal.sync_handle(),
+            st.appended,
+            st.journal.is_memory(),
+        )
     };
     let result = match handle {
         Ok(Some((path, file))) => {
             // fsync on an SD card can take tens of milliseconds: keep it off the async workers.
+            s.fsyncs.inc();
             match tokio::task::spawn_blocking(move || file.sync_data()).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(source)) => Err(JournalError::Io { path, source }.into()),
@@ -578,8 +629,16 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
             }
             _ => {}
         }
+        if result.is_ok() {
+            let appended = st.appended;
+            forget_unsynced_through(&mut st.unsynced, appended, upto);
+        }
     }
     result?;
+    if memory {
+        // Nothing in memory is durable: `synced` moves only as sinks store (see `trim`).
+        return Ok(());
+    }
     s.synced_tx.send_if_modified(|v| {
         let grew = upto > *v;
         *v = (*v).max(upto);
@@ -671,9 +730,9 @@ async fn drive(
             }
             _ = tick.tick() => {
                 let due_sync = {
-                    let st = s.state.lock().await;
-                    st.appended > *s.synced_tx.borrow()
-                        && st.last_sync.elapsed() >= Duration::from_millis(s.cfg.fsync_interval_ms)
+                    let mut st = s.state.lock().await;
+                    let synced = *s.synced_tx.borrow();
+                    sync_due(&mut st, synced, Duration::from_millis(s.cfg.fsync_interval_ms))
                 };
                 if due_sync && let Err(e) = sync(&s).await {
                     // Logged by `sync`, once per episode.
@@ -815,7 +874,63 @@ fn trim(s: &Shared, st: &mut State) {
         tracing::error!(error = %e, "Cannot trim the journal.");
     }
     st.handed.forget_through(point);
+    // What every group has stored is as durable as an fsync would make it: a processor
+    // waiting on `synced` may acknowledge its input for it (and no fsync is owed for it).
+    let stored = point.min(st.appended);
+    s.synced_tx.send_if_modified(|v| {
+        let grew = stored > *v;
+        *v = (*v).max(stored);
+        grew
+    });
     s.update_gauges(st);
+}
+
+/// Records appended within this long of each other share one entry in `State::unsynced`: a
+/// fast producer keeps at most `fsync_interval_ms / UNSYNCED_GROUP` entries, and a record's
+/// age is overstated by at most this much (so it is fsynced a little early, never late).
+const UNSYNCED_GROUP: Duration = Duration::from_millis(10);
+
+/// At most this many entries in `State::unsynced` (200 at the default interval; more only
+/// while fsyncs fail and nothing is stored).
+const MAX_UNSYNCED_GROUPS: usize = 1024;
+
+/// Forget the groups of `unsynced` whose every record is `<= through` (`appended` is the
+/// highest seq, where the last group ends).
+fn forget_unsynced_through(unsynced: &mut VecDeque<(u64, Instant)>, appended: u64, through: u64) {
+    while !unsynced.is_empty() {
+        let end = unsynced
+            .get(1)
+            .map_or(appended, |(next, _)| next.saturating_sub(1));
+        if end <= through {
+            unsynced.pop_front();
+        } else {
+            break;
+        }
+    }
+}
+
+/// Whether the journal must be fsynced now: some record that is neither fsynced nor stored
+/// by every sink group has waited `interval`. A record every group acknowledges sooner is
+/// durable where it was stored, so in a healthy system this never fsyncs and the journal's
+/// pages reach the card with the kernel's writeback (a killed process loses nothing either
+/// way: every record is written to the kernel before it is published). A failing fsync is
+/// tried again once an interval.
+fn sync_due(st: &mut State, synced: u64, interval: Duration) -> bool {
+    let stored = st.tracker.trim_point().unwrap_or(0);
+    let appended = st.appended;
+    // Records the journal no longer holds (stored, or dropped when it was full) are owed
+    // nothing either.
+    let gone = st
+        .journal
+        .first_held()
+        .map_or(appended, |first| first.saturating_sub(1));
+    forget_unsynced_through(&mut st.unsynced, appended, synced.max(stored).max(gone));
+    if st.sync_failing && st.last_sync.elapsed() < interval {
+        return false;
+    }
+    st.unsynced
+        .front()
+        .is_some_and(|(_, t)| t.elapsed() >= interval)
 }
 
 /// Learn or forget a sink group from its (retained) registration.
@@ -1013,7 +1128,8 @@ impl Acker {
         let _ = self.tx.send(AckMsg::Now(token.clone()));
     }
 
-    /// For processors: acknowledge once `producer` has fsynced its own output `seq`.
+    /// For processors: acknowledge once `producer`'s own output `seq` is durable: fsynced, or
+    /// stored by every sink group its stream waits for.
     pub fn ack_after_sync(&self, token: &AckToken, producer: &Producer, seq: u64) {
         let _ = self
             .tx
@@ -1273,6 +1389,28 @@ mod tests {
         Segment::new(s).unwrap()
     }
 
+    /// Groups of unsynced records are forgotten only once every record in them is covered:
+    /// one record of a group still owed keeps the group (and its age) in place.
+    #[test]
+    fn unsynced_groups_are_forgotten_only_when_wholly_covered() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_millis(20);
+        let t2 = t0 + Duration::from_millis(40);
+        let groups = || VecDeque::from([(1, t0), (5, t1), (9, t2)]);
+        let mut u = groups();
+        forget_unsynced_through(&mut u, 12, 3);
+        assert_eq!(u, groups(), "records 4 of the first group is still owed");
+        forget_unsynced_through(&mut u, 12, 4);
+        assert_eq!(u, VecDeque::from([(5, t1), (9, t2)]));
+        forget_unsynced_through(&mut u, 12, 11);
+        assert_eq!(u, VecDeque::from([(9, t2)]), "record 12 is still owed");
+        forget_unsynced_through(&mut u, 12, 12);
+        assert!(u.is_empty());
+        let mut u = groups();
+        forget_unsynced_through(&mut u, 12, 0);
+        assert_eq!(u, groups());
+    }
+
     /// Records a restarted service finds in its journal are as old as their segment file's
     /// last write, not as young as the restart: a watchdog restarting a service every few
     /// minutes must not keep resetting the age an alert watches. The age then grows from there
@@ -1363,23 +1501,33 @@ mod tests {
         }
     }
 
+    /// A `meas` stream of site `home` waiting for `influx`, journal of `kind` in `dir`.
+    fn home_meas(
+        bus: &Bus,
+        kind: crate::config::JournalKind,
+        dir: &Path,
+    ) -> (Producer, JoinHandle<()>) {
+        let cfg = StreamConfig {
+            journal: kind,
+            wait_for: vec![seg("influx")],
+            ..StreamConfig::default()
+        };
+        Producer::open(
+            bus,
+            &seg("meas"),
+            &Filter::measurements(Some(&seg("home")), None),
+            &cfg,
+            dir,
+            Shutdown::never(),
+        )
+        .unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_broker_outage_does_not_stop_a_producer_from_journaling() {
         let (bus, _task) = unreachable_bus("p");
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StreamConfig {
-            wait_for: vec![seg("influx")],
-            ..StreamConfig::default()
-        };
-        let (producer, _t) = Producer::open(
-            &bus,
-            &seg("meas"),
-            &Filter::measurements(Some(&seg("home")), None),
-            &cfg,
-            dir.path(),
-            Shutdown::never(),
-        )
-        .unwrap();
+        let (producer, _t) = home_meas(&bus, crate::config::JournalKind::Disk, dir.path());
         let topic = Topic::measurement(&seg("home"), &seg("d"), &seg("c"));
         // Far more than rumqttc's request queue (1024) holds.
         for i in 0..3000 {
@@ -1396,6 +1544,35 @@ mod tests {
             3000,
             "every reading is kept for when the broker returns"
         );
+    }
+
+    /// `synced` tells a processor its output is durable: an fsync of a disk journal moves
+    /// it, an "fsync" of a memory journal must not (nothing there survives a restart, so
+    /// only sinks storing the records may), and a failing disk journal must not either.
+    #[tokio::test]
+    async fn only_what_is_durable_counts_as_synced() {
+        let (bus, _task) = unreachable_bus("p");
+        let topic = Topic::measurement(&seg("home"), &seg("d"), &seg("c"));
+        for (kind, durable) in [
+            (crate::config::JournalKind::Disk, true),
+            (crate::config::JournalKind::Memory, false),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (producer, _t) = home_meas(&bus, kind, dir.path());
+            let mut last = 0;
+            for i in 0..3 {
+                last = producer.send(&topic, reading(i)).await.unwrap().seq;
+            }
+            producer.sync().await.unwrap();
+            let synced = *producer.synced().borrow();
+            assert_eq!(
+                synced == last,
+                durable,
+                "{kind:?}: synced {synced}, last {last}"
+            );
+            // Nothing is owed once fsynced, so a checkpoint's fsync is skipped.
+            producer.sync_unstored().await.unwrap();
+        }
     }
 
     #[tokio::test]

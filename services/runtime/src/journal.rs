@@ -4,7 +4,8 @@
 //!
 //! 1. **Written before published.** A record is appended (handed to the kernel with `write`)
 //!    before it is published, so a killed process loses nothing it published. `fsync` follows
-//!    within `fsync_interval_ms` (0 = at once), which bounds what a power cut can take. A failed
+//!    for what every sink group has not stored within `fsync_interval_ms` (0 = at once; the
+//!    producer decides, see `delivery`), which bounds what a power cut can take. A failed
 //!    append (disk full) is cut off again at once: a later record is never hidden behind half a
 //!    record.
 //! 2. **Sequence numbers only grow, across restarts.** Numbers are reserved in blocks in a
@@ -791,6 +792,25 @@ impl Journal {
             // Trimming pops every acknowledged record off the front, and seqs ascend.
             Store::Memory(m) => m.records.len() as u64,
         }
+    }
+
+    /// fsync the newest segment file found at open. A process killed before it fsynced its
+    /// last records leaves them in the page cache only, and this run never appends to that
+    /// file (a new segment starts at every open), so no later fsync would cover them.
+    pub fn sync_newest(&self) -> Result<(), JournalError> {
+        if let Store::Disk(d) = &self.store
+            && let Some(seg) = d.segments.back()
+        {
+            File::open(&seg.path)
+                .and_then(|f| f.sync_data())
+                .map_err(io_err(&seg.path))?;
+        }
+        Ok(())
+    }
+
+    /// Whether records live in memory only (nothing to fsync, nothing durable).
+    pub fn is_memory(&self) -> bool {
+        matches!(self.store, Store::Memory(_))
     }
 
     /// A handle to fsync the active segment outside the caller's lock (`None`: nothing to sync).

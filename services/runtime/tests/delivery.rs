@@ -216,6 +216,73 @@ fn walk(p: &std::path::Path) -> usize {
 }
 
 /// The stream `stream` of the producer on `bus`, publishing readings of `site`.
+fn fsyncs(stream: &str) -> u64 {
+    runtime::telemetry::Counter::new(
+        "wattbus_journal_fsyncs_total",
+        "test",
+        &[("service", "test"), ("stream", stream)],
+    )
+    .get()
+}
+
+/// SD-card wear: a journal whose every record a sink stores within `fsync_interval_ms` is
+/// not fsynced (the records are durable where they were stored, and written to the kernel
+/// before they were published, so a killed process loses nothing either way). Once no sink
+/// stores them, the records that waited that long are fsynced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stored_in_time_are_never_fsynced_and_the_others_are() {
+    let site = site("fsync");
+    let (pbus, _pt) = connect(&site, "producer").await;
+    let mut sink = Sink::start(&site, "store").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StreamConfig {
+        wait_for: vec![seg("store")],
+        // Far above how long the sink takes even on a loaded machine.
+        fsync_interval_ms: 5000,
+        ..StreamConfig::default()
+    };
+    let (producer, _ptask) =
+        open_meas(&pbus, &site, "fsynced", &cfg, dir.path(), Shutdown::never());
+    let topic = Topic::measurement(&site, &seg("d"), &seg("c"));
+    // Longer than the interval: a journal fsynced on a timer would have been by now.
+    for i in 0..60 {
+        producer.send(&topic, reading(&site, i)).await.unwrap();
+        sink.store_until(i as usize + 1, Duration::from_secs(10))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            producer.pending().await == 0
+        })
+        .await,
+        "the sink did not store every record"
+    );
+    assert_eq!(fsyncs("fsynced"), 0, "records the sink stored were fsynced");
+    // What a processor's checkpoint asks for: nothing is owed.
+    producer.sync_unstored().await.unwrap();
+    assert_eq!(
+        fsyncs("fsynced"),
+        0,
+        "sync_unstored fsynced what the sink stored"
+    );
+    // The sink goes away: what it no longer stores is fsynced once it has waited.
+    sink.stop().await;
+    for i in 60..65 {
+        producer.send(&topic, reading(&site, i)).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || async { fsyncs("fsynced") > 0 }).await,
+        "records no sink stored were never fsynced"
+    );
+    assert_eq!(producer.pending().await, 5);
+    // One more, unstored: a checkpoint fsyncs it at once.
+    let before = fsyncs("fsynced");
+    producer.send(&topic, reading(&site, 65)).await.unwrap();
+    producer.sync_unstored().await.unwrap();
+    assert_eq!(fsyncs("fsynced"), before + 1);
+}
+
 fn open_meas(
     bus: &Bus,
     site: &Segment,

@@ -179,15 +179,16 @@ impl PortEvents {
         self.frames.inc();
     }
 
-    pub fn garbled(&self, reason: &ParseError, line: &str, baud: u32) {
+    pub fn garbled(&self, reason: &ParseError, line: &str, baud: Option<u32>) {
         self.garbled_text(&reason.to_string(), Some(line), baud);
     }
 
-    pub fn not_utf8(&self, baud: u32) {
+    pub fn not_utf8(&self, baud: Option<u32>) {
         self.garbled_text("not UTF-8", None, baud);
     }
 
-    fn garbled_text(&self, reason: &str, line: Option<&str>, baud: u32) {
+    /// `baud`: the line's rate, left out behind a serial device server (`tcp://`).
+    fn garbled_text(&self, reason: &str, line: Option<&str>, baud: Option<u32>) {
         self.garbled.inc();
         self.errors.garbled.inc();
         let Some(unlogged) = GARBLED_LOG.allow_key(&self.port) else {
@@ -331,12 +332,12 @@ mod tests {
         let e = PortEvents::new("/dev/test-garbled", "garbled-test");
         let other = PortEvents::new("/dev/test-garbled-2", "garbled-test-2");
         let log = capture(|| {
-            e.garbled(&ParseError::Empty, "", 9600);
+            e.garbled(&ParseError::Empty, "", Some(9600));
             for _ in 0..500 {
-                e.garbled(&ParseError::Empty, "x", 9600);
+                e.garbled(&ParseError::Empty, "x", Some(9600));
             }
-            e.not_utf8(9600);
-            other.not_utf8(9600);
+            e.not_utf8(Some(9600));
+            other.not_utf8(None);
         });
         let lines = log.at(Level::WARN);
         assert_eq!(lines.len(), 2, "the first of each port only: {lines:#?}");
@@ -344,7 +345,13 @@ mod tests {
             lines[0].contains("port=/dev/test-garbled ")
                 && lines[0].contains("garbled_since_last_log=1")
         );
+        assert!(lines[0].contains("baud=9600"), "{}", lines[0]);
         assert!(lines[1].contains("port=/dev/test-garbled-2 ") && lines[1].contains("not UTF-8"));
+        assert!(
+            !lines[1].contains("baud="),
+            "a tcp:// port names no baud rate of its own: {}",
+            lines[1]
+        );
         assert_eq!(e.garbled.get(), 502, "the port's counter counts every one");
         assert_eq!(
             core_errors("garbled") - before,

@@ -364,6 +364,14 @@ impl Port {
         }
     }
 
+    /// The baud rate this port's line runs at, for logs; `None` behind a serial device server
+    /// (`tcp://`), whose own setting is what counts.
+    fn line_baud(&self) -> Option<u32> {
+        tcp_address(&self.plan.path)
+            .is_none()
+            .then_some(self.plan.serial.baud)
+    }
+
     /// Hand an output to the publisher. `false` once the publisher is gone (shutdown).
     async fn emit(&self, out: Output) -> bool {
         self.tx.send(out).await.is_ok()
@@ -386,10 +394,14 @@ impl Port {
         let mut deadline: Option<Instant> = None;
         let mut silent = 0u32;
         let mut heard = false;
-        let baud = self.plan.serial.baud;
+        let baud = self.line_baud();
         loop {
             let wake = deadline.unwrap_or_else(|| Instant::now() + poll);
             tokio::select! {
+                // An answer that is there is read before its deadline is judged: a service
+                // whose thread was held up (an fsync on a slow card) finds both ready at once,
+                // and must not call an answer that came in time a timeout.
+                biased;
                 () = self.shutdown.wait() => return (End::Shutdown, heard),
                 _ = tick.tick(), if deadline.is_none() => {
                     // Whatever came before the poll is not its answer (a late answer to the
@@ -402,14 +414,6 @@ impl Port {
                         Ok(Ok(())) => deadline = Some(Instant::now() + response_timeout),
                         Ok(Err(e)) => return (End::Gone(format!("write failed: {e}")), heard),
                         Err(_) => return (End::Silent("the poll could not be written for 2 s".into()), heard),
-                    }
-                }
-                () = tokio::time::sleep_until(wake), if deadline.is_some() => {
-                    deadline = None;
-                    silent += 1;
-                    self.events.timeout(silent, max_silent_polls);
-                    if silent >= max_silent_polls {
-                        return (End::Silent(format!("{silent} polls in a row unanswered")), heard);
                     }
                 }
                 r = stream.read(&mut buf) => {
@@ -467,6 +471,14 @@ impl Port {
                         }
                     }
                 }
+                () = tokio::time::sleep_until(wake), if deadline.is_some() => {
+                    deadline = None;
+                    silent += 1;
+                    self.events.timeout(silent, max_silent_polls);
+                    if silent >= max_silent_polls {
+                        return (End::Silent(format!("{silent} polls in a row unanswered")), heard);
+                    }
+                }
             }
         }
     }
@@ -487,7 +499,7 @@ impl Port {
         let mut buf = vec![0u8; 8192];
         let mut lines = Vec::new();
         let mut heard = false;
-        let baud = self.plan.serial.baud;
+        let baud = self.line_baud();
         loop {
             let r = tokio::select! {
                 () = self.shutdown.wait() => return (End::Shutdown, heard),
@@ -568,7 +580,7 @@ impl Port {
     }
 
     fn stream_line(&mut self, s: &mut StreamState, line: &str, read_ms: i64) -> Vec<Output> {
-        let baud = self.plan.serial.baud;
+        let baud = self.line_baud();
         let data = match protocol::classify(line) {
             LineKind::Data(d) => d,
             LineKind::Blank => return Vec::new(),
@@ -651,7 +663,7 @@ impl Port {
         let pairs = match protocol::parse_pairs(data) {
             Ok(p) => p,
             Err(e) => {
-                self.events.garbled(&e, data, self.plan.serial.baud);
+                self.events.garbled(&e, data, self.line_baud());
                 return Vec::new();
             }
         };
@@ -673,7 +685,7 @@ impl Port {
             let v = value * c.scale + c.offset;
             if !v.is_finite() {
                 let e = protocol::ParseError::NotNumber(format!("{key}={value} scaled"));
-                self.events.garbled(&e, data, self.plan.serial.baud);
+                self.events.garbled(&e, data, self.line_baud());
                 return Vec::new();
             }
             let out = c.min.is_some_and(|lo| v < lo) || c.max.is_some_and(|hi| v > hi);

@@ -98,11 +98,23 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // One service per process (`run`, and the short-lived commands) runs on one thread: its
+    // work is a few wake-ups a second per device, and a second worker thread only adds
+    // cross-thread wake-ups (futex, context switches) for every line read: half the CPU of
+    // the stack (docs/BENCHMARKS.md). The periodic fsyncs go to tokio's blocking pool; the
+    // rare ones in line (a journal segment closed every 4 MiB, a block of 65 536 sequence
+    // numbers reserved) hold the thread for as long as the card takes, which delays, never
+    // loses, a reading: a poll reads an answer that is there before it judges its deadline.
+    // `demo` runs every service in one process and keeps two workers.
+    let mut builder = match cli.command {
+        Command::Demo(_) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wattbus: cannot start the async runtime: {e}");
