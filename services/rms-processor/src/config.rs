@@ -27,9 +27,10 @@ pub struct Config {
     /// Without a paired voltage channel, apparent power is `Irms × nominal_voltage_v` and is
     /// labelled so (tag `power_basis = nominal_voltage`).
     pub nominal_voltage_v: f64,
-    /// How often the output journal is fsynced, the energy counters saved and the input
-    /// acknowledged. Shorter wears the SD card more; longer makes the producer keep more
-    /// frames. Must stay well under the producer's `ack_timeout_ms` (10 s by default).
+    /// How often the energy counters are saved (with the readings since the last time), the
+    /// readings journaled and the input acknowledged. Shorter wears the SD card more; longer
+    /// makes readings leave later and the producer keep more frames. Must stay well under the
+    /// producer's `ack_timeout_ms` (10 s by default).
     pub checkpoint_interval_ms: u64,
     /// A device that sent nothing for this long has its held samples closed as a partial
     /// window, rather than kept until it comes back.
