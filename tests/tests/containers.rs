@@ -181,6 +181,63 @@ impl Stack {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// InfluxDB's retention policies (name, duration) and the database's continuous queries,
+    /// asked as InfluxDB's admin (only an admin may list queries), once the `influx-setup`
+    /// container has run and exited 0.
+    fn retention(&self) -> (Vec<(String, String)>, Vec<String>) {
+        let setup = self
+            .compose_ok(&["ps", "-a", "-q", "influx-setup"])
+            .trim()
+            .to_string();
+        assert!(!setup.is_empty(), "no influx-setup container");
+        assert!(
+            wait_until(Duration::from_secs(120), || {
+                docker_ok(&[
+                    "inspect",
+                    "-f",
+                    "{{.State.Status}} {{.State.ExitCode}}",
+                    &setup,
+                ])
+                .trim()
+                    == "exited 0"
+            }),
+            "influx-setup did not finish with 0\n{}",
+            self.logs()
+        );
+        let ask = |q: &str| {
+            let target = format!(
+                "/query?db=wattbus&u=admin&p={}&q={}",
+                urlencode(&self.secret("influx_admin_password")),
+                urlencode(q)
+            );
+            let (status, body) = http("POST", self.influx_port, &target, b"");
+            assert_eq!(status, 200, "{q}: {body}");
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        };
+        let v = ask("SHOW RETENTION POLICIES ON \"wattbus\"");
+        let policies = v["results"][0]["series"][0]["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap_or("").to_string(),
+                    r[1].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let v = ask("SHOW CONTINUOUS QUERIES");
+        let mut queries = Vec::new();
+        for s in v["results"][0]["series"].as_array().into_iter().flatten() {
+            if s["name"] == "wattbus" {
+                for r in s["values"].as_array().into_iter().flatten() {
+                    queries.push(r[0].as_str().unwrap_or("").to_string());
+                }
+            }
+        }
+        (policies, queries)
+    }
+
     /// `device`'s readings as (time ms → energy_wh).
     fn energy(&self, device: &str) -> BTreeMap<i64, f64> {
         let v = self.query(&format!(
@@ -412,6 +469,15 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         stack.logs()
     );
     let from = stack.newest().unwrap();
+
+    // Retention and downsampling, set by the one-shot influx-setup with InfluxDB's admin.
+    let (policies, queries) = stack.retention();
+    assert!(
+        policies.contains(&("autogen".into(), "720h0m0s".into()))
+            && policies.contains(&("minutes".into(), "0s".into())),
+        "{policies:?}"
+    );
+    assert_eq!(queries, ["wattbus_1m_v1"]);
 
     // Non-root, read-only root filesystem, every wattbus service.
     let secrets: Vec<String> = [
@@ -693,6 +759,9 @@ fn down_and_up_keep_journals_and_energy_keeps_counting_up() {
         );
     }
     stack.up(&[]);
+    // influx-setup ran again at this `up`, and changed nothing.
+    let (_, queries) = stack.retention();
+    assert_eq!(queries, ["wattbus_1m_v1"]);
     // Everything up to the stop is stored (what was journaled and not yet stored is
     // replayed from the volume), and energy continues upwards.
     stack.assert_complete(from, stopping - INTERVAL_MS);

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use wattbus_e2e::servers::{Influxd, Victoria, http};
-use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+use wattbus_e2e::{BrokerSetup, Proc, free_port, run_ok, wait_until, wattbus_bin};
 
 const BASE_TS_MS: i64 = 1_764_000_000_000;
 
@@ -869,5 +869,188 @@ fn csv_powmon_dead_letters_what_it_cannot_hold_before_acknowledging() {
                 .is_some_and(|p| p.contains("reading_n"))),
         "{:?}",
         letters.first()
+    );
+}
+
+/// `wattbus influx setup` on a fresh InfluxDB 1.6.7: raw readings kept for the retention
+/// given (and changed when it is changed), 1-minute aggregates kept for ever by one continuous
+/// query, however often it runs; the aggregates it stores equal those of the raw readings they
+/// cover, both through the query InfluxDB stored (for a past minute) and through InfluxDB
+/// running it (for the current one).
+#[test]
+fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    let url = format!("http://127.0.0.1:{}", influx.port);
+    let setup = |retention: &str| {
+        run_ok(
+            Command::new(wattbus_bin())
+                .args(["influx", "setup", "--url", &url, "--database", "wb"])
+                .args(["--raw-retention", retention, "--wait-s", "10"]),
+        );
+    };
+    let write = |lines: &str| {
+        let (status, text) = http(
+            "POST",
+            influx.port,
+            "/write?db=wb&precision=ms",
+            lines.as_bytes(),
+        );
+        assert_eq!(status, 204, "{text}");
+    };
+    let policies = || {
+        let v = influx.query("wb", "SHOW RETENTION POLICIES ON \"wb\"");
+        v["results"][0]["series"][0]["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r[0].as_str().unwrap().to_string(),
+                    r[1].as_str().unwrap().to_string(),
+                    r[4].as_bool().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let queries = || {
+        let v = influx.query("wb", "SHOW CONTINUOUS QUERIES");
+        let mut out = Vec::new();
+        for s in v["results"][0]["series"].as_array().unwrap() {
+            if s["name"] == "wb" {
+                for r in s["values"].as_array().into_iter().flatten() {
+                    out.push((
+                        r[0].as_str().unwrap().to_string(),
+                        r[1].as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+        }
+        out
+    };
+    setup("30d");
+    setup("30d");
+    let p = policies();
+    assert!(
+        p.contains(&("autogen".into(), "720h0m0s".into(), true)),
+        "{p:?}"
+    );
+    assert!(p.contains(&("minutes".into(), "0s".into(), false)), "{p:?}");
+    let q = queries();
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, "wattbus_1m_v1");
+    setup("8w");
+    let p = policies();
+    assert!(
+        p.contains(&("autogen".into(), "1344h0m0s".into(), true)),
+        "{p:?}"
+    );
+    assert_eq!(queries().len(), 1);
+
+    // A past minute, through the query InfluxDB stored.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = (now_ms / 60_000 - 10) * 60_000;
+    let power = [230.5, 180.0, 410.25, 95.0, 300.0, 120.75];
+    let mut body = String::new();
+    for (i, w) in power.iter().enumerate() {
+        let ts = t0 + i as i64 * 10_000;
+        body.push_str(&format!(
+            "power,site=home,device=house,channel=total power_w={w},energy_wh={} {ts}\n",
+            1000 + i * 3
+        ));
+    }
+    // A measurement with a string field and an integer one: mean() and min() take no string,
+    // and the query must not fail on it (every other measurement would go unaggregated).
+    body.push_str(&format!(
+        "event,site=home,device=house note=\"door\",count=3i {t0}\n"
+    ));
+    // The next minute's reading is no part of it.
+    body.push_str(&format!(
+        "power,site=home,device=house,channel=total power_w=9999,energy_wh=2000 {}\n",
+        t0 + 60_000
+    ));
+    write(&body);
+    let stored = &queries()[0].1;
+    let select = stored
+        .split_once(" BEGIN ")
+        .and_then(|(_, rest)| rest.rsplit_once(" END"))
+        .map(|(s, _)| s)
+        .unwrap_or_else(|| panic!("no body in {stored}"));
+    let (head, group) = select.split_once(" GROUP BY ").unwrap();
+    let once = format!(
+        "{head} WHERE time >= {t0}ms AND time < {}ms GROUP BY {group}",
+        t0 + 60_000
+    );
+    let v = influx.query("wb", &once);
+    assert!(v["results"][0]["error"].is_null(), "{v}");
+    let v = influx.query(
+        "wb",
+        "SELECT * FROM \"wb\".\"minutes\".\"power\" WHERE device = 'house'",
+    );
+    let s = &v["results"][0]["series"][0];
+    let cols: Vec<&str> = s["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let rows = s["values"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "one minute, one row: {s}");
+    let get = |name: &str| {
+        let i = cols
+            .iter()
+            .position(|c| *c == name)
+            .unwrap_or_else(|| panic!("{name} not in {cols:?}"));
+        rows[0][i].clone()
+    };
+    assert_eq!(get("time"), t0);
+    let mean = power.iter().sum::<f64>() / power.len() as f64;
+    assert!((get("mean_power_w").as_f64().unwrap() - mean).abs() < 1e-9);
+    assert_eq!(get("max_power_w").as_f64().unwrap(), 410.25);
+    assert_eq!(get("min_power_w").as_f64().unwrap(), 95.0);
+    assert_eq!(get("last_energy_wh").as_f64().unwrap(), 1015.0);
+    assert_eq!(get("channel"), "total", "tags are kept: {cols:?}");
+    let v = influx.query("wb", "SELECT * FROM \"wb\".\"minutes\".\"event\"");
+    let s = &v["results"][0]["series"][0];
+    assert!(
+        s.to_string().contains("\"door\"") && s["columns"].to_string().contains("mean_count"),
+        "strings keep their last value, numbers their aggregates: {s}"
+    );
+
+    // The current minute, through InfluxDB running the query (at the minute's end).
+    let now_line = format!(
+        "power,site=home,device=fridge,channel=total power_w=80 {}\n",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    write(&now_line);
+    assert!(
+        wait_until(Duration::from_secs(150), || {
+            let v = influx.query(
+                "wb",
+                "SELECT mean_power_w FROM \"wb\".\"minutes\".\"power\" WHERE device = 'fridge'",
+            );
+            v["results"][0]["series"][0]["values"][0][1].as_f64() == Some(80.0)
+        }),
+        "InfluxDB did not run the continuous query within 150 s"
+    );
+}
+
+#[test]
+fn influx_setup_refuses_a_bad_retention_naming_the_flag() {
+    let out = Command::new(wattbus_bin())
+        .args(["influx", "setup", "--raw-retention", "30x", "--wait-s", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--raw-retention") && err.contains("h, d or w"),
+        "{err}"
     );
 }

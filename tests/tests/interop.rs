@@ -348,15 +348,10 @@ fn wattbus_tail_prints_readable_lines_for_what_flows() {
             .arg(&config),
         &d.join("sim.log"),
     );
-    let out = Command::new(wattbus_bin())
-        .args(["tail", "wattbus/v1/lab/meas/#", "-n", "3", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = wattbus_e2e::run_ok(
+        Command::new(wattbus_bin())
+            .args(["tail", "wattbus/v1/lab/meas/#", "-n", "3", "--config"])
+            .arg(&config),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();

@@ -5,6 +5,7 @@ mod check;
 mod demo;
 mod energy;
 mod health;
+mod influx;
 mod modbus;
 mod services;
 mod sinks;
@@ -64,6 +65,11 @@ enum Command {
     Modbus {
         #[command(subcommand)]
         command: modbus::Command,
+    },
+    /// InfluxDB housekeeping: raw readings' retention and 1-minute aggregates kept for ever.
+    Influx {
+        #[command(subcommand)]
+        command: influx::Command,
     },
     /// Print the service table as Markdown (docs/services.md holds it).
     #[command(hide = true)]
@@ -132,6 +138,7 @@ fn main() -> ExitCode {
             Command::Tail(opts) => tail::run(opts).await,
             Command::Health(opts) => health::run(opts),
             Command::Modbus { command } => modbus::run(command).await,
+            Command::Influx { command } => influx::run(command).await,
             Command::Energy { command } => energy::run(command),
             Command::Sinks { command } => sinks::run(command).await,
             Command::Config {
