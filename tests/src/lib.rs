@@ -16,17 +16,6 @@ use std::time::{Duration, Instant};
 
 /// The `wattbus` binary of this workspace (built by `cargo build`, which the test command runs
 /// first; `cargo test` alone does not build other packages' binaries).
-/// Run `cmd` to its end; it must succeed (its stderr is the failure message).
-pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
-    let out = cmd.output().expect("the command could not be started");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 pub fn wattbus_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> → target/<profile>/wattbus
@@ -217,4 +206,15 @@ impl BrokerSetup {
         );
         p
     }
+}
+
+/// Run `cmd` to its end; it must succeed (its stderr is the failure message).
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("the command could not be started");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

@@ -1039,6 +1039,26 @@ fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for
         }),
         "InfluxDB did not run the continuous query within 150 s"
     );
+
+    // Shortening the raw retention where readings are stored is refused, unless asked for:
+    // a reading three days old, and 2 days asked.
+    write(&format!(
+        "power,site=home,device=house,channel=total power_w=1 {}\n",
+        now_ms - 3 * 86_400_000
+    ));
+    let shorter = || {
+        let mut c = Command::new(wattbus_bin());
+        c.args(["influx", "setup", "--url", &url, "--database", "wb"])
+            .args(["--raw-retention", "2d", "--wait-s", "10"]);
+        c
+    };
+    let out = shorter().output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shorten"));
+    assert!(policies().contains(&("autogen".into(), "1344h0m0s".into(), true)));
+    run_ok(shorter().arg("--shorten"));
+    assert!(policies().contains(&("autogen".into(), "48h0m0s".into(), true)));
+    assert_eq!(queries().len(), 1);
 }
 
 #[test]

@@ -1,13 +1,16 @@
-//! `wattbus influx setup`: retention and downsampling on InfluxDB 1.x, so a Pi's database stays
-//! small: raw readings kept for `--raw-retention` (30 days by default) in the database's
-//! `autogen` policy, and 1-minute aggregates (mean, min, max and last of every field, every tag
-//! kept) in a `minutes` policy kept forever, filled by a continuous query.
+//! `wattbus influx setup`: retention and downsampling on InfluxDB 1.x, so a Pi's raw data stays
+//! bounded: raw readings kept for `--raw-retention` (30 days by default) in the database's
+//! default policy (`autogen` unless someone chose another), and 1-minute aggregates (mean,
+//! min, max and last of every field, every tag kept) in a `minutes` policy kept for ever,
+//! filled by a continuous query that looks 10 minutes back each minute, so readings that
+//! arrive a little late (a checkpoint, a batch, a short outage's replay) are counted.
 //!
 //! Why a command of its own and not part of influx-writer: creating retention policies and
 //! continuous queries takes an InfluxDB admin, and influx-writer logs in as a user that may only
-//! write. compose runs this once per `up` with the admin's password (a secret only it holds);
-//! it is idempotent, so running it again changes nothing, and running it with other settings
-//! changes exactly those.
+//! write. compose runs this once per `up` with the admin's password (a secret only it holds).
+//! It changes only what differs from what is asked, and says so on stdout. It never shortens
+//! a retention that would delete readings already stored unless told to (`--shorten`): an
+//! upgrade must not cost a user their history.
 //!
 //! The continuous query is named with a version (`wattbus_1m_v1`): a later wattbus that needs
 //! another query drops the older `wattbus_1m_*` and creates its own, rather than comparing the
@@ -19,9 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use runtime::ConfigError;
 
-/// The continuous query this version keeps, and the prefix of every version's.
+/// The continuous query this version keeps; every version's is `wattbus_1m_v<digits>`.
 pub const CQ_NAME: &str = "wattbus_1m_v1";
-const CQ_PREFIX: &str = "wattbus_1m";
+const CQ_PREFIX: &str = "wattbus_1m_v";
 /// Where the 1-minute aggregates go.
 pub const MINUTES_RP: &str = "minutes";
 
@@ -53,8 +56,12 @@ pub struct SetupOptions {
     /// are kept).
     #[arg(long)]
     pub no_downsample: bool,
+    /// Shorten the raw retention even though InfluxDB holds readings older than it: they are
+    /// deleted within the hour.
+    #[arg(long)]
+    pub shorten: bool,
     /// How long to wait for InfluxDB to answer at all (it may be starting beside this).
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 300)]
     pub wait_s: u64,
 }
 
@@ -86,6 +93,9 @@ pub fn parse_retention(text: &str) -> Result<Retention, String> {
             "{text:?} is not a retention: give a whole number with h, d or w (30d, 720h, 8w), or inf"
         )
     };
+    if !t.is_ascii() {
+        return Err(bad());
+    }
     let (digits, unit) = t.split_at(t.len().saturating_sub(1));
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -101,78 +111,164 @@ pub fn parse_retention(text: &str) -> Result<Retention, String> {
     if hours < 1 {
         return Err(format!("{text:?} keeps nothing: give at least 1h"));
     }
+    // InfluxDB's durations end near 292 years; a century is "inf" for any Pi.
+    if hours > 100 * 8766 {
+        return Err(format!("{text:?} is over a century: say inf"));
+    }
     Ok(Retention {
         literal: format!("{n}{unit}"),
         hours: Some(hours),
     })
 }
 
-/// InfluxDB's own advice for the shard group duration of a retention period.
-fn shard_duration(r: &Retention) -> &'static str {
+/// InfluxDB's own advice for the shard group duration of a retention period, in hours.
+fn shard_hours(r: &Retention) -> u64 {
     match r.hours {
-        Some(h) if h < 48 => "1h",
-        Some(h) if h <= 24 * 183 => "1d",
-        _ => "7d",
+        Some(h) if h < 48 => 1,
+        Some(h) if h <= 24 * 183 => 24,
+        _ => 168,
     }
 }
 
-/// What is there already: retention policy names and this database's continuous query names.
+/// How `SHOW RETENTION POLICIES` writes a duration of whole hours (`0s` for ever).
+fn shown(hours: Option<u64>) -> String {
+    match hours {
+        None | Some(0) => "0s".to_string(),
+        Some(h) => format!("{h}h0m0s"),
+    }
+}
+
+/// One row of `SHOW RETENTION POLICIES`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// As InfluxDB shows it: `720h0m0s`, `0s` for ever.
+    pub duration: String,
+    pub shard: String,
+    pub default: bool,
+}
+
+/// What is there already.
 #[derive(Debug, Default)]
 pub struct Existing {
-    pub policies: Vec<String>,
+    pub policies: Vec<Policy>,
+    /// This database's continuous query names.
     pub queries: Vec<String>,
+    /// Start times (Unix s) of the shards of each policy: what a shorter retention would
+    /// delete.
+    pub shard_starts: Vec<(String, i64)>,
 }
 
-/// The statements that bring `db` to the wanted state from `existing` (pure).
-pub fn statements(db: &str, raw: &Retention, downsample: bool, existing: &Existing) -> Vec<String> {
+/// The statements that bring `db` to the wanted state from `existing` (pure), in a safe
+/// order: the aggregates' policy and query first, the raw retention last. `now_s` is the wall
+/// clock; `Err` is a refusal for a person to read (nothing is changed then).
+pub fn statements(
+    db: &str,
+    raw: &Retention,
+    downsample: bool,
+    shorten: bool,
+    existing: &Existing,
+    now_s: i64,
+) -> Result<Vec<String>, String> {
     let q = quote(db);
-    let has = |rp: &str| existing.policies.iter().any(|p| p == rp);
     let mut out = Vec::new();
-    let raw_spec = format!(
-        "DURATION {} SHARD DURATION {} DEFAULT",
-        raw.literal,
-        shard_duration(raw)
-    );
-    out.push(if has("autogen") {
-        format!("ALTER RETENTION POLICY \"autogen\" ON {q} {raw_spec}")
-    } else {
-        format!(
-            "CREATE RETENTION POLICY \"autogen\" ON {q} DURATION {} REPLICATION 1 SHARD DURATION {} DEFAULT",
-            raw.literal,
-            shard_duration(raw)
-        )
-    });
-    if downsample {
-        out.push(if has(MINUTES_RP) {
-            format!("ALTER RETENTION POLICY \"{MINUTES_RP}\" ON {q} DURATION INF SHARD DURATION 7d")
-        } else {
-            format!(
-                "CREATE RETENTION POLICY \"{MINUTES_RP}\" ON {q} DURATION INF REPLICATION 1 SHARD DURATION 7d"
-            )
-        });
+    // Raw readings live in the database's default policy, whatever it is called.
+    let raw_rp = existing.policies.iter().find(|p| p.default);
+    let raw_name = raw_rp.map_or("autogen", |p| p.name.as_str());
+    if raw_name == MINUTES_RP {
+        return Err(format!(
+            "the database's default retention policy is \"{MINUTES_RP}\", where the aggregates go: make another one the default first"
+        ));
     }
-    for old in existing
-        .queries
-        .iter()
-        .filter(|n| n.starts_with(CQ_PREFIX) && (!downsample || n.as_str() != CQ_NAME))
-    {
+    let (duration, shard) = (shown(raw.hours), shown(Some(shard_hours(raw))));
+    if downsample {
+        // A person's own choice for an existing one (a bound, other shards) is kept.
+        if !existing.policies.iter().any(|p| p.name == MINUTES_RP) {
+            out.push(format!(
+                "CREATE RETENTION POLICY \"{MINUTES_RP}\" ON {q} DURATION INF REPLICATION 1 SHARD DURATION 7d"
+            ));
+        }
+    }
+    for old in existing.queries.iter().filter(|n| {
+        n.strip_prefix(CQ_PREFIX)
+            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            && (!downsample || n.as_str() != CQ_NAME)
+    }) {
         out.push(format!("DROP CONTINUOUS QUERY {} ON {q}", quote(old)));
     }
     if downsample && !existing.queries.iter().any(|n| n == CQ_NAME) {
         out.push(format!(
-            "CREATE CONTINUOUS QUERY \"{CQ_NAME}\" ON {q} BEGIN {} END",
-            downsample_select(db)
+            "CREATE CONTINUOUS QUERY \"{CQ_NAME}\" ON {q} RESAMPLE EVERY 1m FOR 10m BEGIN {} END",
+            downsample_select(db, raw_name)
         ));
     }
-    out
+    match raw_rp {
+        None => out.push(format!(
+            "CREATE RETENTION POLICY \"autogen\" ON {q} DURATION {} REPLICATION 1 SHARD DURATION {}h DEFAULT",
+            raw.literal,
+            shard_hours(raw)
+        )),
+        Some(p) if p.duration == duration && p.shard == shard => {}
+        Some(p) => {
+            let shorter = match (secs(&p.duration), raw.hours) {
+                (None, _) => false,
+                (Some(0), Some(_)) => true,
+                (Some(_), None) => false,
+                (Some(old), Some(h)) => (h * 3600) < old,
+            };
+            if shorter && !shorten {
+                let cut = raw.hours.map_or(i64::MIN, |h| now_s - (h * 3600) as i64);
+                if existing
+                    .shard_starts
+                    .iter()
+                    .any(|(rp, start)| rp == &p.name && *start < cut)
+                {
+                    return Err(format!(
+                        "the database may hold readings older than {} in \"{}\" (a shard starts before then; kept {} now); a shorter retention would delete them within the hour. Run again with --shorten to accept that, or keep a longer --raw-retention",
+                        raw.literal, p.name, p.duration
+                    ));
+                }
+            }
+            out.push(format!(
+                "ALTER RETENTION POLICY {} ON {q} DURATION {} SHARD DURATION {}h",
+                quote(&p.name),
+                raw.literal,
+                shard_hours(raw)
+            ));
+        }
+    }
+    Ok(out)
 }
 
-/// The continuous query's body: every field of every measurement, per minute and series.
-pub fn downsample_select(db: &str) -> String {
+/// Seconds of a duration as `SHOW RETENTION POLICIES` writes it (`720h0m0s`, `0s`).
+fn secs(shown: &str) -> Option<u64> {
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in shown.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        total += n * match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+    }
+    num.is_empty().then_some(total)
+}
+
+/// The continuous query's body: every field of every measurement of the raw policy `rp`, per
+/// minute and series.
+pub fn downsample_select(db: &str, rp: &str) -> String {
     let q = quote(db);
     format!(
         "SELECT mean(*), min(*), max(*), last(*) INTO {q}.\"{MINUTES_RP}\".:MEASUREMENT \
-         FROM {q}.\"autogen\"./.*/ GROUP BY time(1m), *"
+         FROM {q}.{}./.*/ GROUP BY time(1m), *",
+        quote(rp)
     )
 }
 
@@ -225,6 +321,14 @@ async fn setup(o: SetupOptions) -> anyhow::Result<()> {
     };
     let base = reqwest::Url::parse(o.url.trim().trim_end_matches('/'))
         .map_err(|e| ConfigError::new("--url", format!("{:?}: {e}", o.url)))?;
+    if !base.username().is_empty() || base.password().is_some() {
+        // It would be printed in errors; the password belongs in --password-file.
+        return Err(ConfigError::new(
+            "--url",
+            "holds credentials: give --username and --password-file instead".to_string(),
+        )
+        .into());
+    }
     // reqwest is built without a default crypto provider; ring is the project's.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
@@ -242,18 +346,22 @@ async fn setup(o: SetupOptions) -> anyhow::Result<()> {
         .query(&format!("CREATE DATABASE {}", quote(&o.database)))
         .await?;
     let existing = Existing {
-        policies: influx
-            .names(&format!(
-                "SHOW RETENTION POLICIES ON {}",
-                quote(&o.database)
-            ))
-            .await?,
+        policies: influx.policies(&o.database).await?,
         queries: influx.continuous_queries(&o.database).await?,
+        shard_starts: influx.shard_starts(&o.database).await?,
     };
     let downsample = !o.no_downsample;
-    for s in statements(&o.database, &raw, downsample, &existing) {
-        influx.query(&s).await?;
-        tracing::info!(statement = %s, "InfluxDB updated.");
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let todo = statements(&o.database, &raw, downsample, o.shorten, &existing, now_s)
+        .map_err(|reason| ConfigError::new("--raw-retention", reason))?;
+    for s in &todo {
+        influx.query(s).await?;
+        println!("InfluxDB: {s}");
+    }
+    if todo.is_empty() {
+        println!("InfluxDB: nothing to change.");
     }
     println!(
         "InfluxDB database {:?}: raw readings kept {}, {}.",
@@ -321,7 +429,10 @@ impl Influx {
             .await
             .with_context(|| format!("InfluxDB at {} could not be asked {q:?}", self.base))?;
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
+        let body = resp
+            .text()
+            .await
+            .with_context(|| format!("InfluxDB's answer to {q:?} was cut off"))?;
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
             bail!(
                 "InfluxDB refused {q:?} ({status}): this needs an admin; check --username and --password-file"
@@ -341,12 +452,60 @@ impl Influx {
         Ok(v)
     }
 
-    /// The first column of every row of a SHOW statement.
-    async fn names(&self, q: &str) -> anyhow::Result<Vec<String>> {
-        let v = self.query(q).await?;
-        Ok(rows(&v["results"][0]["series"][0])
-            .filter_map(|r| r.first().and_then(|c| c.as_str()).map(str::to_string))
+    /// `db`'s retention policies, by column name (their order differs between versions).
+    async fn policies(&self, db: &str) -> anyhow::Result<Vec<Policy>> {
+        let v = self
+            .query(&format!("SHOW RETENTION POLICIES ON {}", quote(db)))
+            .await?;
+        let series = &v["results"][0]["series"][0];
+        let col = |name: &str| {
+            series["columns"]
+                .as_array()
+                .and_then(|c| c.iter().position(|c| c == name))
+        };
+        let (Some(n), Some(d), Some(s), Some(def)) = (
+            col("name"),
+            col("duration"),
+            col("shardGroupDuration"),
+            col("default"),
+        ) else {
+            bail!("InfluxDB's answer to SHOW RETENTION POLICIES lacks a column: {series}");
+        };
+        Ok(rows(series)
+            .map(|r| Policy {
+                name: r[n].as_str().unwrap_or_default().to_string(),
+                duration: r[d].as_str().unwrap_or_default().to_string(),
+                shard: r[s].as_str().unwrap_or_default().to_string(),
+                default: r[def].as_bool().unwrap_or(false),
+            })
             .collect())
+    }
+
+    /// (retention policy, start in Unix s) of `db`'s shards.
+    async fn shard_starts(&self, db: &str) -> anyhow::Result<Vec<(String, i64)>> {
+        let v = self.query("SHOW SHARDS").await?;
+        let mut out = Vec::new();
+        for series in v["results"][0]["series"].as_array().into_iter().flatten() {
+            if series["name"].as_str() != Some(db) {
+                continue;
+            }
+            let col = |name: &str| {
+                series["columns"]
+                    .as_array()
+                    .and_then(|c| c.iter().position(|c| c == name))
+            };
+            let (Some(rp), Some(start)) = (col("retention_policy"), col("start_time")) else {
+                bail!("InfluxDB's answer to SHOW SHARDS lacks a column: {series}");
+            };
+            for r in rows(series) {
+                let when = r[start]
+                    .as_str()
+                    .and_then(unix_s)
+                    .with_context(|| format!("a shard's start time in {r:?}"))?;
+                out.push((r[rp].as_str().unwrap_or_default().to_string(), when));
+            }
+        }
+        Ok(out)
     }
 
     /// The names of `db`'s continuous queries (SHOW CONTINUOUS QUERIES lists them per
@@ -363,6 +522,26 @@ impl Influx {
         }
         Ok(out)
     }
+}
+
+/// Seconds since 1970 of an RFC 3339 UTC time as InfluxDB writes it (`2026-12-04T00:00:00Z`).
+fn unix_s(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !t.ends_with('Z') {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (n(0..4)?, n(5..7)?, n(8..10)?);
+    let (hh, mm, ss) = (n(11..13)?, n(14..16)?, n(17..19)?);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
 }
 
 fn rows(series: &serde_json::Value) -> impl Iterator<Item = &Vec<serde_json::Value>> {
@@ -397,64 +576,159 @@ mod tests {
         assert!(parse_retention("30x").unwrap_err().contains("h, d or w"));
     }
 
-    #[test]
-    fn a_fresh_database_gets_both_policies_and_the_query() {
-        let s = statements(
-            "wattbus",
-            &parse_retention("30d").unwrap(),
+    fn policy(name: &str, duration: &str, shard: &str, default: bool) -> Policy {
+        Policy {
+            name: name.into(),
+            duration: duration.into(),
+            shard: shard.into(),
+            default,
+        }
+    }
+
+    const NOW: i64 = 1_800_000_000;
+
+    /// The statements for `db` with downsampling on and no shortening allowed.
+    fn plan(db: &str, retention: &str, existing: &Existing) -> Vec<String> {
+        statements(
+            db,
+            &parse_retention(retention).unwrap(),
             true,
-            &Existing {
-                policies: vec!["autogen".into()],
-                queries: vec![],
-            },
-        );
+            false,
+            existing,
+            NOW,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fresh_database_gets_the_aggregates_first_and_its_raw_retention_last() {
+        let existing = Existing {
+            policies: vec![policy("autogen", "0s", "168h0m0s", true)],
+            queries: vec![],
+            // A week of readings, well inside 30 days.
+            shard_starts: vec![("autogen".into(), NOW - 7 * 86_400)],
+        };
+        let s = plan("wattbus", "30d", &existing);
         assert_eq!(
             s,
             [
-                "ALTER RETENTION POLICY \"autogen\" ON \"wattbus\" DURATION 30d SHARD DURATION 1d DEFAULT",
                 "CREATE RETENTION POLICY \"minutes\" ON \"wattbus\" DURATION INF REPLICATION 1 SHARD DURATION 7d",
-                "CREATE CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"wattbus\" BEGIN SELECT mean(*), min(*), max(*), last(*) INTO \"wattbus\".\"minutes\".:MEASUREMENT FROM \"wattbus\".\"autogen\"./.*/ GROUP BY time(1m), * END",
+                "CREATE CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"wattbus\" RESAMPLE EVERY 1m FOR 10m BEGIN SELECT mean(*), min(*), max(*), last(*) INTO \"wattbus\".\"minutes\".:MEASUREMENT FROM \"wattbus\".\"autogen\"./.*/ GROUP BY time(1m), * END",
+                "ALTER RETENTION POLICY \"autogen\" ON \"wattbus\" DURATION 30d SHARD DURATION 24h",
             ]
         );
     }
 
     #[test]
-    fn an_older_query_is_replaced_and_no_downsampling_drops_ours() {
-        let raw = parse_retention("inf").unwrap();
+    fn history_is_never_cut_short_unless_asked() {
         let existing = Existing {
-            policies: vec!["autogen".into(), "minutes".into()],
-            queries: vec!["wattbus_1m_v0".into(), "users_own".into()],
+            policies: vec![policy("autogen", "0s", "168h0m0s", true)],
+            queries: vec![],
+            shard_starts: vec![("autogen".into(), NOW - 90 * 86_400)],
         };
-        let s = statements("db", &raw, true, &existing);
+        let raw = parse_retention("30d").unwrap();
+        let e = statements("db", &raw, true, false, &existing, NOW).unwrap_err();
         assert!(
-            s[0].ends_with("DURATION INF SHARD DURATION 7d DEFAULT"),
-            "{s:?}"
+            e.contains("--shorten") && e.contains("older than 30d"),
+            "{e}"
+        );
+        let s = statements("db", &raw, true, true, &existing, NOW).unwrap();
+        assert!(
+            s.last()
+                .unwrap()
+                .starts_with("ALTER RETENTION POLICY \"autogen\"")
+        );
+        // Longer is always fine.
+        let s = statements(
+            "db",
+            &parse_retention("inf").unwrap(),
+            true,
+            false,
+            &existing,
+            NOW,
         );
         assert!(
-            s[1].starts_with("ALTER RETENTION POLICY \"minutes\""),
-            "{s:?}"
+            s.unwrap().iter().all(|st| !st.starts_with("ALTER")),
+            "already for ever"
         );
-        assert_eq!(s[2], "DROP CONTINUOUS QUERY \"wattbus_1m_v0\" ON \"db\"");
-        assert!(s[3].starts_with("CREATE CONTINUOUS QUERY \"wattbus_1m_v1\""));
-        assert_eq!(s.len(), 4, "the user's own query is left alone: {s:?}");
+    }
+
+    #[test]
+    fn the_default_policy_is_managed_whatever_its_name_and_stays_the_default() {
         let existing = Existing {
-            policies: vec!["autogen".into(), "minutes".into()],
+            policies: vec![
+                policy("autogen", "0s", "168h0m0s", false),
+                policy("one_year", "8760h0m0s", "168h0m0s", true),
+                policy("minutes", "0s", "168h0m0s", false),
+            ],
             queries: vec![CQ_NAME.into()],
+            shard_starts: vec![],
         };
-        let s = statements("db", &raw, false, &existing);
+        let s = plan("db", "52w", &existing);
+        assert_eq!(
+            s,
+            ["ALTER RETENTION POLICY \"one_year\" ON \"db\" DURATION 52w SHARD DURATION 168h"]
+        );
+        assert!(s.iter().all(|st| !st.contains("DEFAULT")));
+    }
+
+    #[test]
+    fn a_second_run_changes_nothing_and_older_queries_are_replaced() {
+        let done = Existing {
+            policies: vec![
+                policy("autogen", "720h0m0s", "24h0m0s", true),
+                policy("minutes", "0s", "168h0m0s", false),
+            ],
+            queries: vec![CQ_NAME.into(), "wattbus_1month".into()],
+            shard_starts: vec![("autogen".into(), NOW - 40 * 86_400)],
+        };
+        let raw = parse_retention("30d").unwrap();
+        assert!(
+            statements("db", &raw, true, false, &done, NOW)
+                .unwrap()
+                .is_empty()
+        );
+        let older = Existing {
+            queries: vec!["wattbus_1m_v0".into()],
+            ..done
+        };
+        let s = statements("db", &raw, true, false, &older, NOW).unwrap();
+        assert_eq!(s[0], "DROP CONTINUOUS QUERY \"wattbus_1m_v0\" ON \"db\"");
+        assert!(s[1].starts_with("CREATE CONTINUOUS QUERY \"wattbus_1m_v1\""));
         assert_eq!(s.len(), 2, "{s:?}");
-        assert_eq!(s[1], "DROP CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"db\"");
-        // Already set up: nothing is created twice.
-        let s = statements("db", &raw, true, &existing);
-        assert_eq!(s.len(), 2, "{s:?}");
+        let s = statements(
+            "db",
+            &raw,
+            false,
+            false,
+            &Existing {
+                queries: vec![CQ_NAME.into()],
+                ..older
+            },
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(s, ["DROP CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"db\""]);
+    }
+
+    #[test]
+    fn influxdb_times_and_durations_are_read_right() {
+        assert_eq!(unix_s("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(unix_s("2026-12-04T00:00:00Z"), Some(1_796_342_400));
+        assert_eq!(unix_s("2024-02-29T12:30:15Z"), Some(1_709_209_815));
+        assert_eq!(unix_s("yesterday"), None);
+        assert_eq!(secs("720h0m0s"), Some(720 * 3600));
+        assert_eq!(secs("0s"), Some(0));
+        assert_eq!(secs("1h30m0s"), Some(5400));
+        assert_eq!(secs("7d"), None);
     }
 
     #[test]
     fn short_and_long_retentions_get_fitting_shards() {
-        let sd = |t| shard_duration(&parse_retention(t).unwrap());
-        assert_eq!(sd("24h"), "1h");
-        assert_eq!(sd("30d"), "1d");
-        assert_eq!(sd("52w"), "7d");
-        assert_eq!(sd("inf"), "7d");
+        let sd = |t| shard_hours(&parse_retention(t).unwrap());
+        assert_eq!(sd("24h"), 1);
+        assert_eq!(sd("30d"), 24);
+        assert_eq!(sd("52w"), 168);
+        assert_eq!(sd("inf"), 168);
     }
 }
