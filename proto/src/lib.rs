@@ -33,11 +33,13 @@
 //! - `plausible`: the physical range of each unit, by field-name suffix, that sinks judge
 //!   readings by ([`RANGES`]).
 //! - `schema`: JSON Schemas generated from the types (checked in under `proto/schemas/`).
+//! - [`utc`]: calendar dates of Unix times, for timestamps people read or programs write.
 
 mod payload;
 mod plausible;
 mod schema;
 mod topic;
+pub mod utc;
 
 pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,

@@ -478,7 +478,7 @@ fn csv_field(out: &mut String, s: &str) {
 pub fn iso_ms(ts_ms: i64) -> String {
     let secs = ts_ms.div_euclid(1000);
     let ms = ts_ms.rem_euclid(1000);
-    let (y, mo, d, h, mi, s) = civil(secs);
+    let (y, mo, d, h, mi, s) = proto::utc::civil(secs);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z")
 }
 
@@ -486,7 +486,7 @@ fn file_stamp(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0));
-    let (y, mo, d, h, mi, s) = civil(secs);
+    let (y, mo, d, h, mi, s) = proto::utc::civil(secs);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}-{mi:02}-{s:02}Z")
 }
 
@@ -498,36 +498,9 @@ fn parse_name(path: &Path, ext: &str) -> Option<SystemTime> {
         .strip_suffix(&format!(".{ext}"))?;
     let stamp = stamp.get(..20)?; // YYYY-MM-DDTHH-MM-SSZ
     let num = |r: std::ops::Range<usize>| stamp.get(r)?.parse::<i64>().ok();
-    let days = days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
+    let days = proto::utc::days_from_civil(num(0..4)?, num(5..7)?, num(8..10)?);
     let secs = days * 86_400 + num(11..13)? * 3600 + num(14..16)? * 60 + num(17..19)?;
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
-}
-
-/// Unix seconds to UTC (year, month, day, hour, minute, second): Howard Hinnant's
-/// `civil_from_days`.
-fn civil(secs: i64) -> (i64, i64, i64, i64, i64, i64) {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = if m > 2 { m - 3 } else { m + 9 };
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

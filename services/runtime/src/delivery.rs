@@ -635,16 +635,20 @@ async fn sync(s: &Shared) -> Result<(), DeliveryError> {
         }
     }
     result?;
-    if memory {
+    if !memory {
         // Nothing in memory is durable: `synced` moves only as sinks store (see `trim`).
-        return Ok(());
+        advance_synced(s, upto);
     }
+    Ok(())
+}
+
+/// Raise `synced` to `durable` (it never goes down): processors waiting on it may acknowledge.
+fn advance_synced(s: &Shared, durable: u64) {
     s.synced_tx.send_if_modified(|v| {
-        let grew = upto > *v;
-        *v = (*v).max(upto);
+        let grew = durable > *v;
+        *v = (*v).max(durable);
         grew
     });
-    Ok(())
 }
 
 /// The groups learned before, from the file beside the journal. What cannot be read is
@@ -876,12 +880,7 @@ fn trim(s: &Shared, st: &mut State) {
     st.handed.forget_through(point);
     // What every group has stored is as durable as an fsync would make it: a processor
     // waiting on `synced` may acknowledge its input for it (and no fsync is owed for it).
-    let stored = point.min(st.appended);
-    s.synced_tx.send_if_modified(|v| {
-        let grew = stored > *v;
-        *v = (*v).max(stored);
-        grew
-    });
+    advance_synced(s, point.min(st.appended));
     s.update_gauges(st);
 }
 
