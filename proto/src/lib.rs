@@ -16,7 +16,7 @@
 //! | `wattbus/v1/<site>/meas/<device>/<channel>` | [`Measurement`] | no | on disk |
 //! | `wattbus/v1/<site>/cmd/<device>` | [`Command`] | no | no (commands expire) |
 //! | `wattbus/v1/<site>/cmd-result/<device>` | [`CommandResult`] | no | no |
-//! | `wattbus/v1/<site>/status/<instance>` | [`Status`] | yes (last will: offline) | no |
+//! | `wattbus/v1/<site>/status/<instance>` | [`Status`] (with [`ServiceHealth`] every 10 s) | yes (last will: offline) | no |
 //! | `wattbus/v1/<site>/ack/<producer>/<stream>/<sink>` | [`Ack`] | no | no |
 //! | `wattbus/v1/<site>/dead/<service>` | [`DeadLetter`] | no | no |
 //! | `wattbus/v1/<site>/sink/<group>` | [`SinkRegistration`] | yes | no |
@@ -44,8 +44,8 @@ pub mod utc;
 pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
     MAX_PAYLOAD_BYTES, MAX_SINK_FILTERS, MAX_TAGS, Measurement, Origin, Payload, Quality,
-    RESERVED_NAMES, RawChannel, RawFrame, Sequenced, ServiceState, SinkRegistration, Status,
-    check_field_name, now_ms,
+    RESERVED_NAMES, RawChannel, RawFrame, SERVICE_MEASUREMENT, STATUS_INTERVAL_S, Sequenced,
+    ServiceHealth, ServiceState, SinkRegistration, Status, check_field_name, now_ms,
 };
 pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};

@@ -246,6 +246,12 @@ pub const MAX_TAGS: usize = 32;
 /// every reading after it, and a field `time` is silently dropped.
 pub const RESERVED_NAMES: [&str; 5] = ["site", "device", "channel", "quality", "time"];
 
+/// The measurement services' statuses are stored as (influx-writer, from
+/// `wattbus/v1/<site>/status/+`, which only a service's own user may publish). No reading may
+/// name it: a producer could otherwise report another service up, or down, on a reading
+/// topic the broker lets it publish.
+pub const SERVICE_MEASUREMENT: &str = "service";
+
 fn check_ts_ms(name: &str, ts: i64) -> Result<(), String> {
     if (MIN_TS_MS..MAX_TS_MS).contains(&ts) {
         Ok(())
@@ -282,6 +288,11 @@ impl Payload for Measurement {
 
     fn validate(&self) -> Result<(), String> {
         check_ts_ms("ts_ms", self.ts_ms)?;
+        if self.measurement.as_str() == SERVICE_MEASUREMENT {
+            return Err(format!(
+                "measurement {SERVICE_MEASUREMENT:?} is reserved for services' statuses"
+            ));
+        }
         if self.fields.is_empty() {
             return Err("fields must not be empty".into());
         }
@@ -574,6 +585,58 @@ pub struct Status {
     /// When the status was set. An `offline` published as the last will carries the time the
     /// connection was made (a will is fixed at CONNECT), not the time it dropped.
     pub ts_ms: i64,
+    /// The service's core metrics at `ts_ms` (docs/metrics.md), on the status a running
+    /// service publishes every [`STATUS_INTERVAL_S`] seconds: how its health reaches InfluxDB
+    /// and Grafana without a scraper. Absent from `offline` and from older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<ServiceHealth>,
+}
+
+/// How often a running service publishes its [`Status`] with its [`ServiceHealth`].
+pub const STATUS_INTERVAL_S: u64 = 10;
+
+/// A service's core metrics (docs/metrics.md), summed over its streams and error kinds.
+/// Counters count from the service's start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ServiceHealth {
+    /// Seconds since the service started.
+    pub uptime_s: u64,
+    /// `wattbus_messages_received_total`.
+    pub received: u64,
+    /// `wattbus_messages_sent_total`.
+    pub sent: u64,
+    /// `wattbus_errors_total`, every kind.
+    pub errors: u64,
+    /// `wattbus_dead_letters_total`.
+    pub dead_letters: u64,
+    /// `wattbus_replayed_records_total`, every stream and sink group.
+    pub replayed: u64,
+    /// `wattbus_journal_records`, every journal: records not yet acknowledged by every sink.
+    pub journal_records: u64,
+    /// `wattbus_journal_oldest_seconds`, the oldest of every journal (0 when all are empty).
+    pub journal_oldest_s: u64,
+}
+
+impl ServiceHealth {
+    /// As reading fields (`up` = 1, the rest by name), for storage next to readings.
+    pub fn fields(&self) -> BTreeMap<String, f64> {
+        #[allow(clippy::cast_precision_loss)] // counts far below 2^53
+        let f = |v: u64| v as f64;
+        [
+            ("up", 1.0),
+            ("uptime_s", f(self.uptime_s)),
+            ("received", f(self.received)),
+            ("sent", f(self.sent)),
+            ("errors", f(self.errors)),
+            ("dead_letters", f(self.dead_letters)),
+            ("replayed", f(self.replayed)),
+            ("journal_records", f(self.journal_records)),
+            ("journal_oldest_s", f(self.journal_oldest_s)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
 }
 
 impl Payload for Status {
@@ -822,6 +885,20 @@ mod tests {
             state: ServiceState::Offline,
             version: "0.1.0".into(),
             ts_ms: TS,
+            health: None,
+        });
+        round_trip(&Status {
+            service: seg("serial-ingest"),
+            instance: seg("serial-ingest-2"),
+            state: ServiceState::Online,
+            version: "0.1.0".into(),
+            ts_ms: TS,
+            health: Some(ServiceHealth {
+                uptime_s: 3600,
+                sent: 7200,
+                journal_records: 2,
+                ..ServiceHealth::default()
+            }),
         });
         round_trip(&Ack {
             sink: seg("influx-writer"),
@@ -886,6 +963,21 @@ mod tests {
         assert!(err.to_string().contains("at most 32"), "{err}");
         m.tags.pop_last();
         assert!(Measurement::decode(&serde_json::to_vec(&m).unwrap()).is_ok());
+    }
+
+    /// A reading named like a service's status would be stored as that service's health: a
+    /// producer allowed to publish readings could report another service up (silencing its
+    /// alert) or down. It does not decode, so every sink dead-letters it.
+    #[test]
+    fn no_reading_may_be_a_service_status() {
+        let mut m = measurement();
+        m.measurement = Segment::new(SERVICE_MEASUREMENT).unwrap();
+        m.fields = BTreeMap::from([("up".to_string(), 1.0)]);
+        let err = Measurement::decode(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+        assert!(
+            err.to_string().contains("reserved for services' statuses"),
+            "{err}"
+        );
     }
 
     /// serde reads a struct from an array of its fields too. A measurement in that form,

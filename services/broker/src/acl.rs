@@ -8,14 +8,15 @@
 //!
 //! | role | may publish | may subscribe |
 //! |---|---|---|
-//! | producer | `meas/+/+`, `raw/+`, `status/+`, `dead/U` | `ack/#`, `sink/+`, `status/+` |
-//! | sink | `ack/+/+/U`, `sink/U`, `status/+`, `dead/U` | `meas/+/+`, `raw/+`, `status/+`, `dead/+` |
+//! | producer | `meas/+/+`, `raw/+`, `status/own`, `dead/U` | `ack/#`, `sink/+`, `status/+` |
+//! | sink | `ack/+/+/U`, `sink/U`, `status/own`, `dead/U` | `meas/+/+`, `raw/+`, `status/+`, `dead/+` |
 //! | processor | producer ∪ sink | producer ∪ sink |
 //! | reader | nothing | `wattbus/#` |
 //! | admin | anything | anything |
 //!
 //! (each pattern after `wattbus/v1/+/`). A producer or processor given `devices` may publish
-//! readings (`meas`, `raw`) only for those devices.
+//! readings (`meas`, `raw`) only for those devices. `status/own`: the policy (`auth.rs`) lets a
+//! user publish only the status of its own client ids (`client_id_owner`).
 //!
 //! Decisions, level by level (MQTT's own matching: only a whole `+` or `#` level is a wildcard):
 //! - A **publish topic** is allowed if a pattern matches it. A topic with a wildcard character,
@@ -224,6 +225,14 @@ pub fn client_id_owner<'a>(
                     .is_some_and(|rest| rest.starts_with('-'))
         })
         .max_by_key(|user| user.len())
+}
+
+/// The instance a status topic (`wattbus/v1/<site>/status/<instance>`) names.
+pub fn status_instance(topic: &str) -> Option<&str> {
+    match topic.split('/').collect::<Vec<_>>()[..] {
+        ["wattbus", "v1", _, "status", instance] => Some(instance),
+        _ => None,
+    }
 }
 
 /// The longest level a non-admin topic or filter may have: `proto::Segment`'s limit, so no

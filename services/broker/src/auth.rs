@@ -124,6 +124,15 @@ impl rumqttd::Policy for Policy {
         if grant.role == acl::Role::Admin {
             return true;
         }
+        // A status is stored as the health of the instance its topic names: only the user that
+        // owns that client id may publish it, or any service could report another as up (or
+        // down) on the dashboard and silence its alerts.
+        if let Some(instance) = acl::status_instance(topic)
+            && acl::client_id_owner(instance, users.0.keys().map(String::as_str)) != Some(username)
+        {
+            self.denied.publish(client_id, username, topic);
+            return false;
+        }
         // A sink acknowledges the origin a payload claims, on any topic it consumes, even when
         // the rest of the payload is not a valid message. Claiming another user's producer
         // would have a real sink acknowledge that producer's sequence numbers, and the
@@ -269,6 +278,38 @@ mod tests {
         let open = Policy::new(None, 8);
         assert!(open.may_publish("x", "", "anything", b"{}"));
         assert!(open.may_subscribe("x", "", "#"));
+    }
+
+    /// A status is stored as the named instance's health: another user's would let any
+    /// service report it up (silencing its "service down" alert) or down.
+    #[test]
+    fn a_status_may_name_only_the_users_own_client_ids() {
+        use rumqttd::Policy as _;
+        let users = Arc::new(Users::new(vec![
+            account("influx", "i", Role::Producer),
+            account("influx-writer", "w", Role::Sink),
+            account("tools", "t", Role::Admin),
+        ]));
+        let policy = Policy::new(Some(users), 8);
+        let status = |instance: &str| format!("wattbus/v1/home/status/{instance}");
+        assert!(policy.may_publish(
+            "influx-writer",
+            "influx-writer",
+            &status("influx-writer"),
+            b"{}"
+        ));
+        assert!(policy.may_publish(
+            "influx-writer-2",
+            "influx-writer",
+            &status("influx-writer-2"),
+            b"{}"
+        ));
+        assert!(policy.may_publish("influx", "influx", &status("influx-1"), b"{}"));
+        // Another user's instance, even one that starts with this user's name.
+        assert!(!policy.may_publish("influx", "influx", &status("influx-writer"), b"{}"));
+        assert!(!policy.may_publish("influx-writer", "influx-writer", &status("influx"), b"{}"));
+        assert!(!policy.may_publish("influx", "influx", &status("rms-processor"), b"{}"));
+        assert!(policy.may_publish("tools", "tools", &status("influx-writer"), b"{}"));
     }
 
     /// Sinks acknowledge the origin a payload claims; claiming another user's producer would

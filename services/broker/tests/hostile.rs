@@ -964,9 +964,14 @@ async fn an_empty_publish_without_retain_leaves_the_retained_message() {
         .await
         .is_ok()
     );
+    // Another user may not publish to this status at all (it is influx-writer's)...
     let (producer, mut producer_loop) =
         connected(config.listen, "serial-ingest", "serial-ingest").await;
-    assert!(publish_acked(&producer, &mut producer_loop, &status, "").await);
+    assert!(!publish_acked(&producer, &mut producer_loop, &status, "").await);
+    // ...and its own user's empty publish without retain leaves it.
+    let (second, mut second_loop) =
+        connected(config.listen, "influx-writer-2", "influx-writer").await;
+    assert!(publish_acked(&second, &mut second_loop, &status, "").await);
     let (reader, mut reader_loop) = connected(config.listen, "grafana", "grafana").await;
     subscribe(&reader, &mut reader_loop, &[&status]).await;
     assert_eq!(

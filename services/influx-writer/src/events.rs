@@ -58,6 +58,7 @@ pub struct Intake {
     readings: Counter,
     implausible: Counter,
     log: LogLimit,
+    status_log: LogLimit,
 }
 
 impl Intake {
@@ -75,6 +76,7 @@ impl Intake {
                 &[],
             ),
             log: LogLimit::new(IMPLAUSIBLE_LOG_EVERY),
+            status_log: LogLimit::new(IMPLAUSIBLE_LOG_EVERY),
         }
     }
 
@@ -98,6 +100,19 @@ impl Intake {
                 value = bad.value,
                 unlogged,
                 "{bad}; stored with quality out_of_range (value kept)."
+            );
+        }
+    }
+
+    /// A status that cannot be stored (it does not decode, or names another instance or
+    /// site than its topic): not stored, counted as malformed, WARN at most once a minute.
+    pub fn bad_status(&self, topic: &str, reason: &str) {
+        self.core.error("malformed").inc();
+        if let Some(unlogged) = self.status_log.allow() {
+            tracing::warn!(
+                topic,
+                unlogged,
+                "A service status was not stored: {reason}."
             );
         }
     }

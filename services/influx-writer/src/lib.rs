@@ -34,6 +34,7 @@ pub mod files;
 pub mod http;
 pub mod influx;
 pub mod line_protocol;
+pub mod status;
 
 use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;
@@ -281,6 +282,10 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         config.dead_letter_max_bytes,
     )));
     let acker = inbox.acker();
+    // Every service's status, stored as its health (`status`), in InfluxDB only. A writer
+    // with several replicas stores each once per replica, stamped by each on receipt: a
+    // status every 10 s shows as two points close together.
+    let mut statuses = bus.watch_statuses(&ctx.common.site);
     let ready = ctx.health.check("influx-writer");
     ready.set(true);
 
@@ -302,6 +307,19 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                 }
                 None => break,
             },
+            Some(m) = statuses.recv() => {
+                match status::reading(&ctx.common.site, &m.topic, &m.payload, m.retain, proto::now_ms()) {
+                    Ok(Some(reading)) => {
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + flush);
+                        pending.push_untracked(m.topic, reading)
+                    }
+                    Ok(None) => false,
+                    Err(reason) => {
+                        intake.bad_status(&m.topic, &reason);
+                        false
+                    }
+                }
+            }
             () = tokio::time::sleep_until(wake), if deadline.is_some() => true,
             () = ctx.shutdown.wait() => break,
         };
@@ -356,6 +374,12 @@ impl Collecting {
         self.items.len() >= self.capacity
     }
 
+    /// Add a reading that no producer waits for (a service's status); `true` once full.
+    fn push_untracked(&mut self, topic: String, measurement: Measurement) -> bool {
+        self.items.push(Item { topic, measurement });
+        self.items.len() >= self.capacity
+    }
+
     /// The gathered readings as a batch for `outputs` outputs, if there are any.
     fn take(&mut self, acker: &Acker, outputs: usize) -> Option<Batch> {
         if self.items.is_empty() {
@@ -399,8 +423,15 @@ async fn run_files(
     while let Some(batch) = rx.recv().await {
         let Some(mut f) = files.take() else { break };
         let b = batch.clone();
+        // Services' statuses are for the InfluxDB output (the health dashboard and alerts);
+        // the files hold readings.
+        let kept: Vec<usize> = (0..batch.items.len())
+            .filter(|i| batch.items[*i].measurement.measurement.as_str() != status::MEASUREMENT)
+            .collect();
+        let kept_too = kept.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&Measurement> = b.items.iter().map(|i| &i.measurement).collect();
+            let refs: Vec<&Measurement> =
+                kept_too.iter().map(|i| &b.items[*i].measurement).collect();
             let r = f.write(&refs, std::time::SystemTime::now());
             (f, r)
         })
@@ -419,7 +450,7 @@ async fn run_files(
                     .skipped
                     .iter()
                     .map(|(i, why)| {
-                        let item = &batch.items[*i];
+                        let item = &batch.items[kept[*i]];
                         events.unwritable(&item.topic, why);
                         let payload = proto::Payload::encode(&item.measurement).unwrap_or_default();
                         proto::DeadLetter::new(service.clone(), why, &item.topic, &payload)

@@ -29,8 +29,9 @@ use tokio::task::JoinHandle;
 
 use crate::backoff::{Backoff, Retries};
 use crate::config::{BusConfig, ConfigError};
+use crate::events;
 use crate::health::{Health, ReadyFlag};
-use crate::{events, telemetry::Gauge};
+use crate::telemetry::{Gauge, core::Core};
 
 /// How long [`Bus::publish_or_defer`] waits for room in rumqttc's request queue. Long enough
 /// to ride out a burst, short enough that a stalled event loop cannot stall a producer.
@@ -353,6 +354,17 @@ impl Bus {
         rx
     }
 
+    /// Every service's status on `site` (retained ones first), for a sink that stores them.
+    /// Not acknowledged and dropped when the consumer lags: the next status, 10 s later,
+    /// replaces a lost one.
+    pub fn watch_statuses(&self, site: &Segment) -> mpsc::Receiver<Message> {
+        self.subscribe(
+            proto::Filter::statuses(Some(site)).as_str(),
+            QoS::AtLeastOnce,
+            Overflow::Drop,
+        )
+    }
+
     /// Announce that a consumer on this connection belongs to sink group `group` and subscribes
     /// `filter` (plain, not `$share/...`): the group's retained registration
     /// (`wattbus/v1/<site>/sink/<group>`, every filter of the group on this connection) is
@@ -533,6 +545,7 @@ fn status(id: &Identity, state: ServiceState) -> Status {
         state,
         version: env!("CARGO_PKG_VERSION").to_string(),
         ts_ms: proto::now_ms(),
+        health: None,
     }
 }
 
@@ -556,12 +569,24 @@ async fn poll_loop(
     // publishes again on every connection) is not a success that resets the backoff.
     let mut connected: Option<(Instant, u32)> = None;
     let mut epoch = 0u64;
+    // The status with the service's core metrics, every STATUS_INTERVAL_S while connected:
+    // how a service's health reaches InfluxDB (influx-writer stores it) and Grafana.
+    let started = Instant::now();
+    let core = Core::of(id.service.as_str());
+    let mut health_tick = tokio::time::interval(Duration::from_secs(proto::STATUS_INTERVAL_S));
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let event = tokio::select! {
             ev = eventloop.poll() => ev,
             () = inner.close.notified() => {
                 shut_down(&inner, &mut eventloop, &status_topic, &id).await;
                 break;
+            }
+            _ = health_tick.tick(), if inner.announce => {
+                if inner.up.load(Ordering::Relaxed) {
+                    publish_health(&inner, &status_topic, &id, &core, started);
+                }
+                continue;
             }
         };
         if event.is_ok() {
@@ -694,6 +719,35 @@ async fn poll_loop(
     connected_gauge.set(0.0);
     // Nothing will arrive any more: let every consumer's `recv` end.
     lock(&inner.routes).clear();
+}
+
+/// Queue the retained `online` status with the service's health. Not journaled: a status
+/// lost to a dropped connection is replaced by the next one.
+fn publish_health(
+    inner: &Inner,
+    status_topic: &Topic<Status>,
+    id: &Identity,
+    core: &Core,
+    started: Instant,
+) {
+    let status = Status {
+        health: Some(core.health(started)),
+        ..status(id, ServiceState::Online)
+    };
+    match status.encode() {
+        Ok(bytes) => {
+            if inner
+                .client
+                .try_publish(status_topic.as_str(), QoS::AtLeastOnce, true, bytes)
+                .is_ok()
+            {
+                inner.published(status_topic.as_str());
+            } else {
+                tracing::debug!("Could not queue the status with the service's health.");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "Cannot encode the service's health."),
+    }
 }
 
 async fn shut_down(

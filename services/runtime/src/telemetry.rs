@@ -136,6 +136,28 @@ impl Gauge {
     }
 }
 
+/// The values of family `name`'s series labelled `service = service`, as f64 (a counter's
+/// count, a gauge's value), for [`core::Core::health`].
+fn values_of(name: &str, service: &str) -> Vec<f64> {
+    let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+    let Some(family) = reg.families.get(name) else {
+        return Vec::new();
+    };
+    family
+        .series
+        .iter()
+        .filter(|(labels, _)| labels.iter().any(|(k, v)| *k == "service" && v == service))
+        .map(|(_, value)| {
+            let raw = value.load(Ordering::Relaxed);
+            match family.kind {
+                #[allow(clippy::cast_precision_loss)] // counts far below 2^53
+                MetricType::Counter => raw as f64,
+                MetricType::Gauge => f64::from_bits(raw),
+            }
+        })
+        .collect()
+}
+
 /// Every metric in Prometheus text exposition format 0.0.4.
 pub fn render() -> String {
     let reg = registry().lock().unwrap_or_else(|p| p.into_inner());

@@ -150,6 +150,30 @@ impl Core {
         )
     }
 
+    /// The core metrics as the status a running service publishes ([`proto::ServiceHealth`]):
+    /// counters summed over their kinds, streams and sinks, journal depth summed, the oldest
+    /// record's age the largest. `started` is when the service started.
+    pub fn health(&self, started: std::time::Instant) -> proto::ServiceHealth {
+        let sum = |name| super::values_of(name, &self.service).iter().sum::<f64>();
+        let max = |name| {
+            super::values_of(name, &self.service)
+                .into_iter()
+                .fold(0.0_f64, f64::max)
+        };
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // non-negative counts
+        let n = |v: f64| v.max(0.0).round() as u64;
+        proto::ServiceHealth {
+            uptime_s: started.elapsed().as_secs(),
+            received: self.received.get(),
+            sent: self.sent.get(),
+            errors: n(sum(ERRORS)),
+            dead_letters: self.dead_letters.get(),
+            replayed: n(sum(REPLAYED)),
+            journal_records: n(sum(JOURNAL_RECORDS)),
+            journal_oldest_s: n(max(JOURNAL_OLDEST)),
+        }
+    }
+
     /// The depth and age gauges of journal `stream`.
     pub fn journal(&self, stream: &str) -> (Gauge, Gauge) {
         let l = [("service", self.service.as_str()), ("stream", stream)];
@@ -187,5 +211,38 @@ mod tests {
         let text = super::super::render();
         assert!(text.contains("wattbus_errors_total{service=\"core-test\",kind=\"garbled\"} 1"));
         assert!(text.contains("wattbus_messages_sent_total{service=\"core-test\"} 2"));
+    }
+
+    #[test]
+    fn health_sums_every_kind_and_stream_and_takes_the_oldest_journal() {
+        let core = Core::register("health-test", &["garbled"]);
+        core.error("garbled").add(3);
+        core.error("bus").inc();
+        Core::register("other-test", &[]).error("bus").add(100);
+        let (records_a, oldest_a) = core.journal("meas");
+        let (records_b, oldest_b) = core.journal("raw");
+        records_a.set(5.0);
+        records_b.set(2.0);
+        oldest_a.set(12.4);
+        oldest_b.set(90.6);
+        core.replayed("meas", "influx-writer").add(4);
+        core.replayed("raw", "rms-processor").add(6);
+        core.sent.add(7);
+        core.received.add(8);
+        core.dead_letters.add(1);
+        let h = core.health(std::time::Instant::now());
+        assert_eq!(
+            h,
+            proto::ServiceHealth {
+                uptime_s: 0,
+                received: 8,
+                sent: 7,
+                errors: 4,
+                dead_letters: 1,
+                replayed: 10,
+                journal_records: 7,
+                journal_oldest_s: 91,
+            }
+        );
     }
 }
