@@ -936,16 +936,20 @@ fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for
         "{p:?}"
     );
     assert!(p.contains(&("minutes".into(), "0s".into(), false)), "{p:?}");
-    let q = queries();
-    assert_eq!(q.len(), 1, "{q:?}");
-    assert_eq!(q[0].0, "wattbus_1m_v1");
+    let mut q = queries();
+    q.sort();
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert_eq!(q[0].0, "wattbus_1m_late_v1");
+    assert!(q[0].1.contains("RESAMPLE EVERY 1h FOR 6h"), "{}", q[0].1);
+    assert_eq!(q[1].0, "wattbus_1m_v2");
+    assert!(q[1].1.contains("RESAMPLE EVERY 1m FOR 2m"), "{}", q[1].1);
     setup("8w");
     let p = policies();
     assert!(
         p.contains(&("autogen".into(), "1344h0m0s".into(), true)),
         "{p:?}"
     );
-    assert_eq!(queries().len(), 1);
+    assert_eq!(queries().len(), 2);
 
     // A past minute, through the query InfluxDB stored.
     let now_ms = std::time::SystemTime::now()
@@ -973,7 +977,11 @@ fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for
         t0 + 60_000
     ));
     write(&body);
-    let stored = &queries()[0].1;
+    let stored = &queries()
+        .into_iter()
+        .find(|(name, _)| name == "wattbus_1m_v2")
+        .unwrap()
+        .1;
     let select = stored
         .split_once(" BEGIN ")
         .and_then(|(_, rest)| rest.rsplit_once(" END"))
@@ -1040,6 +1048,35 @@ fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for
         "InfluxDB did not run the continuous query within 150 s"
     );
 
+    // Readings two days late (a long outage drained from the spool): neither continuous query
+    // looks that far back; `wattbus influx backfill` makes their minute.
+    let late = (now_ms / 60_000 - 2 * 24 * 60) * 60_000;
+    write(&format!(
+        "power,site=home,device=shed,channel=total power_w=100 {late}\npower,site=home,device=shed,channel=total power_w=300 {}\n",
+        late + 30_000
+    ));
+    let aggregated = || {
+        let v = influx.query(
+            "wb",
+            "SELECT mean_power_w, max_power_w FROM \"wb\".\"minutes\".\"power\" WHERE device = 'shed'",
+        );
+        v["results"][0]["series"][0]["values"][0].clone()
+    };
+    assert!(aggregated().is_null());
+    let backfill = run_ok(
+        Command::new(wattbus_bin())
+            .args(["influx", "backfill", "--url", &url, "--database", "wb"])
+            .args(["--since", "3d", "--until", "1d"]),
+    );
+    assert!(
+        String::from_utf8_lossy(&backfill.stdout).contains("are made again"),
+        "{backfill:?}"
+    );
+    let row = aggregated();
+    assert_eq!(row[0].as_i64(), Some(late), "{row}");
+    assert_eq!(row[1].as_f64(), Some(200.0), "{row}");
+    assert_eq!(row[2].as_f64(), Some(300.0), "{row}");
+
     // Shortening the raw retention where readings are stored is refused, unless asked for:
     // a reading three days old, and 2 days asked.
     write(&format!(
@@ -1052,13 +1089,23 @@ fn influx_setup_keeps_raw_readings_for_their_retention_and_minute_aggregates_for
             .args(["--raw-retention", "2d", "--wait-s", "10"]);
         c
     };
+    // (An upgrade that finds a query missing still gets it, refusal or not.)
+    influx.query(
+        "wb",
+        "DROP CONTINUOUS QUERY \"wattbus_1m_late_v1\" ON \"wb\"",
+    );
     let out = shorter().output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--shorten"));
     assert!(policies().contains(&("autogen".into(), "1344h0m0s".into(), true)));
+    assert_eq!(
+        queries().len(),
+        2,
+        "the aggregates are set up even when shortening is refused"
+    );
     run_ok(shorter().arg("--shorten"));
     assert!(policies().contains(&("autogen".into(), "48h0m0s".into(), true)));
-    assert_eq!(queries().len(), 1);
+    assert_eq!(queries().len(), 2);
 }
 
 #[test]

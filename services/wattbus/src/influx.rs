@@ -2,8 +2,10 @@
 //! bounded: raw readings kept for `--raw-retention` (30 days by default) in the database's
 //! default policy (`autogen` unless someone chose another), and 1-minute aggregates (mean,
 //! min, max and last of every field, every tag kept) in a `minutes` policy kept for ever,
-//! filled by a continuous query that looks 10 minutes back each minute, so readings that
-//! arrive a little late (a checkpoint, a batch, a short outage's replay) are counted.
+//! filled by a continuous query that looks 2 minutes back each minute (a checkpoint, a batch)
+//! and one that looks 6 hours back each hour, so readings that arrive late (a replay, a spool
+//! drained after an outage) are counted; older ones need `wattbus influx backfill`. v1 looked
+//! 10 minutes back every minute: each minute's aggregate was written ten times, on an SD card.
 //!
 //! Why a command of its own and not part of influx-writer: creating retention policies and
 //! continuous queries takes an InfluxDB admin, and influx-writer logs in as a user that may only
@@ -12,7 +14,7 @@
 //! a retention that would delete readings already stored unless told to (`--shorten`): an
 //! upgrade must not cost a user their history.
 //!
-//! The continuous query is named with a version (`wattbus_1m_v1`): a later wattbus that needs
+//! The continuous queries are named with a version (`wattbus_1m_v2`): a later wattbus that needs
 //! another query drops the older `wattbus_1m_*` and creates its own, rather than comparing the
 //! text InfluxDB gives back (it normalises it).
 
@@ -23,8 +25,13 @@ use anyhow::{Context as _, bail};
 use runtime::ConfigError;
 
 /// The continuous query this version keeps; every version's is `wattbus_1m_v<digits>`.
-pub const CQ_NAME: &str = "wattbus_1m_v1";
-const CQ_PREFIX: &str = "wattbus_1m_v";
+pub const CQ_NAME: &str = "wattbus_1m_v2";
+/// Its companion for late readings (a replay, a spool drained after an outage): every hour,
+/// the last 6 hours again. Every version's is `wattbus_1m_late_v<digits>`.
+pub const CQ_LATE_NAME: &str = "wattbus_1m_late_v1";
+const CQ_PREFIXES: [&str; 2] = ["wattbus_1m_v", "wattbus_1m_late_v"];
+/// How far back the late query looks; older readings need `wattbus influx backfill`.
+pub const LATE_HOURS: u64 = 6;
 /// Where the 1-minute aggregates go.
 pub const MINUTES_RP: &str = "minutes";
 
@@ -33,10 +40,15 @@ pub enum Command {
     /// Create or update retention and downsampling (InfluxDB 1.x; needs an admin when
     /// authentication is on). Idempotent: run it at every start.
     Setup(SetupOptions),
+    /// Make the 1-minute aggregates again over a past range, from the raw readings: after
+    /// readings arrived more than 6 hours late (a long InfluxDB outage drained from the spool,
+    /// an old journal replayed). Idempotent.
+    Backfill(BackfillOptions),
 }
 
+/// Which InfluxDB and database, and as whom: the options every `wattbus influx` command takes.
 #[derive(clap::Args, Debug)]
-pub struct SetupOptions {
+pub struct Target {
     /// InfluxDB's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8086")]
     pub url: String,
@@ -49,6 +61,24 @@ pub struct SetupOptions {
     /// A file holding that user's password (a Docker secret): never on the command line.
     #[arg(long)]
     pub password_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BackfillOptions {
+    #[command(flatten)]
+    pub target: Target,
+    /// From how long ago: a number with h, d or w (`3d`).
+    #[arg(long)]
+    pub since: String,
+    /// Up to how long ago (default: now).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct SetupOptions {
+    #[command(flatten)]
+    pub target: Target,
     /// How long raw readings are kept: a number with h, d or w (`30d`, `720h`), or `inf`.
     #[arg(long, default_value = "30d")]
     pub raw_retention: String,
@@ -68,6 +98,7 @@ pub struct SetupOptions {
 pub async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Setup(o) => setup(o).await,
+        Command::Backfill(o) => backfill(o).await,
     }
 }
 
@@ -189,16 +220,26 @@ pub fn statements(
             ));
         }
     }
+    let ours = |n: &str| {
+        CQ_PREFIXES.iter().any(|p| {
+            n.strip_prefix(p)
+                .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+    };
     for old in existing.queries.iter().filter(|n| {
-        n.strip_prefix(CQ_PREFIX)
-            .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-            && (!downsample || n.as_str() != CQ_NAME)
+        ours(n) && (!downsample || (n.as_str() != CQ_NAME && n.as_str() != CQ_LATE_NAME))
     }) {
         out.push(format!("DROP CONTINUOUS QUERY {} ON {q}", quote(old)));
     }
     if downsample && !existing.queries.iter().any(|n| n == CQ_NAME) {
         out.push(format!(
-            "CREATE CONTINUOUS QUERY \"{CQ_NAME}\" ON {q} RESAMPLE EVERY 1m FOR 10m BEGIN {} END",
+            "CREATE CONTINUOUS QUERY \"{CQ_NAME}\" ON {q} RESAMPLE EVERY 1m FOR 2m BEGIN {} END",
+            downsample_select(db, raw_name)
+        ));
+    }
+    if downsample && !existing.queries.iter().any(|n| n == CQ_LATE_NAME) {
+        out.push(format!(
+            "CREATE CONTINUOUS QUERY \"{CQ_LATE_NAME}\" ON {q} RESAMPLE EVERY 1h FOR {LATE_HOURS}h BEGIN {} END",
             downsample_select(db, raw_name)
         ));
     }
@@ -290,11 +331,16 @@ fn check_database(db: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-async fn setup(o: SetupOptions) -> anyhow::Result<()> {
-    check_database(&o.database)?;
-    let raw = parse_retention(&o.raw_retention)
-        .map_err(|reason| ConfigError::new("--raw-retention", reason))?;
-    let password = match (&o.username, &o.password_file) {
+/// A client for `target`'s InfluxDB, as its user; its database name checked.
+fn connect(target: &Target) -> anyhow::Result<Influx> {
+    check_database(&target.database)?;
+    let Target {
+        url,
+        username,
+        password_file,
+        ..
+    } = target;
+    let password = match (username, password_file) {
         (Some(_), Some(path)) => Some(
             std::fs::read_to_string(path)
                 .map_err(|e| {
@@ -319,8 +365,8 @@ async fn setup(o: SetupOptions) -> anyhow::Result<()> {
         }
         (None, None) => None,
     };
-    let base = reqwest::Url::parse(o.url.trim().trim_end_matches('/'))
-        .map_err(|e| ConfigError::new("--url", format!("{:?}: {e}", o.url)))?;
+    let base = reqwest::Url::parse(url.trim().trim_end_matches('/'))
+        .map_err(|e| ConfigError::new("--url", format!("{url:?}: {e}")))?;
     if !base.username().is_empty() || base.password().is_some() {
         // It would be printed in errors; the password belongs in --password-file.
         return Err(ConfigError::new(
@@ -336,46 +382,158 @@ async fn setup(o: SetupOptions) -> anyhow::Result<()> {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("cannot build the HTTP client")?;
-    let influx = Influx {
+    Ok(Influx {
         http,
         base,
-        auth: o.username.clone().zip(password),
-    };
+        auth: username.clone().zip(password),
+    })
+}
+
+async fn setup(o: SetupOptions) -> anyhow::Result<()> {
+    let raw = parse_retention(&o.raw_retention)
+        .map_err(|reason| ConfigError::new("--raw-retention", reason))?;
+    let influx = connect(&o.target)?;
+    let db = &o.target.database;
     influx.wait_up(Duration::from_secs(o.wait_s)).await?;
     influx
-        .query(&format!("CREATE DATABASE {}", quote(&o.database)))
+        .query(&format!("CREATE DATABASE {}", quote(db)))
         .await?;
     let existing = Existing {
-        policies: influx.policies(&o.database).await?,
-        queries: influx.continuous_queries(&o.database).await?,
-        shard_starts: influx.shard_starts(&o.database).await?,
+        policies: influx.policies(db).await?,
+        queries: influx.continuous_queries(db).await?,
+        shard_starts: influx.shard_starts(db).await?,
     };
     let downsample = !o.no_downsample;
     let now_s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let todo = statements(&o.database, &raw, downsample, o.shorten, &existing, now_s)
-        .map_err(|reason| ConfigError::new("--raw-retention", reason))?;
+    let (todo, refused) = match statements(db, &raw, downsample, o.shorten, &existing, now_s) {
+        Ok(todo) => (todo, None),
+        // Shortening is refused: everything else (the aggregates) is still set up, with
+        // the raw retention left as it is, and then the refusal is reported.
+        Err(reason) => {
+            let kept = existing
+                .policies
+                .iter()
+                .find(|p| p.default)
+                .and_then(|p| secs(&p.duration))
+                .and_then(|s| {
+                    parse_retention(&if s == 0 {
+                        "inf".to_string()
+                    } else {
+                        format!("{}h", s / 3600)
+                    })
+                    .ok()
+                });
+            let todo = kept
+                .and_then(|kept| statements(db, &kept, downsample, false, &existing, now_s).ok())
+                .unwrap_or_default();
+            (todo, Some(reason))
+        }
+    };
     for s in &todo {
         influx.query(s).await?;
         println!("InfluxDB: {s}");
+    }
+    if let Some(reason) = refused {
+        return Err(ConfigError::new("--raw-retention", reason).into());
     }
     if todo.is_empty() {
         println!("InfluxDB: nothing to change.");
     }
     println!(
         "InfluxDB database {:?}: raw readings kept {}, {}.",
-        o.database,
+        db,
         if raw.hours.is_none() {
             "for ever".to_string()
         } else {
             format!("for {}", raw.literal)
         },
         if downsample {
-            format!("1-minute aggregates kept for ever in \"{MINUTES_RP}\" ({CQ_NAME})")
+            format!(
+                "1-minute aggregates kept for ever in \"{MINUTES_RP}\" ({CQ_NAME}; {CQ_LATE_NAME} redoes the last {LATE_HOURS} hours every hour for late readings)"
+            )
         } else {
             "no 1-minute aggregates".to_string()
         }
+    );
+    Ok(())
+}
+
+/// The aggregates' statements for `[from_s, to_s)`, six hours each (the continuous query's
+/// own select, bounded): a month is 120 statements, each small enough for a Pi.
+pub fn backfill_statements(db: &str, raw_rp: &str, from_s: i64, to_s: i64) -> Vec<String> {
+    let select = downsample_select(db, raw_rp);
+    let (head, group) = select
+        .split_once(" GROUP BY ")
+        .unwrap_or((select.as_str(), ""));
+    let step = 6 * 3600;
+    let mut out = Vec::new();
+    if to_s <= from_s {
+        return out;
+    }
+    // Whole minutes at both ends: a minute cut short would be overwritten with the aggregate
+    // of part of its readings.
+    let mut from = from_s - from_s.rem_euclid(60);
+    let end = to_s + (60 - to_s.rem_euclid(60)) % 60;
+    while from < end {
+        let to = (from + step).min(end);
+        out.push(format!(
+            "{head} WHERE time >= {from}s AND time < {to}s GROUP BY {group}"
+        ));
+        from = to;
+    }
+    out
+}
+
+async fn backfill(o: BackfillOptions) -> anyhow::Result<()> {
+    let ago = |flag: &str, text: &str| {
+        parse_retention(text)
+            .ok()
+            .and_then(|r| r.hours)
+            .ok_or_else(|| {
+                ConfigError::new(flag, format!("{text:?}: give a number with h, d or w (3d)"))
+            })
+    };
+    let since = ago("--since", &o.since)?;
+    let until = o.until.as_deref().map(|u| ago("--until", u)).transpose()?;
+    if until.is_some_and(|u| u >= since) {
+        return Err(
+            ConfigError::new("--until", "must be more recent than --since".to_string()).into(),
+        );
+    }
+    let influx = connect(&o.target)?;
+    let db = &o.target.database;
+    influx.wait_up(Duration::from_secs(30)).await?;
+    let policies = influx.policies(db).await?;
+    if !policies.iter().any(|p| p.name == MINUTES_RP) {
+        bail!(
+            "database {:?} has no retention policy {MINUTES_RP:?}: run `wattbus influx setup` first",
+            db
+        );
+    }
+    let raw_rp = policies
+        .iter()
+        .find(|p| p.default)
+        .map_or("autogen", |p| p.name.as_str());
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let hours_s = |h: u64| i64::try_from(h * 3600).unwrap_or(i64::MAX);
+    let todo = backfill_statements(
+        db,
+        raw_rp,
+        now_s - hours_s(since),
+        now_s - until.map_or(0, hours_s),
+    );
+    let n = todo.len();
+    for (i, s) in todo.iter().enumerate() {
+        influx.query(s).await?;
+        println!("InfluxDB: aggregated {} of {n} six-hour ranges", i + 1);
+    }
+    println!(
+        "InfluxDB: the 1-minute aggregates of the last {} are made again.",
+        o.since
     );
     Ok(())
 }
@@ -604,7 +762,8 @@ mod tests {
             s,
             [
                 "CREATE RETENTION POLICY \"minutes\" ON \"wattbus\" DURATION INF REPLICATION 1 SHARD DURATION 7d",
-                "CREATE CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"wattbus\" RESAMPLE EVERY 1m FOR 10m BEGIN SELECT mean(*), min(*), max(*), last(*) INTO \"wattbus\".\"minutes\".:MEASUREMENT FROM \"wattbus\".\"autogen\"./.*/ GROUP BY time(1m), * END",
+                "CREATE CONTINUOUS QUERY \"wattbus_1m_v2\" ON \"wattbus\" RESAMPLE EVERY 1m FOR 2m BEGIN SELECT mean(*), min(*), max(*), last(*) INTO \"wattbus\".\"minutes\".:MEASUREMENT FROM \"wattbus\".\"autogen\"./.*/ GROUP BY time(1m), * END",
+                "CREATE CONTINUOUS QUERY \"wattbus_1m_late_v1\" ON \"wattbus\" RESAMPLE EVERY 1h FOR 6h BEGIN SELECT mean(*), min(*), max(*), last(*) INTO \"wattbus\".\"minutes\".:MEASUREMENT FROM \"wattbus\".\"autogen\"./.*/ GROUP BY time(1m), * END",
                 "ALTER RETENTION POLICY \"autogen\" ON \"wattbus\" DURATION 30d SHARD DURATION 24h",
             ]
         );
@@ -652,7 +811,7 @@ mod tests {
                 policy("one_year", "8760h0m0s", "168h0m0s", true),
                 policy("minutes", "0s", "168h0m0s", false),
             ],
-            queries: vec![CQ_NAME.into()],
+            queries: vec![CQ_NAME.into(), CQ_LATE_NAME.into()],
             shard_starts: vec![],
         };
         let s = plan("db", "52w", &existing);
@@ -670,7 +829,7 @@ mod tests {
                 policy("autogen", "720h0m0s", "24h0m0s", true),
                 policy("minutes", "0s", "168h0m0s", false),
             ],
-            queries: vec![CQ_NAME.into(), "wattbus_1month".into()],
+            queries: vec![CQ_NAME.into(), CQ_LATE_NAME.into(), "wattbus_1month".into()],
             shard_starts: vec![("autogen".into(), NOW - 40 * 86_400)],
         };
         let raw = parse_retention("30d").unwrap();
@@ -680,13 +839,20 @@ mod tests {
                 .is_empty()
         );
         let older = Existing {
-            queries: vec!["wattbus_1m_v0".into()],
+            queries: vec!["wattbus_1m_v0".into(), "wattbus_1m_late_v0".into()],
             ..done
         };
         let s = statements("db", &raw, true, false, &older, NOW).unwrap();
         assert_eq!(s[0], "DROP CONTINUOUS QUERY \"wattbus_1m_v0\" ON \"db\"");
-        assert!(s[1].starts_with("CREATE CONTINUOUS QUERY \"wattbus_1m_v1\""));
-        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(
+            s[1],
+            "DROP CONTINUOUS QUERY \"wattbus_1m_late_v0\" ON \"db\""
+        );
+        assert!(s[2].starts_with("CREATE CONTINUOUS QUERY \"wattbus_1m_v2\""));
+        assert!(s[3].starts_with(
+            "CREATE CONTINUOUS QUERY \"wattbus_1m_late_v1\" ON \"db\" RESAMPLE EVERY 1h FOR 6h"
+        ));
+        assert_eq!(s.len(), 4, "{s:?}");
         let s = statements(
             "db",
             &raw,
@@ -699,7 +865,23 @@ mod tests {
             NOW,
         )
         .unwrap();
-        assert_eq!(s, ["DROP CONTINUOUS QUERY \"wattbus_1m_v1\" ON \"db\""]);
+        assert_eq!(s, ["DROP CONTINUOUS QUERY \"wattbus_1m_v2\" ON \"db\""]);
+    }
+
+    #[test]
+    fn a_backfill_covers_its_range_in_six_hour_statements_from_a_whole_minute() {
+        let s = backfill_statements("db", "autogen", 1_000_030, 1_000_030 + 13 * 3600);
+        assert_eq!(s.len(), 3, "{s:?}");
+        assert_eq!(
+            s[0],
+            "SELECT mean(*), min(*), max(*), last(*) INTO \"db\".\"minutes\".:MEASUREMENT FROM \"db\".\"autogen\"./.*/ WHERE time >= 1000020s AND time < 1021620s GROUP BY time(1m), *"
+        );
+        assert!(
+            s[2].ends_with("AND time < 1046880s GROUP BY time(1m), *"),
+            "{}",
+            s[2]
+        );
+        assert!(backfill_statements("db", "autogen", 100, 100).is_empty());
     }
 
     #[test]
