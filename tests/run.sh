@@ -4,7 +4,8 @@
 # On a fresh Debian machine it installs what the tests need (mosquitto and its clients for
 # interop, socat for virtual serial ports, openssl for the TLS test's certificates, InfluxDB
 # 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves; avr-gcc and the
-# Arduino core to compile the serial-ingest sketches; pymodbus for Modbus interop), starts the
+# Arduino core to compile the serial-ingest sketches; pymodbus for Modbus interop;
+# grafana-foundation-sdk for the dashboards' schema), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -73,8 +74,10 @@ mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 # pymodbus: a Modbus implementation nobody here wrote, as the server in modbus interop tests
 # (tests/modbus/we515_server.py). Pinned: the script is written against this version's API.
-pymodbus_pins=(pymodbus==3.16.1 pyserial==3.5)
-if ! python3 -c 'import pymodbus, serial, sys; sys.exit(pymodbus.__version__ != "3.16.1")' 2>/dev/null; then
+# grafana-foundation-sdk: Grafana's own types, which grafana/build.py builds the dashboards
+# and alert rules with and checks the checked-in files against (tests/tests/grafana.rs).
+pymodbus_pins=(pymodbus==3.16.1 pyserial==3.5 "grafana-foundation-sdk==1769699998!10.1.0")
+if ! python3 -c 'import pymodbus, serial, sys, importlib.metadata as m; sys.exit(pymodbus.__version__ != "3.16.1" or m.version("grafana-foundation-sdk") != "1769699998!10.1.0")' 2>/dev/null; then
   log "Installing ${pymodbus_pins[*]}"
   if ! python3 -m pip --version >/dev/null 2>&1; then
     sudo_cmd=""
@@ -83,7 +86,7 @@ if ! python3 -c 'import pymodbus, serial, sys; sys.exit(pymodbus.__version__ != 
     DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
   fi
   # Debian's own python3 refuses user installs into the system (PEP 668); the tests need
-  # these two packages for that very interpreter, so say so explicitly there.
+  # these packages for that very interpreter, so say so explicitly there.
   python3 -m pip install -q "${pymodbus_pins[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${pymodbus_pins[@]}"
 fi
