@@ -41,6 +41,17 @@ struct Cli {
     /// Measure the databases a previous run left in --dir, without writing again.
     #[arg(long)]
     measure_only: bool,
+    /// Instead of the N-day fill: both setups side by side, each given the hours the late
+    /// query looks back, then fed live at 1 Hz for this many minutes; reports what influxd
+    /// wrote to the disk meanwhile (`/proc/<pid>/io`), the continuous queries' SD-card cost.
+    #[arg(long)]
+    live_minutes: Option<u64>,
+    /// The alert rules whose queries run beside the dashboard's for the memory peak.
+    #[arg(
+        long,
+        default_value = "grafana/provisioning/alerting/wattbus-rules.json"
+    )]
+    rules: PathBuf,
 }
 
 const DB: &str = "wattbus";
@@ -51,6 +62,9 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&cli.dir);
     }
     std::fs::create_dir_all(&cli.dir)?;
+    if let Some(minutes) = cli.live_minutes {
+        return live(&cli, minutes);
+    }
     let mut report = Vec::new();
     for mode in ["forever", "shipped"] {
         if cli.only.as_deref().is_some_and(|o| o != mode) {
@@ -59,9 +73,9 @@ fn main() -> anyhow::Result<()> {
         report.push(run(&cli, mode)?);
     }
     println!(
-        "\n| setup | days | points written | write time | disk (data + wal) | RSS idle | RSS peak under queries | 6 h query | 7 d query | 30 d query |"
+        "\n| setup | days | points written | write time | disk (data + wal) | of which 1-minute aggregates | RSS idle | RSS peak under queries | 6 h query | 7 d query | 30 d query | all alert queries |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in report {
         println!("{r}");
     }
@@ -73,17 +87,26 @@ struct Influx {
 }
 
 fn start(dir: &Path, port: u16) -> anyhow::Result<Influx> {
+    start_with(dir, port, true)
+}
+
+/// `settled`: compactions after seconds of quiet instead of the defaults (10 minutes, 4 hours).
+fn start_with(dir: &Path, port: u16, settled: bool) -> anyhow::Result<Influx> {
     let config = dir.join("influxdb.conf");
     // As compose runs it (docker-compose.yml): the TSI index on disk, no query or HTTP log,
-    // no _internal database. Compactions run after seconds of quiet, not the default 10
-    // minutes and 4 hours: what a month-old database on a Pi has long done anyway.
+    // no _internal database. With `settled`, compactions run after seconds of quiet, not the
+    // default 10 minutes and 4 hours: what a month-old database on a Pi has long done anyway.
+    let compaction = if settled {
+        "  cache-snapshot-write-cold-duration = \"10s\"\n  compact-full-write-cold-duration = \"1m\"\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &config,
         format!(
             "reporting-disabled = true\nbind-address = \"127.0.0.1:{rpc}\"\n\
              [meta]\n  dir = \"{d}/meta\"\n\
-             [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n  index-version = \"tsi1\"\n\
-               cache-snapshot-write-cold-duration = \"10s\"\n  compact-full-write-cold-duration = \"1m\"\n\
+             [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n  index-version = \"tsi1\"\n{compaction}\
              [http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n  flux-enabled = false\n\
              [monitor]\n  store-enabled = false\n\
              [logging]\n  level = \"warn\"\n",
@@ -132,8 +155,13 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Bytes the files take on the disk (allocated blocks, not apparent sizes: TSI's index files
+/// are sparse).
 fn du(path: &Path) -> u64 {
-    let out = Command::new("du").arg("-sb").arg(path).output();
+    if !path.exists() {
+        return 0;
+    }
+    let out = Command::new("du").arg("-sB1").arg(path).output();
     out.ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
@@ -149,7 +177,7 @@ fn run(cli: &Cli, mode: &str) -> anyhow::Result<String> {
     let shipped = mode == "shipped";
     if cli.measure_only {
         influx.proc.terminate(Duration::from_secs(600));
-        return measure(&dir, port, shipped, cli.days, 0, Duration::ZERO);
+        return measure(cli, &dir, port, shipped, 0, Duration::ZERO);
     }
     if mode == "shipped" {
         let out = Command::new(&cli.wattbus)
@@ -170,7 +198,7 @@ fn run(cli: &Cli, mode: &str) -> anyhow::Result<String> {
     // An hour inside the raw retention, so none of it is refused as too old.
     let start_s = now - i64::from(cli.days) * 86_400 + 3600;
     let t = Instant::now();
-    let points = write_days(port, start_s, now)?;
+    let points = write_days(&[port], start_s, now, false)?;
     let write_time = t.elapsed();
     eprintln!("{mode}: {points} points in {write_time:?}");
     if mode == "shipped" {
@@ -204,19 +232,105 @@ fn run(cli: &Cli, mode: &str) -> anyhow::Result<String> {
         eprintln!("{mode}: aggregates in {:?}", t.elapsed());
     }
     influx.proc.terminate(Duration::from_secs(600));
-    measure(&dir, port, shipped, cli.days, points, write_time)
+    measure(cli, &dir, port, shipped, points, write_time)
+}
+
+/// What the process wrote to the block layer so far (`write_bytes` of `/proc/<pid>/io`).
+fn written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("write_bytes:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Both setups fed the same live readings; InfluxDB with compose's settings.
+fn live(cli: &Cli, minutes: u64) -> anyhow::Result<()> {
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs(),
+    )?;
+    // The late query looks 6 hours back (LATE_HOURS in services/wattbus/src/influx.rs).
+    let history = 6 * 3600 + 600;
+    let mut setups = Vec::new();
+    for mode in ["forever", "shipped"] {
+        let dir = cli.dir.join(format!("live-{mode}"));
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port();
+        let influx = start_with(&dir, port, false)?;
+        if mode == "shipped" {
+            let url = format!("http://127.0.0.1:{port}");
+            let out = Command::new(&cli.wattbus)
+                .args(["influx", "setup", "--url", &url, "--database", DB])
+                .output()
+                .context("wattbus influx setup")?;
+            if !out.status.success() {
+                bail!("influx setup: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        } else {
+            query(port, &format!("CREATE DATABASE {DB}"))?;
+        }
+        // The hours before: what the late query finds when it runs.
+        write_days(&[port], now - history, now, false)?;
+        setups.push((mode, port, influx));
+    }
+    let ports: Vec<u16> = setups.iter().map(|s| s.1).collect();
+    let before: Vec<u64> = setups.iter().map(|s| written(s.2.proc.id())).collect();
+    let start_s = now + 1;
+    let end_s = start_s + i64::try_from(minutes)? * 60;
+    write_days(&ports, start_s, end_s, true)?;
+    println!("\n| setup | minutes live | written by influxd | per hour |");
+    println!("|---|---|---|---|");
+    for ((mode, _, mut influx), before) in setups.into_iter().zip(before) {
+        let bytes = written(influx.proc.id()).saturating_sub(before);
+        #[allow(clippy::cast_precision_loss)]
+        let per_hour = bytes as f64 / minutes as f64 * 60.0 / 1e6;
+        println!(
+            "| {mode} | {minutes} | {:.1} MB | {per_hour:.1} MB |",
+            bytes as f64 / 1e6
+        );
+        influx.proc.terminate(Duration::from_secs(120));
+    }
+    Ok(())
+}
+
+/// Every alert rule's InfluxQL, with Grafana's `$timeFilter` for the rule's own range.
+fn alert_queries(rules: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(rules).with_context(|| format!("{}", rules.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let mut out = Vec::new();
+    for group in v["groups"].as_array().into_iter().flatten() {
+        for rule in group["rules"].as_array().into_iter().flatten() {
+            for d in rule["data"].as_array().into_iter().flatten() {
+                if let Some(q) = d["model"]["query"].as_str() {
+                    let from = d["relativeTimeRange"]["from"].as_u64().unwrap_or(600);
+                    out.push(q.replace("$timeFilter", &format!("time > now() - {from}s")));
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("no alert queries in {}", rules.display());
+    }
+    Ok(out)
 }
 
 /// Restart (as after a reboot), wait for the snapshots and compactions to finish (the size on
 /// disk unchanged for a minute), then measure idle and under the dashboards' queries.
 fn measure(
+    cli: &Cli,
     dir: &Path,
     port: u16,
     shipped: bool,
-    days: u32,
     points: u64,
     write_time: Duration,
 ) -> anyhow::Result<String> {
+    let alerts = alert_queries(&cli.rules)?;
     let mut influx = start(dir, port)?;
     let size = || du(&dir.join("data")) + du(&dir.join("wal"));
     let mut disk = size();
@@ -253,23 +367,32 @@ fn measure(
         }
         times.push(t.elapsed() / 3);
     }
+    // Grafana evaluates every rule each minute beside whatever the dashboards ask.
+    let t = Instant::now();
+    for q in &alerts {
+        query(port, q)?;
+    }
+    let alert_time = t.elapsed();
+    let minutes = du(&dir.join("data").join(DB).join("minutes"));
     let peak = status_kb(influx.proc.id(), "VmHWM:");
     influx.proc.terminate(Duration::from_secs(120));
     Ok(format!(
-        "| {} | {} | {points} | {:.0} s | {:.0} MB | {:.0} MB | {:.0} MB | {:.2} s | {:.2} s | {:.2} s |",
+        "| {} | {} | {points} | {:.0} s | {:.0} MB | {:.0} MB | {:.0} MB | {:.0} MB | {:.2} s | {:.2} s | {:.2} s | {:.2} s |",
         if shipped {
             "shipped: raw 30 d + 1-minute aggregates"
         } else {
             "one policy, kept for ever"
         },
-        days,
+        cli.days,
         write_time.as_secs_f64(),
         disk as f64 / 1e6,
+        minutes as f64 / 1e6,
         idle as f64 / 1024.0,
         peak as f64 / 1024.0,
         times[0].as_secs_f64(),
         times[1].as_secs_f64(),
         times[2].as_secs_f64(),
+        alert_time.as_secs_f64(),
     ))
 }
 
@@ -293,7 +416,9 @@ fn q(v: f64, step: f64) -> f64 {
 }
 
 /// The demo's readings from `start_s` to `end_s`, posted in 5,000-line batches.
-fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
+/// With `live`, each second's readings are posted when that second comes, as influx-writer
+/// would (it batches for a second), to every port.
+fn write_days(ports: &[u16], start_s: i64, end_s: i64, live: bool) -> anyhow::Result<u64> {
     let mut n = Noise(0x9e37_79b9_7f4a_7c15);
     let mut batch = String::with_capacity(1 << 20);
     let mut lines = 0usize;
@@ -312,14 +437,16 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
         if *lines == 0 {
             return Ok(());
         }
-        let (status, body) = http(
-            "POST",
-            port,
-            &format!("/write?db={DB}&precision=ms"),
-            batch.as_bytes(),
-        );
-        if status != 204 {
-            bail!("write: {status} {body}");
+        for &port in ports {
+            let (status, body) = http(
+                "POST",
+                port,
+                &format!("/write?db={DB}&precision=ms"),
+                batch.as_bytes(),
+            );
+            if status != 204 {
+                bail!("write: {status} {body}");
+            }
         }
         batch.clear();
         *lines = 0;
@@ -333,8 +460,14 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
         let load = 300.0
             + 900.0 * (-(hour - 7.5).powi(2) / 2.0).exp()
             + 1500.0 * (-(hour - 19.0).powi(2) / 3.0).exp();
-        let ms = s * 1000 + 120;
+        // Each device's readings arrive with their own jitter (a Modbus answer, a serial line,
+        // a timer tick): up to ±30 ms around the second, as influx-writer stamps them. Exact
+        // one-second steps would compress far better than anything a Pi records.
+        let base = s * 1000 + 120;
+        #[allow(clippy::cast_possible_truncation)]
+        let ms_of = |n: &mut Noise| base + (n.next() * 60.0) as i64;
         for (i, device) in ["house", "heat-pump"].into_iter().enumerate() {
+            let ms = ms_of(&mut n);
             let p = q(load * (0.6 + 0.4 * i as f64) + 40.0 * n.next(), 1.0);
             let v = q(230.0 + 2.0 * n.next(), 0.1);
             let pf = q(0.95 + 0.04 * n.next(), 0.001);
@@ -382,6 +515,7 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
             }
         }
         for (i, device) in ["ct-1", "ct-2", "ct-3"].into_iter().enumerate() {
+            let ms = ms_of(&mut n);
             let amps = (load / 230.0) * [0.8, 0.16, 0.4][i] + 0.05 * n.next();
             let va = amps * 230.0;
             if i == 0 {
@@ -404,7 +538,9 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
             }
             lines += 1;
         }
+        let powmon_ms = ms_of(&mut n);
         for (i, channel) in ["fridge", "kettle"].into_iter().enumerate() {
+            let ms = powmon_ms;
             let on = i == 0 || (s % 3600) < 180;
             let amps = if on {
                 q([0.44, 8.7][i] + 0.01 * n.next(), 0.0001)
@@ -421,6 +557,7 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
             lines += 1;
         }
         if s % 2 == 0 {
+            let ms = ms_of(&mut n);
             let _ = writeln!(
                 batch,
                 "temperature,channel=fridge,device=kitchen,quality=good,{site} temperature_c={} {ms}",
@@ -434,6 +571,7 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
             lines += 2;
         }
         if s % 10 == 0 {
+            let ms = ms_of(&mut n);
             let up = (s - start_s) as f64;
             let _ = writeln!(
                 batch,
@@ -450,6 +588,7 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
                 );
             }
             for service in services {
+                let ms = ms_of(&mut n);
                 let _ = writeln!(
                     batch,
                     "service,channel=status,device={service},quality=good,service={service},{site} dead_letters=0,errors=0,journal_oldest_s=0,journal_records={},received={},replayed=0,sent={},up=1,uptime_s={up} {ms}",
@@ -461,7 +600,13 @@ fn write_days(port: u16, start_s: i64, end_s: i64) -> anyhow::Result<u64> {
             lines += 9;
         }
         points += 1;
-        if lines >= 5000 {
+        if live {
+            let due = std::time::UNIX_EPOCH + Duration::from_secs(u64::try_from(s + 1)?);
+            if let Ok(wait) = due.duration_since(std::time::SystemTime::now()) {
+                std::thread::sleep(wait);
+            }
+            flush(&mut batch, &mut lines)?;
+        } else if lines >= 5000 {
             flush(&mut batch, &mut lines)?;
         }
     }
