@@ -5,7 +5,8 @@
 # interop, socat for virtual serial ports, openssl for the TLS test's certificates, InfluxDB
 # 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves; avr-gcc and the
 # Arduino core to compile the serial-ingest sketches; pymodbus for Modbus interop;
-# grafana-foundation-sdk for the dashboards' schema), starts the
+# grafana-foundation-sdk for the dashboards' schema; checkov and python-hcl2 for terraform/;
+# Azurite for Azure Blob storage), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -20,6 +21,8 @@
 #   WBTEST_DOCKER_HOST, WBTEST_IMAGE, WBTEST_INFLUXDB_IMAGE
 #                          the private Docker engine and the images the container tests run.
 #   WBTEST_PI_DIST         the cross-compiled Pi binaries (<dir>/arm64, <dir>/armv7).
+#   WBTEST_CHECKOV, WBTEST_TF_PYTHON, WBTEST_AZURITE
+#                          checkov, a Python with python-hcl2, and Azurite's azurite-blob.
 #   (Not WATTBUS_*: wattbus reads that prefix as configuration, and the binaries the tests
 #   start inherit this environment.)
 set -euo pipefail
@@ -90,6 +93,43 @@ if ! python3 -c 'import pymodbus, serial, sys, importlib.metadata as m; sys.exit
   python3 -m pip install -q "${pymodbus_pins[@]}" 2>/dev/null \
     || python3 -m pip install -q --break-system-packages "${pymodbus_pins[@]}"
 fi
+
+# Tools from PyPI and npm, cached under target/test-tools (a new pin reinstalls):
+# - checkov and python-hcl2 for terraform/ (tests/tests/terraform.rs), each in its own venv:
+#   both install a module named hcl2 (checkov through bc-python-hcl2), and checkov's
+#   dependencies would clash with other Python tools on the machine;
+# - Azurite, the Azure Blob emulator, for backup-rotator's Azure storage (tests/tests/backup.rs).
+tools="$root/target/test-tools"
+mkdir -p "$tools"
+py_venv() {
+  local dir=$1; shift
+  [ "$(cat "$dir/.pins" 2>/dev/null)" = "$*" ] && return 0
+  log "Installing $* (in $dir)"
+  rm -rf "$dir"
+  if ! python3 -m venv "$dir" >/dev/null 2>&1; then
+    rm -rf "$dir"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv "$dir"
+  fi
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "$@"
+  echo "$*" > "$dir/.pins"
+}
+py_venv "$tools/checkov" checkov==3.3.30
+py_venv "$tools/hcl2" python-hcl2==8.1.4
+export WBTEST_CHECKOV="$tools/checkov/bin/checkov" WBTEST_TF_PYTHON="$tools/hcl2/bin/python"
+azurite_pin="azurite@3.35.0"
+if [ "$(cat "$tools/azurite/.pin" 2>/dev/null)" != "$azurite_pin" ]; then
+  log "Installing $azurite_pin (in $tools/azurite)"
+  if ! command -v npm >/dev/null 2>&1; then
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  rm -rf "$tools/azurite"
+  npm install --prefix "$tools/azurite" --no-audit --no-fund --loglevel=error "$azurite_pin" >/dev/null
+  echo "$azurite_pin" > "$tools/azurite/.pin"
+fi
+export WBTEST_AZURITE="$tools/azurite/node_modules/.bin/azurite-blob"
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'

@@ -261,3 +261,64 @@ impl Victoria {
             .collect()
     }
 }
+
+/// `wattbus influx setup` on `db`: the shipped retention policies and continuous queries.
+pub fn influx_setup(influx: &Influxd, db: &str) {
+    let url = format!("http://127.0.0.1:{}", influx.port);
+    crate::run_ok(Command::new(crate::wattbus_bin()).args([
+        "influx",
+        "setup",
+        "--url",
+        &url,
+        "--database",
+        db,
+        "--wait-s",
+        "30",
+    ]));
+}
+
+/// `wattbus demo` writing into `db`: every simulated device through the real services and
+/// influx-writer. Stop it with [`Proc::terminate`].
+pub fn demo_into(influx: &Influxd, db: &str, log: &Path) -> Proc {
+    let url = format!("http://127.0.0.1:{}", influx.port);
+    Proc::spawn(
+        "demo",
+        Command::new(crate::wattbus_bin())
+            .args(["demo", "--influx-url", &url, "--influx-database", db])
+            .env_remove("WATTBUS_CONFIG")
+            .env_remove("RUST_LOG"),
+        log,
+    )
+}
+
+/// Runs each continuous query of `db` once by hand over the last hour (InfluxDB runs them
+/// every minute, only over the last minutes): the aggregates of what is stored so far.
+/// Returns the queries' names.
+pub fn run_continuous_queries(influx: &Influxd, db: &str) -> Vec<String> {
+    let cqs = influx.query(db, "SHOW CONTINUOUS QUERIES");
+    let mut names = Vec::new();
+    for s in cqs["results"][0]["series"].as_array().into_iter().flatten() {
+        if s["name"] != db {
+            continue;
+        }
+        for row in s["values"].as_array().into_iter().flatten() {
+            let (Some(name), Some(text)) = (row[0].as_str(), row[1].as_str()) else {
+                panic!("SHOW CONTINUOUS QUERIES: {row}");
+            };
+            let select = text
+                .split(" BEGIN ")
+                .nth(1)
+                .unwrap_or_else(|| panic!("not a continuous query: {text}"))
+                .trim_end_matches(" END");
+            let (head, group) = select
+                .split_once(" GROUP BY ")
+                .unwrap_or_else(|| panic!("no GROUP BY: {text}"));
+            influx.query(
+                db,
+                &format!("{head} WHERE time > now() - 1h GROUP BY {group}"),
+            );
+            names.push(name.to_string());
+        }
+    }
+    names
+}

@@ -16,8 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use wattbus_e2e::servers::{Influxd, http};
-use wattbus_e2e::{Proc, run_ok, wait_until, wattbus_bin};
+use wattbus_e2e::servers::{Influxd, demo_into, http, influx_setup, run_continuous_queries};
+use wattbus_e2e::{Proc, wait_until};
 
 const DATASOURCE_UID: &str = "wattbus-influxdb";
 
@@ -194,8 +194,8 @@ fn now_s() -> i64 {
     .unwrap()
 }
 
-/// Readings in the shape plug-bridge (issue 15) and backup-rotator (issue 14) will publish,
-/// for the panels and the alert that wait for them: the only data here not from the demo.
+/// Readings in the shape plug-bridge (issue 15) will publish and backup-rotator publishes
+/// (the demo runs neither), for their panels and alerts: the only data here not from the demo.
 fn placeholder_readings(influx: &Influxd, db: &str) {
     let now = now_s();
     let mut lines = String::new();
@@ -209,7 +209,7 @@ fn placeholder_readings(influx: &Influxd, db: &str) {
         ));
         if i % 10 == 0 {
             lines.push_str(&format!(
-                "backup,site=demo,device=backup-rotator,channel=status,quality=good age_s={},size_bytes=1048576,ok=1 {t}\n",
+                "backup,site=demo,device=backup-rotator,channel=status,quality=good age_s={},last_run_ok=1,failures=0,last_bytes=1048576,last_points=86400,last_duration_s=4.5,full_sets=3,incremental_sets=40,stored_bytes=9000000 {t}\n",
                 (i % 3600) + 60
             ));
         }
@@ -232,25 +232,8 @@ const DB: &str = "wattbus";
 fn filled() -> Filled {
     let dir = tempfile::tempdir().unwrap();
     let influx = Influxd::start(dir.path());
-    let url = format!("http://127.0.0.1:{}", influx.port);
-    run_ok(Command::new(wattbus_bin()).args([
-        "influx",
-        "setup",
-        "--url",
-        &url,
-        "--database",
-        DB,
-        "--wait-s",
-        "30",
-    ]));
-    let mut demo = Proc::spawn(
-        "demo",
-        Command::new(wattbus_bin())
-            .args(["demo", "--influx-url", &url, "--influx-database", DB])
-            .env_remove("WATTBUS_CONFIG")
-            .env_remove("RUST_LOG"),
-        &dir.path().join("demo.log"),
-    );
+    influx_setup(&influx, DB);
+    let mut demo = demo_into(&influx, DB, &dir.path().join("demo.log"));
     // Until every kind of reading has a few points: statuses (10 s), the meters' energy
     // registers (10 s), the fridge monitor (2 s), CT power and the Modbus lines' health.
     let enough = |q: &str, at_least: usize| {
@@ -294,21 +277,10 @@ fn filled() -> Filled {
     }
     placeholder_readings(&influx, DB);
     // The continuous query's own SELECT … INTO, over everything stored so far.
-    let cqs = influx.query(DB, "SHOW CONTINUOUS QUERIES");
-    let cq = cqs["results"][0]["series"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["name"] == DB)
-        .flat_map(|s| s["values"].as_array().unwrap().clone())
-        .map(|r| r[1].as_str().unwrap().to_string())
-        .find(|q| q.contains("wattbus_1m_v2"))
-        .expect("influx setup created the continuous query");
-    let select = cq.split(" BEGIN ").nth(1).unwrap().trim_end_matches(" END");
-    let (head, group) = select.split_once(" GROUP BY ").unwrap();
-    influx.query(
-        DB,
-        &format!("{head} WHERE time > now() - 1h GROUP BY {group}"),
+    let cqs = run_continuous_queries(&influx, DB);
+    assert!(
+        cqs.iter().any(|q| q == "wattbus_1m_v2"),
+        "influx setup created the continuous query: {cqs:?}"
     );
     Filled { influx, demo, dir }
 }
@@ -780,6 +752,18 @@ fn each_alert_rule_fires_for_what_it_names_and_only_that() {
         fires("wattbus-backup-age"),
         one(&[("device", "backup-rotator")])
     );
+    // No backup status at all (backup-rotator never ran, or stopped for 3 h) is itself an
+    // alert; for every other rule, no data is not (a site without fridges, plugs, …).
+    influx.create_database("nothing");
+    assert!(firing(&influx, "nothing", &rules["wattbus-backup-age"]).is_empty());
+    for (uid, rule) in &rules {
+        let want = if uid == "wattbus-backup-age" {
+            "Alerting"
+        } else {
+            "OK"
+        };
+        assert_eq!(rule["noDataState"], want, "{uid}");
+    }
     assert_eq!(
         rules.len(),
         10,

@@ -338,10 +338,9 @@ impl Config {
                 )?;
                 match (&c.username, password) {
                     (None, None) => None,
-                    (Some(u), Some(p)) => Some(Secret::new(format!(
-                        "Basic {}",
-                        base64(format!("{u}:{}", p.expose()).as_bytes())
-                    ))),
+                    (Some(u), Some(p)) => {
+                        Some(Secret::new(influx_client::basic_auth(u, p.expose())))
+                    }
                     (None, Some(_)) => {
                         return Err(ConfigError::new(
                             key("username"),
@@ -493,46 +492,9 @@ impl Config {
     }
 }
 
-/// Standard base64 with padding (for a Basic header; not worth a crate).
-fn base64(input: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(i.as_bytes()), o);
-        }
-    }
 
     #[test]
     fn replicas_share_a_data_directory_only_without_shared_files() {

@@ -13,7 +13,8 @@
 //! with an advisory-affected rustls-webpki, next to the reqwest 0.13 object_store needs.
 //!
 //! Layout:
-//! - `line_protocol`: points, escaping, validation per point, [`Measurement`] mapping (pure).
+//! - `line_protocol`: points, escaping, validation per point, [`Measurement`] mapping (pure;
+//!   from the `influx-client` crate, which backup-rotator and the tools share).
 //! - `config`: the `[influx_writer]` section.
 //! - `http`: one write request and what its answer means.
 //! - `influx`: the InfluxDB output (splitting, dead letters, spool, backoff).
@@ -33,8 +34,9 @@ mod events;
 pub mod files;
 pub mod http;
 pub mod influx;
-pub mod line_protocol;
 pub mod status;
+
+pub use influx_client::line_protocol;
 
 use std::os::unix::fs::DirBuilderExt as _;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! `wattbus`: run one service, the whole demo, or a tool. Thin: parsing and exit codes here,
 //! everything else in the modules and the service crates.
 
+mod backup;
 mod check;
 mod demo;
 mod energy;
@@ -71,6 +72,11 @@ enum Command {
         #[command(subcommand)]
         command: influx::Command,
     },
+    /// backup-rotator's sets: list them, verify them, restore one into InfluxDB.
+    Backup {
+        #[command(subcommand)]
+        command: backup::Command,
+    },
     /// Print the service table as Markdown (docs/services.md holds it).
     #[command(hide = true)]
     Services,
@@ -139,6 +145,7 @@ fn main() -> ExitCode {
             Command::Health(opts) => health::run(opts),
             Command::Modbus { command } => modbus::run(command).await,
             Command::Influx { command } => influx::run(command).await,
+            Command::Backup { command } => backup::run(command).await,
             Command::Energy { command } => energy::run(command),
             Command::Sinks { command } => sinks::run(command).await,
             Command::Config {

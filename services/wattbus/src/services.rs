@@ -19,6 +19,7 @@ pub static SERVICES: &[&dyn Entry] = &[
     &Of::<modbus_ingest::ModbusIngest>(PhantomData),
     &Of::<rms_processor::RmsProcessor>(PhantomData),
     &Of::<influx_writer::InfluxWriter>(PhantomData),
+    &Of::<backup_rotator::BackupRotator>(PhantomData),
 ];
 
 /// A [`Service`] as the binary uses it: its types erased, so that one list holds them all.

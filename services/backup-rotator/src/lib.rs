@@ -1,0 +1,611 @@
+//! backup-rotator: InfluxDB backed up on a schedule to a directory, Azure Blob storage or an
+//! S3-compatible store, the latest N full sets kept, and its own state on the bus as readings.
+//!
+//! A run (hourly by default) makes one set (see `manifest` for the layout): a **full** set
+//! when the newest good full set is older than `full_every_h`, otherwise an **incremental**
+//! one, from where the last set ended (minus `lookback_s`, for late readings) to now (minus
+//! `settle_s`). Each part is exported over InfluxQL (`export`), streamed into the store
+//! (`store`), read back and checked (size and SHA-256); the manifest goes last and is read
+//! back too. Only then are sets beyond the `keep` newest full ones deleted (`manifest::expired`).
+//! A run that fails leaves an unfinished set, which the next run deletes first; it is never
+//! counted, restored or kept.
+//!
+//! Why line protocol over `/query` rather than `influxd backup`: it works the same on 1.x,
+//! 2.x and 3.x, needs no RPC port or operator token, restores into an existing database, and
+//! is read by any InfluxDB without wattbus (docs/backups.md).
+//!
+//! Layout:
+//! - `config`: the `[backup_rotator]` section and its plan.
+//! - `schedule`: cron expressions (pure).
+//! - `manifest`: a set as stored, set ids, rotation and restore chains (pure).
+//! - `export`: InfluxQL to line-protocol parts.
+//! - `store`: object_store (local, Azure, S3) and the operations on sets.
+//! - `restore`: reading sets back (used by `wattbus backup`).
+
+pub mod config;
+pub mod export;
+pub mod manifest;
+pub mod restore;
+pub mod schedule;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use influx_client::query::{Connection, QueryError};
+use proto::{Filter, Measurement, Quality, ReadingId, Segment};
+use runtime::Context;
+use runtime::backoff::Retries;
+use runtime::bus::{Bus, Identity};
+use runtime::delivery::Producer;
+use runtime::telemetry::core::Core;
+use runtime::telemetry::{Counter, Gauge, chain};
+
+pub use config::{Config, Plan};
+use export::{ExportError, Window};
+use manifest::{Kind, Manifest, SetRef};
+use store::{Store, StoreError};
+
+/// The section name in the config file.
+pub const SECTION: &str = "backup_rotator";
+/// The measurement of its status readings.
+pub const MEASUREMENT: &str = "backup";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] runtime::ConfigError),
+    #[error(transparent)]
+    Claim(#[from] runtime::state::ClaimError),
+    #[error(transparent)]
+    Delivery(#[from] runtime::delivery::DeliveryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Query(#[from] QueryError),
+}
+
+/// The service, for wattbus's service table.
+#[derive(Debug)]
+pub struct BackupRotator;
+
+/// Its own kinds of `wattbus_errors_total`.
+pub const ERROR_KINDS: &[&str] = &[
+    // A run that made no good set (InfluxDB or the storage away, a full disk): retried.
+    "backup",
+    // A set found damaged or unreadable (its manifest); it is left alone, never counted.
+    "damaged_set",
+    // An expired or unfinished set that could not be deleted: tried again next run.
+    "rotation",
+];
+
+impl runtime::Service for BackupRotator {
+    const NAME: &'static str = "backup-rotator";
+    const SECTION: &'static str = SECTION;
+    const ABOUT: &'static str =
+        "InfluxDB backed up hourly to a directory, Azure Blob or S3, the latest N kept";
+    const ERROR_KINDS: &'static [&'static str] = ERROR_KINDS;
+    type Config = Config;
+    type Plan = Plan;
+    type Error = Error;
+
+    fn resolve(config: Config, section: &str) -> Result<Plan, runtime::ConfigError> {
+        config.resolve(section)
+    }
+
+    fn health_listen(plan: &Plan) -> Option<std::net::SocketAddr> {
+        plan.health_listen
+    }
+
+    fn run(
+        plan: Plan,
+        ctx: Context,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send {
+        run(plan, ctx)
+    }
+}
+
+fn seg(s: &str) -> Segment {
+    Segment::new(s).unwrap_or_else(|_| unreachable!("valid literal segment {s}"))
+}
+
+pub fn identity(plan: &Plan) -> Identity {
+    Identity {
+        service: seg("backup-rotator"),
+        instance: plan.instance.clone(),
+    }
+}
+
+/// Run until shutdown.
+pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
+    // Two rotators on one storage prefix would delete each other's sets in progress.
+    let _claim = runtime::state::Claim::exclusive(
+        &ctx.common.data_dir,
+        "backup-rotator",
+        &plan.instance,
+        runtime::state::MUST_NOT_SCALE,
+    )?;
+    ctx.clone()
+        .on_bus(&identity(&plan), |bus| async move {
+            run_on(&bus, &plan, &ctx).await
+        })
+        .await
+}
+
+/// Prometheus series beside the core ones.
+struct Metrics {
+    ok: Counter,
+    failed: Counter,
+    bytes: Counter,
+    points: Counter,
+    last_success: Gauge,
+    full_sets: Gauge,
+    incremental_sets: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let runs = |result| {
+            Counter::new(
+                "wattbus_backup_runs_total",
+                "Backup runs, by result (ok: a good set made; failed: none).",
+                &[("result", result)],
+            )
+        };
+        let sets = |kind| {
+            Gauge::new(
+                "wattbus_backup_sets",
+                "Good backup sets in the storage, by kind.",
+                &[("kind", kind)],
+            )
+        };
+        Self {
+            ok: runs("ok"),
+            failed: runs("failed"),
+            bytes: Counter::new(
+                "wattbus_backup_bytes_total",
+                "Bytes uploaded in good backup sets.",
+                &[],
+            ),
+            points: Counter::new(
+                "wattbus_backup_points_total",
+                "Points written to good backup sets.",
+                &[],
+            ),
+            last_success: Gauge::new(
+                "wattbus_backup_last_success_timestamp_seconds",
+                "When the newest good set was made (Unix seconds); 0 before the first.",
+                &[],
+            ),
+            full_sets: sets("full"),
+            incremental_sets: sets("incremental"),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub enum Outcome {
+    Made(Box<Manifest>),
+    /// Nothing to do (the last set ends after this window would start).
+    Nothing,
+}
+
+/// Why a run made no set.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RunError {
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Export(e) => e.is_transient(),
+            RunError::Store(e) => e.is_transient(),
+        }
+    }
+}
+
+/// The rotator's state between runs.
+pub struct Rotator {
+    store: Store,
+    conn: Connection,
+    chunk_rows: usize,
+    keep: usize,
+    full_every: Duration,
+    lookback: Duration,
+    settle: Duration,
+    /// Manifests read so far (they never change), by set id.
+    manifests: HashMap<String, Manifest>,
+    /// Damaged sets already reported.
+    damaged: HashMap<String, String>,
+    deleted: Counter,
+    core: Core,
+}
+
+impl std::fmt::Debug for Rotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rotator({})", self.store.describe())
+    }
+}
+
+impl Rotator {
+    pub fn new(plan: &Plan, store: Store, conn: Connection) -> Self {
+        Self {
+            store,
+            conn,
+            chunk_rows: plan.influx.chunk_rows,
+            keep: plan.keep,
+            full_every: plan.full_every,
+            lookback: plan.lookback,
+            settle: plan.settle,
+            manifests: HashMap::new(),
+            damaged: HashMap::new(),
+            deleted: Counter::new(
+                "wattbus_backup_deleted_sets_total",
+                "Sets deleted: expired by rotation, or unfinished.",
+                &[],
+            ),
+            core: Core::of("backup-rotator"),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The good sets, oldest first; unfinished ones (not `keep_unfinished`) deleted.
+    async fn good_sets(&mut self, clean: bool) -> Result<Vec<Manifest>, StoreError> {
+        let listed = self.store.list().await?;
+        let mut good = Vec::new();
+        for l in listed {
+            if !l.finished {
+                if clean {
+                    tracing::warn!(set = %l.id, store = %self.store.describe(), "Removing an unfinished backup set (a run that failed or was killed).");
+                    match self.store.delete_set(&l.id).await {
+                        Ok(()) => self.deleted.inc(),
+                        Err(e) => {
+                            self.core.error("rotation").inc();
+                            tracing::warn!(set = %l.id, error = %chain(&e), "Cannot remove an unfinished backup set; trying again next run.");
+                        }
+                    }
+                }
+                continue;
+            }
+            if let Some(m) = self.manifests.get(&l.id) {
+                good.push(m.clone());
+                continue;
+            }
+            match self.store.manifest(&l.id).await {
+                Ok(m) => {
+                    self.manifests.insert(l.id.clone(), m.clone());
+                    good.push(m);
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    if self.damaged.insert(l.id.clone(), e.to_string()).is_none() {
+                        self.core.error("damaged_set").inc();
+                        tracing::error!(set = %l.id, error = %e, "A backup set's manifest is damaged: the set is not counted and is left for you to look at (`wattbus backup verify`).");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(good)
+    }
+
+    /// The good sets as they stand, without changing anything (status readings, `list`).
+    pub async fn sets(&mut self) -> Result<Vec<Manifest>, StoreError> {
+        self.good_sets(false).await
+    }
+
+    /// One backup run at `now_ms`: clean up, make a set, rotate.
+    pub async fn run_once(&mut self, now_ms: i64) -> Result<Outcome, RunError> {
+        let started = Instant::now();
+        let good = self.good_sets(true).await?;
+        let to_ns = (now_ms - millis(self.settle)).div_euclid(1000) * 1_000_000_000;
+        let newest_full = good
+            .iter()
+            .filter(|m| m.kind == Kind::Full)
+            .max_by(|a, b| a.id.cmp(&b.id));
+        let (kind, from_ns, base) = match newest_full {
+            Some(f) if now_ms - f.created_ms < millis(self.full_every) => {
+                let last_end = good
+                    .iter()
+                    .filter(|m| m.id >= f.id)
+                    .map(|m| m.to_ns)
+                    .max()
+                    .unwrap_or(f.to_ns);
+                let from = last_end - i64::try_from(self.lookback.as_nanos()).unwrap_or(i64::MAX);
+                (Kind::Incremental, Some(from), Some(f.id.clone()))
+            }
+            _ => (Kind::Full, None, None),
+        };
+        if from_ns
+            .is_some_and(|f| f + i64::try_from(self.lookback.as_nanos()).unwrap_or(0) >= to_ns)
+        {
+            return Ok(Outcome::Nothing);
+        }
+        let id = manifest::set_id(to_ns, kind);
+        if good.iter().any(|m| m.id == id) {
+            return Ok(Outcome::Nothing);
+        }
+        let version = self.conn.ping().await.map_err(ExportError::from)?;
+        tracing::info!(set = %id, kind = kind.as_str(), store = %self.store.describe(), "Backup started.");
+        let window = Window { from_ns, to_ns };
+        let set_id = id.clone();
+        let exported = export::export(&self.conn, &self.store, &id, window, self.chunk_rows, |p| {
+            tracing::info!(set = %set_id, measurement = %p.measurement, retention_policy = %p.retention_policy, points = p.points, bytes = p.bytes, "Part stored and verified.");
+        })
+        .await;
+        let exported = match exported {
+            Ok(e) => e,
+            Err(e) => {
+                self.discard(&id).await;
+                return Err(e.into());
+            }
+        };
+        let m = Manifest {
+            format: manifest::FORMAT,
+            id: id.clone(),
+            kind,
+            base,
+            database: self.conn.database().to_string(),
+            from_ns,
+            to_ns,
+            created_ms: now_ms,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            wattbus_version: env!("CARGO_PKG_VERSION").to_string(),
+            influxdb_version: version,
+            retention_policies: exported.policies,
+            parts: exported.parts,
+        };
+        if let Err(e) = self.store.put_manifest(&m).await {
+            self.discard(&id).await;
+            return Err(e.into());
+        }
+        self.manifests.insert(id.clone(), m.clone());
+        tracing::info!(
+            set = %id,
+            kind = kind.as_str(),
+            points = m.points(),
+            bytes = m.bytes(),
+            parts = m.parts.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "Backup set stored and verified."
+        );
+        self.rotate(good.iter().chain(std::iter::once(&m))).await;
+        Ok(Outcome::Made(Box::new(m)))
+    }
+
+    /// Delete what rotation no longer keeps. Failures are logged and retried next run.
+    async fn rotate<'a>(&mut self, sets: impl Iterator<Item = &'a Manifest>) -> u64 {
+        let refs: Vec<SetRef> = sets
+            .map(|m| SetRef {
+                id: m.id.clone(),
+                kind: m.kind,
+            })
+            .collect();
+        let mut deleted = 0;
+        for id in manifest::expired(&refs, self.keep) {
+            match self.store.delete_set(&id).await {
+                Ok(()) => {
+                    self.manifests.remove(&id);
+                    self.deleted.inc();
+                    deleted += 1;
+                    tracing::info!(set = %id, "Expired backup set deleted.");
+                }
+                Err(e) => {
+                    self.core.error("rotation").inc();
+                    tracing::warn!(set = %id, error = %chain(&e), "Cannot delete an expired backup set; trying again next run.");
+                }
+            }
+        }
+        deleted
+    }
+
+    /// A set a failed run left: removed now if the storage lets us, else on the next run.
+    async fn discard(&self, id: &str) {
+        if let Err(e) = self.store.delete_set(id).await {
+            tracing::debug!(set = %id, error = %chain(&e), "The failed run's set stays until the next run removes it.");
+        }
+    }
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The fields of the status reading.
+fn status_fields(
+    sets: &[Manifest],
+    now_ms: i64,
+    failures: u32,
+    last_ok: bool,
+) -> BTreeMap<String, f64> {
+    #[allow(clippy::cast_precision_loss)]
+    let f = |n: u64| n as f64;
+    let mut fields = BTreeMap::from([
+        ("last_run_ok".to_string(), if last_ok { 1.0 } else { 0.0 }),
+        ("failures".to_string(), f64::from(failures)),
+        (
+            "full_sets".to_string(),
+            f(sets.iter().filter(|m| m.kind == Kind::Full).count() as u64),
+        ),
+        (
+            "incremental_sets".to_string(),
+            f(sets.iter().filter(|m| m.kind == Kind::Incremental).count() as u64),
+        ),
+        (
+            "stored_bytes".to_string(),
+            f(sets.iter().map(Manifest::bytes).sum()),
+        ),
+    ]);
+    if let Some(newest) = sets.iter().max_by(|a, b| a.id.cmp(&b.id)) {
+        #[allow(clippy::cast_precision_loss)]
+        let age = (now_ms - newest.created_ms).max(0) as f64 / 1000.0;
+        fields.insert("age_s".into(), age);
+        fields.insert("last_points".into(), f(newest.points()));
+        fields.insert("last_bytes".into(), f(newest.bytes()));
+        #[allow(clippy::cast_precision_loss)]
+        fields.insert("last_duration_s".into(), newest.duration_ms as f64 / 1000.0);
+    }
+    fields
+}
+
+/// Run on an existing bus connection (the demo shares one).
+pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    let (producer, producer_task) = Producer::open(
+        bus,
+        &seg("meas"),
+        &Filter::measurements(Some(&ctx.common.site), Some(&plan.instance)),
+        &plan.stream,
+        &ctx.common.data_dir,
+        ctx.shutdown.clone(),
+    )?;
+    let result = serve(&producer, plan, ctx).await;
+    drop(producer);
+    if let Err(e) = producer_task.await {
+        tracing::warn!(error = %e, "The status stream's task ended abnormally.");
+    }
+    result
+}
+
+async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    let store = Store::open(&plan.storage, &ctx.common.site, &ctx.common.data_dir)?;
+    let conn = Connection::new(
+        &plan.influx.url,
+        &plan.influx.database,
+        plan.influx.auth.clone(),
+        plan.influx.timeout,
+    )?;
+    tracing::info!(store = %store.describe(), influxdb = %conn.url(), database = %conn.database(), schedule = %plan.schedule.as_str(), keep = plan.keep, "Backing up.");
+    let metrics = Metrics::new();
+    let ready = ctx.health.check("backup-rotator");
+    ready.set(true);
+    let mut rotator = Rotator::new(plan, store, conn);
+    let mut retries = Retries::new(plan.retry);
+    let mut last_ok = true;
+    let id = ReadingId::new(
+        ctx.common.site.clone(),
+        plan.instance.clone(),
+        seg("status"),
+    );
+    let topic = id.topic();
+    let now_s = || proto::now_ms().div_euclid(1000);
+    // The first run at once if there is no good set yet: a new install is protected within
+    // minutes, not at the next scheduled time.
+    let mut sets = match rotator.sets().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %chain(&e), "Cannot list the backup sets yet.");
+            Vec::new()
+        }
+    };
+    let mut next_s = if sets.is_empty() {
+        now_s()
+    } else {
+        plan.schedule.next_after(now_s()).unwrap_or(i64::MAX)
+    };
+    let mut status = tokio::time::interval(plan.status_every);
+    status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let wait = Duration::from_secs(u64::try_from(next_s - now_s()).unwrap_or(0));
+        tokio::select! {
+            () = ctx.shutdown.wait() => break,
+            _ = status.tick() => {
+                let fields = status_fields(&sets, proto::now_ms(), retries.failures(), last_ok);
+                publish(producer, &topic, &id, fields).await;
+                continue;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+        let outcome = tokio::select! {
+            () = ctx.shutdown.wait() => {
+                tracing::info!("Stopping mid-run: the unfinished set is removed by the next run.");
+                break;
+            }
+            o = rotator.run_once(proto::now_ms()) => o,
+        };
+        let scheduled = plan.schedule.next_after(now_s()).unwrap_or(i64::MAX);
+        match outcome {
+            Ok(o) => {
+                retries.succeeded();
+                last_ok = true;
+                metrics.ok.inc();
+                if let Outcome::Made(m) = &o {
+                    metrics.bytes.add(m.bytes());
+                    metrics.points.add(m.points());
+                    #[allow(clippy::cast_precision_loss)]
+                    metrics.last_success.set(m.created_ms as f64 / 1000.0);
+                }
+                next_s = scheduled;
+            }
+            Err(e) => {
+                last_ok = false;
+                metrics.failed.inc();
+                rotator.core.error("backup").inc();
+                let transient = e.is_transient();
+                let wait = retries.failed();
+                let retry_s = now_s() + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX);
+                next_s = if transient {
+                    retry_s.min(scheduled)
+                } else {
+                    scheduled
+                };
+                if transient {
+                    tracing::warn!(error = %chain(&e), retry_in_s = next_s - now_s(), "Backup failed; no set was counted. Trying again.");
+                } else {
+                    tracing::error!(error = %chain(&e), next_in_s = next_s - now_s(), "Backup failed and will until this is fixed; no set was counted.");
+                }
+            }
+        }
+        match rotator.sets().await {
+            Ok(s) => sets = s,
+            Err(e) => tracing::warn!(error = %chain(&e), "Cannot list the backup sets."),
+        }
+        metrics
+            .full_sets
+            .set(sets.iter().filter(|m| m.kind == Kind::Full).count() as f64);
+        metrics
+            .incremental_sets
+            .set(sets.iter().filter(|m| m.kind == Kind::Incremental).count() as f64);
+        let fields = status_fields(&sets, proto::now_ms(), retries.failures(), last_ok);
+        publish(producer, &topic, &id, fields).await;
+    }
+    ready.set(false);
+    Ok(())
+}
+
+async fn publish(
+    producer: &Producer,
+    topic: &proto::Topic<Measurement>,
+    id: &ReadingId,
+    fields: BTreeMap<String, f64>,
+) {
+    let m = Measurement::new(
+        id.clone(),
+        seg(MEASUREMENT),
+        proto::now_ms(),
+        Quality::Good,
+        fields,
+    );
+    if let Err(e) = producer.send(topic, m).await {
+        tracing::warn!(error = %chain(&e), "Cannot publish the backup status.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_before_any_set_has_no_age() {
+        let f = status_fields(&[], 1000, 2, false);
+        assert!(!f.contains_key("age_s"));
+        assert_eq!(f["failures"], 2.0);
+        assert_eq!(f["last_run_ok"], 0.0);
+    }
+}

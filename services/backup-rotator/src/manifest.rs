@@ -1,0 +1,356 @@
+//! A backup set as stored, and which sets rotation deletes (pure: no I/O).
+//!
+//! A set is a directory of parts and one `manifest.json`:
+//!
+//! ```text
+//! <prefix>/20261204T100500Z-full/0001.lp.gz      line protocol, gzip, one measurement of one policy
+//! <prefix>/20261204T100500Z-full/0002.lp.gz
+//! <prefix>/20261204T100500Z-full/manifest.json  written last
+//! ```
+//!
+//! The manifest is written only after every part was uploaded and read back (size and
+//! SHA-256), so a set without one is unfinished (a run killed or failed mid-way) and is never
+//! counted, restored or kept. Parts are numbered, not named after measurements, so any
+//! measurement name is a safe object name; the manifest says which is which.
+//!
+//! Every part is plain gzip'd line protocol with nanosecond timestamps: `gunzip -c 0001.lp.gz`
+//! can be posted to any InfluxDB's `/write?precision=ns` without wattbus.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest's own format; a reader refuses a newer one rather than misread it.
+pub const FORMAT: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Everything the database held before `to_ns`.
+    Full,
+    /// What was written with timestamps in `[from_ns, to_ns)`: restored after its `base`.
+    Incremental,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::Full => "full",
+            Kind::Incremental => "incremental",
+        }
+    }
+}
+
+/// A field's type as `SHOW FIELD KEYS` says it, which decides how its values are written
+/// (`1.5`, `3i`, `3u`, `"text"`, `true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    Float,
+    Integer,
+    Unsigned,
+    String,
+    Boolean,
+}
+
+impl FieldType {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "float" => FieldType::Float,
+            "integer" => FieldType::Integer,
+            "unsigned" => FieldType::Unsigned,
+            "string" => FieldType::String,
+            "boolean" => FieldType::Boolean,
+            _ => return None,
+        })
+    }
+}
+
+/// A retention policy as the database had it, so a restore can make it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    /// InfluxQL's duration (`720h0m0s`, `0s` for ever).
+    pub duration: String,
+    pub shard_duration: String,
+    pub default: bool,
+}
+
+/// One measurement of one retention policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// The object's name inside the set (`0001.lp.gz`).
+    pub file: String,
+    pub retention_policy: String,
+    pub measurement: String,
+    pub fields: BTreeMap<String, FieldType>,
+    pub tags: Vec<String>,
+    pub points: u64,
+    /// Stored (compressed) size and its SHA-256, hex.
+    pub bytes: u64,
+    pub sha256: String,
+    /// Rows that line protocol cannot carry (a newline in a string), left out and counted.
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub kind: Kind,
+    /// For an incremental set: the full set it continues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    pub database: String,
+    /// The window: timestamps `>= from_ns` (none for a full set) and `< to_ns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ns: Option<i64>,
+    pub to_ns: i64,
+    /// When the set was made (Unix ms) and how long it took.
+    pub created_ms: i64,
+    pub duration_ms: u64,
+    pub wattbus_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub influxdb_version: Option<String>,
+    pub retention_policies: Vec<Policy>,
+    pub parts: Vec<Part>,
+}
+
+impl Manifest {
+    pub fn points(&self) -> u64 {
+        self.parts.iter().map(|p| p.points).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.bytes).sum()
+    }
+
+    /// Read a stored manifest, refusing what this version cannot read right.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if m.format > FORMAT {
+            return Err(format!(
+                "format {} is newer than this wattbus reads ({FORMAT}): restore with a newer wattbus",
+                m.format
+            ));
+        }
+        if !valid_id(&m.id) {
+            return Err(format!("the set id {:?} is not one wattbus writes", m.id));
+        }
+        for p in &m.parts {
+            if !valid_file(&p.file) {
+                return Err(format!("part file {:?} is not one wattbus writes", p.file));
+            }
+        }
+        Ok(m)
+    }
+}
+
+/// The id of the set whose window ends at `to_ns`: its UTC time and kind, so ids sort by time.
+pub fn set_id(to_ns: i64, kind: Kind) -> String {
+    let (y, mo, d, h, mi, s) = proto::utc::civil(to_ns.div_euclid(1_000_000_000));
+    format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z-{}", kind.as_str())
+}
+
+/// Whether `id` is a set id as [`set_id`] writes them (anything else under the prefix is not
+/// ours and is never touched).
+pub fn valid_id(id: &str) -> bool {
+    let Some((stamp, kind)) = id.split_once('-') else {
+        return false;
+    };
+    let b = stamp.as_bytes();
+    b.len() == 16
+        && b[8] == b'T'
+        && b[15] == b'Z'
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && (kind == "full" || kind == "incremental")
+}
+
+/// A part's file name: `0001.lp.gz`.
+pub fn part_file(n: usize) -> String {
+    format!("{n:04}.lp.gz")
+}
+
+fn valid_file(f: &str) -> bool {
+    f.strip_suffix(".lp.gz")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What rotation needs to know of a good set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetRef {
+    pub id: String,
+    pub kind: Kind,
+}
+
+/// The sets rotation deletes: all but the newest `keep_full` full sets, and the incremental
+/// sets older than the oldest full set kept (they continue a deleted full set). Only good sets
+/// (with a manifest) are given; with `keep_full` at least 1 the newest full set always stays,
+/// so the only good copy is never deleted.
+pub fn expired(sets: &[SetRef], keep_full: usize) -> Vec<String> {
+    let keep_full = keep_full.max(1);
+    let mut fulls: Vec<&str> = sets
+        .iter()
+        .filter(|s| s.kind == Kind::Full)
+        .map(|s| s.id.as_str())
+        .collect();
+    fulls.sort_unstable();
+    if fulls.len() <= keep_full {
+        return Vec::new();
+    }
+    let oldest_kept = fulls[fulls.len() - keep_full];
+    let mut out: Vec<String> = sets
+        .iter()
+        .filter(|s| s.id.as_str() < oldest_kept)
+        .map(|s| s.id.clone())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The sets that restore the database as of the newest good set at or before `at` (all when
+/// `None`): the newest full set and the incremental sets after it, oldest first.
+pub fn chain(sets: &[SetRef], at: Option<&str>) -> Vec<String> {
+    let mut sorted: Vec<&SetRef> = sets
+        .iter()
+        .filter(|s| at.is_none_or(|a| s.id.as_str() <= a))
+        .collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let Some(start) = sorted.iter().rposition(|s| s.kind == Kind::Full) else {
+        return Vec::new();
+    };
+    sorted[start..].iter().map(|s| s.id.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(id: &str) -> SetRef {
+        SetRef {
+            id: id.into(),
+            kind: if id.ends_with("full") {
+                Kind::Full
+            } else {
+                Kind::Incremental
+            },
+        }
+    }
+
+    #[test]
+    fn ids_sort_by_time_and_are_recognised() {
+        let a = set_id(1_764_842_700_000_000_000, Kind::Full);
+        assert_eq!(a, "20251204T100500Z-full");
+        let b = set_id(1_764_846_300_000_000_000, Kind::Incremental);
+        assert!(a < b);
+        assert!(valid_id(&a) && valid_id(&b));
+        for bad in [
+            "",
+            "x-full",
+            "20251204T100500Z-other",
+            "20251204T100500-full",
+            "../x",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+        assert!(valid_file(&part_file(7)) && !valid_file("../x.lp.gz") && !valid_file(".lp.gz"));
+    }
+
+    #[test]
+    fn rotation_keeps_the_newest_fulls_and_what_they_need() {
+        let sets: Vec<SetRef> = [
+            "20260101T000000Z-full",
+            "20260101T010000Z-incremental",
+            "20260102T000000Z-full",
+            "20260102T010000Z-incremental",
+            "20260103T000000Z-full",
+            "20260103T010000Z-incremental",
+        ]
+        .into_iter()
+        .map(s)
+        .collect();
+        assert_eq!(
+            expired(&sets, 2),
+            vec!["20260101T000000Z-full", "20260101T010000Z-incremental"]
+        );
+        assert!(expired(&sets, 3).is_empty());
+        // Never the last full set, whatever the setting.
+        assert_eq!(expired(&sets, 0).len(), 4);
+        assert!(!expired(&sets, 0).contains(&"20260103T000000Z-full".to_string()));
+        // Only incrementals: nothing to anchor on, nothing deleted.
+        assert!(expired(&[s("20260101T010000Z-incremental")], 1).is_empty());
+    }
+
+    #[test]
+    fn a_restore_chain_is_the_newest_full_and_what_follows() {
+        let sets: Vec<SetRef> = [
+            "20260101T000000Z-full",
+            "20260101T010000Z-incremental",
+            "20260102T000000Z-full",
+            "20260102T010000Z-incremental",
+            "20260102T020000Z-incremental",
+        ]
+        .into_iter()
+        .map(s)
+        .collect();
+        assert_eq!(
+            chain(&sets, None),
+            vec![
+                "20260102T000000Z-full",
+                "20260102T010000Z-incremental",
+                "20260102T020000Z-incremental"
+            ]
+        );
+        assert_eq!(
+            chain(&sets, Some("20260101T230000Z-x")),
+            vec!["20260101T000000Z-full", "20260101T010000Z-incremental"]
+        );
+        assert!(chain(&[s("20260101T010000Z-incremental")], None).is_empty());
+    }
+
+    #[test]
+    fn manifests_round_trip_and_refuse_what_they_cannot_read() {
+        let m = Manifest {
+            format: FORMAT,
+            id: "20260101T000000Z-full".into(),
+            kind: Kind::Full,
+            base: None,
+            database: "wattbus".into(),
+            from_ns: None,
+            to_ns: 1,
+            created_ms: 2,
+            duration_ms: 3,
+            wattbus_version: "0.1.0".into(),
+            influxdb_version: Some("1.6.7".into()),
+            retention_policies: vec![],
+            parts: vec![Part {
+                file: part_file(1),
+                retention_policy: "autogen".into(),
+                measurement: "power".into(),
+                fields: BTreeMap::from([("power_w".into(), FieldType::Float)]),
+                tags: vec!["device".into()],
+                points: 10,
+                bytes: 100,
+                sha256: "ab".into(),
+                skipped: 0,
+            }],
+        };
+        let json = serde_json::to_vec(&m).expect("serialises");
+        assert_eq!(Manifest::from_json(&json).expect("reads"), m);
+        let newer = String::from_utf8(json.clone())
+            .expect("utf-8")
+            .replace("\"format\":1", "\"format\":9");
+        assert!(
+            Manifest::from_json(newer.as_bytes())
+                .expect_err("newer")
+                .contains("newer")
+        );
+        let evil = String::from_utf8(json)
+            .expect("utf-8")
+            .replace("0001.lp.gz", "../../etc/passwd");
+        assert!(Manifest::from_json(evil.as_bytes()).is_err());
+    }
+}

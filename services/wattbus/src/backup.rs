@@ -1,0 +1,553 @@
+//! `wattbus backup list | verify | restore`: the sets backup-rotator made, read from the
+//! storage its config section names.
+//!
+//! Restore writes through influx-writer's line-protocol client (`/write` with nanosecond
+//! precision) into a **new database by default** (`<database>_restored_<set>`): InfluxDB's own
+//! tools refuse to restore into an existing one, and a restore that mixes into live data
+//! cannot be undone. The whole chain (the newest full set at or before `--set`, and the
+//! incremental sets after it) is verified before anything is written.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use backup_rotator::manifest::{self, Kind, Manifest, SetRef};
+use backup_rotator::restore::{self, LineSink, Range};
+use backup_rotator::store::Store;
+use influx_client::query::{Auth, Connection, ident};
+use influx_writer::config::{Api, InfluxConfig, Target};
+use influx_writer::http::{Client, WriteOutcome};
+use influx_writer::line_protocol::Precision;
+use runtime::backoff::{Backoff, Retries};
+use runtime::{ConfigError, ConfigSource, Secret};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// The good sets, oldest first: kind, window, points, size, age.
+    List(Where),
+    /// Download every part of every set (or of one) and check its size, SHA-256 and gzip; exit
+    /// 1 if any is damaged or missing.
+    Verify {
+        #[command(flatten)]
+        place: Where,
+        /// Only this set (as `list` names it).
+        #[arg(long)]
+        set: Option<String>,
+    },
+    /// Write a set and what it needs (its full set, the incremental sets up to it) into
+    /// InfluxDB.
+    Restore(RestoreOptions),
+}
+
+/// Which config's storage.
+#[derive(clap::Args, Debug)]
+pub struct Where {
+    /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present]: its
+    /// `[backup_rotator.storage]` says where the sets are.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreOptions {
+    #[command(flatten)]
+    place: Where,
+    /// Restore the database as this set left it [default: the newest].
+    #[arg(long)]
+    set: Option<String>,
+    /// InfluxDB's base URL [default: backup_rotator.influx.url].
+    #[arg(long)]
+    url: Option<String>,
+    /// The database to write into [default: `<database>_restored_<set time>`, created]. An
+    /// existing one needs --into-existing.
+    #[arg(long)]
+    database: Option<String>,
+    /// Write into a database that exists (points with the same series and time are
+    /// overwritten; nothing is deleted).
+    #[arg(long)]
+    into_existing: bool,
+    /// A user that may create databases and write (1.x) [default: backup_rotator.influx's].
+    #[arg(long)]
+    username: Option<String>,
+    /// A file holding that user's password.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Only points at or after this time (`2026-12-01T00:00:00Z` or Unix seconds).
+    #[arg(long)]
+    from: Option<String>,
+    /// Only points before this time.
+    #[arg(long)]
+    to: Option<String>,
+    /// Show what would be written, write nothing, create nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::List(w) => list(w).await,
+        Command::Verify { place, set } => verify(place, set).await,
+        Command::Restore(o) => restore_cmd(o).await,
+    }
+}
+
+struct Opened {
+    store: Store,
+    plan: backup_rotator::Plan,
+}
+
+fn open(w: &Where) -> anyhow::Result<Opened> {
+    let src = ConfigSource::load(w.config.as_deref())?;
+    let common = src.common()?;
+    let plan = src.resolve::<backup_rotator::BackupRotator>()?;
+    let store = Store::open(&plan.storage, &common.site, &common.data_dir)?;
+    Ok(Opened { store, plan })
+}
+
+/// The good sets, oldest first. Damaged manifests are reported and left out.
+async fn sets(store: &Store) -> anyhow::Result<Vec<Manifest>> {
+    let mut out = Vec::new();
+    for l in store.list().await? {
+        if !l.finished {
+            continue;
+        }
+        match store.manifest(&l.id).await {
+            Ok(m) => out.push(m),
+            Err(e) => eprintln!("{}: damaged, left out: {e}", l.id),
+        }
+    }
+    Ok(out)
+}
+
+fn utc(ns: i64) -> String {
+    let (y, mo, d, h, mi, s) = proto::utc::civil(ns.div_euclid(1_000_000_000));
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}")
+}
+
+fn size(bytes: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn age(ms: i64) -> String {
+    let s = ms.max(0) / 1000;
+    if s >= 86_400 {
+        format!("{}d{}h", s / 86_400, s % 86_400 / 3600)
+    } else if s >= 3600 {
+        format!("{}h{}m", s / 3600, s % 3600 / 60)
+    } else {
+        format!("{}m", s / 60)
+    }
+}
+
+async fn list(w: Where) -> anyhow::Result<()> {
+    let o = open(&w)?;
+    let sets = sets(&o.store).await?;
+    println!("{}", o.store.describe());
+    if sets.is_empty() {
+        println!("No backup sets yet.");
+        return Ok(());
+    }
+    println!(
+        "{:<30} {:<12} {:<43} {:>12} {:>10} {:>8}",
+        "SET", "KIND", "WINDOW (UTC)", "POINTS", "SIZE", "AGE"
+    );
+    let now = proto::now_ms();
+    for m in &sets {
+        let from = m.from_ns.map_or_else(|| "(start)".to_string(), utc);
+        println!(
+            "{:<30} {:<12} {:<43} {:>12} {:>10} {:>8}",
+            m.id,
+            m.kind.as_str(),
+            format!("{from} → {}", utc(m.to_ns)),
+            m.points(),
+            size(m.bytes()),
+            age(now - m.created_ms)
+        );
+    }
+    Ok(())
+}
+
+async fn verify(w: Where, only: Option<String>) -> anyhow::Result<()> {
+    let o = open(&w)?;
+    let mut sets = sets(&o.store).await?;
+    if let Some(id) = &only {
+        sets.retain(|m| &m.id == id);
+        if sets.is_empty() {
+            bail!(
+                "no good set {id:?} in {} (`wattbus backup list`)",
+                o.store.describe()
+            );
+        }
+    }
+    let damaged = restore::verify(&o.store, &sets).await?;
+    for m in &sets {
+        let bad: Vec<&(String, String, String)> = damaged.iter().filter(|d| d.0 == m.id).collect();
+        if bad.is_empty() {
+            println!(
+                "{}: OK ({} parts, {} points, {})",
+                m.id,
+                m.parts.len(),
+                m.points(),
+                size(m.bytes())
+            );
+        } else {
+            for (_, file, problem) in bad {
+                println!("{}: DAMAGED: {file} {problem}", m.id);
+            }
+        }
+    }
+    if damaged.is_empty() {
+        Ok(())
+    } else {
+        bail!(
+            "{} damaged part(s); those sets cannot be restored",
+            damaged.len()
+        )
+    }
+}
+
+/// `2026-12-01T00:00:00Z`, `2026-12-01` or Unix seconds, to Unix nanoseconds.
+fn parse_time(key: &str, text: &str) -> Result<i64, ConfigError> {
+    let bad = || {
+        ConfigError::new(
+            key,
+            format!(
+                "{text:?} is not a time: give 2026-12-01T00:00:00Z, 2026-12-01 or Unix seconds"
+            ),
+        )
+    };
+    let t = text.trim();
+    if let Ok(s) = t.parse::<i64>() {
+        return s.checked_mul(1_000_000_000).ok_or_else(bad);
+    }
+    let (date, time) = t.split_once('T').unwrap_or((t, "00:00:00Z"));
+    let time = time.strip_suffix('Z').ok_or_else(bad)?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let c: Vec<i64> = time
+        .split(':')
+        .map(|p| p.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let ([y, mo, da], [h, mi, s]) = (d.as_slice(), c.as_slice()) else {
+        return Err(bad());
+    };
+    if !(1..=12).contains(mo)
+        || !(1..=31).contains(da)
+        || !(0..24).contains(h)
+        || !(0..60).contains(mi)
+        || !(0..61).contains(s)
+    {
+        return Err(bad());
+    }
+    let secs = proto::utc::days_from_civil(*y, *mo, *da) * 86_400 + h * 3600 + mi * 60 + s;
+    secs.checked_mul(1_000_000_000).ok_or_else(bad)
+}
+
+/// influx-writer's client, one per retention policy (it is part of the write URL).
+struct Writer {
+    url: String,
+    database: String,
+    auth: Option<Secret>,
+    clients: HashMap<String, Client>,
+    written: u64,
+    refused: Vec<String>,
+}
+
+impl Writer {
+    fn client(&mut self, rp: &str) -> Result<&Client, String> {
+        if !self.clients.contains_key(rp) {
+            let cfg = InfluxConfig {
+                url: self.url.clone(),
+                api: Api::V1,
+                database: Some(self.database.clone()),
+                retention_policy: Some(rp.to_string()),
+                precision: Precision::Ns,
+                gzip: true,
+                timeout_ms: 60_000,
+                ..InfluxConfig::default()
+            };
+            let target = Target {
+                cfg,
+                auth: self.auth.clone(),
+                retry: Backoff::constant(Duration::from_millis(500), Duration::from_secs(30)),
+            };
+            let c = Client::new(&target).map_err(|e| e.to_string())?;
+            self.clients.insert(rp.to_string(), c);
+        }
+        self.clients.get(rp).ok_or_else(|| "no client".to_string())
+    }
+
+    /// One body: retried while InfluxDB is away (a minute and a half at most), split when
+    /// too large, and a refused batch (a type conflict with what the database holds) counted
+    /// with InfluxDB's message.
+    async fn post(&mut self, rp: &str, body: &str) -> Result<(), String> {
+        let mut stack = vec![body.to_string()];
+        while let Some(b) = stack.pop() {
+            let mut retries = Retries::new(Backoff::constant(
+                Duration::from_millis(500),
+                Duration::from_secs(15),
+            ));
+            loop {
+                let outcome = self.client(rp)?.write(b.as_bytes()).await;
+                match outcome {
+                    WriteOutcome::Written => {
+                        self.written += b.lines().count() as u64;
+                        break;
+                    }
+                    WriteOutcome::TooLarge => {
+                        let lines: Vec<&str> = b.lines().collect();
+                        if lines.len() < 2 {
+                            return Err("InfluxDB refuses even one line as too large".into());
+                        }
+                        let (a, c) = lines.split_at(lines.len() / 2);
+                        stack.push(format!("{}\n", c.join("\n")));
+                        stack.push(format!("{}\n", a.join("\n")));
+                        break;
+                    }
+                    WriteOutcome::Rejected(msg) => {
+                        // 1.x writes the batch's good points and names the first bad one.
+                        self.refused.push(msg);
+                        break;
+                    }
+                    WriteOutcome::Refused { status, what } => {
+                        return Err(format!("InfluxDB refused the write ({status}): {what}"));
+                    }
+                    WriteOutcome::Unavailable(why) => {
+                        if retries.failures() >= 8 {
+                            return Err(format!("InfluxDB stayed unavailable: {why}"));
+                        }
+                        tokio::time::sleep(retries.failed()).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LineSink for Writer {
+    fn write<'a>(
+        &'a mut self,
+        rp: &'a str,
+        body: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        Box::pin(self.post(rp, body))
+    }
+}
+
+async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
+    let opened = open(&o.place)?;
+    let store = &opened.store;
+    let influx = &opened.plan.influx;
+    let sets = sets(store).await?;
+    let refs: Vec<SetRef> = sets
+        .iter()
+        .map(|m| SetRef {
+            id: m.id.clone(),
+            kind: m.kind,
+        })
+        .collect();
+    if let Some(id) = &o.set
+        && !sets.iter().any(|m| &m.id == id)
+    {
+        bail!(
+            "no good set {id:?} in {} (`wattbus backup list`)",
+            store.describe()
+        );
+    }
+    let chain_ids = manifest::chain(&refs, o.set.as_deref());
+    let chain: Vec<&Manifest> = chain_ids
+        .iter()
+        .filter_map(|id| sets.iter().find(|m| &m.id == id))
+        .collect();
+    let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+        bail!(
+            "no full set to restore from in {} (`wattbus backup list`)",
+            store.describe()
+        );
+    };
+    if first.kind != Kind::Full {
+        bail!("the chain does not start with a full set");
+    }
+    let range = Range {
+        from_ns: o
+            .from
+            .as_deref()
+            .map(|t| parse_time("--from", t))
+            .transpose()?,
+        to_ns: o.to.as_deref().map(|t| parse_time("--to", t)).transpose()?,
+    };
+    println!(
+        "Restoring {} as of {} from {} ({} set(s): {}).",
+        last.database,
+        utc(last.to_ns),
+        store.describe(),
+        chain.len(),
+        chain_ids.join(", ")
+    );
+    // Everything checked before anything is written: a damaged incremental found half-way
+    // would leave a database that looks restored and is not.
+    let owned: Vec<Manifest> = chain.iter().map(|m| (*m).clone()).collect();
+    let damaged = restore::verify(store, &owned).await?;
+    if !damaged.is_empty() {
+        for (id, file, problem) in &damaged {
+            eprintln!("{id}: DAMAGED: {file} {problem}");
+        }
+        bail!("the chain has damaged parts; nothing was written (restore an older set with --set)");
+    }
+    let database = o.database.clone().unwrap_or_else(|| {
+        format!(
+            "{}_restored_{}",
+            last.database,
+            last.id.split('-').next().unwrap_or("set").to_lowercase()
+        )
+    });
+    let url = o.url.clone().unwrap_or_else(|| influx.url.clone());
+    let auth = match (&o.username, &o.password_file) {
+        (Some(u), Some(f)) => {
+            let p = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read --password-file {}", f.display()))?;
+            Some(Auth::Basic {
+                user: u.clone(),
+                password: p.trim_end_matches(['\n', '\r']).to_string(),
+            })
+        }
+        (None, None) => influx.auth.clone(),
+        _ => return Err(ConfigError::new("--username", "and --password-file go together").into()),
+    };
+    let conn = Connection::new(&url, &database, auth.clone(), Duration::from_secs(60))?;
+    if !o.dry_run {
+        prepare(&conn, &database, first, o.into_existing).await?;
+    }
+    let header = match &auth {
+        None => None,
+        Some(Auth::Basic { user, password }) => {
+            Some(Secret::new(influx_client::basic_auth(user, password)))
+        }
+        Some(Auth::Token(t)) => Some(Secret::new(format!("Token {t}"))),
+    };
+    let mut writer = Writer {
+        url: url.clone(),
+        database: database.clone(),
+        auth: header,
+        clients: HashMap::new(),
+        written: 0,
+        refused: Vec::new(),
+    };
+    let mut total = restore::Restored::default();
+    for m in &chain {
+        for p in &m.parts {
+            let r = restore::restore_part(store, m, p, range, 5000, o.dry_run, &mut writer).await?;
+            println!(
+                "  {} {}: {}.{}: {} points{}",
+                m.id,
+                p.file,
+                p.retention_policy,
+                p.measurement,
+                r.points,
+                if r.outside > 0 {
+                    format!(" ({} outside the range)", r.outside)
+                } else {
+                    String::new()
+                }
+            );
+            total.points += r.points;
+            total.outside += r.outside;
+        }
+    }
+    if o.dry_run {
+        println!(
+            "Dry run: {} points would be written to database {database:?} at {url}; nothing was written or created.",
+            total.points
+        );
+        return Ok(());
+    }
+    if !writer.refused.is_empty() {
+        for msg in writer.refused.iter().take(10) {
+            eprintln!("InfluxDB refused: {msg}");
+        }
+        bail!(
+            "{} batch(es) were partly refused by InfluxDB (above); the rest ({} points) is in database {database:?}",
+            writer.refused.len(),
+            writer.written
+        );
+    }
+    println!(
+        "Restored {} points into database {database:?} at {url}. Its retention policies keep everything (INF): set them as you want them, e.g. `wattbus influx setup --database {database}`.",
+        writer.written
+    );
+    Ok(())
+}
+
+/// Create the database and its retention policies (kept for ever: a restore must not have
+/// InfluxDB drop the old points it writes), or check that writing into it was asked for.
+async fn prepare(
+    conn: &Connection,
+    database: &str,
+    full: &Manifest,
+    into_existing: bool,
+) -> anyhow::Result<()> {
+    let dbs = conn.query("SHOW DATABASES").await?;
+    let exists = dbs
+        .iter()
+        .flat_map(|s| influx_client::query::column(s, "name"))
+        .any(|n| n == database);
+    if exists && !into_existing {
+        bail!(
+            "database {database:?} exists: restore into a new one (--database NEW), or pass --into-existing to write into it"
+        );
+    }
+    if !exists {
+        conn.query(&format!("CREATE DATABASE {}", ident(database)))
+            .await?;
+    }
+    let have: Vec<String> = backup_rotator::export::policies(conn)
+        .await?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    for p in &full.retention_policies {
+        if have.contains(&p.name) {
+            continue;
+        }
+        conn.query(&format!(
+            "CREATE RETENTION POLICY {} ON {} DURATION INF REPLICATION 1{}",
+            ident(&p.name),
+            ident(database),
+            if p.default { " DEFAULT" } else { "" }
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_in_three_spellings() {
+        assert_eq!(parse_time("--from", "0").expect("secs"), 0);
+        assert_eq!(
+            parse_time("--from", "2026-12-01T10:00:00Z").expect("rfc3339"),
+            parse_time("--from", "2026-12-01").expect("date") + 36_000 * 1_000_000_000
+        );
+        let e = parse_time("--to", "yesterday").expect_err("bad");
+        assert_eq!(e.key, "--to");
+    }
+}

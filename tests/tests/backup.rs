@@ -1,0 +1,844 @@
+//! backup-rotator against a real InfluxDB 1.6.7 and a real directory: what a user relies on
+//! when the SD card dies.
+//!
+//! - Every point comes back: the demo's readings through the real pipeline plus points other
+//!   writers make (integers, strings with quotes and backslashes, booleans, tags and names with
+//!   spaces, commas and equals signs), in two retention policies; backed up by the service,
+//!   the database dropped, restored with `wattbus backup restore`, compared point by point,
+//!   with every field's type.
+//! - Rotation beyond N, incremental sets and their restore chain, InfluxDB away during a run,
+//!   a damaged part found by `verify` and refused by `restore`, a kill -9 mid-run followed by
+//!   a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use backup_rotator::manifest::{Kind, MANIFEST};
+use backup_rotator::{Outcome, Rotator};
+use influx_client::query::Connection;
+use runtime::ConfigSource;
+use wattbus_e2e::servers::{
+    Influxd, demo_into, http, influx_setup, run_continuous_queries, urlencode,
+};
+use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+
+const DB: &str = "wattbus";
+
+/// Points other writers leave in a database: every field type, hard names. An hour ago,
+/// inside the raw policy's 30 days.
+fn hard_lines() -> String {
+    let t = (proto::now_ms() - 3_600_000) * 1_000_000;
+    format!(
+        concat!(
+            "plug\\ state,site=lab,device=kettle\\,2,room=living\\ room,kind=a\\=b relay=true,count=42i,label=\"say \\\"hi\\\" \\\\ bye, ok=1\",watts=1234.5 {a}\n",
+            "plug\\ state,site=lab,device=kettle\\,2,room=living\\ room,kind=a\\=b relay=false,count=-7i,label=\"ünïcødé ⚡\",watts=0.0 {b}\n",
+            "counters,site=lab,device=meter-9 pulses=9007199254740993i,ok=T {c}\n",
+            "counters,site=lab,device=meter-9 pulses=0i,ok=F {d}\n",
+        ),
+        a = t + 1,
+        b = t + 1_000_000_000,
+        c = t + 2_000_000_000,
+        d = t + 3_000_000_000,
+    )
+}
+
+fn write(influx: &Influxd, rp: Option<&str>, lines: &str) {
+    let rp = rp
+        .map(|r| format!("&rp={}", urlencode(r)))
+        .unwrap_or_default();
+    let (status, body) = http(
+        "POST",
+        influx.port,
+        &format!("/write?db={DB}{rp}&precision=ns"),
+        lines.as_bytes(),
+    );
+    assert_eq!(status, 204, "write failed: {body}");
+}
+
+/// Every point of every measurement in every policy: (policy, measurement, tags, time) →
+/// field → (type, value as JSON text).
+type Snapshot = BTreeMap<(String, String, String, i64), BTreeMap<String, (String, String)>>;
+
+fn query_ns(influx: &Influxd, q: &str) -> serde_json::Value {
+    query_ns_on(influx, DB, q)
+}
+
+fn query_ns_on(influx: &Influxd, db: &str, q: &str) -> serde_json::Value {
+    let (status, body) = http(
+        "POST",
+        influx.port,
+        &format!("/query?db={db}&epoch=ns&q={}", urlencode(q)),
+        b"",
+    );
+    assert_eq!(status, 200, "{q}: {body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+fn column(v: &serde_json::Value, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in v["results"][0]["series"].as_array().into_iter().flatten() {
+        let i = s["columns"]
+            .as_array()
+            .and_then(|c| c.iter().position(|c| c == name))
+            .expect("column");
+        for row in s["values"].as_array().into_iter().flatten() {
+            out.push(row[i].as_str().expect("text").to_string());
+        }
+    }
+    out
+}
+
+fn snapshot(influx: &Influxd) -> Snapshot {
+    snapshot_of(influx, DB)
+}
+
+fn snapshot_of(influx: &Influxd, db: &str) -> Snapshot {
+    let query_ns = |influx: &Influxd, q: &str| query_ns_on(influx, db, q);
+    let mut out = Snapshot::new();
+    let policies = column(
+        &query_ns(influx, &format!("SHOW RETENTION POLICIES ON \"{db}\"")),
+        "name",
+    );
+    let measurements = column(&query_ns(influx, "SHOW MEASUREMENTS"), "name");
+    for rp in &policies {
+        for m in &measurements {
+            let fk = query_ns(
+                influx,
+                &format!(
+                    "SHOW FIELD KEYS FROM \"{rp}\".\"{}\"",
+                    m.replace('"', "\\\"")
+                ),
+            );
+            let keys = column(&fk, "fieldKey");
+            let types = column(&fk, "fieldType");
+            let types: BTreeMap<String, String> = keys.into_iter().zip(types).collect();
+            if types.is_empty() {
+                continue;
+            }
+            let v = query_ns(
+                influx,
+                &format!(
+                    "SELECT * FROM \"{rp}\".\"{}\" GROUP BY *",
+                    m.replace('"', "\\\"")
+                ),
+            );
+            for s in v["results"][0]["series"].as_array().into_iter().flatten() {
+                let tags = serde_json::to_string(&s["tags"]).expect("tags");
+                let cols: Vec<String> = s["columns"]
+                    .as_array()
+                    .expect("columns")
+                    .iter()
+                    .map(|c| c.as_str().expect("name").to_string())
+                    .collect();
+                for row in s["values"].as_array().expect("values") {
+                    let row = row.as_array().expect("row");
+                    let t = row[0].as_i64().expect("time");
+                    let fields: BTreeMap<String, (String, String)> = cols
+                        .iter()
+                        .zip(row)
+                        .skip(1)
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(c, v)| {
+                            (
+                                c.clone(),
+                                (types.get(c).cloned().unwrap_or_default(), v.to_string()),
+                            )
+                        })
+                        .collect();
+                    if !fields.is_empty() {
+                        out.insert((rp.clone(), m.clone(), tags.clone(), t), fields);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// InfluxDB with the shipped policies, the demo's readings (through the real pipeline:
+/// simulated devices, the services, influx-writer) and the hard lines, then frozen: the
+/// continuous queries dropped after their SELECT … INTO ran once.
+fn filled(dir: &Path) -> Influxd {
+    let influx = Influxd::start(dir);
+    influx_setup(&influx, DB);
+    let mut demo = demo_into(&influx, DB, &dir.join("demo.log"));
+    let enough = wait_until(Duration::from_secs(180), || {
+        let v = influx.query(
+            DB,
+            r#"SELECT count("power_w") FROM "power" GROUP BY "device""#,
+        );
+        let series = v["results"][0]["series"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        series.len() >= 4
+            && series
+                .iter()
+                .all(|s| s["values"][0][1].as_f64().unwrap_or(0.0) >= 20.0)
+    });
+    demo.terminate(Duration::from_secs(20));
+    assert!(
+        enough,
+        "the demo did not fill InfluxDB; see {}",
+        dir.join("demo.log").display()
+    );
+    // Aggregated once, then frozen: nothing changes between the backup and the comparison.
+    for name in run_continuous_queries(&influx, DB) {
+        influx.query(DB, &format!("DROP CONTINUOUS QUERY \"{name}\" ON \"{DB}\""));
+    }
+    // After the aggregates, which would otherwise average them too.
+    let hard = hard_lines();
+    write(&influx, None, &hard);
+    write(&influx, Some("minutes"), &hard);
+    influx
+}
+
+fn config(broker: &BrokerSetup, dir: &Path, influx: &Influxd, extra: &str) -> PathBuf {
+    let local = format!("dir = \"{}\"\n", dir.join("backups").display());
+    config_with_storage(broker, dir, influx, extra, &local)
+}
+
+fn config_with_storage(
+    broker: &BrokerSetup,
+    dir: &Path,
+    influx: &Influxd,
+    extra: &str,
+    storage: &str,
+) -> PathBuf {
+    broker.service_config(
+        dir,
+        [
+            "level = \"info\"",
+            "",
+            &format!(
+                "\n[backup_rotator]\nsettle_s = 0\nhealth_listen = \"127.0.0.1:{}\"\n{extra}\n\
+                 [backup_rotator.influx]\nurl = \"http://127.0.0.1:{}\"\n\
+                 [backup_rotator.storage]\n{storage}",
+                free_port(),
+                influx.port,
+            ),
+        ],
+    )
+}
+
+fn finished_sets(dir: &Path) -> Vec<PathBuf> {
+    let root = dir.join("backups").join("lab");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    out.retain(|p| p.join(MANIFEST).is_file());
+    out.sort();
+    out
+}
+
+fn wattbus(args: &[&str]) -> std::process::Output {
+    Command::new(wattbus_bin())
+        .args(args)
+        .env_remove("WATTBUS_CONFIG")
+        .output()
+        .expect("wattbus runs")
+}
+
+#[test]
+fn a_restore_brings_back_every_point_with_its_type_and_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = filled(dir.path());
+    let mut before = snapshot(&influx);
+    let hard = before
+        .keys()
+        .filter(|k| k.1 == "plug state" || k.1 == "counters")
+        .count();
+    assert_eq!(hard, 8, "the hard points in both policies");
+    assert!(before.len() > 200, "the demo's readings: {}", before.len());
+    assert!(
+        before.keys().any(|k| k.0 == "minutes" && k.1 == "power"),
+        "aggregates present"
+    );
+
+    let broker = BrokerSetup::new(dir.path());
+    let _broker = broker.start(&dir.path().join("broker.log"));
+    // A schedule that never comes: only the first run, made at once because no set exists.
+    let cfg = config(&broker, dir.path(), &influx, "schedule = \"0 0 1 1 *\"");
+    let mut rotator = Proc::spawn(
+        "backup-rotator",
+        Command::new(wattbus_bin())
+            .args(["run", "backup-rotator", "-c"])
+            .arg(&cfg),
+        &dir.path().join("rotator.log"),
+    );
+    let made = wait_until(Duration::from_secs(120), || {
+        !finished_sets(dir.path()).is_empty()
+    });
+    rotator.terminate(Duration::from_secs(20));
+    assert!(
+        made,
+        "no set was made; log:\n{}",
+        std::fs::read_to_string(dir.path().join("rotator.log")).unwrap_or_default()
+    );
+    let cfg_s = cfg.to_str().unwrap();
+    let set = &finished_sets(dir.path())[0];
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(set.join(MANIFEST)).unwrap()).unwrap();
+    let to_ns = m["to_ns"].as_i64().unwrap();
+    // Readings stamped at or after the window's end (the demo's last second) belong to the
+    // next set, which this schedule never makes.
+    before.retain(|k, _| k.3 < to_ns);
+
+    let listed = wattbus(&["backup", "list", "-c", cfg_s]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success() && text.contains("-full") && text.contains("full"),
+        "{text}"
+    );
+    let verified = wattbus(&["backup", "verify", "-c", cfg_s]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+
+    // The card died: the database is gone.
+    influx.query(DB, &format!("DROP DATABASE \"{DB}\""));
+    let dry = wattbus(&[
+        "backup",
+        "restore",
+        "-c",
+        cfg_s,
+        "--database",
+        DB,
+        "--dry-run",
+    ]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        dry.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let per: std::collections::BTreeMap<(String, String), usize> =
+        before.keys().fold(Default::default(), |mut m, k| {
+            *m.entry((k.0.clone(), k.1.clone())).or_default() += 1;
+            m
+        });
+    assert!(
+        text.contains(&format!("{} points would be written", before.len())),
+        "{per:?}\n{text}"
+    );
+    assert!(
+        !column(&query_ns(&influx, "SHOW DATABASES"), "name").contains(&DB.to_string()),
+        "a dry run creates nothing"
+    );
+
+    let restored = wattbus(&["backup", "restore", "-c", cfg_s, "--database", DB]);
+    assert!(
+        restored.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&restored.stdout),
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let after = snapshot(&influx);
+    let missing: Vec<_> = before
+        .keys()
+        .filter(|k| !after.contains_key(k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} points not restored, e.g. {missing:?}",
+        before.len() - after.len()
+    );
+    for (k, v) in &before {
+        assert_eq!(after.get(k), Some(v), "point {k:?} restored differently");
+    }
+    assert_eq!(before.len(), after.len());
+
+    // A second restore into the same database is refused unless asked for.
+    let again = wattbus(&["backup", "restore", "-c", cfg_s, "--database", DB]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--into-existing"));
+}
+
+fn plan(
+    broker: &BrokerSetup,
+    dir: &Path,
+    influx: &Influxd,
+    extra: &str,
+) -> (backup_rotator::Plan, PathBuf) {
+    let cfg = config(broker, dir, influx, extra);
+    let src = ConfigSource::load(Some(&cfg)).expect("config");
+    (
+        src.resolve::<backup_rotator::BackupRotator>()
+            .expect("plan"),
+        cfg,
+    )
+}
+
+fn rotator(plan: &backup_rotator::Plan, dir: &Path) -> Rotator {
+    let site = proto::Segment::new("lab").unwrap();
+    let store = backup_rotator::store::Store::open(&plan.storage, &site, dir).unwrap();
+    let conn = Connection::new(
+        &plan.influx.url,
+        &plan.influx.database,
+        None,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    Rotator::new(plan, store, conn)
+}
+
+#[test]
+fn rotation_keeps_n_full_sets_and_what_they_need_and_survives_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    // Readings over the last two hours, a minute apart.
+    let now_ms = proto::now_ms();
+    let mut lines = String::new();
+    for i in 0..120i64 {
+        let t = (now_ms - 7_200_000 + i * 60_000) * 1_000_000;
+        lines.push_str(&format!("power,site=lab,device=m1 power_w={}.5 {t}\n", i));
+    }
+    write(&influx, None, &lines);
+    let broker = BrokerSetup::new(dir.path());
+    let (plan, cfg) = plan(
+        &broker,
+        dir.path(),
+        &influx,
+        "keep = 2\nfull_every_h = 1\nlookback_s = 60",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut r = rotator(&plan, dir.path());
+    let made = |o: Outcome| match o {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    };
+
+    // Full, then incremental half an hour later (after the newest point: empty), then a full
+    // an hour after the first, …
+    let t0 = now_ms;
+    let full1 = made(rt.block_on(r.run_once(t0)).unwrap());
+    assert_eq!((full1.kind, full1.points()), (Kind::Full, 120));
+    let inc1 = made(rt.block_on(r.run_once(t0 + 1_800_000)).unwrap());
+    assert_eq!(inc1.kind, Kind::Incremental);
+    assert_eq!(inc1.base.as_deref(), Some(full1.id.as_str()));
+    assert_eq!(
+        inc1.from_ns,
+        Some(full1.to_ns - 60_000_000_000),
+        "starts a lookback before the last end"
+    );
+
+    // InfluxDB away: the run fails, nothing is counted, nothing deleted.
+    influx.stop();
+    let e = rt
+        .block_on(r.run_once(t0 + 3_600_000))
+        .expect_err("InfluxDB is down");
+    assert!(e.is_transient(), "{e}");
+    assert_eq!(finished_sets(dir.path()).len(), 2);
+    influx.resume();
+
+    let full2 = made(rt.block_on(r.run_once(t0 + 3_700_000)).unwrap());
+    assert_eq!(full2.kind, Kind::Full);
+    let _inc2 = made(rt.block_on(r.run_once(t0 + 5_400_000)).unwrap());
+    assert_eq!(
+        finished_sets(dir.path()).len(),
+        4,
+        "two fulls, each with its incremental"
+    );
+    // A third full: the first and its incremental expire.
+    let full3 = made(rt.block_on(r.run_once(t0 + 7_400_000)).unwrap());
+    let ids: Vec<String> = finished_sets(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(
+        !ids.contains(&full1.id) && !ids.contains(&inc1.id),
+        "{ids:?}"
+    );
+    assert!(
+        ids.contains(&full2.id) && ids.contains(&full3.id),
+        "{ids:?}"
+    );
+
+    // A part damaged on the disk: verify names it and exits 1; restore refuses it.
+    let part = dir
+        .path()
+        .join("backups/lab")
+        .join(&full3.id)
+        .join(&full3.parts[0].file);
+    let mut bytes = std::fs::read(&part).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&part, &bytes).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let v = wattbus(&["backup", "verify", "-c", cfg_s]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(!v.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("{}: DAMAGED: {}", full3.id, full3.parts[0].file)),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}: OK", full2.id)), "{out}");
+    let r2 = wattbus(&["backup", "restore", "-c", cfg_s, "--database", "x"]);
+    assert!(!r2.status.success());
+    assert!(String::from_utf8_lossy(&r2.stderr).contains("nothing was written"));
+    // The older chain still restores, with a time range.
+    let from = (now_ms - 3_600_000) / 1000;
+    let r3 = wattbus(&[
+        "backup",
+        "restore",
+        "-c",
+        cfg_s,
+        "--set",
+        &full2.id,
+        "--database",
+        "older",
+        "--from",
+        &from.to_string(),
+    ]);
+    assert!(
+        r3.status.success(),
+        "{}",
+        String::from_utf8_lossy(&r3.stderr)
+    );
+    let n = influx.query("older", r#"SELECT count("power_w") FROM "power""#);
+    assert_eq!(
+        n["results"][0]["series"][0]["values"][0][1].as_f64(),
+        Some(60.0),
+        "the last hour only: {n}"
+    );
+}
+
+#[test]
+fn a_kill_mid_run_leaves_nothing_counted_and_the_next_run_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    // Enough points that a run takes a moment: 200,000 in 2,000-line writes.
+    let now_ms = proto::now_ms();
+    for b in 0..100i64 {
+        let mut lines = String::new();
+        for i in 0..2000i64 {
+            let t = (now_ms - 86_400_000 + (b * 2000 + i) * 400) * 1_000_000;
+            lines.push_str(&format!(
+                "power,site=lab,device=m{} power_w={},current_a={} {t}\n",
+                i % 4,
+                i,
+                b
+            ));
+        }
+        write(&influx, None, &lines);
+    }
+    let broker = BrokerSetup::new(dir.path());
+    let _broker = broker.start(&dir.path().join("broker.log"));
+    let cfg = config(&broker, dir.path(), &influx, "schedule = \"0 0 1 1 *\"");
+    // What a killed upload leaves behind, besides: a set without manifest and a staging file.
+    let stale = dir.path().join("backups/lab/20250101T000000Z-full");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("0001.lp.gz#17"), b"partial").unwrap();
+    std::fs::write(stale.join("0002.lp.gz"), b"partial").unwrap();
+
+    let spawn = || {
+        Proc::spawn(
+            "backup-rotator",
+            Command::new(wattbus_bin())
+                .args(["run", "backup-rotator", "-c"])
+                .arg(&cfg),
+            &dir.path().join("rotator.log"),
+        )
+    };
+    let mut first = spawn();
+    // Killed as soon as its set's directory appears: mid-run.
+    let root = dir.path().join("backups/lab");
+    let started = wait_until(Duration::from_secs(60), || {
+        std::fs::read_dir(&root)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| !e.file_name().to_string_lossy().starts_with("2025"))
+            })
+            .unwrap_or(false)
+    });
+    first.kill9();
+    assert!(started, "no run started");
+    assert!(
+        !stale.exists(),
+        "the unfinished set from before was removed first"
+    );
+    let mut second = spawn();
+    let done = wait_until(Duration::from_secs(120), || {
+        finished_sets(dir.path()).len() == 1
+    });
+    second.terminate(Duration::from_secs(20));
+    assert!(
+        done,
+        "{}",
+        std::fs::read_to_string(dir.path().join("rotator.log")).unwrap_or_default()
+    );
+    // Exactly one set, finished and whole; nothing else under the prefix.
+    let entries: BTreeSet<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let v = wattbus(&["backup", "verify", "-c", cfg.to_str().unwrap()]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let listed =
+        String::from_utf8_lossy(&wattbus(&["backup", "list", "-c", cfg.to_str().unwrap()]).stdout)
+            .into_owned();
+    assert!(listed.contains("200000"), "{listed}");
+}
+
+/// The Azure Blob emulator (Azurite, the Blob service's REST API), started on a free port with
+/// its data in a directory, so a restart finds what it held.
+struct Azurite {
+    child: std::process::Child,
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+/// Azurite's well-known account and key (public: the emulator's documented default).
+const AZ_ACCOUNT: &str = "devstoreaccount1";
+const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+const AZ_CONTAINER: &str = "wattbus-backups";
+
+impl Azurite {
+    fn start(dir: &Path) -> Self {
+        let data = dir.join("azurite");
+        std::fs::create_dir_all(&data).unwrap();
+        Self::start_on(free_port(), data, dir.join("azurite.log"))
+    }
+
+    fn start_on(port: u16, data: PathBuf, log: PathBuf) -> Self {
+        let bin = std::env::var("WBTEST_AZURITE").unwrap_or_else(|_| {
+            panic!(
+                "WBTEST_AZURITE is not set: run the suite with tests/run.sh, which installs Azurite"
+            )
+        });
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(&data)
+            // object_store sends a newer x-ms-version than Azurite knows.
+            .args(["--skipApiVersionCheck", "--disableTelemetry"])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let up = wait_until(Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(
+            up,
+            "Azurite did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            child,
+            port,
+            data,
+            log,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZ_ACCOUNT}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The storage goes away (stopped with SIGTERM: Azurite writes its metadata to disk only
+    /// every few seconds, and kill -9 would lose the container, which Azure never does).
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        *self = Self::start_on(self.port, self.data.clone(), self.log.clone());
+    }
+
+    fn blob(&self, key_file: &Path, args: &[&str]) -> String {
+        let o = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("azurite/blob.py"))
+            .args([&self.endpoint(), AZ_ACCOUNT])
+            .arg(key_file)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "blob.py {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Azure Blob storage as a user sets it up (terraform/ makes the container and a SAS for it):
+/// sets made there with the account key and with a container SAS, read back by `wattbus
+/// backup list`, `verify` and `restore` through the same config; an unfinished set a crash
+/// left behind is removed by the next run and never listed; the storage killed before a run
+/// fails it without counting a set, and the run after its return is good.
+#[test]
+fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut azurite = Azurite::start(dir.path());
+    let key_file = dir.path().join("azure_key");
+    std::fs::write(&key_file, format!("{AZ_KEY}\n")).unwrap();
+    azurite.blob(&key_file, &["mkcontainer", AZ_CONTAINER]);
+
+    let influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    let now_ms = proto::now_ms();
+    let mut lines = hard_lines();
+    for i in 0..600i64 {
+        let t = (now_ms - 1_200_000 + i * 1000) * 1_000_000;
+        lines.push_str(&format!(
+            "power,site=lab,device=m1,channel=l1 power_w={i}.25,count={i}i {t}\n"
+        ));
+    }
+    write(&influx, None, &lines);
+    let before = snapshot(&influx);
+    assert_eq!(before.len(), 604);
+
+    // A set a killed run left: a part, no manifest.
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"half a part").unwrap();
+    azurite.blob(
+        &key_file,
+        &[
+            "put",
+            AZ_CONTAINER,
+            "lab/20260101T000000Z-full/0001.lp.gz",
+            junk.to_str().unwrap(),
+        ],
+    );
+
+    let broker = BrokerSetup::new(dir.path());
+    // A rotator and its config file, for Azure with this credential (a `…_file` key).
+    let endpoint = azurite.endpoint();
+    let azure = |credential: &str, file: &Path| {
+        let storage = format!(
+            "kind = \"azure\"\naccount = \"{AZ_ACCOUNT}\"\ncontainer = \"{AZ_CONTAINER}\"\n\
+             {credential} = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n",
+            file.display(),
+            endpoint
+        );
+        let cfg = config_with_storage(
+            &broker,
+            dir.path(),
+            &influx,
+            "keep = 2\nfull_every_h = 1",
+            &storage,
+        );
+        let src = ConfigSource::load(Some(&cfg)).expect("config");
+        let plan = src
+            .resolve::<backup_rotator::BackupRotator>()
+            .expect("plan");
+        (rotator(&plan, dir.path()), cfg)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    };
+    let (mut r, _) = azure("access_key_file", &key_file);
+    let full = made(rt.block_on(r.run_once(now_ms)));
+    assert_eq!((full.kind, full.points()), (Kind::Full, 604));
+    let blobs = azurite.blob(&key_file, &["list", AZ_CONTAINER]);
+    assert!(
+        !blobs.contains("20260101T000000Z"),
+        "the unfinished set is still there:\n{blobs}"
+    );
+    assert!(
+        blobs.contains(&format!("lab/{}/{MANIFEST}", full.id)),
+        "{blobs}"
+    );
+
+    // The storage dies: the run fails, nothing is counted; back, the next run is good.
+    azurite.stop();
+    let e = rt
+        .block_on(r.run_once(now_ms + 1_800_000))
+        .expect_err("the storage is down");
+    assert!(e.is_transient(), "{e}");
+    azurite.restart();
+    let inc = made(rt.block_on(r.run_once(now_ms + 1_900_000)));
+    assert_eq!(inc.kind, Kind::Incremental);
+
+    // With a container SAS instead of the key (what terraform/ outputs), from a file.
+    let sas = azurite.blob(&key_file, &["sas", AZ_CONTAINER]);
+    let sas_file = dir.path().join("backup_sas");
+    std::fs::write(&sas_file, sas.trim()).unwrap();
+    let (mut r, cfg) = azure("sas_file", &sas_file);
+    let cfg_s = cfg.to_str().unwrap();
+    let full2 = made(rt.block_on(r.run_once(now_ms + 3_700_000)));
+    assert_eq!(full2.kind, Kind::Full);
+
+    let listed = wattbus(&["backup", "list", "-c", cfg_s]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    for id in [&full.id, &inc.id, &full2.id] {
+        assert!(text.contains(id.as_str()), "{id} not listed:\n{text}");
+    }
+    assert!(text.contains("Azure container"), "{text}");
+    let verified = wattbus(&["backup", "verify", "-c", cfg_s]);
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+
+    // Restored from Azure into a new database: every point, with its type.
+    let restored = wattbus(&["backup", "restore", "-c", cfg_s, "--database", "from_azure"]);
+    assert!(
+        restored.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&restored.stdout),
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    let after = snapshot_of(&influx, "from_azure");
+    assert_eq!(after, before);
+    // The SAS and the key never reach the output.
+    for o in [&listed, &verified, &restored] {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            !all.contains("sig=") && !all.contains(&AZ_KEY[..20]),
+            "{all}"
+        );
+    }
+}
