@@ -56,7 +56,7 @@ RUN set -eu; \
     groupadd --system --gid 10001 wattbus; \
     useradd --system --uid 10001 --gid wattbus --groups dialout \
         --home-dir /var/lib/wattbus --no-create-home --shell /usr/sbin/nologin wattbus; \
-    install -d -o wattbus -g wattbus -m 0750 /var/lib/wattbus
+    install -d -o wattbus -g wattbus -m 0750 /var/lib/wattbus /var/lib/wattbus/backups
 COPY --from=build /out/wattbus /usr/local/bin/wattbus
 COPY compose/wattbus.toml /etc/wattbus/wattbus.toml
 

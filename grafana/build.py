@@ -606,15 +606,41 @@ def health() -> db.Dashboard:
     d = d.with_panel(
         note(
             "Backups",
-            "**Completed by backup-rotator (issue 14).** It reports measurement `backup` (fields "
-            "`age_s` since the last good backup, `size_bytes`, `ok`); the panel below and the "
-            "alert \"Backup older than 2 h\" read it.",
-            w=12,
+            "backup-rotator (docs/backups.md) reports measurement `backup` every minute: `age_s` "
+            "since the newest good set, `last_run_ok` (0 when the last run failed: its log says "
+            "why), `failures` in a row, the newest set's `last_bytes`, `last_points` and "
+            "`last_duration_s`, and `full_sets`, `incremental_sets`, `stored_bytes` kept. The "
+            "alert \"Backup older than 2 h\" reads `age_s`. `wattbus backup list` shows the sets.",
+            w=8,
             h=6,
         )
     )
-    age = f'SELECT last("age_s") FROM "backup" WHERE {SITE} AND $timeFilter GROUP BY "device"'
-    d = d.with_panel(single("Last backup age", "s", [Q("A", age, "$tag_device")], w=12, h=6, time_from="3h"))
+    def last(field: str) -> str:
+        return f'SELECT last("{field}") FROM "backup" WHERE {SITE} AND $timeFilter GROUP BY "device"'
+
+    d = d.with_panel(single("Last backup age", "s", [Q("A", last("age_s"), "$tag_device")], w=4, h=6, time_from="3h"))
+    d = d.with_panel(
+        single(
+            "Last backup run",
+            "none",
+            [Q("A", last("last_run_ok"), "$tag_device")],
+            w=4,
+            h=6,
+            time_from="3h",
+            description="1: the last run made a good set (or had nothing to do); 0: it failed and is being retried.",
+        )
+    )
+    d = d.with_panel(single("Newest set", "bytes", [Q("A", last("last_bytes"), "$tag_device")], w=4, h=6, time_from="3h"))
+    d = d.with_panel(
+        single(
+            "Sets kept",
+            "none",
+            [Q("A", last("full_sets"), "full $tag_device"), Q("B", last("incremental_sets"), "incremental $tag_device")],
+            w=4,
+            h=6,
+            time_from="3h",
+        )
+    )
     return d
 
 
@@ -772,10 +798,11 @@ def rules() -> list[alerting.Rule]:
         rule(
             "wattbus-backup-age",
             "Backup older than 2 h",
-            "The last good backup of {{ $labels.device }} at {{ $labels.site }} is more than 2 hours old (completed by backup-rotator, issue 14).",
+            "The last good backup of {{ $labels.device }} at {{ $labels.site }} is more than 2 hours old, or there is none: `docker compose logs backup-rotator` says why (docs/backups.md). No status at all for 3 h also fires: backup-rotator is not running.",
             [influx("A", f'SELECT last("age_s") FROM "backup" WHERE $timeFilter GROUP BY {BY}', 10800), reduce("B", "A"), math("C", "$B > 7200")],
             "C",
             "5m",
+            no_data="Alerting",
         )
     )
     return out

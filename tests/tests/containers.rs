@@ -487,6 +487,7 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "broker_simulator",
         "broker_rms_processor",
         "broker_influx_writer",
+        "broker_backup_rotator",
         "broker_reader",
         "influx_password",
         "influx_admin_password",
@@ -565,6 +566,7 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "simulator",
         "demo-modbus-ingest",
         "demo-serial-ingest",
+        "backup-rotator",
     ] {
         let id = stack.one(service);
         assert_eq!(
@@ -613,6 +615,33 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
     for s in &secrets {
         assert!(!inspect.contains(s.as_str()), "a secret in docker inspect");
     }
+
+    // backup-rotator made its first full set at start, as InfluxDB's read-only user, into
+    // the backups volume, and reports it on the bus: a status reading stored like any other.
+    let rotator = stack.one("backup-rotator");
+    let backed_up = wait_until(Duration::from_secs(120), || {
+        let o = docker(&["exec", &rotator, "wattbus", "backup", "list"]);
+        o.status.success() && stdout(&o).lines().any(|l| l.contains(" full "))
+    });
+    assert!(
+        backed_up,
+        "no full backup set:\n{}\n{}",
+        stdout(&docker(&["exec", &rotator, "wattbus", "backup", "list"])),
+        stack.logs()
+    );
+    let o = docker(&["exec", &rotator, "wattbus", "backup", "verify"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            stack
+                .column("SELECT last_run_ok FROM backup WHERE device = 'backup-rotator'")
+                .values()
+                .next_back()
+                == Some(&1.0)
+        }),
+        "no backup status reading in InfluxDB\n{}",
+        stack.logs()
+    );
 
     stack.crash("influx-writer");
     stack.crash("broker");
