@@ -218,3 +218,76 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     );
     out
 }
+
+/// A tmpfs mounted for a test (a small disk to fill), unmounted (lazily: a killed child may
+/// hold a file) on drop. Needs root, or a user and mount namespace (`unshare -m
+/// --map-root-user`, see tests/tests/full_disk.rs).
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).expect("mount point");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
+            .arg("wattbus-full-disk")
+            .arg(at)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {}: {} (a full-disk test needs root, or a kernel that \
+             allows mounts in user namespaces)",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+
+    /// More room: the disk after someone freed space.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()
+            .expect("cannot run mount");
+        assert!(
+            out.status.success(),
+            "remount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Nothing to do if it fails: the mount namespace or the temp dir goes away anyway.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// For a test that mounts a [`Tmpfs`]: as root, `false` (go on). Otherwise the test binary
+/// runs `test` again in a user and mount namespace (`unshare -m --map-root-user`), where the
+/// mount is allowed, asserts that it passed there, and returns `true` (the caller returns).
+/// `marker` is an environment variable (not `WATTBUS_…`: children would read it as config)
+/// that tells the re-run it is the re-run.
+pub fn rerun_in_mount_namespace(test: &str, marker: &str) -> bool {
+    if is_root() || std::env::var_os(marker).is_some() {
+        return false;
+    }
+    let status = Command::new("unshare")
+        .args(["-m", "--map-root-user"])
+        .arg(std::env::current_exe().expect("test binary"))
+        .args(["--exact", test, "--nocapture"])
+        .env(marker, "1")
+        .status()
+        .expect("not root, and cannot run `unshare -m --map-root-user` to get a mount namespace");
+    assert!(status.success(), "{test} failed in its namespace: {status}");
+    true
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

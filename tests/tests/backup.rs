@@ -23,7 +23,9 @@ use runtime::ConfigSource;
 use wattbus_e2e::servers::{
     Influxd, demo_into, http, influx_setup, run_continuous_queries, urlencode,
 };
-use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
+use wattbus_e2e::{
+    BrokerSetup, Proc, Tmpfs, free_port, rerun_in_mount_namespace, wait_until, wattbus_bin,
+};
 
 const DB: &str = "wattbus";
 
@@ -841,4 +843,90 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
             "{all}"
         );
     }
+}
+
+const FULL_DISK_TEST: &str =
+    "a_full_disk_fails_the_run_counts_nothing_and_the_run_after_space_returns_is_good";
+/// Set in the re-run inside a namespace (not `WATTBUS_…`: children would read it as config).
+const IN_NAMESPACE: &str = "BACKUP_FULL_DISK_TEST_IN_NAMESPACE";
+
+/// The backup disk fills up mid-upload (a USB stick, the SD card): the run fails with the
+/// reason, no set is counted, what it had written is removed (so the disk is not left full),
+/// and once there is room again the next run makes a good set of every point.
+#[test]
+fn a_full_disk_fails_the_run_counts_nothing_and_the_run_after_space_returns_is_good() {
+    if rerun_in_mount_namespace(FULL_DISK_TEST, IN_NAMESPACE) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    // Two days of a meter every 10 s with noise: a set of a few hundred kilobytes.
+    let now_ms = proto::now_ms();
+    let mut lines = String::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..17_280i64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let t = (now_ms - 172_800_000 + i * 10_000) * 1_000_000;
+        lines.push_str(&format!(
+            "power,site=lab,device=m1,channel=l1 power_w={}.{},voltage_v=23{}.{} {t}\n",
+            x % 5000,
+            x % 997,
+            x % 10,
+            x % 89
+        ));
+    }
+    write(&influx, None, &lines);
+    let disk = dir.path().join("backups");
+    let tmpfs = Tmpfs::mount(&disk, "64k");
+    let broker = BrokerSetup::new(dir.path());
+    let (plan, _) = plan(&broker, dir.path(), &influx, "");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut r = rotator(&plan, dir.path());
+
+    let e = rt
+        .block_on(r.run_once(now_ms))
+        .expect_err("the disk is full");
+    let text = format!("{e}");
+    assert!(
+        text.contains("No space left on device"),
+        "the reason: {text}"
+    );
+    assert!(finished_sets(dir.path()).is_empty(), "a set counted");
+    let left: u64 = walk(&disk)
+        .iter()
+        .map(|p| p.metadata().map_or(0, |m| m.len()))
+        .sum();
+    assert_eq!(
+        left,
+        0,
+        "the failed run left files behind: {:?}",
+        walk(&disk)
+    );
+
+    tmpfs.resize("16m");
+    let made = match rt.block_on(r.run_once(now_ms + 60_000)).unwrap() {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    };
+    assert_eq!((made.kind, made.points()), (Kind::Full, 17_280));
+    assert_eq!(finished_sets(dir.path()).len(), 1);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

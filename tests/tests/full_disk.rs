@@ -22,50 +22,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use wattbus_e2e::{Proc, free_port, wait_until, wattbus_bin};
+use wattbus_e2e::{Proc, Tmpfs, free_port, rerun_in_mount_namespace, wait_until, wattbus_bin};
 use wattbus_testkit::mosquitto;
 
 /// Set in the re-run inside a namespace, so it does not re-run itself again.
 // Not `WATTBUS_…`: the children would take it for a config override.
 const IN_NAMESPACE: &str = "FULL_DISK_TEST_IN_NAMESPACE";
 const TEST: &str = "a_full_disk_stops_no_producer_and_every_journaled_reading_is_delivered";
-
-/// A tmpfs mounted for the test, unmounted (lazily: a killed child may hold a file) on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755")])
-            .arg("wattbus-full-disk")
-            .arg(at)
-            .output()
-            .expect("cannot run mount");
-        assert!(
-            out.status.success(),
-            "cannot mount a tmpfs at {}: {} (the full-disk test needs root, or a kernel that \
-             allows mounts in user namespaces)",
-            at.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Nothing to do if it fails: the mount namespace or the temp dir goes away anyway.
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
 
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -152,20 +115,7 @@ fn gaps(seqs: &BTreeSet<u64>) -> Vec<[u64; 2]> {
 
 #[test]
 fn a_full_disk_stops_no_producer_and_every_journaled_reading_is_delivered() {
-    if !is_root() && std::env::var_os(IN_NAMESPACE).is_none() {
-        let status = Command::new("unshare")
-            .args(["-m", "--map-root-user"])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", TEST, "--nocapture"])
-            .env(IN_NAMESPACE, "1")
-            .status()
-            .expect(
-                "not root, and cannot run `unshare -m --map-root-user` to get a mount namespace",
-            );
-        assert!(
-            status.success(),
-            "the full-disk test failed in its namespace: {status}"
-        );
+    if rerun_in_mount_namespace(TEST, IN_NAMESPACE) {
         return;
     }
     let broker = mosquitto();
