@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 /// first; `cargo test` alone does not build other packages' binaries).
 pub fn wattbus_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test> → target/<profile>/wattbus
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("wattbus");
+    // target/<profile>/deps/<test> → target/<profile>/wattbus; a bench binary of this
+    // package sits beside it (target/<profile>/<bench>).
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let bin = dir.join("wattbus");
     assert!(
         bin.is_file(),
         "{} is missing: run `cargo build -p wattbus` first (tests/run.sh does)",

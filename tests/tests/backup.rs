@@ -798,6 +798,20 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     let sas = azurite.blob(&key_file, &["sas", AZ_CONTAINER]);
     let sas_file = dir.path().join("backup_sas");
     std::fs::write(&sas_file, sas.trim()).unwrap();
+    // A SAS that is not the account's (a typo, one made for another account): refused as
+    // such, not retried as if the storage were away.
+    let forged = dir.path().join("forged_sas");
+    std::fs::write(&forged, sas.trim().replace("sig=", "sig=AAAA")).unwrap();
+    let (mut bad, _) = azure("sas_file", &forged);
+    let e = rt
+        .block_on(bad.run_once(now_ms + 3_600_000))
+        .expect_err("a forged SAS");
+    assert!(
+        !e.is_transient(),
+        "a refused credential is not transient: {e}"
+    );
+    assert!(!format!("{e}").contains("sig="), "the SAS in an error: {e}");
+
     let (mut r, cfg) = azure("sas_file", &sas_file);
     let cfg_s = cfg.to_str().unwrap();
     let full2 = made(rt.block_on(r.run_once(now_ms + 3_700_000)));
@@ -929,4 +943,156 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// What a break-it review did to the sets and the database, each a way a restore could have
+/// come back wrong while every command said all was well:
+/// - a retention policy made after the full set (restore must create it);
+/// - an incremental set's manifest damaged: `verify` fails, a restore through it is refused
+///   (it would leave an hour out), the full set alone still restores;
+/// - another rotator's set in progress on the same prefix is left alone, an abandoned one of
+///   a day ago is removed;
+/// - the clock jumped years ahead for one run: later runs make sets from the present;
+/// - the database lost its data: the near-empty full sets that follow never rotate the real
+///   ones away.
+#[test]
+fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_good_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    let now_ms = proto::now_ms();
+    let minute_lines = |from_ms: i64, n: i64| {
+        (0..n)
+            .map(|i| {
+                let t = (from_ms + i * 60_000) * 1_000_000;
+                format!("power,site=lab,device=m1 power_w={i}.5 {t}\n")
+            })
+            .collect::<String>()
+    };
+    write(&influx, None, &minute_lines(now_ms - 7_200_000, 60));
+    let broker = BrokerSetup::new(dir.path());
+    let (plan, cfg) = plan(
+        &broker,
+        dir.path(),
+        &influx,
+        "keep = 1\nfull_every_h = 2\nlookback_s = 60",
+    );
+    let cfg_s = cfg.to_str().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut r = rotator(&plan, dir.path());
+    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    };
+    let full = made(rt.block_on(r.run_once(now_ms - 3_600_000)));
+    assert_eq!(full.points(), 60);
+
+    // A policy made after the full set, written to, then two incremental sets.
+    influx.query(
+        DB,
+        &format!("CREATE RETENTION POLICY \"extra\" ON \"{DB}\" DURATION 30d REPLICATION 1"),
+    );
+    write(
+        &influx,
+        Some("extra"),
+        &minute_lines(now_ms - 3_000_000, 10),
+    );
+    let inc1 = made(rt.block_on(r.run_once(now_ms - 1_800_000)));
+    write(&influx, None, &minute_lines(now_ms - 1_700_000, 10));
+    let inc2 = made(rt.block_on(r.run_once(now_ms)));
+    assert_eq!(inc2.base.as_deref(), Some(full.id.as_str()));
+    let restored = wattbus(&["backup", "restore", "-c", cfg_s, "--database", "whole"]);
+    assert!(
+        restored.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&restored.stdout),
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    assert_eq!(snapshot_of(&influx, "whole"), snapshot(&influx));
+
+    // The first incremental's manifest is damaged.
+    let sets = dir.path().join("backups").join("lab");
+    let m1 = sets.join(&inc1.id).join(MANIFEST);
+    let original = std::fs::read(&m1).unwrap();
+    std::fs::write(&m1, &original[..100]).unwrap();
+    let v = wattbus(&["backup", "verify", "-c", cfg_s]);
+    assert!(!v.status.success(), "verify passed a damaged manifest");
+    assert!(String::from_utf8_lossy(&v.stderr).contains(&inc1.id));
+    let refused = wattbus(&["backup", "restore", "-c", cfg_s, "--database", "gap"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a restore with a missing hour");
+    assert!(err.contains(&inc2.id) && err.contains("missing"), "{err}");
+    assert!(
+        !column(&query_ns(&influx, "SHOW DATABASES"), "name").contains(&"gap".to_string()),
+        "nothing is created by a refused restore"
+    );
+    let only_full = wattbus(&[
+        "backup",
+        "restore",
+        "-c",
+        cfg_s,
+        "--database",
+        "full_only",
+        "--set",
+        &full.id,
+    ]);
+    assert!(only_full.status.success());
+    std::fs::write(&m1, &original).unwrap();
+
+    // Another rotator's set in progress (now), and an abandoned one of two days ago.
+    let foreign = sets.join(backup_rotator::manifest::set_id(
+        now_ms * 1_000_000,
+        Kind::Full,
+    ));
+    let abandoned = sets.join(backup_rotator::manifest::set_id(
+        (now_ms - 172_800_000) * 1_000_000,
+        Kind::Full,
+    ));
+    for d in [&foreign, &abandoned] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("0001.lp.gz"), b"in progress").unwrap();
+    }
+    write(&influx, None, &minute_lines(now_ms - 600_000, 5));
+    let _ = made(rt.block_on(r.run_once(now_ms + 1_800_000)));
+    assert!(
+        foreign.join("0001.lp.gz").is_file(),
+        "another rotator's part deleted"
+    );
+    assert!(!abandoned.exists(), "an abandoned set of two days ago kept");
+    std::fs::remove_dir_all(&foreign).unwrap();
+
+    // The database is wiped (a reinstall): the next full sets are near-empty. With keep = 1
+    // the full set of 75 points would expire; it is kept.
+    influx.query(DB, &format!("DROP DATABASE \"{DB}\""));
+    influx.create_database(DB);
+    write(&influx, None, &minute_lines(now_ms, 1));
+    let mut r = rotator(&plan, dir.path());
+    let small = made(rt.block_on(r.run_once(now_ms + 9_000_000)));
+    assert_eq!((small.kind, small.points()), (Kind::Full, 1));
+    let ids: Vec<String> = finished_sets(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        ids.contains(&full.id),
+        "the real backup was rotated away: {ids:?}"
+    );
+    assert!(ids.contains(&inc2.id), "its incremental sets too: {ids:?}");
+    // One run with the clock ten years ahead, then the present again: sets go on.
+    let ahead = made(rt.block_on(r.run_once(now_ms + 315_360_000_000)));
+    assert!(
+        finished_sets(dir.path())
+            .iter()
+            .any(|p| p.ends_with(&full.id)),
+        "the real backup was rotated away by the jump"
+    );
+    assert_eq!(ahead.kind, Kind::Full);
+    let back = rt.block_on(r.run_once(now_ms + 9_600_000)).unwrap();
+    assert!(
+        matches!(back, Outcome::Made(_)),
+        "no set from the present after a clock jump: {back:?}"
+    );
 }

@@ -278,6 +278,15 @@ impl Config {
         let key = |k: &str| format!("{section}.{k}");
         let schedule = Schedule::parse(&self.schedule)
             .map_err(|reason| ConfigError::new(key("schedule"), reason))?;
+        if schedule
+            .next_after(proto::now_ms().div_euclid(1000))
+            .is_none()
+        {
+            return Err(ConfigError::new(
+                key("schedule"),
+                format!("{:?} never comes (a day no month has?)", self.schedule),
+            ));
+        }
         if !(1..=24 * 31).contains(&self.full_every_h) {
             return Err(ConfigError::new(
                 key("full_every_h"),
@@ -420,6 +429,14 @@ fn reqwest_free_url_check(url: &str) -> Result<String, String> {
     if authority.is_empty() {
         return Err(format!("{t:?} has no host"));
     }
+    // host, host:port, [v6]:port
+    if let Some((host, port)) = authority.rsplit_once(':')
+        && !host.ends_with(':')
+        && !port.contains(']')
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(format!("{t:?}: the port {port:?} is not a port (1-65535)"));
+    }
     Ok(t.to_string())
 }
 
@@ -467,6 +484,18 @@ impl StorageConfig {
             ),
         ] {
             variant.refuse_unless(leaf, set, owners)?;
+        }
+        if let Some(e) = &self.endpoint {
+            let url =
+                reqwest_free_url_check(e).map_err(|r| ConfigError::new(key("endpoint"), r))?;
+            if url.starts_with("http://") && !self.allow_http {
+                return Err(ConfigError::new(
+                    key("endpoint"),
+                    format!(
+                        "{url:?} is plain http: set allow_http = true (an emulator on this machine only), or use https"
+                    ),
+                ));
+            }
         }
         if let Some(p) = &self.prefix
             && (p.is_empty()
@@ -649,6 +678,26 @@ mod tests {
                 "[backup_rotator.influx]\nusername = \"u\"",
                 "backup_rotator.influx.password",
                 "required",
+            ),
+            (
+                "[backup_rotator]\nschedule = \"0 0 30 2 *\"",
+                "backup_rotator.schedule",
+                "never comes",
+            ),
+            (
+                "[backup_rotator.influx]\nurl = \"http://h:99999\"",
+                "backup_rotator.influx.url",
+                "not a port",
+            ),
+            (
+                "[backup_rotator.storage]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"not a url\"",
+                "backup_rotator.storage.endpoint",
+                "not a URL",
+            ),
+            (
+                "[backup_rotator.storage]\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://minio:9000\"",
+                "backup_rotator.storage.endpoint",
+                "allow_http",
             ),
         ] {
             let e = load(text).expect_err(text);

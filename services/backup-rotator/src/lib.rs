@@ -222,6 +222,13 @@ pub struct Rotator {
     manifests: HashMap<String, Manifest>,
     /// Damaged sets already reported.
     damaged: HashMap<String, String>,
+    /// Unfinished sets of others already reported.
+    foreign: HashMap<String, ()>,
+    /// Sets from the future already reported.
+    future: HashMap<String, ()>,
+    /// Where the id of the set being made is kept until it is finished or removed: after a
+    /// kill, the next run knows that unfinished set was its own and removes it at once.
+    state_file: Option<std::path::PathBuf>,
     deleted: Counter,
     core: Core,
 }
@@ -244,6 +251,9 @@ impl Rotator {
             settle: plan.settle,
             manifests: HashMap::new(),
             damaged: HashMap::new(),
+            foreign: HashMap::new(),
+            future: HashMap::new(),
+            state_file: None,
             deleted: Counter::new(
                 "wattbus_backup_deleted_sets_total",
                 "Sets deleted: expired by rotation, or unfinished.",
@@ -257,13 +267,56 @@ impl Rotator {
         &self.store
     }
 
-    /// The good sets, oldest first; unfinished ones (not `keep_unfinished`) deleted.
-    async fn good_sets(&mut self, clean: bool) -> Result<Vec<Manifest>, StoreError> {
+    /// Keep the id of the set in progress in this file (in the rotator's state directory).
+    #[must_use]
+    pub fn with_state_file(mut self, path: std::path::PathBuf) -> Self {
+        self.state_file = Some(path);
+        self
+    }
+
+    /// The set a killed run of this rotator left unfinished, if any.
+    fn own_unfinished(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.state_file.as_ref()?).ok()?;
+        Some(text.trim().to_string())
+    }
+
+    fn note_in_progress(&self, id: Option<&str>) -> Result<(), StoreError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+        match id {
+            Some(id) => {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(path).map_err(io)?;
+                f.write_all(id.as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)
+            }
+            None => match std::fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// The good sets, oldest first. With `clean_at` (now, in ms), unfinished sets are
+    /// removed: at once if this rotator's own killed run left it, otherwise once a day old
+    /// (until then it may be another rotator's set in progress).
+    async fn good_sets(&mut self, clean_at: Option<i64>) -> Result<Vec<Manifest>, StoreError> {
         let listed = self.store.list().await?;
+        let own = self.own_unfinished();
         let mut good = Vec::new();
         for l in listed {
             if !l.finished {
-                if clean {
+                if let Some(now_ms) = clean_at {
+                    let old = manifest::id_time_s(&l.id)
+                        .is_some_and(|t| t < now_ms.div_euclid(1000) - 86_400);
+                    if own.as_deref() != Some(l.id.as_str()) && !old {
+                        if self.foreign.insert(l.id.clone(), ()).is_none() {
+                            tracing::warn!(set = %l.id, store = %self.store.describe(), "An unfinished backup set this rotator did not start: another rotator writing to the same prefix (give each its own `prefix`), or one killed on another host. Left alone; removed once it is a day old.");
+                        }
+                        continue;
+                    }
                     tracing::warn!(set = %l.id, store = %self.store.describe(), "Removing an unfinished backup set (a run that failed or was killed).");
                     match self.store.delete_set(&l.id).await {
                         Ok(()) => self.deleted.inc(),
@@ -284,27 +337,51 @@ impl Rotator {
                     self.manifests.insert(l.id.clone(), m.clone());
                     good.push(m);
                 }
-                Err(e @ StoreError::Corrupt { .. }) => {
+                // Damaged, or unreadable (permissions, a blip of the storage): not counted
+                // this run, never deleted, and the other sets go on being made and kept.
+                Err(e) => {
                     if self.damaged.insert(l.id.clone(), e.to_string()).is_none() {
                         self.core.error("damaged_set").inc();
-                        tracing::error!(set = %l.id, error = %e, "A backup set's manifest is damaged: the set is not counted and is left for you to look at (`wattbus backup verify`).");
+                        tracing::error!(set = %l.id, error = %chain(&e), "A backup set's manifest cannot be read: the set is not counted and is left for you to look at (`wattbus backup verify`).");
                     }
                 }
-                Err(e) => return Err(e),
             }
+        }
+        if let Some(own) = own
+            && !good.iter().any(|m| m.id == own)
+            && clean_at.is_some()
+        {
+            self.note_in_progress(None)?;
         }
         Ok(good)
     }
 
     /// The good sets as they stand, without changing anything (status readings, `list`).
     pub async fn sets(&mut self) -> Result<Vec<Manifest>, StoreError> {
-        self.good_sets(false).await
+        self.good_sets(None).await
+    }
+
+    /// Sets whose time is ahead of this clock (it jumped back, or a damaged manifest): kept,
+    /// but not what the next set continues from, nor what the status counts as newest.
+    fn plausible(&mut self, sets: Vec<Manifest>, now_ms: i64) -> Vec<Manifest> {
+        let limit_ms = now_ms.saturating_add(300_000);
+        sets.into_iter()
+            .filter(|m| {
+                let ok = m.created_ms <= limit_ms && m.to_ns / 1_000_000 <= limit_ms;
+                if !ok && self.future.insert(m.id.clone(), ()).is_none() {
+                    self.core.error("damaged_set").inc();
+                    tracing::error!(set = %m.id, "A backup set is from the future (this clock jumped back, or its manifest is wrong): it is kept but not continued; new sets are made from the present.");
+                }
+                ok
+            })
+            .collect()
     }
 
     /// One backup run at `now_ms`: clean up, make a set, rotate.
     pub async fn run_once(&mut self, now_ms: i64) -> Result<Outcome, RunError> {
         let started = Instant::now();
-        let good = self.good_sets(true).await?;
+        let all = self.good_sets(Some(now_ms)).await?;
+        let good = self.plausible(all.clone(), now_ms);
         let to_ns = (now_ms - millis(self.settle)).div_euclid(1000) * 1_000_000_000;
         let newest_full = good
             .iter()
@@ -333,6 +410,7 @@ impl Rotator {
             return Ok(Outcome::Nothing);
         }
         let version = self.conn.ping().await.map_err(ExportError::from)?;
+        self.note_in_progress(Some(&id))?;
         tracing::info!(set = %id, kind = kind.as_str(), store = %self.store.describe(), "Backup started.");
         let window = Window { from_ns, to_ns };
         let set_id = id.clone();
@@ -362,10 +440,17 @@ impl Rotator {
             retention_policies: exported.policies,
             parts: exported.parts,
         };
-        if let Err(e) = self.store.put_manifest(&m).await {
+        // Every part still there as uploaded, right before the manifest makes the set count.
+        let present = self.store.check_parts(&m).await;
+        let stored = match present {
+            Ok(()) => self.store.put_manifest(&m).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
             self.discard(&id).await;
             return Err(e.into());
         }
+        self.note_in_progress(None)?;
         self.manifests.insert(id.clone(), m.clone());
         tracing::info!(
             set = %id,
@@ -376,20 +461,52 @@ impl Rotator {
             seconds = started.elapsed().as_secs_f64(),
             "Backup set stored and verified."
         );
-        self.rotate(good.iter().chain(std::iter::once(&m))).await;
+        self.rotate(all.iter().chain(std::iter::once(&m)), &m).await;
         Ok(Outcome::Made(Box::new(m)))
     }
 
     /// Delete what rotation no longer keeps. Failures are logged and retried next run.
-    async fn rotate<'a>(&mut self, sets: impl Iterator<Item = &'a Manifest>) -> u64 {
+    ///
+    /// A full set more than twice the size of the newest one is never deleted (nor the sets
+    /// that continue it): a database that lost most of its data (a reinstall, a dropped
+    /// database) must not rotate the last real backups away behind near-empty ones.
+    async fn rotate<'a>(
+        &mut self,
+        sets: impl Iterator<Item = &'a Manifest>,
+        newest: &Manifest,
+    ) -> u64 {
+        let sets: Vec<&Manifest> = sets.collect();
         let refs: Vec<SetRef> = sets
+            .iter()
             .map(|m| SetRef {
                 id: m.id.clone(),
                 kind: m.kind,
             })
             .collect();
+        let shrunk: Vec<&Manifest> = if newest.kind == Kind::Full {
+            sets.iter()
+                .filter(|m| m.kind == Kind::Full && m.points() / 2 > newest.points())
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let protected = |id: &str| {
+            sets.iter().find(|m| m.id == id).is_some_and(|m| {
+                let full = match m.kind {
+                    Kind::Full => Some(m.id.as_str()),
+                    Kind::Incremental => m.base.as_deref(),
+                };
+                full.is_some_and(|f| shrunk.iter().any(|s| s.id == f))
+            })
+        };
         let mut deleted = 0;
         for id in manifest::expired(&refs, self.keep) {
+            if protected(&id) {
+                self.core.error("rotation").inc();
+                tracing::error!(set = %id, newest = %newest.id, newest_points = newest.points(), "Not deleting an expired backup set: it holds more than twice the points of the newest full set (InfluxDB lost data?). Check the database; delete old sets by hand once you are sure.");
+                continue;
+            }
             match self.store.delete_set(&id).await {
                 Ok(()) => {
                     self.manifests.remove(&id);
@@ -408,8 +525,15 @@ impl Rotator {
 
     /// A set a failed run left: removed now if the storage lets us, else on the next run.
     async fn discard(&self, id: &str) {
-        if let Err(e) = self.store.delete_set(id).await {
-            tracing::debug!(set = %id, error = %chain(&e), "The failed run's set stays until the next run removes it.");
+        match self.store.delete_set(id).await {
+            Ok(()) => {
+                if let Err(e) = self.note_in_progress(None) {
+                    tracing::warn!(error = %chain(&e), "Cannot clear the note of the set in progress.");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(set = %id, error = %chain(&e), "The failed run's set stays until the next run removes it.");
+            }
         }
     }
 }
@@ -443,7 +567,12 @@ fn status_fields(
             f(sets.iter().map(Manifest::bytes).sum()),
         ),
     ]);
-    if let Some(newest) = sets.iter().max_by(|a, b| a.id.cmp(&b.id)) {
+    // The newest set this clock can have made (one from the future says nothing of now).
+    if let Some(newest) = sets
+        .iter()
+        .filter(|m| m.created_ms <= now_ms.saturating_add(300_000))
+        .max_by_key(|m| m.created_ms)
+    {
         #[allow(clippy::cast_precision_loss)]
         let age = (now_ms - newest.created_ms).max(0) as f64 / 1000.0;
         fields.insert("age_s".into(), age);
@@ -485,7 +614,15 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
     let metrics = Metrics::new();
     let ready = ctx.health.check("backup-rotator");
     ready.set(true);
-    let mut rotator = Rotator::new(plan, store, conn);
+    let state_dir = ctx
+        .common
+        .data_dir
+        .join("backup-rotator")
+        .join(plan.instance.as_str());
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", state_dir.display())))?;
+    let mut rotator =
+        Rotator::new(plan, store, conn).with_state_file(state_dir.join("in_progress"));
     let mut retries = Retries::new(plan.retry);
     let mut last_ok = true;
     let id = ReadingId::new(

@@ -120,11 +120,18 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn points(&self) -> u64 {
-        self.parts.iter().map(|p| p.points).sum()
+        self.parts.iter().fold(0, |n, p| n.saturating_add(p.points))
     }
 
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().map(|p| p.bytes).sum()
+        self.parts.iter().fold(0, |n, p| n.saturating_add(p.bytes))
+    }
+
+    /// Points left out because line protocol cannot carry them (see `export`).
+    pub fn skipped(&self) -> u64 {
+        self.parts
+            .iter()
+            .fold(0, |n, p| n.saturating_add(p.skipped))
     }
 
     /// Read a stored manifest, refusing what this version cannot read right.
@@ -143,6 +150,36 @@ impl Manifest {
             if !valid_file(&p.file) {
                 return Err(format!("part file {:?} is not one wattbus writes", p.file));
             }
+        }
+        // Times a set can have: made after 2000 and before 2200, a window that ends after it
+        // starts. Anything else is damage (or a hostile file), never arithmetic to trust.
+        const MIN_MS: i64 = 946_684_800_000;
+        const MAX_MS: i64 = 7_258_118_400_000;
+        if !(MIN_MS..MAX_MS).contains(&m.created_ms) {
+            return Err(format!(
+                "created_ms {} is not a plausible time",
+                m.created_ms
+            ));
+        }
+        if !(0..MAX_MS.saturating_mul(1_000_000)).contains(&m.to_ns) {
+            return Err(format!("to_ns {} is not a plausible time", m.to_ns));
+        }
+        if m.from_ns.is_some_and(|f| f < 0 || f >= m.to_ns) {
+            return Err(format!(
+                "from_ns {:?} is not before to_ns {}",
+                m.from_ns, m.to_ns
+            ));
+        }
+        let id_kind = m.id.rsplit('-').next().unwrap_or_default();
+        if id_kind != m.kind.as_str() {
+            return Err(format!(
+                "the set id {:?} says another kind than {:?}",
+                m.id,
+                m.kind.as_str()
+            ));
+        }
+        if m.kind == Kind::Incremental && (m.base.is_none() || m.from_ns.is_none()) {
+            return Err("an incremental set without its base or window start".into());
         }
         Ok(m)
     }
@@ -167,6 +204,16 @@ pub fn valid_id(id: &str) -> bool {
         && b[..8].iter().all(u8::is_ascii_digit)
         && b[9..15].iter().all(u8::is_ascii_digit)
         && (kind == "full" || kind == "incremental")
+}
+
+/// The time a set id names (its window's end), in Unix seconds.
+pub fn id_time_s(id: &str) -> Option<i64> {
+    if !valid_id(id) {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| id.get(r).and_then(|t| t.parse::<i64>().ok());
+    let days = proto::utc::days_from_civil(n(0..4)?, n(4..6)?, n(6..8)?);
+    Some(days * 86_400 + n(9..11)? * 3600 + n(11..13)? * 60 + n(13..15)?)
 }
 
 /// A part's file name: `0001.lp.gz`.
@@ -211,6 +258,60 @@ pub fn expired(sets: &[SetRef], keep_full: usize) -> Vec<String> {
     out
 }
 
+/// What makes a chain restorable: each incremental set continues the chain's full set and
+/// starts no later than the set before it ended, so no hour is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub id: String,
+    pub kind: Kind,
+    pub base: Option<String>,
+    pub from_ns: Option<i64>,
+    pub to_ns: i64,
+}
+
+impl From<&Manifest> for Link {
+    fn from(m: &Manifest) -> Self {
+        Self {
+            id: m.id.clone(),
+            kind: m.kind,
+            base: m.base.clone(),
+            from_ns: m.from_ns,
+            to_ns: m.to_ns,
+        }
+    }
+}
+
+/// Checks a chain from [`chain`] (oldest first): a restore of a chain with a gap would
+/// silently leave hours out. The error names the first set that does not continue.
+pub fn check_chain(links: &[Link]) -> Result<(), String> {
+    let Some(first) = links.first() else {
+        return Err("no full set".into());
+    };
+    if first.kind != Kind::Full {
+        return Err(format!("{} is not a full set", first.id));
+    }
+    let mut end = first.to_ns;
+    for l in &links[1..] {
+        if l.kind != Kind::Incremental || l.base.as_deref() != Some(first.id.as_str()) {
+            return Err(format!(
+                "{} does not continue {} (its base is {:?}): a set between them is missing or damaged",
+                l.id, first.id, l.base
+            ));
+        }
+        match l.from_ns {
+            Some(from) if from <= end => {}
+            _ => {
+                return Err(format!(
+                    "{} starts at {:?} ns but the set before it ended at {end} ns: the readings between are in no set (a set is missing or damaged)",
+                    l.id, l.from_ns
+                ));
+            }
+        }
+        end = end.max(l.to_ns);
+    }
+    Ok(())
+}
+
 /// The sets that restore the database as of the newest good set at or before `at` (all when
 /// `None`): the newest full set and the incremental sets after it, oldest first.
 pub fn chain(sets: &[SetRef], at: Option<&str>) -> Vec<String> {
@@ -228,6 +329,61 @@ pub fn chain(sets: &[SetRef], at: Option<&str>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn link(id: &str, base: Option<&str>, from_ns: Option<i64>, to_ns: i64) -> Link {
+        Link {
+            id: id.into(),
+            kind: if id.ends_with("full") {
+                Kind::Full
+            } else {
+                Kind::Incremental
+            },
+            base: base.map(String::from),
+            from_ns,
+            to_ns,
+        }
+    }
+
+    #[test]
+    fn set_ids_name_their_time() {
+        let t = 1_764_842_700; // 2025-12-04T10:05:00Z
+        assert_eq!(id_time_s(&set_id(t * 1_000_000_000, Kind::Full)), Some(t));
+        assert_eq!(id_time_s("not-a-set"), None);
+    }
+
+    #[test]
+    fn a_chain_with_a_missing_hour_is_refused() {
+        let f = "20261204T100000Z-full";
+        let good = [
+            link(f, None, None, 100),
+            link("20261204T110000Z-incremental", Some(f), Some(90), 200),
+            link("20261204T120000Z-incremental", Some(f), Some(190), 300),
+        ];
+        assert_eq!(check_chain(&good), Ok(()));
+        // The middle set's manifest was lost: the third starts after the first ended.
+        let gap = [good[0].clone(), good[2].clone()];
+        let e = check_chain(&gap).unwrap_err();
+        assert!(
+            e.contains("20261204T120000Z-incremental") && e.contains("missing"),
+            "{e}"
+        );
+        // An incremental set of another full set.
+        let other = [
+            good[0].clone(),
+            link(
+                "20261204T110000Z-incremental",
+                Some("20261203T100000Z-full"),
+                Some(90),
+                200,
+            ),
+        ];
+        assert!(
+            check_chain(&other)
+                .unwrap_err()
+                .contains("does not continue")
+        );
+        assert!(check_chain(&good[1..]).is_err(), "no full set first");
+    }
 
     fn s(id: &str) -> SetRef {
         SetRef {
@@ -320,8 +476,8 @@ mod tests {
             base: None,
             database: "wattbus".into(),
             from_ns: None,
-            to_ns: 1,
-            created_ms: 2,
+            to_ns: 1_767_225_600_000_000_000,
+            created_ms: 1_767_225_660_000,
             duration_ms: 3,
             wattbus_version: "0.1.0".into(),
             influxdb_version: Some("1.6.7".into()),
@@ -348,9 +504,18 @@ mod tests {
                 .expect_err("newer")
                 .contains("newer")
         );
-        let evil = String::from_utf8(json)
-            .expect("utf-8")
-            .replace("0001.lp.gz", "../../etc/passwd");
+        let text = String::from_utf8(json).expect("utf-8");
+        let evil = text.replace("0001.lp.gz", "../../etc/passwd");
         assert!(Manifest::from_json(evil.as_bytes()).is_err());
+        // Times no set has (arithmetic on them would overflow), and a kind the id denies.
+        for (from, to) in [
+            ("1767225660000", "-9223372036854775808"),
+            ("1767225600000000000", "9223372036854775807"),
+            ("\"kind\":\"full\"", "\"kind\":\"incremental\""),
+        ] {
+            let bad = text.replace(from, to);
+            assert_ne!(bad, text);
+            assert!(Manifest::from_json(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 }

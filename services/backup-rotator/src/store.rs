@@ -53,13 +53,28 @@ impl StoreError {
     /// damaged set.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Store { source, .. } => !matches!(
-                source,
-                object_store::Error::NotFound { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::NotImplemented { .. }
-            ),
+            StoreError::Store { source, .. } => {
+                let refused = matches!(
+                    source,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::NotImplemented { .. }
+                );
+                // Azure's refusals (an expired or wrong SAS, a wrong key) come back as a
+                // generic error with the service's status and code in its text.
+                let text = source.to_string();
+                let denied = [
+                    "status: 401",
+                    "status: 403",
+                    "AuthenticationFailed",
+                    "AuthorizationFailure",
+                    "AuthorizationPermissionMismatch",
+                ]
+                .iter()
+                .any(|t| text.contains(t));
+                !(refused || denied)
+            }
             StoreError::Io(_) => true,
             StoreError::Setup { .. } | StoreError::Corrupt { .. } => false,
         }
@@ -224,6 +239,40 @@ impl Store {
         self.prefix.clone().join(id).join(file)
     }
 
+    /// The objects of one set.
+    async fn objects_of(&self, id: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+        let dir = self.prefix.clone().join(id);
+        self.inner
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// Every part of `m` present with the size it was uploaded with: checked right before
+    /// the manifest is written (something else writing to the same prefix could have
+    /// removed one since it was read back).
+    pub async fn check_parts(&self, m: &Manifest) -> Result<(), StoreError> {
+        let objects = self.objects_of(&m.id).await?;
+        for p in &m.parts {
+            let found = objects
+                .iter()
+                .find(|o| o.location.filename() == Some(p.file.as_str()));
+            if found.map(|o| o.size) != Some(p.bytes) {
+                return Err(StoreError::Corrupt {
+                    store: self.describe.clone(),
+                    path: format!("{}/{}", m.id, p.file),
+                    problem: format!(
+                        "is {} right before the manifest (uploaded: {} bytes): something else writes to this prefix?",
+                        found.map_or("missing".to_string(), |o| format!("{} bytes", o.size)),
+                        p.bytes
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Every set under the prefix, oldest first, finished or not.
     pub async fn list(&self) -> Result<Vec<Listed>, StoreError> {
         let objects: Vec<object_store::ObjectMeta> = self
@@ -380,21 +429,14 @@ impl Store {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => return Err(self.err(e)),
         }
-        let dir = self.prefix.clone().join(id);
-        let objects: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| self.err(e))?;
-        for o in objects {
+        for o in self.objects_of(id).await? {
             match self.inner.delete(&o.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.err(e)),
             }
         }
         if let Some(root) = &self.local_root {
-            let path = root.join(dir.as_ref());
+            let path = root.join(self.prefix.clone().join(id).as_ref());
             match std::fs::remove_dir_all(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

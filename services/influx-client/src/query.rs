@@ -207,7 +207,7 @@ impl Connection {
         let status = self.status(resp.status())?;
         let body = resp.text().await.map_err(|e| self.unreachable(&e))?;
         let mut out = Vec::new();
-        parse_document(q, status, &body, &mut out)?;
+        parse_document(q, status, &body, false, &mut out)?;
         Ok(out)
     }
 
@@ -286,7 +286,7 @@ impl SeriesStream {
                     query: self.query.clone(),
                     reason: e.to_string(),
                 })?;
-                parse_document(&self.query, self.status, text, &mut self.ready)?;
+                parse_document(&self.query, self.status, text, true, &mut self.ready)?;
             }
             if self.pending.len() > MAX_LINE {
                 return Err(QueryError::Malformed {
@@ -313,8 +313,20 @@ struct Document {
 #[derive(Deserialize)]
 struct Statement {
     #[serde(default)]
-    series: Vec<Series>,
+    series: Vec<RawSeries>,
     error: Option<String>,
+    /// Set on every chunk but the last of a chunked answer, and on an answer InfluxDB cut
+    /// short (`max-row-limit`).
+    #[serde(default)]
+    partial: bool,
+}
+
+#[derive(Deserialize)]
+struct RawSeries {
+    #[serde(flatten)]
+    series: Series,
+    #[serde(default)]
+    partial: bool,
 }
 
 /// One JSON document of an answer (the whole body, or one line of a chunked one): its series
@@ -323,6 +335,7 @@ fn parse_document(
     q: &str,
     status: u16,
     text: &str,
+    chunked: bool,
     out: &mut impl Extend<Series>,
 ) -> Result<(), QueryError> {
     let text = text.trim();
@@ -348,7 +361,24 @@ fn parse_document(
             message: format!("status {status}: {}", excerpt(text)),
         });
     }
-    out.extend(doc.results.into_iter().flat_map(|r| r.series));
+    // A whole answer marked partial was cut short by the server: taking it would back up
+    // (or show) part of the data as if it were all of it.
+    if !chunked
+        && doc
+            .results
+            .iter()
+            .any(|r| r.partial || r.series.iter().any(|s| s.partial))
+    {
+        return Err(QueryError::Refused {
+            query: q.to_string(),
+            message: "InfluxDB cut the answer short (partial: its [http] max-row-limit?)".into(),
+        });
+    }
+    out.extend(
+        doc.results
+            .into_iter()
+            .flat_map(|r| r.series.into_iter().map(|s| s.series)),
+    );
     Ok(())
 }
 
@@ -389,13 +419,27 @@ mod tests {
 
     fn collect(text: &str) -> Result<Vec<Series>, String> {
         let mut out = Vec::new();
-        parse_document("q", 200, text, &mut out).map_err(|e| e.to_string())?;
+        parse_document("q", 200, text, false, &mut out).map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+
+    fn collect_chunk(text: &str) -> Result<Vec<Series>, String> {
+        let mut out = Vec::new();
+        parse_document("q", 200, text, true, &mut out).map_err(|e| e.to_string())?;
         Ok(out)
     }
 
     #[test]
+    fn a_whole_answer_cut_short_is_refused_but_a_chunk_is_not() {
+        let cut = r#"{"results":[{"statement_id":0,"series":[{"name":"measurements","columns":["name"],"values":[["a"],["b"]],"partial":true}]}]}"#;
+        let e = collect(cut).expect_err("cut short");
+        assert!(e.contains("max-row-limit"), "{e}");
+        assert_eq!(collect_chunk(cut).expect("a chunk").len(), 1);
+    }
+
+    #[test]
     fn series_with_tags_and_rows() {
-        let s = collect(
+        let s = collect_chunk(
             r#"{"results":[{"statement_id":0,"series":[{"name":"power","tags":{"device":"a b"},"columns":["time","power_w"],"values":[[1,5],[2,5.5]]}],"partial":true}]}"#,
         )
         .expect("parsed");

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use backup_rotator::manifest::{self, Kind, Manifest, SetRef};
+use backup_rotator::manifest::{self, Manifest, SetRef};
 use backup_rotator::restore::{self, LineSink, Range};
 use backup_rotator::store::Store;
 use influx_client::query::{Auth, Connection, ident};
@@ -107,19 +107,24 @@ fn open(w: &Where) -> anyhow::Result<Opened> {
     Ok(Opened { store, plan })
 }
 
-/// The good sets, oldest first. Damaged manifests are reported and left out.
-async fn sets(store: &Store) -> anyhow::Result<Vec<Manifest>> {
+/// The good sets, oldest first, and how many finished sets have a manifest that cannot be
+/// read (each reported on stderr and left out).
+async fn sets(store: &Store) -> anyhow::Result<(Vec<Manifest>, usize)> {
     let mut out = Vec::new();
+    let mut damaged = 0;
     for l in store.list().await? {
         if !l.finished {
             continue;
         }
         match store.manifest(&l.id).await {
             Ok(m) => out.push(m),
-            Err(e) => eprintln!("{}: damaged, left out: {e}", l.id),
+            Err(e) => {
+                damaged += 1;
+                eprintln!("{}: DAMAGED manifest, left out: {e}", l.id);
+            }
         }
     }
-    Ok(out)
+    Ok((out, damaged))
 }
 
 fn utc(ns: i64) -> String {
@@ -154,7 +159,7 @@ fn age(ms: i64) -> String {
 
 async fn list(w: Where) -> anyhow::Result<()> {
     let o = open(&w)?;
-    let sets = sets(&o.store).await?;
+    let (sets, _) = sets(&o.store).await?;
     println!("{}", o.store.describe());
     if sets.is_empty() {
         println!("No backup sets yet.");
@@ -174,15 +179,22 @@ async fn list(w: Where) -> anyhow::Result<()> {
             format!("{from} → {}", utc(m.to_ns)),
             m.points(),
             size(m.bytes()),
-            age(now - m.created_ms)
+            age(now.saturating_sub(m.created_ms))
         );
+        if m.skipped() > 0 {
+            println!(
+                "{:<30} ({} points left out: line protocol cannot carry them, see the rotator's log)",
+                "",
+                m.skipped()
+            );
+        }
     }
     Ok(())
 }
 
 async fn verify(w: Where, only: Option<String>) -> anyhow::Result<()> {
     let o = open(&w)?;
-    let mut sets = sets(&o.store).await?;
+    let (mut sets, damaged_manifests) = sets(&o.store).await?;
     if let Some(id) = &only {
         sets.retain(|m| &m.id == id);
         if sets.is_empty() {
@@ -209,14 +221,18 @@ async fn verify(w: Where, only: Option<String>) -> anyhow::Result<()> {
             }
         }
     }
-    if damaged.is_empty() {
-        Ok(())
-    } else {
+    if !damaged.is_empty() {
         bail!(
             "{} damaged part(s); those sets cannot be restored",
             damaged.len()
         )
     }
+    if damaged_manifests > 0 && only.is_none() {
+        bail!(
+            "{damaged_manifests} set(s) with a damaged manifest (above): they cannot be restored, and a restore chain through them is refused"
+        );
+    }
+    Ok(())
 }
 
 /// `2026-12-01T00:00:00Z`, `2026-12-01` or Unix seconds, to Unix nanoseconds.
@@ -327,6 +343,10 @@ impl Writer {
                     WriteOutcome::Refused { status, what } => {
                         return Err(format!("InfluxDB refused the write ({status}): {what}"));
                     }
+                    WriteOutcome::Unavailable(why) if why.contains("not found") => {
+                        // "retention policy not found", "database not found": no retry helps.
+                        return Err(format!("InfluxDB cannot take the write: {why}"));
+                    }
                     WriteOutcome::Unavailable(why) => {
                         if retries.failures() >= 8 {
                             return Err(format!("InfluxDB stayed unavailable: {why}"));
@@ -354,7 +374,7 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
     let opened = open(&o.place)?;
     let store = &opened.store;
     let influx = &opened.plan.influx;
-    let sets = sets(store).await?;
+    let (sets, _) = sets(store).await?;
     let refs: Vec<SetRef> = sets
         .iter()
         .map(|m| SetRef {
@@ -375,14 +395,18 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
         .iter()
         .filter_map(|id| sets.iter().find(|m| &m.id == id))
         .collect();
-    let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+    let (Some(_), Some(last)) = (chain.first(), chain.last()) else {
         bail!(
             "no full set to restore from in {} (`wattbus backup list`)",
             store.describe()
         );
     };
-    if first.kind != Kind::Full {
-        bail!("the chain does not start with a full set");
+    let links: Vec<manifest::Link> = chain.iter().map(|m| manifest::Link::from(*m)).collect();
+    if let Err(gap) = manifest::check_chain(&links) {
+        bail!(
+            "cannot restore as of {}: {gap}. Nothing was written; restore an earlier set with --set (`wattbus backup list`)",
+            last.id
+        );
     }
     let range = Range {
         from_ns: o
@@ -432,7 +456,7 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
     };
     let conn = Connection::new(&url, &database, auth.clone(), Duration::from_secs(60))?;
     if !o.dry_run {
-        prepare(&conn, &database, first, o.into_existing).await?;
+        prepare(&conn, &database, &chain, o.into_existing).await?;
     }
     let header = match &auth {
         None => None,
@@ -499,7 +523,7 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
 async fn prepare(
     conn: &Connection,
     database: &str,
-    full: &Manifest,
+    chain: &[&Manifest],
     into_existing: bool,
 ) -> anyhow::Result<()> {
     let dbs = conn.query("SHOW DATABASES").await?;
@@ -521,17 +545,21 @@ async fn prepare(
         .into_iter()
         .map(|p| p.name)
         .collect();
-    for p in &full.retention_policies {
-        if have.contains(&p.name) {
+    // Every policy any set of the chain has (one made after the full set too), once; the
+    // default only in a database made here: an existing one keeps its own.
+    let mut made: Vec<&str> = Vec::new();
+    for p in chain.iter().rev().flat_map(|m| &m.retention_policies) {
+        if have.contains(&p.name) || made.contains(&p.name.as_str()) {
             continue;
         }
         conn.query(&format!(
             "CREATE RETENTION POLICY {} ON {} DURATION INF REPLICATION 1{}",
             ident(&p.name),
             ident(database),
-            if p.default { " DEFAULT" } else { "" }
+            if p.default && !exists { " DEFAULT" } else { "" }
         ))
         .await?;
+        made.push(&p.name);
     }
     Ok(())
 }
