@@ -7,19 +7,41 @@ private, the lifecycle backstop cannot outrun the rotator, the SAS can do what b
 does and no more.
 """
 import json
-import re
 import sys
+import textwrap
 from pathlib import Path
 
 import hcl2
 
 root = Path(sys.argv[1])
-files = {p.name: hcl2.load(p.open()) for p in sorted(root.glob("*.tf"))}
+
+
+def unquote(s):
+    """python-hcl2 8 keeps a string's quotes, and a heredoc's markers and indentation."""
+    if len(s) >= 2 and s[0] == '"' and s[-1] == '"':
+        s = s[1:-1]
+    if s.startswith("<<-EOT\n") and s.endswith("EOT"):
+        s = textwrap.dedent(s[len("<<-EOT\n") : -len("EOT")]).strip("\n")
+    return s
+
+
+def norm(v):
+    """Plain data: block labels and strings unquoted, python-hcl2's own keys (__…) dropped."""
+    if isinstance(v, dict):
+        return {unquote(k): norm(x) for k, x in v.items() if not k.startswith("__")}
+    if isinstance(v, list):
+        return [norm(x) for x in v]
+    if isinstance(v, str):
+        return unquote(v)
+    return v
+
+
+files = {p.name: norm(hcl2.load(p.open())) for p in sorted(root.glob("*.tf"))}
 
 
 def one(v):
-    """python-hcl2 wraps every attribute value in a list."""
-    if isinstance(v, list) and len(v) == 1:
+    """A block (a list of one dict) or a value."""
+    if isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict):
         return v[0]
     return v
 
@@ -51,8 +73,8 @@ def check(cond, what):
 
 
 # Provider: azurerm v4.
-tf = [one(t) for f in files.values() for t in f.get("terraform", [])]
-providers = {k: one(v) for t in tf for p in t["required_providers"] for k, v in p.items()}
+tf = [t for f in files.values() for t in f.get("terraform", [])]
+providers = {k: v for t in tf for p in t["required_providers"] for k, v in p.items()}
 check(providers.get("azurerm", {}).get("version", "").startswith("~> 4."), f"azurerm must be ~> 4.x: {providers}")
 
 # The account, hardened.
@@ -83,8 +105,7 @@ check(one(containers[0]["container_access_type"]) == "private", "the container m
 policy = resources[("azurerm_storage_management_policy", "backstop")]
 rule = one(policy["rule"])
 flt = one(rule["filters"])
-prefixes = one(flt["prefix_match"])
-prefixes = prefixes if isinstance(prefixes, list) else [prefixes]
+prefixes = flt["prefix_match"]
 check(prefixes == ["${azurerm_storage_container.backups.name}/"], f"the lifecycle rule must match the container only: {prefixes}")
 base = one(one(rule["actions"])["base_blob"])
 check(one(base["delete_after_days_since_modification_greater_than"]) == "${var.delete_after_days}", "the lifecycle rule must delete after var.delete_after_days")
