@@ -655,6 +655,25 @@ impl Azurite {
         }
     }
 
+    /// Started, with the account key in a file and the container made (what terraform/ does).
+    fn with_container(dir: &Path) -> (Self, PathBuf) {
+        let azurite = Self::start(dir);
+        let key_file = dir.join("azure_key");
+        std::fs::write(&key_file, format!("{AZ_KEY}\n")).unwrap();
+        azurite.blob(&key_file, &["mkcontainer", AZ_CONTAINER]);
+        (azurite, key_file)
+    }
+
+    /// `[backup_rotator.storage]` for this emulator with `credential` (a `…_file` key).
+    fn storage(&self, credential: &str, file: &Path) -> String {
+        format!(
+            "kind = \"azure\"\naccount = \"{AZ_ACCOUNT}\"\ncontainer = \"{AZ_CONTAINER}\"\n\
+             {credential} = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n",
+            file.display(),
+            self.endpoint()
+        )
+    }
+
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}/{AZ_ACCOUNT}", self.port)
     }
@@ -708,10 +727,7 @@ impl Drop for Azurite {
 #[test]
 fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     let dir = tempfile::tempdir().unwrap();
-    let mut azurite = Azurite::start(dir.path());
-    let key_file = dir.path().join("azure_key");
-    std::fs::write(&key_file, format!("{AZ_KEY}\n")).unwrap();
-    azurite.blob(&key_file, &["mkcontainer", AZ_CONTAINER]);
+    let (mut azurite, key_file) = Azurite::with_container(dir.path());
 
     let influx = Influxd::start(dir.path());
     influx.create_database(DB);
@@ -742,14 +758,8 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
 
     let broker = BrokerSetup::new(dir.path());
     // A rotator and its config file, for Azure with this credential (a `…_file` key).
-    let endpoint = azurite.endpoint();
-    let azure = |credential: &str, file: &Path| {
-        let storage = format!(
-            "kind = \"azure\"\naccount = \"{AZ_ACCOUNT}\"\ncontainer = \"{AZ_CONTAINER}\"\n\
-             {credential} = \"{}\"\nendpoint = \"{}\"\nallow_http = true\n",
-            file.display(),
-            endpoint
-        );
+    let azure = |azurite: &Azurite, credential: &str, file: &Path| {
+        let storage = azurite.storage(credential, file);
         let cfg = config_with_storage(
             &broker,
             dir.path(),
@@ -771,7 +781,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
         Outcome::Made(m) => *m,
         Outcome::Nothing => panic!("no set made"),
     };
-    let (mut r, _) = azure("access_key_file", &key_file);
+    let (mut r, _) = azure(&azurite, "access_key_file", &key_file);
     let full = made(rt.block_on(r.run_once(now_ms)));
     assert_eq!((full.kind, full.points()), (Kind::Full, 604));
     let blobs = azurite.blob(&key_file, &["list", AZ_CONTAINER]);
@@ -802,7 +812,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     // such, not retried as if the storage were away.
     let forged = dir.path().join("forged_sas");
     std::fs::write(&forged, sas.trim().replace("sig=", "sig=AAAA")).unwrap();
-    let (mut bad, _) = azure("sas_file", &forged);
+    let (mut bad, _) = azure(&azurite, "sas_file", &forged);
     let e = rt
         .block_on(bad.run_once(now_ms + 3_600_000))
         .expect_err("a forged SAS");
@@ -812,7 +822,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     );
     assert!(!format!("{e}").contains("sig="), "the SAS in an error: {e}");
 
-    let (mut r, cfg) = azure("sas_file", &sas_file);
+    let (mut r, cfg) = azure(&azurite, "sas_file", &sas_file);
     let cfg_s = cfg.to_str().unwrap();
     let full2 = made(rt.block_on(r.run_once(now_ms + 3_700_000)));
     assert_eq!(full2.kind, Kind::Full);
@@ -1095,4 +1105,109 @@ fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_goo
         matches!(back, Outcome::Made(_)),
         "no set from the present after a clock jump: {back:?}"
     );
+}
+
+/// On Azure as on a directory: the storage stopped in the middle of a run (parts uploaded, no
+/// manifest) fails the run without counting a set, and the next run after its return removes
+/// what the failed one left; rotation beyond `keep`; a blob changed behind the rotator's back
+/// found by `verify`.
+#[test]
+fn azure_storage_gone_mid_run_rotation_and_a_changed_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut azurite, key_file) = Azurite::with_container(dir.path());
+    let influx = Influxd::start(dir.path());
+    influx.create_database(DB);
+    // Many measurements: many parts, so a run lasts long enough to be cut in the middle.
+    let now_ms = proto::now_ms();
+    let t = (now_ms - 600_000) * 1_000_000;
+    let lines: String = (0..300)
+        .map(|i| format!("m{i:03},site=lab,device=d{i} v={i}.5,n={i}i {t}\n"))
+        .collect();
+    write(&influx, None, &lines);
+
+    let broker = BrokerSetup::new(dir.path());
+    let storage = azurite.storage("access_key_file", &key_file);
+    let cfg = config_with_storage(
+        &broker,
+        dir.path(),
+        &influx,
+        "keep = 2\nfull_every_h = 1",
+        &storage,
+    );
+    let cfg_s = cfg.to_str().unwrap();
+    let src = ConfigSource::load(Some(&cfg)).expect("config");
+    let plan = src
+        .resolve::<backup_rotator::BackupRotator>()
+        .expect("plan");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut r = rotator(&plan, dir.path()).with_state_file(dir.path().join("in_progress"));
+    let blobs = |azurite: &Azurite| azurite.blob(&key_file, &["list", AZ_CONTAINER]);
+
+    // The storage stops once the first part is up.
+    let run = rt.spawn(async move {
+        let result = r.run_once(now_ms).await;
+        (r, result)
+    });
+    assert!(
+        wait_until(Duration::from_secs(60), || blobs(&azurite)
+            .contains(".lp.gz")),
+        "no part was uploaded"
+    );
+    azurite.stop();
+    let (mut r, result) = rt.block_on(run).unwrap();
+    let e = match result {
+        Err(e) => e,
+        Ok(o) => panic!("the run finished before the storage could be stopped: {o:?}"),
+    };
+    assert!(e.is_transient(), "{e}");
+    azurite.restart();
+    let left = blobs(&azurite);
+    assert!(
+        left.contains(".lp.gz") && !left.contains(MANIFEST),
+        "the cut run should have left parts and no manifest:\n{left}"
+    );
+    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    };
+    let full1 = made(rt.block_on(r.run_once(now_ms + 60_000)));
+    assert_eq!(full1.points(), 300);
+    let names = blobs(&azurite);
+    assert!(
+        names
+            .lines()
+            .all(|n| n.starts_with(&format!("lab/{}/", full1.id))),
+        "the failed run's parts are still there:\n{names}"
+    );
+
+    // Rotation beyond keep = 2.
+    let full2 = made(rt.block_on(r.run_once(now_ms + 3_700_000)));
+    let full3 = made(rt.block_on(r.run_once(now_ms + 7_400_000)));
+    let names = blobs(&azurite);
+    assert!(!names.contains(&full1.id), "{names}");
+    assert!(
+        names.contains(&full2.id) && names.contains(&full3.id),
+        "{names}"
+    );
+
+    // A part of the newest set changed behind the rotator's back.
+    let bogus = dir.path().join("bogus");
+    std::fs::write(&bogus, b"not what was uploaded").unwrap();
+    let part = format!("lab/{}/0001.lp.gz", full3.id);
+    azurite.blob(
+        &key_file,
+        &["put", AZ_CONTAINER, &part, bogus.to_str().unwrap()],
+    );
+    let v = wattbus(&["backup", "verify", "-c", cfg_s]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(!v.status.success(), "verify passed a changed blob:\n{out}");
+    assert!(
+        out.contains(&format!("{}: DAMAGED: 0001.lp.gz", full3.id)),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}: OK", full2.id)), "{out}");
 }
