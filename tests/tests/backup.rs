@@ -377,6 +377,21 @@ fn plan(
     )
 }
 
+/// The set a run made (a test that expects one).
+fn made(o: Result<Outcome, backup_rotator::RunError>) -> backup_rotator::manifest::Manifest {
+    match o.unwrap() {
+        Outcome::Made(m) => *m,
+        Outcome::Nothing => panic!("no set made"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn rotator(plan: &backup_rotator::Plan, dir: &Path) -> Rotator {
     let site = proto::Segment::new("lab").unwrap();
     let store = backup_rotator::store::Store::open(&plan.storage, &site, dir).unwrap();
@@ -410,22 +425,15 @@ fn rotation_keeps_n_full_sets_and_what_they_need_and_survives_failures() {
         &influx,
         "keep = 2\nfull_every_h = 1\nlookback_s = 60",
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut r = rotator(&plan, dir.path());
-    let made = |o: Outcome| match o {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
-    };
 
     // Full, then incremental half an hour later (after the newest point: empty), then a full
     // an hour after the first, …
     let t0 = now_ms;
-    let full1 = made(rt.block_on(r.run_once(t0)).unwrap());
+    let full1 = made(rt.block_on(r.run_once(t0)));
     assert_eq!((full1.kind, full1.points()), (Kind::Full, 120));
-    let inc1 = made(rt.block_on(r.run_once(t0 + 1_800_000)).unwrap());
+    let inc1 = made(rt.block_on(r.run_once(t0 + 1_800_000)));
     assert_eq!(inc1.kind, Kind::Incremental);
     assert_eq!(inc1.base.as_deref(), Some(full1.id.as_str()));
     assert_eq!(
@@ -443,16 +451,16 @@ fn rotation_keeps_n_full_sets_and_what_they_need_and_survives_failures() {
     assert_eq!(finished_sets(dir.path()).len(), 2);
     influx.resume();
 
-    let full2 = made(rt.block_on(r.run_once(t0 + 3_700_000)).unwrap());
+    let full2 = made(rt.block_on(r.run_once(t0 + 3_700_000)));
     assert_eq!(full2.kind, Kind::Full);
-    let _inc2 = made(rt.block_on(r.run_once(t0 + 5_400_000)).unwrap());
+    let _inc2 = made(rt.block_on(r.run_once(t0 + 5_400_000)));
     assert_eq!(
         finished_sets(dir.path()).len(),
         4,
         "two fulls, each with its incremental"
     );
     // A third full: the first and its incremental expire.
-    let full3 = made(rt.block_on(r.run_once(t0 + 7_400_000)).unwrap());
+    let full3 = made(rt.block_on(r.run_once(t0 + 7_400_000)));
     let ids: Vec<String> = finished_sets(dir.path())
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -773,14 +781,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
             .expect("plan");
         (rotator(&plan, dir.path()), cfg)
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
-    };
+    let rt = runtime();
     let (mut r, _) = azure(&azurite, "access_key_file", &key_file);
     let full = made(rt.block_on(r.run_once(now_ms)));
     assert_eq!((full.kind, full.points()), (Kind::Full, 604));
@@ -907,10 +908,7 @@ fn a_full_disk_fails_the_run_counts_nothing_and_the_run_after_space_returns_is_g
     let tmpfs = Tmpfs::mount(&disk, "64k");
     let broker = BrokerSetup::new(dir.path());
     let (plan, _) = plan(&broker, dir.path(), &influx, "");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut r = rotator(&plan, dir.path());
 
     let e = rt
@@ -934,11 +932,8 @@ fn a_full_disk_fails_the_run_counts_nothing_and_the_run_after_space_returns_is_g
     );
 
     tmpfs.resize("16m");
-    let made = match rt.block_on(r.run_once(now_ms + 60_000)).unwrap() {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
-    };
-    assert_eq!((made.kind, made.points()), (Kind::Full, 17_280));
+    let set = made(rt.block_on(r.run_once(now_ms + 60_000)));
+    assert_eq!((set.kind, set.points()), (Kind::Full, 17_280));
     assert_eq!(finished_sets(dir.path()).len(), 1);
 }
 
@@ -988,15 +983,8 @@ fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_goo
         "keep = 1\nfull_every_h = 2\nlookback_s = 60",
     );
     let cfg_s = cfg.to_str().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let mut r = rotator(&plan, dir.path());
-    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
-    };
     let full = made(rt.block_on(r.run_once(now_ms - 3_600_000)));
     assert_eq!(full.points(), 60);
 
@@ -1170,10 +1158,6 @@ fn azure_storage_gone_mid_run_rotation_and_a_changed_blob() {
         left.contains(".lp.gz") && !left.contains(MANIFEST),
         "the cut run should have left parts and no manifest:\n{left}"
     );
-    let made = |o: Result<Outcome, backup_rotator::RunError>| match o.unwrap() {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
-    };
     let full1 = made(rt.block_on(r.run_once(now_ms + 60_000)));
     assert_eq!(full1.points(), 300);
     let names = blobs(&azurite);
