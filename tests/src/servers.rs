@@ -100,6 +100,8 @@ pub fn urlencode(s: &str) -> String {
 #[derive(Debug)]
 pub struct Influxd {
     pub port: u16,
+    /// The RPC port (`influxd backup` / `restore`).
+    pub rpc: u16,
     dir: PathBuf,
     config: PathBuf,
     proc: Option<Proc>,
@@ -111,6 +113,7 @@ impl Influxd {
         let dir = dir.join("influxdb");
         std::fs::create_dir_all(&dir).expect("influx dir");
         let port = free_port();
+        let rpc = free_port();
         let config = dir.join("influxdb.conf");
         std::fs::write(
             &config,
@@ -120,13 +123,13 @@ impl Influxd {
                  [data]\n  dir = \"{d}/data\"\n  wal-dir = \"{d}/wal\"\n  query-log-enabled = false\n\
                  [http]\n  bind-address = \"127.0.0.1:{port}\"\n  log-enabled = false\n\
                  [logging]\n  level = \"warn\"\n",
-                rpc = free_port(),
                 d = dir.display(),
             ),
         )
         .expect("influx config");
         let mut s = Influxd {
             port,
+            rpc,
             dir,
             config,
             proc: None,

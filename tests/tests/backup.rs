@@ -244,6 +244,33 @@ fn wattbus(args: &[&str]) -> std::process::Output {
         .expect("wattbus runs")
 }
 
+/// `wattbus backup fetch` of `set` (default: the newest with a native backup) into `into`.
+fn fetch(cfg: &str, into: &Path, set: Option<&str>) -> std::process::Output {
+    let mut args = vec![
+        "backup",
+        "fetch",
+        "-c",
+        cfg,
+        "--dir",
+        into.to_str().unwrap(),
+    ];
+    if let Some(set) = set {
+        args.extend(["--set", set]);
+    }
+    wattbus(&args)
+}
+
+/// The output of a command that must have succeeded (all of it in the failure).
+fn succeeded(o: &std::process::Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 #[test]
 fn a_restore_brings_back_every_point_with_its_type_and_tags() {
     let dir = tempfile::tempdir().unwrap();
@@ -768,18 +795,18 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     // A rotator and its config file, for Azure with this credential (a `…_file` key).
     let azure = |azurite: &Azurite, credential: &str, file: &Path| {
         let storage = azurite.storage(credential, file);
-        let cfg = config_with_storage(
-            &broker,
-            dir.path(),
-            &influx,
-            "keep = 2\nfull_every_h = 1",
-            &storage,
+        // Native mode too: InfluxDB's own files go into the same container, under native/.
+        let extra = format!(
+            "keep = 2\nfull_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\n",
+            influx.rpc
         );
+        let cfg = config_with_storage(&broker, dir.path(), &influx, &extra, &storage);
         let src = ConfigSource::load(Some(&cfg)).expect("config");
         let plan = src
             .resolve::<backup_rotator::BackupRotator>()
             .expect("plan");
-        (rotator(&plan, dir.path()), cfg)
+        let state = dir.path().join("state");
+        (rotator(&plan, dir.path()).with_native(&plan, &state), cfg)
     };
     let rt = runtime();
     let (mut r, _) = azure(&azurite, "access_key_file", &key_file);
@@ -794,6 +821,15 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
         blobs.contains(&format!("lab/{}/{MANIFEST}", full.id)),
         "{blobs}"
     );
+    let native = full.native.clone().expect("native mode");
+    assert!(native.ok(), "{native:?}");
+    for f in &native.files {
+        assert!(
+            blobs.contains(&format!("lab/{}/{}", full.id, f.file)),
+            "{} not in the container:\n{blobs}",
+            f.file
+        );
+    }
 
     // The storage dies: the run fails, nothing is counted; back, the next run is good.
     azurite.stop();
@@ -844,6 +880,14 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
         verified.status.success(),
         "{}",
         String::from_utf8_lossy(&verified.stdout)
+    );
+
+    // InfluxDB's own files fetched back from Azure, checked.
+    let fetched = dir.path().join("fetched");
+    succeeded(&fetch(cfg_s, &fetched, None));
+    assert_eq!(
+        std::fs::read_dir(&fetched).unwrap().count(),
+        full2.native.as_ref().map_or(0, |n| n.files.len())
     );
 
     // Restored from Azure into a new database: every point, with its type.
@@ -1194,4 +1238,210 @@ fn azure_storage_gone_mid_run_rotation_and_a_changed_blob() {
         "{out}"
     );
     assert!(out.contains(&format!("{}: OK", full2.id)), "{out}");
+}
+
+/// Native mode: InfluxDB's own backup (`influxd backup -portable`) stored in every full set,
+/// checked by `verify`, fetched by `wattbus backup fetch` and restored by `influxd restore
+/// -portable` into a database equal to the original; a failing tool costs the set nothing.
+#[test]
+fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let influx = Influxd::start(dir.path());
+    influx_setup(&influx, DB);
+    let now_ms = proto::now_ms();
+    let mut lines = String::new();
+    for i in 0..300i64 {
+        let t = (now_ms - 5 * 3_600_000 + i * 60_000) * 1_000_000;
+        lines.push_str(&format!(
+            "power,site=lab,device=m{} power_w={}.25,energy_wh={}i {t}\n",
+            i % 3,
+            i,
+            i * 7
+        ));
+    }
+    write(&influx, None, &lines);
+    let hard = hard_lines();
+    write(&influx, None, &hard);
+    write(&influx, Some("minutes"), &hard);
+    let before = snapshot(&influx);
+    assert!(before.len() > 300, "{}", before.len());
+
+    // A bad setting is refused, naming the key.
+    let broker = BrokerSetup::new(dir.path());
+    for (extra, key) in [
+        (
+            "[backup_rotator.native]\ntool = \"influxd\"\ncommand = \"/nonexistent/influxd\"\n",
+            "backup_rotator.native.command",
+        ),
+        (
+            "[backup_rotator.native]\ntool = \"influxd\"\nbucket = \"b\"\n",
+            "backup_rotator.native.bucket",
+        ),
+        (
+            "[backup_rotator.native]\ntool = \"influx\"\ncommand = \"/bin/true\"\n",
+            "backup_rotator.native.tool",
+        ),
+        (
+            "[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"localhost\"\n",
+            "backup_rotator.native.rpc",
+        ),
+    ] {
+        let cfg = config(&broker, dir.path(), &influx, extra);
+        let src = ConfigSource::load(Some(&cfg)).expect("config");
+        let e = src
+            .resolve::<backup_rotator::BackupRotator>()
+            .expect_err(extra)
+            .to_string();
+        assert!(e.contains(key), "{extra}: {e}");
+        let o = wattbus(&["config", "check", cfg.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(64), "{extra}");
+    }
+
+    let native = format!(
+        "full_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\n",
+        influx.rpc
+    );
+    let (p, cfg) = plan(&broker, dir.path(), &influx, &native);
+    let cfg_s = cfg.to_str().unwrap();
+    let state = dir.path().join("state");
+    // What a run killed mid-way left in the scratch directory is not stored.
+    std::fs::create_dir_all(state.join("native")).unwrap();
+    std::fs::write(state.join("native").join("19990101T000000Z.meta"), "stale").unwrap();
+    let rt = runtime();
+    let mut r = rotator(&p, dir.path()).with_native(&p, &state);
+    let full = made(rt.block_on(r.run_once(now_ms)));
+    let n = full.native.clone().expect("a native backup");
+    assert!(n.ok(), "{n:?}");
+    assert_eq!(n.tool, "influxd");
+    assert!(n.files.iter().any(|f| f.file.ends_with(".meta")), "{n:?}");
+    assert!(n.files.iter().any(|f| f.file.ends_with(".tar.gz")), "{n:?}");
+    assert!(
+        !n.files.iter().any(|f| f.file.contains("19990101")),
+        "the stale file was not stored: {n:?}"
+    );
+    assert!(
+        !state.join("native").exists(),
+        "the scratch directory is emptied"
+    );
+    assert_eq!(
+        full.points(),
+        before.len() as u64,
+        "the line protocol as before"
+    );
+    // Incremental sets have none (whole shards every hour would be the same bytes again).
+    let inc = made(rt.block_on(r.run_once(now_ms + 1_800_000)));
+    assert!(inc.native.is_none());
+
+    let out = succeeded(&wattbus(&["backup", "list", "-c", cfg_s]));
+    assert!(out.contains("native: influxd backup"), "{out}");
+    succeeded(&wattbus(&["backup", "verify", "-c", cfg_s]));
+
+    // Fetched, and restored by InfluxDB's own tool into a new database: every point.
+    let fetched = dir.path().join("fetched");
+    let out = succeeded(&fetch(cfg_s, &fetched, None));
+    assert!(out.contains("influxd restore -portable"), "{out}");
+    assert_eq!(std::fs::read_dir(&fetched).unwrap().count(), n.files.len());
+    let restore = Command::new("influxd")
+        .args([
+            "restore",
+            "-portable",
+            "-db",
+            DB,
+            "-newdb",
+            "native_restored",
+        ])
+        .args(["-host", &format!("127.0.0.1:{}", influx.rpc)])
+        .arg(&fetched)
+        .output()
+        .expect("influxd restore runs");
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    // Right after a restore the shards may say "disabled" for a moment (influxdb #19510).
+    let restored = std::cell::RefCell::new(Snapshot::new());
+    let same = wait_until(Duration::from_secs(60), || {
+        let got = std::panic::catch_unwind(|| snapshot_of(&influx, "native_restored"));
+        got.is_ok_and(|s| {
+            let same = s == before;
+            *restored.borrow_mut() = s;
+            same
+        })
+    });
+    assert!(
+        same,
+        "influxd restored {} points, the database had {}",
+        restored.borrow().len(),
+        before.len()
+    );
+    // Fetching again into the same directory overwrites nothing.
+    let again = fetch(cfg_s, &fetched, None);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("empty directory"));
+
+    // A damaged native file: verify names it and fails; fetch refuses it and leaves no file;
+    // the line protocol still restores.
+    let set_dir = finished_sets(dir.path())
+        .into_iter()
+        .find(|p| p.ends_with(&full.id))
+        .unwrap();
+    let victim = set_dir.join(&n.files[n.files.len() - 1].file);
+    let mut data = std::fs::read(&victim).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0x55;
+    std::fs::write(&victim, &data).unwrap();
+    let verify = wattbus(&["backup", "verify", "-c", cfg_s]);
+    let out = String::from_utf8_lossy(&verify.stdout);
+    assert!(!verify.status.success());
+    assert!(
+        out.contains("DAMAGED") && out.contains(&n.files[n.files.len() - 1].file),
+        "{out}"
+    );
+    let fetched2 = dir.path().join("fetched2");
+    let f = fetch(cfg_s, &fetched2, None);
+    assert!(!f.status.success());
+    assert!(
+        String::from_utf8_lossy(&f.stderr).contains("SHA-256"),
+        "{}",
+        String::from_utf8_lossy(&f.stderr)
+    );
+    let whole: Vec<PathBuf> = std::fs::read_dir(&fetched2)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.ends_with(victim.file_name().unwrap()) || p.to_string_lossy().ends_with(".partial")
+        })
+        .collect();
+    assert!(whole.is_empty(), "{whole:?}");
+    let dry = wattbus(&["backup", "restore", "-c", cfg_s, "--dry-run"]);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+
+    // The tool failing (InfluxDB's RPC port closed): the full set is still made and good,
+    // the failure is in its manifest and in `list`.
+    let closed = format!(
+        "full_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\ntimeout_s = 60\n",
+        free_port()
+    );
+    let (plan2, _) = plan(&broker, dir.path(), &influx, &closed);
+    let mut r2 = rotator(&plan2, dir.path()).with_native(&plan2, &state);
+    let full2 = made(rt.block_on(r2.run_once(now_ms + 7_200_000)));
+    assert_eq!(full2.kind, Kind::Full);
+    assert_eq!(full2.points(), before.len() as u64);
+    let n2 = full2.native.clone().expect("the failure is recorded");
+    assert!(!n2.ok() && n2.files.is_empty());
+    assert!(
+        n2.error.as_deref().unwrap_or("").contains("RPC port"),
+        "{n2:?}"
+    );
+    let list = wattbus(&["backup", "list", "-c", cfg_s]);
+    assert!(String::from_utf8_lossy(&list.stdout).contains("FAILED"));
+    let f = fetch(cfg_s, &dir.path().join("fetched3"), Some(&full2.id));
+    assert!(!f.status.success());
+    assert!(String::from_utf8_lossy(&f.stderr).contains("has no native backup"));
 }

@@ -10,6 +10,7 @@ use runtime::Secret;
 use runtime::config::{ConfigError, StreamConfig, Variant, resolve_secret};
 use serde::Deserialize;
 
+use crate::native::{NativePlan, Tool};
 use crate::schedule::Schedule;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -38,6 +39,8 @@ pub struct Config {
     pub status_every_s: u64,
     pub influx: InfluxConfig,
     pub storage: StorageConfig,
+    /// Native mode: InfluxDB's own backup tool run with every full set (off unless set).
+    pub native: Option<NativeConfig>,
     /// Delivery of the status readings (`meas` stream).
     pub stream: StreamConfig,
     /// `/healthz` and `/metrics` when run on its own.
@@ -62,6 +65,38 @@ pub struct InfluxConfig {
     pub timeout_ms: u64,
     /// Rows per chunk of an answer: what one read holds in memory.
     pub chunk_rows: usize,
+}
+
+/// `[backup_rotator.native]`: InfluxDB's own backup beside the line protocol of every full
+/// set, where its tool is installed on the same machine (see `native`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NativeConfig {
+    /// `influxd` (1.x: `influxd backup -portable`) or `influx` (2.x: `influx backup`, with
+    /// `influx.token`, which must then be an operator token).
+    pub tool: Tool,
+    /// The program [default: the tool's name, found on PATH].
+    #[serde(default)]
+    pub command: Option<PathBuf>,
+    /// influxd: InfluxDB's RPC address (`bind-address` in influxdb.conf).
+    #[serde(default)]
+    pub rpc: Option<String>,
+    /// influx: only this bucket of this organisation [default: every bucket, with metadata].
+    #[serde(default)]
+    pub org: Option<String>,
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// The tool is killed after this long.
+    #[serde(default = "native_timeout_s")]
+    pub timeout_s: u64,
+    /// Where the tool writes before the upload (it needs about the database's size free;
+    /// emptied after each run) [default: `<data_dir>/backup-rotator/<instance>/native`].
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+}
+
+const fn native_timeout_s() -> u64 {
+    3600
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -134,6 +169,7 @@ impl Default for Config {
             status_every_s: 60,
             influx: InfluxConfig::default(),
             storage: StorageConfig::default(),
+            native: None,
             stream: StreamConfig::default(),
             health_listen: Some(([127, 0, 0, 1], 9114).into()),
         }
@@ -268,6 +304,7 @@ pub struct Plan {
     pub status_every: Duration,
     pub influx: InfluxPlan,
     pub storage: StoragePlan,
+    pub native: Option<NativePlan>,
     pub stream: StreamConfig,
     pub health_listen: Option<SocketAddr>,
 }
@@ -328,6 +365,10 @@ impl Config {
         )?;
         let influx = self.influx.resolve(&key("influx"))?;
         let storage = self.storage.resolve(&key("storage"))?;
+        let native = match &self.native {
+            Some(n) => Some(n.resolve(&key("native"), &influx)?),
+            None => None,
+        };
         self.stream.validate(&key("stream"))?;
         Ok(Plan {
             instance: self.instance,
@@ -340,10 +381,101 @@ impl Config {
             status_every: Duration::from_secs(self.status_every_s),
             influx,
             storage,
+            native,
             stream: self.stream,
             health_listen: self.health_listen,
         })
     }
+}
+
+impl NativeConfig {
+    pub fn resolve(&self, section: &str, influx: &InfluxPlan) -> Result<NativePlan, ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
+        let variant = Variant {
+            at: section,
+            selector: "tool",
+            chosen: self.tool.as_str(),
+        };
+        const INFLUXD: &[&str] = &[Tool::Influxd.as_str()];
+        const INFLUX: &[&str] = &[Tool::Influx.as_str()];
+        for (leaf, set, owners) in [
+            ("rpc", self.rpc.is_some(), INFLUXD),
+            ("org", self.org.is_some(), INFLUX),
+            ("bucket", self.bucket.is_some(), INFLUX),
+        ] {
+            variant.refuse_unless(leaf, set, owners)?;
+        }
+        let command = match &self.command {
+            Some(c) if c.is_file() => c.clone(),
+            Some(c) => {
+                return Err(ConfigError::new(
+                    key("command"),
+                    format!("{} is not a file", c.display()),
+                ));
+            }
+            None => on_path(self.tool.as_str()).ok_or_else(|| {
+                ConfigError::new(
+                    key("tool"),
+                    format!(
+                        "{} is not on PATH: install InfluxDB's tools on this machine (native mode runs them here), set {}, or remove [{section}]",
+                        self.tool.as_str(),
+                        key("command")
+                    ),
+                )
+            })?,
+        };
+        let rpc = self.rpc.clone().unwrap_or_else(|| "127.0.0.1:8088".into());
+        if self.tool == Tool::Influxd {
+            let port_ok = rpc
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(ConfigError::new(
+                    key("rpc"),
+                    format!("{rpc:?} is not host:port (InfluxDB's bind-address, 127.0.0.1:8088)"),
+                ));
+            }
+        }
+        if self.tool == Tool::Influx && !matches!(influx.auth, Some(Auth::Token(_))) {
+            return Err(ConfigError::new(
+                key("tool"),
+                "influx backup needs an operator token: set the influx section's token_file",
+            ));
+        }
+        if self.bucket.is_some() != self.org.is_some() {
+            return Err(ConfigError::new(
+                key(if self.bucket.is_some() {
+                    "org"
+                } else {
+                    "bucket"
+                }),
+                "bucket and org go together",
+            ));
+        }
+        if !(10..=86_400).contains(&self.timeout_s) {
+            return Err(ConfigError::new(
+                key("timeout_s"),
+                "must be from 10 to 86400 seconds",
+            ));
+        }
+        Ok(NativePlan {
+            tool: self.tool,
+            command,
+            rpc,
+            org: self.org.clone(),
+            bucket: self.bucket.clone(),
+            timeout: Duration::from_secs(self.timeout_s),
+            dir: self.dir.clone(),
+        })
+    }
+}
+
+/// `name` as the shell would find it on PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl InfluxConfig {

@@ -12,19 +12,22 @@
 //!
 //! Why line protocol over `/query` rather than `influxd backup`: it works the same on 1.x,
 //! 2.x and 3.x, needs no RPC port or operator token, restores into an existing database, and
-//! is read by any InfluxDB without wattbus (docs/backups.md).
+//! is read by any InfluxDB without wattbus (docs/backups.md). Native mode adds InfluxDB's own
+//! backup to full sets where its tools are installed (`native`).
 //!
 //! Layout:
 //! - `config`: the `[backup_rotator]` section and its plan.
 //! - `schedule`: cron expressions (pure).
 //! - `manifest`: a set as stored, set ids, rotation and restore chains (pure).
 //! - `export`: InfluxQL to line-protocol parts.
+//! - `native`: InfluxDB's own backup tool, run with full sets.
 //! - `store`: object_store (local, Azure, S3) and the operations on sets.
 //! - `restore`: reading sets back (used by `wattbus backup`).
 
 pub mod config;
 pub mod export;
 pub mod manifest;
+pub mod native;
 pub mod restore;
 pub mod schedule;
 pub mod store;
@@ -77,6 +80,8 @@ pub const ERROR_KINDS: &[&str] = &[
     "damaged_set",
     // An expired or unfinished set that could not be deleted: tried again next run.
     "rotation",
+    // InfluxDB's own backup tool failed (native mode): that full set has only line protocol.
+    "native",
 ];
 
 impl runtime::Service for BackupRotator {
@@ -209,6 +214,14 @@ impl RunError {
     }
 }
 
+/// Native mode, resolved for a rotator.
+#[derive(Debug)]
+struct NativeJob {
+    plan: native::NativePlan,
+    influx: config::InfluxPlan,
+    dir: std::path::PathBuf,
+}
+
 /// The rotator's state between runs.
 pub struct Rotator {
     store: Store,
@@ -229,6 +242,8 @@ pub struct Rotator {
     /// Where the id of the set being made is kept until it is finished or removed: after a
     /// kill, the next run knows that unfinished set was its own and removes it at once.
     state_file: Option<std::path::PathBuf>,
+    /// Native mode: the tool run with every full set.
+    native: Option<NativeJob>,
     deleted: Counter,
     core: Core,
 }
@@ -254,6 +269,7 @@ impl Rotator {
             foreign: HashMap::new(),
             future: HashMap::new(),
             state_file: None,
+            native: None,
             deleted: Counter::new(
                 "wattbus_backup_deleted_sets_total",
                 "Sets deleted: expired by rotation, or unfinished.",
@@ -272,6 +288,63 @@ impl Rotator {
     pub fn with_state_file(mut self, path: std::path::PathBuf) -> Self {
         self.state_file = Some(path);
         self
+    }
+
+    /// Run InfluxDB's own backup tool with every full set, as `plan.native` says (nothing if
+    /// it says nothing); its scratch directory defaults to `state_dir/native`.
+    #[must_use]
+    pub fn with_native(mut self, plan: &Plan, state_dir: &std::path::Path) -> Self {
+        self.native = plan.native.clone().map(|n| NativeJob {
+            dir: n.dir.clone().unwrap_or_else(|| state_dir.join("native")),
+            plan: n,
+            influx: plan.influx.clone(),
+        });
+        self
+    }
+
+    /// The native backup of set `id`: the tool's files stored and verified, or why there
+    /// are none (the tool failed: said, counted, the set still good). Only a failure of the
+    /// storage fails the set.
+    async fn native_backup(&self, id: &str) -> Result<Option<manifest::Native>, StoreError> {
+        let Some(job) = &self.native else {
+            return Ok(None);
+        };
+        let tool = job.plan.tool.as_str().to_string();
+        let token = match &job.influx.auth {
+            Some(influx_client::query::Auth::Token(t)) => Some(t.as_str()),
+            _ => None,
+        };
+        tracing::info!(set = %id, tool = %tool, dir = %job.dir.display(), "Native backup started.");
+        let taken = native::take(&job.plan, &job.influx, token, &job.dir).await;
+        let result = match taken {
+            Ok(files) => {
+                native::upload(&self.store, id, &files)
+                    .await
+                    .map(|files| manifest::Native {
+                        tool,
+                        files,
+                        error: None,
+                    })
+            }
+            Err(problem) => {
+                self.core.error("native").inc();
+                tracing::error!(set = %id, error = %problem, "InfluxDB's native backup failed: this full set has only its line protocol (restorable with `wattbus backup restore`). Tried again with the next full set.");
+                Ok(manifest::Native {
+                    tool,
+                    files: Vec::new(),
+                    error: Some(problem),
+                })
+            }
+        };
+        if let Err(e) = native::clear(&job.dir) {
+            tracing::warn!(error = %e, "Cannot empty the native backup's scratch directory.");
+        }
+        if let Ok(n) = &result
+            && n.ok()
+        {
+            tracing::info!(set = %id, files = n.files.len(), bytes = n.bytes(), "Native backup stored and verified.");
+        }
+        result.map(Some)
     }
 
     /// The set a killed run of this rotator left unfinished, if any.
@@ -425,6 +498,17 @@ impl Rotator {
                 return Err(e.into());
             }
         };
+        let native = if kind == Kind::Full {
+            match self.native_backup(&id).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.discard(&id).await;
+                    return Err(e.into());
+                }
+            }
+        } else {
+            None
+        };
         let m = Manifest {
             format: manifest::FORMAT,
             id: id.clone(),
@@ -439,6 +523,7 @@ impl Rotator {
             influxdb_version: version,
             retention_policies: exported.policies,
             parts: exported.parts,
+            native,
         };
         // Every part still there as uploaded, right before the manifest makes the set count.
         let present = self.store.check_parts(&m).await;
@@ -581,6 +666,15 @@ fn status_fields(
         #[allow(clippy::cast_precision_loss)]
         fields.insert("last_duration_s".into(), newest.duration_ms as f64 / 1000.0);
     }
+    // Native mode: whether the newest full set has InfluxDB's own backup too.
+    if let Some(n) = sets
+        .iter()
+        .filter(|m| m.kind == Kind::Full && m.created_ms <= now_ms.saturating_add(300_000))
+        .max_by_key(|m| m.created_ms)
+        .and_then(|m| m.native.as_ref())
+    {
+        fields.insert("native_ok".into(), if n.ok() { 1.0 } else { 0.0 });
+    }
     fields
 }
 
@@ -621,8 +715,12 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
         .join(plan.instance.as_str());
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", state_dir.display())))?;
-    let mut rotator =
-        Rotator::new(plan, store, conn).with_state_file(state_dir.join("in_progress"));
+    let mut rotator = Rotator::new(plan, store, conn)
+        .with_state_file(state_dir.join("in_progress"))
+        .with_native(plan, &state_dir);
+    if let Some(n) = &plan.native {
+        tracing::info!(tool = n.tool.as_str(), command = %n.command.display(), "Native mode: InfluxDB's own backup with every full set.");
+    }
     let mut retries = Retries::new(plan.retry);
     let mut last_ok = true;
     let id = ReadingId::new(
@@ -737,6 +835,57 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn set(id: &str, created_ms: i64, native: Option<manifest::Native>) -> Manifest {
+        Manifest {
+            format: manifest::FORMAT,
+            id: id.into(),
+            kind: Kind::Full,
+            base: None,
+            database: "wattbus".into(),
+            from_ns: None,
+            to_ns: created_ms * 1_000_000,
+            created_ms,
+            duration_ms: 1,
+            wattbus_version: "0".into(),
+            influxdb_version: None,
+            retention_policies: vec![],
+            parts: vec![],
+            native,
+        }
+    }
+
+    #[test]
+    fn native_ok_says_whether_the_newest_full_set_has_influxdbs_own_backup() {
+        let good = manifest::Native {
+            tool: "influxd".into(),
+            files: vec![manifest::NativeFile {
+                file: "native/a.meta".into(),
+                bytes: 1,
+                sha256: "00".into(),
+            }],
+            error: None,
+        };
+        let failed = manifest::Native {
+            tool: "influxd".into(),
+            files: vec![],
+            error: Some("RPC port closed".into()),
+        };
+        let t = 1_767_225_600_000;
+        let older = set("20260101T000000Z-full", t, Some(good.clone()));
+        let newer = set("20260101T010000Z-full", t + 3_600_000, Some(failed));
+        assert_eq!(
+            status_fields(std::slice::from_ref(&older), t, 0, true)["native_ok"],
+            1.0
+        );
+        assert_eq!(
+            status_fields(&[older, newer], t + 3_600_000, 0, true)["native_ok"],
+            0.0
+        );
+        // Native mode off: no field, not a zero that would alert.
+        let plain = set("20260101T000000Z-full", t, None);
+        assert!(!status_fields(&[plain], t, 0, true).contains_key("native_ok"));
+    }
 
     #[test]
     fn status_before_any_set_has_no_age() {

@@ -116,6 +116,53 @@ pub struct Manifest {
     pub influxdb_version: Option<String>,
     pub retention_policies: Vec<Policy>,
     pub parts: Vec<Part>,
+    /// Native mode: InfluxDB's own backup of the database, taken with this full set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<Native>,
+}
+
+/// InfluxDB's own backup (`influxd backup -portable`, `influx backup`) stored beside a full
+/// set's line protocol, its files as the tool wrote them under `native/`. Restore does not use
+/// it: `wattbus backup fetch` downloads it for InfluxDB's own restore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Native {
+    /// The tool that made it (`influxd` or `influx`).
+    pub tool: String,
+    pub files: Vec<NativeFile>,
+    /// Why there are no files: the tool failed (the line-protocol set is good without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Native {
+    /// Whether the native backup is there: files and no error.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && !self.files.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().fold(0, |n, f| n.saturating_add(f.bytes))
+    }
+}
+
+/// One file of a native backup: its object name inside the set (`native/<name>`), size and
+/// SHA-256 (hex), stored as the tool wrote it (its shards are already compressed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NativeFile {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The object name of a native backup's file `name` (as the tool named it).
+pub fn native_file(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    ok.then(|| format!("native/{name}"))
 }
 
 impl Manifest {
@@ -123,8 +170,12 @@ impl Manifest {
         self.parts.iter().fold(0, |n, p| n.saturating_add(p.points))
     }
 
+    /// Stored bytes: the parts, and the native backup's files if any.
     pub fn bytes(&self) -> u64 {
-        self.parts.iter().fold(0, |n, p| n.saturating_add(p.bytes))
+        let native = self.native.as_ref().map_or(0, Native::bytes);
+        self.parts
+            .iter()
+            .fold(native, |n, p| n.saturating_add(p.bytes))
     }
 
     /// Points left out because line protocol cannot carry them (see `export`).
@@ -150,6 +201,18 @@ impl Manifest {
             if !valid_file(&p.file) {
                 return Err(format!("part file {:?} is not one wattbus writes", p.file));
             }
+        }
+        for f in m.native.iter().flat_map(|n| &n.files) {
+            let name = f.file.strip_prefix("native/").unwrap_or_default();
+            if native_file(name).as_deref() != Some(f.file.as_str()) {
+                return Err(format!(
+                    "native file {:?} is not one wattbus writes",
+                    f.file
+                ));
+            }
+        }
+        if m.native.is_some() && m.kind != Kind::Full {
+            return Err("a native backup in an incremental set".into());
         }
         // Times a set can have: made after 2000 and before 2200, a window that ends after it
         // starts. Anything else is damage (or a hostile file), never arithmetic to trust.
@@ -493,7 +556,17 @@ mod tests {
                 sha256: "ab".into(),
                 skipped: 0,
             }],
+            native: Some(Native {
+                tool: "influxd".into(),
+                files: vec![NativeFile {
+                    file: native_file("20260101T000000Z.s1.tar.gz").expect("a tool's name"),
+                    bytes: 7,
+                    sha256: "cd".into(),
+                }],
+                error: None,
+            }),
         };
+        assert_eq!(m.bytes(), 107);
         let json = serde_json::to_vec(&m).expect("serialises");
         assert_eq!(Manifest::from_json(&json).expect("reads"), m);
         let newer = String::from_utf8(json.clone())
@@ -507,6 +580,15 @@ mod tests {
         let text = String::from_utf8(json).expect("utf-8");
         let evil = text.replace("0001.lp.gz", "../../etc/passwd");
         assert!(Manifest::from_json(evil.as_bytes()).is_err());
+        for evil in [
+            "native/../../x",
+            "native/.hidden",
+            "native/a/b",
+            "other/x.tar.gz",
+        ] {
+            let bad = text.replace("native/20260101T000000Z.s1.tar.gz", evil);
+            assert!(Manifest::from_json(bad.as_bytes()).is_err(), "{evil}");
+        }
         // Times no set has (arithmetic on them would overflow), and a kind the id denies.
         for (from, to) in [
             ("1767225660000", "-9223372036854775808"),

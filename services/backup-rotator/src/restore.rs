@@ -61,12 +61,23 @@ fn timestamp(line: &str) -> Option<i64> {
 }
 
 /// Every part of every set, read and checked; the damaged ones as `(set, file, problem)`.
+/// With `native`, the files of native backups too (a restore, which does not read them,
+/// leaves them out).
 pub async fn verify(
     store: &Store,
     sets: &[Manifest],
+    native: bool,
 ) -> Result<Vec<(String, String, String)>, StoreError> {
     let mut damaged = Vec::new();
     for m in sets {
+        for f in m.native.iter().filter(|_| native).flat_map(|n| &n.files) {
+            let result = store
+                .read_file(&m.id, &f.file, f.bytes, &f.sha256, |_| Ok(()))
+                .await;
+            if let Some(problem) = damage(result)? {
+                damaged.push((m.id.clone(), f.file.clone(), problem));
+            }
+        }
         for p in &m.parts {
             let mut gz = GzDecoder::new(std::io::sink());
             let result = store
@@ -82,22 +93,26 @@ pub async fn verify(
                     problem: format!("is not valid gzip: {e}"),
                 })
             });
-            match result {
-                Ok(()) => {}
-                Err(StoreError::Corrupt { problem, .. }) => {
-                    damaged.push((m.id.clone(), p.file.clone(), problem));
-                }
-                Err(StoreError::Store {
-                    source: object_store::Error::NotFound { .. },
-                    ..
-                }) => {
-                    damaged.push((m.id.clone(), p.file.clone(), "is missing".into()));
-                }
-                Err(e) => return Err(e),
+            if let Some(problem) = damage(result)? {
+                damaged.push((m.id.clone(), p.file.clone(), problem));
             }
         }
     }
     Ok(damaged)
+}
+
+/// What is wrong with a file read back (`None`: nothing), or the error that stopped the
+/// reading (the storage away: not damage).
+fn damage(result: Result<(), StoreError>) -> Result<Option<String>, StoreError> {
+    match result {
+        Ok(()) => Ok(None),
+        Err(StoreError::Corrupt { problem, .. }) => Ok(Some(problem)),
+        Err(StoreError::Store {
+            source: object_store::Error::NotFound { .. },
+            ..
+        }) => Ok(Some("is missing".into())),
+        Err(e) => Err(e),
+    }
 }
 
 /// Restore one part: its lines in `range`, in batches of about `batch` lines, to `sink`

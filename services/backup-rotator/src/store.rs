@@ -235,8 +235,10 @@ impl Store {
         }
     }
 
+    /// The object of `file` in set `id` (`file` may name a folder: `native/<name>`).
     fn path(&self, id: &str, file: &str) -> Path {
-        self.prefix.clone().join(id).join(file)
+        file.split('/')
+            .fold(self.prefix.clone().join(id), |p, part| p.join(part))
     }
 
     /// The objects of one set.
@@ -249,23 +251,27 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
-    /// Every part of `m` present with the size it was uploaded with: checked right before
-    /// the manifest is written (something else writing to the same prefix could have
-    /// removed one since it was read back).
+    /// Every part of `m` (and file of its native backup) present with the size it was
+    /// uploaded with: checked right before the manifest is written (something else writing
+    /// to the same prefix could have removed one since it was read back).
     pub async fn check_parts(&self, m: &Manifest) -> Result<(), StoreError> {
         let objects = self.objects_of(&m.id).await?;
-        for p in &m.parts {
-            let found = objects
+        let files = m.parts.iter().map(|p| (p.file.as_str(), p.bytes)).chain(
+            m.native
                 .iter()
-                .find(|o| o.location.filename() == Some(p.file.as_str()));
-            if found.map(|o| o.size) != Some(p.bytes) {
+                .flat_map(|n| &n.files)
+                .map(|f| (f.file.as_str(), f.bytes)),
+        );
+        for (file, bytes) in files {
+            let path = self.path(&m.id, file);
+            let found = objects.iter().find(|o| o.location == path);
+            if found.map(|o| o.size) != Some(bytes) {
                 return Err(StoreError::Corrupt {
                     store: self.describe.clone(),
-                    path: format!("{}/{}", m.id, p.file),
+                    path: format!("{}/{file}", m.id),
                     problem: format!(
-                        "is {} right before the manifest (uploaded: {} bytes): something else writes to this prefix?",
+                        "is {} right before the manifest (uploaded: {bytes} bytes): something else writes to this prefix?",
                         found.map_or("missing".to_string(), |o| format!("{} bytes", o.size)),
-                        p.bytes
                     ),
                 });
             }
@@ -361,8 +367,17 @@ impl Store {
         Ok(())
     }
 
-    /// Start writing part `file` of set `id`.
+    /// Start writing part `file` of set `id`: what is written is gzip'd.
     pub async fn part_writer(&self, id: &str, file: &str) -> Result<PartWriter, StoreError> {
+        self.writer(id, file, true).await
+    }
+
+    /// Start writing `file` of set `id` as it is given (a native backup's files).
+    pub async fn file_writer(&self, id: &str, file: &str) -> Result<PartWriter, StoreError> {
+        self.writer(id, file, false).await
+    }
+
+    async fn writer(&self, id: &str, file: &str, gzip: bool) -> Result<PartWriter, StoreError> {
         let path = self.path(id, file);
         let upload = self
             .inner
@@ -372,10 +387,14 @@ impl Store {
         Ok(PartWriter {
             store: self.clone(),
             upload: Some(WriteMultipart::new_with_chunk_size(upload, BLOCK)),
-            gz: Some(GzEncoder::new(
-                Vec::with_capacity(FLUSH * 2),
-                Compression::new(6),
-            )),
+            gz: Some(if gzip {
+                Sink::Gzip(GzEncoder::new(
+                    Vec::with_capacity(FLUSH * 2),
+                    Compression::new(6),
+                ))
+            } else {
+                Sink::Plain(Vec::with_capacity(FLUSH * 2))
+            }),
             sha: ring::digest::Context::new(&ring::digest::SHA256),
             bytes: 0,
             path,
@@ -388,9 +407,23 @@ impl Store {
         &self,
         id: &str,
         part: &Part,
+        each: impl FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), StoreError> {
+        self.read_file(id, &part.file, part.bytes, &part.sha256, each)
+            .await
+    }
+
+    /// Read `file` of set `id` back whole, a range at a time, checking that it has `bytes`
+    /// bytes and SHA-256 `sha256`. `each` sees every range.
+    pub async fn read_file(
+        &self,
+        id: &str,
+        file: &str,
+        bytes: u64,
+        sha256: &str,
         mut each: impl FnMut(&[u8]) -> Result<(), String>,
     ) -> Result<(), StoreError> {
-        let mut r = self.part_reader(id, part).await?;
+        let mut r = self.reader(id, file, bytes, sha256).await?;
         while let Some(bytes) = r.next().await? {
             each(&bytes).map_err(|problem| r.corrupt(problem))?;
         }
@@ -400,7 +433,17 @@ impl Store {
     /// Read part `part` of set `id` a range at a time: [`PartReader::next`] until `None`,
     /// which checks the size and SHA-256 against the manifest at the end.
     pub async fn part_reader(&self, id: &str, part: &Part) -> Result<PartReader, StoreError> {
-        let path = self.path(id, &part.file);
+        self.reader(id, &part.file, part.bytes, &part.sha256).await
+    }
+
+    async fn reader(
+        &self,
+        id: &str,
+        file: &str,
+        bytes: u64,
+        sha256: &str,
+    ) -> Result<PartReader, StoreError> {
+        let path = self.path(id, file);
         let meta = self.inner.head(&path).await.map_err(|e| self.err(e))?;
         let r = PartReader {
             store: self.clone(),
@@ -408,13 +451,10 @@ impl Store {
             size: meta.size,
             at: 0,
             sha: ring::digest::Context::new(&ring::digest::SHA256),
-            expected: part.sha256.clone(),
+            expected: sha256.to_string(),
         };
-        if meta.size != part.bytes {
-            return Err(r.corrupt(format!(
-                "is {} bytes; the manifest says {}",
-                meta.size, part.bytes
-            )));
+        if meta.size != bytes {
+            return Err(r.corrupt(format!("is {} bytes; the manifest says {bytes}", meta.size)));
         }
         Ok(r)
     }
@@ -566,11 +606,27 @@ impl PartReader {
     }
 }
 
-/// One part being written: line protocol in, gzip'd blocks out to the upload.
+/// What a writer collects before a block goes to the upload.
+enum Sink {
+    Gzip(GzEncoder<Vec<u8>>),
+    Plain(Vec<u8>),
+}
+
+impl Sink {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        match self {
+            Sink::Gzip(gz) => gz.get_mut(),
+            Sink::Plain(v) => v,
+        }
+    }
+}
+
+/// One part being written: line protocol in, gzip'd blocks out to the upload (or, for a
+/// native backup's files, the bytes as they are).
 pub struct PartWriter {
     store: Store,
     upload: Option<WriteMultipart>,
-    gz: Option<GzEncoder<Vec<u8>>>,
+    gz: Option<Sink>,
     sha: ring::digest::Context,
     bytes: u64,
     path: Path,
@@ -587,11 +643,15 @@ impl PartWriter {
         let Some(gz) = self.gz.as_mut() else {
             return Err(StoreError::Io("part already finished".into()));
         };
-        // Into a Vec: cannot fail but for memory.
-        gz.write_all(text)
-            .map_err(|e| StoreError::Io(e.to_string()))?;
-        if gz.get_ref().len() >= FLUSH {
-            let block = std::mem::take(gz.get_mut());
+        match gz {
+            // Into a Vec: cannot fail but for memory.
+            Sink::Gzip(gz) => gz
+                .write_all(text)
+                .map_err(|e| StoreError::Io(e.to_string()))?,
+            Sink::Plain(v) => v.extend_from_slice(text),
+        }
+        if gz.buffer().len() >= FLUSH {
+            let block = std::mem::take(gz.buffer());
             self.send(&block).await?;
         }
         Ok(())
@@ -616,7 +676,10 @@ impl PartWriter {
             .gz
             .take()
             .ok_or_else(|| StoreError::Io("part already finished".into()))?;
-        let rest = gz.finish().map_err(|e| StoreError::Io(e.to_string()))?;
+        let rest = match gz {
+            Sink::Gzip(gz) => gz.finish().map_err(|e| StoreError::Io(e.to_string()))?,
+            Sink::Plain(v) => v,
+        };
         self.send(&rest).await?;
         let upload = self
             .upload

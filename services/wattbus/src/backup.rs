@@ -1,4 +1,4 @@
-//! `wattbus backup list | verify | restore`: the sets backup-rotator made, read from the
+//! `wattbus backup list | verify | restore | fetch`: the sets backup-rotator made, read from the
 //! storage its config section names.
 //!
 //! Restore writes through influx-writer's line-protocol client (`/write` with nanosecond
@@ -40,6 +40,18 @@ pub enum Command {
     /// Write a set and what it needs (its full set, the incremental sets up to it) into
     /// InfluxDB.
     Restore(RestoreOptions),
+    /// Download a full set's native backup (native mode: InfluxDB's own files) into a
+    /// directory, checked, for `influxd restore -portable` or `influx restore`.
+    Fetch {
+        #[command(flatten)]
+        place: Where,
+        /// The full set [default: the newest with a native backup].
+        #[arg(long)]
+        set: Option<String>,
+        /// The directory to write into (created; files already there are not overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Which config's storage.
@@ -91,6 +103,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
         Command::List(w) => list(w).await,
         Command::Verify { place, set } => verify(place, set).await,
         Command::Restore(o) => restore_cmd(o).await,
+        Command::Fetch { place, set, dir } => fetch(place, set, dir).await,
     }
 }
 
@@ -188,6 +201,105 @@ async fn list(w: Where) -> anyhow::Result<()> {
                 m.skipped()
             );
         }
+        if let Some(n) = &m.native {
+            match &n.error {
+                None => println!(
+                    "{:<30} (native: {} backup, {} files, {}; `wattbus backup fetch --set {}`)",
+                    "",
+                    n.tool,
+                    n.files.len(),
+                    size(n.bytes()),
+                    m.id
+                ),
+                Some(e) => println!("{:<30} (native: {} FAILED: {e})", "", n.tool),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn fetch(w: Where, only: Option<String>, dir: PathBuf) -> anyhow::Result<()> {
+    let o = open(&w)?;
+    let (sets, _) = sets(&o.store).await?;
+    let m = match &only {
+        Some(id) => sets.iter().find(|m| &m.id == id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no good set {id:?} in {} (`wattbus backup list`)",
+                o.store.describe()
+            )
+        })?,
+        None => sets
+            .iter()
+            .rev()
+            .find(|m| m.native.as_ref().is_some_and(manifest::Native::ok))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no set in {} has a native backup (native mode is off, or the tool failed: `wattbus backup list`)",
+                    o.store.describe()
+                )
+            })?,
+    };
+    let native = match &m.native {
+        Some(n) if n.ok() => n,
+        Some(n) => bail!(
+            "set {} has no native backup: {} failed: {}",
+            m.id,
+            n.tool,
+            n.error.as_deref().unwrap_or("it wrote nothing")
+        ),
+        None => bail!(
+            "set {} has no native backup (native mode was off when it was made)",
+            m.id
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for f in &native.files {
+        let name = f.file.strip_prefix("native/").unwrap_or(&f.file);
+        let target = dir.join(name);
+        if target.exists() {
+            bail!("{} exists: fetch into an empty directory", target.display());
+        }
+        // Into a temporary name, renamed once the checksum matched: a file under its own name
+        // is always whole and right.
+        let partial = dir.join(format!(".{name}.partial"));
+        let mut out = std::fs::File::create(&partial)
+            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let read = o
+            .store
+            .read_file(&m.id, &f.file, f.bytes, &f.sha256, |b| {
+                use std::io::Write as _;
+                out.write_all(b).map_err(|e| e.to_string())
+            })
+            .await;
+        let synced = read.map_err(anyhow::Error::from).and_then(|()| {
+            out.sync_all()
+                .with_context(|| format!("cannot write {}", partial.display()))
+        });
+        if let Err(e) = synced {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.context(format!("{} of set {}", f.file, m.id)));
+        }
+        std::fs::rename(&partial, &target)
+            .with_context(|| format!("cannot rename {}", partial.display()))?;
+    }
+    println!(
+        "{}: {} files of the {} backup ({}) in {}, checked.",
+        m.id,
+        native.files.len(),
+        native.tool,
+        size(native.bytes()),
+        dir.display()
+    );
+    match native.tool.as_str() {
+        "influxd" => println!(
+            "Restore into a new database with:\n  influxd restore -portable -db {db} -newdb {db}_restored -host 127.0.0.1:8088 {}",
+            dir.display(),
+            db = m.database
+        ),
+        _ => println!(
+            "Restore with:\n  influx restore --host http://127.0.0.1:8086 --token <operator token> {}",
+            dir.display()
+        ),
     }
     Ok(())
 }
@@ -204,12 +316,18 @@ async fn verify(w: Where, only: Option<String>) -> anyhow::Result<()> {
             );
         }
     }
-    let damaged = restore::verify(&o.store, &sets).await?;
+    let damaged = restore::verify(&o.store, &sets, true).await?;
     for m in &sets {
         let bad: Vec<&(String, String, String)> = damaged.iter().filter(|d| d.0 == m.id).collect();
         if bad.is_empty() {
+            let native = m
+                .native
+                .as_ref()
+                .filter(|n| n.ok())
+                .map(|n| format!(", {} native files", n.files.len()))
+                .unwrap_or_default();
             println!(
-                "{}: OK ({} parts, {} points, {})",
+                "{}: OK ({} parts{native}, {} points, {})",
                 m.id,
                 m.parts.len(),
                 m.points(),
@@ -427,7 +545,7 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
     // Everything checked before anything is written: a damaged incremental found half-way
     // would leave a database that looks restored and is not.
     let owned: Vec<Manifest> = chain.iter().map(|m| (*m).clone()).collect();
-    let damaged = restore::verify(store, &owned).await?;
+    let damaged = restore::verify(store, &owned, false).await?;
     if !damaged.is_empty() {
         for (id, file, problem) in &damaged {
             eprintln!("{id}: DAMAGED: {file} {problem}");

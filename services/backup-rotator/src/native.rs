@@ -1,0 +1,313 @@
+//! Native mode: InfluxDB's own backup tool, run with every full set where it is installed,
+//! its files stored in the set under `native/` beside the line protocol.
+//!
+//! - InfluxDB 1.x: `influxd backup -portable -database DB -host RPC DIR` over the RPC port
+//!   (`bind-address`, 127.0.0.1:8088 by default; no authentication on that port, so keep it
+//!   local).
+//! - InfluxDB 2.x: `influx backup --host URL [--org ORG --bucket BUCKET] DIR`, with the token
+//!   in `INFLUX_TOKEN` (never on the command line, where `ps` shows it). It needs an operator
+//!   token (influxdb #25893), far more than the read-only token the line protocol needs.
+//!
+//! Why only with full sets: the tool copies whole shards, a day's worth or more, so an hourly
+//! run would store the same shards again and again. Why a failure of the tool does not fail
+//! the set: the line protocol is the backup wattbus restores and verifies; the native files
+//! are an extra for InfluxDB's own restore. A failure is an ERROR, counted, and said in the
+//! manifest and the status readings (`native_ok`).
+//!
+//! The tool writes into a scratch directory (emptied before and after each run, so a kill
+//! leaves nothing that grows), from which each file is uploaded as it is and read back.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::config::InfluxPlan;
+use crate::manifest::{self, NativeFile};
+use crate::store::{Store, StoreError};
+
+/// Which of InfluxDB's tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tool {
+    /// InfluxDB 1.x: `influxd backup -portable`.
+    Influxd,
+    /// InfluxDB 2.x: `influx backup`.
+    Influx,
+}
+
+impl Tool {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Tool::Influxd => "influxd",
+            Tool::Influx => "influx",
+        }
+    }
+}
+
+/// `[backup_rotator.native]`, resolved.
+#[derive(Debug, Clone)]
+pub struct NativePlan {
+    pub tool: Tool,
+    /// The program, found on PATH or as configured.
+    pub command: PathBuf,
+    /// influxd: the RPC address.
+    pub rpc: String,
+    /// influx: only this bucket of this organisation (default: everything, with metadata).
+    pub org: Option<String>,
+    pub bucket: Option<String>,
+    pub timeout: Duration,
+    /// The scratch directory (`None`: `<data_dir>/backup-rotator/<instance>/native`).
+    pub dir: Option<PathBuf>,
+}
+
+/// The most of the tool's output an error carries.
+const OUTPUT_TAIL: usize = 1500;
+
+/// Run the tool into `dir` (emptied first): the files it wrote, by name.
+pub async fn take(
+    plan: &NativePlan,
+    influx: &InfluxPlan,
+    token: Option<&str>,
+    dir: &Path,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    clear(dir)?;
+    if plan.tool == Tool::Influxd {
+        // influxd backup retries a closed port for many minutes, saying little: ask first.
+        let connect = tokio::net::TcpStream::connect(plan.rpc.as_str());
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(rpc_closed(&plan.rpc, &e.to_string())),
+            Err(_) => return Err(rpc_closed(&plan.rpc, "no answer within 10 s")),
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut cmd = command(plan, influx, token, dir);
+    let program = plan.command.display().to_string();
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let output = tokio::time::timeout(plan.timeout, child.wait_with_output())
+        .await
+        .map_err(|_| {
+            format!(
+                "{program} did not finish within {} s (killed)",
+                plan.timeout.as_secs()
+            )
+        })?
+        .map_err(|e| format!("{program}: {e}"))?;
+    if !output.status.success() {
+        let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
+        text.push_str(&String::from_utf8_lossy(&output.stdout));
+        return Err(format!(
+            "{program} {} ({}): {}",
+            plan.tool.as_str(),
+            output.status,
+            tail(text.trim())
+        ));
+    }
+    let mut files = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    for e in entries {
+        let e = e.map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if !is_file || manifest::native_file(&name).is_none() {
+            return Err(format!(
+                "{program} wrote {name:?}, which wattbus does not store (a directory, or a name with unusual characters)"
+            ));
+        }
+        files.push((name, e.path()));
+    }
+    if files.is_empty() {
+        return Err(format!("{program} wrote no files"));
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn rpc_closed(rpc: &str, why: &str) -> String {
+    format!(
+        "InfluxDB's RPC port {rpc} does not answer ({why}): set `bind-address` in influxdb.conf (in a container INFLUXDB_BIND_ADDRESS=:8088, published to this host only) and native.rpc to match"
+    )
+}
+
+/// The tool's command line, writing into `dir`.
+fn command(
+    plan: &NativePlan,
+    influx: &InfluxPlan,
+    token: Option<&str>,
+    dir: &Path,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&plan.command);
+    match plan.tool {
+        Tool::Influxd => {
+            cmd.args(["backup", "-portable", "-database", &influx.database])
+                .args(["-host", &plan.rpc]);
+        }
+        Tool::Influx => {
+            cmd.args(["backup", "--host", &influx.url]);
+            if let Some(org) = &plan.org {
+                cmd.args(["--org", org]);
+            }
+            if let Some(bucket) = &plan.bucket {
+                cmd.args(["--bucket", bucket]);
+            }
+            // The token through the environment: the command line is visible to every user.
+            if let Some(t) = token {
+                cmd.env("INFLUX_TOKEN", t);
+            }
+        }
+    }
+    cmd.arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// The last `OUTPUT_TAIL` bytes of a tool's output (its error is at the end).
+fn tail(text: &str) -> &str {
+    let mut start = text.len().saturating_sub(OUTPUT_TAIL);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Remove the scratch directory (what a run, or a killed one, left).
+pub fn clear(dir: &Path) -> Result<(), String> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot empty {}: {e}", dir.display())),
+    }
+}
+
+/// Upload the tool's files into set `id`, each read back (size and SHA-256) before the next.
+pub async fn upload(
+    store: &Store,
+    id: &str,
+    files: &[(String, PathBuf)],
+) -> Result<Vec<NativeFile>, StoreError> {
+    let mut out = Vec::with_capacity(files.len());
+    let mut buf = vec![0u8; 1 << 20];
+    for (name, path) in files {
+        let object = manifest::native_file(name)
+            .ok_or_else(|| StoreError::Io(format!("{name:?} is not a name wattbus stores")))?;
+        let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let mut w = store.file_writer(id, &object).await?;
+        loop {
+            // A MiB at a time from the local disk: short enough not to stall the runtime.
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    w.abort().await;
+                    return Err(io(e));
+                }
+            };
+            if let Err(e) = w.write(&buf[..n]).await {
+                w.abort().await;
+                return Err(e);
+            }
+        }
+        let (bytes, sha256) = w.finish().await?;
+        store
+            .read_file(id, &object, bytes, &sha256, |_| Ok(()))
+            .await?;
+        out.push(NativeFile {
+            file: object,
+            bytes,
+            sha256,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(tool: Tool) -> NativePlan {
+        NativePlan {
+            tool,
+            command: PathBuf::from("/usr/bin/x"),
+            rpc: "127.0.0.1:8088".into(),
+            org: Some("home".into()),
+            bucket: Some("wattbus".into()),
+            timeout: Duration::from_secs(60),
+            dir: None,
+        }
+    }
+
+    fn args(cmd: &tokio::process::Command) -> Vec<String> {
+        cmd.as_std()
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn the_command_lines_as_influxdb_documents_them_and_the_token_never_on_one() {
+        let influx = InfluxPlan {
+            url: "https://nas:8086".into(),
+            database: "wattbus".into(),
+            auth: None,
+            timeout: Duration::from_secs(30),
+            chunk_rows: 100,
+        };
+        let dir = Path::new("/scratch");
+        let c = command(&plan(Tool::Influxd), &influx, None, dir);
+        assert_eq!(
+            args(&c),
+            [
+                "backup",
+                "-portable",
+                "-database",
+                "wattbus",
+                "-host",
+                "127.0.0.1:8088",
+                "/scratch"
+            ]
+        );
+        let c = command(&plan(Tool::Influx), &influx, Some("s3cret"), dir);
+        assert_eq!(
+            args(&c),
+            [
+                "backup",
+                "--host",
+                "https://nas:8086",
+                "--org",
+                "home",
+                "--bucket",
+                "wattbus",
+                "/scratch"
+            ]
+        );
+        assert!(!args(&c).iter().any(|a| a.contains("s3cret")));
+        let env: Vec<(String, String)> = c
+            .as_std()
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        assert_eq!(env, [("INFLUX_TOKEN".to_string(), "s3cret".to_string())]);
+    }
+
+    #[test]
+    fn an_error_keeps_the_end_of_the_output() {
+        let long = format!("{}the reason", "é".repeat(2000));
+        let t = tail(&long);
+        assert!(t.ends_with("the reason"));
+        assert!(t.len() <= OUTPUT_TAIL);
+    }
+}
