@@ -6,7 +6,7 @@
 # 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves; avr-gcc and the
 # Arduino core to compile the serial-ingest sketches; pymodbus for Modbus interop;
 # grafana-foundation-sdk for the dashboards' schema; checkov and python-hcl2 for terraform/;
-# Azurite for Azure Blob storage), starts the
+# Azurite for Azure Blob storage, s3s-fs for S3), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -21,8 +21,8 @@
 #   WBTEST_DOCKER_HOST, WBTEST_IMAGE, WBTEST_INFLUXDB_IMAGE
 #                          the private Docker engine and the images the container tests run.
 #   WBTEST_PI_DIST         the cross-compiled Pi binaries (<dir>/arm64, <dir>/armv7).
-#   WBTEST_CHECKOV, WBTEST_TF_PYTHON, WBTEST_AZURITE
-#                          checkov, a Python with python-hcl2, and Azurite's azurite-blob.
+#   WBTEST_CHECKOV, WBTEST_TF_PYTHON, WBTEST_AZURITE, WBTEST_S3S
+#                          checkov, a Python with python-hcl2, Azurite's azurite-blob, s3s-fs.
 #   (Not WATTBUS_*: wattbus reads that prefix as configuration, and the binaries the tests
 #   start inherit this environment.)
 set -euo pipefail
@@ -34,7 +34,8 @@ pids=()
 sudo_cmd=""
 [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
 
-log() { printf '==> %s\n' "$*" >&2; }
+# Each step with the time since the start, so a slow step shows in CI's log.
+log() { printf '==> [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*" >&2; }
 
 # shellcheck source=tests/containers/engine.sh
 . "$root/tests/containers/engine.sh"
@@ -98,7 +99,8 @@ fi
 # - checkov and python-hcl2 for terraform/ (tests/tests/terraform.rs), each in its own venv:
 #   both install a module named hcl2 (checkov through bc-python-hcl2), and checkov's
 #   dependencies would clash with other Python tools on the machine;
-# - Azurite, the Azure Blob emulator, for backup-rotator's Azure storage (tests/tests/backup.rs).
+# - Azurite, the Azure Blob emulator, for backup-rotator's Azure storage (tests/tests/backup.rs);
+# - s3s-fs (crates.io) for its S3 storage.
 tools="$root/target/test-tools"
 mkdir -p "$tools"
 py_venv() {
@@ -130,6 +132,16 @@ if [ "$(cat "$tools/azurite/.pin" 2>/dev/null)" != "$azurite_pin" ]; then
   echo "$azurite_pin" > "$tools/azurite/.pin"
 fi
 export WBTEST_AZURITE="$tools/azurite/node_modules/.bin/azurite-blob"
+# s3s-fs, an S3-compatible server over a directory that checks SigV4 signatures, for
+# backup-rotator's S3 storage. 0.14.1 builds with Rust 1.92 and later (0.17 needs 1.96).
+s3s_pin="s3s-fs@0.14.1"
+if [ "$(cat "$tools/s3s/.pin" 2>/dev/null)" != "$s3s_pin" ]; then
+  log "Installing $s3s_pin (in $tools/s3s; compiles for about two minutes)"
+  rm -rf "$tools/s3s"
+  cargo install --quiet --locked --features binary --root "$tools/s3s" "$s3s_pin"
+  echo "$s3s_pin" > "$tools/s3s/.pin"
+fi
+export WBTEST_S3S="$tools/s3s/bin/s3s-fs"
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
@@ -166,6 +178,10 @@ export MOSQUITTO_TEST_BROKER="127.0.0.1:$mq_port:wattbus:$mq_pass"
 # --- 3. Build and test --------------------------------------------------------------------
 # End-to-end tests run the `wattbus` and `probe` binaries as real processes (to kill -9 them),
 # so the binaries are built first.
+# Line tables only, not full debug info: panics and backtraces keep their file and line, and
+# the many test binaries compile and link markedly faster (this command's time is mostly
+# compiling: the host, two Pi targets, the tests).
+export CARGO_PROFILE_DEV_DEBUG=line-tables-only
 log "Building"
 cargo build --workspace --bins --locked
 engine_start
@@ -206,3 +222,4 @@ log "Compiling the Arduino sketches (serial-ingest/sketches) for the Uno"
 ./services/serial-ingest/sketches/check.sh
 log "Testing the broker's optional TLS listener (cargo feature tls)"
 cargo test -p broker --features tls --locked -- --test-threads=2
+log "Done"

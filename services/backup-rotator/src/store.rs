@@ -61,15 +61,20 @@ impl StoreError {
                         | object_store::Error::PermissionDenied { .. }
                         | object_store::Error::NotImplemented { .. }
                 );
-                // Azure's refusals (an expired or wrong SAS, a wrong key) come back as a
-                // generic error with the service's status and code in its text.
+                // Azure's and S3's refusals (an expired or wrong SAS, a wrong key or secret)
+                // come back as a generic error with the service's status and code in its text.
                 let text = source.to_string();
                 let denied = [
                     "status: 401",
                     "status: 403",
+                    "401 Unauthorized",
+                    "403 Forbidden",
                     "AuthenticationFailed",
                     "AuthorizationFailure",
                     "AuthorizationPermissionMismatch",
+                    "SignatureDoesNotMatch",
+                    "InvalidAccessKeyId",
+                    "AccessDenied",
                 ]
                 .iter()
                 .any(|t| text.contains(t));
