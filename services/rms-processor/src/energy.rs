@@ -76,34 +76,6 @@ pub enum EnergyError {
 /// The file's version: 2 has the checksum line.
 const VERSION: u32 = 2;
 
-/// How the checksum line starts.
-const CHECKSUM: &str = "crc32 ";
-
-/// The JSON of a file and whether it carried a checksum, which then matched; `Err(reason)`
-/// if it carried one that does not match. A file without one is for the caller to judge
-/// (by its version).
-fn split_checksum(bytes: &[u8]) -> Result<(&[u8], bool), String> {
-    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    let last_line_at = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let Some(hex) = text[last_line_at..].strip_prefix(CHECKSUM.as_bytes()) else {
-        return Ok((bytes, false));
-    };
-    let want = std::str::from_utf8(hex)
-        .ok()
-        .filter(|h| h.len() == 8)
-        .and_then(|h| u32::from_str_radix(h, 16).ok())
-        .ok_or_else(|| "its checksum line is malformed".to_string())?;
-    let covered = &bytes[..last_line_at];
-    if crc32fast::hash(covered) != want {
-        return Err(
-            "its checksum does not match its content: changed or corrupted since it \
-                    was written"
-                .into(),
-        );
-    }
-    Ok((covered, true))
-}
-
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct File {
     version: u32,
@@ -143,7 +115,7 @@ impl Energy {
                     path: path.to_path_buf(),
                     reason,
                 };
-                let (json, checked) = split_checksum(&bytes).map_err(damaged)?;
+                let (json, checked) = runtime::state::split_checksum(&bytes).map_err(damaged)?;
                 let f: File = serde_json::from_slice(json).map_err(|e| damaged(e.to_string()))?;
                 if !checked {
                     if f.version >= VERSION {
@@ -303,8 +275,7 @@ impl Energy {
             source: io::Error::other(e),
         })?;
         body.push(b'\n');
-        let crc = crc32fast::hash(&body);
-        body.extend_from_slice(format!("{CHECKSUM}{crc:08x}\n").as_bytes());
+        runtime::state::append_checksum(&mut body);
         Ok(Some(Snapshot {
             path: self.path.clone(),
             body,

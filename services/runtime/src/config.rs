@@ -489,7 +489,19 @@ impl ConfigSource {
     /// Service `S`'s section, read and resolved into its plan (defaults if it is absent);
     /// errors name the file.
     pub fn resolve<S: crate::Service>(&self) -> Result<S::Plan, ConfigError> {
-        let config: S::Config = self.section(S::SECTION)?;
+        self.resolve_edited::<S>(|_| {})
+    }
+
+    /// As [`resolve`](Self::resolve), with the section changed first: a tool that shares a
+    /// service's section but not all of its work leaves out what it does not do (`wattbus
+    /// backup` does not run backup-rotator's native tool, so a recovery machine without it
+    /// can still restore).
+    pub fn resolve_edited<S: crate::Service>(
+        &self,
+        edit: impl FnOnce(&mut S::Config),
+    ) -> Result<S::Plan, ConfigError> {
+        let mut config: S::Config = self.section(S::SECTION)?;
+        edit(&mut config);
         S::resolve(config, S::SECTION).map_err(|e| self.locate(e))
     }
 

@@ -126,6 +126,41 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::journal::replace_file(path, bytes)
 }
 
+/// How the checksum line of a state file starts.
+const CHECKSUM: &str = "crc32 ";
+
+/// End `body` (a state file's text, ending in a newline) with a line `crc32 <8 hex digits>`
+/// over everything before it: a flipped bit or a hand edit is then found by
+/// [`split_checksum`] rather than believed (counters, marks: rms-processor, plug-bridge).
+pub fn append_checksum(body: &mut Vec<u8>) {
+    let crc = crc32fast::hash(body);
+    body.extend_from_slice(format!("{CHECKSUM}{crc:08x}\n").as_bytes());
+}
+
+/// The content of a state file and whether it carried a checksum line, which then matched;
+/// `Err(reason)` if it carried one that does not match. A file without one is for the caller
+/// to judge (an older version of its format, or refused).
+pub fn split_checksum(bytes: &[u8]) -> Result<(&[u8], bool), String> {
+    let text = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    let last_line_at = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let Some(hex) = text[last_line_at..].strip_prefix(CHECKSUM.as_bytes()) else {
+        return Ok((bytes, false));
+    };
+    let want = std::str::from_utf8(hex)
+        .ok()
+        .filter(|h| h.len() == 8)
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| "its checksum line is malformed".to_string())?;
+    let covered = &bytes[..last_line_at];
+    if crc32fast::hash(covered) != want {
+        return Err(
+            "its checksum does not match its content: changed or corrupted since it was written"
+                .into(),
+        );
+    }
+    Ok((covered, true))
+}
+
 fn slot_name(data_dir: &Path, instance: &Segment, k: u32) -> Result<Segment, ClaimError> {
     if k <= 1 {
         return Ok(instance.clone());
@@ -177,6 +212,18 @@ mod tests {
 
     fn seg(s: &str) -> Segment {
         Segment::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_checksum_finds_a_changed_byte_and_a_file_without_one_is_said_to_be() {
+        let mut body = b"{\"a\": 1}\n".to_vec();
+        append_checksum(&mut body);
+        assert_eq!(split_checksum(&body), Ok((&b"{\"a\": 1}\n"[..], true)));
+        let mut bad = body.clone();
+        bad[6] = b'2';
+        assert!(split_checksum(&bad).unwrap_err().contains("does not match"));
+        assert_eq!(split_checksum(b"{}\n"), Ok((&b"{}\n"[..], false)));
+        assert!(split_checksum(b"{}\ncrc32 xyz\n").is_err());
     }
 
     #[test]
