@@ -1303,17 +1303,33 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
         let o = wattbus(&["config", "check", cfg.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(64), "{extra}");
     }
+    // A machine restoring after the Pi died may not have InfluxDB's tools: `wattbus backup`
+    // does not run them, so it does not ask for them.
+    let cfg = config(
+        &broker,
+        dir.path(),
+        &influx,
+        "[backup_rotator.native]\ntool = \"influxd\"\ncommand = \"/nonexistent/influxd\"\n",
+    );
+    succeeded(&wattbus(&["backup", "list", "-c", cfg.to_str().unwrap()]));
 
+    // The scratch directory is a directory of the rotator's own inside the one configured:
+    // nothing else there is ever touched.
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("photos.jpg"), "not a backup").unwrap();
     let native = format!(
-        "full_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\n",
-        influx.rpc
+        "full_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\ndir = \"{}\"\n",
+        influx.rpc,
+        shared.display()
     );
     let (p, cfg) = plan(&broker, dir.path(), &influx, &native);
     let cfg_s = cfg.to_str().unwrap();
     let state = dir.path().join("state");
+    let scratch = shared.join("wattbus-native-backup-rotator");
     // What a run killed mid-way left in the scratch directory is not stored.
-    std::fs::create_dir_all(state.join("native")).unwrap();
-    std::fs::write(state.join("native").join("19990101T000000Z.meta"), "stale").unwrap();
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("19990101T000000Z.meta"), "stale").unwrap();
     let rt = runtime();
     let mut r = rotator(&p, dir.path()).with_native(&p, &state);
     let full = made(rt.block_on(r.run_once(now_ms)));
@@ -1326,9 +1342,10 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
         !n.files.iter().any(|f| f.file.contains("19990101")),
         "the stale file was not stored: {n:?}"
     );
-    assert!(
-        !state.join("native").exists(),
-        "the scratch directory is emptied"
+    assert!(!scratch.exists(), "the scratch directory is emptied");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("photos.jpg")).unwrap(),
+        "not a backup"
     );
     assert_eq!(
         full.points(),
@@ -1386,6 +1403,16 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
     let again = fetch(cfg_s, &fetched, None);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("empty directory"));
+    // A link planted where fetch writes its temporary file is not followed.
+    let planted = dir.path().join("planted");
+    std::fs::create_dir_all(&planted).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "mine").unwrap();
+    let first = n.files[0].file.strip_prefix("native/").unwrap();
+    std::os::unix::fs::symlink(&victim, planted.join(format!(".{first}.partial"))).unwrap();
+    let f = fetch(cfg_s, &planted, None);
+    assert!(!f.status.success());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "mine");
 
     // A damaged native file: verify names it and fails; fetch refuses it and leaves no file;
     // the line protocol still restores.
@@ -1432,7 +1459,7 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
     // The tool failing (InfluxDB's RPC port closed): the full set is still made and good,
     // the failure is in its manifest and in `list`.
     let closed = format!(
-        "full_every_h = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\ntimeout_s = 60\n",
+        "full_every_h = 1\nkeep = 1\n[backup_rotator.native]\ntool = \"influxd\"\nrpc = \"127.0.0.1:{}\"\ntimeout_s = 60\n",
         free_port()
     );
     let (plan2, _) = plan(&broker, dir.path(), &influx, &closed);
@@ -1448,6 +1475,17 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
     );
     let list = wattbus(&["backup", "list", "-c", cfg_s]);
     assert!(String::from_utf8_lossy(&list.stdout).contains("FAILED"));
+    // keep = 1, but the newest good native backup is not rotated away behind a set whose
+    // tool failed; the incremental set before the new full one is.
+    let kept: Vec<String> = finished_sets(dir.path())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kept.contains(&full.id) && kept.contains(&full2.id),
+        "{kept:?}"
+    );
+    assert!(!kept.contains(&inc.id), "{kept:?}");
     let f = fetch(cfg_s, &dir.path().join("fetched3"), Some(&full2.id));
     assert!(!f.status.success());
     assert!(String::from_utf8_lossy(&f.stderr).contains("has no native backup"));

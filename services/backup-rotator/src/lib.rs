@@ -294,8 +294,13 @@ impl Rotator {
     /// it says nothing); its scratch directory defaults to `state_dir/native`.
     #[must_use]
     pub fn with_native(mut self, plan: &Plan, state_dir: &std::path::Path) -> Self {
+        // A directory of its own inside the one configured: it is emptied before and after
+        // every run, and nothing else there may ever be touched.
         self.native = plan.native.clone().map(|n| NativeJob {
-            dir: n.dir.clone().unwrap_or_else(|| state_dir.join("native")),
+            dir: n.dir.as_ref().map_or_else(
+                || state_dir.join("native"),
+                |d| d.join(format!("wattbus-native-{}", plan.instance)),
+            ),
             plan: n,
             influx: plan.influx.clone(),
         });
@@ -316,17 +321,18 @@ impl Rotator {
         };
         tracing::info!(set = %id, tool = %tool, dir = %job.dir.display(), "Native backup started.");
         let taken = native::take(&job.plan, &job.influx, token, &job.dir).await;
-        let result = match taken {
-            Ok(files) => {
-                native::upload(&self.store, id, &files)
-                    .await
-                    .map(|files| manifest::Native {
-                        tool,
-                        files,
-                        error: None,
-                    })
-            }
-            Err(problem) => {
+        let uploaded = match taken {
+            Ok(files) => native::upload(&self.store, id, &files).await,
+            Err(problem) => Err(native::UploadError::Local(problem)),
+        };
+        let result = match uploaded {
+            Ok(files) => Ok(manifest::Native {
+                tool,
+                files,
+                error: None,
+            }),
+            Err(native::UploadError::Store(e)) => Err(e),
+            Err(native::UploadError::Local(problem)) => {
                 self.core.error("native").inc();
                 tracing::error!(set = %id, error = %problem, "InfluxDB's native backup failed: this full set has only its line protocol (restorable with `wattbus backup restore`). Tried again with the next full set.");
                 Ok(manifest::Native {
@@ -345,6 +351,16 @@ impl Rotator {
             tracing::info!(set = %id, files = n.files.len(), bytes = n.bytes(), "Native backup stored and verified.");
         }
         result.map(Some)
+    }
+
+    /// Empty native mode's scratch directory (a run stopped mid-way leaves the tool's copy
+    /// of the database there).
+    pub fn clear_scratch(&self) {
+        if let Some(job) = &self.native
+            && let Err(e) = native::clear(&job.dir)
+        {
+            tracing::warn!(error = %e, "Cannot empty the native backup's scratch directory.");
+        }
     }
 
     /// The set a killed run of this rotator left unfinished, if any.
@@ -585,8 +601,20 @@ impl Rotator {
                 full.is_some_and(|f| shrunk.iter().any(|s| s.id == f))
             })
         };
+        // The newest InfluxDB native backup is not rotated away behind full sets whose tool
+        // failed: it stays until a newer one is good.
+        let newest_native = sets
+            .iter()
+            .filter(|m| m.kind == Kind::Full && m.native.as_ref().is_some_and(|n| n.ok()))
+            .map(|m| m.id.as_str())
+            .max()
+            .map(str::to_string);
         let mut deleted = 0;
         for id in manifest::expired(&refs, self.keep) {
+            if newest_native.as_deref() == Some(id.as_str()) {
+                tracing::warn!(set = %id, "Keeping an expired backup set: it holds the newest good InfluxDB native backup (the tool failed for every full set since; see native_ok).");
+                continue;
+            }
             if protected(&id) {
                 self.core.error("rotation").inc();
                 tracing::error!(set = %id, newest = %newest.id, newest_points = newest.points(), "Not deleting an expired backup set: it holds more than twice the points of the newest full set (InfluxDB lost data?). Check the database; delete old sets by hand once you are sure.");
@@ -758,11 +786,13 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
             () = tokio::time::sleep(wait) => {}
         }
         let outcome = tokio::select! {
-            () = ctx.shutdown.wait() => {
-                tracing::info!("Stopping mid-run: the unfinished set is removed by the next run.");
-                break;
-            }
-            o = rotator.run_once(proto::now_ms()) => o,
+            () = ctx.shutdown.wait() => None,
+            o = rotator.run_once(proto::now_ms()) => Some(o),
+        };
+        let Some(outcome) = outcome else {
+            tracing::info!("Stopping mid-run: the unfinished set is removed by the next run.");
+            rotator.clear_scratch();
+            break;
         };
         let scheduled = plan.schedule.next_after(now_s()).unwrap_or(i64::MAX);
         match outcome {

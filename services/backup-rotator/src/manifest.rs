@@ -211,6 +211,15 @@ impl Manifest {
                 ));
             }
         }
+        if m.database.is_empty()
+            || m.database.len() > 255
+            || m.database.chars().any(char::is_control)
+        {
+            return Err(format!(
+                "database {:?} is not a name a database has",
+                m.database
+            ));
+        }
         if m.native.is_some() && m.kind != Kind::Full {
             return Err("a native backup in an incremental set".into());
         }

@@ -84,10 +84,21 @@ pub async fn take(
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut cmd = command(plan, influx, token, dir);
     let program = plan.command.display().to_string();
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
-    let output = tokio::time::timeout(plan.timeout, child.wait_with_output())
+    // Its output is read as it comes and only the end kept: a tool that talks a lot (influxd
+    // logs every shard) must not fill a Pi's memory.
+    let (out_tail, err_tail) = (Tail::default(), Tail::default());
+    let out = child
+        .stdout
+        .take()
+        .map(|o| tokio::spawn(keep_tail(o, out_tail.clone())));
+    let err = child
+        .stderr
+        .take()
+        .map(|e| tokio::spawn(keep_tail(e, err_tail.clone())));
+    let status = tokio::time::timeout(plan.timeout, child.wait())
         .await
         .map_err(|_| {
             format!(
@@ -96,15 +107,33 @@ pub async fn take(
             )
         })?
         .map_err(|e| format!("{program}: {e}"))?;
-    if !output.status.success() {
-        let mut text = String::from_utf8_lossy(&output.stderr).into_owned();
-        text.push_str(&String::from_utf8_lossy(&output.stdout));
+    if !status.success() {
+        // A child the tool left behind may hold its output open: what was said within a
+        // moment is enough.
+        for reader in [err, out].into_iter().flatten() {
+            let abort = reader.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), reader)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        let mut text = String::new();
+        // stderr last: a tool says why it failed there, and the end is what is kept.
+        for t in [out_tail, err_tail] {
+            let kept = t.lock().map(|b| b.clone()).unwrap_or_default();
+            text.push_str(String::from_utf8_lossy(&kept).trim());
+            text.push('\n');
+        }
         return Err(format!(
-            "{program} {} ({}): {}",
+            "{program} {} ({status}): {}",
             plan.tool.as_str(),
-            output.status,
             tail(text.trim())
         ));
+    }
+    for reader in [out, err].into_iter().flatten() {
+        reader.abort();
     }
     let mut files = Vec::new();
     let entries =
@@ -168,6 +197,28 @@ fn command(
     cmd
 }
 
+/// The end of what a tool said on one of its outputs.
+type Tail = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
+/// Read `r` to its end, keeping only about the last `OUTPUT_TAIL` bytes in `kept`.
+async fn keep_tail(mut r: impl tokio::io::AsyncRead + Unpin, kept: Tail) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let Ok(mut k) = kept.lock() else { return };
+                k.extend_from_slice(&buf[..n]);
+                if k.len() > OUTPUT_TAIL * 2 {
+                    let cut = k.len() - OUTPUT_TAIL;
+                    k.drain(..cut);
+                }
+            }
+        }
+    }
+}
+
 /// The last `OUTPUT_TAIL` bytes of a tool's output (its error is at the end).
 fn tail(text: &str) -> &str {
     let mut start = text.len().saturating_sub(OUTPUT_TAIL);
@@ -186,18 +237,30 @@ pub fn clear(dir: &Path) -> Result<(), String> {
     }
 }
 
+/// Why the tool's files are not all stored.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// Reading a file the tool wrote (the scratch disk): the native backup fails, the set
+    /// does not.
+    #[error("{0}")]
+    Local(String),
+    /// The storage: the set fails like any upload.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// Upload the tool's files into set `id`, each read back (size and SHA-256) before the next.
 pub async fn upload(
     store: &Store,
     id: &str,
     files: &[(String, PathBuf)],
-) -> Result<Vec<NativeFile>, StoreError> {
+) -> Result<Vec<NativeFile>, UploadError> {
     let mut out = Vec::with_capacity(files.len());
     let mut buf = vec![0u8; 1 << 20];
     for (name, path) in files {
         let object = manifest::native_file(name)
-            .ok_or_else(|| StoreError::Io(format!("{name:?} is not a name wattbus stores")))?;
-        let io = |e: std::io::Error| StoreError::Io(format!("{}: {e}", path.display()));
+            .ok_or_else(|| UploadError::Local(format!("{name:?} is not a name wattbus stores")))?;
+        let io = |e: std::io::Error| UploadError::Local(format!("{}: {e}", path.display()));
         let mut f = std::fs::File::open(path).map_err(io)?;
         let mut w = store.file_writer(id, &object).await?;
         loop {
@@ -213,7 +276,7 @@ pub async fn upload(
             };
             if let Err(e) = w.write(&buf[..n]).await {
                 w.abort().await;
-                return Err(e);
+                return Err(e.into());
             }
         }
         let (bytes, sha256) = w.finish().await?;
@@ -301,6 +364,69 @@ mod tests {
             })
             .collect();
         assert_eq!(env, [("INFLUX_TOKEN".to_string(), "s3cret".to_string())]);
+    }
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = dir.join("tool.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn influx() -> InfluxPlan {
+        InfluxPlan {
+            url: "http://127.0.0.1:1".into(),
+            database: "wattbus".into(),
+            auth: None,
+            timeout: Duration::from_secs(30),
+            chunk_rows: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_talkative_failing_tool_with_a_child_left_behind_gives_the_end_of_what_it_said_at_once()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        // 20 MB of chatter, then the reason; a background child keeps the output open.
+        let tool = script(
+            dir.path(),
+            "head -c 20000000 /dev/zero | tr '\\0' x\necho; echo 'the reason' >&2\n(sleep 60 &)\nexit 3",
+        );
+        let mut p = plan(Tool::Influx);
+        p.command = tool;
+        let started = std::time::Instant::now();
+        let e = take(&p, &influx(), None, &dir.path().join("scratch"))
+            .await
+            .unwrap_err();
+        assert!(e.contains("the reason"), "{}", tail(&e));
+        assert!(e.len() < 3 * OUTPUT_TAIL, "{} bytes", e.len());
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited for the child left behind"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_plain_files_with_plain_names_are_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("scratch");
+        let mut p = plan(Tool::Influx);
+        // The tool gets the scratch directory as its last argument.
+        for (body, ok) in [
+            (
+                "for d; do :; done; echo x > \"$d/20261204T000000Z.meta\"",
+                true,
+            ),
+            ("for d; do :; done; mkdir \"$d/sub\"", false),
+            ("for d; do :; done; ln -s /etc/passwd \"$d/a.meta\"", false),
+            ("for d; do :; done; echo x > \"$d/with space\"", false),
+            ("exit 0", false),
+        ] {
+            p.command = script(dir.path(), body);
+            let got = take(&p, &influx(), None, &scratch).await;
+            assert_eq!(got.is_ok(), ok, "{body}: {got:?}");
+        }
     }
 
     #[test]

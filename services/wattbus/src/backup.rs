@@ -115,7 +115,9 @@ struct Opened {
 fn open(w: &Where) -> anyhow::Result<Opened> {
     let src = ConfigSource::load(w.config.as_deref())?;
     let common = src.common()?;
-    let plan = src.resolve::<backup_rotator::BackupRotator>()?;
+    // Without native mode: these commands never run InfluxDB's tool, and a machine restoring
+    // after the Pi died may not have it.
+    let plan = src.resolve_edited::<backup_rotator::BackupRotator>(|c| c.native = None)?;
     let store = Store::open(&plan.storage, &common.site, &common.data_dir)?;
     Ok(Opened { store, plan })
 }
@@ -211,11 +213,36 @@ async fn list(w: Where) -> anyhow::Result<()> {
                     size(n.bytes()),
                     m.id
                 ),
-                Some(e) => println!("{:<30} (native: {} FAILED: {e})", "", n.tool),
+                Some(e) => println!(
+                    "{:<30} (native: {} FAILED: {})",
+                    "",
+                    printable(&n.tool),
+                    printable(e)
+                ),
             }
         }
     }
     Ok(())
+}
+
+/// `s` for a shell command a person copies: as it is when it is plainly safe, else in single
+/// quotes (a manifest is read from storage and may be hostile).
+fn sh_quote(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./:=@".contains(&b));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Text from storage made safe for a terminal (no escape sequences).
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 async fn fetch(w: Where, only: Option<String>, dir: PathBuf) -> anyhow::Result<()> {
@@ -256,14 +283,27 @@ async fn fetch(w: Where, only: Option<String>, dir: PathBuf) -> anyhow::Result<(
     for f in &native.files {
         let name = f.file.strip_prefix("native/").unwrap_or(&f.file);
         let target = dir.join(name);
-        if target.exists() {
+        if target.symlink_metadata().is_ok() {
             bail!("{} exists: fetch into an empty directory", target.display());
         }
         // Into a temporary name, renamed once the checksum matched: a file under its own name
-        // is always whole and right.
+        // is always whole and right. Created new (never through a link someone left there),
+        // readable by this user only: it is a copy of the database.
         let partial = dir.join(format!(".{name}.partial"));
-        let mut out = std::fs::File::create(&partial)
-            .with_context(|| format!("cannot create {}", partial.display()))?;
+        let mut out = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial)
+                .with_context(|| {
+                    format!(
+                        "cannot create {} (left by an earlier fetch? remove it)",
+                        partial.display()
+                    )
+                })?
+        };
         let read = o
             .store
             .read_file(&m.id, &f.file, f.bytes, &f.sha256, |b| {
@@ -290,15 +330,15 @@ async fn fetch(w: Where, only: Option<String>, dir: PathBuf) -> anyhow::Result<(
         size(native.bytes()),
         dir.display()
     );
+    let shown_dir = sh_quote(&dir.display().to_string());
     match native.tool.as_str() {
         "influxd" => println!(
-            "Restore into a new database with:\n  influxd restore -portable -db {db} -newdb {db}_restored -host 127.0.0.1:8088 {}",
-            dir.display(),
-            db = m.database
+            "Restore into a new database with:\n  influxd restore -portable -db {} -newdb {} -host 127.0.0.1:8088 {shown_dir}",
+            sh_quote(&m.database),
+            sh_quote(&format!("{}_restored", m.database)),
         ),
         _ => println!(
-            "Restore with:\n  influx restore --host http://127.0.0.1:8086 --token <operator token> {}",
-            dir.display()
+            "Restore with:\n  influx restore --host http://127.0.0.1:8086 --token <operator token> {shown_dir}"
         ),
     }
     Ok(())
@@ -685,6 +725,15 @@ async fn prepare(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_words_and_terminal_text_from_a_hostile_manifest_are_defused() {
+        assert_eq!(sh_quote("wattbus"), "wattbus");
+        assert_eq!(sh_quote("/tmp/native"), "/tmp/native");
+        assert_eq!(sh_quote("x; touch /tmp/pwned"), "'x; touch /tmp/pwned'");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(printable("a\u{1b}[2Jb"), "a?[2Jb");
+    }
 
     #[test]
     fn times_in_three_spellings() {
