@@ -26,6 +26,7 @@ mod config;
 pub mod hardware;
 mod household;
 pub mod modbus;
+pub mod plugs;
 mod register;
 pub mod serial;
 

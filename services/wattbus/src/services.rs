@@ -20,6 +20,7 @@ pub static SERVICES: &[&dyn Entry] = &[
     &Of::<rms_processor::RmsProcessor>(PhantomData),
     &Of::<influx_writer::InfluxWriter>(PhantomData),
     &Of::<backup_rotator::BackupRotator>(PhantomData),
+    &Of::<plug_bridge::PlugBridge>(PhantomData),
 ];
 
 /// A [`Service`] as the binary uses it: its types erased, so that one list holds them all.

@@ -1,0 +1,119 @@
+//! The HTTP requests to each kind of plug (see `device` for what they answer).
+
+use std::time::Duration;
+
+use crate::config::{Kind, Plug};
+use crate::device::{self, Reading};
+
+/// Most of an answer read: a plug's JSON is a few hundred bytes; anything larger is not a plug.
+const MAX_BODY: usize = 64 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot set up the HTTP client: {0}")]
+    Setup(String),
+}
+
+/// Why a request to a plug gave no reading.
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError {
+    #[error("{url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url}: HTTP {status}: {hint}")]
+    Status {
+        url: String,
+        status: u16,
+        hint: &'static str,
+    },
+    #[error("{url}: {problem}")]
+    Answer { url: String, problem: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(timeout: Duration) -> Result<Self, ClientError> {
+        // reqwest is built with rustls and no provider chosen; plugs speak plain http, but the
+        // client needs one to exist.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            // A plug is one device on the LAN: no proxy from the environment in between.
+            .no_proxy()
+            .build()
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        Ok(Self { http })
+    }
+
+    /// Read `plug` once.
+    pub async fn read(&self, plug: &Plug) -> Result<Reading, PlugError> {
+        match plug.kind {
+            Kind::Mystrom => {
+                let body = self.get(plug, "/report").await?;
+                device::mystrom_report(&body).map_err(|problem| PlugError::Answer {
+                    url: plug.url.clone(),
+                    problem,
+                })
+            }
+            Kind::Shelly => {
+                let path = format!("/rpc/Switch.GetStatus?id={}", plug.switch_id);
+                let body = self.get(plug, &path).await?;
+                device::shelly_status(&body).map_err(|problem| PlugError::Answer {
+                    url: plug.url.clone(),
+                    problem,
+                })
+            }
+        }
+    }
+
+    async fn get(&self, plug: &Plug, path: &str) -> Result<Vec<u8>, PlugError> {
+        let url = format!("{}{path}", plug.url);
+        let http = |source| PlugError::Http {
+            url: url.clone(),
+            source,
+        };
+        let mut req = self.http.get(&url);
+        if let Some(t) = &plug.token {
+            req = req.header("Token", t.expose());
+        }
+        let mut resp = req.send().await.map_err(http)?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let hint = match (status, plug.kind) {
+                (401 | 403, Kind::Mystrom) => {
+                    "refused: the plug has an API token set; give it as token_file"
+                }
+                (401 | 403, Kind::Shelly) => {
+                    "the plug asks for its password: Shelly authentication is not supported yet; turn it off for the LAN"
+                }
+                (404, _) => "not found: is this the right kind of plug (kind)?",
+                _ => "not a reading",
+            };
+            return Err(PlugError::Status {
+                url: url.clone(),
+                status,
+                hint,
+            });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(http)? {
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(PlugError::Answer {
+                    url: url.clone(),
+                    problem: format!("answered more than {MAX_BODY} bytes: not a plug"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
