@@ -6,7 +6,8 @@
 //! myStrom reboot (new boot id, counter back to 0), a Shelly that loses its total, a `kill -9`
 //! of the bridge with a plug rebooting while it is down — and it ends where the plug's real
 //! consumption says, within the documented margin; a plug that does not answer, or refuses the
-//! token, is reported offline while the others go on.
+//! token, is reported offline while the others go on; commands on the bus are carried out
+//! once, read back, never late, never forged.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -101,6 +102,154 @@ fn config(
     path
 }
 
+/// `mosquitto_pub` as the test's admin user.
+fn publish(broker: &BrokerSetup, topic: &str, payload: &str, retain: bool) {
+    let mut c = Command::new("mosquitto_pub");
+    c.args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(["-u", &broker.user, "-P", &broker.password, "-q", "1"])
+        .args(["-t", topic, "-m", payload]);
+    if retain {
+        c.arg("-r");
+    }
+    let o = c.output().expect("mosquitto_pub runs (mosquitto-clients)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn command(device: &str, id: &str, action: &str, expires_in_ms: i64) -> String {
+    let now = proto::now_ms();
+    // Issued a moment before it expires, if it already has.
+    let issued = now + expires_in_ms.min(0) - 1000;
+    format!(
+        r#"{{"id":"{id}","device":"{device}","action":"{action}","issued_ts_ms":{issued},"expires_ts_ms":{}}}"#,
+        now + expires_in_ms
+    )
+}
+
+/// Commands through the bus, answered on `cmd-result/<plug>` with the state read back.
+fn switching(broker: &BrokerSetup, d: &Path, kettle: &SimPlug, heater: &SimPlug, gone: &SimPlug) {
+    let results = d.join("results.log");
+    let mut sub = Proc::spawn(
+        "mosquitto_sub",
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-u", &broker.user, "-P", &broker.password, "-q", "1"])
+            .args(["-t", "wattbus/v1/lab/cmd-result/+"]),
+        &results,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let result = |id: &str| -> serde_json::Value {
+        let mut found = serde_json::Value::Null;
+        let got = wait_until(Duration::from_secs(20), || {
+            let text = std::fs::read_to_string(&results).unwrap_or_default();
+            match text
+                .lines()
+                .rev()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["id"] == id)
+            {
+                Some(v) => {
+                    found = v;
+                    true
+                }
+                None => false,
+            }
+        });
+        assert!(
+            got,
+            "no result for {id}: {}",
+            std::fs::read_to_string(&results).unwrap_or_default()
+        );
+        found
+    };
+    let cmd = |device: &str| format!("wattbus/v1/lab/cmd/{device}");
+
+    // Off: done, and the state read back from the plug.
+    publish(
+        broker,
+        &cmd("kettle"),
+        &command("kettle", "c1", "off", 10_000),
+        false,
+    );
+    let r = result("c1");
+    assert_eq!(
+        (r["ok"].as_bool(), r["relay_on"].as_bool()),
+        (Some(true), Some(false)),
+        "{r}"
+    );
+    assert!(!kettle.relay_on());
+    // The same command again (a resend): answered the same, not carried out again.
+    kettle.set_relay(true);
+    publish(
+        broker,
+        &cmd("kettle"),
+        &command("kettle", "c1", "off", 10_000),
+        false,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        kettle.relay_on(),
+        "a repeated command switched the plug again"
+    );
+    // Expired before it arrived: never carried out.
+    publish(
+        broker,
+        &cmd("kettle"),
+        &command("kettle", "c2", "off", -1),
+        false,
+    );
+    let r = result("c2");
+    assert_eq!(r["ok"].as_bool(), Some(false), "{r}");
+    assert!(
+        r["message"].as_str().unwrap_or("").contains("expired"),
+        "{r}"
+    );
+    assert!(kettle.relay_on());
+    // Toggle on a Shelly.
+    assert!(heater.relay_on());
+    publish(
+        broker,
+        &cmd("heater"),
+        &command("heater", "c3", "toggle", 10_000),
+        false,
+    );
+    let r = result("c3");
+    assert_eq!(
+        (r["ok"].as_bool(), r["relay_on"].as_bool()),
+        (Some(true), Some(false)),
+        "{r}"
+    );
+    assert!(!heater.relay_on());
+    // A plug that does not answer: failed once the command expired, and nothing switches
+    // later by itself when it is back.
+    assert!(gone.relay_on());
+    publish(
+        broker,
+        &cmd("gone"),
+        &command("gone", "c4", "off", 1500),
+        false,
+    );
+    let r = result("c4");
+    assert_eq!(r["ok"].as_bool(), Some(false), "{r}");
+    gone.set_down(false);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(gone.relay_on(), "an expired command fired late");
+    // Forged: the payload names another plug than the topic. Refused, nothing switched.
+    publish(
+        broker,
+        &cmd("heater"),
+        &command("kettle", "c5", "on", 10_000),
+        false,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        kettle.relay_on() && !heater.relay_on(),
+        "a forged command switched a plug"
+    );
+    let text = std::fs::read_to_string(&results).unwrap_or_default();
+    assert!(!text.contains("\"c5\""), "{text}");
+    sub.terminate(Duration::from_secs(5));
+}
+
 fn bridge(config: &Path, log: &Path) -> Proc {
     Proc::spawn(
         "plug-bridge",
@@ -170,6 +319,29 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
     let before = last(&influx, "kettle");
     assert!(reached("kettle", before + 3.0));
 
+    switching(&broker, d, &kettle, &heater, &gone);
+    // A retained command is carried out when it is sent, never again when the bridge
+    // reconnects and the broker hands it over once more.
+    let kettle_cmd = "wattbus/v1/lab/cmd/kettle";
+    publish(
+        &broker,
+        kettle_cmd,
+        &command("kettle", "c6", "off", 60_000),
+        true,
+    );
+    assert!(wait_until(Duration::from_secs(10), || !kettle.relay_on()));
+    kettle.set_relay(true);
+    b.kill9();
+    let mut b = bridge(&cfg, &log);
+    let before = last(&influx, "kettle");
+    assert!(reached("kettle", before + 1.0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        kettle.relay_on(),
+        "a retained command fired again after a reconnect"
+    );
+    publish(&broker, kettle_cmd, "", true);
+
     // Stopped cleanly; what the writer has is what InfluxDB has.
     assert!(b.terminate(Duration::from_secs(20)).is_some());
     let (kettle_used, heater_used) = (kettle.lifetime_wh(), heater.lifetime_wh());
@@ -195,28 +367,36 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
         );
     }
     // The other readings of a plug: power and relay as the plug said.
+    // Power and relay as the plug said them, on and off (the commands switched them).
     let power = series(&influx, "plug", "power_w", "kettle");
     assert!(
-        power.iter().all(|p| (*p - 3600.0).abs() < 0.01),
+        power
+            .iter()
+            .all(|p| (*p - 3600.0).abs() < 0.01 || *p == 0.0),
         "{power:?}"
     );
-    assert!(
-        series(&influx, "plug", "relay_on", "heater")
-            .iter()
-            .all(|r| *r == 1.0)
+    let relay = series(&influx, "plug", "relay_on", "heater");
+    assert_eq!(
+        (relay.first(), relay.last()),
+        (Some(&1.0), Some(&0.0)),
+        "{relay:?}"
     );
     assert!(!series(&influx, "plug", "voltage_v", "heater").is_empty());
 
-    // The plug that never answered and the one that refused the token: offline, said, while
-    // the others went on; no readings of theirs.
-    for device in ["gone", "locked"] {
-        let online = series(&influx, "plug_status", "online", device);
-        assert!(
-            !online.is_empty() && online.iter().all(|o| *o == 0.0),
-            "{device}: {online:?}"
-        );
-        assert!(series(&influx, "plug", "power_w", device).is_empty());
-    }
+    // The plug that refused the token: offline, said, while the others went on; no readings
+    // of its own. The one that did not answer: offline until it came back.
+    let online = series(&influx, "plug_status", "online", "locked");
+    assert!(
+        !online.is_empty() && online.iter().all(|o| *o == 0.0),
+        "{online:?}"
+    );
+    assert!(series(&influx, "plug", "power_w", "locked").is_empty());
+    let online = series(&influx, "plug_status", "online", "gone");
+    assert_eq!(
+        (online.first(), online.last()),
+        (Some(&0.0), Some(&1.0)),
+        "{online:?}"
+    );
     assert_eq!(
         series(&influx, "plug_status", "online", "kettle").last(),
         Some(&1.0)

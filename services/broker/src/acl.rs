@@ -11,11 +11,16 @@
 //! | producer | `meas/+/+`, `raw/+`, `status/own`, `dead/U` | `ack/#`, `sink/+`, `status/+` |
 //! | sink | `ack/+/+/U`, `sink/U`, `status/own`, `dead/U` | `meas/+/+`, `raw/+`, `status/+`, `dead/+` |
 //! | processor | producer ∪ sink | producer ∪ sink |
+//! | actuator | producer's, `cmd-result/+` | producer's, `cmd/+` |
+//! | commander | `cmd/+`, `status/own`, `dead/U` | `cmd-result/+`, `status/+` |
 //! | reader | nothing | `wattbus/#` |
 //! | admin | anything | anything |
 //!
-//! (each pattern after `wattbus/v1/+/`). A producer or processor given `devices` may publish
-//! readings (`meas`, `raw`) only for those devices. `status/own`: the policy (`auth.rs`) lets a
+//! (each pattern after `wattbus/v1/+/`). A producer, processor or actuator given `devices` may
+//! publish readings (`meas`, `raw`) and command results (`cmd-result`) only for those devices.
+//! Only an actuator (plug-bridge) hears commands, and only a commander (a cloud bridge, a
+//! script) or admin may send one: a command switches real equipment, so no reading producer
+//! and no reader can. `status/own`: the policy (`auth.rs`) lets a
 //! user publish only the status of its own client ids (`client_id_owner`).
 //!
 //! Decisions, level by level (MQTT's own matching: only a whole `+` or `#` level is a wildcard):
@@ -47,6 +52,11 @@ pub enum Role {
     Sink,
     /// Both: consumes one stream and produces another (rms-processor).
     Processor,
+    /// A producer that also carries out commands for its devices and answers them
+    /// (plug-bridge).
+    Actuator,
+    /// Sends commands and reads their results (a cloud bridge, a script), nothing else.
+    Commander,
     /// Reads everything under `wattbus/`, publishes nothing (dashboards, `mosquitto_sub`).
     Reader,
     /// Anything (tools, tests). Not for services.
@@ -54,10 +64,12 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 7] = [
         Role::Producer,
         Role::Sink,
         Role::Processor,
+        Role::Actuator,
+        Role::Commander,
         Role::Reader,
         Role::Admin,
     ];
@@ -67,6 +79,8 @@ impl Role {
             Role::Producer => "producer",
             Role::Sink => "sink",
             Role::Processor => "processor",
+            Role::Actuator => "actuator",
+            Role::Commander => "commander",
             Role::Reader => "reader",
             Role::Admin => "admin",
         }
@@ -74,11 +88,11 @@ impl Role {
 
     /// Whether `devices` may restrict this role's readings.
     pub const fn publishes_readings(self) -> bool {
-        matches!(self, Role::Producer | Role::Processor)
+        matches!(self, Role::Producer | Role::Processor | Role::Actuator)
     }
 
     const fn produces(self) -> bool {
-        matches!(self, Role::Producer | Role::Processor)
+        matches!(self, Role::Producer | Role::Processor | Role::Actuator)
     }
 
     const fn sinks(self) -> bool {
@@ -112,11 +126,19 @@ const SINK_SUBSCRIBE: &[&str] = &[
     "wattbus/v1/+/status/+",
     "wattbus/v1/+/dead/+",
 ];
+const ACTUATOR_PUBLISH: &[&str] = &["wattbus/v1/+/cmd-result/+"];
+const ACTUATOR_SUBSCRIBE: &[&str] = &["wattbus/v1/+/cmd/+"];
+const COMMANDER_PUBLISH: &[&str] = &[
+    "wattbus/v1/+/cmd/+",
+    "wattbus/v1/+/status/+",
+    "wattbus/v1/+/dead/U",
+];
+const COMMANDER_SUBSCRIBE: &[&str] = &["wattbus/v1/+/cmd-result/+", "wattbus/v1/+/status/+"];
 const READER_SUBSCRIBE: &[&str] = &["wattbus/#"];
 
-/// The reading kinds `devices` restricts, and the level (after `wattbus/v1/<site>/<kind>`)
-/// that names the device.
-const READING_KINDS: &[&str] = &["meas", "raw"];
+/// The kinds `devices` restricts (readings, and the results of commands to a device), and
+/// the level (after `wattbus/v1/<site>/<kind>`) that names the device.
+const READING_KINDS: &[&str] = &["meas", "raw", "cmd-result"];
 
 /// One user's rights.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +163,12 @@ impl Grant {
         }
         if self.role.sinks() {
             patterns.push(SINK_PUBLISH);
+        }
+        if self.role == Role::Actuator {
+            patterns.push(ACTUATOR_PUBLISH);
+        }
+        if self.role == Role::Commander {
+            patterns.push(COMMANDER_PUBLISH);
         }
         let allowed = patterns
             .into_iter()
@@ -170,6 +198,8 @@ impl Grant {
             Role::Producer => &[PRODUCER_SUBSCRIBE],
             Role::Sink => &[SINK_SUBSCRIBE],
             Role::Processor => &[PRODUCER_SUBSCRIBE, SINK_SUBSCRIBE],
+            Role::Actuator => &[PRODUCER_SUBSCRIBE, ACTUATOR_SUBSCRIBE],
+            Role::Commander => &[COMMANDER_SUBSCRIBE],
             Role::Reader => &[READER_SUBSCRIBE],
             Role::Admin => &[],
         };
@@ -362,6 +392,10 @@ mod tests {
             ("own registration", "wattbus/v1/site-a/sink/me".into()),
             ("forged registration", "wattbus/v1/site-a/sink/other".into()),
             ("command", "wattbus/v1/site-a/cmd/we515-1".into()),
+            (
+                "command result",
+                "wattbus/v1/site-a/cmd-result/we515-1".into(),
+            ),
             ("outside wattbus", "homeassistant/sensor/x".into()),
         ]
     }
@@ -405,8 +439,63 @@ mod tests {
                 "own registration",
             ]
         );
+        assert_eq!(
+            allowed_publishes(Role::Actuator),
+            vec![
+                "reading",
+                "raw",
+                "status",
+                "status of another",
+                "own dead letter",
+                "command result",
+            ]
+        );
+        assert_eq!(
+            allowed_publishes(Role::Commander),
+            vec!["status", "status of another", "own dead letter", "command"]
+        );
         assert!(allowed_publishes(Role::Reader).is_empty());
         assert_eq!(allowed_publishes(Role::Admin).len(), service_topics().len());
+    }
+
+    #[test]
+    fn only_an_actuator_hears_commands_and_only_for_its_devices_answers_them() {
+        let mut a = grant(Role::Actuator, "plug-bridge");
+        a.devices = Some(["kettle".to_string()].into());
+        assert!(a.may_subscribe("wattbus/v1/home/cmd/+"));
+        assert!(a.may_subscribe("wattbus/v1/+/cmd/kettle"));
+        assert!(a.may_publish("wattbus/v1/home/cmd-result/kettle"));
+        assert!(
+            !a.may_publish("wattbus/v1/home/cmd-result/fridge"),
+            "a forged result"
+        );
+        assert!(
+            !a.may_publish("wattbus/v1/home/cmd/kettle"),
+            "an actuator commands nothing"
+        );
+        assert!(a.may_publish("wattbus/v1/home/meas/kettle/relay"));
+        assert!(!a.may_subscribe("wattbus/v1/home/cmd-result/+"));
+        for role in [Role::Producer, Role::Sink, Role::Processor, Role::Reader] {
+            let g = grant(role, "me");
+            assert!(
+                !g.may_publish("wattbus/v1/home/cmd/kettle"),
+                "{role:?} sends a command"
+            );
+            assert!(
+                !g.may_publish("wattbus/v1/home/cmd-result/kettle"),
+                "{role:?} forges a result"
+            );
+        }
+        for role in [Role::Producer, Role::Sink, Role::Processor, Role::Commander] {
+            assert!(
+                !grant(role, "me").may_subscribe("wattbus/v1/home/cmd/+"),
+                "{role:?} hears commands"
+            );
+        }
+        let c = grant(Role::Commander, "azure-bridge");
+        assert!(c.may_subscribe("wattbus/v1/home/cmd-result/+"));
+        assert!(!c.may_subscribe("wattbus/v1/home/meas/+/+"));
+        assert!(!c.may_publish("wattbus/v1/home/meas/kettle/relay"));
     }
 
     #[test]

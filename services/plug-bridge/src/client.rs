@@ -75,6 +75,16 @@ impl Client {
         }
     }
 
+    /// Set `plug`'s relay to `on` (an explicit state: a retried call cannot undo itself, as
+    /// a toggle would).
+    pub async fn switch(&self, plug: &Plug, on: bool) -> Result<(), PlugError> {
+        let path = match plug.kind {
+            Kind::Mystrom => format!("/relay?state={}", u8::from(on)),
+            Kind::Shelly => format!("/rpc/Switch.Set?id={}&on={on}", plug.switch_id),
+        };
+        self.get(plug, &path).await.map(|_| ())
+    }
+
     async fn get(&self, plug: &Plug, path: &str) -> Result<Vec<u8>, PlugError> {
         let url = format!("{}{path}", plug.url);
         let http = |source| PlugError::Http {

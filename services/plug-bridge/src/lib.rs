@@ -21,14 +21,17 @@ pub mod config;
 pub mod device;
 pub mod energy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::{Filter, Measurement, Quality, ReadingId, Segment};
+use proto::{
+    Action, Command, CommandResult, Filter, Measurement, Payload as _, Quality, ReadingId, Segment,
+    Topic,
+};
 use runtime::Context;
 use runtime::backoff::Retries;
-use runtime::bus::{Bus, Identity};
+use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
 use runtime::delivery::Producer;
 use runtime::telemetry::chain;
 use runtime::telemetry::core::Core;
@@ -126,6 +129,7 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
 
 /// What every plug's task shares.
 struct Shared {
+    bus: Bus,
     producer: Producer,
     energy: Mutex<Energy>,
     margin_wh: f64,
@@ -146,6 +150,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         ctx.shutdown.clone(),
     )?;
     let shared = Arc::new(Shared {
+        bus: bus.clone(),
         producer,
         energy: Mutex::new(energy),
         margin_wh: plan.energy_margin_wh,
@@ -158,7 +163,10 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let ready = ctx.health.check("plug-bridge");
     ready.set(true);
     let mut workers = runtime::workers::Workers::new("plug");
+    let mut queues = HashMap::new();
     for plug in &plan.plugs {
+        let (tx, rx) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+        queues.insert(plug.id.clone(), tx);
         workers.spawn(
             plug.id.as_str(),
             poll(
@@ -166,11 +174,19 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
                 http.clone(),
                 shared.clone(),
                 plan.retry,
+                rx,
                 ctx.shutdown.clone(),
             ),
         );
     }
+    let commands = bus.subscribe(
+        Filter::<Command>::commands(Some(&ctx.common.site), None).as_str(),
+        QoS::AtLeastOnce,
+        Overflow::Drop,
+    );
+    let router = tokio::spawn(route_commands(commands, queues, ctx.shutdown.clone()));
     workers.supervise(&ctx.shutdown).await;
+    router.abort();
     ready.set(false);
     // A clean stop saves each counter exactly: a restart continues from it.
     let saved = match shared.energy.lock() {
@@ -194,8 +210,10 @@ async fn poll(
     http: client::Client,
     shared: Arc<Shared>,
     retry: runtime::backoff::Backoff,
+    mut commands: tokio::sync::mpsc::Receiver<Command>,
     shutdown: runtime::Shutdown,
 ) {
+    let mut done = Done::default();
     let reading_id = ReadingId::new(shared.site.clone(), plug.id.clone(), seg("relay"));
     let status_id = ReadingId::new(shared.site.clone(), plug.id.clone(), seg("status"));
     let mut retries = Retries::new(retry);
@@ -207,6 +225,14 @@ async fn poll(
         tokio::select! {
             () = shutdown.wait() => break,
             _ = tick.tick() => {}
+            Some(c) = commands.recv() => {
+                let result = tokio::select! {
+                    () = shutdown.wait() => break,
+                    r = carry_out(&http, &plug, &c, &mut done) => r,
+                };
+                answer(&shared, &plug, result).await;
+                continue;
+            }
         }
         let read = tokio::select! {
             () = shutdown.wait() => break,
@@ -244,6 +270,197 @@ async fn poll(
                 }
             }
         }
+    }
+}
+
+/// Commands waiting for one plug; more are refused (answered as such) rather than queued to
+/// fire late.
+const COMMAND_QUEUE: usize = 8;
+
+/// Commands remembered per plug, so a repeated one (the same id, a resend) is answered again
+/// without switching again.
+const REMEMBERED: usize = 64;
+
+/// Commands from the bus, each to its plug's task.
+async fn route_commands(
+    mut rx: tokio::sync::mpsc::Receiver<Message>,
+    queues: HashMap<Segment, tokio::sync::mpsc::Sender<Command>>,
+    shutdown: runtime::Shutdown,
+) {
+    let refused = runtime::telemetry::LogLimit::new(Duration::from_secs(60));
+    loop {
+        let msg = tokio::select! {
+            () = shutdown.wait() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        let device = msg.topic.rsplit('/').next().unwrap_or_default();
+        let command = match Command::decode(&msg.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(skipped) = refused.allow() {
+                    tracing::warn!(topic = %msg.topic, error = %e, skipped, "A command that is not one: ignored.");
+                }
+                continue;
+            }
+        };
+        // A retained command would switch the plug again at every reconnect; one whose
+        // payload names another device than its topic is forged or broken.
+        let why = if msg.retain {
+            Some("it is retained (it would fire again at every reconnect)")
+        } else if command.device.as_str() != device {
+            Some("its payload names another device than its topic")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            if let Some(skipped) = refused.allow() {
+                tracing::warn!(topic = %msg.topic, id = %command.id, skipped, "A command refused: {why}.");
+            }
+            continue;
+        }
+        let Some(queue) = queues.get(&command.device) else {
+            continue;
+        };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(c)) = queue.try_send(command) {
+            tracing::warn!(plug = %c.device, id = %c.id, "A command refused: the plug already has {COMMAND_QUEUE} waiting.");
+        }
+    }
+}
+
+/// Results of the commands a plug carried out lately, by id.
+#[derive(Default)]
+struct Done {
+    results: VecDeque<CommandResult>,
+}
+
+impl Done {
+    fn get(&self, id: &Segment) -> Option<CommandResult> {
+        self.results.iter().find(|r| &r.id == id).cloned()
+    }
+
+    fn remember(&mut self, r: &CommandResult) {
+        if self.results.len() >= REMEMBERED {
+            self.results.pop_front();
+        }
+        self.results.push_back(r.clone());
+    }
+}
+
+/// Carry a command out: unless it expired or was done already, set the relay (a toggle
+/// becomes the state opposite to the one read first), then read the plug back. Success only
+/// when the plug says the relay is as asked. Retried until the command expires.
+async fn carry_out(
+    http: &client::Client,
+    plug: &Plug,
+    c: &Command,
+    done: &mut Done,
+) -> CommandResult {
+    if let Some(r) = done.get(&c.id) {
+        return r;
+    }
+    let result = |ok: bool, relay_on: Option<bool>, message: Option<String>| CommandResult {
+        id: c.id.clone(),
+        device: c.device.clone(),
+        ok,
+        relay_on,
+        message,
+        ts_ms: proto::now_ms(),
+    };
+    if proto::now_ms() >= c.expires_ts_ms {
+        let r = result(
+            false,
+            None,
+            Some("expired before it could be carried out: not done".into()),
+        );
+        done.remember(&r);
+        return r;
+    }
+    let mut last_error = String::new();
+    let mut wanted = match c.action {
+        Action::On => Some(true),
+        Action::Off => Some(false),
+        Action::Toggle => None,
+    };
+    let mut attempt = 0u32;
+    loop {
+        // Never started after the command expired: a plug must not switch late.
+        let left = c.expires_ts_ms - proto::now_ms();
+        if left <= 0 {
+            let r = result(
+                false,
+                None,
+                Some(format!(
+                    "the plug did not answer before the command expired: {last_error}"
+                )),
+            );
+            done.remember(&r);
+            return r;
+        }
+        if attempt > 0 {
+            let pause = Duration::from_millis(200u64 << attempt.min(4));
+            tokio::time::sleep(pause.min(Duration::from_millis(u64::try_from(left).unwrap_or(0))))
+                .await;
+            if proto::now_ms() >= c.expires_ts_ms {
+                continue;
+            }
+        }
+        attempt += 1;
+        let on = match wanted {
+            Some(on) => on,
+            None => match http.read(plug).await {
+                Ok(r) => {
+                    wanted = Some(!r.relay_on);
+                    !r.relay_on
+                }
+                Err(e) => {
+                    last_error = chain(&e);
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = http.switch(plug, on).await {
+            last_error = chain(&e);
+            continue;
+        }
+        match http.read(plug).await {
+            Ok(r) if r.relay_on == on => {
+                let r = result(true, Some(r.relay_on), None);
+                done.remember(&r);
+                return r;
+            }
+            Ok(r) => {
+                let r = result(
+                    false,
+                    Some(r.relay_on),
+                    Some(format!(
+                        "the plug reads {} after being switched {}",
+                        state(r.relay_on),
+                        state(on)
+                    )),
+                );
+                done.remember(&r);
+                return r;
+            }
+            Err(e) => last_error = chain(&e),
+        }
+    }
+}
+
+fn state(on: bool) -> &'static str {
+    if on { "on" } else { "off" }
+}
+
+/// Publish a command's result (not journaled: a result nobody hears now is of no use later;
+/// the plug's readings show its state).
+async fn answer(shared: &Shared, plug: &Plug, r: CommandResult) {
+    if r.ok {
+        tracing::info!(plug = %plug.id, id = %r.id, relay_on = ?r.relay_on, "Command carried out and read back.");
+    } else {
+        tracing::warn!(plug = %plug.id, id = %r.id, message = r.message.as_deref().unwrap_or(""), "Command not carried out.");
+    }
+    let topic = Topic::<CommandResult>::command_result(&shared.site, &plug.id);
+    if let Err(e) = shared.bus.send(&topic, &r, false).await {
+        tracing::warn!(plug = %plug.id, error = %chain(&e), "Cannot publish a command's result.");
     }
 }
 

@@ -127,6 +127,11 @@ impl SimPlug {
         self.with(|s| s.load_w = load_w);
     }
 
+    /// Switched by hand, at the plug's own button.
+    pub fn set_relay(&self, on: bool) {
+        self.with(|s| s.relay_on = on);
+    }
+
     pub fn relay_on(&self) -> bool {
         self.with(|s| s.relay_on)
     }
