@@ -130,6 +130,7 @@ fn users(writer_group: &Segment) -> anyhow::Result<Vec<child_broker::Login>> {
         ("serial-ingest", Role::Producer),
         ("modbus-ingest", Role::Producer),
         ("rms-processor", Role::Processor),
+        ("plug-bridge", Role::Actuator),
         (writer_group.as_str(), Role::Sink),
         (CONSOLE, Role::Sink),
         (READER, Role::Reader),
@@ -287,6 +288,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(s)
     };
 
+    let plugs = plugs::start(&services, &sinks).await?;
+    println!(
+        "Simulated smart plugs: {} (myStrom) and {} (Shelly Gen2), polled by plug-bridge; switch one with a command on wattbus/v1/demo/cmd/<plug>.",
+        plugs.mystrom_url, plugs.shelly_url
+    );
+
     if let Some(s) = opts.duration_s {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(s)) => trigger.fire(),
@@ -297,6 +304,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let stored = console_task.await.context("console task failed")??;
     sim_task.await.context("simulator task failed")??;
+    plugs.stop().await?;
     if let Some(s) = serial {
         s.stop().await?;
     }
@@ -310,6 +318,68 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         tracing::warn!(dir = %data_dir.display(), error = %e, "Cannot remove the demo's temporary directory.");
     }
     Ok(())
+}
+
+mod plugs {
+    //! The demo's smart plugs (simulated, answering as myStrom and Shelly document their
+    //! APIs) and plug-bridge polling them.
+
+    use anyhow::Context as _;
+    use proto::Segment;
+    use runtime::config::StreamConfig;
+    use simulators::plugs::{PlugKind, SimPlug};
+    use tokio::task::JoinHandle;
+
+    pub struct Running {
+        pub mystrom_url: String,
+        pub shelly_url: String,
+        servers: Vec<JoinHandle<()>>,
+        bridge: JoinHandle<Result<(), plug_bridge::Error>>,
+    }
+
+    impl Running {
+        pub async fn stop(self) -> anyhow::Result<()> {
+            self.bridge.await.context("plug-bridge task failed")??;
+            for s in self.servers {
+                s.abort();
+            }
+            Ok(())
+        }
+    }
+
+    pub async fn start(services: &super::Services, sinks: &[Segment]) -> anyhow::Result<Running> {
+        let mut urls = Vec::new();
+        let mut servers = Vec::new();
+        // A kettle now and then would be noisier; a lamp and a fridge-sized load.
+        for (kind, load_w) in [(PlugKind::Mystrom, 60.0), (PlugKind::Shelly, 120.0)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            urls.push(format!("http://{}", listener.local_addr()?));
+            servers.push(tokio::spawn(
+                SimPlug::new(kind, load_w, None).serve(listener),
+            ));
+        }
+        let toml = format!(
+            "[plug_bridge]\npoll_ms = 1000\n\
+             [[plug_bridge.plugs]]\nid = \"lamp-plug\"\nkind = \"mystrom\"\nurl = \"{}\"\n\
+             [[plug_bridge.plugs]]\nid = \"fridge-plug\"\nkind = \"shelly\"\nurl = \"{}\"\n",
+            urls[0], urls[1]
+        );
+        let src = runtime::ConfigSource::from_parts(None, Some(&toml))?;
+        let mut plan = src.resolve::<plug_bridge::PlugBridge>()?;
+        plan.health_listen = None;
+        plan.stream = StreamConfig {
+            wait_for: sinks.to_vec(),
+            ack_timeout_ms: 3000,
+            ..StreamConfig::default()
+        };
+        let bridge = tokio::spawn(plug_bridge::run(plan, services.ctx("plug-bridge")?));
+        Ok(Running {
+            mystrom_url: urls[0].clone(),
+            shelly_url: urls[1].clone(),
+            servers,
+            bridge,
+        })
+    }
 }
 
 mod serial {
