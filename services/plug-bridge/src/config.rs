@@ -169,6 +169,19 @@ impl Config {
                     format!("{:?} is given to two plugs", plug.id.as_str()),
                 ));
             }
+            if let Some(q) = plugs
+                .iter()
+                .find(|q| q.url == plug.url && q.switch_id == plug.switch_id)
+            {
+                return Err(ConfigError::new(
+                    format!("{at}.url"),
+                    format!(
+                        "{} is plug {:?} already: one plug counted twice",
+                        plug.url,
+                        q.id.as_str()
+                    ),
+                ));
+            }
             plugs.push(plug);
         }
         self.stream.validate(&key("stream"))?;
@@ -217,7 +230,8 @@ impl PlugConfig {
             .split('/')
             .next()
             .unwrap_or("");
-        if host.is_empty() || host.contains('@') || url.contains(['?', '#', ' ']) {
+        let path_given = url.len() > "http://".len() + host.len();
+        if host.is_empty() || host.contains('@') || path_given || url.contains(['?', '#', ' ']) {
             return Err(ConfigError::new(
                 key("url"),
                 format!("{:?} is not http://<host>[:port]", self.url),
@@ -291,6 +305,14 @@ mod tests {
                 "plug_bridge.plugs[1].id",
             ),
             ("poll_ms = 5\n", "plug_bridge.poll_ms"),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"mystrom\"\nurl = \"http://x/report\"\n",
+                "plug_bridge.plugs[0].url",
+            ),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"shelly\"\nurl = \"http://x\"\n[[plugs]]\nid = \"b\"\nkind = \"shelly\"\nurl = \"http://x/\"\n",
+                "plug_bridge.plugs[1].url",
+            ),
             ("energy_margin_wh = 0.0\n", "plug_bridge.energy_margin_wh"),
         ] {
             let e = resolve(toml).expect_err(toml).to_string();

@@ -23,8 +23,20 @@
 //! from the ceiling: at most `margin_wh` too high, never lower than a stored reading. A clean
 //! stop saves the exact value, so a restart is exact.
 //!
-//! A reset (`wattbus plugs reset-energy`) is the only way down: explicit, counted in
-//! `resets`, dated in `since_ms`.
+//! After a crash the bridge also does not know whether a Shelly's counter restarted and grew
+//! past the value last saved; so until the plug's counter passes the ceiling, the counter is
+//! held at the ceiling: flat for a while, never below a stored reading, exact again after.
+//!
+//! What the counter refuses (the sample changes nothing, the reading goes out without
+//! `energy_wh`): a jump faster than a plug can draw ([`MAX_PLUG_W`]), a boot id that comes
+//! back after another (two plugs answering at one address), values no counter can have. A dip
+//! that is not a fall to well below the last value is noise, held at the last value rather
+//! than taken for a restart (which would count the whole history twice). Another kind of plug
+//! under the same id (a plug replaced) continues the counter.
+//!
+//! A reset is the only way down: explicit, counted in `resets`, dated in `since_ms`
+//! ([`Energy::reset`]; no command offers it yet: until then, stop the bridge and move the file
+//! away).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -53,8 +65,10 @@ pub struct Sample {
 pub enum Restart {
     /// It says it booted (a new `boot_id`).
     Reboot,
-    /// Its counter went down.
+    /// Its counter fell to well below its last value.
     Decrease,
+    /// Another kind of plug answers under this id (a plug replaced).
+    Replaced,
 }
 
 /// What a sample gave.
@@ -72,7 +86,33 @@ pub struct Step {
 pub enum SampleError {
     #[error("the plug's energy counter reads {0}, which no counter can")]
     Impossible(f64),
+    #[error(
+        "the plug's energy counter jumped by {jump_wh:.1} Wh in {secs:.0} s, more than a plug \
+         can draw ({MAX_PLUG_W} W): a garbled answer, not counted"
+    )]
+    TooFast { jump_wh: f64, secs: f64 },
+    #[error(
+        "the plug answers with boot id {0:?} again, after another one: two plugs answering at \
+         one address? Not counted until it is one plug"
+    )]
+    BootFlip(String),
 }
+
+/// No plug draws more than this (a 16 A outlet at 240 V is 3.8 kW; three-phase plugs and
+/// meters go elsewhere). A counter that grows faster is a garbled answer.
+pub const MAX_PLUG_W: f64 = 10_000.0;
+
+/// The bridge's counter never passes this (Wh; 10 MW for 100 years is less): beyond, a sample
+/// is refused, so the file always loads again.
+const MAX_COUNTER_WH: f64 = 1e12;
+
+/// A plug's counter is taken to have started again when it falls below this fraction of its
+/// last value (Shelly and Tasmota fall to about zero); a smaller dip is noise (a rounding, a
+/// correction), held at the last value rather than counted twice.
+const RESTART_BELOW: f64 = 0.5;
+
+/// Boot ids remembered per plug, so one that comes back is seen as what it is.
+const BOOTS_REMEMBERED: usize = 8;
 
 /// One plug's counter as saved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +122,12 @@ pub struct Counter {
     /// The plug's own counter at the last sample, and the boot it was in.
     pub last_raw_wh: f64,
     pub boot: Option<Boot>,
+    /// Boot ids seen before the current one (myStrom), newest last.
+    #[serde(default)]
+    pub earlier_boots: Vec<String>,
+    /// When the last sample was taken (Unix ms; 0: none yet).
+    #[serde(default)]
+    pub last_ms: i64,
     /// No published counter exceeds this (see the module doc).
     pub ceiling_wh: f64,
     /// Times the plug's counter started again (reboots, decreases).
@@ -102,6 +148,8 @@ impl Counter {
             offset_wh: 0.0,
             last_raw_wh: 0.0,
             boot: None,
+            earlier_boots: Vec::new(),
+            last_ms: 0,
             ceiling_wh: 0.0,
             restarts: 0,
             resets: 0,
@@ -110,42 +158,99 @@ impl Counter {
         }
     }
 
-    /// The lowest value the counter may take next: what was (or may have been) published.
+    /// The lowest value the counter may take next: what was (or, after a crash, may have
+    /// been) published.
     fn floor(&self) -> f64 {
         self.published_wh.unwrap_or(self.ceiling_wh)
     }
 
-    /// Take a sample of the plug's counter.
-    pub fn observe(&mut self, s: &Sample, margin_wh: f64) -> Result<Step, SampleError> {
-        if !s.total_wh.is_finite() || s.total_wh < 0.0 || s.total_wh > 1e12 {
+    /// Take a sample of the plug's counter at `now_ms`. A refused sample changes nothing.
+    pub fn observe(
+        &mut self,
+        s: &Sample,
+        margin_wh: f64,
+        now_ms: i64,
+    ) -> Result<Step, SampleError> {
+        if !s.total_wh.is_finite() || s.total_wh < 0.0 || s.total_wh > MAX_COUNTER_WH {
             return Err(SampleError::Impossible(s.total_wh));
         }
-        let restart = match &self.boot {
-            None => None,
-            Some(old) if *old != s.boot && s.boot != Boot::Unknown => Some(Restart::Reboot),
-            // A float read back from JSON may differ in its last bit: a real restart is a
-            // drop, not a rounding.
-            Some(_) if s.total_wh < self.last_raw_wh - 1e-6 * self.last_raw_wh.max(1.0) => {
-                Some(Restart::Decrease)
+        let kind_changed = matches!(
+            (&self.boot, &s.boot),
+            (Some(Boot::Id(_)), Boot::Unknown) | (Some(Boot::Unknown), Boot::Id(_))
+        );
+        let new_boot = match (&self.boot, &s.boot) {
+            (Some(Boot::Id(old)), Boot::Id(new)) if old != new => {
+                if self.earlier_boots.iter().any(|b| b == new) {
+                    return Err(SampleError::BootFlip(new.clone()));
+                }
+                true
             }
-            Some(_) => None,
+            _ => false,
         };
-        if restart.is_some() {
-            self.offset_wh = (self.offset_wh + self.last_raw_wh).max(self.floor());
+        let dropped = self.boot.is_some()
+            && !kind_changed
+            && !new_boot
+            && s.total_wh < self.last_raw_wh * RESTART_BELOW;
+        let dipped = self.boot.is_some()
+            && !kind_changed
+            && !new_boot
+            && !dropped
+            && s.total_wh < self.last_raw_wh;
+        // How fast it grew since the last sample, within one run of the plug's counter.
+        if self.boot.is_some() && !kind_changed && !new_boot && !dropped && self.last_ms > 0 {
+            let secs = ((now_ms - self.last_ms) as f64 / 1000.0).max(0.0);
+            let jump_wh = s.total_wh - self.last_raw_wh;
+            if jump_wh > MAX_PLUG_W * (secs + 60.0) / 3600.0 {
+                return Err(SampleError::TooFast { jump_wh, secs });
+            }
+        }
+        let restart = if new_boot {
+            Some(Restart::Reboot)
+        } else if dropped {
+            Some(Restart::Decrease)
+        } else {
+            None
+        };
+        let mut offset = self.offset_wh;
+        if kind_changed {
+            // Another kind of plug under this id (replaced): continue from where the counter
+            // was, not from the new plug's lifetime total.
+            offset = self.floor() - s.total_wh;
+        } else if restart.is_some() {
+            offset = (self.offset_wh + self.last_raw_wh).max(self.floor());
+        }
+        // A dip is held at the last value: neither counted twice nor taken back.
+        let raw = if dipped { self.last_raw_wh } else { s.total_wh };
+        // Never below what was (or may have been) published.
+        let energy_wh = (offset + raw).max(self.floor());
+        if energy_wh > MAX_COUNTER_WH {
+            return Err(SampleError::Impossible(energy_wh));
+        }
+        self.offset_wh = offset;
+        if restart.is_some() || kind_changed {
             self.restarts = self.restarts.saturating_add(1);
         }
+        if new_boot && let Some(Boot::Id(old)) = self.boot.take() {
+            self.earlier_boots.push(old);
+            if self.earlier_boots.len() > BOOTS_REMEMBERED {
+                self.earlier_boots.remove(0);
+            }
+        }
         self.boot = Some(s.boot.clone());
-        self.last_raw_wh = s.total_wh;
-        // Never below what was published: a raw counter read back one rounding lower.
-        let energy_wh = (self.offset_wh + s.total_wh).max(self.published_wh.unwrap_or(0.0));
+        self.last_raw_wh = raw;
+        self.last_ms = now_ms;
         let save_first = energy_wh > self.ceiling_wh;
         if save_first {
             self.ceiling_wh = energy_wh + margin_wh.max(0.0);
         }
-        self.published_wh = Some(self.published_wh.map_or(energy_wh, |p| p.max(energy_wh)));
+        self.published_wh = Some(energy_wh);
         Ok(Step {
             energy_wh,
-            restart,
+            restart: if kind_changed {
+                Some(Restart::Replaced)
+            } else {
+                restart
+            },
             save_first,
         })
     }
@@ -177,6 +282,11 @@ pub enum EnergyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the plug energy counters in {path} are in use by another process (another plug-bridge \
+         with the same energy_file?); each needs its own"
+    )]
+    Locked { path: PathBuf },
 }
 
 const VERSION: u32 = 1;
@@ -191,14 +301,20 @@ struct File {
 #[derive(Debug)]
 pub struct Energy {
     path: PathBuf,
+    /// `<file>.lock`, held while loaded: two bridges sharing one file would each overwrite
+    /// the other's counters.
+    _lock: std::fs::File,
     plugs: BTreeMap<String, Counter>,
     dirty: bool,
+    /// The last save failed: every sample asks for a save until one succeeds.
+    save_failed: bool,
 }
 
 impl Energy {
     /// Load the counters (none yet if the file does not exist). A file that exists but cannot
     /// be read is an error naming it: starting from zero would break every counter.
     pub fn load(path: &Path) -> Result<Self, EnergyError> {
+        let lock = lock(path)?;
         let plugs = match std::fs::read(path) {
             Ok(bytes) => {
                 let damaged = |reason: String| EnergyError::Damaged {
@@ -220,7 +336,7 @@ impl Energy {
                 for (plug, c) in &file.plugs {
                     let ok = [c.offset_wh, c.last_raw_wh, c.ceiling_wh]
                         .iter()
-                        .all(|v| v.is_finite() && v.abs() < 1e13);
+                        .all(|v| v.is_finite() && v.abs() <= MAX_COUNTER_WH * 2.0);
                     if !ok {
                         return Err(damaged(format!("plug {plug:?} has impossible numbers")));
                     }
@@ -237,8 +353,10 @@ impl Energy {
         };
         Ok(Self {
             path: path.to_path_buf(),
+            _lock: lock,
             plugs,
             dirty: false,
+            save_failed: false,
         })
     }
 
@@ -258,8 +376,9 @@ impl Energy {
             .plugs
             .entry(plug.to_string())
             .or_insert_with(|| Counter::new(now_ms));
-        let step = c.observe(s, margin_wh)?;
+        let mut step = c.observe(s, margin_wh, now_ms)?;
         self.dirty = true;
+        step.save_first |= self.save_failed;
         Ok(step)
     }
 
@@ -306,12 +425,37 @@ impl Energy {
         .map_err(|e| err(std::io::Error::other(e)))?;
         body.push(b'\n');
         runtime::state::append_checksum(&mut body);
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        runtime::state::replace_file(&self.path, &body).map_err(err)?;
+        let written = std::fs::create_dir_all(self.path.parent().unwrap_or(Path::new(".")))
+            .and_then(|()| runtime::state::replace_file(&self.path, &body));
+        self.save_failed = written.is_err();
+        written.map_err(err)?;
         self.dirty = false;
         Ok(())
+    }
+}
+
+/// Take `<path>.lock`, or say that another process has it.
+fn lock(path: &Path) -> Result<std::fs::File, EnergyError> {
+    let lock_path = path.with_extension("lock");
+    let read = |source| EnergyError::Read {
+        path: lock_path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(read)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(read)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(EnergyError::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(read(e)),
     }
 }
 
@@ -336,33 +480,36 @@ mod tests {
     #[test]
     fn a_reboot_continues_the_counter_from_where_it_was() {
         let mut c = Counter::new(0);
-        assert_eq!(c.observe(&id("a", 5.0), 10.0).unwrap().energy_wh, 5.0);
-        assert_eq!(c.observe(&id("a", 7.5), 10.0).unwrap().energy_wh, 7.5);
+        assert_eq!(c.observe(&id("a", 5.0), 10.0, 1).unwrap().energy_wh, 5.0);
+        assert_eq!(c.observe(&id("a", 7.5), 10.0, 1).unwrap().energy_wh, 7.5);
         // Rebooted: its counter starts at 0 again, ours goes on.
-        let s = c.observe(&id("b", 0.25), 10.0).unwrap();
+        let s = c.observe(&id("b", 0.25), 10.0, 1).unwrap();
         assert_eq!((s.energy_wh, s.restart), (7.75, Some(Restart::Reboot)));
-        assert_eq!(c.observe(&id("b", 1.0), 10.0).unwrap().energy_wh, 8.5);
+        assert_eq!(c.observe(&id("b", 1.0), 10.0, 1).unwrap().energy_wh, 8.5);
         assert_eq!(c.restarts, 1);
     }
 
     #[test]
     fn without_a_boot_id_only_a_decrease_is_a_restart() {
         let mut c = Counter::new(0);
-        c.observe(&unknown(1000.0), 10.0).unwrap();
-        assert_eq!(c.observe(&unknown(1000.5), 10.0).unwrap().restart, None);
-        let s = c.observe(&unknown(2.0), 10.0).unwrap();
+        c.observe(&unknown(1000.0), 10.0, 1).unwrap();
+        assert_eq!(c.observe(&unknown(1000.5), 10.0, 1).unwrap().restart, None);
+        let s = c.observe(&unknown(2.0), 10.0, 1).unwrap();
         assert_eq!((s.energy_wh, s.restart), (1002.5, Some(Restart::Decrease)));
     }
 
     #[test]
     fn the_file_is_saved_only_when_the_counter_passes_its_ceiling() {
         let mut c = Counter::new(0);
-        assert!(c.observe(&id("a", 1.0), 10.0).unwrap().save_first);
+        assert!(c.observe(&id("a", 1.0), 10.0, 1).unwrap().save_first);
         assert_eq!(c.ceiling_wh, 11.0);
         for wh in [2.0, 5.0, 10.9, 11.0] {
-            assert!(!c.observe(&id("a", wh), 10.0).unwrap().save_first, "{wh}");
+            assert!(
+                !c.observe(&id("a", wh), 10.0, 1).unwrap().save_first,
+                "{wh}"
+            );
         }
-        assert!(c.observe(&id("a", 11.5), 10.0).unwrap().save_first);
+        assert!(c.observe(&id("a", 11.5), 10.0, 1).unwrap().save_first);
         assert_eq!(c.ceiling_wh, 21.5);
     }
 
@@ -381,6 +528,7 @@ mod tests {
         }
         // Saved at 1.0 (ceiling 11); published 3.0; then killed (no clean save) while the
         // plug rebooted.
+        drop(e);
         let mut e = Energy::load(&path).unwrap();
         let s = e.observe("p", &id("b", 0.5), 10.0, 0).unwrap();
         assert!(s.energy_wh >= published, "{} < {published}", s.energy_wh);
@@ -388,10 +536,102 @@ mod tests {
             s.energy_wh <= published + 10.0 + 0.5,
             "at most a margin high"
         );
-        // The same boot after a crash: exact, the plug's counter carries on.
+        drop(e);
+        // The same boot after a crash: held at the ceiling (what may have been published)
+        // until the plug's counter passes it, then exact again.
         let mut e = Energy::load(&path).unwrap();
         let s = e.observe("p", &id("a", 4.0), 10.0, 0).unwrap();
-        assert_eq!(s.energy_wh, 4.0);
+        assert!(
+            s.energy_wh >= published && s.energy_wh <= 11.0,
+            "{}",
+            s.energy_wh
+        );
+        assert_eq!(
+            e.observe("p", &id("a", 12.0), 10.0, 0).unwrap().energy_wh,
+            12.0
+        );
+    }
+
+    #[test]
+    fn a_shelly_that_loses_its_total_during_a_crash_never_goes_below_a_published_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plugs.json");
+        let mut e = Energy::load(&path).unwrap();
+        let mut published = 0.0f64;
+        for wh in [1.0, 3.0, 4.3] {
+            let s = e.observe("p", &unknown(wh), 5.0, 0).unwrap();
+            if s.save_first {
+                e.save(false).unwrap();
+            }
+            published = published.max(s.energy_wh);
+        }
+        drop(e);
+        // Killed; the plug lost its total and counted 2.0 since, above the 1.0 last saved.
+        let mut e = Energy::load(&path).unwrap();
+        for wh in [2.0, 2.5, 7.0] {
+            let s = e.observe("p", &unknown(wh), 5.0, 0).unwrap();
+            assert!(s.energy_wh >= published, "{} < {published}", s.energy_wh);
+            published = s.energy_wh;
+        }
+    }
+
+    #[test]
+    fn a_dip_is_held_not_counted_twice_and_a_flip_or_a_jump_is_refused() {
+        let mut c = Counter::new(0);
+        c.observe(&unknown(500.001), 10.0, 1000).unwrap();
+        let s = c.observe(&unknown(500.0), 10.0, 2000).unwrap();
+        assert_eq!((s.energy_wh, s.restart), (500.001, None));
+        assert_eq!(
+            c.observe(&unknown(500.5), 10.0, 3000).unwrap().energy_wh,
+            500.5
+        );
+        // Two plugs at one address: boot ids taking turns.
+        let mut m = Counter::new(0);
+        m.observe(&id("A", 100.0), 10.0, 1000).unwrap();
+        m.observe(&id("B", 1.0), 10.0, 2000).unwrap();
+        let e = m.observe(&id("A", 100.0), 10.0, 3000).unwrap_err();
+        assert!(matches!(e, SampleError::BootFlip(_)), "{e}");
+        assert_eq!(
+            m.observe(&id("B", 1.5), 10.0, 4000).unwrap().energy_wh,
+            101.5
+        );
+        // A garbled answer: more than a plug can draw in the time.
+        let e = m.observe(&id("B", 9.9e11), 10.0, 5000).unwrap_err();
+        assert!(matches!(e, SampleError::TooFast { .. }), "{e}");
+        assert_eq!(
+            m.observe(&id("B", 2.0), 10.0, 6000).unwrap().energy_wh,
+            102.0
+        );
+    }
+
+    #[test]
+    fn a_plug_replaced_by_another_kind_continues_the_counter() {
+        let mut c = Counter::new(0);
+        c.observe(&id("A", 2.0), 10.0, 1000).unwrap();
+        let s = c.observe(&unknown(5000.0), 10.0, 2000).unwrap();
+        assert_eq!((s.energy_wh, s.restart), (2.0, Some(Restart::Replaced)));
+        assert_eq!(
+            c.observe(&unknown(5001.0), 10.0, 3000).unwrap().energy_wh,
+            3.0
+        );
+    }
+
+    #[test]
+    fn a_failed_save_is_tried_again_at_every_sample_and_a_second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("plugs.json");
+        let mut e = Energy::load(&path).unwrap();
+        let err = Energy::load(&path).unwrap_err().to_string();
+        assert!(err.contains("in use"), "{err}");
+        e.observe("p", &id("a", 1.0), 10.0, 0).unwrap();
+        // The directory made unwritable: the save fails, the next samples ask again.
+        std::fs::remove_dir_all(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub"), "a file in the way").unwrap();
+        assert!(e.save(false).is_err());
+        assert!(e.observe("p", &id("a", 1.5), 10.0, 0).unwrap().save_first);
+        std::fs::remove_file(dir.path().join("sub")).unwrap();
+        e.save(false).unwrap();
+        assert!(!e.observe("p", &id("a", 1.6), 10.0, 0).unwrap().save_first);
     }
 
     #[test]
@@ -402,6 +642,7 @@ mod tests {
         e.observe("p", &id("a", 1.0), 10.0, 0).unwrap();
         e.observe("p", &id("a", 3.0), 10.0, 0).unwrap();
         e.save(true).unwrap();
+        drop(e);
         let mut e = Energy::load(&path).unwrap();
         let s = e.observe("p", &id("b", 0.5), 10.0, 0).unwrap();
         assert_eq!(s.energy_wh, 3.5);
@@ -420,6 +661,7 @@ mod tests {
         let at = bytes.iter().position(|&b| b == b'5').unwrap();
         bytes[at] = b'9';
         std::fs::write(&path, &bytes).unwrap();
+        drop(e);
         let err = Energy::load(&path).unwrap_err().to_string();
         assert!(
             err.contains("plugs.json") && err.contains("checksum"),

@@ -504,8 +504,11 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
                 Some(Restart::Reboot) => {
                     tracing::info!(plug = %plug.id, energy_wh = s.energy_wh, "The plug rebooted (new boot id): its energy counter continues from where it was.");
                 }
+                Some(Restart::Replaced) => {
+                    tracing::warn!(plug = %plug.id, energy_wh = s.energy_wh, "Another kind of plug answers under this id (replaced?): the counter continues from where it was, not from the new plug's own total.");
+                }
                 Some(Restart::Decrease) => {
-                    tracing::warn!(plug = %plug.id, energy_wh = s.energy_wh, "The plug's own energy counter went down (reset, or a reboot that lost it): the bridge's counter continues from where it was.");
+                    tracing::warn!(plug = %plug.id, energy_wh = s.energy_wh, "The plug's own energy counter fell to well below its last value (reset, or a reboot that lost it): the bridge's counter continues from where it was.");
                 }
                 None => {}
             }
