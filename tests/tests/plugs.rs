@@ -136,7 +136,25 @@ fn switching(broker: &BrokerSetup, d: &Path, kettle: &SimPlug, heater: &SimPlug,
             .args(["-t", "wattbus/v1/lab/cmd-result/+"]),
         &results,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    let said = |needle: &str| {
+        std::fs::read_to_string(&results)
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    };
+    // Subscribed once what is published there comes back.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            publish(
+                broker,
+                "wattbus/v1/lab/cmd-result/probe",
+                r#"{"id":"ready"}"#,
+                false,
+            );
+            said("ready") > 0
+        }),
+        "mosquitto_sub did not subscribe"
+    );
     let result = |id: &str| -> serde_json::Value {
         let mut found = serde_json::Value::Null;
         let got = wait_until(Duration::from_secs(20), || {
@@ -179,15 +197,16 @@ fn switching(broker: &BrokerSetup, d: &Path, kettle: &SimPlug, heater: &SimPlug,
     assert!(!kettle.relay_on());
     // The same command again (a resend): answered the same, not carried out again.
     kettle.set_relay(true);
+    let switched = kettle.switches();
     publish(
         broker,
         &cmd("kettle"),
         &command("kettle", "c1", "off", 10_000),
         false,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(20), || said("\"c1\"") == 2));
     assert!(
-        kettle.relay_on(),
+        kettle.relay_on() && kettle.switches() == switched,
         "a repeated command switched the plug again"
     );
     // Expired before it arrived: never carried out.
@@ -231,18 +250,32 @@ fn switching(broker: &BrokerSetup, d: &Path, kettle: &SimPlug, heater: &SimPlug,
     let r = result("c4");
     assert_eq!(r["ok"].as_bool(), Some(false), "{r}");
     gone.set_down(false);
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(gone.relay_on(), "an expired command fired late");
+    // Polled again a few times: a command kept to fire late would have by then.
+    let polled = gone.requests();
+    assert!(wait_until(Duration::from_secs(20), || gone.requests() >= polled + 3));
+    assert!(
+        gone.relay_on() && gone.switches() == 0,
+        "an expired command fired late"
+    );
     // Forged: the payload names another plug than the topic. Refused, nothing switched.
+    // A command after it shows the forged one was handled before.
+    let (kettle_switched, heater_switched) = (kettle.switches(), heater.switches());
     publish(
         broker,
         &cmd("heater"),
-        &command("kettle", "c5", "on", 10_000),
+        &command("kettle", "c5", "toggle", 10_000),
         false,
     );
-    std::thread::sleep(Duration::from_millis(800));
-    assert!(
-        kettle.relay_on() && !heater.relay_on(),
+    publish(
+        broker,
+        &cmd("heater"),
+        &command("heater", "c7", "off", 10_000),
+        false,
+    );
+    result("c7");
+    assert_eq!(
+        (kettle.switches(), heater.switches()),
+        (kettle_switched, heater_switched + 1),
         "a forged command switched a plug"
     );
     let text = std::fs::read_to_string(&results).unwrap_or_default();
@@ -335,7 +368,12 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
     let mut b = bridge(&cfg, &log);
     let before = last(&influx, "kettle");
     assert!(reached("kettle", before + 1.0));
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("it is retained")),
+        "the retained command was not handed over again"
+    );
     assert!(
         kettle.relay_on(),
         "a retained command fired again after a reconnect"
@@ -345,7 +383,18 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
     // Stopped cleanly; what the writer has is what InfluxDB has.
     assert!(b.terminate(Duration::from_secs(20)).is_some());
     let (kettle_used, heater_used) = (kettle.lifetime_wh(), heater.lifetime_wh());
-    std::thread::sleep(Duration::from_millis(500));
+    // A clean stop saved each counter exactly as last published; the writer stores it.
+    let file = std::fs::read_to_string(d.join("plug-bridge/plug-bridge/energy.json")).unwrap();
+    let json = &file[..file.rfind("crc32 ").unwrap()];
+    let saved: serde_json::Value = serde_json::from_str(json).unwrap();
+    for device in ["kettle", "heater"] {
+        let exact = saved["plugs"][device]["ceiling_wh"].as_f64().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(30), || last(&influx, device) == exact),
+            "{device}: stored {} but the bridge stopped at {exact}",
+            last(&influx, device)
+        );
+    }
 
     for (device, used) in [("kettle", kettle_used), ("heater", heater_used)] {
         let s = series(&influx, "plug", "energy_wh", device);

@@ -42,6 +42,8 @@ struct State {
     /// Shelly: lose `aenergy.total` on a reboot (Gen1 plugs do on a power loss).
     loses_total: bool,
     requests: u64,
+    /// Requests that set or toggled the relay.
+    switches: u64,
 }
 
 impl State {
@@ -88,6 +90,7 @@ impl SimPlug {
                 down: false,
                 loses_total: false,
                 requests: 0,
+                switches: 0,
             })),
         }
     }
@@ -147,6 +150,11 @@ impl SimPlug {
     /// All the energy it used since it was made (Wh), across reboots.
     pub fn lifetime_wh(&self) -> f64 {
         self.with(|s| s.lifetime_wh)
+    }
+
+    /// Requests that set or toggled the relay so far.
+    pub fn switches(&self) -> u64 {
+        self.with(|s| s.switches)
     }
 
     /// Requests answered so far.
@@ -210,7 +218,12 @@ impl SimPlug {
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.to_string())
         };
-        self.with(|s| s.requests += 1);
+        self.with(|s| {
+            s.requests += 1;
+            if ["/relay", "/toggle", "/rpc/Switch.Set"].contains(&path) {
+                s.switches += 1;
+            }
+        });
         match self.kind {
             PlugKind::Mystrom => {
                 if self.token.is_some() && token != self.token {
