@@ -6,7 +6,7 @@
 # 1.6.7 and VictoriaMetrics for influx-writer; the tests start those themselves; avr-gcc and the
 # Arduino core to compile the serial-ingest sketches; pymodbus for Modbus interop;
 # grafana-foundation-sdk for the dashboards' schema; checkov and python-hcl2 for terraform/;
-# Azurite for Azure Blob storage, s3s-fs for S3), starts the
+# Azurite for Azure Blob storage, s3s-fs for S3; schemathesis for plug-bridge's API), starts the
 # shared servers on free loopback ports, builds the workspace, runs every test, and stops the
 # servers again. Repeated runs skip installs that are already done.
 #
@@ -21,8 +21,9 @@
 #   WBTEST_DOCKER_HOST, WBTEST_IMAGE, WBTEST_INFLUXDB_IMAGE
 #                          the private Docker engine and the images the container tests run.
 #   WBTEST_PI_DIST         the cross-compiled Pi binaries (<dir>/arm64, <dir>/armv7).
-#   WBTEST_CHECKOV, WBTEST_TF_PYTHON, WBTEST_AZURITE, WBTEST_S3S
-#                          checkov, a Python with python-hcl2, Azurite's azurite-blob, s3s-fs.
+#   WBTEST_CHECKOV, WBTEST_TF_PYTHON, WBTEST_AZURITE, WBTEST_S3S, WBTEST_SCHEMATHESIS
+#                          checkov, a Python with python-hcl2, Azurite's azurite-blob, s3s-fs,
+#                          schemathesis's st.
 #   (Not WATTBUS_*: wattbus reads that prefix as configuration, and the binaries the tests
 #   start inherit this environment.)
 set -euo pipefail
@@ -100,7 +101,8 @@ fi
 #   both install a module named hcl2 (checkov through bc-python-hcl2), and checkov's
 #   dependencies would clash with other Python tools on the machine;
 # - Azurite, the Azure Blob emulator, for backup-rotator's Azure storage (tests/tests/backup.rs);
-# - s3s-fs (crates.io) for its S3 storage.
+# - s3s-fs (crates.io) for its S3 storage;
+# - schemathesis, to fuzz plug-bridge's HTTP API from its OpenAPI description (tests/tests/plugs.rs).
 tools="$root/target/test-tools"
 mkdir -p "$tools"
 py_venv() {
@@ -119,7 +121,9 @@ py_venv() {
 }
 py_venv "$tools/checkov" checkov==3.3.30
 py_venv "$tools/hcl2" python-hcl2==8.1.4
+py_venv "$tools/schemathesis" schemathesis==4.32.5
 export WBTEST_CHECKOV="$tools/checkov/bin/checkov" WBTEST_TF_PYTHON="$tools/hcl2/bin/python"
+export WBTEST_SCHEMATHESIS="$tools/schemathesis/bin/st"
 azurite_pin="azurite@3.35.0"
 if [ "$(cat "$tools/azurite/.pin" 2>/dev/null)" != "$azurite_pin" ]; then
   log "Installing $azurite_pin (in $tools/azurite)"

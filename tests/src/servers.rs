@@ -26,11 +26,26 @@ fn require(bin: &str, package: &str) -> PathBuf {
 /// One HTTP/1.1 request to 127.0.0.1 (`Connection: close`); returns status and body.
 /// Handles `Content-Length` and chunked answers.
 pub fn http(method: &str, port: u16, target: &str, body: &[u8]) -> (u16, String) {
+    http_with(method, port, target, &[], body)
+}
+
+/// [`http`] with request headers.
+pub fn http_with(
+    method: &str,
+    port: u16,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     )
     .expect("write request");

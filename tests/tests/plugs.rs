@@ -460,3 +460,299 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
     writer.terminate(Duration::from_secs(20));
     broker_proc.terminate(Duration::from_secs(20));
 }
+
+const API_TOKEN: &str = "grafana-button-token-0123456789";
+
+/// A broker and plug-bridge with its HTTP API over `plugs` (myStrom `lamp`, Shelly `fridge`,
+/// a plug `gone` at `ports[2]`), every request to a plug bounded by `timeout_ms`.
+struct Api {
+    port: u16,
+    log: std::path::PathBuf,
+    _bridge: Proc,
+    _broker: Proc,
+    broker: BrokerSetup,
+}
+
+fn api(d: &Path, ports: &[u16], api_timeout_ms: u64) -> Api {
+    let broker = BrokerSetup::new(d);
+    let broker_proc = broker.start(&d.join("broker.log"));
+    let path = broker.service_config(d, ["level = \"info,rumqttd=warn\"", "", ""]);
+    let token = d.join("api_token");
+    // As `echo $TOKEN > file` writes it.
+    std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[plug_bridge]\nhealth_listen = \"127.0.0.1:{}\"\npoll_ms = 200\ntimeout_ms = 500\nretry_ms = 200\nretry_max_ms = 400\n\
+         [plug_bridge.api]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ntimeout_ms = {api_timeout_ms}\n\
+         [[plug_bridge.plugs]]\nid = \"lamp\"\nkind = \"mystrom\"\nurl = \"http://127.0.0.1:{}\"\n\
+         [[plug_bridge.plugs]]\nid = \"fridge\"\nkind = \"shelly\"\nurl = \"http://127.0.0.1:{}\"\n\
+         [[plug_bridge.plugs]]\nid = \"gone\"\nkind = \"shelly\"\nurl = \"http://127.0.0.1:{}\"\n",
+        free_port(),
+        token.display(),
+        ports[0],
+        ports[1],
+        ports[2],
+    ));
+    std::fs::write(&path, text).unwrap();
+    let log = d.join("bridge.log");
+    let bridge = bridge(&path, &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || wattbus_e2e::port_open(port)),
+        "the plug API did not listen; see {}",
+        log.display()
+    );
+    Api {
+        port,
+        log,
+        _bridge: bridge,
+        _broker: broker_proc,
+        broker,
+    }
+}
+
+impl Api {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![
+            ("Content-Type", "application/json"),
+            ("X-Grafana-User", "maria"),
+        ];
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a));
+        }
+        let (status, text) =
+            wattbus_e2e::servers::http_with(method, self.port, path, &headers, body.as_bytes());
+        let v =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text}"));
+        (status, v)
+    }
+
+    fn switch(&self, plug: &str, body: &str) -> (u16, serde_json::Value) {
+        self.call(
+            "POST",
+            &format!("/api/v1/plugs/{plug}/relay"),
+            Some(API_TOKEN),
+            body,
+        )
+    }
+}
+
+/// The button's path: HTTP with the token → plug-bridge → the plug → read back → the
+/// answer; without the token nothing is switched; a plug that does not answer is a 504 and
+/// nothing switches later by itself.
+#[test]
+fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
+    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let plugs = serve(&[lamp.clone(), fridge.clone(), gone.clone()]);
+    let a = api(d, &plugs.ports, 1500);
+    // The bus hears every switch's result, as for commands sent there.
+    let results = d.join("results.log");
+    let mut sub = Proc::spawn(
+        "mosquitto_sub",
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &a.broker.port.to_string()])
+            .args(["-u", &a.broker.user, "-P", &a.broker.password, "-q", "1"])
+            .args(["-t", "wattbus/v1/lab/cmd-result/+"]),
+        &results,
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            publish(
+                &a.broker,
+                "wattbus/v1/lab/cmd-result/probe",
+                r#"{"id":"ready"}"#,
+                false,
+            );
+            std::fs::read_to_string(&results)
+                .unwrap_or_default()
+                .contains("ready")
+        }),
+        "mosquitto_sub did not subscribe"
+    );
+
+    // Without the token, or with a wrong one: 401, and the plug is not touched.
+    assert!(lamp.relay_on());
+    let before = lamp.switches();
+    for token in [None, Some("wrong-token-0123456789abcdef"), Some("")] {
+        let (status, v) = a.call(
+            "POST",
+            "/api/v1/plugs/lamp/relay",
+            token,
+            r#"{"action":"off"}"#,
+        );
+        assert_eq!(status, 401, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("bearer token"), "{v}");
+    }
+    // Nor can it list plugs.
+    assert_eq!(a.call("GET", "/api/v1/plugs", None, "").0, 401);
+    assert!(
+        lamp.relay_on() && lamp.switches() == before,
+        "switched without the token"
+    );
+
+    // With it: switched, and the answer is the state read back from the plug.
+    let (status, v) = a.switch("lamp", r#"{"action":"off"}"#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["ok"].as_bool(), v["relay_on"].as_bool()),
+        (Some(true), Some(false)),
+        "{v}"
+    );
+    assert!(!lamp.relay_on());
+    let (status, v) = a.switch("fridge", r#"{"action":"toggle","id":"maintenance-1"}"#);
+    assert_eq!((status, v["relay_on"].as_bool()), (200, Some(false)), "{v}");
+    assert!(!fridge.relay_on());
+    // The same id again (a retry after a lost answer): answered again, not toggled back.
+    let switched = fridge.switches();
+    let (status, v) = a.switch("fridge", r#"{"action":"toggle","id":"maintenance-1"}"#);
+    assert_eq!((status, v["relay_on"].as_bool()), (200, Some(false)), "{v}");
+    assert!(
+        !fridge.relay_on() && fridge.switches() == switched,
+        "a repeated id switched again"
+    );
+    // Switched at the plug's own button: the API reads it back, it does not assume.
+    fridge.set_relay(true);
+    let (status, v) = a.switch("fridge", r#"{"action":"toggle"}"#);
+    assert_eq!((status, v["relay_on"].as_bool()), (200, Some(false)), "{v}");
+
+    // The switch's result is on the bus too, and the log says who asked.
+    assert!(wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&results)
+            .unwrap_or_default()
+            .contains("maintenance-1")
+    }));
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("Switch asked over HTTP")
+            && l.contains("maria")
+            && l.contains("lamp")),
+        "{log}"
+    );
+    assert!(!log.contains(API_TOKEN), "the token is in the log");
+
+    // Reading: every plug, with its latest state.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let (_, v) = a.call("GET", "/api/v1/plugs/lamp", Some(API_TOKEN), "");
+        v["online"] == true && v["relay_on"] == false && v["power_w"].as_f64() == Some(0.0)
+    }));
+    let (status, v) = a.call("GET", "/api/v1/plugs", Some(API_TOKEN), "");
+    assert_eq!(status, 200);
+    let ids: Vec<_> = v["plugs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["lamp", "fridge", "gone"]);
+
+    // Clear errors.
+    assert_eq!(a.switch("nope", r#"{"action":"on"}"#).0, 404);
+    assert_eq!(
+        a.call("GET", "/api/v1/plugs/nope", Some(API_TOKEN), "").0,
+        404
+    );
+    let (status, v) = a.switch("lamp", r#"{"action":"explode"}"#);
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("action"), "{v}");
+    assert_eq!(
+        a.call("GET", "/api/v1/plugs/lamp/relay", Some(API_TOKEN), "")
+            .0,
+        405
+    );
+    let big = format!(r#"{{"action":"on","id":"{}"}}"#, "x".repeat(5000));
+    assert_eq!(a.switch("lamp", &big).0, 413);
+    assert!(!lamp.relay_on(), "a refused request switched the plug");
+
+    // A plug that does not answer: 504 once the command's time is up ...
+    assert!(gone.relay_on());
+    gone.set_down(true);
+    let (status, v) = a.switch("gone", r#"{"action":"off"}"#);
+    assert_eq!(status, 504, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("will not be carried out later"),
+        "{v}"
+    );
+    // ... and when it is back, nothing switches by itself: the bridge reads it again (its
+    // polls reach it) and the relay stays as it was.
+    let switched = gone.switches();
+    gone.set_down(false);
+    let answered = gone.requests();
+    assert!(wait_until(Duration::from_secs(20), || gone.requests() >= answered + 5));
+    assert!(wait_until(Duration::from_secs(20), || {
+        a.call("GET", "/api/v1/plugs/gone", Some(API_TOKEN), "").1["online"] == true
+    }));
+    assert!(
+        gone.relay_on() && gone.switches() == switched,
+        "the timed-out command fired late"
+    );
+    // The description is served without the token.
+    let (status, v) = a.call("GET", "/api/v1/openapi.json", None, "");
+    assert_eq!((status, v["openapi"].as_str()), (200, Some("3.0.3")));
+    sub.terminate(Duration::from_secs(5));
+}
+
+/// The API fuzzed from its own OpenAPI description by schemathesis: no 5xx (the plugs all
+/// answer here; the 504 of one that does not is the test above's), every answer's status,
+/// type and body as described, no malformed request taken, the service still up.
+#[test]
+fn http_api_fuzzed_from_its_openapi_description() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
+    let third = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let plugs = serve(&[lamp, fridge, third]);
+    let a = api(d, &plugs.ports, 600);
+    let bin = std::env::var("WBTEST_SCHEMATHESIS")
+        .expect("WBTEST_SCHEMATHESIS: schemathesis's `st` (tests/run.sh installs it)");
+    let url = format!("http://127.0.0.1:{}/api/v1/openapi.json", a.port);
+    let o = Command::new(bin)
+        .args([
+            "run",
+            &url,
+            "--url",
+            &format!("http://127.0.0.1:{}", a.port),
+        ])
+        .args(["--header", &format!("Authorization: Bearer {API_TOKEN}")])
+        .args([
+            "--checks",
+            "all",
+            "--max-examples",
+            "150",
+            "--phases",
+            "examples,coverage,fuzzing",
+        ])
+        .args(["--no-color", "--seed", "1", "--generation-database", "none"])
+        .current_dir(d)
+        .output()
+        .expect("schemathesis runs");
+    let out = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success(), "schemathesis found problems:\n{out}");
+    // It did send requests, and the API still answers.
+    assert!(out.contains("passed"), "{out}");
+    let (status, _) = a.call("GET", "/api/v1/plugs", Some(API_TOKEN), "");
+    assert_eq!(
+        status,
+        200,
+        "plug-bridge does not answer after the fuzzing; see {}",
+        a.log.display()
+    );
+}

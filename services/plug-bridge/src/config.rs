@@ -33,7 +33,42 @@ pub struct Config {
     pub stream: StreamConfig,
     /// `/healthz` and `/metrics` when run on its own.
     pub health_listen: Option<SocketAddr>,
+    /// The HTTP API (Grafana's button, scripts); off unless `[plug_bridge.api]` is given.
+    pub api: Option<ApiConfig>,
 }
+
+/// `[plug_bridge.api]`: switch plugs and read them over HTTP, with a bearer token.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Where to listen, e.g. `0.0.0.0:9116` in a container Grafana reaches.
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry (`Authorization: Bearer <token>`); at
+    /// least 16 characters. Better as a file (Docker secret) or `WATTBUS_PLUG_BRIDGE__API__TOKEN`.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// How long a switch may take, retries included, before the answer is 504 and the
+    /// command is dropped (never carried out later) [default 5000].
+    #[serde(default = "default_api_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_api_timeout_ms() -> u64 {
+    5000
+}
+
+/// The API, resolved.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub listen: SocketAddr,
+    pub token: Secret,
+    pub timeout: Duration,
+}
+
+/// The shortest API token taken: a short one is guessed over the LAN.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 impl Default for Config {
     fn default() -> Self {
@@ -48,6 +83,7 @@ impl Default for Config {
             plugs: Vec::new(),
             stream: StreamConfig::default(),
             health_listen: Some(([127, 0, 0, 1], 9115).into()),
+            api: None,
         }
     }
 }
@@ -115,6 +151,7 @@ pub struct Plan {
     pub plugs: Vec<Plug>,
     pub stream: StreamConfig,
     pub health_listen: Option<SocketAddr>,
+    pub api: Option<Api>,
 }
 
 impl Plan {
@@ -185,6 +222,10 @@ impl Config {
             plugs.push(plug);
         }
         self.stream.validate(&key("stream"))?;
+        let api = match &self.api {
+            None => None,
+            Some(a) => Some(a.resolve(&key("api"))?),
+        };
         Ok(Plan {
             instance: self.instance,
             timeout: Duration::from_millis(self.timeout_ms),
@@ -194,6 +235,44 @@ impl Config {
             plugs,
             stream: self.stream,
             health_listen: self.health_listen,
+            api,
+        })
+    }
+}
+
+impl ApiConfig {
+    fn resolve(&self, at: &str) -> Result<Api, ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        let token = resolve_secret(
+            &key("token"),
+            self.token.as_ref(),
+            self.token_file.as_deref(),
+        )?
+        .ok_or_else(|| {
+            ConfigError::new(
+                key("token_file"),
+                "the API switches plugs: it needs a token (token_file, or token from the environment)",
+            )
+        })?;
+        let t = token.expose();
+        if t.len() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                key("token"),
+                format!(
+                    "must be at least {MIN_TOKEN_LEN} printable ASCII characters without spaces (e.g. `openssl rand -hex 24`)"
+                ),
+            ));
+        }
+        if !(500..=60_000).contains(&self.timeout_ms) {
+            return Err(ConfigError::new(
+                key("timeout_ms"),
+                "must be from 500 to 60000",
+            ));
+        }
+        Ok(Api {
+            listen: self.listen,
+            token,
+            timeout: Duration::from_millis(self.timeout_ms),
         })
     }
 }
@@ -314,6 +393,18 @@ mod tests {
                 "plug_bridge.plugs[1].url",
             ),
             ("energy_margin_wh = 0.0\n", "plug_bridge.energy_margin_wh"),
+            (
+                "[plug_bridge.api]\nlisten = \"127.0.0.1:9116\"\n",
+                "plug_bridge.api.token_file",
+            ),
+            (
+                "[plug_bridge.api]\nlisten = \"127.0.0.1:9116\"\ntoken = \"short\"\n",
+                "plug_bridge.api.token",
+            ),
+            (
+                "[plug_bridge.api]\nlisten = \"127.0.0.1:9116\"\ntoken = \"0123456789abcdef\"\ntimeout_ms = 10\n",
+                "plug_bridge.api.timeout_ms",
+            ),
         ] {
             let e = resolve(toml).expect_err(toml).to_string();
             assert!(e.contains(key), "{toml}: {e}");

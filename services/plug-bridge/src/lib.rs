@@ -15,7 +15,9 @@
 //! - `device`: what myStrom and Shelly plugs answer, read into one shape (pure).
 //! - `energy`: the counters and their file (pure but for the file).
 //! - `client`: the HTTP requests to each kind of plug.
+//! - `api`: the HTTP API (switch and read plugs with a bearer token; Grafana's button).
 
+pub mod api;
 pub mod client;
 pub mod config;
 pub mod device;
@@ -60,6 +62,12 @@ pub enum Error {
     Energy(#[from] EnergyError),
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    #[error("cannot listen for the plug API on {listen}: {source}")]
+    Api {
+        listen: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Its own kinds of `wattbus_errors_total`.
@@ -135,6 +143,7 @@ struct Shared {
     margin_wh: f64,
     site: Segment,
     core: Core,
+    views: Arc<api::Views>,
 }
 
 /// Run on an existing bus connection (the demo shares one).
@@ -156,6 +165,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         margin_wh: plan.energy_margin_wh,
         site: ctx.common.site.clone(),
         core: Core::of("plug-bridge"),
+        views: Arc::new(api::Views::default()),
     });
     if plan.plugs.is_empty() {
         tracing::warn!("No plugs configured ([[plug_bridge.plugs]]): nothing to poll.");
@@ -184,9 +194,30 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         QoS::AtLeastOnce,
         Overflow::Drop,
     );
+    let api_task = match &plan.api {
+        None => None,
+        Some(a) => {
+            let state = api::State::new(
+                a,
+                plan.plugs.iter().map(|p| (p.id.clone(), p.kind)).collect(),
+                queues.clone(),
+                shared.views.clone(),
+            );
+            let (_, task) = api::serve(a.listen, Arc::new(state), ctx.shutdown.clone())
+                .await
+                .map_err(|source| Error::Api {
+                    listen: a.listen,
+                    source,
+                })?;
+            Some(task)
+        }
+    };
     let router = tokio::spawn(route_commands(commands, queues, ctx.shutdown.clone()));
     workers.supervise(&ctx.shutdown).await;
     router.abort();
+    if let Some(t) = api_task {
+        t.abort();
+    }
     ready.set(false);
     // A clean stop saves each counter exactly: a restart continues from it.
     let saved = match shared.energy.lock() {
@@ -210,7 +241,7 @@ async fn poll(
     http: client::Client,
     shared: Arc<Shared>,
     retry: runtime::backoff::Backoff,
-    mut commands: tokio::sync::mpsc::Receiver<Command>,
+    mut commands: tokio::sync::mpsc::Receiver<api::Job>,
     shutdown: runtime::Shutdown,
 ) {
     let mut done = Done::default();
@@ -225,11 +256,17 @@ async fn poll(
         tokio::select! {
             () = shutdown.wait() => break,
             _ = tick.tick() => {}
-            Some(c) = commands.recv() => {
+            Some(job) = commands.recv() => {
                 let result = tokio::select! {
                     () = shutdown.wait() => break,
-                    r = carry_out(&http, &plug, &c, &mut done) => r,
+                    r = carry_out(&http, &plug, &job.command, &mut done) => r,
                 };
+                if let Some(on) = result.relay_on {
+                    shared.views.update(&plug.id, |v| v.relay_on = Some(on));
+                }
+                if let Some(reply) = job.reply {
+                    let _ = reply.send(result.clone());
+                }
                 answer(&shared, &plug, result).await;
                 continue;
             }
@@ -244,7 +281,19 @@ async fn poll(
                 if online != Some(true) {
                     tracing::info!(plug = %plug.id, url = %plug.url, "Plug online.");
                 }
-                publish_reading(&shared, &plug, &reading_id, r).await;
+                let read_ts_ms = proto::now_ms();
+                let (relay_on, power_w, temperature_c) = (r.relay_on, r.power_w, r.temperature_c);
+                let energy_wh = publish_reading(&shared, &plug, &reading_id, r).await;
+                shared.views.update(&plug.id, |v| {
+                    *v = api::View {
+                        online: Some(true),
+                        relay_on: Some(relay_on),
+                        power_w: Some(power_w),
+                        energy_wh: energy_wh.or(v.energy_wh),
+                        temperature_c,
+                        read_ts_ms: Some(read_ts_ms),
+                    };
+                });
                 if online != Some(true) || status_at.elapsed() >= STATUS_EVERY {
                     online = Some(true);
                     status_at = tokio::time::Instant::now();
@@ -253,6 +302,7 @@ async fn poll(
             }
             Err(e) => {
                 shared.core.error("plug").inc();
+                shared.views.update(&plug.id, |v| v.online = Some(false));
                 let wait = retries.failed();
                 if online != Some(false) {
                     tracing::warn!(plug = %plug.id, url = %plug.url, error = %chain(&e), retry_in_ms = wait.as_millis() as u64, "Plug offline; retrying with backoff.");
@@ -284,7 +334,7 @@ const REMEMBERED: usize = 64;
 /// Commands from the bus, each to its plug's task.
 async fn route_commands(
     mut rx: tokio::sync::mpsc::Receiver<Message>,
-    queues: HashMap<Segment, tokio::sync::mpsc::Sender<Command>>,
+    queues: HashMap<Segment, tokio::sync::mpsc::Sender<api::Job>>,
     shutdown: runtime::Shutdown,
 ) {
     let refused = runtime::telemetry::LogLimit::new(Duration::from_secs(60));
@@ -321,8 +371,12 @@ async fn route_commands(
         let Some(queue) = queues.get(&command.device) else {
             continue;
         };
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(c)) = queue.try_send(command) {
-            tracing::warn!(plug = %c.device, id = %c.id, "A command refused: the plug already has {COMMAND_QUEUE} waiting.");
+        let job = api::Job {
+            command,
+            reply: None,
+        };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(j)) = queue.try_send(job) {
+            tracing::warn!(plug = %j.command.device, id = %j.command.id, "A command refused: the plug already has {COMMAND_QUEUE} waiting.");
         }
     }
 }
@@ -407,22 +461,22 @@ async fn carry_out(
         attempt += 1;
         let on = match wanted {
             Some(on) => on,
-            None => match http.read(plug).await {
+            None => match by_expiry(c, http.read(plug)).await {
                 Ok(r) => {
                     wanted = Some(!r.relay_on);
                     !r.relay_on
                 }
                 Err(e) => {
-                    last_error = chain(&e);
+                    last_error = e;
                     continue;
                 }
             },
         };
-        if let Err(e) = http.switch(plug, on).await {
-            last_error = chain(&e);
+        if let Err(e) = by_expiry(c, http.switch(plug, on)).await {
+            last_error = e;
             continue;
         }
-        match http.read(plug).await {
+        match by_expiry(c, http.read(plug)).await {
             Ok(r) if r.relay_on == on => {
                 let r = result(true, Some(r.relay_on), None);
                 done.remember(&r);
@@ -441,8 +495,21 @@ async fn carry_out(
                 done.remember(&r);
                 return r;
             }
-            Err(e) => last_error = chain(&e),
+            Err(e) => last_error = e,
         }
+    }
+}
+
+/// `request`, given up when `c` expires: a request still open then is dropped (its
+/// connection closed), so nothing of the command is left to reach the plug late.
+async fn by_expiry<T>(
+    c: &Command,
+    request: impl std::future::Future<Output = Result<T, client::PlugError>>,
+) -> Result<T, String> {
+    let left = u64::try_from(c.expires_ts_ms - proto::now_ms()).unwrap_or(0);
+    match tokio::time::timeout(Duration::from_millis(left), request).await {
+        Ok(r) => r.map_err(|e| chain(&e)),
+        Err(_) => Err("no answer before the command expired".into()),
     }
 }
 
@@ -467,7 +534,8 @@ async fn answer(shared: &Shared, plug: &Plug, r: CommandResult) {
 /// A plug's availability is published on change and this often while unchanged.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 
-async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Reading) {
+/// Journal a reading; its energy counter, if it has one.
+async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Reading) -> Option<f64> {
     let now = proto::now_ms();
     let mut fields = BTreeMap::from([
         ("power_w".to_string(), r.power_w),
@@ -497,6 +565,7 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
         }
         step
     };
+    let energy_wh = step.as_ref().ok().map(|s| s.energy_wh);
     match step {
         Ok(s) => {
             fields.insert("energy_wh".into(), s.energy_wh);
@@ -522,6 +591,7 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
     if let Err(e) = shared.producer.send(&m.topic(), m).await {
         tracing::warn!(plug = %plug.id, error = %chain(&e), "Cannot journal a plug reading.");
     }
+    energy_wh
 }
 
 async fn publish_status(shared: &Shared, id: &ReadingId, online: bool) {

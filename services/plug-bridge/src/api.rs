@@ -1,0 +1,503 @@
+//! The HTTP API: Grafana's button and scripts switch plugs and read them.
+//!
+//! - `POST /api/v1/plugs/{id}/relay` `{"action": "on"|"off"|"toggle", "id": "…"?}` → the
+//!   state read back from the plug (200), or why not: 401 (token), 404 (no such plug), 502
+//!   (the plug reads otherwise after being switched), 503 (commands already waiting), 504 (the
+//!   plug did not confirm in time; the command is dropped and never carried out later).
+//! - `GET /api/v1/plugs`, `GET /api/v1/plugs/{id}`: the latest reading and availability.
+//! - `GET /api/v1/openapi.json`: this description (no token: it holds no secret).
+//!
+//! Every request but the description carries `Authorization: Bearer <token>`. A switch goes
+//! to the plug's own task, the same queue as the bus's `cmd/<plug>` commands, so one plug is
+//! never switched by two requests at once, and its result is published on
+//! `cmd-result/<plug>` like theirs. Every switch is logged with who asked: the peer's address
+//! and, through Grafana's data source proxy, the Grafana user (`X-Grafana-User`, sent when
+//! `[dataproxy] send_user_header` is on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use proto::{Action, Command, CommandResult, Segment};
+use runtime::Secret;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Api, Kind};
+
+/// The OpenAPI description, served as written.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// A command for one plug's task, and where to tell the HTTP request how it went.
+#[derive(Debug)]
+pub struct Job {
+    pub command: Command,
+    pub reply: Option<oneshot::Sender<CommandResult>>,
+}
+
+/// The latest of one plug, for `GET`.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub online: Option<bool>,
+    pub relay_on: Option<bool>,
+    pub power_w: Option<f64>,
+    pub energy_wh: Option<f64>,
+    pub temperature_c: Option<f64>,
+    /// When the plug last answered (ms since the epoch).
+    pub read_ts_ms: Option<i64>,
+}
+
+/// Every plug's latest, shared by the plugs' tasks (writers) and the API (reader).
+#[derive(Debug, Default)]
+pub struct Views(Mutex<BTreeMap<Segment, View>>);
+
+impl Views {
+    pub fn update(&self, plug: &Segment, f: impl FnOnce(&mut View)) {
+        let mut views = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(views.entry(plug.clone()).or_default());
+    }
+
+    fn get(&self, plug: &Segment) -> View {
+        let views = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        views.get(plug).cloned().unwrap_or_default()
+    }
+}
+
+/// What the API serves from.
+pub struct State {
+    pub token: Secret,
+    /// How long a switch may take.
+    pub timeout: Duration,
+    /// The plugs, in the config's order.
+    pub plugs: Vec<(Segment, Kind)>,
+    pub queues: HashMap<Segment, mpsc::Sender<Job>>,
+    pub views: Arc<Views>,
+    next_id: AtomicU64,
+    refused: runtime::telemetry::LogLimit,
+}
+
+impl State {
+    pub fn new(
+        api: &Api,
+        plugs: Vec<(Segment, Kind)>,
+        queues: HashMap<Segment, mpsc::Sender<Job>>,
+        views: Arc<Views>,
+    ) -> Self {
+        Self {
+            token: api.token.clone(),
+            timeout: api.timeout,
+            plugs,
+            queues,
+            views,
+            next_id: AtomicU64::new(0),
+            refused: runtime::telemetry::LogLimit::new(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Requests served at once; a connection beyond waits to be accepted.
+const MAX_CONNECTIONS: usize = 32;
+/// The largest request body read (`{"action": "toggle", "id": …}` is under 100 bytes).
+const MAX_BODY: usize = 4096;
+/// A client that sends its request slower than this is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bind `listen` now (a port in use is a start-up error) and serve until `shutdown`.
+pub async fn serve(
+    listen: SocketAddr,
+    state: Arc<State>,
+    shutdown: runtime::Shutdown,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind(listen).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, "Plug API listening (bearer token required).");
+    let task = tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer) = tokio::select! {
+                () = shutdown.wait() => return,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait rather than spin.
+                        tracing::warn!(error = %e, "Plug API cannot accept a connection.");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::select! {
+                    () = shutdown.wait() => {}
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!(peer = %peer, error = %e, "Plug API connection ended.");
+                    },
+                }
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Answer {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Answer {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+fn not_allowed(allow: &'static str) -> Answer {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, format!("only {allow} here"));
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// The route a path names.
+enum Route<'a> {
+    OpenApi,
+    Plugs,
+    Plug(&'a str),
+    Relay(&'a str),
+    Unknown,
+}
+
+fn route(path: &str) -> Route<'_> {
+    let Some(rest) = path.strip_prefix("/api/v1/") else {
+        return Route::Unknown;
+    };
+    match rest.split('/').collect::<Vec<_>>().as_slice() {
+        ["openapi.json"] => Route::OpenApi,
+        ["plugs"] => Route::Plugs,
+        ["plugs", id] if !id.is_empty() => Route::Plug(id),
+        ["plugs", id, "relay"] if !id.is_empty() => Route::Relay(id),
+        _ => Route::Unknown,
+    }
+}
+
+fn authorized(state: &State, req: &Request<Incoming>) -> bool {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some((scheme, token)) = value.split_first_chunk::<7>() else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case(b"bearer ") && state.token.matches(token)
+}
+
+/// What a request says of who sent it, for the log: only printable ASCII, bounded.
+fn claimed_user(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get("x-grafana-user")
+        .map(|v| {
+            v.as_bytes()
+                .iter()
+                .take(64)
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '?' })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Answer {
+    let path = req.uri().path().to_string();
+    let route = route(&path);
+    if let Route::OpenApi = route {
+        if req.method() != Method::GET {
+            return not_allowed("GET");
+        }
+        let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+    if let Route::Unknown = route {
+        return error(
+            StatusCode::NOT_FOUND,
+            "no such path: see /api/v1/openapi.json",
+        );
+    }
+    // The token before anything else, so a caller without it learns nothing (not even
+    // which plugs exist).
+    if !authorized(state, &req) {
+        if let Some(skipped) = state.refused.allow() {
+            tracing::warn!(peer = %peer, path = %path, skipped, "Plug API request without the right bearer token refused.");
+        }
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required (Authorization: Bearer <token>)",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"wattbus plug-bridge\""),
+        );
+        return r;
+    }
+    match route {
+        Route::Plugs => {
+            if req.method() != Method::GET {
+                return not_allowed("GET");
+            }
+            let plugs: Vec<_> = state
+                .plugs
+                .iter()
+                .map(|(id, kind)| view_json(id, *kind, &state.views.get(id)))
+                .collect();
+            json(StatusCode::OK, &serde_json::json!({ "plugs": plugs }))
+        }
+        Route::Plug(id) => {
+            if req.method() != Method::GET {
+                return not_allowed("GET");
+            }
+            match find(state, id) {
+                Some((id, kind)) => {
+                    json(StatusCode::OK, &view_json(id, *kind, &state.views.get(id)))
+                }
+                None => unknown_plug(),
+            }
+        }
+        Route::Relay(id) => {
+            if req.method() != Method::POST {
+                return not_allowed("POST");
+            }
+            let Some((plug, _)) = find(state, id) else {
+                return unknown_plug();
+            };
+            let plug = plug.clone();
+            let user = claimed_user(&req);
+            let body = match tokio::time::timeout(
+                READ_TIMEOUT,
+                Limited::new(req.into_body(), MAX_BODY).collect(),
+            )
+            .await
+            {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                    return error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the body is over {MAX_BODY} bytes"),
+                    );
+                }
+                Ok(Err(_)) | Err(_) => {
+                    return error(StatusCode::BAD_REQUEST, "the body could not be read");
+                }
+            };
+            switch(state, peer, &user, plug, &body).await
+        }
+        Route::OpenApi | Route::Unknown => error(StatusCode::NOT_FOUND, "no such path"),
+    }
+}
+
+fn find<'s>(state: &'s State, id: &str) -> Option<&'s (Segment, Kind)> {
+    state.plugs.iter().find(|(p, _)| p.as_str() == id)
+}
+
+fn unknown_plug() -> Answer {
+    error(
+        StatusCode::NOT_FOUND,
+        "no such plug: GET /api/v1/plugs lists them",
+    )
+}
+
+fn view_json(id: &Segment, kind: Kind, v: &View) -> serde_json::Value {
+    serde_json::json!({
+        "id": id.as_str(),
+        "kind": kind.as_str(),
+        "online": v.online,
+        "relay_on": v.relay_on,
+        "power_w": v.power_w,
+        "energy_wh": v.energy_wh,
+        "temperature_c": v.temperature_c,
+        "read_ts_ms": v.read_ts_ms,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayRequest {
+    action: Action,
+    /// The caller's id for this switch: a repeat (a retry after a lost answer) is answered
+    /// again, not carried out again.
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Segment>,
+}
+
+/// An `id` given must be one: `null` is refused, not taken for "none".
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Segment>, D::Error> {
+    Segment::deserialize(d).map(Some)
+}
+
+fn action_str(a: Action) -> &'static str {
+    match a {
+        Action::On => "on",
+        Action::Off => "off",
+        Action::Toggle => "toggle",
+    }
+}
+
+async fn switch(state: &State, peer: SocketAddr, user: &str, plug: Segment, body: &[u8]) -> Answer {
+    let asked: RelayRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body must be {{\"action\": \"on\" | \"off\" | \"toggle\"}}: {e}"),
+            );
+        }
+    };
+    let now = proto::now_ms();
+    let id = match asked.id {
+        Some(id) => id,
+        None => {
+            let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+            match Segment::new(format!("http-{now}-{n}")) {
+                Ok(id) => id,
+                Err(_) => unreachable!("digits and dashes make a segment"),
+            }
+        }
+    };
+    let timeout_ms = i64::try_from(state.timeout.as_millis()).unwrap_or(i64::MAX);
+    let command = Command {
+        id: id.clone(),
+        device: plug.clone(),
+        action: asked.action,
+        issued_ts_ms: now,
+        expires_ts_ms: now.saturating_add(timeout_ms),
+    };
+    let action = action_str(asked.action);
+    tracing::info!(plug = %plug, action, id = %id, peer = %peer, grafana_user = %user, "Switch asked over HTTP.");
+    let Some(queue) = state.queues.get(&plug) else {
+        return unknown_plug();
+    };
+    let (tx, rx) = oneshot::channel();
+    if queue
+        .try_send(Job {
+            command,
+            reply: Some(tx),
+        })
+        .is_err()
+    {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the plug already has commands waiting: try again",
+        );
+    }
+    // The plug's task answers by the command's expiry (every request to the plug is bounded
+    // by it); the margin covers a poll of the plug in progress when the command came.
+    let result = match tokio::time::timeout(state.timeout * 3 + Duration::from_secs(2), rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "plug-bridge is stopping");
+        }
+        Err(_) => {
+            return timed_out(state, &plug, &id, action);
+        }
+    };
+    let body = serde_json::json!({
+        "plug": plug.as_str(),
+        "id": id.as_str(),
+        "action": action,
+        "ok": result.ok,
+        "relay_on": result.relay_on,
+        "error": result.message,
+    });
+    if result.ok {
+        json(StatusCode::OK, &body)
+    } else if result.relay_on.is_some() {
+        // The plug answered, but not in the state asked for.
+        json(StatusCode::BAD_GATEWAY, &body)
+    } else {
+        timed_out(state, &plug, &id, action)
+    }
+}
+
+fn timed_out(state: &State, plug: &Segment, id: &Segment, action: &str) -> Answer {
+    json(
+        StatusCode::GATEWAY_TIMEOUT,
+        &serde_json::json!({
+            "plug": plug.as_str(),
+            "id": id.as_str(),
+            "action": action,
+            "ok": false,
+            "relay_on": null,
+            "error": format!(
+                "the plug did not confirm within {} ms: the command is dropped and will not be carried out later",
+                state.timeout.as_millis()
+            ),
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert!(matches!(route("/api/v1/plugs"), Route::Plugs));
+        assert!(matches!(route("/api/v1/plugs/lamp"), Route::Plug("lamp")));
+        assert!(matches!(
+            route("/api/v1/plugs/lamp/relay"),
+            Route::Relay("lamp")
+        ));
+        assert!(matches!(route("/api/v1/openapi.json"), Route::OpenApi));
+        for p in [
+            "/",
+            "/api/v1/plugs/",
+            "/api/v1/plugs//relay",
+            "/api/v1/plugs/a/b/c",
+            "/api/v2/plugs",
+        ] {
+            assert!(matches!(route(p), Route::Unknown), "{p}");
+        }
+    }
+
+    #[test]
+    fn the_description_is_json_and_names_every_route() {
+        let d: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let paths = d["paths"].as_object().unwrap();
+        for p in [
+            "/api/v1/plugs",
+            "/api/v1/plugs/{id}",
+            "/api/v1/plugs/{id}/relay",
+        ] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
+}
