@@ -1,6 +1,6 @@
 #!/bin/sh
 # Make the secrets docker-compose.yml reads: one random password per broker user, InfluxDB's
-# writer (influx_password), admin and reader, and Grafana's admin. Existing files are kept, so running it again (after
+# writer (influx_password), admin and reader, Grafana's admin, and plug-bridge's API token. Existing files are kept, so running it again (after
 # an upgrade adds a service) only adds what is missing.
 #
 # secrets/ is 0700: nobody else on this machine can read into it. The files in it are 0644
@@ -13,9 +13,9 @@ mkdir -p secrets
 chmod 0700 secrets
 made=""
 for name in broker_modbus_ingest broker_serial_ingest broker_simulator broker_rms_processor \
-            broker_influx_writer broker_backup_rotator broker_reader influx_password influx_admin_password \
-            influx_grafana_password \
-            grafana_admin_password; do
+            broker_influx_writer broker_backup_rotator broker_plug_bridge broker_reader \
+            influx_password influx_admin_password influx_grafana_password \
+            grafana_admin_password plug_api_token; do
   file="secrets/$name"
   [ -s "$file" ] && continue
   # 24 random bytes, as 32 characters that need no quoting anywhere.

@@ -505,14 +505,20 @@ PLUG_MEASUREMENT = "plug"
 
 
 def plugs() -> db.Dashboard:
-    d = new_dashboard("wattbus-plugs", "wattbus: Plugs", "Smart plugs: power, energy, relay state. The switch button comes with plug-bridge.")
+    d = new_dashboard("wattbus-plugs", "wattbus: Plugs", "Smart plugs: power, energy, relay state, and a switch (plug-bridge).")
     d = d.with_variable(site_variable()).with_variable(device_variable(PLUG_MEASUREMENT, "Plug"))
-    d = d.with_panel(
+    d = d.with_variable(
+        tag_variable("plug", "Switch", f'SHOW TAG VALUES FROM "{PLUG_MEASUREMENT}" WITH KEY = "device" WHERE {SITE}', multi=False)
+    )
+    d = d.with_panel(switch_panel()).with_panel(
         note(
-            "The switch button",
-            "**Completed by plug-bridge (issue 15).** Its readings arrive as measurement "
-            f"`{PLUG_MEASUREMENT}` (fields `power_w`, `energy_wh`, `relay_on`, `temperature_c`); "
-            "the button goes here, through a Grafana data source that holds plug-bridge's token.",
+            "About the switch",
+            "Pick the plug in **Switch** above, an action, then **Switch**: after you confirm, Grafana's server "
+            "sends it to plug-bridge with the token it keeps (data source `plug-bridge`), and the panel shows "
+            "the state **read back from the plug**, or why it could not (the plug did not answer in time: "
+            "nothing is switched later). Every switch is logged by plug-bridge with your Grafana login.",
+            w=12,
+            h=6,
         )
     )
     raw, mins = mean("power_w")
@@ -531,6 +537,111 @@ def plugs() -> db.Dashboard:
         .thresholds(steps([(None, "red"), (1, "green")]))
     )
     return d
+
+
+# The switch: Business Forms (volkovlabs-form-panel) and the Infinity data source, both signed
+# and installed by compose (GF_INSTALL_PLUGINS), both for Grafana 11.6. The panel's requests go
+# to Grafana's own data source proxy, never to plug-bridge from the browser.
+FORM_PANEL = "volkovlabs-form-panel"
+FORM_PANEL_VERSION = "6.3.1"
+PLUG_API_UID = "wattbus-plug-bridge"  # provisioning/datasources/plug-bridge.yaml
+PLUG_API = f"/api/datasources/proxy/uid/{PLUG_API_UID}/api/v1/plugs/${{plug}}"
+
+# The panel's code runs in the browser (`context` is the form's); no `$` in it: Grafana would
+# take it for a variable.
+INITIAL_CODE = """const r = context.panel.response;
+if (r && !r.ok) {
+  return r.text().then((t) => {
+    let m = t;
+    try { m = JSON.parse(t).error || t; } catch (e) {}
+    context.grafana.notifyError(['Cannot read the plug (HTTP ' + r.status + ')', String(m || r.statusText)]);
+  });
+}"""
+UPDATE_PAYLOAD = """const a = context.panel.elements.find((e) => e.id === 'action');
+return { action: a ? a.value : '' };"""
+UPDATE_CODE = """const r = context.panel.response;
+if (!r) { return; }
+return r.text().then((t) => {
+  let b = {};
+  try { b = JSON.parse(t); } catch (e) { b = { error: t || r.statusText }; }
+  if (r.ok && b.ok) {
+    context.grafana.notifySuccess(['Plug ' + b.plug + ': ' + b.action, 'The plug reads ' + (b.relay_on ? 'ON' : 'OFF')]);
+    context.panel.initialRequest();
+  } else {
+    context.grafana.notifyError(['Not switched (HTTP ' + r.status + ')', String(b.error || 'no answer')]);
+    context.panel.initialRequest();
+  }
+});"""
+
+
+def switch_panel() -> db.Panel:
+    def element(uid: str, id_: str, title: str, type_: str, options: list[dict[str, object]]) -> dict[str, object]:
+        return {
+            "uid": uid, "id": id_, "title": title, "type": type_, "value": "", "labelWidth": 10, "width": None,
+            "tooltip": "", "section": "", "unit": "", "optionsSource": "Custom", "allowCustomValue": False, "options": options,
+        }
+
+    def option(id_: str, label: str, value: object) -> dict[str, object]:
+        return {"id": id_, "label": label, "type": "string", "value": value}
+
+    request = {"contentType": "application/json", "header": [], "datasource": "", "payload": {}, "highlight": False, "highlightColor": "red"}
+    options = {
+        "sync": True,
+        "updateEnabled": "auto",
+        "elementValueChanged": "",
+        "layout": {"variant": "single", "orientation": "horizontal", "padding": 10, "sectionVariant": "default"},
+        "buttonGroup": {"orientation": "center", "size": "md"},
+        "submit": {"variant": "primary", "icon": "power", "text": "Switch", "backgroundColor": "purple", "foregroundColor": "yellow"},
+        "reset": {"variant": "hidden", "icon": "process", "text": "Reset", "backgroundColor": "purple", "foregroundColor": "yellow"},
+        "saveDefault": {"variant": "hidden", "icon": "save", "text": "Save Default"},
+        "resetAction": {"mode": "initial", "code": "", "datasource": "", "getPayload": "return {}", "payload": {}, "confirm": False},
+        "elements": [
+            element("plug-action", "action", "Action", "radio", [option("on", "On", "on"), option("off", "Off", "off"), option("toggle", "Toggle", "toggle")]),
+            element("plug-state", "relay_on", "The plug reads", "disabled", [option("t", "ON", True), option("f", "OFF", False)]),
+            element("plug-online", "online", "Online", "disabled", [option("t", "yes", True), option("f", "no", False)]),
+        ],
+        "initial": {**request, "method": "GET", "url": PLUG_API, "payloadMode": "all", "getPayload": "return {}", "confirm": False, "code": INITIAL_CODE},
+        "update": {**request, "method": "POST", "url": PLUG_API + "/relay", "payloadMode": "custom", "getPayload": UPDATE_PAYLOAD, "confirm": True, "code": UPDATE_CODE},
+        "confirmModal": {
+            "title": "Switch the plug?",
+            "body": "plug-bridge sets the relay, then reads the plug back.",
+            "columns": {"include": ["name", "newValue"], "name": "", "oldValue": "Now", "newValue": "Switch"},
+            "confirm": "Switch",
+            "cancel": "Cancel",
+            "elementDisplayMode": "modified",
+        },
+    }
+    return (
+        db.Panel()
+        .type(FORM_PANEL)
+        .plugin_version(FORM_PANEL_VERSION)
+        .title("Switch $plug")
+        .description("Switches the plug chosen in Switch, through plug-bridge's API (data source plug-bridge); shows what the plug reads back.")
+        .datasource(dm.DataSourceRef(type_val="datasource", uid="grafana"))
+        .with_target(GrafanaTarget("A"))
+        .options(options)
+        .span(12)
+        .height(6)
+    )
+
+
+class GrafanaQuery(cogvariants.Dataquery):
+    """The "-- Grafana --" data source's empty query: the form panel runs its own request
+    once the panel's query is done."""
+
+    def __init__(self, ref_id: str):
+        self.ref_id = ref_id
+
+    def to_json(self) -> dict[str, object]:
+        return {"refId": self.ref_id}
+
+
+class GrafanaTarget(cogbuilder.Builder[GrafanaQuery]):
+    def __init__(self, ref_id: str):
+        self._q = GrafanaQuery(ref_id)
+
+    def build(self) -> GrafanaQuery:
+        return self._q
 
 
 def timeline() -> statetimeline.Panel:

@@ -468,7 +468,7 @@ const API_TOKEN: &str = "grafana-button-token-0123456789";
 struct Api {
     port: u16,
     log: std::path::PathBuf,
-    _bridge: Proc,
+    bridge: Proc,
     _broker: Proc,
     broker: BrokerSetup,
 }
@@ -505,7 +505,7 @@ fn api(d: &Path, ports: &[u16], api_timeout_ms: u64) -> Api {
     Api {
         port,
         log,
-        _bridge: bridge,
+        bridge,
         _broker: broker_proc,
         broker,
     }
@@ -621,6 +621,17 @@ fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
         !fridge.relay_on() && fridge.switches() == switched,
         "a repeated id switched again"
     );
+    // The same id for another action: refused, never answered as if done.
+    let (status, v) = a.switch("fridge", r#"{"action":"on","id":"maintenance-1"}"#);
+    assert_eq!((status, v["ok"].as_bool()), (409, Some(false)), "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("another command"),
+        "{v}"
+    );
+    assert!(
+        !fridge.relay_on() && fridge.switches() == switched,
+        "a conflicting id switched"
+    );
     // Switched at the plug's own button: the API reads it back, it does not assume.
     fridge.set_relay(true);
     let (status, v) = a.switch("fridge", r#"{"action":"toggle"}"#);
@@ -683,7 +694,7 @@ fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
         v["error"]
             .as_str()
             .unwrap()
-            .contains("will not be carried out later"),
+            .contains("did not confirm within 1500 ms"),
         "{v}"
     );
     // ... and when it is back, nothing switches by itself: the bridge reads it again (its
@@ -702,6 +713,35 @@ fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
     // The description is served without the token.
     let (status, v) = a.call("GET", "/api/v1/openapi.json", None, "");
     assert_eq!((status, v["openapi"].as_str()), (200, Some("3.0.3")));
+
+    // Stopped (SIGTERM) while a switch is under way: the switch is finished and answered
+    // (not cut off with no answer while the plug switches anyway), then plug-bridge exits.
+    lamp.set_delay(Duration::from_millis(300));
+    let asked_so_far = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("Switch asked over HTTP")
+            .count()
+    };
+    let before = asked_so_far(&a.log);
+    let port = a.port;
+    let asked = std::thread::spawn(move || {
+        wattbus_e2e::servers::http_with(
+            "POST",
+            port,
+            "/api/v1/plugs/lamp/relay",
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            br#"{"action":"on"}"#,
+        )
+    });
+    assert!(wait_until(Duration::from_secs(10), || asked_so_far(&a.log) > before));
+    let mut a = a;
+    let stopped = a.bridge.terminate(Duration::from_secs(15));
+    let (status, body) = asked.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""relay_on":true"#), "{body}");
+    assert!(lamp.relay_on());
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
     sub.terminate(Duration::from_secs(5));
 }
 
@@ -755,4 +795,226 @@ fn http_api_fuzzed_from_its_openapi_description() {
         "plug-bridge does not answer after the fuzzing; see {}",
         a.log.display()
     );
+}
+
+/// The Grafana switch as the Plugs dashboard and compose ship it, run without Grafana (which
+/// cannot run here): the panel's own code (in Node, as the browser would) makes the request
+/// body and reads the answer; this test does what Grafana's data source proxy does with the
+/// provisioned data source (its URL, the header with the token from the secret file) and
+/// sends the request to plug-bridge. The plug switches, the panel says what it reads back; a
+/// plug that does not answer is an error the user reads. The token is nowhere in the dashboard.
+#[test]
+fn the_grafana_switch_panel_switches_a_plug_through_the_provisioned_data_source() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo.join("grafana/dashboards/plugs.json")).unwrap(),
+    )
+    .unwrap();
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["type"] == "volkovlabs-form-panel")
+        .expect("the Plugs dashboard has a switch")
+        .clone();
+    let o = &panel["options"];
+    // A single plug is switched at a time, and only after the user confirms.
+    let var = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "plug")
+        .expect("a plug variable")
+        .clone();
+    assert_eq!(
+        (var["multi"].as_bool(), var["includeAll"].as_bool()),
+        (Some(false), Some(false))
+    );
+    assert_eq!(o["update"]["confirm"], true);
+    assert_eq!(o["update"]["method"], "POST");
+    assert_eq!(o["initial"]["method"], "GET");
+    // Through Grafana's own proxy, to the provisioned data source.
+    let proxy = "/api/datasources/proxy/uid/wattbus-plug-bridge";
+    let update_url = o["update"]["url"].as_str().unwrap();
+    let initial_url = o["initial"]["url"].as_str().unwrap();
+    assert_eq!(update_url, format!("{proxy}/api/v1/plugs/${{plug}}/relay"));
+    assert_eq!(initial_url, format!("{proxy}/api/v1/plugs/${{plug}}"));
+    let source =
+        std::fs::read_to_string(repo.join("grafana/provisioning/datasources/plug-bridge.yaml"))
+            .unwrap();
+    for line in [
+        "uid: wattbus-plug-bridge",
+        "type: yesoreyeram-infinity-datasource",
+        "url: $PLUG_API_URL",
+        "httpHeaderName1: Authorization",
+        "httpHeaderValue1: Bearer $__file{/run/secrets/plug_api_token}",
+    ] {
+        assert!(
+            source.lines().any(|l| l.trim() == line),
+            "plug-bridge.yaml lacks {line:?}"
+        );
+    }
+    // compose: the plugins, the secret, the URL, the Grafana login passed on.
+    let compose = std::fs::read_to_string(repo.join("compose/docker-compose.yml")).unwrap();
+    let version = panel["pluginVersion"].as_str().unwrap();
+    for needle in [
+        format!("volkovlabs-form-panel {version}"),
+        "yesoreyeram-infinity-datasource ".to_string(),
+        "PLUG_API_URL: ${PLUG_API_URL:-http://plug-bridge:9116}".to_string(),
+        "GF_DATAPROXY_SEND_USER_HEADER: \"true\"".to_string(),
+        "secrets: [grafana_admin_password, influx_grafana_password, plug_api_token]".to_string(),
+        "WATTBUS_PLUG_BRIDGE__API__TOKEN_FILE: /run/secrets/plug_api_token".to_string(),
+        "WATTBUS_PLUG_BRIDGE__API__LISTEN: 0.0.0.0:9116".to_string(),
+    ] {
+        assert!(
+            compose.contains(&needle),
+            "docker-compose.yml lacks {needle:?}"
+        );
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
+    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let plugs = serve(&[lamp.clone(), fridge, gone.clone()]);
+    let a = api(d, &plugs.ports, 1500);
+    assert!(
+        !std::fs::read_to_string(repo.join("grafana/dashboards/plugs.json"))
+            .unwrap()
+            .contains(API_TOKEN)
+    );
+    // The header as Grafana makes it: `$__file{…}` is the secret file's content, trimmed.
+    let token = std::fs::read_to_string(d.join("api_token")).unwrap();
+    let header = format!("Bearer {}", token.trim());
+    let grafana_proxy = |method: &str, url: &str, plug: &str, body: &str| {
+        let path = url.replace("${plug}", plug);
+        let path = path.strip_prefix(proxy).unwrap();
+        wattbus_e2e::servers::http_with(
+            method,
+            a.port,
+            path,
+            &[
+                ("Authorization", &header),
+                ("Content-Type", "application/json"),
+                ("X-Grafana-User", "admin"),
+            ],
+            body.as_bytes(),
+        )
+    };
+    let run = |code: &str, action: &str, status: u16, body: &str| -> serde_json::Value {
+        panel_code(d, code, action, status, body)
+    };
+
+    // The state shown: the initial request's answer fills the elements named like its keys.
+    assert!(wait_until(Duration::from_secs(20), || {
+        let (status, body) = grafana_proxy("GET", initial_url, "lamp", "");
+        status == 200 && serde_json::from_str::<serde_json::Value>(&body).unwrap()["online"] == true
+    }));
+    let (_, body) = grafana_proxy("GET", initial_url, "lamp", "");
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for e in o["elements"].as_array().unwrap() {
+        let id = e["id"].as_str().unwrap();
+        if id != "action" {
+            assert!(
+                state.get(id).is_some(),
+                "element {id} is not in plug-bridge's answer {state}"
+            );
+        }
+    }
+    assert_eq!(state["relay_on"], true);
+
+    // Off: the body the panel makes, through the proxy, the message the user reads.
+    let payload = run(o["update"]["getPayload"].as_str().unwrap(), "off", 0, "");
+    assert_eq!(payload["returned"], serde_json::json!({"action": "off"}));
+    let body = payload["returned"].to_string();
+    let (status, answer) = grafana_proxy("POST", update_url, "lamp", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert!(!lamp.relay_on(), "the plug was not switched");
+    let shown = run(
+        o["update"]["code"].as_str().unwrap(),
+        "off",
+        status,
+        &answer,
+    );
+    assert_eq!(
+        shown["success"],
+        serde_json::json!(["Plug lamp: off", "The plug reads OFF"]),
+        "{shown}"
+    );
+    assert_eq!(shown["reread"], true, "{shown}");
+
+    // A plug that does not answer: the user reads why, and nothing switches later.
+    gone.set_down(true);
+    let (status, answer) = grafana_proxy("POST", update_url, "gone", &body);
+    assert_eq!(status, 504, "{answer}");
+    let shown = run(
+        o["update"]["code"].as_str().unwrap(),
+        "off",
+        status,
+        &answer,
+    );
+    let error = shown["error"].to_string();
+    assert!(
+        error.contains("HTTP 504") && error.contains("did not confirm"),
+        "{shown}"
+    );
+    // What Grafana itself answers when plug-bridge is unreachable (502, no body) is an error too.
+    let shown = run(o["update"]["code"].as_str().unwrap(), "off", 502, "");
+    assert!(shown["error"].to_string().contains("HTTP 502"), "{shown}");
+    // The initial request's error, e.g. a plug removed from the config.
+    let (status, answer) = grafana_proxy("GET", initial_url, "removed", "");
+    assert_eq!(status, 404);
+    let shown = run(o["initial"]["code"].as_str().unwrap(), "", status, &answer);
+    assert!(
+        shown["error"].to_string().contains("no such plug"),
+        "{shown}"
+    );
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Switch asked over HTTP") && l.contains("admin"))
+    );
+}
+
+/// Run a form panel's `code` in Node as Business Forms does (`new Function("context", code)`),
+/// with the action element set to `action` and `response` a fetch Response of `status` and
+/// `body`; what it returned and the notifications it raised.
+fn panel_code(dir: &Path, code: &str, action: &str, status: u16, body: &str) -> serde_json::Value {
+    let script = dir.join("panel.js");
+    std::fs::write(
+        &script,
+        r#"
+const [code, action, status, body] = process.argv.slice(2);
+const out = { reread: false };
+const context = {
+  panel: {
+    elements: [{ id: 'action', value: action }],
+    response: Number(status) === 0 ? undefined : {
+      ok: Number(status) >= 200 && Number(status) < 300,
+      status: Number(status),
+      statusText: 'status ' + status,
+      text: () => Promise.resolve(body),
+    },
+    initialRequest: () => { out.reread = true; },
+  },
+  grafana: {
+    notifySuccess: (m) => { out.success = m; },
+    notifyError: (m) => { out.error = m; },
+  },
+};
+Promise.resolve(new Function('context', code)(context)).then((r) => {
+  out.returned = r === undefined ? null : r;
+  console.log(JSON.stringify(out));
+});
+"#,
+    )
+    .unwrap();
+    let o = Command::new("node")
+        .arg(&script)
+        .args([code, action, &status.to_string(), body])
+        .output()
+        .expect("node runs (nodejs)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
 }

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +31,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Outcome;
 use crate::config::{Api, Kind};
 
 /// The OpenAPI description, served as written.
@@ -40,7 +41,9 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 #[derive(Debug)]
 pub struct Job {
     pub command: Command,
-    pub reply: Option<oneshot::Sender<CommandResult>>,
+    /// When it must be done by ([`crate::deadline`]).
+    pub deadline: tokio::time::Instant,
+    pub reply: Option<oneshot::Sender<(CommandResult, Outcome)>>,
 }
 
 /// The latest of one plug, for `GET`.
@@ -76,6 +79,8 @@ pub struct State {
     pub token: Secret,
     /// How long a switch may take.
     pub timeout: Duration,
+    /// What the plug's task may take beyond it (see `switch`).
+    grace: Duration,
     /// The plugs, in the config's order.
     pub plugs: Vec<(Segment, Kind)>,
     pub queues: HashMap<Segment, mpsc::Sender<Job>>,
@@ -85,8 +90,10 @@ pub struct State {
 }
 
 impl State {
+    /// `plug_timeout`: one request to a plug.
     pub fn new(
         api: &Api,
+        plug_timeout: Duration,
         plugs: Vec<(Segment, Kind)>,
         queues: HashMap<Segment, mpsc::Sender<Job>>,
         views: Arc<Views>,
@@ -94,6 +101,7 @@ impl State {
         Self {
             token: api.token.clone(),
             timeout: api.timeout,
+            grace: plug_timeout * 2 + Duration::from_secs(1),
             plugs,
             queues,
             views,
@@ -103,30 +111,44 @@ impl State {
     }
 }
 
-/// Requests served at once; a connection beyond waits to be accepted.
+/// Connections served at once; one beyond waits to be accepted.
 const MAX_CONNECTIONS: usize = 32;
+/// Connections from one address at once; one beyond is closed at once. A client that holds
+/// its connections open (never reading its answers) then blocks only itself, not Grafana.
+const MAX_PER_PEER: usize = 8;
+/// A connection is closed after this, even one kept alive and busy: a client that stops
+/// reading cannot hold its slot for ever.
+const CONNECTION_MAX: Duration = Duration::from_secs(120);
 /// The largest request body read (`{"action": "toggle", "id": …}` is under 100 bytes).
 const MAX_BODY: usize = 4096;
 /// A client that sends its request slower than this is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Bind `listen` now (a port in use is a start-up error) and serve until `shutdown`.
+/// Bind `listen` now (a port in use is a start-up error) and serve until `shutdown`; then
+/// requests in progress are answered (a switch under way is told how it went) and the task
+/// ends once they are, or after `drain`.
 pub async fn serve(
     listen: SocketAddr,
     state: Arc<State>,
     shutdown: runtime::Shutdown,
+    drain: Duration,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "Plug API listening (bearer token required).");
     let task = tokio::spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
         loop {
-            let Ok(permit) = slots.clone().acquire_owned().await else {
-                return;
+            let permit = tokio::select! {
+                () = shutdown.wait() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
             };
             let (stream, peer) = tokio::select! {
-                () = shutdown.wait() => return,
+                () = shutdown.wait() => break,
                 a = listener.accept() => match a {
                     Ok(a) => a,
                     Err(e) => {
@@ -137,10 +159,16 @@ pub async fn serve(
                     }
                 },
             };
+            let Some(seat) = Seat::take(&peers, peer.ip()) else {
+                if let Some(skipped) = state.refused.allow() {
+                    tracing::warn!(peer = %peer, skipped, "Plug API: {MAX_PER_PEER} connections from this address already; one more closed.");
+                }
+                continue;
+            };
             let state = state.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let _permit = permit;
+                let _held = (permit, seat);
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(&state, peer, req).await) }
@@ -149,16 +177,66 @@ pub async fn serve(
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(READ_TIMEOUT)
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                tokio::select! {
-                    () = shutdown.wait() => {}
-                    r = conn => if let Err(e) = r {
-                        tracing::debug!(peer = %peer, error = %e, "Plug API connection ended.");
-                    },
+                let mut conn = std::pin::pin!(conn);
+                let ended = tokio::select! {
+                    r = conn.as_mut() => Some(r),
+                    () = shutdown.wait() => None,
+                    () = tokio::time::sleep(CONNECTION_MAX) => None,
+                };
+                let ended = match ended {
+                    Some(r) => r,
+                    None => {
+                        // The request in progress is answered, then the connection closes.
+                        conn.as_mut().graceful_shutdown();
+                        match tokio::time::timeout(drain, conn.as_mut()).await {
+                            Ok(r) => r,
+                            Err(_) => return,
+                        }
+                    }
+                };
+                if let Err(e) = ended {
+                    tracing::debug!(peer = %peer, error = %e, "Plug API connection ended.");
                 }
             });
         }
+        // Until every connection is answered (they hold the slots), within `drain`.
+        let all = u32::try_from(MAX_CONNECTIONS).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(drain, slots.acquire_many(all)).await;
     });
     Ok((local, task))
+}
+
+/// One connection's place among its address's.
+struct Seat {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Seat {
+    fn take(peers: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Seat> {
+        let mut map = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Seat {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -301,6 +379,13 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Answ
             };
             let plug = plug.clone();
             let user = claimed_user(&req);
+            // A declared length over the limit is refused before anything is read.
+            if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is over {MAX_BODY} bytes"),
+                );
+            }
             let body = match tokio::time::timeout(
                 READ_TIMEOUT,
                 Limited::new(req.into_body(), MAX_BODY).collect(),
@@ -406,60 +491,65 @@ async fn switch(state: &State, peer: SocketAddr, user: &str, plug: Segment, body
         return unknown_plug();
     };
     let (tx, rx) = oneshot::channel();
-    if queue
-        .try_send(Job {
-            command,
-            reply: Some(tx),
-        })
-        .is_err()
-    {
+    let job = Job {
+        deadline: tokio::time::Instant::now() + state.timeout,
+        command,
+        reply: Some(tx),
+    };
+    if queue.try_send(job).is_err() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the plug already has commands waiting: try again",
         );
     }
-    // The plug's task answers by the command's expiry (every request to the plug is bounded
-    // by it); the margin covers a poll of the plug in progress when the command came.
-    let result = match tokio::time::timeout(state.timeout * 3 + Duration::from_secs(2), rx).await {
+    // The plug's task answers by the deadline, plus a poll of the plug in progress when the
+    // command came and the read-back after a switch that was not confirmed (each bounded by
+    // the plug's timeout). Given up here, the command is dropped unstarted (its reply closed).
+    let (result, outcome) = match tokio::time::timeout(state.timeout + state.grace, rx).await {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "plug-bridge is stopping");
-        }
+        Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "plug-bridge is stopping"),
         Err(_) => {
-            return timed_out(state, &plug, &id, action);
+            let r = CommandResult {
+                id,
+                device: plug,
+                ok: false,
+                relay_on: None,
+                message: Some("plug-bridge could not get to it in time: not done".into()),
+                ts_ms: proto::now_ms(),
+            };
+            (r, Outcome::NotStarted)
         }
     };
-    let body = serde_json::json!({
-        "plug": plug.as_str(),
-        "id": id.as_str(),
-        "action": action,
-        "ok": result.ok,
-        "relay_on": result.relay_on,
-        "error": result.message,
-    });
-    if result.ok {
-        json(StatusCode::OK, &body)
-    } else if result.relay_on.is_some() {
+    let status = match outcome {
+        Outcome::Done => StatusCode::OK,
         // The plug answered, but not in the state asked for.
-        json(StatusCode::BAD_GATEWAY, &body)
-    } else {
-        timed_out(state, &plug, &id, action)
-    }
-}
-
-fn timed_out(state: &State, plug: &Segment, id: &Segment, action: &str) -> Answer {
+        Outcome::Mismatch => StatusCode::BAD_GATEWAY,
+        Outcome::NotStarted | Outcome::Unconfirmed => StatusCode::GATEWAY_TIMEOUT,
+        Outcome::Conflict => StatusCode::CONFLICT,
+        Outcome::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let message = match outcome {
+        Outcome::NotStarted => Some(format!(
+            "the plug did not confirm within {} ms; nothing was sent to it and nothing will be: {}",
+            state.timeout.as_millis(),
+            result.message.as_deref().unwrap_or("")
+        )),
+        Outcome::Unconfirmed => Some(format!(
+            "the plug did not confirm within {} ms; plug-bridge will not send it again: {}",
+            state.timeout.as_millis(),
+            result.message.as_deref().unwrap_or("")
+        )),
+        _ => result.message,
+    };
     json(
-        StatusCode::GATEWAY_TIMEOUT,
+        status,
         &serde_json::json!({
-            "plug": plug.as_str(),
-            "id": id.as_str(),
+            "plug": result.device.as_str(),
+            "id": result.id.as_str(),
             "action": action,
-            "ok": false,
-            "relay_on": null,
-            "error": format!(
-                "the plug did not confirm within {} ms: the command is dropped and will not be carried out later",
-                state.timeout.as_millis()
-            ),
+            "ok": result.ok,
+            "relay_on": result.relay_on,
+            "error": message,
         }),
     )
 }

@@ -199,11 +199,16 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         Some(a) => {
             let state = api::State::new(
                 a,
+                plan.timeout,
                 plan.plugs.iter().map(|p| (p.id.clone(), p.kind)).collect(),
                 queues.clone(),
                 shared.views.clone(),
             );
-            let (_, task) = api::serve(a.listen, Arc::new(state), ctx.shutdown.clone())
+            // At shutdown a switch under way takes at most three requests to the plug (the
+            // one in flight, the read-back, one more read if that failed), and its answer is
+            // sent: 7 s by default, within the 8 s of shutdown_grace_ms.
+            let drain = plan.timeout * 3 + Duration::from_secs(1);
+            let (_, task) = api::serve(a.listen, Arc::new(state), ctx.shutdown.clone(), drain)
                 .await
                 .map_err(|source| Error::Api {
                     listen: a.listen,
@@ -215,8 +220,10 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let router = tokio::spawn(route_commands(commands, queues, ctx.shutdown.clone()));
     workers.supervise(&ctx.shutdown).await;
     router.abort();
-    if let Some(t) = api_task {
-        t.abort();
+    if let Some(t) = api_task
+        && let Err(e) = t.await
+    {
+        tracing::warn!(error = %e, "The plug API's task ended abnormally.");
     }
     ready.set(false);
     // A clean stop saves each counter exactly: a restart continues from it.
@@ -257,15 +264,20 @@ async fn poll(
             () = shutdown.wait() => break,
             _ = tick.tick() => {}
             Some(job) = commands.recv() => {
-                let result = tokio::select! {
-                    () = shutdown.wait() => break,
-                    r = carry_out(&http, &plug, &job.command, &mut done) => r,
-                };
+                // An HTTP request that gave up waiting (it answered 504) is not carried out.
+                if job.reply.as_ref().is_some_and(tokio::sync::oneshot::Sender::is_closed) {
+                    tracing::debug!(plug = %plug.id, id = %job.command.id, "A command whose requester gave up: dropped.");
+                    continue;
+                }
+                // Not cut short by shutdown: the in-flight request to the plug finishes (it
+                // is bounded), nothing more is sent, and the result is still told.
+                let (result, outcome) =
+                    carry_out(&http, &plug, &job.command, job.deadline, &mut done, &shutdown).await;
                 if let Some(on) = result.relay_on {
                     shared.views.update(&plug.id, |v| v.relay_on = Some(on));
                 }
                 if let Some(reply) = job.reply {
-                    let _ = reply.send(result.clone());
+                    let _ = reply.send((result.clone(), outcome));
                 }
                 answer(&shared, &plug, result).await;
                 continue;
@@ -372,6 +384,7 @@ async fn route_commands(
             continue;
         };
         let job = api::Job {
+            deadline: deadline(&command),
             command,
             reply: None,
         };
@@ -381,36 +394,86 @@ async fn route_commands(
     }
 }
 
+/// What became of a command, for the HTTP API's status code (the bus gets the
+/// [`CommandResult`] alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Switched, and the plug reads as asked.
+    Done,
+    /// The plug answered, but reads otherwise than asked.
+    Mismatch,
+    /// Not started: it expired first (or waited behind others until then). Nothing was sent.
+    NotStarted,
+    /// Sent, but not confirmed before it expired: the plug may have switched (the result
+    /// says what it read afterwards, if it could be read). It is not sent again.
+    Unconfirmed,
+    /// Its id was used before for another command: not carried out.
+    Conflict,
+    /// plug-bridge is stopping: not started.
+    Stopping,
+}
+
+/// The longest a command may wait to be carried out, whatever its `expires_ts_ms` says: a
+/// plug must not switch minutes after the request, nor go unpolled that long.
+pub const MAX_COMMAND_LIFETIME: Duration = Duration::from_secs(30);
+
+/// A command's deadline on the monotonic clock, taken when it arrives: a wall clock stepped
+/// back (a Pi has no RTC; NTP corrects it) neither revives an expired command nor extends one.
+pub fn deadline(c: &Command) -> tokio::time::Instant {
+    let left = u64::try_from(c.expires_ts_ms.saturating_sub(proto::now_ms())).unwrap_or(0);
+    tokio::time::Instant::now() + Duration::from_millis(left).min(MAX_COMMAND_LIFETIME)
+}
+
 /// Results of the commands a plug carried out lately, by id.
 #[derive(Default)]
 struct Done {
-    results: VecDeque<CommandResult>,
+    results: VecDeque<(Action, CommandResult, Outcome)>,
 }
 
 impl Done {
-    fn get(&self, id: &Segment) -> Option<CommandResult> {
-        self.results.iter().find(|r| &r.id == id).cloned()
+    /// The earlier result of `c`'s id: the same again if it asked the same, a conflict if not.
+    fn get(&self, c: &Command) -> Option<(CommandResult, Outcome)> {
+        let (action, r, outcome) = self.results.iter().find(|(_, r, _)| r.id == c.id)?;
+        if *action == c.action {
+            return Some((r.clone(), *outcome));
+        }
+        let conflict = CommandResult {
+            id: c.id.clone(),
+            device: c.device.clone(),
+            ok: false,
+            relay_on: None,
+            message: Some(format!(
+                "the id {} was used for another command to this plug: not carried out (give each command its own id)",
+                c.id
+            )),
+            ts_ms: proto::now_ms(),
+        };
+        Some((conflict, Outcome::Conflict))
     }
 
-    fn remember(&mut self, r: &CommandResult) {
+    fn remember(&mut self, action: Action, r: &CommandResult, outcome: Outcome) {
         if self.results.len() >= REMEMBERED {
             self.results.pop_front();
         }
-        self.results.push_back(r.clone());
+        self.results.push_back((action, r.clone(), outcome));
     }
 }
 
-/// Carry a command out: unless it expired or was done already, set the relay (a toggle
-/// becomes the state opposite to the one read first), then read the plug back. Success only
-/// when the plug says the relay is as asked. Retried until the command expires.
+/// Carry a command out by `deadline`: unless its id was seen, set the relay (a toggle becomes
+/// the state opposite to the one read first), then read the plug back; `Done` only when the
+/// plug says the relay is as asked. Retried until the deadline; from then, or from shutdown,
+/// nothing more is sent (a request open then is dropped), and a command that was sent is
+/// read back once more, so the result says what the plug reads.
 async fn carry_out(
     http: &client::Client,
     plug: &Plug,
     c: &Command,
+    deadline: tokio::time::Instant,
     done: &mut Done,
-) -> CommandResult {
-    if let Some(r) = done.get(&c.id) {
-        return r;
+    shutdown: &runtime::Shutdown,
+) -> (CommandResult, Outcome) {
+    if let Some(earlier) = done.get(c) {
+        return earlier;
     }
     let result = |ok: bool, relay_on: Option<bool>, message: Option<String>| CommandResult {
         id: c.id.clone(),
@@ -420,48 +483,34 @@ async fn carry_out(
         message,
         ts_ms: proto::now_ms(),
     };
-    if proto::now_ms() >= c.expires_ts_ms {
-        let r = result(
-            false,
-            None,
-            Some("expired before it could be carried out: not done".into()),
-        );
-        done.remember(&r);
-        return r;
-    }
     let mut last_error = String::new();
     let mut wanted = match c.action {
         Action::On => Some(true),
         Action::Off => Some(false),
         Action::Toggle => None,
     };
+    let mut sent = false;
     let mut attempt = 0u32;
-    loop {
-        // Never started after the command expired: a plug must not switch late.
-        let left = c.expires_ts_ms - proto::now_ms();
-        if left <= 0 {
-            let r = result(
-                false,
-                None,
-                Some(format!(
-                    "the plug did not answer before the command expired: {last_error}"
-                )),
-            );
-            done.remember(&r);
-            return r;
-        }
+    let stopping = loop {
         if attempt > 0 {
             let pause = Duration::from_millis(200u64 << attempt.min(4));
-            tokio::time::sleep(pause.min(Duration::from_millis(u64::try_from(left).unwrap_or(0))))
-                .await;
-            if proto::now_ms() >= c.expires_ts_ms {
-                continue;
+            let until = deadline.min(tokio::time::Instant::now() + pause);
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => {}
+                () = shutdown.wait() => {}
             }
+        }
+        // Never started after the deadline: a plug must not switch late.
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        if shutdown.is_requested() {
+            break true;
         }
         attempt += 1;
         let on = match wanted {
             Some(on) => on,
-            None => match by_expiry(c, http.read(plug)).await {
+            None => match by_deadline(deadline, http.read(plug)).await {
                 Ok(r) => {
                     wanted = Some(!r.relay_on);
                     !r.relay_on
@@ -472,15 +521,16 @@ async fn carry_out(
                 }
             },
         };
-        if let Err(e) = by_expiry(c, http.switch(plug, on)).await {
+        sent = true;
+        if let Err(e) = by_deadline(deadline, http.switch(plug, on)).await {
             last_error = e;
             continue;
         }
-        match by_expiry(c, http.read(plug)).await {
+        match by_deadline(deadline, http.read(plug)).await {
             Ok(r) if r.relay_on == on => {
                 let r = result(true, Some(r.relay_on), None);
-                done.remember(&r);
-                return r;
+                done.remember(c.action, &r, Outcome::Done);
+                return (r, Outcome::Done);
             }
             Ok(r) => {
                 let r = result(
@@ -492,22 +542,73 @@ async fn carry_out(
                         state(on)
                     )),
                 );
-                done.remember(&r);
-                return r;
+                done.remember(c.action, &r, Outcome::Mismatch);
+                return (r, Outcome::Mismatch);
             }
             Err(e) => last_error = e,
         }
+    };
+    if !sent {
+        let (message, outcome) = if stopping {
+            (
+                "plug-bridge is stopping: not done".to_string(),
+                Outcome::Stopping,
+            )
+        } else if last_error.is_empty() {
+            (
+                "expired before it could be carried out: not done".to_string(),
+                Outcome::NotStarted,
+            )
+        } else {
+            (
+                format!(
+                    "the plug did not answer before the command expired; nothing was sent to switch it: {last_error}"
+                ),
+                Outcome::NotStarted,
+            )
+        };
+        let r = result(false, None, Some(message));
+        if outcome != Outcome::Stopping {
+            done.remember(c.action, &r, outcome);
+        }
+        return (r, outcome);
     }
+    // Sent, not confirmed: what does the plug read now? (Reading switches nothing.)
+    let now = http.read(plug).await.ok().map(|r| r.relay_on);
+    if let (Some(on), Some(wanted)) = (now, wanted)
+        && on == wanted
+    {
+        let r = result(true, Some(on), None);
+        done.remember(c.action, &r, Outcome::Done);
+        return (r, Outcome::Done);
+    }
+    let reads = match now {
+        Some(on) => format!("it now reads {}", state(on)),
+        None => "it cannot be read now".to_string(),
+    };
+    let why = if stopping {
+        "plug-bridge is stopping"
+    } else {
+        "the plug did not confirm before the command expired"
+    };
+    let r = result(
+        false,
+        now,
+        Some(format!(
+            "{why} ({last_error}); the switch may or may not have reached the plug: {reads}; it is not sent again"
+        )),
+    );
+    done.remember(c.action, &r, Outcome::Unconfirmed);
+    (r, Outcome::Unconfirmed)
 }
 
-/// `request`, given up when `c` expires: a request still open then is dropped (its
-/// connection closed), so nothing of the command is left to reach the plug late.
-async fn by_expiry<T>(
-    c: &Command,
+/// `request`, given up at `deadline`: a request still open then is dropped (its connection
+/// closed), and nothing of the command is sent again.
+async fn by_deadline<T>(
+    deadline: tokio::time::Instant,
     request: impl std::future::Future<Output = Result<T, client::PlugError>>,
 ) -> Result<T, String> {
-    let left = u64::try_from(c.expires_ts_ms - proto::now_ms()).unwrap_or(0);
-    match tokio::time::timeout(Duration::from_millis(left), request).await {
+    match tokio::time::timeout_at(deadline, request).await {
         Ok(r) => r.map_err(|e| chain(&e)),
         Err(_) => Err("no answer before the command expired".into()),
     }
@@ -605,5 +706,54 @@ async fn publish_status(shared: &Shared, id: &ReadingId, online: bool) {
     );
     if let Err(e) = shared.producer.send(&m.topic(), m).await {
         tracing::warn!(error = %chain(&e), "Cannot journal a plug's availability.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(id: &str, action: Action, expires_in_ms: i64) -> Command {
+        let now = proto::now_ms();
+        Command {
+            id: seg(id),
+            device: seg("lamp"),
+            action,
+            issued_ts_ms: now,
+            expires_ts_ms: now + expires_in_ms,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deadline_is_capped_and_taken_on_the_monotonic_clock() {
+        let now = tokio::time::Instant::now();
+        // An hour asked: at most MAX_COMMAND_LIFETIME given.
+        let d = deadline(&command("a", Action::On, 3_600_000));
+        assert!(d <= tokio::time::Instant::now() + MAX_COMMAND_LIFETIME);
+        assert!(d >= now + MAX_COMMAND_LIFETIME - Duration::from_secs(1));
+        // Already expired: due now, never later.
+        assert!(deadline(&command("b", Action::On, -5000)) <= tokio::time::Instant::now());
+    }
+
+    #[test]
+    fn an_id_used_again_for_another_action_is_a_conflict() {
+        let mut done = Done::default();
+        let c = command("x", Action::Off, 1000);
+        let r = CommandResult {
+            id: c.id.clone(),
+            device: c.device.clone(),
+            ok: true,
+            relay_on: Some(false),
+            message: None,
+            ts_ms: 0,
+        };
+        done.remember(c.action, &r, Outcome::Done);
+        assert_eq!(done.get(&c), Some((r, Outcome::Done)));
+        let (again, outcome) = done.get(&command("x", Action::On, 1000)).unwrap();
+        assert_eq!(
+            (again.ok, again.relay_on, outcome),
+            (false, None, Outcome::Conflict)
+        );
+        assert!(done.get(&command("y", Action::Off, 1000)).is_none());
     }
 }

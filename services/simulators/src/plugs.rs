@@ -39,6 +39,8 @@ struct State {
     last: Instant,
     /// Not answering (accepts, then closes without a word).
     down: bool,
+    /// How long it takes before it acts on a request and answers.
+    delay: std::time::Duration,
     /// Shelly: lose `aenergy.total` on a reboot (Gen1 plugs do on a power loss).
     loses_total: bool,
     requests: u64,
@@ -88,6 +90,7 @@ impl SimPlug {
                 booted: now,
                 last: now,
                 down: false,
+                delay: std::time::Duration::ZERO,
                 loses_total: false,
                 requests: 0,
                 switches: 0,
@@ -119,6 +122,11 @@ impl SimPlug {
 
     pub fn set_loses_total(&self, loses: bool) {
         self.with(|s| s.loses_total = loses);
+    }
+
+    /// Take `delay` before acting on each request and answering (a plug on weak WiFi).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.with(|s| s.delay = delay);
     }
 
     /// Stop answering (`true`) or answer again.
@@ -188,6 +196,10 @@ impl SimPlug {
         }
         if self.with(|s| s.down) {
             return;
+        }
+        let delay = self.with(|s| s.delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         let head = String::from_utf8_lossy(&buf).into_owned();
         let (status, body) = self.route(&head);

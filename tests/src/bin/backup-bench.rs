@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use wattbus_e2e::servers::{http, urlencode};
-use wattbus_e2e::{BrokerSetup, Proc, free_port, port_open, wait_until, wattbus_bin};
+use wattbus_e2e::{
+    BrokerSetup, Proc, cpu_seconds, free_port, port_open, status_kb, wait_until, wattbus_bin,
+};
 
 const DB: &str = "wattbus";
 
@@ -230,30 +232,6 @@ fn finished(root: &Path) -> Vec<PathBuf> {
     out.retain(|p| p.join("manifest.json").is_file());
     out.sort();
     out
-}
-
-fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
 }
 
 fn query(port: u16, q: &str) -> anyhow::Result<serde_json::Value> {
