@@ -65,6 +65,7 @@ struct Stack {
     dir: tempfile::TempDir,
     project: String,
     influx_port: u16,
+    plug_api_port: u16,
 }
 
 impl Stack {
@@ -95,6 +96,7 @@ impl Stack {
             dir,
             project: format!("wbt-{name}-{}", std::process::id()),
             influx_port: free_port(),
+            plug_api_port: free_port(),
         }
     }
 
@@ -115,6 +117,7 @@ impl Stack {
             .env("MQTT_PUBLISH", format!("127.0.0.1:{}", free_port()))
             .env("INFLUX_PUBLISH", self.influx_port.to_string())
             .env("GRAFANA_PUBLISH", free_port().to_string())
+            .env("PLUG_API_PUBLISH", self.plug_api_port.to_string())
             .output()
             .expect("run docker compose")
     }
@@ -488,11 +491,13 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "broker_rms_processor",
         "broker_influx_writer",
         "broker_backup_rotator",
+        "broker_plug_bridge",
         "broker_reader",
         "influx_password",
         "influx_admin_password",
         "influx_grafana_password",
         "grafana_admin_password",
+        "plug_api_token",
     ]
     .iter()
     .map(|s| stack.secret(s))
@@ -567,6 +572,7 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "demo-modbus-ingest",
         "demo-serial-ingest",
         "backup-rotator",
+        "plug-bridge",
     ] {
         let id = stack.one(service);
         assert_eq!(
@@ -592,6 +598,24 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
             );
         }
     }
+    // plug-bridge's API, as compose wires it: the token from its secret file, nothing without it.
+    let token = stack.secret("plug_api_token");
+    let api = |auth: Option<&str>| {
+        let header = auth.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = header
+            .iter()
+            .map(|h| ("Authorization", h.as_str()))
+            .collect();
+        wattbus_e2e::servers::http_with("GET", stack.plug_api_port, "/api/v1/plugs", &headers, b"")
+    };
+    assert_eq!(
+        api(None).0,
+        401,
+        "plug-bridge's API answered without the token"
+    );
+    assert_eq!(api(Some("not-the-token-0123456789")).0, 401);
+    let (status, body) = api(Some(&token));
+    assert_eq!((status, body.as_str()), (200, r#"{"plugs":[]}"#));
     // InfluxDB reads its passwords from the secrets in its entrypoint, not the environment.
     let influxdb = stack.one("influxdb");
     let environ = docker_ok(&["exec", &influxdb, "cat", "/proc/1/environ"]);

@@ -469,14 +469,21 @@ struct Api {
     port: u16,
     log: std::path::PathBuf,
     bridge: Proc,
-    _broker: Proc,
+    broker_proc: Proc,
     broker: BrokerSetup,
 }
 
 fn api(d: &Path, ports: &[u16], api_timeout_ms: u64) -> Api {
     let broker = BrokerSetup::new(d);
     let broker_proc = broker.start(&d.join("broker.log"));
-    let path = broker.service_config(d, ["level = \"info,rumqttd=warn\"", "", ""]);
+    let path = broker.service_config(
+        d,
+        [
+            "level = \"info,rumqttd=warn\"",
+            "reconnect_max_ms = 500",
+            "",
+        ],
+    );
     let token = d.join("api_token");
     // As `echo $TOKEN > file` writes it.
     std::fs::write(&token, format!("{API_TOKEN}\n")).unwrap();
@@ -506,7 +513,7 @@ fn api(d: &Path, ports: &[u16], api_timeout_ms: u64) -> Api {
         port,
         log,
         bridge,
-        _broker: broker_proc,
+        broker_proc,
         broker,
     }
 }
@@ -1017,4 +1024,133 @@ Promise.resolve(new Function('context', code)(context)).then((r) => {
         .expect("node runs (nodejs)");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Home Assistant MQTT discovery as Home Assistant sees it on the broker: every plug's
+/// switch and sensors announced retained (the schema itself is checked in `ha`'s unit
+/// tests), reading the topics the readings really arrive on; a plug's availability; all of
+/// it back after a broker restart (wattbus's broker keeps retained messages in memory only),
+/// and announced again when Home Assistant says `online`.
+#[test]
+fn home_assistant_discovery_announces_every_plug_and_again_after_a_broker_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
+    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    gone.set_down(true);
+    let plugs = serve(&[lamp, fridge, gone]);
+    let mut a = api(d, &plugs.ports, 1500);
+    let sub = |name: &str, topic: &str| {
+        let log = d.join(name);
+        let p = Proc::spawn(
+            "mosquitto_sub",
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &a.broker.port.to_string()])
+                .args([
+                    "-u",
+                    &a.broker.user,
+                    "-P",
+                    &a.broker.password,
+                    "-q",
+                    "1",
+                    "-v",
+                ])
+                .args(["-t", topic]),
+            &log,
+        );
+        (p, log)
+    };
+    // (topic, payload) pairs seen so far.
+    let seen = |log: &Path| -> Vec<(String, String)> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(t, p)| (t.to_string(), p.to_string()))
+            .collect()
+    };
+    let configs = |log: &Path| {
+        seen(log)
+            .into_iter()
+            .filter(|(t, _)| t.ends_with("/config"))
+            .count()
+    };
+    // 4 entities for a myStrom, 6 for a Shelly (voltage, current).
+    const ALL: usize = 4 + 6 + 6;
+    let (mut first, log) = sub("ha-1.log", "homeassistant/#");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let s = seen(&log);
+            configs(&log) >= ALL
+                && s.iter().any(|(t, p)| {
+                    t == "homeassistant/switch/wattbus/lab_lamp/availability" && p == "online"
+                })
+                && s.iter().any(|(t, p)| {
+                    t == "homeassistant/switch/wattbus/lab_gone/availability" && p == "offline"
+                })
+        }),
+        "{:?}",
+        seen(&log)
+    );
+    let all = seen(&log);
+    let switch = &all
+        .iter()
+        .find(|(t, _)| t == "homeassistant/switch/wattbus/lab_fridge_relay/config")
+        .expect("the fridge's switch")
+        .1;
+    let switch: serde_json::Value = serde_json::from_str(switch).unwrap();
+    assert_eq!(switch["command_topic"], "wattbus/v1/lab/cmd/fridge");
+    // What the templates read is in the readings: `fields.power_w`, `fields.relay_on`, …
+    let state_topic = switch["state_topic"].as_str().unwrap().to_string();
+    let (mut readings, readings_log) = sub("readings.log", &state_topic);
+    assert!(wait_until(Duration::from_secs(20), || !seen(&readings_log).is_empty()));
+    let (_, reading) = seen(&readings_log).remove(0);
+    let reading: serde_json::Value = serde_json::from_str(&reading).unwrap();
+    for f in [
+        "power_w",
+        "relay_on",
+        "energy_wh",
+        "temperature_c",
+        "voltage_v",
+        "current_a",
+    ] {
+        assert!(reading["fields"][f].is_number(), "{f} not in {reading}");
+    }
+    readings.terminate(Duration::from_secs(5));
+    for (topic, payload) in all.iter().filter(|(t, _)| t.ends_with("/config")) {
+        let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+        assert_eq!(
+            v["state_topic"].as_str().unwrap().split('/').nth(3),
+            Some("meas"),
+            "{topic}"
+        );
+        assert!(v["unique_id"].is_string(), "{topic}");
+        if topic.ends_with("_energy/config") {
+            assert_eq!(v["state_class"], "total_increasing", "{topic}");
+        }
+    }
+
+    // Home Assistant restarts and says so: announced again.
+    let before = configs(&log);
+    publish(&a.broker, "homeassistant/status", "online", false);
+    assert!(
+        wait_until(Duration::from_secs(20), || configs(&log) >= before + ALL),
+        "not announced again after homeassistant/status online"
+    );
+    first.terminate(Duration::from_secs(5));
+
+    // The broker restarts, its retained messages gone: plug-bridge announces everything again.
+    a.broker_proc.kill9();
+    a.broker_proc = a.broker.start(&d.join("broker-2.log"));
+    let (mut second, log) = sub("ha-2.log", "homeassistant/#");
+    assert!(
+        wait_until(Duration::from_secs(30), || configs(&log) >= ALL
+            && seen(&log).iter().any(|(t, p)| t
+                == "homeassistant/switch/wattbus/lab_lamp/availability"
+                && p == "online")),
+        "not announced again after a broker restart: {:?}",
+        seen(&log)
+    );
+    second.terminate(Duration::from_secs(5));
 }

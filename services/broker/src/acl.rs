@@ -11,12 +11,14 @@
 //! | producer | `meas/+/+`, `raw/+`, `status/own`, `dead/U` | `ack/#`, `sink/+`, `status/+` |
 //! | sink | `ack/+/+/U`, `sink/U`, `status/own`, `dead/U` | `meas/+/+`, `raw/+`, `status/+`, `dead/+` |
 //! | processor | producer ∪ sink | producer ∪ sink |
-//! | actuator | producer's, `cmd-result/+` | producer's, `cmd/+` |
+//! | actuator | producer's, `cmd-result/+`, `homeassistant/+/wattbus/#` | producer's, `cmd/+`, `homeassistant/status` |
 //! | commander | `cmd/+`, `status/own`, `dead/U` | `cmd-result/+`, `status/+` |
+//! | homeassistant | `cmd/+`, `homeassistant/status` | `wattbus/#`, `homeassistant/#` |
 //! | reader | nothing | `wattbus/#` |
 //! | admin | anything | anything |
 //!
-//! (each pattern after `wattbus/v1/+/`). A producer, processor or actuator given `devices` may
+//! (each `wattbus` pattern after `wattbus/v1/+/`; `homeassistant/...` as written: Home
+//! Assistant's MQTT discovery, where wattbus's entities live under node id `wattbus`). A producer, processor or actuator given `devices` may
 //! publish readings (`meas`, `raw`) and command results (`cmd-result`) only for those devices.
 //! Only an actuator (plug-bridge) hears commands, and only a commander (a cloud bridge, a
 //! script) or admin may send one: a command switches real equipment, so no reading producer
@@ -57,6 +59,10 @@ pub enum Role {
     Actuator,
     /// Sends commands and reads their results (a cloud bridge, a script), nothing else.
     Commander,
+    /// Home Assistant: reads everything under `wattbus/` and the discovery topics, switches
+    /// plugs (`cmd/+`), says it is online (`homeassistant/status`).
+    #[serde(rename = "homeassistant")]
+    HomeAssistant,
     /// Reads everything under `wattbus/`, publishes nothing (dashboards, `mosquitto_sub`).
     Reader,
     /// Anything (tools, tests). Not for services.
@@ -64,12 +70,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 7] = [
+    pub const ALL: [Role; 8] = [
         Role::Producer,
         Role::Sink,
         Role::Processor,
         Role::Actuator,
         Role::Commander,
+        Role::HomeAssistant,
         Role::Reader,
         Role::Admin,
     ];
@@ -81,6 +88,7 @@ impl Role {
             Role::Processor => "processor",
             Role::Actuator => "actuator",
             Role::Commander => "commander",
+            Role::HomeAssistant => "homeassistant",
             Role::Reader => "reader",
             Role::Admin => "admin",
         }
@@ -126,8 +134,10 @@ const SINK_SUBSCRIBE: &[&str] = &[
     "wattbus/v1/+/status/+",
     "wattbus/v1/+/dead/+",
 ];
-const ACTUATOR_PUBLISH: &[&str] = &["wattbus/v1/+/cmd-result/+"];
-const ACTUATOR_SUBSCRIBE: &[&str] = &["wattbus/v1/+/cmd/+"];
+const ACTUATOR_PUBLISH: &[&str] = &["wattbus/v1/+/cmd-result/+", "homeassistant/+/wattbus/#"];
+const ACTUATOR_SUBSCRIBE: &[&str] = &["wattbus/v1/+/cmd/+", "homeassistant/status"];
+const HOME_ASSISTANT_PUBLISH: &[&str] = &["wattbus/v1/+/cmd/+", "homeassistant/status"];
+const HOME_ASSISTANT_SUBSCRIBE: &[&str] = &["wattbus/#", "homeassistant/#"];
 const COMMANDER_PUBLISH: &[&str] = &[
     "wattbus/v1/+/cmd/+",
     "wattbus/v1/+/status/+",
@@ -170,6 +180,9 @@ impl Grant {
         if self.role == Role::Commander {
             patterns.push(COMMANDER_PUBLISH);
         }
+        if self.role == Role::HomeAssistant {
+            patterns.push(HOME_ASSISTANT_PUBLISH);
+        }
         let allowed = patterns
             .into_iter()
             .flatten()
@@ -200,6 +213,7 @@ impl Grant {
             Role::Processor => &[PRODUCER_SUBSCRIBE, SINK_SUBSCRIBE],
             Role::Actuator => &[PRODUCER_SUBSCRIBE, ACTUATOR_SUBSCRIBE],
             Role::Commander => &[COMMANDER_SUBSCRIBE],
+            Role::HomeAssistant => &[HOME_ASSISTANT_SUBSCRIBE],
             Role::Reader => &[READER_SUBSCRIBE],
             Role::Admin => &[],
         };
@@ -496,6 +510,45 @@ mod tests {
         assert!(c.may_subscribe("wattbus/v1/home/cmd-result/+"));
         assert!(!c.may_subscribe("wattbus/v1/home/meas/+/+"));
         assert!(!c.may_publish("wattbus/v1/home/meas/kettle/relay"));
+    }
+
+    #[test]
+    fn home_assistant_discovery_stays_in_wattbus_own_namespace() {
+        let a = grant(Role::Actuator, "plug-bridge");
+        assert!(a.may_publish("homeassistant/switch/wattbus/home_kettle/config"));
+        assert!(a.may_publish("homeassistant/sensor/wattbus/home_kettle_power/config"));
+        assert!(a.may_subscribe("homeassistant/status"));
+        // Another integration's entities, or Home Assistant's own status: not its to write.
+        assert!(!a.may_publish("homeassistant/switch/zigbee2mqtt/lamp/config"));
+        assert!(!a.may_publish("homeassistant/status"));
+        assert!(!a.may_subscribe("homeassistant/#"));
+        for role in [
+            Role::Producer,
+            Role::Sink,
+            Role::Processor,
+            Role::Commander,
+            Role::Reader,
+        ] {
+            assert!(
+                !grant(role, "me").may_publish("homeassistant/switch/wattbus/home_kettle/config"),
+                "{role:?} announces entities"
+            );
+        }
+        let ha = grant(Role::HomeAssistant, "homeassistant");
+        assert!(ha.may_subscribe("homeassistant/#"));
+        assert!(ha.may_subscribe("wattbus/#"));
+        assert!(ha.may_publish("homeassistant/status"));
+        assert!(ha.may_publish("wattbus/v1/home/cmd/kettle"));
+        // It reads readings and switches plugs; it neither forges readings, results nor
+        // acknowledgements, nor rewrites discovery.
+        for topic in [
+            "wattbus/v1/home/meas/kettle/relay",
+            "wattbus/v1/home/cmd-result/kettle",
+            "wattbus/v1/home/ack/p/meas/influx-writer",
+            "homeassistant/switch/wattbus/home_kettle/config",
+        ] {
+            assert!(!ha.may_publish(topic), "{topic}");
+        }
     }
 
     #[test]

@@ -383,8 +383,9 @@ fn a_user_without_a_role_is_an_error_naming_the_key_and_the_roles() {
     let e = parse("[[broker.users]]\nusername = \"a\"\npassword = \"b\"\n").unwrap_err();
     assert_eq!(e.key, "broker.users[0].role");
     assert!(
-        e.reason
-            .contains("producer, sink, processor, actuator, commander, reader, admin"),
+        e.reason.contains(
+            "producer, sink, processor, actuator, commander, homeassistant, reader, admin"
+        ),
         "{e}"
     );
     let e = parse(

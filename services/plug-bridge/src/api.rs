@@ -60,7 +60,7 @@ pub struct View {
 
 /// Every plug's latest, shared by the plugs' tasks (writers) and the API (reader).
 #[derive(Debug, Default)]
-pub struct Views(Mutex<BTreeMap<Segment, View>>);
+pub struct Views(pub(crate) Mutex<BTreeMap<Segment, View>>);
 
 impl Views {
     pub fn update(&self, plug: &Segment, f: impl FnOnce(&mut View)) {

@@ -35,6 +35,8 @@ pub struct Config {
     pub health_listen: Option<SocketAddr>,
     /// The HTTP API (Grafana's button, scripts); off unless `[plug_bridge.api]` is given.
     pub api: Option<ApiConfig>,
+    /// Announce every plug to Home Assistant (MQTT discovery under `homeassistant/`).
+    pub home_assistant: bool,
 }
 
 /// `[plug_bridge.api]`: switch plugs and read them over HTTP, with a bearer token.
@@ -84,6 +86,7 @@ impl Default for Config {
             stream: StreamConfig::default(),
             health_listen: Some(([127, 0, 0, 1], 9115).into()),
             api: None,
+            home_assistant: true,
         }
     }
 }
@@ -152,6 +155,7 @@ pub struct Plan {
     pub stream: StreamConfig,
     pub health_listen: Option<SocketAddr>,
     pub api: Option<Api>,
+    pub home_assistant: bool,
 }
 
 impl Plan {
@@ -236,6 +240,7 @@ impl Config {
             stream: self.stream,
             health_listen: self.health_listen,
             api,
+            home_assistant: self.home_assistant,
         })
     }
 }

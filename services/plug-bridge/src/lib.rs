@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod device;
 pub mod energy;
+pub mod ha;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -144,6 +145,8 @@ struct Shared {
     site: Segment,
     core: Core,
     views: Arc<api::Views>,
+    /// Announce plugs to Home Assistant (and publish their availability for it).
+    home_assistant: bool,
 }
 
 /// Run on an existing bus connection (the demo shares one).
@@ -166,6 +169,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         site: ctx.common.site.clone(),
         core: Core::of("plug-bridge"),
         views: Arc::new(api::Views::default()),
+        home_assistant: plan.home_assistant,
     });
     if plan.plugs.is_empty() {
         tracing::warn!("No plugs configured ([[plug_bridge.plugs]]): nothing to poll.");
@@ -218,8 +222,20 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         }
     };
     let router = tokio::spawn(route_commands(commands, queues, ctx.shutdown.clone()));
+    let announcer = plan.home_assistant.then(|| {
+        let plugs = plan.plugs.iter().map(|p| (p.id.clone(), p.kind)).collect();
+        tokio::spawn(home_assistant(
+            shared.clone(),
+            plugs,
+            plan.instance.clone(),
+            ctx.shutdown.clone(),
+        ))
+    });
     workers.supervise(&ctx.shutdown).await;
     router.abort();
+    if let Some(a) = announcer {
+        a.abort();
+    }
     if let Some(t) = api_task
         && let Err(e) = t.await
     {
@@ -306,6 +322,9 @@ async fn poll(
                         read_ts_ms: Some(read_ts_ms),
                     };
                 });
+                if online != Some(true) {
+                    announce_availability(&shared, &plug.id, true).await;
+                }
                 if online != Some(true) || status_at.elapsed() >= STATUS_EVERY {
                     online = Some(true);
                     status_at = tokio::time::Instant::now();
@@ -320,6 +339,9 @@ async fn poll(
                     tracing::warn!(plug = %plug.id, url = %plug.url, error = %chain(&e), retry_in_ms = wait.as_millis() as u64, "Plug offline; retrying with backoff.");
                 } else {
                     tracing::debug!(plug = %plug.id, error = %chain(&e), "Plug still offline.");
+                }
+                if online != Some(false) {
+                    announce_availability(&shared, &plug.id, false).await;
                 }
                 if online != Some(false) || status_at.elapsed() >= STATUS_EVERY {
                     online = Some(false);
@@ -629,6 +651,84 @@ async fn answer(shared: &Shared, plug: &Plug, r: CommandResult) {
     let topic = Topic::<CommandResult>::command_result(&shared.site, &plug.id);
     if let Err(e) = shared.bus.send(&topic, &r, false).await {
         tracing::warn!(plug = %plug.id, error = %chain(&e), "Cannot publish a command's result.");
+    }
+}
+
+/// Home Assistant discovery (`ha`): every plug announced on every connection to the broker
+/// (whose retained messages may be gone: wattbus's broker keeps them in memory) and whenever
+/// Home Assistant says it is `online`.
+async fn home_assistant(
+    shared: Arc<Shared>,
+    plugs: Vec<(Segment, config::Kind)>,
+    instance: Segment,
+    shutdown: runtime::Shutdown,
+) {
+    let mut connection = shared.bus.connection();
+    let mut ha_status = shared
+        .bus
+        .subscribe(ha::STATUS_TOPIC, QoS::AtLeastOnce, Overflow::Drop);
+    let mut connected = *connection.borrow_and_update() > 0;
+    loop {
+        if connected {
+            announce(&shared, &plugs, &instance).await;
+            connected = false;
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            r = connection.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                connected = true;
+            }
+            Some(m) = ha_status.recv() => {
+                if m.payload.as_ref() == b"online" {
+                    tracing::info!("Home Assistant is online: announcing the plugs again.");
+                    connected = true;
+                }
+            }
+        }
+    }
+}
+
+async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: &Segment) {
+    let mut sent = 0;
+    for (plug, kind) in plugs {
+        for (topic, payload) in ha::announcements(
+            &shared.site,
+            plug,
+            *kind,
+            instance,
+            env!("CARGO_PKG_VERSION"),
+        ) {
+            match shared.bus.publish(&topic, payload.to_string(), true).await {
+                Ok(()) => sent += 1,
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "Cannot announce the plugs to Home Assistant.");
+                    return;
+                }
+            }
+        }
+        let online = {
+            let v = shared.views.0.lock().unwrap_or_else(|p| p.into_inner());
+            v.get(plug).and_then(|v| v.online)
+        };
+        if let Some(online) = online {
+            announce_availability(shared, plug, online).await;
+        }
+    }
+    tracing::debug!(configs = sent, "Plugs announced to Home Assistant.");
+}
+
+/// The plug's availability for Home Assistant, retained.
+async fn announce_availability(shared: &Shared, plug: &Segment, online: bool) {
+    if !shared.home_assistant {
+        return;
+    }
+    let payload = if online { "online" } else { "offline" };
+    let topic = ha::availability_topic(&shared.site, plug);
+    if let Err(e) = shared.bus.publish(&topic, payload, true).await {
+        tracing::warn!(plug = %plug, error = %chain(&e), "Cannot publish a plug's availability for Home Assistant.");
     }
 }
 
