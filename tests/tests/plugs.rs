@@ -1154,3 +1154,228 @@ fn home_assistant_discovery_announces_every_plug_and_again_after_a_broker_restar
     );
     second.terminate(Duration::from_secs(5));
 }
+
+/// A Tasmota plug played by real MQTT clients (`mosquitto_sub` hears its commands,
+/// `mosquitto_pub` answers as Tasmota documents): `cmnd/<topic>/POWER` (empty: the state;
+/// `ON`/`OFF`: switch) and `cmnd/<topic>/STATUS 10` (the energy monitor).
+struct Tasmota {
+    state: std::sync::Arc<std::sync::Mutex<TasmotaState>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    sub: Proc,
+}
+
+#[derive(Debug, Clone)]
+struct TasmotaState {
+    on: bool,
+    total_kwh: f64,
+    power_w: f64,
+    /// Hears but does not answer.
+    down: bool,
+    switches: u32,
+}
+
+impl Tasmota {
+    fn play(broker: &BrokerSetup, topic: &str, dir: &Path) -> Tasmota {
+        let heard = dir.join(format!("{topic}.cmnd"));
+        let sub = Proc::spawn(
+            "mosquitto_sub",
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+                .args(["-u", &broker.user, "-P", &broker.password, "-q", "1"])
+                .args(["-F", "%t|%p", "-t", &format!("cmnd/{topic}/+")]),
+            &heard,
+        );
+        let state = std::sync::Arc::new(std::sync::Mutex::new(TasmotaState {
+            on: true,
+            total_kwh: 12.0,
+            power_w: 57.0,
+            down: false,
+            switches: 0,
+        }));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (t, st, sp) = (topic.to_string(), state.clone(), stop.clone());
+        let (port, user, password) = (broker.port, broker.user.clone(), broker.password.clone());
+        let thread = std::thread::spawn(move || {
+            let publish = |topic: &str, payload: &str, retain: bool| {
+                let mut c = Command::new("mosquitto_pub");
+                c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                    .args(["-u", &user, "-P", &password, "-q", "1"])
+                    .args(["-t", topic, "-m", payload]);
+                if retain {
+                    c.arg("-r");
+                }
+                let o = c.output().expect("mosquitto_pub runs (mosquitto-clients)");
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            };
+            publish(&format!("tele/{t}/LWT"), "Online", true);
+            let mut done = 0;
+            while !sp.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&heard).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                for line in lines.iter().skip(done) {
+                    let (topic, payload) = line.split_once('|').unwrap_or((line, ""));
+                    let mut s = st.lock().unwrap();
+                    if s.down {
+                        continue;
+                    }
+                    let stat = |what: &str| format!("stat/{t}/{what}");
+                    match (topic.rsplit('/').next().unwrap_or(""), payload) {
+                        ("POWER", "") => {
+                            let p = if s.on { "ON" } else { "OFF" };
+                            drop(s);
+                            publish(&stat("POWER"), p, false);
+                        }
+                        ("POWER", p @ ("ON" | "OFF")) => {
+                            s.on = p == "ON";
+                            s.switches += 1;
+                            drop(s);
+                            publish(&stat("RESULT"), &format!(r#"{{"POWER":"{p}"}}"#), false);
+                        }
+                        ("STATUS", "10") => {
+                            // 57 W for the half second since the last poll, when on.
+                            if s.on {
+                                s.total_kwh += s.power_w * 0.5 / 3_600_000.0 * 1000.0;
+                            }
+                            let body = format!(
+                                r#"{{"StatusSNS":{{"Time":"2026-12-04T17:00:00","ENERGY":{{"TotalStartTime":"2026-01-01T00:00:00","Total":{:.3},"Yesterday":0.1,"Today":0.2,"Power":{},"ApparentPower":60,"ReactivePower":18,"Factor":0.95,"Voltage":231,"Current":0.26}}}}}}"#,
+                                s.total_kwh,
+                                if s.on { s.power_w } else { 0.0 }
+                            );
+                            drop(s);
+                            publish(&stat("STATUS10"), &body, false);
+                        }
+                        _ => {}
+                    }
+                }
+                done = lines.len();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Tasmota {
+            state,
+            stop,
+            thread: Some(thread),
+            sub,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut TasmotaState) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+impl Drop for Tasmota {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.sub.terminate(Duration::from_secs(5));
+    }
+}
+
+/// A Tasmota plug on wattbus's broker, read and switched like the HTTP plugs: its power and
+/// energy polled over MQTT, switched through the HTTP API with the state it reports, its own
+/// counter reset without the bridge's going back, offline when it stops answering (and a
+/// switch then 504, nothing sent later), announced to Home Assistant.
+#[test]
+fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let broker = BrokerSetup::new(d);
+    let _broker = broker.start(&d.join("broker.log"));
+    let path = broker.service_config(
+        d,
+        [
+            "level = \"info,rumqttd=warn\"",
+            "reconnect_max_ms = 500",
+            "",
+        ],
+    );
+    std::fs::write(d.join("api_token"), API_TOKEN).unwrap();
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[plug_bridge]\nhealth_listen = \"127.0.0.1:{}\"\npoll_ms = 500\ntimeout_ms = 1000\nretry_ms = 200\nretry_max_ms = 400\n\
+         [plug_bridge.api]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\ntimeout_ms = 2500\n\
+         [[plug_bridge.plugs]]\nid = \"washer\"\nkind = \"tasmota\"\ntopic = \"tasmota_5A3F2B\"\n",
+        free_port(),
+        d.join("api_token").display(),
+    ));
+    std::fs::write(&path, text).unwrap();
+    let plug = Tasmota::play(&broker, "tasmota_5A3F2B", d);
+    let log = d.join("bridge.log");
+    let _bridge = bridge(&path, &log);
+    assert!(wait_until(Duration::from_secs(30), || {
+        wattbus_e2e::port_open(port)
+    }));
+    let get = || -> serde_json::Value {
+        let (_, body) = wattbus_e2e::servers::http_with(
+            "GET",
+            port,
+            "/api/v1/plugs/washer",
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            b"",
+        );
+        serde_json::from_str(&body).unwrap()
+    };
+    let post = |body: &str| {
+        wattbus_e2e::servers::http_with(
+            "POST",
+            port,
+            "/api/v1/plugs/washer/relay",
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            body.as_bytes(),
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let v = get();
+            v["online"] == true && v["relay_on"] == true && v["power_w"].as_f64() == Some(57.0)
+        }),
+        "{}; see {}",
+        get(),
+        log.display()
+    );
+    let first = get()["energy_wh"].as_f64().unwrap();
+    assert!(first >= 12_000.0, "{first}");
+
+    // Switched through the API: the state it reports back.
+    let (status, body) = post(r#"{"action":"off"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""relay_on":false"#), "{body}");
+    assert!(!plug.with(|s| s.on));
+    let (status, body) = post(r#"{"action":"toggle"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        plug.with(|s| s.on) && body.contains(r#""relay_on":true"#),
+        "{body}"
+    );
+
+    // Its own counter reset (Tasmota's EnergyReset, or flash lost): the bridge's goes on.
+    let before = get()["energy_wh"].as_f64().unwrap();
+    plug.with(|s| s.total_kwh = 0.0);
+    let mut last = before;
+    assert!(wait_until(Duration::from_secs(30), || {
+        let now = get()["energy_wh"].as_f64().unwrap();
+        assert!(now >= last, "the counter went back: {last} → {now}");
+        last = now;
+        now > before
+    }));
+
+    // It stops answering: offline, and a switch is a 504, never carried out later.
+    plug.with(|s| s.down = true);
+    assert!(wait_until(Duration::from_secs(30), || get()["online"] == false));
+    let switches = plug.with(|s| s.switches);
+    let (status, body) = post(r#"{"action":"off"}"#);
+    assert_eq!(status, 504, "{body}");
+    plug.with(|s| s.down = false);
+    assert!(wait_until(Duration::from_secs(30), || get()["online"] == true));
+    assert!(
+        plug.with(|s| s.on && s.switches == switches),
+        "a switch was carried out after its 504"
+    );
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(!log_text.contains("panicked"), "{log_text}");
+}

@@ -14,11 +14,15 @@
 //! | actuator | producer's, `cmd-result/+`, `homeassistant/+/wattbus/#` | producer's, `cmd/+`, `homeassistant/status` |
 //! | commander | `cmd/+`, `status/own`, `dead/U` | `cmd-result/+`, `status/+` |
 //! | homeassistant | `cmd/+`, `homeassistant/status` | `wattbus/#`, `homeassistant/#` |
+//! | tasmota | `stat/U/+`, `tele/U/+` | `cmnd/U/+` |
 //! | reader | nothing | `wattbus/#` |
 //! | admin | anything | anything |
 //!
-//! (each `wattbus` pattern after `wattbus/v1/+/`; `homeassistant/...` as written: Home
-//! Assistant's MQTT discovery, where wattbus's entities live under node id `wattbus`). A producer, processor or actuator given `devices` may
+//! (each `wattbus` pattern after `wattbus/v1/+/`; the others as written: Home Assistant's
+//! MQTT discovery, where wattbus's entities live under node id `wattbus`; Tasmota's own
+//! topics, where a Tasmota plug's user is named like its topic and speaks only for itself,
+//! and only plug-bridge (an actuator) hears them all and commands them: `stat/+/+`,
+//! `tele/+/+`, `cmnd/+/+`). A producer, processor or actuator given `devices` may
 //! publish readings (`meas`, `raw`) and command results (`cmd-result`) only for those devices.
 //! Only an actuator (plug-bridge) hears commands, and only a commander (a cloud bridge, a
 //! script) or admin may send one: a command switches real equipment, so no reading producer
@@ -63,6 +67,9 @@ pub enum Role {
     /// plugs (`cmd/+`), says it is online (`homeassistant/status`).
     #[serde(rename = "homeassistant")]
     HomeAssistant,
+    /// A Tasmota plug, whose user is named like its MQTT topic: it reports on `stat/<U>/…`
+    /// and `tele/<U>/…` and hears `cmnd/<U>/…`, nothing else.
+    Tasmota,
     /// Reads everything under `wattbus/`, publishes nothing (dashboards, `mosquitto_sub`).
     Reader,
     /// Anything (tools, tests). Not for services.
@@ -70,13 +77,14 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 8] = [
+    pub const ALL: [Role; 9] = [
         Role::Producer,
         Role::Sink,
         Role::Processor,
         Role::Actuator,
         Role::Commander,
         Role::HomeAssistant,
+        Role::Tasmota,
         Role::Reader,
         Role::Admin,
     ];
@@ -89,6 +97,7 @@ impl Role {
             Role::Actuator => "actuator",
             Role::Commander => "commander",
             Role::HomeAssistant => "homeassistant",
+            Role::Tasmota => "tasmota",
             Role::Reader => "reader",
             Role::Admin => "admin",
         }
@@ -134,8 +143,19 @@ const SINK_SUBSCRIBE: &[&str] = &[
     "wattbus/v1/+/status/+",
     "wattbus/v1/+/dead/+",
 ];
-const ACTUATOR_PUBLISH: &[&str] = &["wattbus/v1/+/cmd-result/+", "homeassistant/+/wattbus/#"];
-const ACTUATOR_SUBSCRIBE: &[&str] = &["wattbus/v1/+/cmd/+", "homeassistant/status"];
+const ACTUATOR_PUBLISH: &[&str] = &[
+    "wattbus/v1/+/cmd-result/+",
+    "homeassistant/+/wattbus/#",
+    "cmnd/+/+",
+];
+const ACTUATOR_SUBSCRIBE: &[&str] = &[
+    "wattbus/v1/+/cmd/+",
+    "homeassistant/status",
+    "stat/+/+",
+    "tele/+/+",
+];
+const TASMOTA_PUBLISH: &[&str] = &["stat/U/+", "tele/U/+"];
+const TASMOTA_SUBSCRIBE: &[&str] = &["cmnd/U/+"];
 const HOME_ASSISTANT_PUBLISH: &[&str] = &["wattbus/v1/+/cmd/+", "homeassistant/status"];
 const HOME_ASSISTANT_SUBSCRIBE: &[&str] = &["wattbus/#", "homeassistant/#"];
 const COMMANDER_PUBLISH: &[&str] = &[
@@ -183,6 +203,9 @@ impl Grant {
         if self.role == Role::HomeAssistant {
             patterns.push(HOME_ASSISTANT_PUBLISH);
         }
+        if self.role == Role::Tasmota {
+            patterns.push(TASMOTA_PUBLISH);
+        }
         let allowed = patterns
             .into_iter()
             .flatten()
@@ -214,6 +237,7 @@ impl Grant {
             Role::Actuator => &[PRODUCER_SUBSCRIBE, ACTUATOR_SUBSCRIBE],
             Role::Commander => &[COMMANDER_SUBSCRIBE],
             Role::HomeAssistant => &[HOME_ASSISTANT_SUBSCRIBE],
+            Role::Tasmota => &[TASMOTA_SUBSCRIBE],
             Role::Reader => &[READER_SUBSCRIBE],
             Role::Admin => &[],
         };
@@ -510,6 +534,44 @@ mod tests {
         assert!(c.may_subscribe("wattbus/v1/home/cmd-result/+"));
         assert!(!c.may_subscribe("wattbus/v1/home/meas/+/+"));
         assert!(!c.may_publish("wattbus/v1/home/meas/kettle/relay"));
+    }
+
+    #[test]
+    fn a_tasmota_plug_speaks_only_for_itself_and_only_plug_bridge_commands_it() {
+        let t = grant(Role::Tasmota, "tasmota_5A3F2B");
+        assert!(t.may_publish("stat/tasmota_5A3F2B/POWER"));
+        assert!(t.may_publish("tele/tasmota_5A3F2B/LWT"));
+        assert!(t.may_subscribe("cmnd/tasmota_5A3F2B/+"));
+        for topic in [
+            "stat/tasmota_other/POWER",
+            "tele/tasmota_other/SENSOR",
+            "cmnd/tasmota_other/POWER",
+            "wattbus/v1/home/meas/fridge/relay",
+        ] {
+            assert!(!t.may_publish(topic), "{topic}");
+        }
+        assert!(!t.may_subscribe("cmnd/+/+"));
+        assert!(!t.may_subscribe("stat/+/+"));
+        let a = grant(Role::Actuator, "plug-bridge");
+        assert!(a.may_publish("cmnd/tasmota_5A3F2B/POWER"));
+        assert!(a.may_subscribe("stat/+/+") && a.may_subscribe("tele/+/+"));
+        assert!(
+            !a.may_publish("stat/tasmota_5A3F2B/POWER"),
+            "plug-bridge forges a plug"
+        );
+        for role in [
+            Role::Producer,
+            Role::Sink,
+            Role::Processor,
+            Role::Commander,
+            Role::Reader,
+            Role::HomeAssistant,
+        ] {
+            assert!(
+                !grant(role, "me").may_publish("cmnd/tasmota_5A3F2B/POWER"),
+                "{role:?} switches a Tasmota"
+            );
+        }
     }
 
     #[test]

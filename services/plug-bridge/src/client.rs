@@ -33,9 +33,12 @@ pub enum PlugError {
     Answer { url: String, problem: String },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    timeout: Duration,
+    /// The Tasmota plugs' answers, when there are any.
+    tasmota: Option<std::sync::Arc<crate::tasmota::Hub>>,
 }
 
 impl Client {
@@ -51,7 +54,30 @@ impl Client {
             .no_proxy()
             .build()
             .map_err(|e| ClientError::Setup(e.to_string()))?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            timeout,
+            tasmota: None,
+        })
+    }
+
+    /// Reach the Tasmota plugs through `hub`.
+    pub fn with_tasmota(mut self, hub: std::sync::Arc<crate::tasmota::Hub>) -> Self {
+        self.tasmota = Some(hub);
+        self
+    }
+
+    fn hub<'a>(
+        &'a self,
+        plug: &'a Plug,
+    ) -> Result<(&'a crate::tasmota::Hub, &'a proto::Segment), PlugError> {
+        match (&self.tasmota, &plug.topic) {
+            (Some(hub), Some(topic)) => Ok((hub, topic)),
+            _ => Err(PlugError::Answer {
+                url: plug.url.clone(),
+                problem: "a Tasmota plug without its MQTT topic".into(),
+            }),
+        }
     }
 
     /// Read `plug` once.
@@ -72,6 +98,15 @@ impl Client {
                     problem,
                 })
             }
+            Kind::Tasmota => {
+                let (hub, topic) = self.hub(plug)?;
+                hub.read(topic, self.timeout)
+                    .await
+                    .map_err(|problem| PlugError::Answer {
+                        url: plug.url.clone(),
+                        problem,
+                    })
+            }
         }
     }
 
@@ -81,6 +116,16 @@ impl Client {
         let path = match plug.kind {
             Kind::Mystrom => format!("/relay?state={}", u8::from(on)),
             Kind::Shelly => format!("/rpc/Switch.Set?id={}&on={on}", plug.switch_id),
+            Kind::Tasmota => {
+                let (hub, topic) = self.hub(plug)?;
+                return hub
+                    .switch(topic, on, self.timeout)
+                    .await
+                    .map_err(|problem| PlugError::Answer {
+                        url: plug.url.clone(),
+                        problem,
+                    });
+            }
         };
         self.get(plug, &path).await.map(|_| ())
     }

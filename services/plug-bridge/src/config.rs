@@ -98,6 +98,9 @@ pub enum Kind {
     Mystrom,
     /// Shelly Gen2 plugs (HTTP RPC `Switch.GetStatus`, `Switch.Set`).
     Shelly,
+    /// Tasmota plugs: they speak MQTT themselves (`cmnd/`, `stat/`, `tele/<topic>/…`) on
+    /// wattbus's broker.
+    Tasmota,
 }
 
 impl Kind {
@@ -105,6 +108,7 @@ impl Kind {
         match self {
             Kind::Mystrom => "mystrom",
             Kind::Shelly => "shelly",
+            Kind::Tasmota => "tasmota",
         }
     }
 }
@@ -116,8 +120,14 @@ pub struct PlugConfig {
     /// The plug's name: the `device` of its readings and of commands to it.
     pub id: Segment,
     pub kind: Kind,
-    /// `http://192.168.1.50` (its address on the LAN; a fixed DHCP lease helps).
-    pub url: String,
+    /// myStrom, Shelly: `http://192.168.1.50` (its address on the LAN; a fixed DHCP lease
+    /// helps).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Tasmota: its MQTT topic (`%topic%`, e.g. `tasmota_5A3F2B`), which is also its broker
+    /// user's name.
+    #[serde(default)]
+    pub topic: Option<Segment>,
     /// myStrom: the API token set in the plug's app (sent as `Token:`), if one is set.
     #[serde(default)]
     pub token: Option<Secret>,
@@ -136,8 +146,10 @@ pub struct PlugConfig {
 pub struct Plug {
     pub id: Segment,
     pub kind: Kind,
-    /// Without a trailing slash.
+    /// Without a trailing slash; `mqtt:<topic>` for a Tasmota (for the log).
     pub url: String,
+    /// Tasmota's MQTT topic.
+    pub topic: Option<Segment>,
     pub token: Option<Secret>,
     pub switch_id: u8,
     pub poll: Duration,
@@ -213,6 +225,7 @@ impl Config {
             if let Some(q) = plugs
                 .iter()
                 .find(|q| q.url == plug.url && q.switch_id == plug.switch_id)
+                .filter(|_| plug.kind != Kind::Tasmota)
             {
                 return Err(ConfigError::new(
                     format!("{at}.url"),
@@ -292,23 +305,48 @@ impl PlugConfig {
         };
         const MYSTROM: &[&str] = &[Kind::Mystrom.as_str()];
         const SHELLY: &[&str] = &[Kind::Shelly.as_str()];
+        const HTTP: &[&str] = &[Kind::Mystrom.as_str(), Kind::Shelly.as_str()];
+        const TASMOTA: &[&str] = &[Kind::Tasmota.as_str()];
         for (leaf, set, owners) in [
             ("token", self.token.is_some(), MYSTROM),
             ("token_file", self.token_file.is_some(), MYSTROM),
             ("switch_id", self.switch_id.is_some(), SHELLY),
+            ("url", self.url.is_some(), HTTP),
+            ("topic", self.topic.is_some(), TASMOTA),
         ] {
             variant.refuse_unless(leaf, set, owners)?;
         }
-        let url = self.url.trim().trim_end_matches('/').to_string();
+        let poll = poll_range(&key("poll_ms"), self.poll_ms.unwrap_or(default_poll_ms))?;
+        if self.kind == Kind::Tasmota {
+            let topic = self.topic.clone().ok_or_else(|| {
+                ConfigError::new(
+                    key("topic"),
+                    "a Tasmota plug needs its MQTT topic (Configuration → MQTT → Topic, e.g. tasmota_5A3F2B)",
+                )
+            })?;
+            return Ok(Plug {
+                id: self.id.clone(),
+                kind: self.kind,
+                url: format!("mqtt:{}", topic.as_str()),
+                topic: Some(topic),
+                token: None,
+                switch_id: 0,
+                poll,
+            });
+        }
+        let given = self.url.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                key("url"),
+                "the plug's address is needed: http://<host>[:port]",
+            )
+        })?;
+        let url = given.trim().trim_end_matches('/').to_string();
         let host = url
             .strip_prefix("http://")
             .ok_or_else(|| {
                 ConfigError::new(
                     key("url"),
-                    format!(
-                        "{:?}: plugs answer plain http on the LAN (http://192.168.1.50)",
-                        self.url
-                    ),
+                    format!("{given:?}: plugs answer plain http on the LAN (http://192.168.1.50)"),
                 )
             })?
             .split('/')
@@ -318,7 +356,7 @@ impl PlugConfig {
         if host.is_empty() || host.contains('@') || path_given || url.contains(['?', '#', ' ']) {
             return Err(ConfigError::new(
                 key("url"),
-                format!("{:?} is not http://<host>[:port]", self.url),
+                format!("{given:?} is not http://<host>[:port]"),
             ));
         }
         if let Some((_, port)) = host.rsplit_once(':')
@@ -343,11 +381,11 @@ impl PlugConfig {
                 "must be printable ASCII without spaces (it goes into an HTTP header)",
             ));
         }
-        let poll = poll_range(&key("poll_ms"), self.poll_ms.unwrap_or(default_poll_ms))?;
         Ok(Plug {
             id: self.id.clone(),
             kind: self.kind,
             url,
+            topic: None,
             token,
             switch_id: self.switch_id.unwrap_or(0),
             poll,
@@ -398,6 +436,22 @@ mod tests {
                 "plug_bridge.plugs[1].url",
             ),
             ("energy_margin_wh = 0.0\n", "plug_bridge.energy_margin_wh"),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\n",
+                "plug_bridge.plugs[0].topic",
+            ),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\ntopic = \"t\"\nurl = \"http://x\"\n",
+                "plug_bridge.plugs[0].url",
+            ),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"shelly\"\ntopic = \"t\"\nurl = \"http://x\"\n",
+                "plug_bridge.plugs[0].topic",
+            ),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"shelly\"\n",
+                "plug_bridge.plugs[0].url",
+            ),
             (
                 "[plug_bridge.api]\nlisten = \"127.0.0.1:9116\"\n",
                 "plug_bridge.api.token_file",

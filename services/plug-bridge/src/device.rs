@@ -26,7 +26,7 @@ pub struct Reading {
     pub energy: Sample,
 }
 
-fn finite(name: &str, v: f64) -> Result<f64, String> {
+pub(crate) fn finite(name: &str, v: f64) -> Result<f64, String> {
     if v.is_finite() {
         Ok(v)
     } else {

@@ -55,6 +55,7 @@ pub fn announcements(
     let (manufacturer, model) = match kind {
         Kind::Mystrom => ("myStrom", "WiFi Switch"),
         Kind::Shelly => ("Shelly", "Gen2 switch"),
+        Kind::Tasmota => ("Tasmota", "plug with energy monitor"),
     };
     let common = json!({
         "availability": [
@@ -148,7 +149,7 @@ pub fn announcements(
             }),
         ),
     ];
-    if kind == Kind::Shelly {
+    if kind != Kind::Mystrom {
         out.push(entity(
             "sensor",
             "voltage",

@@ -23,6 +23,7 @@ pub mod config;
 pub mod device;
 pub mod energy;
 pub mod ha;
+pub mod tasmota;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -86,8 +87,7 @@ pub struct PlugBridge;
 impl runtime::Service for PlugBridge {
     const NAME: &'static str = "plug-bridge";
     const SECTION: &'static str = SECTION;
-    const ABOUT: &'static str =
-        "smart plugs (myStrom, Shelly) polled: power, relay, energy that never goes backwards";
+    const ABOUT: &'static str = "smart plugs (myStrom, Shelly, Tasmota): power, relay, energy that never goes backwards, switching";
     const ERROR_KINDS: &'static [&'static str] = ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
@@ -152,7 +152,15 @@ struct Shared {
 /// Run on an existing bus connection (the demo shares one).
 pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> {
     let energy = Energy::load(&plan.energy_file(&ctx.common.data_dir))?;
-    let http = client::Client::new(plan.timeout)?;
+    let mut http = client::Client::new(plan.timeout)?;
+    let topics: Vec<Segment> = plan.plugs.iter().filter_map(|p| p.topic.clone()).collect();
+    let tasmota_router = if topics.is_empty() {
+        None
+    } else {
+        let (hub, router) = tasmota::Hub::start(bus, &topics);
+        http = http.with_tasmota(hub);
+        Some(router)
+    };
     let (producer, producer_task) = Producer::open(
         bus,
         &seg("meas"),
@@ -233,6 +241,9 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     });
     workers.supervise(&ctx.shutdown).await;
     router.abort();
+    if let Some(r) = tasmota_router {
+        r.abort();
+    }
     if let Some(a) = announcer {
         a.abort();
     }
