@@ -1379,3 +1379,86 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(!log_text.contains("panicked"), "{log_text}");
 }
+
+/// A Shelly with a password set: every request answered with SHA-256 digest authentication
+/// (RFC 7616, as Shelly documents it), across a change of the plug's nonce; a wrong password
+/// is offline with the reason in the log, and the others go on.
+#[test]
+fn a_shelly_with_a_password_is_read_and_switched_with_digest_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let locked = SimPlug::new(PlugKind::Shelly, 200.0, Some("s3cret pass".into()));
+    let wrong = SimPlug::new(PlugKind::Shelly, 100.0, Some("another".into()));
+    let plugs = serve(&[locked.clone(), wrong.clone()]);
+    let broker = BrokerSetup::new(d);
+    let _broker = broker.start(&d.join("broker.log"));
+    let path = broker.service_config(d, ["level = \"info,rumqttd=warn\"", "", ""]);
+    std::fs::write(d.join("api_token"), API_TOKEN).unwrap();
+    std::fs::write(d.join("shelly_password"), "s3cret pass\n").unwrap();
+    let port = free_port();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[plug_bridge]\nhealth_listen = \"127.0.0.1:{}\"\npoll_ms = 200\ntimeout_ms = 1000\nretry_ms = 200\nretry_max_ms = 400\n\
+         [plug_bridge.api]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n\
+         [[plug_bridge.plugs]]\nid = \"heater\"\nkind = \"shelly\"\nurl = \"http://127.0.0.1:{}\"\npassword_file = \"{}\"\n\
+         [[plug_bridge.plugs]]\nid = \"wrong\"\nkind = \"shelly\"\nurl = \"http://127.0.0.1:{}\"\npassword = \"not-it\"\n",
+        free_port(),
+        d.join("api_token").display(),
+        plugs.ports[0],
+        d.join("shelly_password").display(),
+        plugs.ports[1],
+    ));
+    std::fs::write(&path, text).unwrap();
+    let log = d.join("bridge.log");
+    let _bridge = bridge(&path, &log);
+    assert!(wait_until(Duration::from_secs(30), || {
+        wattbus_e2e::port_open(port)
+    }));
+    let get = |plug: &str| -> serde_json::Value {
+        let (_, body) = wattbus_e2e::servers::http_with(
+            "GET",
+            port,
+            &format!("/api/v1/plugs/{plug}"),
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            b"",
+        );
+        serde_json::from_str(&body).unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || get("heater")["power_w"]
+            .as_f64()
+            == Some(200.0)),
+        "{}; see {}",
+        get("heater"),
+        log.display()
+    );
+    // The plug takes a new nonce: the bridge answers the new challenge and goes on.
+    let requests = locked.requests();
+    locked.new_nonce();
+    assert!(wait_until(Duration::from_secs(20), || locked.requests() > requests + 5));
+    assert_eq!(get("heater")["online"], true);
+    let (status, body) = wattbus_e2e::servers::http_with(
+        "POST",
+        port,
+        "/api/v1/plugs/heater/relay",
+        &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+        br#"{"action":"off"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!locked.relay_on());
+    // The wrong password: offline, the log says what to fix, and the password is not in it.
+    assert!(wait_until(
+        Duration::from_secs(20),
+        || get("wrong")["online"] == false
+    ));
+    assert!(!wrong.relay_on() || wrong.switches() == 0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("refused: the password (password_file) is not the plug's"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("s3cret") && !text.contains("not-it"),
+        "{text}"
+    );
+}

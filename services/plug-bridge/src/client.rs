@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::config::{Kind, Plug};
 use crate::device::{self, Reading};
+use crate::digest::{self as digest_auth, Challenge};
 
 /// Most of an answer read: a plug's JSON is a few hundred bytes; anything larger is not a plug.
 const MAX_BODY: usize = 64 << 10;
@@ -39,7 +40,13 @@ pub struct Client {
     timeout: Duration,
     /// The Tasmota plugs' answers, when there are any.
     tasmota: Option<std::sync::Arc<crate::tasmota::Hub>>,
+    /// Each password-protected Shelly's last digest challenge and how often its nonce was
+    /// used, so a request needs no extra round trip until the plug changes its nonce.
+    digest: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (Challenge, u32)>>>,
 }
+
+/// Shelly's user when a password is set.
+const SHELLY_USER: &str = "admin";
 
 impl Client {
     pub fn new(timeout: Duration) -> Result<Self, ClientError> {
@@ -58,6 +65,7 @@ impl Client {
             http,
             timeout,
             tasmota: None,
+            digest: std::sync::Arc::default(),
         })
     }
 
@@ -130,25 +138,87 @@ impl Client {
         self.get(plug, &path).await.map(|_| ())
     }
 
+    fn digest_cache(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (Challenge, u32)>> {
+        self.digest.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One GET, with the plug's credentials: myStrom's token, or the answer to a Shelly's
+    /// last digest challenge.
+    async fn send(
+        &self,
+        plug: &Plug,
+        url: &str,
+        path: &str,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut req = self.http.get(url);
+        if let Some(t) = &plug.token {
+            req = req.header("Token", t.expose());
+        }
+        if let Some(password) = &plug.password {
+            let answer = {
+                let mut cache = self.digest_cache();
+                cache.get_mut(&plug.url).map(|(c, nc)| {
+                    *nc = nc.wrapping_add(1);
+                    digest_auth::authorization(
+                        c,
+                        SHELLY_USER,
+                        password.expose(),
+                        "GET",
+                        path,
+                        *nc,
+                        &cnonce(),
+                    )
+                })
+            };
+            if let Some(a) = answer {
+                req = req.header(reqwest::header::AUTHORIZATION, a);
+            }
+        }
+        req.send().await
+    }
+
     async fn get(&self, plug: &Plug, path: &str) -> Result<Vec<u8>, PlugError> {
         let url = format!("{}{path}", plug.url);
         let http = |source| PlugError::Http {
             url: url.clone(),
             source,
         };
-        let mut req = self.http.get(&url);
-        if let Some(t) = &plug.token {
-            req = req.header("Token", t.expose());
+        let mut resp = self.send(plug, &url, path).await.map_err(http)?;
+        // A Shelly with a password: answer its challenge (once; a second 401 is a wrong
+        // password).
+        if resp.status().as_u16() == 401 && plug.kind == Kind::Shelly && plug.password.is_some() {
+            let challenge = resp
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .map(digest_auth::parse_challenge);
+            match challenge {
+                Some(Ok(c)) => {
+                    self.digest_cache().insert(plug.url.clone(), (c, 0));
+                    resp = self.send(plug, &url, path).await.map_err(http)?;
+                }
+                Some(Err(problem)) => {
+                    return Err(PlugError::Answer {
+                        url: url.clone(),
+                        problem,
+                    });
+                }
+                None => {}
+            }
         }
-        let mut resp = req.send().await.map_err(http)?;
         let status = resp.status().as_u16();
         if status != 200 {
             let hint = match (status, plug.kind) {
                 (401 | 403, Kind::Mystrom) => {
                     "refused: the plug has an API token set; give it as token_file"
                 }
+                (401 | 403, Kind::Shelly) if plug.password.is_some() => {
+                    "refused: the password (password_file) is not the plug's"
+                }
                 (401 | 403, Kind::Shelly) => {
-                    "the plug asks for its password: Shelly authentication is not supported yet; turn it off for the LAN"
+                    "the plug asks for its password: give it as password_file"
                 }
                 (404, _) => "not found: is this the right kind of plug (kind)?",
                 _ => "not a reading",
@@ -171,4 +241,19 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+/// A fresh client nonce: 16 random bytes, hex.
+fn cnonce() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        // No randomness from the system: the time still differs per request.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = t.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

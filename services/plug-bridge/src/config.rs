@@ -133,6 +133,11 @@ pub struct PlugConfig {
     pub token: Option<Secret>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Shelly: the password set in its web UI (user `admin`, digest authentication).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Shelly: the switch on a multi-switch device [default 0].
     #[serde(default)]
     pub switch_id: Option<u8>,
@@ -151,6 +156,8 @@ pub struct Plug {
     /// Tasmota's MQTT topic.
     pub topic: Option<Segment>,
     pub token: Option<Secret>,
+    /// Shelly's password.
+    pub password: Option<Secret>,
     pub switch_id: u8,
     pub poll: Duration,
 }
@@ -311,11 +318,18 @@ impl PlugConfig {
             ("token", self.token.is_some(), MYSTROM),
             ("token_file", self.token_file.is_some(), MYSTROM),
             ("switch_id", self.switch_id.is_some(), SHELLY),
+            ("password", self.password.is_some(), SHELLY),
+            ("password_file", self.password_file.is_some(), SHELLY),
             ("url", self.url.is_some(), HTTP),
             ("topic", self.topic.is_some(), TASMOTA),
         ] {
             variant.refuse_unless(leaf, set, owners)?;
         }
+        let password = resolve_secret(
+            &key("password"),
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )?;
         let poll = poll_range(&key("poll_ms"), self.poll_ms.unwrap_or(default_poll_ms))?;
         if self.kind == Kind::Tasmota {
             let topic = self.topic.clone().ok_or_else(|| {
@@ -330,6 +344,7 @@ impl PlugConfig {
                 url: format!("mqtt:{}", topic.as_str()),
                 topic: Some(topic),
                 token: None,
+                password: None,
                 switch_id: 0,
                 poll,
             });
@@ -387,6 +402,7 @@ impl PlugConfig {
             url,
             topic: None,
             token,
+            password,
             switch_id: self.switch_id.unwrap_or(0),
             poll,
         })

@@ -21,6 +21,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod device;
+pub mod digest;
 pub mod energy;
 pub mod ha;
 pub mod tasmota;

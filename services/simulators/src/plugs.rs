@@ -6,6 +6,9 @@
 //!   `boot_id` that changes on every reboot; `Ws` resets at every `/report`, as on the device.
 //! - Shelly Gen2: `GET /rpc/Switch.GetStatus?id=0`, `/rpc/Switch.Set?id=0&on=true|false`
 //!   (`{"was_on": …}`); `aenergy.total` in Wh kept across reboots, unless told to lose it.
+//!   With a password (`token` here), every request needs SHA-256 digest authentication as
+//!   the Shelly API documents it (user `admin`, `qop="auth"`): 401 with the challenge
+//!   otherwise.
 //!
 //! A small HTTP/1.1 server (one request per connection, GET only), as a plug's own is. The
 //! plug's load: `load_w` while the relay is on, 0 while off; energy grows with the real time
@@ -39,6 +42,8 @@ struct State {
     last: Instant,
     /// Not answering (accepts, then closes without a word).
     down: bool,
+    /// Shelly's digest nonce (changed by `new_nonce`).
+    nonce: u64,
     /// How long it takes before it acts on a request and answers.
     delay: std::time::Duration,
     /// Shelly: lose `aenergy.total` on a reboot (Gen1 plugs do on a power loss).
@@ -90,6 +95,7 @@ impl SimPlug {
                 booted: now,
                 last: now,
                 down: false,
+                nonce: 1_700_000_000,
                 delay: std::time::Duration::ZERO,
                 loses_total: false,
                 requests: 0,
@@ -122,6 +128,11 @@ impl SimPlug {
 
     pub fn set_loses_total(&self, loses: bool) {
         self.with(|s| s.loses_total = loses);
+    }
+
+    /// A new digest nonce (a Shelly changes it over time): the old one is refused.
+    pub fn new_nonce(&self) {
+        self.with(|s| s.nonce += 1);
     }
 
     /// Take `delay` before acting on each request and answering (a plug on weak WiFi).
@@ -203,8 +214,16 @@ impl SimPlug {
         }
         let head = String::from_utf8_lossy(&buf).into_owned();
         let (status, body) = self.route(&head);
+        let challenge = if status.starts_with("401") && self.kind == PlugKind::Shelly {
+            format!(
+                "WWW-Authenticate: Digest qop=\"auth\", realm=\"{SHELLY_REALM}\", nonce=\"{}\", algorithm=SHA-256\r\n",
+                self.with(|s| s.nonce)
+            )
+        } else {
+            String::new()
+        };
         let reply = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n{challenge}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let _ = conn.write_all(reply.as_bytes()).await;
@@ -218,10 +237,17 @@ impl SimPlug {
         if method != "GET" {
             return ("405 Method Not Allowed", "{}".into());
         }
-        let token = lines
+        let headers: Vec<(&str, &str)> = lines
             .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("token"))
-            .map(|(_, v)| v.trim().to_string());
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_string())
+        };
+        let token = header("token");
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
         let param = |name: &str| {
             query
@@ -243,7 +269,16 @@ impl SimPlug {
                 }
                 self.mystrom(path, &param)
             }
-            PlugKind::Shelly => self.shelly(path, &param),
+            PlugKind::Shelly => {
+                if let Some(password) = &self.token {
+                    let nonce = self.with(|s| s.nonce);
+                    let given = header("authorization").unwrap_or_default();
+                    if !digest_ok(&given, password, &nonce.to_string(), method, target) {
+                        return ("401 Unauthorized", "{}".into());
+                    }
+                }
+                self.shelly(path, &param)
+            }
         }
     }
 
@@ -323,6 +358,51 @@ impl SimPlug {
             _ => ("404 Not Found", "{}".into()),
         }
     }
+}
+
+/// The realm a simulated Shelly names in its digest challenge.
+const SHELLY_REALM: &str = "shellyplusplugs-wattbussim";
+
+fn sha256_hex(s: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether `header` is a digest answer (RFC 7616, SHA-256, qop auth) for user `admin`,
+/// `password`, the current `nonce`, and this request.
+fn digest_ok(header: &str, password: &str, nonce: &str, method: &str, target: &str) -> bool {
+    let Some(rest) = header.strip_prefix("Digest ") else {
+        return false;
+    };
+    let field = |name: &str| -> Option<String> {
+        rest.split(',').find_map(|p| {
+            let (k, v) = p.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+        })
+    };
+    let (Some(user), Some(realm), Some(n), Some(uri), Some(response), Some(nc), Some(cnonce)) = (
+        field("username"),
+        field("realm"),
+        field("nonce"),
+        field("uri"),
+        field("response"),
+        field("nc"),
+        field("cnonce"),
+    ) else {
+        return false;
+    };
+    if user != "admin" || realm != SHELLY_REALM || n != nonce || uri != target {
+        return false;
+    }
+    if field("qop").as_deref() != Some("auth") || field("algorithm").as_deref() != Some("SHA-256") {
+        return false;
+    }
+    let ha1 = sha256_hex(&format!("admin:{SHELLY_REALM}:{password}"));
+    let ha2 = sha256_hex(&format!("{method}:{uri}"));
+    response == sha256_hex(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"))
 }
 
 #[cfg(test)]
