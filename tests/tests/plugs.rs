@@ -1078,67 +1078,102 @@ fn home_assistant_discovery_announces_every_plug_and_again_after_a_broker_restar
     };
     // 4 entities for a myStrom, 6 for a Shelly (voltage, current).
     const ALL: usize = 4 + 6 + 6;
+    // Each plug's switch config (found by its command topic: the object ids are hashes),
+    // and from it the plug's availability topic.
+    let switch_of = |log: &Path, plug: &str| -> Option<serde_json::Value> {
+        seen(log)
+            .iter()
+            .filter(|(t, _)| t.starts_with("homeassistant/switch/") && t.ends_with("/config"))
+            .filter_map(|(_, p)| serde_json::from_str::<serde_json::Value>(p).ok())
+            .find(|v| v["command_topic"] == format!("wattbus/v1/lab/cmd/{plug}"))
+    };
+    let available = |log: &Path, plug: &str, state: &str| {
+        let Some(switch) = switch_of(log, plug) else {
+            return false;
+        };
+        let topic = switch["availability"][1]["topic"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        seen(log).iter().any(|(t, p)| *t == topic && p == state)
+    };
     let (mut first, log) = sub("ha-1.log", "homeassistant/#");
     assert!(
-        wait_until(Duration::from_secs(30), || {
-            let s = seen(&log);
-            configs(&log) >= ALL
-                && s.iter().any(|(t, p)| {
-                    t == "homeassistant/switch/wattbus/lab_lamp/availability" && p == "online"
-                })
-                && s.iter().any(|(t, p)| {
-                    t == "homeassistant/switch/wattbus/lab_gone/availability" && p == "offline"
-                })
-        }),
+        wait_until(Duration::from_secs(30), || configs(&log) >= ALL
+            && available(&log, "lamp", "online")
+            && available(&log, "gone", "offline")),
         "{:?}",
         seen(&log)
     );
     let all = seen(&log);
-    let switch = &all
-        .iter()
-        .find(|(t, _)| t == "homeassistant/switch/wattbus/lab_fridge_relay/config")
-        .expect("the fridge's switch")
-        .1;
-    let switch: serde_json::Value = serde_json::from_str(switch).unwrap();
-    assert_eq!(switch["command_topic"], "wattbus/v1/lab/cmd/fridge");
-    // What the templates read is in the readings: `fields.power_w`, `fields.relay_on`, …
+    let switch = switch_of(&log, "fridge").expect("the fridge's switch");
+    assert_eq!(
+        switch["availability"][0]["topic"],
+        "wattbus/v1/lab/status/plug-bridge"
+    );
+    // What the templates read is in the state: `power_w`, `relay_on`, …, only moving forward.
     let state_topic = switch["state_topic"].as_str().unwrap().to_string();
-    let (mut readings, readings_log) = sub("readings.log", &state_topic);
-    assert!(wait_until(Duration::from_secs(20), || !seen(&readings_log).is_empty()));
-    let (_, reading) = seen(&readings_log).remove(0);
-    let reading: serde_json::Value = serde_json::from_str(&reading).unwrap();
-    for f in [
-        "power_w",
-        "relay_on",
-        "energy_wh",
-        "temperature_c",
-        "voltage_v",
-        "current_a",
-    ] {
-        assert!(reading["fields"][f].is_number(), "{f} not in {reading}");
+    let (mut states, states_log) = sub("states.log", &state_topic);
+    assert!(wait_until(Duration::from_secs(20), || seen(&states_log)
+        .len()
+        >= 5));
+    let mut last_energy = 0.0;
+    for (_, state) in seen(&states_log) {
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        for f in [
+            "power_w",
+            "energy_wh",
+            "temperature_c",
+            "voltage_v",
+            "current_a",
+        ] {
+            assert!(state[f].is_number(), "{f} not in {state}");
+        }
+        assert!(state["relay_on"].is_boolean(), "{state}");
+        let e = state["energy_wh"].as_f64().unwrap();
+        assert!(
+            e >= last_energy,
+            "the state's energy went back: {last_energy} → {e}"
+        );
+        last_energy = e;
     }
-    readings.terminate(Duration::from_secs(5));
+    states.terminate(Duration::from_secs(5));
+    let mut ids = std::collections::BTreeSet::new();
     for (topic, payload) in all.iter().filter(|(t, _)| t.ends_with("/config")) {
         let v: serde_json::Value = serde_json::from_str(payload).unwrap();
-        assert_eq!(
-            v["state_topic"].as_str().unwrap().split('/').nth(3),
-            Some("meas"),
+        assert!(
+            v["state_topic"]
+                .as_str()
+                .unwrap()
+                .starts_with("homeassistant/switch/wattbus/"),
             "{topic}"
         );
-        assert!(v["unique_id"].is_string(), "{topic}");
+        assert!(
+            ids.insert(v["unique_id"].as_str().unwrap().to_string()),
+            "{topic}"
+        );
         if topic.ends_with("_energy/config") {
             assert_eq!(v["state_class"], "total_increasing", "{topic}");
         }
     }
+    assert_eq!(ids.len(), ALL);
 
-    // Home Assistant restarts and says so: announced again.
+    // Home Assistant restarts and says so: announced again (once, however often it says so).
     let before = configs(&log);
-    publish(&a.broker, "homeassistant/status", "online", false);
+    for _ in 0..20 {
+        publish(&a.broker, "homeassistant/status", "online", false);
+    }
     assert!(
         wait_until(Duration::from_secs(20), || configs(&log) >= before + ALL),
         "not announced again after homeassistant/status online"
     );
     first.terminate(Duration::from_secs(5));
+    let text = std::fs::read_to_string(&a.log).unwrap();
+    let announced = text.matches("Home Assistant is online").count();
+    assert!(
+        (1..=2).contains(&announced),
+        "announced {announced} times for one restart"
+    );
 
     // The broker restarts, its retained messages gone: plug-bridge announces everything again.
     a.broker_proc.kill9();
@@ -1146,9 +1181,7 @@ fn home_assistant_discovery_announces_every_plug_and_again_after_a_broker_restar
     let (mut second, log) = sub("ha-2.log", "homeassistant/#");
     assert!(
         wait_until(Duration::from_secs(30), || configs(&log) >= ALL
-            && seen(&log).iter().any(|(t, p)| t
-                == "homeassistant/switch/wattbus/lab_lamp/availability"
-                && p == "online")),
+            && available(&log, "lamp", "online")),
         "not announced again after a broker restart: {:?}",
         seen(&log)
     );

@@ -54,6 +54,8 @@ pub struct View {
     pub power_w: Option<f64>,
     pub energy_wh: Option<f64>,
     pub temperature_c: Option<f64>,
+    pub voltage_v: Option<f64>,
+    pub current_a: Option<f64>,
     /// When the plug last answered (ms since the epoch).
     pub read_ts_ms: Option<i64>,
 }

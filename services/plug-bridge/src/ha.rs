@@ -2,11 +2,16 @@
 //!
 //! Each plug becomes a Home Assistant device with a switch and sensors for power, energy
 //! (`state_class: total_increasing`: the bridge's counter never goes backwards), temperature
-//! and, for Shelly, voltage and current. They read the plug's own readings
-//! (`wattbus/v1/<site>/meas/<plug>/relay`, a `Measurement` whose `fields` hold the values), so
-//! Home Assistant sees exactly what InfluxDB stores; the switch sends a `Command` on
+//! and, for Shelly and Tasmota, voltage and current. They read the plug's **state**
+//! (`homeassistant/switch/wattbus/<object>/state`, [`State`]), which plug-bridge publishes
+//! retained after every poll — not the journaled readings on `meas/`, which are published
+//! again when a sink is slow to acknowledge them, and so would show Home Assistant an older
+//! (lower) counter after a newer one. The switch sends a `Command` on
 //! `wattbus/v1/<site>/cmd/<plug>` (built by its `command_template`), carried out and read back
 //! like any other.
+//!
+//! `<object>` is a hash of the site and the plug id: ids of any length and alphabet fit
+//! Home Assistant's (and a topic level's 64 bytes), and `a_b` + `c` never meets `a` + `b_c`.
 //!
 //! Configs are published retained under `homeassistant/<component>/wattbus/<object>/config`
 //! (node id `wattbus`: the broker lets plug-bridge write only there), on every connection to the
@@ -27,9 +32,14 @@ pub const STATUS_TOPIC: &str = "homeassistant/status";
 /// The node id of every wattbus entity.
 pub const NODE: &str = "wattbus";
 
-/// `<site>_<plug>`, in Home Assistant's id alphabet (`[a-zA-Z0-9_-]`).
-fn object(site: &Segment, plug: &Segment) -> String {
-    format!("{}_{}", site.as_str(), plug.as_str()).replace('.', "_")
+/// The plug's id in Home Assistant: 16 hex digits of SHA-256 over the site and the plug id
+/// (unique per plug, in HA's id alphabet, short enough for any topic level).
+pub fn object(site: &Segment, plug: &Segment) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("{}\0{}", site.as_str(), plug.as_str()).as_bytes(),
+    );
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The plug's availability topic (retained `online` / `offline`).
@@ -37,9 +47,29 @@ pub fn availability_topic(site: &Segment, plug: &Segment) -> String {
     format!("{PREFIX}/switch/{NODE}/{}/availability", object(site, plug))
 }
 
-/// A value of the plug's reading, or the entity's current state while a reading lacks it.
+/// The plug's state topic (retained [`State`], after every poll).
+pub fn state_topic(site: &Segment, plug: &Segment) -> String {
+    format!("{PREFIX}/switch/{NODE}/{}/state", object(site, plug))
+}
+
+/// What the entities read: the plug's latest poll, published live only (never replayed), so
+/// it only moves forward. A value the plug does not give is `null`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct State {
+    pub relay_on: bool,
+    pub power_w: f64,
+    /// The bridge's counter, never lower than before.
+    pub energy_wh: Option<f64>,
+    pub temperature_c: Option<f64>,
+    pub voltage_v: Option<f64>,
+    pub current_a: Option<f64>,
+    pub ts_ms: i64,
+}
+
+/// A value of the state, or nothing (which Home Assistant ignores for a numeric sensor)
+/// while the plug does not give it.
 fn field(name: &str) -> String {
-    format!("{{{{ value_json.fields.{name} if '{name}' in value_json.fields else this.state }}}}")
+    format!("{{% if value_json.{name} is number %}}{{{{ value_json.{name} }}}}{{% endif %}}")
 }
 
 /// Every discovery message for one plug: (topic, retained payload).
@@ -51,7 +81,6 @@ pub fn announcements(
     version: &str,
 ) -> Vec<(String, Value)> {
     let obj = object(site, plug);
-    let readings = format!("wattbus/v1/{}/meas/{}/relay", site.as_str(), plug.as_str());
     let (manufacturer, model) = match kind {
         Kind::Mystrom => ("myStrom", "WiFi Switch"),
         Kind::Shelly => ("Shelly", "Gen2 switch"),
@@ -76,7 +105,7 @@ pub fn announcements(
             "name": "wattbus plug-bridge",
             "sw_version": version,
         },
-        "state_topic": readings,
+        "state_topic": state_topic(site, plug),
         "qos": 1,
     });
     let entity = |component: &str, what: &str, extra: Value| -> (String, Value) {
@@ -93,6 +122,8 @@ pub fn announcements(
         )
     };
     let now_ms = "(as_timestamp(now()) * 1000) | int";
+    // Microseconds: two presses within a millisecond are two commands.
+    let now_us = "(as_timestamp(now()) * 1000000) | int";
     let mut out = vec![
         entity(
             "switch",
@@ -103,12 +134,12 @@ pub fn announcements(
                 "command_topic": format!("wattbus/v1/{}/cmd/{}", site.as_str(), plug.as_str()),
                 // A wattbus Command: its own id, the explicit state, 10 s to be carried out.
                 "command_template": format!(
-                    "{{\"id\":\"ha-{{{{ {now_ms} }}}}\",\"device\":\"{}\",\"action\":\"{{{{ 'on' if value == 'ON' else 'off' }}}}\",\"issued_ts_ms\":{{{{ {now_ms} }}}},\"expires_ts_ms\":{{{{ {now_ms} + 10000 }}}}}}",
+                    "{{\"id\":\"ha-{{{{ {now_us} }}}}\",\"device\":\"{}\",\"action\":\"{{{{ 'on' if value == 'ON' else 'off' }}}}\",\"issued_ts_ms\":{{{{ {now_ms} }}}},\"expires_ts_ms\":{{{{ {now_ms} + 10000 }}}}}}",
                     plug.as_str()
                 ),
                 "payload_on": "ON",
                 "payload_off": "OFF",
-                "value_template": "{{ 'ON' if value_json.fields.relay_on == 1 else 'OFF' }}",
+                "value_template": "{{ 'ON' if value_json.relay_on else 'OFF' }}",
                 "state_on": "ON",
                 "state_off": "OFF",
                 "optimistic": false,
@@ -211,9 +242,10 @@ mod tests {
 
     #[test]
     fn every_config_follows_home_assistants_documented_schema() {
+        let plug = seg("fridge.1");
         let all = announcements(
             &seg("home"),
-            &seg("fridge.1"),
+            &plug,
             Kind::Shelly,
             &seg("plug-bridge"),
             "0.1.0",
@@ -247,8 +279,12 @@ mod tests {
                 );
             }
             assert!(unique.insert(o["unique_id"].as_str().unwrap().to_string()));
-            assert_eq!(o["state_topic"], "wattbus/v1/home/meas/fridge.1/relay");
-            assert_eq!(o["device"]["identifiers"][0], "wattbus_home_fridge_1");
+            assert_eq!(o["state_topic"], state_topic(&seg("home"), &plug).as_str());
+            assert_eq!(
+                o["device"]["identifiers"][0],
+                format!("wattbus_{}", object(&seg("home"), &plug)).as_str()
+            );
+            assert!(levels[3].len() <= 64, "{topic}");
             for a in o["availability"].as_array().unwrap() {
                 assert!(a["topic"].is_string());
             }
@@ -287,11 +323,53 @@ mod tests {
                 "{{ (as_timestamp(now()) * 1000) | int + 10000 }}",
                 "1700000010000",
             )
+            .replace(
+                "{{ (as_timestamp(now()) * 1000000) | int }}",
+                "1700000000000123",
+            )
             .replace("{{ (as_timestamp(now()) * 1000) | int }}", "1700000000000")
             .replace("{{ 'on' if value == 'ON' else 'off' }}", "on");
         let c: proto::Command = serde_json::from_str(&rendered).expect(&rendered);
         assert_eq!((c.device.as_str(), c.action), ("lamp", proto::Action::On));
         assert_eq!(c.expires_ts_ms - c.issued_ts_ms, 10_000);
-        assert_eq!(c.id.as_str(), "ha-1700000000000");
+        assert_eq!(c.id.as_str(), "ha-1700000000000123");
+    }
+
+    #[test]
+    fn ids_are_unique_and_fit_any_topic_level() {
+        let (home, other) = (seg("home"), seg("home_a"));
+        // `home` + `a_b` and `home_a` + `b`, `fridge.1` and `fridge_1`: four plugs, four ids.
+        let ids: std::collections::BTreeSet<String> = [
+            object(&home, &seg("a_b")),
+            object(&other, &seg("b")),
+            object(&home, &seg("fridge.1")),
+            object(&home, &seg("fridge_1")),
+        ]
+        .into();
+        assert_eq!(ids.len(), 4);
+        let long = seg(&"p".repeat(64));
+        for (topic, _) in announcements(&seg(&"s".repeat(64)), &long, Kind::Shelly, &seg("pb"), "0")
+        {
+            assert!(topic.split('/').all(|l| l.len() <= 64), "{topic}");
+        }
+    }
+
+    #[test]
+    fn a_missing_value_renders_nothing_and_the_state_serialises_nulls() {
+        assert_eq!(
+            field("temperature_c"),
+            "{% if value_json.temperature_c is number %}{{ value_json.temperature_c }}{% endif %}"
+        );
+        let s = State {
+            relay_on: true,
+            power_w: 5.0,
+            energy_wh: Some(1.5),
+            temperature_c: None,
+            voltage_v: None,
+            current_a: None,
+            ts_ms: 1,
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["temperature_c"].is_null() && v["energy_wh"] == 1.5);
     }
 }

@@ -303,6 +303,7 @@ async fn poll(
                     carry_out(&http, &plug, &job.command, job.deadline, &mut done, &shutdown).await;
                 if let Some(on) = result.relay_on {
                     shared.views.update(&plug.id, |v| v.relay_on = Some(on));
+                    publish_ha_state(&shared, &plug.id).await;
                 }
                 if let Some(reply) = job.reply {
                     let _ = reply.send((result.clone(), outcome));
@@ -323,6 +324,7 @@ async fn poll(
                 }
                 let read_ts_ms = proto::now_ms();
                 let (relay_on, power_w, temperature_c) = (r.relay_on, r.power_w, r.temperature_c);
+                let (voltage_v, current_a) = (r.voltage_v, r.current_a);
                 let energy_wh = publish_reading(&shared, &plug, &reading_id, r).await;
                 shared.views.update(&plug.id, |v| {
                     *v = api::View {
@@ -331,9 +333,12 @@ async fn poll(
                         power_w: Some(power_w),
                         energy_wh: energy_wh.or(v.energy_wh),
                         temperature_c,
+                        voltage_v,
+                        current_a,
                         read_ts_ms: Some(read_ts_ms),
                     };
                 });
+                publish_ha_state(&shared, &plug.id).await;
                 if online != Some(true) {
                     announce_availability(&shared, &plug.id, true).await;
                 }
@@ -679,29 +684,43 @@ async fn home_assistant(
     let mut ha_status = shared
         .bus
         .subscribe(ha::STATUS_TOPIC, QoS::AtLeastOnce, Overflow::Drop);
-    let mut connected = *connection.borrow_and_update() > 0;
+    // Announcements are at least ANNOUNCE_GAP apart: a flood of `online` (or of reconnects)
+    // costs one announcement per gap, not one per message.
+    let mut due = *connection.borrow_and_update() > 0;
+    let mut last: Option<tokio::time::Instant> = None;
+    let mut asked_by_ha = false;
     loop {
-        if connected {
+        let wait = last.map_or(Duration::ZERO, |t| ANNOUNCE_GAP.saturating_sub(t.elapsed()));
+        if due && wait.is_zero() {
+            if asked_by_ha {
+                tracing::info!("Home Assistant is online: announcing the plugs again.");
+            }
             announce(&shared, &plugs, &instance).await;
-            connected = false;
+            last = Some(tokio::time::Instant::now());
+            (due, asked_by_ha) = (false, false);
+            continue;
         }
         tokio::select! {
             () = shutdown.wait() => return,
+            () = tokio::time::sleep(wait), if due => {}
             r = connection.changed() => {
                 if r.is_err() {
                     return;
                 }
-                connected = true;
+                due = true;
             }
             Some(m) = ha_status.recv() => {
                 if m.payload.as_ref() == b"online" {
-                    tracing::info!("Home Assistant is online: announcing the plugs again.");
-                    connected = true;
+                    due = true;
+                    asked_by_ha = true;
                 }
             }
         }
     }
 }
+
+/// The least time between two announcements to Home Assistant.
+const ANNOUNCE_GAP: Duration = Duration::from_secs(5);
 
 async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: &Segment) {
     let mut sent = 0;
@@ -728,8 +747,44 @@ async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: 
         if let Some(online) = online {
             announce_availability(shared, plug, online).await;
         }
+        publish_ha_state(shared, plug).await;
     }
     tracing::debug!(configs = sent, "Plugs announced to Home Assistant.");
+}
+
+/// The plug's latest state for Home Assistant, retained and never replayed (see `ha`).
+async fn publish_ha_state(shared: &Shared, plug: &Segment) {
+    if !shared.home_assistant {
+        return;
+    }
+    let state = {
+        let views = shared.views.0.lock().unwrap_or_else(|p| p.into_inner());
+        views.get(plug).and_then(|v| {
+            Some(ha::State {
+                relay_on: v.relay_on?,
+                power_w: v.power_w?,
+                energy_wh: v.energy_wh,
+                temperature_c: v.temperature_c,
+                voltage_v: v.voltage_v,
+                current_a: v.current_a,
+                ts_ms: v.read_ts_ms?,
+            })
+        })
+    };
+    let Some(state) = state else {
+        return;
+    };
+    let payload = match serde_json::to_vec(&state) {
+        Ok(p) => p,
+        Err(_) => return,
+    };
+    if let Err(e) = shared
+        .bus
+        .publish(&ha::state_topic(&shared.site, plug), payload, true)
+        .await
+    {
+        tracing::debug!(plug = %plug, error = %chain(&e), "Cannot publish a plug's state for Home Assistant.");
+    }
 }
 
 /// The plug's availability for Home Assistant, retained.
