@@ -1238,7 +1238,7 @@ fn the_demos_reader_can_watch_with_tail_and_list_the_sink_groups() {
             "tail",
             "wattbus/v1/demo/meas/#",
             "-n",
-            "3",
+            "30",
             "--config",
             &cfg,
         ])
@@ -1247,7 +1247,9 @@ fn the_demos_reader_can_watch_with_tail_and_list_the_sink_groups() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "tail failed: {}\n{out}", stderr(&o));
-    assert_eq!(out.lines().count(), 3, "{out}");
+    // The meters (every second) among the plugs (three, and their availability): 30 lines
+    // hold both.
+    assert_eq!(out.lines().count(), 30, "{out}");
     assert!(out.contains("sim-meter-"), "{out}");
     let o = wattbus(&["sinks", "list", "--config", &cfg], &[]);
     let out = String::from_utf8_lossy(&o.stdout).into_owned();

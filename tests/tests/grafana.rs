@@ -265,6 +265,9 @@ fn filled() -> Filled {
         ) && enough(
             r#"SELECT count("power_w") FROM "power" WHERE "power_basis" != '' GROUP BY "device""#,
             40,
+        ) && enough(
+            r#"SELECT count("energy_wh") FROM "plug" GROUP BY "device""#,
+            20,
         ) && enough(r#"SELECT count("latency_ms") FROM "modbus_bus""#, 4)
             && enough(
                 r#"SELECT count("timeouts") FROM "modbus_device" GROUP BY "device""#,
@@ -278,6 +281,21 @@ fn filled() -> Filled {
             dir.path().join("demo.log").display()
         );
     }
+    // The demo's three plugs, of the three kinds (HTTP myStrom and Shelly, Tasmota over
+    // MQTT), each through plug-bridge.
+    let q = r#"SELECT last("energy_wh") FROM "plug" GROUP BY "device""#;
+    let plugs: BTreeSet<String> = influx.query(DB, q)["results"][0]["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["tags"]["device"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        plugs,
+        ["fridge-plug", "lamp-plug", "washer-plug"]
+            .map(String::from)
+            .into()
+    );
     placeholder_readings(&influx, DB);
     // The continuous query's own SELECT … INTO, over everything stored so far.
     let cqs = run_continuous_queries(&influx, DB);

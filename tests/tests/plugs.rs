@@ -1210,12 +1210,22 @@ struct TasmotaState {
 
 impl Tasmota {
     fn play(broker: &BrokerSetup, topic: &str, dir: &Path) -> Tasmota {
+        Tasmota::play_on(
+            ("127.0.0.1", broker.port),
+            (&broker.user, &broker.password),
+            topic,
+            dir,
+        )
+    }
+
+    /// On any broker: `(host, port)`, `(user, password)`.
+    fn play_on(at: (&str, u16), login: (&str, &str), topic: &str, dir: &Path) -> Tasmota {
         let heard = dir.join(format!("{topic}.cmnd"));
         let sub = Proc::spawn(
             "mosquitto_sub",
             Command::new("mosquitto_sub")
-                .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
-                .args(["-u", &broker.user, "-P", &broker.password, "-q", "1"])
+                .args(["-h", at.0, "-p", &at.1.to_string()])
+                .args(["-u", login.0, "-P", login.1, "-q", "1"])
                 .args(["-F", "%t|%p", "-t", &format!("cmnd/{topic}/+")]),
             &heard,
         );
@@ -1228,11 +1238,12 @@ impl Tasmota {
         }));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (t, st, sp) = (topic.to_string(), state.clone(), stop.clone());
-        let (port, user, password) = (broker.port, broker.user.clone(), broker.password.clone());
+        let (host, port) = (at.0.to_string(), at.1);
+        let (user, password) = (login.0.to_string(), login.1.to_string());
         let thread = std::thread::spawn(move || {
             let publish = |topic: &str, payload: &str, retain: bool| {
                 let mut c = Command::new("mosquitto_pub");
-                c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                c.args(["-h", &host, "-p", &port.to_string()])
                     .args(["-u", &user, "-P", &password, "-q", "1"])
                     .args(["-t", topic, "-m", payload]);
                 if retain {
@@ -1493,5 +1504,177 @@ fn a_shelly_with_a_password_is_read_and_switched_with_digest_authentication() {
     assert!(
         !text.contains("s3cret") && !text.contains("not-it"),
         "{text}"
+    );
+}
+
+/// A plug's counter reset on purpose: refused while plug-bridge runs (it would overwrite it),
+/// done with `wattbus energy reset-plug` once stopped, shown by `wattbus energy plugs`, and
+/// visible afterwards: the counter starts from zero and every reading carries
+/// `energy_resets`.
+#[test]
+fn a_plug_counter_reset_is_explicit_and_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 360 W: a watt-hour in 10 s.
+    let lamp = SimPlug::new(PlugKind::Mystrom, 360.0, None);
+    let fridge = SimPlug::new(PlugKind::Shelly, 100.0, None);
+    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let plugs = serve(&[lamp, fridge, gone]);
+    let mut a = api(d, &plugs.ports, 1500);
+    let config = d.join("service.toml");
+    let energy = |plug: &str| {
+        a.call("GET", &format!("/api/v1/plugs/{plug}"), Some(API_TOKEN), "")
+            .1["energy_wh"]
+            .as_f64()
+    };
+    assert!(wait_until(Duration::from_secs(30), || energy("lamp")
+        .is_some_and(|e| e > 2.0)));
+    let wattbus = |args: &[&str]| {
+        Command::new(wattbus_bin())
+            .args(["energy"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // While it runs: refused, nothing changed.
+    let o = wattbus(&["reset-plug", "lamp", "--yes"]);
+    assert!(
+        !o.status.success(),
+        "a reset under a running plug-bridge was taken"
+    );
+    let stopped = a.bridge.terminate(Duration::from_secs(15));
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    let o = wattbus(&["plugs"]);
+    let shown = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success() && shown.contains("lamp:") && shown.contains("0 resets"),
+        "{shown}"
+    );
+    // An unknown plug: the error names the known ones.
+    let o = wattbus(&["reset-plug", "lamp-2", "--yes"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lamp"), "{o:?}");
+    let o = wattbus(&["reset-plug", "lamp", "--yes"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("energy_resets = 1"));
+    // Started again: the lamp counts from zero, the fridge from where it was.
+    let shown = wattbus(&["plugs"]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("1 resets"));
+    let readings = d.join("lamp-readings.log");
+    let mut sub = Proc::spawn(
+        "mosquitto_sub",
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &a.broker.port.to_string()])
+            .args(["-u", &a.broker.user, "-P", &a.broker.password, "-q", "1"])
+            .args(["-t", "wattbus/v1/lab/meas/lamp/relay"])
+            .args(["-t", "wattbus/v1/lab/cmd-result/probe"]),
+        &readings,
+    );
+    // Subscribed once what is published there comes back.
+    assert!(wait_until(Duration::from_secs(20), || {
+        publish(
+            &a.broker,
+            "wattbus/v1/lab/cmd-result/probe",
+            r#"{"id":"ready"}"#,
+            false,
+        );
+        std::fs::read_to_string(&readings)
+            .unwrap_or_default()
+            .contains("ready")
+    }));
+    a.bridge = bridge(&config, &d.join("bridge-2.log"));
+    assert!(wait_until(Duration::from_secs(30), || {
+        wattbus_e2e::port_open(a.port)
+    }));
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let text = std::fs::read_to_string(&readings).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|v| {
+                    v["fields"]["energy_resets"] == 1.0
+                        && v["fields"]["energy_wh"].as_f64().is_some_and(|e| e < 2.0)
+                })
+        }),
+        "no reading after the reset with energy_resets = 1 and the counter from zero"
+    );
+    sub.terminate(Duration::from_secs(5));
+}
+
+/// Tasmota plugs on the user's own broker (a mosquitto, as Home Assistant users run), not
+/// wattbus's: plug-bridge reaches them over a connection of its own and reads and switches
+/// them as on its own broker; its readings still go to wattbus's bus.
+#[test]
+fn a_tasmota_plug_on_another_broker_is_read_and_switched() {
+    let spec = std::env::var("MOSQUITTO_TEST_BROKER").expect(
+        "MOSQUITTO_TEST_BROKER is not set: run the suite with tests/run.sh, which starts mosquitto",
+    );
+    let p: Vec<&str> = spec.split(':').collect();
+    assert_eq!(
+        p.len(),
+        4,
+        "MOSQUITTO_TEST_BROKER={spec:?} is not host:port:user:password"
+    );
+    let (host, port, user, password) = (p[0], p[1].parse::<u16>().unwrap(), p[2], p[3]);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // That mosquitto is shared by the suite: a topic of this run's own.
+    let topic = format!("tasmota_{}", std::process::id());
+    let plug = Tasmota::play_on((host, port), (user, password), &topic, d);
+    let broker = BrokerSetup::new(d);
+    let _broker = broker.start(&d.join("broker.log"));
+    let path = broker.service_config(d, ["level = \"info,rumqttd=warn\"", "", ""]);
+    std::fs::write(d.join("api_token"), API_TOKEN).unwrap();
+    std::fs::write(d.join("mosquitto_password"), password).unwrap();
+    let api = free_port();
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[plug_bridge]\ninstance = \"pb-{pid}\"\nhealth_listen = \"127.0.0.1:{}\"\npoll_ms = 500\ntimeout_ms = 1000\n\
+         [plug_bridge.tasmota_broker]\nhost = \"{host}\"\nport = {port}\nusername = \"{user}\"\npassword_file = \"{}\"\n\
+         [plug_bridge.api]\nlisten = \"127.0.0.1:{api}\"\ntoken_file = \"{}\"\n\
+         [[plug_bridge.plugs]]\nid = \"dryer\"\nkind = \"tasmota\"\ntopic = \"{topic}\"\n",
+        free_port(),
+        d.join("mosquitto_password").display(),
+        d.join("api_token").display(),
+        pid = std::process::id(),
+    ));
+    std::fs::write(&path, text).unwrap();
+    let log = d.join("bridge.log");
+    let _bridge = bridge(&path, &log);
+    assert!(wait_until(Duration::from_secs(30), || {
+        wattbus_e2e::port_open(api)
+    }));
+    let get = || -> serde_json::Value {
+        let (_, body) = wattbus_e2e::servers::http_with(
+            "GET",
+            api,
+            "/api/v1/plugs/dryer",
+            &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+            b"",
+        );
+        serde_json::from_str(&body).unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || get()["power_w"].as_f64()
+            == Some(57.0)),
+        "{}; see {}",
+        get(),
+        log.display()
+    );
+    let (status, body) = wattbus_e2e::servers::http_with(
+        "POST",
+        api,
+        "/api/v1/plugs/dryer/relay",
+        &[("Authorization", &format!("Bearer {API_TOKEN}"))],
+        br#"{"action":"off"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(!plug.with(|s| s.on));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains(password),
+        "the broker password is in the log"
     );
 }

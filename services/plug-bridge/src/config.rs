@@ -37,6 +37,28 @@ pub struct Config {
     pub api: Option<ApiConfig>,
     /// Announce every plug to Home Assistant (MQTT discovery under `homeassistant/`).
     pub home_assistant: bool,
+    /// The broker the Tasmota plugs use, when it is not wattbus's (e.g. Home Assistant's
+    /// mosquitto) [default: wattbus's, as `[bus]`].
+    pub tasmota_broker: Option<TasmotaBroker>,
+}
+
+/// `[plug_bridge.tasmota_broker]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasmotaBroker {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+fn default_mqtt_port() -> u16 {
+    1883
 }
 
 /// `[plug_bridge.api]`: switch plugs and read them over HTTP, with a bearer token.
@@ -87,6 +109,7 @@ impl Default for Config {
             health_listen: Some(([127, 0, 0, 1], 9115).into()),
             api: None,
             home_assistant: true,
+            tasmota_broker: None,
         }
     }
 }
@@ -175,6 +198,8 @@ pub struct Plan {
     pub health_listen: Option<SocketAddr>,
     pub api: Option<Api>,
     pub home_assistant: bool,
+    /// Where the Tasmota plugs are: `None` for wattbus's own broker.
+    pub tasmota_broker: Option<runtime::config::BusConfig>,
 }
 
 impl Plan {
@@ -261,6 +286,40 @@ impl Config {
             health_listen: self.health_listen,
             api,
             home_assistant: self.home_assistant,
+            tasmota_broker: match &self.tasmota_broker {
+                None => None,
+                Some(b) => Some(b.resolve(&key("tasmota_broker"))?),
+            },
+        })
+    }
+}
+
+impl TasmotaBroker {
+    fn resolve(&self, at: &str) -> Result<runtime::config::BusConfig, ConfigError> {
+        let key = |k: &str| format!("{at}.{k}");
+        if self.host.trim().is_empty() {
+            return Err(ConfigError::new(key("host"), "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(ConfigError::new(key("port"), "must not be 0"));
+        }
+        let password = resolve_secret(
+            &key("password"),
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+        )?;
+        if password.is_some() && self.username.is_none() {
+            return Err(ConfigError::new(
+                key("username"),
+                "a password is given, but no username",
+            ));
+        }
+        Ok(runtime::config::BusConfig {
+            host: self.host.trim().to_string(),
+            port: self.port,
+            username: self.username.clone(),
+            password,
+            ..runtime::config::BusConfig::default()
         })
     }
 }
@@ -455,6 +514,14 @@ mod tests {
             (
                 "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\n",
                 "plug_bridge.plugs[0].topic",
+            ),
+            (
+                "[plug_bridge.tasmota_broker]\nhost = \"\"\n",
+                "plug_bridge.tasmota_broker.host",
+            ),
+            (
+                "[plug_bridge.tasmota_broker]\nhost = \"ha.local\"\npassword = \"x\"\n",
+                "plug_bridge.tasmota_broker.username",
             ),
             (
                 "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\ntopic = \"t\"\nurl = \"http://x\"\n",

@@ -386,6 +386,11 @@ impl Energy {
         self.plugs.get(plug)
     }
 
+    /// Every plug's counter, by plug id.
+    pub fn counters(&self) -> impl Iterator<Item = (&str, &Counter)> {
+        self.plugs.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
     /// Set `plug`'s counter back to zero; `false` if it has none.
     pub fn reset(&mut self, plug: &str, now_ms: i64) -> bool {
         match self.plugs.get_mut(plug) {

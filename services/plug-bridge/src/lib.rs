@@ -155,10 +155,27 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let energy = Energy::load(&plan.energy_file(&ctx.common.data_dir))?;
     let mut http = client::Client::new(plan.timeout)?;
     let topics: Vec<Segment> = plan.plugs.iter().filter_map(|p| p.topic.clone()).collect();
+    // The Tasmota plugs: on wattbus's broker, or on the one named in `tasmota_broker` (a
+    // connection of its own, which publishes no status there).
+    let mut tasmota_bus = None;
     let tasmota_router = if topics.is_empty() {
         None
     } else {
-        let (hub, router) = tasmota::Hub::start(bus, &topics);
+        let on = match &plan.tasmota_broker {
+            None => bus.clone(),
+            Some(cfg) => {
+                let id = Identity {
+                    service: seg("plug-bridge"),
+                    instance: Segment::new(format!("{}-tasmota", plan.instance.as_str()))
+                        .unwrap_or_else(|_| plan.instance.clone()),
+                };
+                let (b, task) = Bus::observe(cfg, &ctx.common.site, &id, &ctx.health)?;
+                tracing::info!(host = %cfg.host, port = cfg.port, "Tasmota plugs on their own broker.");
+                tasmota_bus = Some((b.clone(), task));
+                b
+            }
+        };
+        let (hub, router) = tasmota::Hub::start(&on, &topics);
         http = http.with_tasmota(hub);
         Some(router)
     };
@@ -244,6 +261,9 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     router.abort();
     if let Some(r) = tasmota_router {
         r.abort();
+    }
+    if let Some((b, task)) = tasmota_bus {
+        b.close(task).await;
     }
     if let Some(a) = announcer {
         a.abort();
@@ -823,8 +843,13 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
             Ok(e) => e,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let step = energy.observe(plug.id.as_str(), &r.energy, shared.margin_wh, now);
-        if let Ok(s) = &step
+        let step = energy
+            .observe(plug.id.as_str(), &r.energy, shared.margin_wh, now)
+            .map(|s| {
+                let resets = energy.counter(plug.id.as_str()).map_or(0, |c| c.resets);
+                (s, resets)
+            });
+        if let Ok((s, _)) = &step
             && s.save_first
             && let Err(e) = energy.save(false)
         {
@@ -833,10 +858,15 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
         }
         step
     };
-    let energy_wh = step.as_ref().ok().map(|s| s.energy_wh);
+    let energy_wh = step.as_ref().ok().map(|(s, _)| s.energy_wh);
     match step {
-        Ok(s) => {
+        Ok((s, resets)) => {
             fields.insert("energy_wh".into(), s.energy_wh);
+            // A reset (`wattbus energy reset-plug`) is the one way down: every reading after
+            // it says how many there were.
+            if resets > 0 {
+                fields.insert("energy_resets".into(), f64::from(resets));
+            }
             match s.restart {
                 Some(Restart::Reboot) => {
                     tracing::info!(plug = %plug.id, energy_wh = s.energy_wh, "The plug rebooted (new boot id): its energy counter continues from where it was.");

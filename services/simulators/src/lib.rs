@@ -29,6 +29,7 @@ pub mod modbus;
 pub mod plugs;
 mod register;
 pub mod serial;
+pub mod tasmota;
 
 pub use config::{Config, Plan};
 pub use household::{Household, Reading};

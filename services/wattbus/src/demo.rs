@@ -131,6 +131,7 @@ fn users(writer_group: &Segment) -> anyhow::Result<Vec<child_broker::Login>> {
         ("modbus-ingest", Role::Producer),
         ("rms-processor", Role::Processor),
         ("plug-bridge", Role::Actuator),
+        (plugs::TASMOTA, Role::Tasmota),
         (writer_group.as_str(), Role::Sink),
         (CONSOLE, Role::Sink),
         (READER, Role::Reader),
@@ -321,20 +322,25 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 mod plugs {
-    //! The demo's smart plugs (simulated, answering as myStrom and Shelly document their
-    //! APIs) and plug-bridge polling them.
+    //! The demo's smart plugs (simulated, answering as myStrom, Shelly and Tasmota document
+    //! their APIs) and plug-bridge polling them.
 
     use anyhow::Context as _;
     use proto::Segment;
     use runtime::config::StreamConfig;
     use simulators::plugs::{PlugKind, SimPlug};
+    use simulators::tasmota::SimTasmota;
     use tokio::task::JoinHandle;
+
+    /// The simulated Tasmota's MQTT topic, which is also its broker user's name.
+    pub const TASMOTA: &str = "tasmota_demo";
 
     pub struct Running {
         pub mystrom_url: String,
         pub shelly_url: String,
         servers: Vec<JoinHandle<()>>,
         bridge: JoinHandle<Result<(), plug_bridge::Error>>,
+        tasmota: (runtime::bus::Bus, JoinHandle<()>),
     }
 
     impl Running {
@@ -343,6 +349,8 @@ mod plugs {
             for s in self.servers {
                 s.abort();
             }
+            let (bus, task) = self.tasmota;
+            bus.close(task).await;
             Ok(())
         }
     }
@@ -358,10 +366,23 @@ mod plugs {
                 SimPlug::new(kind, load_w, None).serve(listener),
             ));
         }
+        // A washing machine's plug that speaks MQTT itself, on the demo's broker as its own
+        // user.
+        let ctx = services.ctx(TASMOTA)?;
+        let id = runtime::bus::Identity {
+            service: Segment::new(TASMOTA)?,
+            instance: Segment::new(TASMOTA)?,
+        };
+        let (bus, task) =
+            runtime::bus::Bus::observe(&ctx.common.bus, &ctx.common.site, &id, &ctx.health)?;
+        servers.push(tokio::spawn(
+            SimTasmota::new(TASMOTA, 500.0).run(bus.clone()),
+        ));
         let toml = format!(
             "[plug_bridge]\npoll_ms = 1000\n\
              [[plug_bridge.plugs]]\nid = \"lamp-plug\"\nkind = \"mystrom\"\nurl = \"{}\"\n\
-             [[plug_bridge.plugs]]\nid = \"fridge-plug\"\nkind = \"shelly\"\nurl = \"{}\"\n",
+             [[plug_bridge.plugs]]\nid = \"fridge-plug\"\nkind = \"shelly\"\nurl = \"{}\"\n\
+             [[plug_bridge.plugs]]\nid = \"washer-plug\"\nkind = \"tasmota\"\ntopic = \"{TASMOTA}\"\n",
             urls[0], urls[1]
         );
         let src = runtime::ConfigSource::from_parts(None, Some(&toml))?;
@@ -378,6 +399,7 @@ mod plugs {
             shelly_url: urls[1].clone(),
             servers,
             bridge,
+            tasmota: (bus, task),
         })
     }
 }

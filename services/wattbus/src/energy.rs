@@ -1,4 +1,4 @@
-//! `wattbus energy`: show and reset rms-processor's energy counters.
+//! `wattbus energy`: show and reset rms-processor's and plug-bridge's energy counters.
 //!
 //! The counters only grow (docs/rms-processor.md, "Energy"); a reset is the one way down, and
 //! it is explicit: done by a person with this command, counted in `resets`, dated in
@@ -21,6 +21,21 @@ pub enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print plug-bridge's counters, one per plug.
+    Plugs {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Start one plug's counter again from zero (stop plug-bridge first).
+    ResetPlug {
+        /// The plug's id, as in [[plug_bridge.plugs]].
+        plug: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Do not ask for confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Start one channel's counters again from zero (stop rms-processor first).
     Reset {
         /// `<device>/<channel>` as shown by `wattbus energy show` (a channel without a voltage
@@ -36,6 +51,44 @@ pub enum Command {
 
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Plugs { config } => {
+            let energy = open_plugs(config)?;
+            println!("{}", energy.path().display());
+            for (plug, c) in energy.counters() {
+                println!(
+                    "  {plug}: {:.3} Wh (at most; exact after a clean stop), {} resets, {} restarts of the plug's own counter, counting since {}",
+                    c.ceiling_wh,
+                    c.resets,
+                    c.restarts,
+                    since(c.since_ms)
+                );
+            }
+            Ok(())
+        }
+        Command::ResetPlug { plug, config, yes } => {
+            let mut energy = open_plugs(config)?;
+            let Some(before) = energy.counter(&plug).cloned() else {
+                let known: Vec<&str> = energy.counters().map(|(k, _)| k).collect();
+                return Err(unknown("(plug)", &plug, energy.path(), &known));
+            };
+            println!(
+                "{plug}: {:.3} Wh will start again from 0 (reset #{}).",
+                before.ceiling_wh,
+                before.resets + 1
+            );
+            if !yes && !confirmed("resetting")? {
+                println!("Nothing changed.");
+                return Ok(());
+            }
+            energy.reset(&plug, proto::now_ms());
+            energy.save(false)?;
+            let after = energy.counter(&plug).map_or(0, |c| c.resets);
+            println!(
+                "Reset. {plug} counts from {} on; its readings carry energy_resets = {after}.",
+                since(proto::now_ms())
+            );
+            Ok(())
+        }
         Command::Show { config } => {
             let energy = open(config)?;
             println!("{}", energy.path().display());
@@ -58,19 +111,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let mut energy = open(config)?;
             let Some(before) = energy.get(&channel) else {
                 let known: Vec<&str> = energy.channels().map(|(k, _)| k).collect();
-                return Err(ConfigError::new(
-                    "(channel)",
-                    format!(
-                        "no counters for {channel:?} in {}; known: {}",
-                        energy.path().display(),
-                        if known.is_empty() {
-                            "none yet".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ),
-                )
-                .into());
+                return Err(unknown("(channel)", &channel, energy.path(), &known));
             };
             println!(
                 "{channel}: import {:.3} Wh, export {:.3} Wh will start again from 0 (reset #{}).",
@@ -107,6 +148,39 @@ fn open(config: Option<PathBuf>) -> anyhow::Result<Energy> {
         );
     }
     Energy::load(&path).context("cannot open the energy counters")
+}
+
+/// No counters for `name` in the file at `path`: the error names the ones there are.
+fn unknown(what: &str, name: &str, path: &std::path::Path, known: &[&str]) -> anyhow::Error {
+    let known = if known.is_empty() {
+        "none yet".to_string()
+    } else {
+        known.join(", ")
+    };
+    ConfigError::new(
+        what,
+        format!(
+            "no counters for {name:?} in {}; known: {known}",
+            path.display()
+        ),
+    )
+    .into()
+}
+
+/// plug-bridge's energy file, locked (refused while plug-bridge runs: it holds the lock, and
+/// would overwrite a reset at its next save).
+fn open_plugs(config: Option<PathBuf>) -> anyhow::Result<plug_bridge::energy::Energy> {
+    let src = ConfigSource::load(crate::services::config_path(config).as_deref())?;
+    let common = src.common()?;
+    let plan = src.resolve::<plug_bridge::PlugBridge>()?;
+    let path = plan.energy_file(&common.data_dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no plug energy counters at {} yet (has plug-bridge run with this config?)",
+            path.display()
+        );
+    }
+    plug_bridge::energy::Energy::load(&path).context("cannot open the plug energy counters")
 }
 
 /// Asks the person at the terminal to type `yes` before `doing` (e.g. "resetting").

@@ -52,7 +52,8 @@ enum Command {
     /// Ask a running service whether it is ready (its /healthz): exit 0 if so, 1 if not. A
     /// container's HEALTHCHECK.
     Health(health::Options),
-    /// rms-processor's energy counters: show them, or reset one (explicitly, visibly).
+    /// rms-processor's and plug-bridge's energy counters: show them, or reset one
+    /// (explicitly, visibly).
     Energy {
         #[command(subcommand)]
         command: energy::Command,
