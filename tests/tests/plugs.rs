@@ -1209,15 +1209,6 @@ struct TasmotaState {
 }
 
 impl Tasmota {
-    fn play(broker: &BrokerSetup, topic: &str, dir: &Path) -> Tasmota {
-        Tasmota::play_on(
-            ("127.0.0.1", broker.port),
-            (&broker.user, &broker.password),
-            topic,
-            dir,
-        )
-    }
-
     /// On any broker: `(host, port)`, `(user, password)`.
     fn play_on(at: (&str, u16), login: (&str, &str), topic: &str, dir: &Path) -> Tasmota {
         let heard = dir.join(format!("{topic}.cmnd"));
@@ -1226,7 +1217,7 @@ impl Tasmota {
             Command::new("mosquitto_sub")
                 .args(["-h", at.0, "-p", &at.1.to_string()])
                 .args(["-u", login.0, "-P", login.1, "-q", "1"])
-                .args(["-F", "%t|%p", "-t", &format!("cmnd/{topic}/+")]),
+                .args(["-F", "%t|%p", "-t", &format!("cmnd/{topic}/#")]),
             &heard,
         );
         let state = std::sync::Arc::new(std::sync::Mutex::new(TasmotaState {
@@ -1245,14 +1236,27 @@ impl Tasmota {
                 let mut c = Command::new("mosquitto_pub");
                 c.args(["-h", &host, "-p", &port.to_string()])
                     .args(["-u", &user, "-P", &password, "-q", "1"])
-                    .args(["-t", topic, "-m", payload]);
+                    .args(["-t", topic]);
+                if payload.is_empty() {
+                    c.arg("-n");
+                } else {
+                    c.args(["-m", payload]);
+                }
                 if retain {
                     c.arg("-r");
                 }
                 let o = c.output().expect("mosquitto_pub runs (mosquitto-clients)");
                 assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             };
+            // What Tasmota's firmware does on every connect: its will's counterpart, a query
+            // of its own state, its discovery announcement.
             publish(&format!("tele/{t}/LWT"), "Online", true);
+            publish(&format!("cmnd/{t}/POWER"), "", false);
+            publish(
+                "tasmota/discovery/5C0A1B2C3D4E/config",
+                &format!(r#"{{"t":"{t}","ft":"%prefix%/%topic%/","hn":"{t}"}}"#),
+                true,
+            );
             let mut done = 0;
             while !sp.load(std::sync::atomic::Ordering::Relaxed) {
                 let text = std::fs::read_to_string(&heard).unwrap_or_default();
@@ -1328,6 +1332,15 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let broker = BrokerSetup::new(d);
+    // As users run it: plug-bridge as an actuator, the plug as its own `tasmota` user.
+    let mut users = std::fs::read_to_string(&broker.config).unwrap();
+    for (name, role) in [("plug-bridge", "actuator"), ("tasmota_5A3F2B", "tasmota")] {
+        users.push_str(&format!(
+            "[[broker.users]]\nusername = \"{name}\"\npassword_file = \"{}\"\nrole = \"{role}\"\n",
+            d.join("broker-password").display()
+        ));
+    }
+    std::fs::write(&broker.config, users).unwrap();
     let _broker = broker.start(&d.join("broker.log"));
     let path = broker.service_config(
         d,
@@ -1337,6 +1350,12 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
             "",
         ],
     );
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("username = \"probe\"", "username = \"plug-bridge\""),
+    )
+    .unwrap();
     std::fs::write(d.join("api_token"), API_TOKEN).unwrap();
     let port = free_port();
     let mut text = std::fs::read_to_string(&path).unwrap();
@@ -1348,7 +1367,12 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
         d.join("api_token").display(),
     ));
     std::fs::write(&path, text).unwrap();
-    let plug = Tasmota::play(&broker, "tasmota_5A3F2B", d);
+    let plug = Tasmota::play_on(
+        ("127.0.0.1", broker.port),
+        ("tasmota_5A3F2B", &broker.password),
+        "tasmota_5A3F2B",
+        d,
+    );
     let log = d.join("bridge.log");
     let _bridge = bridge(&path, &log);
     assert!(wait_until(Duration::from_secs(30), || {
@@ -1422,6 +1446,10 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
     );
     let log_text = std::fs::read_to_string(&log).unwrap();
     assert!(!log_text.contains("panicked"), "{log_text}");
+    // Nobody was disconnected for a refused publish (the plug's firmware connect, plug-bridge's
+    // commands and discovery are all within their roles).
+    let broker_log = std::fs::read_to_string(d.join("broker.log")).unwrap();
+    assert!(!broker_log.contains("Refused a publish"), "{broker_log}");
 }
 
 /// A Shelly with a password set: every request answered with SHA-256 digest authentication

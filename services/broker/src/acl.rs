@@ -14,7 +14,7 @@
 //! | actuator | producer's, `cmd-result/+`, `homeassistant/+/wattbus/#` | producer's, `cmd/+`, `homeassistant/status` |
 //! | commander | `cmd/+`, `status/own`, `dead/U` | `cmd-result/+`, `status/+` |
 //! | homeassistant | `cmd/+`, `homeassistant/status` | `wattbus/#`, `homeassistant/#` |
-//! | tasmota | `stat/U/+`, `tele/U/+` | `cmnd/U/+` |
+//! | tasmota | `stat/U/#`, `tele/U/#`, `cmnd/U/+`, `tasmota/discovery/+/+` | `cmnd/U/#` |
 //! | reader | nothing | `wattbus/#` |
 //! | admin | anything | anything |
 //!
@@ -154,8 +154,11 @@ const ACTUATOR_SUBSCRIBE: &[&str] = &[
     "stat/+/+",
     "tele/+/+",
 ];
-const TASMOTA_PUBLISH: &[&str] = &["stat/U/+", "tele/U/+"];
-const TASMOTA_SUBSCRIBE: &[&str] = &["cmnd/U/+"];
+// What Tasmota's firmware does on every connect, which a refused publish would turn into a
+// disconnect: it asks its own state (an empty `cmnd/<topic>/POWER`) and announces itself
+// (retained `tasmota/discovery/<mac>/config`, `/sensors`).
+const TASMOTA_PUBLISH: &[&str] = &["stat/U/#", "tele/U/#", "cmnd/U/+", "tasmota/discovery/+/+"];
+const TASMOTA_SUBSCRIBE: &[&str] = &["cmnd/U/#"];
 const HOME_ASSISTANT_PUBLISH: &[&str] = &["wattbus/v1/+/cmd/+", "homeassistant/status"];
 const HOME_ASSISTANT_SUBSCRIBE: &[&str] = &["wattbus/#", "homeassistant/#"];
 const COMMANDER_PUBLISH: &[&str] = &[
@@ -542,6 +545,10 @@ mod tests {
         assert!(t.may_publish("stat/tasmota_5A3F2B/POWER"));
         assert!(t.may_publish("tele/tasmota_5A3F2B/LWT"));
         assert!(t.may_subscribe("cmnd/tasmota_5A3F2B/+"));
+        // Its firmware's own connect: subscribe cmnd/<topic>/#, ask its POWER, announce itself.
+        assert!(t.may_subscribe("cmnd/tasmota_5A3F2B/#"));
+        assert!(t.may_publish("cmnd/tasmota_5A3F2B/POWER"));
+        assert!(t.may_publish("tasmota/discovery/5C0A1B2C3D4E/config"));
         for topic in [
             "stat/tasmota_other/POWER",
             "tele/tasmota_other/SENSOR",

@@ -189,11 +189,19 @@ impl Client {
         // A Shelly with a password: answer its challenge (once; a second 401 is a wrong
         // password).
         if resp.status().as_u16() == 401 && plug.kind == Kind::Shelly && plug.password.is_some() {
-            let challenge = resp
-                .headers()
-                .get(reqwest::header::WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .map(digest_auth::parse_challenge);
+            // The first challenge that can be answered, of all it offers (RFC 7616 lets a
+            // server offer MD5 and SHA-256 side by side).
+            let mut challenge = None;
+            for v in resp.headers().get_all(reqwest::header::WWW_AUTHENTICATE) {
+                let parsed = digest_auth::parse_challenge(v.to_str().unwrap_or(""));
+                let answerable = parsed.is_ok();
+                if challenge.is_none() || answerable {
+                    challenge = Some(parsed);
+                }
+                if answerable {
+                    break;
+                }
+            }
             match challenge {
                 Some(Ok(c)) => {
                     self.digest_cache().insert(plug.url.clone(), (c, 0));

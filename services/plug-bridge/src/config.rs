@@ -257,10 +257,14 @@ impl Config {
             if let Some(q) = plugs
                 .iter()
                 .find(|q| q.url == plug.url && q.switch_id == plug.switch_id)
-                .filter(|_| plug.kind != Kind::Tasmota)
             {
+                let leaf = if plug.kind == Kind::Tasmota {
+                    "topic"
+                } else {
+                    "url"
+                };
                 return Err(ConfigError::new(
-                    format!("{at}.url"),
+                    format!("{at}.{leaf}"),
                     format!(
                         "{} is plug {:?} already: one plug counted twice",
                         plug.url,
@@ -514,6 +518,10 @@ mod tests {
             (
                 "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\n",
                 "plug_bridge.plugs[0].topic",
+            ),
+            (
+                "[[plugs]]\nid = \"a\"\nkind = \"tasmota\"\ntopic = \"t\"\n[[plugs]]\nid = \"b\"\nkind = \"tasmota\"\ntopic = \"t\"\n",
+                "plug_bridge.plugs[1].topic",
             ),
             (
                 "[plug_bridge.tasmota_broker]\nhost = \"\"\n",

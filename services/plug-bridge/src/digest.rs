@@ -15,8 +15,9 @@ pub struct Challenge {
 pub fn parse_challenge(header: &str) -> Result<Challenge, String> {
     let rest = header
         .trim()
-        .strip_prefix("Digest ")
-        .or_else(|| header.trim().strip_prefix("digest "))
+        .split_once(char::is_whitespace)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("digest"))
+        .map(|(_, rest)| rest)
         .ok_or_else(|| format!("not a digest challenge: {header:?}"))?;
     let mut realm = None;
     let mut nonce = None;
@@ -51,29 +52,61 @@ pub fn parse_challenge(header: &str) -> Result<Challenge, String> {
     })
 }
 
-/// `key=value` and `key="quoted, value"` pairs, comma separated.
+/// `key=value` and `key="quoted, \"value\""` pairs, comma separated (RFC 7235's
+/// auth-params); a parameter without a value is skipped.
 fn params(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let mut rest = s.trim();
-    while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else {
-            break;
-        };
-        let key = key.trim().trim_start_matches(',').trim().to_string();
-        let after = after.trim_start();
-        let (value, next) = if let Some(q) = after.strip_prefix('"') {
-            match q.find('"') {
-                Some(end) => (q[..end].to_string(), &q[end + 1..]),
-                None => (q.to_string(), ""),
+    let mut chars = s.chars().peekable();
+    loop {
+        // The key, up to `=` or `,`.
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c == ',' {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        let key = key.trim().to_string();
+        match chars.next() {
+            None => break,
+            Some(',') => continue,
+            Some(_) => {}
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(escaped) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => break,
+                    c => value.push(c),
+                }
+            }
+            // Up to the next comma.
+            for c in chars.by_ref() {
+                if c == ',' {
+                    break;
+                }
             }
         } else {
-            match after.find(',') {
-                Some(end) => (after[..end].trim().to_string(), &after[end..]),
-                None => (after.trim().to_string(), ""),
+            for c in chars.by_ref() {
+                if c == ',' {
+                    break;
+                }
+                value.push(c);
             }
-        };
-        out.push((key, value));
-        rest = next.trim_start().trim_start_matches(',').trim_start();
+        }
+        if !key.is_empty() {
+            out.push((key, value.trim().to_string()));
+        }
     }
     out
 }
@@ -159,6 +192,15 @@ mod tests {
                 .contains("MD5")
         );
         assert!(parse_challenge(r#"Basic realm="x""#).is_err());
+        // Escaped quotes, another case, a parameter without a value.
+        let c = parse_challenge(
+            "DIGEST stale, realm=\"shelly\\\"plug, 1\", qop=\"auth\", nonce=\"n\", algorithm=SHA-256",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.realm.as_str(), c.nonce.as_str()),
+            ("shelly\"plug, 1", "n")
+        );
         assert!(parse_challenge(r#"Digest realm="x", nonce="y", algorithm=SHA-256"#).is_err());
     }
 }

@@ -140,7 +140,25 @@ pub struct Counter {
     /// known, the ceiling stands in).
     #[serde(skip)]
     published_wh: Option<f64>,
+    /// Before the last fall taken as a restart: the plug's counter and the offset then. A
+    /// sample that comes back to it (the fall was one garbled answer) undoes the restart,
+    /// rather than counting the plug's whole total a second time.
+    #[serde(skip)]
+    before_fall: Option<(f64, f64, i64)>,
+    /// Samples refused in a row as growing too fast, and the last of them: a plug whose
+    /// counter stays where it jumped to (a used plug put in, a counter set by hand) is taken
+    /// to have started again there, never counted as consumption.
+    #[serde(skip)]
+    jumped: Option<(u32, f64)>,
 }
+
+/// Refused jumps in a row, each consistent with the one before, after which the plug's
+/// counter is taken to have started again where it jumped to.
+const JUMPS_TO_REBASE: u32 = 5;
+
+/// A fall is undone by a sample back at the old value only this soon after it (a real
+/// restart's counter, growing from zero, must not be taken for the old one coming back).
+const UNDO_FALL_MS: i64 = 120_000;
 
 impl Counter {
     fn new(now_ms: i64) -> Self {
@@ -155,6 +173,8 @@ impl Counter {
             resets: 0,
             since_ms: now_ms,
             published_wh: Some(0.0),
+            before_fall: None,
+            jumped: None,
         }
     }
 
@@ -197,13 +217,38 @@ impl Counter {
             && !dropped
             && s.total_wh < self.last_raw_wh;
         // How fast it grew since the last sample, within one run of the plug's counter.
+        let mut rebase = false;
         if self.boot.is_some() && !kind_changed && !new_boot && !dropped && self.last_ms > 0 {
             let secs = ((now_ms - self.last_ms) as f64 / 1000.0).max(0.0);
+            let allowed = |from: f64| s.total_wh - from <= MAX_PLUG_W * (secs + 60.0) / 3600.0;
             let jump_wh = s.total_wh - self.last_raw_wh;
-            if jump_wh > MAX_PLUG_W * (secs + 60.0) / 3600.0 {
-                return Err(SampleError::TooFast { jump_wh, secs });
+            // Back, soon, to where it was before a fall: the fall was a garbled answer.
+            if let Some((raw, offset, at)) = self.before_fall
+                && now_ms - at <= UNDO_FALL_MS
+                && s.total_wh >= raw
+                && allowed(raw)
+            {
+                self.offset_wh = offset;
+                self.last_raw_wh = raw;
+                self.before_fall = None;
+                self.restarts = self.restarts.saturating_sub(1);
+            } else if !allowed(self.last_raw_wh) {
+                let consistent = self
+                    .jumped
+                    .is_some_and(|(_, at)| s.total_wh >= at && allowed(at));
+                let n = if consistent {
+                    self.jumped.map_or(1, |(n, _)| n + 1)
+                } else {
+                    1
+                };
+                if n < JUMPS_TO_REBASE {
+                    self.jumped = Some((n, s.total_wh));
+                    return Err(SampleError::TooFast { jump_wh, secs });
+                }
+                rebase = true;
             }
         }
+        self.jumped = None;
         let restart = if new_boot {
             Some(Restart::Reboot)
         } else if dropped {
@@ -212,7 +257,7 @@ impl Counter {
             None
         };
         let mut offset = self.offset_wh;
-        if kind_changed {
+        if kind_changed || rebase {
             // Another kind of plug under this id (replaced): continue from where the counter
             // was, not from the new plug's lifetime total.
             offset = self.floor() - s.total_wh;
@@ -226,8 +271,13 @@ impl Counter {
         if energy_wh > MAX_COUNTER_WH {
             return Err(SampleError::Impossible(energy_wh));
         }
+        if restart == Some(Restart::Decrease) {
+            self.before_fall = Some((self.last_raw_wh, self.offset_wh, now_ms));
+        } else if restart.is_some() || kind_changed || rebase {
+            self.before_fall = None;
+        }
         self.offset_wh = offset;
-        if restart.is_some() || kind_changed {
+        if restart.is_some() || kind_changed || rebase {
             self.restarts = self.restarts.saturating_add(1);
         }
         if new_boot && let Some(Boot::Id(old)) = self.boot.take() {
@@ -246,7 +296,7 @@ impl Counter {
         self.published_wh = Some(energy_wh);
         Ok(Step {
             energy_wh,
-            restart: if kind_changed {
+            restart: if kind_changed || rebase {
                 Some(Restart::Replaced)
             } else {
                 restart
@@ -607,6 +657,54 @@ mod tests {
             m.observe(&id("B", 2.0), 10.0, 6000).unwrap().energy_wh,
             102.0
         );
+    }
+
+    #[test]
+    fn one_garbled_zero_is_undone_and_a_counter_that_stays_jumped_is_rebased_never_counted() {
+        let unknown = |wh: f64| Sample {
+            boot: Boot::Unknown,
+            total_wh: wh,
+        };
+        let mut c = Counter::new(0);
+        c.observe(&unknown(200.0), 10.0, 1_000).unwrap();
+        c.observe(&unknown(200.5), 10.0, 2_000).unwrap();
+        // One answer of 0 (a garbled Tasmota Total), then its true value again.
+        let held = c.observe(&unknown(0.0), 10.0, 3_000).unwrap();
+        assert_eq!(held.restart, Some(Restart::Decrease));
+        let back = c.observe(&unknown(201.0), 10.0, 4_000).unwrap();
+        assert!(
+            (back.energy_wh - 201.0).abs() < 1e-9,
+            "counted twice: {back:?}"
+        );
+        assert_eq!(c.restarts, 0);
+        // A real restart that grows past the old value much later is not taken for it.
+        c.observe(&unknown(0.0), 10.0, 5_000).unwrap();
+        let later = c.observe(&unknown(0.5), 10.0, 6_000).unwrap();
+        assert!((later.energy_wh - 201.5).abs() < 1e-9, "{later:?}");
+        let much_later = c
+            .observe(&unknown(202.0), 10.0, 6_000 + 200 * 3_600_000)
+            .unwrap();
+        assert!(
+            (much_later.energy_wh - 403.0).abs() < 1e-9,
+            "{much_later:?}"
+        );
+        // A counter that jumps and stays there (a used plug put in): refused a few times,
+        // then taken as a new start from where the bridge's counter was, never as consumption.
+        let mut c = Counter::new(0);
+        c.observe(&unknown(100.0), 10.0, 1_000).unwrap();
+        let mut at = 2_000;
+        for _ in 1..JUMPS_TO_REBASE {
+            assert!(matches!(
+                c.observe(&unknown(900_000.0), 10.0, at),
+                Err(SampleError::TooFast { .. })
+            ));
+            at += 1_000;
+        }
+        let rebased = c.observe(&unknown(900_000.0), 10.0, at).unwrap();
+        assert_eq!(rebased.restart, Some(Restart::Replaced));
+        assert!((rebased.energy_wh - 100.0).abs() < 1e-9, "{rebased:?}");
+        let next = c.observe(&unknown(900_001.0), 10.0, at + 1_000).unwrap();
+        assert!((next.energy_wh - 101.0).abs() < 1e-9, "{next:?}");
     }
 
     #[test]

@@ -166,8 +166,14 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
             Some(cfg) => {
                 let id = Identity {
                     service: seg("plug-bridge"),
-                    instance: Segment::new(format!("{}-tasmota", plan.instance.as_str()))
-                        .unwrap_or_else(|_| plan.instance.clone()),
+                    // The site in it: two sites' bridges on one broker must not take over
+                    // each other's connection.
+                    instance: Segment::new(format!(
+                        "{}-{}-tasmota",
+                        plan.instance.as_str(),
+                        ctx.common.site.as_str()
+                    ))
+                    .unwrap_or_else(|_| plan.instance.clone()),
                 };
                 let (b, task) = Bus::observe(cfg, &ctx.common.site, &id, &ctx.health)?;
                 tracing::info!(host = %cfg.host, port = cfg.port, "Tasmota plugs on their own broker.");

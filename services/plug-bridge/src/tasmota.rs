@@ -45,15 +45,21 @@ impl Hub {
             senders.insert(t.as_str().to_string(), tx);
             plugs.insert(t.clone(), Mutex::new(rx));
         }
-        let mut rx = bus.subscribe("stat/+/+", QoS::AtLeastOnce, Overflow::Drop);
-        let router = tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
-                let mut levels = m.topic.split('/');
-                let topic = levels.nth(1).unwrap_or_default();
-                if let Some(tx) = senders.get(topic) {
+        // A subscription per plug, not one `stat/+/+`: the broker keeps a log per filter, and a
+        // plug that floods its own topic then cannot push the others' answers out of it.
+        let mut routes = Vec::new();
+        for (topic, tx) in senders {
+            let mut rx = bus.subscribe(format!("stat/{topic}/+"), QoS::AtLeastOnce, Overflow::Drop);
+            routes.push(tokio::spawn(async move {
+                while let Some(m) = rx.recv().await {
                     // A full queue: nobody is waiting, the answer is stale.
                     let _ = tx.try_send(m);
                 }
+            }));
+        }
+        let router = tokio::spawn(async move {
+            for r in routes {
+                let _ = r.await;
             }
         });
         let hub = Hub {
@@ -130,25 +136,33 @@ async fn answer<T>(
         })
 }
 
-/// `stat/<t>/POWER` `ON`/`OFF`, or `stat/<t>/RESULT` `{"POWER": "ON"}`.
+/// `stat/<t>/POWER` `ON`/`OFF`, or `stat/<t>/RESULT` `{"POWER": "ON"}`; also as Tasmota
+/// sends them with SetOption4 (JSON on `POWER`) or SetOption26 (`POWER1`). Anything else is
+/// not this answer (`None`): the wait goes on.
 pub fn power(last: &str, payload: &[u8]) -> Option<Result<bool, String>> {
+    #[derive(Deserialize)]
+    struct Json {
+        #[serde(rename = "POWER")]
+        power: Option<String>,
+        #[serde(rename = "POWER1")]
+        power1: Option<String>,
+    }
     let state = match last {
-        "POWER" => String::from_utf8_lossy(payload).trim().to_string(),
-        "RESULT" => {
-            #[derive(Deserialize)]
-            struct Result_ {
-                #[serde(rename = "POWER")]
-                power: Option<String>,
+        "POWER" | "POWER1" | "RESULT" => {
+            let text = String::from_utf8_lossy(payload).trim().to_string();
+            match serde_json::from_str::<Json>(&text) {
+                Ok(j) => j.power.or(j.power1)?,
+                Err(_) if last != "RESULT" => text,
+                Err(_) => return None,
             }
-            serde_json::from_slice::<Result_>(payload).ok()?.power?
         }
         _ => return None,
     };
-    Some(match state.as_str() {
-        "ON" => Ok(true),
-        "OFF" => Ok(false),
-        other => Err(format!("POWER {other:?} is neither ON nor OFF")),
-    })
+    match state.to_ascii_uppercase().as_str() {
+        "ON" | "1" => Some(Ok(true)),
+        "OFF" | "0" => Some(Ok(false)),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -213,7 +227,10 @@ mod tests {
         assert_eq!(power("RESULT", br#"{"POWER":"OFF"}"#), Some(Ok(false)));
         assert_eq!(power("RESULT", br#"{"Dimmer":50}"#), None);
         assert_eq!(power("STATUS10", b"{}"), None);
-        assert!(power("POWER", b"MAYBE").unwrap().is_err());
+        assert_eq!(power("POWER", b"MAYBE"), None);
+        assert_eq!(power("POWER", br#"{"POWER":"ON"}"#), Some(Ok(true)));
+        assert_eq!(power("POWER1", b"OFF"), Some(Ok(false)));
+        assert_eq!(power("RESULT", br#"{"POWER1":"ON"}"#), Some(Ok(true)));
         let r = status10(
             "STATUS10",
             br#"{"StatusSNS":{"Time":"2026-12-04T17:00:00","ENERGY":{"TotalStartTime":"2026-01-01T00:00:00","Total":12.345,"Yesterday":1.2,"Today":0.3,"Power":57,"ApparentPower":60,"ReactivePower":18,"Factor":0.95,"Voltage":231,"Current":0.26}}}"#,
