@@ -411,9 +411,7 @@ fn a_crashed_service_is_marked_offline_by_its_last_will() {
             ]
             .concat(),
         );
-        Status::decode(String::from_utf8_lossy(&o.stdout).trim().as_bytes())
-            .ok()
-            .map(|s| s.state)
+        Status::decode(String::from_utf8_lossy(&o.stdout).trim().as_bytes()).ok()
     };
     let mut sim = Proc::spawn(
         "simulator",
@@ -424,14 +422,17 @@ fn a_crashed_service_is_marked_offline_by_its_last_will() {
     );
     assert!(
         wait_until(Duration::from_secs(15), || status_now()
-            == Some(ServiceState::Online)),
+            .is_some_and(|s| s.state == ServiceState::Online)),
         "never online"
     );
     sim.kill9();
     // No clean disconnect: the broker notices the dropped connection and publishes the will.
     assert!(
         wait_until(Duration::from_secs(20), || status_now()
-            == Some(ServiceState::Offline)),
-        "the last will did not mark the simulator offline"
+            .is_some_and(|s| s.state == ServiceState::Offline)),
+        "the last will did not mark the simulator offline (it reads {:?}); the broker's log:\n{}\nthe simulator's:\n{}",
+        status_now(),
+        std::fs::read_to_string(d.join("broker.log")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("sim.log")).unwrap_or_default()
     );
 }
