@@ -257,11 +257,14 @@ impl Router {
                 self.send_meters();
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
-            Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
-                client_id,
-                #[cfg(feature = "validate-tenant-prefix")]
-                _tenant_id,
-            ),
+            // wattbus: the will is published when the router disconnects the connection
+            // (`handle_disconnection`), not here. This event comes from the link's task after
+            // it ended, and by then a reconnect under the same client id may have left its own
+            // will: firing "the will of `client_id`" here published the new connection's will
+            // (offline, right before its online) and lost it, so a service killed afterwards
+            // stayed online. (MQTT 5's will delay is therefore not honoured: wattbus's clients
+            // speak 3.1.1.)
+            Event::PublishWill(_) => {}
         }
     }
 
@@ -550,6 +553,15 @@ impl Router {
 
         let span = tracing::info_span!("incoming_disconnect", client_id);
         let _guard = span.enter();
+
+        // wattbus: the will of this connection, now: the one under its client id is its own
+        // until it is gone (a clean DISCONNECT removed it already; a takeover disconnects the
+        // old connection before the new one's will is stored).
+        self.handle_last_will(
+            client_id.clone(),
+            #[cfg(feature = "validate-tenant-prefix")]
+            None,
+        );
 
         // must handle last will before sending disconnect packet
         // as the disconnecting client might have subscribed to will topic.
