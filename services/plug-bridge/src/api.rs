@@ -62,7 +62,7 @@ pub struct View {
 
 /// Every plug's latest, shared by the plugs' tasks (writers) and the API (reader).
 #[derive(Debug, Default)]
-pub struct Views(pub(crate) Mutex<BTreeMap<Segment, View>>);
+pub struct Views(Mutex<BTreeMap<Segment, View>>);
 
 impl Views {
     pub fn update(&self, plug: &Segment, f: impl FnOnce(&mut View)) {
@@ -70,7 +70,8 @@ impl Views {
         f(views.entry(plug.clone()).or_default());
     }
 
-    fn get(&self, plug: &Segment) -> View {
+    /// The plug's latest (all unknown before its first poll).
+    pub fn get(&self, plug: &Segment) -> View {
         let views = self.0.lock().unwrap_or_else(|p| p.into_inner());
         views.get(plug).cloned().unwrap_or_default()
     }

@@ -766,11 +766,7 @@ async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: 
                 }
             }
         }
-        let online = {
-            let v = shared.views.0.lock().unwrap_or_else(|p| p.into_inner());
-            v.get(plug).and_then(|v| v.online)
-        };
-        if let Some(online) = online {
+        if let Some(online) = shared.views.get(plug).online {
             announce_availability(shared, plug, online).await;
         }
         publish_ha_state(shared, plug).await;
@@ -783,20 +779,18 @@ async fn publish_ha_state(shared: &Shared, plug: &Segment) {
     if !shared.home_assistant {
         return;
     }
-    let state = {
-        let views = shared.views.0.lock().unwrap_or_else(|p| p.into_inner());
-        views.get(plug).and_then(|v| {
-            Some(ha::State {
-                relay_on: v.relay_on?,
-                power_w: v.power_w?,
-                energy_wh: v.energy_wh,
-                temperature_c: v.temperature_c,
-                voltage_v: v.voltage_v,
-                current_a: v.current_a,
-                ts_ms: v.read_ts_ms?,
-            })
+    let v = shared.views.get(plug);
+    let state = (|| {
+        Some(ha::State {
+            relay_on: v.relay_on?,
+            power_w: v.power_w?,
+            energy_wh: v.energy_wh,
+            temperature_c: v.temperature_c,
+            voltage_v: v.voltage_v,
+            current_a: v.current_a,
+            ts_ms: v.read_ts_ms?,
         })
-    };
+    })();
     let Some(state) = state else {
         return;
     };
