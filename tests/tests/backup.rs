@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use backup_rotator::manifest::{Kind, MANIFEST};
-use backup_rotator::{Outcome, Rotator};
+use backup_rotator::manifest::{MANIFEST, SetKind};
+use backup_rotator::{Rotator, RunOutcome};
 use influx_client::query::Connection;
 use runtime::ConfigSource;
 use wattbus_e2e::servers::{
@@ -405,10 +405,10 @@ fn plan(
 }
 
 /// The set a run made (a test that expects one).
-fn made(o: Result<Outcome, backup_rotator::RunError>) -> backup_rotator::manifest::Manifest {
+fn made(o: Result<RunOutcome, backup_rotator::RunError>) -> backup_rotator::manifest::Manifest {
     match o.unwrap() {
-        Outcome::Made(m) => *m,
-        Outcome::Nothing => panic!("no set made"),
+        RunOutcome::Made(m) => *m,
+        RunOutcome::Nothing => panic!("no set made"),
     }
 }
 
@@ -459,9 +459,9 @@ fn rotation_keeps_n_full_sets_and_what_they_need_and_survives_failures() {
     // an hour after the first, …
     let t0 = now_ms;
     let full1 = made(rt.block_on(r.run_once(t0)));
-    assert_eq!((full1.kind, full1.points()), (Kind::Full, 120));
+    assert_eq!((full1.kind, full1.points()), (SetKind::Full, 120));
     let inc1 = made(rt.block_on(r.run_once(t0 + 1_800_000)));
-    assert_eq!(inc1.kind, Kind::Incremental);
+    assert_eq!(inc1.kind, SetKind::Incremental);
     assert_eq!(inc1.base.as_deref(), Some(full1.id.as_str()));
     assert_eq!(
         inc1.from_ns,
@@ -479,7 +479,7 @@ fn rotation_keeps_n_full_sets_and_what_they_need_and_survives_failures() {
     influx.resume();
 
     let full2 = made(rt.block_on(r.run_once(t0 + 3_700_000)));
-    assert_eq!(full2.kind, Kind::Full);
+    assert_eq!(full2.kind, SetKind::Full);
     let _inc2 = made(rt.block_on(r.run_once(t0 + 5_400_000)));
     assert_eq!(
         finished_sets(dir.path()).len(),
@@ -818,7 +818,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     let rt = runtime();
     let (mut r, _) = azure(&azurite, "access_key_file", &key_file);
     let full = made(rt.block_on(r.run_once(now_ms)));
-    assert_eq!((full.kind, full.points()), (Kind::Full, 604));
+    assert_eq!((full.kind, full.points()), (SetKind::Full, 604));
     let blobs = azurite.blob(&key_file, &["list", AZ_CONTAINER]);
     assert!(
         !blobs.contains("20260101T000000Z"),
@@ -846,7 +846,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     assert!(e.is_transient(), "{e}");
     azurite.restart();
     let inc = made(rt.block_on(r.run_once(now_ms + 1_900_000)));
-    assert_eq!(inc.kind, Kind::Incremental);
+    assert_eq!(inc.kind, SetKind::Incremental);
 
     // With a container SAS instead of the key (what terraform/ outputs), from a file.
     let sas = azurite.blob(&key_file, &["sas", AZ_CONTAINER]);
@@ -869,7 +869,7 @@ fn azure_blob_storage_through_the_emulator_with_a_key_and_a_sas() {
     let (mut r, cfg) = azure(&azurite, "sas_file", &sas_file);
     let cfg_s = cfg.to_str().unwrap();
     let full2 = made(rt.block_on(r.run_once(now_ms + 3_700_000)));
-    assert_eq!(full2.kind, Kind::Full);
+    assert_eq!(full2.kind, SetKind::Full);
 
     let listed = wattbus(&["backup", "list", "-c", cfg_s]);
     let text = String::from_utf8_lossy(&listed.stdout);
@@ -984,7 +984,7 @@ fn a_full_disk_fails_the_run_counts_nothing_and_the_run_after_space_returns_is_g
 
     tmpfs.resize("16m");
     let set = made(rt.block_on(r.run_once(now_ms + 60_000)));
-    assert_eq!((set.kind, set.points()), (Kind::Full, 17_280));
+    assert_eq!((set.kind, set.points()), (SetKind::Full, 17_280));
     assert_eq!(finished_sets(dir.path()).len(), 1);
 }
 
@@ -1094,11 +1094,11 @@ fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_goo
     // Another rotator's set in progress (now), and an abandoned one of two days ago.
     let foreign = sets.join(backup_rotator::manifest::set_id(
         now_ms * 1_000_000,
-        Kind::Full,
+        SetKind::Full,
     ));
     let abandoned = sets.join(backup_rotator::manifest::set_id(
         (now_ms - 172_800_000) * 1_000_000,
-        Kind::Full,
+        SetKind::Full,
     ));
     for d in [&foreign, &abandoned] {
         std::fs::create_dir_all(d).unwrap();
@@ -1120,7 +1120,7 @@ fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_goo
     write(&influx, None, &minute_lines(now_ms, 1));
     let mut r = rotator(&plan, dir.path());
     let small = made(rt.block_on(r.run_once(now_ms + 9_000_000)));
-    assert_eq!((small.kind, small.points()), (Kind::Full, 1));
+    assert_eq!((small.kind, small.points()), (SetKind::Full, 1));
     let ids: Vec<String> = finished_sets(dir.path())
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -1138,10 +1138,10 @@ fn damaged_chains_foreign_sets_clock_jumps_and_a_wiped_database_never_cost_a_goo
             .any(|p| p.ends_with(&full.id)),
         "the real backup was rotated away by the jump"
     );
-    assert_eq!(ahead.kind, Kind::Full);
+    assert_eq!(ahead.kind, SetKind::Full);
     let back = rt.block_on(r.run_once(now_ms + 9_600_000)).unwrap();
     assert!(
-        matches!(back, Outcome::Made(_)),
+        matches!(back, RunOutcome::Made(_)),
         "no set from the present after a clock jump: {back:?}"
     );
 }
@@ -1465,7 +1465,7 @@ fn native_mode_stores_influxds_own_backup_and_influxd_restores_it() {
     let (plan2, _) = plan(&broker, dir.path(), &influx, &closed);
     let mut r2 = rotator(&plan2, dir.path()).with_native(&plan2, &state);
     let full2 = made(rt.block_on(r2.run_once(now_ms + 7_200_000)));
-    assert_eq!(full2.kind, Kind::Full);
+    assert_eq!(full2.kind, SetKind::Full);
     assert_eq!(full2.points(), before.len() as u64);
     let n2 = full2.native.clone().expect("the failure is recorded");
     assert!(!n2.ok() && n2.files.is_empty());
@@ -1608,7 +1608,7 @@ fn s3_compatible_storage_round_trip_outage_and_a_wrong_secret() {
 
     let (mut r, cfg) = s3_rotator(&secret);
     let full = made(rt.block_on(r.run_once(now_ms)));
-    assert_eq!((full.kind, full.points()), (Kind::Full, 504));
+    assert_eq!((full.kind, full.points()), (SetKind::Full, 504));
     // The objects as S3 clients see them: the set's parts and its manifest in the bucket.
     let set_dir = s3.root.join(S3_BUCKET).join("lab").join(&full.id);
     assert!(set_dir.join(MANIFEST).is_file(), "{}", set_dir.display());
@@ -1620,7 +1620,7 @@ fn s3_compatible_storage_round_trip_outage_and_a_wrong_secret() {
     assert!(e.is_transient(), "{e}");
     s3.restart();
     let inc = made(rt.block_on(r.run_once(now_ms + 1_900_000)));
-    assert_eq!(inc.kind, Kind::Incremental);
+    assert_eq!(inc.kind, SetKind::Incremental);
 
     let cfg_s = cfg.to_str().unwrap();
     let listed = succeeded(&wattbus(&["backup", "list", "-c", cfg_s]));

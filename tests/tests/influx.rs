@@ -460,8 +460,8 @@ fn influxdb_outage_with_the_writer_killed_loses_nothing() {
 
 #[test]
 fn escaping_survives_a_round_trip_through_influxdb_1_6() {
-    use influx_writer::config::{Api, InfluxConfig, Target};
-    use influx_writer::http::{Client, WriteOutcome};
+    use influx_writer::config::{InfluxConfig, InfluxTarget, WriteApi};
+    use influx_writer::http::{WriteClient, WriteOutcome};
     use influx_writer::{FieldValue, Point, encode_batch};
 
     let dir = tempfile::tempdir().unwrap();
@@ -499,10 +499,10 @@ fn escaping_survives_a_round_trip_through_influxdb_1_6() {
     assert_eq!(bad.len(), 1, "the NaN point alone is refused");
     assert_eq!(bad[0].0, nasty.len());
 
-    let target = Target {
+    let target = InfluxTarget {
         cfg: InfluxConfig {
             url: format!("http://127.0.0.1:{}", influx.port),
-            api: Api::V1,
+            api: WriteApi::V1,
             database: Some("esc".into()),
             ..InfluxConfig::default()
         },
@@ -512,7 +512,7 @@ fn escaping_survives_a_round_trip_through_influxdb_1_6() {
             std::time::Duration::from_secs(60),
         ),
     };
-    let client = Client::new(&target).unwrap();
+    let client = WriteClient::new(&target).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use simulators::plugs::{PlugKind, SimPlug};
+use simulators::plugs::{SimPlug, Vendor};
 use wattbus_e2e::servers::Influxd;
 use wattbus_e2e::{BrokerSetup, Proc, free_port, wait_until, wattbus_bin};
 
@@ -300,12 +300,12 @@ fn energy_never_goes_backwards_through_reboots_and_a_kill_and_ends_where_the_plu
     let influx = Influxd::start(d);
     influx.create_database(DB);
     // 3.6 kW: a watt-hour a second, so the counters move fast.
-    let kettle = SimPlug::new(PlugKind::Mystrom, 3600.0, Some("sekret".into()));
-    let heater = SimPlug::new(PlugKind::Shelly, 1800.0, None);
+    let kettle = SimPlug::new(Vendor::Mystrom, 3600.0, Some("sekret".into()));
+    let heater = SimPlug::new(Vendor::Shelly, 1800.0, None);
     heater.set_loses_total(true);
-    let gone = SimPlug::new(PlugKind::Shelly, 100.0, None);
+    let gone = SimPlug::new(Vendor::Shelly, 100.0, None);
     gone.set_down(true);
-    let locked = SimPlug::new(PlugKind::Mystrom, 100.0, Some("not-given".into()));
+    let locked = SimPlug::new(Vendor::Mystrom, 100.0, Some("not-given".into()));
     let plugs = serve(&[kettle.clone(), heater.clone(), gone.clone(), locked.clone()]);
     let token = d.join("kettle_token");
     std::fs::write(&token, "sekret\n").unwrap();
@@ -558,9 +558,9 @@ impl Api {
 fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
-    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
-    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let lamp = SimPlug::new(Vendor::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(Vendor::Shelly, 120.0, None);
+    let gone = SimPlug::new(Vendor::Shelly, 10.0, None);
     let plugs = serve(&[lamp.clone(), fridge.clone(), gone.clone()]);
     let a = api(d, &plugs.ports, 1500);
     // The bus hears every switch's result, as for commands sent there.
@@ -759,9 +759,9 @@ fn http_api_switches_with_the_token_and_answers_what_the_plug_reads() {
 fn http_api_fuzzed_from_its_openapi_description() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
-    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
-    let third = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let lamp = SimPlug::new(Vendor::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(Vendor::Shelly, 120.0, None);
+    let third = SimPlug::new(Vendor::Shelly, 10.0, None);
     let plugs = serve(&[lamp, fridge, third]);
     let a = api(d, &plugs.ports, 600);
     let bin = std::env::var("WBTEST_SCHEMATHESIS")
@@ -881,9 +881,9 @@ fn the_grafana_switch_panel_switches_a_plug_through_the_provisioned_data_source(
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
-    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
-    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let lamp = SimPlug::new(Vendor::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(Vendor::Shelly, 120.0, None);
+    let gone = SimPlug::new(Vendor::Shelly, 10.0, None);
     let plugs = serve(&[lamp.clone(), fridge, gone.clone()]);
     let a = api(d, &plugs.ports, 1500);
     assert!(
@@ -1035,9 +1035,9 @@ Promise.resolve(new Function('context', code)(context)).then((r) => {
 fn home_assistant_discovery_announces_every_plug_and_again_after_a_broker_restart() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let lamp = SimPlug::new(PlugKind::Mystrom, 60.0, None);
-    let fridge = SimPlug::new(PlugKind::Shelly, 120.0, None);
-    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let lamp = SimPlug::new(Vendor::Mystrom, 60.0, None);
+    let fridge = SimPlug::new(Vendor::Shelly, 120.0, None);
+    let gone = SimPlug::new(Vendor::Shelly, 10.0, None);
     gone.set_down(true);
     let plugs = serve(&[lamp, fridge, gone]);
     let mut a = api(d, &plugs.ports, 1500);
@@ -1459,8 +1459,8 @@ fn a_tasmota_plug_played_over_mqtt_is_read_switched_and_counted() {
 fn a_shelly_with_a_password_is_read_and_switched_with_digest_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let locked = SimPlug::new(PlugKind::Shelly, 200.0, Some("s3cret pass".into()));
-    let wrong = SimPlug::new(PlugKind::Shelly, 100.0, Some("another".into()));
+    let locked = SimPlug::new(Vendor::Shelly, 200.0, Some("s3cret pass".into()));
+    let wrong = SimPlug::new(Vendor::Shelly, 100.0, Some("another".into()));
     let plugs = serve(&[locked.clone(), wrong.clone()]);
     let broker = BrokerSetup::new(d);
     let _broker = broker.start(&d.join("broker.log"));
@@ -1544,9 +1544,9 @@ fn a_plug_counter_reset_is_explicit_and_visible() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // 360 W: a watt-hour in 10 s.
-    let lamp = SimPlug::new(PlugKind::Mystrom, 360.0, None);
-    let fridge = SimPlug::new(PlugKind::Shelly, 100.0, None);
-    let gone = SimPlug::new(PlugKind::Shelly, 10.0, None);
+    let lamp = SimPlug::new(Vendor::Mystrom, 360.0, None);
+    let fridge = SimPlug::new(Vendor::Shelly, 100.0, None);
+    let gone = SimPlug::new(Vendor::Shelly, 10.0, None);
     let plugs = serve(&[lamp, fridge, gone]);
     let mut a = api(d, &plugs.ports, 1500);
     let config = d.join("service.toml");

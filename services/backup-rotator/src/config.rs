@@ -37,7 +37,7 @@ pub struct Config {
     pub retry_s: u64,
     /// How often the status reading (age of the last good set, …) is published.
     pub status_every_s: u64,
-    pub influx: InfluxConfig,
+    pub influx: SourceConfig,
     pub storage: StorageConfig,
     /// Native mode: InfluxDB's own backup tool run with every full set (off unless set).
     pub native: Option<NativeConfig>,
@@ -50,7 +50,7 @@ pub struct Config {
 /// The InfluxDB to back up, read through InfluxQL's `/query`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct InfluxConfig {
+pub struct SourceConfig {
     pub url: String,
     /// The database (InfluxDB 1.x), or the database a 2.x DBRP mapping gives the bucket.
     pub database: String,
@@ -167,7 +167,7 @@ impl Default for Config {
             settle_s: 60,
             retry_s: 30,
             status_every_s: 60,
-            influx: InfluxConfig::default(),
+            influx: SourceConfig::default(),
             storage: StorageConfig::default(),
             native: None,
             stream: StreamConfig::default(),
@@ -176,7 +176,7 @@ impl Default for Config {
     }
 }
 
-impl Default for InfluxConfig {
+impl Default for SourceConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8086".into(),
@@ -478,7 +478,7 @@ fn on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-impl InfluxConfig {
+impl SourceConfig {
     pub fn resolve(&self, section: &str) -> Result<InfluxPlan, ConfigError> {
         let key = |k: &str| format!("{section}.{k}");
         let url = reqwest_free_url_check(&self.url).map_err(|r| ConfigError::new(key("url"), r))?;

@@ -12,8 +12,11 @@ use std::time::Instant;
 use influx_client::line_protocol::{FieldValue, Point, encode_point};
 use influx_client::query::{Connection, QueryError, Series, column, ident};
 
-use crate::manifest::{FieldType, Part, Policy, part_file};
+use crate::manifest::{FieldType, Part, RetentionPolicy, part_file};
 use crate::store::{Store, StoreError};
+use influx_client::query::retention_policies;
+
+use crate::events::Events;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -34,7 +37,7 @@ impl ExportError {
 
 /// The window of a set: `time >= from_ns` (none: from the start) and `time < to_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
+pub struct ExportWindow {
     pub from_ns: Option<i64>,
     pub to_ns: i64,
 }
@@ -42,48 +45,19 @@ pub struct Window {
 /// What [`export`] made: the policies as they were, and the parts written and verified.
 #[derive(Debug, Default)]
 pub struct Exported {
-    pub policies: Vec<Policy>,
+    pub policies: Vec<RetentionPolicy>,
     pub parts: Vec<Part>,
 }
 
 /// The database's retention policies.
-pub async fn policies(conn: &Connection) -> Result<Vec<Policy>, QueryError> {
+pub async fn policies(conn: &Connection) -> Result<Vec<RetentionPolicy>, QueryError> {
     let series = conn
         .query(&format!(
             "SHOW RETENTION POLICIES ON {}",
             ident(conn.database())
         ))
         .await?;
-    let mut out = Vec::new();
-    for s in &series {
-        let col = |name: &str| s.columns.iter().position(|c| c == name);
-        let (Some(n), Some(d), Some(sd), Some(def)) = (
-            col("name"),
-            col("duration"),
-            col("shardGroupDuration"),
-            col("default"),
-        ) else {
-            continue;
-        };
-        for row in &s.values {
-            let text = |i: usize| {
-                row.get(i)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-                    .to_string()
-            };
-            out.push(Policy {
-                name: text(n),
-                duration: text(d),
-                shard_duration: text(sd),
-                default: row
-                    .get(def)
-                    .and_then(serde_json::Value::as_bool)
-                    .unwrap_or(false),
-            });
-        }
-    }
-    Ok(out)
+    Ok(retention_policies(&series))
 }
 
 async fn measurements(conn: &Connection) -> Result<Vec<String>, QueryError> {
@@ -240,9 +214,9 @@ pub async fn export(
     conn: &Connection,
     store: &Store,
     id: &str,
-    window: Window,
+    window: ExportWindow,
     chunk_rows: usize,
-    mut progress: impl FnMut(&Part),
+    events: &Events,
 ) -> Result<Exported, ExportError> {
     let policies = policies(conn).await?;
     let measurements = measurements(conn).await?;
@@ -295,12 +269,7 @@ pub async fn export(
                 return Err(e);
             }
             if skipped > 0 {
-                tracing::warn!(
-                    retention_policy = %rp.name,
-                    measurement = %m,
-                    skipped,
-                    "Rows that line protocol cannot carry (a newline in a string, a value of another type than its field) were left out of the backup."
-                );
+                events.rows_skipped(&rp.name, m, skipped);
             }
             let Some(w) = writer else { continue };
             let (bytes, sha256) = w.finish().await?;
@@ -320,16 +289,7 @@ pub async fn export(
             };
             // Read back before it counts.
             store.read_part(id, &part, |_| Ok(())).await?;
-            tracing::debug!(
-                part = %part.file,
-                retention_policy = %rp.name,
-                measurement = %m,
-                points,
-                bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "Part written and verified."
-            );
-            progress(&part);
+            events.part_stored(id, &part, started.elapsed().as_secs_f64());
             parts.push(part);
         }
     }

@@ -25,6 +25,7 @@
 //! - `restore`: reading sets back (used by `wattbus backup`).
 
 pub mod config;
+mod events;
 pub mod export;
 pub mod manifest;
 pub mod native;
@@ -41,12 +42,11 @@ use runtime::Context;
 use runtime::backoff::Retries;
 use runtime::bus::{Bus, Identity};
 use runtime::delivery::Producer;
-use runtime::telemetry::core::Core;
-use runtime::telemetry::{Counter, Gauge, chain};
 
 pub use config::{Config, Plan};
-use export::{ExportError, Window};
-use manifest::{Kind, Manifest, SetRef};
+use events::Events;
+use export::{ExportError, ExportWindow};
+use manifest::{Manifest, SetKind, SetRef};
 use store::{Store, StoreError};
 
 /// The section name in the config file.
@@ -73,16 +73,7 @@ pub enum Error {
 pub struct BackupRotator;
 
 /// Its own kinds of `wattbus_errors_total`.
-pub const ERROR_KINDS: &[&str] = &[
-    // A run that made no good set (InfluxDB or the storage away, a full disk): retried.
-    "backup",
-    // A set found damaged or unreadable (its manifest); it is left alone, never counted.
-    "damaged_set",
-    // An expired or unfinished set that could not be deleted: tried again next run.
-    "rotation",
-    // InfluxDB's own backup tool failed (native mode): that full set has only line protocol.
-    "native",
-];
+pub use events::ERROR_KINDS;
 
 impl runtime::Service for BackupRotator {
     const NAME: &'static str = "backup-rotator";
@@ -137,60 +128,9 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
         .await
 }
 
-/// Prometheus series beside the core ones.
-struct Metrics {
-    ok: Counter,
-    failed: Counter,
-    bytes: Counter,
-    points: Counter,
-    last_success: Gauge,
-    full_sets: Gauge,
-    incremental_sets: Gauge,
-}
-
-impl Metrics {
-    fn new() -> Self {
-        let runs = |result| {
-            Counter::new(
-                "wattbus_backup_runs_total",
-                "Backup runs, by result (ok: a good set made; failed: none).",
-                &[("result", result)],
-            )
-        };
-        let sets = |kind| {
-            Gauge::new(
-                "wattbus_backup_sets",
-                "Good backup sets in the storage, by kind.",
-                &[("kind", kind)],
-            )
-        };
-        Self {
-            ok: runs("ok"),
-            failed: runs("failed"),
-            bytes: Counter::new(
-                "wattbus_backup_bytes_total",
-                "Bytes uploaded in good backup sets.",
-                &[],
-            ),
-            points: Counter::new(
-                "wattbus_backup_points_total",
-                "Points written to good backup sets.",
-                &[],
-            ),
-            last_success: Gauge::new(
-                "wattbus_backup_last_success_timestamp_seconds",
-                "When the newest good set was made (Unix seconds); 0 before the first.",
-                &[],
-            ),
-            full_sets: sets("full"),
-            incremental_sets: sets("incremental"),
-        }
-    }
-}
-
 /// What a run did.
 #[derive(Debug)]
-pub enum Outcome {
+pub enum RunOutcome {
     Made(Box<Manifest>),
     /// Nothing to do (the last set ends after this window would start).
     Nothing,
@@ -244,8 +184,7 @@ pub struct Rotator {
     state_file: Option<std::path::PathBuf>,
     /// Native mode: the tool run with every full set.
     native: Option<NativeJob>,
-    deleted: Counter,
-    core: Core,
+    events: Events,
 }
 
 impl std::fmt::Debug for Rotator {
@@ -270,12 +209,7 @@ impl Rotator {
             future: HashMap::new(),
             state_file: None,
             native: None,
-            deleted: Counter::new(
-                "wattbus_backup_deleted_sets_total",
-                "Sets deleted: expired by rotation, or unfinished.",
-                &[],
-            ),
-            core: Core::of("backup-rotator"),
+            events: Events::new(),
         }
     }
 
@@ -319,7 +253,7 @@ impl Rotator {
             Some(influx_client::query::Auth::Token(t)) => Some(t.as_str()),
             _ => None,
         };
-        tracing::info!(set = %id, tool = %tool, dir = %job.dir.display(), "Native backup started.");
+        self.events.native_started(id, &tool, &job.dir);
         let taken = native::take(&job.plan, &job.influx, token, &job.dir).await;
         let uploaded = match taken {
             Ok(files) => native::upload(&self.store, id, &files).await,
@@ -333,8 +267,7 @@ impl Rotator {
             }),
             Err(native::UploadError::Store(e)) => Err(e),
             Err(native::UploadError::Local(problem)) => {
-                self.core.error("native").inc();
-                tracing::error!(set = %id, error = %problem, "InfluxDB's native backup failed: this full set has only its line protocol (restorable with `wattbus backup restore`). Tried again with the next full set.");
+                self.events.native_failed(id, &problem);
                 Ok(manifest::Native {
                     tool,
                     files: Vec::new(),
@@ -343,12 +276,12 @@ impl Rotator {
             }
         };
         if let Err(e) = native::clear(&job.dir) {
-            tracing::warn!(error = %e, "Cannot empty the native backup's scratch directory.");
+            self.events.scratch_not_cleared(&e);
         }
         if let Ok(n) = &result
             && n.ok()
         {
-            tracing::info!(set = %id, files = n.files.len(), bytes = n.bytes(), "Native backup stored and verified.");
+            self.events.native_stored(id, n.files.len(), n.bytes());
         }
         result.map(Some)
     }
@@ -359,7 +292,7 @@ impl Rotator {
         if let Some(job) = &self.native
             && let Err(e) = native::clear(&job.dir)
         {
-            tracing::warn!(error = %e, "Cannot empty the native backup's scratch directory.");
+            self.events.scratch_not_cleared(&e);
         }
     }
 
@@ -402,17 +335,16 @@ impl Rotator {
                         .is_some_and(|t| t < now_ms.div_euclid(1000) - 86_400);
                     if own.as_deref() != Some(l.id.as_str()) && !old {
                         if self.foreign.insert(l.id.clone(), ()).is_none() {
-                            tracing::warn!(set = %l.id, store = %self.store.describe(), "An unfinished backup set this rotator did not start: another rotator writing to the same prefix (give each its own `prefix`), or one killed on another host. Left alone; removed once it is a day old.");
+                            self.events
+                                .foreign_unfinished(&l.id, &self.store.describe());
                         }
                         continue;
                     }
-                    tracing::warn!(set = %l.id, store = %self.store.describe(), "Removing an unfinished backup set (a run that failed or was killed).");
+                    self.events
+                        .removing_unfinished(&l.id, &self.store.describe());
                     match self.store.delete_set(&l.id).await {
-                        Ok(()) => self.deleted.inc(),
-                        Err(e) => {
-                            self.core.error("rotation").inc();
-                            tracing::warn!(set = %l.id, error = %chain(&e), "Cannot remove an unfinished backup set; trying again next run.");
-                        }
+                        Ok(()) => self.events.set_deleted(&l.id, false),
+                        Err(e) => self.events.set_not_deleted(&l.id, &e, false),
                     }
                 }
                 continue;
@@ -430,8 +362,7 @@ impl Rotator {
                 // this run, never deleted, and the other sets go on being made and kept.
                 Err(e) => {
                     if self.damaged.insert(l.id.clone(), e.to_string()).is_none() {
-                        self.core.error("damaged_set").inc();
-                        tracing::error!(set = %l.id, error = %chain(&e), "A backup set's manifest cannot be read: the set is not counted and is left for you to look at (`wattbus backup verify`).");
+                        self.events.damaged_manifest(&l.id, &e);
                     }
                 }
             }
@@ -458,8 +389,7 @@ impl Rotator {
             .filter(|m| {
                 let ok = m.created_ms <= limit_ms && m.to_ns / 1_000_000 <= limit_ms;
                 if !ok && self.future.insert(m.id.clone(), ()).is_none() {
-                    self.core.error("damaged_set").inc();
-                    tracing::error!(set = %m.id, "A backup set is from the future (this clock jumped back, or its manifest is wrong): it is kept but not continued; new sets are made from the present.");
+                    self.events.set_from_future(&m.id);
                 }
                 ok
             })
@@ -467,14 +397,14 @@ impl Rotator {
     }
 
     /// One backup run at `now_ms`: clean up, make a set, rotate.
-    pub async fn run_once(&mut self, now_ms: i64) -> Result<Outcome, RunError> {
+    pub async fn run_once(&mut self, now_ms: i64) -> Result<RunOutcome, RunError> {
         let started = Instant::now();
         let all = self.good_sets(Some(now_ms)).await?;
         let good = self.plausible(all.clone(), now_ms);
         let to_ns = (now_ms - millis(self.settle)).div_euclid(1000) * 1_000_000_000;
         let newest_full = good
             .iter()
-            .filter(|m| m.kind == Kind::Full)
+            .filter(|m| m.kind == SetKind::Full)
             .max_by(|a, b| a.id.cmp(&b.id));
         let (kind, from_ns, base) = match newest_full {
             Some(f) if now_ms - f.created_ms < millis(self.full_every) => {
@@ -485,27 +415,32 @@ impl Rotator {
                     .max()
                     .unwrap_or(f.to_ns);
                 let from = last_end - i64::try_from(self.lookback.as_nanos()).unwrap_or(i64::MAX);
-                (Kind::Incremental, Some(from), Some(f.id.clone()))
+                (SetKind::Incremental, Some(from), Some(f.id.clone()))
             }
-            _ => (Kind::Full, None, None),
+            _ => (SetKind::Full, None, None),
         };
         if from_ns
             .is_some_and(|f| f + i64::try_from(self.lookback.as_nanos()).unwrap_or(0) >= to_ns)
         {
-            return Ok(Outcome::Nothing);
+            return Ok(RunOutcome::Nothing);
         }
         let id = manifest::set_id(to_ns, kind);
         if good.iter().any(|m| m.id == id) {
-            return Ok(Outcome::Nothing);
+            return Ok(RunOutcome::Nothing);
         }
         let version = self.conn.ping().await.map_err(ExportError::from)?;
         self.note_in_progress(Some(&id))?;
-        tracing::info!(set = %id, kind = kind.as_str(), store = %self.store.describe(), "Backup started.");
-        let window = Window { from_ns, to_ns };
-        let set_id = id.clone();
-        let exported = export::export(&self.conn, &self.store, &id, window, self.chunk_rows, |p| {
-            tracing::info!(set = %set_id, measurement = %p.measurement, retention_policy = %p.retention_policy, points = p.points, bytes = p.bytes, "Part stored and verified.");
-        })
+        self.events
+            .backup_started(&id, kind, &self.store.describe());
+        let window = ExportWindow { from_ns, to_ns };
+        let exported = export::export(
+            &self.conn,
+            &self.store,
+            &id,
+            window,
+            self.chunk_rows,
+            &self.events,
+        )
         .await;
         let exported = match exported {
             Ok(e) => e,
@@ -514,7 +449,7 @@ impl Rotator {
                 return Err(e.into());
             }
         };
-        let native = if kind == Kind::Full {
+        let native = if kind == SetKind::Full {
             match self.native_backup(&id).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -553,17 +488,9 @@ impl Rotator {
         }
         self.note_in_progress(None)?;
         self.manifests.insert(id.clone(), m.clone());
-        tracing::info!(
-            set = %id,
-            kind = kind.as_str(),
-            points = m.points(),
-            bytes = m.bytes(),
-            parts = m.parts.len(),
-            seconds = started.elapsed().as_secs_f64(),
-            "Backup set stored and verified."
-        );
+        self.events.set_stored(&m, started.elapsed().as_secs_f64());
         self.rotate(all.iter().chain(std::iter::once(&m)), &m).await;
-        Ok(Outcome::Made(Box::new(m)))
+        Ok(RunOutcome::Made(Box::new(m)))
     }
 
     /// Delete what rotation no longer keeps. Failures are logged and retried next run.
@@ -584,9 +511,9 @@ impl Rotator {
                 kind: m.kind,
             })
             .collect();
-        let shrunk: Vec<&Manifest> = if newest.kind == Kind::Full {
+        let shrunk: Vec<&Manifest> = if newest.kind == SetKind::Full {
             sets.iter()
-                .filter(|m| m.kind == Kind::Full && m.points() / 2 > newest.points())
+                .filter(|m| m.kind == SetKind::Full && m.points() / 2 > newest.points())
                 .copied()
                 .collect()
         } else {
@@ -595,8 +522,8 @@ impl Rotator {
         let protected = |id: &str| {
             sets.iter().find(|m| m.id == id).is_some_and(|m| {
                 let full = match m.kind {
-                    Kind::Full => Some(m.id.as_str()),
-                    Kind::Incremental => m.base.as_deref(),
+                    SetKind::Full => Some(m.id.as_str()),
+                    SetKind::Incremental => m.base.as_deref(),
                 };
                 full.is_some_and(|f| shrunk.iter().any(|s| s.id == f))
             })
@@ -605,32 +532,28 @@ impl Rotator {
         // failed: it stays until a newer one is good.
         let newest_native = sets
             .iter()
-            .filter(|m| m.kind == Kind::Full && m.native.as_ref().is_some_and(|n| n.ok()))
+            .filter(|m| m.kind == SetKind::Full && m.native.as_ref().is_some_and(|n| n.ok()))
             .map(|m| m.id.as_str())
             .max()
             .map(str::to_string);
         let mut deleted = 0;
         for id in manifest::expired(&refs, self.keep) {
             if newest_native.as_deref() == Some(id.as_str()) {
-                tracing::warn!(set = %id, "Keeping an expired backup set: it holds the newest good InfluxDB native backup (the tool failed for every full set since; see native_ok).");
+                self.events.keeping_native(&id);
                 continue;
             }
             if protected(&id) {
-                self.core.error("rotation").inc();
-                tracing::error!(set = %id, newest = %newest.id, newest_points = newest.points(), "Not deleting an expired backup set: it holds more than twice the points of the newest full set (InfluxDB lost data?). Check the database; delete old sets by hand once you are sure.");
+                self.events
+                    .not_deleting_shrunk(&id, &newest.id, newest.points());
                 continue;
             }
             match self.store.delete_set(&id).await {
                 Ok(()) => {
                     self.manifests.remove(&id);
-                    self.deleted.inc();
+                    self.events.set_deleted(&id, true);
                     deleted += 1;
-                    tracing::info!(set = %id, "Expired backup set deleted.");
                 }
-                Err(e) => {
-                    self.core.error("rotation").inc();
-                    tracing::warn!(set = %id, error = %chain(&e), "Cannot delete an expired backup set; trying again next run.");
-                }
+                Err(e) => self.events.set_not_deleted(&id, &e, true),
             }
         }
         deleted
@@ -641,11 +564,11 @@ impl Rotator {
         match self.store.delete_set(id).await {
             Ok(()) => {
                 if let Err(e) = self.note_in_progress(None) {
-                    tracing::warn!(error = %chain(&e), "Cannot clear the note of the set in progress.");
+                    self.events.note_not_cleared(&e);
                 }
             }
             Err(e) => {
-                tracing::debug!(set = %id, error = %chain(&e), "The failed run's set stays until the next run removes it.");
+                self.events.failed_set_stays(id, &e);
             }
         }
     }
@@ -669,11 +592,14 @@ fn status_fields(
         ("failures".to_string(), f64::from(failures)),
         (
             "full_sets".to_string(),
-            f(sets.iter().filter(|m| m.kind == Kind::Full).count() as u64),
+            f(sets.iter().filter(|m| m.kind == SetKind::Full).count() as u64),
         ),
         (
             "incremental_sets".to_string(),
-            f(sets.iter().filter(|m| m.kind == Kind::Incremental).count() as u64),
+            f(sets
+                .iter()
+                .filter(|m| m.kind == SetKind::Incremental)
+                .count() as u64),
         ),
         (
             "stored_bytes".to_string(),
@@ -697,7 +623,7 @@ fn status_fields(
     // Native mode: whether the newest full set has InfluxDB's own backup too.
     if let Some(n) = sets
         .iter()
-        .filter(|m| m.kind == Kind::Full && m.created_ms <= now_ms.saturating_add(300_000))
+        .filter(|m| m.kind == SetKind::Full && m.created_ms <= now_ms.saturating_add(300_000))
         .max_by_key(|m| m.created_ms)
         .and_then(|m| m.native.as_ref())
     {
@@ -719,7 +645,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let result = serve(&producer, plan, ctx).await;
     drop(producer);
     if let Err(e) = producer_task.await {
-        tracing::warn!(error = %e, "The status stream's task ended abnormally.");
+        Events::new().task_failed("status stream", &e);
     }
     result
 }
@@ -732,8 +658,14 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
         plan.influx.auth.clone(),
         plan.influx.timeout,
     )?;
-    tracing::info!(store = %store.describe(), influxdb = %conn.url(), database = %conn.database(), schedule = %plan.schedule.as_str(), keep = plan.keep, "Backing up.");
-    let metrics = Metrics::new();
+    let events = Events::new();
+    events.backing_up(
+        &store.describe(),
+        conn.url(),
+        conn.database(),
+        plan.schedule.as_str(),
+        plan.keep,
+    );
     let ready = ctx.health.check("backup-rotator");
     ready.set(true);
     let state_dir = ctx
@@ -747,7 +679,7 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
         .with_state_file(state_dir.join("in_progress"))
         .with_native(plan, &state_dir);
     if let Some(n) = &plan.native {
-        tracing::info!(tool = n.tool.as_str(), command = %n.command.display(), "Native mode: InfluxDB's own backup with every full set.");
+        events.native_mode(n.tool.as_str(), &n.command);
     }
     let mut retries = Retries::new(plan.retry);
     let mut last_ok = true;
@@ -763,7 +695,7 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
     let mut sets = match rotator.sets().await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!(error = %chain(&e), "Cannot list the backup sets yet.");
+            events.cannot_list(&e, true);
             Vec::new()
         }
     };
@@ -780,7 +712,7 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
             () = ctx.shutdown.wait() => break,
             _ = status.tick() => {
                 let fields = status_fields(&sets, proto::now_ms(), retries.failures(), last_ok);
-                publish(producer, &topic, &id, fields).await;
+                publish(producer, &topic, &id, fields, &events).await;
                 continue;
             }
             () = tokio::time::sleep(wait) => {}
@@ -790,7 +722,7 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
             o = rotator.run_once(proto::now_ms()) => Some(o),
         };
         let Some(outcome) = outcome else {
-            tracing::info!("Stopping mid-run: the unfinished set is removed by the next run.");
+            events.stopping_mid_run();
             rotator.clear_scratch();
             break;
         };
@@ -799,19 +731,14 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
             Ok(o) => {
                 retries.succeeded();
                 last_ok = true;
-                metrics.ok.inc();
-                if let Outcome::Made(m) = &o {
-                    metrics.bytes.add(m.bytes());
-                    metrics.points.add(m.points());
-                    #[allow(clippy::cast_precision_loss)]
-                    metrics.last_success.set(m.created_ms as f64 / 1000.0);
-                }
+                events.run_ok(match &o {
+                    RunOutcome::Made(m) => Some(m),
+                    RunOutcome::Nothing => None,
+                });
                 next_s = scheduled;
             }
             Err(e) => {
                 last_ok = false;
-                metrics.failed.inc();
-                rotator.core.error("backup").inc();
                 let transient = e.is_transient();
                 let wait = retries.failed();
                 let retry_s = now_s() + i64::try_from(wait.as_secs()).unwrap_or(i64::MAX);
@@ -820,25 +747,17 @@ async fn serve(producer: &Producer, plan: &Plan, ctx: &Context) -> Result<(), Er
                 } else {
                     scheduled
                 };
-                if transient {
-                    tracing::warn!(error = %chain(&e), retry_in_s = next_s - now_s(), "Backup failed; no set was counted. Trying again.");
-                } else {
-                    tracing::error!(error = %chain(&e), next_in_s = next_s - now_s(), "Backup failed and will until this is fixed; no set was counted.");
-                }
+                let next_in = u64::try_from(next_s - now_s()).unwrap_or(0);
+                events.run_failed(&e, transient, Duration::from_secs(next_in));
             }
         }
         match rotator.sets().await {
             Ok(s) => sets = s,
-            Err(e) => tracing::warn!(error = %chain(&e), "Cannot list the backup sets."),
+            Err(e) => events.cannot_list(&e, false),
         }
-        metrics
-            .full_sets
-            .set(sets.iter().filter(|m| m.kind == Kind::Full).count() as f64);
-        metrics
-            .incremental_sets
-            .set(sets.iter().filter(|m| m.kind == Kind::Incremental).count() as f64);
+        events.sets(&sets);
         let fields = status_fields(&sets, proto::now_ms(), retries.failures(), last_ok);
-        publish(producer, &topic, &id, fields).await;
+        publish(producer, &topic, &id, fields, &events).await;
     }
     ready.set(false);
     Ok(())
@@ -849,6 +768,7 @@ async fn publish(
     topic: &proto::Topic<Measurement>,
     id: &ReadingId,
     fields: BTreeMap<String, f64>,
+    events: &Events,
 ) {
     let m = Measurement::new(
         id.clone(),
@@ -858,7 +778,7 @@ async fn publish(
         fields,
     );
     if let Err(e) = producer.send(topic, m).await {
-        tracing::warn!(error = %chain(&e), "Cannot publish the backup status.");
+        events.status_not_journaled(&e);
     }
 }
 
@@ -870,7 +790,7 @@ mod tests {
         Manifest {
             format: manifest::FORMAT,
             id: id.into(),
-            kind: Kind::Full,
+            kind: SetKind::Full,
             base: None,
             database: "wattbus".into(),
             from_ns: None,

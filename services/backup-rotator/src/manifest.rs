@@ -26,18 +26,18 @@ pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub enum SetKind {
     /// Everything the database held before `to_ns`.
     Full,
     /// What was written with timestamps in `[from_ns, to_ns)`: restored after its `base`.
     Incremental,
 }
 
-impl Kind {
+impl SetKind {
     pub const fn as_str(self) -> &'static str {
         match self {
-            Kind::Full => "full",
-            Kind::Incremental => "incremental",
+            SetKind::Full => "full",
+            SetKind::Incremental => "incremental",
         }
     }
 }
@@ -68,14 +68,7 @@ impl FieldType {
 }
 
 /// A retention policy as the database had it, so a restore can make it again.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
-    pub name: String,
-    /// InfluxQL's duration (`720h0m0s`, `0s` for ever).
-    pub duration: String,
-    pub shard_duration: String,
-    pub default: bool,
-}
+pub use influx_client::query::RetentionPolicy;
 
 /// One measurement of one retention policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +92,7 @@ pub struct Part {
 pub struct Manifest {
     pub format: u32,
     pub id: String,
-    pub kind: Kind,
+    pub kind: SetKind,
     /// For an incremental set: the full set it continues.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<String>,
@@ -114,7 +107,7 @@ pub struct Manifest {
     pub wattbus_version: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub influxdb_version: Option<String>,
-    pub retention_policies: Vec<Policy>,
+    pub retention_policies: Vec<RetentionPolicy>,
     pub parts: Vec<Part>,
     /// Native mode: InfluxDB's own backup of the database, taken with this full set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,7 +213,7 @@ impl Manifest {
                 m.database
             ));
         }
-        if m.native.is_some() && m.kind != Kind::Full {
+        if m.native.is_some() && m.kind != SetKind::Full {
             return Err("a native backup in an incremental set".into());
         }
         // Times a set can have: made after 2000 and before 2200, a window that ends after it
@@ -250,7 +243,7 @@ impl Manifest {
                 m.kind.as_str()
             ));
         }
-        if m.kind == Kind::Incremental && (m.base.is_none() || m.from_ns.is_none()) {
+        if m.kind == SetKind::Incremental && (m.base.is_none() || m.from_ns.is_none()) {
             return Err("an incremental set without its base or window start".into());
         }
         Ok(m)
@@ -258,7 +251,7 @@ impl Manifest {
 }
 
 /// The id of the set whose window ends at `to_ns`: its UTC time and kind, so ids sort by time.
-pub fn set_id(to_ns: i64, kind: Kind) -> String {
+pub fn set_id(to_ns: i64, kind: SetKind) -> String {
     let (y, mo, d, h, mi, s) = proto::utc::civil(to_ns.div_euclid(1_000_000_000));
     format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z-{}", kind.as_str())
 }
@@ -302,7 +295,7 @@ fn valid_file(f: &str) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetRef {
     pub id: String,
-    pub kind: Kind,
+    pub kind: SetKind,
 }
 
 /// The sets rotation deletes: all but the newest `keep_full` full sets, and the incremental
@@ -313,7 +306,7 @@ pub fn expired(sets: &[SetRef], keep_full: usize) -> Vec<String> {
     let keep_full = keep_full.max(1);
     let mut fulls: Vec<&str> = sets
         .iter()
-        .filter(|s| s.kind == Kind::Full)
+        .filter(|s| s.kind == SetKind::Full)
         .map(|s| s.id.as_str())
         .collect();
     fulls.sort_unstable();
@@ -333,15 +326,15 @@ pub fn expired(sets: &[SetRef], keep_full: usize) -> Vec<String> {
 /// What makes a chain restorable: each incremental set continues the chain's full set and
 /// starts no later than the set before it ended, so no hour is missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
+pub struct ChainLink {
     pub id: String,
-    pub kind: Kind,
+    pub kind: SetKind,
     pub base: Option<String>,
     pub from_ns: Option<i64>,
     pub to_ns: i64,
 }
 
-impl From<&Manifest> for Link {
+impl From<&Manifest> for ChainLink {
     fn from(m: &Manifest) -> Self {
         Self {
             id: m.id.clone(),
@@ -355,16 +348,16 @@ impl From<&Manifest> for Link {
 
 /// Checks a chain from [`chain`] (oldest first): a restore of a chain with a gap would
 /// silently leave hours out. The error names the first set that does not continue.
-pub fn check_chain(links: &[Link]) -> Result<(), String> {
+pub fn check_chain(links: &[ChainLink]) -> Result<(), String> {
     let Some(first) = links.first() else {
         return Err("no full set".into());
     };
-    if first.kind != Kind::Full {
+    if first.kind != SetKind::Full {
         return Err(format!("{} is not a full set", first.id));
     }
     let mut end = first.to_ns;
     for l in &links[1..] {
-        if l.kind != Kind::Incremental || l.base.as_deref() != Some(first.id.as_str()) {
+        if l.kind != SetKind::Incremental || l.base.as_deref() != Some(first.id.as_str()) {
             return Err(format!(
                 "{} does not continue {} (its base is {:?}): a set between them is missing or damaged",
                 l.id, first.id, l.base
@@ -392,7 +385,7 @@ pub fn chain(sets: &[SetRef], at: Option<&str>) -> Vec<String> {
         .filter(|s| at.is_none_or(|a| s.id.as_str() <= a))
         .collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    let Some(start) = sorted.iter().rposition(|s| s.kind == Kind::Full) else {
+    let Some(start) = sorted.iter().rposition(|s| s.kind == SetKind::Full) else {
         return Vec::new();
     };
     sorted[start..].iter().map(|s| s.id.clone()).collect()
@@ -402,13 +395,13 @@ pub fn chain(sets: &[SetRef], at: Option<&str>) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn link(id: &str, base: Option<&str>, from_ns: Option<i64>, to_ns: i64) -> Link {
-        Link {
+    fn link(id: &str, base: Option<&str>, from_ns: Option<i64>, to_ns: i64) -> ChainLink {
+        ChainLink {
             id: id.into(),
             kind: if id.ends_with("full") {
-                Kind::Full
+                SetKind::Full
             } else {
-                Kind::Incremental
+                SetKind::Incremental
             },
             base: base.map(String::from),
             from_ns,
@@ -419,7 +412,10 @@ mod tests {
     #[test]
     fn set_ids_name_their_time() {
         let t = 1_764_842_700; // 2025-12-04T10:05:00Z
-        assert_eq!(id_time_s(&set_id(t * 1_000_000_000, Kind::Full)), Some(t));
+        assert_eq!(
+            id_time_s(&set_id(t * 1_000_000_000, SetKind::Full)),
+            Some(t)
+        );
         assert_eq!(id_time_s("not-a-set"), None);
     }
 
@@ -461,18 +457,18 @@ mod tests {
         SetRef {
             id: id.into(),
             kind: if id.ends_with("full") {
-                Kind::Full
+                SetKind::Full
             } else {
-                Kind::Incremental
+                SetKind::Incremental
             },
         }
     }
 
     #[test]
     fn ids_sort_by_time_and_are_recognised() {
-        let a = set_id(1_764_842_700_000_000_000, Kind::Full);
+        let a = set_id(1_764_842_700_000_000_000, SetKind::Full);
         assert_eq!(a, "20251204T100500Z-full");
-        let b = set_id(1_764_846_300_000_000_000, Kind::Incremental);
+        let b = set_id(1_764_846_300_000_000_000, SetKind::Incremental);
         assert!(a < b);
         assert!(valid_id(&a) && valid_id(&b));
         for bad in [
@@ -544,7 +540,7 @@ mod tests {
         let m = Manifest {
             format: FORMAT,
             id: "20260101T000000Z-full".into(),
-            kind: Kind::Full,
+            kind: SetKind::Full,
             base: None,
             database: "wattbus".into(),
             from_ns: None,

@@ -703,7 +703,7 @@ impl PartWriter {
         if let Some(upload) = self.upload.take()
             && let Err(e) = upload.abort().await
         {
-            tracing::debug!(error = %e, part = %self.path, "Could not abort an upload; the set is cleaned up on the next run.");
+            tracing::debug!(error = %runtime::telemetry::chain(&e), part = %self.path, "Could not abort an upload; the set is cleaned up on the next run.");
         }
     }
 }

@@ -45,6 +45,52 @@ pub struct Series {
     pub values: Vec<Vec<serde_json::Value>>,
 }
 
+/// A retention policy as `SHOW RETENTION POLICIES` gives it (backup sets record it so a restore
+/// can make it again; `wattbus influx setup` compares it with what it wants).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    pub name: String,
+    /// InfluxQL's duration (`720h0m0s`, `0s` for ever).
+    pub duration: String,
+    pub shard_duration: String,
+    pub default: bool,
+}
+
+/// The policies in an answer to `SHOW RETENTION POLICIES`, by column name (their order
+/// differs between InfluxDB versions). A series without the four columns gives none.
+pub fn retention_policies(series: &[Series]) -> Vec<RetentionPolicy> {
+    let mut out = Vec::new();
+    for s in series {
+        let col = |name: &str| s.columns.iter().position(|c| c == name);
+        let (Some(n), Some(d), Some(sd), Some(def)) = (
+            col("name"),
+            col("duration"),
+            col("shardGroupDuration"),
+            col("default"),
+        ) else {
+            continue;
+        };
+        for row in &s.values {
+            let text = |i: usize| {
+                row.get(i)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            out.push(RetentionPolicy {
+                name: text(n),
+                duration: text(d),
+                shard_duration: text(sd),
+                default: row
+                    .get(def)
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false),
+            });
+        }
+    }
+    out
+}
+
 /// Why a query gave no answer.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {

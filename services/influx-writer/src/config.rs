@@ -70,7 +70,7 @@ fn seg(s: &str) -> Segment {
 /// Which InfluxDB write API to speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Api {
+pub enum WriteApi {
     /// `POST /api/v2/write?org=&bucket=` with `Authorization: Token …`: InfluxDB 2.x, 1.8+,
     /// 3.x, VictoriaMetrics.
     V2,
@@ -78,12 +78,12 @@ pub enum Api {
     V1,
 }
 
-impl Api {
+impl WriteApi {
     /// As written in the file.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Api::V2 => "v2",
-            Api::V1 => "v1",
+            WriteApi::V2 => "v2",
+            WriteApi::V1 => "v1",
         }
     }
 }
@@ -93,7 +93,7 @@ impl Api {
 pub struct InfluxConfig {
     /// Base URL, e.g. `http://influxdb:8086` (a path prefix behind a proxy is kept).
     pub url: String,
-    pub api: Api,
+    pub api: WriteApi,
     /// v2: organisation and bucket. InfluxDB 1.8 takes `bucket = "db/rp"` and any org.
     pub org: Option<String>,
     pub bucket: Option<String>,
@@ -124,7 +124,7 @@ impl Default for InfluxConfig {
     fn default() -> Self {
         Self {
             url: String::new(),
-            api: Api::V2,
+            api: WriteApi::V2,
             org: None,
             bucket: None,
             token: None,
@@ -210,7 +210,7 @@ impl Default for SpoolConfig {
 
 /// The InfluxDB target with its secrets resolved.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct InfluxTarget {
     pub cfg: InfluxConfig,
     /// `Authorization` header value (`Token …` or `Basic …`), if any.
     pub auth: Option<Secret>,
@@ -254,7 +254,7 @@ impl Config {
     }
 
     /// Resolve secrets and check what the chosen API needs.
-    fn target(&self, section: &str) -> Result<Option<Target>, ConfigError> {
+    fn target(&self, section: &str) -> Result<Option<InfluxTarget>, ConfigError> {
         let Some(c) = &self.influx else {
             return Ok(None);
         };
@@ -298,8 +298,8 @@ impl Config {
             selector: "api",
             chosen: c.api.as_str(),
         };
-        const V1: &[&str] = &[Api::V1.as_str()];
-        const V2: &[&str] = &[Api::V2.as_str()];
+        const V1: &[&str] = &[WriteApi::V1.as_str()];
+        const V2: &[&str] = &[WriteApi::V2.as_str()];
         for (leaf, set, owners) in [
             ("org", c.org.is_some(), V2),
             ("bucket", c.bucket.is_some(), V2),
@@ -314,7 +314,7 @@ impl Config {
             api.refuse_unless(leaf, set, owners)?;
         }
         let auth = match c.api {
-            Api::V2 => {
+            WriteApi::V2 => {
                 for (k, v) in [("org", &c.org), ("bucket", &c.bucket)] {
                     if v.as_deref().is_none_or(|s| s.trim().is_empty()) {
                         return Err(ConfigError::new(key(k), "is required with api = \"v2\""));
@@ -324,7 +324,7 @@ impl Config {
                     resolve_secret(&key("token"), c.token.as_ref(), c.token_file.as_deref())?;
                 token.map(|t| Secret::new(format!("Token {}", t.expose())))
             }
-            Api::V1 => {
+            WriteApi::V1 => {
                 if c.database.as_deref().is_none_or(|s| s.trim().is_empty()) {
                     return Err(ConfigError::new(
                         key("database"),
@@ -362,7 +362,7 @@ impl Config {
             &key("retry_max_ms"),
             c.retry_max_ms,
         )?;
-        Ok(Some(Target {
+        Ok(Some(InfluxTarget {
             cfg: c.clone(),
             auth,
             retry,
@@ -375,7 +375,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Plan {
     config: Config,
-    target: Option<Target>,
+    target: Option<InfluxTarget>,
 }
 
 impl std::ops::Deref for Plan {
@@ -387,7 +387,7 @@ impl std::ops::Deref for Plan {
 
 impl Plan {
     /// The InfluxDB output, if configured.
-    pub fn target(&self) -> Option<&Target> {
+    pub fn target(&self) -> Option<&InfluxTarget> {
         self.target.as_ref()
     }
 
@@ -501,7 +501,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let influx = Some(InfluxConfig {
             url: "http://x:8086".into(),
-            api: Api::V1,
+            api: WriteApi::V1,
             database: Some("db".into()),
             ..InfluxConfig::default()
         });
@@ -591,7 +591,7 @@ mod tests {
         assert_eq!(e.key, "influx_writer.influx.password_file");
         if let Some(i) = c.influx.as_mut() {
             i.password_file = None;
-            i.api = Api::V1;
+            i.api = WriteApi::V1;
             i.database = Some("db".into());
         }
         let e = c.clone().resolve("influx_writer").unwrap_err();
@@ -625,7 +625,7 @@ mod tests {
         let c = Config {
             influx: Some(InfluxConfig {
                 url: "http://x:8086".into(),
-                api: Api::V1,
+                api: WriteApi::V1,
                 database: Some("wattbus".into()),
                 username: Some("writer".into()),
                 password: Some(Secret::new("s3cret")),

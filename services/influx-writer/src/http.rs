@@ -22,7 +22,7 @@ use flate2::write::GzEncoder;
 use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue};
 use runtime::Secret;
 
-use crate::config::{Api, Target};
+use crate::config::{InfluxTarget, WriteApi};
 
 /// What the server made of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum WriteOutcome {
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum WriteClientError {
     #[error("influx.url {url:?} is not a valid URL: {reason}")]
     Url { url: String, reason: String },
     #[error("cannot set up the HTTP client: {0}")]
@@ -52,36 +52,36 @@ pub enum ClientError {
 
 /// A write endpoint with its URL, headers and settings fixed at start-up.
 #[derive(Debug, Clone)]
-pub struct Client {
+pub struct WriteClient {
     http: reqwest::Client,
     url: reqwest::Url,
     auth: Option<HeaderValue>,
     gzip: bool,
     /// Names the target in error messages: `bucket "b" (org "o")` or `database "db"`.
     target: String,
-    api: Api,
+    api: WriteApi,
 }
 
-impl Client {
-    pub fn new(t: &Target) -> Result<Self, ClientError> {
+impl WriteClient {
+    pub fn new(t: &InfluxTarget) -> Result<Self, WriteClientError> {
         // reqwest is built without a default crypto provider (that would be aws-lc-rs, a C
         // build); ring is ours. A second install (a test that builds two clients) is a no-op.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let c = &t.cfg;
         let base = c.url.trim().trim_end_matches('/');
         let path = match c.api {
-            Api::V2 => "/api/v2/write",
-            Api::V1 => "/write",
+            WriteApi::V2 => "/api/v2/write",
+            WriteApi::V1 => "/write",
         };
         let mut url =
-            reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| ClientError::Url {
+            reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| WriteClientError::Url {
                 url: c.url.clone(),
                 reason: e.to_string(),
             })?;
         let target = {
             let mut q = url.query_pairs_mut();
             match c.api {
-                Api::V2 => {
+                WriteApi::V2 => {
                     let org = c.org.clone().unwrap_or_default();
                     let bucket = c.bucket.clone().unwrap_or_default();
                     q.append_pair("org", &org)
@@ -89,7 +89,7 @@ impl Client {
                         .append_pair("precision", c.precision.v2_param());
                     format!("bucket {bucket:?} (org {org:?})")
                 }
-                Api::V1 => {
+                WriteApi::V1 => {
                     let db = c.database.clone().unwrap_or_default();
                     q.append_pair("db", &db);
                     if let Some(rp) = &c.retention_policy {
@@ -108,12 +108,12 @@ impl Client {
             .as_ref()
             .map(|s: &Secret| {
                 let mut v = HeaderValue::from_str(s.expose()).map_err(|_| {
-                    ClientError::Build(
+                    WriteClientError::Build(
                         "the token or password holds characters a header cannot carry".into(),
                     )
                 })?;
                 v.set_sensitive(true);
-                Ok::<_, ClientError>(v)
+                Ok::<_, WriteClientError>(v)
             })
             .transpose()?;
         let timeout = Duration::from_millis(c.timeout_ms);
@@ -124,7 +124,7 @@ impl Client {
             .user_agent(concat!("wattbus-influx-writer/", env!("CARGO_PKG_VERSION")))
             .redirect(reqwest::redirect::Policy::none())
             .build()
-            .map_err(|e| ClientError::Build(e.to_string()))?;
+            .map_err(|e| WriteClientError::Build(e.to_string()))?;
         Ok(Self {
             http,
             url,
@@ -188,13 +188,14 @@ impl Client {
                 what: format!(
                     "InfluxDB refused the {} for {} ({status}: {message}); check {}",
                     match self.api {
-                        Api::V2 => "token",
-                        Api::V1 => "credentials",
+                        WriteApi::V2 => "token",
+                        WriteApi::V1 => "credentials",
                     },
                     self.target,
                     match self.api {
-                        Api::V2 => "influx.token / token_file and that it may write this bucket",
-                        Api::V1 => "influx.username and password / password_file",
+                        WriteApi::V2 =>
+                            "influx.token / token_file and that it may write this bucket",
+                        WriteApi::V1 => "influx.username and password / password_file",
                     }
                 ),
             },
@@ -205,12 +206,13 @@ impl Client {
                      check influx.url and that the {} exists{}",
                     self.target,
                     match self.api {
-                        Api::V2 => "bucket",
-                        Api::V1 => "database",
+                        WriteApi::V2 => "bucket",
+                        WriteApi::V1 => "database",
                     },
                     match self.api {
-                        Api::V2 => " (InfluxDB 1.6/1.7 have no /api/v2/write: use api = \"v1\")",
-                        Api::V1 => "",
+                        WriteApi::V2 =>
+                            " (InfluxDB 1.6/1.7 have no /api/v2/write: use api = \"v1\")",
+                        WriteApi::V1 => "",
                     }
                 ),
             },
@@ -363,8 +365,8 @@ mod tests {
         (port, rx)
     }
 
-    fn v2_target(port: u16) -> Target {
-        Target {
+    fn v2_target(port: u16) -> InfluxTarget {
+        InfluxTarget {
             cfg: InfluxConfig {
                 url: format!("http://127.0.0.1:{port}/prefix/"),
                 org: Some("my org".into()),
@@ -384,7 +386,7 @@ mod tests {
     #[tokio::test]
     async fn v2_sends_token_gzip_and_the_target_in_the_query() {
         let (port, seen) = stub(NO_CONTENT);
-        let c = Client::new(&v2_target(port)).unwrap();
+        let c = WriteClient::new(&v2_target(port)).unwrap();
         let body = b"power,device=a w=1 1764000000000\n";
         assert_eq!(c.write(body).await, WriteOutcome::Written);
         let s = seen.recv().unwrap();
@@ -405,10 +407,10 @@ mod tests {
     #[tokio::test]
     async fn v1_sends_basic_auth_database_and_retention_policy() {
         let (port, seen) = stub(NO_CONTENT);
-        let t = Target {
+        let t = InfluxTarget {
             cfg: InfluxConfig {
                 url: format!("http://127.0.0.1:{port}"),
-                api: Api::V1,
+                api: WriteApi::V1,
                 database: Some("wattbus".into()),
                 retention_policy: Some("a year".into()),
                 gzip: false,
@@ -420,7 +422,7 @@ mod tests {
                 std::time::Duration::from_secs(60),
             ),
         };
-        let c = Client::new(&t).unwrap();
+        let c = WriteClient::new(&t).unwrap();
         assert_eq!(c.write(b"m v=1 1\n").await, WriteOutcome::Written);
         let s = seen.recv().unwrap();
         assert_eq!(
@@ -467,7 +469,7 @@ mod tests {
         ];
         for (response, ok) in cases {
             let (port, _seen) = stub(response);
-            let c = Client::new(&v2_target(port)).unwrap();
+            let c = WriteClient::new(&v2_target(port)).unwrap();
             let o = c.write(b"m v=1 1\n").await;
             assert!(ok(&o), "{response:?} → {o:?}");
         }
@@ -477,7 +479,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let c = Client::new(&v2_target(port)).unwrap();
+        let c = WriteClient::new(&v2_target(port)).unwrap();
         assert!(
             matches!(c.write(b"m v=1 1\n").await, WriteOutcome::Unavailable(m) if m.starts_with("cannot connect"))
         );

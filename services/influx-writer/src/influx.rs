@@ -38,9 +38,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::batch::Batch;
-use crate::config::{SpoolConfig, Target};
+use crate::config::{InfluxTarget, SpoolConfig};
 use crate::events;
-use crate::http::{Client, ClientError, WriteOutcome};
+use crate::http::{WriteClient, WriteClientError, WriteOutcome};
 use crate::line_protocol::{Precision, encode_point, measurement_point};
 
 /// Lines to write: one body, and where each line starts.
@@ -215,7 +215,7 @@ impl RetryWait {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(transparent)]
-    Client(#[from] ClientError),
+    WriteClient(#[from] WriteClientError),
     #[error("cannot open the spool: {0}")]
     Spool(#[from] JournalError),
 }
@@ -226,7 +226,7 @@ const SPOOL_READ_BYTES: u64 = 4 << 20;
 /// The InfluxDB output task.
 #[derive(Debug)]
 pub struct InfluxSink {
-    client: Client,
+    client: WriteClient,
     /// `None` only while a blocking spool operation has it.
     spool: Option<Journal>,
     /// Spooled records read but not yet written, oldest first.
@@ -249,14 +249,14 @@ pub struct InfluxSink {
 
 impl InfluxSink {
     pub fn open(
-        target: &Target,
+        target: &InfluxTarget,
         spool_dir: &Path,
         spool: &SpoolConfig,
         batch_points: usize,
         dead: Arc<DeadLetters>,
         shutdown: Shutdown,
     ) -> Result<Self, SinkError> {
-        let client = Client::new(target)?;
+        let client = WriteClient::new(target)?;
         let cfg = StreamConfig {
             journal: JournalKind::Disk,
             max_bytes: spool.max_bytes,
@@ -698,7 +698,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_spooled_batch_shows_in_the_core_journal_gauges_and_ages() {
         use crate::batch::Item;
-        use crate::config::{Api, Config, InfluxConfig};
+        use crate::config::{Config, InfluxConfig, WriteApi};
         use runtime::telemetry::core::Core;
 
         let seg = |s: &str| Segment::new(s).unwrap();
@@ -711,7 +711,7 @@ mod tests {
         let plan = Config {
             influx: Some(InfluxConfig {
                 url: format!("http://127.0.0.1:{closed}"),
-                api: Api::V1,
+                api: WriteApi::V1,
                 database: Some("wattbus".into()),
                 retry_min_ms: 50,
                 retry_max_ms: 200,

@@ -166,7 +166,7 @@ async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
                 Ok(Some(claim)) => claim,
                 Ok(None) => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "Cannot look at a free writer slot.");
+                    tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot look at a free writer slot.");
                     continue;
                 }
             };
@@ -194,7 +194,7 @@ async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
             ) {
                 Ok(sink) => sink,
                 Err(e) => {
-                    tracing::warn!(slot = %claim.instance(), error = %e, "Cannot open the spool of a free writer slot.");
+                    tracing::warn!(slot = %claim.instance(), error = %runtime::telemetry::chain(&e), "Cannot open the spool of a free writer slot.");
                     continue;
                 }
             };
@@ -204,7 +204,7 @@ async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
             }
             if sink.drain_all().await {
                 if let Err(e) = std::fs::remove_dir_all(&spool_dir) {
-                    tracing::warn!(dir = %spool_dir.display(), error = %e, "Cannot remove an emptied spool.");
+                    tracing::warn!(dir = %spool_dir.display(), error = %runtime::telemetry::chain(&e), "Cannot remove an emptied spool.");
                 }
                 if held > 0 {
                     tracing::info!(slot = %claim.instance(), "The free slot's spool is written.");

@@ -44,7 +44,7 @@ use tokio_modbus::{ExceptionCode, Slave};
 
 use crate::config::BusSpec;
 use crate::decode::decode_response;
-use crate::events::{BusEvents, DeviceEvents};
+use crate::events::{BusEvents, MeterEvents};
 use crate::link::Link;
 use crate::plan::Request;
 use crate::profile::Function;
@@ -102,7 +102,7 @@ struct BusRunner {
     site: Segment,
     producer: Producer,
     events: BusEvents,
-    devices: Vec<DeviceEvents>,
+    devices: Vec<MeterEvents>,
     scheduler: Scheduler,
     link: String,
     conn: Option<Context>,
@@ -137,7 +137,7 @@ pub async fn run(
         devices: spec
             .devices
             .iter()
-            .map(|d| DeviceEvents::new(&bus_name, d.name.as_str()))
+            .map(|d| MeterEvents::new(&bus_name, d.name.as_str()))
             .collect(),
         link: spec.link.address(),
         scheduler,

@@ -138,7 +138,7 @@ struct Errors {
 
 /// Counters and log state of one device.
 #[derive(Debug, Clone)]
-pub struct DeviceEvents {
+pub struct MeterEvents {
     bus: String,
     device: String,
     core: Core,
@@ -178,7 +178,7 @@ impl Counts {
     }
 }
 
-impl DeviceEvents {
+impl MeterEvents {
     pub fn new(bus: &str, device: &str) -> Self {
         let l: [(&'static str, &str); 2] = [("bus", bus), ("device", device)];
         let core = core();
@@ -343,10 +343,10 @@ mod tests {
     #[test]
     fn every_error_event_counts_under_a_declared_kind_and_per_device() {
         let bus = BusEvents::new("kinds-test-bus");
-        let mut d = DeviceEvents::new("kinds-test-bus", "kinds-test-meter");
+        let mut d = MeterEvents::new("kinds-test-bus", "kinds-test-meter");
         let io = std::io::Error::other("connection reset");
         let nan = std::io::Error::other("NaN");
-        type Event<'a> = Box<dyn FnMut(&mut DeviceEvents) + 'a>;
+        type Event<'a> = Box<dyn FnMut(&mut MeterEvents) + 'a>;
         let mut events: Vec<(&str, Event)> = vec![
             ("timeout", Box::new(|d| d.timeout(500))),
             ("crc", Box::new(|d| d.garbled("wrong CRC"))),

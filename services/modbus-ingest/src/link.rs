@@ -14,41 +14,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_modbus::Slave;
 use tokio_modbus::client::Context;
 
-/// Serial parity. Modbus over Serial Line v1.02 §2.5.1 prescribes even parity by default; the
-/// ORNO WE-515 vendor PDF says 8N1 and mbmd's README says 8E1, so it is a setting, `none` by
-/// default (what a WE-515 ships with according to its vendor).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Even,
-    Odd,
-}
-
-impl Parity {
-    /// As written in the config file and on the command line.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Parity::None => "none",
-            Parity::Even => "even",
-            Parity::Odd => "odd",
-        }
-    }
-
-    /// The letter of the `8N1` notation.
-    pub const fn letter(self) -> char {
-        match self {
-            Parity::None => 'N',
-            Parity::Even => 'E',
-            Parity::Odd => 'O',
-        }
-    }
-}
+/// Serial parity (one type for every service that opens a serial port).
+pub use runtime::config::Parity;
 
 /// Where a bus's frames go and how they are framed. Modbus RTU always uses 8 data bits, so
 /// there is no setting for them.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::{broker, close, count, counter, is, rtu_pty, start, watch};
 use proto::{Measurement, Quality, Segment};
-use wattbus_testkit::{Broker, Service, Socat, Watch, seg, site};
+use wattbus_testkit::{Socat, TestBroker, TestService, Watch, seg, site};
 
 /// CRC-16/MODBUS (poly 0xA001 reflected, init 0xFFFF), sent low byte first.
 fn crc16(data: &[u8]) -> u16 {
@@ -436,8 +436,8 @@ async fn hostile(
     name: &str,
     script: Vec<Reply>,
 ) -> (
-    Broker,
-    Service<modbus_ingest::Error>,
+    TestBroker,
+    TestService<modbus_ingest::Error>,
     Watch<Measurement>,
     Socat,
     tempfile::TempDir,

@@ -22,7 +22,7 @@ use simulators::modbus::{
 };
 use simulators::serial::Port;
 use tokio::task::JoinHandle;
-use wattbus_testkit::{Broker, Role, Sink, eventually, seg, site};
+use wattbus_testkit::{Role, Sink, TestBroker, eventually, seg, site};
 
 /// 2024-06-01 12:00 UTC: midday, when the simulated household exports.
 const NOON: i64 = 1_717_243_200_000;
@@ -508,7 +508,7 @@ async fn readings_polled_before_the_broker_is_up_reach_a_sink_that_comes_later()
     let (gateway, _server) = tcp_gateway(&meters).await;
     let site = site("late-broker");
     // A sink group `store` comes with the broker, as influx-writer would.
-    let broker = Broker::plan(&[(USER, Role::Producer), ("store", Role::Sink)]);
+    let broker = TestBroker::plan(&[(USER, Role::Producer), ("store", Role::Sink)]);
     let svc = start_on(
         broker.bus(USER),
         &site,

@@ -31,8 +31,9 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Outcome;
-use crate::config::{Api, Kind};
+use crate::SwitchOutcome;
+use crate::config::{ApiPlan, PlugKind};
+use crate::events::Events;
 
 /// The OpenAPI description, served as written.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -43,7 +44,7 @@ pub struct Job {
     pub command: Command,
     /// When it must be done by ([`crate::deadline`]).
     pub deadline: tokio::time::Instant,
-    pub reply: Option<oneshot::Sender<(CommandResult, Outcome)>>,
+    pub reply: Option<oneshot::Sender<(CommandResult, SwitchOutcome)>>,
 }
 
 /// The latest of one plug, for `GET`.
@@ -78,28 +79,29 @@ impl Views {
 }
 
 /// What the API serves from.
-pub struct State {
+pub struct ApiState {
     pub token: Secret,
     /// How long a switch may take.
     pub timeout: Duration,
     /// What the plug's task may take beyond it (see `switch`).
     grace: Duration,
     /// The plugs, in the config's order.
-    pub plugs: Vec<(Segment, Kind)>,
+    pub plugs: Vec<(Segment, PlugKind)>,
     pub queues: HashMap<Segment, mpsc::Sender<Job>>,
     pub views: Arc<Views>,
     next_id: AtomicU64,
-    refused: runtime::telemetry::LogLimit,
+    events: Arc<Events>,
 }
 
-impl State {
+impl ApiState {
     /// `plug_timeout`: one request to a plug.
     pub fn new(
-        api: &Api,
+        api: &ApiPlan,
         plug_timeout: Duration,
-        plugs: Vec<(Segment, Kind)>,
+        plugs: Vec<(Segment, PlugKind)>,
         queues: HashMap<Segment, mpsc::Sender<Job>>,
         views: Arc<Views>,
+        events: Arc<Events>,
     ) -> Self {
         Self {
             token: api.token.clone(),
@@ -109,7 +111,7 @@ impl State {
             queues,
             views,
             next_id: AtomicU64::new(0),
-            refused: runtime::telemetry::LogLimit::new(Duration::from_secs(60)),
+            events,
         }
     }
 }
@@ -132,13 +134,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// ends once they are, or after `drain`.
 pub async fn serve(
     listen: SocketAddr,
-    state: Arc<State>,
+    state: Arc<ApiState>,
     shutdown: runtime::Shutdown,
     drain: Duration,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
-    tracing::info!(listen = %local, "Plug API listening (bearer token required).");
+    state.events.api_listening(local);
     let task = tokio::spawn(async move {
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let peers: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
@@ -156,19 +158,18 @@ pub async fn serve(
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: wait rather than spin.
-                        tracing::warn!(error = %e, "Plug API cannot accept a connection.");
+                        state.events.api_accept_failed(&e);
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 },
             };
             let Some(seat) = Seat::take(&peers, peer.ip()) else {
-                if let Some(skipped) = state.refused.allow() {
-                    tracing::warn!(peer = %peer, skipped, "Plug API: {MAX_PER_PEER} connections from this address already; one more closed.");
-                }
+                state.events.api_peer_limit(peer.ip(), MAX_PER_PEER);
                 continue;
             };
             let state = state.clone();
+            let events = state.events.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 let _held = (permit, seat);
@@ -198,7 +199,7 @@ pub async fn serve(
                     }
                 };
                 if let Err(e) = ended {
-                    tracing::debug!(peer = %peer, error = %e, "Plug API connection ended.");
+                    events.api_connection_ended(peer.ip(), &e);
                 }
             });
         }
@@ -289,7 +290,7 @@ fn route(path: &str) -> Route<'_> {
     }
 }
 
-fn authorized(state: &State, req: &Request<Incoming>) -> bool {
+fn authorized(state: &ApiState, req: &Request<Incoming>) -> bool {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return false;
     };
@@ -314,7 +315,7 @@ fn claimed_user(req: &Request<Incoming>) -> String {
         .unwrap_or_default()
 }
 
-async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Answer {
+async fn handle(state: &ApiState, peer: SocketAddr, req: Request<Incoming>) -> Answer {
     let path = req.uri().path().to_string();
     let route = route(&path);
     if let Route::OpenApi = route {
@@ -337,9 +338,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Answ
     // The token before anything else, so a caller without it learns nothing (not even
     // which plugs exist).
     if !authorized(state, &req) {
-        if let Some(skipped) = state.refused.allow() {
-            tracing::warn!(peer = %peer, path = %path, skipped, "Plug API request without the right bearer token refused.");
-        }
+        state.events.api_unauthorized(peer.ip(), &path);
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "a bearer token is required (Authorization: Bearer <token>)",
@@ -412,7 +411,7 @@ async fn handle(state: &State, peer: SocketAddr, req: Request<Incoming>) -> Answ
     }
 }
 
-fn find<'s>(state: &'s State, id: &str) -> Option<&'s (Segment, Kind)> {
+fn find<'s>(state: &'s ApiState, id: &str) -> Option<&'s (Segment, PlugKind)> {
     state.plugs.iter().find(|(p, _)| p.as_str() == id)
 }
 
@@ -423,7 +422,7 @@ fn unknown_plug() -> Answer {
     )
 }
 
-fn view_json(id: &Segment, kind: Kind, v: &View) -> serde_json::Value {
+fn view_json(id: &Segment, kind: PlugKind, v: &View) -> serde_json::Value {
     serde_json::json!({
         "id": id.as_str(),
         "kind": kind.as_str(),
@@ -459,7 +458,13 @@ fn action_str(a: Action) -> &'static str {
     }
 }
 
-async fn switch(state: &State, peer: SocketAddr, user: &str, plug: Segment, body: &[u8]) -> Answer {
+async fn switch(
+    state: &ApiState,
+    peer: SocketAddr,
+    user: &str,
+    plug: Segment,
+    body: &[u8],
+) -> Answer {
     let asked: RelayRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -489,7 +494,9 @@ async fn switch(state: &State, peer: SocketAddr, user: &str, plug: Segment, body
         expires_ts_ms: now.saturating_add(timeout_ms),
     };
     let action = action_str(asked.action);
-    tracing::info!(plug = %plug, action, id = %id, peer = %peer, grafana_user = %user, "Switch asked over HTTP.");
+    state
+        .events
+        .switch_asked(&plug, action, &id, peer.ip(), user);
     let Some(queue) = state.queues.get(&plug) else {
         return unknown_plug();
     };
@@ -520,24 +527,24 @@ async fn switch(state: &State, peer: SocketAddr, user: &str, plug: Segment, body
                 message: Some("plug-bridge could not get to it in time: not done".into()),
                 ts_ms: proto::now_ms(),
             };
-            (r, Outcome::NotStarted)
+            (r, SwitchOutcome::NotStarted)
         }
     };
     let status = match outcome {
-        Outcome::Done => StatusCode::OK,
+        SwitchOutcome::Done => StatusCode::OK,
         // The plug answered, but not in the state asked for.
-        Outcome::Mismatch => StatusCode::BAD_GATEWAY,
-        Outcome::NotStarted | Outcome::Unconfirmed => StatusCode::GATEWAY_TIMEOUT,
-        Outcome::Conflict => StatusCode::CONFLICT,
-        Outcome::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        SwitchOutcome::Mismatch => StatusCode::BAD_GATEWAY,
+        SwitchOutcome::NotStarted | SwitchOutcome::Unconfirmed => StatusCode::GATEWAY_TIMEOUT,
+        SwitchOutcome::Conflict => StatusCode::CONFLICT,
+        SwitchOutcome::Stopping => StatusCode::SERVICE_UNAVAILABLE,
     };
     let message = match outcome {
-        Outcome::NotStarted => Some(format!(
+        SwitchOutcome::NotStarted => Some(format!(
             "the plug did not confirm within {} ms; nothing was sent to it and nothing will be: {}",
             state.timeout.as_millis(),
             result.message.as_deref().unwrap_or("")
         )),
-        Outcome::Unconfirmed => Some(format!(
+        SwitchOutcome::Unconfirmed => Some(format!(
             "the plug did not confirm within {} ms; plug-bridge will not send it again: {}",
             state.timeout.as_millis(),
             result.message.as_deref().unwrap_or("")

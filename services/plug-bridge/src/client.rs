@@ -2,15 +2,15 @@
 
 use std::time::Duration;
 
-use crate::config::{Kind, Plug};
-use crate::device::{self, Reading};
+use crate::config::{Plug, PlugKind};
+use crate::device::{self, PlugReading};
 use crate::digest::{self as digest_auth, Challenge};
 
 /// Most of an answer read: a plug's JSON is a few hundred bytes; anything larger is not a plug.
 const MAX_BODY: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum PlugClientError {
     #[error("cannot set up the HTTP client: {0}")]
     Setup(String),
 }
@@ -35,7 +35,7 @@ pub enum PlugError {
 }
 
 #[derive(Clone)]
-pub struct Client {
+pub struct PlugClient {
     http: reqwest::Client,
     timeout: Duration,
     /// The Tasmota plugs' answers, when there are any.
@@ -48,8 +48,8 @@ pub struct Client {
 /// Shelly's user when a password is set.
 const SHELLY_USER: &str = "admin";
 
-impl Client {
-    pub fn new(timeout: Duration) -> Result<Self, ClientError> {
+impl PlugClient {
+    pub fn new(timeout: Duration) -> Result<Self, PlugClientError> {
         // reqwest is built with rustls and no provider chosen; plugs speak plain http, but the
         // client needs one to exist.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -60,7 +60,7 @@ impl Client {
             // A plug is one device on the LAN: no proxy from the environment in between.
             .no_proxy()
             .build()
-            .map_err(|e| ClientError::Setup(e.to_string()))?;
+            .map_err(|e| PlugClientError::Setup(e.to_string()))?;
         Ok(Self {
             http,
             timeout,
@@ -89,16 +89,16 @@ impl Client {
     }
 
     /// Read `plug` once.
-    pub async fn read(&self, plug: &Plug) -> Result<Reading, PlugError> {
+    pub async fn read(&self, plug: &Plug) -> Result<PlugReading, PlugError> {
         match plug.kind {
-            Kind::Mystrom => {
+            PlugKind::Mystrom => {
                 let body = self.get(plug, "/report").await?;
                 device::mystrom_report(&body).map_err(|problem| PlugError::Answer {
                     url: plug.url.clone(),
                     problem,
                 })
             }
-            Kind::Shelly => {
+            PlugKind::Shelly => {
                 let path = format!("/rpc/Switch.GetStatus?id={}", plug.switch_id);
                 let body = self.get(plug, &path).await?;
                 device::shelly_status(&body).map_err(|problem| PlugError::Answer {
@@ -106,7 +106,7 @@ impl Client {
                     problem,
                 })
             }
-            Kind::Tasmota => {
+            PlugKind::Tasmota => {
                 let (hub, topic) = self.hub(plug)?;
                 hub.read(topic, self.timeout)
                     .await
@@ -122,9 +122,9 @@ impl Client {
     /// a toggle would).
     pub async fn switch(&self, plug: &Plug, on: bool) -> Result<(), PlugError> {
         let path = match plug.kind {
-            Kind::Mystrom => format!("/relay?state={}", u8::from(on)),
-            Kind::Shelly => format!("/rpc/Switch.Set?id={}&on={on}", plug.switch_id),
-            Kind::Tasmota => {
+            PlugKind::Mystrom => format!("/relay?state={}", u8::from(on)),
+            PlugKind::Shelly => format!("/rpc/Switch.Set?id={}&on={on}", plug.switch_id),
+            PlugKind::Tasmota => {
                 let (hub, topic) = self.hub(plug)?;
                 return hub
                     .switch(topic, on, self.timeout)
@@ -188,7 +188,8 @@ impl Client {
         let mut resp = self.send(plug, &url, path).await.map_err(http)?;
         // A Shelly with a password: answer its challenge (once; a second 401 is a wrong
         // password).
-        if resp.status().as_u16() == 401 && plug.kind == Kind::Shelly && plug.password.is_some() {
+        if resp.status().as_u16() == 401 && plug.kind == PlugKind::Shelly && plug.password.is_some()
+        {
             // The first challenge that can be answered, of all it offers (RFC 7616 lets a
             // server offer MD5 and SHA-256 side by side).
             let mut challenge = None;
@@ -219,13 +220,13 @@ impl Client {
         let status = resp.status().as_u16();
         if status != 200 {
             let hint = match (status, plug.kind) {
-                (401 | 403, Kind::Mystrom) => {
+                (401 | 403, PlugKind::Mystrom) => {
                     "refused: the plug has an API token set; give it as token_file"
                 }
-                (401 | 403, Kind::Shelly) if plug.password.is_some() => {
+                (401 | 403, PlugKind::Shelly) if plug.password.is_some() => {
                     "refused: the password (password_file) is not the plug's"
                 }
-                (401 | 403, Kind::Shelly) => {
+                (401 | 403, PlugKind::Shelly) => {
                     "the plug asks for its password: give it as password_file"
                 }
                 (404, _) => "not found: is this the right kind of plug (kind)?",

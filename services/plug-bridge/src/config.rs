@@ -85,7 +85,7 @@ fn default_api_timeout_ms() -> u64 {
 
 /// The API, resolved.
 #[derive(Debug, Clone)]
-pub struct Api {
+pub struct ApiPlan {
     pub listen: SocketAddr,
     pub token: Secret,
     pub timeout: Duration,
@@ -116,7 +116,7 @@ impl Default for Config {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Kind {
+pub enum PlugKind {
     /// myStrom WiFi Switch (HTTP `/report`, `/relay`).
     Mystrom,
     /// Shelly Gen2 plugs (HTTP RPC `Switch.GetStatus`, `Switch.Set`).
@@ -126,12 +126,12 @@ pub enum Kind {
     Tasmota,
 }
 
-impl Kind {
+impl PlugKind {
     pub const fn as_str(self) -> &'static str {
         match self {
-            Kind::Mystrom => "mystrom",
-            Kind::Shelly => "shelly",
-            Kind::Tasmota => "tasmota",
+            PlugKind::Mystrom => "mystrom",
+            PlugKind::Shelly => "shelly",
+            PlugKind::Tasmota => "tasmota",
         }
     }
 }
@@ -142,7 +142,7 @@ impl Kind {
 pub struct PlugConfig {
     /// The plug's name: the `device` of its readings and of commands to it.
     pub id: Segment,
-    pub kind: Kind,
+    pub kind: PlugKind,
     /// myStrom, Shelly: `http://192.168.1.50` (its address on the LAN; a fixed DHCP lease
     /// helps).
     #[serde(default)]
@@ -173,7 +173,7 @@ pub struct PlugConfig {
 #[derive(Debug, Clone)]
 pub struct Plug {
     pub id: Segment,
-    pub kind: Kind,
+    pub kind: PlugKind,
     /// Without a trailing slash; `mqtt:<topic>` for a Tasmota (for the log).
     pub url: String,
     /// Tasmota's MQTT topic.
@@ -196,7 +196,7 @@ pub struct Plan {
     pub plugs: Vec<Plug>,
     pub stream: StreamConfig,
     pub health_listen: Option<SocketAddr>,
-    pub api: Option<Api>,
+    pub api: Option<ApiPlan>,
     pub home_assistant: bool,
     /// Where the Tasmota plugs are: `None` for wattbus's own broker.
     pub tasmota_broker: Option<runtime::config::BusConfig>,
@@ -258,7 +258,7 @@ impl Config {
                 .iter()
                 .find(|q| q.url == plug.url && q.switch_id == plug.switch_id)
             {
-                let leaf = if plug.kind == Kind::Tasmota {
+                let leaf = if plug.kind == PlugKind::Tasmota {
                     "topic"
                 } else {
                     "url"
@@ -329,7 +329,7 @@ impl TasmotaBroker {
 }
 
 impl ApiConfig {
-    fn resolve(&self, at: &str) -> Result<Api, ConfigError> {
+    fn resolve(&self, at: &str) -> Result<ApiPlan, ConfigError> {
         let key = |k: &str| format!("{at}.{k}");
         let token = resolve_secret(
             &key("token"),
@@ -357,7 +357,7 @@ impl ApiConfig {
                 "must be from 500 to 60000",
             ));
         }
-        Ok(Api {
+        Ok(ApiPlan {
             listen: self.listen,
             token,
             timeout: Duration::from_millis(self.timeout_ms),
@@ -373,10 +373,10 @@ impl PlugConfig {
             selector: "kind",
             chosen: self.kind.as_str(),
         };
-        const MYSTROM: &[&str] = &[Kind::Mystrom.as_str()];
-        const SHELLY: &[&str] = &[Kind::Shelly.as_str()];
-        const HTTP: &[&str] = &[Kind::Mystrom.as_str(), Kind::Shelly.as_str()];
-        const TASMOTA: &[&str] = &[Kind::Tasmota.as_str()];
+        const MYSTROM: &[&str] = &[PlugKind::Mystrom.as_str()];
+        const SHELLY: &[&str] = &[PlugKind::Shelly.as_str()];
+        const HTTP: &[&str] = &[PlugKind::Mystrom.as_str(), PlugKind::Shelly.as_str()];
+        const TASMOTA: &[&str] = &[PlugKind::Tasmota.as_str()];
         for (leaf, set, owners) in [
             ("token", self.token.is_some(), MYSTROM),
             ("token_file", self.token_file.is_some(), MYSTROM),
@@ -394,7 +394,7 @@ impl PlugConfig {
             self.password_file.as_deref(),
         )?;
         let poll = poll_range(&key("poll_ms"), self.poll_ms.unwrap_or(default_poll_ms))?;
-        if self.kind == Kind::Tasmota {
+        if self.kind == PlugKind::Tasmota {
             let topic = self.topic.clone().ok_or_else(|| {
                 ConfigError::new(
                     key("topic"),

@@ -16,7 +16,7 @@ use crate::energy::{Boot, Sample};
 
 /// One poll of a plug.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Reading {
+pub struct PlugReading {
     pub power_w: f64,
     pub relay_on: bool,
     pub temperature_c: Option<f64>,
@@ -45,7 +45,7 @@ struct MyStromReport {
 }
 
 /// myStrom's `/report`.
-pub fn mystrom_report(body: &[u8]) -> Result<Reading, String> {
+pub fn mystrom_report(body: &[u8]) -> Result<PlugReading, String> {
     let r: MyStromReport =
         serde_json::from_slice(body).map_err(|e| format!("not a myStrom /report: {e}"))?;
     let (Some(boot_id), Some(ws)) = (r.boot_id, r.energy_since_boot) else {
@@ -58,7 +58,7 @@ pub fn mystrom_report(body: &[u8]) -> Result<Reading, String> {
     if boot_id.is_empty() || boot_id.len() > 64 {
         return Err(format!("boot_id {boot_id:?} is not one a plug sends"));
     }
-    Ok(Reading {
+    Ok(PlugReading {
         power_w: finite("power", r.power)?,
         relay_on: r.relay,
         temperature_c: r.temperature.filter(|t| t.is_finite()),
@@ -93,7 +93,7 @@ struct ShellySwitch {
 }
 
 /// Shelly's `Switch.GetStatus`.
-pub fn shelly_status(body: &[u8]) -> Result<Reading, String> {
+pub fn shelly_status(body: &[u8]) -> Result<PlugReading, String> {
     let s: ShellySwitch = serde_json::from_slice(body)
         .map_err(|e| format!("not a Shelly Switch.GetStatus answer: {e}"))?;
     let (Some(power), Some(energy)) = (s.apower, s.aenergy) else {
@@ -101,7 +101,7 @@ pub fn shelly_status(body: &[u8]) -> Result<Reading, String> {
             "this switch does not meter (no apower, aenergy): not a plug with a meter".into(),
         );
     };
-    Ok(Reading {
+    Ok(PlugReading {
         power_w: finite("apower", power)?,
         relay_on: s.output,
         temperature_c: s.temperature.and_then(|t| t.t_c).filter(|t| t.is_finite()),

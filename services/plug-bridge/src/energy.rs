@@ -35,7 +35,7 @@
 //! under the same id (a plug replaced) continues the counter.
 //!
 //! A reset is the only way down: explicit, counted in `resets`, dated in `since_ms`
-//! ([`Energy::reset`]; no command offers it yet: until then, stop the bridge and move the file
+//! ([`PlugEnergy::reset`]; no command offers it yet: until then, stop the bridge and move the file
 //! away).
 
 use std::collections::BTreeMap;
@@ -116,7 +116,7 @@ const BOOTS_REMEMBERED: usize = 8;
 
 /// One plug's counter as saved.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Counter {
+pub struct PlugCounter {
     /// What earlier runs of the plug's own counter counted (Wh).
     pub offset_wh: f64,
     /// The plug's own counter at the last sample, and the boot it was in.
@@ -160,7 +160,7 @@ const JUMPS_TO_REBASE: u32 = 5;
 /// restart's counter, growing from zero, must not be taken for the old one coming back).
 const UNDO_FALL_MS: i64 = 120_000;
 
-impl Counter {
+impl PlugCounter {
     fn new(now_ms: i64) -> Self {
         Self {
             offset_wh: 0.0,
@@ -316,7 +316,7 @@ impl Counter {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum EnergyError {
+pub enum PlugEnergyError {
     #[error("cannot read the plug energy counters in {path}: {source}")]
     Read {
         path: PathBuf,
@@ -344,30 +344,30 @@ const VERSION: u32 = 1;
 #[derive(Debug, Serialize, Deserialize)]
 struct File {
     version: u32,
-    plugs: BTreeMap<String, Counter>,
+    plugs: BTreeMap<String, PlugCounter>,
 }
 
 /// Every plug's counter, and their file.
 #[derive(Debug)]
-pub struct Energy {
+pub struct PlugEnergy {
     path: PathBuf,
     /// `<file>.lock`, held while loaded: two bridges sharing one file would each overwrite
     /// the other's counters.
     _lock: std::fs::File,
-    plugs: BTreeMap<String, Counter>,
+    plugs: BTreeMap<String, PlugCounter>,
     dirty: bool,
     /// The last save failed: every sample asks for a save until one succeeds.
     save_failed: bool,
 }
 
-impl Energy {
+impl PlugEnergy {
     /// Load the counters (none yet if the file does not exist). A file that exists but cannot
     /// be read is an error naming it: starting from zero would break every counter.
-    pub fn load(path: &Path) -> Result<Self, EnergyError> {
+    pub fn load(path: &Path) -> Result<Self, PlugEnergyError> {
         let lock = lock(path)?;
         let plugs = match std::fs::read(path) {
             Ok(bytes) => {
-                let damaged = |reason: String| EnergyError::Damaged {
+                let damaged = |reason: String| PlugEnergyError::Damaged {
                     path: path.to_path_buf(),
                     reason,
                 };
@@ -395,7 +395,7 @@ impl Energy {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => {
-                return Err(EnergyError::Read {
+                return Err(PlugEnergyError::Read {
                     path: path.to_path_buf(),
                     source,
                 });
@@ -425,19 +425,19 @@ impl Energy {
         let c = self
             .plugs
             .entry(plug.to_string())
-            .or_insert_with(|| Counter::new(now_ms));
+            .or_insert_with(|| PlugCounter::new(now_ms));
         let mut step = c.observe(s, margin_wh, now_ms)?;
         self.dirty = true;
         step.save_first |= self.save_failed;
         Ok(step)
     }
 
-    pub fn counter(&self, plug: &str) -> Option<&Counter> {
+    pub fn counter(&self, plug: &str) -> Option<&PlugCounter> {
         self.plugs.get(plug)
     }
 
     /// Every plug's counter, by plug id.
-    pub fn counters(&self) -> impl Iterator<Item = (&str, &Counter)> {
+    pub fn counters(&self) -> impl Iterator<Item = (&str, &PlugCounter)> {
         self.plugs.iter().map(|(k, v)| (k.as_str(), v))
     }
 
@@ -455,7 +455,7 @@ impl Energy {
 
     /// Save if anything changed. With `exact` (a clean stop) each ceiling comes down to the
     /// counter published last, so a restart continues exactly.
-    pub fn save(&mut self, exact: bool) -> Result<(), EnergyError> {
+    pub fn save(&mut self, exact: bool) -> Result<(), PlugEnergyError> {
         if exact {
             for c in self.plugs.values_mut() {
                 if let Some(p) = c.published_wh
@@ -469,7 +469,7 @@ impl Energy {
         if !self.dirty {
             return Ok(());
         }
-        let err = |source| EnergyError::Write {
+        let err = |source| PlugEnergyError::Write {
             path: self.path.clone(),
             source,
         };
@@ -490,9 +490,9 @@ impl Energy {
 }
 
 /// Take `<path>.lock`, or say that another process has it.
-fn lock(path: &Path) -> Result<std::fs::File, EnergyError> {
+fn lock(path: &Path) -> Result<std::fs::File, PlugEnergyError> {
     let lock_path = path.with_extension("lock");
-    let read = |source| EnergyError::Read {
+    let read = |source| PlugEnergyError::Read {
         path: lock_path.clone(),
         source,
     };
@@ -507,7 +507,7 @@ fn lock(path: &Path) -> Result<std::fs::File, EnergyError> {
         .map_err(read)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(EnergyError::Locked {
+        Err(std::fs::TryLockError::WouldBlock) => Err(PlugEnergyError::Locked {
             path: path.to_path_buf(),
         }),
         Err(std::fs::TryLockError::Error(e)) => Err(read(e)),
@@ -534,7 +534,7 @@ mod tests {
 
     #[test]
     fn a_reboot_continues_the_counter_from_where_it_was() {
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         assert_eq!(c.observe(&id("a", 5.0), 10.0, 1).unwrap().energy_wh, 5.0);
         assert_eq!(c.observe(&id("a", 7.5), 10.0, 1).unwrap().energy_wh, 7.5);
         // Rebooted: its counter starts at 0 again, ours goes on.
@@ -546,7 +546,7 @@ mod tests {
 
     #[test]
     fn without_a_boot_id_only_a_decrease_is_a_restart() {
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         c.observe(&unknown(1000.0), 10.0, 1).unwrap();
         assert_eq!(c.observe(&unknown(1000.5), 10.0, 1).unwrap().restart, None);
         let s = c.observe(&unknown(2.0), 10.0, 1).unwrap();
@@ -555,7 +555,7 @@ mod tests {
 
     #[test]
     fn the_file_is_saved_only_when_the_counter_passes_its_ceiling() {
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         assert!(c.observe(&id("a", 1.0), 10.0, 1).unwrap().save_first);
         assert_eq!(c.ceiling_wh, 11.0);
         for wh in [2.0, 5.0, 10.9, 11.0] {
@@ -572,7 +572,7 @@ mod tests {
     fn after_a_crash_and_a_reboot_the_counter_never_goes_below_a_published_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plugs.json");
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         let mut published = 0.0f64;
         for wh in [1.0, 3.0] {
             let s = e.observe("p", &id("a", wh), 10.0, 0).unwrap();
@@ -584,7 +584,7 @@ mod tests {
         // Saved at 1.0 (ceiling 11); published 3.0; then killed (no clean save) while the
         // plug rebooted.
         drop(e);
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         let s = e.observe("p", &id("b", 0.5), 10.0, 0).unwrap();
         assert!(s.energy_wh >= published, "{} < {published}", s.energy_wh);
         assert!(
@@ -594,7 +594,7 @@ mod tests {
         drop(e);
         // The same boot after a crash: held at the ceiling (what may have been published)
         // until the plug's counter passes it, then exact again.
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         let s = e.observe("p", &id("a", 4.0), 10.0, 0).unwrap();
         assert!(
             s.energy_wh >= published && s.energy_wh <= 11.0,
@@ -611,7 +611,7 @@ mod tests {
     fn a_shelly_that_loses_its_total_during_a_crash_never_goes_below_a_published_counter() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plugs.json");
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         let mut published = 0.0f64;
         for wh in [1.0, 3.0, 4.3] {
             let s = e.observe("p", &unknown(wh), 5.0, 0).unwrap();
@@ -622,7 +622,7 @@ mod tests {
         }
         drop(e);
         // Killed; the plug lost its total and counted 2.0 since, above the 1.0 last saved.
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         for wh in [2.0, 2.5, 7.0] {
             let s = e.observe("p", &unknown(wh), 5.0, 0).unwrap();
             assert!(s.energy_wh >= published, "{} < {published}", s.energy_wh);
@@ -632,7 +632,7 @@ mod tests {
 
     #[test]
     fn a_dip_is_held_not_counted_twice_and_a_flip_or_a_jump_is_refused() {
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         c.observe(&unknown(500.001), 10.0, 1000).unwrap();
         let s = c.observe(&unknown(500.0), 10.0, 2000).unwrap();
         assert_eq!((s.energy_wh, s.restart), (500.001, None));
@@ -641,7 +641,7 @@ mod tests {
             500.5
         );
         // Two plugs at one address: boot ids taking turns.
-        let mut m = Counter::new(0);
+        let mut m = PlugCounter::new(0);
         m.observe(&id("A", 100.0), 10.0, 1000).unwrap();
         m.observe(&id("B", 1.0), 10.0, 2000).unwrap();
         let e = m.observe(&id("A", 100.0), 10.0, 3000).unwrap_err();
@@ -665,7 +665,7 @@ mod tests {
             boot: Boot::Unknown,
             total_wh: wh,
         };
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         c.observe(&unknown(200.0), 10.0, 1_000).unwrap();
         c.observe(&unknown(200.5), 10.0, 2_000).unwrap();
         // One answer of 0 (a garbled Tasmota Total), then its true value again.
@@ -690,7 +690,7 @@ mod tests {
         );
         // A counter that jumps and stays there (a used plug put in): refused a few times,
         // then taken as a new start from where the bridge's counter was, never as consumption.
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         c.observe(&unknown(100.0), 10.0, 1_000).unwrap();
         let mut at = 2_000;
         for _ in 1..JUMPS_TO_REBASE {
@@ -709,7 +709,7 @@ mod tests {
 
     #[test]
     fn a_plug_replaced_by_another_kind_continues_the_counter() {
-        let mut c = Counter::new(0);
+        let mut c = PlugCounter::new(0);
         c.observe(&id("A", 2.0), 10.0, 1000).unwrap();
         let s = c.observe(&unknown(5000.0), 10.0, 2000).unwrap();
         assert_eq!((s.energy_wh, s.restart), (2.0, Some(Restart::Replaced)));
@@ -723,8 +723,8 @@ mod tests {
     fn a_failed_save_is_tried_again_at_every_sample_and_a_second_process_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("plugs.json");
-        let mut e = Energy::load(&path).unwrap();
-        let err = Energy::load(&path).unwrap_err().to_string();
+        let mut e = PlugEnergy::load(&path).unwrap();
+        let err = PlugEnergy::load(&path).unwrap_err().to_string();
         assert!(err.contains("in use"), "{err}");
         e.observe("p", &id("a", 1.0), 10.0, 0).unwrap();
         // The directory made unwritable: the save fails, the next samples ask again.
@@ -741,12 +741,12 @@ mod tests {
     fn a_clean_stop_makes_a_restart_exact() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plugs.json");
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         e.observe("p", &id("a", 1.0), 10.0, 0).unwrap();
         e.observe("p", &id("a", 3.0), 10.0, 0).unwrap();
         e.save(true).unwrap();
         drop(e);
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         let s = e.observe("p", &id("b", 0.5), 10.0, 0).unwrap();
         assert_eq!(s.energy_wh, 3.5);
     }
@@ -755,7 +755,7 @@ mod tests {
     fn damage_and_nonsense_are_refused_and_a_reset_is_the_only_way_down() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("plugs.json");
-        let mut e = Energy::load(&path).unwrap();
+        let mut e = PlugEnergy::load(&path).unwrap();
         assert!(e.observe("p", &id("a", f64::NAN), 10.0, 0).is_err());
         assert!(e.observe("p", &id("a", -1.0), 10.0, 0).is_err());
         e.observe("p", &id("a", 50.0), 10.0, 0).unwrap();
@@ -765,13 +765,13 @@ mod tests {
         bytes[at] = b'9';
         std::fs::write(&path, &bytes).unwrap();
         drop(e);
-        let err = Energy::load(&path).unwrap_err().to_string();
+        let err = PlugEnergy::load(&path).unwrap_err().to_string();
         assert!(
             err.contains("plugs.json") && err.contains("checksum"),
             "{err}"
         );
 
-        let mut e = Energy::load(&dir.path().join("other.json")).unwrap();
+        let mut e = PlugEnergy::load(&dir.path().join("other.json")).unwrap();
         e.observe("p", &id("a", 50.0), 10.0, 0).unwrap();
         assert!(e.reset("p", 1));
         assert_eq!(

@@ -3,7 +3,7 @@
 //! Each plug becomes a Home Assistant device with a switch and sensors for power, energy
 //! (`state_class: total_increasing`: the bridge's counter never goes backwards), temperature
 //! and, for Shelly and Tasmota, voltage and current. They read the plug's **state**
-//! (`homeassistant/switch/wattbus/<object>/state`, [`State`]), which plug-bridge publishes
+//! (`homeassistant/switch/wattbus/<object>/state`, [`HaState`]), which plug-bridge publishes
 //! retained after every poll — not the journaled readings on `meas/`, which are published
 //! again when a sink is slow to acknowledge them, and so would show Home Assistant an older
 //! (lower) counter after a newer one. The switch sends a `Command` on
@@ -23,7 +23,7 @@
 use proto::Segment;
 use serde_json::{Value, json};
 
-use crate::config::Kind;
+use crate::config::PlugKind;
 
 /// Home Assistant's discovery prefix (its default).
 pub const PREFIX: &str = "homeassistant";
@@ -47,7 +47,7 @@ pub fn availability_topic(site: &Segment, plug: &Segment) -> String {
     format!("{PREFIX}/switch/{NODE}/{}/availability", object(site, plug))
 }
 
-/// The plug's state topic (retained [`State`], after every poll).
+/// The plug's state topic (retained [`HaState`], after every poll).
 pub fn state_topic(site: &Segment, plug: &Segment) -> String {
     format!("{PREFIX}/switch/{NODE}/{}/state", object(site, plug))
 }
@@ -55,7 +55,7 @@ pub fn state_topic(site: &Segment, plug: &Segment) -> String {
 /// What the entities read: the plug's latest poll, published live only (never replayed), so
 /// it only moves forward. A value the plug does not give is `null`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct State {
+pub struct HaState {
     pub relay_on: bool,
     pub power_w: f64,
     /// The bridge's counter, never lower than before.
@@ -76,15 +76,15 @@ fn field(name: &str) -> String {
 pub fn announcements(
     site: &Segment,
     plug: &Segment,
-    kind: Kind,
+    kind: PlugKind,
     bridge: &Segment,
     version: &str,
 ) -> Vec<(String, Value)> {
     let obj = object(site, plug);
     let (manufacturer, model) = match kind {
-        Kind::Mystrom => ("myStrom", "WiFi Switch"),
-        Kind::Shelly => ("Shelly", "Gen2 switch"),
-        Kind::Tasmota => ("Tasmota", "plug with energy monitor"),
+        PlugKind::Mystrom => ("myStrom", "WiFi Switch"),
+        PlugKind::Shelly => ("Shelly", "Gen2 switch"),
+        PlugKind::Tasmota => ("Tasmota", "plug with energy monitor"),
     };
     let common = json!({
         "availability": [
@@ -180,7 +180,7 @@ pub fn announcements(
             }),
         ),
     ];
-    if kind != Kind::Mystrom {
+    if kind != PlugKind::Mystrom {
         out.push(entity(
             "sensor",
             "voltage",
@@ -246,7 +246,7 @@ mod tests {
         let all = announcements(
             &seg("home"),
             &plug,
-            Kind::Shelly,
+            PlugKind::Shelly,
             &seg("plug-bridge"),
             "0.1.0",
         );
@@ -308,14 +308,27 @@ mod tests {
         );
         // A myStrom measures neither voltage nor current.
         assert_eq!(
-            announcements(&seg("home"), &seg("lamp"), Kind::Mystrom, &seg("pb"), "0").len(),
+            announcements(
+                &seg("home"),
+                &seg("lamp"),
+                PlugKind::Mystrom,
+                &seg("pb"),
+                "0"
+            )
+            .len(),
             4
         );
     }
 
     #[test]
     fn the_switch_sends_a_wattbus_command() {
-        let all = announcements(&seg("home"), &seg("lamp"), Kind::Mystrom, &seg("pb"), "0");
+        let all = announcements(
+            &seg("home"),
+            &seg("lamp"),
+            PlugKind::Mystrom,
+            &seg("pb"),
+            "0",
+        );
         let t = all[0].1["command_template"].as_str().unwrap();
         // Rendered as Home Assistant would for "ON" at a fixed time, it is a valid Command.
         let rendered = t
@@ -348,8 +361,13 @@ mod tests {
         .into();
         assert_eq!(ids.len(), 4);
         let long = seg(&"p".repeat(64));
-        for (topic, _) in announcements(&seg(&"s".repeat(64)), &long, Kind::Shelly, &seg("pb"), "0")
-        {
+        for (topic, _) in announcements(
+            &seg(&"s".repeat(64)),
+            &long,
+            PlugKind::Shelly,
+            &seg("pb"),
+            "0",
+        ) {
             assert!(topic.split('/').all(|l| l.len() <= 64), "{topic}");
         }
     }
@@ -360,7 +378,7 @@ mod tests {
             field("temperature_c"),
             "{% if value_json.temperature_c is number %}{{ value_json.temperature_c }}{% endif %}"
         );
-        let s = State {
+        let s = HaState {
             relay_on: true,
             power_w: 5.0,
             energy_wh: Some(1.5),

@@ -23,6 +23,7 @@ pub mod config;
 pub mod device;
 pub mod digest;
 pub mod energy;
+mod events;
 pub mod ha;
 pub mod tasmota;
 
@@ -39,12 +40,12 @@ use runtime::backoff::Retries;
 use runtime::bus::{Bus, Identity, Message, Overflow, QoS};
 use runtime::delivery::Producer;
 use runtime::telemetry::chain;
-use runtime::telemetry::core::Core;
 
 use config::Plug;
 pub use config::{Config, Plan};
-use device::Reading;
-use energy::{Energy, EnergyError, Restart};
+use device::PlugReading;
+use energy::{PlugEnergy, PlugEnergyError, Restart};
+use events::Events;
 
 /// The section name in the config file.
 pub const SECTION: &str = "plug_bridge";
@@ -62,9 +63,9 @@ pub enum Error {
     #[error(transparent)]
     Delivery(#[from] runtime::delivery::DeliveryError),
     #[error(transparent)]
-    Energy(#[from] EnergyError),
+    Energy(#[from] PlugEnergyError),
     #[error(transparent)]
-    Client(#[from] client::ClientError),
+    PlugClient(#[from] client::PlugClientError),
     #[error("cannot listen for the plug API on {listen}: {source}")]
     Api {
         listen: std::net::SocketAddr,
@@ -74,12 +75,7 @@ pub enum Error {
 }
 
 /// Its own kinds of `wattbus_errors_total`.
-pub const ERROR_KINDS: &[&str] = &[
-    // A plug that did not answer, or answered something that is not a reading.
-    "plug",
-    // The energy counters could not be saved.
-    "energy_file",
-];
+pub use events::ERROR_KINDS;
 
 /// The service, for wattbus's service table.
 #[derive(Debug)]
@@ -141,10 +137,10 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
 struct Shared {
     bus: Bus,
     producer: Producer,
-    energy: Mutex<Energy>,
+    energy: Mutex<PlugEnergy>,
     margin_wh: f64,
     site: Segment,
-    core: Core,
+    events: Arc<Events>,
     views: Arc<api::Views>,
     /// Announce plugs to Home Assistant (and publish their availability for it).
     home_assistant: bool,
@@ -152,8 +148,9 @@ struct Shared {
 
 /// Run on an existing bus connection (the demo shares one).
 pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let energy = Energy::load(&plan.energy_file(&ctx.common.data_dir))?;
-    let mut http = client::Client::new(plan.timeout)?;
+    let energy = PlugEnergy::load(&plan.energy_file(&ctx.common.data_dir))?;
+    let events = Arc::new(Events::new());
+    let mut http = client::PlugClient::new(plan.timeout)?;
     let topics: Vec<Segment> = plan.plugs.iter().filter_map(|p| p.topic.clone()).collect();
     // The Tasmota plugs: on wattbus's broker, or on the one named in `tasmota_broker` (a
     // connection of its own, which publishes no status there).
@@ -176,7 +173,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
                     .unwrap_or_else(|_| plan.instance.clone()),
                 };
                 let (b, task) = Bus::observe(cfg, &ctx.common.site, &id, &ctx.health)?;
-                tracing::info!(host = %cfg.host, port = cfg.port, "Tasmota plugs on their own broker.");
+                events.tasmota_broker(&cfg.host, cfg.port);
                 tasmota_bus = Some((b.clone(), task));
                 b
             }
@@ -199,12 +196,12 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         energy: Mutex::new(energy),
         margin_wh: plan.energy_margin_wh,
         site: ctx.common.site.clone(),
-        core: Core::of("plug-bridge"),
+        events: events.clone(),
         views: Arc::new(api::Views::default()),
         home_assistant: plan.home_assistant,
     });
     if plan.plugs.is_empty() {
-        tracing::warn!("No plugs configured ([[plug_bridge.plugs]]): nothing to poll.");
+        shared.events.no_plugs();
     }
     let ready = ctx.health.check("plug-bridge");
     ready.set(true);
@@ -233,12 +230,13 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let api_task = match &plan.api {
         None => None,
         Some(a) => {
-            let state = api::State::new(
+            let state = api::ApiState::new(
                 a,
                 plan.timeout,
                 plan.plugs.iter().map(|p| (p.id.clone(), p.kind)).collect(),
                 queues.clone(),
                 shared.views.clone(),
+                shared.events.clone(),
             );
             // At shutdown a switch under way takes at most three requests to the plug (the
             // one in flight, the read-back, one more read if that failed), and its answer is
@@ -253,7 +251,12 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
             Some(task)
         }
     };
-    let router = tokio::spawn(route_commands(commands, queues, ctx.shutdown.clone()));
+    let router = tokio::spawn(route_commands(
+        commands,
+        queues,
+        events.clone(),
+        ctx.shutdown.clone(),
+    ));
     let announcer = plan.home_assistant.then(|| {
         let plugs = plan.plugs.iter().map(|p| (p.id.clone(), p.kind)).collect();
         tokio::spawn(home_assistant(
@@ -277,7 +280,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     if let Some(t) = api_task
         && let Err(e) = t.await
     {
-        tracing::warn!(error = %e, "The plug API's task ended abnormally.");
+        shared.events.task_failed("api", &e);
     }
     ready.set(false);
     // A clean stop saves each counter exactly: a restart continues from it.
@@ -286,12 +289,11 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         Err(poisoned) => poisoned.into_inner().save(true),
     };
     if let Err(e) = saved {
-        shared.core.error("energy_file").inc();
-        tracing::error!(error = %chain(&e), "Cannot save the plug energy counters at stop: after a plug reboot they may continue a little high.");
+        shared.events.energy_not_saved(None, &e);
     }
     drop(shared);
     if let Err(e) = producer_task.await {
-        tracing::warn!(error = %e, "The readings stream's task ended abnormally.");
+        events.task_failed("readings stream", &e);
     }
     Ok(())
 }
@@ -299,7 +301,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
 /// Poll one plug until shutdown.
 async fn poll(
     plug: Plug,
-    http: client::Client,
+    http: client::PlugClient,
     shared: Arc<Shared>,
     retry: runtime::backoff::Backoff,
     mut commands: tokio::sync::mpsc::Receiver<api::Job>,
@@ -320,7 +322,7 @@ async fn poll(
             Some(job) = commands.recv() => {
                 // An HTTP request that gave up waiting (it answered 504) is not carried out.
                 if job.reply.as_ref().is_some_and(tokio::sync::oneshot::Sender::is_closed) {
-                    tracing::debug!(plug = %plug.id, id = %job.command.id, "A command whose requester gave up: dropped.");
+                    shared.events.command_dropped(&plug.id, &job.command.id);
                     continue;
                 }
                 // Not cut short by shutdown: the in-flight request to the plug finishes (it
@@ -346,7 +348,7 @@ async fn poll(
             Ok(r) => {
                 retries.succeeded();
                 if online != Some(true) {
-                    tracing::info!(plug = %plug.id, url = %plug.url, "Plug online.");
+                    shared.events.plug_online(&plug.id, &plug.url);
                 }
                 let read_ts_ms = proto::now_ms();
                 let (relay_on, power_w, temperature_c) = (r.relay_on, r.power_w, r.temperature_c);
@@ -375,14 +377,11 @@ async fn poll(
                 }
             }
             Err(e) => {
-                shared.core.error("plug").inc();
                 shared.views.update(&plug.id, |v| v.online = Some(false));
                 let wait = retries.failed();
-                if online != Some(false) {
-                    tracing::warn!(plug = %plug.id, url = %plug.url, error = %chain(&e), retry_in_ms = wait.as_millis() as u64, "Plug offline; retrying with backoff.");
-                } else {
-                    tracing::debug!(plug = %plug.id, error = %chain(&e), "Plug still offline.");
-                }
+                shared
+                    .events
+                    .plug_offline(&plug.id, &plug.url, &e, wait, online != Some(false));
                 if online != Some(false) {
                     announce_availability(&shared, &plug.id, false).await;
                 }
@@ -412,9 +411,9 @@ const REMEMBERED: usize = 64;
 async fn route_commands(
     mut rx: tokio::sync::mpsc::Receiver<Message>,
     queues: HashMap<Segment, tokio::sync::mpsc::Sender<api::Job>>,
+    events: Arc<Events>,
     shutdown: runtime::Shutdown,
 ) {
-    let refused = runtime::telemetry::LogLimit::new(Duration::from_secs(60));
     loop {
         let msg = tokio::select! {
             () = shutdown.wait() => return,
@@ -424,9 +423,7 @@ async fn route_commands(
         let command = match Command::decode(&msg.payload) {
             Ok(c) => c,
             Err(e) => {
-                if let Some(skipped) = refused.allow() {
-                    tracing::warn!(topic = %msg.topic, error = %e, skipped, "A command that is not one: ignored.");
-                }
+                events.not_a_command(&msg.topic, &e);
                 continue;
             }
         };
@@ -440,9 +437,7 @@ async fn route_commands(
             None
         };
         if let Some(why) = why {
-            if let Some(skipped) = refused.allow() {
-                tracing::warn!(topic = %msg.topic, id = %command.id, skipped, "A command refused: {why}.");
-            }
+            events.command_refused(&msg.topic, &command.id, why);
             continue;
         }
         let Some(queue) = queues.get(&command.device) else {
@@ -454,7 +449,7 @@ async fn route_commands(
             reply: None,
         };
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(j)) = queue.try_send(job) {
-            tracing::warn!(plug = %j.command.device, id = %j.command.id, "A command refused: the plug already has {COMMAND_QUEUE} waiting.");
+            events.queue_full(&j.command.device, &j.command.id, COMMAND_QUEUE);
         }
     }
 }
@@ -462,7 +457,7 @@ async fn route_commands(
 /// What became of a command, for the HTTP API's status code (the bus gets the
 /// [`CommandResult`] alone).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum SwitchOutcome {
     /// Switched, and the plug reads as asked.
     Done,
     /// The plug answered, but reads otherwise than asked.
@@ -492,12 +487,12 @@ pub fn deadline(c: &Command) -> tokio::time::Instant {
 /// Results of the commands a plug carried out lately, by id.
 #[derive(Default)]
 struct Done {
-    results: VecDeque<(Action, CommandResult, Outcome)>,
+    results: VecDeque<(Action, CommandResult, SwitchOutcome)>,
 }
 
 impl Done {
     /// The earlier result of `c`'s id: the same again if it asked the same, a conflict if not.
-    fn get(&self, c: &Command) -> Option<(CommandResult, Outcome)> {
+    fn get(&self, c: &Command) -> Option<(CommandResult, SwitchOutcome)> {
         let (action, r, outcome) = self.results.iter().find(|(_, r, _)| r.id == c.id)?;
         if *action == c.action {
             return Some((r.clone(), *outcome));
@@ -513,10 +508,10 @@ impl Done {
             )),
             ts_ms: proto::now_ms(),
         };
-        Some((conflict, Outcome::Conflict))
+        Some((conflict, SwitchOutcome::Conflict))
     }
 
-    fn remember(&mut self, action: Action, r: &CommandResult, outcome: Outcome) {
+    fn remember(&mut self, action: Action, r: &CommandResult, outcome: SwitchOutcome) {
         if self.results.len() >= REMEMBERED {
             self.results.pop_front();
         }
@@ -530,13 +525,13 @@ impl Done {
 /// nothing more is sent (a request open then is dropped), and a command that was sent is
 /// read back once more, so the result says what the plug reads.
 async fn carry_out(
-    http: &client::Client,
+    http: &client::PlugClient,
     plug: &Plug,
     c: &Command,
     deadline: tokio::time::Instant,
     done: &mut Done,
     shutdown: &runtime::Shutdown,
-) -> (CommandResult, Outcome) {
+) -> (CommandResult, SwitchOutcome) {
     if let Some(earlier) = done.get(c) {
         return earlier;
     }
@@ -594,8 +589,8 @@ async fn carry_out(
         match by_deadline(deadline, http.read(plug)).await {
             Ok(r) if r.relay_on == on => {
                 let r = result(true, Some(r.relay_on), None);
-                done.remember(c.action, &r, Outcome::Done);
-                return (r, Outcome::Done);
+                done.remember(c.action, &r, SwitchOutcome::Done);
+                return (r, SwitchOutcome::Done);
             }
             Ok(r) => {
                 let r = result(
@@ -607,8 +602,8 @@ async fn carry_out(
                         state(on)
                     )),
                 );
-                done.remember(c.action, &r, Outcome::Mismatch);
-                return (r, Outcome::Mismatch);
+                done.remember(c.action, &r, SwitchOutcome::Mismatch);
+                return (r, SwitchOutcome::Mismatch);
             }
             Err(e) => last_error = e,
         }
@@ -617,23 +612,23 @@ async fn carry_out(
         let (message, outcome) = if stopping {
             (
                 "plug-bridge is stopping: not done".to_string(),
-                Outcome::Stopping,
+                SwitchOutcome::Stopping,
             )
         } else if last_error.is_empty() {
             (
                 "expired before it could be carried out: not done".to_string(),
-                Outcome::NotStarted,
+                SwitchOutcome::NotStarted,
             )
         } else {
             (
                 format!(
                     "the plug did not answer before the command expired; nothing was sent to switch it: {last_error}"
                 ),
-                Outcome::NotStarted,
+                SwitchOutcome::NotStarted,
             )
         };
         let r = result(false, None, Some(message));
-        if outcome != Outcome::Stopping {
+        if outcome != SwitchOutcome::Stopping {
             done.remember(c.action, &r, outcome);
         }
         return (r, outcome);
@@ -644,8 +639,8 @@ async fn carry_out(
         && on == wanted
     {
         let r = result(true, Some(on), None);
-        done.remember(c.action, &r, Outcome::Done);
-        return (r, Outcome::Done);
+        done.remember(c.action, &r, SwitchOutcome::Done);
+        return (r, SwitchOutcome::Done);
     }
     let reads = match now {
         Some(on) => format!("it now reads {}", state(on)),
@@ -663,8 +658,8 @@ async fn carry_out(
             "{why} ({last_error}); the switch may or may not have reached the plug: {reads}; it is not sent again"
         )),
     );
-    done.remember(c.action, &r, Outcome::Unconfirmed);
-    (r, Outcome::Unconfirmed)
+    done.remember(c.action, &r, SwitchOutcome::Unconfirmed);
+    (r, SwitchOutcome::Unconfirmed)
 }
 
 /// `request`, given up at `deadline`: a request still open then is dropped (its connection
@@ -687,13 +682,15 @@ fn state(on: bool) -> &'static str {
 /// the plug's readings show its state).
 async fn answer(shared: &Shared, plug: &Plug, r: CommandResult) {
     if r.ok {
-        tracing::info!(plug = %plug.id, id = %r.id, relay_on = ?r.relay_on, "Command carried out and read back.");
+        shared.events.command_done(&plug.id, &r.id, r.relay_on);
     } else {
-        tracing::warn!(plug = %plug.id, id = %r.id, message = r.message.as_deref().unwrap_or(""), "Command not carried out.");
+        shared
+            .events
+            .command_failed(&plug.id, &r.id, r.message.as_deref().unwrap_or(""));
     }
     let topic = Topic::<CommandResult>::command_result(&shared.site, &plug.id);
     if let Err(e) = shared.bus.send(&topic, &r, false).await {
-        tracing::warn!(plug = %plug.id, error = %chain(&e), "Cannot publish a command's result.");
+        shared.events.result_not_published(&plug.id, &e);
     }
 }
 
@@ -702,7 +699,7 @@ async fn answer(shared: &Shared, plug: &Plug, r: CommandResult) {
 /// Home Assistant says it is `online`.
 async fn home_assistant(
     shared: Arc<Shared>,
-    plugs: Vec<(Segment, config::Kind)>,
+    plugs: Vec<(Segment, config::PlugKind)>,
     instance: Segment,
     shutdown: runtime::Shutdown,
 ) {
@@ -719,7 +716,7 @@ async fn home_assistant(
         let wait = last.map_or(Duration::ZERO, |t| ANNOUNCE_GAP.saturating_sub(t.elapsed()));
         if due && wait.is_zero() {
             if asked_by_ha {
-                tracing::info!("Home Assistant is online: announcing the plugs again.");
+                shared.events.home_assistant_online();
             }
             announce(&shared, &plugs, &instance).await;
             last = Some(tokio::time::Instant::now());
@@ -748,7 +745,7 @@ async fn home_assistant(
 /// The least time between two announcements to Home Assistant.
 const ANNOUNCE_GAP: Duration = Duration::from_secs(5);
 
-async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: &Segment) {
+async fn announce(shared: &Shared, plugs: &[(Segment, config::PlugKind)], instance: &Segment) {
     let mut sent = 0;
     for (plug, kind) in plugs {
         for (topic, payload) in ha::announcements(
@@ -761,7 +758,7 @@ async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: 
             match shared.bus.publish(&topic, payload.to_string(), true).await {
                 Ok(()) => sent += 1,
                 Err(e) => {
-                    tracing::warn!(error = %chain(&e), "Cannot announce the plugs to Home Assistant.");
+                    shared.events.not_announced(&e);
                     return;
                 }
             }
@@ -771,7 +768,7 @@ async fn announce(shared: &Shared, plugs: &[(Segment, config::Kind)], instance: 
         }
         publish_ha_state(shared, plug).await;
     }
-    tracing::debug!(configs = sent, "Plugs announced to Home Assistant.");
+    shared.events.announced(sent);
 }
 
 /// The plug's latest state for Home Assistant, retained and never replayed (see `ha`).
@@ -781,7 +778,7 @@ async fn publish_ha_state(shared: &Shared, plug: &Segment) {
     }
     let v = shared.views.get(plug);
     let state = (|| {
-        Some(ha::State {
+        Some(ha::HaState {
             relay_on: v.relay_on?,
             power_w: v.power_w?,
             energy_wh: v.energy_wh,
@@ -803,7 +800,7 @@ async fn publish_ha_state(shared: &Shared, plug: &Segment) {
         .publish(&ha::state_topic(&shared.site, plug), payload, true)
         .await
     {
-        tracing::debug!(plug = %plug, error = %chain(&e), "Cannot publish a plug's state for Home Assistant.");
+        shared.events.state_not_published(plug, &e);
     }
 }
 
@@ -815,7 +812,7 @@ async fn announce_availability(shared: &Shared, plug: &Segment, online: bool) {
     let payload = if online { "online" } else { "offline" };
     let topic = ha::availability_topic(&shared.site, plug);
     if let Err(e) = shared.bus.publish(&topic, payload, true).await {
-        tracing::warn!(plug = %plug, error = %chain(&e), "Cannot publish a plug's availability for Home Assistant.");
+        shared.events.availability_not_published(plug, &e);
     }
 }
 
@@ -823,7 +820,12 @@ async fn announce_availability(shared: &Shared, plug: &Segment, online: bool) {
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 /// Journal a reading; its energy counter, if it has one.
-async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Reading) -> Option<f64> {
+async fn publish_reading(
+    shared: &Shared,
+    plug: &Plug,
+    id: &ReadingId,
+    r: PlugReading,
+) -> Option<f64> {
     let now = proto::now_ms();
     let mut fields = BTreeMap::from([
         ("power_w".to_string(), r.power_w),
@@ -853,8 +855,7 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
             && s.save_first
             && let Err(e) = energy.save(false)
         {
-            shared.core.error("energy_file").inc();
-            tracing::error!(plug = %plug.id, error = %chain(&e), "Cannot save the plug energy counters: readings go on, but after a crash and a plug reboot this counter could continue below a stored one.");
+            shared.events.energy_not_saved(Some(&plug.id), &e);
         }
         step
     };
@@ -868,26 +869,19 @@ async fn publish_reading(shared: &Shared, plug: &Plug, id: &ReadingId, r: Readin
                 fields.insert("energy_resets".into(), f64::from(resets));
             }
             match s.restart {
-                Some(Restart::Reboot) => {
-                    tracing::info!(plug = %plug.id, energy_wh = s.energy_wh, "The plug rebooted (new boot id): its energy counter continues from where it was.");
-                }
-                Some(Restart::Replaced) => {
-                    tracing::warn!(plug = %plug.id, energy_wh = s.energy_wh, "Another kind of plug answers under this id (replaced?): the counter continues from where it was, not from the new plug's own total.");
-                }
-                Some(Restart::Decrease) => {
-                    tracing::warn!(plug = %plug.id, energy_wh = s.energy_wh, "The plug's own energy counter fell to well below its last value (reset, or a reboot that lost it): the bridge's counter continues from where it was.");
-                }
+                Some(Restart::Reboot) => shared.events.plug_rebooted(&plug.id, s.energy_wh),
+                Some(Restart::Replaced) => shared.events.plug_replaced(&plug.id, s.energy_wh),
+                Some(Restart::Decrease) => shared.events.plug_counter_fell(&plug.id, s.energy_wh),
                 None => {}
             }
         }
         Err(e) => {
-            shared.core.error("plug").inc();
-            tracing::warn!(plug = %plug.id, error = %e, "Energy left out of this reading.");
+            shared.events.energy_left_out(&plug.id, &e);
         }
     }
     let m = Measurement::new(id.clone(), seg(MEASUREMENT), now, Quality::Good, fields);
     if let Err(e) = shared.producer.send(&m.topic(), m).await {
-        tracing::warn!(plug = %plug.id, error = %chain(&e), "Cannot journal a plug reading.");
+        shared.events.not_journaled("reading", Some(&plug.id), &e);
     }
     energy_wh
 }
@@ -902,7 +896,7 @@ async fn publish_status(shared: &Shared, id: &ReadingId, online: bool) {
         fields,
     );
     if let Err(e) = shared.producer.send(&m.topic(), m).await {
-        tracing::warn!(error = %chain(&e), "Cannot journal a plug's availability.");
+        shared.events.not_journaled("availability", None, &e);
     }
 }
 
@@ -944,12 +938,12 @@ mod tests {
             message: None,
             ts_ms: 0,
         };
-        done.remember(c.action, &r, Outcome::Done);
-        assert_eq!(done.get(&c), Some((r, Outcome::Done)));
+        done.remember(c.action, &r, SwitchOutcome::Done);
+        assert_eq!(done.get(&c), Some((r, SwitchOutcome::Done)));
         let (again, outcome) = done.get(&command("x", Action::On, 1000)).unwrap();
         assert_eq!(
             (again.ok, again.relay_on, outcome),
-            (false, None, Outcome::Conflict)
+            (false, None, SwitchOutcome::Conflict)
         );
         assert!(done.get(&command("y", Action::Off, 1000)).is_none());
     }

@@ -23,7 +23,7 @@ use runtime::bus::{Bus, Message, Overflow, QoS};
 use serde::Deserialize;
 use tokio::sync::{Mutex, mpsc};
 
-use crate::device::{Reading, finite};
+use crate::device::{PlugReading, finite};
 use crate::energy::{Boot, Sample};
 
 /// Answers kept for one plug between its requests; more are dropped (they are stale).
@@ -70,7 +70,7 @@ impl Hub {
     }
 
     /// Read the plug: its relay, then its energy.
-    pub async fn read(&self, topic: &Segment, timeout: Duration) -> Result<Reading, String> {
+    pub async fn read(&self, topic: &Segment, timeout: Duration) -> Result<PlugReading, String> {
         let mut rx = self.queue(topic)?.lock().await;
         drain(&mut rx);
         self.command(topic, "POWER", "").await?;
@@ -174,11 +174,11 @@ struct Status10 {
 #[derive(Deserialize)]
 struct Sns {
     #[serde(rename = "ENERGY")]
-    energy: Option<Energy>,
+    energy: Option<PlugEnergy>,
 }
 
 #[derive(Deserialize)]
-struct Energy {
+struct PlugEnergy {
     #[serde(rename = "Total")]
     total_kwh: f64,
     #[serde(rename = "Power")]
@@ -190,7 +190,7 @@ struct Energy {
 }
 
 /// `stat/<t>/STATUS10`: the energy monitor's values (the relay is filled in by the caller).
-pub fn status10(last: &str, payload: &[u8]) -> Option<Result<Reading, String>> {
+pub fn status10(last: &str, payload: &[u8]) -> Option<Result<PlugReading, String>> {
     if last != "STATUS10" {
         return None;
     }
@@ -202,7 +202,7 @@ pub fn status10(last: &str, payload: &[u8]) -> Option<Result<Reading, String>> {
             })
         })
         .and_then(|e| {
-            Ok(Reading {
+            Ok(PlugReading {
                 power_w: finite("Power", e.power_w)?,
                 relay_on: false,
                 temperature_c: None,

@@ -47,7 +47,7 @@ pub struct Config {
     pub max_ahead_ms: u64,
     /// Energy counters and marks; default `<data_dir>/rms-processor/<instance>/energy.json`.
     pub energy_file: Option<PathBuf>,
-    pub channels: Vec<ChannelConfig>,
+    pub channels: Vec<RmsChannelConfig>,
     /// Delivery of the measurements (`meas` stream).
     pub stream: StreamConfig,
     pub inbox: InboxConfig,
@@ -59,7 +59,7 @@ pub struct Config {
 /// voltage.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ChannelConfig {
+pub struct RmsChannelConfig {
     pub device: Segment,
     pub channel: Segment,
     /// Amps (or volts, for a voltage channel) per sample unit, applied after the producer's
@@ -120,7 +120,7 @@ impl Config {
         })
     }
 
-    pub fn channel(&self, device: &str, channel: &str) -> Option<&ChannelConfig> {
+    pub fn channel(&self, device: &str, channel: &str) -> Option<&RmsChannelConfig> {
         self.channels
             .iter()
             .find(|c| c.device.as_str() == device && c.channel.as_str() == channel)

@@ -212,7 +212,7 @@ pub fn energy_key(device: &str, channel: &str, basis: Basis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ChannelConfig;
+    use crate::config::RmsChannelConfig;
     use crate::window::Channel;
     use proto::Segment;
     use std::f64::consts::PI;
@@ -251,7 +251,7 @@ mod tests {
     #[test]
     fn a_ct_alone_gets_apparent_power_from_the_nominal_voltage_labelled_so() {
         let cfg = Config {
-            channels: vec![ChannelConfig {
+            channels: vec![RmsChannelConfig {
                 device: seg("prime-1"),
                 channel: seg("ct1"),
                 scale: 0.5,
@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn a_paired_voltage_gives_real_power_and_is_not_reported_twice() {
         let cfg = Config {
-            channels: vec![ChannelConfig {
+            channels: vec![RmsChannelConfig {
                 device: seg("d"),
                 channel: seg("ct1"),
                 scale: 1.0,
@@ -352,7 +352,7 @@ mod tests {
         // Samples whose calibrated value is not a finite number (f32 overflows).
         let huge = window("ct-2", vec![chan("ct1", "a", vec![3e38; 2000])]);
         let cfg_scaled = Config {
-            channels: vec![ChannelConfig {
+            channels: vec![RmsChannelConfig {
                 device: seg("ct-2"),
                 channel: seg("ct1"),
                 scale: 1e300,

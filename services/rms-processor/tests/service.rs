@@ -18,10 +18,10 @@ use runtime::delivery::{Producer, journal_dir};
 use runtime::shutdown::ShutdownTrigger;
 use tokio::task::JoinHandle;
 use wattbus_testkit::{
-    Broker, Role, Service, ServiceBuilder, Sink, Watch, counter, eventually, seg, site,
+    Role, ServiceBuilder, Sink, TestBroker, TestService, Watch, counter, eventually, seg, site,
 };
 
-use rms_processor::config::{ChannelConfig, Config};
+use rms_processor::config::{Config, RmsChannelConfig};
 
 const T0_US: i64 = 1_764_000_000_000_000;
 const RATE: f64 = 2000.0;
@@ -35,8 +35,8 @@ const SINK: &str = "test-sink";
 /// A broker of the test's own: the processor, the sink, and producers of frames: `frames`
 /// (the honest one), `forger` (another producer's frames for the same device), `bare` (frames
 /// without an origin) and `hand` (hand-made frames with one).
-async fn broker() -> Broker {
-    Broker::start(&[
+async fn broker() -> TestBroker {
+    TestBroker::start(&[
         (USER, Role::Processor),
         (SINK, Role::Sink),
         ("frames", Role::Producer),
@@ -142,7 +142,7 @@ fn ct_power(amps: f64) -> f64 {
 fn config_for(instance: &str, partition: &[&str], calibrated: &[&str]) -> Config {
     let mut channels = Vec::new();
     for d in calibrated {
-        channels.push(ChannelConfig {
+        channels.push(RmsChannelConfig {
             device: seg(d),
             channel: seg("ct1"),
             scale: 1.0,
@@ -150,7 +150,7 @@ fn config_for(instance: &str, partition: &[&str], calibrated: &[&str]) -> Config
             phase_shift: 0.0,
             nominal_voltage_v: None,
         });
-        channels.push(ChannelConfig {
+        channels.push(RmsChannelConfig {
             device: seg(d),
             channel: seg("ct2"),
             scale: 0.1, // 20 counts RMS → 2 A
@@ -192,7 +192,7 @@ async fn wait_for(cond: impl AsyncFnMut() -> bool) -> bool {
 /// A processor, which the test can stop or crash. A crash cuts its connection as a crash
 /// would (aborting `run_on` alone would leave it up).
 struct Running {
-    service: Service<rms_processor::Error>,
+    service: TestService<rms_processor::Error>,
     /// The output journal's lock file: free again once the processor's journal is closed.
     journal_lock: PathBuf,
 }
@@ -200,7 +200,7 @@ struct Running {
 impl Running {
     /// Start a processor and return once its subscriptions are confirmed by the broker, so
     /// that no frame sent after this is missed.
-    async fn start(broker: &Broker, site: &Segment, data_dir: &Path, cfg: Config) -> Running {
+    async fn start(broker: &TestBroker, site: &Segment, data_dir: &Path, cfg: Config) -> Running {
         let health = Health::default();
         // Registered before the processor runs, so readiness cannot be seen before it starts.
         health.check("rms-processor");
@@ -260,7 +260,7 @@ struct Frames {
 
 impl Frames {
     /// A producer of `user` (its client id), whose frames are its own.
-    async fn start(broker: &Broker, site: &Segment, dir: &Path, user: &str) -> Frames {
+    async fn start(broker: &TestBroker, site: &Segment, dir: &Path, user: &str) -> Frames {
         let (bus, bus_task) = broker.connect(site, user).await;
         let cfg = StreamConfig {
             journal: JournalKind::Memory,
@@ -317,7 +317,7 @@ impl Frames {
 type Seen = BTreeMap<(String, String, String, i64), Vec<BTreeMap<String, f64>>>;
 
 /// The sink group that stores the processor's readings and acknowledges them at once.
-async fn sink(broker: &Broker, site: &Segment) -> Sink<Measurement> {
+async fn sink(broker: &TestBroker, site: &Segment) -> Sink<Measurement> {
     Sink::start(broker, site, SINK, &Filter::measurements(Some(site), None)).await
 }
 

@@ -526,7 +526,7 @@ fn queue_registrations(inner: &Inner) {
         let bytes = match registration.encode() {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(group = %group, error = %e, "Cannot encode this sink group's registration; producers will not learn to wait for it.");
+                tracing::error!(group = %group, error = %crate::telemetry::chain(&e), "Cannot encode this sink group's registration; producers will not learn to wait for it.");
                 return false;
             }
         };
@@ -746,7 +746,9 @@ fn publish_health(
                 tracing::debug!("Could not queue the status with the service's health.");
             }
         }
-        Err(e) => tracing::debug!(error = %e, "Cannot encode the service's health."),
+        Err(e) => {
+            tracing::debug!(error = %crate::telemetry::chain(&e), "Cannot encode the service's health.")
+        }
     }
 }
 

@@ -153,6 +153,37 @@ pub fn resolve_secret(
     }
 }
 
+/// Serial parity, as a config file writes it (`none`, `even`, `odd`): serial-ingest's ports and
+/// modbus-ingest's RTU buses. (Modbus over Serial Line v1.02 §2.5.1 prescribes even parity;
+/// the ORNO WE-515 vendor PDF says 8N1 and mbmd's README 8E1, so it is a setting.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+impl Parity {
+    /// As written in the config file and on the command line.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Parity::None => "none",
+            Parity::Even => "even",
+            Parity::Odd => "odd",
+        }
+    }
+
+    /// The letter of the `8N1` notation.
+    pub const fn letter(self) -> char {
+        match self {
+            Parity::None => 'N',
+            Parity::Even => 'E',
+            Parity::Odd => 'O',
+        }
+    }
+}
+
 /// The variant an entry chose, as written: `protocol = "stream"` on `serial_ingest.ports[1]`.
 ///
 /// One policy for every service: a key that only another variant uses (`host` on an RTU bus,

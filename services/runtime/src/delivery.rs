@@ -281,7 +281,7 @@ impl Producer {
         // What the last run wrote and had not fsynced (it was killed) is counted as synced
         // below: make it so. A failure is logged; the records are still there to replay.
         if let Err(e) = journal.sync_newest() {
-            tracing::warn!(error = %e, "Cannot fsync the journal's newest segment at start; a power cut soon could take what the last run wrote.");
+            tracing::warn!(error = %crate::telemetry::chain(&e), "Cannot fsync the journal's newest segment at start; a power cut soon could take what the last run wrote.");
         }
         let first = journal.ranges().first().map(|r| r[0]);
         let mut tracker = AckTracker::new(
@@ -740,10 +740,10 @@ async fn drive(
                 };
                 if due_sync && let Err(e) = sync(&s).await {
                     // Logged by `sync`, once per episode.
-                    tracing::debug!(error = %e, "Journal fsync failed.");
+                    tracing::debug!(error = %crate::telemetry::chain(&e), "Journal fsync failed.");
                 }
                 if let Err(e) = replay_overdue(&s).await {
-                    tracing::warn!(error = %e, "Replay failed; will try again.");
+                    tracing::warn!(error = %crate::telemetry::chain(&e), "Replay failed; will try again.");
                 }
                 if s.learned_unsaved.load(Ordering::Relaxed) {
                     let learned = {
@@ -774,11 +774,11 @@ async fn drive(
         }
     }
     if let Err(e) = sync(&s).await {
-        tracing::error!(error = %e, "Final fsync of the journal failed.");
+        tracing::error!(error = %crate::telemetry::chain(&e), "Final fsync of the journal failed.");
     }
     // A clean stop: remember what is acknowledged, so the next start replays only the rest.
     if let Err(e) = s.state.lock().await.journal.save_acked() {
-        tracing::warn!(error = %e, "Cannot save the acknowledged point; the next start replays more than needed.");
+        tracing::warn!(error = %crate::telemetry::chain(&e), "Cannot save the acknowledged point; the next start replays more than needed.");
     }
 }
 
@@ -807,7 +807,7 @@ async fn on_ack(s: &Shared, msg: &Message, malformed: &Counter, limit: &LogLimit
         Ok(a) => a,
         Err(e) => {
             malformed.inc();
-            tracing::debug!(topic = msg.topic, error = %e, "Malformed acknowledgement ignored.");
+            tracing::debug!(topic = msg.topic, error = %crate::telemetry::chain(&e), "Malformed acknowledgement ignored.");
             return;
         }
     };
@@ -875,7 +875,7 @@ fn trim(s: &Shared, st: &mut State) {
         return;
     };
     if let Err(e) = st.journal.trim_through(point) {
-        tracing::error!(error = %e, "Cannot trim the journal.");
+        tracing::error!(error = %crate::telemetry::chain(&e), "Cannot trim the journal.");
     }
     st.handed.forget_through(point);
     // What every group has stored is as durable as an fsync would make it: a processor
@@ -1281,7 +1281,7 @@ impl<T: Sequenced> Inbox<T> {
             match written {
                 Ok(Ok(())) => kept = true,
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "Cannot write the dead-letter file; the message is not acknowledged, and its producer will send it again.");
+                    tracing::error!(error = %crate::telemetry::chain(&e), "Cannot write the dead-letter file; the message is not acknowledged, and its producer will send it again.");
                 }
                 Err(e) => std::panic::resume_unwind(e.into_panic()),
             }
@@ -1293,7 +1293,9 @@ impl<T: Sequenced> Inbox<T> {
             // message is not acknowledged.
             Ok(()) if self.dead_letter_file.is_none() => kept = true,
             Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "Could not publish a dead letter."),
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::chain(&e), "Could not publish a dead letter.")
+            }
         }
         if kept && let Some(t) = token {
             self.acker.ack(t);
@@ -1359,7 +1361,7 @@ async fn flush_acks(
                 };
                 if let Err(e) = bus.send(&topic, &ack, false).await {
                     // A lost acknowledgement costs a replay, never a reading.
-                    tracing::debug!(error = %e, "Could not publish an acknowledgement.");
+                    tracing::debug!(error = %crate::telemetry::chain(&e), "Could not publish an acknowledgement.");
                 }
             }
         }

@@ -79,7 +79,7 @@ pub async fn serve(
     // descriptors, which the service needs for its journal and its devices.
     let live = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS));
     let task = tokio::spawn(async move {
-        let mut last_warn: Option<tokio::time::Instant> = None;
+        let accept_failed = crate::telemetry::LogLimit::new(Duration::from_secs(60));
         loop {
             tokio::select! {
                 () = shutdown.wait() => break,
@@ -93,16 +93,15 @@ pub async fn serve(
                         // Each request is answered or times out within 5 s; nothing to join.
                         tokio::spawn(async move {
                             if let Err(e) = answer(stream, &health).await {
-                                tracing::debug!(error = %e, "Health request failed.");
+                                tracing::debug!(error = %crate::telemetry::chain(&e), "Health request failed.");
                             }
                             drop(permit);
                         });
                     }
                     Err(e) => {
                         // Out of file descriptors, typically: at most one line a minute.
-                        if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                            tracing::warn!(error = %e, "Health endpoint cannot accept connections.");
-                            last_warn = Some(tokio::time::Instant::now());
+                        if let Some(skipped) = accept_failed.allow() {
+                            tracing::warn!(error = %crate::telemetry::chain(&e), skipped, "Health endpoint cannot accept connections.");
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

@@ -472,10 +472,11 @@ fn remove_leftovers(dir: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// The wall clock in µs (proto's clock, at its ms resolution).
 fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    u64::try_from(proto::now_ms())
+        .unwrap_or(0)
+        .saturating_mul(1000)
 }
 
 impl Journal {

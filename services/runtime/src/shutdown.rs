@@ -77,7 +77,7 @@ async fn wait_for_signal() -> &'static str {
             _ = int.recv() => "SIGINT",
         },
         (Err(e), _) | (_, Err(e)) => {
-            tracing::error!(error = %e, "Cannot install signal handlers; only Ctrl-C will stop this process.");
+            tracing::error!(error = %crate::telemetry::chain(&e), "Cannot install signal handlers; only Ctrl-C will stop this process.");
             let _ctrl_c = tokio::signal::ctrl_c().await;
             "SIGINT"
         }

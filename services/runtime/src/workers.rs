@@ -81,7 +81,7 @@ impl Workers {
         match ended {
             Err(e) if e.is_cancelled() => {}
             Err(e) => {
-                tracing::error!(worker = kind, name = %name, error = %e, "A {kind} task ended abnormally; its readings have stopped.");
+                tracing::error!(worker = kind, name = %name, error = %crate::telemetry::chain(&e), "A {kind} task ended abnormally; its readings have stopped.");
             }
             Ok(_) if early => {
                 tracing::error!(worker = kind, name = %name, "A {kind} task ended before shutdown; its readings have stopped.");

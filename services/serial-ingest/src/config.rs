@@ -92,13 +92,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Parity {
-    None,
-    Odd,
-    Even,
-}
+pub use runtime::config::Parity;
 
 /// Unit of a stream channel's samples once multiplied by `scale`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -2,7 +2,7 @@
 //!
 //! Each test makes PTY pairs with socat (`dev` is the service's end, `sim` the device's) and
 //! plays the Arduino on the `sim` end, byte for byte as docs/serial-protocols.md says. The
-//! broker is wattbus's own, started in the test (wattbus-testkit's `Broker`): serial-ingest
+//! broker is wattbus's own, started in the test (wattbus-testkit's `TestBroker`): serial-ingest
 //! logs in as the producer it is in a deployment, and the test watches as a reader.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,15 +14,21 @@ use std::time::{Duration, Instant};
 use proto::{Filter, Measurement, Quality, RawFrame, Segment};
 use runtime::ConfigSource;
 
-use wattbus_testkit::{Broker, Role, Service, ServiceBuilder, Socat, Watch, eventually, site};
+use wattbus_testkit::{
+    Role, ServiceBuilder, Socat, TestBroker, TestService, Watch, eventually, site,
+};
 
 /// A broker of the test's own, with serial-ingest's user as a deployment has it.
-async fn broker() -> Broker {
-    Broker::start(&[("serial-ingest", Role::Producer)]).await
+async fn broker() -> TestBroker {
+    TestBroker::start(&[("serial-ingest", Role::Producer)]).await
 }
 
 /// serial-ingest with the `[serial_ingest]` section `toml_text`, logged in as its own user.
-async fn start(broker: &Broker, site: &Segment, toml_text: &str) -> Service<serial_ingest::Error> {
+async fn start(
+    broker: &TestBroker,
+    site: &Segment,
+    toml_text: &str,
+) -> TestService<serial_ingest::Error> {
     let plan = ConfigSource::from_parts(None, Some(toml_text))
         .unwrap()
         .resolve::<serial_ingest::SerialIngest>()
@@ -36,7 +42,7 @@ async fn start(broker: &Broker, site: &Segment, toml_text: &str) -> Service<seri
     .await
 }
 
-async fn measurements(broker: &Broker, site: &Segment) -> Watch<Measurement> {
+async fn measurements(broker: &TestBroker, site: &Segment) -> Watch<Measurement> {
     Watch::new(broker, site, &Filter::measurements(Some(site), None)).await
 }
 

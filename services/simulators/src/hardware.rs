@@ -275,7 +275,7 @@ pub async fn start(
                 pace: Some(LineTiming::RS485_9600_8E1),
             };
             if let Err(e) = serve_rtu_over_tcp(gateway, options, bus, shutdown).await {
-                tracing::error!(error = %e, "The simulated RS485 gateway stopped accepting connections.");
+                tracing::error!(error = %runtime::telemetry::chain(&e), "The simulated RS485 gateway stopped accepting connections.");
             }
         });
     }
@@ -307,7 +307,7 @@ async fn keep_registers(
             Ok(()) => cover_failed = false,
             Err(e) if !cover_failed => {
                 cover_failed = true;
-                tracing::warn!(error = %e, "Cannot save the simulated meters' energy registers: after a crash they may restart below the last reading.");
+                tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot save the simulated meters' energy registers: after a crash they may restart below the last reading.");
             }
             Err(_) => {}
         }
@@ -323,7 +323,7 @@ async fn keep_registers(
         })
         .collect();
     if let Err(e) = registers.save_exact(exact) {
-        tracing::warn!(error = %e, "Cannot save the simulated meters' energy registers at stop.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot save the simulated meters' energy registers at stop.");
     }
 }
 
@@ -418,9 +418,9 @@ async fn serve_device(name: &'static str, index: usize, listener: TcpListener, s
             }
             Err(e) => {
                 if failing == 0 {
-                    tracing::warn!(device = name, error = %e, "Cannot accept a connection to a simulated device; trying again.");
+                    tracing::warn!(device = name, error = %runtime::telemetry::chain(&e), "Cannot accept a connection to a simulated device; trying again.");
                 } else {
-                    tracing::debug!(device = name, error = %e, failing, "Still cannot accept a connection.");
+                    tracing::debug!(device = name, error = %runtime::telemetry::chain(&e), failing, "Still cannot accept a connection.");
                 }
                 failing += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -447,19 +447,25 @@ async fn run_device(index: usize, stream: TcpStream, shutdown: Shutdown) {
     let result: Result<(), DriverError> = match index {
         0..=2 => match ct_sensors(now).map(|mut v| v.swap_remove(index)) {
             Ok(model) => run_prime(model, stream, shutdown).await,
-            Err(e) => return tracing::error!(error = %e, "Built-in CT sensor is invalid."),
+            Err(e) => {
+                return tracing::error!(error = %runtime::telemetry::chain(&e), "Built-in CT sensor is invalid.");
+            }
         },
         3 => match powmon() {
             Ok(model) => run_powmon(model, stream, shutdown).await,
-            Err(e) => return tracing::error!(error = %e, "Built-in PowMon is invalid."),
+            Err(e) => {
+                return tracing::error!(error = %runtime::telemetry::chain(&e), "Built-in PowMon is invalid.");
+            }
         },
         _ => match fridge_monitor() {
             Ok(model) => run_sensor(model, FRIDGE_MONITOR_INTERVAL, stream, shutdown).await,
-            Err(e) => return tracing::error!(error = %e, "Built-in fridge monitor is invalid."),
+            Err(e) => {
+                return tracing::error!(error = %runtime::telemetry::chain(&e), "Built-in fridge monitor is invalid.");
+            }
         },
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "A host closed a simulated device.");
+        tracing::debug!(error = %runtime::telemetry::chain(&e), "A host closed a simulated device.");
     }
 }
 

@@ -3,7 +3,7 @@
 
 /// One reading.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Reading {
+pub struct HouseholdReading {
     pub power_w: f64,
     pub voltage_v: f64,
     pub current_a: f64,
@@ -59,7 +59,7 @@ impl Household {
     }
 
     /// Advance to `now_ms` and read.
-    pub fn step(&mut self, now_ms: i64) -> Reading {
+    pub fn step(&mut self, now_ms: i64) -> HouseholdReading {
         let dt_ms = self.last_ms.map_or(0, |l| (now_ms - l).clamp(0, 3_600_000));
         self.last_ms = Some(now_ms);
         // Base load with a slow daily-ish swell, the fridge compressor on ~40% of a 20 min
@@ -77,7 +77,7 @@ impl Household {
             (self.voltage_v + (self.rand() - 0.5) * 0.6).clamp(225.0, 236.0) - kettle * 0.0005;
         let frequency_hz = 50.0 + (self.rand() - 0.5) * 0.04;
         self.energy_wh += power_w * dt_ms as f64 / 3_600_000.0;
-        Reading {
+        HouseholdReading {
             power_w: round(power_w, 1),
             voltage_v: round(self.voltage_v, 1),
             current_a: round(power_w / self.voltage_v, 3),

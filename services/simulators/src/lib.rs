@@ -32,7 +32,7 @@ pub mod serial;
 pub mod tasmota;
 
 pub use config::{Config, Plan};
-pub use household::{Household, Reading};
+pub use household::{Household, HouseholdReading};
 pub use register::{RegisterError, Registers};
 
 use std::time::Duration;
@@ -141,12 +141,12 @@ pub async fn run(plan: Plan, ctx: Context) -> Result<(), Error> {
         .await;
     bus_ended.fire();
     if let Err(e) = forward.await {
-        tracing::warn!(error = %e, "The simulated hardware's stop signal ended abnormally.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "The simulated hardware's stop signal ended abnormally.");
     }
     if let Some(h) = hardware
         && let Err(e) = h.await
     {
-        tracing::warn!(error = %e, "The simulated hardware ended abnormally.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "The simulated hardware ended abnormally.");
     }
     result
 }
@@ -208,7 +208,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
                 Ok(()) => register_failed = false,
                 Err(e) if !register_failed => {
                     register_failed = true;
-                    tracing::warn!(error = %e, "Cannot save the simulated energy registers: after a crash they may restart below the last reading.");
+                    tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot save the simulated energy registers: after a crash they may restart below the last reading.");
                 }
                 Err(_) => {}
             }
@@ -238,10 +238,10 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         .iter_mut()
         .map(|(id, house)| (id.device.to_string(), house.energy_wh()));
     if let Err(e) = registers.save_exact(exact) {
-        tracing::warn!(error = %e, "Cannot save the simulated energy registers at stop.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot save the simulated energy registers at stop.");
     }
     if let Err(e) = producer_task.await {
-        tracing::warn!(error = %e, "Producer task ended abnormally.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "Producer task ended abnormally.");
     }
     Ok(())
 }

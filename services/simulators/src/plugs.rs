@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlugKind {
+pub enum Vendor {
     Mystrom,
     Shelly,
 }
@@ -73,13 +73,13 @@ impl State {
 /// A simulated plug, serving until dropped.
 #[derive(Debug, Clone)]
 pub struct SimPlug {
-    kind: PlugKind,
+    kind: Vendor,
     token: Option<String>,
     state: Arc<Mutex<State>>,
 }
 
 impl SimPlug {
-    pub fn new(kind: PlugKind, load_w: f64, token: Option<String>) -> Self {
+    pub fn new(kind: Vendor, load_w: f64, token: Option<String>) -> Self {
         let now = Instant::now();
         Self {
             kind,
@@ -161,8 +161,8 @@ impl SimPlug {
     /// The plug's own counter in Wh: since boot (myStrom) or its total (Shelly).
     pub fn counter_wh(&self) -> f64 {
         self.with(|s| match self.kind {
-            PlugKind::Mystrom => s.since_boot_ws / 3600.0,
-            PlugKind::Shelly => s.total_wh,
+            Vendor::Mystrom => s.since_boot_ws / 3600.0,
+            Vendor::Shelly => s.total_wh,
         })
     }
 
@@ -214,7 +214,7 @@ impl SimPlug {
         }
         let head = String::from_utf8_lossy(&buf).into_owned();
         let (status, body) = self.route(&head);
-        let challenge = if status.starts_with("401") && self.kind == PlugKind::Shelly {
+        let challenge = if status.starts_with("401") && self.kind == Vendor::Shelly {
             format!(
                 "WWW-Authenticate: Digest qop=\"auth\", realm=\"{SHELLY_REALM}\", nonce=\"{}\", algorithm=SHA-256\r\n",
                 self.with(|s| s.nonce)
@@ -263,13 +263,13 @@ impl SimPlug {
             }
         });
         match self.kind {
-            PlugKind::Mystrom => {
+            Vendor::Mystrom => {
                 if self.token.is_some() && token != self.token {
                     return ("401 Unauthorized", "{}".into());
                 }
                 self.mystrom(path, &param)
             }
-            PlugKind::Shelly => {
+            Vendor::Shelly => {
                 if let Some(password) = &self.token {
                     let nonce = self.with(|s| s.nonce);
                     let given = header("authorization").unwrap_or_default();
@@ -411,12 +411,12 @@ mod tests {
 
     #[test]
     fn a_reboot_starts_the_since_boot_counter_again_and_a_shelly_keeps_its_total() {
-        let m = SimPlug::new(PlugKind::Mystrom, 3_600_000.0, None);
+        let m = SimPlug::new(Vendor::Mystrom, 3_600_000.0, None);
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(m.counter_wh() > 0.0);
         m.reboot();
         assert!(m.counter_wh() < 1.0 * 3600.0 * 0.01 + 50.0);
-        let s = SimPlug::new(PlugKind::Shelly, 3_600_000.0, None);
+        let s = SimPlug::new(Vendor::Shelly, 3_600_000.0, None);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let before = s.counter_wh();
         s.reboot();
@@ -428,7 +428,7 @@ mod tests {
 
     #[test]
     fn answers_as_the_vendors_document() {
-        let m = SimPlug::new(PlugKind::Mystrom, 100.0, Some("sekret".into()));
+        let m = SimPlug::new(Vendor::Mystrom, 100.0, Some("sekret".into()));
         assert_eq!(
             m.route("GET /report HTTP/1.1\r\n\r\n").0,
             "401 Unauthorized"
@@ -442,7 +442,7 @@ mod tests {
             "200 OK"
         );
         assert!(!m.relay_on());
-        let s = SimPlug::new(PlugKind::Shelly, 100.0, None);
+        let s = SimPlug::new(Vendor::Shelly, 100.0, None);
         let (_, body) = s.route("GET /rpc/Switch.Set?id=0&on=false HTTP/1.1\r\n\r\n");
         assert_eq!(body, r#"{"was_on":true}"#);
         let (_, body) = s.route("GET /rpc/Switch.GetStatus?id=0 HTTP/1.1\r\n\r\n");

@@ -18,14 +18,14 @@ use backup_rotator::manifest::{self, Manifest, SetRef};
 use backup_rotator::restore::{self, LineSink, Range};
 use backup_rotator::store::Store;
 use influx_client::query::{Auth, Connection, ident};
-use influx_writer::config::{Api, InfluxConfig, Target};
-use influx_writer::http::{Client, WriteOutcome};
+use influx_writer::config::{InfluxConfig, InfluxTarget, WriteApi};
+use influx_writer::http::{WriteClient, WriteOutcome};
 use influx_writer::line_protocol::Precision;
 use runtime::backoff::{Backoff, Retries};
 use runtime::{ConfigError, ConfigSource, Secret};
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub enum BackupCommand {
     /// The good sets, oldest first: kind, window, points, size, age.
     List(Where),
     /// Download every part of every set (or of one) and check its size, SHA-256 and gzip; exit
@@ -98,12 +98,12 @@ pub struct RestoreOptions {
     dry_run: bool,
 }
 
-pub async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(command: BackupCommand) -> anyhow::Result<()> {
     match command {
-        Command::List(w) => list(w).await,
-        Command::Verify { place, set } => verify(place, set).await,
-        Command::Restore(o) => restore_cmd(o).await,
-        Command::Fetch { place, set, dir } => fetch(place, set, dir).await,
+        BackupCommand::List(w) => list(w).await,
+        BackupCommand::Verify { place, set } => verify(place, set).await,
+        BackupCommand::Restore(o) => restore_cmd(o).await,
+        BackupCommand::Fetch { place, set, dir } => fetch(place, set, dir).await,
     }
 }
 
@@ -437,17 +437,17 @@ struct Writer {
     url: String,
     database: String,
     auth: Option<Secret>,
-    clients: HashMap<String, Client>,
+    clients: HashMap<String, WriteClient>,
     written: u64,
     refused: Vec<String>,
 }
 
 impl Writer {
-    fn client(&mut self, rp: &str) -> Result<&Client, String> {
+    fn client(&mut self, rp: &str) -> Result<&WriteClient, String> {
         if !self.clients.contains_key(rp) {
             let cfg = InfluxConfig {
                 url: self.url.clone(),
-                api: Api::V1,
+                api: WriteApi::V1,
                 database: Some(self.database.clone()),
                 retention_policy: Some(rp.to_string()),
                 precision: Precision::Ns,
@@ -455,12 +455,12 @@ impl Writer {
                 timeout_ms: 60_000,
                 ..InfluxConfig::default()
             };
-            let target = Target {
+            let target = InfluxTarget {
                 cfg,
                 auth: self.auth.clone(),
                 retry: Backoff::constant(Duration::from_millis(500), Duration::from_secs(30)),
             };
-            let c = Client::new(&target).map_err(|e| e.to_string())?;
+            let c = WriteClient::new(&target).map_err(|e| e.to_string())?;
             self.clients.insert(rp.to_string(), c);
         }
         self.clients.get(rp).ok_or_else(|| "no client".to_string())
@@ -559,7 +559,10 @@ async fn restore_cmd(o: RestoreOptions) -> anyhow::Result<()> {
             store.describe()
         );
     };
-    let links: Vec<manifest::Link> = chain.iter().map(|m| manifest::Link::from(*m)).collect();
+    let links: Vec<manifest::ChainLink> = chain
+        .iter()
+        .map(|m| manifest::ChainLink::from(*m))
+        .collect();
     if let Err(gap) = manifest::check_chain(&links) {
         bail!(
             "cannot restore as of {}: {gap}. Nothing was written; restore an earlier set with --set (`wattbus backup list`)",

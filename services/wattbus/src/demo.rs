@@ -39,7 +39,7 @@ use runtime::delivery::Inbox;
 use runtime::{Common, Context, Health, Secret};
 
 #[derive(clap::Args, Debug)]
-pub struct Options {
+pub struct DemoOptions {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     duration_s: Option<u64>,
@@ -77,20 +77,20 @@ pub struct Options {
 }
 
 /// The writer's configuration from the demo's flags.
-fn writer_config(opts: &Options) -> anyhow::Result<influx_writer::Plan> {
-    use influx_writer::config::{Api, FilesConfig, InfluxConfig};
+fn writer_config(opts: &DemoOptions) -> anyhow::Result<influx_writer::Plan> {
+    use influx_writer::config::{FilesConfig, InfluxConfig, WriteApi};
     let influx = match &opts.influx_url {
         None => None,
         Some(url) => Some(match (&opts.influx_database, &opts.influx_bucket) {
             (Some(db), None) => InfluxConfig {
                 url: url.clone(),
-                api: Api::V1,
+                api: WriteApi::V1,
                 database: Some(db.clone()),
                 ..InfluxConfig::default()
             },
             (None, Some(bucket)) => InfluxConfig {
                 url: url.clone(),
-                api: Api::V2,
+                api: WriteApi::V2,
                 org: Some(opts.influx_org.clone().unwrap_or_else(|| "wattbus".into())),
                 bucket: Some(bucket.clone()),
                 token: std::env::var("INFLUX_TOKEN").ok().map(Secret::new),
@@ -163,7 +163,7 @@ impl Services {
     }
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     runtime::telemetry::init_logging(&runtime::config::LogConfig {
         level: "warn,rumqttd=off".into(),
         ..Default::default()
@@ -267,11 +267,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Not subscribed within 10 s: the first readings are replayed later, nothing worse.
     let _in_time = tokio::time::timeout(Duration::from_secs(10), subscribed).await;
     let sinks = vec![Segment::new(CONSOLE)?, writer_cfg.group.clone()];
-    let writer_task = tokio::spawn(influx_writer::run(
+    // Through `runtime::service::run`, as `wattbus run` does: core metrics and `wattbus_up`.
+    let writer_task = tokio::spawn(runtime::service::run::<influx_writer::InfluxWriter>(
         writer_cfg.clone(),
         services.ctx(writer_cfg.group.as_str())?,
     ));
-    let sim_task = tokio::spawn(simulators::run(
+    let sim_task = tokio::spawn(runtime::service::run::<simulators::Simulator>(
         sim_cfg.resolve("demo")?,
         services.ctx("simulator")?,
     ));
@@ -316,7 +317,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         println!("Readings files: {}/", opts.readings_dir.display());
     }
     if temporary && let Err(e) = std::fs::remove_dir_all(&data_dir) {
-        tracing::warn!(dir = %data_dir.display(), error = %e, "Cannot remove the demo's temporary directory.");
+        tracing::warn!(dir = %data_dir.display(), error = %runtime::telemetry::chain(&e), "Cannot remove the demo's temporary directory.");
     }
     Ok(())
 }
@@ -328,7 +329,7 @@ mod plugs {
     use anyhow::Context as _;
     use proto::Segment;
     use runtime::config::StreamConfig;
-    use simulators::plugs::{PlugKind, SimPlug};
+    use simulators::plugs::{SimPlug, Vendor};
     use simulators::tasmota::SimTasmota;
     use tokio::task::JoinHandle;
 
@@ -359,7 +360,7 @@ mod plugs {
         let mut urls = Vec::new();
         let mut servers = Vec::new();
         // A kettle now and then would be noisier; a lamp and a fridge-sized load.
-        for (kind, load_w) in [(PlugKind::Mystrom, 60.0), (PlugKind::Shelly, 120.0)] {
+        for (kind, load_w) in [(Vendor::Mystrom, 60.0), (Vendor::Shelly, 120.0)] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             urls.push(format!("http://{}", listener.local_addr()?));
             servers.push(tokio::spawn(
@@ -393,7 +394,10 @@ mod plugs {
             ack_timeout_ms: 3000,
             ..StreamConfig::default()
         };
-        let bridge = tokio::spawn(plug_bridge::run(plan, services.ctx("plug-bridge")?));
+        let bridge = tokio::spawn(runtime::service::run::<plug_bridge::PlugBridge>(
+            plan,
+            services.ctx("plug-bridge")?,
+        ));
         Ok(Running {
             mystrom_url: urls[0].clone(),
             shelly_url: urls[1].clone(),
@@ -445,7 +449,7 @@ mod serial {
             for d in self.devices {
                 // A device whose host went away first ends with `Gone`: not a demo failure.
                 if let Ok(Err(e)) = d.await {
-                    tracing::debug!(error = %e, "Simulated device ended.");
+                    tracing::debug!(error = %runtime::telemetry::chain(&e), "Simulated device ended.");
                 }
             }
             result
@@ -680,7 +684,7 @@ async fn console(
     drop(inbox);
     drop(acker);
     if let Err(e) = ack_task.await {
-        tracing::warn!(error = %e, "The console's acknowledgement task ended abnormally.");
+        tracing::warn!(error = %runtime::telemetry::chain(&e), "The console's acknowledgement task ended abnormally.");
     }
     bus.close(bus_task).await;
     for ((producer, stream), seqs) in &stored.streams {

@@ -14,7 +14,7 @@ use rms_processor::energy::Energy;
 use runtime::{ConfigError, ConfigSource};
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub enum EnergyCommand {
     /// Print every channel's counters.
     Show {
         /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
@@ -49,9 +49,9 @@ pub enum Command {
     },
 }
 
-pub fn run(command: Command) -> anyhow::Result<()> {
+pub fn run(command: EnergyCommand) -> anyhow::Result<()> {
     match command {
-        Command::Plugs { config } => {
+        EnergyCommand::Plugs { config } => {
             let energy = open_plugs(config)?;
             println!("{}", energy.path().display());
             for (plug, c) in energy.counters() {
@@ -65,7 +65,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::ResetPlug { plug, config, yes } => {
+        EnergyCommand::ResetPlug { plug, config, yes } => {
             let mut energy = open_plugs(config)?;
             let Some(before) = energy.counter(&plug).cloned() else {
                 let known: Vec<&str> = energy.counters().map(|(k, _)| k).collect();
@@ -89,7 +89,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Show { config } => {
+        EnergyCommand::Show { config } => {
             let energy = open(config)?;
             println!("{}", energy.path().display());
             for (channel, c) in energy.channels() {
@@ -103,7 +103,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Reset {
+        EnergyCommand::Reset {
             channel,
             config,
             yes,
@@ -169,7 +169,7 @@ fn unknown(what: &str, name: &str, path: &std::path::Path, known: &[&str]) -> an
 
 /// plug-bridge's energy file, locked (refused while plug-bridge runs: it holds the lock, and
 /// would overwrite a reset at its next save).
-fn open_plugs(config: Option<PathBuf>) -> anyhow::Result<plug_bridge::energy::Energy> {
+fn open_plugs(config: Option<PathBuf>) -> anyhow::Result<plug_bridge::energy::PlugEnergy> {
     let src = ConfigSource::load(crate::services::config_path(config).as_deref())?;
     let common = src.common()?;
     let plan = src.resolve::<plug_bridge::PlugBridge>()?;
@@ -180,7 +180,7 @@ fn open_plugs(config: Option<PathBuf>) -> anyhow::Result<plug_bridge::energy::En
             path.display()
         );
     }
-    plug_bridge::energy::Energy::load(&path).context("cannot open the plug energy counters")
+    plug_bridge::energy::PlugEnergy::load(&path).context("cannot open the plug energy counters")
 }
 
 /// Asks the person at the terminal to type `yes` before `doing` (e.g. "resetting").

@@ -19,7 +19,7 @@ use runtime::health::Probe;
 use crate::services::{config_paths, find};
 
 #[derive(clap::Args, Debug)]
-pub struct Options {
+pub struct HealthOptions {
     /// The service whose endpoint to ask (as for `wattbus run`) [default: the one process 1
     /// runs, in a container started as `wattbus run <service>`].
     service: Option<String>,
@@ -39,7 +39,7 @@ pub struct Options {
     timeout_ms: u64,
 }
 
-pub fn run(opts: Options) -> anyhow::Result<()> {
+pub fn run(opts: HealthOptions) -> anyhow::Result<()> {
     let (name, config) = match opts.service {
         Some(name) => (name, opts.config),
         None => {

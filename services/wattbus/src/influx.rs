@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use runtime::ConfigError;
+use runtime::backoff::{Backoff, Retries};
 
 /// The continuous query this version keeps; every version's is `wattbus_1m_v<digits>`.
 pub const CQ_NAME: &str = "wattbus_1m_v2";
@@ -36,7 +37,7 @@ pub const LATE_HOURS: u64 = 6;
 pub const MINUTES_RP: &str = "minutes";
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub enum InfluxCommand {
     /// Create or update retention and downsampling (InfluxDB 1.x; needs an admin when
     /// authentication is on). Idempotent: run it at every start.
     Setup(SetupOptions),
@@ -48,7 +49,7 @@ pub enum Command {
 
 /// Which InfluxDB and database, and as whom: the options every `wattbus influx` command takes.
 #[derive(clap::Args, Debug)]
-pub struct Target {
+pub struct InfluxTargetArgs {
     /// InfluxDB's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8086")]
     pub url: String,
@@ -66,7 +67,7 @@ pub struct Target {
 #[derive(clap::Args, Debug)]
 pub struct BackfillOptions {
     #[command(flatten)]
-    pub target: Target,
+    pub target: InfluxTargetArgs,
     /// From how long ago: a number with h, d or w (`3d`).
     #[arg(long)]
     pub since: String,
@@ -78,7 +79,7 @@ pub struct BackfillOptions {
 #[derive(clap::Args, Debug)]
 pub struct SetupOptions {
     #[command(flatten)]
-    pub target: Target,
+    pub target: InfluxTargetArgs,
     /// How long raw readings are kept: a number with h, d or w (`30d`, `720h`), or `inf`.
     #[arg(long, default_value = "30d")]
     pub raw_retention: String,
@@ -95,10 +96,10 @@ pub struct SetupOptions {
     pub wait_s: u64,
 }
 
-pub async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(command: InfluxCommand) -> anyhow::Result<()> {
     match command {
-        Command::Setup(o) => setup(o).await,
-        Command::Backfill(o) => backfill(o).await,
+        InfluxCommand::Setup(o) => setup(o).await,
+        InfluxCommand::Backfill(o) => backfill(o).await,
     }
 }
 
@@ -170,19 +171,15 @@ fn shown(hours: Option<u64>) -> String {
 }
 
 /// One row of `SHOW RETENTION POLICIES`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Policy {
-    pub name: String,
-    /// As InfluxDB shows it: `720h0m0s`, `0s` for ever.
-    pub duration: String,
-    pub shard: String,
-    pub default: bool,
-}
+/// Asking whether InfluxDB is up: 250 ms doubling to 5 s.
+const PING_BACKOFF: Backoff = Backoff::constant(Duration::from_millis(250), Duration::from_secs(5));
+
+pub use influx_client::query::RetentionPolicy;
 
 /// What is there already.
 #[derive(Debug, Default)]
 pub struct Existing {
-    pub policies: Vec<Policy>,
+    pub policies: Vec<RetentionPolicy>,
     /// This database's continuous query names.
     pub queries: Vec<String>,
     /// Start times (Unix s) of the shards of each policy: what a shorter retention would
@@ -249,7 +246,7 @@ pub fn statements(
             raw.literal,
             shard_hours(raw)
         )),
-        Some(p) if p.duration == duration && p.shard == shard => {}
+        Some(p) if p.duration == duration && p.shard_duration == shard => {}
         Some(p) => {
             let shorter = match (secs(&p.duration), raw.hours) {
                 (None, _) => false,
@@ -332,9 +329,9 @@ fn check_database(db: &str) -> Result<(), ConfigError> {
 }
 
 /// A client for `target`'s InfluxDB, as its user; its database name checked.
-fn connect(target: &Target) -> anyhow::Result<Influx> {
+fn connect(target: &InfluxTargetArgs) -> anyhow::Result<Influx> {
     check_database(&target.database)?;
-    let Target {
+    let InfluxTargetArgs {
         url,
         username,
         password_file,
@@ -404,9 +401,7 @@ async fn setup(o: SetupOptions) -> anyhow::Result<()> {
         shard_starts: influx.shard_starts(db).await?,
     };
     let downsample = !o.no_downsample;
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now_s = proto::now_ms() / 1000;
     let (todo, refused) = match statements(db, &raw, downsample, o.shorten, &existing, now_s) {
         Ok(todo) => (todo, None),
         // Shortening is refused: everything else (the aggregates) is still set up, with
@@ -516,9 +511,7 @@ async fn backfill(o: BackfillOptions) -> anyhow::Result<()> {
         .iter()
         .find(|p| p.default)
         .map_or("autogen", |p| p.name.as_str());
-    let now_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
+    let now_s = proto::now_ms() / 1000;
     let hours_s = |h: u64| i64::try_from(h * 3600).unwrap_or(i64::MAX);
     let todo = backfill_statements(
         db,
@@ -555,7 +548,7 @@ impl Influx {
     /// Until `/ping` answers (InfluxDB starting beside this), at most `wait`.
     async fn wait_up(&self, wait: Duration) -> anyhow::Result<()> {
         let start = Instant::now();
-        let mut delay = Duration::from_millis(250);
+        let mut retries = Retries::new(PING_BACKOFF);
         loop {
             let last = match self.http.get(self.url("/ping")).send().await {
                 Ok(r) if r.status().is_success() => return Ok(()),
@@ -569,8 +562,7 @@ impl Influx {
                     wait.as_secs()
                 );
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(retries.failed_exactly()).await;
         }
     }
 
@@ -610,33 +602,22 @@ impl Influx {
         Ok(v)
     }
 
-    /// `db`'s retention policies, by column name (their order differs between versions).
-    async fn policies(&self, db: &str) -> anyhow::Result<Vec<Policy>> {
+    /// `db`'s retention policies.
+    async fn policies(&self, db: &str) -> anyhow::Result<Vec<RetentionPolicy>> {
         let v = self
             .query(&format!("SHOW RETENTION POLICIES ON {}", quote(db)))
             .await?;
-        let series = &v["results"][0]["series"][0];
-        let col = |name: &str| {
-            series["columns"]
-                .as_array()
-                .and_then(|c| c.iter().position(|c| c == name))
+        let series: Vec<influx_client::query::Series> = match v["results"][0].get("series") {
+            None => Vec::new(),
+            Some(s) => serde_json::from_value(s.clone()).with_context(|| {
+                format!("InfluxDB's answer to SHOW RETENTION POLICIES is not a list of series: {s}")
+            })?,
         };
-        let (Some(n), Some(d), Some(s), Some(def)) = (
-            col("name"),
-            col("duration"),
-            col("shardGroupDuration"),
-            col("default"),
-        ) else {
-            bail!("InfluxDB's answer to SHOW RETENTION POLICIES lacks a column: {series}");
-        };
-        Ok(rows(series)
-            .map(|r| Policy {
-                name: r[n].as_str().unwrap_or_default().to_string(),
-                duration: r[d].as_str().unwrap_or_default().to_string(),
-                shard: r[s].as_str().unwrap_or_default().to_string(),
-                default: r[def].as_bool().unwrap_or(false),
-            })
-            .collect())
+        let policies = influx_client::query::retention_policies(&series);
+        if policies.is_empty() && !series.is_empty() {
+            bail!("InfluxDB's answer to SHOW RETENTION POLICIES lacks a column: {series:?}");
+        }
+        Ok(policies)
     }
 
     /// (retention policy, start in Unix s) of `db`'s shards.
@@ -725,11 +706,11 @@ mod tests {
         assert!(parse_retention("30x").unwrap_err().contains("h, d or w"));
     }
 
-    fn policy(name: &str, duration: &str, shard: &str, default: bool) -> Policy {
-        Policy {
+    fn policy(name: &str, duration: &str, shard: &str, default: bool) -> RetentionPolicy {
+        RetentionPolicy {
             name: name.into(),
             duration: duration.into(),
-            shard: shard.into(),
+            shard_duration: shard.into(),
             default,
         }
     }

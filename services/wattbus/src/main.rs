@@ -46,37 +46,37 @@ enum Command {
     },
     /// Start the broker, every service and simulated devices in one process, and show what
     /// flows. Needs no hardware, no Docker and no database.
-    Demo(demo::Options),
+    Demo(demo::DemoOptions),
     /// Print bus traffic readably.
-    Tail(tail::Options),
+    Tail(tail::TailOptions),
     /// Ask a running service whether it is ready (its /healthz): exit 0 if so, 1 if not. A
     /// container's HEALTHCHECK.
-    Health(health::Options),
+    Health(health::HealthOptions),
     /// rms-processor's and plug-bridge's energy counters: show them, or reset one
     /// (explicitly, visibly).
     Energy {
         #[command(subcommand)]
-        command: energy::Command,
+        command: energy::EnergyCommand,
     },
     /// Sink groups: which are registered and waited for; forget one that is gone for good.
     Sinks {
         #[command(subcommand)]
-        command: sinks::Command,
+        command: sinks::SinksCommand,
     },
     /// Modbus tools: scan a bus, read a meter, set a WE-515's address or baud rate.
     Modbus {
         #[command(subcommand)]
-        command: modbus::Command,
+        command: modbus::ModbusCommand,
     },
     /// InfluxDB housekeeping: raw readings' retention and 1-minute aggregates kept for ever.
     Influx {
         #[command(subcommand)]
-        command: influx::Command,
+        command: influx::InfluxCommand,
     },
     /// backup-rotator's sets: list them, verify them, restore one into InfluxDB.
     Backup {
         #[command(subcommand)]
-        command: backup::Command,
+        command: backup::BackupCommand,
     },
     /// Print the service table as Markdown (docs/services.md holds it).
     #[command(hide = true)]

@@ -20,7 +20,7 @@ use modbus_ingest::tools::{
 use runtime::ConfigError;
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub enum ModbusCommand {
     /// Find the slave ids that answer on a bus and guess each meter's model from its values.
     Scan {
         #[command(flatten)]
@@ -203,15 +203,15 @@ fn profile_set(dir: Option<&PathBuf>) -> anyhow::Result<Profiles> {
     })
 }
 
-pub async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(command: ModbusCommand) -> anyhow::Result<()> {
     match command {
-        Command::Scan {
+        ModbusCommand::Scan {
             link,
             from,
             to,
             profiles,
         } => scan(link, from, to, profiles).await,
-        Command::Read {
+        ModbusCommand::Read {
             link,
             slave,
             profile,
@@ -220,13 +220,13 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             raw,
             profiles,
         } => read(link, slave, &profile, register, field, raw, profiles).await,
-        Command::SetAddress {
+        ModbusCommand::SetAddress {
             link,
             slave,
             to,
             yes,
         } => set_address(link, slave, to, yes).await,
-        Command::SetBaud {
+        ModbusCommand::SetBaud {
             link,
             slave,
             to,

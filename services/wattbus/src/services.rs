@@ -254,7 +254,7 @@ async fn stdin_closed(watch: bool) {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "Cannot read standard input; taking it as closed.");
+                        tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot read standard input; taking it as closed.");
                         break;
                     }
                 }
@@ -269,7 +269,7 @@ async fn stdin_closed(watch: bool) {
         }
         Err(e) => {
             // Without the watch the child could outlive its parent: stop now rather than risk it.
-            tracing::error!(error = %e, "Cannot watch standard input; stopping.");
+            tracing::error!(error = %runtime::telemetry::chain(&e), "Cannot watch standard input; stopping.");
         }
     }
 }

@@ -16,7 +16,7 @@ use runtime::{ConfigSource, Health};
 use tokio::sync::mpsc;
 
 #[derive(clap::Subcommand, Debug)]
-pub enum Command {
+pub enum SinksCommand {
     /// The sink groups registered on the broker, and those this machine's journals wait for.
     List {
         /// Config file [default: $WATTBUS_CONFIG, else /etc/wattbus/wattbus.toml if present].
@@ -38,9 +38,9 @@ pub enum Command {
 /// Retained messages follow the SUBACK at once; this much quiet means all have arrived.
 const QUIET: Duration = Duration::from_millis(500);
 
-pub async fn run(command: Command) -> anyhow::Result<()> {
+pub async fn run(command: SinksCommand) -> anyhow::Result<()> {
     match command {
-        Command::List { config } => {
+        SinksCommand::List { config } => {
             let (_src, common) = load(config)?;
             let bus = Connection::open(&common).await?;
             let topic = Filter::<SinkRegistration>::sink_registrations(&common.site);
@@ -64,7 +64,7 @@ pub async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Forget { group, config, yes } => {
+        SinksCommand::Forget { group, config, yes } => {
             let group = Segment::new(group.clone())
                 .map_err(|e| anyhow::anyhow!("{group:?} is not a sink group name: it {e}"))?;
             let (_src, common) = load(config)?;

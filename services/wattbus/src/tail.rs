@@ -13,7 +13,7 @@ use runtime::ConfigSource;
 use runtime::bus::{Bus, Identity, Overflow, QoS};
 
 #[derive(clap::Args, Debug)]
-pub struct Options {
+pub struct TailOptions {
     /// MQTT filter [default: wattbus/v1/#].
     filter: Option<String>,
     /// Print payloads as they are, not summarised.
@@ -26,7 +26,7 @@ pub struct Options {
     config: Option<PathBuf>,
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+pub async fn run(opts: TailOptions) -> anyhow::Result<()> {
     let src = ConfigSource::load(crate::services::config_path(opts.config).as_deref())?;
     let common = src.common()?;
     runtime::telemetry::init_logging(&common.log)?;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use simulators::plugs::{PlugKind, SimPlug};
+use simulators::plugs::{SimPlug, Vendor};
 use wattbus_e2e::servers::http_with;
 use wattbus_e2e::{
     BrokerSetup, Proc, cpu_seconds, free_port, port_open, status_kb, wait_until, wattbus_bin,
@@ -52,9 +52,9 @@ fn main() -> anyhow::Result<()> {
     let mut table = String::new();
     for i in 0..cli.plugs {
         let kind = if i % 2 == 0 {
-            PlugKind::Mystrom
+            Vendor::Mystrom
         } else {
-            PlugKind::Shelly
+            Vendor::Shelly
         };
         let plug = SimPlug::new(kind, 50.0 + i as f64, None);
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;

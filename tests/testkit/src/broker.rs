@@ -16,7 +16,7 @@
 //! **Its lifetime.** rumqttd has no stop API (see the `broker` crate doc), so a broker's threads
 //! live until the test binary exits, idle once the test's clients are gone. Nothing reaches
 //! it by accident: its port is handed out once per process ([`crate::free_port`]) and held by
-//! the broker for good, so no later test or process gets it. Dropping a [`Broker`] therefore
+//! the broker for good, so no later test or process gets it. Dropping a [`TestBroker`] therefore
 //! stops nothing; keep it anyway for as long as the test uses it, which says so.
 //!
 //! **Its port.** Chosen by [`crate::free_port`] rather than the kernel (port 0): the broker's
@@ -57,7 +57,7 @@ pub struct BrokerPlan {
 
 /// wattbus's broker running in this process (see the module doc).
 #[derive(Debug)]
-pub struct Broker {
+pub struct TestBroker {
     plan: BrokerPlan,
 }
 
@@ -101,14 +101,14 @@ impl BrokerPlan {
     /// # Panics
     ///
     /// When it cannot listen there within 10 s.
-    pub async fn start(self) -> Broker {
+    pub async fn start(self) -> TestBroker {
         if let Err(e) = self.try_start().await {
             panic!(
                 "the test broker did not start on 127.0.0.1:{}: {e}",
                 self.port
             );
         }
-        Broker { plan: self }
+        TestBroker { plan: self }
     }
 
     async fn try_start(&self) -> Result<(), broker::Error> {
@@ -128,7 +128,7 @@ impl BrokerPlan {
     }
 }
 
-impl Broker {
+impl TestBroker {
     /// Starts a broker whose users are `users` (name and role) and [`WATCH_USER`], on a free
     /// loopback port; returns once it accepts connections.
     ///
@@ -140,12 +140,12 @@ impl Broker {
     ///
     /// When it cannot listen within 10 s on any of three ports, or when a user is named twice
     /// or is not a valid topic level.
-    pub async fn start(users: &[(&str, Role)]) -> Broker {
+    pub async fn start(users: &[(&str, Role)]) -> TestBroker {
         let mut last = None;
         for _ in 0..START_ATTEMPTS {
-            let plan = Broker::plan(users);
+            let plan = TestBroker::plan(users);
             match plan.try_start().await {
-                Ok(()) => return Broker { plan },
+                Ok(()) => return TestBroker { plan },
                 // A config error is the test's; it would fail on every port.
                 Err(e @ broker::Error::Config(_)) => panic!("the test broker's config: {e}"),
                 Err(e) => last = Some((plan.port, e)),
@@ -213,7 +213,7 @@ impl Broker {
         (bus, task)
     }
 
-    /// [`Broker::connect_as`] with the user's name as client id: a test's one connection of
+    /// [`TestBroker::connect_as`] with the user's name as client id: a test's one connection of
     /// that user.
     pub async fn connect(&self, site: &Segment, user: &str) -> (Bus, JoinHandle<()>) {
         self.connect_as(site, user, user).await

@@ -1,7 +1,7 @@
 //! Test scaffolding that several test suites need the same way, kept once so they cannot drift.
 //!
 //! Brokers:
-//! - [`Broker`]: wattbus's own broker, started inside the test process on a port of its own,
+//! - [`TestBroker`]: wattbus's own broker, started inside the test process on a port of its own,
 //!   with authentication and topic ACLs on and one user per client the test runs, each with the
 //!   role a deployment would give it. The services' suites (serial-ingest, modbus-ingest,
 //!   rms-processor) run against one, fresh per test, so `cargo test -p <service>` needs
@@ -12,7 +12,7 @@
 //!   wrote.
 //!
 //! On a broker:
-//! - [`Service`] (started by a [`ServiceBuilder`]): a service's `run_on` on a bus connection of
+//! - [`TestService`] (started by a [`ServiceBuilder`]): a service's `run_on` on a bus connection of
 //!   its own, with a data directory, shutdown and health as `wattbus run` gives it; stopped
 //!   cleanly or crashed.
 //! - [`Watch`]: everything published on a filter, decoded, as a `reader` (Grafana,
@@ -50,10 +50,10 @@ use std::time::{Duration, Instant};
 use proto::Segment;
 use runtime::telemetry::Counter;
 
-pub use crate::broker::{Broker, BrokerPlan, Role, WATCH_USER};
+pub use crate::broker::{BrokerPlan, Role, TestBroker, WATCH_USER};
 pub use crate::log::{Log, capture, logged};
 pub use crate::mosquitto::{LateBroker, mosquitto, mosquitto_client};
-pub use crate::service::{Service, ServiceBuilder};
+pub use crate::service::{ServiceBuilder, TestService};
 pub use crate::socat::{Socat, SocatBuilder};
 pub use crate::watch::{Sink, Watch};
 

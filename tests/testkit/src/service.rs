@@ -23,7 +23,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A service's `run_on` on a bus connection of its own, with what `wattbus run` would give it:
 /// its config's site and bus, a data directory, a shutdown signal, and the process's health.
-pub struct Service<E> {
+pub struct TestService<E> {
     task: JoinHandle<Result<(), E>>,
     bus: Bus,
     bus_task: JoinHandle<()>,
@@ -33,7 +33,7 @@ pub struct Service<E> {
     _data: Option<tempfile::TempDir>,
 }
 
-/// How to start a [`Service`].
+/// How to start a [`TestService`].
 pub struct ServiceBuilder {
     bus: BusConfig,
     site: Segment,
@@ -82,7 +82,7 @@ impl ServiceBuilder {
     /// # Panics
     ///
     /// When the connection is not up within 10 s (unless [`ServiceBuilder::before_broker`]).
-    pub async fn start<E, F, Fut>(self, run: F) -> Service<E>
+    pub async fn start<E, F, Fut>(self, run: F) -> TestService<E>
     where
         F: FnOnce(Bus, Context) -> Fut,
         Fut: Future<Output = Result<(), E>> + Send + 'static,
@@ -120,7 +120,7 @@ impl ServiceBuilder {
             shutdown,
         };
         let task = tokio::spawn(run(bus.clone(), ctx));
-        Service {
+        TestService {
             task,
             bus,
             bus_task,
@@ -131,7 +131,7 @@ impl ServiceBuilder {
     }
 }
 
-impl<E: Debug> Service<E> {
+impl<E: Debug> TestService<E> {
     /// The process's health: the service's own checks and its connection's.
     pub fn health(&self) -> &Health {
         &self.health

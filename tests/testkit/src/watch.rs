@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{Broker, WATCH_USER, seg};
+use crate::{TestBroker, WATCH_USER, seg};
 
 /// How long a subscription may take to be confirmed.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,7 +33,7 @@ impl<T: Payload + Debug> Watch<T> {
     /// # Panics
     ///
     /// When it cannot connect or subscribe within 10 s.
-    pub async fn new(broker: &Broker, site: &Segment, filter: &Filter<T>) -> Watch<T> {
+    pub async fn new(broker: &TestBroker, site: &Segment, filter: &Filter<T>) -> Watch<T> {
         static N: AtomicU32 = AtomicU32::new(0);
         let instance = format!("{WATCH_USER}-{}", N.fetch_add(1, Ordering::Relaxed));
         let (bus, task) = broker.connect_as(site, WATCH_USER, &instance).await;
@@ -160,7 +160,7 @@ impl<T: Sequenced + Send + 'static> Sink<T> {
     ///
     /// When it cannot connect or subscribe within 10 s.
     pub async fn start(
-        broker: &Broker,
+        broker: &TestBroker,
         site: &Segment,
         group: &str,
         filter: &Filter<T>,

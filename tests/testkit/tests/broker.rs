@@ -10,7 +10,7 @@ use runtime::Health;
 use runtime::Secret;
 use runtime::bus::{Bus, Identity};
 use runtime::config::BusConfig;
-use wattbus_testkit::{Broker, Role, Watch, seg, site};
+use wattbus_testkit::{Role, TestBroker, Watch, seg, site};
 
 fn reading(site: &Segment, producer: &str, power_w: f64) -> Measurement {
     Measurement {
@@ -44,7 +44,7 @@ async fn connects(cfg: &BusConfig, site: &Segment, within: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_logs_in_with_its_own_password_only() {
     let site = site("password");
-    let broker = Broker::start(&[("meter", Role::Producer), ("other", Role::Producer)]).await;
+    let broker = TestBroker::start(&[("meter", Role::Producer), ("other", Role::Producer)]).await;
     assert!(connects(&broker.bus("meter"), &site, Duration::from_secs(10)).await);
     let wrong = BusConfig {
         password: Some(Secret::new("not-its-password")),
@@ -62,7 +62,7 @@ async fn a_user_logs_in_with_its_own_password_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_may_publish_its_own_readings_but_not_claim_another_producers() {
     let site = site("grants");
-    let broker = Broker::start(&[("meter", Role::Producer)]).await;
+    let broker = TestBroker::start(&[("meter", Role::Producer)]).await;
     let mut watch = Watch::new(&broker, &site, &Filter::measurements(Some(&site), None)).await;
     let (bus, _task) = broker.connect(&site, "meter").await;
     let topic = Topic::measurement(&site, &seg("meter"), &seg("main"));

@@ -30,7 +30,7 @@ pub use configure::{
     baud_of_code, set_address, set_baud,
 };
 pub use read::{RegisterReading, Select, parse_register, read, round, select};
-pub use scan::{Candidate, Found, Observation, Probe, best_fits, probes, scan};
+pub use scan::{Candidate, Found, Observation, ScanProbe, best_fits, probes, scan};
 pub use session::{Session, ToolError, exception_hint, exception_name};
 
 /// Slave addresses a meter may take: 0 is broadcast, 248–255 are reserved (Modbus over Serial

@@ -15,7 +15,7 @@ use crate::profile::{Function, Profile, Profiles, Register};
 
 /// One value a scan reads to test whether a slave fits a profile.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Probe {
+pub struct ScanProbe {
     /// What it is, for the output: `frequency`, `L1 voltage`, `L2 voltage`.
     pub quantity: &'static str,
     pub register: Register,
@@ -31,7 +31,7 @@ const VOLTAGE_V: RangeInclusive<f64> = 80.0..=300.0;
 /// The probes for a profile: its frequency and L1 voltage, plus the L2 voltage when it has one,
 /// which is what tells a three-phase meter from a single-phase one at the same addresses
 /// (SDM630 vs SDM120). `None` for a profile with no frequency or no L1 voltage register.
-pub fn probes(profile: &Profile) -> Option<Vec<Probe>> {
+pub fn probes(profile: &Profile) -> Option<Vec<ScanProbe>> {
     let find = |field: &str, channel: Option<&str>| {
         profile.registers.iter().find(|r| {
             r.field == field && r.tags.is_empty() && channel.is_none_or(|c| r.channel.as_str() == c)
@@ -40,19 +40,19 @@ pub fn probes(profile: &Profile) -> Option<Vec<Probe>> {
     let frequency = find("frequency_hz", None)?;
     let l1 = find("voltage_v", Some("l1"))?;
     let mut out = vec![
-        Probe {
+        ScanProbe {
             quantity: "frequency",
             register: frequency.clone(),
             plausible: FREQUENCY_HZ,
         },
-        Probe {
+        ScanProbe {
             quantity: "L1 voltage",
             register: l1.clone(),
             plausible: VOLTAGE_V,
         },
     ];
     if let Some(l2) = find("voltage_v", Some("l2")) {
-        out.push(Probe {
+        out.push(ScanProbe {
             quantity: "L2 voltage",
             register: l2.clone(),
             plausible: VOLTAGE_V,
@@ -64,7 +64,7 @@ pub fn probes(profile: &Profile) -> Option<Vec<Probe>> {
 /// What one probe read gave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
-    pub probe: Probe,
+    pub probe: ScanProbe,
     /// The decoded value, or why there is none (timeout, exception, NaN).
     pub value: Result<f64, String>,
 }
@@ -176,7 +176,7 @@ enum Presence {
 async fn observe(
     session: &mut Session,
     slave: u8,
-    probe: &Probe,
+    probe: &ScanProbe,
 ) -> Result<Observation, ToolError> {
     let r = &probe.register;
     let value = match session.read(slave, r.function, r.address, r.words()).await {
@@ -204,7 +204,7 @@ pub async fn scan(
     to: u8,
     mut progress: impl FnMut(u8),
 ) -> Result<Vec<Found>, ToolError> {
-    let all: Vec<(String, Vec<Probe>)> = profiles
+    let all: Vec<(String, Vec<ScanProbe>)> = profiles
         .iter()
         .filter_map(|p| probes(p).map(|probes| (p.meter.model.clone(), probes)))
         .collect();
@@ -282,7 +282,10 @@ mod tests {
         Profiles::builtin().unwrap()
     }
 
-    fn observe_all(profile: &Profile, value: impl Fn(&Probe) -> Result<f64, String>) -> Candidate {
+    fn observe_all(
+        profile: &Profile,
+        value: impl Fn(&ScanProbe) -> Result<f64, String>,
+    ) -> Candidate {
         let observations = probes(profile)
             .unwrap()
             .into_iter()

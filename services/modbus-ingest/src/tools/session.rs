@@ -183,7 +183,7 @@ impl Session {
                 // the new open fails while the old descriptor lives. A failed close changes
                 // nothing here; the reopen reports whatever is wrong with the link.
                 if let Err(e) = self.ctx.disconnect().await {
-                    tracing::debug!(error = %e, "Closing the link after a timeout failed.");
+                    tracing::debug!(error = %runtime::telemetry::chain(&e), "Closing the link after a timeout failed.");
                 }
                 self.ctx = open(&self.link, self.timeout).await?;
                 Err(error)

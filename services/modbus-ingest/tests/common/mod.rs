@@ -8,15 +8,15 @@
 use proto::{Filter, Measurement, Segment};
 use runtime::ConfigSource;
 use runtime::config::BusConfig;
-use wattbus_testkit::{Broker, Role, Service, ServiceBuilder, Socat, Watch};
+use wattbus_testkit::{Role, ServiceBuilder, Socat, TestBroker, TestService, Watch};
 
 /// modbus-ingest's broker user, as a deployment names it (its client id is its `instance`,
 /// which is this by default).
 pub const USER: &str = "modbus-ingest";
 
 /// A broker of the test's own with modbus-ingest's user (a producer).
-pub async fn broker() -> Broker {
-    Broker::start(&[(USER, Role::Producer)]).await
+pub async fn broker() -> TestBroker {
+    TestBroker::start(&[(USER, Role::Producer)]).await
 }
 
 /// A PTY pair for an RTU bus: `dev()` for the service, `sim()` for the Modbus peer.
@@ -30,10 +30,10 @@ pub fn rtu_pty(dir: &std::path::Path) -> Socat {
 /// modbus-ingest with the `[modbus_ingest]` section in `toml_text`, on `broker`, once its
 /// connection is up.
 pub async fn start(
-    broker: &Broker,
+    broker: &TestBroker,
     site: &Segment,
     toml_text: &str,
-) -> Service<modbus_ingest::Error> {
+) -> TestService<modbus_ingest::Error> {
     start_on(broker.bus(USER), site, toml_text, false).await
 }
 
@@ -44,7 +44,7 @@ pub async fn start_on(
     site: &Segment,
     toml_text: &str,
     before_broker: bool,
-) -> Service<modbus_ingest::Error> {
+) -> TestService<modbus_ingest::Error> {
     let plan = ConfigSource::from_parts(None, Some(toml_text))
         .unwrap()
         .resolve::<modbus_ingest::ModbusIngest>()
@@ -59,7 +59,7 @@ pub async fn start_on(
 }
 
 /// Every measurement published for `site`.
-pub async fn watch(broker: &Broker, site: &Segment) -> Watch<Measurement> {
+pub async fn watch(broker: &TestBroker, site: &Segment) -> Watch<Measurement> {
     Watch::new(broker, site, &Filter::measurements(Some(site), None)).await
 }
 

@@ -153,7 +153,7 @@ pub(crate) enum Dispatch {
 
 /// Requests one slave has seen while powered (broadcast writes included).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Counters {
+pub struct RequestCounts {
     /// Every request addressed to this slave, whatever the outcome.
     pub requests: u64,
     /// Requests by function code (3 = read holding, 4 = read input, 6, 16, …).
@@ -215,7 +215,7 @@ struct Slave {
     /// Injected fault: answer this many more requests with this exception.
     fault: Option<(u32, ExceptionCode)>,
     response_delay: Duration,
-    counters: Counters,
+    counters: RequestCounts,
 }
 
 /// Several simulated meters on one line (RTU) or behind one gateway (TCP). Cheap to clone;
@@ -255,7 +255,7 @@ impl MeterBus {
             powered: true,
             fault: None,
             response_delay: Duration::ZERO,
-            counters: Counters::default(),
+            counters: RequestCounts::default(),
         });
         SlaveHandle {
             bus: self.clone(),
@@ -359,12 +359,12 @@ impl SlaveHandle {
         self.with_slave(|s| s.meter.address())
     }
 
-    pub fn counters(&self) -> Counters {
+    pub fn counters(&self) -> RequestCounts {
         self.with_slave(|s| s.counters.clone())
     }
 
     pub fn reset_counters(&self) {
-        self.with_slave(|s| s.counters = Counters::default());
+        self.with_slave(|s| s.counters = RequestCounts::default());
     }
 
     /// Look at or change the model, e.g. for its truth:
@@ -406,7 +406,7 @@ mod tests {
         };
         assert_eq!(r, [2, 4]);
         assert_eq!(read(&bus, 3, 0x0130, 1), Dispatch::Silent);
-        assert_eq!(a.counters(), Counters::default());
+        assert_eq!(a.counters(), RequestCounts::default());
         let c = b.counters();
         assert_eq!((c.requests, c.registers_read), (1, 2));
         assert_eq!(c.by_function, BTreeMap::from([(3, 1)]));

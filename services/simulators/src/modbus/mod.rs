@@ -37,7 +37,7 @@ mod sdm120;
 mod tcp;
 mod we515;
 
-pub use bus::{Clock, Counters, ManualClock, MeterBus, SimulatedMeter, SlaveHandle};
+pub use bus::{Clock, ManualClock, MeterBus, RequestCounts, SimulatedMeter, SlaveHandle};
 pub use rtu::{LineTiming, RtuOptions, crc16, serve_rtu, serve_rtu_over_tcp};
 pub use sdm120::{Sdm120, Sdm120Values};
 pub use tcp::serve_tcp;

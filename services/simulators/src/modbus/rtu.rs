@@ -139,9 +139,9 @@ pub async fn serve_rtu_over_tcp(
                 // was taken: the gateway goes on serving the others and accepting.
                 Err(e) => {
                     if failing == 0 {
-                        tracing::warn!(error = %e, "The RTU-over-TCP gateway cannot accept a connection; trying again.");
+                        tracing::warn!(error = %runtime::telemetry::chain(&e), "The RTU-over-TCP gateway cannot accept a connection; trying again.");
                     } else {
-                        tracing::debug!(error = %e, failing, "Still cannot accept a connection.");
+                        tracing::debug!(error = %runtime::telemetry::chain(&e), failing, "Still cannot accept a connection.");
                     }
                     failing += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -150,7 +150,7 @@ pub async fn serve_rtu_over_tcp(
             },
         };
         if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%peer, error = %e, "Cannot set TCP_NODELAY.");
+            tracing::debug!(%peer, error = %runtime::telemetry::chain(&e), "Cannot set TCP_NODELAY.");
         }
         tracing::debug!(%peer, "RTU-over-TCP client connected.");
         let line = Line {
@@ -166,7 +166,7 @@ pub async fn serve_rtu_over_tcp(
         connections.spawn(async move {
             match serve_line(line, options, &shutdown).await {
                 Ok(()) => tracing::debug!(%peer, "RTU-over-TCP connection ended."),
-                Err(e) => tracing::debug!(%peer, error = %e, "RTU-over-TCP connection ended."),
+                Err(e) => tracing::debug!(%peer, error = %runtime::telemetry::chain(&e), "RTU-over-TCP connection ended."),
             }
         });
     }

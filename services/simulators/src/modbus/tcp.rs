@@ -31,7 +31,7 @@ pub async fn serve_tcp(listener: TcpListener, bus: MeterBus, shutdown: Shutdown)
             Ok(Some((service, stream)))
         }
     };
-    let on_error = |e: io::Error| tracing::debug!(error = %e, "Modbus TCP connection ended.");
+    let on_error = |e: io::Error| tracing::debug!(error = %runtime::telemetry::chain(&e), "Modbus TCP connection ended.");
     // Dropping `serve` on shutdown cancels every connection task it spawned.
     tokio::select! {
         () = shutdown.wait() => Ok(()),

@@ -269,7 +269,7 @@ impl We515 {
         let hi = |v: u32| (v >> 16) as u16;
         let lo = |v: u32| v as u16;
         let energy = |base: u16, first: usize| -> Option<u16> {
-            // Counters sit at even offsets from `base`, two words each.
+            // RequestCounts sit at even offsets from `base`, two words each.
             let off = addr.checked_sub(base)?;
             let i = first + usize::from(off / 2);
             let v = *s.energy.get(i)?;

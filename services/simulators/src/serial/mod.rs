@@ -24,6 +24,6 @@ pub(crate) use driver::OpenPort;
 pub use driver::{DriverError, Port, PtyDevice, pty_pair, run_powmon, run_prime, run_sensor};
 pub use powmon::{Load, PowMon, PowMonConfig, PowMonConfigError, PowMonFault, is_request};
 pub use prime::{
-    Block, Prime, PrimeConfig, PrimeConfigError, PrimeFault, Waveform, checksum, encode_line,
+    Prime, PrimeConfig, PrimeConfigError, PrimeFault, SampleBlock, Waveform, checksum, encode_line,
 };
 pub use sensor::{Sensor, SensorChannel, SensorConfig, SensorConfigError, SensorFault};

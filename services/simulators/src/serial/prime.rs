@@ -115,7 +115,7 @@ pub enum PrimeConfigError {
 
 /// One line's worth of samples, before encoding.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Block {
+pub struct SampleBlock {
     pub seq: u16,
     /// Interleaved by instant: `a0,b0,a1,b1,...`.
     pub values: Vec<u16>,
@@ -203,7 +203,7 @@ impl Prime {
     }
 
     /// The next block of samples.
-    pub fn next_block(&mut self) -> Block {
+    pub fn next_block(&mut self) -> SampleBlock {
         let rate = f64::from(self.config.sample_rate_hz);
         let mut values =
             Vec::with_capacity(self.config.samples_per_line * self.config.channels.len());
@@ -224,7 +224,7 @@ impl Prime {
                 values.push(v.clamp(0, ADC_MAX) as u16);
             }
         }
-        let block = Block {
+        let block = SampleBlock {
             seq: self.seq,
             values,
         };
@@ -258,7 +258,7 @@ impl Prime {
 }
 
 /// `<seq>:<v>,...*<CS>\n` for a block.
-pub fn encode_line(block: &Block) -> String {
+pub fn encode_line(block: &SampleBlock) -> String {
     let mut s = String::with_capacity(8 + block.values.len() * 5);
     // Writing to a String cannot fail.
     let _infallible = write!(s, "{}:", block.seq);
@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn a_known_line_has_the_known_checksum() {
-        let line = encode_line(&Block {
+        let line = encode_line(&SampleBlock {
             seq: 1234,
             values: vec![512, 530],
         });

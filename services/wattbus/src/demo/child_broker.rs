@@ -133,7 +133,7 @@ impl Supervised {
         // An error means the supervisor already ended; nothing left to stop.
         let _already_ended = self.stop.send(());
         if let Err(e) = self.task.await {
-            tracing::warn!(error = %e, "The broker's supervisor ended abnormally.");
+            tracing::warn!(error = %runtime::telemetry::chain(&e), "The broker's supervisor ended abnormally.");
         }
     }
 }
@@ -175,7 +175,7 @@ async fn supervise(exe: PathBuf, config: PathBuf, first: Child, mut stop: onesho
                 Ok(c) => c,
                 Err(e) => {
                     let backoff = restart.failed_exactly();
-                    tracing::error!(error = %format!("{e:#}"), retry_ms = backoff.as_millis() as u64, "Cannot start the demo's broker; services wait for it.");
+                    tracing::error!(error = %runtime::telemetry::chain(e.as_ref()), retry_ms = backoff.as_millis() as u64, "Cannot start the demo's broker; services wait for it.");
                     tokio::select! {
                         _ = &mut stop => return,
                         () = tokio::time::sleep(backoff) => {}
@@ -229,7 +229,7 @@ async fn stop_child(mut child: Child) {
                 "The demo's broker did not stop in time; killing it."
             );
             if let Err(e) = child.kill().await {
-                tracing::warn!(error = %e, "Cannot kill the demo's broker.");
+                tracing::warn!(error = %runtime::telemetry::chain(&e), "Cannot kill the demo's broker.");
             }
         }
     }
