@@ -13,7 +13,8 @@ mkdir -p secrets
 chmod 0700 secrets
 made=""
 for name in broker_modbus_ingest broker_serial_ingest broker_simulator broker_rms_processor \
-            broker_influx_writer broker_backup_rotator broker_plug_bridge broker_homeassistant broker_reader \
+            broker_influx_writer broker_backup_rotator broker_plug_bridge broker_azure_bridge \
+            broker_homeassistant broker_reader \
             influx_password influx_admin_password influx_grafana_password \
             grafana_admin_password plug_api_token; do
   file="secrets/$name"
@@ -24,6 +25,14 @@ for name in broker_modbus_ingest broker_serial_ingest broker_simulator broker_rm
   mv "$file.tmp" "$file"
   made="$made $name"
 done
+# Not random: the IoT Hub device's connection string is the user's to paste in (azure-bridge,
+# `--profile azure`). An empty file until then: compose needs it to exist, and azure-bridge
+# refuses an empty one by name.
+if [ ! -e secrets/azure_connection_string ]; then
+  : > secrets/azure_connection_string
+  chmod 0644 secrets/azure_connection_string
+  made="$made azure_connection_string(empty:fill_it_in)"
+fi
 if [ -n "$made" ]; then
   echo "made:$made (in $(pwd)/secrets)"
 else

@@ -6,6 +6,7 @@
 // Test harness: a failure to set up a test should panic with its reason.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod iothub;
 pub mod servers;
 
 use std::io::Write as _;

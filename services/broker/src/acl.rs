@@ -61,8 +61,13 @@ pub enum Role {
     /// A producer that also carries out commands for its devices and answers them
     /// (plug-bridge).
     Actuator,
-    /// Sends commands and reads their results (a cloud bridge, a script), nothing else.
+    /// Sends commands and reads their results (a script), nothing else.
     Commander,
+    /// A sink that also sends commands from the cloud and reads their results (azure-bridge):
+    /// a sink's and a commander's rights together, acknowledging as the group named like
+    /// the user.
+    #[serde(rename = "cloud-bridge")]
+    CloudBridge,
     /// Home Assistant: reads everything under `wattbus/` and the discovery topics, switches
     /// plugs (`cmd/+`), says it is online (`homeassistant/status`).
     #[serde(rename = "homeassistant")]
@@ -77,12 +82,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 9] = [
+    pub const ALL: [Role; 10] = [
         Role::Producer,
         Role::Sink,
         Role::Processor,
         Role::Actuator,
         Role::Commander,
+        Role::CloudBridge,
         Role::HomeAssistant,
         Role::Tasmota,
         Role::Reader,
@@ -96,6 +102,7 @@ impl Role {
             Role::Processor => "processor",
             Role::Actuator => "actuator",
             Role::Commander => "commander",
+            Role::CloudBridge => "cloud-bridge",
             Role::HomeAssistant => "homeassistant",
             Role::Tasmota => "tasmota",
             Role::Reader => "reader",
@@ -113,7 +120,7 @@ impl Role {
     }
 
     const fn sinks(self) -> bool {
-        matches!(self, Role::Sink | Role::Processor)
+        matches!(self, Role::Sink | Role::Processor | Role::CloudBridge)
     }
 }
 
@@ -200,7 +207,7 @@ impl Grant {
         if self.role == Role::Actuator {
             patterns.push(ACTUATOR_PUBLISH);
         }
-        if self.role == Role::Commander {
+        if matches!(self.role, Role::Commander | Role::CloudBridge) {
             patterns.push(COMMANDER_PUBLISH);
         }
         if self.role == Role::HomeAssistant {
@@ -239,6 +246,7 @@ impl Grant {
             Role::Processor => &[PRODUCER_SUBSCRIBE, SINK_SUBSCRIBE],
             Role::Actuator => &[PRODUCER_SUBSCRIBE, ACTUATOR_SUBSCRIBE],
             Role::Commander => &[COMMANDER_SUBSCRIBE],
+            Role::CloudBridge => &[SINK_SUBSCRIBE, COMMANDER_SUBSCRIBE],
             Role::HomeAssistant => &[HOME_ASSISTANT_SUBSCRIBE],
             Role::Tasmota => &[TASMOTA_SUBSCRIBE],
             Role::Reader => &[READER_SUBSCRIBE],

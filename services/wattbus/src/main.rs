@@ -1,6 +1,7 @@
 //! `wattbus`: run one service, the whole demo, or a tool. Thin: parsing and exit codes here,
 //! everything else in the modules and the service crates.
 
+mod azure;
 mod backup;
 mod check;
 mod demo;
@@ -72,6 +73,11 @@ enum Command {
     Influx {
         #[command(subcommand)]
         command: influx::InfluxCommand,
+    },
+    /// IoT Hub tools: the SAS token azure-bridge uses, for trying another client.
+    Azure {
+        #[command(subcommand)]
+        command: azure::AzureCommand,
     },
     /// backup-rotator's sets: list them, verify them, restore one into InfluxDB.
     Backup {
@@ -148,6 +154,7 @@ fn main() -> ExitCode {
             Command::Influx { command } => influx::run(command).await,
             Command::Backup { command } => backup::run(command).await,
             Command::Energy { command } => energy::run(command),
+            Command::Azure { command } => azure::run(command),
             Command::Sinks { command } => sinks::run(command).await,
             Command::Config {
                 command: ConfigCommand::Check { files },

@@ -21,6 +21,7 @@ pub static SERVICES: &[&dyn Entry] = &[
     &Of::<influx_writer::InfluxWriter>(PhantomData),
     &Of::<backup_rotator::BackupRotator>(PhantomData),
     &Of::<plug_bridge::PlugBridge>(PhantomData),
+    &Of::<azure_bridge::AzureBridge>(PhantomData),
 ];
 
 /// A [`Service`] as the binary uses it: its types erased, so that one list holds them all.
@@ -343,7 +344,8 @@ mod tests {
              [bus]\nport = {mqtt}\nusername = \"admin\"\npassword = \"telemetry-test\"\nreconnect_min_ms = 50\n\
              [broker]\nlisten = \"127.0.0.1:{mqtt}\"\nlisten_v5 = \"127.0.0.1:{mqtt_v5}\"\n\
              [[broker.users]]\nusername = \"admin\"\npassword = \"telemetry-test\"\nrole = \"admin\"\n\
-             [simulator]\ninterval_ms = 50\n",
+             [simulator]\ninterval_ms = 50\n\
+             [azure_bridge]\nconnection_string = \"HostName=hub.example;DeviceId=lab;SharedAccessKey=c2VjcmV0\"\nendpoint = \"127.0.0.1:1\"\n",
             data = dir.path().display(),
         );
         let src = ConfigSource::from_parts(None, Some(&toml)).unwrap();

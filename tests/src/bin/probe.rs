@@ -74,6 +74,10 @@ enum Mode {
         /// Reading number K also carries `power_w = 1e308`, a value no meter can read.
         #[arg(long)]
         implausible_at: Option<u64>,
+        /// Reading `i` is stamped `base + i` ms [default: a fixed day in 2025, so stores can
+        /// be queried by it; `now` for the time the probe starts].
+        #[arg(long)]
+        base_ts_ms: Option<String>,
     },
     /// A processor: re-publishes each reading of `probe-dev` as device `probe-relayed` through
     /// its own journal, acknowledging the input only once the output is fsynced.
@@ -137,7 +141,13 @@ async fn main() -> anyhow::Result<()> {
             odd_at,
             mislabel_at,
             implausible_at,
+            base_ts_ms,
         } => {
+            let base = match base_ts_ms.as_deref() {
+                None => BASE_TS_MS,
+                Some("now") => proto::now_ms(),
+                Some(v) => v.parse().context("--base-ts-ms")?,
+            };
             let (bus, bus_task) = connect(&common, instance)?;
             // Without a sink group nothing is replayed: readings published before the
             // connection is up would only be held, so wait for it.
@@ -195,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
                     device: device.clone(),
                     channel: channel.clone(),
                     measurement: Segment::new(if odd_at == Some(i) { "odd" } else { "probe" })?,
-                    ts_ms: BASE_TS_MS + i as i64,
+                    ts_ms: base + i as i64,
                     quality: Quality::Good,
                     fields: [("reading_n".to_string(), i as f64)].into(),
                     tags: Default::default(),
