@@ -16,7 +16,6 @@
 //! - It can be taken down (every connection closed, new ones refused) and brought back.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -63,15 +62,22 @@ struct State {
 /// The fake hub (see the module doc).
 pub struct FakeHub {
     pub port: u16,
+    /// MQTT over WebSocket (`/$iothub/websocket`, subprotocol `mqtt`), as the hub serves it on
+    /// 443.
+    pub ws_port: u16,
     pub host_name: String,
     keys: HashMap<String, Vec<u8>>,
     state: Arc<Mutex<State>>,
     up: watch::Sender<bool>,
     pub ca_file: std::path::PathBuf,
+    /// [`X509_DEVICE`]'s certificate and key (PEM).
+    pub device_cert: std::path::PathBuf,
+    pub device_key: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// A CA and a server certificate for localhost, made by openssl.
+/// A CA, a server certificate for localhost and [`X509_DEVICE`]'s client certificate (CN = its
+/// device id), made by openssl: `ca.pem`, `hub.pem`/`hub.key`, `device.pem`/`device.key`.
 fn certificates(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
@@ -85,76 +91,75 @@ fn certificates(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    std::fs::write(
-        dir.join("hub.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
+    let key = |name: &str| {
+        run(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ])
+    };
+    let request = |name: &str, cn: &str| {
+        key(name);
+        run(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            &format!("/CN={cn}"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+    };
+    let issue = |name: &str, ext: &str| {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+    };
+    request("ca", "wattbus test hub CA");
     std::fs::write(
         dir.join("ca.ext"),
         "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n",
     )
     .unwrap();
     run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ]);
-    run(&[
-        "req",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=wattbus test hub CA",
-        "-out",
-        "ca.csr",
-    ]);
-    run(&[
         "x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-days", "2", "-extfile", "ca.ext",
         "-out", "ca.pem",
     ]);
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "hub.key",
-    ]);
-    run(&[
-        "req",
-        "-new",
-        "-key",
-        "hub.key",
-        "-subj",
-        "/CN=localhost",
-        "-out",
-        "hub.csr",
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "hub.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "hub.ext",
-        "-out",
-        "hub.pem",
-    ]);
+    request("hub", "localhost");
+    issue(
+        "hub",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    );
+    request("device", X509_DEVICE);
+    issue(
+        "device",
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    );
 }
+
+/// The device the hub knows by its certificate's thumbprint (IoT Hub's "X.509 self-signed /
+/// thumbprint" authentication): `device_cert` and `device_key` are its files.
+pub const X509_DEVICE: &str = "pi-x509";
 
 /// `urllib.parse.quote(s, safe="")`.
 fn quote(s: &str) -> String {
@@ -188,17 +193,42 @@ impl FakeHub {
             .unwrap();
         let key =
             rustls::pki_types::PrivateKeyDer::from_pem_file(dir.path().join("hub.key")).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+        // A client certificate is asked for and checked against the test CA, but not required:
+        // SAS devices send none.
+        let mut roots = rustls::RootCertStore::empty();
+        for c in
+            rustls::pki_types::CertificateDer::pem_file_iter(dir.path().join("ca.pem")).unwrap()
+        {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
         .unwrap();
+        let device_der =
+            rustls::pki_types::CertificateDer::pem_file_iter(dir.path().join("device.pem"))
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap();
+        let thumbprint = ring::digest::digest(&ring::digest::SHA256, &device_der)
+            .as_ref()
+            .to_vec();
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(clients)
+            .with_single_cert(certs, key)
+            .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let ws_listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let ws_port = ws_listener.local_addr().unwrap().port();
         let keys: HashMap<String, Vec<u8>> = devices
             .iter()
             .map(|(d, k)| {
@@ -211,35 +241,30 @@ impl FakeHub {
         let (up, up_rx) = watch::channel(true);
         let hub = FakeHub {
             port,
+            ws_port,
             host_name: format!("{name}.azure-devices.net"),
             keys,
             state: Arc::default(),
             up,
             ca_file: dir.path().join("ca.pem"),
+            device_cert: dir.path().join("device.pem"),
+            device_key: dir.path().join("device.key"),
             _dir: dir,
         };
         let ctx = Ctx {
             host: hub.host_name.clone(),
             keys: hub.keys.clone(),
+            thumbprint,
             state: hub.state.clone(),
         };
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, peer)) = listener.accept().await else {
-                    continue;
-                };
-                if !*up_rx.borrow() {
-                    drop(tcp);
-                    continue;
-                }
-                let (acceptor, ctx, up_rx) = (acceptor.clone(), ctx.clone(), up_rx.clone());
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(tcp).await {
-                        serve(tls, peer, ctx, up_rx).await;
-                    }
-                });
-            }
-        });
+        tokio::spawn(accept(
+            ws_listener,
+            true,
+            acceptor.clone(),
+            ctx.clone(),
+            up_rx.clone(),
+        ));
+        tokio::spawn(accept(listener, false, acceptor, ctx, up_rx));
         hub
     }
 
@@ -331,6 +356,8 @@ fn rand_u64() -> u64 {
 struct Ctx {
     host: String,
     keys: HashMap<String, Vec<u8>>,
+    /// SHA-256 of [`X509_DEVICE`]'s certificate.
+    thumbprint: Vec<u8>,
     state: Arc<Mutex<State>>,
 }
 
@@ -340,7 +367,27 @@ impl Ctx {
     }
 
     /// The documented check of a SAS token; `Err(why)` or the token's expiry.
-    fn check_login(&self, client_id: &str, username: &str, password: &str) -> Result<u64, String> {
+    fn check_login(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        client_cert: Option<&[u8]>,
+    ) -> Result<u64, String> {
+        if client_id == X509_DEVICE {
+            let want_user = format!("{}/{client_id}/?api-version=2021-04-12", self.host);
+            if username != want_user {
+                return Err(format!("username {username:?}, expected {want_user:?}"));
+            }
+            let cert = client_cert.ok_or("no client certificate")?;
+            if ring::digest::digest(&ring::digest::SHA256, cert).as_ref()
+                != self.thumbprint.as_slice()
+            {
+                return Err("the certificate's thumbprint is not the device's".into());
+            }
+            // No token: the connection lasts as long as the certificate is valid.
+            return Ok(u64::MAX / 2);
+        }
         let key = self.keys.get(client_id).ok_or("unknown device id")?;
         let want_user = format!("{}/{client_id}/?api-version=2021-04-12", self.host);
         if username != want_user {
@@ -380,9 +427,167 @@ impl Ctx {
     }
 }
 
-async fn serve(
+/// The server side of RFC 6455 on `tls`: check the upgrade (path, subprotocol `mqtt`),
+/// answer it, then carry the binary frames' payloads through a pipe whose other end is
+/// returned (frames from the client must be masked; ours are not).
+async fn websocket(
     mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-    _peer: SocketAddr,
+) -> Option<tokio::io::DuplexStream> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tls.read_exact(&mut b).await.ok()?;
+        head.push(b[0]);
+        if head.len() > 8192 {
+            return None;
+        }
+    }
+    let text = String::from_utf8(head).ok()?;
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let ok = text.starts_with("GET /$iothub/websocket")
+        && header("upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && header("sec-websocket-protocol")
+            .is_some_and(|p| p.split(',').any(|x| x.trim() == "mqtt"));
+    let Some(key) = header("sec-websocket-key").filter(|_| ok) else {
+        let _ = tls
+            .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            .await;
+        return None;
+    };
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    );
+    let accept = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+    );
+    tls.write_all(answer.as_bytes()).await.ok()?;
+    let (mine, theirs) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        let (mut pipe_r, mut pipe_w) = tokio::io::split(mine);
+        let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+        let inbound = async {
+            let mut raw: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 16384];
+            loop {
+                // One whole frame: header, masking key (required from a client), payload.
+                while let Some((consumed, opcode, payload)) = client_frame(&raw) {
+                    raw.drain(..consumed);
+                    match opcode {
+                        0x0..=0x2 => pipe_w.write_all(&payload).await.ok()?,
+                        0x8 => return None::<()>,
+                        _ => {}
+                    }
+                }
+                let n = tls_r.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                raw.extend_from_slice(&chunk[..n]);
+            }
+        };
+        let outbound = async {
+            let mut chunk = vec![0u8; 16384];
+            loop {
+                let n = pipe_r.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None::<()>;
+                }
+                let mut frame = vec![0x82];
+                if n < 126 {
+                    frame.push(n as u8);
+                } else {
+                    frame.push(126);
+                    frame.extend_from_slice(&(n as u16).to_be_bytes());
+                }
+                frame.extend_from_slice(&chunk[..n]);
+                tls_w.write_all(&frame).await.ok()?;
+            }
+        };
+        tokio::select! {
+            _ = inbound => {}
+            _ = outbound => {}
+        }
+    });
+    Some(theirs)
+}
+
+/// Accept connections on `listener` (MQTT over WebSocket if `ws`) while the hub is up.
+async fn accept(
+    listener: TcpListener,
+    ws: bool,
+    acceptor: tokio_rustls::TlsAcceptor,
+    ctx: Ctx,
+    up: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        if !*up.borrow() {
+            drop(tcp);
+            continue;
+        }
+        let (acceptor, ctx, up) = (acceptor.clone(), ctx.clone(), up.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let cert = peer_cert(&tls);
+            if ws {
+                if let Some(mqtt) = websocket(tls).await {
+                    serve(mqtt, cert, ctx, up).await;
+                }
+            } else {
+                serve(tls, cert, ctx, up).await;
+            }
+        });
+    }
+}
+
+fn peer_cert(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<Vec<u8>> {
+    tls.get_ref()
+        .1
+        .peer_certificates()?
+        .first()
+        .map(|c| c.to_vec())
+}
+
+/// A client's frame at the start of `raw`: (bytes used, opcode, unmasked payload). A frame
+/// without a mask is a protocol error the test would see as a stalled stream.
+fn client_frame(raw: &[u8]) -> Option<(usize, u8, Vec<u8>)> {
+    if raw.len() < 2 || raw[1] & 0x80 == 0 {
+        return None;
+    }
+    let (len, at) = match raw[1] & 0x7f {
+        126 => (u16::from_be_bytes([*raw.get(2)?, *raw.get(3)?]) as usize, 4),
+        127 => (
+            u64::from_be_bytes(raw.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let mask = raw.get(at..at + 4)?;
+    let payload = raw.get(at + 4..at + 4 + len)?;
+    let data = payload
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect();
+    Some((at + 4 + len, raw[0] & 0x0f, data))
+}
+
+async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut tls: S,
+    client_cert: Option<Vec<u8>>,
     ctx: Ctx,
     mut up: watch::Receiver<bool>,
 ) {
@@ -396,7 +601,7 @@ async fn serve(
         .as_ref()
         .map(|l| (l.username.clone(), l.password.clone()))
         .unwrap_or_default();
-    let expiry = match ctx.check_login(&device, &user, &pass) {
+    let expiry = match ctx.check_login(&device, &user, &pass, client_cert.as_deref()) {
         Ok(se) => se,
         Err(why) => {
             ctx.event(HubEvent::Refused {

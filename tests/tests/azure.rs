@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use wattbus_e2e::iothub::{FakeHub, HubEvent, Received};
+use wattbus_e2e::iothub::{FakeHub, HubEvent, Received, X509_DEVICE};
 use wattbus_e2e::servers::http;
 use wattbus_e2e::{BrokerSetup, Proc, free_port, run_ok, wait_until, wattbus_bin};
 
@@ -46,12 +46,13 @@ impl Site {
     }
 }
 
-/// The bridge's config: the service config of `broker` plus `[azure_bridge]` for `hub`.
+/// The bridge's config: the service config of `broker` plus `[azure_bridge]` for `hub`
+/// (over its WebSocket port when `extra` chooses `transport = "websocket"`).
 fn config(
     broker: &BrokerSetup,
     dir: &Path,
     hub: &FakeHub,
-    key: &str,
+    connection_string: &str,
     extra: &str,
 ) -> (PathBuf, u16) {
     let path = broker.service_config(
@@ -63,7 +64,7 @@ fn config(
         ],
     );
     let secret = dir.join("azure-connection-string");
-    std::fs::write(&secret, format!("{}\n", hub.connection_string(DEVICE, key))).unwrap();
+    std::fs::write(&secret, format!("{connection_string}\n")).unwrap();
     let health = free_port();
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str(&format!(
@@ -71,7 +72,11 @@ fn config(
          endpoint = \"localhost:{}\"\nca_file = \"{}\"\nmax_age_ms = 300\nreconnect_min_ms = 100\n\
          reconnect_max_ms = 1000\n{extra}\n",
         secret.display(),
-        hub.port,
+        if extra.contains("transport = \"websocket\"") {
+            hub.ws_port
+        } else {
+            hub.port
+        },
         hub.ca_file.display(),
     ));
     std::fs::write(&path, text).unwrap();
@@ -184,6 +189,42 @@ fn counts(messages: &[(String, Vec<u64>)]) -> BTreeMap<u64, usize> {
     c
 }
 
+/// `count` readings from a fresh producer, all acknowledged by the bridge, then every one at
+/// the hub exactly once (after dedup by message id); the bridge's log in the failure.
+fn deliver(broker: &BrokerSetup, hub: &FakeHub, d: &Path, count: u64, rate: u64, log: &Path) {
+    let mut producer = produce(
+        broker,
+        &d.join("probe"),
+        count,
+        rate,
+        "now",
+        &d.join("probe.log"),
+    );
+    assert!(
+        producer
+            .wait(Duration::from_secs(120))
+            .is_some_and(|s| s.success()),
+        "the producer's readings were not all acknowledged; its log:\n{}",
+        std::fs::read_to_string(d.join("probe.log")).unwrap_or_default()
+    );
+    assert!(
+        wait_until(
+            Duration::from_secs(60),
+            || counts(&unique_messages(&hub.received())).len() as u64 == count
+        ),
+        "not every reading reached the hub: {} of {count}; events {:?}; bridge log:\n{}",
+        counts(&unique_messages(&hub.received())).len(),
+        hub.events(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    assert!(
+        counts(&unique_messages(&hub.received()))
+            .values()
+            .all(|n| *n == 1),
+        "a reading in two messages"
+    );
+}
+
 /// SAS tokens equal those of Microsoft's documented algorithm, computed by its own Python
 /// sample ("Control access to IoT Hub with shared access signatures": `generate_sas_token`),
 /// for a device key and for a shared access policy.
@@ -262,7 +303,13 @@ print(generate_sas_token("myhub.azure-devices.net/devices/pi-kitchen", "{KEY}", 
 fn readings_survive_a_hub_outage_and_a_kill_9_and_arrive_exactly_once_in_order() {
     let site = Site::start("testhub");
     let (d, hub, broker) = (site.dir.path(), &site.hub, &site.broker);
-    let (cfg, health) = config(broker, d, hub, KEY, "max_message_bytes = 4096\n");
+    let (cfg, health) = config(
+        broker,
+        d,
+        hub,
+        &hub.connection_string(DEVICE, KEY),
+        "max_message_bytes = 4096\n",
+    );
     let log = d.join("bridge.log");
     let mut b = bridge(&cfg, &log);
     let count = 2000;
@@ -371,34 +418,12 @@ fn a_token_expiring_mid_stream_is_renewed_with_no_reading_lost() {
         broker,
         d,
         hub,
-        KEY,
+        &hub.connection_string(DEVICE, KEY),
         "token_ttl_s = 10\nmax_message_bytes = 1024\n",
     );
     let log = d.join("bridge.log");
     let mut b = bridge(&cfg, &log);
-    let count = 1500;
-    let mut producer = produce(
-        broker,
-        &d.join("probe"),
-        count,
-        60,
-        "now",
-        &d.join("probe.log"),
-    );
-    assert!(
-        producer
-            .wait(Duration::from_secs(120))
-            .is_some_and(|s| s.success())
-    );
-    assert!(
-        wait_until(
-            Duration::from_secs(60),
-            || counts(&unique_messages(&hub.received())).len() as u64 == count
-        ),
-        "not every reading reached the hub: {} of {count}; bridge log:\n{}",
-        counts(&unique_messages(&hub.received())).len(),
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    deliver(broker, hub, d, 1500, 60, &log);
     let events = hub.events();
     let connects = events
         .iter()
@@ -415,11 +440,6 @@ fn a_token_expiring_mid_stream_is_renewed_with_no_reading_lost() {
             .any(|e| matches!(e, HubEvent::Closed { why, .. } if why.contains("expired"))),
         "{events:?}"
     );
-    assert!(
-        counts(&unique_messages(&hub.received()))
-            .values()
-            .all(|n| *n == 1)
-    );
     b.terminate(Duration::from_secs(10));
 }
 
@@ -430,7 +450,13 @@ fn data_older_than_the_ttl_is_dropped_with_an_error_and_a_counter() {
     let site = Site::start("ttlhub");
     let (d, hub, broker) = (site.dir.path(), &site.hub, &site.broker);
     hub.set_up(false);
-    let (cfg, health) = config(broker, d, hub, KEY, "ttl_s = 60\n");
+    let (cfg, health) = config(
+        broker,
+        d,
+        hub,
+        &hub.connection_string(DEVICE, KEY),
+        "ttl_s = 60\n",
+    );
     let log = d.join("bridge.log");
     let mut b = bridge(&cfg, &log);
     // Read two hours ago (a Pi that was offline and is now catching up), and read now.
@@ -501,7 +527,13 @@ fn a_refused_login_is_an_error_naming_what_to_check_not_a_tight_loop() {
     let (d, hub, broker) = (site.dir.path(), &site.hub, &site.broker);
     // A regenerated key: the old one no longer signs.
     let wrong = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
-    let (cfg, _) = config(broker, d, hub, wrong, "auth_retry_ms = 60000\n");
+    let (cfg, _) = config(
+        broker,
+        d,
+        hub,
+        &hub.connection_string(DEVICE, wrong),
+        "auth_retry_ms = 60000\n",
+    );
     let log = d.join("bridge.log");
     let mut b = bridge(&cfg, &log);
     assert!(wait_until(Duration::from_secs(30), || {
@@ -547,7 +579,7 @@ fn a_direct_method_switches_a_plug_and_returns_its_confirmed_state() {
         broker,
         d,
         hub,
-        KEY,
+        &hub.connection_string(DEVICE, KEY),
         &format!(
             "command_timeout_ms = 3000\ntwin_interval_s = 10\n\
              [plug_bridge]\nhealth_listen = \"127.0.0.1:{}\"\npoll_ms = 200\ntimeout_ms = 500\n\
@@ -649,5 +681,70 @@ fn a_direct_method_switches_a_plug_and_returns_its_confirmed_state() {
         hub.twin_reported(DEVICE)
     );
     plugs.terminate(Duration::from_secs(10));
+    b.terminate(Duration::from_secs(10));
+}
+
+/// MQTT over WebSocket on "443", for networks that block 8883: readings arrive and a direct
+/// method is answered, through the upgrade and masked frames.
+#[test]
+fn readings_and_a_direct_method_go_over_websocket() {
+    let site = Site::start("wshub");
+    let (rt, d, hub, broker) = (&site.rt, site.dir.path(), &site.hub, &site.broker);
+    let (cfg, _) = config(
+        broker,
+        d,
+        hub,
+        &hub.connection_string(DEVICE, KEY),
+        "transport = \"websocket\"\nmax_message_bytes = 2048\n",
+    );
+    let log = d.join("bridge.log");
+    let mut b = bridge(&cfg, &log);
+    deliver(broker, hub, d, 300, 200, &log);
+    // A method call and its answer go both ways over the WebSocket too.
+    let answer = rt.block_on(hub.invoke_method(
+        DEVICE,
+        "reboot",
+        serde_json::json!({}),
+        Duration::from_secs(10),
+    ));
+    assert_eq!(answer.map(|(s, _)| s), Some(404));
+    b.terminate(Duration::from_secs(10));
+}
+
+/// An X.509 device: the connection string says `x509=true`, the device's certificate
+/// authenticates it (the hub checks its thumbprint) and no password is sent; readings arrive.
+#[test]
+fn an_x509_device_connects_with_its_certificate_and_no_password() {
+    let site = Site::start("x509hub");
+    let (d, hub, broker) = (site.dir.path(), &site.hub, &site.broker);
+    let (path, _) = config(
+        broker,
+        d,
+        hub,
+        &format!(
+            "HostName={};DeviceId={X509_DEVICE};x509=true",
+            hub.host_name
+        ),
+        &format!(
+            "certificate_file = \"{}\"\nprivate_key_file = \"{}\"\n",
+            hub.device_cert.display(),
+            hub.device_key.display()
+        ),
+    );
+    let log = d.join("bridge.log");
+    let mut b = bridge(&path, &log);
+    deliver(broker, hub, d, 100, 200, &log);
+    assert!(
+        hub.events()
+            .iter()
+            .any(|e| matches!(e, HubEvent::Connected { device, .. } if device == X509_DEVICE))
+    );
+    assert!(
+        !hub.events()
+            .iter()
+            .any(|e| matches!(e, HubEvent::Refused { .. })),
+        "{:?}",
+        hub.events()
+    );
     b.terminate(Duration::from_secs(10));
 }

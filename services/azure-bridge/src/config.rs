@@ -28,8 +28,8 @@ pub struct Config {
     /// X.509 authentication: the device's certificate (PEM, its chain after it) and key.
     pub certificate_file: Option<PathBuf>,
     pub private_key_file: Option<PathBuf>,
-    /// `mqtt`: MQTT over TLS, port 8883. (MQTT over WebSocket on 443, for networks that
-    /// block 8883, is not built yet: docs/azure-bridge.md.)
+    /// `mqtt` (MQTT over TLS, port 8883) or `websocket` (MQTT over WebSocket on 443, for
+    /// networks that block 8883).
     pub transport: Transport,
     /// Connect here instead of the connection string's `HostName` (an IoT Edge gateway, a
     /// test hub), as `host:port`. The token still names `HostName`.
@@ -83,12 +83,14 @@ pub struct Config {
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
     Mqtt,
+    Websocket,
 }
 
 impl Transport {
     pub const fn default_port(self) -> u16 {
         match self {
             Transport::Mqtt => 8883,
+            Transport::Websocket => 443,
         }
     }
 }

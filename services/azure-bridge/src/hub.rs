@@ -383,6 +383,17 @@ async fn open(plan: &HubPlan, tls: &Arc<rustls::ClientConfig>) -> Result<Box<dyn
         .map_err(|e| format!("TLS with {}:{} failed: {e}", plan.host, plan.port))?;
     match plan.transport {
         crate::config::Transport::Mqtt => Ok(Box::new(stream)),
+        crate::config::Transport::Websocket => {
+            // Microsoft's path; with a SAS token the hub is told not to ask for a certificate.
+            let path = match plan.device.credential {
+                Credential::X509 => "/$iothub/websocket",
+                _ => "/$iothub/websocket?iothub-no-client-cert=true",
+            };
+            let ws = crate::ws::connect(stream, &plan.host, path)
+                .await
+                .map_err(|e| format!("WebSocket upgrade with {}:{}: {e}", plan.host, plan.port))?;
+            Ok(Box::new(ws))
+        }
     }
 }
 
@@ -438,6 +449,7 @@ async fn session(
     let device = plan.device.device_id.clone();
     let expiry = now_s() + plan.token_ttl.as_secs();
     let mut connect = Connect::new(device.clone());
+    // X.509: the certificate is the credential; an empty password is not sent at all.
     connect.keep_alive = u16::try_from(plan.keep_alive.as_secs()).unwrap_or(60);
     // A persistent session: the hub keeps cloud-to-device messages for us while we are away.
     connect.clean_session = false;
@@ -448,12 +460,6 @@ async fn session(
         _ => {
             let password = plan.device.password(expiry).unwrap_or_default();
             connect.set_login(plan.device.username(), password);
-        }
-    }
-    if matches!(plan.device.credential, Credential::X509) {
-        // X.509 devices send no password at all.
-        if let Some(login) = connect.login.as_mut() {
-            login.password.clear();
         }
     }
     let mut buf = BytesMut::with_capacity(8192);

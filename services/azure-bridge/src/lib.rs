@@ -29,6 +29,7 @@ pub mod outbox;
 pub mod pack;
 pub mod sas;
 pub mod seen;
+pub mod ws;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
