@@ -674,9 +674,16 @@ fn a_direct_method_switches_a_plug_and_returns_its_confirmed_state() {
     assert!(
         wait_until(Duration::from_secs(30), || hub
             .twin_reported(DEVICE)
-            .is_some_and(
-                |t| t["wattbus"]["services"]["plug-bridge"]["online"] == true
-            )),
+            .is_some_and(|t| {
+                let w = &t["wattbus"];
+                // plug-bridge online, its journal's depth, the newest reading (the plug's).
+                w["services"]["plug-bridge"]["online"] == true
+                    && w["services"]["plug-bridge"]["journal_records"].is_u64()
+                    && w["last_reading_ms"]
+                        .as_i64()
+                        .is_some_and(|t| t > proto::now_ms() - 60_000)
+                    && w["outbox"]["messages"].is_u64()
+            })),
         "twin: {:?}",
         hub.twin_reported(DEVICE)
     );

@@ -40,6 +40,18 @@ pub struct Settings {
     pub timeout: Duration,
     pub twin_interval: Duration,
     pub outbox: Arc<Mutex<Outbox>>,
+    /// Read time of the newest reading taken from the bus (Unix ms; 0 before the first).
+    pub last_reading_ms: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// What the twin reports of one service, from its retained status.
+#[derive(Debug, Clone, Default)]
+struct ServiceReport {
+    online: bool,
+    version: String,
+    journal_records: Option<u64>,
+    journal_oldest_s: Option<u64>,
+    errors: Option<u64>,
 }
 
 /// What the cloud asks: `{"device":"…","action":"on"}`.
@@ -132,7 +144,7 @@ pub async fn run(
         Overflow::Drop,
     );
     let mut statuses = bus.watch_statuses(&settings.site);
-    let mut services: BTreeMap<String, (bool, String)> = BTreeMap::new();
+    let mut services: BTreeMap<String, ServiceReport> = BTreeMap::new();
     let mut pending: HashMap<Segment, Pending> = HashMap::new();
     let mut n: u64 = 0;
     let mut twin_at = Instant::now() + Duration::from_secs(10);
@@ -218,8 +230,13 @@ pub async fn run(
             Some(m) = statuses.recv() => {
                 if let Ok(s) = Status::decode(&m.payload) {
                     let instance = m.topic.rsplit('/').next().unwrap_or_default().to_string();
-                    let online = s.state == proto::ServiceState::Online;
-                    services.insert(instance, (online, s.version.clone()));
+                    services.insert(instance, ServiceReport {
+                        online: s.state == proto::ServiceState::Online,
+                        version: s.version.clone(),
+                        journal_records: s.health.as_ref().map(|h| h.journal_records),
+                        journal_oldest_s: s.health.as_ref().map(|h| h.journal_oldest_s),
+                        errors: s.health.as_ref().map(|h| h.errors),
+                    });
                 }
             }
             () = tokio::time::sleep_until(next_deadline.unwrap_or_else(Instant::now)), if next_deadline.is_some() => {
@@ -239,11 +256,19 @@ pub async fn run(
                     let o = outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     (o.records(), o.bytes())
                 }).await.unwrap_or((0, 0));
+                let last = settings.last_reading_ms.load(std::sync::atomic::Ordering::Relaxed);
                 let reported = serde_json::json!({"wattbus": {
                     "version": env!("CARGO_PKG_VERSION"),
                     "site": settings.site,
                     "reported_ms": proto::now_ms(),
-                    "services": services.iter().map(|(k, (online, version))| (k.clone(), serde_json::json!({"online": online, "version": version}))).collect::<serde_json::Map<_, _>>(),
+                    "last_reading_ms": (last > 0).then_some(last),
+                    "services": services.iter().map(|(k, r)| (k.clone(), serde_json::json!({
+                        "online": r.online,
+                        "version": r.version,
+                        "journal_records": r.journal_records,
+                        "journal_oldest_s": r.journal_oldest_s,
+                        "errors": r.errors,
+                    }))).collect::<serde_json::Map<_, _>>(),
                     "outbox": {"messages": records, "bytes": bytes},
                 }});
                 let _ = outgoing.try_send(Outgoing {

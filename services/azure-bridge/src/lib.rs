@@ -117,6 +117,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let ready = ctx.health.check("azure-bridge");
     ready.set(true);
 
+    let last_reading_ms = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let (incoming_tx, incoming_rx) = mpsc::channel(16);
     let (outgoing_tx, outgoing_rx) = mpsc::channel(64);
     let hub_task = tokio::spawn(hub::run(
@@ -141,6 +142,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
             timeout: plan.command_timeout,
             twin_interval: plan.twin_interval,
             outbox: outbox.clone(),
+            last_reading_ms: last_reading_ms.clone(),
         },
         incoming_rx,
         outgoing_tx,
@@ -160,6 +162,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         acker: inbox.acker(),
         appended,
         events: events.clone(),
+        last_reading_ms,
     };
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut age_tick = tokio::time::interval(Duration::from_secs(5));
@@ -240,11 +243,15 @@ struct Intake<'a> {
     acker: runtime::delivery::Acker,
     appended: Arc<Notify>,
     events: Arc<Events>,
+    /// For the twin: the newest reading's read time.
+    last_reading_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Intake<'_> {
     /// Take a reading; whether a full message was stored to make room for it.
     async fn take(&mut self, d: Delivery<Measurement>) -> bool {
+        self.last_reading_ms
+            .fetch_max(d.message.ts_ms, std::sync::atomic::Ordering::Relaxed);
         if let Some(o) = &d.message.origin {
             let (p, st) = (o.producer.as_str(), o.stream.as_str());
             if self.seen.contains(p, st, o.seq) {
@@ -264,10 +271,10 @@ impl Intake<'_> {
             }
         }
         if !selected(self.plan, &d.message) {
-            // Not for the cloud: stored elsewhere, nothing owed here.
-            if let Some(t) = &d.token {
-                self.acker.ack(t);
-            }
+            // Not for the cloud: stored elsewhere, nothing owed here. Its origin is noted too,
+            // so a stream whose readings are only partly selected stays one range in `seen`
+            // (every other seq would otherwise be a range of its own, for ever).
+            self.settled(&d);
             return false;
         }
         let mut stored = false;
@@ -291,12 +298,22 @@ impl Intake<'_> {
                     Refused::OtherSite | Refused::Full => 0,
                 };
                 self.events.too_large(bytes, self.plan.max_message_bytes);
-                if let Some(t) = &d.token {
-                    self.acker.ack(t);
-                }
+                self.settled(&d);
             }
         }
         stored
+    }
+
+    /// A reading this bridge is done with without storing it: acknowledged, and its origin
+    /// noted.
+    fn settled(&mut self, d: &Delivery<Measurement>) {
+        if let Some(o) = &d.message.origin {
+            self.seen
+                .insert(o.producer.as_str(), o.stream.as_str(), o.seq);
+        }
+        if let Some(t) = &d.token {
+            self.acker.ack(t);
+        }
     }
 
     /// Store the packed message (append, fsync) and acknowledge its readings. A message the
