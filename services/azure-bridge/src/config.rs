@@ -25,6 +25,13 @@ pub struct Config {
     /// secret) or `WATTBUS_AZURE_BRIDGE__CONNECTION_STRING`.
     pub connection_string: Option<Secret>,
     pub connection_string_file: Option<PathBuf>,
+    /// Instead of a connection string: the hub's host name, the device id and the device's
+    /// key on its own (base64, as the portal shows it; `key` from the environment or
+    /// `key_file`).
+    pub host_name: Option<String>,
+    pub device_id: Option<String>,
+    pub key: Option<Secret>,
+    pub key_file: Option<PathBuf>,
     /// X.509 authentication: the device's certificate (PEM, its chain after it) and key.
     pub certificate_file: Option<PathBuf>,
     pub private_key_file: Option<PathBuf>,
@@ -102,6 +109,10 @@ impl Default for Config {
                 .unwrap_or_else(|_| unreachable!("valid literal")),
             connection_string: None,
             connection_string_file: None,
+            host_name: None,
+            device_id: None,
+            key: None,
+            key_file: None,
             certificate_file: None,
             private_key_file: None,
             transport: Transport::Mqtt,
@@ -185,21 +196,58 @@ impl Config {
             &key("connection_string"),
             self.connection_string.as_ref(),
             self.connection_string_file.as_deref(),
-        )?
-        .ok_or_else(|| {
-            ConfigError::new(
-                key("connection_string_file"),
-                "no device connection string: set connection_string_file (a Docker secret) or \
-                 WATTBUS_AZURE_BRIDGE__CONNECTION_STRING; the portal shows it under the device, \
-                 or `az iot hub device-identity connection-string show`",
-            )
-        })?;
-        let which = if self.connection_string_file.is_some() {
-            key("connection_string_file")
-        } else {
-            key("connection_string")
+        )?;
+        let device_key = resolve_secret(&key("key"), self.key.as_ref(), self.key_file.as_deref())?;
+        let parts = self.host_name.is_some() || self.device_id.is_some() || device_key.is_some();
+        let (text, which) = match (text, parts) {
+            (Some(_), true) => {
+                return Err(ConfigError::new(
+                    key("connection_string"),
+                    "both a connection string and host_name/device_id/key are given; use one",
+                ));
+            }
+            (Some(t), false) => {
+                let which = if self.connection_string_file.is_some() {
+                    key("connection_string_file")
+                } else {
+                    key("connection_string")
+                };
+                (t.expose().to_string(), which)
+            }
+            (None, true) => {
+                let host = self.host_name.as_deref().ok_or_else(|| {
+                    ConfigError::new(
+                        key("host_name"),
+                        "device_id or key is given without host_name (`<hub>.azure-devices.net`)",
+                    )
+                })?;
+                let device = self.device_id.as_deref().ok_or_else(|| {
+                    ConfigError::new(
+                        key("device_id"),
+                        "host_name or key is given without device_id",
+                    )
+                })?;
+                let k = device_key.ok_or_else(|| {
+                    ConfigError::new(key("key_file"), "host_name and device_id are given without the device's key (key_file, or WATTBUS_AZURE_BRIDGE__KEY)")
+                })?;
+                (
+                    format!(
+                        "HostName={host};DeviceId={device};SharedAccessKey={}",
+                        k.expose()
+                    ),
+                    key("key_file"),
+                )
+            }
+            (None, false) => {
+                return Err(ConfigError::new(
+                    key("connection_string_file"),
+                    "no device connection string: set connection_string_file (a Docker secret) or \
+                     WATTBUS_AZURE_BRIDGE__CONNECTION_STRING; the portal shows it under the device, \
+                     or `az iot hub device-identity connection-string show`",
+                ));
+            }
         };
-        let device = ConnectionString::parse(text.expose())
+        let device = ConnectionString::parse(&text)
             .map_err(|e| ConfigError::new(which.clone(), e.to_string()))?;
         let x509 = device.credential == Credential::X509;
         let client_auth = match (&self.certificate_file, &self.private_key_file) {
@@ -350,5 +398,83 @@ impl Config {
             inbox: self.inbox,
             health_listen: self.health_listen,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(toml: &str) -> Result<Plan, ConfigError> {
+        let c: Config =
+            runtime::ConfigSource::from_parts(None, Some(&format!("[azure_bridge]\n{toml}")))
+                .and_then(|s| s.section("azure_bridge"))?;
+        c.resolve("azure_bridge")
+    }
+
+    fn message(r: Result<Plan, ConfigError>) -> String {
+        r.err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_device_comes_from_a_connection_string_or_from_its_parts_not_both() {
+        let p = resolve(
+            "connection_string = \"HostName=h.azure-devices.net;DeviceId=d;SharedAccessKey=YWJj\"",
+        )
+        .unwrap();
+        assert_eq!(
+            (p.hub.host.as_str(), p.hub.port),
+            ("h.azure-devices.net", 8883)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "YWJj\n").unwrap();
+        let parts = format!(
+            "host_name = \"h.azure-devices.net\"\ndevice_id = \"d\"\nkey_file = \"{}\"\n",
+            key.display()
+        );
+        let q = resolve(&parts).unwrap();
+        assert_eq!(q.hub.device, p.hub.device, "the same device either way");
+        let both = message(resolve(&format!(
+            "{parts}connection_string = \"HostName=h;DeviceId=d;SharedAccessKey=YWJj\"\n"
+        )));
+        assert!(both.contains("use one"), "{both}");
+        let half = message(resolve(
+            "host_name = \"h.azure-devices.net\"\ndevice_id = \"d\"\n",
+        ));
+        assert!(half.contains("azure_bridge.key_file"), "{half}");
+    }
+
+    #[test]
+    fn a_bad_device_is_refused_naming_the_key_and_never_the_secret() {
+        let none = message(resolve(""));
+        assert!(
+            none.contains("azure_bridge.connection_string_file"),
+            "{none}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cs");
+        std::fs::write(&file, "HostName=h;DeviceId=d;SharedAccessKey=not*base64\n").unwrap();
+        let bad = message(resolve(&format!(
+            "connection_string_file = \"{}\"",
+            file.display()
+        )));
+        assert!(
+            bad.contains("azure_bridge.connection_string_file") && bad.contains("not base64"),
+            "{bad}"
+        );
+        assert!(!bad.contains("not*base64"), "the key was printed: {bad}");
+        std::fs::write(&file, "\n").unwrap();
+        let empty = message(resolve(&format!(
+            "connection_string_file = \"{}\"",
+            file.display()
+        )));
+        assert!(empty.contains("is empty"), "{empty}");
+        let ws = resolve("connection_string = \"HostName=h;DeviceId=d;SharedAccessKey=YWJj\"\ntransport = \"websocket\"").unwrap();
+        assert_eq!(ws.hub.port, 443);
+        let big = message(resolve(
+            "connection_string = \"HostName=h;DeviceId=d;SharedAccessKey=YWJj\"\nmax_message_bytes = 300000",
+        ));
+        assert!(big.contains("azure_bridge.max_message_bytes"), "{big}");
     }
 }
