@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use crate::sas::{ConnectionString, Credential};
 
-/// IoT Hub's largest device-to-cloud message.
-pub const HUB_MAX_MESSAGE: usize = 256 * 1024;
+/// The largest body sent: IoT Hub takes device-to-cloud messages up to 256 KB, properties
+/// included; 1 KiB is left for the property bag.
+pub const HUB_MAX_MESSAGE: usize = 255 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -307,7 +308,7 @@ impl Config {
             return Err(ConfigError::new(
                 key("max_message_bytes"),
                 format!(
-                    "{} is outside 512–{HUB_MAX_MESSAGE} (IoT Hub takes messages up to 256 KB; it bills 4 KB units, 0.5 KB on the free tier)",
+                    "{} is outside 512–{HUB_MAX_MESSAGE} (IoT Hub takes messages up to 256 KB with their properties; it bills 4 KB units, 0.5 KB on the free tier)",
                     self.max_message_bytes
                 ),
             ));

@@ -160,6 +160,16 @@ impl Events {
         self.repeats.inc();
     }
 
+    /// A producer's journal numbers from 1 again (recreated): its old numbers are forgotten.
+    pub fn renumbered(&self, producer: &str, stream: &str, seq: u64) {
+        tracing::warn!(
+            producer,
+            stream,
+            seq,
+            "A producer numbers its readings anew (its journal was recreated): its earlier numbers are forgotten, its readings are taken."
+        );
+    }
+
     pub fn packed(&self, readings: usize, bytes: usize) {
         tracing::debug!(readings, bytes, "Message packed.");
     }

@@ -319,20 +319,23 @@ async fn expire_front(link: &Link, events: &Events) {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = proto::now_ms();
+        // Ids and counts only: an outage of weeks must not read the outbox into memory.
         let mut gone = Vec::new();
         loop {
             let batch = o.read_after(0, 64, READ_BATCH_BYTES)?;
-            let before = gone.len();
+            let mut fresh = batch.is_empty();
             for m in batch {
                 if m.meta.newest_ms == i64::MAX || now.saturating_sub(m.meta.newest_ms) <= ttl_ms {
+                    fresh = true;
                     break;
                 }
-                gone.push(m);
+                o.trim_through(m.seq)?;
+                gone.push(Stored {
+                    body: Vec::new(),
+                    ..m
+                });
             }
-            if let Some(last) = gone.last() {
-                o.trim_through(last.seq)?;
-            }
-            if gone.len() == before || gone.len() - before < 64 {
+            if fresh {
                 return Ok::<_, runtime::journal::JournalError>((gone, o.records(), o.bytes()));
             }
         }

@@ -44,6 +44,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::events::Events;
 use crate::outbox::Outbox;
 use crate::pack::{Packer, Refused};
+use crate::seen::Verdict;
 
 /// The section name in the config file.
 pub const SECTION: &str = "azure_bridge";
@@ -110,7 +111,6 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     let dir = plan.state_dir(&ctx.common.data_dir).join("outbox");
     let (outbox, report, id_problem) = Outbox::open(&dir, plan.outbox_max_bytes)?;
     events.outbox_opened(&dir, &report, id_problem.as_deref());
-    let seen = outbox.origins()?;
     events.outbox(outbox.records(), outbox.bytes());
     let outbox = Arc::new(Mutex::new(outbox));
     let appended = Arc::new(Notify::new());
@@ -158,7 +158,6 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         outbox: outbox.clone(),
         packer: Packer::new(ctx.common.site.clone(), plan.max_message_bytes),
         tokens: Vec::new(),
-        seen,
         acker: inbox.acker(),
         appended,
         events: events.clone(),
@@ -166,7 +165,6 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     };
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut age_tick = tokio::time::interval(Duration::from_secs(5));
-    let mut ticks: u64 = 0;
     loop {
         let flush = tokio::select! {
             d = inbox.recv() => {
@@ -181,8 +179,7 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
             }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
             _ = age_tick.tick() => {
-                ticks += 1;
-                oldest_age(&outbox, &events, ticks.is_multiple_of(SAVE_EVERY_TICKS)).await;
+                oldest_age(&outbox, &events).await;
                 false
             }
             () = ctx.shutdown.wait() => break,
@@ -208,10 +205,10 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         events.task_failed("acknowledgements", &e);
     }
     let saved = tokio::task::spawn_blocking(move || {
-        let o = outbox
+        let mut o = outbox
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        o.save_acked()
+        o.save_state()
     })
     .await;
     match saved {
@@ -238,8 +235,6 @@ struct Intake<'a> {
     packer: Packer,
     /// The readings of the message being packed, acknowledged once it is stored.
     tokens: Vec<AckToken>,
-    /// What the outbox holds or held, by origin: a replay is not packed twice.
-    seen: seen::Seen,
     acker: runtime::delivery::Acker,
     appended: Arc<Notify>,
     events: Arc<Events>,
@@ -254,15 +249,24 @@ impl Intake<'_> {
             .fetch_max(d.message.ts_ms, std::sync::atomic::Ordering::Relaxed);
         if let Some(o) = &d.message.origin {
             let (p, st) = (o.producer.as_str(), o.stream.as_str());
-            if self.seen.contains(p, st, o.seq) {
-                // In the outbox already (its acknowledgement was lost: the bridge was killed
-                // before sending it, or the broker restarted): acknowledged again, never sent
-                // to the hub twice.
-                if let Some(t) = &d.token {
-                    self.acker.ack(t);
+            let verdict = self
+                .outbox
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .check(p, st, o.seq, d.message.ts_ms);
+            match verdict {
+                // Held or sent already (its acknowledgement was lost: the bridge or the
+                // producer was killed before it went out, or the broker restarted):
+                // acknowledged again, never sent to the hub twice.
+                Verdict::Repeat => {
+                    if let Some(t) = &d.token {
+                        self.acker.ack(t);
+                    }
+                    self.events.repeat();
+                    return false;
                 }
-                self.events.repeat();
-                return false;
+                Verdict::Renumbered => self.events.renumbered(p, st, o.seq),
+                Verdict::New => {}
             }
             if self.packer.holds(p, st, o.seq) {
                 // In the message being packed: acknowledged with it.
@@ -308,8 +312,12 @@ impl Intake<'_> {
     /// noted.
     fn settled(&mut self, d: &Delivery<Measurement>) {
         if let Some(o) = &d.message.origin {
-            self.seen
-                .insert(o.producer.as_str(), o.stream.as_str(), o.seq);
+            let (p, st) = (o.producer.as_str(), o.stream.as_str());
+            self.packer.note(p, st, o.seq, d.message.ts_ms);
+            self.outbox
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .settled(p, st, o.seq, d.message.ts_ms);
         }
         if let Some(t) = &d.token {
             self.acker.ack(t);
@@ -345,7 +353,6 @@ impl Intake<'_> {
                     self.events.outbox_dropped(&d);
                 }
                 self.events.outbox(records, bytes);
-                self.seen.extend(&stored.meta.origins);
                 for t in &held {
                     self.acker.ack(t);
                 }
@@ -357,27 +364,26 @@ impl Intake<'_> {
     }
 }
 
-/// The outbox's acknowledged point is saved this often (every 6 × 5 s) besides at a clean stop:
-/// after a `kill -9` the hub is sent again at most this much of what it already has (each
-/// message with the id it had), at the cost of one small file write per 30 s on the SD card.
-const SAVE_EVERY_TICKS: u64 = 6;
-
-async fn oldest_age(outbox: &Arc<Mutex<Outbox>>, events: &Events, save: bool) {
+/// Every 5 s: the outbox's oldest message's age, and its state saved when due (the dedup set
+/// and the acknowledged point, at most every 30 s: after a `kill -9` the hub is sent again at
+/// most that much of what it already has, each message with the id it had).
+async fn oldest_age(outbox: &Arc<Mutex<Outbox>>, events: &Events) {
     let o = outbox.clone();
-    let (first, saved) = tokio::task::spawn_blocking(move || {
-        let o = o.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let saved = if save { o.save_acked() } else { Ok(()) };
+    let (first, saved, records, bytes) = tokio::task::spawn_blocking(move || {
+        let mut o = o.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let saved = o.flush_due();
         let first = o
             .read_after(0, 1, 1)
             .ok()
             .and_then(|v| v.into_iter().next());
-        (first, saved)
+        (first, saved, o.records(), o.bytes())
     })
     .await
-    .unwrap_or((None, Ok(())));
+    .unwrap_or((None, Ok(()), 0, 0));
     if let Err(e) = saved {
         events.outbox_failed(&e);
     }
+    events.outbox(records, bytes);
     let age_ms = first.map_or(0, |m| {
         proto::now_ms().saturating_sub(m.meta.oldest_ms).max(0)
     });

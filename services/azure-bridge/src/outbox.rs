@@ -7,9 +7,17 @@
 //! producer's journal and the hub is always in one of the two, across restarts, `kill -9` and
 //! power cuts.
 //!
-//! A record's topic field carries the message's metadata, `wb1 <readings> <oldest_ms>
-//! <newest_ms>`, so the TTL and the counts need no parsing of the body; its payload is the
-//! body, sent byte for byte every time (so a repeat carries the same id). Message ids are
+//! A record's topic field carries the message's metadata, `wb2 <readings> <oldest_ms>
+//! <newest_ms>`, so the TTL and the counts need no parsing of the body. Its payload is the
+//! origins of its readings (`seen`'s text, one line) and then the body, sent byte for byte
+//! every time (so a repeat carries the same id).
+//!
+//! The outbox also keeps what it has ever held, by origin (`seen`), so a reading a producer
+//! replays after its acknowledgement was lost — the bridge or the producer killed, a power
+//! cut, a broker restart — is never sent twice. That set lives in memory and in the `seen`
+//! file; it is saved before any message is trimmed (at most every 30 s, the trim waiting
+//! meanwhile), so every origin is always either in the file or in a message still on disk.
+//! Message ids are
 //! `<prefix>-<seq>`: the prefix is random per outbox (the `id` file), the seq the journal's,
 //! which never repeats; a lost `id` file gives new messages a new prefix, never an old id.
 
@@ -19,7 +27,7 @@ use runtime::config::{JournalKind, StreamConfig};
 use runtime::journal::{Dropped, Journal, JournalError, OpenReport};
 
 use crate::pack::{Packed, Packer, message_id};
-use crate::seen::Seen;
+use crate::seen::{Seen, Verdict};
 
 /// Segment files of the outbox: 1 MiB, so an acknowledged stretch is freed soon.
 const SEGMENT_BYTES: u64 = 1024 * 1024;
@@ -39,40 +47,58 @@ pub struct Meta {
     pub readings: u64,
     pub oldest_ms: i64,
     pub newest_ms: i64,
-    /// Where its readings came from (see `seen`).
-    pub origins: Seen,
 }
 
 impl Meta {
     fn encode(&self) -> String {
         format!(
-            "wb1 {} {} {} {}",
-            self.readings,
-            self.oldest_ms,
-            self.newest_ms,
-            self.origins.encode()
+            "wb2 {} {} {}",
+            self.readings, self.oldest_ms, self.newest_ms
         )
     }
 
     fn decode(s: &str) -> Option<Self> {
-        let mut p = s.splitn(5, ' ');
-        if p.next()? != "wb1" {
+        let mut p = s.split(' ');
+        if p.next()? != "wb2" {
             return None;
         }
         Some(Self {
             readings: p.next()?.parse().ok()?,
             oldest_ms: p.next()?.parse().ok()?,
             newest_ms: p.next()?.parse().ok()?,
-            origins: Seen::decode(p.next().unwrap_or(""))?,
         })
     }
 }
+
+/// A record's payload: `<origins>\n<body>`.
+fn split_payload(payload: &[u8]) -> (Option<Seen>, &[u8]) {
+    match payload.iter().position(|b| *b == b'\n') {
+        Some(i) => (
+            std::str::from_utf8(&payload[..i])
+                .ok()
+                .and_then(Seen::decode),
+            &payload[i + 1..],
+        ),
+        None => (None, payload),
+    }
+}
+
+/// The `seen` file is saved at most this often (a small file, replaced: SD-card wear); trims
+/// wait for it, so messages the hub has are deleted up to this late.
+const SEEN_SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug)]
 pub struct Outbox {
     journal: Journal,
     prefix: String,
     dir: PathBuf,
+    /// Every origin this outbox has held (see the module doc).
+    seen: Seen,
+    seen_dirty: bool,
+    seen_saved: std::time::Instant,
+    /// Every message `<=` this is done (acknowledged by the hub, or expired); the journal is
+    /// trimmed to it once `seen` is saved.
+    done_through: u64,
 }
 
 /// A record whose metadata could not be read (written by a newer version): sent as it is.
@@ -81,7 +107,6 @@ fn unknown() -> Meta {
         readings: 0,
         oldest_ms: i64::MAX,
         newest_ms: i64::MAX,
-        origins: Seen::default(),
     }
 }
 
@@ -117,15 +142,40 @@ impl Outbox {
                 (prefix, problem)
             }
         };
-        Ok((
-            Self {
-                journal,
-                prefix,
-                dir: dir.to_path_buf(),
+        let seen_path = dir.join("seen");
+        let (mut seen, seen_problem) = match std::fs::read(&seen_path) {
+            Ok(bytes) => match Seen::from_file(&bytes) {
+                Ok(s) => (s, None),
+                Err(why) => (
+                    Seen::default(),
+                    Some(format!(
+                        "{} is not trusted ({why}): readings a producer replays that the hub already has may be sent again",
+                        seen_path.display()
+                    )),
+                ),
             },
-            report,
-            problem,
-        ))
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Seen::default(), None),
+            Err(e) => (
+                Seen::default(),
+                Some(format!("cannot read {}: {e}", seen_path.display())),
+            ),
+        };
+        let mut outbox = Self {
+            journal,
+            prefix,
+            dir: dir.to_path_buf(),
+            seen: Seen::default(),
+            seen_dirty: false,
+            seen_saved: std::time::Instant::now(),
+            done_through: 0,
+        };
+        seen.extend(&outbox.held_origins()?);
+        outbox.seen = seen;
+        let problem = match (problem, seen_problem) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+        Ok((outbox, report, problem))
     }
 
     pub fn dir(&self) -> &Path {
@@ -151,10 +201,14 @@ impl Outbox {
             readings: readings as u64,
             oldest_ms,
             newest_ms,
-            origins,
         };
-        let dropped = self.journal.append_at(seq, &meta.encode(), &body)?;
+        let mut payload = origins.encode().into_bytes();
+        payload.push(b'\n');
+        payload.extend_from_slice(&body);
+        let dropped = self.journal.append_at(seq, &meta.encode(), &payload)?;
         self.journal.sync_newest()?;
+        self.seen.extend(&origins);
+        self.seen_dirty = true;
         Ok((
             Stored {
                 seq,
@@ -166,7 +220,8 @@ impl Outbox {
         ))
     }
 
-    /// Up to `limit` messages after `after`, in order, at most about `max_bytes` of them.
+    /// Up to `limit` messages after `after` (and after what is done), in order, at most about
+    /// `max_bytes` of them.
     pub fn read_after(
         &self,
         after: u64,
@@ -175,29 +230,83 @@ impl Outbox {
     ) -> Result<Vec<Stored>, JournalError> {
         Ok(self
             .journal
-            .read_after_within(after, limit, max_bytes, |_| false)?
+            .read_after_within(after.max(self.done_through), limit, max_bytes, |_| false)?
             .into_iter()
-            .map(|r| Stored {
-                seq: r.seq,
-                id: body_id(&r.payload).unwrap_or_else(|| message_id(&self.prefix, r.seq)),
-                meta: Meta::decode(&r.topic).unwrap_or_else(unknown),
-                body: r.payload,
+            .map(|r| {
+                let (_, body) = split_payload(&r.payload);
+                Stored {
+                    seq: r.seq,
+                    id: body_id(body).unwrap_or_else(|| message_id(&self.prefix, r.seq)),
+                    meta: Meta::decode(&r.topic).unwrap_or_else(unknown),
+                    body: body.to_vec(),
+                }
             })
             .collect())
     }
 
-    /// Every message `<= seq` is acknowledged by the hub (or expired).
+    /// Every message `<= seq` is done: acknowledged by the hub, or expired. The journal is
+    /// trimmed once the origins it holds are in the `seen` file (see the module doc).
     pub fn trim_through(&mut self, seq: u64) -> Result<(), JournalError> {
-        self.journal.trim_through(seq).map(|_| ())
+        self.done_through = self.done_through.max(seq);
+        if self.seen_dirty && self.seen_saved.elapsed() < SEEN_SAVE_EVERY {
+            return Ok(());
+        }
+        self.save_seen()?;
+        self.journal.trim_through(self.done_through).map(|_| ())
     }
 
-    /// Save the acknowledged point (at a clean stop).
-    pub fn save_acked(&self) -> Result<(), JournalError> {
+    /// Apply a trim `trim_through` postponed, once the `seen` file is due (called every few
+    /// seconds).
+    pub fn flush_due(&mut self) -> Result<(), JournalError> {
+        if self.seen_dirty && self.seen_saved.elapsed() < SEEN_SAVE_EVERY {
+            return Ok(());
+        }
+        self.save_state()
+    }
+
+    /// What `trim_through` postponed, and the acknowledged point: when due and at a clean
+    /// stop.
+    pub fn save_state(&mut self) -> Result<(), JournalError> {
+        self.save_seen()?;
+        self.journal.trim_through(self.done_through)?;
         self.journal.save_acked()
     }
 
-    /// The origins of every message held, for the dedup of replayed readings at start.
-    pub fn origins(&self) -> Result<Seen, JournalError> {
+    fn save_seen(&mut self) -> Result<(), JournalError> {
+        if !self.seen_dirty {
+            return Ok(());
+        }
+        let path = self.dir.join("seen");
+        runtime::state::replace_file(&path, &self.seen.to_file())
+            .map_err(|source| JournalError::Io { path, source })?;
+        self.seen_dirty = false;
+        self.seen_saved = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// What an arriving reading is, by its origin (see `seen`).
+    pub fn check(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) -> Verdict {
+        let v = self.seen.check(producer, stream, seq, ts_ms);
+        if v == Verdict::Renumbered {
+            self.seen_dirty = true;
+        }
+        v
+    }
+
+    /// A reading settled without being stored (filtered out): noted, so its stream's origins
+    /// stay whole ranges.
+    pub fn settled(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
+        self.seen.insert(producer, stream, seq, ts_ms);
+        self.seen_dirty = true;
+    }
+
+    /// Ranges in the dedup set.
+    pub fn seen_ranges(&self) -> usize {
+        self.seen.ranges()
+    }
+
+    /// The origins of every message held.
+    fn held_origins(&self) -> Result<Seen, JournalError> {
         let mut seen = Seen::default();
         let mut after = 0;
         loop {
@@ -209,8 +318,8 @@ impl Outbox {
             };
             after = last.seq;
             for r in &batch {
-                if let Some(m) = Meta::decode(&r.topic) {
-                    seen.extend(&m.origins);
+                if let (Some(o), _) = split_payload(&r.payload) {
+                    seen.extend(&o);
                 }
             }
         }
@@ -262,7 +371,11 @@ mod tests {
         let mut p = Packer::new(seg("home"), 4096);
         for i in 0..n {
             p.push(&Measurement {
-                origin: None,
+                origin: Some(proto::Origin {
+                    producer: seg("modbus-ingest"),
+                    stream: seg("meas"),
+                    seq: 1000 + i as u64,
+                }),
                 site: seg("home"),
                 device: seg("m1"),
                 channel: seg("main"),
@@ -286,7 +399,7 @@ mod tests {
             let (a, _) = o.append(&mut packer_with(3)).unwrap();
             let (b, _) = o.append(&mut packer_with(5)).unwrap();
             o.trim_through(a.seq).unwrap();
-            o.save_acked().unwrap();
+            o.save_state().unwrap();
             (a, b)
         };
         let (o, _, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
@@ -295,6 +408,49 @@ mod tests {
         assert_eq!(held[0].meta.readings, 5);
         assert!(first.id.ends_with(&format!("-{}", first.seq)));
         assert_eq!(first.id.split('-').next(), second.id.split('-').next());
+    }
+
+    /// A power cut at any moment: every reading the outbox ever held is still known, so a
+    /// producer's replay is recognised whether its message is still held or long sent.
+    #[test]
+    fn the_origins_of_sent_messages_survive_a_power_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut o, _, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = o.append(&mut packer_with(3)).unwrap();
+            // The hub has it; the trim waits for the `seen` file, which was just saved at
+            // open: nothing is lost if the power goes now (no save_state).
+            o.trim_through(a.seq).unwrap();
+        }
+        {
+            let (mut o, _, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(
+                o.check("modbus-ingest", "meas", 1001, 1_764_000_000_001),
+                Verdict::Repeat
+            );
+            let (b, _) = o.append(&mut packer_with(3)).unwrap();
+            assert_eq!(b.meta.readings, 3);
+            // Sent, trimmed and saved: gone from the journal, still known.
+            o.trim_through(b.seq).unwrap();
+            o.save_state().unwrap();
+            assert!(o.read_after(0, 10, u64::MAX).unwrap().is_empty());
+        }
+        let (mut o, _, problem) = Outbox::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(problem, None);
+        assert!(o.read_after(0, 10, u64::MAX).unwrap().is_empty());
+        assert_eq!(
+            o.check("modbus-ingest", "meas", 1002, 1_764_000_000_002),
+            Verdict::Repeat
+        );
+        assert_eq!(
+            o.check("modbus-ingest", "meas", 1003, 1_764_000_000_003),
+            Verdict::New
+        );
+        // A damaged `seen` file is reported, not trusted.
+        drop(o);
+        std::fs::write(dir.path().join("seen"), "wbseen1 00000000\nx@1:1-2").unwrap();
+        let (_, _, problem) = Outbox::open(dir.path(), 1 << 20).unwrap();
+        assert!(problem.unwrap().contains("not trusted"));
     }
 
     #[test]

@@ -134,6 +134,12 @@ impl Packer {
         self.origins.contains(producer, stream, seq)
     }
 
+    /// Note the origin of a reading the bridge settled without packing (filtered out), so
+    /// the message's origins stay whole ranges rather than one range per packed reading.
+    pub fn note(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
+        self.origins.insert(producer, stream, seq, ts_ms);
+    }
+
     /// An empty packer for the same site and bound.
     pub fn empty_like(&self) -> Self {
         Self::new(self.site.clone(), self.max_bytes)
@@ -236,7 +242,7 @@ impl Packer {
         self.len = new_len;
         if let Some(o) = &m.origin {
             self.origins
-                .insert(o.producer.as_str(), o.stream.as_str(), o.seq);
+                .insert(o.producer.as_str(), o.stream.as_str(), o.seq, m.ts_ms);
         }
         debug_assert_eq!(self.len, self.total_len());
         Ok(())

@@ -56,9 +56,31 @@ impl Ranges {
     }
 }
 
+/// One stream's origins: the seqs, and the newest read time among them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stream {
+    ranges: Ranges,
+    newest_ts_ms: i64,
+}
+
+/// What an arriving reading is, by its origin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not seen: take it.
+    New,
+    /// Seen already (its acknowledgement was lost, the producer replayed it): acknowledge it
+    /// again, do not send it twice.
+    Repeat,
+    /// Its seq was seen, but it was read after every reading seen from that stream: not a
+    /// replay (a replay is the same reading, so no newer than what was seen), but a producer
+    /// whose journal was recreated and numbers from 1 again. The stream's origins are
+    /// forgotten and the reading taken.
+    Renumbered,
+}
+
 /// Origins per `producer/stream`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Seen(HashMap<String, Ranges>);
+pub struct Seen(HashMap<String, Stream>);
 
 impl Seen {
     fn key(producer: &str, stream: &str) -> String {
@@ -68,23 +90,40 @@ impl Seen {
     pub fn contains(&self, producer: &str, stream: &str, seq: u64) -> bool {
         self.0
             .get(&Self::key(producer, stream))
-            .is_some_and(|r| r.contains(seq))
+            .is_some_and(|s| s.ranges.contains(seq))
     }
 
-    pub fn insert(&mut self, producer: &str, stream: &str, seq: u64) {
-        self.0
-            .entry(Self::key(producer, stream))
-            .or_default()
-            .insert(seq);
+    /// What a reading of `producer/stream` numbered `seq` and read at `ts_ms` is. A
+    /// [`Verdict::Renumbered`] stream is forgotten here.
+    pub fn check(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) -> Verdict {
+        let key = Self::key(producer, stream);
+        let Some(s) = self.0.get(&key) else {
+            return Verdict::New;
+        };
+        if !s.ranges.contains(seq) {
+            Verdict::New
+        } else if ts_ms > s.newest_ts_ms {
+            self.0.remove(&key);
+            Verdict::Renumbered
+        } else {
+            Verdict::Repeat
+        }
+    }
+
+    pub fn insert(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
+        let s = self.0.entry(Self::key(producer, stream)).or_default();
+        s.ranges.insert(seq);
+        s.newest_ts_ms = s.newest_ts_ms.max(ts_ms);
     }
 
     /// Add every origin of `other`.
     pub fn extend(&mut self, other: &Seen) {
-        for (k, r) in &other.0 {
+        for (k, o) in &other.0 {
             let mine = self.0.entry(k.clone()).or_default();
-            for range in r.ranges() {
-                mine.insert_range(*range);
+            for range in o.ranges.ranges() {
+                mine.ranges.insert_range(*range);
             }
+            mine.newest_ts_ms = mine.newest_ts_ms.max(o.newest_ts_ms);
         }
     }
 
@@ -92,7 +131,13 @@ impl Seen {
         self.0.is_empty()
     }
 
-    /// `producer/stream:1-500,502-510;other/meas:7-7` (segments have no `:`, `;`, `,`, ` `).
+    /// Ranges held, all streams together (for the size of the state).
+    pub fn ranges(&self) -> usize {
+        self.0.values().map(|s| s.ranges.ranges().len()).sum()
+    }
+
+    /// `producer/stream@newest:1-500,502-510;other/meas@…:7-7` (segments have no `@`, `:`,
+    /// `;`, `,`, ` ` or newline).
     pub fn encode(&self) -> String {
         let mut keys: Vec<&String> = self.0.keys().collect();
         keys.sort();
@@ -101,9 +146,9 @@ impl Seen {
             if !out.is_empty() {
                 out.push(';');
             }
-            out.push_str(k);
-            out.push(':');
-            for (i, r) in self.0[k].ranges().iter().enumerate() {
+            let s = &self.0[k];
+            let _ = write!(out, "{k}@{}:", s.newest_ts_ms);
+            for (i, r) in s.ranges.ranges().iter().enumerate() {
                 if i > 0 {
                     out.push(',');
                 }
@@ -117,13 +162,32 @@ impl Seen {
         let mut seen = Seen::default();
         for part in s.split(';').filter(|p| !p.is_empty()) {
             let (k, ranges) = part.split_once(':')?;
+            let (k, newest) = k.split_once('@')?;
             let mine = seen.0.entry(k.to_string()).or_default();
-            for r in ranges.split(',') {
+            mine.newest_ts_ms = newest.parse().ok()?;
+            for r in ranges.split(',').filter(|r| !r.is_empty()) {
                 let (a, b) = r.split_once('-')?;
-                mine.insert_range([a.parse().ok()?, b.parse().ok()?]);
+                mine.ranges.insert_range([a.parse().ok()?, b.parse().ok()?]);
             }
         }
         Some(seen)
+    }
+
+    /// The state file's contents: a line `wbseen1 <crc32 of the rest>`, then [`Seen::encode`].
+    pub fn to_file(&self) -> Vec<u8> {
+        let body = self.encode();
+        format!("wbseen1 {:08x}\n{body}", crc32fast::hash(body.as_bytes())).into_bytes()
+    }
+
+    /// Read a state file; `Err` says why it is not trusted.
+    pub fn from_file(bytes: &[u8]) -> Result<Seen, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?;
+        let (head, body) = text.split_once('\n').ok_or("no header line")?;
+        let crc = head.strip_prefix("wbseen1 ").ok_or("not a wbseen1 file")?;
+        if u32::from_str_radix(crc, 16).ok() != Some(crc32fast::hash(body.as_bytes())) {
+            return Err("its checksum does not match (damaged)".into());
+        }
+        Seen::decode(body).ok_or_else(|| "its contents do not parse".into())
     }
 }
 
@@ -146,15 +210,38 @@ mod tests {
     }
 
     #[test]
-    fn seen_round_trips_through_its_text() {
+    fn seen_round_trips_through_its_text_and_its_file() {
         let mut s = Seen::default();
         for q in [1, 2, 3, 9] {
-            s.insert("modbus-ingest", "meas", q);
+            s.insert("modbus-ingest", "meas", q, 1000 + q as i64);
         }
-        s.insert("sim", "meas", 7);
+        s.insert("sim", "meas", 7, 5);
         let text = s.encode();
-        assert_eq!(text, "modbus-ingest/meas:1-3,9-9;sim/meas:7-7");
-        assert_eq!(Seen::decode(&text), Some(s));
-        assert_eq!(Seen::decode("x:1-a"), None);
+        assert_eq!(text, "modbus-ingest/meas@1009:1-3,9-9;sim/meas@5:7-7");
+        assert_eq!(Seen::decode(&text), Some(s.clone()));
+        assert_eq!(Seen::decode("x@1:1-a"), None);
+        let file = s.to_file();
+        assert_eq!(Seen::from_file(&file), Ok(s));
+        let mut damaged = file.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        assert!(Seen::from_file(&damaged).unwrap_err().contains("checksum"));
+    }
+
+    #[test]
+    fn a_replay_is_a_repeat_and_a_renumbered_producer_is_not() {
+        let mut s = Seen::default();
+        for q in 1..=100 {
+            s.insert("p", "meas", q, 1_000 + q as i64);
+        }
+        assert_eq!(s.check("p", "meas", 50, 1_050), Verdict::Repeat);
+        assert_eq!(s.check("p", "meas", 101, 1_101), Verdict::New);
+        assert_eq!(s.check("q", "meas", 1, 1), Verdict::New);
+        // A recreated journal numbers from 1 again, with readings read later.
+        assert_eq!(s.check("p", "meas", 1, 9_000), Verdict::Renumbered);
+        assert!(
+            !s.contains("p", "meas", 50),
+            "the old numbers are forgotten"
+        );
     }
 }

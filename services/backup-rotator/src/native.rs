@@ -366,11 +366,22 @@ mod tests {
         assert_eq!(env, [("INFLUX_TOKEN".to_string(), "s3cret".to_string())]);
     }
 
+    /// A tool script, written by a shell rather than by this process: a file this process
+    /// holds open for writing is inherited by every child another test thread forks meanwhile,
+    /// and exec'ing it then fails with ETXTBSY ("Text file busy") until that child execs.
     fn script(dir: &Path, body: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt as _;
         let path = dir.join("tool.sh");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let written = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "printf '%s\\n' '#!/bin/sh' \"$1\" > \"$2\" && chmod 755 \"$2\"",
+                "sh",
+            ])
+            .arg(body)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(written.success());
         path
     }
 

@@ -384,7 +384,7 @@ fn a_user_without_a_role_is_an_error_naming_the_key_and_the_roles() {
     assert_eq!(e.key, "broker.users[0].role");
     assert!(
         e.reason.contains(
-            "producer, sink, processor, actuator, commander, homeassistant, tasmota, reader, admin"
+            "producer, sink, processor, actuator, commander, cloud-bridge, homeassistant, tasmota, reader, admin"
         ),
         "{e}"
     );
