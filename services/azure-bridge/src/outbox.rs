@@ -32,6 +32,13 @@ use crate::seen::{Seen, Verdict};
 /// Segment files of the outbox: 1 MiB, so an acknowledged stretch is freed soon.
 const SEGMENT_BYTES: u64 = 1024 * 1024;
 
+/// A full outbox drops its oldest segment files whole: segments are at most 1/16 of the
+/// bound (and at least 64 KiB), so an overflow drops at most that share, not most of a
+/// small outbox.
+fn segment_bytes(max_bytes: u64) -> u64 {
+    (max_bytes / 16).clamp(64 * 1024, SEGMENT_BYTES)
+}
+
 /// One stored message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
@@ -119,7 +126,7 @@ impl Outbox {
         let cfg = StreamConfig {
             journal: JournalKind::Disk,
             max_bytes,
-            segment_bytes: SEGMENT_BYTES,
+            segment_bytes: segment_bytes(max_bytes),
             ..StreamConfig::default()
         };
         let (journal, report) = Journal::open(dir, &cfg)?;
@@ -451,6 +458,27 @@ mod tests {
         std::fs::write(dir.path().join("seen"), "wbseen1 00000000\nx@1:1-2").unwrap();
         let (_, _, problem) = Outbox::open(dir.path(), 1 << 20).unwrap();
         assert!(problem.unwrap().contains("not trusted"));
+    }
+
+    /// A full outbox drops only the oldest messages, a sixteenth of it at a time at most.
+    #[test]
+    fn a_full_outbox_drops_a_small_share_of_its_oldest_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = 1024 * 1024;
+        let (mut o, _, _) = Outbox::open(dir.path(), bound).unwrap();
+        let mut dropped = Vec::new();
+        for _ in 0..3000 {
+            let (_, d) = o.append(&mut packer_with(60)).unwrap();
+            dropped.extend(d);
+        }
+        assert!(!dropped.is_empty(), "the bound was never reached");
+        assert!(o.bytes() <= bound + 64 * 1024, "{} bytes held", o.bytes());
+        let held = o.read_after(0, 100_000, u64::MAX).unwrap().len() as u64;
+        let per_drop = dropped.iter().map(|d| d.records).max().unwrap();
+        assert!(
+            per_drop * 8 < held,
+            "one overflow dropped {per_drop} of {held} messages"
+        );
     }
 
     #[test]
