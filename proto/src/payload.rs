@@ -119,6 +119,12 @@ pub struct Origin {
     pub stream: Segment,
     /// Strictly increasing within the stream, across restarts. Gaps are allowed.
     pub seq: u64,
+    /// The journal's own random id, made when the journal is created: a journal recreated
+    /// (its directory or volume lost) numbers from 1 again under a new epoch, so a sink that
+    /// remembers what it stored by origin (azure-bridge) does not take its new readings for
+    /// replays of old ones. Absent from producers older than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Segment>,
 }
 
 impl Origin {
@@ -827,6 +833,7 @@ mod tests {
                 producer: seg("modbus-ingest"),
                 stream: seg("meas"),
                 seq: 42,
+                epoch: None,
             }),
             site: seg("home"),
             device: seg("we515-1"),
@@ -1229,6 +1236,7 @@ mod tests {
             producer: seg("modbus-ingest"),
             stream: seg("meas"),
             seq: 42,
+            epoch: None,
         });
         let bytes = m.encode().unwrap();
         assert_eq!(bytes, measurement().encode().unwrap());

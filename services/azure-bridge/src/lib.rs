@@ -248,12 +248,11 @@ impl Intake<'_> {
         self.last_reading_ms
             .fetch_max(d.message.ts_ms, std::sync::atomic::Ordering::Relaxed);
         if let Some(o) = &d.message.origin {
-            let (p, st) = (o.producer.as_str(), o.stream.as_str());
             let verdict = self
                 .outbox
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .check(p, st, o.seq, d.message.ts_ms);
+                .check(o, d.message.ts_ms);
             match verdict {
                 // Held or sent already (its acknowledgement was lost: the bridge or the
                 // producer was killed before it went out, or the broker restarted):
@@ -265,10 +264,13 @@ impl Intake<'_> {
                     self.events.repeat();
                     return false;
                 }
-                Verdict::Renumbered => self.events.renumbered(p, st, o.seq),
+                Verdict::Renumbered => {
+                    self.events
+                        .renumbered(o.producer.as_str(), o.stream.as_str(), o.seq);
+                }
                 Verdict::New => {}
             }
-            if self.packer.holds(p, st, o.seq) {
+            if self.packer.holds(o) {
                 // In the message being packed: acknowledged with it.
                 self.events.repeat();
                 return false;
@@ -312,12 +314,11 @@ impl Intake<'_> {
     /// noted.
     fn settled(&mut self, d: &Delivery<Measurement>) {
         if let Some(o) = &d.message.origin {
-            let (p, st) = (o.producer.as_str(), o.stream.as_str());
-            self.packer.note(p, st, o.seq, d.message.ts_ms);
+            self.packer.note(o, d.message.ts_ms);
             self.outbox
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .settled(p, st, o.seq, d.message.ts_ms);
+                .settled(o, d.message.ts_ms);
         }
         if let Some(t) = &d.token {
             self.acker.ack(t);

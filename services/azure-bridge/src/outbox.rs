@@ -292,8 +292,8 @@ impl Outbox {
     }
 
     /// What an arriving reading is, by its origin (see `seen`).
-    pub fn check(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) -> Verdict {
-        let v = self.seen.check(producer, stream, seq, ts_ms);
+    pub fn check(&mut self, o: &proto::Origin, ts_ms: i64) -> Verdict {
+        let v = self.seen.check(o, ts_ms);
         if v == Verdict::Renumbered {
             self.seen_dirty = true;
         }
@@ -302,8 +302,8 @@ impl Outbox {
 
     /// A reading settled without being stored (filtered out): noted, so its stream's origins
     /// stay whole ranges.
-    pub fn settled(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
-        self.seen.insert(producer, stream, seq, ts_ms);
+    pub fn settled(&mut self, o: &proto::Origin, ts_ms: i64) {
+        self.seen.insert(o, ts_ms);
         self.seen_dirty = true;
     }
 
@@ -382,6 +382,7 @@ mod tests {
                     producer: seg("modbus-ingest"),
                     stream: seg("meas"),
                     seq: 1000 + i as u64,
+                    epoch: None,
                 }),
                 site: seg("home"),
                 device: seg("m1"),
@@ -417,6 +418,15 @@ mod tests {
         assert_eq!(first.id.split('-').next(), second.id.split('-').next());
     }
 
+    fn origin(seq: u64) -> proto::Origin {
+        proto::Origin {
+            producer: Segment::new("modbus-ingest").unwrap(),
+            stream: Segment::new("meas").unwrap(),
+            seq,
+            epoch: None,
+        }
+    }
+
     /// A power cut at any moment: every reading the outbox ever held is still known, so a
     /// producer's replay is recognised whether its message is still held or long sent.
     #[test]
@@ -431,10 +441,7 @@ mod tests {
         }
         {
             let (mut o, _, _) = Outbox::open(dir.path(), 1 << 20).unwrap();
-            assert_eq!(
-                o.check("modbus-ingest", "meas", 1001, 1_764_000_000_001),
-                Verdict::Repeat
-            );
+            assert_eq!(o.check(&origin(1001), 1_764_000_000_001), Verdict::Repeat);
             let (b, _) = o.append(&mut packer_with(3)).unwrap();
             assert_eq!(b.meta.readings, 3);
             // Sent, trimmed and saved: gone from the journal, still known.
@@ -445,14 +452,8 @@ mod tests {
         let (mut o, _, problem) = Outbox::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(problem, None);
         assert!(o.read_after(0, 10, u64::MAX).unwrap().is_empty());
-        assert_eq!(
-            o.check("modbus-ingest", "meas", 1002, 1_764_000_000_002),
-            Verdict::Repeat
-        );
-        assert_eq!(
-            o.check("modbus-ingest", "meas", 1003, 1_764_000_000_003),
-            Verdict::New
-        );
+        assert_eq!(o.check(&origin(1002), 1_764_000_000_002), Verdict::Repeat);
+        assert_eq!(o.check(&origin(1003), 1_764_000_000_003), Verdict::New);
         // A damaged `seen` file is reported, not trusted.
         drop(o);
         std::fs::write(dir.path().join("seen"), "wbseen1 00000000\nx@1:1-2").unwrap();

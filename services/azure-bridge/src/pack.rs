@@ -130,14 +130,14 @@ impl Packer {
     }
 
     /// Whether this message already holds the reading from this origin.
-    pub fn holds(&self, producer: &str, stream: &str, seq: u64) -> bool {
-        self.origins.contains(producer, stream, seq)
+    pub fn holds(&self, o: &proto::Origin) -> bool {
+        self.origins.contains(o)
     }
 
     /// Note the origin of a reading the bridge settled without packing (filtered out), so
     /// the message's origins stay whole ranges rather than one range per packed reading.
-    pub fn note(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
-        self.origins.insert(producer, stream, seq, ts_ms);
+    pub fn note(&mut self, o: &proto::Origin, ts_ms: i64) {
+        self.origins.insert(o, ts_ms);
     }
 
     /// An empty packer for the same site and bound.
@@ -241,8 +241,7 @@ impl Packer {
         self.readings += 1;
         self.len = new_len;
         if let Some(o) = &m.origin {
-            self.origins
-                .insert(o.producer.as_str(), o.stream.as_str(), o.seq, m.ts_ms);
+            self.origins.insert(o, m.ts_ms);
         }
         debug_assert_eq!(self.len, self.total_len());
         Ok(())

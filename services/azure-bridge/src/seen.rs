@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
+use proto::Origin;
+
 /// Seq ranges of one stream, sorted, merged, inclusive.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ranges(Vec<[u64; 2]>);
@@ -83,26 +85,33 @@ pub enum Verdict {
 pub struct Seen(HashMap<String, Stream>);
 
 impl Seen {
-    fn key(producer: &str, stream: &str) -> String {
-        format!("{producer}/{stream}")
+    /// `producer/stream`, and `/epoch` when the producer's journal has one: a recreated
+    /// journal is another key, so its numbers from 1 are new whatever its clock says.
+    fn key(o: &Origin) -> String {
+        match &o.epoch {
+            Some(e) => format!("{}/{}/{e}", o.producer, o.stream),
+            None => format!("{}/{}", o.producer, o.stream),
+        }
     }
 
-    pub fn contains(&self, producer: &str, stream: &str, seq: u64) -> bool {
+    pub fn contains(&self, o: &Origin) -> bool {
         self.0
-            .get(&Self::key(producer, stream))
-            .is_some_and(|s| s.ranges.contains(seq))
+            .get(&Self::key(o))
+            .is_some_and(|s| s.ranges.contains(o.seq))
     }
 
-    /// What a reading of `producer/stream` numbered `seq` and read at `ts_ms` is. A
-    /// [`Verdict::Renumbered`] stream is forgotten here.
-    pub fn check(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) -> Verdict {
-        let key = Self::key(producer, stream);
+    /// What a reading from `o`, read at `ts_ms`, is. A [`Verdict::Renumbered`] stream is
+    /// forgotten here. With an epoch (every current producer) a seen seq is a repeat; without
+    /// one (an older producer) a seen seq read after everything seen from the stream is a
+    /// renumbering, which a clock set back hides (docs/azure-bridge.md).
+    pub fn check(&mut self, o: &Origin, ts_ms: i64) -> Verdict {
+        let key = Self::key(o);
         let Some(s) = self.0.get(&key) else {
             return Verdict::New;
         };
-        if !s.ranges.contains(seq) {
+        if !s.ranges.contains(o.seq) {
             Verdict::New
-        } else if ts_ms > s.newest_ts_ms {
+        } else if o.epoch.is_none() && ts_ms > s.newest_ts_ms {
             self.0.remove(&key);
             Verdict::Renumbered
         } else {
@@ -110,9 +119,9 @@ impl Seen {
         }
     }
 
-    pub fn insert(&mut self, producer: &str, stream: &str, seq: u64, ts_ms: i64) {
-        let s = self.0.entry(Self::key(producer, stream)).or_default();
-        s.ranges.insert(seq);
+    pub fn insert(&mut self, o: &Origin, ts_ms: i64) {
+        let s = self.0.entry(Self::key(o)).or_default();
+        s.ranges.insert(o.seq);
         s.newest_ts_ms = s.newest_ts_ms.max(ts_ms);
     }
 
@@ -136,8 +145,8 @@ impl Seen {
         self.0.values().map(|s| s.ranges.ranges().len()).sum()
     }
 
-    /// `producer/stream@newest:1-500,502-510;other/meas@…:7-7` (segments have no `@`, `:`,
-    /// `;`, `,`, ` ` or newline).
+    /// `producer/stream[/epoch]@newest:1-500,502-510;other/meas@…:7-7` (segments have no
+    /// `@`, `:`, `;`, `,`, ` ` or newline).
     pub fn encode(&self) -> String {
         let mut keys: Vec<&String> = self.0.keys().collect();
         keys.sort();
@@ -209,13 +218,22 @@ mod tests {
         assert!(r.contains(1) && r.contains(10) && !r.contains(0) && !r.contains(11));
     }
 
+    fn origin(producer: &str, seq: u64, epoch: Option<&str>) -> Origin {
+        Origin {
+            producer: proto::Segment::new(producer).unwrap(),
+            stream: proto::Segment::new("meas").unwrap(),
+            seq,
+            epoch: epoch.map(|e| proto::Segment::new(e).unwrap()),
+        }
+    }
+
     #[test]
     fn seen_round_trips_through_its_text_and_its_file() {
         let mut s = Seen::default();
         for q in [1, 2, 3, 9] {
-            s.insert("modbus-ingest", "meas", q, 1000 + q as i64);
+            s.insert(&origin("modbus-ingest", q, None), 1000 + q as i64);
         }
-        s.insert("sim", "meas", 7, 5);
+        s.insert(&origin("sim", 7, None), 5);
         let text = s.encode();
         assert_eq!(text, "modbus-ingest/meas@1009:1-3,9-9;sim/meas@5:7-7");
         assert_eq!(Seen::decode(&text), Some(s.clone()));
@@ -232,16 +250,34 @@ mod tests {
     fn a_replay_is_a_repeat_and_a_renumbered_producer_is_not() {
         let mut s = Seen::default();
         for q in 1..=100 {
-            s.insert("p", "meas", q, 1_000 + q as i64);
+            s.insert(&origin("p", q, None), 1_000 + q as i64);
         }
-        assert_eq!(s.check("p", "meas", 50, 1_050), Verdict::Repeat);
-        assert_eq!(s.check("p", "meas", 101, 1_101), Verdict::New);
-        assert_eq!(s.check("q", "meas", 1, 1), Verdict::New);
-        // A recreated journal numbers from 1 again, with readings read later.
-        assert_eq!(s.check("p", "meas", 1, 9_000), Verdict::Renumbered);
+        assert_eq!(s.check(&origin("p", 50, None), 1_050), Verdict::Repeat);
+        assert_eq!(s.check(&origin("p", 101, None), 1_101), Verdict::New);
+        assert_eq!(s.check(&origin("q", 1, None), 1), Verdict::New);
+        // A recreated journal of an older producer (no epoch) numbers from 1 again, with
+        // readings read later.
+        assert_eq!(s.check(&origin("p", 1, None), 9_000), Verdict::Renumbered);
         assert!(
-            !s.contains("p", "meas", 50),
+            !s.contains(&origin("p", 50, None)),
             "the old numbers are forgotten"
         );
+    }
+
+    /// With epochs, a recreated journal is told apart whatever its clock says: the case the
+    /// read times alone get wrong (its clock set back).
+    #[test]
+    fn a_new_epoch_is_new_even_with_its_clock_behind() {
+        let mut s = Seen::default();
+        let (old, new) = (Some("00000000000000a1"), Some("00000000000000b2"));
+        for q in 1..=100 {
+            s.insert(&origin("p", q, old), 1_000_000 + q as i64);
+        }
+        assert_eq!(s.check(&origin("p", 50, old), 1_000_050), Verdict::Repeat);
+        // Same numbers, a new journal, read "an hour earlier".
+        assert_eq!(s.check(&origin("p", 50, new), 10), Verdict::New);
+        s.insert(&origin("p", 50, new), 10);
+        assert_eq!(s.check(&origin("p", 50, old), 1_000_050), Verdict::Repeat);
+        assert_eq!(Seen::decode(&s.encode()), Some(s));
     }
 }

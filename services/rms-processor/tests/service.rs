@@ -1039,6 +1039,7 @@ async fn poison_frames_are_dead_lettered_and_acknowledged_and_every_device_goes_
                         producer: seg("hand"),
                         stream: seg("raw"),
                         seq: u64::MAX,
+                        epoch: None,
                     })
                     .unwrap();
                     publish_raw(&hand, &site, d, j).await;

@@ -527,6 +527,7 @@ impl Shared {
             producer: self.producer.clone(),
             stream: self.stream.clone(),
             seq,
+            epoch: Some(st.journal.epoch().clone()),
         });
         let bytes = msg
             .encode()

@@ -94,6 +94,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::{JournalKind, StreamConfig};
+use proto::Segment;
 
 /// Numbers reserved per write of the `seq` file.
 const SEQ_BLOCK: u64 = 65_536;
@@ -442,6 +443,9 @@ pub struct Journal {
     /// Held while the journal is open: two processes appending to one journal would reuse
     /// sequence numbers and interleave records.
     _lock: File,
+    /// This journal's random id (`epoch` file), made when it is created: see
+    /// `proto::Origin::epoch`.
+    epoch: Segment,
 }
 
 /// Take the journal directory's lock, or say who is in the way.
@@ -479,7 +483,33 @@ fn now_us() -> u64 {
         .saturating_mul(1000)
 }
 
+/// The journal's epoch: read from `dir/epoch`, or made (random, 16 hex digits) and written
+/// when there is none or it is unreadable. A new epoch only makes a sink that remembers origins
+/// (azure-bridge) take replays of old records for new readings: a repeat, never a loss.
+fn read_epoch(dir: &Path) -> Result<Segment, JournalError> {
+    let path = dir.join("epoch");
+    if let Ok(text) = fs::read_to_string(&path)
+        && text.len() == 16
+        && text.bytes().all(|b| b.is_ascii_hexdigit())
+        && let Ok(e) = Segment::new(text)
+    {
+        return Ok(e);
+    }
+    let mut rng = fastrand::Rng::new();
+    let text = format!("{:016x}", rng.u64(..) ^ now_us().rotate_left(17));
+    replace_file(&path, text.as_bytes()).map_err(io_err(&path))?;
+    Segment::new(text).map_err(|e| JournalError::Io {
+        path,
+        source: io::Error::other(e.to_string()),
+    })
+}
+
 impl Journal {
+    /// This journal's epoch (see `proto::Origin::epoch`).
+    pub fn epoch(&self) -> &Segment {
+        &self.epoch
+    }
+
     /// Open (or create) the journal in `dir`.
     pub fn open(dir: &Path, cfg: &StreamConfig) -> Result<(Self, OpenReport), JournalError> {
         private_dir(dir).map_err(io_err(dir))?;
@@ -575,6 +605,7 @@ impl Journal {
             acked_through: 0,
             acked_path,
             _lock: lock,
+            epoch: read_epoch(dir)?,
         };
         journal.trim_through(trim_to)?;
         Ok((journal, report))

@@ -23,6 +23,7 @@ fn reading(site: &Segment, device: &str, seq: u64) -> Measurement {
             producer: seg("meter-reader"),
             stream: seg("meas"),
             seq,
+            epoch: None,
         }),
         site: site.clone(),
         device: seg(device),

@@ -38,6 +38,7 @@ fn readings(meter: usize, second: i64, seq: &mut u64) -> Vec<Measurement> {
                 producer: seg("modbus-ingest"),
                 stream: seg("meas"),
                 seq: *seq,
+                epoch: None,
             }),
             site: seg("home"),
             device: seg(&format!("we515-{meter}")),

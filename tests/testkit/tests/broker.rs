@@ -18,6 +18,7 @@ fn reading(site: &Segment, producer: &str, power_w: f64) -> Measurement {
             producer: seg(producer),
             stream: seg("meas"),
             seq: 1,
+            epoch: None,
         }),
         site: site.clone(),
         device: seg("meter"),
