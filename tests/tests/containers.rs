@@ -87,7 +87,11 @@ impl Stack {
         )
         .unwrap();
         std::os::unix::fs::symlink(repo().join("grafana"), dir.path().join("grafana")).unwrap();
-        let o = Command::new("./make-secrets.sh")
+        // Run by `sh`, not exec'd: the copy above held the file open for writing, and a
+        // child another test thread forked meanwhile inherits that descriptor, so exec'ing it
+        // can fail with ETXTBSY ("Text file busy"). `sh` only reads it.
+        let o = Command::new("sh")
+            .arg("./make-secrets.sh")
             .current_dir(&compose)
             .output()
             .unwrap();
@@ -445,7 +449,8 @@ fn the_shipped_compose_files_and_dockerfiles_are_valid() {
 
     // make-secrets.sh keeps what exists and makes its directory private.
     let before = stack.secret("broker_reader");
-    let o = Command::new("./make-secrets.sh")
+    let o = Command::new("sh")
+        .arg("./make-secrets.sh")
         .current_dir(stack.compose_dir())
         .output()
         .unwrap();
