@@ -14,6 +14,7 @@ chmod 0700 secrets
 made=""
 for name in broker_modbus_ingest broker_serial_ingest broker_simulator broker_rms_processor \
             broker_influx_writer broker_backup_rotator broker_plug_bridge broker_azure_bridge \
+            broker_node_health \
             broker_homeassistant broker_reader \
             influx_password influx_admin_password influx_grafana_password \
             grafana_admin_password plug_api_token; do

@@ -702,6 +702,7 @@ def health() -> db.Dashboard:
     ]:
         raw, mins = increase(field)
         d = d.with_panel(ts(title, "short", series("service", raw, mins, inst, ("device",), "$tag_device"), w=12, h=7, span_nulls_ms=30_000, description=desc))
+    d = node_row(d)
     d = d.with_row(db.Row("Modbus"))
     mb = f"{SITE} AND {GOOD}"
     for title, field in [("Timeouts per meter", "timeouts"), ("CRC errors per meter", "crc_errors"), ("Exceptions per meter", "exceptions"), ("Retries per meter", "retries")]:
@@ -751,6 +752,58 @@ def health() -> db.Dashboard:
             h=6,
             time_from="3h",
         )
+    )
+    return d
+
+
+# What node-health (docs/node-health.md) publishes, judged: the Pi's CPU is throttled from
+# 80 °C (soft limit 60–70 °C on some models, hard 85 °C), and an SD card or disk this full is a
+# day of readings from stopping the stack.
+CPU_HOT_C = 80
+DISK_FULL_PCT = 90
+NODE = f'{SITE} AND "device" =~ /^$node$/'
+
+
+def node_row(d: db.Dashboard) -> db.Dashboard:
+    """The machines wattbus runs on: measurement `node_health`, one device per node."""
+    d = d.with_row(db.Row("Nodes")).with_variable(
+        tag_variable("node", "Node", f'SHOW TAG VALUES FROM "node_health" WITH KEY = "device" WHERE {SITE}')
+    )
+    for title, fn, field, unit, desc, thresholds in [
+        ("CPU use", mean, "cpu_use_pct", "percent", "Share of all cores busy, per node.", None),
+        ("CPU temperature", maximum, "cpu_temperature_c", "celsius", f"The SoC's temperature; a Pi slows its CPU down from about {CPU_HOT_C} °C. Missing where the kernel has no thermal zone.", [(None, "green"), (70, "orange"), (CPU_HOT_C, "red")]),
+        ("Memory used", mean, "mem_used_pct", "percent", "Memory not available to new programs (MemAvailable), per node.", [(None, "green"), (90, "red")]),
+        ("Load (1 min)", mean, "load_1m", "short", "Runnable and waiting tasks; above the core count (4 on a Pi) work queues up.", None),
+        ("Disk used", maximum, "disk_used_pct", "percent", "The data directory's file system, as df counts it.", [(None, "green"), (80, "orange"), (DISK_FULL_PCT, "red")]),
+        ("SD card writes", mean, "disk_write_bytes_per_s", "Bps", "Bytes written per second to the disk holding the data directory: what wears an SD card out.", None),
+    ]:
+        raw, mins = fn(field)
+        d = d.with_panel(ts(title, unit, series("node_health", raw, mins, NODE, ("device",), "$tag_device"), w=8, h=7, span_nulls_ms=30_000, description=desc, thresholds=thresholds))
+    raw, mins = maximum("under_voltage_occurred")
+    d = d.with_panel(
+        timeline()
+        .title("Under-voltage (Raspberry Pi)")
+        .description("The Pi's firmware saw its supply below 4.63 V in the interval: a weak power supply or cable, the usual cause of SD-card corruption. Only on a Pi.")
+        .datasource(DS)
+        .targets(series("node_health", raw, mins, NODE, ("device",), "$tag_device"))
+        .span(12)
+        .height(5)
+        .interval("10s")
+        .mappings([dm.ValueMap(options={"0": dm.ValueMappingResult(text="ok", color="green"), "1": dm.ValueMappingResult(text="under-voltage", color="red")})])
+        .thresholds(steps([(None, "green"), (1, "red")]))
+    )
+    raw, mins = maximum("throttled_occurred")
+    d = d.with_panel(
+        timeline()
+        .title("Throttled (Raspberry Pi)")
+        .description("The firmware slowed the CPU (heat or under-voltage) in the interval. Only on a Pi.")
+        .datasource(DS)
+        .targets(series("node_health", raw, mins, NODE, ("device",), "$tag_device"))
+        .span(12)
+        .height(5)
+        .interval("10s")
+        .mappings([dm.ValueMap(options={"0": dm.ValueMappingResult(text="ok", color="green"), "1": dm.ValueMappingResult(text="throttled", color="red")})])
+        .thresholds(steps([(None, "green"), (1, "red")]))
     )
     return d
 
@@ -903,6 +956,37 @@ def rules() -> list[alerting.Rule]:
             ],
             "E",
             "1m",
+        )
+    )
+    node = f'FROM "node_health" WHERE $timeFilter GROUP BY {BY}'
+    out.append(
+        rule(
+            "wattbus-node-hot",
+            "Node CPU temperature high",
+            f"{{{{ $labels.device }}}} at {{{{ $labels.site }}}} has run above {CPU_HOT_C} °C for 5 minutes: the Pi slows its CPU down. Check its ventilation, case and heat sink.",
+            [influx("A", f'SELECT min("cpu_temperature_c") {node}', 300), reduce("B", "A"), math("C", f"$B > {CPU_HOT_C}")],
+            "C",
+            "0s",
+        )
+    )
+    out.append(
+        rule(
+            "wattbus-node-under-voltage",
+            "Node under-voltage",
+            "The firmware of {{ $labels.device }} at {{ $labels.site }} saw its supply voltage too low in the last 10 minutes: use the official power supply and a short, thick cable. Under-voltage corrupts SD cards.",
+            [influx("A", f'SELECT max("under_voltage_occurred") {node}', 600), reduce("B", "A"), math("C", "$B > 0")],
+            "C",
+            "0s",
+        )
+    )
+    out.append(
+        rule(
+            "wattbus-node-disk-full",
+            "Node disk almost full",
+            f"The data disk of {{{{ $labels.device }}}} at {{{{ $labels.site }}}} is more than {DISK_FULL_PCT} % full: journals and InfluxDB stop when it is. Lower retention, or free space.",
+            [influx("A", f'SELECT last("disk_used_pct") {node}', 900), reduce("B", "A"), math("C", f"$B > {DISK_FULL_PCT}")],
+            "C",
+            "10m",
         )
     )
     out.append(

@@ -44,8 +44,9 @@ pub mod utc;
 pub use payload::{
     Ack, Action, Command, CommandResult, DeadLetter, DecodeError, EncodeError, MAX_ACK_RANGES,
     MAX_PAYLOAD_BYTES, MAX_SINK_FILTERS, MAX_TAGS, Measurement, Origin, Payload, Quality,
-    RESERVED_NAMES, RawChannel, RawFrame, SERVICE_MEASUREMENT, STATUS_INTERVAL_S, Sequenced,
-    ServiceHealth, ServiceState, SinkRegistration, Status, check_field_name, now_ms,
+    READING_BATCH_FORMAT, RESERVED_NAMES, RawChannel, RawFrame, ReadingBatch, SERVICE_MEASUREMENT,
+    STATUS_INTERVAL_S, Sequenced, ServiceHealth, ServiceState, SinkRegistration, Status,
+    check_field_name, now_ms,
 };
 pub use plausible::{Implausible, RANGES, UnitRange, plausible_range};
 pub use schema::{all_schemas, schema_json};

@@ -289,6 +289,49 @@ pub fn check_field_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The `format` of every [`ReadingBatch`].
+pub const READING_BATCH_FORMAT: &str = "wattbus.readings.v1";
+
+/// Readings as influx-writer's HTTP output POSTs them (`[influx_writer.http]`,
+/// docs/http-output.md). Not a bus message. With `one_per_request` the body is one
+/// [`Measurement`] instead.
+///
+/// A reading may arrive more than once (a retry after a lost answer, a replay after a
+/// restart); a receiver keeps one per site, device, channel, measurement and `ts_ms` (or per
+/// `origin`, which names the producer's journal record).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReadingBatch {
+    /// Always `wattbus.readings.v1`.
+    pub format: String,
+    /// The site every reading is of.
+    pub site: Segment,
+    /// In the order the writer received them; at most `max_readings`.
+    pub readings: Vec<Measurement>,
+}
+
+impl Payload for ReadingBatch {
+    const NAME: &'static str = "reading_batch";
+
+    fn validate(&self) -> Result<(), String> {
+        if self.format != READING_BATCH_FORMAT {
+            return Err(format!(
+                "format is {:?}, not {READING_BATCH_FORMAT:?}",
+                self.format
+            ));
+        }
+        for (i, m) in self.readings.iter().enumerate() {
+            m.validate().map_err(|e| format!("readings[{i}]: {e}"))?;
+            if m.site != self.site {
+                return Err(format!(
+                    "readings[{i}] is of site {}, the batch of {}",
+                    m.site, self.site
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Payload for Measurement {
     const NAME: &'static str = "measurement";
 

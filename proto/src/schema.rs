@@ -7,8 +7,8 @@
 use schemars::JsonSchema;
 
 use crate::payload::{
-    Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, SinkRegistration,
-    Status,
+    Ack, Command, CommandResult, DeadLetter, Measurement, Payload, RawFrame, ReadingBatch,
+    SinkRegistration, Status,
 };
 
 /// The schema of one payload type, pretty-printed with a trailing newline.
@@ -33,6 +33,7 @@ pub fn all_schemas() -> Vec<(String, String)> {
         one::<Ack>(),
         one::<DeadLetter>(),
         one::<SinkRegistration>(),
+        one::<ReadingBatch>(),
     ]
 }
 

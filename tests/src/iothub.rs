@@ -78,7 +78,7 @@ pub struct FakeHub {
 
 /// A CA, a server certificate for localhost and [`X509_DEVICE`]'s client certificate (CN = its
 /// device id), made by openssl: `ca.pem`, `hub.pem`/`hub.key`, `device.pem`/`device.key`.
-fn certificates(dir: &Path) {
+pub fn certificates(dir: &Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)

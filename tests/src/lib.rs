@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod iothub;
+pub mod receiver;
 pub mod servers;
 
 use std::io::Write as _;

@@ -29,6 +29,20 @@ pub fn http(method: &str, port: u16, target: &str, body: &[u8]) -> (u16, String)
     http_with(method, port, target, &[], body)
 }
 
+/// The value of the first line of `/metrics` on `port` that starts with `line_start` (a
+/// metric's name and labels as written there). `None` while nothing listens (not up yet, or
+/// killed) or the metric is not there.
+pub fn metric(port: u16, line_start: &str) -> Option<f64> {
+    TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let (status, text) = http("GET", port, "/metrics", b"");
+    if status != 200 {
+        return None;
+    }
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// [`http`] with request headers.
 pub fn http_with(
     method: &str,

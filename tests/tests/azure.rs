@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use wattbus_e2e::iothub::{FakeHub, HubEvent, Received, X509_DEVICE};
-use wattbus_e2e::servers::http;
+use wattbus_e2e::servers::metric;
 use wattbus_e2e::{BrokerSetup, Proc, free_port, run_ok, wait_until, wattbus_bin};
 
 const DEVICE: &str = "pi-lab";
@@ -134,19 +134,6 @@ fn produce(
             ]),
         log,
     )
-}
-
-/// A metric's value from `/metrics` on `port`.
-fn metric(port: u16, line_start: &str) -> Option<f64> {
-    // Not up (yet, or killed): no value rather than a panic.
-    std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    let (status, text) = http("GET", port, "/metrics", b"");
-    if status != 200 {
-        return None;
-    }
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Every message the hub received, deduplicated by message id: (id, its readings' read

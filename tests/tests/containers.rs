@@ -497,6 +497,7 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "broker_influx_writer",
         "broker_backup_rotator",
         "broker_plug_bridge",
+        "broker_node_health",
         "broker_reader",
         "influx_password",
         "influx_admin_password",
@@ -549,6 +550,25 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "SELECT temperature_c FROM temperature WHERE device = 'kitchen' AND channel = 'fridge'",
     );
     assert!((0.0..10.0).contains(&fridge), "fridge at {fridge} °C");
+    // node-health: this machine's own health, in InfluxDB like any reading (the containers
+    // share the test machine's kernel, so its memory total is the one /proc says here).
+    assert!(
+        wait_until(Duration::from_secs(120), || !stack
+            .column("SELECT mem_total_bytes FROM node_health")
+            .is_empty()),
+        "no node_health readings in InfluxDB\n{}",
+        stack.logs()
+    );
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap()
+        * 1024.0;
+    assert_eq!(last("SELECT mem_total_bytes FROM node_health"), mem_total);
+    let disk = last("SELECT disk_used_pct FROM node_health");
+    assert!((0.0..=100.0).contains(&disk), "disk {disk} % used");
     let volts = last("SELECT voltage_v FROM power WHERE device = 'house' AND channel = 'l1'");
     assert!((200.0..260.0).contains(&volts), "house meter at {volts} V");
     // Energy is polled every 10 s: wait for a register reading, not for a time.
@@ -578,6 +598,7 @@ fn the_demo_stack_keeps_every_reading_through_kill_9_of_the_writer_and_the_broke
         "demo-serial-ingest",
         "backup-rotator",
         "plug-bridge",
+        "node-health",
     ] {
         let id = stack.one(service);
         assert_eq!(

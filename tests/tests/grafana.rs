@@ -198,7 +198,9 @@ fn now_s() -> i64 {
 }
 
 /// Readings in the shape plug-bridge (issue 15) will publish and backup-rotator publishes
-/// (the demo runs neither), for their panels and alerts: the only data here not from the demo.
+/// (the demo runs neither), and what node-health publishes only on a machine that has it (a
+/// thermal zone, a Raspberry Pi's firmware flags), for their panels and alerts: the only data
+/// here not from the demo.
 fn placeholder_readings(influx: &Influxd, db: &str) {
     let now = now_s();
     let mut lines = String::new();
@@ -214,6 +216,13 @@ fn placeholder_readings(influx: &Influxd, db: &str) {
             lines.push_str(&format!(
                 "backup,site=demo,device=backup-rotator,channel=status,quality=good age_s={},last_run_ok=1,failures=0,last_bytes=1048576,last_points=86400,last_duration_s=4.5,full_sets=3,incremental_sets=40,stored_bytes=9000000 {t}\n",
                 (i % 3600) + 60
+            ));
+            lines.push_str(&format!(
+                "node_health,site=demo,device=pi-demo,channel=temperature,quality=good cpu_temperature_c={} {t}\n",
+                50 + i % 7
+            ));
+            lines.push_str(&format!(
+                "node_health,site=demo,device=pi-demo,channel=throttling,quality=good under_voltage_now=0,arm_freq_capped_now=0,throttled_now=0,soft_temp_limit_now=0,under_voltage_occurred=0,arm_freq_capped_occurred=0,throttled_occurred=0,soft_temp_limit_occurred=0,throttled_flags=0 {t}\n"
             ));
         }
     }
@@ -268,7 +277,8 @@ fn filled() -> Filled {
         ) && enough(
             r#"SELECT count("energy_wh") FROM "plug" GROUP BY "device""#,
             20,
-        ) && enough(r#"SELECT count("latency_ms") FROM "modbus_bus""#, 4)
+        ) && enough(r#"SELECT count("mem_total_bytes") FROM "node_health""#, 8)
+            && enough(r#"SELECT count("latency_ms") FROM "modbus_bus""#, 4)
             && enough(
                 r#"SELECT count("timeouts") FROM "modbus_device" GROUP BY "device""#,
                 4,
@@ -729,6 +739,35 @@ fn each_alert_rule_fires_for_what_it_names_and_only_that() {
         "service,site=s,device=modbus-ingest,channel=status,service=modbus-ingest,quality=good up=1 {}",
         now + 3600
     ));
+    // Nodes every 10 s for ten minutes (node-health): `pi-hot` at 85 °C throughout, with an
+    // under-voltage seen five minutes ago; `pi-warm` hot only for the last two minutes (a
+    // build, not a fan that died); `pi-full` with its disk 95 % full; `pi-cool` fine; and
+    // `vm` with no thermal zone and no firmware flags (fields left out, not zero).
+    for i in 0..60 {
+        let t = now - 600 + i * 10;
+        let warm = if t >= now - 120 { 85 } else { 55 };
+        let dip = i32::from(t == now - 300);
+        for (device, c, uv, disk) in [
+            ("pi-hot", 85, dip, 40),
+            ("pi-warm", warm, 0, 40),
+            ("pi-full", 50, 0, 95),
+            ("pi-cool", 50, 0, 60),
+        ] {
+            line(format!(
+                "node_health,site=s,device={device},channel=temperature,quality=good cpu_temperature_c={c} {t}"
+            ));
+            line(format!(
+                "node_health,site=s,device={device},channel=throttling,quality=good under_voltage_now={uv},under_voltage_occurred={uv},throttled_flags={} {t}",
+                uv * 0x50005
+            ));
+            line(format!(
+                "node_health,site=s,device={device},channel=disk,quality=good disk_used_pct={disk},disk_available_bytes=1e9 {t}"
+            ));
+        }
+        line(format!(
+            "node_health,site=s,device=vm,channel=disk,quality=good disk_used_pct=30,disk_available_bytes=1e10 {t}"
+        ));
+    }
     // Backups: one 3 h old, one 20 minutes old.
     line(format!(
         "backup,site=s,device=backup-rotator,channel=status,quality=good age_s=10800 {}",
@@ -787,6 +826,15 @@ fn each_alert_rule_fires_for_what_it_names_and_only_that() {
         fires("wattbus-backup-age"),
         one(&[("device", "backup-rotator")])
     );
+    assert_eq!(fires("wattbus-node-hot"), one(&[("device", "pi-hot")]));
+    assert_eq!(
+        fires("wattbus-node-under-voltage"),
+        one(&[("device", "pi-hot")])
+    );
+    assert_eq!(
+        fires("wattbus-node-disk-full"),
+        one(&[("device", "pi-full")])
+    );
     // No backup status at all (backup-rotator never ran, or stopped for 3 h) is itself an
     // alert; for every other rule, no data is not (a site without fridges, plugs, …).
     influx.create_database("nothing");
@@ -801,7 +849,7 @@ fn each_alert_rule_fires_for_what_it_names_and_only_that() {
     }
     assert_eq!(
         rules.len(),
-        10,
+        13,
         "a rule without a case here: {:?}",
         rules.keys()
     );

@@ -24,8 +24,11 @@ pub struct Config {
     pub batch_points: usize,
     /// … or when its oldest point has waited this long.
     pub flush_interval_ms: u64,
-    /// Where InfluxDB is. Absent: no InfluxDB output (and the file output is on by default).
+    /// Where InfluxDB is. Absent: no InfluxDB output.
     pub influx: Option<InfluxConfig>,
+    /// An HTTP endpoint that takes readings as JSON. Absent: no HTTP output. (With neither
+    /// this nor `influx`, the file output is on by default.)
+    pub http: Option<HttpConfig>,
     /// Local rotating files.
     pub files: FilesConfig,
     /// The spool that holds batches while InfluxDB cannot take them.
@@ -53,6 +56,7 @@ impl Default for Config {
             batch_points: 5000,
             flush_interval_ms: 1000,
             influx: None,
+            http: None,
             files: FilesConfig::default(),
             spool: SpoolConfig::default(),
             dead_letter_file: None,
@@ -143,6 +147,90 @@ impl Default for InfluxConfig {
     }
 }
 
+/// `[influx_writer.http]`: readings POSTed as JSON to a URL (docs/http-output.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where readings are POSTed, e.g. `https://api.example.com/energy/readings`.
+    pub url: String,
+    /// A token, sent as `Authorization: Bearer <token>` (or in `token_header`). Prefer
+    /// `token_file`: a secret in the config file ends up in backups and screenshots.
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// Send the token as-is in this header instead (e.g. `X-Api-Key`).
+    pub token_header: Option<String>,
+    /// Basic authentication, instead of a token.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the CA (or CAs) that signed the endpoint's certificate, trusted beside the
+    /// system's: a home server with its own CA.
+    pub ca_file: Option<PathBuf>,
+    /// Compress request bodies (`Content-Encoding: gzip`). Off by default: many receivers
+    /// (Node-RED's `http in`, most web frameworks) do not decode compressed requests.
+    pub gzip: bool,
+    /// One reading per request, its body the reading itself (PowMon's way), rather than
+    /// batches.
+    pub one_per_request: bool,
+    /// A request holds at most this many readings …
+    pub max_readings: usize,
+    /// … and this many bytes of readings (before compression) …
+    pub max_bytes: usize,
+    /// … and is sent when its first reading has waited this long (readings arrive in the
+    /// writer's batches, every `flush_interval_ms` at most).
+    pub max_age_ms: u64,
+    /// One request, connect to last byte.
+    pub timeout_ms: u64,
+    /// Backoff after a failed request: doubles from `retry_min_ms` up to `retry_max_ms`,
+    /// with jitter.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token: None,
+            token_file: None,
+            token_header: None,
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            gzip: false,
+            one_per_request: false,
+            max_readings: 1000,
+            max_bytes: 1 << 20,
+            max_age_ms: 1000,
+            timeout_ms: 10_000,
+            retry_min_ms: 500,
+            retry_max_ms: 60_000,
+        }
+    }
+}
+
+/// How the HTTP output authenticates.
+#[derive(Debug, Clone)]
+pub enum HttpAuth {
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+    /// The token as-is in this header.
+    Header { name: String, token: Secret },
+    /// `Authorization: Basic …`, the header value.
+    Basic(Secret),
+}
+
+/// The HTTP output with its secrets and CA read.
+#[derive(Debug, Clone)]
+pub struct HttpTarget {
+    pub cfg: HttpConfig,
+    pub auth: Option<HttpAuth>,
+    /// The PEM of `ca_file`.
+    pub ca_pem: Option<Vec<u8>>,
+    pub retry: Backoff,
+}
+
 /// The file output's row format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -220,7 +308,9 @@ pub struct InfluxTarget {
 
 impl Config {
     pub fn files_enabled(&self) -> bool {
-        self.files.enabled.unwrap_or(self.influx.is_none())
+        self.files
+            .enabled
+            .unwrap_or(self.influx.is_none() && self.http.is_none())
     }
 
     pub fn state_dir(&self, data_dir: &Path) -> PathBuf {
@@ -370,12 +460,180 @@ impl Config {
     }
 }
 
-/// The section, checked, with the InfluxDB target resolved (secrets read): what
+impl Config {
+    /// The HTTP output's settings checked and its secrets and CA read.
+    fn http_target(&self, section: &str) -> Result<Option<HttpTarget>, ConfigError> {
+        let Some(c) = &self.http else {
+            return Ok(None);
+        };
+        let key = |k: &str| format!("{section}.http.{k}");
+        let url = c.url.trim();
+        if url.is_empty() {
+            return Err(ConfigError::new(
+                key("url"),
+                "is required, e.g. \"https://example.com/readings\"",
+            ));
+        }
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ConfigError::new(key("url"), format!("is not a valid URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(ConfigError::new(
+                key("url"),
+                "must start with http:// or https://",
+            ));
+        }
+        // In the URL, a secret would be in every log line naming the endpoint.
+        if !parsed.username().is_empty() || parsed.password().is_some() {
+            return Err(ConfigError::new(
+                key("url"),
+                "must not hold credentials; use username and password / password_file, or token / token_file",
+            ));
+        }
+        if !(100..=600_000).contains(&c.timeout_ms) {
+            return Err(ConfigError::new(
+                key("timeout_ms"),
+                "must be between 100 and 600000",
+            ));
+        }
+        if c.retry_min_ms < 10 {
+            return Err(ConfigError::new(key("retry_min_ms"), "must be at least 10"));
+        }
+        if !(1..=100_000).contains(&c.max_readings) {
+            return Err(ConfigError::new(
+                key("max_readings"),
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1024..=64 << 20).contains(&c.max_bytes) {
+            return Err(ConfigError::new(
+                key("max_bytes"),
+                "must be between 1024 and 67108864",
+            ));
+        }
+        if c.max_age_ms > 600_000 {
+            return Err(ConfigError::new(
+                key("max_age_ms"),
+                "must be at most 600000 (10 minutes): the readings wait unacknowledged meanwhile",
+            ));
+        }
+        let token = resolve_secret(&key("token"), c.token.as_ref(), c.token_file.as_deref())?;
+        let password = resolve_secret(
+            &key("password"),
+            c.password.as_ref(),
+            c.password_file.as_deref(),
+        )?;
+        if let Some(t) = &token
+            && (t.expose().is_empty() || t.expose().chars().any(char::is_control))
+        {
+            return Err(ConfigError::new(
+                key("token"),
+                "is empty or holds a control character (a header cannot carry it)",
+            ));
+        }
+        if let Some(h) = &c.token_header
+            && reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return Err(ConfigError::new(
+                key("token_header"),
+                format!("{h:?} is not a valid header name"),
+            ));
+        }
+        let auth = match (token, &c.username, password) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(ConfigError::new(
+                    key("token"),
+                    "and username/password are both set; use one",
+                ));
+            }
+            (Some(t), None, None) => Some(match &c.token_header {
+                Some(name) => HttpAuth::Header {
+                    name: name.clone(),
+                    token: t,
+                },
+                None => HttpAuth::Bearer(t),
+            }),
+            (None, Some(u), Some(p)) => {
+                if c.token_header.is_some() {
+                    return Err(ConfigError::new(
+                        key("token_header"),
+                        "is set without a token",
+                    ));
+                }
+                Some(HttpAuth::Basic(Secret::new(influx_client::basic_auth(
+                    u,
+                    p.expose(),
+                ))))
+            }
+            (None, Some(_), None) => {
+                return Err(ConfigError::new(
+                    key("password"),
+                    "is required with a username (or password_file)",
+                ));
+            }
+            (None, None, Some(_)) => {
+                return Err(ConfigError::new(
+                    key("username"),
+                    "is required with a password",
+                ));
+            }
+            (None, None, None) => {
+                if c.token_header.is_some() {
+                    return Err(ConfigError::new(
+                        key("token_header"),
+                        "is set without a token",
+                    ));
+                }
+                None
+            }
+        };
+        let ca_pem = match &c.ca_file {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ConfigError::new(
+                        key("ca_file"),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                match reqwest::Certificate::from_pem_bundle(&pem) {
+                    Ok(certs) if !certs.is_empty() => Some(pem),
+                    Ok(_) => {
+                        return Err(ConfigError::new(
+                            key("ca_file"),
+                            format!("{} holds no PEM certificate", path.display()),
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(ConfigError::new(
+                            key("ca_file"),
+                            format!("{} is not a PEM certificate: {e}", path.display()),
+                        ));
+                    }
+                }
+            }
+        };
+        let retry = Backoff::from_config_ms(
+            &key("retry_min_ms"),
+            c.retry_min_ms,
+            &key("retry_max_ms"),
+            c.retry_max_ms,
+        )?;
+        Ok(Some(HttpTarget {
+            cfg: c.clone(),
+            auth,
+            ca_pem,
+            retry,
+        }))
+    }
+}
+
+/// The section, checked, with the InfluxDB and HTTP targets resolved (secrets read): what
 /// [`crate::run`] takes.
 #[derive(Debug, Clone)]
 pub struct Plan {
     config: Config,
     target: Option<InfluxTarget>,
+    http: Option<HttpTarget>,
 }
 
 impl std::ops::Deref for Plan {
@@ -389,6 +647,16 @@ impl Plan {
     /// The InfluxDB output, if configured.
     pub fn target(&self) -> Option<&InfluxTarget> {
         self.target.as_ref()
+    }
+
+    /// The HTTP output, if configured.
+    pub fn http_target(&self) -> Option<&HttpTarget> {
+        self.http.as_ref()
+    }
+
+    /// Whether an output with a spool is configured (the outputs replicas can share).
+    pub fn spooled_outputs(&self) -> bool {
+        self.target.is_some() || self.http.is_some()
     }
 
     /// Take this process's replica slot under `data_dir`: from then on `instance` is the
@@ -414,9 +682,11 @@ impl Config {
     pub fn resolve(self, section: &str) -> Result<Plan, ConfigError> {
         self.check(section)?;
         let target = self.target(section)?;
+        let http = self.http_target(section)?;
         Ok(Plan {
             config: self,
             target,
+            http,
         })
     }
 
@@ -431,7 +701,7 @@ impl Config {
             return Err(ConfigError::new(
                 format!("{section}.max_replicas"),
                 "is above 1 while the files output or `dead_letter_file` is on: replicas would \
-                 write the same files; leave them to the InfluxDB output and their own state",
+                 write the same files; leave them to the InfluxDB and HTTP outputs and their own state",
             ));
         }
         if !(1..=100_000).contains(&self.batch_points) {
@@ -482,10 +752,10 @@ impl Config {
                 "must be at least 4096",
             ));
         }
-        if self.files.enabled == Some(false) && self.influx.is_none() {
+        if self.files.enabled == Some(false) && self.influx.is_none() && self.http.is_none() {
             return Err(ConfigError::new(
                 format!("{section}.files.enabled"),
-                "is false and no [influx_writer.influx] is configured: readings would go nowhere",
+                "is false and neither [influx_writer.influx] nor [influx_writer.http] is configured: readings would go nowhere",
             ));
         }
         Ok(())

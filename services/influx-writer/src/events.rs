@@ -1,12 +1,13 @@
 //! The writer's notable events, each logged and counted here and nowhere else: the log line
 //! for the person at the terminal, the counter for the dashboard.
 //!
-//! One struct per unit, made once: [`Intake`] (readings off the bus), [`Influx`] (the InfluxDB
-//! output and its spool) and [`Files`] (the file output). Every error event also counts in the
+//! One struct per unit, made once: [`Intake`] (readings off the bus), [`Output`] (a spooled
+//! output: InfluxDB or HTTP, with its spool; [`INFLUX`] and [`HTTP`] name their metrics) and
+//! [`Files`] (the file output). Every error event also counts in the
 //! core `wattbus_errors_total{service="influx-writer",kind}` ([`ERROR_KINDS`], and the
 //! runtime's `journal` and `journal_dropped` for the spool, which is a journal), every dead
 //! letter in the core `wattbus_dead_letters_total`, and the spool's depth and age are the core
-//! `wattbus_journal_records` / `wattbus_journal_oldest_seconds{stream="influx-spool"}`
+//! `wattbus_journal_records` / `wattbus_journal_oldest_seconds{stream="influx-spool"|"http-spool"}`
 //! (docs/metrics.md).
 
 use std::path::Path;
@@ -16,18 +17,23 @@ use proto::{Implausible, Measurement};
 use runtime::telemetry::core::Core;
 use runtime::telemetry::{Counter, Gauge, LogLimit, chain};
 
-use crate::influx::Refusal;
+use crate::sink::Refusal;
 
 /// The writer's own kinds of `wattbus_errors_total`, besides the runtime's.
 pub const ERROR_KINDS: &[&str] = &[
     // A `good` reading with a value outside its unit's plausible range: stored as out_of_range.
     "implausible",
-    // InfluxDB refused a point on its own (400, 413), or it could not be encoded: dead-lettered.
+    // An output refused a point on its own (InfluxDB 400/422/413, the HTTP endpoint a 4xx), or
+    // it could not be encoded: dead-lettered.
     "refused_point",
     // InfluxDB could not take a write (connection refused, timeout, 429, 5xx): spooled, retried.
     "influx_unavailable",
     // InfluxDB refused the writer's settings (401, 403, 404): spooled until a person fixes them.
     "influx_refused",
+    // The HTTP endpoint could not take a request (connection refused, timeout, 408, 429, 5xx).
+    "http_unavailable",
+    // The HTTP endpoint refused the writer's settings (401, 403, 404, 405, a redirect).
+    "http_refused",
     // The dead-letter file could not be written: the batch is not acknowledged (replayed).
     "dead_letter_file",
     // The file output could not write a batch: it is not acknowledged (replayed).
@@ -43,6 +49,9 @@ const SERVICE: &str = <crate::InfluxWriter as runtime::Service>::NAME;
 
 /// The spool's stream name in the core journal metrics (and in its journal's own metrics).
 pub const SPOOL_STREAM: &str = "influx-spool";
+
+/// The HTTP output's spool.
+pub const HTTP_SPOOL_STREAM: &str = "http-spool";
 
 /// A broken register repeats every poll: its implausible readings are logged at most once in
 /// this interval, with the count of the rest.
@@ -131,9 +140,70 @@ impl Intake {
     }
 }
 
-/// The InfluxDB output and its spool.
+/// What tells one spooled output's events from another's: its name in log lines, its
+/// metrics, its error kinds, its spool's stream.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputNames {
+    /// As the subject of a sentence: "InfluxDB", "The HTTP endpoint".
+    pub name: &'static str,
+    /// `wattbus_errors_total` kinds.
+    unavailable_kind: &'static str,
+    refused_kind: &'static str,
+    /// The spool's stream in the core journal metrics.
+    pub spool_stream: &'static str,
+    /// The key that bounds the spool, for the ERROR when it is full.
+    spool_key: &'static str,
+    points: &'static str,
+    points_help: &'static str,
+    requests: &'static str,
+    spooled: &'static str,
+    spooled_help: &'static str,
+    dropped: &'static str,
+    bytes: &'static str,
+    up: &'static str,
+    up_help: &'static str,
+}
+
+/// The InfluxDB output.
+pub const INFLUX: OutputNames = OutputNames {
+    name: "InfluxDB",
+    unavailable_kind: "influx_unavailable",
+    refused_kind: "influx_refused",
+    spool_stream: SPOOL_STREAM,
+    spool_key: "influx_writer.spool.max_bytes",
+    points: "wattbus_influx_points_written_total",
+    points_help: "Points InfluxDB accepted (replays of a point count again).",
+    requests: "wattbus_influx_requests_total",
+    spooled: "wattbus_influx_spooled_points_total",
+    spooled_help: "Points put in the spool because InfluxDB could not take them.",
+    dropped: "wattbus_influx_spool_dropped_batches_total",
+    bytes: "wattbus_influx_spool_bytes",
+    up: "wattbus_influx_up",
+    up_help: "1 while InfluxDB accepts writes, 0 while the writer is spooling.",
+};
+
+/// The HTTP output.
+pub const HTTP: OutputNames = OutputNames {
+    name: "The HTTP endpoint",
+    unavailable_kind: "http_unavailable",
+    refused_kind: "http_refused",
+    spool_stream: HTTP_SPOOL_STREAM,
+    spool_key: "influx_writer.spool.max_bytes",
+    points: "wattbus_http_output_readings_written_total",
+    points_help: "Readings the HTTP endpoint accepted (2xx; replays of a reading count again).",
+    requests: "wattbus_http_output_requests_total",
+    spooled: "wattbus_http_output_spooled_readings_total",
+    spooled_help: "Readings put in the spool because the HTTP endpoint could not take them.",
+    dropped: "wattbus_http_output_spool_dropped_batches_total",
+    bytes: "wattbus_http_output_spool_bytes",
+    up: "wattbus_http_output_up",
+    up_help: "1 while the HTTP endpoint accepts readings, 0 while the writer is spooling.",
+};
+
+/// A spooled output (InfluxDB, HTTP) and its spool.
 #[derive(Debug)]
-pub struct Influx {
+pub struct Output {
+    names: OutputNames,
     core: Core,
     points: Counter,
     requests_ok: Counter,
@@ -146,62 +216,48 @@ pub struct Influx {
     up: Gauge,
 }
 
-impl Influx {
-    pub fn new() -> Self {
+impl Output {
+    pub fn new(names: OutputNames) -> Self {
         let core = Core::of(SERVICE);
-        let (spool_records, spool_oldest) = core.journal(SPOOL_STREAM);
+        let (spool_records, spool_oldest) = core.journal(names.spool_stream);
         Self {
-            points: Counter::new(
-                "wattbus_influx_points_written_total",
-                "Points InfluxDB accepted (replays of a point count again).",
-                &[],
-            ),
+            points: Counter::new(names.points, names.points_help, &[]),
             requests_ok: Counter::new(
-                "wattbus_influx_requests_total",
+                names.requests,
                 "Write requests by result.",
                 &[("result", "written")],
             ),
             requests_failed: Counter::new(
-                "wattbus_influx_requests_total",
+                names.requests,
                 "Write requests by result.",
                 &[("result", "failed")],
             ),
-            spooled_points: Counter::new(
-                "wattbus_influx_spooled_points_total",
-                "Points put in the spool because InfluxDB could not take them.",
-                &[],
-            ),
+            spooled_points: Counter::new(names.spooled, names.spooled_help, &[]),
             spool_dropped: Counter::new(
-                "wattbus_influx_spool_dropped_batches_total",
+                names.dropped,
                 "Spooled batches dropped unwritten because the spool was full.",
                 &[],
             ),
-            spool_bytes: Gauge::new(
-                "wattbus_influx_spool_bytes",
-                "Size of the spool on disk.",
-                &[],
-            ),
+            spool_bytes: Gauge::new(names.bytes, "Size of the spool on disk.", &[]),
             spool_records,
             spool_oldest,
-            up: Gauge::new(
-                "wattbus_influx_up",
-                "1 while InfluxDB accepts writes, 0 while the writer is spooling.",
-                &[],
-            ),
+            up: Gauge::new(names.up, names.up_help, &[]),
             core,
+            names,
         }
     }
 
-    /// The output opened: InfluxDB is taken to accept writes until a write says otherwise.
+    /// The output opened: the server is taken to accept writes until a write says otherwise.
     pub fn opened(&self, endpoint: &str, spooled: u64) {
         self.up.set(1.0);
+        let name = self.names.name;
         if spooled > 0 {
             tracing::info!(
                 batches = spooled,
-                "The InfluxDB spool holds batches from before; draining them."
+                "The spool for {name} holds batches from before; draining them."
             );
         }
-        tracing::info!(endpoint = %endpoint, "Writing to InfluxDB.");
+        tracing::info!(endpoint = %endpoint, "Writing to {name}.");
     }
 
     /// The spool holds `records` batches in `bytes`, the oldest appended `oldest` ago.
@@ -211,7 +267,7 @@ impl Influx {
         self.spool_oldest.set(oldest.as_secs_f64().floor());
     }
 
-    /// InfluxDB accepted `points` points in one request.
+    /// The server accepted `points` points in one request.
     pub fn written(&self, points: usize) {
         self.requests_ok.inc();
         self.points.add(points as u64);
@@ -222,31 +278,34 @@ impl Influx {
         self.requests_failed.inc();
     }
 
-    /// InfluxDB refused a batch of several lines: it is split to find the bad one.
+    /// The server refused a batch of several points: it is split to find the bad one.
     pub fn splitting_rejected(&self, lines: usize, message: &str) {
         tracing::debug!(
             lines,
             message = %message,
-            "InfluxDB refused a batch; splitting it to find the bad line."
+            "{} refused a batch; splitting it to find the bad reading.",
+            self.names.name
         );
     }
 
-    /// InfluxDB found a batch too large (413): it is split.
+    /// The server found a batch too large (413): it is split.
     pub fn splitting_too_large(&self, lines: usize) {
         tracing::info!(
             lines,
-            "InfluxDB found a batch too large (413); splitting it. Lower batch_points to avoid this."
+            "{} found a batch too large (413); splitting it. Lower the batch size to avoid this.",
+            self.names.name
         );
     }
 
-    /// InfluxDB refused these points on their own (or they could not be encoded): they go to
-    /// the dead-letter topic and `file`, and the rest of their batch is stored.
+    /// The server refused these points on their own (or they could not be encoded): they go
+    /// to the dead-letter topic and `file`, and the rest of their batch is stored.
     pub fn points_refused(&self, refused: &[Refusal], file: &Path) {
         let n = refused.len() as u64;
         self.core.dead_letters.add(n);
         self.core.error("refused_point").add(n);
         for r in refused.iter().take(LOGGED_PER_BATCH) {
             tracing::error!(
+                output = self.names.name,
                 reason = %r.reason,
                 topic = %r.topic,
                 line = r.line.trim_end(),
@@ -274,40 +333,42 @@ impl Influx {
         tracing::warn!(error = %chain(error), "Could not publish a dead letter.");
     }
 
-    /// InfluxDB is away: batches go to the spool. `first`: the first failure of this kind
+    /// The server is away: batches go to the spool. `first`: the first failure of this kind
     /// (WARN); the retries that follow are DEBUG.
     pub fn unavailable(&self, why: &str, endpoint: &str, retry_in_ms: u64, first: bool) {
         self.up.set(0.0);
-        self.core.error("influx_unavailable").inc();
+        self.core.error(self.names.unavailable_kind).inc();
+        let name = self.names.name;
         if first {
             tracing::warn!(
                 reason = %why,
                 endpoint = %endpoint,
                 retry_in_ms,
-                "InfluxDB cannot take writes; spooling readings to disk until it can."
+                "{name} cannot take writes; spooling readings to disk until it can."
             );
         } else {
-            tracing::debug!(reason = %why, retry_in_ms, "InfluxDB still unavailable.");
+            tracing::debug!(reason = %why, retry_in_ms, "{name} still unavailable.");
         }
     }
 
-    /// InfluxDB refuses the writer's settings. A person has to act: ERROR on every retry (at
-    /// most once per retry_max_ms once the backoff has grown).
+    /// The server refuses the writer's settings. A person has to act: ERROR on every retry
+    /// (at most once per retry_max_ms once the backoff has grown).
     pub fn refused(&self, what: &str, retry_in_ms: u64) {
         self.up.set(0.0);
-        self.core.error("influx_refused").inc();
+        self.core.error(self.names.refused_kind).inc();
         tracing::error!(
             retry_in_ms,
             "{what}. Readings are kept in the spool until this is fixed."
         );
     }
 
-    /// InfluxDB accepts writes again after a failure.
+    /// The server accepts writes again after a failure.
     pub fn came_back(&self, spooled: u64) {
         self.up.set(1.0);
         tracing::info!(
             spooled_batches = spooled,
-            "InfluxDB accepts writes again; draining the spool."
+            "{} accepts writes again; draining the spool.",
+            self.names.name
         );
     }
 
@@ -320,8 +381,10 @@ impl Influx {
             self.core.error("journal_dropped").inc();
             tracing::error!(
                 batches = dropped,
-                "The InfluxDB spool is full: its oldest batches were dropped unwritten. \
-                 Raise influx_writer.spool.max_bytes or bring InfluxDB back."
+                "The spool for {} is full: its oldest batches were dropped unwritten. \
+                 Raise {} or bring it back.",
+                self.names.name,
+                self.names.spool_key
             );
         }
     }
@@ -329,14 +392,14 @@ impl Influx {
     /// The spool could not take a batch: it stays with its producers.
     pub fn spool_write_failed(&self, error: &dyn std::error::Error) {
         self.core.error("journal").inc();
-        tracing::error!(error = %chain(error), "Cannot write the InfluxDB spool; the batch stays with its producers.");
+        tracing::error!(error = %chain(error), stream = self.names.spool_stream, "Cannot write the spool; the batch stays with its producers.");
     }
 
     /// The spool could not be read: retried with backoff.
     pub fn spool_read_failed(&self, error: &dyn std::error::Error) {
         self.up.set(0.0);
         self.core.error("journal").inc();
-        tracing::error!(error = %chain(error), "Cannot read the InfluxDB spool; retrying with backoff.");
+        tracing::error!(error = %chain(error), stream = self.names.spool_stream, "Cannot read the spool; retrying with backoff.");
     }
 
     /// Spooled batches whose segment file is gone: given up.
@@ -345,6 +408,7 @@ impl Influx {
         self.core.error("journal_dropped").inc();
         tracing::error!(
             batches,
+            stream = self.names.spool_stream,
             "Spooled batches cannot be read back (their segment file is gone); they are dropped."
         );
     }
@@ -353,17 +417,17 @@ impl Influx {
     /// (harmless), and the spool holds their room meanwhile.
     pub fn spool_trim_failed(&self, error: &dyn std::error::Error) {
         self.core.error("journal").inc();
-        tracing::warn!(error = %chain(error), "Cannot trim the InfluxDB spool.");
+        tracing::warn!(error = %chain(error), stream = self.names.spool_stream, "Cannot trim the spool.");
     }
 
     /// The spool's position could not be saved at stop: some batches are written twice.
     pub fn spool_position_unsaved(&self, error: &dyn std::error::Error) {
         self.core.error("journal").inc();
-        tracing::warn!(error = %chain(error), "Cannot save the spool's position; some batches will be written twice (harmless).");
+        tracing::warn!(error = %chain(error), stream = self.names.spool_stream, "Cannot save the spool's position; some batches will be written twice (harmless).");
     }
 
     pub fn spool_drained(&self) {
-        tracing::info!("The InfluxDB spool is drained.");
+        tracing::info!("The spool for {} is drained.", self.names.name);
     }
 }
 
@@ -478,7 +542,7 @@ mod tests {
 
     #[test]
     fn refused_points_are_dead_letters_counted_each_and_logged_a_few_per_batch() {
-        let influx = Influx::new();
+        let influx = Output::new(INFLUX);
         let (kind, dead) = (
             errors("refused_point"),
             Core::of(SERVICE).dead_letters.get(),
@@ -499,7 +563,7 @@ mod tests {
 
     #[test]
     fn an_outage_counts_every_failed_write_and_warns_once_then_the_up_gauge_follows() {
-        let influx = Influx::new();
+        let influx = Output::new(INFLUX);
         let up = Gauge::new("wattbus_influx_up", "", &[]);
         let before = errors("influx_unavailable");
         let log = logged(|| {

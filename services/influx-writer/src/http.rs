@@ -23,6 +23,8 @@ use reqwest::header::{AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue
 use runtime::Secret;
 
 use crate::config::{InfluxTarget, WriteApi};
+use crate::line_protocol::{Precision, encode_point, measurement_point};
+use crate::sink::Endpoint;
 
 /// What the server made of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +62,7 @@ pub struct WriteClient {
     /// Names the target in error messages: `bucket "b" (org "o")` or `database "db"`.
     target: String,
     api: WriteApi,
+    precision: Precision,
 }
 
 impl WriteClient {
@@ -132,6 +135,7 @@ impl WriteClient {
             gzip: c.gzip,
             target,
             api: c.api,
+            precision: c.precision,
         })
     }
 
@@ -229,11 +233,38 @@ impl WriteClient {
     }
 }
 
-fn strip_query(url: &str) -> &str {
+impl Endpoint for WriteClient {
+    const NAMES: crate::events::OutputNames = crate::events::INFLUX;
+
+    fn encode(&self, m: &proto::Measurement, out: &mut String) -> Result<(), String> {
+        measurement_point(m, self.precision)
+            .and_then(|p| encode_point(out, &p))
+            .map_err(|e| e.to_string())?;
+        if out.ends_with('\n') {
+            out.pop();
+        }
+        Ok(())
+    }
+
+    /// The writer's batches are InfluxDB's requests: `batch_points` bounds them.
+    fn limits(&self) -> (usize, usize) {
+        (usize::MAX, usize::MAX)
+    }
+
+    async fn write(&self, lines: &str, _count: usize) -> WriteOutcome {
+        WriteClient::write(self, lines.as_bytes()).await
+    }
+
+    fn endpoint(&self) -> String {
+        WriteClient::endpoint(self)
+    }
+}
+
+pub(crate) fn strip_query(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 
-fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+pub(crate) fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     // Level 1: most of the ratio at a fraction of the CPU, which matters on a Pi.
     let mut enc = GzEncoder::new(Vec::with_capacity(body.len() / 8), Compression::fast());
     enc.write_all(body)?;
@@ -265,7 +296,7 @@ pub fn server_message(text: &str) -> String {
     m
 }
 
-fn describe_transport(e: &reqwest::Error) -> String {
+pub(crate) fn describe_transport(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -1,11 +1,11 @@
-//! influx-writer: readings from the bus into InfluxDB (v2 `/api/v2/write` or v1 `/write`) and
-//! into rotating local files.
+//! influx-writer: readings from the bus into InfluxDB (v2 `/api/v2/write` or v1 `/write`), to
+//! an HTTP endpoint as JSON, and into rotating local files.
 //!
 //! One subscription to `wattbus/v1/<site>/meas/+/+` as sink group `group` (shared when
 //! `inbox.shared`, so two writers split the load). Readings are batched by count and age and
 //! each batch goes to every enabled output. A reading is acknowledged to its producer only
-//! when every output has stored it: InfluxDB accepted it, or it is fsynced in the spool, or
-//! it was dead-lettered; and the file output has fsynced it.
+//! when every output has stored it: InfluxDB (or the HTTP endpoint) accepted it, or it is
+//! fsynced in that output's spool, or it was dead-lettered; and the file output has fsynced it.
 //!
 //! Why our own encoder and client rather than the `influxdb2` crate: it writes only to
 //! `/api/v2/write` (no InfluxDB 1.x, which is what 32-bit Pis run), escapes `"` but not `\` in
@@ -16,8 +16,9 @@
 //! - `line_protocol`: points, escaping, validation per point, [`Measurement`] mapping (pure;
 //!   from the `influx-client` crate, which backup-rotator and the tools share).
 //! - `config`: the `[influx_writer]` section.
-//! - `http`: one write request and what its answer means.
-//! - `influx`: the InfluxDB output (splitting, dead letters, spool, backoff).
+//! - `http`: one InfluxDB write request and what its answer means.
+//! - `post`: one request of the HTTP output (JSON) and what its answer means.
+//! - `sink`: a spooled output (splitting, dead letters, spool, backoff), InfluxDB's or HTTP's.
 //! - `files`: the rotating-file output (pure std).
 //! - `batch`: a batch and its shared acknowledgement.
 //! - `events`: every counter and notable log line, per unit (the intake, each output), with
@@ -33,7 +34,8 @@ pub mod config;
 mod events;
 pub mod files;
 pub mod http;
-pub mod influx;
+pub mod post;
+pub mod sink;
 pub mod status;
 
 pub use influx_client::line_protocol;
@@ -58,7 +60,7 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, Item};
 use crate::files::RotatingFiles;
-use crate::influx::{DeadLetters, InfluxSink, SinkError};
+use crate::sink::{DeadLetters, Endpoint, HttpSink, InfluxSink, Sink, SinkError};
 
 /// The section name in the config file.
 pub const SECTION: &str = "influx_writer";
@@ -68,7 +70,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] runtime::ConfigError),
     #[error(transparent)]
-    Influx(#[from] SinkError),
+    Output(#[from] SinkError),
     #[error("cannot open the readings directory {dir}: {source}")]
     Files {
         dir: std::path::PathBuf,
@@ -90,8 +92,7 @@ pub struct InfluxWriter;
 impl runtime::Service for InfluxWriter {
     const NAME: &'static str = "influx-writer";
     const SECTION: &'static str = SECTION;
-    const ABOUT: &'static str =
-        "readings from the bus to InfluxDB and/or CSV files, acknowledged once stored";
+    const ABOUT: &'static str = "readings from the bus to InfluxDB, an HTTP endpoint and/or CSV files, acknowledged once stored";
     const ERROR_KINDS: &'static [&'static str] = events::ERROR_KINDS;
     type Config = Config;
     type Plan = Plan;
@@ -128,7 +129,7 @@ pub async fn run(mut plan: Plan, ctx: Context) -> Result<(), Error> {
     tracing::info!(instance = %plan.instance, "Writer slot taken.");
     ctx.clone()
         .on_bus(&identity(&plan), |bus| async move {
-            let adopter = (plan.max_replicas > 1 && plan.target().is_some()).then(|| {
+            let adopter = (plan.max_replicas > 1 && plan.spooled_outputs()).then(|| {
                 tokio::spawn(adopt_free_slots(
                     bus.clone(),
                     plan.clone(),
@@ -155,7 +156,6 @@ const ADOPT_INTERVAL: Duration = Duration::from_secs(30);
 /// lock for the time, so a replica starting meanwhile takes another; an emptied spool is
 /// removed, so the slot is not looked at again until a replica uses it.
 async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
-    let Some(target) = plan.target() else { return };
     let data_dir = &ctx.common.data_dir;
     loop {
         for k in 1..=plan.max_replicas {
@@ -171,49 +171,107 @@ async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
                 }
             };
             let dir = data_dir.join(claim.instance().as_str());
-            let spool_dir = dir.join("spool");
-            if !spool_dir.is_dir() {
-                continue;
-            }
-            let dead = Arc::new(DeadLetters::new(
-                &bus,
-                &ctx.common.site,
-                bus.service(),
-                Arc::new(DeadLetterFile::new(
-                    dir.join("dead-letters.jsonl"),
-                    plan.dead_letter_max_bytes,
-                )),
-            ));
-            let sink = match InfluxSink::open(
-                target,
-                &spool_dir,
-                &plan.spool,
-                plan.batch_points,
-                dead,
-                ctx.shutdown.clone(),
-            ) {
-                Ok(sink) => sink,
-                Err(e) => {
-                    tracing::warn!(slot = %claim.instance(), error = %runtime::telemetry::chain(&e), "Cannot open the spool of a free writer slot.");
-                    continue;
-                }
+            let dead = || {
+                Arc::new(DeadLetters::new(
+                    &bus,
+                    &ctx.common.site,
+                    bus.service(),
+                    Arc::new(DeadLetterFile::new(
+                        dir.join("dead-letters.jsonl"),
+                        plan.dead_letter_max_bytes,
+                    )),
+                ))
             };
-            let held = sink.spooled();
-            if held > 0 {
-                tracing::info!(slot = %claim.instance(), batches = held, "Writing the spool of a writer slot nobody holds.");
-            }
-            if sink.drain_all().await {
-                if let Err(e) = std::fs::remove_dir_all(&spool_dir) {
-                    tracing::warn!(dir = %spool_dir.display(), error = %runtime::telemetry::chain(&e), "Cannot remove an emptied spool.");
+            if let Some(target) = plan.target() {
+                let spool_dir = dir.join(INFLUX_SPOOL);
+                if spool_dir.is_dir() {
+                    let client = http::WriteClient::new(target).map_err(SinkError::from);
+                    let sink = open_sink(
+                        client,
+                        target.retry,
+                        Duration::ZERO,
+                        &spool_dir,
+                        &plan,
+                        dead(),
+                        &ctx,
+                    );
+                    adopt(sink, claim.instance(), &spool_dir).await;
                 }
-                if held > 0 {
-                    tracing::info!(slot = %claim.instance(), "The free slot's spool is written.");
+            }
+            if let Some(target) = plan.http_target() {
+                let spool_dir = dir.join(HTTP_SPOOL);
+                if spool_dir.is_dir() {
+                    let client =
+                        post::PostClient::new(target, &ctx.common.site).map_err(SinkError::from);
+                    let sink = open_sink(
+                        client,
+                        target.retry,
+                        Duration::ZERO,
+                        &spool_dir,
+                        &plan,
+                        dead(),
+                        &ctx,
+                    );
+                    adopt(sink, claim.instance(), &spool_dir).await;
                 }
             }
         }
         tokio::select! {
             () = ctx.shutdown.wait() => return,
             () = tokio::time::sleep(ADOPT_INTERVAL) => {}
+        }
+    }
+}
+
+/// The spool directories under a writer's state directory, one per spooled output.
+const INFLUX_SPOOL: &str = "spool";
+const HTTP_SPOOL: &str = "http-spool";
+
+/// A spooled output's sink on `spool_dir`, with the plan's spool settings.
+fn open_sink<E: Endpoint>(
+    client: Result<E, SinkError>,
+    retry: runtime::backoff::Backoff,
+    linger: Duration,
+    spool_dir: &std::path::Path,
+    plan: &Plan,
+    dead: Arc<DeadLetters>,
+    ctx: &Context,
+) -> Result<Sink<E>, SinkError> {
+    Sink::open(
+        client?,
+        retry,
+        linger,
+        spool_dir,
+        &plan.spool,
+        plan.batch_points,
+        dead,
+        ctx.shutdown.clone(),
+    )
+}
+
+/// Drain a free slot's spool and remove it once empty.
+async fn adopt<E: Endpoint>(
+    sink: Result<Sink<E>, SinkError>,
+    slot: &Segment,
+    spool_dir: &std::path::Path,
+) {
+    let sink = match sink {
+        Ok(sink) => sink,
+        Err(e) => {
+            tracing::warn!(slot = %slot, error = %runtime::telemetry::chain(&e), "Cannot open the spool of a free writer slot.");
+            return;
+        }
+    };
+    let held = sink.spooled();
+    if held > 0 {
+        tracing::info!(slot = %slot, batches = held, spool = %spool_dir.display(), "Writing the spool of a writer slot nobody holds.");
+    }
+    if sink.drain_all().await {
+        if let Err(e) = std::fs::remove_dir_all(spool_dir) {
+            tracing::warn!(dir = %spool_dir.display(), error = %runtime::telemetry::chain(&e), "Cannot remove an emptied spool.");
+        }
+        if held > 0 {
+            tracing::info!(slot = %slot, spool = %spool_dir.display(), "The free slot's spool is written.");
         }
     }
 }
@@ -226,32 +284,34 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         config.dead_letter_max_bytes,
     ));
     let mut outputs: Vec<(mpsc::Sender<Arc<Batch>>, JoinHandle<()>)> = Vec::new();
-    if let Some(target) = config.target() {
-        let dead = Arc::new(DeadLetters::new(
+    let dead = || {
+        Arc::new(DeadLetters::new(
             bus,
             &ctx.common.site,
             bus.service(),
             dead_file.clone(),
-        ));
-        // The spool holds readings: its directories are the owner's alone (the journal
-        // creates its files 0600).
-        let spool_dir = config.state_dir(data_dir).join("spool");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&spool_dir)
-            .map_err(|source| Error::State {
-                dir: spool_dir.clone(),
-                source,
-            })?;
-        let sink = InfluxSink::open(
-            target,
-            &spool_dir,
-            &config.spool,
-            config.batch_points,
-            dead,
-            ctx.shutdown.clone(),
+        ))
+    };
+    if let Some(target) = config.target() {
+        let client = http::WriteClient::new(target).map_err(SinkError::from);
+        let dir = spool_dir(config, data_dir, INFLUX_SPOOL)?;
+        let sink: InfluxSink = open_sink(
+            client,
+            target.retry,
+            Duration::ZERO,
+            &dir,
+            config,
+            dead(),
+            ctx,
         )?;
+        let (tx, rx) = mpsc::channel(2);
+        outputs.push((tx, tokio::spawn(sink.run(rx))));
+    }
+    if let Some(target) = config.http_target() {
+        let client = post::PostClient::new(target, &ctx.common.site).map_err(SinkError::from);
+        let dir = spool_dir(config, data_dir, HTTP_SPOOL)?;
+        let linger = Duration::from_millis(target.cfg.max_age_ms);
+        let sink: HttpSink = open_sink(client, target.retry, linger, &dir, config, dead(), ctx)?;
         let (tx, rx) = mpsc::channel(2);
         outputs.push((tx, tokio::spawn(sink.run(rx))));
     }
@@ -346,6 +406,25 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
     }
     ready.set(false);
     Ok(())
+}
+
+/// Create a spool directory of the writer's state directory. It holds readings: its
+/// directories are the owner's alone (the journal creates its files 0600).
+fn spool_dir(
+    config: &Plan,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> Result<std::path::PathBuf, Error> {
+    let dir = config.state_dir(data_dir).join(name);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| Error::State {
+            dir: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
 }
 
 /// Readings gathered for the next batch.

@@ -131,6 +131,7 @@ fn users(writer_group: &Segment) -> anyhow::Result<Vec<child_broker::Login>> {
         ("modbus-ingest", Role::Producer),
         ("rms-processor", Role::Processor),
         ("plug-bridge", Role::Actuator),
+        ("node-health", Role::Producer),
         (plugs::TASMOTA, Role::Tasmota),
         (writer_group.as_str(), Role::Sink),
         (CONSOLE, Role::Sink),
@@ -290,6 +291,27 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         Some(s)
     };
 
+    // This machine's own health, as a node of a real site publishes it.
+    let node_plan = node_health::Config {
+        stream: StreamConfig {
+            wait_for: sinks.clone(),
+            ack_timeout_ms: 3000,
+            ..StreamConfig::default()
+        },
+        health_listen: None,
+        ..node_health::Config::default()
+    }
+    .resolve(node_health::SECTION)?;
+    println!(
+        "This machine's health (CPU, memory, disk, temperature where there is a sensor) every {} s as device {}.",
+        node_plan.interval.as_secs(),
+        node_plan.node
+    );
+    let node_task = tokio::spawn(runtime::service::run::<node_health::NodeHealth>(
+        node_plan,
+        services.ctx("node-health")?,
+    ));
+
     let plugs = plugs::start(&services, &sinks).await?;
     println!(
         "Simulated smart plugs: {} (myStrom) and {} (Shelly Gen2), polled by plug-bridge; switch one with a command on wattbus/v1/demo/cmd/<plug>.",
@@ -306,6 +328,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     let stored = console_task.await.context("console task failed")??;
     sim_task.await.context("simulator task failed")??;
+    node_task.await.context("node-health task failed")??;
     plugs.stop().await?;
     if let Some(s) = serial {
         s.stop().await?;

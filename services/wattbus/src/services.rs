@@ -22,6 +22,7 @@ pub static SERVICES: &[&dyn Entry] = &[
     &Of::<backup_rotator::BackupRotator>(PhantomData),
     &Of::<plug_bridge::PlugBridge>(PhantomData),
     &Of::<azure_bridge::AzureBridge>(PhantomData),
+    &Of::<node_health::NodeHealth>(PhantomData),
 ];
 
 /// A [`Service`] as the binary uses it: its types erased, so that one list holds them all.

@@ -1,23 +1,29 @@
-//! The InfluxDB output: batches to line protocol to HTTP, with a spool on disk for when the
-//! server cannot take them.
+//! A spooled output: batches to lines to HTTP requests, with a spool on disk for when the
+//! server cannot take them. InfluxDB (line protocol, [`crate::http`]) and the HTTP output
+//! (JSON, [`crate::post`]) are two [`Endpoint`]s of the same machinery, so both keep the same
+//! delivery contract.
 //!
 //! The path of a batch:
-//! 1. Every reading is encoded on its own; one that cannot be (it never happens with readings
-//!    that passed proto's validation, but the encoder checks anyway) is dead-lettered.
-//! 2. While InfluxDB answers, the batch is POSTed. 204: done. 400 or 413: the batch is split in
-//!    halves until the line the server refuses is alone; that line is dead-lettered with the
-//!    server's message and everything else is written (resending a line that was already
-//!    written overwrites it with itself: writes are idempotent).
-//! 3. When the server is away (connection refused, timeout, 429, 5xx) or refuses our settings
-//!    (401, 403, 404), the rest of the batch is appended to the spool and fsynced, and only
-//!    then acknowledged upstream: from that moment the spool owns it. Later batches go
-//!    straight to the spool until a retry succeeds.
+//! 1. Every reading is encoded on its own as one line; one that cannot be (it never happens
+//!    with readings that passed proto's validation, but the encoder checks anyway) is
+//!    dead-lettered.
+//! 2. While the server answers, the lines are POSTed, in requests of at most the endpoint's
+//!    count and byte limits. 2xx: done. A refusal of particular readings (InfluxDB's 400/422,
+//!    the HTTP endpoint's 4xx) or 413: the request is split in halves until the reading the
+//!    server refuses is alone; that reading is dead-lettered with the server's message and
+//!    everything else is written (resending a reading that was already written is harmless:
+//!    InfluxDB overwrites a point with itself, and an HTTP receiver dedups by the reading's
+//!    identity and time, or by its `origin`).
+//! 3. When the server is away (connection refused, timeout, 408, 429, 5xx) or refuses our
+//!    settings (401, 403, 404, a redirect), the rest of the batch is appended to the spool and
+//!    fsynced, and only then acknowledged upstream: from that moment the spool owns it. Later
+//!    batches go straight to the spool until a retry succeeds.
 //! 4. The spool is retried with exponential backoff and jitter, oldest batch first; once the
 //!    server is back it drains in order, interleaved with the new batches, which are written
-//!    directly again. A spooled batch leaves the spool only when InfluxDB has accepted it.
+//!    directly again. A spooled batch leaves the spool only when the server has accepted it.
 //!
 //! The spool is the runtime's disk journal (CRC per record, torn-tail recovery, bounded with
-//! the oldest dropped loudly), one record per batch. Nothing touches the disk while InfluxDB
+//! the oldest dropped loudly), one record per batch. Nothing touches the disk while the server
 //! is healthy.
 
 use std::collections::VecDeque;
@@ -26,7 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{DeadLetter, Segment, Topic};
+use proto::{DeadLetter, Measurement, Segment, Topic};
 use runtime::Shutdown;
 use runtime::backoff::{Backoff, Retries};
 use runtime::bus::Bus;
@@ -38,10 +44,32 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::batch::Batch;
-use crate::config::{InfluxTarget, SpoolConfig};
+use crate::config::SpoolConfig;
 use crate::events;
-use crate::http::{WriteClient, WriteClientError, WriteOutcome};
-use crate::line_protocol::{Precision, encode_point, measurement_point};
+use crate::http::WriteOutcome;
+
+/// Where a spooled output writes: each reading becomes one line, lines go out in requests.
+pub trait Endpoint: Send + Sync + 'static {
+    /// Its log lines, metrics and spool stream.
+    const NAMES: events::OutputNames;
+    /// Whether this output stores `m` at all (the HTTP output leaves services' statuses to
+    /// InfluxDB).
+    fn takes(&self, _m: &Measurement) -> bool {
+        true
+    }
+    /// Append `m` to `out` as one line, without its newline (and with none inside it).
+    fn encode(&self, m: &Measurement, out: &mut String) -> Result<(), String>;
+    /// Most lines, and most bytes of lines, in one request.
+    fn limits(&self) -> (usize, usize);
+    /// Send `count` newline-terminated lines as one request.
+    fn write(
+        &self,
+        lines: &str,
+        count: usize,
+    ) -> impl std::future::Future<Output = WriteOutcome> + Send;
+    /// Where writes go, without credentials, for logs.
+    fn endpoint(&self) -> String;
+}
 
 /// Lines to write: one body, and where each line starts.
 #[derive(Debug, Default)]
@@ -92,6 +120,30 @@ impl Lines {
     fn slice(&self, r: &Range<usize>) -> &str {
         &self.body[self.starts[r.start]..self.starts[r.end]]
     }
+
+    /// Bytes of lines `r`.
+    fn bytes(&self, r: &Range<usize>) -> usize {
+        self.starts[r.end] - self.starts[r.start]
+    }
+
+    /// All lines as consecutive requests of at most `max_lines` lines and `max_bytes` bytes
+    /// (a single longer line alone), as a stack: the last entry is the first request.
+    fn requests(&self, max_lines: usize, max_bytes: usize) -> Vec<Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for i in 0..self.len() {
+            let r = start..i + 1;
+            if i > start && (r.len() > max_lines.max(1) || self.bytes(&r) > max_bytes) {
+                out.push(start..i);
+                start = i;
+            }
+        }
+        if start < self.len() {
+            out.push(start..self.len());
+        }
+        out.reverse();
+        out
+    }
 }
 
 /// Why a batch could not be written now.
@@ -137,7 +189,7 @@ impl DeadLetters {
     /// then the file is not their copy, and the batch must not be acknowledged (its producer
     /// replays it, and the points are refused and dead-lettered again).
     #[must_use]
-    async fn send_all(&self, refused: Vec<Refusal>, events: &events::Influx) -> bool {
+    async fn send_all(&self, refused: Vec<Refusal>, events: &events::Output) -> bool {
         if refused.is_empty() {
             return true;
         }
@@ -215,7 +267,9 @@ impl RetryWait {
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error(transparent)]
-    WriteClient(#[from] WriteClientError),
+    WriteClient(#[from] crate::http::WriteClientError),
+    #[error(transparent)]
+    PostClient(#[from] crate::post::PostClientError),
     #[error("cannot open the spool: {0}")]
     Spool(#[from] JournalError),
 }
@@ -223,10 +277,16 @@ pub enum SinkError {
 /// Most bytes read from the spool at once (about one segment).
 const SPOOL_READ_BYTES: u64 = 4 << 20;
 
-/// The InfluxDB output task.
+/// The InfluxDB output.
+pub type InfluxSink = Sink<crate::http::WriteClient>;
+
+/// The HTTP output.
+pub type HttpSink = Sink<crate::post::PostClient>;
+
+/// A spooled output's task.
 #[derive(Debug)]
-pub struct InfluxSink {
-    client: WriteClient,
+pub struct Sink<E> {
+    client: E,
     /// `None` only while a blocking spool operation has it.
     spool: Option<Journal>,
     /// Spooled records read but not yet written, oldest first.
@@ -237,26 +297,42 @@ pub struct InfluxSink {
     /// Spooled records are merged into requests of up to this many lines.
     merge_lines: usize,
     backoff: RetryWait,
-    precision: Precision,
     dead: Arc<DeadLetters>,
     shutdown: Shutdown,
-    events: events::Influx,
+    events: events::Output,
     /// When the spool's records were appended, for its age gauge: the journal keeps no
     /// time per record (see docs/influx-writer.md, "The spool").
     appended: AppendTimes,
     down: Option<Failure>,
+    /// Batches encoded but not yet written, while they wait for more to fill a request.
+    pending: Pending,
+    /// How long the first of them may wait (zero: write each batch as it comes).
+    linger: Duration,
 }
 
-impl InfluxSink {
+/// Batches held for one write.
+#[derive(Debug, Default)]
+struct Pending {
+    batches: Vec<Arc<Batch>>,
+    lines: Lines,
+    refused: Vec<Refusal>,
+    since: Option<Instant>,
+}
+
+impl<E: Endpoint> Sink<E> {
+    /// `retry` is the backoff after a failed write; `linger` how long batches may wait to
+    /// fill a request.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
-        target: &InfluxTarget,
+        client: E,
+        retry: Backoff,
+        linger: Duration,
         spool_dir: &Path,
         spool: &SpoolConfig,
         batch_points: usize,
         dead: Arc<DeadLetters>,
         shutdown: Shutdown,
     ) -> Result<Self, SinkError> {
-        let client = WriteClient::new(target)?;
         let cfg = StreamConfig {
             journal: JournalKind::Disk,
             max_bytes: spool.max_bytes,
@@ -266,7 +342,7 @@ impl InfluxSink {
             ..StreamConfig::default()
         };
         let (journal, report) = Journal::open(spool_dir, &cfg)?;
-        runtime::events::journal_opened(events::SPOOL_STREAM, spool_dir, &report);
+        runtime::events::journal_opened(E::NAMES.spool_stream, spool_dir, &report);
         // Batches spooled before a restart count from when their segment was last written.
         let appended = AppendTimes::resumed(&journal);
         let mut sink = Self {
@@ -275,13 +351,17 @@ impl InfluxSink {
             queue: VecDeque::new(),
             max_record: usize::try_from(spool.segment_bytes / 2).unwrap_or(usize::MAX),
             merge_lines: batch_points,
-            backoff: RetryWait::new(target.retry),
-            precision: target.cfg.precision,
+            backoff: RetryWait::new(retry),
             dead,
             shutdown,
-            events: events::Influx::new(),
+            events: events::Output::new(E::NAMES),
             appended,
             down: None,
+            pending: Pending {
+                lines: Lines::new(),
+                ..Pending::default()
+            },
+            linger,
         };
         sink.update_gauges();
         sink.events.opened(&sink.client.endpoint(), sink.spooled());
@@ -306,18 +386,24 @@ impl InfluxSink {
         loop {
             let retry_at = self.backoff.until.unwrap_or_else(Instant::now);
             let drain = self.spooled() > 0 && !self.shutdown.is_requested();
+            let lingering = self.pending.since.map(|t| t + self.linger);
             tokio::select! {
                 b = rx.recv() => match b {
                     Some(b) => self.handle(b).await,
                     None => break,
                 },
+                () = tokio::time::sleep_until(lingering.unwrap_or(retry_at)), if lingering.is_some() => self.flush().await,
                 () = tokio::time::sleep_until(retry_at), if drain => self.drain_some().await,
-                () = self.shutdown.wait(), if drain => {}
+                () = self.shutdown.wait(), if drain || lingering.is_some() => {
+                    // Stopping: what waits is spooled now, within the grace period.
+                    self.flush().await;
+                }
             }
             // The oldest batch ages while InfluxDB stays away: its gauge moves with every
             // batch and retry, not only when the spool changes.
             self.update_gauges();
         }
+        self.flush().await;
         if let Some(j) = &self.spool
             && let Err(e) = j.save_acked()
         {
@@ -345,23 +431,61 @@ impl InfluxSink {
         self.spooled() == 0
     }
 
+    /// Encode a batch into the pending write; write when it is full (or at once when the
+    /// output does not linger).
     async fn handle(&mut self, batch: Arc<Batch>) {
-        let mut lines = Lines::new();
-        let mut refused = Vec::new();
+        let p = &mut self.pending;
         for item in &batch.items {
-            let encoded = measurement_point(&item.measurement, self.precision)
-                .and_then(|p| encode_point(&mut lines.body, &p));
-            match encoded {
-                Ok(()) => {
-                    lines.starts.push(lines.body.len());
-                    lines.topics.push(item.topic.clone());
-                }
-                Err(e) => refused.push(Refusal {
-                    reason: e.to_string(),
-                    topic: item.topic.clone(),
-                    line: serde_json::to_string(&item.measurement).unwrap_or_default(),
-                }),
+            if !self.client.takes(&item.measurement) {
+                continue;
             }
+            match self.client.encode(&item.measurement, &mut p.lines.body) {
+                Ok(()) => {
+                    p.lines.body.push('\n');
+                    p.lines.starts.push(p.lines.body.len());
+                    p.lines.topics.push(item.topic.clone());
+                }
+                Err(reason) => {
+                    // Nothing of a failed encoding stays in the body.
+                    if let Some(end) = p.lines.starts.last() {
+                        p.lines.body.truncate(*end);
+                    }
+                    p.refused.push(Refusal {
+                        reason,
+                        topic: item.topic.clone(),
+                        line: serde_json::to_string(&item.measurement).unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        p.batches.push(batch);
+        p.since.get_or_insert_with(Instant::now);
+        let (max_lines, max_bytes) = self.client.limits();
+        if self.linger.is_zero()
+            || p.lines.len() >= max_lines
+            || p.lines.body.len() >= max_bytes
+            || self.shutdown.is_requested()
+        {
+            self.flush().await;
+        }
+    }
+
+    /// Write the pending batches (or spool them), then acknowledge them.
+    async fn flush(&mut self) {
+        let Pending {
+            batches,
+            lines,
+            mut refused,
+            ..
+        } = std::mem::replace(
+            &mut self.pending,
+            Pending {
+                lines: Lines::new(),
+                ..Pending::default()
+            },
+        );
+        if batches.is_empty() {
+            return;
         }
         let result = if lines.is_empty() {
             Ok(())
@@ -383,12 +507,9 @@ impl InfluxSink {
             }
         };
         let kept = self.dead.send_all(refused, &self.events).await;
-        match result {
+        let stored = match result {
             // Stored, except the refused points, which are in the dead-letter file.
-            Ok(()) if kept => batch.done(),
-            // Their only copy would be gone: not acknowledged, so the producer keeps and
-            // replays the batch (what InfluxDB took is overwritten with itself).
-            Ok(()) => {}
+            Ok(()) => kept,
             Err(rest) => {
                 let mut body = String::new();
                 let mut n = 0;
@@ -397,14 +518,22 @@ impl InfluxSink {
                     body.push_str(lines.slice(r));
                     n += r.len();
                 }
-                if self.spool_append(&body, n).await {
-                    batch.done();
-                }
+                // Without `kept`, the batches are not acknowledged: the spooled lines are
+                // written twice when the producers replay them (harmless).
+                self.spool_append(&body, n).await && kept
+            }
+        };
+        // Not stored: their only copy would be gone. Not acknowledged, so the producers keep
+        // and replay them (what the server took is written again, harmlessly).
+        if stored {
+            for b in &batches {
+                b.done();
             }
         }
     }
 
-    /// Write `lines`, splitting on 400/413 and collecting the lines refused on their own in
+    /// Write `lines` in requests within the endpoint's limits, splitting on a refusal of
+    /// particular readings or 413, and collecting the lines refused on their own in
     /// `refused`. On a failure that is not about particular lines, returns the ranges not
     /// yet written.
     async fn deliver(
@@ -412,8 +541,8 @@ impl InfluxSink {
         lines: &Lines,
         refused: &mut Vec<Refusal>,
     ) -> Result<(), (Vec<Range<usize>>, Failure)> {
-        let mut stack: Vec<Range<usize>> = Vec::with_capacity(16);
-        stack.push(0..lines.len());
+        let (max_lines, max_bytes) = self.client.limits();
+        let mut stack = lines.requests(max_lines, max_bytes);
         let mut first = true;
         while let Some(r) = stack.pop() {
             if !first && self.shutdown.is_requested() {
@@ -421,7 +550,7 @@ impl InfluxSink {
                 return Err((stack, Failure::Stopping));
             }
             first = false;
-            let outcome = self.client.write(lines.slice(&r).as_bytes()).await;
+            let outcome = self.client.write(lines.slice(&r), r.len()).await;
             let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
                 let mid = r.start + r.len() / 2;
                 stack.push(mid..r.end);
@@ -444,7 +573,10 @@ impl InfluxSink {
                 WriteOutcome::Rejected(msg) if r.len() == 1 => refuse(refused, msg),
                 WriteOutcome::TooLarge if r.len() == 1 => refuse(
                     refused,
-                    "InfluxDB answered 413: this single point is larger than it accepts".into(),
+                    format!(
+                        "{} answered 413: this single reading is larger than it accepts",
+                        E::NAMES.name
+                    ),
                 ),
                 WriteOutcome::Rejected(msg) => {
                     self.events.splitting_rejected(r.len(), &msg);
@@ -498,7 +630,7 @@ impl InfluxSink {
             // The refused points could not be dead-lettered: the spool keeps them (and what
             // InfluxDB took), and they are tried again after a backoff.
             Ok(()) if !kept => self.went_down(Failure::Unavailable(
-                "the dead-letter file cannot take the points InfluxDB refused".into(),
+                "the dead-letter file cannot take the points the server refused".into(),
             )),
             Ok(()) => {
                 self.queue.drain(..taken);
@@ -740,8 +872,11 @@ mod tests {
             Arc::new(DeadLetterFile::new(dir.path().join("dead.jsonl"), 1 << 20)),
         ));
         let (trigger, shutdown) = runtime::shutdown::channel();
-        let sink = InfluxSink::open(
-            plan.target().unwrap(),
+        let target = plan.target().unwrap();
+        let sink: InfluxSink = Sink::open(
+            crate::http::WriteClient::new(target).unwrap(),
+            target.retry,
+            Duration::ZERO,
             &dir.path().join("spool"),
             &plan.spool,
             100,

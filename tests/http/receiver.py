@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""A readings receiver for influx-writer's HTTP output tests: what a user's own backend does.
+
+POST <any path>: takes a wattbus.readings.v1 batch, or one reading (one_per_request).
+- The token must match --token (Authorization: Bearer <token>), else 401.
+- A request holding a reading of measurement "odd" is refused whole with 400 and a message,
+  as an API validating its input would; nothing of it is stored.
+- Accepted readings are appended to --out, one JSON object per line, flushed per request.
+- gzip bodies (Content-Encoding: gzip) are decoded.
+
+Control (no token): POST /_mode with body "ok" or "503" switches the answer to every later
+request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
+
+With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
+"""
+
+import argparse
+import gzip
+import json
+import ssl
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+state = {"mode": "ok", "requests": 0, "readings": 0, "gzip": 0, "by_status": {}, "bodies": []}
+lock = threading.Lock()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--token", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cert")
+    p.add_argument("--key")
+    p.add_argument("--control-port", type=int, help="also serve plain HTTP here (with TLS)")
+    args = p.parse_args()
+    out = open(args.out, "a", encoding="utf-8")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def answer(self, status, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            with lock:
+                k = str(status)
+                state["by_status"][k] = state["by_status"].get(k, 0) + 1
+
+        def do_GET(self):
+            if self.path == "/_stats":
+                with lock:
+                    s = {k: state[k] for k in ("mode", "requests", "readings", "gzip", "by_status")}
+                self.answer(200, s)
+            else:
+                self.answer(404, {"error": "not found"})
+
+        def do_POST(self):
+            n = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(n)
+            if self.path == "/_mode":
+                with lock:
+                    state["mode"] = raw.decode().strip()
+                self.answer(200, {"mode": state["mode"]})
+                return
+            with lock:
+                state["requests"] += 1
+                mode = state["mode"]
+            if mode == "503":
+                self.answer(503, {"error": "down for maintenance"})
+                return
+            if self.headers.get("Authorization") != "Bearer " + args.token:
+                self.answer(401, {"error": "invalid token"})
+                return
+            if self.headers.get("Content-Type") != "application/json":
+                self.answer(415, {"error": "JSON only"})
+                return
+            if self.headers.get("Content-Encoding") == "gzip":
+                raw = gzip.decompress(raw)
+                with lock:
+                    state["gzip"] += 1
+            try:
+                doc = json.loads(raw)
+            except ValueError as e:
+                self.answer(400, {"error": "not JSON: %s" % e})
+                return
+            if "readings" in doc:
+                if doc.get("format") != "wattbus.readings.v1":
+                    self.answer(400, {"error": "unknown format"})
+                    return
+                readings = doc["readings"]
+                if any(r.get("site") != doc.get("site") for r in readings):
+                    self.answer(400, {"error": "site mismatch"})
+                    return
+            else:
+                readings = [doc]
+            for r in readings:
+                if r.get("measurement") == "odd":
+                    self.answer(400, {"error": "measurement odd is not accepted by this API"})
+                    return
+            with lock:
+                for r in readings:
+                    out.write(json.dumps(r, sort_keys=True) + "\n")
+                out.flush()
+                state["readings"] += len(readings)
+            self.answer(200, {"stored": len(readings)})
+
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server.daemon_threads = True
+    if args.cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.cert, args.key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    if args.control_port:
+        control = ThreadingHTTPServer(("127.0.0.1", args.control_port), Handler)
+        control.daemon_threads = True
+        threading.Thread(target=control.serve_forever, daemon=True).start()
+    print("listening %d" % args.port, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

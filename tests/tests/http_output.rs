@@ -1,0 +1,365 @@
+//! influx-writer's HTTP output end to end: real processes (broker, probe producer, writer) and
+//! a user's backend, a small Python server (tests/http/receiver.py) that can be told to fail,
+//! refuses a wrong token, and refuses readings it does not take with a 400.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use wattbus_e2e::receiver::{Receiver, TOKEN, writer, writer_config};
+use wattbus_e2e::servers::metric;
+use wattbus_e2e::{BrokerSetup, Proc, wait_until, wattbus_bin};
+
+const SPOOL: &str = "wattbus_journal_records{service=\"influx-writer\",stream=\"http-spool\"}";
+
+/// `count` readings at `rate`/s from a probe producer that waits for the writer's
+/// acknowledgements; reading `i` is stamped `base + i` and carries `reading_n = i`.
+fn produce(broker: &BrokerSetup, dir: &Path, count: u64, rate: u64, extra: &[&str]) -> Proc {
+    Proc::spawn(
+        "probe",
+        Command::new(wattbus_bin().with_file_name("probe"))
+            .args([
+                "--port",
+                &broker.port.to_string(),
+                "--password",
+                &broker.password,
+            ])
+            .args(["--site", "lab", "--data-dir"])
+            .arg(dir.join("probe"))
+            .args([
+                "produce",
+                "--count",
+                &count.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--wait-for",
+                "influx-writer",
+                "--ack-timeout-ms",
+                "1000",
+            ])
+            .args(extra),
+        &dir.join("probe.log"),
+    )
+}
+
+/// A test's world: its directory, a broker and (not yet started) nothing else.
+fn world() -> (tempfile::TempDir, BrokerSetup, Proc) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerSetup::new(dir.path());
+    let proc = broker.start(&dir.path().join("broker.log"));
+    (dir, broker, proc)
+}
+
+/// The probe in `d` ends with every reading acknowledged (stored, or spooled) in `within`.
+fn all_acknowledged(producer: &mut Proc, d: &Path, within: Duration, writer_log: &Path) {
+    let status = producer.wait(within);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the producer's readings were not all acknowledged; its log:\n{}\nwriter log:\n{}",
+        read(&d.join("probe.log")),
+        read(writer_log)
+    );
+}
+
+/// A directory for one more writer on the broker of `d` (its service config reads the
+/// broker's password from its own directory).
+fn subdir(d: &Path, name: &str) -> PathBuf {
+    let sub = d.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(d.join("broker-password"), sub.join("broker-password")).unwrap();
+    sub
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Every reading stored holds the value its producer sent: `reading_n` is its number, and
+/// its time is the probe's base plus that number.
+fn assert_values_right(received: &[serde_json::Value]) -> i64 {
+    let base = received
+        .iter()
+        .map(|r| r["ts_ms"].as_i64().unwrap() - r["fields"]["reading_n"].as_f64().unwrap() as i64)
+        .next()
+        .unwrap();
+    for r in received {
+        let n = r["fields"]["reading_n"].as_f64().unwrap() as i64;
+        assert_eq!(r["ts_ms"].as_i64().unwrap(), base + n, "{r}");
+        assert_eq!(r["device"], "probe-dev", "{r}");
+        assert_eq!(r["quality"], "good", "{r}");
+        assert!(r["origin"]["seq"].as_u64().is_some(), "no origin: {r}");
+    }
+    base
+}
+
+/// Readings flow while the backend answers 503, then is gone altogether (connection
+/// refused), and the writer is killed with -9 twice in between: once the backend is back,
+/// every reading has arrived — exactly once after dedup by identity and time — and the
+/// spool is empty.
+#[test]
+fn readings_reach_the_endpoint_exactly_once_through_an_outage_and_kill_9() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let mut rx = Receiver::start(d, None);
+    let url = format!("http://127.0.0.1:{}/api/readings?source=wattbus", rx.port);
+    let (cfg, health) = writer_config(&broker, d, &url, TOKEN, "max_readings = 50");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let count = 3000;
+    let mut producer = produce(&broker, d, count, 150, &[]);
+
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.received().len() >= 100),
+        "no readings reached the endpoint; writer log:\n{}",
+        read(&log)
+    );
+    // The backend answers 503: readings go to the spool.
+    rx.mode("503");
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(health, SPOOL)
+            .is_some_and(|n| n >= 5.0)),
+        "the spool did not fill while the endpoint answered 503; writer log:\n{}",
+        read(&log)
+    );
+    w.kill9();
+    w = writer(&cfg, &log);
+    // Gone altogether: connections refused.
+    rx.stop();
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(health, SPOOL)
+            .is_some_and(|n| n >= 10.0)),
+        "the restarted writer did not go on spooling; its log:\n{}",
+        read(&log)
+    );
+    w.kill9();
+    w = writer(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(health, SPOOL)
+            .is_some_and(|n| n >= 10.0)),
+        "the writer did not come back up; its log:\n{}",
+        read(&log)
+    );
+    rx.restart();
+    all_acknowledged(&mut producer, d, Duration::from_secs(180), &log);
+    assert!(
+        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
+            == count),
+        "{} of {count} readings arrived; writer log:\n{}",
+        rx.identities().len(),
+        read(&log)
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(health, SPOOL)
+            == Some(0.0)),
+        "the spool kept readings the endpoint has"
+    );
+    let received = rx.received();
+    let base = assert_values_right(&received);
+    let ids = rx.identities();
+    let times: Vec<i64> = ids.keys().map(|k| k.4).collect();
+    assert_eq!(
+        times,
+        (0..count as i64).map(|i| base + i).collect::<Vec<_>>()
+    );
+    // Batches: far fewer requests than readings, none above max_readings.
+    let stats = rx.stats();
+    assert!(
+        stats["by_status"]["200"].as_u64().unwrap() * 10 < count,
+        "{stats}"
+    );
+    // The outage was seen and said once, and the token never appears in the log.
+    let text = read(&log);
+    assert!(
+        text.contains("The HTTP endpoint cannot take writes"),
+        "{text}"
+    );
+    assert!(!text.contains(TOKEN), "the token is in the log:\n{text}");
+    w.terminate(Duration::from_secs(10));
+}
+
+/// A reading the backend refuses (400) is dead-lettered with the backend's message, and the
+/// rest of its batch arrives.
+#[test]
+fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_arrive() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let rx = Receiver::start(d, None);
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let (cfg, _) = writer_config(&broker, d, &url, TOKEN, "");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let count = 1000;
+    let mut producer = produce(&broker, d, count, 0, &["--odd-at", "437"]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
+            == count - 1),
+        "{} of {} readings arrived; writer log:\n{}",
+        rx.identities().len(),
+        count - 1,
+        read(&log)
+    );
+    let received = rx.received();
+    let base = assert_values_right(&received);
+    assert!(
+        !rx.identities().keys().any(|k| k.4 == base + 437),
+        "the refused reading was stored"
+    );
+    // In the dead-letter file, with what the backend said.
+    let dead = read(&d.join("influx-writer").join("dead-letters.jsonl"));
+    let letters: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{dead}");
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("400") && reason.contains("measurement odd is not accepted by this API"),
+        "{reason}"
+    );
+    let payload: serde_json::Value =
+        serde_json::from_str(letters[0]["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(payload["measurement"], "odd", "{dead}");
+    assert_eq!(payload["ts_ms"].as_i64().unwrap(), base + 437, "{dead}");
+    // And an ERROR in the log saying so.
+    let text = read(&log);
+    assert!(
+        text.contains("ERROR") && text.contains("measurement odd is not accepted by this API"),
+        "{text}"
+    );
+    w.terminate(Duration::from_secs(10));
+}
+
+/// A wrong token: the backend answers 401, the writer says which setting to check in an
+/// ERROR, and the readings wait in the spool — acknowledged to their producer, never
+/// dead-lettered. With the token fixed and the writer restarted, they all arrive.
+#[test]
+fn a_wrong_token_is_a_clear_error_and_the_readings_wait_for_the_right_one() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let rx = Receiver::start(d, None);
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let wrong = "not-the-token-of-the-backend";
+    let (cfg, health) = writer_config(&broker, d, &url, wrong, "");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let count = 300;
+    let mut producer = produce(&broker, d, count, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || read(&log)
+            .contains("refused the writer's credentials")),
+        "no error about the credentials; writer log:\n{}",
+        read(&log)
+    );
+    let text = read(&log);
+    let line = text
+        .lines()
+        .find(|l| l.contains("refused the writer's credentials"))
+        .unwrap();
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("401"), "{line}");
+    assert!(line.contains("influx_writer.http.token"), "{line}");
+    assert!(!text.contains(wrong), "the token is in the log:\n{text}");
+    assert!(rx.received().is_empty());
+    assert!(
+        metric(health, SPOOL).is_some_and(|n| n >= 1.0),
+        "the readings are not in the spool"
+    );
+    assert!(!d.join("influx-writer").join("dead-letters.jsonl").exists());
+
+    w.terminate(Duration::from_secs(10));
+    std::fs::write(d.join("http-token"), TOKEN).unwrap();
+    let mut w = writer(&cfg, &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
+            == count),
+        "{} of {count} readings arrived after the token was fixed",
+        rx.identities().len()
+    );
+    assert_values_right(&rx.received());
+    w.terminate(Duration::from_secs(10));
+}
+
+/// HTTPS to a backend whose certificate a private CA signed (`ca_file`), gzip bodies; and a
+/// second writer that sends one reading per request.
+#[test]
+fn tls_with_a_private_ca_gzip_and_one_reading_per_request() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let certs = d.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    wattbus_e2e::iothub::certificates(&certs);
+
+    // HTTPS, gzip, the private CA.
+    let tls_dir = subdir(d, "tls");
+    let rx = Receiver::start(
+        &tls_dir,
+        Some((certs.join("hub.pem"), certs.join("hub.key"))),
+    );
+    let url = format!("https://localhost:{}/in", rx.port);
+    let (cfg, _) = writer_config(
+        &broker,
+        &tls_dir,
+        &url,
+        TOKEN,
+        &format!(
+            "gzip = true\nca_file = \"{}\"",
+            certs.join("ca.pem").display()
+        ),
+    );
+    let log = tls_dir.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let mut producer = produce(&broker, &tls_dir, 500, 0, &[]);
+    all_acknowledged(&mut producer, &tls_dir, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() == 500),
+        "{} of 500 over HTTPS; writer log:\n{}",
+        rx.identities().len(),
+        read(&log)
+    );
+    assert_values_right(&rx.received());
+    w.terminate(Duration::from_secs(10));
+
+    // Without the CA the same endpoint is not trusted: an error, nothing sent.
+    let untrusted = subdir(d, "untrusted");
+    let (cfg, health) = writer_config(&broker, &untrusted, &url, TOKEN, "");
+    let log = untrusted.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let mut producer = produce(&broker, &untrusted, 20, 0, &[]);
+    all_acknowledged(&mut producer, &untrusted, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || metric(health, SPOOL)
+            .is_some_and(|n| n >= 1.0)),
+        "an untrusted certificate did not keep the readings in the spool; log:\n{}",
+        read(&log)
+    );
+    assert!(
+        read(&log).to_lowercase().contains("certificate"),
+        "{}",
+        read(&log)
+    );
+    w.terminate(Duration::from_secs(10));
+    let stats = rx.stats();
+    assert!(stats["gzip"].as_u64().unwrap() >= 1, "{stats}");
+
+    // One reading per request, the body the reading itself.
+    let single_dir = subdir(d, "single");
+    let rx = Receiver::start(&single_dir, None);
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let (cfg, _) = writer_config(&broker, &single_dir, &url, TOKEN, "one_per_request = true");
+    let log = single_dir.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let mut producer = produce(&broker, &single_dir, 40, 0, &[]);
+    all_acknowledged(&mut producer, &single_dir, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() == 40),
+        "{} of 40 one per request; log:\n{}",
+        rx.identities().len(),
+        read(&log)
+    );
+    let stats = rx.stats();
+    assert_eq!(stats["requests"].as_u64().unwrap(), 40, "{stats}");
+    w.terminate(Duration::from_secs(10));
+}
