@@ -153,11 +153,6 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
         ctx.shutdown.clone(),
     )?;
     events.started(&plan.node, &plan.node_name, plan.interval);
-    // The first readings go out at once: wait (briefly) until the broker has confirmed the
-    // producer's acknowledgement subscription, or their acknowledgements pass unheard and
-    // they are replayed — harmless, but a WARN a newcomer reads as a fault.
-    let _connected = bus.wait_connected(std::time::Duration::from_secs(5)).await;
-    let _subscribed = bus.wait_subscribed(std::time::Duration::from_secs(5)).await;
     // Off the async threads: a sysfs read at start may hang as well as any later.
     let found = {
         let (plan, data_dir) = (plan.clone(), ctx.common.data_dir.clone());
