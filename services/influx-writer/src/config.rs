@@ -875,6 +875,87 @@ mod tests {
     /// In whole seconds, two readings of one series within a second are one InfluxDB point:
     /// the later overwrote the earlier (fourth hostile review).
     #[test]
+    fn the_http_output_s_mistakes_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |c: HttpConfig| {
+            Config {
+                http: Some(c),
+                ..Config::default()
+            }
+            .resolve("influx_writer")
+            .unwrap_err()
+        };
+        let url = || "https://example.com/in".to_string();
+        let e = err(HttpConfig::default());
+        assert_eq!(e.key, "influx_writer.http.url");
+        let e = err(HttpConfig {
+            url: "ftp://example.com/in".into(),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.url");
+        let e = err(HttpConfig {
+            url: "https://me:secret@example.com/in".into(),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.url");
+        assert!(e.reason.contains("credentials"), "{}", e.reason);
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = err(HttpConfig {
+            url: url(),
+            token: Some(Secret::new("t")),
+            username: Some("u".into()),
+            password: Some(Secret::new("p")),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.token");
+        let e = err(HttpConfig {
+            url: url(),
+            username: Some("u".into()),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.password");
+        let e = err(HttpConfig {
+            url: url(),
+            token: Some(Secret::new("t")),
+            token_header: Some("bad header".into()),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.token_header");
+        let e = err(HttpConfig {
+            url: url(),
+            max_readings: 0,
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.max_readings");
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let e = err(HttpConfig {
+            url: url(),
+            ca_file: Some(not_pem),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.ca_file");
+        let e = err(HttpConfig {
+            url: url(),
+            token_file: Some(dir.path().join("missing")),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.token_file");
+        // Only the HTTP output: files are off unless asked for, and that is a valid config.
+        let plan = Config {
+            http: Some(HttpConfig {
+                url: url(),
+                ..HttpConfig::default()
+            }),
+            ..Config::default()
+        }
+        .resolve("influx_writer")
+        .unwrap();
+        assert!(!plan.files_enabled());
+        assert!(plan.http_target().is_some() && plan.target().is_none());
+    }
+
+    #[test]
     fn second_precision_is_refused() {
         let c = Config {
             influx: Some(InfluxConfig {

@@ -260,6 +260,16 @@ impl Output {
         tracing::info!(endpoint = %endpoint, "Writing to {name}.");
     }
 
+    /// The token or password goes unencrypted over the network: anyone on the path can read
+    /// it. Allowed (a backend on the LAN without TLS), said once at start.
+    pub fn credentials_in_clear(&self, endpoint: &str) {
+        tracing::warn!(
+            endpoint = %endpoint,
+            "{} is http:// on another machine: its token or password crosses the network unencrypted. Use https:// (with ca_file for your own CA).",
+            self.names.name
+        );
+    }
+
     /// The spool holds `records` batches in `bytes`, the oldest appended `oldest` ago.
     pub fn spool(&self, records: u64, bytes: u64, oldest: Duration) {
         self.spool_records.set(records as f64);

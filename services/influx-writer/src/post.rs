@@ -230,6 +230,16 @@ impl Endpoint for PostClient {
         self.post(self.body(lines, count)).await
     }
 
+    fn credentials_in_clear(&self) -> bool {
+        let local = self.url.host_str().is_none_or(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        self.auth.is_some() && self.url.scheme() == "http" && !local
+    }
+
     fn endpoint(&self) -> String {
         format!(
             "{}{}",
@@ -296,6 +306,25 @@ mod tests {
         assert_eq!(batch.format, proto::READING_BATCH_FORMAT);
         assert_eq!(batch.site.as_str(), "home");
         assert_eq!(batch.readings, (0..3).map(reading).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn credentials_over_plain_http_to_another_machine_are_flagged() {
+        let with = |url: &str, token: bool| {
+            client(HttpConfig {
+                url: url.into(),
+                token: token.then(|| runtime::Secret::new("t0ken")),
+                ..HttpConfig::default()
+            })
+            .credentials_in_clear()
+        };
+        assert!(with("http://192.168.1.20:1880/in", true));
+        assert!(with("http://backend.lan/in", true));
+        assert!(!with("http://192.168.1.20:1880/in", false));
+        assert!(!with("https://backend.lan/in", true));
+        assert!(!with("http://127.0.0.1:1880/in", true));
+        assert!(!with("http://localhost:1880/in", true));
+        assert!(!with("http://[::1]:1880/in", true));
     }
 
     #[test]

@@ -69,6 +69,11 @@ pub trait Endpoint: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = WriteOutcome> + Send;
     /// Where writes go, without credentials, for logs.
     fn endpoint(&self) -> String;
+    /// Whether credentials go unencrypted to another machine (`http://` to a host that is
+    /// not this one): said at start, once.
+    fn credentials_in_clear(&self) -> bool {
+        false
+    }
 }
 
 /// Lines to write: one body, and where each line starts.
@@ -365,6 +370,9 @@ impl<E: Endpoint> Sink<E> {
         };
         sink.update_gauges();
         sink.events.opened(&sink.client.endpoint(), sink.spooled());
+        if sink.client.credentials_in_clear() {
+            sink.events.credentials_in_clear(&sink.client.endpoint());
+        }
         Ok(sink)
     }
 
