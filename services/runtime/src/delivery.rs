@@ -64,6 +64,10 @@ const RECONNECT_GRACE: Duration = Duration::from_secs(2);
 /// announces that disk space came back; a second is soon enough and costs nothing.
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
+/// How long the first publish of a stream waits for the broker to confirm the stream's
+/// acknowledgement subscription (once per process).
+const ACKS_SUBSCRIBED_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a stream may hold readings for nobody, once connected, before it says so: the
 /// retained registrations of running sinks arrive within moments of subscribing.
 const NO_SINK_GRACE: Duration = Duration::from_secs(10);
@@ -234,6 +238,8 @@ struct Shared {
     /// damaged and stand-ins took the damaged lines' place): written again on every tick
     /// until it does, so a restart does not forget a group.
     learned_unsaved: AtomicBool,
+    /// The broker has confirmed the acknowledgement subscription (or the wait for it is over).
+    acks_subscribed: AtomicBool,
 }
 
 /// The sending side of one stream. Cheap to clone.
@@ -329,6 +335,7 @@ impl Producer {
             publishes: publishes.as_str().to_string(),
             dir,
             learned_unsaved: AtomicBool::new(damaged),
+            acks_subscribed: AtomicBool::new(false),
             epoch: bus.connection(),
             cfg: cfg.clone(),
             synced_tx: watch::channel(appended).0,
@@ -467,6 +474,15 @@ impl Producer {
         // stuck), the record waits in the journal and is published by replay once sinks are
         // overdue or the link is back; the caller goes back to reading its devices. Nothing is
         // trimmed here, whatever the connection: only a sink's acknowledgement trims.
+        if !s.acks_subscribed.load(Ordering::Acquire) {
+            // A record published before the broker has the acknowledgement subscription is
+            // stored by its sinks, but their acknowledgements reach nobody: it would be
+            // replayed (a WARN and a duplicate) although it arrived. A service that publishes
+            // at once on start (node-health, plug-bridge) did so on every start. Waited for
+            // once; if the broker is away, the record waits in the journal as always.
+            let _subscribed = s.bus.wait_subscribed(ACKS_SUBSCRIBED_WAIT).await;
+            s.acks_subscribed.store(true, Ordering::Release);
+        }
         let epoch = *s.epoch.borrow();
         let published = s.bus.publish_or_defer(topic, bytes).await;
         if published {
@@ -1058,6 +1074,7 @@ async fn replay_overdue(s: &Shared) -> Result<(), DeliveryError> {
         }
         events::replaying(
             &s.core,
+            s.producer.as_str(),
             s.stream.as_str(),
             &due.group,
             records.len(),

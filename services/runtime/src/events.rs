@@ -137,6 +137,7 @@ pub fn journal_dropped(service: &str, stream: &str, d: &Dropped) {
 /// `waited` is how long the group has kept records waiting without acknowledging any.
 pub fn replaying(
     core: &Core,
+    producer: &str,
     stream: &str,
     group: &str,
     records: usize,
@@ -145,6 +146,7 @@ pub fn replaying(
 ) {
     core.replayed(stream, group).add(records as u64);
     tracing::warn!(
+        producer,
         stream,
         sink = group,
         records,
