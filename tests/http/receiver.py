@@ -8,8 +8,9 @@ POST <any path>: takes a wattbus.readings.v1 batch, or one reading (one_per_requ
 - Accepted readings are appended to --out, one JSON object per line, flushed per request.
 - gzip bodies (Content-Encoding: gzip) are decoded.
 
-Control (no token): POST /_mode with body "ok" or "503" switches the answer to every later
-request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
+Control (no token): POST /_mode with body "ok", "503" (every request), "400all" (every
+request refused), "400flood" (a 400 whose body never ends) or "500odd" (a 500 for a request
+holding an "odd" reading, a backend bug) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
 
 With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
 """
@@ -76,6 +77,23 @@ def main():
             if mode == "503":
                 self.answer(503, {"error": "down for maintenance"})
                 return
+            if mode == "400all":
+                # A proxy or a changed API that refuses every request.
+                self.answer(400, {"error": "this API now expects format v2"})
+                return
+            if mode == "400flood":
+                # An error answer whose body never ends.
+                self.send_response(400)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                chunk = b"x" * (1 << 20)
+                try:
+                    while True:
+                        self.wfile.write(chunk)
+                except OSError:
+                    pass
+                self.close_connection = True
+                return
             if self.headers.get("Authorization") != "Bearer " + args.token:
                 self.answer(401, {"error": "invalid token"})
                 return
@@ -103,7 +121,11 @@ def main():
                 readings = [doc]
             for r in readings:
                 if r.get("measurement") == "odd":
-                    self.answer(400, {"error": "measurement odd is not accepted by this API"})
+                    if mode == "500odd":
+                        # A backend bug: one reading makes it fail.
+                        self.answer(500, {"error": "KeyError: 'odd'"})
+                    else:
+                        self.answer(400, {"error": "measurement odd is not accepted by this API"})
                     return
             with lock:
                 for r in readings:

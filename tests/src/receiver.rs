@@ -84,7 +84,8 @@ impl Receiver {
         );
     }
 
-    /// "ok" or "503" for every request from now on.
+    /// How the receiver answers from now on: "ok", "503", "400all", "400flood", "500odd"
+    /// (tests/http/receiver.py).
     pub fn mode(&self, mode: &str) {
         let (status, body) = http("POST", self.control, "/_mode", mode.as_bytes());
         assert_eq!(status, 200, "{body}");

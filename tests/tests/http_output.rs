@@ -363,3 +363,123 @@ fn tls_with_a_private_ca_gzip_and_one_reading_per_request() {
     assert_eq!(stats["requests"].as_u64().unwrap(), 40, "{stats}");
     w.terminate(Duration::from_secs(10));
 }
+
+/// An endpoint (or a proxy before it) that refuses every request with a 400 — a changed API,
+/// gzip it cannot read: nothing is dead-lettered, the writer says what to check, and the
+/// readings wait; once the endpoint takes them again, every one arrives.
+#[test]
+fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let rx = Receiver::start(d, None);
+    rx.mode("400all");
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let (cfg, health) = writer_config(&broker, d, &url, TOKEN, "");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let count = 300;
+    let mut producer = produce(&broker, d, count, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(30), || read(&log)
+            .contains("refuses every reading")
+            || read(&log).contains("took none of")),
+        "no error saying the endpoint refuses everything; log:\n{}",
+        read(&log)
+    );
+    assert!(
+        metric(health, SPOOL).is_some_and(|n| n >= 1.0),
+        "the readings are not in the spool"
+    );
+    assert!(
+        !d.join("influx-writer").join("dead-letters.jsonl").exists(),
+        "readings were dead-lettered: {}",
+        read(&d.join("influx-writer").join("dead-letters.jsonl"))
+    );
+    rx.mode("ok");
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
+            == count),
+        "{} of {count} arrived once the endpoint took them; log:\n{}",
+        rx.identities().len(),
+        read(&log)
+    );
+    assert_values_right(&rx.received());
+    assert!(!d.join("influx-writer").join("dead-letters.jsonl").exists());
+    w.terminate(Duration::from_secs(10));
+}
+
+/// One reading the backend fails on (a 500 for any request holding it, a bug in the
+/// backend): after a few failed rounds the writer finds it by splitting, dead-letters it with
+/// the answer, and every other reading arrives — the output does not stop behind it.
+#[test]
+fn a_reading_the_endpoint_fails_on_is_isolated_and_the_rest_flow() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let rx = Receiver::start(d, None);
+    rx.mode("500odd");
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let (cfg, health) = writer_config(&broker, d, &url, TOKEN, "");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let count = 600;
+    let mut producer = produce(&broker, d, count, 100, &["--odd-at", "50"]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
+            == count - 1),
+        "{} of {} arrived; log:\n{}",
+        rx.identities().len(),
+        count - 1,
+        read(&log)
+    );
+    let base = assert_values_right(&rx.received());
+    assert!(!rx.identities().keys().any(|k| k.4 == base + 50));
+    let dead = read(&d.join("influx-writer").join("dead-letters.jsonl"));
+    let letters: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{dead}");
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("500") && reason.contains("KeyError"),
+        "{reason}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || metric(health, SPOOL)
+            == Some(0.0)),
+        "the spool did not drain"
+    );
+    w.terminate(Duration::from_secs(10));
+}
+
+/// An error answer whose body never ends is read only as far as its message: the writer's
+/// memory stays small (it grew by gigabytes in seconds when the whole body was read).
+#[test]
+fn an_error_answer_without_end_does_not_fill_the_memory() {
+    let (dir, broker, _broker) = world();
+    let d = dir.path();
+    let rx = Receiver::start(d, None);
+    rx.mode("400flood");
+    let url = format!("http://127.0.0.1:{}/in", rx.port);
+    let (cfg, _) = writer_config(&broker, d, &url, TOKEN, "");
+    let log = d.join("writer.log");
+    let mut w = writer(&cfg, &log);
+    let mut producer = produce(&broker, d, 50, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.stats()["requests"]
+            .as_u64()
+            .is_some_and(|n| n >= 10)),
+        "the writer did not retry; log:\n{}",
+        read(&log)
+    );
+    let peak_kb = wattbus_e2e::status_kb(w.id(), "VmHWM:").unwrap();
+    assert!(
+        peak_kb < 256 * 1024,
+        "the writer's memory peaked at {} MiB",
+        peak_kb / 1024
+    );
+    w.terminate(Duration::from_secs(10));
+}

@@ -210,6 +210,10 @@ impl Default for HttpConfig {
     }
 }
 
+/// The longest `[influx_writer.http] max_age_ms`: half the producers' default
+/// acknowledgement timeout, so waiting readings are not sent again meanwhile.
+pub const MAX_HTTP_AGE_MS: u64 = 5_000;
+
 /// How the HTTP output authenticates.
 #[derive(Debug, Clone)]
 pub enum HttpAuth {
@@ -510,10 +514,12 @@ impl Config {
                 "must be between 1024 and 67108864",
             ));
         }
-        if c.max_age_ms > 600_000 {
+        if c.max_age_ms > MAX_HTTP_AGE_MS {
             return Err(ConfigError::new(
                 key("max_age_ms"),
-                "must be at most 600000 (10 minutes): the readings wait unacknowledged meanwhile",
+                format!(
+                    "must be at most {MAX_HTTP_AGE_MS} (5 s): readings wait unacknowledged meanwhile, and their producers send them again after ack_timeout_ms (10 s by default), so each would arrive several times; for fewer requests raise max_readings"
+                ),
             ));
         }
         let token = resolve_secret(&key("token"), c.token.as_ref(), c.token_file.as_deref())?;
@@ -523,7 +529,7 @@ impl Config {
             c.password_file.as_deref(),
         )?;
         if let Some(t) = &token
-            && (t.expose().is_empty() || t.expose().chars().any(char::is_control))
+            && (t.expose().trim().is_empty() || t.expose().chars().any(char::is_control))
         {
             return Err(ConfigError::new(
                 key("token"),
@@ -553,6 +559,12 @@ impl Config {
                 None => HttpAuth::Bearer(t),
             }),
             (None, Some(u), Some(p)) => {
+                if u.is_empty() || u.contains(':') || u.chars().any(char::is_control) {
+                    return Err(ConfigError::new(
+                        key("username"),
+                        "is empty or holds ':' or a control character, which HTTP Basic authentication cannot carry",
+                    ));
+                }
                 if c.token_header.is_some() {
                     return Err(ConfigError::new(
                         key("token_header"),
@@ -921,6 +933,25 @@ mod tests {
             ..HttpConfig::default()
         });
         assert_eq!(e.key, "influx_writer.http.token_header");
+        let e = err(HttpConfig {
+            url: url(),
+            username: Some("a:b".into()),
+            password: Some(Secret::new("p")),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.username");
+        let e = err(HttpConfig {
+            url: url(),
+            token: Some(Secret::new("   ")),
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.token");
+        let e = err(HttpConfig {
+            url: url(),
+            max_age_ms: 60_000,
+            ..HttpConfig::default()
+        });
+        assert_eq!(e.key, "influx_writer.http.max_age_ms");
         let e = err(HttpConfig {
             url: url(),
             max_readings: 0,

@@ -298,6 +298,17 @@ impl Output {
         );
     }
 
+    /// The endpoint keeps answering 5xx to a batch: it is split to find a reading it cannot
+    /// process.
+    pub fn splitting_failing(&self, lines: usize, why: &str) {
+        tracing::info!(
+            lines,
+            reason = %why,
+            "{} keeps failing on a batch; splitting it to find a reading it cannot process.",
+            self.names.name
+        );
+    }
+
     /// The server found a batch too large (413): it is split.
     pub fn splitting_too_large(&self, lines: usize) {
         tracing::info!(

@@ -39,8 +39,12 @@ pub enum WriteOutcome {
         status: u16,
         what: String,
     },
-    /// 429, 5xx or no answer at all: try again later.
+    /// 408, 429, or no answer at all (refused, timed out): try again later.
     Unavailable(String),
+    /// A 5xx answer from the HTTP output's endpoint: try again later, and if it keeps
+    /// failing, find whether one reading makes it fail (the InfluxDB client says
+    /// `Unavailable` for these).
+    ServerError(String),
 }
 
 /// Why the client could not be built.
@@ -174,7 +178,7 @@ impl WriteClient {
             .get(reqwest::header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
-        let text = resp.text().await.unwrap_or_default();
+        let text = error_body(resp).await;
         let message = server_message(&text);
         match status {
             400 | 422 => WriteOutcome::Rejected(message),
@@ -258,6 +262,26 @@ impl Endpoint for WriteClient {
     fn endpoint(&self) -> String {
         WriteClient::endpoint(self)
     }
+}
+
+/// Most bytes of an error answer's body read: enough for any server's message (JSON or text).
+const ERROR_BODY_BYTES: usize = 16 * 1024;
+
+/// An error answer's body, at most [`ERROR_BODY_BYTES`] of it: only its message is wanted, and
+/// a server (or something pretending to be one) that sends a body without end must not fill
+/// the memory of a Pi. The rest is not read; the connection is dropped with the answer.
+pub(crate) async fn error_body(mut resp: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < ERROR_BODY_BYTES {
+        match resp.chunk().await {
+            Ok(Some(c)) => {
+                let room = ERROR_BODY_BYTES - buf.len();
+                buf.extend_from_slice(&c[..c.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 pub(crate) fn strip_query(url: &str) -> &str {

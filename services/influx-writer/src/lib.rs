@@ -227,6 +227,17 @@ async fn adopt_free_slots(bus: Bus, plan: Plan, base: Segment, ctx: Context) {
 const INFLUX_SPOOL: &str = "spool";
 const HTTP_SPOOL: &str = "http-spool";
 
+/// Batches a spooled output may hold queued: as many as the intake makes while one request
+/// waits for its timeout, so a server that takes connections and never answers holds up only
+/// its own output, not the others (the intake hands every output each batch in turn). At
+/// most 64 (a batch is at most `batch_points` readings, in memory until taken).
+fn queue_len(timeout_ms: u64, plan: &Plan) -> usize {
+    let per_timeout = timeout_ms.div_ceil(plan.flush_interval_ms.max(1));
+    usize::try_from(per_timeout.saturating_add(2))
+        .unwrap_or(64)
+        .clamp(2, 64)
+}
+
 /// A spooled output's sink on `spool_dir`, with the plan's spool settings.
 fn open_sink<E: Endpoint>(
     client: Result<E, SinkError>,
@@ -304,7 +315,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
             dead(),
             ctx,
         )?;
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(queue_len(target.cfg.timeout_ms, config));
         outputs.push((tx, tokio::spawn(sink.run(rx))));
     }
     if let Some(target) = config.http_target() {
@@ -312,7 +323,7 @@ pub async fn run_on(bus: &Bus, config: &Plan, ctx: &Context) -> Result<(), Error
         let dir = spool_dir(config, data_dir, HTTP_SPOOL)?;
         let linger = Duration::from_millis(target.cfg.max_age_ms);
         let sink: HttpSink = open_sink(client, target.retry, linger, &dir, config, dead(), ctx)?;
-        let (tx, rx) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(queue_len(target.cfg.timeout_ms, config));
         outputs.push((tx, tokio::spawn(sink.run(rx))));
     }
     if config.files_enabled() {

@@ -24,7 +24,9 @@ use std::time::Duration;
 use proto::{Measurement, Payload as _, Segment};
 
 use crate::config::{HttpAuth, HttpTarget};
-use crate::http::{WriteOutcome, describe_transport, gzip, server_message, strip_query};
+use crate::http::{
+    WriteOutcome, describe_transport, error_body, gzip, server_message, strip_query,
+};
 use crate::sink::Endpoint;
 
 /// Why the client could not be built.
@@ -160,7 +162,7 @@ impl PostClient {
             .get(reqwest::header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
-        let text = resp.text().await.unwrap_or_default();
+        let text = error_body(resp).await;
         let message = server_message(&text);
         let url = strip_query(self.url.as_str()).to_string();
         let refused = |what: String| WriteOutcome::Refused { status, what };
@@ -192,7 +194,8 @@ impl PostClient {
                 }
             )),
             413 => WriteOutcome::TooLarge,
-            408 | 429 | 500..=599 => WriteOutcome::Unavailable(format!("HTTP {status}: {message}")),
+            408 | 429 => WriteOutcome::Unavailable(format!("HTTP {status}: {message}")),
+            500..=599 => WriteOutcome::ServerError(format!("HTTP {status}: {message}")),
             400..=499 => WriteOutcome::Rejected(format!("HTTP {status}: {message}")),
             _ => refused(format!(
                 "The HTTP endpoint {url} answered {status} ({message}); check influx_writer.http.url \
@@ -204,6 +207,7 @@ impl PostClient {
 
 impl Endpoint for PostClient {
     const NAMES: crate::events::OutputNames = crate::events::HTTP;
+    const CAUTIOUS: bool = true;
 
     /// Services' statuses are the health dashboard's, in InfluxDB; the endpoint gets readings.
     fn takes(&self, m: &Measurement) -> bool {

@@ -69,6 +69,10 @@ pub trait Endpoint: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = WriteOutcome> + Send;
     /// Where writes go, without credentials, for logs.
     fn endpoint(&self) -> String;
+    /// Whether a refusal needs proof before a reading is dead-lettered, and a reading that
+    /// keeps failing is looked for (see [`Sink::deliver`]). InfluxDB's answers name the bad
+    /// point; an arbitrary endpoint's may not.
+    const CAUTIOUS: bool = false;
     /// Whether credentials go unencrypted to another machine (`http://` to a host that is
     /// not this one): said at start, once.
     fn credentials_in_clear(&self) -> bool {
@@ -279,6 +283,10 @@ pub enum SinkError {
     Spool(#[from] JournalError),
 }
 
+/// Failed rounds in a row (the endpoint answering 5xx) after which a cautious output splits a
+/// failing request to find a reading the endpoint cannot process.
+const BISECT_AFTER: u32 = 3;
+
 /// Most bytes read from the spool at once (about one segment).
 const SPOOL_READ_BYTES: u64 = 4 << 20;
 
@@ -313,6 +321,8 @@ pub struct Sink<E> {
     pending: Pending,
     /// How long the first of them may wait (zero: write each batch as it comes).
     linger: Duration,
+    /// Rounds in a row that ended in a failure (reset when the server takes a write).
+    failed_rounds: u32,
 }
 
 /// Batches held for one write.
@@ -367,6 +377,7 @@ impl<E: Endpoint> Sink<E> {
                 ..Pending::default()
             },
             linger,
+            failed_rounds: 0,
         };
         sink.update_gauges();
         sink.events.opened(&sink.client.endpoint(), sink.spooled());
@@ -544,6 +555,16 @@ impl<E: Endpoint> Sink<E> {
     /// particular readings or 413, and collecting the lines refused on their own in
     /// `refused`. On a failure that is not about particular lines, returns the ranges not
     /// yet written.
+    ///
+    /// With [`Endpoint::CAUTIOUS`] (the HTTP output, whose endpoint may be anything):
+    /// - a reading refused on its own is dead-lettered only if the endpoint took another
+    ///   reading of this delivery: an endpoint (or a proxy before it) that refuses every
+    ///   request — a setting is wrong, gzip it cannot read, a schema it changed — is a
+    ///   setting a person must fix, and the readings wait in the spool;
+    /// - after [`BISECT_AFTER`] failed rounds in a row with the endpoint answering 5xx, a
+    ///   failing request is split too: one reading it cannot process must not hold every
+    ///   reading behind it for ever. A reading that alone still gets a 5xx while the endpoint
+    ///   takes the others is dead-lettered with the answer.
     async fn deliver(
         &mut self,
         lines: &Lines,
@@ -551,10 +572,21 @@ impl<E: Endpoint> Sink<E> {
     ) -> Result<(), (Vec<Range<usize>>, Failure)> {
         let (max_lines, max_bytes) = self.client.limits();
         let mut stack = lines.requests(max_lines, max_bytes);
+        let bisect = E::CAUTIOUS && self.failed_rounds >= BISECT_AFTER;
+        let mut written_any = false;
+        // Single readings refused (`true`) or failing (`false`), whose fate depends on
+        // whether the endpoint takes anything else of this delivery.
+        let mut suspects: Vec<(Range<usize>, String, bool)> = Vec::new();
+        // Splitting a failing request costs requests; an endpoint that fails everything (it
+        // is down) must not get one per reading: past this many failures with nothing taken,
+        // the round ends. Enough to isolate one bad reading (one failure per halving).
+        let budget = 2 * (usize::BITS - lines.len().leading_zeros()) as usize + 4;
+        let mut failures = 0usize;
         let mut first = true;
         while let Some(r) = stack.pop() {
             if !first && self.shutdown.is_requested() {
                 stack.push(r);
+                stack.extend(suspects.into_iter().map(|(r, ..)| r));
                 return Err((stack, Failure::Stopping));
             }
             first = false;
@@ -564,28 +596,51 @@ impl<E: Endpoint> Sink<E> {
                 stack.push(mid..r.end);
                 stack.push(r.start..mid);
             };
-            let refuse = |refused: &mut Vec<Refusal>, reason: String| {
-                refused.push(Refusal {
-                    reason,
-                    topic: lines.topics[r.start].clone(),
-                    line: lines.slice(&r).to_string(),
-                });
-            };
             if matches!(outcome, WriteOutcome::Written) {
                 self.events.written(r.len());
+                written_any = true;
             } else {
                 self.events.request_failed();
+                failures += 1;
+            }
+            let single = r.len() == 1;
+            let within_budget = written_any || failures <= budget;
+            if E::CAUTIOUS && !within_budget {
+                // Every request of this round failed, many of them: the endpoint refuses (or
+                // fails on) everything. The readings wait; no more requests this round.
+                let failure = match outcome {
+                    WriteOutcome::Rejected(msg) => Failure::Refused(format!(
+                        "{} refuses every reading it is sent ({msg}); they are kept until it \
+                         takes them: check its settings (influx_writer.http.url, gzip, what \
+                         the endpoint expects)",
+                        E::NAMES.name
+                    )),
+                    WriteOutcome::Refused { what, .. } => Failure::Refused(what),
+                    WriteOutcome::TooLarge => Failure::Refused(format!(
+                        "{} finds every request too large (413); lower \
+                         influx_writer.http.max_bytes",
+                        E::NAMES.name
+                    )),
+                    WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
+                        Failure::Unavailable(why)
+                    }
+                    WriteOutcome::Written => Failure::Stopping,
+                };
+                stack.push(r);
+                stack.extend(suspects.into_iter().map(|(r, ..)| r));
+                return Err((stack, failure));
             }
             match outcome {
                 WriteOutcome::Written => {}
-                WriteOutcome::Rejected(msg) if r.len() == 1 => refuse(refused, msg),
-                WriteOutcome::TooLarge if r.len() == 1 => refuse(
-                    refused,
+                WriteOutcome::Rejected(msg) if single => suspects.push((r, msg, true)),
+                WriteOutcome::TooLarge if single => suspects.push((
+                    r,
                     format!(
                         "{} answered 413: this single reading is larger than it accepts",
                         E::NAMES.name
                     ),
-                ),
+                    true,
+                )),
                 WriteOutcome::Rejected(msg) => {
                     self.events.splitting_rejected(r.len(), &msg);
                     split(&mut stack, &r);
@@ -594,15 +649,58 @@ impl<E: Endpoint> Sink<E> {
                     self.events.splitting_too_large(r.len());
                     split(&mut stack, &r);
                 }
-                WriteOutcome::Unavailable(why) => {
+                WriteOutcome::ServerError(why) if bisect && within_budget && !single => {
+                    self.events.splitting_failing(r.len(), &why);
+                    split(&mut stack, &r);
+                }
+                WriteOutcome::ServerError(why) if bisect && within_budget => suspects.push((
+                    r,
+                    format!(
+                        "{why} (this reading alone, after {} failed rounds, while {} takes the others)",
+                        self.failed_rounds,
+                        E::NAMES.name
+                    ),
+                    false,
+                )),
+                WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
                     stack.push(r);
+                    stack.extend(suspects.into_iter().map(|(r, ..)| r));
                     return Err((stack, Failure::Unavailable(why)));
                 }
                 WriteOutcome::Refused { what, .. } => {
                     stack.push(r);
+                    stack.extend(suspects.into_iter().map(|(r, ..)| r));
                     return Err((stack, Failure::Refused(what)));
                 }
             }
+        }
+        if !suspects.is_empty() && E::CAUTIOUS && !written_any {
+            // Nothing of this delivery was taken: the endpoint may refuse (or fail on)
+            // everything. The readings wait.
+            let why = suspects
+                .first()
+                .map(|(_, m, _)| m.clone())
+                .unwrap_or_default();
+            let refusal = suspects.iter().any(|(.., refused)| *refused);
+            let rest = suspects.into_iter().map(|(r, ..)| r).collect();
+            if !refusal {
+                return Err((rest, Failure::Unavailable(why)));
+            }
+            let what = format!(
+                "{} took none of {} reading(s) and refused each alone ({why}); they are kept \
+                 until it takes some: if it refuses every reading, check its settings \
+                 (influx_writer.http.url, gzip, what the endpoint expects)",
+                E::NAMES.name,
+                lines.len()
+            );
+            return Err((rest, Failure::Refused(what)));
+        }
+        for (r, reason, _) in suspects {
+            refused.push(Refusal {
+                reason,
+                topic: lines.topics[r.start].clone(),
+                line: lines.slice(&r).to_string(),
+            });
         }
         Ok(())
     }
@@ -752,6 +850,7 @@ impl<E: Endpoint> Sink<E> {
         if failure == Failure::Stopping {
             return;
         }
+        self.failed_rounds = self.failed_rounds.saturating_add(1);
         let wait = self.backoff.fail();
         let changed = self.down.as_ref() != Some(&failure);
         let retry_in_ms = wait.as_millis() as u64;
@@ -768,6 +867,7 @@ impl<E: Endpoint> Sink<E> {
 
     fn came_back(&mut self) {
         self.backoff.reset();
+        self.failed_rounds = 0;
         if self.down.take().is_some() {
             self.events.came_back(self.spooled());
         }

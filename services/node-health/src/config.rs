@@ -17,8 +17,12 @@ pub struct Config {
     /// without being told, and all belong to one broker user, `node-health`.
     pub instance: Option<Segment>,
     /// The device the readings are published as [default: the hostname, lower-cased, with
-    /// what a device name may not hold turned into `-`; `node` if there is none]. Set it in a
-    /// container, whose hostname is its id unless it shares the host's (`uts: host`).
+    /// what a device name may not hold turned into `-`]. Required where the hostname is a
+    /// stock one (`raspberrypi`, `localhost`, … [`STOCK_HOSTNAMES`]) or gives no name: two
+    /// machines under one name would mix their readings. Set it in a container, whose
+    /// hostname is its id unless it shares the host's (`uts: host`). Empty is unset (compose
+    /// passes `NODE_NAME` from `.env`, empty when not given).
+    #[serde(deserialize_with = "empty_is_unset")]
     pub node: Option<Segment>,
     /// One reading per group this often.
     pub interval_ms: u64,
@@ -100,6 +104,56 @@ impl Plan {
 /// The name of a node whose hostname gives none.
 pub const FALLBACK_NODE: &str = "node";
 
+/// Hostnames machines have out of the box, so that two of them often share one: not taken as a
+/// node's name without being told (a second Pi still called `raspberrypi` would publish under
+/// the same device, and take over the first one's broker connection).
+pub const STOCK_HOSTNAMES: &[&str] = &[
+    "raspberrypi",
+    "raspberry",
+    "pi",
+    "localhost",
+    "localhost.localdomain",
+    "debian",
+    "ubuntu",
+    "dietpi",
+    "armbian",
+    "orangepi",
+    "odroid",
+    "rockpi",
+    "node",
+];
+
+fn empty_is_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Segment>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    match text {
+        Some(t) if !t.trim().is_empty() => Segment::new(t.trim().to_string())
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        _ => Ok(None),
+    }
+}
+
+/// This machine's name as node-health would take it from its hostname (or [`FALLBACK_NODE`]),
+/// stock or not: for the demo, where every service runs on the one machine.
+pub fn hostname_node(proc_root: &Path) -> Segment {
+    default_node(proc_root).0
+}
+
+/// The default instance, `node-health-<node>`, cut to a client id's 64 characters with a
+/// digest of the whole name, so that long names stay apart.
+fn default_instance(node: &Segment) -> Option<Segment> {
+    let full = format!("node-health-{node}");
+    if let Ok(s) = Segment::new(full.clone()) {
+        return Some(s);
+    }
+    // FNV-1a: stable across releases and platforms (the instance names the journal).
+    let digest = node.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let head: String = node.as_str().chars().take(40).collect();
+    Segment::new(format!("node-health-{head}-{digest:08x}")).ok()
+}
+
 impl Config {
     /// Check the section; errors name `section.key`. Reads the hostname (from `proc_root`)
     /// when `node` is not given.
@@ -147,14 +201,32 @@ impl Config {
         };
         let (node, node_name) = match self.node {
             Some(n) => (n, NodeName::Configured),
-            None => default_node(&self.proc_root),
+            None => match default_node(&self.proc_root) {
+                (_, NodeName::Fallback(why)) => {
+                    return Err(ConfigError::new(
+                        key("node"),
+                        format!(
+                            "is not set and the hostname gives no name ({why}): set it, e.g. node = \"pi-garage\" (compose: NODE_NAME in .env)"
+                        ),
+                    ));
+                }
+                (n, NodeName::Hostname(h)) if STOCK_HOSTNAMES.contains(&n.as_str()) => {
+                    return Err(ConfigError::new(
+                        key("node"),
+                        format!(
+                            "is not set, and this machine is called {h:?}, as machines of its kind are out of the box: a second one would publish its health under the same device and take over this one's broker connection. Set it, e.g. node = \"pi-garage\" (compose: NODE_NAME in .env), or give the machine a hostname of its own"
+                        ),
+                    ));
+                }
+                found => found,
+            },
         };
         let instance = match self.instance {
             Some(i) => i,
-            None => Segment::new(format!("node-health-{node}")).map_err(|e| {
+            None => default_instance(&node).ok_or_else(|| {
                 ConfigError::new(
                     key("instance"),
-                    format!("the default, node-health-{node}, {e}: set an instance"),
+                    format!("no default fits for node {node}: set an instance"),
                 )
             })?,
         };
@@ -227,12 +299,7 @@ mod tests {
                 "node_health.block_device",
             ),
             ("node = \"pi/1\"\n", "node_health.node"),
-            ("node = \"\"\n", "node_health.node"),
             ("bogus = 1\n", "bogus"),
-            (
-                &format!("node = \"{}\"\n", "n".repeat(60)),
-                "node_health.instance",
-            ),
             (
                 "[node_health.stream]\nmax_bytes = 10\n",
                 "node_health.stream.max_bytes",
@@ -274,20 +341,41 @@ mod tests {
         assert_eq!(p.disk_path(Path::new("/data")), Path::new("/data"));
         assert_eq!(p.block_device, None);
 
+        // A hostname that gives no name, none at all, or a stock one: `node` must be set.
         std::fs::write(proc.path().join("sys/kernel/hostname"), "???\n").unwrap();
-        let p = resolve(&format!("proc_root = {:?}\n", proc.path())).unwrap();
-        assert_eq!(p.node.as_str(), FALLBACK_NODE);
-        assert!(matches!(p.node_name, NodeName::Fallback(_)));
-
-        let p = resolve("proc_root = \"/nonexistent-proc\"\n").unwrap();
-        assert_eq!(p.node.as_str(), FALLBACK_NODE);
-        let NodeName::Fallback(why) = p.node_name else {
-            panic!("{:?}", p.node_name)
-        };
+        let e = resolve(&format!("proc_root = {:?}\n", proc.path())).unwrap_err();
+        assert_eq!(e.key, "node_health.node");
+        let e = resolve("proc_root = \"/nonexistent-proc\"\n").unwrap_err();
+        assert_eq!(e.key, "node_health.node");
         assert!(
-            why.contains("/nonexistent-proc/sys/kernel/hostname"),
-            "{why}"
+            e.reason.contains("/nonexistent-proc/sys/kernel/hostname"),
+            "{}",
+            e.reason
         );
+        std::fs::write(proc.path().join("sys/kernel/hostname"), "raspberrypi\n").unwrap();
+        let e = resolve(&format!("proc_root = {:?}\n", proc.path())).unwrap_err();
+        assert_eq!(e.key, "node_health.node");
+        assert!(e.reason.contains("\"raspberrypi\""), "{}", e.reason);
+        // Set, or empty (compose's NODE_NAME left out: unset), it decides.
+        let p = resolve(&format!(
+            "proc_root = {:?}\nnode = \"pi-garage\"\n",
+            proc.path()
+        ))
+        .unwrap();
+        assert_eq!(p.node.as_str(), "pi-garage");
+        let e = resolve(&format!("proc_root = {:?}\nnode = \" \"\n", proc.path())).unwrap_err();
+        assert_eq!(e.key, "node_health.node");
+        // The demo takes the machine's name whatever it is.
+        assert_eq!(hostname_node(proc.path()).as_str(), "raspberrypi");
+        // A long name: the default instance is cut, with a digest, and still apart.
+        let long = |c: char| format!("node = \"{}\"\n", c.to_string().repeat(60));
+        let a = resolve(&long('a')).unwrap().instance;
+        let b = resolve(&long('b')).unwrap().instance;
+        assert!(
+            a.as_str().len() <= 64 && a.as_str().starts_with("node-health-aaaa"),
+            "{a}"
+        );
+        assert_ne!(a, b);
         // An instance given is kept whatever the node.
         let p = resolve("instance = \"node-health-north\"\nnode = \"pi-3\"\n").unwrap();
         assert_eq!(p.instance.as_str(), "node-health-north");

@@ -154,13 +154,23 @@ pub async fn run_on(bus: &Bus, plan: &Plan, ctx: &Context) -> Result<(), Error> 
     )?;
     events.started(&plan.node, &plan.node_name, plan.interval);
     // Off the async threads: a sysfs read at start may hang as well as any later.
-    let found = {
+    let mut found = {
         let (plan, data_dir) = (plan.clone(), ctx.common.data_dir.clone());
         tokio::task::spawn_blocking(move || sources::discover(&plan, &data_dir))
     };
-    let sources = tokio::select! {
-        () = ctx.shutdown.wait() => None,
-        r = found => Some(Arc::new(r.map_err(Error::Discovery)?)),
+    // A hanging read at start (a thermal zone's driver that never answers) shows as it does
+    // later: not ready, an ERROR each interval, `stuck` counted — never a silent service.
+    let ready = ctx.health.check("node-health");
+    let waiting_since = std::time::Instant::now();
+    let sources = loop {
+        tokio::select! {
+            () = ctx.shutdown.wait() => break None,
+            r = &mut found => break Some(Arc::new(r.map_err(Error::Discovery)?)),
+            () = tokio::time::sleep(plan.interval) => {
+                ready.set(false);
+                events.sample_stuck(waiting_since.elapsed());
+            }
+        }
     };
     if let Some(sources) = sources {
         events.found(&sources);

@@ -318,23 +318,34 @@ pub fn parse_uptime(text: &str) -> Result<f64, ParseError> {
 
 // --- /proc/diskstats -----------------------------------------------------------------------
 
-/// The sectors written to `devices`, summed, from `/proc/diskstats` (`major minor name
+/// The sectors written to each of `devices`, from `/proc/diskstats` (`major minor name
 /// reads merged sectors ms writes merged sectors_written …`; 14, 18 or 20 columns by kernel).
-/// Every device must be there.
-pub fn parse_sectors_written(text: &str, devices: &[String]) -> Result<u64, ParseError> {
+/// A device that is not listed (a USB disk unplugged) is left out; none listed is an error.
+pub fn parse_sectors_written(
+    text: &str,
+    devices: &[String],
+) -> Result<BTreeMap<String, u64>, ParseError> {
     if devices.is_empty() {
         return Err(ParseError::Invalid("no block device to read".into()));
     }
-    let mut sum = 0u64;
+    let mut out = BTreeMap::new();
     for device in devices {
-        let line = text
+        let Some(line) = text
             .lines()
             .find(|l| l.split_whitespace().nth(2) == Some(device.as_str()))
-            .ok_or_else(|| ParseError::Invalid(format!("block device {device} is not listed")))?;
+        else {
+            continue;
+        };
         let sectors: u64 = number("the sectors written", line.split_whitespace().nth(9))?;
-        sum = sum.saturating_add(sectors);
+        out.insert(device.clone(), sectors);
     }
-    Ok(sum)
+    if out.is_empty() {
+        return Err(ParseError::Invalid(format!(
+            "block device {} is not listed",
+            devices.join(", ")
+        )));
+    }
+    Ok(out)
 }
 
 // --- disk space ----------------------------------------------------------------------------
@@ -517,7 +528,7 @@ pub struct Sampler {
     devices: Vec<String>,
     cpu: Option<CpuTimes>,
     /// Sectors written, and when (monotonic).
-    sectors: Option<(u64, Duration)>,
+    sectors: Option<(BTreeMap<String, u64>, Duration)>,
 }
 
 impl Sampler {
@@ -628,15 +639,23 @@ impl Sampler {
         Some((100.0 * f(busy) / f(total), 100.0 * f(iowait) / f(total)))
     }
 
-    /// Bytes written per second since the last good read; `None` on the first, when no time
-    /// passed, or when the counter went backwards (a new baseline).
-    fn write_rate(&mut self, sectors: u64, now: Duration) -> Option<f64> {
+    /// Bytes written per second since the last good read, over the devices read both
+    /// times (one unplugged or plugged in meanwhile does not count for this interval; one
+    /// whose counter went backwards, re-created, neither). `None` on the first read, when no
+    /// time passed, or when no device counts.
+    fn write_rate(&mut self, sectors: BTreeMap<String, u64>, now: Duration) -> Option<f64> {
         let (before, at) = self.sectors.replace((sectors, now))?;
         let secs = now.checked_sub(at)?.as_secs_f64();
-        if sectors < before || secs <= 0.0 {
+        let current = &self.sectors.as_ref()?.0;
+        let deltas: Vec<u64> = current
+            .iter()
+            .filter_map(|(d, now)| now.checked_sub(*before.get(d)?))
+            .collect();
+        if deltas.is_empty() || secs <= 0.0 {
             return None;
         }
-        Some(f((sectors - before).saturating_mul(DISKSTATS_SECTOR_BYTES)) / secs)
+        let sum = deltas.iter().fold(0u64, |a, b| a.saturating_add(*b));
+        Some(f(sum.saturating_mul(DISKSTATS_SECTOR_BYTES)) / secs)
     }
 }
 
@@ -1010,11 +1029,42 @@ mod tests {
     }
 
     #[test]
-    fn sectors_are_summed_over_the_devices_and_a_missing_one_is_an_error() {
+    fn the_write_rate_counts_only_the_disks_read_both_times() {
+        let mut s = Sampler::new(vec!["sda".into(), "sdb".into()]);
+        let m = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+        };
+        let at = Duration::from_secs;
+        assert_eq!(
+            s.write_rate(m(&[("sda", 100), ("sdb", 1000)]), at(10)),
+            None
+        );
+        // sdb unplugged: sda's 200 sectors in 10 s still count.
+        assert_eq!(
+            s.write_rate(m(&[("sda", 300)]), at(20)),
+            Some(200.0 * 512.0 / 10.0)
+        );
+        // sdb back, its counter from 0: only sda counts for this interval …
+        assert_eq!(
+            s.write_rate(m(&[("sda", 400), ("sdb", 5)]), at(30)),
+            Some(100.0 * 512.0 / 10.0)
+        );
+        // … and both from the next.
+        assert_eq!(
+            s.write_rate(m(&[("sda", 400), ("sdb", 15)]), at(40)),
+            Some(10.0 * 512.0 / 10.0)
+        );
+    }
+
+    #[test]
+    fn sectors_are_read_per_device_and_a_missing_one_is_left_out() {
         let one = parse_sectors_written(DISKSTATS_1, &["mmcblk0".into()]).unwrap();
-        assert_eq!(one, 4_102_088);
+        assert_eq!(one.values().copied().collect::<Vec<_>>(), [4_102_088]);
         let two = parse_sectors_written(DISKSTATS_1, &["mmcblk0".into(), "loop0".into()]).unwrap();
-        assert_eq!(two, 4_102_088);
+        assert_eq!(two["mmcblk0"], 4_102_088);
+        // An unplugged disk beside the card: the card still counts.
+        let gone = parse_sectors_written(DISKSTATS_1, &["mmcblk0".into(), "sdz".into()]).unwrap();
+        assert_eq!(gone.keys().collect::<Vec<_>>(), ["mmcblk0"]);
         assert_eq!(
             parse_sectors_written(DISKSTATS_1, &["sda".into()])
                 .unwrap_err()

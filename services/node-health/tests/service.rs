@@ -309,3 +309,63 @@ async fn a_read_that_hangs_skips_samples_and_makes_the_service_unready_until_it_
     svc.stop().await;
     sink.close().await;
 }
+
+/// A thermal zone whose read hangs while the sources are found at start: the service says so
+/// as for a hang later (not ready, an ERROR, `stuck` counted), never a silent service that
+/// looks ready; once the read returns, readings flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_hangs_at_start_is_seen_not_silent() {
+    let pi = FakePi::new();
+    let site = site("node-health-hanging-start");
+    let (broker, mut sink) = broker_and_sink(&site).await;
+    let fifo = pi.path("sys/class/thermal/thermal_zone0/temp");
+    std::fs::remove_file(&fifo).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let stuck = || {
+        counter(
+            "wattbus_errors_total",
+            &[("service", "node-health"), ("kind", "stuck")],
+        )
+    };
+    let before = stuck();
+    let svc = start(&broker, &site, pi.plan()).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || stuck() > before
+            && !svc.health().is_ready())
+        .await,
+        "a read hanging at start went unnoticed"
+    );
+    // The zone answers: the service finds its sources and publishes.
+    let writer = {
+        let fifo = fifo.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::OpenOptions::new().write(true).open(&fifo).unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    pi.write("sys/class/thermal/thermal_zone0/temp.new", "47000\n");
+    std::fs::rename(pi.path("sys/class/thermal/thermal_zone0/temp.new"), &fifo).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut writer = writer;
+        writer.write_all(b"47000\n").unwrap();
+    })
+    .await
+    .unwrap();
+    let got = sink
+        .until(Duration::from_secs(10), |got| {
+            got.iter().any(|m| channel(m) == "uptime")
+        })
+        .await;
+    assert!(got.iter().any(|m| channel(m) == "uptime"));
+    assert!(
+        eventually(Duration::from_secs(10), async || svc.health().is_ready()).await,
+        "not ready after the read returned"
+    );
+    svc.stop().await;
+    sink.close().await;
+}

@@ -505,7 +505,7 @@ impl Writer {
                         // "retention policy not found", "database not found": no retry helps.
                         return Err(format!("InfluxDB cannot take the write: {why}"));
                     }
-                    WriteOutcome::Unavailable(why) => {
+                    WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
                         if retries.failures() >= 8 {
                             return Err(format!("InfluxDB stayed unavailable: {why}"));
                         }

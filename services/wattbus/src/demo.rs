@@ -293,6 +293,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     // This machine's own health, as a node of a real site publishes it.
     let node_plan = node_health::Config {
+        // One machine: its name whatever it is, a stock hostname too.
+        node: Some(node_health::config::hostname_node(std::path::Path::new(
+            "/proc",
+        ))),
         stream: StreamConfig {
             wait_for: sinks.clone(),
             ack_timeout_ms: 3000,
