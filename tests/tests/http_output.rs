@@ -43,6 +43,49 @@ fn produce(broker: &BrokerSetup, dir: &Path, count: u64, rate: u64, extra: &[&st
     )
 }
 
+/// A broker, the receiver answering `mode`, and the writer's config for it (`token`, `extra`
+/// keys): the prologue of most tests here.
+struct Setup {
+    rx: Receiver,
+    broker: BrokerSetup,
+    cfg: PathBuf,
+    health: u16,
+    log: PathBuf,
+    _broker: Proc,
+    // Last: removed after the processes that use it.
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn start(mode: &str, token: &str, extra: &str) -> Setup {
+        let (dir, broker, proc) = world();
+        let d = dir.path();
+        let rx = Receiver::start(d, None);
+        if mode != "ok" {
+            rx.mode(mode);
+        }
+        let url = format!("http://127.0.0.1:{}/in", rx.port);
+        let (cfg, health) = writer_config(&broker, d, &url, token, extra);
+        Setup {
+            rx,
+            broker,
+            cfg,
+            health,
+            log: d.join("writer.log"),
+            _broker: proc,
+            dir,
+        }
+    }
+}
+
+/// The dead letters the writer of `d` kept.
+fn dead_letters(d: &Path) -> Vec<serde_json::Value> {
+    read(&d.join("influx-writer").join("dead-letters.jsonl"))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// A test's world: its directory, a broker and (not yet started) nothing else.
 fn world() -> (tempfile::TempDir, BrokerSetup, Proc) {
     let dir = tempfile::tempdir().unwrap();
@@ -182,23 +225,19 @@ fn readings_reach_the_endpoint_exactly_once_through_an_outage_and_kill_9() {
 /// rest of its batch arrives.
 #[test]
 fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_arrive() {
-    let (dir, broker, _broker) = world();
-    let d = dir.path();
-    let rx = Receiver::start(d, None);
-    let url = format!("http://127.0.0.1:{}/in", rx.port);
-    let (cfg, _) = writer_config(&broker, d, &url, TOKEN, "");
-    let log = d.join("writer.log");
-    let mut w = writer(&cfg, &log);
+    let s = Setup::start("ok", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let mut w = writer(&s.cfg, log);
     let count = 1000;
-    let mut producer = produce(&broker, d, count, 0, &["--odd-at", "437"]);
-    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    let mut producer = produce(broker, d, count, 0, &["--odd-at", "437"]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
     assert!(
         wait_until(Duration::from_secs(60), || rx.identities().len() as u64
             == count - 1),
         "{} of {} readings arrived; writer log:\n{}",
         rx.identities().len(),
         count - 1,
-        read(&log)
+        read(log)
     );
     let received = rx.received();
     let base = assert_values_right(&received);
@@ -207,11 +246,8 @@ fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_
         "the refused reading was stored"
     );
     // In the dead-letter file, with what the backend said.
-    let dead = read(&d.join("influx-writer").join("dead-letters.jsonl"));
-    let letters: Vec<serde_json::Value> = dead
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let letters = dead_letters(d);
+    let dead = format!("{letters:?}");
     assert_eq!(letters.len(), 1, "{dead}");
     let reason = letters[0]["reason"].as_str().unwrap();
     assert!(
@@ -223,7 +259,7 @@ fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_
     assert_eq!(payload["measurement"], "odd", "{dead}");
     assert_eq!(payload["ts_ms"].as_i64().unwrap(), base + 437, "{dead}");
     // And an ERROR in the log saying so.
-    let text = read(&log);
+    let text = read(log);
     assert!(
         text.contains("ERROR") && text.contains("measurement odd is not accepted by this API"),
         "{text}"
@@ -236,24 +272,21 @@ fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_
 /// dead-lettered. With the token fixed and the writer restarted, they all arrive.
 #[test]
 fn a_wrong_token_is_a_clear_error_and_the_readings_wait_for_the_right_one() {
-    let (dir, broker, _broker) = world();
-    let d = dir.path();
-    let rx = Receiver::start(d, None);
-    let url = format!("http://127.0.0.1:{}/in", rx.port);
     let wrong = "not-the-token-of-the-backend";
-    let (cfg, health) = writer_config(&broker, d, &url, wrong, "");
-    let log = d.join("writer.log");
-    let mut w = writer(&cfg, &log);
+    let s = Setup::start("ok", wrong, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let health = s.health;
+    let mut w = writer(&s.cfg, log);
     let count = 300;
-    let mut producer = produce(&broker, d, count, 0, &[]);
-    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    let mut producer = produce(broker, d, count, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
     assert!(
-        wait_until(Duration::from_secs(30), || read(&log)
+        wait_until(Duration::from_secs(30), || read(log)
             .contains("refused the writer's credentials")),
         "no error about the credentials; writer log:\n{}",
-        read(&log)
+        read(log)
     );
-    let text = read(&log);
+    let text = read(log);
     let line = text
         .lines()
         .find(|l| l.contains("refused the writer's credentials"))
@@ -271,7 +304,7 @@ fn a_wrong_token_is_a_clear_error_and_the_readings_wait_for_the_right_one() {
 
     w.terminate(Duration::from_secs(10));
     std::fs::write(d.join("http-token"), TOKEN).unwrap();
-    let mut w = writer(&cfg, &log);
+    let mut w = writer(&s.cfg, log);
     assert!(
         wait_until(Duration::from_secs(60), || rx.identities().len() as u64
             == count),
@@ -369,23 +402,19 @@ fn tls_with_a_private_ca_gzip_and_one_reading_per_request() {
 /// readings wait; once the endpoint takes them again, every one arrives.
 #[test]
 fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
-    let (dir, broker, _broker) = world();
-    let d = dir.path();
-    let rx = Receiver::start(d, None);
-    rx.mode("400all");
-    let url = format!("http://127.0.0.1:{}/in", rx.port);
-    let (cfg, health) = writer_config(&broker, d, &url, TOKEN, "");
-    let log = d.join("writer.log");
-    let mut w = writer(&cfg, &log);
+    let s = Setup::start("400all", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let health = s.health;
+    let mut w = writer(&s.cfg, log);
     let count = 300;
-    let mut producer = produce(&broker, d, count, 0, &[]);
-    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    let mut producer = produce(broker, d, count, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
     assert!(
-        wait_until(Duration::from_secs(30), || read(&log)
+        wait_until(Duration::from_secs(30), || read(log)
             .contains("refuses every reading")
-            || read(&log).contains("took none of")),
+            || read(log).contains("took none of")),
         "no error saying the endpoint refuses everything; log:\n{}",
-        read(&log)
+        read(log)
     );
     assert!(
         metric(health, SPOOL).is_some_and(|n| n >= 1.0),
@@ -402,7 +431,7 @@ fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
             == count),
         "{} of {count} arrived once the endpoint took them; log:\n{}",
         rx.identities().len(),
-        read(&log)
+        read(log)
     );
     assert_values_right(&rx.received());
     assert!(!d.join("influx-writer").join("dead-letters.jsonl").exists());
@@ -414,32 +443,25 @@ fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
 /// the answer, and every other reading arrives — the output does not stop behind it.
 #[test]
 fn a_reading_the_endpoint_fails_on_is_isolated_and_the_rest_flow() {
-    let (dir, broker, _broker) = world();
-    let d = dir.path();
-    let rx = Receiver::start(d, None);
-    rx.mode("500odd");
-    let url = format!("http://127.0.0.1:{}/in", rx.port);
-    let (cfg, health) = writer_config(&broker, d, &url, TOKEN, "");
-    let log = d.join("writer.log");
-    let mut w = writer(&cfg, &log);
+    let s = Setup::start("500odd", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let health = s.health;
+    let mut w = writer(&s.cfg, log);
     let count = 600;
-    let mut producer = produce(&broker, d, count, 100, &["--odd-at", "50"]);
-    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    let mut producer = produce(broker, d, count, 100, &["--odd-at", "50"]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
     assert!(
         wait_until(Duration::from_secs(120), || rx.identities().len() as u64
             == count - 1),
         "{} of {} arrived; log:\n{}",
         rx.identities().len(),
         count - 1,
-        read(&log)
+        read(log)
     );
     let base = assert_values_right(&rx.received());
     assert!(!rx.identities().keys().any(|k| k.4 == base + 50));
-    let dead = read(&d.join("influx-writer").join("dead-letters.jsonl"));
-    let letters: Vec<serde_json::Value> = dead
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let letters = dead_letters(d);
+    let dead = format!("{letters:?}");
     assert_eq!(letters.len(), 1, "{dead}");
     let reason = letters[0]["reason"].as_str().unwrap();
     assert!(
@@ -458,22 +480,17 @@ fn a_reading_the_endpoint_fails_on_is_isolated_and_the_rest_flow() {
 /// memory stays small (it grew by gigabytes in seconds when the whole body was read).
 #[test]
 fn an_error_answer_without_end_does_not_fill_the_memory() {
-    let (dir, broker, _broker) = world();
-    let d = dir.path();
-    let rx = Receiver::start(d, None);
-    rx.mode("400flood");
-    let url = format!("http://127.0.0.1:{}/in", rx.port);
-    let (cfg, _) = writer_config(&broker, d, &url, TOKEN, "");
-    let log = d.join("writer.log");
-    let mut w = writer(&cfg, &log);
-    let mut producer = produce(&broker, d, 50, 0, &[]);
-    all_acknowledged(&mut producer, d, Duration::from_secs(120), &log);
+    let s = Setup::start("400flood", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let mut w = writer(&s.cfg, log);
+    let mut producer = produce(broker, d, 50, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
     assert!(
         wait_until(Duration::from_secs(60), || rx.stats()["requests"]
             .as_u64()
             .is_some_and(|n| n >= 10)),
         "the writer did not retry; log:\n{}",
-        read(&log)
+        read(log)
     );
     let peak_kb = wattbus_e2e::status_kb(w.id(), "VmHWM:").unwrap();
     assert!(
