@@ -112,6 +112,24 @@ async fn broker_and_sink(site: &proto::Segment) -> (TestBroker, Sink<Measurement
     (broker, sink)
 }
 
+/// `path` becomes a FIFO nobody writes: opening it blocks, as a stuck read would.
+fn hang(path: &std::path::Path) {
+    std::fs::remove_file(path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+}
+
+/// Samples that did not finish in time, so far (process-wide).
+fn stuck_count() -> u64 {
+    counter(
+        "wattbus_errors_total",
+        &[("service", "node-health"), ("kind", "stuck")],
+    )
+}
+
 fn channel(m: &Measurement) -> &str {
     m.channel.as_str()
 }
@@ -252,21 +270,10 @@ async fn a_read_that_hangs_skips_samples_and_makes_the_service_unready_until_it_
 
     // /proc/loadavg becomes a FIFO nobody writes: opening it blocks, as a stuck read would.
     let fifo = pi.path("proc/loadavg");
-    std::fs::remove_file(&fifo).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let stuck = || {
-        counter(
-            "wattbus_errors_total",
-            &[("service", "node-health"), ("kind", "stuck")],
-        )
-    };
-    let before = stuck();
+    hang(&fifo);
+    let before = stuck_count();
     assert!(
-        eventually(Duration::from_secs(10), async || stuck() > before
+        eventually(Duration::from_secs(10), async || stuck_count() > before
             && !svc.health().is_ready())
         .await,
         "a hanging read was not noticed"
@@ -319,22 +326,11 @@ async fn a_read_that_hangs_at_start_is_seen_not_silent() {
     let site = site("node-health-hanging-start");
     let (broker, mut sink) = broker_and_sink(&site).await;
     let fifo = pi.path("sys/class/thermal/thermal_zone0/temp");
-    std::fs::remove_file(&fifo).unwrap();
-    let made = std::process::Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    let stuck = || {
-        counter(
-            "wattbus_errors_total",
-            &[("service", "node-health"), ("kind", "stuck")],
-        )
-    };
-    let before = stuck();
+    hang(&fifo);
+    let before = stuck_count();
     let svc = start(&broker, &site, pi.plan()).await;
     assert!(
-        eventually(Duration::from_secs(10), async || stuck() > before
+        eventually(Duration::from_secs(10), async || stuck_count() > before
             && !svc.health().is_ready())
         .await,
         "a read hanging at start went unnoticed"
