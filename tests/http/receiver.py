@@ -10,7 +10,9 @@ POST <any path>: takes a wattbus.readings.v1 batch, or one reading (one_per_requ
 
 Control (no token): POST /_mode with body "ok", "503" (every request), "400all" (every
 request refused), "400flood" (a 400 whose body never ends) or "500odd" (a 500 for a request
-holding an "odd" reading, a backend bug) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
+holding an "odd" reading, a backend bug), "alt502" (every second request 502, a load
+balancer with a backend down), "okthen400:N" (N more requests taken, then every one
+refused) or "takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
 
 With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
 """
@@ -77,6 +79,22 @@ def main():
             if mode == "503":
                 self.answer(503, {"error": "down for maintenance"})
                 return
+            if mode == "alt502":
+                # A load balancer with one of two backends down: every second request fails.
+                with lock:
+                    state["alt"] = state.get("alt", 0) + 1
+                    odd = state["alt"] % 2 == 1
+                if odd:
+                    self.answer(502, {"error": "bad gateway"})
+                    return
+            if mode.startswith("okthen400:"):
+                # An API deployed mid-stream: N more requests taken, then every one refused.
+                with lock:
+                    left = int(state.get("left", mode.split(":")[1]))
+                    state["left"] = left - 1
+                if left <= 0:
+                    self.answer(400, {"error": "this API now expects format v2"})
+                    return
             if mode == "400all":
                 # A proxy or a changed API that refuses every request.
                 self.answer(400, {"error": "this API now expects format v2"})
@@ -120,7 +138,7 @@ def main():
             else:
                 readings = [doc]
             for r in readings:
-                if r.get("measurement") == "odd":
+                if r.get("measurement") == "odd" and mode != "takeall":
                     if mode == "500odd":
                         # A backend bug: one reading makes it fail.
                         self.answer(500, {"error": "KeyError: 'odd'"})

@@ -84,8 +84,8 @@ impl Receiver {
         );
     }
 
-    /// How the receiver answers from now on: "ok", "503", "400all", "400flood", "500odd"
-    /// (tests/http/receiver.py).
+    /// How the receiver answers from now on: "ok", "503", "400all", "400flood", "500odd",
+    /// "alt502", "okthen400:N", "takeall" (tests/http/receiver.py).
     pub fn mode(&self, mode: &str) {
         let (status, body) = http("POST", self.control, "/_mode", mode.as_bytes());
         assert_eq!(status, 200, "{body}");

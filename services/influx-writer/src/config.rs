@@ -536,13 +536,33 @@ impl Config {
                 "is empty or holds a control character (a header cannot carry it)",
             ));
         }
-        if let Some(h) = &c.token_header
-            && reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err()
-        {
-            return Err(ConfigError::new(
-                key("token_header"),
-                format!("{h:?} is not a valid header name"),
-            ));
+        if let Some(h) = &c.token_header {
+            if reqwest::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(ConfigError::new(
+                    key("token_header"),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            }
+            const OWN: &[&str] = &[
+                "content-type",
+                "content-length",
+                "content-encoding",
+                "transfer-encoding",
+                "host",
+                "connection",
+                "user-agent",
+                "te",
+                "upgrade",
+                "expect",
+            ];
+            if OWN.contains(&h.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::new(
+                    key("token_header"),
+                    format!(
+                        "{h:?} is a header of the request itself; name the one the endpoint reads the token from (e.g. \"X-Api-Key\"), or leave it out for Authorization: Bearer"
+                    ),
+                ));
+            }
         }
         let auth = match (token, &c.username, password) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {

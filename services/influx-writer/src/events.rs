@@ -214,6 +214,7 @@ pub struct Output {
     spool_records: Gauge,
     spool_oldest: Gauge,
     up: Gauge,
+    held_log: LogLimit,
 }
 
 impl Output {
@@ -242,6 +243,7 @@ impl Output {
             spool_records,
             spool_oldest,
             up: Gauge::new(names.up, names.up_help, &[]),
+            held_log: LogLimit::new(Duration::from_secs(60)),
             core,
             names,
         }
@@ -301,12 +303,27 @@ impl Output {
     /// The endpoint keeps answering 5xx to a batch: it is split to find a reading it cannot
     /// process.
     pub fn splitting_failing(&self, lines: usize, why: &str) {
-        tracing::info!(
+        tracing::debug!(
             lines,
             reason = %why,
             "{} keeps failing on a batch; splitting it to find a reading it cannot process.",
             self.names.name
         );
+    }
+
+    /// The endpoint fails (5xx) on this reading alone while it takes the others: it is kept
+    /// in the spool and tried again; the rest is delivered. ERROR, at most once a minute.
+    pub fn reading_held(&self, why: &str, line: &str) {
+        self.core.error(self.names.unavailable_kind).inc();
+        if let Some(unlogged) = self.held_log.allow() {
+            tracing::error!(
+                reason = %why,
+                reading = line.trim_end(),
+                unlogged,
+                "{} fails on this reading alone while it takes the others; it is kept in the spool and tried again (the rest is delivered). Look at the endpoint's logs.",
+                self.names.name
+            );
+        }
     }
 
     /// The server found a batch too large (413): it is split.

@@ -151,7 +151,23 @@ impl PostClient {
         };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return WriteOutcome::Unavailable(describe_transport(&e)),
+            Err(e) => {
+                let why = describe_transport(&e);
+                if is_certificate_problem(&why) {
+                    // Retrying cannot help: a setting (or the endpoint's certificate) must
+                    // change.
+                    return WriteOutcome::Refused {
+                        status: 0,
+                        what: format!(
+                            "The HTTP endpoint's TLS certificate is not trusted ({why}); set \
+                             influx_writer.http.ca_file to the CA that signed it (a self-signed \
+                             certificate used as it is must say CA:FALSE: openssl req -x509 \
+                             -addext basicConstraints=critical,CA:FALSE …)"
+                        ),
+                    };
+                }
+                return WriteOutcome::Unavailable(why);
+            }
         };
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -255,6 +271,13 @@ impl Endpoint for PostClient {
             }
         )
     }
+}
+
+/// Whether a transport failure is the endpoint's certificate being refused (rustls'
+/// `InvalidCertificate` errors and the platform verifier's), not the network.
+fn is_certificate_problem(why: &str) -> bool {
+    let w = why.to_ascii_lowercase();
+    w.contains("certificate") || w.contains("unknownissuer")
 }
 
 fn telemetry_chain(e: &reqwest::Error) -> String {

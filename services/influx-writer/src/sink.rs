@@ -287,6 +287,24 @@ pub enum SinkError {
 /// failing request to find a reading the endpoint cannot process.
 const BISECT_AFTER: u32 = 3;
 
+/// A single line refused for good.
+fn refusal(lines: &Lines, r: &Range<usize>, reason: String) -> Refusal {
+    Refusal {
+        reason,
+        topic: lines.topics[r.start].clone(),
+        line: lines.slice(r).to_string(),
+    }
+}
+
+/// What an endpoint refusing every reading is told.
+fn refuses_all<E: Endpoint>(msg: &str) -> String {
+    format!(
+        "{} refuses every reading it is sent ({msg}); they are kept until it takes them: check \
+         its settings (influx_writer.http.url, gzip, what the endpoint expects)",
+        E::NAMES.name
+    )
+}
+
 /// Most bytes read from the spool at once (about one segment).
 const SPOOL_READ_BYTES: u64 = 4 << 20;
 
@@ -515,9 +533,19 @@ impl<E: Endpoint> Sink<E> {
             Err(std::iter::once(0..lines.len()).collect())
         } else {
             match self.deliver(&lines, &mut refused).await {
-                Ok(()) => {
+                Ok(kept) => {
                     self.came_back();
-                    Ok(())
+                    if !kept.is_empty() {
+                        // A reading the endpoint fails on: the next round looks at it again.
+                        self.failed_rounds = BISECT_AFTER;
+                    }
+                    if kept.is_empty() {
+                        Ok(())
+                    } else {
+                        // Readings to try again (a suspect with a strike): to the spool, in
+                        // order, without a backoff.
+                        Err(kept.into_iter().rev().collect())
+                    }
                 }
                 Err((rest, failure)) => {
                     self.went_down(failure);
@@ -552,163 +580,201 @@ impl<E: Endpoint> Sink<E> {
     }
 
     /// Write `lines` in requests within the endpoint's limits, splitting on a refusal of
-    /// particular readings or 413, and collecting the lines refused on their own in
-    /// `refused`. On a failure that is not about particular lines, returns the ranges not
-    /// yet written.
+    /// particular readings or 413. Readings refused for good are put in `refused` (to be
+    /// dead-lettered); `Ok(kept)` are the ranges to try again later (spooled, no backoff).
+    /// On a failure that is not about particular readings, `Err` holds the ranges not yet
+    /// written.
     ///
     /// With [`Endpoint::CAUTIOUS`] (the HTTP output, whose endpoint may be anything):
-    /// - a reading refused on its own is dead-lettered only if the endpoint took another
-    ///   reading of this delivery: an endpoint (or a proxy before it) that refuses every
-    ///   request — a setting is wrong, gzip it cannot read, a schema it changed — is a
-    ///   setting a person must fix, and the readings wait in the spool;
-    /// - after [`BISECT_AFTER`] failed rounds in a row with the endpoint answering 5xx, a
-    ///   failing request is split too: one reading it cannot process must not hold every
-    ///   reading behind it for ever. A reading that alone still gets a 5xx while the endpoint
-    ///   takes the others is dead-lettered with the answer.
+    /// - **A refusal needs proof.** A reading refused on its own is dead-lettered only if the
+    ///   endpoint took another request *after the first failure of this delivery*: an endpoint
+    ///   (or a proxy before it) that refuses every request — a setting is wrong, gzip it
+    ///   cannot read, an API that changed, even in the middle of a delivery — keeps the
+    ///   readings in the spool, with an ERROR. A round stops after about 2·log2(n) failed
+    ///   requests with nothing taken.
+    /// - **A reading it keeps failing on.** After [`BISECT_AFTER`] failed rounds with the
+    ///   endpoint answering 5xx, a failing request is split once to probe: if neither half is
+    ///   taken the endpoint is down (at most 3 requests a round); if one is, the other is
+    ///   split further. A reading that alone gets a 5xx while the endpoint takes others is
+    ///   kept (spooled again, retried, an ERROR naming it) and the rest is delivered: a 5xx
+    ///   never dead-letters anything, so a flaky endpoint loses nothing, and one bad reading
+    ///   does not hold the others back.
     async fn deliver(
         &mut self,
         lines: &Lines,
         refused: &mut Vec<Refusal>,
-    ) -> Result<(), (Vec<Range<usize>>, Failure)> {
+    ) -> Result<Vec<Range<usize>>, (Vec<Range<usize>>, Failure)> {
         let (max_lines, max_bytes) = self.client.limits();
         let mut stack = lines.requests(max_lines, max_bytes);
         let bisect = E::CAUTIOUS && self.failed_rounds >= BISECT_AFTER;
-        let mut written_any = false;
-        // Single readings refused (`true`) or failing (`false`), whose fate depends on
-        // whether the endpoint takes anything else of this delivery.
-        let mut suspects: Vec<(Range<usize>, String, bool)> = Vec::new();
-        // Splitting a failing request costs requests; an endpoint that fails everything (it
-        // is down) must not get one per reading: past this many failures with nothing taken,
-        // the round ends. Enough to isolate one bad reading (one failure per halving).
         let budget = 2 * (usize::BITS - lines.len().leading_zeros()) as usize + 4;
-        let mut failures = 0usize;
+        let mut failed_once = false;
+        let mut taken_after_failure = false;
+        let mut failures_since_taken = 0usize;
+        let mut probes = 0;
+        // Single readings refused (`true`) or failing (`false`): their fate is decided at the
+        // end, by whether the endpoint took something after the first failure.
+        let mut suspects: Vec<(Range<usize>, String, bool)> = Vec::new();
+        // Requests answered 5xx, set aside until the endpoint is seen to take something.
+        let mut deferred: Vec<Range<usize>> = Vec::new();
+        let mut last_why = String::new();
+        // What is not written when a round ends early, in order: `rest` is a stack.
+        fn rest(
+            mut stack: Vec<Range<usize>>,
+            r: Option<Range<usize>>,
+            deferred: Vec<Range<usize>>,
+            suspects: Vec<(Range<usize>, String, bool)>,
+        ) -> Vec<Range<usize>> {
+            stack.extend(r);
+            stack.extend(deferred.into_iter().rev());
+            stack.extend(suspects.into_iter().rev().map(|(r, ..)| r));
+            stack
+        }
         let mut first = true;
-        while let Some(r) = stack.pop() {
-            if !first && self.shutdown.is_requested() {
-                stack.push(r);
-                stack.extend(suspects.into_iter().map(|(r, ..)| r));
-                return Err((stack, Failure::Stopping));
-            }
-            first = false;
-            let outcome = self.client.write(lines.slice(&r), r.len()).await;
-            let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
-                let mid = r.start + r.len() / 2;
-                stack.push(mid..r.end);
-                stack.push(r.start..mid);
-            };
-            if matches!(outcome, WriteOutcome::Written) {
-                self.events.written(r.len());
-                written_any = true;
-            } else {
+        loop {
+            while let Some(r) = stack.pop() {
+                if !first && self.shutdown.is_requested() {
+                    return Err((rest(stack, Some(r), deferred, suspects), Failure::Stopping));
+                }
+                first = false;
+                let outcome = self.client.write(lines.slice(&r), r.len()).await;
+                if matches!(outcome, WriteOutcome::Written) {
+                    self.events.written(r.len());
+                    taken_after_failure |= failed_once;
+                    failures_since_taken = 0;
+                    continue;
+                }
                 self.events.request_failed();
-                failures += 1;
-            }
-            let single = r.len() == 1;
-            let within_budget = written_any || failures <= budget;
-            if E::CAUTIOUS && !within_budget {
-                // Every request of this round failed, many of them: the endpoint refuses (or
-                // fails on) everything. The readings wait; no more requests this round.
-                let failure = match outcome {
-                    WriteOutcome::Rejected(msg) => Failure::Refused(format!(
-                        "{} refuses every reading it is sent ({msg}); they are kept until it \
-                         takes them: check its settings (influx_writer.http.url, gzip, what \
-                         the endpoint expects)",
-                        E::NAMES.name
-                    )),
-                    WriteOutcome::Refused { what, .. } => Failure::Refused(what),
-                    WriteOutcome::TooLarge => Failure::Refused(format!(
-                        "{} finds every request too large (413); lower \
-                         influx_writer.http.max_bytes",
-                        E::NAMES.name
-                    )),
-                    WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
-                        Failure::Unavailable(why)
-                    }
-                    WriteOutcome::Written => Failure::Stopping,
+                failed_once = true;
+                failures_since_taken += 1;
+                let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
+                    let mid = r.start + r.len() / 2;
+                    stack.push(mid..r.end);
+                    stack.push(r.start..mid);
                 };
-                stack.push(r);
-                stack.extend(suspects.into_iter().map(|(r, ..)| r));
-                return Err((stack, failure));
+                let single = r.len() == 1;
+                if E::CAUTIOUS && failures_since_taken > budget {
+                    // Many requests failed in a row with nothing taken: the endpoint refuses
+                    // (or fails on) everything. The readings wait; no more requests now.
+                    let failure = match outcome {
+                        WriteOutcome::Rejected(msg) => Failure::Refused(refuses_all::<E>(&msg)),
+                        WriteOutcome::TooLarge => Failure::Refused(format!(
+                            "{} finds every request too large (413); lower \
+                             influx_writer.http.max_bytes",
+                            E::NAMES.name
+                        )),
+                        WriteOutcome::Refused { what, .. } => Failure::Refused(what),
+                        WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
+                            Failure::Unavailable(why)
+                        }
+                        WriteOutcome::Written => Failure::Unavailable(last_why.clone()),
+                    };
+                    return Err((rest(stack, Some(r), deferred, suspects), failure));
+                }
+                match outcome {
+                    WriteOutcome::Written => {}
+                    WriteOutcome::Rejected(msg) if single => {
+                        if E::CAUTIOUS {
+                            suspects.push((r, msg, true));
+                        } else {
+                            refused.push(refusal(lines, &r, msg));
+                        }
+                    }
+                    WriteOutcome::TooLarge if single => {
+                        let msg = format!(
+                            "{} answered 413: this single reading is larger than it accepts",
+                            E::NAMES.name
+                        );
+                        if E::CAUTIOUS {
+                            suspects.push((r, msg, true));
+                        } else {
+                            refused.push(refusal(lines, &r, msg));
+                        }
+                    }
+                    WriteOutcome::Rejected(msg) => {
+                        self.events.splitting_rejected(r.len(), &msg);
+                        split(&mut stack, &r);
+                    }
+                    WriteOutcome::TooLarge => {
+                        self.events.splitting_too_large(r.len());
+                        split(&mut stack, &r);
+                    }
+                    WriteOutcome::ServerError(why) if bisect => {
+                        if !single && (taken_after_failure || probes < 2) {
+                            probes += usize::from(!taken_after_failure);
+                            self.events.splitting_failing(r.len(), &why);
+                            split(&mut stack, &r);
+                        } else if single && taken_after_failure {
+                            suspects.push((r, why.clone(), false));
+                        } else {
+                            deferred.push(r);
+                        }
+                        last_why = why;
+                    }
+                    WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
+                        return Err((
+                            rest(stack, Some(r), deferred, suspects),
+                            Failure::Unavailable(why),
+                        ));
+                    }
+                    WriteOutcome::Refused { what, .. } => {
+                        return Err((
+                            rest(stack, Some(r), deferred, suspects),
+                            Failure::Refused(what),
+                        ));
+                    }
+                }
             }
-            match outcome {
-                WriteOutcome::Written => {}
-                WriteOutcome::Rejected(msg) if single => suspects.push((r, msg, true)),
-                WriteOutcome::TooLarge if single => suspects.push((
-                    r,
-                    format!(
-                        "{} answered 413: this single reading is larger than it accepts",
-                        E::NAMES.name
-                    ),
-                    true,
-                )),
-                WriteOutcome::Rejected(msg) => {
-                    self.events.splitting_rejected(r.len(), &msg);
-                    split(&mut stack, &r);
+            // The endpoint took something since it failed: what was set aside is looked into.
+            if !deferred.is_empty() && taken_after_failure {
+                stack.extend(deferred.drain(..).rev());
+                continue;
+            }
+            break;
+        }
+        if !deferred.is_empty() {
+            // Failing and nothing taken: the endpoint is down, not one reading bad.
+            return Err((
+                rest(Vec::new(), None, deferred, suspects),
+                Failure::Unavailable(last_why),
+            ));
+        }
+        if !E::CAUTIOUS {
+            return Ok(Vec::new());
+        }
+        let mut kept = Vec::new();
+        let mut refusals = Vec::new();
+        for (r, reason, is_refusal) in suspects {
+            if !taken_after_failure {
+                if is_refusal {
+                    refusals.push(reason);
                 }
-                WriteOutcome::TooLarge => {
-                    self.events.splitting_too_large(r.len());
-                    split(&mut stack, &r);
-                }
-                WriteOutcome::ServerError(why) if bisect && within_budget && !single => {
-                    self.events.splitting_failing(r.len(), &why);
-                    split(&mut stack, &r);
-                }
-                WriteOutcome::ServerError(why) if bisect && within_budget => suspects.push((
-                    r,
-                    format!(
-                        "{why} (this reading alone, after {} failed rounds, while {} takes the others)",
-                        self.failed_rounds,
-                        E::NAMES.name
-                    ),
-                    false,
-                )),
-                WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
-                    stack.push(r);
-                    stack.extend(suspects.into_iter().map(|(r, ..)| r));
-                    return Err((stack, Failure::Unavailable(why)));
-                }
-                WriteOutcome::Refused { what, .. } => {
-                    stack.push(r);
-                    stack.extend(suspects.into_iter().map(|(r, ..)| r));
-                    return Err((stack, Failure::Refused(what)));
-                }
+                kept.push(r);
+            } else if is_refusal {
+                refused.push(refusal(lines, &r, reason));
+            } else {
+                self.events.reading_held(&reason, lines.slice(&r));
+                kept.push(r);
             }
         }
-        if !suspects.is_empty() && E::CAUTIOUS && !written_any {
-            // Nothing of this delivery was taken: the endpoint may refuse (or fail on)
-            // everything. The readings wait.
-            let why = suspects
-                .first()
-                .map(|(_, m, _)| m.clone())
-                .unwrap_or_default();
-            let refusal = suspects.iter().any(|(.., refused)| *refused);
-            let rest = suspects.into_iter().map(|(r, ..)| r).collect();
-            if !refusal {
-                return Err((rest, Failure::Unavailable(why)));
-            }
-            let what = format!(
-                "{} took none of {} reading(s) and refused each alone ({why}); they are kept \
-                 until it takes some: if it refuses every reading, check its settings \
-                 (influx_writer.http.url, gzip, what the endpoint expects)",
-                E::NAMES.name,
-                lines.len()
-            );
-            return Err((rest, Failure::Refused(what)));
+        if !taken_after_failure && !kept.is_empty() {
+            let failure = match refusals.first() {
+                Some(msg) => Failure::Refused(refuses_all::<E>(msg)),
+                None => Failure::Unavailable(last_why),
+            };
+            return Err((kept.into_iter().rev().collect(), failure));
         }
-        for (r, reason, _) in suspects {
-            refused.push(Refusal {
-                reason,
-                topic: lines.topics[r.start].clone(),
-                line: lines.slice(&r).to_string(),
-            });
-        }
-        Ok(())
+        Ok(kept)
     }
 
     /// Write the oldest spooled records (merged up to `merge_lines` lines) and trim them.
     async fn drain_some(&mut self) {
-        if self.queue.is_empty() && !self.refill().await {
-            return;
+        if self.queue.is_empty() {
+            if !self.refill().await {
+                return;
+            }
+        } else {
+            self.top_up().await;
         }
         let mut body = String::new();
         let mut taken: usize = 0;
@@ -735,19 +801,67 @@ impl<E: Endpoint> Sink<E> {
         match result {
             // The refused points could not be dead-lettered: the spool keeps them (and what
             // InfluxDB took), and they are tried again after a backoff.
-            Ok(()) if !kept => self.went_down(Failure::Unavailable(
+            Ok(_) if !kept => self.went_down(Failure::Unavailable(
                 "the dead-letter file cannot take the points the server refused".into(),
             )),
-            Ok(()) => {
+            Ok(again) => {
+                // Readings to try again go to the spool's end before the drained records
+                // leave it; if they cannot, nothing is trimmed (all is sent again).
+                if !again.is_empty() {
+                    let mut body = String::new();
+                    let mut n = 0;
+                    for r in &again {
+                        body.push_str(lines.slice(r));
+                        n += r.len();
+                    }
+                    if !self.spool_append(&body, n).await {
+                        self.went_down(Failure::Unavailable(
+                            "the spool cannot take the readings to try again".into(),
+                        ));
+                        return;
+                    }
+                }
                 self.queue.drain(..taken);
                 self.trim_spool(last_seq).await;
                 self.came_back();
+                if !again.is_empty() {
+                    self.failed_rounds = BISECT_AFTER;
+                }
                 if self.spooled() == 0 {
                     self.events.spool_drained();
                 }
             }
             Err((_, Failure::Stopping)) => {}
             Err((_, failure)) => self.went_down(failure),
+        }
+    }
+
+    /// Add to a queue that holds less than a request's worth what the spool holds after it:
+    /// a reading kept at the queue's head (one the endpoint fails on) is then sent with what
+    /// came after it, and the endpoint taking those shows that it is up.
+    async fn top_up(&mut self) {
+        let queued: usize = self
+            .queue
+            .iter()
+            .map(|r| r.payload.iter().filter(|b| **b == b'\n').count())
+            .sum();
+        let Some(after) = self.queue.back().map(|r| r.seq) else {
+            return;
+        };
+        if queued >= self.merge_lines || self.spooled() <= self.queue.len() as u64 {
+            return;
+        }
+        let Some(spool) = self.spool.take() else {
+            return;
+        };
+        let (spool, read) = blocking(spool, move |j| {
+            j.read_after_within(after, usize::MAX, SPOOL_READ_BYTES, |_| false)
+        })
+        .await;
+        self.spool = Some(spool);
+        match read {
+            Ok(records) => self.queue.extend(records),
+            Err(e) => self.events.spool_read_failed(&e),
         }
     }
 

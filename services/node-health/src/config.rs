@@ -120,8 +120,18 @@ pub const STOCK_HOSTNAMES: &[&str] = &[
     "orangepi",
     "odroid",
     "rockpi",
+    "alarmpi",
+    "octopi",
+    "homeassistant",
     "node",
 ];
+
+/// Whether `node` (from a hostname) is a stock name: its first label is one of
+/// [`STOCK_HOSTNAMES`] (`raspberrypi.local` and `raspberrypi.lan` are `raspberrypi`).
+fn is_stock(node: &str) -> bool {
+    let first = node.split('.').next().unwrap_or(node);
+    STOCK_HOSTNAMES.contains(&first) || STOCK_HOSTNAMES.contains(&node)
+}
 
 fn empty_is_unset<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Segment>, D::Error> {
     let text: Option<String> = Option::deserialize(d)?;
@@ -210,7 +220,7 @@ impl Config {
                         ),
                     ));
                 }
-                (n, NodeName::Hostname(h)) if STOCK_HOSTNAMES.contains(&n.as_str()) => {
+                (n, NodeName::Hostname(h)) if is_stock(n.as_str()) => {
                     return Err(ConfigError::new(
                         key("node"),
                         format!(
@@ -352,10 +362,23 @@ mod tests {
             "{}",
             e.reason
         );
+        for stock in [
+            "raspberrypi",
+            "raspberrypi.local",
+            "localhost",
+            "alarmpi",
+            "DietPi",
+        ] {
+            std::fs::write(
+                proc.path().join("sys/kernel/hostname"),
+                format!("{stock}\n"),
+            )
+            .unwrap();
+            let e = resolve(&format!("proc_root = {:?}\n", proc.path())).unwrap_err();
+            assert_eq!(e.key, "node_health.node", "{stock}");
+            assert!(e.reason.contains(&format!("{stock:?}")), "{}", e.reason);
+        }
         std::fs::write(proc.path().join("sys/kernel/hostname"), "raspberrypi\n").unwrap();
-        let e = resolve(&format!("proc_root = {:?}\n", proc.path())).unwrap_err();
-        assert_eq!(e.key, "node_health.node");
-        assert!(e.reason.contains("\"raspberrypi\""), "{}", e.reason);
         // Set, or empty (compose's NODE_NAME left out: unset), it decides.
         let p = resolve(&format!(
             "proc_root = {:?}\nnode = \"pi-garage\"\n",
