@@ -186,6 +186,10 @@ export MOSQUITTO_TEST_BROKER="127.0.0.1:$mq_port:wattbus:$mq_pass"
 # the many test binaries compile and link markedly faster (this command's time is mostly
 # compiling: the host, two Pi targets, the tests).
 export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+# No incremental compilation caches: this command builds once, and on a fresh machine they
+# only cost time and disk (they were over a third of target/, and a CI run once ran out of
+# disk while compiling).
+export CARGO_INCREMENTAL=0
 log "Building"
 cargo build --workspace --bins --locked
 engine_start

@@ -151,8 +151,6 @@ pub struct OutputNames {
     refused_kind: &'static str,
     /// The spool's stream in the core journal metrics.
     pub spool_stream: &'static str,
-    /// The key that bounds the spool, for the ERROR when it is full.
-    spool_key: &'static str,
     points: &'static str,
     points_help: &'static str,
     requests: &'static str,
@@ -170,7 +168,6 @@ pub const INFLUX: OutputNames = OutputNames {
     unavailable_kind: "influx_unavailable",
     refused_kind: "influx_refused",
     spool_stream: SPOOL_STREAM,
-    spool_key: "influx_writer.spool.max_bytes",
     points: "wattbus_influx_points_written_total",
     points_help: "Points InfluxDB accepted (replays of a point count again).",
     requests: "wattbus_influx_requests_total",
@@ -188,7 +185,6 @@ pub const HTTP: OutputNames = OutputNames {
     unavailable_kind: "http_unavailable",
     refused_kind: "http_refused",
     spool_stream: HTTP_SPOOL_STREAM,
-    spool_key: "influx_writer.spool.max_bytes",
     points: "wattbus_http_output_readings_written_total",
     points_help: "Readings the HTTP endpoint accepted (2xx; replays of a reading count again).",
     requests: "wattbus_http_output_requests_total",
@@ -420,9 +416,9 @@ impl Output {
             tracing::error!(
                 batches = dropped,
                 "The spool for {} is full: its oldest batches were dropped unwritten. \
-                 Raise {} or bring it back.",
+                 Raise influx_writer.spool.max_bytes (each spooled output has that much) or \
+                 bring it back.",
                 self.names.name,
-                self.names.spool_key
             );
         }
     }

@@ -35,6 +35,7 @@ mod events;
 pub mod files;
 pub mod http;
 pub mod post;
+mod round;
 pub mod sink;
 pub mod status;
 

@@ -47,6 +47,7 @@ use crate::batch::Batch;
 use crate::config::SpoolConfig;
 use crate::events;
 use crate::http::WriteOutcome;
+use crate::round::{Failure, Outcome, Reaction, Round, Step};
 
 /// Where a spooled output writes: each reading becomes one line, lines go out in requests.
 pub trait Endpoint: Send + Sync + 'static {
@@ -81,7 +82,7 @@ pub trait Endpoint: Send + Sync + 'static {
 }
 
 /// Lines to write: one body, and where each line starts.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Lines {
     body: String,
     /// `starts[i]..starts[i + 1]` is line `i` (with its newline); one more entry than lines.
@@ -90,15 +91,18 @@ pub struct Lines {
     topics: Vec<String>,
 }
 
-impl Lines {
-    fn new() -> Self {
+impl Default for Lines {
+    /// No lines.
+    fn default() -> Self {
         Self {
             body: String::new(),
             starts: vec![0],
             topics: Vec::new(),
         }
     }
+}
 
+impl Lines {
     /// Lines of a spooled body.
     fn parse(body: String) -> Self {
         let mut starts = vec![0];
@@ -136,7 +140,7 @@ impl Lines {
     }
 
     /// All lines as consecutive requests of at most `max_lines` lines and `max_bytes` bytes
-    /// (a single longer line alone), as a stack: the last entry is the first request.
+    /// (a single longer line alone), in order.
     fn requests(&self, max_lines: usize, max_bytes: usize) -> Vec<Range<usize>> {
         let mut out = Vec::new();
         let mut start = 0;
@@ -150,18 +154,8 @@ impl Lines {
         if start < self.len() {
             out.push(start..self.len());
         }
-        out.reverse();
         out
     }
-}
-
-/// Why a batch could not be written now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Failure {
-    Unavailable(String),
-    Refused(String),
-    /// Shutdown was requested between the requests of a split batch.
-    Stopping,
 }
 
 /// A point that will not be written, and why.
@@ -296,15 +290,6 @@ fn refusal(lines: &Lines, r: &Range<usize>, reason: String) -> Refusal {
     }
 }
 
-/// What an endpoint refusing every reading is told.
-fn refuses_all<E: Endpoint>(msg: &str) -> String {
-    format!(
-        "{} refuses every reading it is sent ({msg}); they are kept until it takes them: check \
-         its settings (influx_writer.http.url, gzip, what the endpoint expects)",
-        E::NAMES.name
-    )
-}
-
 /// Most bytes read from the spool at once (about one segment).
 const SPOOL_READ_BYTES: u64 = 4 << 20;
 
@@ -390,10 +375,7 @@ impl<E: Endpoint> Sink<E> {
             events: events::Output::new(E::NAMES),
             appended,
             down: None,
-            pending: Pending {
-                lines: Lines::new(),
-                ..Pending::default()
-            },
+            pending: Pending::default(),
             linger,
             failed_rounds: 0,
         };
@@ -514,13 +496,7 @@ impl<E: Endpoint> Sink<E> {
             lines,
             mut refused,
             ..
-        } = std::mem::replace(
-            &mut self.pending,
-            Pending {
-                lines: Lines::new(),
-                ..Pending::default()
-            },
-        );
+        } = std::mem::take(&mut self.pending);
         if batches.is_empty() {
             return;
         }
@@ -579,192 +555,52 @@ impl<E: Endpoint> Sink<E> {
         }
     }
 
-    /// Write `lines` in requests within the endpoint's limits, splitting on a refusal of
-    /// particular readings or 413. Readings refused for good are put in `refused` (to be
+    /// Write `lines` in requests within the endpoint's limits: one [`Round`], whose rules
+    /// (splitting, when a refusal is trusted, readings held on a 5xx) are in
+    /// [`crate::round`]. Readings refused for good are put in `refused` (to be
     /// dead-lettered); `Ok(kept)` are the ranges to try again later (spooled, no backoff).
     /// On a failure that is not about particular readings, `Err` holds the ranges not yet
-    /// written.
-    ///
-    /// With [`Endpoint::CAUTIOUS`] (the HTTP output, whose endpoint may be anything):
-    /// - **A refusal needs proof.** A reading refused on its own is dead-lettered only if the
-    ///   endpoint took another request *after the first failure of this delivery*: an endpoint
-    ///   (or a proxy before it) that refuses every request — a setting is wrong, gzip it
-    ///   cannot read, an API that changed, even in the middle of a delivery — keeps the
-    ///   readings in the spool, with an ERROR. A round stops after about 2·log2(n) failed
-    ///   requests with nothing taken.
-    /// - **A reading it keeps failing on.** After [`BISECT_AFTER`] failed rounds with the
-    ///   endpoint answering 5xx, a failing request is split once to probe: if neither half is
-    ///   taken the endpoint is down (at most 3 requests a round); if one is, the other is
-    ///   split further. A reading that alone gets a 5xx while the endpoint takes others is
-    ///   kept (spooled again, retried, an ERROR naming it) and the rest is delivered: a 5xx
-    ///   never dead-letters anything, so a flaky endpoint loses nothing, and one bad reading
-    ///   does not hold the others back.
-    async fn deliver(
-        &mut self,
-        lines: &Lines,
-        refused: &mut Vec<Refusal>,
-    ) -> Result<Vec<Range<usize>>, (Vec<Range<usize>>, Failure)> {
+    /// written. A cautious round bisects once [`BISECT_AFTER`] rounds in a row have failed.
+    async fn deliver(&mut self, lines: &Lines, refused: &mut Vec<Refusal>) -> Outcome {
         let (max_lines, max_bytes) = self.client.limits();
-        let mut stack = lines.requests(max_lines, max_bytes);
-        let bisect = E::CAUTIOUS && self.failed_rounds >= BISECT_AFTER;
-        let budget = 2 * (usize::BITS - lines.len().leading_zeros()) as usize + 4;
-        let mut failed_once = false;
-        let mut taken_after_failure = false;
-        let mut failures_since_taken = 0usize;
-        let mut probes = 0;
-        // Single readings refused (`true`) or failing (`false`): their fate is decided at the
-        // end, by whether the endpoint took something after the first failure.
-        let mut suspects: Vec<(Range<usize>, String, bool)> = Vec::new();
-        // Requests answered 5xx, set aside until the endpoint is seen to take something.
-        let mut deferred: Vec<Range<usize>> = Vec::new();
-        let mut last_why = String::new();
-        // What is not written when a round ends early, in order: `rest` is a stack.
-        fn rest(
-            mut stack: Vec<Range<usize>>,
-            r: Option<Range<usize>>,
-            deferred: Vec<Range<usize>>,
-            suspects: Vec<(Range<usize>, String, bool)>,
-        ) -> Vec<Range<usize>> {
-            stack.extend(r);
-            stack.extend(deferred.into_iter().rev());
-            stack.extend(suspects.into_iter().rev().map(|(r, ..)| r));
-            stack
-        }
-        let mut first = true;
+        let mut round = Round::new(
+            E::NAMES.name,
+            lines.requests(max_lines, max_bytes),
+            lines.len(),
+            E::CAUTIOUS,
+            self.failed_rounds >= BISECT_AFTER,
+        );
         loop {
-            while let Some(r) = stack.pop() {
-                if !first && self.shutdown.is_requested() {
-                    return Err((rest(stack, Some(r), deferred, suspects), Failure::Stopping));
+            let r = match round.next(self.shutdown.is_requested()) {
+                Step::Write(r) => r,
+                Step::Done(verdict) => {
+                    for (r, reason) in verdict.refused {
+                        refused.push(refusal(lines, &r, reason));
+                    }
+                    for (r, reason) in &verdict.held {
+                        self.events.reading_held(reason, lines.slice(r));
+                    }
+                    return verdict.result;
                 }
-                first = false;
-                let outcome = self.client.write(lines.slice(&r), r.len()).await;
-                if matches!(outcome, WriteOutcome::Written) {
-                    self.events.written(r.len());
-                    taken_after_failure |= failed_once;
-                    failures_since_taken = 0;
-                    continue;
-                }
-                self.events.request_failed();
-                failed_once = true;
-                failures_since_taken += 1;
-                let split = |stack: &mut Vec<Range<usize>>, r: &Range<usize>| {
-                    let mid = r.start + r.len() / 2;
-                    stack.push(mid..r.end);
-                    stack.push(r.start..mid);
-                };
-                let single = r.len() == 1;
-                if E::CAUTIOUS && failures_since_taken > budget {
-                    // Many requests failed in a row with nothing taken: the endpoint refuses
-                    // (or fails on) everything. The readings wait; no more requests now.
-                    let failure = match outcome {
-                        WriteOutcome::Rejected(msg) => Failure::Refused(refuses_all::<E>(&msg)),
-                        WriteOutcome::TooLarge => Failure::Refused(format!(
-                            "{} finds every request too large (413); lower \
-                             influx_writer.http.max_bytes",
-                            E::NAMES.name
-                        )),
-                        WriteOutcome::Refused { what, .. } => Failure::Refused(what),
-                        WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
-                            Failure::Unavailable(why)
-                        }
-                        WriteOutcome::Written => Failure::Unavailable(last_why.clone()),
-                    };
-                    return Err((rest(stack, Some(r), deferred, suspects), failure));
-                }
-                match outcome {
-                    WriteOutcome::Written => {}
-                    WriteOutcome::Rejected(msg) if single => {
-                        if E::CAUTIOUS {
-                            suspects.push((r, msg, true));
-                        } else {
-                            refused.push(refusal(lines, &r, msg));
-                        }
-                    }
-                    WriteOutcome::TooLarge if single => {
-                        let msg = format!(
-                            "{} answered 413: this single reading is larger than it accepts",
-                            E::NAMES.name
-                        );
-                        if E::CAUTIOUS {
-                            suspects.push((r, msg, true));
-                        } else {
-                            refused.push(refusal(lines, &r, msg));
-                        }
-                    }
-                    WriteOutcome::Rejected(msg) => {
-                        self.events.splitting_rejected(r.len(), &msg);
-                        split(&mut stack, &r);
-                    }
-                    WriteOutcome::TooLarge => {
-                        self.events.splitting_too_large(r.len());
-                        split(&mut stack, &r);
-                    }
-                    WriteOutcome::ServerError(why) if bisect => {
-                        if !single && (taken_after_failure || probes < 2) {
-                            probes += usize::from(!taken_after_failure);
-                            self.events.splitting_failing(r.len(), &why);
-                            split(&mut stack, &r);
-                        } else if single && taken_after_failure {
-                            suspects.push((r, why.clone(), false));
-                        } else {
-                            deferred.push(r);
-                        }
-                        last_why = why;
-                    }
-                    WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
-                        return Err((
-                            rest(stack, Some(r), deferred, suspects),
-                            Failure::Unavailable(why),
-                        ));
-                    }
-                    WriteOutcome::Refused { what, .. } => {
-                        return Err((
-                            rest(stack, Some(r), deferred, suspects),
-                            Failure::Refused(what),
-                        ));
-                    }
-                }
-            }
-            // The endpoint took something since it failed: what was set aside is looked into.
-            if !deferred.is_empty() && taken_after_failure {
-                stack.extend(deferred.drain(..).rev());
-                continue;
-            }
-            break;
-        }
-        if !deferred.is_empty() {
-            // Failing and nothing taken: the endpoint is down, not one reading bad.
-            return Err((
-                rest(Vec::new(), None, deferred, suspects),
-                Failure::Unavailable(last_why),
-            ));
-        }
-        if !E::CAUTIOUS {
-            return Ok(Vec::new());
-        }
-        let mut kept = Vec::new();
-        let mut refusals = Vec::new();
-        for (r, reason, is_refusal) in suspects {
-            if !taken_after_failure {
-                if is_refusal {
-                    refusals.push(reason);
-                }
-                kept.push(r);
-            } else if is_refusal {
-                refused.push(refusal(lines, &r, reason));
-            } else {
-                self.events.reading_held(&reason, lines.slice(&r));
-                kept.push(r);
-            }
-        }
-        if !taken_after_failure && !kept.is_empty() {
-            let failure = match refusals.first() {
-                Some(msg) => Failure::Refused(refuses_all::<E>(msg)),
-                None => Failure::Unavailable(last_why),
             };
-            return Err((kept.into_iter().rev().collect(), failure));
+            let n = r.len();
+            let outcome = self.client.write(lines.slice(&r), n).await;
+            match round.answer(r, &outcome) {
+                Reaction::Taken => self.events.written(n),
+                // A reading already counted, sent again.
+                Reaction::Probe => {}
+                Reaction::Failed => self.events.request_failed(),
+                Reaction::Split => {
+                    self.events.request_failed();
+                    match &outcome {
+                        WriteOutcome::Rejected(msg) => self.events.splitting_rejected(n, msg),
+                        WriteOutcome::TooLarge => self.events.splitting_too_large(n),
+                        WriteOutcome::ServerError(why) => self.events.splitting_failing(n, why),
+                        _ => {}
+                    }
+                }
+            }
         }
-        Ok(kept)
     }
 
     /// Write the oldest spooled records (merged up to `merge_lines` lines) and trim them.

@@ -122,6 +122,28 @@ fn hang(path: &std::path::Path) {
     assert!(made.success());
 }
 
+/// The hung read of `rel` (made by [`hang`]) returns `hung_gets`; from then on the file reads
+/// `next`. The FIFO is met by a writer first (the hung open returns), a regular file takes its
+/// name, and only then is the hung read given its line: the next sample cannot open the FIFO
+/// again.
+async fn unhang(pi: &FakePi, rel: &str, hung_gets: &'static str, next: &str) {
+    let fifo = pi.path(rel);
+    let writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new().write(true).open(&fifo).unwrap()
+    })
+    .await
+    .unwrap();
+    let new = format!("{rel}.new");
+    pi.write(&new, next);
+    std::fs::rename(pi.path(&new), pi.path(rel)).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut writer = writer;
+        writer.write_all(hung_gets.as_bytes()).unwrap();
+    })
+    .await
+    .unwrap();
+}
+
 /// Samples that did not finish in time, so far (process-wide).
 fn stuck_count() -> u64 {
     counter(
@@ -285,25 +307,14 @@ async fn a_read_that_hangs_skips_samples_and_makes_the_service_unready_until_it_
     assert!(sink.try_next().is_none(), "readings while a sample hangs");
     assert!(!svc.health().is_ready());
 
-    // The read returns. The FIFO is met by a writer first (the hung open returns), a regular
-    // file takes its name, and only then is the hung read given its line: the next sample
-    // cannot open the FIFO again.
-    let writer = {
-        let fifo = fifo.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new().write(true).open(&fifo).unwrap()
-        })
-        .await
-        .unwrap()
-    };
-    pi.write("proc/loadavg.new", "0.7 0.6 0.5 1/1 1\n");
-    std::fs::rename(pi.path("proc/loadavg.new"), &fifo).unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut writer = writer;
-        writer.write_all(b"0.1 0.2 0.3 1/1 1\n").unwrap();
-    })
-    .await
-    .unwrap();
+    // The read returns.
+    unhang(
+        &pi,
+        "proc/loadavg",
+        "0.1 0.2 0.3 1/1 1\n",
+        "0.7 0.6 0.5 1/1 1\n",
+    )
+    .await;
     let resumed = sink
         .until(Duration::from_secs(10), |got| {
             got.iter().any(|m| channel(m) == "load")
@@ -336,22 +347,13 @@ async fn a_read_that_hangs_at_start_is_seen_not_silent() {
         "a read hanging at start went unnoticed"
     );
     // The zone answers: the service finds its sources and publishes.
-    let writer = {
-        let fifo = fifo.clone();
-        tokio::task::spawn_blocking(move || {
-            std::fs::OpenOptions::new().write(true).open(&fifo).unwrap()
-        })
-        .await
-        .unwrap()
-    };
-    pi.write("sys/class/thermal/thermal_zone0/temp.new", "47000\n");
-    std::fs::rename(pi.path("sys/class/thermal/thermal_zone0/temp.new"), &fifo).unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut writer = writer;
-        writer.write_all(b"47000\n").unwrap();
-    })
-    .await
-    .unwrap();
+    unhang(
+        &pi,
+        "sys/class/thermal/thermal_zone0/temp",
+        "47000\n",
+        "47000\n",
+    )
+    .await;
     let got = sink
         .until(Duration::from_secs(10), |got| {
             got.iter().any(|m| channel(m) == "uptime")

@@ -307,6 +307,11 @@ impl Bus {
         self.inner.connected.clone()
     }
 
+    /// Whether the link to the broker is up now.
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
     /// Wait until connected, at most `timeout`. Returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.connection();

@@ -474,12 +474,14 @@ impl Producer {
         // stuck), the record waits in the journal and is published by replay once sinks are
         // overdue or the link is back; the caller goes back to reading its devices. Nothing is
         // trimmed here, whatever the connection: only a sink's acknowledgement trims.
-        if !s.acks_subscribed.load(Ordering::Acquire) {
+        if !s.acks_subscribed.load(Ordering::Acquire) && s.bus.is_up() {
             // A record published before the broker has the acknowledgement subscription is
             // stored by its sinks, but their acknowledgements reach nobody: it would be
             // replayed (a WARN and a duplicate) although it arrived. A service that publishes
             // at once on start (node-health, plug-bridge) did so on every start. Waited for
-            // once; if the broker is away, the record waits in the journal as always.
+            // once, and only while the link is up (a connected broker confirms at once); with
+            // the broker away the record waits in the journal as always, and the caller goes
+            // straight back to its devices.
             let _subscribed = s.bus.wait_subscribed(ACKS_SUBSCRIBED_WAIT).await;
             s.acks_subscribed.store(true, Ordering::Release);
         }
