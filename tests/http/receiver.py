@@ -12,7 +12,7 @@ Control (no token): POST /_mode with body "ok", "503" (every request), "400all" 
 request refused), "400flood" (a 400 whose body never ends) or "500odd" (a 500 for a request
 holding an "odd" reading, a backend bug), "alt502" (every second request 502, a load
 balancer with a backend down), "okthen400:N" (N more requests taken, then every one
-refused) or "takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
+refused), "429wait" (every request 429 with Retry-After: 4) or "takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
 
 With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
 """
@@ -46,9 +46,11 @@ def main():
         def log_message(self, *a):
             pass
 
-        def answer(self, status, obj):
+        def answer(self, status, obj, headers=()):
             body = json.dumps(obj).encode()
             self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -78,6 +80,9 @@ def main():
                 mode = state["mode"]
             if mode == "503":
                 self.answer(503, {"error": "down for maintenance"})
+                return
+            if mode == "429wait":
+                self.answer(429, {"error": "slow down"}, [("Retry-After", "4")])
                 return
             if mode == "alt502":
                 # A load balancer with one of two backends down: every second request fails.

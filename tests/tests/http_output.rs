@@ -438,6 +438,47 @@ fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
     w.terminate(Duration::from_secs(10));
 }
 
+/// A busy endpoint that says when to come back (429 with `Retry-After: 4`): the writer waits
+/// that long rather than its own shorter backoff (`retry_max_ms` is 1 s here), the readings
+/// wait in the spool, and every one arrives once the endpoint takes them.
+#[test]
+fn a_busy_endpoint_s_retry_after_is_obeyed_and_nothing_is_lost() {
+    let s = Setup::start("429wait", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let mut w = writer(&s.cfg, log);
+    let count = 200;
+    let mut producer = produce(broker, d, count, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
+    let waits = || -> Vec<u64> {
+        read(log)
+            .lines()
+            .filter(|l| l.contains("cannot take writes"))
+            .filter_map(|l| l.split("retry_in_ms=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || !waits().is_empty()),
+        "no WARN that the endpoint cannot take writes; log:\n{}",
+        read(log)
+    );
+    assert!(
+        waits().iter().all(|ms| *ms > 3_500),
+        "the writer did not wait the 4 s the endpoint asked for: {:?}",
+        waits()
+    );
+    rx.mode("ok");
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
+            == count),
+        "{} of {count} arrived once the endpoint took them; log:\n{}",
+        rx.identities().len(),
+        read(log)
+    );
+    assert_values_right(&rx.received());
+    w.terminate(Duration::from_secs(10));
+}
+
 /// One reading the backend fails on (a 500 for any request holding it, a bug in the
 /// backend): after a few failed rounds the writer finds it by splitting, keeps it in the spool
 /// (a 5xx is never a reason to drop a reading) with an ERROR naming it, and every other reading

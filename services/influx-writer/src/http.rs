@@ -15,7 +15,9 @@
 //! - 408/429/5xx, timeouts, refused connections: the server is busy or away; back off, retry.
 
 use std::io::Write as _;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
@@ -67,6 +69,8 @@ pub struct WriteClient {
     target: String,
     api: WriteApi,
     precision: Precision,
+    /// The last answer's `Retry-After`.
+    retry_after: RetryAfter,
 }
 
 impl WriteClient {
@@ -140,6 +144,7 @@ impl WriteClient {
             target,
             api: c.api,
             precision: c.precision,
+            retry_after: RetryAfter::default(),
         })
     }
 
@@ -165,6 +170,7 @@ impl WriteClient {
         } else {
             req.body(body.to_vec())
         };
+        self.retry_after.clear();
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => return WriteOutcome::Unavailable(describe_transport(&e)),
@@ -173,6 +179,7 @@ impl WriteClient {
         if status == 204 || status == 200 {
             return WriteOutcome::Written;
         }
+        self.retry_after.note(&resp);
         let location = resp
             .headers()
             .get(reqwest::header::LOCATION)
@@ -262,6 +269,60 @@ impl Endpoint for WriteClient {
     fn endpoint(&self) -> String {
         WriteClient::endpoint(self)
     }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.retry_after.get()
+    }
+}
+
+/// The longest wait a server's `Retry-After` gets: beyond, a wrong clock or a typo would stop
+/// the output for hours while the spool fills.
+pub(crate) const RETRY_AFTER_MAX: Duration = Duration::from_secs(15 * 60);
+
+/// The `Retry-After` of a client's last answer (a 429 or 503 may say how long to wait), shared
+/// by the client's clones.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RetryAfter(Arc<AtomicU64>);
+
+impl RetryAfter {
+    pub(crate) fn clear(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    /// Take the answer's `Retry-After`, if it has one that parses.
+    pub(crate) fn note(&self, resp: &reqwest::Response) {
+        let asked = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        if let Some(d) = asked {
+            // At least 1 ms, so that "0" is still "asked" (and never "none").
+            self.0
+                .store((d.as_millis() as u64).max(1), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        }
+    }
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date (RFC 9110 §10.2.3), at most
+/// [`RETRY_AFTER_MAX`]; a date in the past is no wait.
+pub(crate) fn parse_retry_after(v: &str, now: SystemTime) -> Option<Duration> {
+    let v = v.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(d.min(RETRY_AFTER_MAX))
 }
 
 /// Most bytes of an error answer's body read: enough for any server's message (JSON or text).
@@ -538,6 +599,41 @@ mod tests {
         assert!(
             matches!(c.write(b"m v=1 1\n").await, WriteOutcome::Unavailable(m) if m.starts_with("cannot connect"))
         );
+    }
+
+    #[tokio::test]
+    async fn a_busy_server_s_retry_after_is_kept_until_the_next_answer() {
+        let (port, _seen) = stub(
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+        let c = WriteClient::new(&v2_target(port)).unwrap();
+        assert!(matches!(
+            c.write(b"m v=1 1\n").await,
+            WriteOutcome::Unavailable(m) if m.starts_with("HTTP 429")
+        ));
+        assert_eq!(Endpoint::retry_after(&c), Some(Duration::from_secs(7)));
+        // The next request (nobody answers it now) forgets it.
+        assert!(matches!(
+            c.write(b"m v=1 1\n").await,
+            WriteOutcome::Unavailable(_)
+        ));
+        assert_eq!(Endpoint::retry_after(&c), None);
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_a_date_and_never_hours() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        let p = |v| parse_retry_after(v, now);
+        assert_eq!(p("120"), Some(Duration::from_secs(120)));
+        assert_eq!(p(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            p("Wed, 21 Oct 2026 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(p("Wed, 21 Oct 2026 07:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(p("86400"), Some(RETRY_AFTER_MAX));
+        assert_eq!(p("soon"), None);
+        assert_eq!(p("-5"), None);
     }
 
     #[test]

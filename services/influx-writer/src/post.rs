@@ -25,7 +25,7 @@ use proto::{Measurement, Payload as _, Segment};
 
 use crate::config::{HttpAuth, HttpTarget};
 use crate::http::{
-    WriteOutcome, describe_transport, error_body, gzip, server_message, strip_query,
+    RetryAfter, WriteOutcome, describe_transport, error_body, gzip, server_message, strip_query,
 };
 use crate::sink::Endpoint;
 
@@ -50,6 +50,8 @@ pub struct PostClient {
     max_bytes: usize,
     /// `{"format":…,"site":…,"readings":[`: what precedes the readings in every batch.
     head: String,
+    /// The last answer's `Retry-After`.
+    retry_after: RetryAfter,
 }
 
 impl PostClient {
@@ -112,6 +114,7 @@ impl PostClient {
             max_readings: c.max_readings,
             max_bytes: c.max_bytes,
             head,
+            retry_after: RetryAfter::default(),
         })
     }
 
@@ -149,6 +152,7 @@ impl PostClient {
         } else {
             req.body(body)
         };
+        self.retry_after.clear();
         let resp = match req.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -173,6 +177,7 @@ impl PostClient {
         if (200..300).contains(&status) {
             return WriteOutcome::Written;
         }
+        self.retry_after.note(&resp);
         let location = resp
             .headers()
             .get(reqwest::header::LOCATION)
@@ -270,6 +275,10 @@ impl Endpoint for PostClient {
                 ""
             }
         )
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        self.retry_after.get()
     }
 }
 

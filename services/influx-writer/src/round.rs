@@ -785,7 +785,9 @@ mod tests {
                     Some((k, 0)) if sent > k => WriteOutcome::Rejected(REFUSED.into()),
                     Some((k, 1)) if sent > k => WriteOutcome::ServerError("500".into()),
                     Some((k, 2)) if sent <= k => WriteOutcome::Rejected(REFUSED.into()),
-                    _ if flaky && state.is_multiple_of(3) => WriteOutcome::ServerError("502".into()),
+                    _ if flaky && state.is_multiple_of(3) => {
+                        WriteOutcome::ServerError("502".into())
+                    }
                     _ if poison.iter().any(|p| r.contains(p)) => {
                         WriteOutcome::ServerError("500".into())
                     }

@@ -70,6 +70,11 @@ pub trait Endpoint: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = WriteOutcome> + Send;
     /// Where writes go, without credentials, for logs.
     fn endpoint(&self) -> String;
+
+    /// How long the last answer asked the writer to wait (`Retry-After` of a 429 or 503).
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
     /// Whether a refusal needs proof before a reading is dead-lettered, and a reading that
     /// keeps failing is looked for (see [`Sink::deliver`]). InfluxDB's answers name the bad
     /// point; an arbitrary endpoint's may not.
@@ -259,6 +264,16 @@ impl RetryWait {
     fn reset(&mut self) {
         self.retries.succeeded();
         self.until = None;
+    }
+
+    /// Wait at least `d` from now (the server asked for it), longer if the backoff says so.
+    fn at_least(&mut self, d: Duration) -> Duration {
+        let until = Instant::now() + d;
+        if self.until.is_none_or(|u| u < until) {
+            self.until = Some(until);
+        }
+        self.until
+            .map_or(d, |u| u.saturating_duration_since(Instant::now()))
     }
 
     /// Still inside the wait after a failure.
@@ -801,7 +816,14 @@ impl<E: Endpoint> Sink<E> {
             return;
         }
         self.failed_rounds = self.failed_rounds.saturating_add(1);
-        let wait = self.backoff.fail();
+        let mut wait = self.backoff.fail();
+        if let Failure::Unavailable(_) = &failure
+            && let Some(asked) = self.client.retry_after()
+        {
+            // A 429 or 503 that says when to come back: no sooner (at most
+            // `http::RETRY_AFTER_MAX`).
+            wait = self.backoff.at_least(asked);
+        }
         let changed = self.down.as_ref() != Some(&failure);
         let retry_in_ms = wait.as_millis() as u64;
         match &failure {
