@@ -146,6 +146,10 @@ impl Intake {
 pub struct OutputNames {
     /// As the subject of a sentence: "InfluxDB", "The HTTP endpoint".
     pub name: &'static str,
+    /// What to check when it refuses every reading.
+    pub check: &'static str,
+    /// What to lower when it finds every request too large.
+    pub bytes_key: &'static str,
     /// `wattbus_errors_total` kinds.
     unavailable_kind: &'static str,
     refused_kind: &'static str,
@@ -165,6 +169,8 @@ pub struct OutputNames {
 /// The InfluxDB output.
 pub const INFLUX: OutputNames = OutputNames {
     name: "InfluxDB",
+    check: "influx_writer.influx.url, and whatever answers there before InfluxDB (a proxy?)",
+    bytes_key: "influx_writer.batch_points",
     unavailable_kind: "influx_unavailable",
     refused_kind: "influx_refused",
     spool_stream: SPOOL_STREAM,
@@ -182,6 +188,8 @@ pub const INFLUX: OutputNames = OutputNames {
 /// The HTTP output.
 pub const HTTP: OutputNames = OutputNames {
     name: "The HTTP endpoint",
+    check: "influx_writer.http.url, gzip, what the endpoint expects",
+    bytes_key: "influx_writer.http.max_bytes",
     unavailable_kind: "http_unavailable",
     refused_kind: "http_refused",
     spool_stream: HTTP_SPOOL_STREAM,

@@ -71,6 +71,8 @@ pub struct WriteClient {
     precision: Precision,
     /// The last answer's `Retry-After`.
     retry_after: RetryAfter,
+    /// What is blanked in the server's messages.
+    secrets: Vec<String>,
 }
 
 impl WriteClient {
@@ -145,6 +147,11 @@ impl WriteClient {
             api: c.api,
             precision: c.precision,
             retry_after: RetryAfter::default(),
+            secrets: t
+                .auth
+                .as_ref()
+                .map(|s| secrets_of(s.expose()))
+                .unwrap_or_default(),
         })
     }
 
@@ -186,7 +193,7 @@ impl WriteClient {
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
         let text = error_body(resp).await;
-        let message = server_message(&text);
+        let message = scrub(server_message(&text), &self.secrets);
         match status {
             400 | 422 => WriteOutcome::Rejected(message),
             300..=399 => WriteOutcome::Refused {
@@ -273,6 +280,13 @@ impl Endpoint for WriteClient {
     fn retry_after(&self) -> Option<Duration> {
         self.retry_after.get()
     }
+
+    fn spool_format(&self) -> Option<(&'static str, String)> {
+        Some((
+            "influx_writer.influx.precision",
+            self.precision.v2_param().to_string(),
+        ))
+    }
 }
 
 /// The longest wait a server's `Retry-After` gets: beyond, a wrong clock or a typo would stop
@@ -358,6 +372,29 @@ pub(crate) fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
 
 /// The message from an error body: `{"error": …}` (1.x), `{"message": …}` (2.x/3.x), or the
 /// text itself, cut to a readable length.
+/// The credentials in an `Authorization` value (or a token header's): the whole value, and
+/// what follows its scheme ("Bearer", "Token", "Basic").
+pub(crate) fn secrets_of(value: &str) -> Vec<String> {
+    let mut out = vec![value.to_string()];
+    if let Some((_, cred)) = value.split_once(' ') {
+        out.push(cred.trim().to_string());
+    }
+    out.retain(|s| s.len() >= 4);
+    out
+}
+
+/// `message` with every one of `secrets` blanked: an endpoint whose error answer echoes the
+/// request's headers must not put the writer's token in its log, its dead letters and the bus.
+pub(crate) fn scrub(message: String, secrets: &[String]) -> String {
+    secrets.iter().fold(message, |m, s| {
+        if m.contains(s.as_str()) {
+            m.replace(s.as_str(), "(secret)")
+        } else {
+            m
+        }
+    })
+}
+
 pub fn server_message(text: &str) -> String {
     let from_json = serde_json::from_str::<serde_json::Value>(text)
         .ok()
@@ -406,6 +443,20 @@ pub(crate) fn describe_transport(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_echoed_token_is_blanked() {
+        let secrets = secrets_of("Bearer s3cret-token");
+        assert_eq!(
+            scrub("bad auth header: Bearer s3cret-token".into(), &secrets),
+            "bad auth header: (secret)"
+        );
+        assert_eq!(
+            scrub("token s3cret-token refused".into(), &secrets),
+            "token (secret) refused"
+        );
+        assert_eq!(scrub("nothing here".into(), &secrets), "nothing here");
+    }
 
     #[test]
     fn server_messages_from_each_version() {

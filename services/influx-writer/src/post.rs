@@ -25,7 +25,8 @@ use proto::{Measurement, Payload as _, Segment};
 
 use crate::config::{HttpAuth, HttpTarget};
 use crate::http::{
-    RetryAfter, WriteOutcome, describe_transport, error_body, gzip, server_message, strip_query,
+    RetryAfter, WriteOutcome, describe_transport, error_body, gzip, scrub, secrets_of,
+    server_message, strip_query,
 };
 use crate::sink::Endpoint;
 
@@ -52,6 +53,8 @@ pub struct PostClient {
     head: String,
     /// The last answer's `Retry-After`.
     retry_after: RetryAfter,
+    /// What is blanked in the endpoint's messages.
+    secrets: Vec<String>,
 }
 
 impl PostClient {
@@ -71,6 +74,13 @@ impl PostClient {
             })?;
             v.set_sensitive(true);
             Ok::<_, PostClientError>(v)
+        };
+        let secrets = match &t.auth {
+            None => Vec::new(),
+            Some(HttpAuth::Bearer(token) | HttpAuth::Header { token, .. }) => {
+                secrets_of(token.expose())
+            }
+            Some(HttpAuth::Basic(value)) => secrets_of(value.expose()),
         };
         let auth = match &t.auth {
             None => None,
@@ -115,6 +125,7 @@ impl PostClient {
             max_bytes: c.max_bytes,
             head,
             retry_after: RetryAfter::default(),
+            secrets,
         })
     }
 
@@ -184,7 +195,7 @@ impl PostClient {
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
         let text = error_body(resp).await;
-        let message = server_message(&text);
+        let message = scrub(server_message(&text), &self.secrets);
         let url = strip_query(self.url.as_str()).to_string();
         let refused = |what: String| WriteOutcome::Refused { status, what };
         match status {
@@ -228,7 +239,6 @@ impl PostClient {
 
 impl Endpoint for PostClient {
     const NAMES: crate::events::OutputNames = crate::events::HTTP;
-    const CAUTIOUS: bool = true;
 
     /// Services' statuses are the health dashboard's, in InfluxDB; the endpoint gets readings.
     fn takes(&self, m: &Measurement) -> bool {

@@ -21,7 +21,11 @@
 //!   proxy before it) that refuses everything — a wrong setting, gzip it cannot read, an API
 //!   that changed, even in the middle of a round, even right after it refused a reading that
 //!   was really bad — has nothing dead-lettered; the readings wait. A round stops after about
-//!   2·log2(n) failed requests with nothing taken.
+//!   2·log2(n) failed requests with nothing taken, after trying the round's last reading
+//!   (once per take): a run of refused readings at the head (too old for the API, say) must
+//!   not hold back the good ones behind it.
+//! - Both outputs are cautious: what answers at InfluxDB's URL may be a proxy (the trusting
+//!   mode is kept for the unit tests, which show the difference).
 //! - **A 5xx** ends the round (the endpoint is down), unless the round was started to
 //!   *bisect*: then a failing request is split to probe (2 splits while nothing is taken,
 //!   then one request beside them; an endpoint that is down costs 4 requests a round); a
@@ -33,6 +37,7 @@
 
 use std::ops::Range;
 
+use crate::events::OutputNames;
 use crate::http::WriteOutcome;
 
 /// Why a round could not write everything now.
@@ -112,8 +117,10 @@ impl Suspect {
 /// One delivery round; see the module doc.
 #[derive(Debug)]
 pub(crate) struct Round {
-    /// The endpoint's name, for the messages.
-    name: &'static str,
+    /// The endpoint's name, for the messages, and what to check.
+    names: OutputNames,
+    /// Over the failure budget, the last request was tried (once per take).
+    jump_ok: bool,
     cautious: bool,
     bisect: bool,
     /// Failed requests in a row with nothing taken after which a cautious round stops.
@@ -147,9 +154,9 @@ pub(crate) struct Round {
 }
 
 impl Round {
-    /// A round over `lines` lines sent as `requests` (in order), to the endpoint called `name`.
+    /// A round over `lines` lines sent as `requests` (in order), to the endpoint of `names`.
     pub(crate) fn new(
-        name: &'static str,
+        names: OutputNames,
         mut requests: Vec<Range<usize>>,
         lines: usize,
         cautious: bool,
@@ -157,7 +164,8 @@ impl Round {
     ) -> Self {
         requests.reverse();
         Self {
-            name,
+            names,
+            jump_ok: true,
             cautious,
             bisect: cautious && bisect,
             budget: 2 * (usize::BITS - lines.leading_zeros()) as usize + 4,
@@ -288,19 +296,22 @@ impl Round {
             self.failures_since_taken = 0;
             self.takes += 1;
             self.last_taken = Some(r.start);
+            self.jump_ok = true;
             return Reaction::Taken;
         }
         self.failed_once = true;
         self.failures_since_taken += 1;
         let single = r.len() == 1;
-        if self.cautious && self.failures_since_taken > self.budget {
-            // Many requests failed in a row with nothing taken: the endpoint refuses (or
-            // fails on) everything. The readings wait; no more requests now.
+        let over_budget = self.cautious && self.failures_since_taken > self.budget;
+        if over_budget && (!self.jump_ok || self.stack.is_empty()) {
+            // Many requests failed in a row with nothing taken, the last request of the round
+            // too: the endpoint refuses (or fails on) everything. The readings wait; no more
+            // requests now.
             let failure = match outcome {
                 WriteOutcome::Rejected(msg) => Failure::Refused(self.refuses_all(msg)),
                 WriteOutcome::TooLarge => Failure::Refused(format!(
-                    "{} finds every request too large (413); lower influx_writer.http.max_bytes",
-                    self.name
+                    "{} finds every request too large (413); lower {}",
+                    self.names.name, self.names.bytes_key
                 )),
                 WriteOutcome::Refused { what, .. } => Failure::Refused(what.clone()),
                 WriteOutcome::Unavailable(why) | WriteOutcome::ServerError(why) => {
@@ -310,6 +321,23 @@ impl Round {
             };
             return self.stop(r, failure);
         }
+        let reaction = self.failed(r, outcome, single);
+        if over_budget && self.stopped.is_none() && !self.stack.is_empty() {
+            // Before giving up, the round's last reading goes next: what the endpoint refuses
+            // may be a run of readings at the head (too old, say), with the rest good. Taken,
+            // the round goes on where it was; refused, it ends at the next failure.
+            self.jump_ok = false;
+            let last = self.stack.remove(0);
+            if last.len() > 1 {
+                self.stack.insert(0, last.start..last.end - 1);
+            }
+            self.stack.push(last.end - 1..last.end);
+        }
+        reaction
+    }
+
+    /// A failed answer to `r` (not over the budget).
+    fn failed(&mut self, r: Range<usize>, outcome: &WriteOutcome, single: bool) -> Reaction {
         match outcome {
             WriteOutcome::Written => Reaction::Taken,
             WriteOutcome::Rejected(msg) if single => {
@@ -319,7 +347,7 @@ impl Round {
             WriteOutcome::TooLarge if single => {
                 let msg = format!(
                     "{} answered 413: this single reading is larger than it accepts",
-                    self.name
+                    self.names.name
                 );
                 self.suspect(r, msg);
                 Reaction::Failed
@@ -403,7 +431,9 @@ impl Round {
                 unproven.push(s.r);
             }
         }
-        stack.extend(unproven.into_iter().rev());
+        stack.extend(unproven);
+        // In order (disjoint ranges; a jump to the last request put it out of place).
+        stack.sort_unstable_by_key(|r| std::cmp::Reverse(r.start));
         stack
     }
 
@@ -459,8 +489,8 @@ impl Round {
     fn refuses_all(&self, msg: &str) -> String {
         format!(
             "{} refuses every reading it is sent ({msg}); they are kept until it takes them: \
-             check its settings (influx_writer.http.url, gzip, what the endpoint expects)",
-            self.name
+             check {}",
+            self.names.name, self.names.check
         )
     }
 }
@@ -487,7 +517,7 @@ mod tests {
         mut endpoint: impl FnMut(&Range<usize>) -> WriteOutcome,
     ) -> Run {
         let requests = (0..n).step_by(per).map(|s| s..(s + per).min(n)).collect();
-        let mut round = Round::new("the endpoint", requests, n, cautious, bisect);
+        let mut round = Round::new(crate::events::HTTP, requests, n, cautious, bisect);
         let (mut writes, mut taken) = (Vec::new(), Vec::new());
         loop {
             match round.next(false) {
@@ -578,8 +608,8 @@ mod tests {
             panic!("{:?}", run.verdict.result);
         };
         assert_eq!(unstack(rest), (0..1000).collect::<Vec<_>>());
-        // About 2·log2(n) + 4 requests, not one per reading.
-        assert!(run.writes.len() <= 25, "{} requests", run.writes.len());
+        // About 2·log2(n) + 4 requests and the last reading, not one per reading.
+        assert!(run.writes.len() <= 26, "{} requests", run.writes.len());
     }
 
     #[test]
@@ -654,6 +684,19 @@ mod tests {
     }
 
     #[test]
+    fn a_run_of_refused_readings_at_the_head_does_not_hold_back_the_rest() {
+        // An API refusing readings older than some age, after a long outage: the first 30 of
+        // the spool are refused, the rest good. More than the failure budget in a row.
+        let bad: Vec<usize> = (0..30).collect();
+        let run = run(100, 1000, true, false, refusing(&bad));
+        assert_eq!(singles(&run.verdict.refused), bad);
+        let mut taken = run.taken.clone();
+        taken.sort_unstable();
+        assert_eq!(taken, (30..100).collect::<Vec<_>>());
+        assert_eq!(run.verdict.result, Ok(Vec::new()));
+    }
+
+    #[test]
     fn a_5xx_ends_the_round_with_the_rest_in_order() {
         for cautious in [false, true] {
             let run = run(1000, 100, cautious, false, |r| {
@@ -723,7 +766,7 @@ mod tests {
 
     #[test]
     fn stopping_ends_the_round_between_requests_never_before_the_first() {
-        let mut round = Round::new("the endpoint", vec![0..5, 5..10], 10, true, false);
+        let mut round = Round::new(crate::events::HTTP, vec![0..5, 5..10], 10, true, false);
         let Step::Write(r) = round.next(true) else {
             panic!("the first request is always sent");
         };

@@ -71,14 +71,16 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Where writes go, without credentials, for logs.
     fn endpoint(&self) -> String;
 
+    /// How spooled lines are encoded, where a setting changes it (InfluxDB's `precision`):
+    /// the spool keeps it, and refuses to start with another while it holds lines.
+    fn spool_format(&self) -> Option<(&'static str, String)> {
+        None
+    }
+
     /// How long the last answer asked the writer to wait (`Retry-After` of a 429 or 503).
     fn retry_after(&self) -> Option<Duration> {
         None
     }
-    /// Whether a refusal needs proof before a reading is dead-lettered, and a reading that
-    /// keeps failing is looked for (see [`Sink::deliver`]). InfluxDB's answers name the bad
-    /// point; an arbitrary endpoint's may not.
-    const CAUTIOUS: bool = false;
     /// Whether credentials go unencrypted to another machine (`http://` to a host that is
     /// not this one): said at start, once.
     fn credentials_in_clear(&self) -> bool {
@@ -290,6 +292,23 @@ pub enum SinkError {
     PostClient(#[from] crate::post::PostClientError),
     #[error("cannot open the spool: {0}")]
     Spool(#[from] JournalError),
+    #[error(
+        "the spool {dir} holds {records} batches written with {key} = {was:?}, but {key} is now \
+         {now:?}: sent now they would be stored at the wrong time. Set {key} back until the \
+         spool has drained (the log says \"drained\"), then change it"
+    )]
+    FormatChanged {
+        dir: std::path::PathBuf,
+        key: &'static str,
+        was: String,
+        now: String,
+        records: u64,
+    },
+    #[error("cannot read or write the spool's format file {file}: {source}")]
+    Format {
+        file: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Failed rounds in a row (the endpoint answering 5xx) after which a cautious output splits a
@@ -376,6 +395,9 @@ impl<E: Endpoint> Sink<E> {
         };
         let (journal, report) = Journal::open(spool_dir, &cfg)?;
         runtime::events::journal_opened(E::NAMES.spool_stream, spool_dir, &report);
+        if let Some((key, format)) = client.spool_format() {
+            check_spool_format(spool_dir, key, &format, journal.records())?;
+        }
         // Batches spooled before a restart count from when their segment was last written.
         let appended = AppendTimes::resumed(&journal);
         let mut sink = Self {
@@ -579,10 +601,12 @@ impl<E: Endpoint> Sink<E> {
     async fn deliver(&mut self, lines: &Lines, refused: &mut Vec<Refusal>) -> Outcome {
         let (max_lines, max_bytes) = self.client.limits();
         let mut round = Round::new(
-            E::NAMES.name,
+            E::NAMES,
             lines.requests(max_lines, max_bytes),
             lines.len(),
-            E::CAUTIOUS,
+            // Every refusal needs proof, InfluxDB's too: what answers at its URL may be a
+            // proxy refusing every request with a 400 (`http://` to nginx's HTTPS port).
+            true,
             self.failed_rounds >= BISECT_AFTER,
         );
         loop {
@@ -846,6 +870,39 @@ impl<E: Endpoint> Sink<E> {
     }
 }
 
+/// The spool's lines are encoded as `format` from now on. If it holds lines encoded otherwise
+/// (the setting `key` changed while InfluxDB was away), sending them with the new setting
+/// would store them wrong (milliseconds read as nanoseconds land in 1970): refused, naming
+/// the setting and the way out.
+fn check_spool_format(
+    dir: &Path,
+    key: &'static str,
+    format: &str,
+    records: u64,
+) -> Result<(), SinkError> {
+    // Beside the spool, not in it: the journal owns its directory.
+    let file = dir.with_extension("format");
+    let was = match std::fs::read_to_string(&file) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(SinkError::Format { file, source }),
+    };
+    if let Some(was) = was
+        && was != format
+        && records > 0
+    {
+        return Err(SinkError::FormatChanged {
+            dir: dir.to_path_buf(),
+            key,
+            was,
+            now: format.to_string(),
+            records,
+        });
+    }
+    runtime::state::replace_file(&file, format!("{format}\n").as_bytes())
+        .map_err(|source| SinkError::Format { file, source })
+}
+
 /// Cut `body` into pieces of at most `max` bytes at line ends (a single longer line stays
 /// whole: the journal's own record limit is far above any line).
 fn split_at_lines(body: &str, max: usize) -> Vec<String> {
@@ -893,6 +950,25 @@ mod tests {
         let l = Lines::parse("a v=1 1\nb v=2 2".into());
         assert_eq!(l.len(), 2);
         assert_eq!(l.slice(&(1..2)), "b v=2 2");
+    }
+
+    #[test]
+    fn a_spool_written_with_another_precision_is_refused_while_it_holds_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("spool");
+        let key = "influx_writer.influx.precision";
+        check_spool_format(&dir, key, "ms", 0).unwrap();
+        check_spool_format(&dir, key, "ms", 12).unwrap();
+        let e = check_spool_format(&dir, key, "ns", 12)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("\"ms\"") && e.contains("\"ns\"") && e.contains("12"),
+            "{e}"
+        );
+        // Drained: the new precision is taken, and kept from then on.
+        check_spool_format(&dir, key, "ns", 0).unwrap();
+        assert!(check_spool_format(&dir, key, "ms", 3).is_err());
     }
 
     #[test]
