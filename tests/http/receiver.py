@@ -12,7 +12,8 @@ Control (no token): POST /_mode with body "ok", "503" (every request), "400all" 
 request refused), "400flood" (a 400 whose body never ends) or "500odd" (a 500 for a request
 holding an "odd" reading, a backend bug), "alt502" (every second request 502, a load
 balancer with a backend down), "okthen400:N" (N more requests taken, then every one
-refused), "429wait" (every request 429 with Retry-After: 4) or "takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
+refused), "429wait" (every request 429 with Retry-After: 4), "hang" (no answer at all) or
+"takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
 
 With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
 """
@@ -23,6 +24,7 @@ import json
 import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 state = {"mode": "ok", "requests": 0, "readings": 0, "gzip": 0, "by_status": {}, "bodies": []}
@@ -80,6 +82,10 @@ def main():
                 mode = state["mode"]
             if mode == "503":
                 self.answer(503, {"error": "down for maintenance"})
+                return
+            if mode == "hang":
+                # Accepts the connection and never answers.
+                time.sleep(3600)
                 return
             if mode == "429wait":
                 self.answer(429, {"error": "slow down"}, [("Retry-After", "4")])

@@ -479,6 +479,49 @@ fn a_busy_endpoint_s_retry_after_is_obeyed_and_nothing_is_lost() {
     w.terminate(Duration::from_secs(10));
 }
 
+/// An endpoint that accepts connections and never answers, with a long request timeout: the
+/// writer stops at once when asked (it does not wait out the request), spools what it had,
+/// and after a restart every reading arrives.
+#[test]
+fn a_writer_stops_at_once_while_its_endpoint_hangs_and_loses_nothing() {
+    let s = Setup::start("hang", TOKEN, "timeout_ms = 60000");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let mut w = writer(&s.cfg, log);
+    let count = 100;
+    let mut producer = produce(broker, d, count, 0, &[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || rx.stats()["requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0),
+        "no request reached the endpoint; log:\n{}",
+        read(log)
+    );
+    let status = w.terminate(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the writer did not stop cleanly ({status:?}); log:\n{}",
+        read(log)
+    );
+    assert!(
+        !read(log).contains("grace period"),
+        "the writer waited out the hanging request; log:\n{}",
+        read(log)
+    );
+    rx.mode("ok");
+    let mut w = writer(&s.cfg, log);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
+    assert!(
+        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
+            == count),
+        "{} of {count} arrived after the restart; log:\n{}",
+        rx.identities().len(),
+        read(log)
+    );
+    assert_values_right(&rx.received());
+    w.terminate(Duration::from_secs(10));
+}
+
 /// One reading the backend fails on (a 500 for any request holding it, a bug in the
 /// backend): after a few failed rounds the writer finds it by splitting, keeps it in the spool
 /// (a 5xx is never a reason to drop a reading) with an ERROR naming it, and every other reading

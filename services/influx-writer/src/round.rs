@@ -388,6 +388,19 @@ impl Round {
         }
     }
 
+    /// Request `r` was given up without an answer (stopping): the round ends, with it unwritten.
+    pub(crate) fn abandon(&mut self, r: Range<usize>) {
+        self.probing = false;
+        if let Some((i, s)) = self.confirming.take() {
+            self.suspects.insert(i, s);
+            let rest = self.rest(None);
+            self.stopped = Some((rest, Failure::Stopping));
+            return;
+        }
+        let rest = self.rest(Some(r));
+        self.stopped = Some((rest, Failure::Stopping));
+    }
+
     fn split(&mut self, r: Range<usize>) {
         let mid = r.start + r.len() / 2;
         self.stack.push(mid..r.end);
@@ -773,6 +786,26 @@ mod tests {
         assert_eq!(round.answer(r, &WriteOutcome::Written), Reaction::Taken);
         let Step::Done(verdict) = round.next(true) else {
             panic!("a round that is asked to stop stops");
+        };
+        let Err((rest, Failure::Stopping)) = verdict.result else {
+            panic!("{:?}", verdict.result);
+        };
+        assert_eq!(unstack(&rest), (5..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_request_given_up_at_shutdown_leaves_every_reading_unwritten_in_order() {
+        let mut round = Round::new(crate::events::HTTP, vec![0..5, 5..10], 10, true, false);
+        let Step::Write(r) = round.next(false) else {
+            panic!("a first request");
+        };
+        assert_eq!(round.answer(r, &WriteOutcome::Written), Reaction::Taken);
+        let Step::Write(r) = round.next(false) else {
+            panic!("a second request");
+        };
+        round.abandon(r);
+        let Step::Done(verdict) = round.next(false) else {
+            panic!("the round ends");
         };
         let Err((rest, Failure::Stopping)) = verdict.result else {
             panic!("{:?}", verdict.result);

@@ -623,7 +623,17 @@ impl<E: Endpoint> Sink<E> {
                 }
             };
             let n = r.len();
-            let outcome = self.client.write(lines.slice(&r), n).await;
+            let outcome = tokio::select! {
+                biased;
+                o = self.client.write(lines.slice(&r), n) => o,
+                () = self.shutdown.wait() => {
+                    // Stopping while a request hangs: it is not waited for (the grace period
+                    // is shorter than a request's timeout). Its lines are spooled with the
+                    // rest and sent again after the restart.
+                    round.abandon(r);
+                    continue;
+                }
+            };
             match round.answer(r, &outcome) {
                 Reaction::Taken => self.events.written(n),
                 // A reading already counted, sent again.
