@@ -12,7 +12,9 @@ Control (no token): POST /_mode with body "ok", "503" (every request), "400all" 
 request refused), "400flood" (a 400 whose body never ends) or "500odd" (a 500 for a request
 holding an "odd" reading, a backend bug), "alt502" (every second request 502, a load
 balancer with a backend down), "okthen400:N" (N more requests taken, then every one
-refused), "429wait" (every request 429 with Retry-After: 4), "hang" (no answer at all) or
+refused), "429wait" (every request 429 with Retry-After: 4), "hang" (no answer at all),
+"400before:T" (a request holding a reading stamped before T, in ms, refused with 400, as an
+API refusing readings too old for it) or
 "takeall" (as "ok", "odd" readings too) switches the answer to every later request; GET /_stats answers {"requests": n, "readings": n, "gzip": n, "by_status": {...}}.
 
 With --cert/--key it serves HTTPS (and plain HTTP on --control-port, for control). It prints "listening <port>" once it accepts connections.
@@ -148,6 +150,11 @@ def main():
                     return
             else:
                 readings = [doc]
+            if mode.startswith("400before:"):
+                floor = int(mode.split(":")[1])
+                if any(r.get("ts_ms", floor) < floor for r in readings):
+                    self.answer(400, {"error": "reading too old for this API"})
+                    return
             for r in readings:
                 if r.get("measurement") == "odd" and mode != "takeall":
                     if mode == "500odd":

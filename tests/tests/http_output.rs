@@ -439,12 +439,17 @@ fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
 }
 
 /// A busy endpoint that says when to come back (429 with `Retry-After: 4`): the writer waits
-/// that long rather than its own shorter backoff (`retry_max_ms` is 1 s here), the readings
+/// that long rather than its own shorter backoff (from 100 ms), the readings
 /// wait in the spool, and every one arrives once the endpoint takes them.
 #[test]
 fn a_busy_endpoint_s_retry_after_is_obeyed_and_nothing_is_lost() {
     let s = Setup::start("429wait", TOKEN, "");
     let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    // Retry-After is obeyed up to retry_max_ms: 10 s here, above the 4 s asked.
+    let cfg = std::fs::read_to_string(&s.cfg)
+        .unwrap()
+        .replace("retry_max_ms = 1000", "retry_max_ms = 10000");
+    std::fs::write(&s.cfg, cfg).unwrap();
     let mut w = writer(&s.cfg, log);
     let count = 200;
     let mut producer = produce(broker, d, count, 0, &[]);
@@ -519,6 +524,68 @@ fn a_writer_stops_at_once_while_its_endpoint_hangs_and_loses_nothing() {
         read(log)
     );
     assert_values_right(&rx.received());
+    w.terminate(Duration::from_secs(10));
+}
+
+/// An API that refuses readings too old for it, after an outage: the spool's head is a run of
+/// refused readings longer than a round (batch_points 100 here), and new readings keep coming
+/// (they are spooled behind it while the writer backs off). The old ones are dead-lettered with
+/// the API's answer and the new ones arrive: the spool does not stall behind its head.
+#[test]
+fn a_run_of_refused_readings_at_the_spool_head_does_not_hold_back_the_rest() {
+    let s = Setup::start("503", TOKEN, "");
+    let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
+    let cfg = std::fs::read_to_string(&s.cfg).unwrap().replace(
+        "flush_interval_ms = 100",
+        "flush_interval_ms = 100\nbatch_points = 100",
+    );
+    std::fs::write(&s.cfg, cfg).unwrap();
+    let mut w = writer(&s.cfg, log);
+    // 300 readings stamped on a day in 2025, spooled while the endpoint is down.
+    let old = 300;
+    let mut producer = produce(broker, d, old, 0, &[]);
+    all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
+    // The API is back, and takes nothing stamped before now; new readings keep coming.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    rx.mode(&format!("400before:{now_ms}"));
+    let new = 100;
+    std::fs::create_dir_all(d.join("fresh")).unwrap();
+    let mut fresh = produce(
+        broker,
+        &d.join("fresh"),
+        new,
+        20,
+        &["--instance", "probe-fresh", "--base-ts-ms", "now"],
+    );
+    all_acknowledged(&mut fresh, &d.join("fresh"), Duration::from_secs(120), log);
+    assert!(
+        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
+            == new),
+        "{} of the {new} new readings arrived; log:\n{}",
+        rx.identities().len(),
+        read(log)
+    );
+    assert!(
+        wait_until(Duration::from_secs(120), || dead_letters(d).len() as u64
+            >= old),
+        "{} of the {old} refused readings dead-lettered; log:\n{}",
+        dead_letters(d).len(),
+        read(log)
+    );
+    let dead = dead_letters(d);
+    assert!(
+        dead.iter()
+            .all(|l| l["reason"].as_str().unwrap_or("").contains("too old")),
+        "{dead:?}"
+    );
+    assert!(
+        rx.received()
+            .iter()
+            .all(|r| r["ts_ms"].as_u64().unwrap() as u128 >= now_ms)
+    );
     w.terminate(Duration::from_secs(10));
 }
 

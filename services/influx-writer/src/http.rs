@@ -192,9 +192,25 @@ impl WriteClient {
             .get(reqwest::header::LOCATION)
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
+        // InfluxDB answers in JSON or text; a web page is something else at this URL.
+        let html = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("text/html"));
         let text = error_body(resp).await;
-        let message = scrub(server_message(&text), &self.secrets);
+        let message = server_message(&scrub(text, &self.secrets));
         match status {
+            // A proxy's error page (`http://` to nginx's HTTPS port says 400 to everything):
+            // a setting, not points to dead-letter.
+            400 | 422 if html => WriteOutcome::Refused {
+                status,
+                what: format!(
+                    "Something other than InfluxDB answers at {} with a web page ({status}: \
+                     {message}); check influx.url (https? a proxy in front?)",
+                    strip_query(self.url.as_str())
+                ),
+            },
             400 | 422 => WriteOutcome::Rejected(message),
             300..=399 => WriteOutcome::Refused {
                 status,
@@ -604,7 +620,7 @@ mod tests {
     #[tokio::test]
     async fn answers_are_sorted_into_what_to_do() {
         type Check = fn(&WriteOutcome) -> bool;
-        let cases: [(&'static str, Check); 7] = [
+        let cases: [(&'static str, Check); 8] = [
             (
                 "HTTP/1.1 301 Moved\r\nLocation: https://influx.example/api/v2/write?org=x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 |o| matches!(o, WriteOutcome::Refused { status: 301, what } if what.contains("https://influx.example/api/v2/write;") || what.contains("https://influx.example/api/v2/write ")),
@@ -612,6 +628,10 @@ mod tests {
             (
                 "HTTP/1.1 422 Unprocessable\r\nContent-Length: 44\r\nConnection: close\r\n\r\n{\"message\":\"points beyond retention policy\"}",
                 |o| *o == WriteOutcome::Rejected("points beyond retention policy".into()),
+            ),
+            (
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: text/html\r\nContent-Length: 60\r\nConnection: close\r\n\r\n<html>The plain HTTP request was sent to HTTPS port</html>\n",
+                |o| matches!(o, WriteOutcome::Refused { status: 400, what } if what.contains("influx.url") && what.contains("HTTPS port")),
             ),
             (
                 "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

@@ -195,7 +195,7 @@ impl PostClient {
             .and_then(|l| l.to_str().ok())
             .map(|l| strip_query(l).to_string());
         let text = error_body(resp).await;
-        let message = scrub(server_message(&text), &self.secrets);
+        let message = server_message(&scrub(text, &self.secrets));
         let url = strip_query(self.url.as_str()).to_string();
         let refused = |what: String| WriteOutcome::Refused { status, what };
         match status {
@@ -226,6 +226,9 @@ impl PostClient {
                 }
             )),
             413 => WriteOutcome::TooLarge,
+            // "Already have it": the reading is stored (a retry after a timeout, the closing
+            // probe of a round, a replay). The endpoint dedups, as it is asked to.
+            409 => WriteOutcome::Written,
             408 | 429 => WriteOutcome::Unavailable(format!("HTTP {status}: {message}")),
             500..=599 => WriteOutcome::ServerError(format!("HTTP {status}: {message}")),
             400..=499 => WriteOutcome::Rejected(format!("HTTP {status}: {message}")),
@@ -239,6 +242,7 @@ impl PostClient {
 
 impl Endpoint for PostClient {
     const NAMES: crate::events::OutputNames = crate::events::HTTP;
+    const CAUTIOUS: bool = true;
 
     /// Services' statuses are the health dashboard's, in InfluxDB; the endpoint gets readings.
     fn takes(&self, m: &Measurement) -> bool {

@@ -24,8 +24,8 @@
 //!   2·log2(n) failed requests with nothing taken, after trying the round's last reading
 //!   (once per take): a run of refused readings at the head (too old for the API, say) must
 //!   not hold back the good ones behind it.
-//! - Both outputs are cautious: what answers at InfluxDB's URL may be a proxy (the trusting
-//!   mode is kept for the unit tests, which show the difference).
+//! - InfluxDB's refusals are trusted (they name the point; its client tells a proxy's error
+//!   page apart and calls it a setting); the HTTP output's endpoint is cautious.
 //! - **A 5xx** ends the round (the endpoint is down), unless the round was started to
 //!   *bisect*: then a failing request is split to probe (2 splits while nothing is taken,
 //!   then one request beside them; an endpoint that is down costs 4 requests a round); a
@@ -121,6 +121,9 @@ pub(crate) struct Round {
     names: OutputNames,
     /// Over the failure budget, the last request was tried (once per take).
     jump_ok: bool,
+    /// The round's last reading, sent over the failure budget: taken, the endpoint is proven
+    /// to take readings and the budget no longer applies to this round.
+    jumped: Option<Range<usize>>,
     cautious: bool,
     bisect: bool,
     /// Failed requests in a row with nothing taken after which a cautious round stops.
@@ -166,6 +169,7 @@ impl Round {
         Self {
             names,
             jump_ok: true,
+            jumped: None,
             cautious,
             bisect: cautious && bisect,
             budget: 2 * (usize::BITS - lines.leading_zeros()) as usize + 4,
@@ -297,6 +301,11 @@ impl Round {
             self.takes += 1;
             self.last_taken = Some(r.start);
             self.jump_ok = true;
+            if self.jumped.as_ref() == Some(&r) {
+                // Everything it refuses from here on is refused with the endpoint working:
+                // a run of refused readings longer than the budget is worked through.
+                self.budget = usize::MAX;
+            }
             return Reaction::Taken;
         }
         self.failed_once = true;
@@ -331,6 +340,7 @@ impl Round {
             if last.len() > 1 {
                 self.stack.insert(0, last.start..last.end - 1);
             }
+            self.jumped = Some(last.end - 1..last.end);
             self.stack.push(last.end - 1..last.end);
         }
         reaction

@@ -71,6 +71,12 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Where writes go, without credentials, for logs.
     fn endpoint(&self) -> String;
 
+    /// Whether a refusal needs proof before a reading is dead-lettered, and a reading that
+    /// keeps failing is looked for ([`crate::round`]). InfluxDB's refusals name the bad point
+    /// (and a proxy's error page before it is told apart by the client); an arbitrary
+    /// endpoint's may not.
+    const CAUTIOUS: bool = false;
+
     /// How spooled lines are encoded, where a setting changes it (InfluxDB's `precision`):
     /// the spool keeps it, and refuses to start with another while it holds lines.
     fn spool_format(&self) -> Option<(&'static str, String)> {
@@ -247,11 +253,14 @@ impl DeadLetters {
 struct RetryWait {
     retries: Retries,
     until: Option<Instant>,
+    /// The policy's longest wait: a server's `Retry-After` gets no more.
+    max: Duration,
 }
 
 impl RetryWait {
     fn new(policy: Backoff) -> Self {
         Self {
+            max: policy.max(),
             retries: Retries::new(policy),
             until: None,
         }
@@ -268,9 +277,11 @@ impl RetryWait {
         self.until = None;
     }
 
-    /// Wait at least `d` from now (the server asked for it), longer if the backoff says so.
+    /// Wait at least `d` from now (the server asked for it), longer if the backoff says so,
+    /// but never longer than the policy's longest wait (`retry_max_ms`): a server that asks
+    /// for a quarter of an hour must not hold readings that long once it is back.
     fn at_least(&mut self, d: Duration) -> Duration {
-        let until = Instant::now() + d;
+        let until = Instant::now() + d.min(self.max);
         if self.until.is_none_or(|u| u < until) {
             self.until = Some(until);
         }
@@ -545,7 +556,7 @@ impl<E: Endpoint> Sink<E> {
             // empty because writing it failed.
             Err(std::iter::once(0..lines.len()).collect())
         } else {
-            match self.deliver(&lines, &mut refused).await {
+            match self.deliver(&lines, lines.len(), &mut refused).await {
                 Ok(kept) => {
                     self.came_back();
                     if !kept.is_empty() {
@@ -598,26 +609,29 @@ impl<E: Endpoint> Sink<E> {
     /// dead-lettered); `Ok(kept)` are the ranges to try again later (spooled, no backoff).
     /// On a failure that is not about particular readings, `Err` holds the ranges not yet
     /// written. A cautious round bisects once [`BISECT_AFTER`] rounds in a row have failed.
-    async fn deliver(&mut self, lines: &Lines, refused: &mut Vec<Refusal>) -> Outcome {
+    async fn deliver(&mut self, lines: &Lines, own: usize, refused: &mut Vec<Refusal>) -> Outcome {
         let (max_lines, max_bytes) = self.client.limits();
         let mut round = Round::new(
             E::NAMES,
             lines.requests(max_lines, max_bytes),
             lines.len(),
-            // Every refusal needs proof, InfluxDB's too: what answers at its URL may be a
-            // proxy refusing every request with a 400 (`http://` to nginx's HTTPS port).
-            true,
+            E::CAUTIOUS,
             self.failed_rounds >= BISECT_AFTER,
         );
         loop {
             let r = match round.next(self.shutdown.is_requested()) {
                 Step::Write(r) => r,
                 Step::Done(verdict) => {
+                    // Lines from `own` on are a witness's (see `drain_some`): not judged here.
                     for (r, reason) in verdict.refused {
-                        refused.push(refusal(lines, &r, reason));
+                        if r.start < own {
+                            refused.push(refusal(lines, &r, reason));
+                        }
                     }
                     for (r, reason) in &verdict.held {
-                        self.events.reading_held(reason, lines.slice(r));
+                        if r.start < own {
+                            self.events.reading_held(reason, lines.slice(r));
+                        }
                     }
                     return verdict.result;
                 }
@@ -679,9 +693,32 @@ impl<E: Endpoint> Sink<E> {
         let Some(last_seq) = self.queue.get(taken.saturating_sub(1)).map(|r| r.seq) else {
             return;
         };
+        let head = Lines::parse(body.clone()).len();
+        // The last round refused everything it was sent from the spool's head. That may be a
+        // run of readings the endpoint refuses (too old for it, say) longer than a round:
+        // the spool's newest record goes along, so the round has a reading to try beyond it
+        // (see `round.rs`). It is only a witness here: it stays in the spool, and what
+        // becomes of it in this round is left out.
+        if E::CAUTIOUS
+            && matches!(self.down, Some(Failure::Refused(_)))
+            && let Some(witness) = self.newest_after(last_seq).await
+        {
+            body.push_str(&String::from_utf8_lossy(&witness));
+            if !body.ends_with('\n') {
+                body.push('\n');
+            }
+        }
         let lines = Lines::parse(body);
         let mut refused = Vec::new();
-        let result = self.deliver(&lines, &mut refused).await;
+        let result = self.deliver(&lines, head, &mut refused).await;
+        let result = match result {
+            // A witness's readings to try again stay where they are, in the spool.
+            Ok(again) => Ok(again
+                .into_iter()
+                .filter(|r| r.start < head)
+                .collect::<Vec<_>>()),
+            Err(e) => Err(e),
+        };
         let kept = self.dead.send_all(refused, &self.events).await;
         match result {
             // The refused points could not be dead-lettered: the spool keeps them (and what
@@ -718,6 +755,27 @@ impl<E: Endpoint> Sink<E> {
             }
             Err((_, Failure::Stopping)) => {}
             Err((_, failure)) => self.went_down(failure),
+        }
+    }
+
+    /// The spool's newest record, if it comes after `seq`.
+    async fn newest_after(&mut self, seq: u64) -> Option<Vec<u8>> {
+        let last = self.spool.as_ref()?.last_seq()?;
+        if last <= seq {
+            return None;
+        }
+        let spool = self.spool.take()?;
+        let (spool, read) = blocking(spool, move |j| {
+            j.read_after_within(last - 1, 1, SPOOL_READ_BYTES, |_| false)
+        })
+        .await;
+        self.spool = Some(spool);
+        match read {
+            Ok(mut records) => records.pop().map(|r| r.payload),
+            Err(e) => {
+                self.events.spool_read_failed(&e);
+                None
+            }
         }
     }
 
@@ -854,8 +912,7 @@ impl<E: Endpoint> Sink<E> {
         if let Failure::Unavailable(_) = &failure
             && let Some(asked) = self.client.retry_after()
         {
-            // A 429 or 503 that says when to come back: no sooner (at most
-            // `http::RETRY_AFTER_MAX`).
+            // A 429 or 503 that says when to come back: no sooner (at most `retry_max_ms`).
             wait = self.backoff.at_least(asked);
         }
         let changed = self.down.as_ref() != Some(&failure);
