@@ -76,6 +76,27 @@ impl Setup {
             dir,
         }
     }
+
+    /// Replace `from` with `to` in the writer's config (before the writer starts).
+    fn set(&self, from: &str, to: &str) {
+        let text = std::fs::read_to_string(&self.cfg).unwrap();
+        assert!(
+            text.contains(from),
+            "{from:?} is not in the writer's config"
+        );
+        std::fs::write(&self.cfg, text.replace(from, to)).unwrap();
+    }
+}
+
+/// `n` distinct readings arrive at `rx` within `within` (`when`: under what condition, for the
+/// failure message with the writer's `log`).
+fn arrive(rx: &Receiver, n: u64, within: Duration, log: &Path, when: &str) {
+    assert!(
+        wait_until(within, || rx.identities().len() as u64 == n),
+        "{} of {n} readings arrived {when}; writer log:\n{}",
+        rx.identities().len(),
+        read(log)
+    );
 }
 
 /// The dead letters the writer of `d` kept.
@@ -185,13 +206,7 @@ fn readings_reach_the_endpoint_exactly_once_through_an_outage_and_kill_9() {
     );
     rx.restart();
     all_acknowledged(&mut producer, d, Duration::from_secs(180), &log);
-    assert!(
-        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
-            == count),
-        "{} of {count} readings arrived; writer log:\n{}",
-        rx.identities().len(),
-        read(&log)
-    );
+    arrive(&rx, count, Duration::from_secs(120), &log, "");
     assert!(
         wait_until(Duration::from_secs(60), || metric(health, SPOOL)
             == Some(0.0)),
@@ -231,14 +246,7 @@ fn a_reading_the_endpoint_refuses_is_dead_lettered_with_its_answer_and_the_rest_
     let count = 1000;
     let mut producer = produce(broker, d, count, 0, &["--odd-at", "437"]);
     all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
-    assert!(
-        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
-            == count - 1),
-        "{} of {} readings arrived; writer log:\n{}",
-        rx.identities().len(),
-        count - 1,
-        read(log)
-    );
+    arrive(rx, count - 1, Duration::from_secs(60), log, "");
     let received = rx.received();
     let base = assert_values_right(&received);
     assert!(
@@ -305,11 +313,12 @@ fn a_wrong_token_is_a_clear_error_and_the_readings_wait_for_the_right_one() {
     w.terminate(Duration::from_secs(10));
     std::fs::write(d.join("http-token"), TOKEN).unwrap();
     let mut w = writer(&s.cfg, log);
-    assert!(
-        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
-            == count),
-        "{} of {count} readings arrived after the token was fixed",
-        rx.identities().len()
+    arrive(
+        rx,
+        count,
+        Duration::from_secs(60),
+        log,
+        "after the token was fixed",
     );
     assert_values_right(&rx.received());
     w.terminate(Duration::from_secs(10));
@@ -426,12 +435,12 @@ fn an_endpoint_refusing_everything_loses_nothing_and_says_what_to_check() {
         read(&d.join("influx-writer").join("dead-letters.jsonl"))
     );
     rx.mode("ok");
-    assert!(
-        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
-            == count),
-        "{} of {count} arrived once the endpoint took them; log:\n{}",
-        rx.identities().len(),
-        read(log)
+    arrive(
+        rx,
+        count,
+        Duration::from_secs(60),
+        log,
+        "once the endpoint took them",
     );
     assert_values_right(&rx.received());
     assert!(!d.join("influx-writer").join("dead-letters.jsonl").exists());
@@ -446,10 +455,7 @@ fn a_busy_endpoint_s_retry_after_is_obeyed_and_nothing_is_lost() {
     let s = Setup::start("429wait", TOKEN, "");
     let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
     // Retry-After is obeyed up to retry_max_ms: 10 s here, above the 4 s asked.
-    let cfg = std::fs::read_to_string(&s.cfg)
-        .unwrap()
-        .replace("retry_max_ms = 1000", "retry_max_ms = 10000");
-    std::fs::write(&s.cfg, cfg).unwrap();
+    s.set("retry_max_ms = 1000", "retry_max_ms = 10000");
     let mut w = writer(&s.cfg, log);
     let count = 200;
     let mut producer = produce(broker, d, count, 0, &[]);
@@ -473,12 +479,12 @@ fn a_busy_endpoint_s_retry_after_is_obeyed_and_nothing_is_lost() {
         waits()
     );
     rx.mode("ok");
-    assert!(
-        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
-            == count),
-        "{} of {count} arrived once the endpoint took them; log:\n{}",
-        rx.identities().len(),
-        read(log)
+    arrive(
+        rx,
+        count,
+        Duration::from_secs(60),
+        log,
+        "once the endpoint took them",
     );
     assert_values_right(&rx.received());
     w.terminate(Duration::from_secs(10));
@@ -516,13 +522,7 @@ fn a_writer_stops_at_once_while_its_endpoint_hangs_and_loses_nothing() {
     rx.mode("ok");
     let mut w = writer(&s.cfg, log);
     all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
-    assert!(
-        wait_until(Duration::from_secs(60), || rx.identities().len() as u64
-            == count),
-        "{} of {count} arrived after the restart; log:\n{}",
-        rx.identities().len(),
-        read(log)
-    );
+    arrive(rx, count, Duration::from_secs(60), log, "after the restart");
     assert_values_right(&rx.received());
     w.terminate(Duration::from_secs(10));
 }
@@ -535,11 +535,10 @@ fn a_writer_stops_at_once_while_its_endpoint_hangs_and_loses_nothing() {
 fn a_run_of_refused_readings_at_the_spool_head_does_not_hold_back_the_rest() {
     let s = Setup::start("503", TOKEN, "");
     let (d, broker, rx, log) = (s.dir.path(), &s.broker, &s.rx, &s.log);
-    let cfg = std::fs::read_to_string(&s.cfg).unwrap().replace(
+    s.set(
         "flush_interval_ms = 100",
         "flush_interval_ms = 100\nbatch_points = 100",
     );
-    std::fs::write(&s.cfg, cfg).unwrap();
     let mut w = writer(&s.cfg, log);
     // 300 readings stamped on a day in 2025, spooled while the endpoint is down.
     let old = 300;
@@ -561,13 +560,7 @@ fn a_run_of_refused_readings_at_the_spool_head_does_not_hold_back_the_rest() {
         &["--instance", "probe-fresh", "--base-ts-ms", "now"],
     );
     all_acknowledged(&mut fresh, &d.join("fresh"), Duration::from_secs(120), log);
-    assert!(
-        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
-            == new),
-        "{} of the {new} new readings arrived; log:\n{}",
-        rx.identities().len(),
-        read(log)
-    );
+    arrive(rx, new, Duration::from_secs(120), log, "(the new ones)");
     assert!(
         wait_until(Duration::from_secs(120), || dead_letters(d).len() as u64
             >= old),
@@ -602,14 +595,7 @@ fn a_reading_the_endpoint_fails_on_is_held_and_the_rest_flow() {
     let count = 600;
     let mut producer = produce(broker, d, count, 100, &["--odd-at", "50"]);
     all_acknowledged(&mut producer, d, Duration::from_secs(120), log);
-    assert!(
-        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
-            == count - 1),
-        "{} of {} arrived; log:\n{}",
-        rx.identities().len(),
-        count - 1,
-        read(log)
-    );
+    arrive(rx, count - 1, Duration::from_secs(120), log, "");
     let base = assert_values_right(&rx.received());
     assert!(!rx.identities().keys().any(|k| k.4 == base + 50));
     assert!(
@@ -623,11 +609,12 @@ fn a_reading_the_endpoint_fails_on_is_held_and_the_rest_flow() {
     assert!(metric(health, SPOOL).is_some_and(|n| n >= 1.0));
     // The backend fixed: it arrives too.
     rx.mode("takeall");
-    assert!(
-        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
-            == count),
-        "the held reading did not arrive once the endpoint took it; log:\n{}",
-        read(log)
+    arrive(
+        rx,
+        count,
+        Duration::from_secs(120),
+        log,
+        "(the held one among them) once the endpoint took it",
     );
     w.terminate(Duration::from_secs(10));
 }
@@ -653,12 +640,12 @@ fn an_endpoint_changing_or_flaky_mid_stream_dead_letters_nothing() {
     assert_eq!(rx.identities().len(), 40);
     assert!(dead_letters(d).is_empty(), "{:?}", dead_letters(d));
     rx.mode("alt502");
-    assert!(
-        wait_until(Duration::from_secs(120), || rx.identities().len() as u64
-            == count),
-        "{} of {count} arrived through the flaky endpoint; log:\n{}",
-        rx.identities().len(),
-        read(log)
+    arrive(
+        rx,
+        count,
+        Duration::from_secs(120),
+        log,
+        "through the flaky endpoint",
     );
     assert!(dead_letters(d).is_empty(), "{:?}", dead_letters(d));
     w.terminate(Duration::from_secs(10));

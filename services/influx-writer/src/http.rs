@@ -305,8 +305,8 @@ impl Endpoint for WriteClient {
     }
 }
 
-/// The longest wait a server's `Retry-After` gets: beyond, a wrong clock or a typo would stop
-/// the output for hours while the spool fills.
+/// The most a `Retry-After` is read as (a date from a wrong clock can be years away); the
+/// sink waits at most its `retry_max_ms` anyway.
 pub(crate) const RETRY_AFTER_MAX: Duration = Duration::from_secs(15 * 60);
 
 /// The `Retry-After` of a client's last answer (a 429 or 503 may say how long to wait), shared

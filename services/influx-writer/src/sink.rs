@@ -954,17 +954,19 @@ fn check_spool_format(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(source) => return Err(SinkError::Format { file, source }),
     };
-    if let Some(was) = was
-        && was != format
-        && records > 0
-    {
-        return Err(SinkError::FormatChanged {
-            dir: dir.to_path_buf(),
-            key,
-            was,
-            now: format.to_string(),
-            records,
-        });
+    match was {
+        // Unchanged: nothing to write (no fsync at every start).
+        Some(was) if was == format => return Ok(()),
+        Some(was) if records > 0 => {
+            return Err(SinkError::FormatChanged {
+                dir: dir.to_path_buf(),
+                key,
+                was,
+                now: format.to_string(),
+                records,
+            });
+        }
+        _ => {}
     }
     runtime::state::replace_file(&file, format!("{format}\n").as_bytes())
         .map_err(|source| SinkError::Format { file, source })
